@@ -1,0 +1,1 @@
+"""GPU backends behind one Protocol: NVML (real) and simulated."""

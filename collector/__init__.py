@@ -1,0 +1,1 @@
+"""The gpuwarden collector: ingest, storage, health, alerts, API."""

@@ -1,0 +1,519 @@
+"""Typed wire frames (schema version 1) and their MessagePack encoding.
+
+A frame is a MessagePack map with string keys. Every frame carries ``v`` (the schema's
+major version, 1), ``kind`` (``sample``, ``event`` or ``inventory``), ``host``, ``provider``,
+``boot_id`` (one run of the agent), ``seq`` (per ``boot_id``, strictly increasing across all
+kinds) and ``ts`` (Unix time in seconds, UTC, float). Units live in field names; a value the
+GPU or driver cannot provide is ``None`` (MessagePack ``nil``), never a sentinel number.
+
+:func:`encode` and :func:`decode` are pure. :func:`decode` validates types and ranges and
+raises :class:`~shared.errors.FrameDecodeError` naming the field; fields it does not know
+are ignored (a newer minor revision may add some); another major ``v`` is rejected.
+``docs/protocol.md`` documents every field.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Final, Literal, TypeVar, Union, get_args, get_origin
+
+import msgpack
+
+from shared import SCHEMA_VERSION
+from shared.errors import FrameDecodeError, FrameEncodeError
+
+MAX_FRAME_BYTES: Final = 1 << 20  # a frame larger than 1 MiB is rejected as oversized
+MAX_STR: Final = 4096
+MAX_LIST: Final = 4096
+U64: Final = (1 << 64) - 1
+I53: Final = 1 << 53
+
+EVENT_TYPES: Final = frozenset(
+    {
+        "xid",  # an XID error (``xid`` set, ``count`` = running count for this GPU and code)
+        "gpu_lost",  # the GPU fell off the bus (GPU_IS_LOST or missing from enumeration)
+        "gpu_recovered",  # a lost GPU answers again
+        "ecc_sbe",  # single-bit ECC error event
+        "ecc_dbe",  # double-bit ECC error event
+        "throttle_start",  # a HW clock-event reason started (``value`` = reason bits)
+        "throttle_stop",  # it ended (``value`` = reason bits now)
+        "recovery_action",  # the driver asks for a recovery action (``value`` = NVML code)
+        "page_retirement",  # DRAM retirement recorded / failed (``value``: 0 event, 1 failure)
+    }
+)
+EVENT_SOURCES: Final = frozenset({"nvml", "kmsg", "simulated", "agent"})
+
+
+def _r(lo: float, hi: float, default: Any = None) -> Any:
+    """A dataclass field with an inclusive numeric range checked by :func:`decode`."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A process using a GPU."""
+
+    pid: int = _r(0, 1 << 32, 0)
+    name: str | None = None
+    used_mem_bytes: int | None = _r(0, I53)
+    container: str | None = None  # container or job id from /proc/<pid>/cgroup, when found
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU at one instant. Counters are cumulative as NVML reports them."""
+
+    index: int = _r(0, 1023, 0)
+    uuid: str = ""
+    lost: bool = False  # fell off the bus: every reading below is None
+    util_gpu_pct: float | None = _r(0, 100)
+    util_mem_pct: float | None = _r(0, 100)
+    mem_total_bytes: int | None = _r(0, I53)
+    mem_used_bytes: int | None = _r(0, I53)
+    mem_reserved_bytes: int | None = _r(0, I53)
+    temp_c: float | None = _r(-100, 300)
+    mem_temp_c: float | None = _r(-100, 300)
+    temp_slowdown_c: float | None = _r(-100, 300)
+    temp_shutdown_c: float | None = _r(-100, 300)
+    temp_max_operating_c: float | None = _r(-100, 300)
+    fan_pct: float | None = _r(0, 100)
+    power_w: float | None = _r(0, 100_000)
+    power_limit_w: float | None = _r(0, 100_000)
+    energy_j: float | None = _r(0, 1e18)
+    pstate: int | None = _r(0, 32)
+    clock_sm_mhz: int | None = _r(0, 100_000)
+    clock_mem_mhz: int | None = _r(0, 100_000)
+    clock_event_reasons: int | None = _r(0, U64)  # NVML clocks-event (throttle) reason bits
+    throttle_thermal_ns: int | None = _r(0, U64)  # cumulative violation time, thermal policy
+    throttle_power_ns: int | None = _r(0, U64)  # cumulative violation time, power policy
+    ecc_enabled: bool | None = None
+    ecc_sbe_volatile: int | None = _r(0, U64)
+    ecc_dbe_volatile: int | None = _r(0, U64)
+    ecc_sbe_aggregate: int | None = _r(0, U64)
+    ecc_dbe_aggregate: int | None = _r(0, U64)
+    retired_pages_sbe: int | None = _r(0, U64)
+    retired_pages_dbe: int | None = _r(0, U64)
+    retired_pages_pending: bool | None = None
+    remapped_rows_correctable: int | None = _r(0, U64)
+    remapped_rows_uncorrectable: int | None = _r(0, U64)
+    remap_pending: bool | None = None
+    remap_failure: bool | None = None
+    pcie_replay_count: int | None = _r(0, U64)
+    pcie_link_gen: int | None = _r(0, 16)
+    pcie_link_width: int | None = _r(0, 64)
+    pcie_link_gen_max: int | None = _r(0, 16)
+    pcie_link_width_max: int | None = _r(0, 64)
+    nvlink_links_total: int | None = _r(0, 64)
+    nvlink_links_up: int | None = _r(0, 64)
+    nvlink_crc_errors: int | None = _r(0, U64)  # summed over links (flit CRC)
+    nvlink_replay_errors: int | None = _r(0, U64)
+    nvlink_recovery_errors: int | None = _r(0, U64)
+    recovery_action: int | None = _r(0, 255)  # NVML_GPU_RECOVERY_ACTION_* (0 = none)
+    persistence_mode: bool | None = None
+    processes: tuple[GpuProcess, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUsage:
+    mount: str = ""
+    total_bytes: int = _r(0, U64, 0)
+    used_bytes: int = _r(0, U64, 0)
+    free_bytes: int = _r(0, U64, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class NicCounters:
+    """Cumulative counters of one network interface."""
+
+    name: str = ""
+    up: bool | None = None
+    speed_mbps: int | None = _r(0, 10_000_000)
+    rx_bytes: int = _r(0, U64, 0)
+    tx_bytes: int = _r(0, U64, 0)
+    rx_errors: int = _r(0, U64, 0)
+    tx_errors: int = _r(0, U64, 0)
+    rx_drops: int = _r(0, U64, 0)
+    tx_drops: int = _r(0, U64, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemSample:
+    """Host metrics from psutil."""
+
+    cpu_pct: float | None = _r(0, 100)
+    cpu_count: int | None = _r(0, 1 << 20)
+    load_1: float | None = _r(0, 1e6)
+    load_5: float | None = _r(0, 1e6)
+    load_15: float | None = _r(0, 1e6)
+    mem_total_bytes: int | None = _r(0, U64)
+    mem_available_bytes: int | None = _r(0, U64)
+    swap_total_bytes: int | None = _r(0, U64)
+    swap_used_bytes: int | None = _r(0, U64)
+    fds_open: int | None = _r(0, U64)
+    fds_max: int | None = _r(0, U64)
+    uptime_s: float | None = _r(0, 1e12)
+    disks: tuple[DiskUsage, ...] = ()
+    nics: tuple[NicCounters, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """Result of one agent-side network check (TCP connect, NATS round trip)."""
+
+    id: str = ""  # stable id, e.g. "tcp:storage-1:2049" or "nats_rtt"
+    kind: str = ""  # "tcp" or "nats_rtt"
+    target: str = ""
+    ok: bool = False
+    latency_ms: float | None = _r(0, 1e7)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    """The agent's own figures, so its cost and delivery are visible."""
+
+    version: str = ""
+    backend: str = ""  # "nvml" or "simulated"
+    uptime_s: float = _r(0, 1e12, 0.0)
+    cpu_s: float = _r(0, 1e12, 0.0)  # process CPU time (user + system) since start
+    rss_bytes: int = _r(0, U64, 0)
+    tick_s: float = _r(0, 1e6, 0.0)  # how long the last sampling tick took
+    buffered_frames: int = _r(0, U64, 0)  # waiting for NATS
+    dropped_frames: int = _r(0, U64, 0)  # lost to buffer overflow since start
+    published_frames: int = _r(0, U64, 0)
+    publish_errors: int = _r(0, U64, 0)
+    nvml_errors: int = _r(0, U64, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """Static facts about one GPU."""
+
+    index: int = _r(0, 1023, 0)
+    uuid: str = ""
+    name: str | None = None
+    serial: str | None = None
+    pci_bus_id: str | None = None
+    minor_number: int | None = _r(0, 1 << 20)
+    architecture: str | None = None
+    mem_total_bytes: int | None = _r(0, I53)
+    vbios: str | None = None
+    mig_mode: bool | None = None
+    persistence_mode: bool | None = None
+    power_limit_default_w: float | None = _r(0, 100_000)
+    pcie_link_gen_max: int | None = _r(0, 16)
+    pcie_link_width_max: int | None = _r(0, 64)
+    nvlink_links_total: int | None = _r(0, 64)
+    unsupported: tuple[str, ...] = ()  # sample fields NVML reports as not supported on this GPU
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    hostname: str = ""
+    os: str | None = None
+    kernel: str | None = None
+    cpu_model: str | None = None
+    cpu_count: int | None = _r(0, 1 << 20)
+    mem_total_bytes: int | None = _r(0, U64)
+    boot_time: float | None = _r(0, 1e12)
+    kernel_boot_id: str | None = None
+    agent_version: str | None = None
+    python_version: str | None = None
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Header:
+    host: str
+    provider: str
+    boot_id: str
+    seq: int = _r(0, U64, 0)
+    ts: float = _r(0, 1e11, 0.0)
+    v: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SampleFrame(_Header):
+    """Periodic sample: every GPU of the host, system metrics, check results, agent figures."""
+
+    KIND: ClassVar[str] = "sample"
+    kind: Literal["sample"] = "sample"
+    interval_s: float = _r(0, 86_400, 0.0)
+    gpus: tuple[GpuSample, ...] = ()
+    system: SystemSample | None = None
+    checks: tuple[CheckResult, ...] = ()
+    agent: AgentStats | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventFrame(_Header):
+    """An immediate event (see :data:`EVENT_TYPES`)."""
+
+    KIND: ClassVar[str] = "event"
+    kind: Literal["event"] = "event"
+    type: str = "xid"
+    source: str = "agent"  # "nvml", "kmsg", "simulated" or "agent"
+    gpu_index: int | None = _r(0, 1023)
+    gpu_uuid: str | None = None
+    xid: int | None = _r(0, 1 << 20)
+    count: int | None = _r(0, U64)  # running count for (GPU, type/xid) in this boot
+    value: int | None = _r(0, U64)
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InventoryFrame(_Header):
+    """What the host has: sent at start and whenever it changes."""
+
+    KIND: ClassVar[str] = "inventory"
+    kind: Literal["inventory"] = "inventory"
+    backend: str = ""
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    nvml_version: str | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    host_facts: HostFacts | None = None
+
+
+Frame = SampleFrame | EventFrame | InventoryFrame
+_FRAME_TYPES: Final[dict[str, type[Any]]] = {c.KIND: c for c in (SampleFrame, EventFrame, InventoryFrame)}
+F = TypeVar("F", SampleFrame, EventFrame, InventoryFrame)
+
+# ----------------------------------------------------------------------------- validation
+
+_Check = Callable[[Any, str, str], Any]
+_SPECS: dict[type[Any], tuple[tuple[str, _Check, bool], ...]] = {}
+
+
+def _fail(reason: str, path: str, message: str) -> typing.NoReturn:
+    raise FrameDecodeError(reason, message, path)
+
+
+def _num_check(kind: type, lo: float, hi: float, optional: bool) -> _Check:
+    def check_int(value: Any, path: str, name: str) -> Any:
+        if value is None and optional:
+            return None
+        if type(value) is not int:
+            _fail("bad_type", _p(path, name), f"expected integer{' or null' if optional else ''}, got {_tn(value)}")
+        if not lo <= value <= hi:
+            _fail("out_of_range", _p(path, name), f"{value} outside [{lo}, {hi}]")
+        return value
+
+    def check_float(value: Any, path: str, name: str) -> Any:
+        if value is None and optional:
+            return None
+        t = type(value)
+        if t is int:
+            value = float(value)
+        elif t is not float:
+            _fail("bad_type", _p(path, name), f"expected number{' or null' if optional else ''}, got {_tn(value)}")
+        if not lo <= value <= hi:  # also false for NaN
+            shown = "NaN" if math.isnan(value) else value
+            _fail("out_of_range", _p(path, name), f"{shown} outside [{lo}, {hi}]")
+        return value
+
+    return check_int if kind is int else check_float
+
+
+def _scalar_check(kind: type, optional: bool) -> _Check:
+    tname = {str: "string", bool: "boolean"}[kind]
+
+    def check(value: Any, path: str, name: str) -> Any:
+        if value is None and optional:
+            return None
+        if type(value) is not kind:
+            _fail("bad_type", _p(path, name), f"expected {tname}{' or null' if optional else ''}, got {_tn(value)}")
+        if kind is str and len(value) > MAX_STR:
+            _fail("out_of_range", _p(path, name), f"string longer than {MAX_STR}")
+        return value
+
+    return check
+
+
+def _record_check(cls: type[Any], optional: bool) -> _Check:
+    def check(value: Any, path: str, name: str) -> Any:
+        if value is None and optional:
+            return None
+        return _build(cls, value, _p(path, name))
+
+    return check
+
+
+def _tuple_check(item: _Check) -> _Check:
+    def check(value: Any, path: str, name: str) -> Any:
+        if type(value) is not list and type(value) is not tuple:
+            _fail("bad_type", _p(path, name), f"expected array, got {_tn(value)}")
+        if len(value) > MAX_LIST:
+            _fail("out_of_range", _p(path, name), f"array longer than {MAX_LIST}")
+        here = _p(path, name)
+        return tuple([item(v, here, f"[{i}]") for i, v in enumerate(value)])
+
+    return check
+
+
+def _literal_check(allowed: tuple[Any, ...]) -> _Check:
+    def check(value: Any, path: str, name: str) -> Any:
+        if value not in allowed:
+            _fail("bad_type", _p(path, name), f"expected one of {list(allowed)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _check_for(hint: Any, meta: Any) -> _Check:
+    optional = False
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        optional = len(args) < len(get_args(hint))
+        hint = args[0]
+        origin = get_origin(hint)
+    if origin is Literal:
+        return _literal_check(get_args(hint))
+    if origin is tuple:
+        return _tuple_check(_check_for(get_args(hint)[0], meta))
+    if hint in (int, float):
+        lo, hi = meta.get("range", (-U64, U64))
+        return _num_check(hint, lo, hi, optional)
+    if hint in (str, bool):
+        return _scalar_check(hint, optional)
+    if isinstance(hint, type) and hint in _RECORDS:
+        return _record_check(hint, optional)
+    raise TypeError(f"no wire check for {hint!r}")  # a programming error, at import
+
+
+def _spec(cls: type[Any]) -> tuple[tuple[str, _Check, bool], ...]:
+    spec = _SPECS.get(cls)
+    if spec is None:
+        hints = typing.get_type_hints(cls)
+        spec = tuple(
+            (f.name, _check_for(hints[f.name], f.metadata), f.default is MISSING)
+            for f in fields(cls)
+            if f.name != "v"
+        )
+        _SPECS[cls] = spec
+    return spec
+
+
+def _build(cls: type[Any], value: Any, path: str) -> Any:
+    if type(value) is not dict:
+        _fail("bad_type", path, f"expected map, got {_tn(value)}")
+    kwargs = {}
+    for name, check, required in _SPECS[cls]:
+        raw = value.get(name, MISSING)
+        if raw is MISSING:
+            if required:
+                _fail("missing_field", _p(path, name), "required field missing")
+            continue
+        kwargs[name] = check(raw, path, name)
+    return cls(**kwargs)
+
+
+def _p(path: str, name: str) -> str:
+    if not path:
+        return name
+    return f"{path}{name}" if name.startswith("[") else f"{path}.{name}"
+
+
+def _tn(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+_RECORDS: Final = (
+    GpuProcess,
+    GpuSample,
+    DiskUsage,
+    NicCounters,
+    SystemSample,
+    CheckResult,
+    AgentStats,
+    GpuInfo,
+    HostFacts,
+    SampleFrame,
+    EventFrame,
+    InventoryFrame,
+)
+for _cls in _RECORDS:
+    _spec(_cls)
+
+# ----------------------------------------------------------------------------- encode/decode
+
+_FIELD_NAMES: Final = {cls: tuple(f.name for f in fields(cls)) for cls in _RECORDS}
+
+
+def to_wire(obj: Any) -> Any:
+    """The plain-data form of a record (dicts, lists, scalars), as it goes on the wire."""
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        if isinstance(obj, tuple | list):
+            return [to_wire(v) for v in obj]
+        return obj
+    out = {}
+    for name in names:
+        v = getattr(obj, name)
+        out[name] = to_wire(v) if type(v) is tuple or type(v) in _FIELD_NAMES else v
+    return out
+
+
+def encode(frame: Frame) -> bytes:
+    """MessagePack bytes of ``frame``. Raises :class:`FrameEncodeError` for unencodable values."""
+    try:
+        data: bytes = msgpack.packb(to_wire(frame), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise FrameEncodeError(f"cannot encode {type(frame).__name__}: {e}") from e
+    return data
+
+
+def decode(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+    """Decode and validate one frame of any kind.
+
+    Raises :class:`FrameDecodeError` (``reason`` says why, ``field`` where).
+    """
+    if len(data) > max_bytes:
+        raise FrameDecodeError("oversized", f"frame of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise FrameDecodeError("malformed", f"not valid MessagePack: {e}") from e
+    return from_wire(raw)
+
+
+def from_wire(raw: Any) -> Frame:
+    """Validate plain data (as produced by :func:`to_wire`) into a frame."""
+    if type(raw) is not dict:
+        raise FrameDecodeError("not_a_map", f"frame must be a map, got {_tn(raw)}")
+    v = raw.get("v")
+    if type(v) is not int:
+        raise FrameDecodeError("version", f"missing or non-integer schema version: {v!r}", "v")
+    if v != SCHEMA_VERSION:
+        raise FrameDecodeError(
+            "version", f"unsupported schema major version {v}; this build reads {SCHEMA_VERSION}", "v"
+        )
+    kind = raw.get("kind")
+    cls = _FRAME_TYPES.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise FrameDecodeError("unknown_kind", f"unknown frame kind {kind!r}", "kind")
+    frame: Frame = _build(cls, raw, "")
+    if type(frame) is EventFrame:
+        if frame.type not in EVENT_TYPES:
+            raise FrameDecodeError("bad_type", f"unknown event type {frame.type!r}", "type")
+        if frame.source not in EVENT_SOURCES:
+            raise FrameDecodeError("bad_type", f"unknown event source {frame.source!r}", "source")
+    return frame
+
+
+def decode_as(data: bytes, cls: type[F], max_bytes: int = MAX_FRAME_BYTES) -> F:
+    """Decode a frame that must be of ``cls``'s kind."""
+    frame = decode(data, max_bytes)
+    if type(frame) is not cls:
+        raise FrameDecodeError("unknown_kind", f"expected a {cls.KIND} frame, got {frame.kind}", "kind")
+    return frame

@@ -1,0 +1,51 @@
+"""Shared fixtures: private nats-server (JetStream) and PostgreSQL on free ports.
+
+Each server is started once per test session (module-scoped variants exist for tests that
+stop and restart their server) and torn down at the end; no test depends on another's state.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from gpuwarden.servers import NatsServer, PostgresServer
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def private_nats() -> Iterator[NatsServer]:
+    """A nats-server of the test's own, for tests that stop and restart it."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    psql = str(pg_server.bindir / "psql") if (pg_server.bindir / "psql").exists() else "psql"
+    subprocess.run([psql, pg_server.dsn(), "-qc", f'CREATE DATABASE "{name}"'], check=True)
+    yield pg_server.dsn(name)
+    subprocess.run(
+        [psql, pg_server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False
+    )
