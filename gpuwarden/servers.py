@@ -118,7 +118,9 @@ def _pg_bindir() -> Path:
         bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
         if (bindir / "pg_ctl").exists():
             return bindir
-    raise ServiceUnavailableError("PostgreSQL server binaries not found: install PostgreSQL or pip install pgserver")
+    raise ServiceUnavailableError(
+        "PostgreSQL server binaries not found: install PostgreSQL or pip install pgserver"
+    )
 
 
 class PostgresServer:
@@ -153,8 +155,19 @@ class PostgresServer:
 
     def start(self, timeout: float = 30.0) -> None:
         if not (self.datadir / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                      "--no-sync", "--locale=C")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            )
         log = self.workdir / "postgres.log"
         cmd = [
             str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port),
@@ -200,5 +213,7 @@ class PostgresServer:
         self.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -184,9 +184,7 @@ def load_agent_config(
 ) -> AgentConfig:
     """Load the agent's configuration (see ``docs/configuration.md``)."""
     s = load_sections(AGENT_SCHEMA, path, env, flags)
-    return AgentConfig(
-        agent=s["agent"], nats=s["nats"], network=s["checks.network"], simulate=s["simulate"]
-    )
+    return AgentConfig(agent=s["agent"], nats=s["nats"], network=s["checks.network"], simulate=s["simulate"])
 
 
 # ----------------------------------------------------------------------------- loader

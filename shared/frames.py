@@ -303,7 +303,11 @@ def _num_check(kind: type, lo: float, hi: float, optional: bool) -> _Check:
         if value is None and optional:
             return None
         if type(value) is not int:
-            _fail("bad_type", _p(path, name), f"expected integer{' or null' if optional else ''}, got {_tn(value)}")
+            _fail(
+                "bad_type",
+                _p(path, name),
+                f"expected integer{' or null' if optional else ''}, got {_tn(value)}",
+            )
         if not lo <= value <= hi:
             _fail("out_of_range", _p(path, name), f"{value} outside [{lo}, {hi}]")
         return value
@@ -315,7 +319,11 @@ def _num_check(kind: type, lo: float, hi: float, optional: bool) -> _Check:
         if t is int:
             value = float(value)
         elif t is not float:
-            _fail("bad_type", _p(path, name), f"expected number{' or null' if optional else ''}, got {_tn(value)}")
+            _fail(
+                "bad_type",
+                _p(path, name),
+                f"expected number{' or null' if optional else ''}, got {_tn(value)}",
+            )
         if not lo <= value <= hi:  # also false for NaN
             shown = "NaN" if math.isnan(value) else value
             _fail("out_of_range", _p(path, name), f"{shown} outside [{lo}, {hi}]")
@@ -331,8 +339,12 @@ def _scalar_check(kind: type, optional: bool) -> _Check:
         if value is None and optional:
             return None
         if type(value) is not kind:
-            _fail("bad_type", _p(path, name), f"expected {tname}{' or null' if optional else ''}, got {_tn(value)}")
-        if kind is str and len(value) > MAX_STR:
+            _fail(
+                "bad_type",
+                _p(path, name),
+                f"expected {tname}{' or null' if optional else ''}, got {_tn(value)}",
+            )
+        if kind is str and len(typing.cast(str, value)) > MAX_STR:
             _fail("out_of_range", _p(path, name), f"string longer than {MAX_STR}")
         return value
 
