@@ -259,11 +259,7 @@ def _dig(data: Mapping[str, Any], section: str) -> Mapping[str, Any]:
         node = node.get(part, {}) if isinstance(node, Mapping) else {}
     if not isinstance(node, Mapping):
         raise ConfigError(section, "expected a table")
-    return {k: v for k, v in node.items() if not isinstance(v, Mapping) or _is_value_table(v)}
-
-
-def _is_value_table(v: Mapping[str, Any]) -> bool:
-    return False
+    return {k: v for k, v in node.items() if not isinstance(v, Mapping)}
 
 
 def _reject_unknown(

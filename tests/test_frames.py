@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import frames
+from shared.errors import FrameDecodeError
+from shared.frames import (
+    EventFrame,
+    InventoryFrame,
+    SampleFrame,
+    decode,
+    decode_as,
+    encode,
+    from_wire,
+    to_wire,
+)
+from tests import frame_fixtures as fx
+
+
+@pytest.mark.parametrize("frame", [fx.sample(), fx.event(), fx.inventory(), fx.sample(gpus=0)])
+def test_round_trip(frame: frames.Frame) -> None:
+    data = encode(frame)
+    assert decode(data) == frame
+    assert decode_as(data, type(frame)) == frame
+
+
+def test_wire_form_is_plain_msgpack_map_with_string_keys() -> None:
+    raw = msgpack.unpackb(encode(fx.sample()), raw=False)
+    assert raw["v"] == 1
+    assert raw["kind"] == "sample"
+    assert raw["gpus"][0]["temp_c"] == 64.0
+    assert raw["gpus"][0]["retired_pages_sbe"] is None  # unavailable is nil, never a sentinel
+    assert raw["gpus"][0]["processes"][0]["container"] == "job_1234"
+
+
+def _raw_sample(**over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = to_wire(fx.sample(gpus=2))
+    raw.update(over)
+    return raw
+
+
+def _gpu_over(**over: Any) -> dict[str, Any]:
+    raw = _raw_sample()
+    raw["gpus"][1].update(over)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "field"),
+    [
+        (_raw_sample(v=2), "version", "v"),
+        (_raw_sample(v="1"), "version", "v"),
+        (_raw_sample(kind="metrics"), "unknown_kind", "kind"),
+        (_raw_sample(host=7), "bad_type", "host"),
+        ({k: v for k, v in _raw_sample().items() if k != "boot_id"}, "missing_field", "boot_id"),
+        (_raw_sample(seq=-1), "out_of_range", "seq"),
+        (_raw_sample(seq=True), "bad_type", "seq"),
+        (_raw_sample(ts=math.inf), "out_of_range", "ts"),
+        (_raw_sample(gpus={"0": {}}), "bad_type", "gpus"),
+        (_gpu_over(temp_c=math.nan), "out_of_range", "gpus[1].temp_c"),
+        (_gpu_over(temp_c="hot"), "bad_type", "gpus[1].temp_c"),
+        (_gpu_over(util_gpu_pct=101.0), "out_of_range", "gpus[1].util_gpu_pct"),
+        (_gpu_over(mem_used_bytes=-5), "out_of_range", "gpus[1].mem_used_bytes"),
+        (_gpu_over(pcie_link_gen=17), "out_of_range", "gpus[1].pcie_link_gen"),
+        (_gpu_over(ecc_dbe_volatile=-(1 << 63)), "out_of_range", "gpus[1].ecc_dbe_volatile"),
+        (_gpu_over(lost="yes"), "bad_type", "gpus[1].lost"),
+        (_gpu_over(processes=[{"pid": "x"}]), "bad_type", "gpus[1].processes[0].pid"),
+        (_gpu_over(uuid="u" * 5000), "out_of_range", "gpus[1].uuid"),
+        (_raw_sample(system={"cpu_pct": 250.0}), "out_of_range", "system.cpu_pct"),
+        (_raw_sample(system=[1, 2]), "bad_type", "system"),
+    ],
+)
+def test_decode_rejects_naming_the_field(raw: dict[str, Any], reason: str, field: str) -> None:
+    with pytest.raises(FrameDecodeError) as err:
+        decode(msgpack.packb(raw))
+    assert err.value.reason == reason
+    assert err.value.field == field
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "malformed"),
+        (b"\xc1", "malformed"),
+        (encode(fx.sample())[:-7], "malformed"),
+        (msgpack.packb([1, 2, 3]), "not_a_map"),
+        (msgpack.packb({1: 2}), "malformed"),  # non-string keys
+        (b"\x00" * (frames.MAX_FRAME_BYTES + 1), "oversized"),
+    ],
+)
+def test_decode_rejects_garbage(data: bytes, reason: str) -> None:
+    with pytest.raises(FrameDecodeError) as err:
+        decode(data)
+    assert err.value.reason == reason
+
+
+def test_unknown_newer_fields_are_ignored() -> None:
+    raw = _gpu_over(fan_rpm=1200, future={"x": 1})
+    raw["hint"] = "from a newer agent"
+    frame = decode(msgpack.packb(raw))
+    assert isinstance(frame, SampleFrame)
+    assert frame.gpus[1].temp_c == 64.0
+
+
+def test_missing_optional_fields_default_to_none() -> None:
+    raw = {"v": 1, "kind": "sample", "host": "h", "provider": "p", "boot_id": "b", "seq": 1, "ts": 1.0}
+    raw["gpus"] = [{"index": 0, "uuid": "GPU-0"}]
+    frame = decode_as(msgpack.packb(raw), SampleFrame)
+    assert frame.gpus[0].temp_c is None
+    assert frame.system is None
+    assert frame.gpus[0].processes == ()
+
+
+def test_ints_are_accepted_for_float_fields() -> None:
+    frame = decode_as(msgpack.packb(_gpu_over(temp_c=70)), SampleFrame)
+    assert frame.gpus[1].temp_c == 70.0
+    assert type(frame.gpus[1].temp_c) is float
+
+
+def test_event_type_and_source_are_validated() -> None:
+    raw = to_wire(fx.event())
+    with pytest.raises(FrameDecodeError, match="unknown event type"):
+        from_wire({**raw, "type": "meltdown"})
+    with pytest.raises(FrameDecodeError, match="unknown event source"):
+        from_wire({**raw, "source": "ouija"})
+
+
+def test_decode_as_checks_kind() -> None:
+    with pytest.raises(FrameDecodeError) as err:
+        decode_as(encode(fx.event()), InventoryFrame)
+    assert err.value.reason == "unknown_kind"
+    assert isinstance(decode_as(encode(fx.event()), EventFrame), EventFrame)
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 63), (1 << 64) - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+)
+_values = st.recursive(
+    _scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "kind", "host", "gpus", "seq", "ts", "boot_id", "provider"]), _values
+    )
+)
+def test_decode_never_raises_anything_but_frame_decode_error(raw: dict[str, Any]) -> None:
+    with contextlib.suppress(FrameDecodeError):
+        decode(msgpack.packb(raw, use_bin_type=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_bytes_never_crash(data: bytes) -> None:
+    with contextlib.suppress(FrameDecodeError):
+        decode(data)
