@@ -1,0 +1,79 @@
+"""docs/protocol.md is the public contract: it must name every field, and its subscriber must work."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from pathlib import Path
+
+import nats
+import pytest
+
+from shared import frames
+from shared.frames import encode
+from shared.subjects import event_subject, sample_subject
+from tests import frame_fixtures as fx
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+@pytest.mark.parametrize("cls", frames._RECORDS, ids=lambda c: c.__name__)
+def test_every_field_is_documented(cls: type) -> None:
+    text = DOC.read_text()
+    section = text.split(f"### {cls.__name__}\n", 1)
+    body = section[1].split("\n### ", 1)[0] if len(section) == 2 else text
+    for field in dataclasses.fields(cls):
+        if cls in (frames.EventFrame, frames.InventoryFrame) and field.name in (
+            "host",
+            "provider",
+            "boot_id",
+            "seq",
+            "ts",
+            "v",
+        ):
+            continue
+        assert f"| `{field.name}` |" in body or f"| `{field.name}` |" in text.split("Then, by `kind`")[0], (
+            field.name
+        )
+
+
+def _snippet() -> str:
+    match = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert match
+    return match.group(1)
+
+
+def test_subscriber_snippet_is_short() -> None:
+    assert len([line for line in _snippet().splitlines() if line.strip()]) <= 10
+
+
+async def test_subscriber_snippet_taps_raw_frames(
+    nats_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = []
+    real_connect = nats.connect
+
+    async def recording_connect(*args: object, **kwargs: object) -> object:
+        nc = await real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        opened.append(nc)
+        return nc
+
+    monkeypatch.setattr(nats, "connect", recording_connect)
+    code = _snippet().replace("asyncio.run(main())", "")
+    scope: dict[str, object] = {}
+    exec(compile(code, "protocol.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
+    task = asyncio.create_task(scope["main"](nats_url))  # type: ignore[operator]
+    await asyncio.sleep(0.5)
+    nc = await real_connect(nats_url)
+    await nc.publish(sample_subject("acme-east", "gpu-node-17"), encode(fx.sample(seq=7, gpus=2)))
+    await nc.publish(event_subject("acme-east", "gpu-node-17"), encode(fx.event(seq=8)))
+    await nc.flush()
+    await asyncio.sleep(0.5)
+    task.cancel()
+    await nc.close()
+    for tapped in opened:
+        await tapped.close()
+    out = capsys.readouterr().out
+    assert "gpuwarden.v1.sample.acme-east.gpu-node-17 sample 7 None [64.0, 64.0]" in out
+    assert "gpuwarden.v1.event.acme-east.gpu-node-17 event 8 79 []" in out
