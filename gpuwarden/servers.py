@@ -11,6 +11,7 @@ data, which the outage tests use.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -110,12 +111,9 @@ def _pg_bindir() -> Path:
     for cand in (shutil.which("pg_ctl"), *sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))):
         if cand:
             return Path(cand).resolve().parent
-    try:
-        import pgserver  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    except ImportError:
-        pass
-    else:
-        bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    spec = importlib.util.find_spec("pgserver")  # located, not imported: its import has side effects
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bindir = Path(location) / "pginstall" / "bin"
         if (bindir / "pg_ctl").exists():
             return bindir
     raise ServiceUnavailableError(
