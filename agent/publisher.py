@@ -1,0 +1,427 @@
+"""JetStream publishing with acks, message ids and a bounded replay buffer.
+
+One :class:`Publisher` owns one NATS connection. Frames are queued with :meth:`Publisher.publish`
+(never blocks) and sent by ``workers`` tasks, each waiting for the JetStream ack before taking
+the next frame: one worker (the agent) keeps the stream in submission order; many workers
+(``gpuwarden fleet``) pipeline acks over one connection.
+
+Buffer: frames wait in two queues, events (``urgent``) ahead of samples and inventory, together
+bounded by ``nats.buffer_frames``. While NATS is unreachable the queues keep the NEWEST frames:
+on overflow the oldest sample (or, when only events wait, the oldest event) is dropped and
+counted in :attr:`PublisherStats.dropped`. On reconnect they replay oldest first. A frame
+whose publish failed goes back to the head of its queue, so no frame overtakes another of its
+queue; a frame the server already stored before the ack was lost is deduplicated by its
+``Nats-Msg-Id``.
+
+A publish refused for permissions (``Permissions Violation``) is counted in
+:attr:`PublisherStats.permission_errors` and dropped; frames for that subject are dropped
+without trying for ``deny_retry_s``, then tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from shared.config import NatsConfig
+from shared.errors import EXIT_UNAVAILABLE, ConfigError, GpuwardenError, ServiceUnavailableError
+from shared.subjects import STREAM, STREAM_SUBJECTS
+
+log = logging.getLogger(__name__)
+
+_DENIED = re.compile(r'Permissions Violation for Publish to "?([^"\s]+)"?', re.IGNORECASE)
+_NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+class StreamUnavailableError(GpuwardenError):
+    """The ``GPUWARDEN`` stream is missing (and may not be created) or does not fit."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    published: int = 0  # frames acknowledged by JetStream
+    publish_errors: int = 0  # failed attempts (the frame is retried)
+    dropped: int = 0  # frames lost to buffer overflow (exact)
+    permission_errors: int = 0  # frames refused by the server's permissions (not retried)
+    disconnects: int = 0
+    reconnects: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    subject: str
+    data: bytes
+    msg_id: str
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Jittered exponential backoff: a uniform pick in [d/2, d], d = min(cap, base * 2**attempt)."""
+    d = min(cap, base * (2 ** min(attempt, 30)))
+    return rng.uniform(d / 2, d)
+
+
+def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
+    """An SSL context from ``tls_ca``/``tls_cert``/``tls_key``, or None when TLS is not configured."""
+    if not (cfg.tls_ca or cfg.tls_cert or any(s.startswith("tls://") for s in cfg.servers)):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+        if cfg.tls_cert:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("nats.tls_ca", f"cannot load TLS files: {e}") from e
+    return ctx
+
+
+def connect_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect`` (auth, TLS, timeouts) from ``[nats]``."""
+    opts: dict[str, Any] = {
+        "servers": list(cfg.servers),
+        "name": cfg.name or name,
+        "connect_timeout": max(1, round(cfg.connect_timeout)),
+        "reconnect_time_wait": cfg.reconnect_wait,
+        "max_reconnect_attempts": -1,  # reconnect forever
+        "allow_reconnect": True,
+        "pending_size": 8 * 1024 * 1024,
+    }
+    if cfg.user:
+        opts["user"] = cfg.user
+    if cfg.password is not None:
+        opts["password"] = cfg.password.reveal()
+    if cfg.token is not None:
+        opts["token"] = cfg.token.reveal()
+    if cfg.creds or cfg.nkey_seed is not None:
+        try:
+            import nkeys  # type: ignore[import-not-found, import-untyped, unused-ignore]  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("nats.creds", "creds and nkey_seed need the 'nkeys' package") from e
+    if cfg.creds:
+        opts["user_credentials"] = cfg.creds
+    if cfg.nkey_seed is not None:
+        opts["nkeys_seed_str"] = cfg.nkey_seed.reveal()
+    ctx = tls_context(cfg)
+    if ctx is not None:
+        opts["tls"] = ctx
+        if cfg.tls_hostname:
+            opts["tls_hostname"] = cfg.tls_hostname
+    return opts
+
+
+def stream_config(cfg: NatsConfig) -> StreamConfig:
+    return StreamConfig(
+        name=STREAM,
+        subjects=list(STREAM_SUBJECTS),
+        storage=StorageType.FILE,
+        num_replicas=cfg.stream_replicas,
+        max_age=cfg.stream_max_age,
+        max_bytes=cfg.stream_max_bytes,
+        duplicate_window=cfg.dedup_window,
+    )
+
+
+class Publisher:
+    """One NATS connection, a bounded frame buffer and ``workers`` ack-waiting senders."""
+
+    def __init__(
+        self,
+        cfg: NatsConfig,
+        *,
+        name: str,
+        workers: int = 1,
+        deny_retry_s: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.capacity = max(1, cfg.buffer_frames)
+        self.stats = PublisherStats()
+        self.nc = Client()
+        self.js: JetStreamContext = self.nc.jetstream(timeout=cfg.publish_timeout)
+        self.failed: BaseException | None = None  # a fatal error of the background connect
+        self.failed_event = asyncio.Event()
+        self._workers = workers
+        self._deny_retry_s = deny_retry_s
+        self._rng = rng or random.Random()  # noqa: S311  (jitter, not crypto)
+        self._urgent: deque[Outgoing] = deque()
+        self._normal: deque[Outgoing] = deque()
+        self._ready = asyncio.Event()  # frames are waiting
+        self._idle = asyncio.Event()  # nothing queued and nothing in flight
+        self._idle.set()
+        self._connected = asyncio.Event()
+        self._inflight = 0
+        self._attempt = 0
+        self._denied: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._stream_ok = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def buffered(self) -> int:
+        """Frames waiting to be sent (not counting those in flight)."""
+        return len(self._urgent) + len(self._normal)
+
+    async def wait_connected(self, within_s: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, *, wait: bool = False) -> None:
+        """Connect and set up the stream; start the senders.
+
+        With ``wait`` the first connection must succeed within ``connect_timeout`` (else
+        :class:`ServiceUnavailableError`); without it the connection is made in the background,
+        retried forever, while frames accumulate in the buffer. Either way a missing stream
+        that may not be created is :class:`StreamUnavailableError` (in the background: set in
+        :attr:`failed` and :attr:`failed_event`).
+        """
+        opts = connect_options(self.cfg, self.name)  # ConfigError now, not in the background
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"publisher-{i}") for i in range(self._workers)
+        ]
+        if wait:
+            limit = self.cfg.connect_timeout + self.cfg.publish_timeout
+            try:
+                await asyncio.wait_for(self._connect(opts), limit)
+            except TimeoutError:
+                raise ServiceUnavailableError(
+                    f"cannot reach NATS at {', '.join(self.cfg.servers)} within {limit:.0f}s"
+                ) from None
+        else:
+            self._tasks.append(asyncio.create_task(self._connect_forever(opts), name="publisher-connect"))
+
+    async def _connect_forever(self, opts: dict[str, Any]) -> None:
+        try:
+            await self._connect(opts)
+        except GpuwardenError as e:
+            log.error("NATS: %s", e)
+            self.failed = e
+            self.failed_event.set()
+
+    async def _connect(self, opts: dict[str, Any]) -> None:
+        await self.nc.connect(
+            **opts,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            reconnect_to_server_handler=self._pick_server,
+        )
+        log.info("NATS: connected to %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+        attempt = 0
+        while True:
+            try:
+                await self._ensure_stream()
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                delay = backoff_delay(
+                    attempt, self.cfg.reconnect_wait, self.cfg.reconnect_wait_max, self._rng
+                )
+                log.warning("NATS: JetStream not answering (%s); retrying in %.1fs", type(e).__name__, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        self._stream_ok = True
+        self._connected.set()
+
+    async def _ensure_stream(self) -> None:
+        want = stream_config(self.cfg)
+        try:
+            info = await self.js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            if not self.cfg.create_stream:
+                raise StreamUnavailableError(
+                    f"JetStream stream {STREAM} does not exist and nats.create_stream is false"
+                ) from None
+            await self.js.add_stream(want)
+            log.info("NATS: created stream %s", STREAM)
+            return
+        have = set(info.config.subjects or ())
+        missing = [s for s in STREAM_SUBJECTS if s not in have]
+        if not missing:
+            return
+        if not self.cfg.create_stream:
+            raise StreamUnavailableError(f"stream {STREAM} does not capture {', '.join(missing)}")
+        cfg = info.config
+        cfg.subjects = sorted(have | set(missing))
+        try:
+            await self.js.update_stream(cfg)
+        except nats.js.errors.APIError as e:
+            raise StreamUnavailableError(f"cannot update stream {STREAM}: {e}") from e
+
+    async def flush(self, within_s: float) -> bool:
+        """Wait until every queued frame is acknowledged; False if ``within_s`` passed first."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, flush_timeout: float = 5.0) -> None:
+        """Flush (bounded), stop the senders and drain the connection."""
+        if self.connected:
+            flushed = await self.flush(flush_timeout)
+            if not flushed:
+                log.warning("NATS: %d frames not sent before shutdown", self.buffered + self._inflight)
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self.nc.is_connected:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self.nc.drain()
+        if not self.nc.is_closed:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self.nc.close()
+        self._connected.clear()
+
+    # ------------------------------------------------------------------ queueing
+
+    def publish(self, subject: str, data: bytes, msg_id: str, *, urgent: bool = False) -> None:
+        """Queue one frame; it is sent as soon as a sender is free (never blocks)."""
+        (self._urgent if urgent else self._normal).append(Outgoing(subject, data, msg_id))
+        self._trim()
+        self._idle.clear()
+        self._ready.set()
+
+    def _trim(self) -> None:
+        while len(self._urgent) + len(self._normal) > self.capacity:
+            (self._normal or self._urgent).popleft()
+            self.stats.dropped += 1
+
+    def _take(self) -> tuple[Outgoing, bool] | None:
+        if self._urgent:
+            return self._urgent.popleft(), True
+        if self._normal:
+            return self._normal.popleft(), False
+        return None
+
+    def _requeue(self, item: Outgoing, urgent: bool) -> None:
+        (self._urgent if urgent else self._normal).appendleft(item)
+        self._trim()
+        self._ready.set()
+
+    def _check_idle(self) -> None:
+        if self._inflight == 0 and not self._urgent and not self._normal:
+            self._idle.set()
+
+    # ------------------------------------------------------------------ senders
+
+    async def _worker(self) -> None:
+        while True:
+            await self._connected.wait()
+            taken = self._take()
+            if taken is None:
+                self._ready.clear()
+                self._check_idle()
+                await self._ready.wait()
+                continue
+            item, urgent = taken
+            if not self.nc.is_connected:  # lost before our callback ran: keep it for the replay
+                self._requeue(item, urgent)
+                self._connected.clear()
+                continue
+            if self._is_denied(item.subject):
+                self.stats.permission_errors += 1
+                self._check_idle()
+                continue
+            self._inflight += 1
+            try:
+                await self.js.publish(item.subject, item.data, headers={"Nats-Msg-Id": item.msg_id})
+            except asyncio.CancelledError:
+                self._requeue(item, urgent)
+                raise
+            except _NATS_ERRORS as e:
+                await self._failed(item, urgent, e)
+            else:
+                self.stats.published += 1
+            finally:
+                self._inflight -= 1
+                self._check_idle()
+
+    async def _failed(self, item: Outgoing, urgent: bool, e: BaseException) -> None:
+        if self._is_denied(item.subject):
+            self.stats.permission_errors += 1
+            log.error("NATS: publish to %s refused (permissions); frame dropped", item.subject)
+            return
+        self.stats.publish_errors += 1
+        self._requeue(item, urgent)
+        if self.connected:  # a server-side refusal: do not spin
+            log.warning("NATS: publish to %s failed: %s", item.subject, e or type(e).__name__)
+            await asyncio.sleep(
+                backoff_delay(0, self.cfg.reconnect_wait, self.cfg.reconnect_wait_max, self._rng)
+            )
+
+    def _is_denied(self, subject: str) -> bool:
+        since = self._denied.get(subject)
+        if since is None:
+            return False
+        if time.monotonic() - since > self._deny_retry_s:
+            del self._denied[subject]
+            return False
+        return True
+
+    # ------------------------------------------------------------------ callbacks
+
+    async def _on_error(self, e: Exception) -> None:
+        m = _DENIED.search(str(e))
+        if m:
+            self._denied[m.group(1)] = time.monotonic()
+            log.error("NATS: %s", e)
+            return
+        log.warning("NATS: %s", e or type(e).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if self._connected.is_set() and not self._closing:
+            self.stats.disconnects += 1
+            log.warning("NATS: disconnected; buffering up to %d frames", self.capacity)
+        self._connected.clear()
+
+    async def _on_reconnected(self) -> None:
+        self.stats.reconnects += 1
+        self._attempt = 0
+        log.info("NATS: reconnected; replaying %d buffered frames", self.buffered)
+        if self._stream_ok:
+            self._connected.set()
+
+    def _pick_server(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+        delay = backoff_delay(self._attempt, self.cfg.reconnect_wait, self.cfg.reconnect_wait_max, self._rng)
+        server = servers[self._attempt % len(servers)] if servers else None
+        self._attempt += 1
+        return server, delay
+
+    async def rtt(self, limit_s: float = 2.0) -> float:
+        """Round trip to the server in seconds (PING/PONG); raises on timeout or disconnect."""
+        if not self.connected:
+            raise nats.errors.ConnectionReconnectingError
+        rtt: float = await self.nc.rtt(limit_s)  # type: ignore[arg-type]
+        return rtt

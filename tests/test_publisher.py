@@ -1,0 +1,255 @@
+"""Publisher against a real nats-server: subjects, acks, the replay buffer, outages, permissions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from agent.gpu.base import GpuEvent, Inventory
+from agent.publisher import Publisher, StreamUnavailableError, backoff_delay
+from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, build_sample
+from gpuwarden.servers import NatsServer
+from shared.config import NatsConfig
+from shared.frames import EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, decode, encode
+from shared.subjects import STREAM
+
+
+def cfg(url: str, **kw: object) -> NatsConfig:
+    base = {"servers": (url,), "reconnect_wait": 0.2, "reconnect_wait_max": 1.0, "publish_timeout": 1.0}
+    base.update(kw)
+    return NatsConfig(**base)  # type: ignore[arg-type]
+
+
+def sample(seqr: Sequencer, gpus: int = 2) -> SampleFrame:
+    return build_sample(
+        seqr,
+        interval_s=1.0,
+        gpus=[GpuSample(index=i, uuid=f"GPU-{i}", temp_c=40.0 + i, power_w=100.0) for i in range(gpus)],
+    )
+
+
+def send(pub: Publisher, seqr: Sequencer, frame: SampleFrame | EventFrame | InventoryFrame) -> None:
+    pub.publish(seqr.subject(frame.kind), encode(frame), seqr.msg_id(frame.seq), urgent=frame.kind == "event")
+
+
+async def stream_frames(url: str, host: str) -> list[SampleFrame | EventFrame | InventoryFrame]:
+    """Every frame of ``host`` stored in the stream, in stream order."""
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(f"gpuwarden.v1.*.*.{host}", stream=STREAM)
+        out = []
+        while True:
+            try:
+                msgs = await sub.fetch(500, timeout=1)
+            except TimeoutError:  # nats-py raises the builtin or its subclass
+                return out
+            out.extend(decode(m.data) for m in msgs)
+    finally:
+        await nc.close()
+
+
+def unique_host() -> str:
+    return f"h-{uuid.uuid4().hex[:10]}"
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff_delay(a, 0.5, 4.0, rng) for a in range(10)]
+    assert all(0.25 <= d <= 4.0 for d in delays)
+    assert delays[0] <= 0.5
+    assert delays[-1] >= 2.0
+    assert len(set(delays)) == len(delays)
+
+
+def test_deadlines_skip_missed_ticks_without_drift() -> None:
+    d = Deadlines(1.0, start=100.0, clock=lambda: 100.0)
+    assert d.advance(100.2) == 101.0
+    assert d.advance(103.5) == 104.0  # 102 and 103 skipped
+    assert d.missed == 2
+    assert d.advance(104.0001) == 105.0
+
+
+async def test_frames_round_trip_on_their_subjects(nats_url: str) -> None:
+    url = nats_url
+    host = unique_host()
+    seqr = Sequencer(host=f"{host}.x", provider="acme east")
+    tap = await nats.connect(url)
+    got: list[tuple[str, bytes]] = []
+
+    async def on_msg(m: Msg) -> None:
+        got.append((m.subject, m.data))
+
+    await tap.subscribe("gpuwarden.v1.>", cb=on_msg)
+    await tap.flush()
+    pub = Publisher(cfg(url), name="test")
+    await pub.start(wait=True)
+    inv = build_inventory(
+        seqr, Inventory("simulated", "550.1", "12.4", "12.550", (GpuInfo(index=0, uuid="GPU-0"),))
+    )
+    smp = sample(seqr)
+    ev = build_event(seqr, GpuEvent(type="xid", ts=1.7e9, source="simulated", gpu_index=0, xid=79), count=1)
+    for f in (inv, smp, ev):
+        send(pub, seqr, f)
+    assert await pub.flush(5)
+    await tap.flush()
+    for _ in range(50):
+        if len(got) == 3:
+            break
+        await asyncio.sleep(0.05)
+    await tap.close()
+    await pub.close()
+    by_subject = {s: decode(d) for s, d in got}
+    assert by_subject == {
+        f"gpuwarden.v1.inventory.acme_east.{host}_x": inv,
+        f"gpuwarden.v1.sample.acme_east.{host}_x": smp,
+        f"gpuwarden.v1.event.acme_east.{host}_x": ev,
+    }
+    assert [f.seq for f in (inv, smp, ev)] == [1, 2, 3]
+    assert pub.stats.published == 3
+    assert pub.stats.dropped == 0
+    assert pub.stats.publish_errors == 0
+    stored = await stream_frames(url, f"{host}_x")
+    assert sorted(f.seq for f in stored) == [1, 2, 3]
+
+
+async def test_buffer_keeps_newest_and_counts_drops_before_connecting(nats_url: str) -> None:
+    seqr = Sequencer(host=unique_host(), provider="p")
+    pub = Publisher(cfg(nats_url, buffer_frames=3), name="test")
+    frames = [sample(seqr) for _ in range(10)]
+    for f in frames:
+        send(pub, seqr, f)
+    assert pub.buffered == 3
+    assert pub.stats.dropped == 7
+    await pub.start(wait=True)
+    assert await pub.flush(5)
+    await pub.close()
+    assert [f.seq for f in await stream_frames(nats_url, seqr.host)] == [8, 9, 10]
+
+
+async def test_events_overtake_queued_samples_and_are_dropped_last(nats_url: str) -> None:
+    seqr = Sequencer(host=unique_host(), provider="p")
+    pub = Publisher(cfg(nats_url, buffer_frames=4), name="test")
+    ev = build_event(seqr, GpuEvent(type="gpu_lost", ts=1.7e9, source="simulated", gpu_index=1), count=1)
+    send(pub, seqr, ev)
+    for _ in range(6):
+        send(pub, seqr, sample(seqr))
+    assert pub.stats.dropped == 3  # three oldest samples, never the event
+    await pub.start(wait=True)
+    assert await pub.flush(5)
+    await pub.close()
+    assert [f.seq for f in await stream_frames(nats_url, seqr.host)] == [1, 5, 6, 7]
+
+
+async def test_retried_frame_is_deduplicated_by_msg_id(nats_url: str) -> None:
+    seqr = Sequencer(host=unique_host(), provider="p")
+    pub = Publisher(cfg(nats_url), name="test")
+    await pub.start(wait=True)
+    f = sample(seqr)
+    send(pub, seqr, f)
+    send(pub, seqr, f)  # what a replay after a lost ack looks like
+    assert await pub.flush(5)
+    await pub.close()
+    assert pub.stats.published == 2
+    assert [x.seq for x in await stream_frames(nats_url, seqr.host)] == [1]
+
+
+async def test_missing_stream_is_a_clear_error_when_creation_is_off(private_nats: NatsServer) -> None:
+    pub = Publisher(cfg(private_nats.url, create_stream=False), name="test")
+    with pytest.raises(StreamUnavailableError, match="does not exist"):
+        await pub.start(wait=True)
+    await pub.close()
+
+
+async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_nats: NatsServer) -> None:
+    """NATS down for 20 s: a big buffer loses nothing, a small one drops exactly what it counts."""
+    big_seq, small_seq = Sequencer(host="big", provider="p"), Sequencer(host="small", provider="p")
+    big = Publisher(cfg(private_nats.url, buffer_frames=10_000), name="big")
+    small = Publisher(cfg(private_nats.url, buffer_frames=5), name="small")
+    await big.start(wait=True)
+    await small.start(wait=True)
+    running = asyncio.Event()
+    running.set()
+
+    async def produce() -> None:
+        while True:
+            await running.wait()
+            send(big, big_seq, sample(big_seq))
+            send(small, small_seq, sample(small_seq))
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(produce())
+    await asyncio.sleep(1.5)
+    running.clear()  # no frame in flight at the cut: its fate would be ambiguous to anyone
+    assert await big.flush(5)
+    assert await small.flush(5)
+    private_nats.stop()
+    running.set()
+    await asyncio.sleep(20)
+    assert not big.connected
+    assert big.buffered > 150
+    assert small.buffered == 5
+    private_nats.start()
+    assert await big.wait_connected(15)
+    assert await small.wait_connected(15)
+    await asyncio.sleep(1.5)
+    task.cancel()
+    assert await big.flush(10)
+    assert await small.flush(10)
+    await big.close()
+    await small.close()
+
+    big_seqs = [f.seq for f in await stream_frames(private_nats.url, "big")]
+    small_seqs = [f.seq for f in await stream_frames(private_nats.url, "small")]
+    assert sorted(big_seqs) == list(range(1, big_seq.seq + 1))
+    assert big_seqs == sorted(big_seqs)  # one sender: replayed oldest first, in order
+    assert big.stats.dropped == 0
+    assert big.stats.disconnects == 1
+    assert big.stats.reconnects == 1
+    assert len(set(small_seqs)) == len(small_seqs)
+    assert small.stats.dropped > 150
+    assert len(small_seqs) + small.stats.dropped == small_seq.seq
+    missing = sorted(set(range(1, small_seq.seq + 1)) - set(small_seqs))
+    assert missing == list(range(missing[0], missing[0] + len(missing)))  # the oldest of the outage
+
+
+PERMS = """
+authorization {
+  users = [
+    {user: agent, password: secret, permissions: {
+      publish: {allow: ["gpuwarden.v1.sample.>", "$JS.API.>"]},
+      subscribe: {allow: ["_INBOX.>"]}}}
+  ]
+}
+"""
+
+
+async def test_permission_violation_is_counted_not_retried() -> None:
+    from shared.config import Secret
+
+    with NatsServer(config=PERMS) as server:
+        c = dataclasses.replace(cfg(server.url, user="agent"), password=Secret("secret"), publish_timeout=0.5)
+        pub = Publisher(c, name="test", deny_retry_s=60)
+        await pub.start(wait=True)
+        seqr = Sequencer(host=unique_host(), provider="p")
+        ev = build_event(
+            seqr, GpuEvent(type="xid", ts=1.7e9, source="simulated", gpu_index=0, xid=13), count=1
+        )
+        send(pub, seqr, ev)
+        assert await pub.flush(5)
+        send(
+            pub, seqr, build_event(seqr, GpuEvent(type="xid", ts=1.7e9, source="simulated", xid=13), count=2)
+        )
+        for _ in range(3):
+            send(pub, seqr, sample(seqr))
+        assert await pub.flush(5)
+        await pub.close()
+        assert pub.stats.permission_errors == 2
+        assert pub.stats.published == 3
+        assert pub.stats.publish_errors == 0
