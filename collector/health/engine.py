@@ -1,0 +1,268 @@
+"""The health engine: decoded frames and the current time in, observations out.
+
+Pure: no clock, no logging, no I/O. The caller owns the :class:`HealthState` and passes it
+to every call; the engine updates it in place and returns it with the observations::
+
+    engine = HealthEngine(health_config_from(raw))
+    state = HealthState()
+    state, observations = engine.observe(state, frame, now)      # on every frame
+    state, observations = engine.tick(state, now, expected)      # on a timer (staleness)
+
+Sample frames are judged against the previous sample of the same GPU (rates); event frames
+(XID, GPU lost, ECC double-bit, throttle, recovery action) are judged when they arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from collector.health.config import HealthConfig
+from collector.health.gpu import GpuChecks
+from collector.health.host import HostChecks
+from collector.health.model import (
+    CRITICAL,
+    HEALTHY,
+    UNKNOWN,
+    Emitter,
+    GpuState,
+    HealthState,
+    HostState,
+    Observation,
+    XidRecord,
+)
+from shared.frames import EventFrame, Frame, GpuSample, InventoryFrame, SampleFrame
+from shared.xid import XidInfo, catalog, lookup
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedHost:
+    """A host the inventory source (GPU discovery service) says should exist."""
+
+    provider: str
+    gpus: int | None = None  # how many GPUs it should report
+
+
+class HealthEngine:
+    """Evaluates frames against the configured thresholds."""
+
+    def __init__(self, config: HealthConfig | None = None, xids: Mapping[int, XidInfo] | None = None) -> None:
+        self.config = config or HealthConfig()
+        self.xids = dict(xids) if xids is not None else catalog()
+        self.gpu = GpuChecks(self.config.gpu)
+        self.host = HostChecks(self.config.host, self.config.network)
+        self.healthy_for = self.config.health.emit_healthy_for
+
+    def observe(self, state: HealthState, frame: Frame, now: float) -> tuple[HealthState, list[Observation]]:
+        """Dispatch one decoded frame to the sample, event or inventory path."""
+        if isinstance(frame, SampleFrame):
+            return self.observe_sample(state, frame, now)
+        if isinstance(frame, EventFrame):
+            return self.observe_event(state, frame, now)
+        return self.observe_inventory(state, frame, now)
+
+    # ------------------------------------------------------------------ hosts and GPUs
+
+    def _host(self, state: HealthState, host: str, provider: str, em: Emitter, now: float) -> HostState:
+        hs = state.hosts.get(host)
+        if hs is None or hs.provider != provider:
+            old = hs
+            hs = HostState(host, provider, {"provider": provider, "host": host})
+            if old is not None:
+                hs.expected_gpus, hs.first_expected_at = old.expected_gpus, old.first_expected_at
+            state.hosts[host] = hs
+        hs.last_frame_at = now
+        if hs.stale:
+            hs.stale = False
+            em.emit(hs.checks, "host.unreachable", "host.unreachable", hs.labels, HEALTHY, now, 0.0)
+            for gs in hs.gpus.values():
+                if "gpu.stale" in gs.checks:
+                    em.emit(gs.checks, "gpu.stale", "gpu.stale", gs.labels, HEALTHY, now, 0.0)
+        return hs
+
+    @staticmethod
+    def _gpu(hs: HostState, index: int, uuid: str | None) -> GpuState:
+        gs = hs.gpus.get(index)
+        if gs is None or (uuid and gs.uuid and gs.uuid != uuid):  # new, or another GPU in that slot
+            u = uuid or ""
+            labels = {"provider": hs.provider, "host": hs.host, "gpu": str(index), "uuid": u}
+            gs = GpuState(index, u, labels)
+            hs.gpus[index] = gs
+        elif uuid and not gs.uuid:
+            gs.uuid = uuid
+        return gs
+
+    def _find_gpu(self, hs: HostState, frame: EventFrame) -> GpuState | None:
+        if frame.gpu_index is not None:
+            return self._gpu(hs, frame.gpu_index, frame.gpu_uuid)
+        if frame.gpu_uuid:
+            for gs in hs.gpus.values():
+                if gs.uuid == frame.gpu_uuid:
+                    return gs
+        return None
+
+    # ------------------------------------------------------------------ frames
+
+    def observe_sample(
+        self, state: HealthState, frame: SampleFrame, now: float
+    ) -> tuple[HealthState, list[Observation]]:
+        """Judge every GPU, the system metrics and the network checks of one sample."""
+        em = Emitter(self.healthy_for)
+        hs = self._host(state, frame.host, frame.provider, em, now)
+        if frame.boot_id != hs.boot_id:
+            hs.boot_id = frame.boot_id
+        if frame.interval_s:
+            hs.interval_s = frame.interval_s
+        ts = frame.ts or now
+        gpu_checks = self.gpu
+        for g in frame.gpus:
+            gs = self._gpu(hs, g.index, g.uuid)
+            if gs.xids or gs.fatal_xids:
+                gpu_checks.expire(em, gs, gs.labels, now)
+            gpu_checks.sample(em, gs, gs.labels, g, ts)
+        if frame.gpus and len(hs.gpus) > len(frame.gpus):
+            present = {g.index for g in frame.gpus}
+            for index, gs in hs.gpus.items():
+                if index not in present:
+                    gs.stale = True
+        self._missing(em, hs, len(frame.gpus), now)
+        if frame.system is not None:
+            self.host.system(em, hs, hs.labels, frame.system, ts)
+        for c in frame.checks:
+            self.host.network(em, hs, hs.labels, c, ts)
+        return state, em.out
+
+    def _missing(self, em: Emitter, hs: HostState, count: int, now: float) -> None:
+        expected = max(hs.expected_gpus or 0, hs.inventory_gpus or 0)
+        if not expected:
+            return
+        if count < expected:
+            em.emit(
+                hs.checks, "host.gpu_missing", "host.gpu_missing", hs.labels, CRITICAL, now,
+                float(expected - count),
+                f"{hs.host} reports {count} of {expected} GPUs: find the missing GPU (lspci, nvidia-smi)",
+                "Fewer GPUs than the inventory expects: a GPU fell off the bus, was not "
+                "initialised by the driver, or the host was rebuilt. Check lspci and dmesg; "
+                "reboot or reseat; RMA if it stays missing.",
+            )  # fmt: skip
+        else:
+            em.emit(hs.checks, "host.gpu_missing", "host.gpu_missing", hs.labels, HEALTHY, now, 0.0)
+
+    def observe_event(
+        self, state: HealthState, frame: EventFrame, now: float
+    ) -> tuple[HealthState, list[Observation]]:
+        """Judge one event at once (XIDs, GPU lost, ECC double-bit, throttle, recovery action)."""
+        em = Emitter(self.healthy_for)
+        hs = self._host(state, frame.host, frame.provider, em, now)
+        gs = self._find_gpu(hs, frame)
+        if gs is None:
+            return state, em.out
+        t, base, checks = frame.type, gs.labels, self.gpu
+        if t == "xid" and frame.xid is not None:
+            info = lookup(frame.xid, self.xids)
+            rec = gs.xids.get(info.code)
+            if rec is None:
+                rec = gs.xids[info.code] = XidRecord(info.code, 0, now, now)
+            rec.count += 1
+            rec.last_at = now
+            checks.xid(em, gs, base, info, now)
+            if info.fatal:
+                gs.fatal_xids.append(now)
+                checks.expire(em, gs, base, now)
+        elif t == "gpu_lost":
+            gs.lost = True
+            checks.sample(em, gs, base, _LOST, frame.ts or now)
+        elif t == "gpu_recovered":
+            gs.lost = False
+            em.emit(gs.checks, "gpu.lost", "gpu.lost", base, HEALTHY, now, 0.0)
+        elif t == "ecc_dbe":
+            checks.dbe(em, gs, base, now, float(frame.count or frame.value or 1))
+        elif t == "throttle_start" or t == "throttle_stop":
+            gs.event_reasons = frame.value or 0
+            active = gs.event_reasons & self.config.gpu.clock_event_mask
+            if active:
+                checks.clock_events(em, gs, base, active, frame.ts or now)
+            elif t == "throttle_stop":
+                gs.throttle_since = None
+                em.emit(gs.checks, "gpu.clock_events", "gpu.clock_events", base, HEALTHY, now, 0.0)
+        elif t == "recovery_action" and frame.value is not None:
+            checks.recovery(em, gs, base, frame.value, now)
+        elif t == "page_retirement" and frame.value == 1:
+            checks.remap_failure(em, gs, base, now)
+        return state, em.out
+
+    def observe_inventory(
+        self, state: HealthState, frame: InventoryFrame, now: float
+    ) -> tuple[HealthState, list[Observation]]:
+        """Record what the host says it has (its GPU count feeds ``host.gpu_missing``)."""
+        em = Emitter(self.healthy_for)
+        hs = self._host(state, frame.host, frame.provider, em, now)
+        hs.inventory_gpus = len(frame.gpus)
+        for info in frame.gpus:
+            self._gpu(hs, info.index, info.uuid)
+        return state, em.out
+
+    # ------------------------------------------------------------------ time
+
+    def stale_limit(self, hs: HostState) -> float:
+        """Seconds without a frame after which ``hs`` is stale."""
+        h = self.config.health
+        if h.stale_after > 0:
+            return h.stale_after
+        return h.stale_factor * (hs.interval_s or h.default_interval)
+
+    def tick(
+        self, state: HealthState, now: float, expected: Mapping[str, ExpectedHost] | None = None
+    ) -> tuple[HealthState, list[Observation]]:
+        """Advance time: stale hosts, hosts that never reported, XID windows.
+
+        ``expected`` (host name -> :class:`ExpectedHost`) is the inventory source's view;
+        hosts it lists that never reported are ``unknown`` and, after ``never_reported_grace``,
+        unreachable.
+        """
+        em = Emitter(self.healthy_for)
+        if expected:
+            for name, exp in expected.items():
+                hs = state.hosts.get(name)
+                if hs is None:
+                    hs = HostState(name, exp.provider, {"provider": exp.provider, "host": name})
+                    hs.first_expected_at = now
+                    state.hosts[name] = hs
+                hs.expected_gpus = exp.gpus
+        grace = self.config.health.never_reported_grace
+        for hs in state.hosts.values():
+            if hs.stale:
+                continue
+            if hs.last_frame_at is None:
+                if hs.first_expected_at is not None and now - hs.first_expected_at >= grace:
+                    self._stale(em, hs, now, "never reported")
+                continue
+            silent = now - hs.last_frame_at
+            if silent > self.stale_limit(hs):
+                self._stale(em, hs, now, f"no data for {silent:.0f} s")
+                continue
+            for gs in hs.gpus.values():
+                if gs.xids or gs.fatal_xids:
+                    self.gpu.expire(em, gs, gs.labels, now)
+        return state, em.out
+
+    def _stale(self, em: Emitter, hs: HostState, now: float, why: str) -> None:
+        hs.stale = True
+        em.emit(
+            hs.checks, "host.unreachable", "host.unreachable", hs.labels, CRITICAL, now,
+            hs.last_frame_at,
+            f"{hs.host} unreachable ({why}): check the host, its agent and its network",
+            "No frame from this host within stale_after: the host is down, the agent stopped, "
+            "or the network to NATS is broken. Its GPUs' last values are stale.",
+            True,
+        )  # fmt: skip
+        for gs in hs.gpus.values():
+            gs.stale = True
+            em.emit(
+                gs.checks, "gpu.stale", "gpu.stale", gs.labels, UNKNOWN, now, None,
+                f"GPU {gs.index} on {hs.host}: no current data ({why})",
+                "The host stopped reporting; this GPU's health is unknown until it does.",
+            )  # fmt: skip
+
+
+_LOST = GpuSample(lost=True)

@@ -1,0 +1,452 @@
+"""Per-GPU checks: one GPU sample (and the previous one, for rates) to observations.
+
+A value the GPU cannot report (``None``) is not evaluated: the check emits nothing and keeps
+its last conclusion. Counter rates come from the deltas between consecutive samples; a
+counter that went backwards was reset (GPU reset, driver reload), and its new value is the
+delta since the reset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Final
+
+from collector.health.config import GpuThresholds
+from collector.health.model import CRITICAL, HEALTHY, INFO, WARNING, Emitter, GpuState
+from shared.frames import GpuSample
+from shared.xid import XidInfo
+
+# NVML clocks-event (throttle) reason bits and names.
+REASON_NAMES: Final = (
+    (0x4, "SW power cap"),
+    (0x8, "HW slowdown"),
+    (0x20, "SW thermal"),
+    (0x40, "HW thermal"),
+    (0x80, "HW power brake"),
+)
+# Expected PCIe replays per minute per lane: BER 1e-12 x lane rate x 60 s (REFERENCE.md, DCGM).
+PCIE_PER_LANE_PER_MIN: Final[dict[int, float]] = {
+    1: 0.15,
+    2: 0.30,
+    3: 0.48,
+    4: 0.96,
+    5: 1.92,
+    6: 3.84,
+}
+# NVML_GPU_RECOVERY_ACTION_*: (name, status).
+RECOVERY_ACTIONS: Final[dict[int, tuple[str, str]]] = {
+    0: ("NONE", HEALTHY),
+    1: ("GPU_RESET", CRITICAL),
+    2: ("NODE_REBOOT", CRITICAL),
+    3: ("DRAIN_P2P", WARNING),
+    4: ("DRAIN_AND_RESET", CRITICAL),
+    5: ("RECOVER_IMEX_DOMAIN", WARNING),
+    6: ("BUS_RESET", CRITICAL),
+    7: ("SYSTEM_REBOOT", CRITICAL),
+}
+XID_ACTION_ADVICE: Final[dict[str, str]] = {
+    "restart_app": "restart the application; the GPU itself is usually fine",
+    "reset_gpu": "drain the node and reset the GPU (nvidia-smi -r); RMA if it recurs",
+    "reboot": "drain the node and reboot it; RMA if it recurs",
+    "ignore": "no action now; track the trend",
+    "contact_support": "collect nvidia-bug-report.sh and contact support",
+    "follow_linked": "follow the action of the XID it refers to (recovery action)",
+}
+RMA_ADVICE: Final = (
+    "repeated fatal XIDs on this GPU: take it out of service for hardware inspection / RMA "
+    "(run field diagnostics, collect nvidia-bug-report.sh)"
+)
+
+
+def pcie_expected_per_min(gen: int | None, width: int | None, factor: float = 1.0) -> float | None:
+    """Expected PCIe replays per minute for a link, or ``None`` when the link is unknown."""
+    if gen is None or not width:
+        return None
+    per_lane = PCIE_PER_LANE_PER_MIN.get(gen)
+    if per_lane is None:
+        return None
+    return math.ceil(per_lane * width) * factor
+
+
+def reason_names(bits: int) -> str:
+    return ", ".join(name for bit, name in REASON_NAMES if bits & bit) or "none"
+
+
+def _delta(new: int | None, old: int | None) -> int | None:
+    if new is None or old is None:
+        return None
+    return new - old if new >= old else new  # went backwards: reset, count since the reset
+
+
+class GpuChecks:
+    """The per-GPU checks with their thresholds."""
+
+    def __init__(self, cfg: GpuThresholds) -> None:
+        self.cfg = cfg
+
+    def sample(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
+        """Evaluate one sample of one GPU; ``gs`` holds the previous one."""
+        checks = em.emit
+        c = gs.checks
+        if g.lost:
+            if not gs.lost:
+                gs.lost = True
+            checks(
+                c, "gpu.lost", "gpu.lost", base, CRITICAL, ts, 1.0,
+                f"GPU {gs.index} fell off the bus: drain the node and reboot it",
+                "The GPU no longer answers (GPU_IS_LOST, XID 79). Its last values are stale. "
+                "Drain the node and reboot; if it recurs, RMA the GPU.",
+                True,
+            )  # fmt: skip
+            return
+        if gs.lost or "gpu.lost" not in c or c["gpu.lost"].quiet < em.healthy_for:
+            gs.lost = False
+            checks(c, "gpu.lost", "gpu.lost", base, HEALTHY, ts, 0.0)
+        prev, dt = gs.last, (ts - gs.last_ts) if gs.last_ts is not None else 0.0
+        if prev is not None and dt <= 0:
+            prev = None  # duplicate or out of order: no rates from it
+        self._temperature(em, gs, base, g, ts)
+        self._ecc(em, gs, base, g, prev, dt, ts)
+        self._memory_health(em, gs, base, g, ts)
+        self._clocks(em, gs, base, g, prev, ts)
+        self._pcie(em, gs, base, g, prev, dt, ts)
+        self._nvlink(em, gs, base, g, prev, dt, ts)
+        self._power_memory(em, gs, base, g, ts)
+        if g.recovery_action is not None:
+            self.recovery(em, gs, base, g.recovery_action, ts)
+        if g.persistence_mode is not None and self.cfg.persistence_check:
+            if g.persistence_mode:
+                checks(c, "gpu.persistence", "gpu.persistence", base, HEALTHY, ts, 1.0)
+            else:
+                checks(
+                    c, "gpu.persistence", "gpu.persistence", base, INFO, ts, 0.0,
+                    f"persistence mode is off on GPU {gs.index}: enable it (nvidia-smi -pm 1)",
+                    "Without persistence mode the driver tears down and re-initialises the GPU "
+                    "between clients, which adds latency and hides state; enable it or run "
+                    "nvidia-persistenced.",
+                )  # fmt: skip
+        gs.last, gs.last_ts, gs.stale = g, ts, False
+
+    def _temperature(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
+    ) -> None:
+        t = g.temp_c
+        if t is None:
+            return
+        cfg = self.cfg
+        slow, shut = g.temp_slowdown_c, g.temp_shutdown_c
+        if (
+            t >= cfg.temp_critical_c
+            or (slow is not None and t >= slow)
+            or (shut is not None and t >= shut - cfg.temp_shutdown_margin_c)
+        ):
+            status = CRITICAL
+        elif t >= cfg.temp_warning_c or (slow is not None and t >= slow - cfg.temp_slowdown_margin_c):
+            status = WARNING
+        else:
+            em.emit(gs.checks, "gpu.temperature", "gpu.temperature", base, HEALTHY, ts, t)
+            return
+        limits = f"warning {cfg.temp_warning_c:g} C, critical {cfg.temp_critical_c:g} C"
+        if slow is not None:
+            limits += f", NVML slowdown {slow:g} C"
+        if shut is not None:
+            limits += f", shutdown {shut:g} C"
+        em.emit(
+            gs.checks, "gpu.temperature", "gpu.temperature", base, status, ts, t,
+            f"GPU {gs.index} at {t:g} C ({limits}): check cooling, fans and airflow",
+            "The GPU is near or past its thermal limits: it will slow down, then shut down. "
+            "Check the fans, inlet temperature and airflow; drain the node if it persists.",
+        )  # fmt: skip
+
+    def _ecc(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
+        prev: GpuSample | None, dt: float, ts: float,
+    ) -> None:  # fmt: skip
+        c = gs.checks
+        dbe = g.ecc_dbe_volatile
+        if dbe is not None:
+            if dbe > 0:
+                self.dbe(em, gs, base, ts, float(dbe))
+            else:
+                em.emit(c, "gpu.ecc_dbe", "gpu.ecc_dbe", base, HEALTHY, ts, 0.0)
+        if prev is None:
+            return
+        d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
+        if d is None:
+            return
+        rate = d / dt * 60.0
+        if rate > self.cfg.ecc_sbe_rate_per_min:
+            em.emit(
+                c, "gpu.ecc_sbe_rate", "gpu.ecc_sbe_rate", base, WARNING, ts, rate,
+                f"GPU {gs.index}: {rate:.1f} single-bit ECC errors/min "
+                f"(above {self.cfg.ecc_sbe_rate_per_min:g}): watch for retirements, plan a reset",
+                "Corrected errors are absorbed, but a high rate often precedes page retirement, "
+                "row remapping or double-bit errors. Track the trend; schedule a GPU reset.",
+            )  # fmt: skip
+        else:
+            em.emit(c, "gpu.ecc_sbe_rate", "gpu.ecc_sbe_rate", base, HEALTHY, ts, rate)
+
+    def dbe(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float, value: float) -> None:
+        em.emit(
+            gs.checks, "gpu.ecc_dbe", "gpu.ecc_dbe", base, CRITICAL, ts, value,
+            f"GPU {gs.index}: uncorrectable (double-bit) ECC errors: drain and reset the GPU",
+            "Volatile double-bit ECC errors > 0 (DCGM fails this). Data on the GPU may be "
+            "corrupt: stop its jobs, reset the GPU; RMA if it recurs.",
+            True,
+        )  # fmt: skip
+
+    def _memory_health(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
+    ) -> None:
+        cfg, c = self.cfg, gs.checks
+        sbe, dbe, pending = g.retired_pages_sbe, g.retired_pages_dbe, g.retired_pages_pending
+        if sbe is not None or dbe is not None or pending is not None:
+            total = (sbe or 0) + (dbe or 0)
+            if total >= cfg.retired_pages_critical:
+                em.emit(
+                    c, "gpu.retired_pages", "gpu.retired_pages", base, CRITICAL, ts, float(total),
+                    f"GPU {gs.index}: {total} retired pages (limit {cfg.retired_pages_critical}): RMA it",
+                    "The retired-page table is full or nearly so (DCGM fails at 63): the GPU can no "
+                    "longer retire bad memory. Take it out of service and RMA it.",
+                )  # fmt: skip
+            elif pending:
+                em.emit(
+                    c, "gpu.retired_pages", "gpu.retired_pages", base, WARNING, ts, float(total),
+                    f"GPU {gs.index}: page retirement pending: reset the GPU to retire the pages",
+                    "Pages are marked for retirement; they are retired at the next GPU reset or "
+                    "reboot. Drain the GPU and reset it.",
+                )  # fmt: skip
+            else:
+                em.emit(c, "gpu.retired_pages", "gpu.retired_pages", base, HEALTHY, ts, float(total))
+        fail, rpend, unc = g.remap_failure, g.remap_pending, g.remapped_rows_uncorrectable
+        if fail is None and rpend is None and unc is None:
+            return
+        if fail:
+            self.remap_failure(em, gs, base, ts)
+        elif rpend:
+            em.emit(
+                c, "gpu.row_remap", "gpu.row_remap", base, WARNING, ts, float(unc or 0),
+                f"GPU {gs.index}: row remap pending: reset the GPU",
+                "A memory row is waiting to be remapped; the remap takes effect at the next GPU "
+                "reset. Drain the GPU and reset it.",
+            )  # fmt: skip
+        elif unc is not None and unc >= cfg.remapped_rows_unc_warning:
+            em.emit(
+                c, "gpu.row_remap", "gpu.row_remap", base, WARNING, ts, float(unc),
+                f"GPU {gs.index}: {unc} uncorrectable remapped rows: plan an RMA",
+                "Many rows have been remapped for uncorrectable errors (DCGM warns at 512). "
+                "Spare rows are running out; plan a replacement.",
+            )  # fmt: skip
+        else:
+            em.emit(c, "gpu.row_remap", "gpu.row_remap", base, HEALTHY, ts, float(unc or 0))
+
+    def remap_failure(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
+        em.emit(
+            gs.checks, "gpu.row_remap", "gpu.row_remap", base, CRITICAL, ts, 1.0,
+            f"GPU {gs.index}: row remapping failed: take the GPU out of service and RMA it",
+            "The GPU could not remap a failing memory row (DCGM fails this). Its memory can no "
+            "longer be repaired in the field.",
+            True,
+        )  # fmt: skip
+
+    def _clocks(
+        self,
+        em: Emitter,
+        gs: GpuState,
+        base: Mapping[str, str],
+        g: GpuSample,
+        prev: GpuSample | None,
+        ts: float,
+    ) -> None:
+        cfg = self.cfg
+        reasons = g.clock_event_reasons
+        if reasons is None:
+            if not gs.event_reasons:
+                return
+            reasons = gs.event_reasons
+        active = reasons & cfg.clock_event_mask
+        if active:
+            self.clock_events(em, gs, base, active, ts)
+            return
+        gs.throttle_since = None
+        thermal = _delta(g.throttle_thermal_ns, prev.throttle_thermal_ns if prev is not None else None)
+        if cfg.thermal_violation_warns and thermal:
+            em.emit(
+                gs.checks, "gpu.clock_events", "gpu.clock_events", base, WARNING, ts, thermal / 1e9,
+                f"GPU {gs.index} was thermally throttled for {thermal / 1e9:.1f} s: check cooling",
+                "The thermal violation time grew since the last sample (DCGM warns on any "
+                "thermal violation in the last minute). Check fans and airflow.",
+            )  # fmt: skip
+            return
+        em.emit(gs.checks, "gpu.clock_events", "gpu.clock_events", base, HEALTHY, ts, 0.0)
+
+    def clock_events(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], active: int, ts: float
+    ) -> None:
+        if gs.throttle_since is None:
+            gs.throttle_since = ts
+        held = ts - gs.throttle_since
+        sustained = held >= self.cfg.clock_event_sustained
+        status = CRITICAL if sustained else WARNING
+        names = reason_names(active)
+        what = f"for {held:.0f} s" if sustained else "now"
+        em.emit(
+            gs.checks, "gpu.clock_events", "gpu.clock_events", base, status, ts, float(active),
+            f"GPU {gs.index} throttled by {names} {what}: check power delivery and cooling",
+            "Hardware slowdown, HW thermal slowdown or the power brake cut the clocks. "
+            "Check the PSUs, power cabling and cooling; if it is sustained, drain the node.",
+        )  # fmt: skip
+
+    def _pcie(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
+        prev: GpuSample | None, dt: float, ts: float,
+    ) -> None:  # fmt: skip
+        if prev is None:
+            return
+        d = _delta(g.pcie_replay_count, prev.pcie_replay_count)
+        if d is None:
+            return
+        expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, self.cfg.pcie_replay_factor)
+        if expected is None:
+            return
+        rate = d / dt * 60.0
+        if rate > expected:
+            em.emit(
+                gs.checks, "gpu.pcie_replay", "gpu.pcie_replay", base, WARNING, ts, rate,
+                f"GPU {gs.index}: {rate:.1f} PCIe replays/min, above the {expected:g}/min expected "
+                f"for Gen{g.pcie_link_gen} x{g.pcie_link_width}: reseat the GPU or check the riser",
+                "The PCIe link retransmits more than its bit-error rate allows (DCGM warns above "
+                "ceil(1e-12 x lane rate x 60 s x lanes)). Reseat the card, check risers and "
+                "cables, update the firmware.",
+            )  # fmt: skip
+        else:
+            em.emit(gs.checks, "gpu.pcie_replay", "gpu.pcie_replay", base, HEALTHY, ts, rate)
+
+    def _nvlink(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
+        prev: GpuSample | None, dt: float, ts: float,
+    ) -> None:  # fmt: skip
+        total, up = g.nvlink_links_total, g.nvlink_links_up
+        if not total:
+            return
+        down = total - up if up is not None else 0
+        crc = rep = rec = None
+        if prev is not None:
+            crc = _delta(g.nvlink_crc_errors, prev.nvlink_crc_errors)
+            rep = _delta(g.nvlink_replay_errors, prev.nvlink_replay_errors)
+            rec = _delta(g.nvlink_recovery_errors, prev.nvlink_recovery_errors)
+        crc_rate = crc / dt if crc is not None else 0.0
+        c = gs.checks
+        if down > 0 or crc_rate >= self.cfg.nvlink_crc_critical_per_s:
+            what = f"{down} of {total} links down" if down > 0 else f"{crc_rate:.0f} CRC errors/s"
+            em.emit(
+                c, "gpu.nvlink", "gpu.nvlink", base, CRITICAL, ts, float(down) if down else crc_rate,
+                f"GPU {gs.index}: NVLink {what}: drain the node, reset the GPUs, check the NVLink bridge",
+                "A link down or CRC errors at 100/s or more (DCGM fails both) break or slow "
+                "multi-GPU jobs. Drain, reset the GPUs; if it recurs, service the baseboard.",
+            )  # fmt: skip
+        elif crc or rep or rec:
+            em.emit(
+                c, "gpu.nvlink", "gpu.nvlink", base, WARNING, ts, float((crc or 0) + (rep or 0) + (rec or 0)),
+                f"GPU {gs.index}: NVLink errors increased (CRC {crc or 0}, replay {rep or 0}, "
+                f"recovery {rec or 0}): watch the trend",
+                "NVLink error counters grew (DCGM warns on any increase). Occasional errors are "
+                "retried; a growing rate points at a failing link.",
+            )  # fmt: skip
+        else:
+            em.emit(c, "gpu.nvlink", "gpu.nvlink", base, HEALTHY, ts, 0.0)
+
+    def _power_memory(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
+    ) -> None:
+        cfg, c = self.cfg, gs.checks
+        p, lim = g.power_w, g.power_limit_w
+        if p is not None and lim:
+            if p > lim * (1.0 + cfg.power_over_limit_pct / 100.0):
+                em.emit(
+                    c, "gpu.power", "gpu.power", base, WARNING, ts, p,
+                    f"GPU {gs.index} draws {p:.0f} W, over its {lim:.0f} W limit: check the power cap",
+                    "Power above the enforced limit means the limit is not holding (firmware or "
+                    "sensor fault) or the limit changed. Check nvidia-smi -q -d POWER.",
+                )  # fmt: skip
+            else:
+                em.emit(c, "gpu.power", "gpu.power", base, HEALTHY, ts, p)
+        used, total = g.mem_used_bytes, g.mem_total_bytes
+        if used is not None and total:
+            pct = used * 100.0 / total
+            if pct >= cfg.memory_full_pct:
+                em.emit(
+                    c, "gpu.memory_full", "gpu.memory_full", base, WARNING, ts, pct,
+                    f"GPU {gs.index} memory {pct:.0f}% full: expect out-of-memory errors in jobs",
+                    "GPU memory is nearly exhausted; new allocations will fail. Look at the "
+                    "processes on the GPU; a leaked or orphaned process may hold the memory.",
+                )  # fmt: skip
+            else:
+                em.emit(c, "gpu.memory_full", "gpu.memory_full", base, HEALTHY, ts, pct)
+
+    def recovery(self, em: Emitter, gs: GpuState, base: Mapping[str, str], code: int, ts: float) -> None:
+        name, status = RECOVERY_ACTIONS.get(code, (f"ACTION_{code}", WARNING))
+        if status == HEALTHY:
+            em.emit(gs.checks, "gpu.recovery_action", "gpu.recovery_action", base, HEALTHY, ts, 0.0)
+            return
+        em.emit(
+            gs.checks, "gpu.recovery_action", "gpu.recovery_action", base, status, ts, float(code),
+            f"GPU {gs.index}: the driver requests {name}: drain the node and perform it",
+            "The NVIDIA driver reported the recovery action it needs (NVML recovery action, "
+            "XID 154). Until it is done the GPU may misbehave.",
+            True,
+        )  # fmt: skip
+
+    def xid(self, em: Emitter, gs: GpuState, base: Mapping[str, str], info: XidInfo, ts: float) -> None:
+        rec = gs.xids[info.code]
+        status = CRITICAL if info.fatal else WARNING
+        action = XID_ACTION_ADVICE.get(info.action, info.action)
+        em.emit(
+            gs.checks, f"gpu.xid:{info.code}", "gpu.xid", base, status, ts, float(rec.count),
+            f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}",
+            f"XID {info.code} {info.mnemonic}, seen {rec.count} time(s); "
+            f"{'fatal' if info.fatal else 'non-fatal'}; action: {action}.",
+            True,
+            (("xid", str(info.code)),),
+        )  # fmt: skip
+
+    def expire(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
+        """Clear XIDs older than the window and re-judge the RMA count."""
+        cfg = self.cfg
+        for code, rec in gs.xids.items():
+            local = f"gpu.xid:{code}"
+            cs = gs.checks.get(local)
+            if cs is None or ts - rec.last_at < cfg.xid_window:
+                continue
+            if cs.status != HEALTHY or cs.quiet < em.healthy_for:
+                em.emit(
+                    gs.checks,
+                    local,
+                    "gpu.xid",
+                    base,
+                    HEALTHY,
+                    ts,
+                    float(rec.count),
+                    extra=(("xid", str(code)),),
+                )
+        if gs.fatal_xids:
+            cutoff = ts - cfg.rma_window
+            if gs.fatal_xids[0] < cutoff:
+                gs.fatal_xids[:] = [t for t in gs.fatal_xids if t >= cutoff]
+            self.rma(em, gs, base, ts)
+
+    def rma(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
+        n = len(gs.fatal_xids)
+        if n >= self.cfg.rma_fatal_xids:
+            hours = self.cfg.rma_window / 3600
+            em.emit(
+                gs.checks, "gpu.rma", "gpu.rma", base, CRITICAL, ts, float(n),
+                f"GPU {gs.index}: {n} fatal XIDs within {hours:g} h: hardware inspection / RMA",
+                RMA_ADVICE,
+                True,
+            )  # fmt: skip
+        else:
+            cs = gs.checks.get("gpu.rma")
+            if cs is not None and (cs.status != HEALTHY or cs.quiet < em.healthy_for):
+                em.emit(gs.checks, "gpu.rma", "gpu.rma", base, HEALTHY, ts, float(n))

@@ -1,0 +1,157 @@
+"""Host checks (CPU, memory, swap, disks, load, file descriptors, interfaces) and the
+agent's network checks (reachability and latency of configured targets)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from collector.health.config import HostThresholds, NetworkThresholds
+from collector.health.model import CRITICAL, HEALTHY, WARNING, Emitter, HostState
+from shared.frames import CheckResult, NicCounters, SystemSample
+
+_ADVICE = {
+    "host.cpu": "CPU saturated: data loaders and the GPU driver starve; look for runaway processes.",
+    "host.memory": "Host memory nearly exhausted: the OOM killer may take jobs or the agent; "
+    "look at the largest processes.",
+    "host.swap": "The host is swapping: jobs slow down badly; reduce memory use or add memory.",
+    "host.disk": "The filesystem is nearly full: checkpoints, logs and containers will fail "
+    "to write; clean up or grow it.",
+    "host.load": "Load average per core is high: processes wait for CPU or I/O (look at "
+    "iowait and stuck NFS mounts).",
+    "host.fds": "Open file descriptors near the system limit: new connections and files will fail.",
+    "host.nic": "The interface reports errors, drops or is down: check cables, optics, switch "
+    "port and driver; collective operations will stall.",
+    "net.target": "A configured network target is unreachable or slow from this host: check "
+    "routing, firewalls and the target itself.",
+}
+
+
+class HostChecks:
+    """System and network checks with their thresholds."""
+
+    def __init__(self, cfg: HostThresholds, net: NetworkThresholds) -> None:
+        self.cfg = cfg
+        self.net = net
+
+    def _level(
+        self,
+        em: Emitter,
+        hs: HostState,
+        base: Mapping[str, str],
+        local: str,
+        check: str,
+        value: float,
+        warning: float,
+        critical: float | None,
+        ts: float,
+        what: str,
+        todo: str,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        if critical is not None and value >= critical:
+            status, limit = CRITICAL, critical
+        elif value >= warning:
+            status, limit = WARNING, warning
+        else:
+            em.emit(hs.checks, local, check, base, HEALTHY, ts, value, extra=extra)
+            return
+        summary = f"{hs.host}: {what} (limit {limit:g}): {todo}"
+        em.emit(hs.checks, local, check, base, status, ts, value, summary, _ADVICE[check], extra=extra)
+
+    def system(self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, ts: float) -> None:
+        """Evaluate one system sample; ``hs.system`` holds the previous one."""
+        cfg = self.cfg
+        if s.cpu_pct is not None:
+            self._level(
+                em, hs, base, "host.cpu", "host.cpu", s.cpu_pct, cfg.cpu_warning_pct, None, ts,
+                f"CPU {s.cpu_pct:.0f}% busy", "find the runaway process",
+            )  # fmt: skip
+        if s.mem_total_bytes and s.mem_available_bytes is not None:
+            pct = (s.mem_total_bytes - s.mem_available_bytes) * 100.0 / s.mem_total_bytes
+            self._level(
+                em, hs, base, "host.memory", "host.memory", pct, cfg.mem_warning_pct, cfg.mem_critical_pct,
+                ts, f"memory {pct:.0f}% used", "free memory before the OOM killer does",
+            )  # fmt: skip
+        if s.swap_total_bytes and s.swap_used_bytes is not None:
+            pct = s.swap_used_bytes * 100.0 / s.swap_total_bytes
+            self._level(
+                em, hs, base, "host.swap", "host.swap", pct, cfg.swap_warning_pct, cfg.swap_critical_pct,
+                ts, f"swap {pct:.0f}% used", "reduce memory pressure",
+            )  # fmt: skip
+        for d in s.disks:
+            if not d.total_bytes:
+                continue
+            pct = d.used_bytes * 100.0 / d.total_bytes
+            self._level(
+                em, hs, base, f"host.disk:{d.mount}", "host.disk", pct, cfg.disk_warning_pct,
+                cfg.disk_critical_pct, ts, f"{d.mount} {pct:.0f}% full", "clean up or grow the filesystem",
+                (("mount", d.mount),),
+            )  # fmt: skip
+        if s.load_5 is not None and s.cpu_count:
+            per_core = s.load_5 / s.cpu_count
+            self._level(
+                em, hs, base, "host.load", "host.load", per_core, cfg.load_warning_per_core,
+                cfg.load_critical_per_core, ts, f"load {per_core:.1f} per core", "look for stuck I/O",
+            )  # fmt: skip
+        if s.fds_open is not None and s.fds_max:
+            pct = s.fds_open * 100.0 / s.fds_max
+            self._level(
+                em, hs, base, "host.fds", "host.fds", pct, cfg.fds_warning_pct, cfg.fds_critical_pct, ts,
+                f"{s.fds_open} of {s.fds_max} file descriptors open", "find the leaking process",
+            )  # fmt: skip
+        prev = hs.system
+        dt = ts - hs.system_ts if hs.system_ts is not None else 0.0
+        before = {n.name: n for n in prev.nics} if prev is not None and dt > 0 else {}
+        for nic in s.nics:
+            self._nic(em, hs, base, nic, before.get(nic.name), dt, ts)
+        hs.system, hs.system_ts = s, ts
+
+    def _nic(
+        self, em: Emitter, hs: HostState, base: Mapping[str, str], n: NicCounters,
+        old: NicCounters | None, dt: float, ts: float,
+    ) -> None:  # fmt: skip
+        cfg, local, extra = self.cfg, f"host.nic:{n.name}", (("nic", n.name),)
+        if n.up is False and cfg.nic_down_warns:
+            em.emit(
+                hs.checks, local, "host.nic", base, WARNING, ts, 0.0,
+                f"{hs.host}: interface {n.name} is down: check the cable and switch port",
+                _ADVICE["host.nic"], extra=extra,
+            )  # fmt: skip
+            return
+        if old is None:
+            if n.up is not None:
+                em.emit(hs.checks, local, "host.nic", base, HEALTHY, ts, 0.0, extra=extra)
+            return
+        errors = _delta(n.rx_errors + n.tx_errors, old.rx_errors + old.tx_errors) / dt * 60.0
+        drops = _delta(n.rx_drops + n.tx_drops, old.rx_drops + old.tx_drops) / dt * 60.0
+        if errors > cfg.nic_errors_per_min or drops > cfg.nic_drops_per_min:
+            em.emit(
+                hs.checks, local, "host.nic", base, WARNING, ts, errors + drops,
+                f"{hs.host}: {n.name} {errors:.0f} errors/min, {drops:.0f} drops/min: check cable, "
+                "optics and switch port",
+                _ADVICE["host.nic"], extra=extra,
+            )  # fmt: skip
+        else:
+            em.emit(hs.checks, local, "host.nic", base, HEALTHY, ts, errors + drops, extra=extra)
+
+    def network(self, em: Emitter, hs: HostState, base: Mapping[str, str], c: CheckResult, ts: float) -> None:
+        """Evaluate one network check result (TCP connect, NATS round trip)."""
+        net, local, extra = self.net, f"net.target:{c.id}", (("target", c.id),)
+        if not c.ok:
+            em.emit(
+                hs.checks, local, "net.target", base, net.unreachable_status, ts, None,
+                f"{hs.host} cannot reach {c.target or c.id} ({c.error or 'failed'}): check the network path",
+                _ADVICE["net.target"], extra=extra,
+            )  # fmt: skip
+            return
+        if c.latency_ms is None:
+            em.emit(hs.checks, local, "net.target", base, HEALTHY, ts, None, extra=extra)
+            return
+        self._level(
+            em, hs, base, local, "net.target", c.latency_ms, net.latency_warning_ms, net.latency_critical_ms,
+            ts, f"{c.target or c.id} answers in {c.latency_ms:.0f} ms", "check the network path", extra,
+        )  # fmt: skip
+
+
+def _delta(new: int, old: int) -> int:
+    return new - old if new >= old else new

@@ -1,0 +1,190 @@
+"""Health statuses, observations and the engine's state (plain dataclasses).
+
+An :class:`Observation` is what one check concluded about one subject (a GPU, a host, a
+mount, an interface, a network target) at one time. It carries the check id, the labels
+that name the subject, the status, the value it judged, a one-line summary that says what
+to do and a longer advice. The alert engine turns observations into alerts.
+
+The state is owned by the caller and updated in place by the engine; it holds only data
+(previous counters for rates, XID history, the last status of each check) and round-trips
+through :func:`collector.health.codec.state_to_dict` / ``state_from_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from shared.frames import GpuSample, SystemSample
+
+CRITICAL: Final = "critical"
+WARNING: Final = "warning"
+UNKNOWN: Final = "unknown"
+INFO: Final = "info"
+HEALTHY: Final = "healthy"
+STATUSES: Final = (CRITICAL, WARNING, UNKNOWN, INFO, HEALTHY)  # worst first
+RANK: Final[dict[str, int]] = {HEALTHY: 0, INFO: 1, UNKNOWN: 2, WARNING: 3, CRITICAL: 4}
+
+
+def worst(statuses: list[str] | tuple[str, ...]) -> str:
+    """The worst status of ``statuses`` (``healthy`` when empty)."""
+    best, rank = HEALTHY, 0
+    for s in statuses:
+        r = RANK[s]
+        if r > rank:
+            best, rank = s, r
+    return best
+
+
+def labels_key(check: str, labels: Mapping[str, str]) -> str:
+    """The stable identity of ``check`` on the subject named by ``labels``."""
+    inner = ",".join(f'{k}="{labels[k]}"' for k in sorted(labels))
+    return f"{check}{{{inner}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One check's conclusion about one subject at one time."""
+
+    check: str  # check id, e.g. "gpu.temperature"
+    status: str  # one of STATUSES
+    labels: Mapping[str, str]  # provider, host, and gpu/uuid, mount, nic, target, xid as relevant
+    key: str  # labels_key(check, labels): the alert engine's identity of the condition
+    at: float  # Unix seconds
+    value: float | None = None  # what was judged (temperature, rate, count, ...)
+    summary: str = ""  # one line that says what to do
+    advice: str = ""  # longer advice
+    immediate: bool = False  # an event: an alert fires at once instead of waiting its `for`
+
+
+@dataclass(slots=True)
+class CheckStatus:
+    """The last conclusion of one check on one subject."""
+
+    check: str
+    key: str
+    labels: dict[str, str]
+    status: str = HEALTHY
+    since: float = 0.0  # when the status last changed
+    at: float = 0.0  # when it was last evaluated
+    quiet: int = 0  # consecutive healthy evaluations after a problem
+    value: float | None = None
+    summary: str = ""
+    advice: str = ""
+
+
+@dataclass(slots=True)
+class XidRecord:
+    """The XIDs of one code on one GPU."""
+
+    code: int
+    count: int = 0  # total seen (the agent's running count when it sends one)
+    first_at: float = 0.0
+    last_at: float = 0.0
+
+
+@dataclass(slots=True)
+class GpuState:
+    """What the engine remembers about one GPU."""
+
+    index: int
+    uuid: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # provider, host, gpu, uuid
+    last_ts: float | None = None  # sample time of ``last``
+    last: GpuSample | None = None  # the last readings; stale when ``lost`` or the host is stale
+    lost: bool = False
+    stale: bool = False
+    throttle_since: float | None = None  # HW clock-event reasons active continuously since
+    event_reasons: int = 0  # reason bits from throttle_start/throttle_stop events
+    xids: dict[int, XidRecord] = field(default_factory=dict)
+    fatal_xids: list[float] = field(default_factory=list)  # times of fatal XIDs in rma_window
+    checks: dict[str, CheckStatus] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class HostState:
+    """What the engine remembers about one host."""
+
+    host: str
+    provider: str
+    labels: dict[str, str] = field(default_factory=dict)  # provider, host
+    boot_id: str | None = None
+    last_frame_at: float | None = None  # when the last frame of this host was observed (``now``)
+    interval_s: float | None = None
+    first_expected_at: float | None = None  # when the inventory source first listed it
+    expected_gpus: int | None = None  # from the inventory source
+    inventory_gpus: int | None = None  # from the agent's inventory frame
+    stale: bool = False
+    gpus: dict[int, GpuState] = field(default_factory=dict)
+    system_ts: float | None = None
+    system: SystemSample | None = None  # previous system sample (for NIC rates)
+    checks: dict[str, CheckStatus] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class HealthState:
+    """The whole fleet, keyed by host name (host names are unique across providers)."""
+
+    hosts: dict[str, HostState] = field(default_factory=dict)
+
+    def provider_hosts(self) -> dict[str, int]:
+        """How many hosts each provider has (for the alert engine's provider-wide incidents)."""
+        counts: dict[str, int] = {}
+        for h in self.hosts.values():
+            counts[h.provider] = counts.get(h.provider, 0) + 1
+        return counts
+
+
+class Emitter:
+    """Records check conclusions and decides which become observations.
+
+    A problem (any status but ``healthy``) is always emitted; a healthy conclusion is emitted
+    the first time a check is evaluated and for ``emit_healthy_for`` evaluations after a
+    problem clears (so the alert engine resolves it and its flap history decays), then the
+    check goes quiet until its status changes.
+    """
+
+    __slots__ = ("healthy_for", "out")
+
+    def __init__(self, healthy_for: int) -> None:
+        self.healthy_for = healthy_for
+        self.out: list[Observation] = []
+
+    def emit(
+        self,
+        checks: dict[str, CheckStatus],
+        local: str,
+        check: str,
+        base: Mapping[str, str],
+        status: str,
+        at: float,
+        value: float | None = None,
+        summary: str = "",
+        advice: str = "",
+        immediate: bool = False,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        cs = checks.get(local)
+        if cs is None:
+            labels = dict(base)
+            labels.update(extra)
+            cs = CheckStatus(check, labels_key(check, labels), labels, status, at, at)
+            cs.quiet = self.healthy_for if status == HEALTHY else 0
+            checks[local] = cs
+        else:
+            if status == HEALTHY:
+                if cs.status == HEALTHY:
+                    cs.at = at
+                    if cs.quiet >= self.healthy_for:
+                        return
+                    cs.quiet += 1
+                else:
+                    cs.status, cs.since, cs.quiet = HEALTHY, at, 1
+            else:
+                if status != cs.status:
+                    cs.status, cs.since = status, at
+                cs.quiet = 0
+            cs.at = at
+        cs.value, cs.summary, cs.advice = value, summary, advice
+        self.out.append(Observation(check, status, cs.labels, cs.key, at, value, summary, advice, immediate))
