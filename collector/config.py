@@ -1,0 +1,141 @@
+"""The collector's configuration (``collector.toml``), built once: file, then env, then flags.
+
+The section shape is the contract in DESIGN.md. ``[health]``, ``[alerts]``, ``[notify]`` and
+``[escalation]`` belong to the health/alert engine: unless a schema for them is passed in
+``extra_schema``, they are kept raw (``CollectorConfig.raw``) for that engine to build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from shared.config import NatsConfig, Secret, dur, load_sections, num, resolve_secret
+from shared.errors import ConfigError
+
+DEFAULT_DSN: Final = "postgresql://gpuwarden@127.0.0.1/gpuwarden"
+SSLMODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+RAW_SECTIONS: Final = frozenset({"health", "alerts", "notify", "escalation"})
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorSection:
+    """``[collector]``: the process, its partition of the hosts and the ingest tuning."""
+
+    listen: str = "0.0.0.0:8080"
+    partitions: int = num(1, 1, 4096)
+    partition: int = num(0, 0, 4095)
+    durable: str = "gpuwarden-collector"  # consumer name prefix; the partition is appended
+    batch: int = num(1000, 1, 10_000)  # messages fetched (and committed) at once
+    fetch_timeout: float = dur("1s")
+    ack_wait: float = dur("60s")
+    max_ack_pending: int = num(20_000, 1, 1_000_000)
+    max_frame_bytes: int = num(1 << 20, 1024, 64 << 20)
+    shutdown_timeout: float = dur("20s")
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSection:
+    """``[postgres]``: connection, pool, TLS, retention and partitioning."""
+
+    dsn: Secret = field(default_factory=lambda: Secret(DEFAULT_DSN))
+    pool_min: int = num(1, 0, 100)
+    pool_max: int = num(4, 1, 200)
+    connect_timeout: float = dur("10s")
+    sslmode: str | None = None  # disable, allow, prefer, require, verify-ca, verify-full
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    retention_days: int = num(14, 1, 3650)
+    rollup_retention_days: int = num(180, 1, 36500)
+    partitions_ahead: int = num(3, 1, 60)  # daily sample partitions created ahead of today
+    maintenance_interval: float = dur("1h")  # partition creation and retention
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSection:
+    """``[api]``: bearer tokens for writes (each may be ``env:NAME`` or ``file:/path``)."""
+
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InventorySection:
+    """``[inventory]``: the expected inventory (a JSON file or an HTTP(S) URL)."""
+
+    source: str | None = None
+    refresh: float = dur("5m")
+    timeout: float = dur("10s")
+
+
+COLLECTOR_SCHEMA: Final[dict[str, type[Any]]] = {
+    "collector": CollectorSection,
+    "nats": NatsConfig,
+    "postgres": PostgresSection,
+    "api": ApiSection,
+    "inventory": InventorySection,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    collector: CollectorSection
+    nats: NatsConfig
+    postgres: PostgresSection
+    api: ApiSection
+    inventory: InventorySection
+    api_tokens: tuple[Secret, ...] = ()
+    sections: Mapping[str, Any] = field(default_factory=dict)  # built from ``extra_schema``
+    raw: Mapping[str, Any] = field(default_factory=dict)  # raw tables of RAW_SECTIONS
+
+
+def load_collector_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    extra_schema: Mapping[str, type[Any]] | None = None,
+) -> CollectorConfig:
+    """Load ``collector.toml`` (see ``docs/configuration.md``); raises :class:`ConfigError`.
+
+    ``flags`` keys are ``"section.key"`` (e.g. ``"postgres.dsn"``); ``None`` values are unset.
+    ``extra_schema`` adds sections (e.g. ``{"health": HealthConfig}``) built the same way.
+    """
+    extra_schema = dict(extra_schema or {})
+    schema = {**COLLECTOR_SCHEMA, **extra_schema}
+    owned_roots = {name.split(".")[0] for name in extra_schema}
+    raw_names = frozenset(RAW_SECTIONS - owned_roots)
+    s = load_sections(schema, path, env, flags, extra_sections=raw_names)
+    c: CollectorSection = s["collector"]
+    pg: PostgresSection = s["postgres"]
+    if c.partition >= c.partitions:
+        raise ConfigError(
+            "collector.partition", f"must be below partitions ({c.partitions}), got {c.partition}"
+        )
+    if pg.sslmode is not None and pg.sslmode not in SSLMODES:
+        raise ConfigError("postgres.sslmode", f"expected one of {sorted(SSLMODES)}, got {pg.sslmode!r}")
+    if pg.pool_min > pg.pool_max:
+        raise ConfigError("postgres.pool_min", "must not exceed postgres.pool_max")
+    if pg.rollup_retention_days < pg.retention_days:
+        raise ConfigError("postgres.rollup_retention_days", "must be at least postgres.retention_days")
+    _check_listen(c.listen)
+    envmap = env if env is not None else None
+    tokens = tuple(resolve_secret(t, "api.tokens", envmap) for t in s["api"].tokens)
+    return CollectorConfig(
+        collector=c,
+        nats=s["nats"],
+        postgres=pg,
+        api=s["api"],
+        inventory=s["inventory"],
+        api_tokens=tokens,
+        sections={name: s[name] for name in extra_schema},
+        raw={name: s[name] or {} for name in raw_names},
+    )
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("collector.listen", f"expected HOST:PORT, got {listen!r}")

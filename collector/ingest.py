@@ -1,0 +1,323 @@
+"""Lossless ingest: a durable JetStream pull consumer feeding the batch writer.
+
+One loop, one batch in memory: fetch up to ``batch`` messages, check each (:func:`check`),
+write the good frames and the rejections in one transaction, and only after the commit
+acknowledge the batch (the consumer's ack policy is *all*: acknowledging the last message of
+a batch acknowledges the batch). While PostgreSQL is down the loop retries the same batch
+with exponential backoff and fetches nothing more: JetStream keeps the rest. A crash at any
+moment loses nothing (unacknowledged messages are redelivered) and stores nothing twice
+(the writer is idempotent on host, boot id and sequence).
+
+Partitions: collector ``I`` of ``N`` owns the hosts whose subject token ``t`` has
+``zlib.crc32(t.encode()) % N == I``; its durable consumer ``<durable>-<I>of<N>`` sees the
+whole stream and acknowledges other partitions' messages unread. See ``docs/ingest.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from collector.config import CollectorConfig
+from collector.store import db
+from collector.store.rows import I64_MAX
+from collector.store.writer import Accepted, Rejection, Writer, WriteResult
+from shared.errors import FrameDecodeError, ServiceUnavailableError, SubjectError
+from shared.frames import Frame, decode
+from shared.subjects import STREAM, STREAM_SUBJECTS, parse_subject, sanitize_token
+
+log = logging.getLogger(__name__)
+HEAD_BYTES: Final = 64
+Hook = Callable[[Sequence[Frame]], Awaitable[None]]
+
+
+def owner(host_token: str, partitions: int) -> int:
+    """The partition that owns a host, from its subject token (deterministic everywhere)."""
+    return zlib.crc32(host_token.encode("utf-8")) % partitions
+
+
+def subject_partition(subject: str, partitions: int) -> int:
+    """The partition that handles a message: its host's, or a hash of the whole subject."""
+    if partitions == 1:
+        return 0
+    parts = subject.split(".")
+    token = parts[4] if len(parts) == 5 else subject
+    return owner(token, partitions)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_bytes: int
+    oldest_ts: float  # frames older than this would land in a dropped partition
+    newest_ts: float  # frames newer than this are from a broken clock
+
+
+def check(subject: str, data: bytes, limits: Limits, stream_seq: int | None = None) -> Accepted | Rejection:
+    """Decode and verify one message: valid frame, subject agrees, storable key, sane time."""
+
+    def reject(reason: str, fld: str | None, message: str) -> Rejection:
+        return Rejection(subject, reason, fld, len(data), bytes(data[:HEAD_BYTES]), stream_seq, message)
+
+    try:
+        parsed = parse_subject(subject)
+    except SubjectError as e:
+        return reject("bad_subject", None, str(e))
+    try:
+        frame = decode(data, limits.max_bytes)
+    except FrameDecodeError as e:
+        return reject(e.reason, e.field, str(e))
+    if parsed.kind != frame.kind:
+        return reject("spoofed", "kind", f"{frame.kind} frame on a {parsed.kind} subject")
+    for name, token in (("host", parsed.host), ("provider", parsed.provider)):
+        value: str = getattr(frame, name)
+        try:
+            ok = sanitize_token(value) == token and "\x00" not in value
+        except SubjectError:
+            ok = False
+        if not ok:
+            return reject("spoofed", name, f"{name} {value[:80]!r} disagrees with subject token {token!r}")
+    if "\x00" in frame.boot_id or not frame.boot_id:
+        return reject("bad_type", "boot_id", "boot_id must be a non-empty string without NUL")
+    if frame.seq > I64_MAX:
+        return reject("out_of_range", "seq", f"{frame.seq} exceeds the signed 64-bit storage range")
+    if not limits.oldest_ts <= frame.ts <= limits.newest_ts:
+        return reject("ts_out_of_window", "ts", f"timestamp {frame.ts} outside the stored window")
+    return Accepted(frame, subject, stream_seq, len(data), bytes(data[:HEAD_BYTES]))
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """The ingest's own figures (read by the metrics collector at scrape time)."""
+
+    frames_in: int = 0
+    frames_stored: int = 0
+    gpu_samples_stored: int = 0
+    duplicates: int = 0
+    skipped_other_partition: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    batches: int = 0
+    last_batch_size: int = 0
+    last_write_s: float = 0.0
+    last_commit_lag_s: float = 0.0  # oldest message of the last batch: stream time to commit
+    consumer_pending: int = 0  # messages waiting in the stream for this consumer
+    db_errors: int = 0
+    db_up: bool = True
+
+
+class RateLimitedLog:
+    """Logs a message per key at most once per ``interval`` seconds, with a suppressed count."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self._interval:
+            self._suppressed[key] += 1
+            return
+        n = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        self._log.warning(msg + (f" (and {n} more suppressed)" if n else ""), *args)
+
+
+def stream_config(cfg: CollectorConfig) -> StreamConfig:
+    n = cfg.nats
+    return StreamConfig(
+        name=STREAM,
+        subjects=list(STREAM_SUBJECTS),
+        storage=StorageType.FILE,
+        num_replicas=n.stream_replicas,
+        max_age=n.stream_max_age,
+        max_bytes=n.stream_max_bytes,
+        duplicate_window=n.dedup_window,
+    )
+
+
+def consumer_name(cfg: CollectorConfig) -> str:
+    c = cfg.collector
+    return f"{c.durable}-{c.partition}of{c.partitions}"
+
+
+class Ingest:
+    """The consume → check → write → ack loop of one collector partition."""
+
+    def __init__(self, cfg: CollectorConfig, writer: Writer, hooks: Sequence[Hook] = ()) -> None:
+        self.cfg = cfg
+        self.writer = writer
+        self.hooks: list[Hook] = list(hooks)  # called with each committed batch of new frames
+        self.stats = IngestStats()
+        self._rl = RateLimitedLog(log)
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._stop = asyncio.Event()
+        self._stop_at = 0.0
+
+    async def setup(self, nc: NatsClient) -> None:
+        """Create the stream if allowed and missing, create/bind the durable consumer."""
+        js = nc.jetstream()
+        try:
+            await js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError as e:
+            if not self.cfg.nats.create_stream:
+                raise ServiceUnavailableError(f"JetStream stream {STREAM} does not exist") from e
+            await js.add_stream(stream_config(self.cfg))
+        c = self.cfg.collector
+        name = consumer_name(self.cfg)
+        config = ConsumerConfig(
+            durable_name=name,
+            ack_policy=AckPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=c.ack_wait,
+            max_ack_pending=max(c.max_ack_pending, c.batch),
+            max_waiting=16,
+            description=f"gpuwarden collector partition {c.partition} of {c.partitions}",
+        )
+        try:
+            await js.add_consumer(STREAM, config)
+        except nats.js.errors.BadRequestError as e:
+            log.warning("consumer %s exists with other settings, using it as is: %s", name, e)
+        self._sub = await js.pull_subscribe_bind(durable=name, stream=STREAM)
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop_at = time.monotonic()
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; the batch in hand is finished (written, acked) first."""
+        assert self._sub is not None, "setup() first"
+        c = self.cfg.collector
+        while not self._stop.is_set():
+            try:
+                msgs = await self._sub.fetch(c.batch, timeout=c.fetch_timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                break
+            except nats.errors.Error as e:
+                self._rl.warning("fetch", "fetch failed: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                await self.process(msgs)
+
+    def limits(self, now: float | None = None) -> Limits:
+        now = time.time() if now is None else now
+        pg = self.cfg.postgres
+        return Limits(
+            max_bytes=self.cfg.collector.max_frame_bytes,
+            oldest_ts=now - pg.retention_days * 86400.0,
+            newest_ts=now + pg.partitions_ahead * 86400.0,
+        )
+
+    async def process(self, msgs: Sequence[Msg]) -> WriteResult | None:
+        """Check, write (retrying while PostgreSQL is down), then ack and run the hooks.
+
+        Returns ``None`` when shutdown gave up on a batch PostgreSQL never took (not acked).
+        """
+        c = self.cfg.collector
+        limits = self.limits()
+        accepted: list[Accepted] = []
+        rejected: list[Rejection] = []
+        for m in msgs:
+            seq = _stream_seq(m)
+            if c.partitions > 1 and subject_partition(m.subject, c.partitions) != c.partition:
+                self.stats.skipped_other_partition += 1
+                continue
+            item = check(m.subject, m.data, limits, seq)
+            if type(item) is Accepted:
+                accepted.append(item)
+            else:
+                rejected.append(item)  # type: ignore[arg-type]
+        self.stats.frames_in += len(accepted) + len(rejected)
+        for r in rejected:
+            self.stats.rejected[r.reason] += 1
+            self._rl.warning(
+                f"reject:{r.reason}", "rejected frame on %s: %s: %s", r.subject, r.reason, r.message
+            )
+        result = await self._write(accepted, rejected)
+        if result is None:
+            return None
+        await msgs[-1].ack()
+        self._account(msgs, result)
+        if result.new:
+            for hook in self.hooks:
+                await hook(result.new)
+        return result
+
+    async def _write(self, accepted: list[Accepted], rejected: list[Rejection]) -> WriteResult | None:
+        if not accepted and not rejected:
+            return WriteResult()
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(db.is_transient),
+                wait=wait_exponential_jitter(initial=0.1, max=5.0),
+                stop=self._give_up,
+                before_sleep=self._before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    try:
+                        result = await self.writer.write(accepted, rejected)
+                    except BaseException as e:
+                        if db.is_transient(e):
+                            await self.writer.reset()
+                        raise
+                    self.stats.db_up = True
+                    return result
+        except db.TRANSIENT as e:
+            log.error(
+                "giving up on a batch of %d frames at shutdown (not acknowledged): %s", len(accepted), e
+            )
+        return None
+
+    def _give_up(self, state: RetryCallState) -> bool:
+        return self._stop.is_set() and time.monotonic() - self._stop_at > self.cfg.collector.shutdown_timeout
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.stats.db_errors += 1
+        self.stats.db_up = False
+        exc = state.outcome.exception() if state.outcome is not None else None
+        self._rl.warning(
+            "db", "PostgreSQL write failed (attempt %d), retrying: %s", state.attempt_number, exc
+        )
+
+    def _account(self, msgs: Sequence[Msg], result: WriteResult) -> None:
+        s = self.stats
+        s.batches += 1
+        s.last_batch_size = len(msgs)
+        s.last_write_s = result.seconds
+        s.frames_stored += len(result.new)
+        s.gpu_samples_stored += result.gpu_rows
+        s.duplicates += result.duplicates
+        try:
+            first, last = msgs[0].metadata, msgs[-1].metadata
+        except (ValueError, IndexError, AttributeError):
+            return
+        if first.timestamp is not None:
+            s.last_commit_lag_s = max(0.0, time.time() - first.timestamp.timestamp())
+        s.consumer_pending = last.num_pending or 0
+
+
+def _stream_seq(m: Msg) -> int | None:
+    try:
+        seq = m.metadata.sequence.stream
+    except (ValueError, AttributeError):
+        return None
+    return int(seq) if seq is not None else None

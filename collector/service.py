@@ -1,0 +1,206 @@
+"""The collector process: one service object with ``startup / run / shutdown``.
+
+Startup: PostgreSQL pool, migrations, partitions ahead, retention, fleet state rebuilt from
+PostgreSQL, NATS connection, stream and durable consumer, first load of the expected
+inventory. Run: the ingest loop plus periodic maintenance and inventory refresh. Shutdown
+(SIGTERM/SIGINT set a flag): stop fetching, finish the batch in hand (written, acked), cancel
+the periodic tasks, drain NATS, close PostgreSQL.
+
+Hook points for the health/alert engine and the API (added by their own modules):
+``hooks`` are awaited with every committed batch of new frames, after ``state`` has them;
+``startup_hooks`` / ``shutdown_hooks`` are awaited with the service once it is started / as it
+stops (e.g. to start and stop the HTTP server on ``config.collector.listen``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from collector.config import CollectorConfig
+from collector.ingest import Hook, Ingest
+from collector.inventory import ExpectedInventory, InventoryDiff
+from collector.state import FleetState, load_state
+from collector.store import db, migrate, partitions
+from collector.store.writer import Writer
+from shared.config import NatsConfig
+from shared.errors import ConfigError, ServiceUnavailableError
+from shared.frames import Frame
+
+log = logging.getLogger(__name__)
+ServiceHook = Callable[["CollectorService"], Awaitable[None]]
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*db.TRANSIENT, nats.errors.Error)
+
+
+def nats_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect`` from ``[nats]`` (secrets revealed only here)."""
+    opts: dict[str, Any] = {
+        "servers": list(cfg.servers),
+        "name": cfg.name or name,
+        "connect_timeout": cfg.connect_timeout,
+        "reconnect_time_wait": cfg.reconnect_wait,
+        "max_reconnect_attempts": -1,
+        "allow_reconnect": True,
+    }
+    if cfg.user is not None:
+        opts["user"] = cfg.user
+    if cfg.password is not None:
+        opts["password"] = cfg.password.reveal()
+    if cfg.token is not None:
+        opts["token"] = cfg.token.reveal()
+    if cfg.creds is not None:
+        opts["user_credentials"] = cfg.creds
+    if cfg.nkey_seed is not None:
+        opts["nkeys_seed_str"] = cfg.nkey_seed.reveal()
+    if cfg.tls_ca or cfg.tls_cert:
+        try:
+            ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+            if cfg.tls_cert:
+                ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError("nats.tls_ca", f"cannot load TLS files: {e}") from e
+        opts["tls"] = ctx
+        if cfg.tls_hostname:
+            opts["tls_hostname"] = cfg.tls_hostname
+    return opts
+
+
+class CollectorService:
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.state = FleetState()
+        self.writer = Writer(config.postgres)
+        self.ingest = Ingest(config, self.writer, hooks=[self._apply_state])
+        self.hooks: list[Hook] = self.ingest.hooks  # after the state hook
+        self.startup_hooks: list[ServiceHook] = []
+        self.shutdown_hooks: list[ServiceHook] = []
+        self.expected = ExpectedInventory(
+            config.inventory.source, config.inventory.refresh, config.inventory.timeout
+        )
+        self.pool: asyncpg.Pool | None = None
+        self.nc: NatsClient | None = None
+        self.should_exit = asyncio.Event()
+        self.started = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _apply_state(self, frames: Sequence[Frame]) -> None:
+        self.state.apply(frames)
+
+    def inventory_diff(self) -> InventoryDiff:
+        """Hosts expected but silent, and hosts short of GPUs, against the current state."""
+        return self.expected.diff(self.state.hosts)
+
+    def request_stop(self) -> None:
+        self.should_exit.set()
+        self.ingest.stop()
+
+    async def startup(self) -> None:
+        cfg = self.config
+        self.pool = await _with_retry(lambda: db.create_pool(cfg.postgres), "PostgreSQL")
+        async with self.pool.acquire() as conn:
+            applied = await migrate.migrate(conn)
+            if applied:
+                log.info("applied schema migrations %s", applied)
+            await self._maintain(conn)
+            self.state = await load_state(conn)
+        log.info("fleet state rebuilt: %d hosts", len(self.state))
+        self.nc = await _with_retry(
+            lambda: nats.connect(**nats_options(cfg.nats, f"gpuwarden-collector-{cfg.collector.partition}")),
+            "NATS",
+        )
+        await self.ingest.setup(self.nc)
+        await self.expected.reload()
+        self._tasks = [
+            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self.expected.run(self.should_exit), name="inventory"),
+        ]
+        for hook in self.startup_hooks:
+            await hook(self)
+        self.started.set()
+        log.info("collector partition %d/%d consuming", cfg.collector.partition, cfg.collector.partitions)
+
+    async def run(self) -> None:
+        await self.ingest.run()
+
+    async def shutdown(self) -> None:
+        self.request_stop()
+        for hook in self.shutdown_hooks:
+            try:
+                await hook(self)
+            except (OSError, RuntimeError) as e:
+                log.warning("shutdown hook failed: %s", e)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await self.nc.drain()
+        await self.writer.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def serve(self) -> None:
+        """Start, consume until SIGTERM/SIGINT (or :meth:`request_stop`), stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+            await self.run()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _maintain(self, conn: asyncpg.Connection) -> None:
+        pg = self.config.postgres
+        now = time.time()
+        created = await partitions.ensure_partitions(
+            conn, partitions.days_ahead(partitions.day_of(now), pg.partitions_ahead)
+        )
+        dropped = await partitions.apply_retention(conn, now, pg.retention_days, pg.rollup_retention_days)
+        if created or dropped:
+            log.info("partitions created %s, dropped %s", created, dropped)
+
+    async def _maintenance_loop(self) -> None:
+        interval = self.config.postgres.maintenance_interval
+        while not self.should_exit.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.should_exit.wait(), interval)
+            if self.should_exit.is_set() or self.pool is None:
+                return
+            try:
+                async with self.pool.acquire() as conn:
+                    await self._maintain(conn)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                log.warning("partition maintenance failed, will retry: %s", e)
+
+
+async def _with_retry(connect: Callable[[], Awaitable[Any]], what: str, within: float = 15.0) -> Any:
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(lambda e: db.is_transient(e) or isinstance(e, nats.errors.Error)),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            stop=stop_after_delay(within),
+            reraise=True,
+        ):
+            with attempt:
+                return await connect()
+    except _CONNECT_ERRORS as e:
+        raise ServiceUnavailableError(f"cannot reach {what}: {e}") from e
+    raise AssertionError("unreachable")

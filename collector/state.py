@@ -1,0 +1,134 @@
+"""The fleet's latest state in memory: per provider, host and GPU.
+
+Updated with each committed batch of frames (:meth:`FleetState.apply`) and rebuilt from
+PostgreSQL at start (:func:`load_state`), so a restarted collector does not show an empty
+fleet. Older frames never overwrite newer ones (redelivery, or a late event).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+import asyncpg
+
+from collector.store import queries
+from shared.frames import EventFrame, Frame, GpuInfo, GpuSample, InventoryFrame, SampleFrame
+
+RECENT_EVENTS: Final = 64  # per host
+
+
+@dataclass(slots=True)
+class HostState:
+    """What the collector knows about one host now."""
+
+    host: str
+    provider: str
+    last_seen: float = 0.0  # the newest frame's ts (any kind)
+    boot_id: str | None = None
+    sample: SampleFrame | None = None  # the newest sample frame
+    inventory: InventoryFrame | None = None  # the newest inventory frame
+    events: deque[EventFrame] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+
+    @property
+    def gpus(self) -> tuple[GpuSample, ...]:
+        return self.sample.gpus if self.sample is not None else ()
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs the host reports: those of its newest sample, else of its inventory."""
+        if self.sample is not None:
+            return len(self.sample.gpus)
+        return len(self.inventory.gpus) if self.inventory is not None else 0
+
+    def gpu_info(self, index: int) -> GpuInfo | None:
+        if self.inventory is not None:
+            for g in self.inventory.gpus:
+                if g.index == index:
+                    return g
+        return None
+
+
+class FleetState:
+    """Latest state of every host, grouped by provider."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, HostState] = {}
+        self.providers: dict[str, set[str]] = {}
+        self.updated = 0.0  # wall time of the last change
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    def __iter__(self) -> Iterator[HostState]:
+        return iter(self.hosts.values())
+
+    def host(self, name: str) -> HostState | None:
+        return self.hosts.get(name)
+
+    def of_provider(self, provider: str) -> list[HostState]:
+        return [self.hosts[h] for h in sorted(self.providers.get(provider, ()))]
+
+    def _host(self, f: Frame) -> HostState:
+        h = self.hosts.get(f.host)
+        if h is None:
+            h = self.hosts[f.host] = HostState(f.host, f.provider)
+            self.providers.setdefault(f.provider, set()).add(f.host)
+        elif h.provider != f.provider:
+            self.providers.get(h.provider, set()).discard(f.host)
+            if not self.providers.get(h.provider):
+                self.providers.pop(h.provider, None)
+            h.provider = f.provider
+            self.providers.setdefault(f.provider, set()).add(f.host)
+        return h
+
+    def apply(self, frames: Iterable[Frame]) -> None:
+        """Fold committed frames into the state (in any order; the newest wins)."""
+        for f in frames:
+            h = self._host(f)
+            if f.ts >= h.last_seen:
+                h.last_seen = f.ts
+                h.boot_id = f.boot_id
+            if type(f) is SampleFrame:
+                if h.sample is None or _newer(f, h.sample):
+                    h.sample = f
+            elif type(f) is EventFrame:
+                _insert_event(h.events, f)
+            elif type(f) is InventoryFrame and (h.inventory is None or _newer(f, h.inventory)):
+                h.inventory = f
+        self.updated = time.time()
+
+
+def _newer(a: Frame, b: Frame) -> bool:
+    return (a.ts, a.seq) > (b.ts, b.seq)
+
+
+def _insert_event(events: deque[EventFrame], e: EventFrame) -> None:
+    key = (e.boot_id, e.seq)
+    if any((x.boot_id, x.seq) == key for x in events):
+        return
+    if not events or events[-1].ts <= e.ts:
+        events.append(e)
+        return
+    items = sorted([*events, e], key=lambda x: (x.ts, x.seq))[-RECENT_EVENTS:]
+    events.clear()
+    events.extend(items)
+
+
+async def load_state(
+    conn: asyncpg.Connection | asyncpg.Pool, now: float | None = None, lookback: float = 86_400.0
+) -> FleetState:
+    """Rebuild the state from PostgreSQL: hosts, their newest sample, inventory, recent events."""
+    now = time.time() if now is None else now
+    state = FleetState()
+    for row in await queries.hosts(conn):
+        h = HostState(row.name, row.provider, last_seen=row.last_seen, boot_id=row.boot_id)
+        state.hosts[row.name] = h
+        state.providers.setdefault(row.provider, set()).add(row.name)
+    state.apply(await queries.latest_inventories(conn))
+    state.apply(await queries.latest_samples(conn, now - lookback))
+    state.apply(await queries.recent_events(conn, now - lookback, limit=RECENT_EVENTS * max(1, len(state))))
+    return state

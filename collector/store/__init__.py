@@ -1,0 +1,1 @@
+"""PostgreSQL storage: connection, migrations, partitions, the batch writer, queries."""

@@ -1,0 +1,83 @@
+"""Connections to PostgreSQL: DSN, TLS options and the errors that mean "try again later"."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Final
+
+import asyncpg
+
+from collector.config import PostgresSection
+from shared.errors import ConfigError
+
+# Errors after which the same work can succeed once the server is back: connection lost,
+# server shutting down or starting, too many connections. Anything else is about the data.
+TRANSIENT: Final[tuple[type[BaseException], ...]] = (
+    OSError,
+    ConnectionError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` says the server or connection failed, not the data we sent."""
+    if isinstance(exc, asyncpg.DataError | ValueError | TypeError):
+        return False  # asyncpg's client-side DataError derives from InterfaceError
+    if isinstance(exc, TRANSIENT):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "57", "53")
+
+
+def connect_kwargs(cfg: PostgresSection, dsn: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``asyncpg.connect``/``create_pool`` from ``[postgres]``."""
+    kwargs: dict[str, Any] = {
+        "dsn": dsn if dsn is not None else cfg.dsn.reveal(),
+        "timeout": cfg.connect_timeout,
+        "server_settings": {"timezone": "UTC", "application_name": "gpuwarden-collector"},
+    }
+    ssl_arg = _ssl(cfg)
+    if ssl_arg is not None:
+        kwargs["ssl"] = ssl_arg
+    return kwargs
+
+
+def _ssl(cfg: PostgresSection) -> ssl.SSLContext | str | None:
+    mode = cfg.sslmode
+    if mode is None and cfg.sslrootcert is None and cfg.sslcert is None:
+        return None  # whatever the DSN says (asyncpg reads sslmode= from it)
+    if mode in ("disable", "allow", "prefer") and cfg.sslcert is None:
+        return mode
+    verify = mode in ("verify-ca", "verify-full") or (mode is None and cfg.sslrootcert is not None)
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.sslrootcert) if verify else _no_verify()
+        if cfg.sslcert is not None:
+            ctx.load_cert_chain(cfg.sslcert, cfg.sslkey)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("postgres.sslrootcert", f"cannot load TLS files: {e}") from e
+    ctx.check_hostname = mode == "verify-full"
+    return ctx
+
+
+def _no_verify() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def connect(cfg: PostgresSection, dsn: str | None = None) -> asyncpg.Connection:
+    return await asyncpg.connect(**connect_kwargs(cfg, dsn))
+
+
+async def create_pool(cfg: PostgresSection, dsn: str | None = None) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(**connect_kwargs(cfg, dsn), min_size=cfg.pool_min, max_size=cfg.pool_max)
+    assert pool is not None
+    return pool

@@ -1,0 +1,133 @@
+"""Frames to table rows: the column lists of the sample tables and fast row builders.
+
+Pure: no I/O. Column names follow the fields of :mod:`shared.frames` so that a stored row can
+be turned back into a frame (``state.py`` does at start).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from shared.frames import EventFrame, GpuSample, InventoryFrame, SampleFrame, SystemSample, to_wire
+
+I64_MAX: Final = (1 << 63) - 1
+
+GPU_FIELDS: Final = tuple(f.name for f in fields(GpuSample) if f.name not in ("index", "uuid", "processes"))
+GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS, "processes")
+SYSTEM_FIELDS: Final = tuple(f.name for f in fields(SystemSample) if f.name not in ("disks", "nics"))
+HOST_COLUMNS: Final = ("ts", "host_id", "boot_id", "seq", "interval_s", *SYSTEM_FIELDS, "detail")
+# Metrics with one-minute rollups (min, max, sum, count each), for history at steps >= 60 s.
+ROLLUP_METRICS: Final = (
+    "temp_c",
+    "util_gpu_pct",
+    "util_mem_pct",
+    "mem_used_bytes",
+    "power_w",
+    "clock_sm_mhz",
+    "mem_temp_c",
+    "fan_pct",
+)
+EVENT_FIELDS: Final = ("type", "source", "gpu_index", "gpu_uuid", "xid", "count", "value", "message")
+
+_gpu_values = operator.attrgetter(*GPU_FIELDS)
+_system_values = operator.attrgetter(*SYSTEM_FIELDS)
+_NO_SYSTEM: Final = (None,) * len(SYSTEM_FIELDS)
+
+FrameKey = tuple[int, str, int]  # (host_id, boot_id, seq)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime) -> list[tuple[Any, ...]]:
+    head = (ts, host_id)
+    return [
+        (*head, g.index, *_gpu_values(g), dumps(to_wire(g.processes)) if g.processes else None)
+        for g in frame.gpus
+    ]
+
+
+def host_row(frame: SampleFrame, host_id: int, ts: datetime) -> tuple[Any, ...]:
+    system = frame.system
+    detail: dict[str, Any] = {}
+    if system is None:
+        values: tuple[Any, ...] = _NO_SYSTEM
+        detail["system"] = False
+    else:
+        values = _system_values(system)
+        if system.disks:
+            detail["disks"] = to_wire(system.disks)
+        if system.nics:
+            detail["nics"] = to_wire(system.nics)
+    if frame.checks:
+        detail["checks"] = to_wire(frame.checks)
+    if frame.agent is not None:
+        detail["agent"] = to_wire(frame.agent)
+    return (
+        ts,
+        host_id,
+        frame.boot_id,
+        frame.seq,
+        frame.interval_s,
+        *values,
+        dumps(detail) if detail else None,
+    )
+
+
+def event_row(frame: EventFrame, host_id: int) -> tuple[Any, ...]:
+    return (
+        utc(frame.ts),
+        host_id,
+        frame.boot_id,
+        frame.seq,
+        frame.type,
+        frame.source,
+        frame.gpu_index,
+        frame.gpu_uuid,
+        frame.xid,
+        frame.count,
+        frame.value,
+        frame.message,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageProblem:
+    field: str
+    message: str
+
+
+def storage_problem(frame: SampleFrame | EventFrame | InventoryFrame) -> StorageProblem | None:
+    """Why ``frame`` cannot be stored although it decoded (an integer beyond signed 64 bits,
+    a NUL character, which PostgreSQL text and jsonb refuse), or ``None``."""
+    return _scan(to_wire(frame), "")
+
+
+def _scan(value: Any, path: str) -> StorageProblem | None:
+    t = type(value)
+    if t is int and value > I64_MAX:
+        return StorageProblem(path, f"{value} exceeds the signed 64-bit storage range")
+    if t is str and "\x00" in value:
+        return StorageProblem(path, "NUL character in string")
+    if t is dict:
+        return _first(_scan(v, f"{path}.{k}" if path else k) for k, v in value.items())
+    if t is list:
+        return _first(_scan(v, f"{path}[{i}]") for i, v in enumerate(value))
+    return None
+
+
+def _first(items: Iterable[StorageProblem | None]) -> StorageProblem | None:
+    for item in items:
+        if item is not None:
+            return item
+    return None

@@ -1,0 +1,415 @@
+"""The batch writer: one transaction per batch, COPY into staging, idempotent inserts.
+
+Per batch: host and provider ids are resolved (own committed transaction, cached), daily
+partitions are made to exist, then in one transaction: host rows are COPYed to a staging table
+and inserted with ``ON CONFLICT DO NOTHING RETURNING`` (the key is host, boot id, sequence);
+only the GPU rows of frames that were new are COPYed and inserted, and the one-minute rollups
+are updated from exactly those rows. Events and inventory reports are deduplicated on the same
+key. Rejected frames go in the same transaction. The caller acknowledges after commit.
+
+Connection failures propagate (the caller retries with backoff); data a PostgreSQL column
+refuses is isolated frame by frame and rejected as ``unstorable``, never retried forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Final
+
+import asyncpg
+
+from collector.config import PostgresSection
+from collector.store import db, partitions
+from collector.store.rows import (
+    GPU_COLUMNS,
+    HOST_COLUMNS,
+    ROLLUP_METRICS,
+    FrameKey,
+    dumps,
+    event_row,
+    gpu_rows,
+    host_row,
+    storage_problem,
+    utc,
+)
+from shared.frames import EventFrame, Frame, InventoryFrame, SampleFrame, to_wire
+
+log = logging.getLogger(__name__)
+LAST_SEEN_EVERY: Final = 30.0  # seconds between hosts/gpus.last_seen updates per host
+
+EVENT_COLUMNS: Final = (
+    "ts", "host_id", "boot_id", "seq", "type", "source", "gpu_index", "gpu_uuid", "xid", "count",
+    "value", "message",
+)  # fmt: skip
+
+
+def _rollup_sql() -> str:
+    cols, aggs, sets = [], [], []
+    for m in ROLLUP_METRICS:
+        cols += [f"{m}_min", f"{m}_max", f"{m}_sum", f"{m}_n"]
+        aggs += [f"min({m})", f"max({m})", f"sum({m})", f"count({m})"]
+        sets += [
+            f"{m}_min = least(r.{m}_min, EXCLUDED.{m}_min)",
+            f"{m}_max = greatest(r.{m}_max, EXCLUDED.{m}_max)",
+            f"{m}_sum = coalesce(r.{m}_sum, 0) + coalesce(EXCLUDED.{m}_sum, 0)",
+            f"{m}_n = r.{m}_n + EXCLUDED.{m}_n",
+        ]
+    # identifiers come from the ROLLUP_METRICS constant, never from input
+    return (
+        f"INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"  # noqa: S608
+        f" SELECT host_id, gpu_index, date_trunc('minute', ts), count(*), {', '.join(aggs)}"
+        " FROM stage_gpu GROUP BY 1, 2, 3"
+        f" ON CONFLICT (host_id, gpu_index, minute) DO UPDATE SET n = r.n + EXCLUDED.n, {', '.join(sets)}"
+    )
+
+
+ROLLUP_SQL: Final = _rollup_sql()
+_STAGING: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS stage_host (LIKE host_samples) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS stage_gpu (LIKE gpu_samples) ON COMMIT DELETE ROWS",
+    f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
+    f" SELECT {', '.join(EVENT_COLUMNS)} FROM events WITH NO DATA",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A decoded frame that passed every check, with where it came from."""
+
+    frame: Frame
+    subject: str = ""
+    stream_seq: int | None = None
+    size: int = 0  # bytes on the wire
+    head: bytes = b""  # the first bytes, kept if the frame is rejected later
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A frame that will not be stored as data: why, and its first bytes."""
+
+    subject: str
+    reason: str
+    field: str | None
+    size: int
+    head: bytes
+    stream_seq: int | None = None
+    message: str = ""
+
+
+@dataclass(slots=True)
+class WriteResult:
+    new: list[Frame] = field(default_factory=list)  # committed now, in batch order
+    duplicates: int = 0  # already stored (redelivery)
+    rejected: list[Rejection] = field(default_factory=list)  # stored in rejected_frames
+    gpu_rows: int = 0
+    seconds: float = 0.0
+
+
+class Writer:
+    """Writes batches over one dedicated connection (reconnected after a failure)."""
+
+    def __init__(self, cfg: PostgresSection, dsn: str | None = None) -> None:
+        self._cfg = cfg
+        self._dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+        self._hosts: dict[str, tuple[int, str]] = {}  # host -> (id, provider)
+        self._providers: dict[str, int] = {}
+        self._days: set[date] = set()
+        self._gpus: dict[tuple[int, int], str] = {}  # (host_id, index) -> uuid stored
+        self._seen_written: dict[int, float] = {}  # host_id -> monotonic time of last update
+
+    async def connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            conn = await db.connect(self._cfg, self._dsn)
+            for sql in _STAGING:
+                await conn.execute(sql)
+            self._conn = conn
+            self._days = set()
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+        self._conn = None
+
+    async def reset(self) -> None:
+        """Forget the connection after a failure (the next write reconnects)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def write(self, accepted: Sequence[Accepted], rejected: Sequence[Rejection] = ()) -> WriteResult:
+        """Store one batch; return what was new. Raises only on connection/server failure."""
+        t0 = time.perf_counter()
+        try:
+            result = await self._write(accepted, rejected)
+        except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
+            if db.is_transient(e):
+                raise
+            log.warning("batch refused by PostgreSQL (%s); isolating frames", type(e).__name__)
+            result = await self._isolate(accepted, rejected)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    async def _isolate(self, accepted: Sequence[Accepted], rejected: Sequence[Rejection]) -> WriteResult:
+        rejects = list(rejected)
+        good: list[Accepted] = []
+        for a in accepted:
+            p = storage_problem(a.frame)
+            if p is None:
+                good.append(a)
+            else:
+                rejects.append(_reject(a, "unstorable", p.field, p.message))
+        try:
+            return await self._write(good, rejects)
+        except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
+            if db.is_transient(e):
+                raise
+        total = WriteResult()
+        for a in good:  # the slow path: one frame per transaction
+            try:
+                one = await self._write([a], [])
+            except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
+                if db.is_transient(e):
+                    raise
+                rejects.append(_reject(a, "unstorable", None, f"{type(e).__name__}: {e}"[:500]))
+                continue
+            total.new += one.new
+            total.duplicates += one.duplicates
+            total.gpu_rows += one.gpu_rows
+        total.rejected = (await self._write([], rejects)).rejected
+        return total
+
+    async def _write(self, accepted: Sequence[Accepted], rejected: Sequence[Rejection]) -> WriteResult:
+        conn = await self.connection()
+        frames = [a.frame for a in accepted]
+        await self._resolve_hosts(conn, frames)
+        days = {partitions.day_of(f.ts) for f in frames if type(f) is SampleFrame}
+        if not days <= self._days:
+            await partitions.ensure_partitions(conn, days - self._days)
+            self._days |= days
+        result = WriteResult()
+        new_gpus: dict[tuple[int, int], str] = {}
+        async with conn.transaction():
+            samples = [f for f in frames if type(f) is SampleFrame]
+            events = [f for f in frames if type(f) is EventFrame]
+            inventories = [f for f in frames if type(f) is InventoryFrame]
+            new_keys: set[FrameKey] = set()
+            if samples:
+                new_keys |= await self._write_samples(conn, samples, result, new_gpus)
+            if events:
+                new_keys |= await self._write_events(conn, events)
+            for inv in inventories:
+                if await self._write_inventory(conn, inv):
+                    new_keys.add(self._key(inv))
+            if rejected:
+                await conn.executemany(
+                    "INSERT INTO rejected_frames (stream_seq, subject, reason, field, size, head)"
+                    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (stream_seq) DO NOTHING",
+                    [(r.stream_seq, r.subject, r.reason, r.field, r.size, r.head) for r in rejected],
+                )
+            await self._touch_last_seen(conn, frames)
+        self._gpus.update(new_gpus)
+        for f in frames:
+            if self._key(f) in new_keys:
+                result.new.append(f)
+                new_keys.discard(self._key(f))  # a frame twice in one batch counts once
+            else:
+                result.duplicates += 1
+        result.rejected = list(rejected)
+        return result
+
+    def _key(self, f: Frame) -> FrameKey:
+        return (self._hosts[f.host][0], f.boot_id, f.seq)
+
+    async def _resolve_hosts(self, conn: asyncpg.Connection, frames: Sequence[Frame]) -> None:
+        missing = {
+            f.host: f for f in frames if f.host not in self._hosts or self._hosts[f.host][1] != f.provider
+        }
+        for host, f in missing.items():
+            async with conn.transaction():
+                pid = self._providers.get(f.provider)
+                if pid is None:
+                    pid = await conn.fetchval(
+                        "INSERT INTO providers (name) VALUES ($1)"
+                        " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+                        f.provider,
+                    )
+                hid = await conn.fetchval(
+                    "INSERT INTO hosts (name, provider_id, first_seen, last_seen, boot_id)"
+                    " VALUES ($1, $2, $3, $3, $4) ON CONFLICT (name) DO UPDATE"
+                    " SET provider_id = EXCLUDED.provider_id RETURNING id",
+                    host,
+                    pid,
+                    utc(f.ts),
+                    f.boot_id,
+                )
+            self._providers[f.provider] = pid
+            self._hosts[host] = (hid, f.provider)
+
+    async def _write_samples(
+        self,
+        conn: asyncpg.Connection,
+        samples: list[SampleFrame],
+        result: WriteResult,
+        new_gpus: dict[tuple[int, int], str],
+    ) -> set[FrameKey]:
+        host_rows = []
+        per_frame: dict[FrameKey, SampleFrame] = {}
+        for f in samples:
+            hid = self._hosts[f.host][0]
+            key = (hid, f.boot_id, f.seq)
+            if key in per_frame:
+                continue
+            per_frame[key] = f
+            host_rows.append(host_row(f, hid, utc(f.ts)))
+        await conn.copy_records_to_table("stage_host", records=host_rows, columns=HOST_COLUMNS)
+        cols = ", ".join(HOST_COLUMNS)
+        inserted = await conn.fetch(
+            f"INSERT INTO host_samples ({cols}) SELECT {cols} FROM stage_host"  # noqa: S608 (constant)
+            " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq"
+        )
+        new_keys = {(r[0], r[1], r[2]) for r in inserted}
+        rows: list[tuple[Any, ...]] = []
+        for key in new_keys:
+            f = per_frame[key]
+            rows += gpu_rows(f, key[0], utc(f.ts))
+            for g in f.gpus:
+                if self._gpus.get((key[0], g.index)) != g.uuid:
+                    new_gpus[(key[0], g.index)] = g.uuid
+        if rows:
+            await conn.copy_records_to_table("stage_gpu", records=rows, columns=GPU_COLUMNS)
+            gcols = ", ".join(GPU_COLUMNS)
+            await conn.execute(f"INSERT INTO gpu_samples ({gcols}) SELECT {gcols} FROM stage_gpu")  # noqa: S608
+            await conn.execute(ROLLUP_SQL)
+        if new_gpus:
+            await self._upsert_gpus_seen(conn, new_gpus, per_frame, new_keys)
+        result.gpu_rows += len(rows)
+        return new_keys
+
+    async def _upsert_gpus_seen(
+        self,
+        conn: asyncpg.Connection,
+        new_gpus: dict[tuple[int, int], str],
+        per_frame: dict[FrameKey, SampleFrame],
+        new_keys: set[FrameKey],
+    ) -> None:
+        last: dict[int, datetime] = {}
+        for key in new_keys:
+            ts = utc(per_frame[key].ts)
+            if key[0] not in last or ts > last[key[0]]:
+                last[key[0]] = ts
+        await conn.executemany(
+            "INSERT INTO gpus (host_id, uuid, idx, first_seen, last_seen) VALUES ($1, $2, $3, $4, $4)"
+            " ON CONFLICT (host_id, uuid) DO UPDATE SET idx = EXCLUDED.idx, present = true,"
+            " last_seen = greatest(gpus.last_seen, EXCLUDED.last_seen)",
+            [(hid, uuid, idx, last[hid]) for (hid, idx), uuid in new_gpus.items() if hid in last],
+        )
+
+    async def _write_events(self, conn: asyncpg.Connection, events: list[EventFrame]) -> set[FrameKey]:
+        rows = [event_row(f, self._hosts[f.host][0]) for f in events]
+        await conn.copy_records_to_table("stage_event", records=rows, columns=EVENT_COLUMNS)
+        cols = ", ".join(EVENT_COLUMNS)
+        inserted = await conn.fetch(
+            f"INSERT INTO events ({cols}) SELECT DISTINCT ON (host_id, boot_id, seq) {cols}"  # noqa: S608
+            " FROM stage_event ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq"
+        )
+        return {(r[0], r[1], r[2]) for r in inserted}
+
+    async def _write_inventory(self, conn: asyncpg.Connection, f: InventoryFrame) -> bool:
+        hid = self._hosts[f.host][0]
+        ts = utc(f.ts)
+        new = await conn.fetchval(
+            "INSERT INTO inventory_reports (host_id, boot_id, seq, ts, data) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            hid, f.boot_id, f.seq, ts, dumps(to_wire(f)),
+        )  # fmt: skip
+        if not new:
+            return False
+        newest = await conn.fetchval(
+            "UPDATE hosts SET boot_id = $2, backend = $3, driver_version = $4, cuda_version = $5,"
+            " nvml_version = $6, facts = $7, inventory_ts = $8, last_seen = greatest(last_seen, $8)"
+            " WHERE id = $1 AND (inventory_ts IS NULL OR inventory_ts <= $8) RETURNING true",
+            hid, f.boot_id, f.backend, f.driver_version, f.cuda_version, f.nvml_version,
+            dumps(to_wire(f.host_facts)) if f.host_facts is not None else None, ts,
+        )  # fmt: skip
+        if newest:
+            await _reconcile_gpus(conn, hid, f, ts)
+            for h, idx in [k for k in self._gpus if k[0] == hid]:
+                del self._gpus[(h, idx)]
+        return True
+
+    async def _touch_last_seen(self, conn: asyncpg.Connection, frames: Sequence[Frame]) -> None:
+        now = time.monotonic()
+        latest: dict[int, float] = {}
+        for f in frames:
+            hid = self._hosts[f.host][0]
+            if now - self._seen_written.get(hid, -1e9) >= LAST_SEEN_EVERY and f.ts > latest.get(hid, 0.0):
+                latest[hid] = f.ts
+        if not latest:
+            return
+        ids, stamps = list(latest), [utc(latest[h]) for h in latest]
+        await conn.execute(
+            "UPDATE hosts h SET last_seen = greatest(h.last_seen, v.ts)"
+            " FROM unnest($1::int[], $2::timestamptz[]) AS v(id, ts) WHERE h.id = v.id",
+            ids,
+            stamps,
+        )
+        await conn.execute(
+            "UPDATE gpus g SET last_seen = greatest(g.last_seen, v.ts)"
+            " FROM unnest($1::int[], $2::timestamptz[]) AS v(id, ts) WHERE g.host_id = v.id AND g.present",
+            ids,
+            stamps,
+        )
+        for h in ids:
+            self._seen_written[h] = now
+
+
+async def _reconcile_gpus(conn: asyncpg.Connection, hid: int, f: InventoryFrame, ts: datetime) -> None:
+    """Make ``gpus`` match an inventory frame and record each difference as a change."""
+    current = {
+        r["uuid"]: r
+        for r in await conn.fetch("SELECT uuid, idx, info, present FROM gpus WHERE host_id = $1", hid)
+    }
+    changes: list[tuple[Any, ...]] = []
+    reported = set()
+    for g in f.gpus:
+        reported.add(g.uuid)
+        info = to_wire(g)
+        row = current.get(g.uuid)
+        old = json.loads(row["info"]) if row is not None and row["info"] is not None else None
+        if row is None or (old is None and row["present"]):  # new, or first inventory of it
+            changes.append((hid, g.uuid, ts, "added", None, dumps(info)))
+        elif old != info or not row["present"]:
+            changes.append((hid, g.uuid, ts, "changed", dumps(old) if old else None, dumps(info)))
+        await conn.execute(
+            "INSERT INTO gpus (host_id, uuid, idx, name, serial, pci_bus_id, mem_total_bytes, vbios,"
+            " mig_mode, info, present, first_seen, last_seen)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, $11)"
+            " ON CONFLICT (host_id, uuid) DO UPDATE SET idx = EXCLUDED.idx, name = EXCLUDED.name,"
+            " serial = EXCLUDED.serial, pci_bus_id = EXCLUDED.pci_bus_id,"
+            " mem_total_bytes = EXCLUDED.mem_total_bytes, vbios = EXCLUDED.vbios,"
+            " mig_mode = EXCLUDED.mig_mode, info = EXCLUDED.info, present = true,"
+            " last_seen = greatest(gpus.last_seen, EXCLUDED.last_seen)",
+            hid, g.uuid, g.index, g.name, g.serial, g.pci_bus_id, g.mem_total_bytes, g.vbios,
+            g.mig_mode, dumps(info), ts,
+        )  # fmt: skip
+    for uuid, row in current.items():
+        if uuid not in reported and row["present"]:
+            changes.append((hid, uuid, ts, "removed", row["info"], None))
+            await conn.execute("UPDATE gpus SET present = false WHERE host_id = $1 AND uuid = $2", hid, uuid)
+    if changes:
+        await conn.executemany(
+            "INSERT INTO gpu_inventory_changes (host_id, uuid, ts, change, old, new)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            changes,
+        )
+
+
+def _reject(a: Accepted, reason: str, field_: str | None, message: str) -> Rejection:
+    return Rejection(a.subject, reason, field_, a.size, a.head, a.stream_seq, message)
