@@ -1,0 +1,321 @@
+"""Host metrics: the real host through psutil, or a deterministic simulated host.
+
+Both implement :class:`SystemSource`. Calls are blocking (psutil reads ``/proc``); the
+service runs them in its sampler thread. A reading the host cannot give is ``None``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Final, Protocol, runtime_checkable
+
+import psutil
+
+from agent.faults import FaultSchedule
+from shared.frames import DiskUsage, HostFacts, NicCounters, SystemSample
+
+log = logging.getLogger(__name__)
+
+# File systems that hold no user data (the root mount is always kept, whatever its type).
+PSEUDO_FS: Final = frozenset(
+    {
+        "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts", "devtmpfs",
+        "efivarfs", "fuse.gvfsd-fuse", "fuse.lxcfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay",
+        "proc", "pstore", "ramfs", "rpc_pipefs", "securityfs", "squashfs", "sysfs", "tmpfs", "tracefs",
+    }
+)  # fmt: skip
+PSEUDO_MOUNT_PREFIXES: Final = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/snap",
+    "/var/lib/docker",
+    "/var/lib/kubelet",
+)
+# Per-container and bridge interfaces: many, short-lived, and not the host's links.
+NIC_EXCLUDE_PREFIXES: Final = (
+    "lo", "veth", "docker", "br-", "cali", "cni", "flannel", "virbr", "tap", "tun", "ifb",
+)  # fmt: skip
+
+
+def agent_version() -> str | None:
+    try:
+        return metadata.version("gpuwarden")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@runtime_checkable
+class SystemSource(Protocol):
+    """A source of host metrics (blocking calls)."""
+
+    def sample(self) -> SystemSample:
+        """CPU, load, memory, swap, disks, file descriptors, NIC counters and uptime now."""
+        ...
+
+    def host_facts(self) -> HostFacts:
+        """Static facts: hostname, OS, kernel, CPU model, memory, boot time and boot id."""
+        ...
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def os_pretty_name(text: str | None) -> str | None:
+    """``PRETTY_NAME`` from the text of ``/etc/os-release``."""
+    for line in (text or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "PRETTY_NAME":
+            return value.strip().strip("\"'") or None
+    return None
+
+
+def cpu_model(text: str | None) -> str | None:
+    """The first ``model name`` (x86) or ``Model``/``CPU part`` (Arm) of ``/proc/cpuinfo``."""
+    found: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and key in ("model name", "Model", "Hardware") and key not in found and value.strip():
+            found[key] = value.strip()
+    return found.get("model name") or found.get("Model") or found.get("Hardware")
+
+
+def parse_file_nr(text: str | None) -> tuple[int | None, int | None]:
+    """(open, max) file handles from ``/proc/sys/fs/file-nr`` (allocated, free, max)."""
+    parts = (text or "").split()
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None, None
+    allocated, free, maximum = (int(p) for p in parts)
+    return max(allocated - free, 0), maximum
+
+
+def keep_mount(mountpoint: str, fstype: str) -> bool:
+    if mountpoint == "/":
+        return True
+    if fstype in PSEUDO_FS:
+        return False
+    return not any(mountpoint == p or mountpoint.startswith(p + "/") for p in PSEUDO_MOUNT_PREFIXES)
+
+
+class PsutilSystem:
+    """The real host, read with psutil and ``/proc``."""
+
+    def __init__(
+        self,
+        hostname: str,
+        *,
+        proc_root: str = "/proc",
+        os_release: str = "/etc/os-release",
+        nic_exclude: Sequence[str] = NIC_EXCLUDE_PREFIXES,
+    ) -> None:
+        self.hostname = hostname
+        self._proc = Path(proc_root)
+        self._os_release = Path(os_release)
+        self._nic_exclude = tuple(nic_exclude)
+        self._facts: HostFacts | None = None
+        psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+
+    def sample(self) -> SystemSample:
+        load: tuple[float | None, ...]
+        try:
+            load = tuple(max(x, 0.0) for x in os.getloadavg())
+        except OSError:
+            load = (None, None, None)
+        vm = psutil.virtual_memory()
+        sw = psutil.swap_memory()
+        fds_open, fds_max = parse_file_nr(_read_text(self._proc / "sys/fs/file-nr"))
+        return SystemSample(
+            cpu_pct=min(max(psutil.cpu_percent(interval=None), 0.0), 100.0),
+            cpu_count=psutil.cpu_count(),
+            load_1=load[0],
+            load_5=load[1],
+            load_15=load[2],
+            mem_total_bytes=vm.total,
+            mem_available_bytes=vm.available,
+            swap_total_bytes=sw.total,
+            swap_used_bytes=sw.used,
+            fds_open=fds_open,
+            fds_max=fds_max,
+            uptime_s=max(time.time() - psutil.boot_time(), 0.0),
+            disks=self._disks(),
+            nics=self._nics(),
+        )
+
+    def _disks(self) -> tuple[DiskUsage, ...]:
+        out: list[DiskUsage] = []
+        seen: set[str] = set()
+        for part in psutil.disk_partitions(all=False):
+            if not keep_mount(part.mountpoint, part.fstype) or part.device in seen:
+                continue
+            try:
+                usage = psutil.disk_usage(part.mountpoint)
+            except OSError as e:  # a stale NFS mount, a mount we may not stat
+                log.debug("skipping mount %s: %s", part.mountpoint, e)
+                continue
+            seen.add(part.device)
+            out.append(DiskUsage(part.mountpoint, usage.total, usage.used, usage.free))
+        return tuple(out)
+
+    def _nics(self) -> tuple[NicCounters, ...]:
+        stats = psutil.net_if_stats()
+        out = []
+        for name, c in sorted(psutil.net_io_counters(pernic=True).items()):
+            if name.startswith(self._nic_exclude):
+                continue
+            st = stats.get(name)
+            out.append(
+                NicCounters(
+                    name=name,
+                    up=st.isup if st else None,
+                    speed_mbps=st.speed if st and st.speed > 0 else None,
+                    rx_bytes=c.bytes_recv,
+                    tx_bytes=c.bytes_sent,
+                    rx_errors=c.errin,
+                    tx_errors=c.errout,
+                    rx_drops=c.dropin,
+                    tx_drops=c.dropout,
+                )
+            )
+        return tuple(out)
+
+    def host_facts(self) -> HostFacts:
+        if self._facts is None:
+            boot_id = _read_text(self._proc / "sys/kernel/random/boot_id")
+            self._facts = HostFacts(
+                hostname=self.hostname,
+                os=os_pretty_name(_read_text(self._os_release)),
+                kernel=platform.release() or None,
+                cpu_model=cpu_model(_read_text(self._proc / "cpuinfo")) or platform.processor() or None,
+                cpu_count=psutil.cpu_count(),
+                mem_total_bytes=psutil.virtual_memory().total,
+                boot_time=psutil.boot_time(),
+                kernel_boot_id=(boot_id.strip() or None) if boot_id else None,
+                agent_version=agent_version(),
+                python_version=platform.python_version(),
+            )
+        return self._facts
+
+
+_GIB: Final = 1 << 30
+_TB: Final = 10**12
+
+
+class SimulatedSystem:
+    """A DGX-like host, deterministic from ``(seed, host)``; applies ``cpu`` and ``disk_full`` faults.
+
+    Fault times count from construction (or :meth:`open`), measured with ``clock``.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        seed: int = 0,
+        faults: FaultSchedule | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.faults = (faults or FaultSchedule()).for_host(host)
+        self._cpu_faults = self.faults.of_kind("cpu")
+        self._disk_faults = self.faults.of_kind("disk_full")
+        self._clock = clock
+        self._t0 = clock()
+        h = hashlib.blake2b(f"system|{seed}|{host}".encode(), digest_size=32).digest()
+        r = [b / 255.0 for b in h]
+        self._cpu_base = 4.0 + 20.0 * r[0]
+        self._cpu_amp = 3.0 + 10.0 * r[1]
+        self._cpu_w = (0.002 + 0.01 * r[2]) * 2 * math.pi
+        self._phase = r[3] * 2 * math.pi
+        self._cpu_count = 224
+        self._mem_total = 2048 * _GIB
+        self._mem_used_frac = 0.1 + 0.3 * r[4]
+        self._uptime0 = 3600.0 * (2 + 24 * 60 * r[5])
+        self._root_total = int(1.92 * _TB)
+        self._root_used = int(self._root_total * (0.2 + 0.4 * r[6]))
+        self._raid_total = int(30.72 * _TB)
+        self._raid_used0 = int(self._raid_total * (0.1 + 0.5 * r[7]))
+        self._fds = 10_000 + int(30_000 * r[8])
+        self._nic_rate = [(1 + 50 * r[9 + i]) * 1e6 for i in range(9)]  # bytes/s per NIC
+        self._nic_base = [int(1e12 * r[18 + i % 10]) for i in range(9)]
+        self._boot_id = "{}-{}-{}-{}-{}".format(
+            *(h[i:j].hex() for i, j in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 16)))
+        )
+        self._wall_boot = float(int(time.time() - self._uptime0))
+
+    def open(self) -> None:
+        """Restart the fault clock (optional: construction starts it too)."""
+        self._t0 = self._clock()
+
+    def elapsed(self) -> float:
+        return self._clock() - self._t0
+
+    def sample(self) -> SystemSample:
+        t = self.elapsed()
+        cpu = self._cpu_base + self._cpu_amp * math.sin(self._cpu_w * t + self._phase)
+        for f in self._cpu_faults:
+            if f.active(t):
+                cpu = float(f.value)  # type: ignore[arg-type]
+        cpu = min(max(cpu, 0.0), 100.0)
+        load = cpu / 100.0 * self._cpu_count
+        root_used = self._root_used
+        if any(f.active(t) for f in self._disk_faults):
+            root_used = int(self._root_total * 0.995)
+        raid_used = min(self._raid_used0 + int(t * 2e6), self._raid_total)
+        disks = (
+            DiskUsage("/", self._root_total, root_used, self._root_total - root_used),
+            DiskUsage("/raid", self._raid_total, raid_used, self._raid_total - raid_used),
+        )
+        nics = tuple(
+            NicCounters(
+                name="eth0" if i == 0 else f"ib{i - 1}",
+                up=True,
+                speed_mbps=25_000 if i == 0 else 400_000,
+                rx_bytes=self._nic_base[i] + int(rate * t),
+                tx_bytes=self._nic_base[i] // 2 + int(rate * 0.8 * t),
+            )
+            for i, rate in enumerate(self._nic_rate)
+        )
+        return SystemSample(
+            cpu_pct=round(cpu, 1),
+            cpu_count=self._cpu_count,
+            load_1=round(load, 2),
+            load_5=round(load * 0.95, 2),
+            load_15=round(load * 0.9, 2),
+            mem_total_bytes=self._mem_total,
+            mem_available_bytes=int(self._mem_total * (1 - self._mem_used_frac)),
+            swap_total_bytes=0,
+            swap_used_bytes=0,
+            fds_open=self._fds,
+            fds_max=9_223_372_036_854_775_807,
+            uptime_s=self._uptime0 + t,
+            disks=disks,
+            nics=nics,
+        )
+
+    def host_facts(self) -> HostFacts:
+        return HostFacts(
+            hostname=self.host,
+            os="Ubuntu 22.04.4 LTS",
+            kernel="5.15.0-105-generic",
+            cpu_model="Intel(R) Xeon(R) Platinum 8480CL",
+            cpu_count=self._cpu_count,
+            mem_total_bytes=self._mem_total,
+            boot_time=self._wall_boot,
+            kernel_boot_id=self._boot_id,
+            agent_version=agent_version(),
+            python_version=platform.python_version(),
+        )
