@@ -1,0 +1,358 @@
+"""Storage against a real PostgreSQL: migrations, COPY writer, idempotence, rollups, retention,
+queries, state rebuild. Also home of the frame builders the other collector tests use."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from collector.config import CollectorConfig, load_collector_config
+from collector.state import load_state
+from collector.store import db, migrate, partitions, queries
+from collector.store.rows import GPU_FIELDS
+from collector.store.writer import Accepted, Rejection, Writer
+from shared.frames import (
+    AgentStats,
+    CheckResult,
+    DiskUsage,
+    EventFrame,
+    GpuInfo,
+    GpuProcess,
+    GpuSample,
+    InventoryFrame,
+    NicCounters,
+    SampleFrame,
+    SystemSample,
+)
+
+# ----------------------------------------------------------------------------- frame builders
+
+
+def gpu_sample(host: str, i: int, seq: int) -> GpuSample:
+    return GpuSample(
+        index=i,
+        uuid=f"GPU-{host}-{i}",
+        util_gpu_pct=float((seq * 7 + i) % 101),
+        util_mem_pct=float((seq * 3 + i) % 101),
+        mem_total_bytes=80 * 2**30,
+        mem_used_bytes=((seq + i) % 80) * 2**30,
+        temp_c=30.0 + (seq + i) % 50 + 0.25,
+        temp_slowdown_c=87.0,
+        power_w=100.5 + i * 10 + seq % 7,
+        power_limit_w=700.0,
+        energy_j=1e6 + seq,
+        pstate=0,
+        clock_sm_mhz=1410 + i,
+        clock_event_reasons=0,
+        ecc_enabled=True,
+        ecc_sbe_volatile=seq,
+        ecc_dbe_volatile=0,
+        retired_pages_pending=False,
+        pcie_replay_count=None,  # not supported: stays NULL
+        nvlink_crc_errors=(1 << 62) + seq,
+        processes=(GpuProcess(pid=100 + i, name="python", used_mem_bytes=2**30, container="job-7"),)
+        if i == 0
+        else (),
+    )
+
+
+def sample(
+    host: str,
+    seq: int,
+    ts: float,
+    *,
+    provider: str = "prov-a",
+    boot: str = "boot-1",
+    gpus: int = 8,
+    system: bool = True,
+) -> SampleFrame:
+    return SampleFrame(
+        host=host,
+        provider=provider,
+        boot_id=boot,
+        seq=seq,
+        ts=ts,
+        interval_s=1.0,
+        gpus=tuple(gpu_sample(host, i, seq) for i in range(gpus)),
+        system=SystemSample(
+            cpu_pct=12.5,
+            cpu_count=64,
+            load_1=1.0,
+            mem_total_bytes=2**40,
+            mem_available_bytes=2**39,
+            disks=(DiskUsage(mount="/", total_bytes=10**12, used_bytes=10**11, free_bytes=9 * 10**11),),
+            nics=(NicCounters(name="eth0", up=True, rx_bytes=seq),),
+        )
+        if system
+        else None,
+        checks=(CheckResult(id="nats_rtt", kind="nats_rtt", target="nats", ok=True, latency_ms=0.4),),
+        agent=AgentStats(version="0.1.0", backend="simulated", published_frames=seq),
+    )
+
+
+def event(host: str, seq: int, ts: float, *, provider: str = "prov-a", xid: int = 79) -> EventFrame:
+    return EventFrame(
+        host=host, provider=provider, boot_id="boot-1", seq=seq, ts=ts, type="xid", source="simulated",
+        gpu_index=2, gpu_uuid=f"GPU-{host}-2", xid=xid, count=seq, message="GPU has fallen off the bus",
+    )  # fmt: skip
+
+
+def inventory(host: str, seq: int, ts: float, *, provider: str = "prov-a", gpus: int = 8) -> InventoryFrame:
+    return InventoryFrame(
+        host=host,
+        provider=provider,
+        boot_id="boot-1",
+        seq=seq,
+        ts=ts,
+        backend="simulated",
+        driver_version="550.54.15",
+        gpus=tuple(
+            GpuInfo(index=i, uuid=f"GPU-{host}-{i}", name="NVIDIA H100 80GB HBM3", serial=f"S{i}")
+            for i in range(gpus)
+        ),
+    )
+
+
+def make_config(dsn: str, **flags: object) -> CollectorConfig:
+    return load_collector_config(env={}, flags={"postgres.dsn": dsn, **flags})
+
+
+def expected_gpu_row(f: SampleFrame, g: GpuSample) -> tuple[object, ...]:
+    return (f.host, round(f.ts, 6), g.index, *(getattr(g, n) for n in GPU_FIELDS))
+
+
+async def stored_gpu_rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
+    cols = ", ".join(f"s.{n}" for n in GPU_FIELDS)
+    rows = await conn.fetch(
+        f"SELECT h.name, s.ts, s.gpu_index, {cols} FROM gpu_samples s JOIN hosts h ON h.id = s.host_id"
+    )
+    return [(r[0], round(r[1].timestamp(), 6), *tuple(r)[2:]) for r in rows]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(pg_dsn)
+    await migrate.migrate(c)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def writer(pg_dsn: str, conn: asyncpg.Connection) -> AsyncIterator[Writer]:
+    w = Writer(make_config(pg_dsn).postgres)
+    yield w
+    await w.close()
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+async def test_migrations_twice_are_a_no_op(pg_dsn: str) -> None:
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        assert await migrate.current_version(c) == 0
+        first = await migrate.migrate(c)
+        assert first == [m.version for m in migrate.migrations()]
+        tables = await c.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        assert await migrate.migrate(c) == []
+        assert (
+            await c.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1") == tables
+        )
+        assert await migrate.current_version(c) == first[-1]
+    finally:
+        await c.close()
+
+
+async def test_frames_land_once_with_their_values(conn: asyncpg.Connection, writer: Writer) -> None:
+    now = time.time()
+    frames = [sample(f"h{h}", s, now - 100 + s) for h in range(3) for s in range(20)]
+    result = await writer.write([Accepted(f) for f in frames])
+    assert len(result.new) == 60
+    assert result.duplicates == 0
+    assert result.gpu_rows == 480
+    again = await writer.write([Accepted(f) for f in frames[:30]] + [Accepted(frames[0])])
+    assert again.new == []
+    assert again.duplicates == 31
+    assert again.gpu_rows == 0
+
+    expected = sorted(expected_gpu_row(f, g) for f in frames for g in f.gpus)
+    assert sorted(await stored_gpu_rows(conn)) == expected
+    assert await conn.fetchval("SELECT count(*) FROM host_samples") == 60
+    # unavailable is NULL, never NaN or -1
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples WHERE pcie_replay_count IS NOT NULL") == 0
+    procs = await conn.fetchval("SELECT processes FROM gpu_samples WHERE gpu_index = 0 LIMIT 1")
+    assert '"container":"job-7"' in procs.replace(" ", "")
+    assert (
+        await conn.fetchval("SELECT count(*) FROM gpu_samples WHERE gpu_index = 1 AND processes IS NULL")
+        == 60
+    )
+    hosts = await conn.fetch(
+        "SELECT h.name, p.name AS p FROM hosts h JOIN providers p ON p.id = h.provider_id"
+    )
+    assert sorted((r["name"], r["p"]) for r in hosts) == [
+        ("h0", "prov-a"),
+        ("h1", "prov-a"),
+        ("h2", "prov-a"),
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM gpus") == 24
+
+
+async def test_rollups_count_each_sample_once(conn: asyncpg.Connection, writer: Writer) -> None:
+    base = math.floor(time.time() / 60) * 60 - 600
+    frames = [sample("r1", s, base + s, gpus=2) for s in range(180)]  # 3 minutes at 1 s
+    await writer.write([Accepted(f) for f in frames[:100]])
+    await writer.write([Accepted(f) for f in frames[50:]])  # overlaps: 50 redelivered
+    rows = await conn.fetch(
+        "SELECT gpu_index, minute, n, temp_c_min, temp_c_max, temp_c_sum, temp_c_n FROM gpu_rollup_1m"
+        " ORDER BY gpu_index, minute"
+    )
+    assert len(rows) == 6
+    for r in rows:
+        m0 = r["minute"].timestamp()
+        temps = [
+            g.temp_c for f in frames if m0 <= f.ts < m0 + 60 for g in f.gpus if g.index == r["gpu_index"]
+        ]
+        assert r["n"] == r["temp_c_n"] == len(temps) == 60
+        assert r["temp_c_min"] == min(temps)
+        assert r["temp_c_max"] == max(temps)
+        assert r["temp_c_sum"] == pytest.approx(sum(temps))
+
+
+async def test_events_and_inventory_are_idempotent(conn: asyncpg.Connection, writer: Writer) -> None:
+    now = time.time()
+    inv = inventory("e1", 1, now - 10, gpus=4)
+    evs = [event("e1", s, now - 5 + s * 0.1) for s in range(2, 6)]
+    r1 = await writer.write([Accepted(inv), *map(Accepted, evs)])
+    r2 = await writer.write([Accepted(inv), *map(Accepted, evs)])
+    assert len(r1.new) == 5
+    assert r2.new == []
+    assert r2.duplicates == 5
+    rows = await conn.fetch("SELECT seq, xid, count, gpu_index FROM events ORDER BY seq")
+    assert [(r["seq"], r["xid"], r["count"], r["gpu_index"]) for r in rows] == [
+        (s, 79, s, 2) for s in range(2, 6)
+    ]
+    changes = await conn.fetch("SELECT change FROM gpu_inventory_changes")
+    assert [c["change"] for c in changes] == ["added"] * 4
+    # a newer inventory with one GPU gone records a removal; the older one redelivered changes nothing
+    await writer.write([Accepted(inventory("e1", 9, now - 1, gpus=3))])
+    await writer.write([Accepted(inventory("e1", 1, now - 10, gpus=4))])
+    assert await conn.fetchval("SELECT count(*) FROM gpu_inventory_changes WHERE change = 'removed'") == 1
+    assert await conn.fetchval("SELECT count(*) FROM gpus WHERE present") == 3
+
+
+async def test_unstorable_frames_are_rejected_not_retried(conn: asyncpg.Connection, writer: Writer) -> None:
+    now = time.time()
+    good = sample("u1", 1, now, gpus=1)
+    bad = sample("u1", 2, now, gpus=1)
+    bad = dataclasses.replace(
+        bad, gpus=(GpuSample(index=0, uuid="GPU-u1-0", ecc_sbe_volatile=(1 << 64) - 1),)
+    )
+    nul = EventFrame(host="u1", provider="prov-a", boot_id="boot-1", seq=3, ts=now, message="a\x00b")
+    result = await writer.write([Accepted(good), Accepted(bad, "subj", 77, 10, b"head"), Accepted(nul)])
+    assert [f.seq for f in result.new] == [1]
+    assert sorted((r.reason, r.field) for r in result.rejected) == [
+        ("unstorable", "gpus[0].ecc_sbe_volatile"),
+        ("unstorable", "message"),
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 1
+    assert await conn.fetchval("SELECT count(*) FROM rejected_frames WHERE reason = 'unstorable'") == 2
+    # rejected frames are idempotent on their stream sequence
+    await writer.write([], [Rejection("s", "malformed", None, 3, b"abc", 77)])
+    assert await conn.fetchval("SELECT count(*) FROM rejected_frames WHERE stream_seq = 77") == 1
+
+
+async def test_retention_drops_old_partitions(conn: asyncpg.Connection, writer: Writer) -> None:
+    now = time.time()
+    today = partitions.day_of(now)
+    old = now - 20 * 86400
+    await writer.write([Accepted(sample("old", 1, old, gpus=1)), Accepted(sample("old", 2, now, gpus=1))])
+    created = await partitions.ensure_partitions(conn, partitions.days_ahead(today, 3))
+    assert len(created) == 6  # today's existed; 3 days ahead x 2 tables
+    assert await partitions.ensure_partitions(conn, partitions.days_ahead(today, 3)) == []
+    dropped = await partitions.apply_retention(conn, now, retention_days=14, rollup_retention_days=180)
+    old_day = partitions.day_of(old)
+    assert sorted(dropped) == sorted(partitions.partition_name(t, old_day) for t in partitions.SAMPLE_TABLES)
+    days = await partitions.existing_days(conn)
+    assert all(min(d) >= today - timedelta(days=14) for d in days.values())
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 1  # today's sample stays
+    # rollups of the old day are kept (180 days), and trimmed past that
+    assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_1m") == 2
+    await partitions.apply_retention(conn, now + 200 * 86400, 14, 180)
+    assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_1m") == 0
+
+
+async def test_history_queries(conn: asyncpg.Connection, writer: Writer) -> None:
+    start = math.floor(time.time() / 3600) * 3600 - 7200
+    frames = [sample("q1", s, start + s * 5, gpus=2) for s in range(240)]  # 20 min at 5 s
+    await writer.write([Accepted(f) for f in frames])
+    until = start + 1200
+    # raw, paginated with a cursor: every sample once, in order
+    seen, cursor = [], None
+    while True:
+        page = await queries.history(conn, "q1", "temp_c", start, until, cursor=cursor, limit=100)
+        seen += page.points
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert [(p.ts, p.gpu, p.value) for p in seen] == [
+        (f.ts, g.index, g.temp_c) for f in frames for g in f.gpus
+    ]
+    # step 60 s: from the rollups; step 30 s: aggregated from raw samples; both agree with the data
+    for step, source in ((60, "rollup_1m"), (30, "raw_agg"), (300, "rollup_1m")):
+        page = await queries.history(conn, "q1", "temp_c", start, until, step=step, gpu=1)
+        assert page.source == source
+        assert len(page.points) == 1200 // step
+        for p in page.points:
+            vals = [f.gpus[1].temp_c for f in frames if p.ts <= f.ts < p.ts + step]
+            assert p.count == len(vals)
+            assert p.min == min(vals)
+            assert p.max == max(vals)
+            assert p.value == pytest.approx(sum(vals) / len(vals))
+    host_page = await queries.history(conn, "q1", "cpu_pct", start, until, step=600)
+    assert [p.value for p in host_page.points] == [12.5, 12.5]
+    with pytest.raises(queries.QueryError):
+        await queries.history(conn, "q1", "temp_c; DROP TABLE hosts", start, until)
+    with pytest.raises(queries.UnknownHostError):
+        await queries.history(conn, "nope", "temp_c", start, until)
+
+
+async def test_state_rebuilds_from_postgres(conn: asyncpg.Connection, writer: Writer) -> None:
+    now = round(time.time(), 3)  # PostgreSQL keeps microseconds
+    frames = [
+        *(sample(f"s{h}", s, now - 30 + s, provider=f"prov-{h % 2}") for h in range(4) for s in range(5)),
+        inventory("s0", 10, now - 1, provider="prov-0"),
+        event("s1", 11, now - 2, provider="prov-1"),
+        sample("s3", 12, now - 2, provider="prov-1", system=False),
+    ]
+    await writer.write([Accepted(f) for f in frames])
+    state = await load_state(conn)
+    assert sorted(state.providers) == ["prov-0", "prov-1"]
+    assert sorted(state.providers["prov-1"]) == ["s1", "s3"]
+    for h in range(3):
+        assert state.hosts[f"s{h}"].sample == frames[h * 5 + 4]  # the newest, equal field by field
+    assert state.hosts["s3"].sample == frames[-1]  # no system block stays None
+    assert state.hosts["s0"].inventory == frames[20]
+    assert list(state.hosts["s1"].events) == [frames[21]]
+    assert state.hosts["s2"].gpu_count == 8
+
+
+async def test_connect_kwargs_and_transient_errors(pg_dsn: str) -> None:
+    cfg = make_config(pg_dsn, **{"postgres.sslmode": "disable"})
+    kwargs = db.connect_kwargs(cfg.postgres)
+    assert kwargs["ssl"] == "disable"
+    assert kwargs["dsn"] == pg_dsn
+    c = await db.connect(cfg.postgres)
+    assert await c.fetchval("SHOW timezone") == "UTC"
+    await c.close()
+    assert db.is_transient(ConnectionRefusedError())
+    assert not db.is_transient(ValueError("bad data"))
+    assert datetime.now(UTC).tzinfo is UTC
