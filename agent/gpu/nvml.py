@@ -1,0 +1,568 @@
+"""The NVML backend: real GPUs through nvidia-ml-py (module ``pynvml``).
+
+Every NVML call goes through :class:`agent.gpu.nvml_query.NvmlQuery`, which holds the one error
+policy (not supported, missing function, GPU lost, other errors); the field table and the
+single-call fallbacks are in :mod:`agent.gpu.nvml_fields`. This module opens NVML, reads the
+GPUs each tick, builds the inventory, and turns the NVML event set into :class:`GpuEvent`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from dataclasses import replace
+from functools import partial
+from types import ModuleType
+from typing import Any, Final
+
+from agent.gpu import nvml_fields as nf
+from agent.gpu.base import GpuEvent, Inventory
+from agent.gpu.nvml_query import GpuLost, GpuState, NvmlQuery, handle_key, text
+from agent.processes import build_processes, merge_nvml
+from shared.errors import NvmlUnavailableError
+from shared.frames import GpuInfo, GpuSample
+
+log = logging.getLogger(__name__)
+
+_SLICE_S: Final = 0.2  # longest single nvmlEventSetWait, so close() is honoured quickly
+_MAX_EVENTS: Final = 256  # events taken from the event set in one wait_events call
+_UNSUPPORTED_CODES: Final = (3, 2)  # NOT_SUPPORTED, INVALID_ARGUMENT (unknown field id)
+_GPU_IS_LOST: Final = 15
+
+# NVML event type bits (nvmlEventType*) -> GpuEvent type
+_EVENT_TYPES: Final = {
+    0x8: "xid",  # XidCriticalError
+    0x1: "ecc_sbe",
+    0x2: "ecc_dbe",
+    0x400: "page_retirement",  # DramRetirementEvent
+    0x800: "page_retirement",  # DramRetirementFailure
+    0x8000: "recovery_action",  # GpuRecoveryAction
+}
+
+
+class NvmlBackend:
+    """:class:`~agent.gpu.base.GpuBackend` over NVML.
+
+    ``nvml`` is the ``pynvml`` module (injectable for tests); ``proc_root`` is where process
+    names and cgroups are read; ``processes`` and ``events`` switch those parts off.
+    :meth:`open` raises :class:`~shared.errors.NvmlUnavailableError`; no other method raises
+    for a GPU or driver problem.
+    """
+
+    name = "nvml"
+
+    def __init__(
+        self,
+        nvml: ModuleType | None = None,
+        *,
+        proc_root: str = "/proc",
+        processes: bool = True,
+        events: bool = True,
+    ) -> None:
+        self._nvml: Any = nvml
+        self._proc_root = proc_root
+        self._want_processes = processes
+        self._want_events = events
+        self._gpus: list[GpuState] = []
+        self._by_handle: dict[Any, GpuState] = {}
+        self._opened = False
+        self._q: NvmlQuery | None = None
+        self._event_set: Any = None
+        self._queue: list[GpuEvent] = []
+        self._lock = threading.Lock()  # lost flags, event queue
+        self._wait_lock = threading.Lock()  # held while inside nvmlEventSetWait
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._system: dict[str, str | None] = {}
+        self._arch_names: dict[int, str] = {}
+
+    @property
+    def nvml_errors(self) -> int:
+        """NVML errors that cost a reading since :meth:`open` (not-supported is not an error)."""
+        return self._q.errors if self._q is not None else 0
+
+    @property
+    def _qry(self) -> NvmlQuery:
+        assert self._q is not None, "NvmlBackend.open() was not called"
+        return self._q
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        """Initialise NVML, cache handles, UUIDs and static facts; register the event set.
+
+        Raises :class:`~shared.errors.NvmlUnavailableError` when NVML cannot be used.
+        """
+        if self._nvml is None:
+            try:
+                self._nvml = importlib.import_module("pynvml")
+            except ImportError as e:
+                raise NvmlUnavailableError("NVML bindings not installed: pip install nvidia-ml-py") from e
+        nvml = self._nvml
+        self._q = NvmlQuery(nvml)
+        try:
+            init, _ = self._qry.attempt(None, "init", "nvmlInit", reraise=(nvml.NVMLError,))
+            status, count = self._qry.attempt(None, "count", "nvmlDeviceGetCount", reraise=(nvml.NVMLError,))
+        except nvml.NVMLError as e:
+            raise NvmlUnavailableError(f"NVML unavailable: {e} (is the NVIDIA driver loaded?)") from e
+        if init != "ok" or status != "ok":
+            raise NvmlUnavailableError("NVML unavailable: the binding lacks nvmlInit/nvmlDeviceGetCount")
+        self._opened = True
+        self._closed.clear()
+        self._arch_names = {
+            getattr(nvml, n): n.removeprefix("NVML_DEVICE_ARCH_").lower()
+            for n in dir(nvml)
+            if n.startswith("NVML_DEVICE_ARCH_") and n != "NVML_DEVICE_ARCH_UNKNOWN"
+        }
+        cuda = self._qry.query(None, "cuda_version", "nvmlSystemGetCudaDriverVersion")
+        self._system = {
+            "driver": text(self._qry.query(None, "driver_version", "nvmlSystemGetDriverVersion")),
+            "nvml": text(self._qry.query(None, "nvml_version", "nvmlSystemGetNVMLVersion")),
+            "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) and cuda > 0 else None,
+        }
+        self._gpus = [self._open_gpu(i) for i in range(int(count))]
+        if self._want_events:
+            self._open_events()
+        self.sample()  # learns what each GPU does not support, so the first inventory says it
+
+    def _open_gpu(self, index: int) -> GpuState:
+        gpu = GpuState(index=index, handle=None)
+        try:
+            gpu.handle = self._qry.query(gpu, "handle", "nvmlDeviceGetHandleByIndex", index)
+            if gpu.handle is None:
+                raise GpuLost("nvmlDeviceGetHandleByIndex")
+            gpu.uuid = text(self._qry.query(gpu, "uuid", "nvmlDeviceGetUUID", gpu.handle)) or ""
+            self._read_static(gpu)
+        except GpuLost:
+            self._mark_lost(gpu)
+        self._by_handle[handle_key(gpu.handle)] = gpu
+        return gpu
+
+    def _read_static(self, gpu: GpuState) -> None:
+        q = partial(self._qry.query, gpu)
+        h = gpu.handle
+        pci = q("pci_bus_id", "nvmlDeviceGetPciInfo", h)
+        power_default = q("power_limit_default_w", "nvmlDeviceGetPowerManagementDefaultLimit", h)
+        mem = q("memory", "nvmlDeviceGetMemoryInfo", h)
+        arch = q("architecture", "nvmlDeviceGetArchitecture", h)
+        gpu.links = self._link_count(gpu)
+        gpu.info = GpuInfo(
+            index=gpu.index,
+            uuid=gpu.uuid,
+            name=text(q("name", "nvmlDeviceGetName", h)),
+            serial=text(q("serial", "nvmlDeviceGetSerial", h)),
+            pci_bus_id=None if pci is None else text(pci.busId) or text(getattr(pci, "busIdLegacy", None)),
+            minor_number=q("minor_number", "nvmlDeviceGetMinorNumber", h),
+            architecture=None if arch is None else self._arch_names.get(arch),
+            mem_total_bytes=None if mem is None else int(mem.total),
+            vbios=text(q("vbios", "nvmlDeviceGetVbiosVersion", h)),
+            power_limit_default_w=None if power_default is None else power_default / 1000.0,
+            pcie_link_gen_max=q("pcie_link_gen_max", "nvmlDeviceGetMaxPcieLinkGeneration", h),
+            pcie_link_width_max=q("pcie_link_width_max", "nvmlDeviceGetMaxPcieLinkWidth", h),
+            nvlink_links_total=gpu.links if gpu.links > 0 or "nvlink_state" not in gpu.unsupported else None,
+        )
+        self._build_request(gpu)
+
+    def _link_count(self, gpu: GpuState) -> int:
+        """NVLinks of the GPU: the LINK_COUNT field, else the links that answer a state query."""
+        values = self._qry.query(
+            gpu, "field_values", "nvmlDeviceGetFieldValues", gpu.handle, [nf.NVLINK_LINK_COUNT]
+        )
+        if values is not None and int(values[0].nvmlReturn) == 0:
+            return int(nf.raw_value(values[0]) or 0)
+        links = 0
+        for link in range(int(getattr(self._nvml, "NVML_NVLINK_MAX_LINKS", 18))):
+            status, _ = self._qry.attempt(
+                gpu, "nvlink_state", "nvmlDeviceGetNvLinkState", (gpu.handle, link), cache=False
+            )
+            if status != "ok":
+                break
+            links += 1
+        if links == 0:
+            gpu.unsupported.add("nvlink_state")
+        return links
+
+    def _build_request(self, gpu: GpuState) -> None:
+        gpu.request, gpu.specs = [], []
+        for spec in nf.BATCH:
+            if spec.attr in gpu.demoted:
+                continue
+            if spec.per_link:
+                for link in range(gpu.links):
+                    gpu.request.append((spec.field_id, link))
+                    gpu.specs.append(spec)
+                if gpu.links == 0:
+                    gpu.demoted.add(spec.attr)
+            else:
+                gpu.request.append(spec.field_id)
+                gpu.specs.append(spec)
+
+    def _open_events(self) -> None:
+        event_set = self._qry.query(None, "events", "nvmlEventSetCreate")
+        if event_set is None:
+            return
+        wanted = 0
+        for bit in _EVENT_TYPES:
+            wanted |= bit
+        registered = 0
+        for gpu in self._gpus:
+            if gpu.lost:
+                continue
+            try:
+                supported = self._qry.query(gpu, "events", "nvmlDeviceGetSupportedEventTypes", gpu.handle)
+                mask = int(supported or 0) & wanted
+                if mask:
+                    status, _ = self._qry.attempt(
+                        gpu, "events", "nvmlDeviceRegisterEvents", (gpu.handle, mask, event_set)
+                    )
+                    registered += status == "ok"
+            except GpuLost:
+                self._mark_lost(gpu)
+        if registered:
+            self._event_set = event_set
+        else:
+            self._qry.query(None, "events", "nvmlEventSetFree", event_set)
+            log.info(
+                "no GPU offers NVML events (%d GPUs); XIDs come from the kernel log only", len(self._gpus)
+            )
+
+    def close(self) -> None:
+        """Free the event set and shut NVML down (idempotent); wakes :meth:`wait_events`."""
+        self._closed.set()
+        self._wake.set()
+        with self._wait_lock:
+            if self._event_set is not None:
+                self._qry.query(None, "events", "nvmlEventSetFree", self._event_set)
+                self._event_set = None
+            if self._opened:
+                self._opened = False
+                self._qry.query(None, "shutdown", "nvmlShutdown")
+
+    # ------------------------------------------------------------------ inventory
+
+    def inventory(self) -> Inventory:
+        """Driver, CUDA and NVML versions and every GPU's static facts (see :class:`GpuInfo`)."""
+        gpus = []
+        for gpu in self._gpus:
+            info = gpu.info or GpuInfo(index=gpu.index, uuid=gpu.uuid)
+            if not gpu.lost:
+                try:
+                    mig = self._qry.query(gpu, "mig_mode", "nvmlDeviceGetMigMode", gpu.handle)
+                    pers = self._qry.query(
+                        gpu, "persistence_mode", "nvmlDeviceGetPersistenceMode", gpu.handle
+                    )
+                except GpuLost:
+                    self._mark_lost(gpu)
+                else:
+                    info = replace(
+                        info,
+                        mig_mode=None if mig is None else int(mig[0]) == 1,
+                        persistence_mode=None if pers is None else int(pers) == 1,
+                    )
+            gpus.append(replace(info, unsupported=tuple(sorted(self._unsupported_fields(gpu)))))
+        return Inventory(
+            backend="nvml",
+            driver_version=self._system.get("driver"),
+            cuda_version=self._system.get("cuda"),
+            nvml_version=self._system.get("nvml"),
+            gpus=tuple(gpus),
+        )
+
+    @staticmethod
+    def _unsupported_fields(gpu: GpuState) -> set[str]:
+        batched = {spec.attr for spec in gpu.specs}
+        return nf.topic_fields(gpu.unsupported) - batched
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self) -> list[GpuSample]:
+        """Read every GPU now; a lost GPU gives ``GpuSample(lost=True)`` and the others go on."""
+        out: list[GpuSample] = []
+        for gpu in self._gpus:
+            try:
+                if gpu.lost or gpu.info is None:
+                    self._reacquire(gpu)
+                values = self._read(gpu)
+            except GpuLost:
+                self._mark_lost(gpu)
+                out.append(GpuSample(index=gpu.index, uuid=gpu.uuid, lost=True))
+                continue
+            if gpu.lost:
+                self._mark_recovered(gpu)
+            out.append(GpuSample(index=gpu.index, uuid=gpu.uuid, **values))
+        return out
+
+    def _reacquire(self, gpu: GpuState) -> None:
+        nvml = self._nvml
+        quiet = (nvml.NVMLError_NotFound, nvml.NVMLError_Unknown, nvml.NVMLError_GpuNotFound)
+        if gpu.uuid:
+            status, h = self._qry.attempt(
+                gpu, "reacquire", "nvmlDeviceGetHandleByUUID", (gpu.uuid,), cache=False, quiet=quiet
+            )
+        else:
+            status, h = self._qry.attempt(
+                gpu, "reacquire", "nvmlDeviceGetHandleByIndex", (gpu.index,), cache=False, quiet=quiet
+            )
+        if status != "ok" or h is None:
+            raise GpuLost("reacquire")
+        gpu.handle = h
+        self._by_handle[handle_key(h)] = gpu
+        if gpu.info is None:
+            gpu.uuid = gpu.uuid or text(self._qry.query(gpu, "uuid", "nvmlDeviceGetUUID", h)) or ""
+            self._read_static(gpu)
+
+    def _read(self, gpu: GpuState) -> dict[str, Any]:
+        v: dict[str, Any] = {}
+        self._read_batch(gpu, v)
+        q = partial(self._qry.query, gpu)
+        h = gpu.handle
+        nvml = self._nvml
+        util = q("utilization", "nvmlDeviceGetUtilizationRates", h)
+        if util is not None:
+            v["util_gpu_pct"], v["util_mem_pct"] = float(util.gpu), float(util.memory)
+        self._read_memory(gpu, v)
+        temp = q("temp_c", "nvmlDeviceGetTemperature", h, 0)  # NVML_TEMPERATURE_GPU
+        v["temp_c"] = None if temp is None else float(temp)
+        self._read_thresholds(gpu, v)
+        fan = q("fan_pct", "nvmlDeviceGetFanSpeed", h)
+        v["fan_pct"] = None if fan is None else float(min(fan, 100))
+        limit = q("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit", h)
+        v["power_limit_w"] = None if limit is None else limit / 1000.0
+        pstate = self._qry.query_first(
+            gpu, "pstate", ("nvmlDeviceGetPerformanceState", "nvmlDeviceGetPowerState"), h
+        )
+        v["pstate"] = pstate if isinstance(pstate, int) and 0 <= pstate < 32 else None
+        v["clock_sm_mhz"] = q("clock_sm_mhz", "nvmlDeviceGetClockInfo", h, getattr(nvml, "NVML_CLOCK_SM", 1))
+        v["clock_mem_mhz"] = q(
+            "clock_mem_mhz", "nvmlDeviceGetClockInfo", h, getattr(nvml, "NVML_CLOCK_MEM", 2)
+        )
+        v["clock_event_reasons"] = self._qry.query_first(
+            gpu,
+            "clock_event_reasons",
+            ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
+            h,
+        )
+        v["pcie_link_gen"] = q("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration", h)
+        v["pcie_link_width"] = q("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth", h)
+        info = gpu.info
+        if info is not None:
+            v["pcie_link_gen_max"] = info.pcie_link_gen_max
+            v["pcie_link_width_max"] = info.pcie_link_width_max
+            v["nvlink_links_total"] = info.nvlink_links_total
+        pers = q("persistence_mode", "nvmlDeviceGetPersistenceMode", h)
+        v["persistence_mode"] = None if pers is None else int(pers) == 1
+        if self._want_processes:
+            compute = q("processes", "nvmlDeviceGetComputeRunningProcesses", h)
+            graphics = q("graphics_processes", "nvmlDeviceGetGraphicsRunningProcesses", h)
+            v["processes"] = build_processes(merge_nvml(compute, graphics), self._proc_root)
+        return v
+
+    def _read_memory(self, gpu: GpuState, v: dict[str, Any]) -> None:
+        version = getattr(self._nvml, "nvmlMemory_v2", None)
+        if version is not None:
+            status, mem = self._qry.attempt(
+                gpu, "memory_v2", "nvmlDeviceGetMemoryInfo", (gpu.handle,), {"version": version}
+            )
+            if status == "ok":
+                v["mem_total_bytes"], v["mem_used_bytes"] = int(mem.total), int(mem.used)
+                v["mem_reserved_bytes"] = int(mem.reserved)
+                return
+            if status == "error":  # not "not supported": v1 would most likely fail the same way
+                return
+        mem = self._qry.query(gpu, "memory", "nvmlDeviceGetMemoryInfo", gpu.handle)
+        if mem is not None:
+            v["mem_total_bytes"], v["mem_used_bytes"] = int(mem.total), int(mem.used)
+
+    def _read_thresholds(self, gpu: GpuState, v: dict[str, Any]) -> None:
+        # NVML_TEMPERATURE_THRESHOLD_SHUTDOWN 0, SLOWDOWN 1, GPU_MAX 3 (max operating)
+        for attr, kind in (("temp_shutdown_c", 0), ("temp_slowdown_c", 1), ("temp_max_operating_c", 3)):
+            cached = gpu.thresholds.get(attr)
+            if cached is None:
+                t = self._qry.query(gpu, attr, "nvmlDeviceGetTemperatureThreshold", gpu.handle, kind)
+                if t is not None and t > 0:
+                    cached = gpu.thresholds[attr] = float(t)
+            v[attr] = cached
+
+    def _read_batch(self, gpu: GpuState, v: dict[str, Any]) -> None:
+        """The batched fields; those the batch does not give are read by their single call."""
+        values = None
+        failed: set[str] = set()
+        if gpu.request:
+            status, values = self._qry.attempt(
+                gpu, "field_values", "nvmlDeviceGetFieldValues", (gpu.handle, gpu.request)
+            )
+            if status in ("missing", "unsupported"):  # no batching here: single calls from now on
+                gpu.demoted.update(spec.attr for spec in gpu.specs)
+                self._build_request(gpu)
+            elif status == "error":  # counted once; these readings are absent this tick
+                failed = {spec.attr for spec in gpu.specs}
+        demote: set[str] = set()
+        codes: dict[str, int] = {}
+        links_up: dict[str, int] = {}
+        if values is not None:
+            for spec, fv in zip(gpu.specs, values, strict=False):
+                ret = int(fv.nvmlReturn)
+                if ret == _GPU_IS_LOST:
+                    raise GpuLost("nvmlDeviceGetFieldValues")
+                if ret in _UNSUPPORTED_CODES:
+                    demote.add(spec.attr)
+                elif ret != 0:
+                    failed.add(spec.attr)
+                    codes[spec.attr] = ret
+                elif spec.per_link:
+                    links_up[spec.attr] = links_up.get(spec.attr, 0) + int(nf.raw_value(fv) == 1)
+                else:
+                    v[spec.attr] = nf.convert(spec, nf.raw_value(fv))
+            for attr in failed:
+                self._qry.count_error(f"field {attr}", f"NVML return code {codes[attr]}")
+                v[attr] = None
+            v.update((a, up) for a, up in links_up.items() if a not in failed and a not in demote)
+        if demote:
+            gpu.demoted |= demote
+            self._build_request(gpu)
+        self._read_fallbacks(gpu, v, skip=failed)
+
+    def _read_fallbacks(self, gpu: GpuState, v: dict[str, Any], skip: set[str]) -> None:
+        if not gpu.demoted:
+            return
+        q = partial(self._qry.query, gpu)
+        done: set[str] = set()
+        for spec in nf.BATCH:
+            if spec.attr not in gpu.demoted or spec.attr in skip:
+                continue
+            needs = nf.FALLBACK_NEEDS.get(spec.fallback or "")
+            if spec.fallback is None or (needs and not hasattr(self._nvml, needs)):
+                gpu.unsupported.add(spec.attr)  # no single call gives it with this binding
+                continue
+            if spec.fallback in done:
+                continue
+            done.add(spec.fallback)
+            got = nf.FALLBACKS[spec.fallback](q, self._nvml, gpu.handle, gpu.links)
+            v.update((k, val) for k, val in got.items() if k in gpu.demoted)
+
+    # ------------------------------------------------------------------ lost / recovered
+
+    def _mark_lost(self, gpu: GpuState) -> None:
+        with self._lock:
+            if gpu.lost:
+                return
+            gpu.lost = True
+            self._queue.append(
+                GpuEvent(
+                    type="gpu_lost",
+                    ts=time.time(),
+                    source="nvml",
+                    gpu_index=gpu.index,
+                    gpu_uuid=gpu.uuid or None,
+                    message="NVML: GPU is lost (fell off the bus)",
+                )
+            )
+        self._wake.set()
+        log.error("GPU %d (%s) is lost: NVML answers GPU_IS_LOST", gpu.index, gpu.uuid or "uuid unknown")
+
+    def _mark_recovered(self, gpu: GpuState) -> None:
+        with self._lock:
+            if not gpu.lost:
+                return
+            gpu.lost = False
+            self._queue.append(
+                GpuEvent(
+                    type="gpu_recovered",
+                    ts=time.time(),
+                    source="nvml",
+                    gpu_index=gpu.index,
+                    gpu_uuid=gpu.uuid or None,
+                )
+            )
+        self._wake.set()
+        log.warning("GPU %d (%s) answers again", gpu.index, gpu.uuid)
+
+    def _probe_all(self) -> None:
+        """After the event wait said GPU_IS_LOST: find which GPUs are lost."""
+        for gpu in self._gpus:
+            if gpu.lost:
+                continue
+            try:
+                self._qry.attempt(gpu, "probe", "nvmlDeviceGetPciInfo", (gpu.handle,), cache=False)
+            except GpuLost:
+                self._mark_lost(gpu)
+
+    # ------------------------------------------------------------------ events
+
+    def wait_events(self, timeout_s: float) -> list[GpuEvent]:
+        """XID, ECC, page-retirement and recovery-action events, and queued GPU lost/recovered.
+
+        Blocks up to ``timeout_s``; ``[]`` on timeout or after :meth:`close`.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            events = self._take_queued()
+            if events or self._closed.is_set():
+                return events
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            wait_s = min(_SLICE_S, remaining)
+            if self._event_set is None:
+                self._wake.wait(wait_s)
+                continue
+            with self._wait_lock:
+                if self._event_set is None or self._closed.is_set():
+                    continue
+                events = self._wait_set(int(wait_s * 1000))
+            if events:
+                return self._take_queued() + events
+
+    def _take_queued(self) -> list[GpuEvent]:
+        with self._lock:
+            self._wake.clear()
+            events, self._queue = self._queue, []
+        return events
+
+    def _wait_set(self, timeout_ms: int) -> list[GpuEvent]:
+        nvml = self._nvml
+        events: list[GpuEvent] = []
+        for _ in range(_MAX_EVENTS):
+            try:
+                status, data = self._qry.attempt(
+                    None,
+                    "event_wait",
+                    "nvmlEventSetWait",
+                    (self._event_set, timeout_ms),
+                    quiet=(nvml.NVMLError_Timeout,),
+                )
+            except GpuLost:
+                self._probe_all()
+                break
+            if status != "ok":
+                if status != "quiet" and not events:  # a failing wait must not spin
+                    self._closed.wait(timeout_ms / 1000.0)
+                break
+            ev = self._convert_event(data)
+            if ev is not None:
+                events.append(ev)
+            timeout_ms = 0  # drain what is already queued, then return
+        return events
+
+    def _convert_event(self, data: Any) -> GpuEvent | None:
+        kind = _EVENT_TYPES.get(int(data.eventType))
+        if kind is None:
+            return None
+        gpu = self._by_handle.get(handle_key(data.device))
+        raw = int(data.eventData)
+        value: int | None = raw
+        if kind == "xid":
+            value = None
+        elif kind == "page_retirement":
+            value = 1 if int(data.eventType) == 0x800 else 0  # DramRetirementFailure
+        return GpuEvent(
+            type=kind,
+            ts=time.time(),
+            source="nvml",
+            gpu_index=None if gpu is None else gpu.index,
+            gpu_uuid=None if gpu is None else gpu.uuid or None,
+            xid=raw if kind == "xid" else None,
+            value=value,
+        )
