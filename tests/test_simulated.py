@@ -10,6 +10,7 @@ from dataclasses import fields
 import pytest
 
 from agent.faults import FaultSchedule
+from agent.gpu.auto import make_backend
 from agent.gpu.base import GpuBackend
 from agent.gpu.simulated import (
     GPU_IDLE,
@@ -21,6 +22,7 @@ from agent.gpu.simulated import (
     TEMP_SLOWDOWN_C,
     SimulatedBackend,
 )
+from shared.errors import ConfigError
 from shared.frames import GpuSample, InventoryFrame, SampleFrame, decode, encode
 
 
@@ -509,3 +511,59 @@ def test_close_wakes_waiter() -> None:
     assert result == [[]]
     b.close()  # idempotent
     assert b.wait_events(1.0) == []
+
+
+# ----------------------------------------------------------------------------- backend picker
+
+
+@pytest.mark.parametrize(("kind", "gpus"), [("simulated", 4), ("auto", 4), ("nvml", 4)])
+def test_make_backend_simulated(kind: str, gpus: int) -> None:
+    faults = FaultSchedule.parse(["h9/gpu1:lost@0s", "other/gpu0:lost@0s"])
+    b = make_backend(kind, simulate_gpus=gpus, host="h9", seed=5, faults=faults)
+    assert isinstance(b, SimulatedBackend)
+    assert isinstance(b, GpuBackend)
+    b.open()
+    assert [s.lost for s in b.sample()] == [False, True, False, False]
+    assert b.inventory().gpus == SimulatedBackend(gpus, host="h9", seed=5).inventory().gpus
+    b.close()
+
+
+def test_make_backend_model() -> None:
+    b = make_backend(
+        "simulated", simulate_gpus=1, host="h", seed=0, faults=FaultSchedule(), model="NVIDIA A100 80GB"
+    )
+    assert b.inventory().gpus[0].architecture == "Ampere"
+
+
+@pytest.mark.parametrize(
+    ("kind", "gpus", "faults", "key", "message"),
+    [
+        ("cuda", 0, [], "agent.backend", "unknown backend 'cuda' (expected one of: auto, nvml, simulated)"),
+        ("", 2, [], "agent.backend", "unknown backend ''"),
+        ("simulated", 0, [], "simulate.gpus", "needs simulate.gpus > 0"),
+        ("auto", -1, [], "simulate.gpus", "must not be negative"),
+        ("nvml", 0, ["gpu0:xid=79@1s"], "fault", "simulated GPUs only"),
+        ("auto", 0, ["host_down@1s"], "fault", "simulated GPUs only"),
+    ],
+)
+def test_make_backend_errors(kind: str, gpus: int, faults: list[str], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_backend(kind, simulate_gpus=gpus, host="h", seed=0, faults=FaultSchedule.parse(faults))
+    assert info.value.key == key
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["nvml", "auto"])
+def test_make_backend_nvml(kind: str) -> None:
+    nvml = pytest.importorskip("agent.gpu.nvml")
+    b = make_backend(
+        kind,
+        simulate_gpus=0,
+        host="h",
+        seed=0,
+        faults=FaultSchedule(),
+        proc_root="/tmp/proc",
+        processes=False,
+    )
+    assert type(b) is nvml.NvmlBackend
+    assert b.name == "nvml"
