@@ -171,6 +171,7 @@ class Publisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._stream_ok = False
+        self._started = False
 
     # ------------------------------------------------------------------ state
 
@@ -202,6 +203,7 @@ class Publisher:
         :attr:`failed` and :attr:`failed_event`).
         """
         opts = connect_options(self.cfg, self.name)  # ConfigError now, not in the background
+        self._started = True
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"publisher-{i}") for i in range(self._workers)
         ]
@@ -285,6 +287,8 @@ class Publisher:
 
     async def close(self, flush_timeout: float = 5.0) -> None:
         """Flush (bounded), stop the senders and drain the connection."""
+        if not self._started:
+            return
         if self.connected:
             flushed = await self.flush(flush_timeout)
             if not flushed:

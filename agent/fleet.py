@@ -1,0 +1,246 @@
+"""``gpuwarden fleet``: many simulated agents in one process over one NATS connection.
+
+Each host has its own :class:`SimulatedBackend`, :class:`SimulatedSystem` and
+:class:`Sequencer` (own boot id and sequence), exactly as a real agent would. Ticks are
+spread evenly over the interval (host ``i`` of ``n`` ticks at ``i * interval / n`` into each
+period); a tick that falls more than one interval behind is skipped and counted. Events of
+hosts with faults are polled every ``event_poll_s`` and published at once; a ``host_down``
+fault silences its host. Frames are queued on one :class:`Publisher` whose ``workers``
+senders keep many acks in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.events import EventTracker
+from agent.faults import FaultSchedule
+from agent.gpu.simulated import SimulatedBackend
+from agent.publisher import Publisher
+from agent.sampler import Sequencer, build_event, build_inventory, build_sample
+from agent.system import SimulatedSystem
+from shared.config import NatsConfig
+from shared.frames import encode
+
+log = logging.getLogger(__name__)
+
+
+def host_name(i: int) -> str:
+    return f"host-{i:04d}"
+
+
+def provider_name(j: int) -> str:
+    return f"provider-{j}"
+
+
+@dataclass(slots=True)
+class SimHost:
+    seqr: Sequencer
+    backend: SimulatedBackend
+    system: SimulatedSystem
+    faults: FaultSchedule
+    tracker: EventTracker | None = None
+    inventory_sent: bool = False
+
+
+@dataclass(slots=True)
+class FleetStats:
+    samples: int = 0
+    events: int = 0
+    inventories: int = 0
+    skipped_ticks: int = 0
+    silent_ticks: int = 0  # ticks of hosts that were down
+    started: float = field(default_factory=time.monotonic)
+    cpu_started: float = field(default_factory=time.process_time)
+
+
+class Fleet:
+    """``hosts`` simulated hosts of ``gpus`` GPUs each, spread over ``providers`` providers."""
+
+    def __init__(
+        self,
+        nats: NatsConfig,
+        *,
+        hosts: int,
+        gpus: int,
+        providers: int = 1,
+        interval: float = 5.0,
+        faults: Sequence[str] = (),
+        seed: int = 0,
+        workers: int = 256,
+        event_poll_s: float = 0.1,
+    ) -> None:
+        if hosts < 1 or providers < 1 or interval <= 0:
+            raise ValueError("hosts and providers must be positive, interval > 0")
+        schedule = FaultSchedule.parse(list(faults))  # FaultSpecError before anything starts
+        self.interval = interval
+        self.event_poll_s = event_poll_s
+        self.stats = FleetStats()
+        self.publisher = Publisher(nats, name=f"gpuwarden-fleet {hosts}x{gpus}", workers=workers)
+        self.hosts: list[SimHost] = []
+        for i in range(hosts):
+            name = host_name(i)
+            mine = schedule.for_host(name)
+            self.hosts.append(
+                SimHost(
+                    seqr=Sequencer(host=name, provider=provider_name(i % providers)),
+                    backend=SimulatedBackend(gpus, host=name, seed=seed + i, faults=mine),
+                    system=SimulatedSystem(host=name, seed=seed + i, faults=mine),
+                    faults=mine,
+                    tracker=EventTracker() if mine else None,
+                )
+            )
+        self.faulty = [h for h in self.hosts if h.faults]
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        await self.publisher.start(wait=True)
+        for h in self.hosts:
+            h.backend.open()
+            h.system.open()
+            if h.tracker is not None:
+                h.tracker.set_inventory(h.backend.inventory().gpus)
+            if not self.down(h):
+                self.send_inventory(h)
+        self.stats.started = time.monotonic()
+        self.stats.cpu_started = time.process_time()
+
+    def down(self, h: SimHost) -> bool:
+        return bool(h.faults) and h.faults.host_down(h.backend.elapsed())
+
+    def send_inventory(self, h: SimHost) -> None:
+        frame = build_inventory(h.seqr, h.backend.inventory(), h.system.host_facts())
+        self.publisher.publish(h.seqr.subjects[2], encode(frame), h.seqr.msg_id(frame.seq))
+        self.stats.inventories += 1
+        h.inventory_sent = True
+
+    def tick(self, h: SimHost) -> None:
+        if self.down(h):
+            self.stats.silent_ticks += 1
+            return
+        if not h.inventory_sent:
+            self.send_inventory(h)
+        frame = build_sample(
+            h.seqr, interval_s=self.interval, gpus=h.backend.sample(), system=h.system.sample()
+        )
+        self.publisher.publish(h.seqr.subjects[0], encode(frame), h.seqr.msg_id(frame.seq))
+        self.stats.samples += 1
+
+    def poll_events(self) -> None:
+        now = time.monotonic()
+        for h in self.faulty:
+            events = h.backend.poll_events()
+            if not events or h.tracker is None:
+                continue
+            down = self.down(h)
+            for ev in events:
+                accepted = h.tracker.accept(ev, now)
+                if accepted is None or down:
+                    continue
+                frame = build_event(h.seqr, *accepted)
+                self.publisher.publish(
+                    h.seqr.subjects[1], encode(frame), h.seqr.msg_id(frame.seq), urgent=True
+                )
+                self.stats.events += 1
+
+    async def run(self, duration: float | None = None) -> None:
+        """Tick every host on its slot until :meth:`stop` or ``duration`` seconds."""
+        n = len(self.hosts)
+        slot = self.interval / n
+        t0 = time.monotonic()
+        end = math.inf if duration is None else t0 + duration
+        g = 0  # global tick number: host g % n, period g // n, due at t0 + g * slot
+        next_poll = t0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= end:
+                break
+            oldest = math.ceil((now - self.interval - t0) / slot)
+            if g < oldest:
+                self.stats.skipped_ticks += oldest - g
+                g = oldest
+            batch_end = time.monotonic() + 0.05  # yield to the senders at least every 50 ms
+            while t0 + g * slot <= now and time.monotonic() < batch_end:
+                self.tick(self.hosts[g % n])
+                g += 1
+            if now >= next_poll:
+                self.poll_events()
+                next_poll = now + self.event_poll_s
+            wake = min(t0 + g * slot, next_poll, end)
+            delay = wake - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+            else:
+                await asyncio.sleep(0)
+
+    async def close(self, flush_timeout: float = 10.0) -> None:
+        for h in self.hosts:
+            h.backend.close()
+        await self.publisher.close(flush_timeout)
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(1e-9, time.monotonic() - self.stats.started)
+        s = self.publisher.stats
+        gpus = len(self.hosts[0].backend.inventory().gpus) if self.hosts else 0
+        return {
+            "hosts": len(self.hosts),
+            "gpus_per_host": gpus,
+            "interval_s": self.interval,
+            "elapsed_s": round(elapsed, 3),
+            "cpu_s": round(time.process_time() - self.stats.cpu_started, 3),
+            "samples": self.stats.samples,
+            "events": self.stats.events,
+            "inventories": self.stats.inventories,
+            "skipped_ticks": self.stats.skipped_ticks,
+            "silent_ticks": self.stats.silent_ticks,
+            "published": s.published,
+            "dropped": s.dropped,
+            "publish_errors": s.publish_errors,
+            "unsent": self.publisher.buffered,
+            "samples_per_s": round(self.stats.samples / elapsed, 1),
+            "gpu_samples_per_s": round(self.stats.samples * gpus / elapsed, 1),
+        }
+
+
+async def run_fleet(
+    nats: NatsConfig,
+    *,
+    hosts: int,
+    gpus: int,
+    providers: int = 1,
+    interval: float = 5.0,
+    faults: Sequence[str] = (),
+    duration: float | None = None,
+    seed: int = 0,
+    signals: bool = True,
+) -> dict[str, Any]:
+    """Run a fleet until SIGINT/SIGTERM or ``duration``; return its summary figures."""
+    fleet = Fleet(
+        nats, hosts=hosts, gpus=gpus, providers=providers, interval=interval, faults=faults, seed=seed
+    )
+    loop = asyncio.get_running_loop()
+    if signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, fleet.stop)
+    try:
+        await fleet.start()
+        log.info("fleet: %d hosts x %d GPUs, %d providers, every %gs", hosts, gpus, providers, interval)
+        await fleet.run(duration)
+    finally:
+        await fleet.close()
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    return fleet.summary()

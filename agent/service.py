@@ -1,0 +1,352 @@
+"""The agent service: ``startup / run / shutdown`` (one object per process).
+
+``startup`` opens the sources and the NATS connection and publishes the inventory; ``run``
+samples on a drift-free schedule until :meth:`AgentService.stop` (SIGTERM/SIGINT) is called,
+finishing the tick in progress; ``shutdown`` stops the event threads, flushes the buffer
+(bounded) and drains NATS.
+
+Blocking calls (GPU backend, psutil) run in worker threads via :func:`asyncio.to_thread`.
+Events come from two threads (the backend's event set and the kernel log), are handed to the
+loop with ``call_soon_threadsafe``, deduplicated and counted by :class:`EventTracker`, and
+published at once, ahead of queued samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+import psutil
+from nats.aio.msg import Msg
+
+from agent.events import EventTracker
+from agent.faults import FaultSchedule
+from agent.gpu.auto import make_backend
+from agent.gpu.base import GpuBackend, GpuEvent, Inventory
+from agent.kmsg import KmsgReader
+from agent.network import nats_rtt_result, run_checks
+from agent.publisher import Publisher
+from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, build_sample
+from agent.sdnotify import SdNotifier
+from agent.system import PsutilSystem, SimulatedSystem, SystemSource
+from shared.config import AgentConfig
+from shared.errors import GpuwardenError
+from shared.frames import AgentStats, CheckResult, HostFacts, InventoryFrame, SampleFrame, encode
+from shared.subjects import poll_subject
+
+log = logging.getLogger(__name__)
+
+EVENT_WAIT_S = 0.5  # how long an event thread blocks before checking for shutdown
+FLUSH_ON_EXIT_S = 5.0
+
+
+def agent_version() -> str:
+    try:
+        return importlib.metadata.version("gpuwarden")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_sources(config: AgentConfig, faults: FaultSchedule) -> tuple[GpuBackend, SystemSource]:
+    """The GPU backend and system source ``config`` asks for (simulated when ``simulate.gpus``)."""
+    a, sim = config.agent, config.simulate
+    backend = make_backend(
+        "simulated" if sim.gpus > 0 else a.backend,
+        simulate_gpus=sim.gpus,
+        host=a.host,
+        seed=sim.seed,
+        faults=faults,
+        proc_root=a.proc_root,
+        processes=a.processes,
+        events=a.nvml_events,
+        model=sim.model,
+    )
+    system: SystemSource
+    if backend.name == "simulated":
+        system = SimulatedSystem(host=a.host, seed=sim.seed, faults=faults)
+    else:
+        system = PsutilSystem(a.host)
+    return backend, system
+
+
+class AgentService:
+    """One agent: samples, events, inventory and poll replies for one host."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        backend: GpuBackend | None = None,
+        system: SystemSource | None = None,
+        *,
+        notifier: SdNotifier | None = None,
+    ) -> None:
+        self.config = config
+        a = config.agent
+        self.interval = a.interval
+        self.faults = FaultSchedule.parse(config.simulate.faults).for_host(a.host)
+        if backend is None or system is None:
+            b, s = build_sources(config, self.faults)
+            backend, system = backend or b, system or s
+        self.backend = backend
+        self.system = system
+        self.seqr = Sequencer(host=a.host, provider=a.provider)
+        self.publisher = Publisher(config.nats, name=f"gpuwarden-agent {a.host}")
+        self.tracker = EventTracker()
+        self.notifier = notifier or SdNotifier()
+        self.kmsg: KmsgReader | None = None
+        self.fatal: GpuwardenError | None = None
+        self.ticks = 0
+        self.events_published = 0
+        self._stop = asyncio.Event()
+        self._threads_stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._checks: tuple[CheckResult, ...] = ()
+        self._checks_task: asyncio.Task[None] | None = None
+        self._inventory: Inventory | None = None
+        self._host_facts: HostFacts | None = None
+        self._proc = psutil.Process()
+        self._version = agent_version()
+        self._t0 = time.monotonic()
+        self._last_tick_s = 0.0
+        self._read_lock = asyncio.Lock()
+        self._inventory_sent = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask the service to stop after the tick in progress (signal-handler safe on the loop)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.backend.open)
+        if isinstance(self.system, SimulatedSystem):
+            self.system.open()
+        self._t0 = time.monotonic()  # simulated fault times count from here, as the backend's
+        inv, self._host_facts = await asyncio.to_thread(self._read_inventory)
+        self._inventory = inv
+        self.tracker.set_inventory(inv.gpus)
+        await self.publisher.start(wait=False)
+        self._tasks.append(asyncio.create_task(self._watch_publisher(), name="agent-publisher-watch"))
+        if self.config.agent.poll:
+            self._tasks.append(asyncio.create_task(self._serve_polls(), name="agent-poll"))
+        if not self.host_down():
+            self._publish_inventory(inv)
+        self._start_thread("agent-gpu-events", self.backend.wait_events, loop)
+        if self.config.agent.kmsg and self.backend.name != "simulated":
+            self.kmsg = KmsgReader(self.config.agent.kmsg_path)
+            self.kmsg.open()
+            if self.kmsg.enabled:
+                self._start_thread("agent-kmsg", self.kmsg.wait_events, loop)
+        self.notifier.ready(f"publishing {len(inv.gpus)} GPUs every {self.interval:g}s")
+        log.info(
+            "agent %s (%s) started: %d %s GPUs, interval %gs, boot id %s",
+            self.seqr.host,
+            self.seqr.provider,
+            len(inv.gpus),
+            self.backend.name,
+            self.interval,
+            self.seqr.boot_id,
+        )
+
+    async def run(self) -> None:
+        deadlines = Deadlines(self.interval)
+        while not self._stop.is_set():
+            if await deadlines.wait(self._stop):
+                break
+            await self.tick()
+            deadlines.advance()
+        if deadlines.missed:
+            log.info("%d ticks skipped because a tick overran the interval", deadlines.missed)
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping()
+        self._threads_stop.set()
+        with contextlib.suppress(GpuwardenError):
+            self.backend.close()
+        if self.kmsg is not None:
+            self.kmsg.close()
+        for th in self._threads:
+            await asyncio.to_thread(th.join, EVENT_WAIT_S * 4)
+        tasks = [*self._tasks, *([self._checks_task] if self._checks_task else [])]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.publisher.close(flush_timeout=FLUSH_ON_EXIT_S)
+        self.notifier.close()
+        s = self.publisher.stats
+        log.info(
+            "agent stopped: %d frames published, %d dropped, %d left unsent",
+            s.published,
+            s.dropped,
+            self.publisher.buffered,
+        )
+
+    async def serve(self, *, signals: bool = True) -> None:
+        """startup, run until SIGTERM/SIGINT (or :meth:`stop`), shutdown; re-raise a fatal error."""
+        loop = asyncio.get_running_loop()
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.startup()
+            await self.run()
+        finally:
+            await self.shutdown()
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        if self.fatal is not None:
+            raise self.fatal
+
+    # ------------------------------------------------------------------ ticks
+
+    def host_down(self) -> bool:
+        """A simulated ``host_down`` fault is active: the host publishes nothing."""
+        return bool(self.faults) and self.faults.host_down(time.monotonic() - self._t0)
+
+    async def tick(self) -> SampleFrame | None:
+        """One sampling tick: publish the inventory if it changed, then a sample."""
+        started = time.perf_counter()
+        if self._checks_task is None or self._checks_task.done():
+            self._checks_task = asyncio.create_task(self._refresh_checks(), name="agent-checks")
+        frame = await self.fresh_sample()
+        if frame is not None:
+            self.ticks += 1
+            self.notifier.watchdog()
+        self._last_tick_s = time.perf_counter() - started
+        return frame
+
+    async def fresh_sample(self) -> SampleFrame | None:
+        """Read everything now, publish the sample (and the inventory when it changed)."""
+        async with self._read_lock:  # a poll and a tick must not read the sources at once
+            gpus, system, inv = await asyncio.to_thread(self._read)
+        if self.host_down():
+            return None
+        if inv != self._inventory or not self._inventory_sent:
+            self._inventory = inv
+            self.tracker.set_inventory(inv.gpus)
+            self._publish_inventory(inv)
+        frame = build_sample(
+            self.seqr,
+            interval_s=self.interval,
+            gpus=gpus,
+            system=system,
+            checks=self._checks,
+            agent=self.stats(),
+        )
+        self.publisher.publish(self.seqr.subjects[0], encode(frame), self.seqr.msg_id(frame.seq))
+        return frame
+
+    def _read(self) -> tuple[Any, Any, Inventory]:
+        return self.backend.sample(), self.system.sample(), self.backend.inventory()
+
+    def _read_inventory(self) -> tuple[Inventory, HostFacts]:
+        return self.backend.inventory(), self.system.host_facts()
+
+    def _publish_inventory(self, inv: Inventory) -> InventoryFrame:
+        self._inventory_sent = True
+        frame = build_inventory(self.seqr, inv, self._host_facts)
+        self.publisher.publish(self.seqr.subjects[2], encode(frame), self.seqr.msg_id(frame.seq))
+        return frame
+
+    def stats(self) -> AgentStats:
+        cpu = self._proc.cpu_times()
+        s = self.publisher.stats
+        return AgentStats(
+            version=self._version,
+            backend=self.backend.name,
+            uptime_s=max(0.0, time.monotonic() - self._t0),
+            cpu_s=cpu.user + cpu.system,
+            rss_bytes=self._proc.memory_info().rss,
+            tick_s=self._last_tick_s,
+            buffered_frames=self.publisher.buffered,
+            dropped_frames=s.dropped,
+            published_frames=s.published,
+            publish_errors=s.publish_errors + s.permission_errors,
+            nvml_errors=int(getattr(self.backend, "nvml_errors", 0)),
+        )
+
+    async def _refresh_checks(self) -> None:
+        net = self.config.network
+        limit = min(net.timeout, max(0.1, self.interval * 0.8))
+        results: list[CheckResult] = []
+        if net.targets:
+            results.extend(await run_checks(net.targets, limit))
+        if net.nats_rtt:
+            try:
+                results.append(nats_rtt_result(await self.publisher.rtt(limit)))
+            except (nats.errors.Error, TimeoutError, OSError) as e:
+                results.append(nats_rtt_result(None, str(e) or type(e).__name__))
+        self._checks = tuple(results)
+
+    # ------------------------------------------------------------------ events
+
+    def _start_thread(
+        self, name: str, wait: Callable[[float], list[GpuEvent]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        th = threading.Thread(target=self._event_loop, args=(wait, loop), name=name, daemon=True)
+        th.start()
+        self._threads.append(th)
+
+    def _event_loop(self, wait: Callable[[float], list[GpuEvent]], loop: asyncio.AbstractEventLoop) -> None:
+        while not self._threads_stop.is_set():
+            events = wait(EVENT_WAIT_S)
+            if events and not self._threads_stop.is_set():
+                try:
+                    loop.call_soon_threadsafe(self.on_events, events)
+                except RuntimeError:  # the loop closed under us: we are shutting down
+                    return
+
+    def on_events(self, events: list[GpuEvent]) -> None:
+        """Deduplicate, count and publish events at once (on the loop)."""
+        now = time.monotonic()
+        down = self.host_down()
+        for ev in events:
+            accepted = self.tracker.accept(ev, now)
+            if accepted is None or down:
+                continue
+            resolved, count = accepted
+            frame = build_event(self.seqr, resolved, count)
+            self.publisher.publish(
+                self.seqr.subjects[1], encode(frame), self.seqr.msg_id(frame.seq), urgent=True
+            )
+            self.events_published += 1
+            log.info(
+                "event %s gpu=%s xid=%s count=%d", resolved.type, resolved.gpu_index, resolved.xid, count
+            )
+
+    # ------------------------------------------------------------------ NATS side tasks
+
+    async def _watch_publisher(self) -> None:
+        await self.publisher.failed_event.wait()
+        if isinstance(self.publisher.failed, GpuwardenError):
+            self.fatal = self.publisher.failed
+        self.stop()
+
+    async def _serve_polls(self) -> None:
+        await self.publisher.wait_connected()
+        await self.publisher.nc.subscribe(poll_subject(self.seqr.host), cb=self._on_poll)
+
+    async def _on_poll(self, msg: Msg) -> None:
+        if not msg.reply or self._stop.is_set():
+            return
+        frame = await self.fresh_sample()
+        if frame is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(encode(frame))

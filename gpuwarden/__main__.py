@@ -1,0 +1,5 @@
+"""``python -m gpuwarden`` is the ``gpuwarden`` command."""
+
+from gpuwarden.cli import main
+
+main()

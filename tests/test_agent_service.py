@@ -1,0 +1,197 @@
+"""The agent service end to end, in process, with simulated GPUs against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from agent.sdnotify import SdNotifier
+from agent.service import AgentService
+from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
+from shared.frames import EventFrame, InventoryFrame, SampleFrame, decode
+from shared.subjects import poll_subject
+
+
+def agent_config(
+    url: str, host: str, *, interval: float, gpus: int = 2, faults: tuple[str, ...] = ()
+) -> AgentConfig:
+    return AgentConfig(
+        agent=AgentSection(host=host, provider="test", interval=interval, kmsg=False),
+        nats=NatsConfig(servers=(url,), reconnect_wait=0.2, reconnect_wait_max=1.0, publish_timeout=2.0),
+        network=NetworkChecksConfig(targets=(), timeout=1.0),
+        simulate=SimulateConfig(gpus=gpus, faults=faults, seed=7),
+    )
+
+
+@dataclass
+class Tap:
+    """A core-NATS subscriber to one host's frames, noting when each arrived."""
+
+    nc: Client
+    frames: list[SampleFrame | EventFrame | InventoryFrame] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.frames.append(decode(msg.data))
+        self.subjects.append(msg.subject)
+        self.arrived.append(time.monotonic())
+
+    async def wait_for(self, pred: object, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if any(pred(f) for f in self.frames):  # type: ignore[operator]
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+@pytest.fixture
+async def host() -> str:
+    return f"agent-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def tap(nats_url: str, host: str) -> AsyncIterator[Tap]:
+    nc = await nats.connect(nats_url)
+    t = Tap(nc)
+    await nc.subscribe(f"gpuwarden.v1.*.*.{host}", cb=t.on_msg)
+    await nc.flush()
+    yield t
+    await nc.close()
+
+
+async def start(svc: AgentService) -> asyncio.Task[None]:
+    task = asyncio.create_task(svc.serve(signals=False))
+    assert await svc.publisher.wait_connected(10)
+    return task
+
+
+async def test_inventory_then_samples_and_events_on_their_subjects(
+    nats_url: str, host: str, tap: Tap
+) -> None:
+    svc = AgentService(agent_config(nats_url, host, interval=0.4, faults=(f"{host}/gpu1:xid=79@0.5s",)))
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: f.kind == "event", 5)
+    assert await tap.wait_for(lambda f: f.kind == "sample" and f.seq > 4, 5)
+    svc.stop()
+    await task
+    kinds = [f.kind for f in tap.frames]
+    assert kinds[0] == "inventory"
+    for f, subject in zip(tap.frames, tap.subjects, strict=True):
+        assert subject == f"gpuwarden.v1.{f.kind}.test.{host}"
+        assert f.host == host
+        assert f.provider == "test"
+        assert f.boot_id == svc.seqr.boot_id
+    seqs = [f.seq for f in tap.frames]
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    inv = tap.frames[0]
+    assert isinstance(inv, InventoryFrame)
+    assert len(inv.gpus) == 2
+    assert inv.host_facts is not None
+    events = [f for f in tap.frames if isinstance(f, EventFrame)]
+    assert [(e.type, e.xid, e.gpu_index, e.count) for e in events] == [("xid", 79, 1, 1)]
+    assert events[0].gpu_uuid == inv.gpus[1].uuid
+    samples = [f for f in tap.frames if isinstance(f, SampleFrame)]
+    assert all(len(s.gpus) == 2 for s in samples)
+    assert all(s.interval_s == 0.4 for s in samples)
+    last = samples[-1]
+    assert last.agent is not None
+    assert last.agent.backend == "simulated"
+    assert last.agent.published_frames > 0
+    assert last.agent.rss_bytes > 0
+    assert last.system is not None
+    assert [c.kind for c in last.checks] == ["nats_rtt"]
+    assert last.checks[0].ok
+    assert svc.publisher.stats.dropped == 0
+
+
+async def test_xid_reaches_nats_within_a_second_not_on_the_next_tick(
+    nats_url: str, host: str, tap: Tap
+) -> None:
+    fault_at = 1.5
+    svc = AgentService(agent_config(nats_url, host, interval=30, faults=(f"{host}/gpu0:xid=48@{fault_at}s",)))
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: f.kind == "event", fault_at + 3)
+    svc.stop()
+    await task
+    i = next(i for i, f in enumerate(tap.frames) if f.kind == "event")
+    delay = tap.arrived[i] - (svc._t0 + fault_at)
+    assert delay < 1.0, f"XID took {delay:.2f}s to reach NATS"
+    assert [f.kind for f in tap.frames[:i]] == ["inventory", "sample"]  # the 30 s tick did not come
+
+
+async def test_poll_replies_with_a_fresh_sample(nats_url: str, host: str, tap: Tap) -> None:
+    svc = AgentService(agent_config(nats_url, host, interval=30))
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: f.kind == "sample", 5)
+    await asyncio.sleep(0.2)  # the subscription is made once connected
+    replies = []
+    for _ in range(2):
+        msg = await tap.nc.request(poll_subject(host), b"", timeout=5)
+        replies.append(decode(msg.data))
+    svc.stop()
+    await task
+    assert all(isinstance(r, SampleFrame) for r in replies)
+    assert replies[0].seq < replies[1].seq
+    assert replies[0].ts < replies[1].ts
+    assert len(replies[1].gpus) == 2
+    # the polled samples are ordinary frames: they are in the stream too, no sequence gap
+    assert await tap.wait_for(lambda f: f.seq == replies[1].seq, 3)
+
+
+async def test_host_down_fault_publishes_nothing_while_active(nats_url: str, host: str, tap: Tap) -> None:
+    svc = AgentService(
+        agent_config(
+            nats_url, host, interval=0.25, faults=(f"{host}:host_down@0s+1.5s", f"{host}/gpu0:xid=13@0.5s")
+        )
+    )
+    task = await start(svc)
+    await asyncio.sleep(1.2)
+    silent = list(tap.frames)
+    assert await tap.wait_for(lambda f: f.kind == "sample", 3)
+    svc.stop()
+    await task
+    assert silent == []
+    assert tap.frames[0].kind == "inventory"  # held back, sent when the host came back
+    assert all(f.kind != "event" for f in tap.frames)  # the XID happened while it was down
+    assert tap.frames[0].seq == 1
+
+
+async def test_systemd_notify_ready_watchdog_stopping(nats_url: str, host: str, tap: Tap) -> None:
+    name = f"gpuwarden-test-{uuid.uuid4().hex[:8]}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(b"\0" + name.encode())
+    sock.setblocking(False)
+    notifier = SdNotifier({"NOTIFY_SOCKET": f"@{name}"})
+    svc = AgentService(agent_config(nats_url, host, interval=0.3), notifier=notifier)
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: f.kind == "sample" and f.seq >= 3, 5)
+    svc.stop()
+    await task
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            break
+    sock.close()
+    assert got[0].startswith("READY=1")
+    assert got[-1] == "STOPPING=1"
+    assert got.count("WATCHDOG=1") == svc.ticks
+    assert svc.ticks >= 2
+
+
+def test_notifier_is_silent_without_notify_socket() -> None:
+    n = SdNotifier({})
+    assert not n.enabled
+    assert not n.ready()
