@@ -567,3 +567,14 @@ def test_make_backend_nvml(kind: str) -> None:
     )
     assert type(b) is nvml.NvmlBackend
     assert b.name == "nvml"
+
+
+def test_positional_construction_matches_field_order() -> None:
+    from agent.gpu import simulated
+
+    names = tuple(f.name for f in fields(GpuSample))
+    assert simulated._POSITIONAL, f"GpuSample fields moved: update _ORDER ({names})"
+    b, clock = make(2, faults=["gpu1:throttle=sw_power@0s", "gpu0:ecc_sbe=60@0s"])
+    for s in at(b, clock, 30):
+        values = [getattr(s, n) for n in simulated._ORDER]
+        assert simulated._keyword_sample(values) == s

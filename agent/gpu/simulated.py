@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from agent.faults import Fault, FaultSchedule
 from agent.gpu.base import GpuEvent, Inventory
 from shared.frames import GpuInfo, GpuProcess, GpuSample
 
+T = TypeVar("T")
 MIB: Final = 1 << 20
 DRIVER_VERSION: Final = "550.127.08"
 CUDA_VERSION: Final = "12.4"
@@ -110,6 +110,39 @@ def _uuid(seed: int, host: str, index: int) -> str:
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
+class _Draws:
+    """A light deterministic stream of uniform numbers (blake2b in counter mode).
+
+    ``random.Random`` keeps 2.5 KB of state; a fleet has tens of thousands of GPUs.
+    """
+
+    __slots__ = ("_buf", "_key", "_n")
+
+    def __init__(self, key: str) -> None:
+        self._key = key.encode()
+        self._n = 0
+        self._buf: list[float] = []
+
+    def random(self) -> float:
+        """A float in [0, 1)."""
+        if not self._buf:
+            d = hashlib.blake2b(self._key + self._n.to_bytes(8, "big"), digest_size=64).digest()
+            self._n += 1
+            self._buf = [
+                (int.from_bytes(d[i : i + 8], "big") >> 11) / 9007199254740992.0 for i in range(56, -8, -8)
+            ]
+        return self._buf.pop()
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random()
+
+    def randrange(self, a: int, b: int) -> int:
+        return a + int(self.random() * (b - a))
+
+    def choice(self, seq: Sequence[T]) -> T:
+        return seq[int(self.random() * len(seq))]
+
+
 _BUS_IDS: Final = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 
 
@@ -120,7 +153,7 @@ class _Gpu:
         self.index = index
         self.model = model
         self.uuid = _uuid(seed, host, index)
-        self.rng = random.Random(_seed_int("sim", seed, host, index))  # noqa: S311 (simulation, not crypto)
+        self.rng = _Draws(f"sim|{seed}|{host}|{index}")
         rng = self.rng
         bus = _BUS_IDS[index] if index < len(_BUS_IDS) else (0x100 + index) & 0xFF
         self.pci_bus_id = f"00000000:{bus:02X}:00.0"
@@ -165,7 +198,7 @@ class _Gpu:
         container = (
             f"slurm-job-{rng.randrange(100_000, 9_999_999)}"
             if rng.random() < 0.5
-            else f"docker-{rng.getrandbits(48):012x}"
+            else f"docker-{rng.randrange(0, 1 << 48):012x}"
         )
         nproc = 1 if rng.random() < 0.7 else 2
         pid = rng.randrange(1000, 4_000_000)
@@ -218,56 +251,18 @@ class _Gpu:
         )
 
 
-_ORDER: Final = [
-    "index",
-    "uuid",
-    "lost",
-    "util_gpu_pct",
-    "util_mem_pct",
-    "mem_total_bytes",
-    "mem_used_bytes",
-    "mem_reserved_bytes",
-    "temp_c",
-    "mem_temp_c",
-    "temp_slowdown_c",
-    "temp_shutdown_c",
-    "temp_max_operating_c",
-    "fan_pct",
-    "power_w",
-    "power_limit_w",
-    "energy_j",
-    "pstate",
-    "clock_sm_mhz",
-    "clock_mem_mhz",
-    "clock_event_reasons",
-    "throttle_thermal_ns",
-    "throttle_power_ns",
-    "ecc_enabled",
-    "ecc_sbe_volatile",
-    "ecc_dbe_volatile",
-    "ecc_sbe_aggregate",
-    "ecc_dbe_aggregate",
-    "retired_pages_sbe",
-    "retired_pages_dbe",
-    "retired_pages_pending",
-    "remapped_rows_correctable",
-    "remapped_rows_uncorrectable",
-    "remap_pending",
-    "remap_failure",
-    "pcie_replay_count",
-    "pcie_link_gen",
-    "pcie_link_width",
-    "pcie_link_gen_max",
-    "pcie_link_width_max",
-    "nvlink_links_total",
-    "nvlink_links_up",
-    "nvlink_crc_errors",
-    "nvlink_replay_errors",
-    "nvlink_recovery_errors",
-    "recovery_action",
-    "persistence_mode",
-    "processes",
-]
+_ORDER: Final = (
+    "index", "uuid", "lost", "util_gpu_pct", "util_mem_pct", "mem_total_bytes", "mem_used_bytes",
+    "mem_reserved_bytes", "temp_c", "mem_temp_c", "temp_slowdown_c", "temp_shutdown_c",
+    "temp_max_operating_c", "fan_pct", "power_w", "power_limit_w", "energy_j", "pstate", "clock_sm_mhz",
+    "clock_mem_mhz", "clock_event_reasons", "throttle_thermal_ns", "throttle_power_ns", "ecc_enabled",
+    "ecc_sbe_volatile", "ecc_dbe_volatile", "ecc_sbe_aggregate", "ecc_dbe_aggregate", "retired_pages_sbe",
+    "retired_pages_dbe", "retired_pages_pending", "remapped_rows_correctable",
+    "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_replay_count", "pcie_link_gen",
+    "pcie_link_width", "pcie_link_gen_max", "pcie_link_width_max", "nvlink_links_total", "nvlink_links_up",
+    "nvlink_crc_errors", "nvlink_replay_errors", "nvlink_recovery_errors", "recovery_action",
+    "persistence_mode", "processes",
+)  # fmt: skip
 # Positional construction is ~40% cheaper; fall back to keywords if GpuSample's fields move.
 _POSITIONAL: Final = tuple(f.name for f in fields(GpuSample))[: len(_ORDER)] == tuple(_ORDER)
 
@@ -457,56 +452,20 @@ class SimulatedBackend:
         else:
             (thermal_ns, power_ns, sbe_vol, dbe_vol, sbe_agg, dbe_agg, retired, remap_corr, remap_unc) = c[:9]
             replay, crc, nvreplay = c[9:]
-        values: list[Any] = [
-            g.index,
-            g.uuid,
-            False,
-            float(int(util)),
-            float(int(util * g.mem_ratio)),
-            m.mem_total,
-            mem_used,
-            556 * MIB,
-            temp,
-            mem_temp,
-            TEMP_SLOWDOWN_C,
-            TEMP_SHUTDOWN_C,
-            TEMP_MAX_OPERATING_C,
-            None,
-            int(power * 1000.0) / 1000.0,
-            m.limit_w,
-            int(g.energy_j * 1000.0) / 1000.0,
-            0,
-            sm,
-            m.mem_clock,
-            reasons,
-            thermal_ns,
-            power_ns,
-            True,
-            sbe_vol,
-            dbe_vol,
-            sbe_agg,
-            dbe_agg,
-            0,
-            retired,
-            retire_pend,
-            remap_corr,
-            remap_unc,
-            remap_pend,
-            remap_fail,
-            replay,
-            m.gen,
-            16,
-            m.gen,
-            16,
-            m.links,
-            m.links - nvlink_down if nvlink_down < m.links else 0,
-            crc,
-            nvreplay,
-            0,
-            recovery,
-            persistence,
-            g.processes if g.busy else (),
-        ]
+        values: list[Any] = [  # in GpuSample's field order (_ORDER)
+            g.index, g.uuid, False,
+            float(int(util)), float(int(util * g.mem_ratio)),  # NVML: whole percent
+            m.mem_total, mem_used, 556 * MIB,
+            temp, mem_temp, TEMP_SLOWDOWN_C, TEMP_SHUTDOWN_C, TEMP_MAX_OPERATING_C,
+            None,  # fan_pct: an SXM board has no fan
+            int(power * 1000.0) / 1000.0, m.limit_w, int(g.energy_j * 1000.0) / 1000.0,  # mW, mJ
+            0, sm, m.mem_clock, reasons, thermal_ns, power_ns,
+            True, sbe_vol, dbe_vol, sbe_agg, dbe_agg,
+            0, retired, retire_pend, remap_corr, remap_unc, remap_pend, remap_fail,
+            replay, m.gen, 16, m.gen, 16,
+            m.links, m.links - nvlink_down if nvlink_down < m.links else 0, crc, nvreplay, 0,
+            recovery, persistence, g.processes if g.busy else (),
+        ]  # fmt: skip
         return GpuSample(*values) if _POSITIONAL else _keyword_sample(values)
 
     def _counters(self, g: _Gpu, t: float) -> tuple[int, ...]:
@@ -618,8 +577,8 @@ class SimulatedBackend:
 
     def poll_events(self) -> list[GpuEvent]:
         """Events due by now, without blocking (each is returned once)."""
-        if self._t0 is None:
-            return []
+        if self._t0 is None or self._next_event >= len(self._events):
+            return []  # the common case in a large fleet: nothing scheduled any more
         t = self.elapsed()
         with self._lock:
             i = start = self._next_event
