@@ -1,0 +1,185 @@
+"""Kernel-log XID parsing (pure); KmsgReader on a regular file and a real FIFO standing in for /dev/kmsg."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.gpu.base import GpuEvent
+from agent.kmsg import KmsgReader, parse_xid_line
+
+XID79 = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python, GPU has fallen off the bus."
+XID13 = (
+    "NVRM: Xid (PCI:0000:3b:00): 13, Graphics SM Warp Exception on (GPC 0, TPC 1, SM 0): Out Of Range Address"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "kind", "bus", "xid", "message"),
+    [
+        (XID79, "xid", "0000:3b:00", 79, "pid=1234, name=python, GPU has fallen off the bus."),
+        (XID13, "xid", "0000:3b:00", 13, XID13.split(": 13, ")[1]),
+        (
+            f"6,1234,5678901,-;{XID79}",
+            "xid",
+            "0000:3b:00",
+            79,
+            "pid=1234, name=python, GPU has fallen off the bus.",
+        ),
+        (f"[ 1234.567890] {XID13}", "xid", "0000:3b:00", 13, XID13.split(": 13, ")[1]),
+        (
+            "kernel: NVRM: Xid (PCI:0000:9B:00): 154, "
+            "GPU recovery action changed from 0x0 (None) to 0x1 (Reset)",
+            "xid",
+            "0000:9b:00",
+            154,
+            "GPU recovery action changed from 0x0 (None) to 0x1 (Reset)",
+        ),
+        ("NVRM: Xid (PCI:0000:18:00): 48", "xid", "0000:18:00", 48, None),
+        ("NVRM: GPU at PCI:0000:3b:00: GPU has fallen off the bus.", "gpu_lost", "0000:3b:00", None, None),
+        (
+            "3,99,1,-;NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.",
+            "gpu_lost",
+            "0000:3b:00.0",
+            None,
+            None,
+        ),
+    ],
+)
+def test_parse_xid_line(line: str, kind: str, bus: str, xid: int | None, message: str | None) -> None:
+    ev = parse_xid_line(line, 1234.5)
+    assert ev is not None
+    assert (ev.type, ev.source, ev.pci_bus_id, ev.xid, ev.ts) == (kind, "kmsg", bus, xid, 1234.5)
+    assert ev.gpu_index is None
+    if kind == "xid":
+        assert ev.message == message
+    else:
+        assert ev.message is not None
+        assert "fallen off the bus" in ev.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        "NVRM: loading NVIDIA UNIX x86_64 Kernel Module  570.133.20",
+        "nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 32 egress non-posted PRIV error",
+        "Xid (PCI:0000:3b:00): 79 without the NVRM tag",
+        "NVRM: Xid (PCI:0000:3b:00): not-a-number, junk",
+        "6,1,2,-;usb 1-1: new high-speed USB device",
+    ],
+)
+def test_parse_ignores_other_lines(line: str) -> None:
+    assert parse_xid_line(line, 0.0) is None
+
+
+def test_message_is_bounded() -> None:
+    ev = parse_xid_line(XID13 + "x" * 5000, 0.0)
+    assert ev is not None
+    assert ev.message is not None
+    assert len(ev.message) <= 512
+
+
+def collect(reader: KmsgReader, want: int, timeout_s: float = 10.0) -> list[GpuEvent]:
+    events: list[GpuEvent] = []
+    deadline = time.monotonic() + timeout_s
+    while len(events) < want and time.monotonic() < deadline:
+        events += reader.wait_events(0.5)
+    return events
+
+
+def test_regular_file_skips_old_lines(tmp_path: Path) -> None:
+    log = tmp_path / "kmsg"
+    log.write_text(f"{XID79}\n")  # before open: must not be replayed
+    reader = KmsgReader(str(log))
+    reader.open()
+    assert reader.enabled
+    assert reader.wait_events(0.2) == []
+    with log.open("a") as f:
+        f.write("some other kernel line\n")
+        f.write(f"6,2000,3000000,-;{XID13}\n SUBSYSTEM=pci\n DEVICE=+pci:0000:3b:00.0\n")
+        f.write("NVRM: GPU at PCI:0000:3b:00: GPU has fallen off the bus.\n")
+    events = collect(reader, 2)
+    assert [(e.type, e.xid) for e in events] == [("xid", 13), ("gpu_lost", None)]
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert events[0].ts == pytest.approx(boot + 3.0, abs=1.0)  # from the record's usec since boot
+    reader.close()
+    reader.close()
+
+
+def test_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    reader = KmsgReader(str(log))
+    reader.open()
+    with log.open("a") as f:
+        f.write(XID79[:20])
+    assert reader.wait_events(0.2) == []
+    with log.open("a") as f:
+        f.write(XID79[20:] + "\n")
+    assert [e.xid for e in collect(reader, 1)] == [79]
+    reader.close()
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> str:
+    path = tmp_path / "kmsg.fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+def test_fifo_records(fifo: str) -> None:
+    reader = KmsgReader(fifo)
+    reader.open()
+    assert reader.enabled
+    assert reader.wait_events(0.1) == []  # no writer yet: not an error, no spin
+    wfd = os.open(fifo, os.O_WRONLY)
+    try:
+        os.write(wfd, f"4,10,100,-;{XID79}\n".encode())
+        os.write(wfd, f"4,11,200,-;{XID13}\n".encode())
+        events = collect(reader, 2)
+    finally:
+        os.close(wfd)
+    assert [(e.xid, e.pci_bus_id) for e in events] == [(79, "0000:3b:00"), (13, "0000:3b:00")]
+    assert reader.wait_events(0.1) == []  # writer gone (POLLHUP): still quiet
+    reader.close()
+
+
+def test_close_wakes_a_waiting_thread(fifo: str) -> None:
+    reader = KmsgReader(fifo)
+    reader.open()
+    result: list[list[GpuEvent]] = []
+    t = threading.Thread(target=lambda: result.append(reader.wait_events(60.0)))
+    t.start()
+    time.sleep(0.05)
+    reader.close()
+    t.join(10.0)
+    assert not t.is_alive()
+    assert result == [[]]
+
+
+def test_missing_log_disables_reader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reader = KmsgReader(str(tmp_path / "absent"))
+    with caplog.at_level(logging.WARNING, logger="agent.kmsg"):
+        reader.open()
+        assert not reader.enabled
+        assert reader.wait_events(0.05) == []
+        assert reader.wait_events(0.05) == []
+    assert len([r for r in caplog.records if "not readable" in r.getMessage()]) == 1
+    reader.close()
+
+
+def test_read_failure_disables_reader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reader = KmsgReader(str(tmp_path))  # a directory opens, but read() fails with EISDIR
+    reader.open()
+    with caplog.at_level(logging.WARNING, logger="agent.kmsg"):
+        assert reader.wait_events(0.2) == []
+    assert not reader.enabled
+    assert any("reader disabled" in r.getMessage() for r in caplog.records)
+    assert reader.wait_events(0.05) == []
+    reader.close()
