@@ -1,0 +1,39 @@
+"""Pure alert engine: observations in; alerts, transitions and notifications out.
+
+No clock, no logging, no I/O (STYLE.md rule 6). See ``docs/alerts.md``.
+"""
+
+from collector.alerts.config import AlertConfig, Matcher, Policy, Silence, alert_config_from, parse_matcher
+from collector.alerts.engine import AlertEngine
+from collector.alerts.model import (
+    Ack,
+    AddSilence,
+    Alert,
+    AlertState,
+    ExpireSilence,
+    Incident,
+    Notification,
+    Outcome,
+    Transition,
+    Unack,
+)
+
+__all__ = [
+    "Ack",
+    "AddSilence",
+    "Alert",
+    "AlertConfig",
+    "AlertEngine",
+    "AlertState",
+    "ExpireSilence",
+    "Incident",
+    "Matcher",
+    "Notification",
+    "Outcome",
+    "Policy",
+    "Silence",
+    "Transition",
+    "Unack",
+    "alert_config_from",
+    "parse_matcher",
+]

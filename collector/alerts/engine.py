@@ -1,0 +1,385 @@
+"""The alert engine: observations, commands and the current time in; state, transitions and
+notifications out.
+
+Pure: no clock, no logging, no I/O. The caller owns the :class:`AlertState`; ``evaluate``
+updates it in place (copying a fleet's state per frame would cost more than evaluating it)
+and returns it with what changed::
+
+    engine = AlertEngine(alert_config_from(raw))
+    state = AlertState()
+    state, transitions, notifications = engine.evaluate(state, observations, now)
+
+To branch or persist a state, use ``AlertState.to_dict`` and :meth:`AlertEngine.restore`.
+Lifecycle, flapping and escalation are here; correlation (incidents, provider-wide incidents,
+inhibition) and silences are in :mod:`collector.alerts.correlate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from collector.alerts.config import FOREVER, AlertConfig, Policy, matches_all
+from collector.alerts.correlate import Correlator, Ctx
+from collector.alerts.model import (
+    FIRING,
+    N_ESCALATED,
+    N_FIRING,
+    N_FLAPPING,
+    N_REPEAT,
+    N_RESOLVED,
+    PENDING,
+    RESOLVED,
+    Ack,
+    AddSilence,
+    Alert,
+    AlertState,
+    Command,
+    ExpireSilence,
+    Notification,
+    Outcome,
+    Unack,
+    fingerprint,
+)
+from collector.health.model import HEALTHY, RANK, Observation
+
+
+class AlertEngine(Correlator):
+    """Alert lifecycle (pending -> firing -> resolved), flapping, acknowledgement, escalation."""
+
+    def __init__(self, config: AlertConfig | None = None) -> None:
+        super().__init__(config or AlertConfig())
+        a = self.config.alerts
+        self.for_default = a.for_s
+        self.flap_len = a.flap_history
+        self.flap_mask = (1 << a.flap_history) - 1
+        slots = a.flap_history - 1  # state changes the history can hold
+        # Nagios: weights grow linearly from 0.8 (oldest change) to 1.2 (newest); slot 0 is newest.
+        self.flap_weights = tuple(0.8 + 0.4 * (slots - 1 - i) / max(slots - 1, 1) for i in range(slots))
+        self.flap_scale = 100.0 / slots
+        self.policies: dict[str, Policy] = {p.name: p for p in self.config.policies}
+
+    # ------------------------------------------------------------------ entry points
+
+    def restore(self, data: Mapping[str, Any]) -> AlertState:
+        """A state saved with ``AlertState.to_dict``, with its indexes rebuilt."""
+        state = AlertState.from_dict(data)
+        self.reindex(state)
+        return state
+
+    def evaluate(
+        self,
+        state: AlertState,
+        observations: Iterable[Observation],
+        now: float,
+        commands: Sequence[Command] = (),
+        provider_hosts: Mapping[str, int] | None = None,
+    ) -> Outcome:
+        """Apply ``commands``, then ``observations``, then whatever time ``now`` makes due.
+
+        ``provider_hosts`` (provider -> host count, e.g. ``HealthState.provider_hosts()``)
+        sizes provider-wide incidents; without it the hosts seen in observations count.
+        """
+        ctx = Ctx(now)
+        if commands:
+            for cmd in commands:
+                self._command(state, cmd, ctx)
+            self.sync_silences(state, ctx)
+            state.next_due = 0.0
+        for o in observations:
+            self._observe(state, o, ctx)
+        if now >= state.next_due:
+            self._advance(state, ctx)
+        if ctx.fired:
+            self.correlate(state, ctx, provider_hosts)
+        return Outcome(state, ctx.transitions, ctx.notifications)
+
+    # ------------------------------------------------------------------ observations
+
+    def _observe(self, state: AlertState, o: Observation, ctx: Ctx) -> None:
+        a = state.alerts.get(o.key)
+        active = o.status != HEALTHY
+        now = ctx.now
+        if a is None:
+            labels = o.labels
+            p, h = labels.get("provider", ""), labels.get("host", "")
+            hosts = state.hosts.get(p)
+            if hosts is None:
+                hosts = state.hosts[p] = {}
+            if h not in hosts:
+                hosts[h] = None
+            if not active:
+                return
+            a = self._create(state, o, ctx)
+        a.last_seen = now
+        n = a.flap_n
+        bits = ((a.flap_bits << 1) | active) & self.flap_mask
+        a.flap_bits = bits
+        if n < self.flap_len:
+            a.flap_n = n = n + 1
+        old_severity = a.severity
+        if active:
+            a.severity, a.summary, a.advice, a.value = o.status, o.summary, o.advice, o.value
+            a.immediate = o.immediate
+        a.active = active
+        changes = (bits ^ (bits >> 1)) & ((1 << (n - 1)) - 1)
+        if changes or a.flapping:
+            pct = self.flap_pct(changes)
+            cfg = self.config.alerts
+            if a.flapping:
+                if pct >= cfg.flap_stop_pct:
+                    return  # held
+                a.flapping = False
+                self._t(ctx, a, "flapping_stopped")
+            elif pct >= cfg.flap_start_pct:
+                a.flapping = True
+                self._t(ctx, a, "flapping")
+                self._notify_flapping(a, ctx)
+                return
+        if active:
+            st = a.state
+            if st == RESOLVED:
+                self._start(state, a, ctx)
+            elif st == PENDING:
+                if now - a.started_at >= self.for_of(a):
+                    self._fire(state, a, ctx)
+            elif old_severity != a.severity:
+                self._severity(state, a, old_severity, ctx)
+        elif a.state != RESOLVED:
+            self._resolve(state, a, ctx)
+
+    def flap_pct(self, changes: int) -> float:
+        """Nagios-style weighted percentage of state changes (``changes``: bit 0 newest)."""
+        total, w = 0.0, self.flap_weights
+        while changes:
+            low = changes & -changes
+            total += w[low.bit_length() - 1]
+            changes ^= low
+        return total * self.flap_scale
+
+    def for_of(self, a: Alert) -> float:
+        return 0.0 if a.immediate else self.config.for_rules.get(a.rule, self.for_default)
+
+    def _create(self, state: AlertState, o: Observation, ctx: Ctx) -> Alert:
+        a = Alert(fingerprint(o.key), o.key, o.check, dict(o.labels), o.status)
+        state.alerts[o.key] = a
+        state.by_fp[a.fingerprint] = a
+        host = (a.labels.get("provider", ""), a.labels.get("host", ""))
+        keys = state.by_host.get(host)
+        if keys is None:
+            keys = state.by_host[host] = {}
+        keys[o.key] = None
+        self.silence_check(state, a, ctx)
+        self.inhibit_check(state, a, ctx)
+        return a
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _start(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        now = ctx.now
+        a.episode += 1
+        a.state, a.started_at, a.fired_at, a.resolved_at = PENDING, now, None, None
+        a.level, a.notify_base, a.notified, a.last_notified_at, a.policy, a.incident = (
+            -1,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        a.told = []
+        a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+        self._t(ctx, a, "pending")
+        wait = self.for_of(a)
+        if wait <= 0:
+            self._fire(state, a, ctx)
+        elif now + wait < state.next_due:
+            state.next_due = now + wait
+
+    def _fire(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        a.state, a.fired_at = FIRING, ctx.now
+        self._t(ctx, a, "firing")
+        if a.rule in self.sources:
+            self.root_changed(state, a, True, ctx)
+        ctx.fired[a.fingerprint] = a
+
+    def _resolve(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        now = ctx.now
+        was = a.state
+        a.state, a.resolved_at = RESOLVED, now
+        self._t(ctx, a, "resolved")
+        if was == FIRING:
+            if a.notified in (N_FIRING, N_FLAPPING) and a.told and self.quiet_ok(a):
+                self._send(ctx, a, N_RESOLVED, tuple(a.told))
+            if a.rule in self.sources:
+                self.root_changed(state, a, False, ctx)
+            self.incident_activity(state, a, ctx)
+        a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+        retire = now + self.config.alerts.resolved_retention
+        if retire < state.next_due:
+            state.next_due = retire
+
+    def _severity(self, state: AlertState, a: Alert, old: str, ctx: Ctx) -> None:
+        self._t(ctx, a, "severity")
+        self.silence_check(state, a, ctx)
+        if RANK[a.severity] <= RANK[old] or a.level < 0 or not self.notifiable(a):
+            return
+        pol = self.route(a.match_labels())
+        if pol is not None and pol.name != a.policy:  # e.g. warning -> critical: page now
+            a.level, a.notify_base, a.notified = -1, None, None
+            self._t(ctx, a, "rerouted")
+            ctx.fired[a.fingerprint] = a
+        elif pol is not None:
+            self._send(ctx, a, N_FIRING, pol.levels[a.level].notify)
+
+    # ------------------------------------------------------------------ notifications
+
+    @staticmethod
+    def notifiable(a: Alert) -> bool:
+        return a.state == FIRING and not a.silenced_by and a.inhibited_by is None and not a.flapping
+
+    @staticmethod
+    def quiet_ok(a: Alert) -> bool:
+        """Not silenced nor inhibited: may be told about (resolution, flapping)."""
+        return not a.silenced_by and a.inhibited_by is None
+
+    def route(self, labels: Mapping[str, str]) -> Policy | None:
+        """The first escalation policy whose matchers match (severity-based routing)."""
+        for p in self.config.policies:
+            if matches_all(p.matchers, labels):
+                return p
+        return None
+
+    def _send(
+        self, ctx: Ctx, a: Alert, kind: str, channels: Sequence[str], hosts: tuple[str, ...] = ()
+    ) -> None:
+        if not channels:
+            return
+        chans = tuple(dict.fromkeys(channels))
+        for c in chans:
+            if c not in a.told:
+                a.told.append(c)
+        a.last_notified_at = ctx.now
+        ctx.notifications.append(
+            Notification(
+                kind, chans, ctx.now, a.fingerprint, a.incident, a.rule, a.labels, a.severity,
+                a.summary, a.advice, max(a.level, 0), hosts,
+            )
+        )  # fmt: skip
+
+    def _notify_flapping(self, a: Alert, ctx: Ctx) -> None:
+        if not self.quiet_ok(a):
+            return
+        pol = self.policies.get(a.policy) if a.policy else self.route(a.match_labels())
+        if pol is None:
+            return
+        a.policy = pol.name
+        a.notified = N_FLAPPING
+        self._send(ctx, a, N_FLAPPING, pol.levels[max(a.level, 0)].notify)
+
+    def notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        """The first notification of an episode (level 0, or higher if its delays passed)."""
+        if not self.notifiable(a) or a.level >= 0 or a.notified == "absorbed":
+            return
+        pol = self.route(a.match_labels())
+        if pol is None:
+            return
+        now = ctx.now
+        if a.notify_base is None:
+            a.notify_base = now
+        a.policy = pol.name
+        due = a.notify_base + pol.levels[0].after
+        if now < due:
+            state.next_due = min(state.next_due, due)
+            return
+        level = 0
+        while level + 1 < len(pol.levels) and now >= a.notify_base + pol.levels[level + 1].after:
+            level += 1
+        a.level = level
+        a.notified = N_FIRING
+        self._send(ctx, a, N_FIRING, [c for lv in pol.levels[: level + 1] for c in lv.notify])
+        state.next_due = min(state.next_due, self._next_for(a, pol))
+
+    def _next_for(self, a: Alert, pol: Policy) -> float:
+        nxt = FOREVER
+        if a.ack_by is not None or a.notify_base is None:
+            return nxt
+        if a.level + 1 < len(pol.levels):
+            nxt = a.notify_base + pol.levels[a.level + 1].after
+        if pol.repeat > 0 and a.last_notified_at is not None:
+            nxt = min(nxt, a.last_notified_at + pol.repeat)
+        return nxt
+
+    def _escalate(self, state: AlertState, a: Alert, ctx: Ctx) -> float:
+        """Climb levels and repeat for a firing alert; the next time this alert is due."""
+        if not self.notifiable(a) or a.fingerprint in ctx.fired:
+            return FOREVER
+        if a.level < 0:
+            if a.notified != "absorbed":
+                ctx.fired[a.fingerprint] = a  # a delayed level 0: correlate, then notify
+            return FOREVER
+        pol = self.policies.get(a.policy or "")
+        if pol is None or a.ack_by is not None or a.notify_base is None:
+            return FOREVER
+        now, target = ctx.now, a.level
+        while target + 1 < len(pol.levels) and now >= a.notify_base + pol.levels[target + 1].after:
+            target += 1
+        if target > a.level:
+            a.level = target
+            self._send(ctx, a, N_ESCALATED, pol.levels[target].notify)
+        elif pol.repeat > 0 and a.last_notified_at is not None and now >= a.last_notified_at + pol.repeat:
+            self._send(ctx, a, N_REPEAT, pol.levels[a.level].notify)
+        return self._next_for(a, pol)
+
+    # ------------------------------------------------------------------ commands and time
+
+    def _command(self, state: AlertState, cmd: Command, ctx: Ctx) -> None:
+        if isinstance(cmd, AddSilence):
+            state.silences[cmd.silence.id] = cmd.silence
+            return
+        if isinstance(cmd, ExpireSilence):
+            state.silences.pop(cmd.id, None)
+            return
+        a = state.by_fp.get(cmd.fingerprint)
+        if a is None:
+            return
+        if isinstance(cmd, Ack):
+            if a.state == RESOLVED:
+                return
+            a.ack_by, a.ack_at, a.ack_until, a.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
+            self._t(ctx, a, "acknowledged")
+        elif isinstance(cmd, Unack) and a.ack_by is not None:
+            a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+            self._t(ctx, a, "unacknowledged")
+
+    def _advance(self, state: AlertState, ctx: Ctx) -> None:
+        now = ctx.now
+        nxt = self.sync_silences(state, ctx)
+        retention = self.config.alerts.resolved_retention
+        drop = []
+        for key, a in state.alerts.items():
+            st = a.state
+            if st == PENDING and a.active and not a.flapping:
+                due = a.started_at + self.for_of(a)
+                if now >= due:
+                    self._fire(state, a, ctx)
+                    st = FIRING
+                else:
+                    nxt = min(nxt, due)
+            if a.ack_until is not None:
+                if now >= a.ack_until:
+                    a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+                    self._t(ctx, a, "unacknowledged")
+                else:
+                    nxt = min(nxt, a.ack_until)
+            if st == FIRING:
+                nxt = min(nxt, self._escalate(state, a, ctx))
+            elif st == RESOLVED and not a.flapping:
+                gone = (a.resolved_at if a.resolved_at is not None else a.last_seen) + retention
+                if now >= gone and a.flap_bits == 0:
+                    drop.append(key)
+                else:
+                    nxt = min(nxt, gone if now < gone else now + retention)
+        for key in drop:
+            self.forget(state, key)
+        state.next_due = min(nxt, self.close_incidents(state, ctx))

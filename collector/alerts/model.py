@@ -1,0 +1,218 @@
+"""Alert engine records: alerts, incidents, transitions, notifications, commands, state.
+
+The state is plain data: :meth:`AlertState.to_dict` gives JSON-compatible values and
+:meth:`AlertState.from_dict` restores it, so an effects layer can persist it (with the
+notifications it still has to deliver) and a restarted collector resumes without
+notifying again what it already sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+
+from collector.alerts.config import Silence
+
+PENDING: Final = "pending"
+FIRING: Final = "firing"
+RESOLVED: Final = "resolved"
+
+# Notification kinds.
+N_FIRING: Final = "firing"
+N_RESOLVED: Final = "resolved"
+N_ESCALATED: Final = "escalated"
+N_REPEAT: Final = "repeat"
+N_FLAPPING: Final = "flapping"
+N_PROVIDER: Final = "provider_incident"
+
+
+def fingerprint(key: str) -> str:
+    """Stable identity of an alert: a hash of its rule and labels (``Observation.key``)."""
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(slots=True)
+class Alert:
+    """One alert (rule + labels); a condition that keeps holding stays one alert."""
+
+    fingerprint: str
+    key: str
+    rule: str
+    labels: dict[str, str]
+    severity: str
+    state: str = RESOLVED
+    summary: str = ""
+    advice: str = ""
+    value: float | None = None
+    immediate: bool = False
+    active: bool = False  # the condition, per the last observation
+    episode: int = 0  # how many times it started (pending) so far
+    started_at: float = 0.0  # this episode went pending
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    last_seen: float = 0.0
+    ack_by: str | None = None
+    ack_at: float | None = None
+    ack_until: float | None = None
+    ack_comment: str = ""
+    silenced_by: list[str] = field(default_factory=list)
+    inhibited_by: str | None = None  # fingerprint of the root-cause alert
+    flapping: bool = False
+    flap_bits: int = 0  # last states, newest in bit 0 (1: condition held)
+    flap_n: int = 1  # how many states the history holds
+    policy: str | None = None
+    level: int = -1  # escalation level reached this episode (-1: nothing notified yet)
+    notify_base: float | None = None  # when it became notifiable: escalation delays count from here
+    notified: str | None = None  # "firing", "flapping" or "absorbed" (in a provider incident)
+    last_notified_at: float | None = None
+    told: list[str] = field(default_factory=list)  # channels notified this episode
+    incident: str | None = None
+
+    def match_labels(self) -> dict[str, str]:
+        """Labels plus ``rule`` and ``severity``, as silences and policies see them."""
+        return {**self.labels, "rule": self.rule, "severity": self.severity}
+
+
+@dataclass(slots=True)
+class Incident:
+    """Alerts grouped by (provider, host) within the correlation window, or a provider-wide
+    incident (``host`` is ``None``) when many of a provider's hosts fail together."""
+
+    id: str
+    provider: str
+    host: str | None
+    opened_at: float
+    last_activity: float
+    closed_at: float | None = None
+    alerts: list[str] = field(default_factory=list)  # fingerprints
+    hosts: list[str] = field(default_factory=list)  # provider-wide: the failing hosts
+    notified: bool = False
+    told: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of an alert: ``kind`` is a lifecycle state (pending, firing, resolved) or a
+    flag change (acknowledged, unacknowledged, silenced, unsilenced, inhibited, uninhibited,
+    flapping, flapping_stopped, severity, rerouted)."""
+
+    fingerprint: str
+    rule: str
+    labels: Mapping[str, str]
+    at: float
+    kind: str
+    state: str
+    severity: str
+    summary: str
+    incident: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """Something an effects layer delivers to ``channels``.
+
+    ``kind``: firing, resolved, escalated, repeat, flapping or provider_incident. An alert's
+    notification has ``fingerprint``; an incident's (provider-wide) has ``fingerprint=None``
+    and lists the failing hosts in ``hosts``.
+    """
+
+    kind: str
+    channels: tuple[str, ...]
+    at: float
+    fingerprint: str | None
+    incident: str | None
+    rule: str
+    labels: Mapping[str, str]
+    severity: str
+    summary: str
+    advice: str = ""
+    level: int = 0
+    hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Acknowledge a pending or firing alert (optionally until ``until``): stops escalation."""
+
+    fingerprint: str
+    by: str
+    until: float | None = None
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unack:
+    fingerprint: str
+    by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddSilence:
+    silence: Silence
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireSilence:
+    id: str
+
+
+Command = Ack | Unack | AddSilence | ExpireSilence
+
+
+class Outcome(NamedTuple):
+    state: AlertState
+    transitions: list[Transition]
+    notifications: list[Notification]
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+    return out
+
+
+@dataclass(slots=True)
+class AlertState:
+    """Alerts by ``Observation.key``, runtime silences, incidents and known hosts."""
+
+    alerts: dict[str, Alert] = field(default_factory=dict)
+    silences: dict[str, Silence] = field(default_factory=dict)  # added at run time (API)
+    incidents: dict[str, Incident] = field(default_factory=dict)
+    open_incidents: dict[str, str] = field(default_factory=dict)  # "provider/host" or "provider" -> id
+    hosts: dict[str, dict[str, None]] = field(default_factory=dict)  # provider -> hosts seen
+    active_silences: list[str] = field(default_factory=list)  # ids active at the last evaluation
+    next_due: float = 0.0  # the earliest time something time-driven happens
+    # Derived indexes (rebuilt by reindex(), not persisted).
+    by_fp: dict[str, Alert] = field(default_factory=dict)
+    by_host: dict[tuple[str, str], dict[str, None]] = field(default_factory=dict)
+    roots: dict[tuple[str, tuple[str, ...]], dict[str, None]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alerts": [_plain(a) for a in self.alerts.values()],
+            "silences": [s.to_dict() for s in self.silences.values()],
+            "incidents": [_plain(i) for i in self.incidents.values()],
+            "open_incidents": dict(self.open_incidents),
+            "hosts": {p: list(h) for p, h in self.hosts.items()},
+            "active_silences": list(self.active_silences),
+            "next_due": self.next_due,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AlertState:
+        """Restore a state saved by :meth:`to_dict`; call the engine's ``reindex`` after."""
+        alerts = [Alert(**{**a, "labels": dict(a["labels"])}) for a in d.get("alerts", [])]
+        return cls(
+            alerts={a.key: a for a in alerts},
+            silences={s["id"]: Silence.from_dict(s) for s in d.get("silences", [])},
+            incidents={i["id"]: Incident(**i) for i in d.get("incidents", [])},
+            open_incidents=dict(d.get("open_incidents", {})),
+            hosts={p: dict.fromkeys(h) for p, h in d.get("hosts", {}).items()},
+            active_silences=list(d.get("active_silences", [])),
+            next_due=float(d.get("next_due", 0.0)),
+        )
