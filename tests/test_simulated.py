@@ -444,7 +444,15 @@ def _kinds(events: list) -> list[tuple]:
         ("gpu1:row_remap_fail@10s+5s", [("page_retirement", 1, None, 1), ("xid", 1, 64, None)], []),
         ("gpu1:remap_pending@10s+5s", [("page_retirement", 1, None, 0), ("xid", 1, 63, None)], []),
         ("gpu1:retired_pages=5@10s+5s", [("page_retirement", 1, None, 0)], []),
-        ("gpu1:temp=99@10s+5s", [], []),
+        ("gpu1:temp=99@10s+5s", [("throttle_start", 1, None, 0x48)], [("throttle_stop", 1, None, 0)]),
+        ("gpu1:temp=80@10s+5s", [], []),
+        (
+            "gpu1:throttle=power_brake@10s+5s",
+            [("throttle_start", 1, None, 0x88)],
+            [("throttle_stop", 1, None, 0)],
+        ),
+        ("gpu1:throttle=sw_thermal@10s", [("throttle_start", 1, None, 0x20)], []),
+        ("gpu1:power=900@10s+5s", [], []),
         ("xid=13@10s+5s", [("xid", 0, 13, None), ("xid", 1, 13, None)], []),
     ],
 )
@@ -466,6 +474,18 @@ def test_fault_events(spec: str, start: list, end: list) -> None:
         assert e.ts == pytest.approx(wall0 + 10.0, abs=1.0)
         assert e.message
         assert spec in e.message
+
+
+def test_throttle_stop_reports_the_bits_still_set() -> None:
+    b, clock = make(1, faults=["throttle=sw_power@10s+5s", "throttle=hw_slowdown@12s+10s"])
+    clock.now = 1100.0
+    got = [(e.type, e.value) for e in b.poll_events()]
+    assert got == [
+        ("throttle_start", SW_POWER_CAP),
+        ("throttle_start", SW_POWER_CAP | HW_SLOWDOWN),
+        ("throttle_stop", HW_SLOWDOWN),
+        ("throttle_stop", 0),
+    ]
 
 
 def test_events_in_time_order_across_gpus() -> None:

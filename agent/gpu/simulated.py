@@ -55,9 +55,11 @@ THROTTLE_BITS: Final[dict[str, int]] = {
 _THERMAL_REASONS: Final = frozenset({"hw_slowdown", "hw_thermal", "sw_thermal"})
 _HW_BITS: Final = HW_SLOWDOWN | HW_THERMAL | HW_POWER_BRAKE
 
-# Fault kinds that emit events (at their start; ``lost`` also at its end).
+# Fault kinds that emit events at their start; ``lost``, ``throttle`` and ``temp`` (at or above
+# the slowdown temperature) also at their end.
 EVENT_FAULTS: Final = frozenset(
     {"xid", "ecc_dbe", "lost", "recovery_action", "row_remap_fail", "remap_pending", "retired_pages"}
+    | {"throttle", "temp"}
 )
 
 _IDLE_S: Final = (20.0, 240.0)
@@ -99,6 +101,18 @@ def _fv(f: Fault) -> float:
 
 def _iv(f: Fault) -> int:
     return int(_fv(f))
+
+
+def _fault_bits(g: _Gpu, t: float) -> int:
+    """The clock-event reason bits that ``g``'s faults set at ``t``."""
+    bits = 0
+    for f in g.faults:
+        if f.active(t):
+            if f.kind == "throttle":
+                bits |= THROTTLE_BITS[str(f.value)]
+            elif f.kind == "temp" and _fv(f) >= TEMP_SLOWDOWN_C:
+                bits |= HW_THERMAL | HW_SLOWDOWN
+    return bits
 
 
 def _seed_int(*parts: object) -> int:
@@ -574,6 +588,10 @@ class SimulatedBackend:
             events += [(t, ev("page_retirement", value=0)), (t, ev("xid", xid=63))]
         elif k == "retired_pages":
             events.append((t, ev("page_retirement", value=0)))
+        elif k == "throttle" or (k == "temp" and _fv(f) >= TEMP_SLOWDOWN_C):
+            events.append((t, ev("throttle_start", value=_fault_bits(g, t))))
+            if f.end_s is not None:
+                events.append((f.end_s, ev("throttle_stop", value=_fault_bits(g, f.end_s), when=f.end_s)))
         return events
 
     def poll_events(self) -> list[GpuEvent]:
