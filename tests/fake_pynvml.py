@@ -32,8 +32,11 @@ _STRUCTS: dict[str, Any] = {
 class FakeNvml:
     """State of the fake; ``module`` is what the backend gets as ``nvml``."""
 
-    def __init__(self, data: dict[str, Any], gpus: int | None = None) -> None:
+    def __init__(self, data: dict[str, Any], gpus: int | None = None, *, cache_fields: bool = False) -> None:
         self.data = copy.deepcopy(data)
+        # cache_fields: build each field-value batch once and return copies (for the benchmark,
+        # so it measures the backend more than the fake); answers must not change afterwards.
+        self._field_cache: dict[tuple[int, tuple[Any, ...]], Any] | None = {} if cache_fields else None
         recorded = self.data["gpus"]
         if gpus is not None:  # more GPUs: clone the recorded ones with new UUIDs and bus ids
             self.data["gpus"] = [self._clone(recorded[i % len(recorded)], i) for i in range(gpus)]
@@ -51,8 +54,10 @@ class FakeNvml:
         self.module = self._build_module()
 
     @classmethod
-    def load(cls, name: str = "nvml_h100x2.json", gpus: int | None = None) -> FakeNvml:
-        return cls(json.loads((DATA / name).read_text()), gpus)
+    def load(
+        cls, name: str = "nvml_h100x2.json", gpus: int | None = None, *, cache_fields: bool = False
+    ) -> FakeNvml:
+        return cls(json.loads((DATA / name).read_text()), gpus, cache_fields=cache_fields)
 
     @staticmethod
     def _clone(gpu: dict[str, Any], i: int) -> dict[str, Any]:
@@ -251,6 +256,10 @@ class FakeNvml:
         fields = self.gpu(index)["fields"]
         if "error" in fields:  # the whole call fails
             raise self._error(fields["error"])
+        key = (index, tuple(field_ids))
+        if self._field_cache is not None and key in self._field_cache:
+            template = self._field_cache[key]
+            return type(template).from_buffer_copy(template)
         values = (real.c_nvmlFieldValue_t * len(field_ids))()
         for i, fid in enumerate(field_ids):
             fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
@@ -264,6 +273,8 @@ class FakeNvml:
             values[i].valueType = answer["type"]
             member = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
             setattr(values[i].value, member[answer["type"]], answer["value"])
+        if self._field_cache is not None:
+            self._field_cache[key] = values
         return values
 
     def _event_set_create(self) -> Any:
