@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -22,22 +23,30 @@ app = typer.Typer(
 app.add_typer(agent_app, name="agent")
 app.command("fleet")(fleet_command)
 
-try:
-    from collector.cli import app as collector_app  # type: ignore[import-not-found, unused-ignore]
-except ImportError as _e:
-    _collector_missing = str(_e)
 
-    @app.command("collector", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def collector_unavailable() -> None:
-        """The central service (needs the collector extras)."""
-        typer.echo(
-            f"error: the collector is not available ({_collector_missing}); "
-            "install it with: pip install 'gpuwarden[collector]'",
-            err=True,
+def add_collector(target: typer.Typer) -> None:
+    """Register ``gpuwarden collector`` from ``collector.cli`` (or say that it is not installed).
+
+    Imported only when asked for, so an agent never loads the collector's dependencies.
+    """
+    try:
+        from collector.cli import app as collector_app
+    except ImportError as e:
+        missing = str(e)
+
+        @target.command(
+            "collector", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
         )
-        raise typer.Exit(1)
-else:
-    app.add_typer(collector_app, name="collector")
+        def collector_unavailable() -> None:
+            """The central service (needs the collector extras)."""
+            typer.echo(
+                f"error: the collector is not available ({missing}); "
+                "install it with: pip install 'gpuwarden[collector]'",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+    else:
+        target.add_typer(collector_app, name="collector")
 
 
 @app.command("version")
@@ -132,4 +141,7 @@ async def _demo(hosts: int, gpus: int, interval: float, duration: float | None) 
 
 
 def main() -> None:
+    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if first in (None, "collector"):
+        add_collector(app)
     app()

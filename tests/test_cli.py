@@ -1,0 +1,162 @@
+"""The real ``gpuwarden`` command in a subprocess: exit codes, messages, SIGTERM, sample JSON, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import psutil
+import pytest
+from nats.aio.msg import Msg
+
+from shared.frames import decode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpuwarden(*args: str) -> list[str]:
+    """The console script when installed (``make install``), else ``python -m gpuwarden``."""
+    script = shutil.which("gpuwarden", path=str(Path(sys.executable).parent))
+    return [script, *args] if script else [sys.executable, "-m", "gpuwarden", *args]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUWARDEN_") and k != "NOTIFY_SOCKET"}
+    base["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return base | extra
+
+
+def run(*args: str, timeout: float = 30, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gpuwarden(*args), cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["agent", "run", "--fault", "bogus"], "error: fault: 'bogus'"),
+        (["agent", "run", "--simulate", "2", "--fault", "h/gpu0:melt@1s"], "error: fault: 'h/gpu0:melt@1s'"),
+        (["agent", "run", "--interval", "fast"], "error: agent.interval: expected a duration"),
+        (["agent", "run", "--simulate", "99"], "error: simulate.gpus: must be at most 64"),
+        (["agent", "sample", "--simulate", "2", "--fault", "x:xid@"], "error: fault: 'x:xid@'"),
+        (["fleet", "--hosts", "2", "--fault", "nope"], "error: fault: 'nope'"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_config_file_and_env_exit_2(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[agent]\ninterval = "5s"\nhostname = "typo"\n')
+    r = run("agent", "run", "--config", str(conf))
+    assert r.returncode == 2
+    assert "error: agent.hostname: unknown key" in r.stderr
+    r = run("agent", "run", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2
+    assert "config file not found" in r.stderr
+    r = run("agent", "run", "--simulate", "1", GPUWARDEN_NATS_BUFFER_FRAMES="lots")
+    assert r.returncode == 2
+    assert "error: GPUWARDEN_NATS_BUFFER_FRAMES: expected an integer" in r.stderr
+
+
+def test_sample_prints_inventory_sample_and_field_support() -> None:
+    r = run("agent", "sample", "--simulate", "2", "--host", "node-7")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["inventory"]["kind"] == "inventory"
+    assert len(out["inventory"]["gpus"]) == 2
+    assert out["sample"]["kind"] == "sample"
+    assert out["sample"]["host"] == "node-7"
+    assert [g["index"] for g in out["sample"]["gpus"]] == [0, 1]
+    assert out["sample"]["seq"] == out["inventory"]["seq"] + 1
+    assert "temp_c" in out["fields"]["0"]["supported"]
+    assert out["sample"]["system"]["cpu_count"] > 0
+
+
+async def test_sigterm_stops_a_running_agent_cleanly(nats_url: str) -> None:
+    host = f"cli-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    nc = await nats.connect(nats_url)
+    seen: list[str] = []
+
+    sampled = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        seen.append(decode(msg.data).kind)
+        if seen[-1] == "sample":
+            sampled.set()
+
+    await nc.subscribe(f"gpuwarden.v1.*.*.{host}", cb=on_msg)
+    await nc.flush()
+    cmd = gpuwarden(
+        "agent", "run", "--simulate", "2", "--interval", "0.5", "--nats", nats_url, "--host", host
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=ROOT, env=env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await asyncio.wait_for(sampled.wait(), 20)
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+        took = time.monotonic() - t
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await nc.close()
+    assert proc.returncode == 0, err.decode()
+    assert took < 8
+    assert seen[0] == "inventory"
+    assert "agent stopped" in err.decode()
+
+
+def test_demo_prints_frames_and_ctrl_c_leaves_no_process_behind() -> None:
+    proc = subprocess.Popen(
+        gpuwarden("demo", "--hosts", "2", "--gpus", "2", "--interval", "0.5"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    children: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if not children:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            if sum(x.startswith("sample ") for x in lines) >= 3:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines += out.splitlines()
+    assert proc.returncode == 0, err
+    assert any("inventory" in x for x in lines)
+    assert sum(x.startswith("sample ") for x in lines) >= 3
+    assert lines[-1].strip() == "demo: stopped"
+    assert children, "the demo should run its own nats-server"
+    for c in children:
+        assert not c.is_running() or c.status() == psutil.STATUS_ZOMBIE
