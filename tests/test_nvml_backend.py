@@ -232,6 +232,25 @@ def test_gpu_lost_then_recovered(fake: FakeNvml, backend: NvmlBackend) -> None:
     assert [(e.type, e.gpu_index) for e in backend.wait_events(0.0)] == [("gpu_recovered", 1)]
 
 
+def test_gpu_lost_at_open_is_reported_and_can_come_back(fake: FakeNvml) -> None:
+    fake.lose(1)
+    b = opened(fake)
+    assert [(e.type, e.gpu_index) for e in b.wait_events(0.0)] == [("gpu_lost", 1)]
+    assert fake.registered.keys() == {0}
+    s0, s1 = b.sample()
+    assert (s0.lost, s1.lost, s1.uuid) == (False, True, "")
+    assert b.inventory().gpus[1].uuid == ""
+    fake.recover(1)
+    s1 = b.sample()[1]
+    assert (s1.lost, s1.uuid, s1.temp_c) == (False, "GPU-9b0c7d12-44e6-4a8f-b1d3-6c5e4f3a2b10", 31.0)
+    assert [(e.type, e.gpu_index) for e in b.wait_events(0.0)] == [("gpu_recovered", 1)]
+    assert b.inventory().gpus[1].pci_bus_id == "00000000:2A:00.0"
+    assert fake.registered.keys() == {0, 1}  # registered for events once it answered
+    fake.push_event(1, XID, 48)
+    assert [(e.type, e.gpu_index, e.xid) for e in b.wait_events(5.0)] == [("xid", 1, 48)]
+    b.close()
+
+
 def test_unknown_error_on_a_lost_device_is_gpu_lost(fake: FakeNvml) -> None:
     b = opened(fake)
     fake.set_call(0, "nvmlDeviceGetTemperature/0", {"error": "Unknown"})

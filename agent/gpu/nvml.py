@@ -137,7 +137,8 @@ class NvmlBackend:
             self._read_static(gpu)
         except GpuLost:
             self._mark_lost(gpu)
-        self._by_handle[handle_key(gpu.handle)] = gpu
+        if gpu.handle is not None:
+            self._by_handle[handle_key(gpu.handle)] = gpu
         return gpu
 
     def _read_static(self, gpu: GpuState) -> None:
@@ -203,21 +204,12 @@ class NvmlBackend:
         event_set = self._qry.query(None, "events", "nvmlEventSetCreate")
         if event_set is None:
             return
-        wanted = 0
-        for bit in _EVENT_TYPES:
-            wanted |= bit
         registered = 0
         for gpu in self._gpus:
             if gpu.lost:
                 continue
             try:
-                supported = self._qry.query(gpu, "events", "nvmlDeviceGetSupportedEventTypes", gpu.handle)
-                mask = int(supported or 0) & wanted
-                if mask:
-                    status, _ = self._qry.attempt(
-                        gpu, "events", "nvmlDeviceRegisterEvents", (gpu.handle, mask, event_set)
-                    )
-                    registered += status == "ok"
+                registered += self._register_events(gpu, event_set)
             except GpuLost:
                 self._mark_lost(gpu)
         if registered:
@@ -227,6 +219,20 @@ class NvmlBackend:
             log.info(
                 "no GPU offers NVML events (%d GPUs); XIDs come from the kernel log only", len(self._gpus)
             )
+
+    def _register_events(self, gpu: GpuState, event_set: Any) -> bool:
+        """Register ``gpu`` for the event types it supports among those we convert. Raises GpuLost."""
+        wanted = 0
+        for bit in _EVENT_TYPES:
+            wanted |= bit
+        supported = self._qry.query(gpu, "events", "nvmlDeviceGetSupportedEventTypes", gpu.handle)
+        mask = int(supported or 0) & wanted
+        if not mask:
+            return False
+        status, _ = self._qry.attempt(
+            gpu, "events", "nvmlDeviceRegisterEvents", (gpu.handle, mask, event_set)
+        )
+        return status == "ok"
 
     def close(self) -> None:
         """Free the event set and shut NVML down (idempotent); wakes :meth:`wait_events`."""
@@ -307,8 +313,11 @@ class NvmlBackend:
             )
         if status != "ok" or h is None:
             raise GpuLost("reacquire")
-        gpu.handle = h
-        self._by_handle[handle_key(h)] = gpu
+        if handle_key(h) != handle_key(gpu.handle):  # a new handle (reset, or lost at open)
+            gpu.handle = h
+            self._by_handle[handle_key(h)] = gpu
+            if self._event_set is not None:
+                self._register_events(gpu, self._event_set)
         if gpu.info is None:
             gpu.uuid = gpu.uuid or text(self._qry.query(gpu, "uuid", "nvmlDeviceGetUUID", h)) or ""
             self._read_static(gpu)
