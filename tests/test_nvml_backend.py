@@ -208,6 +208,21 @@ def test_other_error_counts_and_is_retried(fake: FakeNvml) -> None:
     b.close()
 
 
+def test_out_of_range_readings_become_none(fake: FakeNvml) -> None:
+    fake.set_call(0, "nvmlDeviceGetTemperature/0", 4000)  # a driver glitch
+    fake.set_field(0, "230", {"type": 1, "value": 0xFFFFFFFF})  # an unexpected sentinel
+    fake.set_field(0, "82", {"type": 0, "value": float("nan")})
+    b = opened(fake)
+    before = b.nvml_errors
+    s0, s1 = b.sample()
+    assert (s0.temp_c, s0.recovery_action, s0.mem_temp_c) == (None, None, None)
+    assert (s1.temp_c, s1.recovery_action, s1.mem_temp_c) == (31.0, 0, 38.0)
+    assert b.nvml_errors == before + 3
+    frame = SampleFrame(host="h", provider="p", boot_id="b", gpus=(s0, s1))
+    assert decode(encode(frame)) == frame
+    b.close()
+
+
 def test_gpu_lost_then_recovered(fake: FakeNvml, backend: NvmlBackend) -> None:
     backend.sample()
     fake.lose(1)

@@ -297,6 +297,8 @@ class NvmlBackend:
                 continue
             if gpu.lost:
                 self._mark_recovered(gpu)
+            for name in nf.wire_safe(values):
+                self._qry.count_error(f"reading {name}", "value outside its valid range")
             out.append(GpuSample(index=gpu.index, uuid=gpu.uuid, **values))
         return out
 

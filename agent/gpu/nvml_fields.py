@@ -106,6 +106,29 @@ def convert(spec: FieldSpec, raw: int | float | None) -> Any:
     return int(raw) if raw >= 0 else None
 
 
+_RANGES: Final[dict[str, tuple[float, float]]] = {
+    f.name: f.metadata["range"] for f in fields(GpuSample) if "range" in f.metadata
+}
+
+
+def wire_safe(values: dict[str, Any]) -> list[str]:
+    """Set to ``None`` (in place) every reading outside its wire range or NaN; return their names.
+
+    A driver bug or an unexpected sentinel must cost one reading, never the whole frame (the
+    collector rejects a frame with an out-of-range field).
+    """
+    bad = []
+    for name, value in values.items():
+        bounds = _RANGES.get(name)
+        if bounds is None or value is None or isinstance(value, bool):
+            continue
+        if not bounds[0] <= value <= bounds[1]:  # also false for NaN
+            bad.append(name)
+    for name in bad:
+        values[name] = None
+    return bad
+
+
 def topic_fields(topics: Iterable[str]) -> set[str]:
     """The sample fields that a set of not-supported topics stands for."""
     out: set[str] = set()
