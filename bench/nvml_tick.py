@@ -54,7 +54,7 @@ def run() -> list[tuple[str, str, str]]:
     p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
     return [
         ("nvml tick, 8 GPUs, median (fake NVML)", f"{median:.0f} us", f"< {GOAL_US:.0f} us"),
-        ("nvml tick, 8 GPUs, p99 (fake NVML)", f"{p99:.0f} us", f"< {GOAL_US:.0f} us"),
+        ("nvml tick, 8 GPUs, p99 (fake NVML)", f"{p99:.0f} us", f"< {2 * GOAL_US:.0f} us"),
         ("nvml tick, per GPU, median", f"{median / GPUS:.0f} us", f"< {GOAL_US / GPUS:.0f} us"),
         ("nvml calls per tick, 8 GPUs", str(calls), "info"),
     ]
