@@ -183,3 +183,15 @@ def test_read_failure_disables_reader(tmp_path: Path, caplog: pytest.LogCaptureF
     assert any("reader disabled" in r.getMessage() for r in caplog.records)
     assert reader.wait_events(0.05) == []
     reader.close()
+
+
+def test_real_dev_kmsg_when_readable() -> None:
+    if not os.access("/dev/kmsg", os.R_OK):
+        pytest.skip("/dev/kmsg not readable here")
+    reader = KmsgReader()
+    reader.open()
+    assert reader.enabled  # a character device: seek to the end works, nothing old is replayed
+    events = reader.wait_events(0.2)
+    assert all(e.source == "kmsg" for e in events)
+    reader.close()
+    assert not reader.enabled
