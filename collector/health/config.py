@@ -114,10 +114,10 @@ HEALTH_SCHEMA: Final[dict[str, type[Any]]] = {
 _SUBTABLES: Final = frozenset({"gpu", "host", "network", "provider"})
 
 
-def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def _table(raw: Mapping[str, Any], key: str, full: str) -> Mapping[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, Mapping):
-        raise ConfigError(key, "expected a table")
+        raise ConfigError(full, "expected a table")
     return value
 
 
@@ -125,7 +125,7 @@ def _build(cls: type[T], raw: Mapping[str, Any], section: str, env: Mapping[str,
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {}
     for k, v in raw.items():
-        if isinstance(v, Mapping) and section == "health" and k in _SUBTABLES:
+        if section == "health" and k in _SUBTABLES:
             continue
         if k not in names:
             raise ConfigError(f"{section}.{k}", "unknown key")
@@ -146,12 +146,12 @@ def health_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
     process environment) override the file. Raises :class:`ConfigError` naming the key.
     """
     env = os.environ if env is None else env
-    top = _table(raw, "health")
+    top = _table(raw, "health", "health")
     health = _build(HealthSection, top, "health", env)
-    gpu = _build(GpuThresholds, _table(top, "gpu"), "health.gpu", env)
-    host = _build(HostThresholds, _table(top, "host"), "health.host", env)
-    network = _build(NetworkThresholds, _table(top, "network"), "health.network", env)
-    provider = _build(ProviderThresholds, _table(top, "provider"), "health.provider", env)
+    gpu = _build(GpuThresholds, _table(top, "gpu", "health.gpu"), "health.gpu", env)
+    host = _build(HostThresholds, _table(top, "host", "health.host"), "health.host", env)
+    network = _build(NetworkThresholds, _table(top, "network", "health.network"), "health.network", env)
+    provider = _build(ProviderThresholds, _table(top, "provider", "health.provider"), "health.provider", env)
     _pair(gpu.temp_warning_c, gpu.temp_critical_c, "health.gpu.temp_warning_c", "temp_critical_c")
     _pair(host.mem_warning_pct, host.mem_critical_pct, "health.host.mem_warning_pct", "mem_critical_pct")
     _pair(host.swap_warning_pct, host.swap_critical_pct, "health.host.swap_warning_pct", "swap_critical_pct")

@@ -231,6 +231,9 @@ class HealthEngine:
                 hs.expected_gpus = exp.gpus
         grace = self.config.health.never_reported_grace
         for hs in state.hosts.values():
+            for gs in hs.gpus.values():
+                if gs.xids or gs.fatal_xids:
+                    self.gpu.expire(em, gs, gs.labels, now)
             if hs.stale:
                 continue
             if hs.last_frame_at is None:
@@ -240,10 +243,6 @@ class HealthEngine:
             silent = now - hs.last_frame_at
             if silent > self.stale_limit(hs):
                 self._stale(em, hs, now, f"no data for {silent:.0f} s")
-                continue
-            for gs in hs.gpus.values():
-                if gs.xids or gs.fatal_xids:
-                    self.gpu.expire(em, gs, gs.labels, now)
         return state, em.out
 
     def _stale(self, em: Emitter, hs: HostState, now: float, why: str) -> None:

@@ -175,7 +175,7 @@ class GpuChecks:
         d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
         if d is None:
             return
-        rate = d / dt * 60.0
+        rate = d * 60.0 / dt
         if rate > self.cfg.ecc_sbe_rate_per_min:
             em.emit(
                 c, "gpu.ecc_sbe_rate", "gpu.ecc_sbe_rate", base, WARNING, ts, rate,
@@ -310,7 +310,7 @@ class GpuChecks:
         expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, self.cfg.pcie_replay_factor)
         if expected is None:
             return
-        rate = d / dt * 60.0
+        rate = d * 60.0 / dt
         if rate > expected:
             em.emit(
                 gs.checks, "gpu.pcie_replay", "gpu.pcie_replay", base, WARNING, ts, rate,

@@ -122,8 +122,8 @@ class HostChecks:
             if n.up is not None:
                 em.emit(hs.checks, local, "host.nic", base, HEALTHY, ts, 0.0, extra=extra)
             return
-        errors = _delta(n.rx_errors + n.tx_errors, old.rx_errors + old.tx_errors) / dt * 60.0
-        drops = _delta(n.rx_drops + n.tx_drops, old.rx_drops + old.tx_drops) / dt * 60.0
+        errors = _delta(n.rx_errors + n.tx_errors, old.rx_errors + old.tx_errors) * 60.0 / dt
+        drops = _delta(n.rx_drops + n.tx_drops, old.rx_drops + old.tx_drops) * 60.0 / dt
         if errors > cfg.nic_errors_per_min or drops > cfg.nic_drops_per_min:
             em.emit(
                 hs.checks, local, "host.nic", base, WARNING, ts, errors + drops,
