@@ -15,6 +15,7 @@ are ignored (a newer minor revision may add some); another major ``v`` is reject
 from __future__ import annotations
 
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable
@@ -464,16 +465,35 @@ _FIELD_NAMES: Final = {cls: tuple(f.name for f in fields(cls)) for cls in _RECOR
 
 def to_wire(obj: Any) -> Any:
     """The plain-data form of a record (dicts, lists, scalars), as it goes on the wire."""
-    names = _FIELD_NAMES.get(type(obj))
-    if names is None:
+    spec = _WIRE_SPEC.get(type(obj))
+    if spec is None:
         if isinstance(obj, tuple | list):
             return [to_wire(v) for v in obj]
         return obj
-    out = {}
-    for name in names:
-        v = getattr(obj, name)
-        out[name] = to_wire(v) if type(v) is tuple or type(v) in _FIELD_NAMES else v
+    names, get, nested = spec
+    out = dict(zip(names, get(obj), strict=True))
+    for name in nested:  # only fields typed as a record or a tuple can hold nested data
+        v = out[name]
+        if type(v) is tuple or type(v) in _FIELD_NAMES:
+            out[name] = to_wire(v)
     return out
+
+
+def _nested_fields(cls: type[Any]) -> tuple[str, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for name in _FIELD_NAMES[cls]:
+        hint = hints[name]
+        args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+        if any(get_origin(a) is tuple or a in _RECORDS for a in args):
+            out.append(name)
+    return tuple(out)
+
+
+# per record: field names, one attrgetter for all of them, the fields that may nest
+_WIRE_SPEC: Final = {
+    cls: (_FIELD_NAMES[cls], operator.attrgetter(*_FIELD_NAMES[cls]), _nested_fields(cls)) for cls in _RECORDS
+}
 
 
 def encode(frame: Frame) -> bytes:
