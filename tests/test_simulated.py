@@ -12,7 +12,7 @@ import pytest
 from agent.faults import FaultSchedule
 from agent.gpu.auto import make_backend
 from agent.gpu.base import GpuBackend
-from agent.gpu.simulated import (
+from agent.gpu.simmodel import (
     GPU_IDLE,
     HW_POWER_BRAKE,
     HW_SLOWDOWN,
@@ -20,8 +20,8 @@ from agent.gpu.simulated import (
     SW_POWER_CAP,
     SW_THERMAL,
     TEMP_SLOWDOWN_C,
-    SimulatedBackend,
 )
+from agent.gpu.simulated import SimulatedBackend
 from shared.errors import ConfigError
 from shared.frames import GpuSample, InventoryFrame, SampleFrame, decode, encode
 
