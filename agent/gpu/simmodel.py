@@ -189,6 +189,13 @@ _BUS_IDS: Final = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 class SimGpu:
     """One simulated GPU: static facts, job phases and thermal/energy state."""
 
+    __slots__ = (
+        "ambient", "base_counters", "busy", "energy_j", "faults", "index", "job_seq", "lag_core", "lag_dt",
+        "lag_mem", "last_t", "mem_ratio", "mem_temp", "mem_used", "model", "pci_bus_id", "peak_w", "phase",
+        "processes", "remap_corr_base", "rng", "sbe_agg_base", "seg_end", "seg_start", "serial", "temp",
+        "util_amp", "util_base", "uuid", "wobble_hz",
+    )  # fmt: skip
+
     def __init__(self, index: int, host: str, seed: int, model: Model, faults: tuple[Fault, ...]) -> None:
         self.index = index
         self.model = model
