@@ -286,9 +286,14 @@ class FaultSchedule:
         return self._by_kind.get(kind, ())
 
     def active(self, t: float, kind: str | None = None, gpu: int | None = None) -> list[Fault]:
-        """Faults active at ``t``, optionally only of ``kind`` and applying to GPU ``gpu``."""
+        """Faults active at ``t``, optionally only of ``kind``.
+
+        With ``gpu``, only the GPU-level faults that apply to that GPU (``/gpuN`` or every GPU).
+        """
         pool = self.faults if kind is None else self._by_kind.get(kind, ())
-        return [f for f in pool if f.active(t) and (gpu is None or f.gpu is None or f.gpu == gpu)]
+        if gpu is None:
+            return [f for f in pool if f.active(t)]
+        return [f for f in pool if f.active(t) and f.kind in GPU_KINDS and f.applies_to_gpu(gpu)]
 
     def host_down(self, t: float) -> bool:
         """Whether a ``host_down`` fault is active: the agent publishes nothing."""

@@ -267,8 +267,8 @@ class SimulatedSystem:
         t = self.elapsed()
         cpu = self._cpu_base + self._cpu_amp * math.sin(self._cpu_w * t + self._phase)
         for f in self._cpu_faults:
-            if f.active(t):
-                cpu = float(f.value)  # type: ignore[arg-type]
+            if f.active(t) and isinstance(f.value, int | float):
+                cpu = float(f.value)
         cpu = min(max(cpu, 0.0), 100.0)
         load = cpu / 100.0 * self._cpu_count
         root_used = self._root_used

@@ -240,6 +240,10 @@ def test_schedule_queries() -> None:
     assert [f.kind for f in h1.active(10.0, kind="xid")] == ["xid"]
     assert h1.active(10.0, kind="temp") == []
     assert [f.kind for f in s.active(6.0, kind="temp", gpu=1)] == ["temp"]
+    assert [f.kind for f in h1.active(31.0)] == ["xid", "host_down", "ecc_sbe"]
+    assert [f.kind for f in h1.active(61.0, gpu=3)] == ["ecc_sbe"]  # host-level faults left out
+    assert [f.kind for f in h1.active(61.0, kind="cpu")] == ["cpu"]
+    assert h1.active(61.0, kind="cpu", gpu=0) == []
     assert s.active(15.0, kind="temp") == []
 
     assert not s.host_down(29.9)
