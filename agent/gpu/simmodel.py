@@ -81,6 +81,7 @@ def fault_value(f: Fault) -> float:
 
 
 def fault_int(f: Fault) -> int:
+    """The value of a fault as an integer (XID code, link count, recovery action)."""
     return int(fault_value(f))
 
 
@@ -108,6 +109,7 @@ _FLAGS: Final = {
 
 
 def overrides(active: list[Fault]) -> Overrides:
+    """What the ``active`` faults of one GPU change in its next reading."""
     ov = Overrides()
     for f in active:
         k = f.kind
@@ -174,12 +176,15 @@ class Draws:
         return self._buf.pop()
 
     def uniform(self, a: float, b: float) -> float:
+        """A float in [a, b)."""
         return a + (b - a) * self.random()
 
     def randrange(self, a: int, b: int) -> int:
+        """An integer in [a, b)."""
         return a + int(self.random() * (b - a))
 
     def choice(self, seq: Sequence[T]) -> T:
+        """One element of ``seq``."""
         return seq[int(self.random() * len(seq))]
 
 
@@ -291,12 +296,14 @@ class SimGpu:
             self.energy_j += power * dt
 
     def util(self, t: float) -> float:
+        """GPU utilisation in percent at ``t`` (0 while idle)."""
         if not self.busy:
             return 0.0
         u = self.util_base + self.util_amp * math.sin(self.wobble_hz * t + self.phase)
         return 100.0 if u > 100.0 else (0.0 if u < 0.0 else u)
 
     def info(self, persistence: bool) -> GpuInfo:
+        """The inventory entry of this GPU."""
         m = self.model
         return GpuInfo(
             index=self.index,
