@@ -339,7 +339,12 @@ def alert_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = No
         var = env_name("alerts", "for" if name == "for_s" else name)
         if var in env:
             values[name] = env[var]
-    section = build_section(AlertsSection, values, "alerts", env)
+    try:
+        section = build_section(AlertsSection, values, "alerts", env)
+    except ConfigError as e:
+        if e.key != "alerts.for_s":
+            raise
+        raise ConfigError("alerts.for", e.message) from e
     if section.flap_stop_pct > section.flap_start_pct:
         raise ConfigError("alerts.flap_stop_pct", "must not exceed alerts.flap_start_pct")
     rules = alerts.get("for_rules", {})

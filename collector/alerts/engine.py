@@ -81,15 +81,15 @@ class AlertEngine(Correlator):
         sizes provider-wide incidents; without it the hosts seen in observations count.
         """
         ctx = Ctx(now)
-        if commands:
-            for cmd in commands:
-                self._command(state, cmd, ctx)
-            self.sync_silences(state, ctx)
-            state.next_due = 0.0
+        for cmd in commands:
+            self._command(state, cmd, ctx)
+        due = bool(commands) or now >= state.next_due
+        if due:  # silences first, so that this call's notifications see them
+            boundary = self.sync_silences(state, ctx)
         for o in observations:
             self._observe(state, o, ctx)
-        if now >= state.next_due:
-            self._advance(state, ctx)
+        if due:
+            self._advance(state, ctx, boundary)
         if ctx.fired:
             self.correlate(state, ctx, provider_hosts)
         return Outcome(state, ctx.transitions, ctx.notifications)
@@ -352,9 +352,8 @@ class AlertEngine(Correlator):
             a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
             self._t(ctx, a, "unacknowledged")
 
-    def _advance(self, state: AlertState, ctx: Ctx) -> None:
+    def _advance(self, state: AlertState, ctx: Ctx, nxt: float) -> None:
         now = ctx.now
-        nxt = self.sync_silences(state, ctx)
         retention = self.config.alerts.resolved_retention
         drop = []
         for key, a in state.alerts.items():
