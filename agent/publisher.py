@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import re
 import ssl
 import time
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +47,7 @@ from shared.subjects import STREAM, STREAM_SUBJECTS
 log = logging.getLogger(__name__)
 
 _DENIED = re.compile(r'Permissions Violation for Publish to "?([^"\s]+)"?', re.IGNORECASE)
+ERROR_LOG_EVERY_S = 60.0
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
 
@@ -75,6 +78,12 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     """Jittered exponential backoff: a uniform pick in [d/2, d], d = min(cap, base * 2**attempt)."""
     d = min(cap, base * (2 ** min(attempt, 30)))
     return rng.uniform(d / 2, d)
+
+
+def server_address(url: str) -> tuple[str, int]:
+    """Host and port of a NATS URL (``nats://h:4222``, ``tls://h``, ``h:4222``)."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+    return parsed.hostname or "127.0.0.1", parsed.port or 4222
 
 
 def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
@@ -168,10 +177,12 @@ class Publisher:
         self._inflight = 0
         self._attempt = 0
         self._denied: dict[str, float] = {}
+        self._logged: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._stream_ok = False
         self._started = False
+        self._connect_called = False
 
     # ------------------------------------------------------------------ state
 
@@ -220,13 +231,38 @@ class Publisher:
 
     async def _connect_forever(self, opts: dict[str, Any]) -> None:
         try:
+            await self._wait_reachable()
             await self._connect(opts)
         except GpuwardenError as e:
             log.error("NATS: %s", e)
             self.failed = e
             self.failed_event.set()
 
+    async def _wait_reachable(self) -> None:
+        """Until one server accepts TCP: retry with jittered, capped backoff (quietly)."""
+        targets = [server_address(u) for u in self.cfg.servers]
+        attempt = 0
+        while True:
+            for host, port in targets:
+                try:
+                    _, writer = await asyncio.wait_for(
+                        asyncio.open_connection(host, port), self.cfg.connect_timeout
+                    )
+                except (OSError, TimeoutError) as e:
+                    last = e
+                    continue
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+            delay = backoff_delay(attempt, self.cfg.reconnect_wait, self.cfg.reconnect_wait_max, self._rng)
+            if attempt == 0 or attempt % 10 == 0:
+                log.warning("NATS: no server reachable (%s); retrying, next in %.1fs", last, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
     async def _connect(self, opts: dict[str, Any]) -> None:
+        self._connect_called = True
         await self.nc.connect(
             **opts,
             error_cb=self._on_error,
@@ -303,7 +339,7 @@ class Publisher:
         if self.nc.is_connected:
             with contextlib.suppress(*_NATS_ERRORS):
                 await self.nc.drain()
-        if not self.nc.is_closed:
+        if self._connect_called and not self.nc.is_closed:
             with contextlib.suppress(*_NATS_ERRORS):
                 await self.nc.close()
         self._connected.clear()
@@ -397,12 +433,14 @@ class Publisher:
     # ------------------------------------------------------------------ callbacks
 
     async def _on_error(self, e: Exception) -> None:
-        m = _DENIED.search(str(e))
+        text = str(e) or type(e).__name__
+        m = _DENIED.search(text)
         if m:
             self._denied[m.group(1)] = time.monotonic()
-            log.error("NATS: %s", e)
-            return
-        log.warning("NATS: %s", e or type(e).__name__)
+        now = time.monotonic()
+        if now - self._logged.get(text, -math.inf) >= ERROR_LOG_EVERY_S:  # the same error once a minute
+            self._logged[text] = now
+            log.log(logging.ERROR if m else logging.WARNING, "NATS: %s", text)
 
     async def _on_disconnected(self) -> None:
         if self._connected.is_set() and not self._closing:

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 
 from agent.sdnotify import SdNotifier
 from agent.service import AgentService
+from gpuwarden.servers import NatsServer
 from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
 from shared.frames import EventFrame, InventoryFrame, SampleFrame, decode
 from shared.subjects import poll_subject
@@ -195,3 +196,24 @@ def test_notifier_is_silent_without_notify_socket() -> None:
     n = SdNotifier({})
     assert not n.enabled
     assert not n.ready()
+
+
+async def test_agent_started_before_nats_delivers_its_buffer_once_up(
+    private_nats: NatsServer,
+) -> None:
+    from tests.test_publisher import stream_frames
+
+    private_nats.stop()
+    svc = AgentService(agent_config(private_nats.url, "early-bird", interval=0.25))
+    task = asyncio.create_task(svc.serve(signals=False))
+    await asyncio.sleep(2.0)
+    assert not svc.publisher.connected
+    assert svc.publisher.buffered >= 5
+    private_nats.start()
+    assert await svc.publisher.wait_connected(10)
+    assert await svc.publisher.flush(10)
+    svc.stop()
+    await task
+    frames = await stream_frames(private_nats.url, "early-bird")
+    assert [f.seq for f in frames] == list(range(1, svc.seqr.seq + 1))
+    assert frames[0].kind == "inventory"

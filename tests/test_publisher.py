@@ -13,8 +13,9 @@ from nats.aio.msg import Msg
 from agent.gpu.base import GpuEvent, Inventory
 from agent.publisher import Publisher, StreamUnavailableError, backoff_delay
 from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, build_sample
+from agent.service import AgentService
 from gpuwarden.servers import NatsServer
-from shared.config import NatsConfig
+from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
 from shared.frames import EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, decode, encode
 from shared.subjects import STREAM
 
@@ -168,7 +169,20 @@ async def test_missing_stream_is_a_clear_error_when_creation_is_off(private_nats
 
 
 async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_nats: NatsServer) -> None:
-    """NATS down for 20 s: a big buffer loses nothing, a small one drops exactly what it counts."""
+    """NATS down for 20 s: a big buffer loses nothing, a small one drops exactly what it counts.
+
+    A real agent (simulated GPUs, 0.25 s ticks, poll replies, RTT checks) rides the same
+    outage with a big buffer: every one of its sequence numbers ends up in the stream once.
+    """
+    agent = AgentService(
+        AgentConfig(
+            agent=AgentSection(host="agent", provider="p", interval=0.25, kmsg=False),
+            nats=cfg(private_nats.url, buffer_frames=10_000),
+            network=NetworkChecksConfig(),
+            simulate=SimulateConfig(gpus=2),
+        )
+    )
+    agent_task = asyncio.create_task(agent.serve(signals=False))
     big_seq, small_seq = Sequencer(host="big", provider="p"), Sequencer(host="small", provider="p")
     big = Publisher(cfg(private_nats.url, buffer_frames=10_000), name="big")
     small = Publisher(cfg(private_nats.url, buffer_frames=5), name="small")
@@ -195,6 +209,7 @@ async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_n
     assert not big.connected
     assert big.buffered > 150
     assert small.buffered == 5
+    assert agent.publisher.buffered > 60
     private_nats.start()
     assert await big.wait_connected(15)
     assert await small.wait_connected(15)
@@ -204,6 +219,9 @@ async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_n
     assert await small.flush(10)
     await big.close()
     await small.close()
+    assert await agent.publisher.wait_connected(5)
+    agent.stop()
+    await agent_task
 
     big_seqs = [f.seq for f in await stream_frames(private_nats.url, "big")]
     small_seqs = [f.seq for f in await stream_frames(private_nats.url, "small")]
@@ -217,6 +235,11 @@ async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_n
     assert len(small_seqs) + small.stats.dropped == small_seq.seq
     missing = sorted(set(range(1, small_seq.seq + 1)) - set(small_seqs))
     assert missing == list(range(missing[0], missing[0] + len(missing)))  # the oldest of the outage
+    agent_frames = await stream_frames(private_nats.url, "agent")
+    assert sorted(f.seq for f in agent_frames) == list(range(1, agent.seqr.seq + 1))
+    assert agent.publisher.stats.dropped == 0
+    assert agent.publisher.stats.reconnects == 1
+    assert agent_frames[0].kind == "inventory"
 
 
 PERMS = """
