@@ -16,6 +16,7 @@ whole stream and acknowledges other partitions' messages unread. See ``docs/inge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -216,6 +217,14 @@ class Ingest:
                 continue
             if msgs:
                 await self.process(msgs)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the pull subscription (so that draining NATS does not wait on it)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     def limits(self, now: float | None = None) -> Limits:
         now = time.time() if now is None else now
@@ -255,6 +264,11 @@ class Ingest:
         if result is None:
             return None
         await msgs[-1].ack()
+        for r in result.rejected[len(rejected) :]:  # refused by PostgreSQL column types
+            self.stats.rejected[r.reason] += 1
+            self._rl.warning(
+                f"reject:{r.reason}", "rejected frame on %s: %s: %s", r.subject, r.reason, r.message
+            )
         self._account(msgs, result)
         if result.new:
             for hook in self.hooks:
@@ -267,7 +281,7 @@ class Ingest:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(db.is_transient),
-                wait=wait_exponential_jitter(initial=0.1, max=5.0),
+                wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
                 stop=self._give_up,
                 before_sleep=self._before_sleep,
                 reraise=True,

@@ -33,7 +33,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT):
         return True
     sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "57", "53")
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "40", "53", "57", "58")
 
 
 def connect_kwargs(cfg: PostgresSection, dsn: str | None = None) -> dict[str, Any]:

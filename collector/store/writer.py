@@ -126,6 +126,8 @@ class Writer:
     async def connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             conn = await db.connect(self._cfg, self._dsn)
+            # acknowledging after commit needs the commit durable, whatever the server default
+            await conn.execute("SET synchronous_commit = on")
             for sql in _STAGING:
                 await conn.execute(sql)
             self._conn = conn
@@ -137,8 +139,16 @@ class Writer:
             await self._conn.close()
         self._conn = None
 
+    def _forget(self) -> None:
+        """Drop the id caches (the database may have lost or changed rows, e.g. a crash)."""
+        self._hosts.clear()
+        self._providers.clear()
+        self._gpus.clear()
+        self._days.clear()
+
     async def reset(self) -> None:
         """Forget the connection after a failure (the next write reconnects)."""
+        self._forget()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             conn.terminate()
@@ -151,7 +161,8 @@ class Writer:
         except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
             if db.is_transient(e):
                 raise
-            log.warning("batch refused by PostgreSQL (%s); isolating frames", type(e).__name__)
+            log.warning("batch refused by PostgreSQL (%s: %s); isolating frames", type(e).__name__, e)
+            self._forget()
             result = await self._isolate(accepted, rejected)
         result.seconds = time.perf_counter() - t0
         return result

@@ -1,0 +1,350 @@
+"""Ingest against real nats-server (JetStream) and PostgreSQL: every frame once, bad input
+counted and kept out, partitions, PostgreSQL restarted mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import msgpack
+import nats
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collector.config import CollectorConfig
+from collector.ingest import Ingest, Limits, check, owner
+from collector.store import migrate
+from collector.store.rows import storage_problem
+from collector.store.writer import Accepted, Rejection, Writer
+from gpuwarden.servers import NatsServer, PostgresServer
+from shared.frames import Frame, encode, to_wire
+from shared.subjects import msg_id, sample_subject, subject_for
+from tests.test_store import event, make_config, sample
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def config(dsn: str, nats_url: str, **flags: Any) -> CollectorConfig:
+    return make_config(
+        dsn,
+        **{"nats.servers": [nats_url], "collector.batch": 500, "collector.fetch_timeout": "200ms", **flags},
+    )
+
+
+async def publish(js: Any, frames: list[Frame]) -> None:
+    for f in frames:
+        await js.publish(
+            subject_for(f.kind, f.provider, f.host),
+            encode(f),
+            headers={"Nats-Msg-Id": msg_id(f.host, f.boot_id, f.seq)},
+        )
+
+
+async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not await pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: CollectorConfig) -> AsyncIterator[Ingest]:
+    nc = await nats.connect(cfg.nats.servers[0])
+    writer = Writer(cfg.postgres)
+    ingest = Ingest(cfg, writer)
+    await ingest.setup(nc)
+    task = asyncio.create_task(ingest.run())
+    try:
+        yield ingest
+    finally:
+        ingest.stop()
+        await asyncio.wait_for(task, 30)
+        await nc.drain()
+        await writer.close()
+
+
+async def stored_keys(conn: asyncpg.Connection) -> Counter[tuple[str, int]]:
+    rows = await conn.fetch("SELECT h.name, s.seq FROM host_samples s JOIN hosts h ON h.id = s.host_id")
+    return Counter((r["name"], r["seq"]) for r in rows)
+
+
+@pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(pg_dsn)
+    await migrate.migrate(c)
+    yield c
+    await c.close()
+
+
+# ----------------------------------------------------------------------------- pure checks
+
+LIMITS = Limits(max_bytes=1 << 20, oldest_ts=0.0, newest_ts=2e9)
+
+
+def test_check_accepts_a_good_frame_and_names_each_problem() -> None:
+    f = sample("gpu-1", 5, 1.7e9)
+    good = check(
+        sample_subject("acme", "gpu-1"), encode(sample("gpu-1", 5, 1.7e9, provider="acme")), LIMITS, 9
+    )
+    assert type(good) is Accepted
+    assert good.stream_seq == 9
+    cases = {
+        "gpuwarden.v1.sample.prov-a.other": ("spoofed", "host"),
+        "gpuwarden.v1.sample.prov-b.gpu-1": ("spoofed", "provider"),
+        "gpuwarden.v1.event.prov-a.gpu-1": ("spoofed", "kind"),
+        "gpuwarden.v1.sample.prov-a.gpu-1.x": ("bad_subject", None),
+    }
+    for subject, (reason, fld) in cases.items():
+        r = check(subject, encode(f), LIMITS)
+        assert type(r) is Rejection
+        assert (r.reason, r.field) == (reason, fld)
+        assert r.head == encode(f)[:64]
+    subject = sample_subject("prov-a", "gpu-1")
+    assert check(subject, encode(f)[:-3], LIMITS).reason == "malformed"  # type: ignore[union-attr]
+    assert check(subject, encode(f), Limits(100, 0, 2e9)).reason == "oversized"  # type: ignore[union-attr]
+    late = Limits(1 << 20, 1.8e9, 2e9)
+    assert check(subject, encode(f), late).reason == "ts_out_of_window"  # type: ignore[union-attr]
+    wire = to_wire(f)
+    wire["seq"] = (1 << 64) - 1
+    r = check(subject, msgpack.packb(wire), LIMITS)
+    assert (r.reason, r.field) == ("out_of_range", "seq")  # type: ignore[union-attr]
+    wire = to_wire(f) | {"host": "gpu-1\x00"}
+    assert check(subject, msgpack.packb(wire), LIMITS).reason == "spoofed"  # type: ignore[union-attr]
+
+
+def test_partition_owner_is_crc32_of_the_host_token() -> None:
+    import zlib
+
+    hosts = [f"host-{i:04d}" for i in range(1000)]
+    for n in (1, 2, 3, 7):
+        parts = Counter(owner(h, n) for h in hosts)
+        assert set(parts) == set(range(n))
+        assert all(owner(h, n) == zlib.crc32(h.encode()) % n for h in hosts)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+async def test_fleet_frames_land_once(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    cfg = config(pg_dsn, private_nats.url)
+    now = time.time()
+    frames: list[Frame] = [sample(f"host-{h}", s, now - 60 + s) for h in range(10) for s in range(30)]
+    frames += [event("host-1", 100 + i, now - 5) for i in range(3)]
+    async with running(cfg) as ingest:
+        nc = await nats.connect(private_nats.url)
+        js = nc.jetstream()
+        await publish(js, frames)
+        await publish(js, frames[:50])  # a publisher retry: deduplicated by Nats-Msg-Id
+        await wait_until(lambda: _count(conn, "host_samples", 300))
+        await wait_until(lambda: _count(conn, "events", 3))
+        await nc.close()
+        await wait_until(lambda: _stored(ingest, 303))
+        assert ingest.stats.frames_stored == 303
+        assert ingest.stats.gpu_samples_stored == 2400
+        assert ingest.stats.rejected == Counter()
+    keys = await stored_keys(conn)
+    assert set(keys.values()) == {1}
+    assert set(keys) == {(f.host, f.seq) for f in frames if f.kind == "sample"}
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 2400
+    temps = await conn.fetch(
+        "SELECT s.temp_c, s.power_w FROM gpu_samples s JOIN hosts h ON h.id = s.host_id"
+        " WHERE h.name = 'host-3' AND s.gpu_index = 5 ORDER BY s.ts"
+    )
+    want = [
+        (f.gpus[5].temp_c, f.gpus[5].power_w) for f in frames if f.host == "host-3" and f.kind == "sample"
+    ]
+    assert [(r["temp_c"], r["power_w"]) for r in temps] == want
+
+
+async def _count(conn: asyncpg.Connection, table: str, n: int) -> bool:
+    got: int = await conn.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
+    return got >= n
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+NUMERIC_FIELDS = ["util_gpu_pct", "temp_c", "power_w", "mem_used_bytes", "clock_sm_mhz", "pstate", "fan_pct"]
+
+
+def _fuzz_message(kind: int, data: st.DataObject) -> tuple[str, bytes]:
+    base = sample("fz-1", data.draw(st.integers(1, 10**6)), time.time(), gpus=2)
+    subject = sample_subject(base.provider, base.host)
+    wire = to_wire(base)
+    if kind == 0:  # garbage
+        return subject, data.draw(st.binary(max_size=300))
+    if kind == 1:  # truncated
+        raw = encode(base)
+        return subject, raw[: data.draw(st.integers(0, len(raw) - 1))]
+    if kind == 2:  # wrong type in a field
+        fld = data.draw(st.sampled_from(NUMERIC_FIELDS))
+        wire["gpus"][data.draw(st.integers(0, 1))][fld] = data.draw(
+            st.one_of(st.text(max_size=5), st.lists(st.integers(-1000, 1000), max_size=2), st.booleans())
+        )
+        return subject, msgpack.packb(wire)
+    if kind == 3:  # huge values (beyond the field's range, or beyond 64-bit storage)
+        g = wire["gpus"][0]
+        which = data.draw(st.integers(0, 2))
+        if which == 0:
+            g["temp_c"] = data.draw(st.floats(min_value=301, allow_infinity=True, allow_nan=False))
+        elif which == 1:
+            g["ecc_sbe_volatile"] = data.draw(st.integers(1 << 63, (1 << 64) - 1))
+        else:
+            wire["seq"] = data.draw(st.integers(1 << 63, (1 << 64) - 1))
+        return subject, msgpack.packb(wire)
+    if kind == 4:  # NaN
+        wire["gpus"][1][data.draw(st.sampled_from(["temp_c", "power_w", "util_gpu_pct"]))] = math.nan
+        return subject, msgpack.packb(wire)
+    if kind == 5:  # spoofed subject: another host's or provider's
+        other = data.draw(st.sampled_from([("prov-a", "fz-2"), ("prov-x", "fz-1")]))
+        return sample_subject(*other), encode(base)
+    if kind == 6:  # wrong schema version or kind
+        wire["v"] = data.draw(st.sampled_from([0, 2, "1", None]))
+        return subject, msgpack.packb(wire)
+    # oversized (collector limit set to 8 KiB in the test)
+    wire["gpus"][0]["uuid"] = "x" * 4000
+    wire["gpus"][1]["uuid"] = "y" * 4000
+    wire["system"]["disks"] = [{"mount": "z" * 4000}] * data.draw(st.integers(1, 3))
+    return subject, msgpack.packb(wire)
+
+
+def fuzzed_messages(n: int) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+
+    @settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+    )
+    @given(st.integers(0, 7), st.data())
+    def gen(kind: int, data: st.DataObject) -> None:
+        out.append(_fuzz_message(kind, data))
+
+    gen()
+    return out
+
+
+async def test_fuzzed_frames_are_counted_and_never_stored(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    cfg = config(pg_dsn, private_nats.url, **{"collector.max_frame_bytes": 8192})
+    messages = fuzzed_messages(1000)
+    assert len(messages) >= 1000
+    # what each message must be rejected for, from the pure checks
+    limits = Ingest(cfg, Writer(cfg.postgres)).limits()
+    expected: Counter[str] = Counter()
+    for subject, data in messages:
+        r = check(subject, data, limits)
+        if type(r) is Accepted:
+            assert storage_problem(r.frame) is not None, (subject, data[:80])
+            expected["unstorable"] += 1
+        else:
+            expected[r.reason] += 1  # type: ignore[union-attr]
+    assert {"malformed", "bad_type", "out_of_range", "spoofed", "version", "oversized"} <= set(expected)
+    good = [sample("fz-ok", s, time.time(), gpus=2) for s in range(5)]
+    async with running(cfg) as ingest:
+        nc = await nats.connect(private_nats.url)
+        js = nc.jetstream()
+        for subject, data in messages:
+            await js.publish(subject, data)
+        await publish(js, good)  # after all the garbage: the collector is still up
+        await wait_until(lambda: _count(conn, "host_samples", 5))
+        await wait_until(lambda: _count(conn, "rejected_frames", len(messages)))
+        await nc.close()
+        assert ingest.stats.rejected == expected
+        assert sum(ingest.stats.rejected.values()) == len(messages)
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 10
+    hosts = await conn.fetch("SELECT DISTINCT h.name FROM host_samples s JOIN hosts h ON h.id = s.host_id")
+    assert [r["name"] for r in hosts] == ["fz-ok"]
+    by_reason = await conn.fetch("SELECT reason, count(*) AS n FROM rejected_frames GROUP BY reason")
+    assert Counter({r["reason"]: r["n"] for r in by_reason}) == expected
+    assert await conn.fetchval("SELECT max(length(head)) FROM rejected_frames") <= 64
+
+
+# ----------------------------------------------------------------------------- partitions
+
+
+async def test_two_partitions_store_every_host_once(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    now = time.time()
+    frames = [sample(f"node-{h:03d}", s, now - 20 + s, gpus=1) for h in range(24) for s in range(10)]
+    cfgs = [
+        config(pg_dsn, private_nats.url, **{"collector.partitions": 2, "collector.partition": i})
+        for i in (0, 1)
+    ]
+    async with running(cfgs[0]) as p0, running(cfgs[1]) as p1:
+        nc = await nats.connect(private_nats.url)
+        await publish(nc.jetstream(), frames)
+        await wait_until(lambda: _count(conn, "host_samples", len(frames)))
+        await nc.close()
+        await asyncio.sleep(0.3)
+        owned = [{f.host for f in frames if owner(f.host, 2) == i} for i in (0, 1)]
+        assert owned[0]
+        assert owned[1]
+        for i, ing in enumerate((p0, p1)):
+            assert ing.stats.frames_stored == 10 * len(owned[i])
+            assert ing.stats.duplicates == 0
+            assert ing.stats.skipped_other_partition == 10 * len(owned[1 - i])
+    keys = await stored_keys(conn)
+    assert set(keys.values()) == {1}
+    assert len(keys) == len(frames)
+
+
+# ----------------------------------------------------------------------------- PostgreSQL outage
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+async def test_postgres_restart_mid_stream_loses_nothing(
+    own_pg: PostgresServer, private_nats: NatsServer
+) -> None:
+    dsn = own_pg.dsn()
+    c = await asyncpg.connect(dsn)
+    await migrate.migrate(c)
+    await c.close()
+    cfg = config(dsn, private_nats.url, **{"collector.batch": 100})
+    now = time.time()
+    frames = [sample(f"pg-{h}", s, now - 100 + s * 0.1, gpus=2) for s in range(150) for h in range(4)]
+    async with running(cfg) as ingest:
+        nc = await nats.connect(private_nats.url)
+        js = nc.jetstream()
+        await publish(js, frames[:200])
+        await wait_until(lambda: _stored(ingest, 1))
+        await asyncio.to_thread(own_pg.stop, "immediate")  # a crash, mid-stream
+        await publish(js, frames[200:])  # agents keep publishing; JetStream keeps them
+        await asyncio.sleep(1.5)
+        assert ingest.stats.db_errors >= 1
+        assert not ingest.stats.db_up
+        await asyncio.to_thread(own_pg.start)
+        c = await asyncpg.connect(dsn)
+        await wait_until(lambda: _count(c, "host_samples", len(frames)), timeout=60)
+        await nc.close()
+        assert ingest.stats.db_up
+    try:
+        keys = await stored_keys(c)
+        assert set(keys) == {(f.host, f.seq) for f in frames}
+        assert set(keys.values()) == {1}
+        assert await c.fetchval("SELECT count(*) FROM gpu_samples") == 2 * len(frames)
+        assert await c.fetchval("SELECT sum(n) FROM gpu_rollup_1m") == 2 * len(frames)
+    finally:
+        await c.close()
+
+
+async def _stored(ingest: Ingest, n: int) -> bool:
+    return ingest.stats.frames_stored + ingest.stats.duplicates >= n
