@@ -60,6 +60,7 @@ class FleetStats:
     silent_ticks: int = 0  # ticks of hosts that were down
     started: float = field(default_factory=time.monotonic)
     cpu_started: float = field(default_factory=time.process_time)
+    run_s: float = 0.0  # time spent ticking (without start-up and the final flush)
 
 
 class Fleet:
@@ -156,12 +157,17 @@ class Fleet:
 
     async def run(self, duration: float | None = None) -> None:
         """Tick every host on its slot until :meth:`stop` or ``duration`` seconds."""
+        t0 = time.monotonic()
+        try:
+            await self._loop(t0, math.inf if duration is None else t0 + duration)
+        finally:
+            self.stats.run_s += time.monotonic() - t0
+
+    async def _loop(self, t0: float, end: float) -> None:
         n = len(self.hosts)
         slot = self.interval / n
-        t0 = time.monotonic()
-        end = math.inf if duration is None else t0 + duration
-        g = 0  # global tick number: host g % n, period g // n, due at t0 + g * slot
         next_poll = t0
+        g = 0  # global tick number: host g % n, period g // n, due at t0 + g * slot
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= end:
@@ -199,6 +205,7 @@ class Fleet:
             "gpus_per_host": gpus,
             "interval_s": self.interval,
             "elapsed_s": round(elapsed, 3),
+            "run_s": round(self.stats.run_s, 3),
             "cpu_s": round(time.process_time() - self.stats.cpu_started, 3),
             "samples": self.stats.samples,
             "events": self.stats.events,

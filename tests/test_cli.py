@@ -160,3 +160,12 @@ def test_demo_prints_frames_and_ctrl_c_leaves_no_process_behind() -> None:
     assert children, "the demo should run its own nats-server"
     for c in children:
         assert not c.is_running() or c.status() == psutil.STATUS_ZOMBIE
+
+
+def test_sample_without_simulation_needs_nvml() -> None:
+    r = run("agent", "sample")
+    if r.returncode == 0:  # a machine with an NVIDIA driver: a real answer
+        assert json.loads(r.stdout)["inventory"]["backend"] == "nvml"
+    else:
+        assert r.returncode == 3, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("error: NVML unavailable")
