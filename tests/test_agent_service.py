@@ -23,12 +23,18 @@ from shared.subjects import poll_subject
 
 
 def agent_config(
-    url: str, host: str, *, interval: float, gpus: int = 2, faults: tuple[str, ...] = ()
+    url: str,
+    host: str,
+    *,
+    interval: float,
+    gpus: int = 2,
+    faults: tuple[str, ...] = (),
+    targets: tuple[str, ...] = (),
 ) -> AgentConfig:
     return AgentConfig(
         agent=AgentSection(host=host, provider="test", interval=interval, kmsg=False),
         nats=NatsConfig(servers=(url,), reconnect_wait=0.2, reconnect_wait_max=1.0, publish_timeout=2.0),
-        network=NetworkChecksConfig(targets=(), timeout=1.0),
+        network=NetworkChecksConfig(targets=targets, timeout=1.0),
         simulate=SimulateConfig(gpus=gpus, faults=faults, seed=7),
     )
 
@@ -190,6 +196,40 @@ async def test_systemd_notify_ready_watchdog_stopping(nats_url: str, host: str, 
     assert got[-1] == "STOPPING=1"
     assert got.count("WATCHDOG=1") == svc.ticks
     assert svc.ticks >= 2
+
+
+async def test_inventory_resent_on_change_and_network_checks_in_samples(
+    nats_url: str, host: str, tap: Tap
+) -> None:
+    nats_target = nats_url.removeprefix("nats://")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    closed_target = f"127.0.0.1:{closed.getsockname()[1]}"
+    svc = AgentService(
+        agent_config(
+            nats_url,
+            host,
+            interval=0.25,
+            faults=(f"{host}/gpu1:persistence_off@0.7s",),
+            targets=(nats_target, closed_target),
+        )
+    )
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: f.kind == "inventory" and f.seq > 1, 5)
+    assert await tap.wait_for(lambda f: f.kind == "sample" and len(f.checks) == 3, 5)
+    svc.stop()
+    await task
+    closed.close()
+    inventories = [f for f in tap.frames if isinstance(f, InventoryFrame)]
+    assert [g.persistence_mode for g in inventories[0].gpus] == [True, True]
+    assert [g.persistence_mode for g in inventories[1].gpus] == [True, False]
+    assert len(inventories) == 2  # sent once at start and once on the change, not every tick
+    last = [f for f in tap.frames if isinstance(f, SampleFrame)][-1]
+    checks = {c.target: c for c in last.checks if c.kind == "tcp"}
+    assert checks[nats_target].ok
+    assert checks[nats_target].latency_ms is not None
+    assert not checks[closed_target].ok
+    assert checks[closed_target].error
 
 
 def test_notifier_is_silent_without_notify_socket() -> None:
