@@ -9,13 +9,14 @@ told yet, it is notified then.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from collector.alerts.config import FOREVER, AlertConfig, Policy, Silence, matches_all
 from collector.alerts.model import (
     FIRING,
     N_PROVIDER,
     N_RESOLVED,
+    RESOLVED,
     Alert,
     AlertState,
     Incident,
@@ -31,13 +32,14 @@ PROVIDER_RULE = "provider.incident"
 class Ctx:
     """What one ``evaluate`` call collects."""
 
-    __slots__ = ("fired", "notifications", "now", "transitions")
+    __slots__ = ("fired", "later", "notifications", "now", "transitions")
 
     def __init__(self, now: float) -> None:
         self.now = now
         self.transitions: list[Transition] = []
         self.notifications: list[Notification] = []
         self.fired: dict[str, Alert] = {}  # became firing or notifiable: correlate, then notify
+        self.later: list[tuple[Alert, str, Sequence[str]]] = []  # updates told at the end
 
 
 class Correlator(abc.ABC):
@@ -135,7 +137,11 @@ class Correlator(abc.ABC):
     # ------------------------------------------------------------------ inhibition
 
     def inhibit_check(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        """Inhibit ``a`` (pending or firing) while a root-cause alert of its host fires."""
         root: str | None = None
+        if a.state == RESOLVED:
+            a.inhibited_by = None
+            return
         for rule in self.config.inhibit:
             if a.rule == rule.source or not a.rule.startswith(rule.targets):
                 continue

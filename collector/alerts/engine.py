@@ -92,6 +92,9 @@ class AlertEngine(Correlator):
             self._advance(state, ctx, boundary)
         if ctx.fired:
             self.correlate(state, ctx, provider_hosts)
+        for a, kind, channels in ctx.later:  # told last, if nothing silenced or inhibited it since
+            if self.quiet_ok(a) and (kind == N_FLAPPING or self.notifiable(a)):
+                self._send(ctx, a, kind, channels)
         return Outcome(state, ctx.transitions, ctx.notifications)
 
     # ------------------------------------------------------------------ observations
@@ -190,6 +193,7 @@ class AlertEngine(Correlator):
         a.told = []
         a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
         self._t(ctx, a, "pending")
+        self.inhibit_check(state, a, ctx)
         wait = self.for_of(a)
         if wait <= 0:
             self._fire(state, a, ctx)
@@ -209,12 +213,13 @@ class AlertEngine(Correlator):
         a.state, a.resolved_at = RESOLVED, now
         self._t(ctx, a, "resolved")
         if was == FIRING:
-            if a.notified in (N_FIRING, N_FLAPPING) and a.told and self.quiet_ok(a):
+            if a.told and self.quiet_ok(a):  # tell whoever was told it fired (or flapped)
                 self._send(ctx, a, N_RESOLVED, tuple(a.told))
             if a.rule in self.sources:
                 self.root_changed(state, a, False, ctx)
             self.incident_activity(state, a, ctx)
         a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+        a.inhibited_by = None  # inhibition is a property of pending and firing alerts
         retire = now + self.config.alerts.resolved_retention
         if retire < state.next_due:
             state.next_due = retire
@@ -226,11 +231,11 @@ class AlertEngine(Correlator):
             return
         pol = self.route(a.match_labels())
         if pol is not None and pol.name != a.policy:  # e.g. warning -> critical: page now
-            a.level, a.notify_base, a.notified = -1, None, None
+            a.level, a.notify_base, a.notified, a.policy = -1, None, None, pol.name
             self._t(ctx, a, "rerouted")
             ctx.fired[a.fingerprint] = a
         elif pol is not None:
-            self._send(ctx, a, N_FIRING, pol.levels[a.level].notify)
+            ctx.later.append((a, N_FIRING, pol.levels[a.level].notify))
 
     # ------------------------------------------------------------------ notifications
 
@@ -263,7 +268,7 @@ class AlertEngine(Correlator):
         ctx.notifications.append(
             Notification(
                 kind, chans, ctx.now, a.fingerprint, a.incident, a.rule, a.labels, a.severity,
-                a.summary, a.advice, max(a.level, 0), hosts,
+                a.summary, a.advice, max(a.level, 0), hosts, a.episode,
             )
         )  # fmt: skip
 
@@ -275,13 +280,13 @@ class AlertEngine(Correlator):
             return
         a.policy = pol.name
         a.notified = N_FLAPPING
-        self._send(ctx, a, N_FLAPPING, pol.levels[max(a.level, 0)].notify)
+        ctx.later.append((a, N_FLAPPING, pol.levels[max(a.level, 0)].notify))
 
     def notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
         """The first notification of an episode (level 0, or higher if its delays passed)."""
         if not self.notifiable(a) or a.level >= 0 or a.notified == "absorbed":
             return
-        pol = self.route(a.match_labels())
+        pol = self.policies.get(a.policy) if a.policy else self.route(a.match_labels())
         if pol is None:
             return
         now = ctx.now
@@ -356,13 +361,11 @@ class AlertEngine(Correlator):
         now = ctx.now
         retention = self.config.alerts.resolved_retention
         drop = []
-        for key, a in state.alerts.items():
-            st = a.state
-            if st == PENDING and a.active and not a.flapping:
+        for a in state.alerts.values():  # state changes first: roots inhibit before anyone is told
+            if a.state == PENDING and a.active and not a.flapping:
                 due = a.started_at + self.for_of(a)
                 if now >= due:
                     self._fire(state, a, ctx)
-                    st = FIRING
                 else:
                     nxt = min(nxt, due)
             if a.ack_until is not None:
@@ -371,9 +374,10 @@ class AlertEngine(Correlator):
                     self._t(ctx, a, "unacknowledged")
                 else:
                     nxt = min(nxt, a.ack_until)
-            if st == FIRING:
+        for key, a in state.alerts.items():
+            if a.state == FIRING:
                 nxt = min(nxt, self._escalate(state, a, ctx))
-            elif st == RESOLVED and not a.flapping:
+            elif a.state == RESOLVED and not a.flapping:
                 gone = (a.resolved_at if a.resolved_at is not None else a.last_seen) + retention
                 if now >= gone and a.flap_bits == 0:
                     drop.append(key)

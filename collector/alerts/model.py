@@ -8,6 +8,7 @@ notifying again what it already sent.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from collections.abc import Mapping
@@ -131,6 +132,7 @@ class Notification:
     advice: str = ""
     level: int = 0
     hosts: tuple[str, ...] = ()
+    episode: int = 0  # the alert's episode: (fingerprint, episode, kind, level) identifies a delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,7 @@ class AlertState:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AlertState:
         """Restore a state saved by :meth:`to_dict`; call the engine's ``reindex`` after."""
+        d = copy.deepcopy(d)  # the restored state shares nothing with ``d``
         alerts = [Alert(**{**a, "labels": dict(a["labels"])}) for a in d.get("alerts", [])]
         return cls(
             alerts={a.key: a for a in alerts},
