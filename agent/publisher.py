@@ -178,6 +178,7 @@ class Publisher:
         self._attempt = 0
         self._denied: dict[str, float] = {}
         self._logged: dict[str, float] = {}
+        self._stream_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._stream_ok = False
@@ -415,11 +416,22 @@ class Publisher:
             return
         self.stats.publish_errors += 1
         self._requeue(item, urgent)
-        if self.connected:  # a server-side refusal: do not spin
+        if isinstance(e, nats.js.errors.NoStreamResponseError) and self.connected and self.cfg.create_stream:
+            await self._recreate_stream()
+        elif self.connected:  # a server-side refusal: do not spin
             log.warning("NATS: publish to %s failed: %s", item.subject, e or type(e).__name__)
             await asyncio.sleep(
                 backoff_delay(0, self.cfg.reconnect_wait, self.cfg.reconnect_wait_max, self._rng)
             )
+
+    async def _recreate_stream(self) -> None:
+        """No stream took the frame (a server that lost its JetStream state): set it up again."""
+        async with self._stream_lock:
+            try:
+                await self._ensure_stream()
+            except (*_NATS_ERRORS, StreamUnavailableError) as e:
+                log.warning("NATS: no stream captures our subjects and it cannot be created: %s", e)
+                await asyncio.sleep(self.cfg.reconnect_wait_max)
 
     def _is_denied(self, subject: str) -> bool:
         since = self._denied.get(subject)

@@ -276,3 +276,19 @@ async def test_permission_violation_is_counted_not_retried() -> None:
         assert pub.stats.permission_errors == 2
         assert pub.stats.published == 3
         assert pub.stats.publish_errors == 0
+
+
+async def test_stream_lost_by_the_server_is_created_again(private_nats: NatsServer) -> None:
+    seqr = Sequencer(host=unique_host(), provider="p")
+    pub = Publisher(cfg(private_nats.url), name="test")
+    await pub.start(wait=True)
+    send(pub, seqr, sample(seqr))
+    assert await pub.flush(5)
+    nc = await nats.connect(private_nats.url)
+    await nc.jetstream().delete_stream(STREAM)
+    await nc.close()
+    send(pub, seqr, sample(seqr))
+    assert await pub.flush(10)
+    await pub.close()
+    assert pub.stats.publish_errors == 1
+    assert [f.seq for f in await stream_frames(private_nats.url, seqr.host)] == [2]
