@@ -2,9 +2,10 @@
 
 One loop, one batch in memory: fetch up to ``batch`` messages, check each (:func:`check`),
 write the good frames and the rejections in one transaction, and only after the commit
-acknowledge the batch (the consumer's ack policy is *all*: acknowledging the last message of
-a batch acknowledges the batch). While PostgreSQL is down the loop retries the same batch
-with exponential backoff and fetches nothing more: JetStream keeps the rest. A crash at any
+acknowledge each message of the batch (explicit acks: an *ack all* policy would let a restarted
+collector acknowledge what a killed one had fetched but never stored). While PostgreSQL is
+down the loop retries the same batch with exponential backoff and fetches nothing more:
+JetStream keeps the rest. A crash at any
 moment loses nothing (unacknowledged messages are redelivered) and stores nothing twice
 (the writer is idempotent on host, boot id and sequence).
 
@@ -182,7 +183,7 @@ class Ingest:
         name = consumer_name(self.cfg)
         config = ConsumerConfig(
             durable_name=name,
-            ack_policy=AckPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=c.ack_wait,
             max_ack_pending=max(c.max_ack_pending, c.batch),
@@ -263,7 +264,8 @@ class Ingest:
         result = await self._write(accepted, rejected)
         if result is None:
             return None
-        await msgs[-1].ack()
+        for m in msgs:
+            await m.ack()
         for r in result.rejected[len(rejected) :]:  # refused by PostgreSQL column types
             self.stats.rejected[r.reason] += 1
             self._rl.warning(

@@ -1,0 +1,245 @@
+"""The collector as a process: CLI, SIGKILL mid-stream and restart, SIGTERM, migrate, config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+
+from collector.config import load_collector_config
+from collector.ingest import consumer_name, stream_config
+from collector.service import CollectorService
+from collector.store import migrate
+from gpuwarden.servers import NatsServer, free_port
+from shared.errors import ConfigError
+from shared.frames import Frame
+from tests.test_ingest import config, publish, stored_keys, wait_until
+from tests.test_store import event, inventory, sample
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG = Path(tempfile.gettempdir()) / f"gpuwarden-collector-test-{os.getpid()}.log"
+
+
+def collector_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "collector.cli", *args]
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    # a short ack wait: what a killed collector had fetched is redelivered after it
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUWARDEN_COLLECTOR_ACK_WAIT": "2s"}
+    with LOG.open("ab") as log:
+        return subprocess.Popen(collector_cmd(*args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(collector_cmd(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(pg_dsn)
+    await migrate.migrate(c)
+    yield c
+    await c.close()
+
+
+async def count(conn: asyncpg.Connection) -> int:
+    n: int = await conn.fetchval("SELECT count(*) FROM host_samples")
+    return n
+
+
+def run_args(nats_url: str, dsn: str) -> list[str]:
+    return ["run", "--nats", nats_url, "--dsn", dsn, "--log-level", "WARNING"]
+
+
+async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    nc = await nats.connect(private_nats.url)
+    js = nc.jetstream()
+    await js.add_stream(stream_config(config(pg_dsn, private_nats.url)))
+    now = time.time()
+    published: list[Frame] = []
+    stop = asyncio.Event()
+
+    async def agents() -> None:  # 16 hosts publishing until told to stop
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            batch = [sample(f"k-{h:02d}", seq, now - 300 + seq * 0.1, gpus=8) for h in range(16)]
+            await publish(js, batch)
+            published.extend(batch)
+            await asyncio.sleep(0.01)
+
+    publisher = asyncio.create_task(agents())
+    proc = spawn(*run_args(private_nats.url, pg_dsn))
+    try:
+        await wait_until(lambda: _more_than(conn, 200), timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed_at = await count(conn)
+        assert 0 < killed_at < len(published)
+        await asyncio.sleep(0.5)  # agents keep publishing while the collector is down
+        proc = spawn(*run_args(private_nats.url, pg_dsn))
+        await wait_until(lambda: _more_than(conn, killed_at + 200), timeout=60)
+        stop.set()
+        await publisher
+        await wait_until(lambda: _at_least(conn, len(published)), timeout=60)
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait(10)
+        await nc.close()
+    keys = await stored_keys(conn)
+    assert set(keys) == {(f.host, f.seq) for f in published}
+    assert set(keys.values()) == {1}  # nothing twice
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 8 * len(published)
+    assert await conn.fetchval("SELECT sum(n) FROM gpu_rollup_1m") == 8 * len(published)
+
+
+async def _more_than(conn: asyncpg.Connection, n: int) -> bool:
+    return await count(conn) > n
+
+
+async def _at_least(conn: asyncpg.Connection, n: int) -> bool:
+    return await count(conn) >= n
+
+
+async def test_sigterm_finishes_the_batch_and_exits_cleanly(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    proc = spawn(*run_args(private_nats.url, pg_dsn))
+    nc = await nats.connect(private_nats.url)
+    try:
+        js = nc.jetstream()
+        cfg = config(pg_dsn, private_nats.url)
+        await wait_until(lambda: _consumer_exists(js, consumer_name(cfg)), timeout=60)
+        now = time.time()
+        frames: list[Frame] = [sample(f"t-{h}", s, now - 50 + s) for h in range(5) for s in range(40)]
+        await publish(js, frames)
+        await wait_until(lambda: _at_least(conn, 1), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, LOG.read_text()
+        info = await js.consumer_info("GPUWARDEN", consumer_name(cfg))
+        stored = await count(conn)
+        # everything stored was acknowledged; what was not stored is still pending
+        assert info.num_ack_pending == 0
+        assert stored + info.num_pending == len(frames)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        await nc.close()
+
+
+async def _consumer_exists(js: object, name: str) -> bool:
+    try:
+        await js.consumer_info("GPUWARDEN", name)  # type: ignore[attr-defined]
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+def test_migrate_cli_applies_once_and_errors_have_codes(pg_dsn: str) -> None:
+    first = run_cli("migrate", "--dsn", pg_dsn)
+    assert first.returncode == 0, first.stderr
+    assert "applied migrations [1]" in first.stdout
+    again = run_cli("migrate", "--dsn", pg_dsn)
+    assert again.returncode == 0
+    assert "schema up to date" in again.stdout
+    down = run_cli("migrate", "--dsn", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    assert down.returncode == 4
+    assert down.stderr.startswith("error: cannot reach PostgreSQL")
+    bad = run_cli("run", "--dsn", pg_dsn, "--partitions", "2", "--partition", "2")
+    assert bad.returncode == 2
+    assert "error: collector.partition" in bad.stderr
+
+
+def test_config_file_env_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "collector.toml"
+    path.write_text(
+        '[collector]\nlisten = "127.0.0.1:9000"\npartitions = 4\npartition = 1\n'
+        '[nats]\nservers = ["nats://n1:4222"]\n'
+        '[postgres]\ndsn = "env:PGDSN"\nretention_days = 7\nsslmode = "verify-full"\n'
+        '[api]\ntokens = ["env:TOK"]\n[inventory]\nsource = "/etc/hosts.json"\nrefresh = "1m"\n'
+        '[health]\nstale_after = "15s"\n[health.gpu]\ntemp_warning_c = 85\n[alerts]\nfor = "30s"\n'
+        '[[notify.webhook]]\nname = "oncall"\nurl = "https://hooks.example/gpu"\n'
+    )
+    env = {"PGDSN": "postgresql://u:pw@db/gw", "TOK": "s3cret", "GPUWARDEN_POSTGRES_RETENTION_DAYS": "10"}
+    cfg = load_collector_config(path, env, {"collector.partition": 3})
+    assert cfg.collector.listen == "127.0.0.1:9000"
+    assert (cfg.collector.partitions, cfg.collector.partition) == (4, 3)
+    assert cfg.postgres.dsn.reveal() == "postgresql://u:pw@db/gw"
+    assert "pw" not in repr(cfg)
+    assert cfg.postgres.retention_days == 10  # env beats file
+    assert cfg.postgres.rollup_retention_days == 180
+    assert cfg.inventory.refresh == 60.0
+    assert [t.reveal() for t in cfg.api_tokens] == ["s3cret"]
+    assert cfg.raw["health"]["gpu"]["temp_warning_c"] == 85
+    assert cfg.raw["notify"]["webhook"][0]["name"] == "oncall"
+    with pytest.raises(ConfigError, match="collector.partition"):
+        load_collector_config(path, env, {"collector.partition": 4})
+    path.write_text("[postgres]\nsslmode = 'sometimes'\n")
+    with pytest.raises(ConfigError, match="sslmode"):
+        load_collector_config(path, {})
+    path.write_text("[collector]\nlisten = 'nowhere'\n")
+    with pytest.raises(ConfigError, match="listen"):
+        load_collector_config(path, {})
+
+
+async def test_service_in_process_hooks_state_and_restart(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    cfg = config(pg_dsn, private_nats.url)
+    now = time.time()
+    frames: list[Frame] = [
+        inventory("svc-1", 1, now - 10, gpus=2),
+        *(sample("svc-1", s, now - 10 + s, gpus=2) for s in range(2, 7)),
+        event("svc-1", 7, now - 2),
+    ]
+    seen: list[Frame] = []
+
+    async def hook(batch: object) -> None:
+        seen.extend(batch)  # type: ignore[arg-type]
+
+    svc = CollectorService(cfg)
+    svc.hooks.append(hook)
+    task = asyncio.create_task(svc.serve())
+    await asyncio.wait_for(svc.started.wait(), 30)
+    nc = await nats.connect(private_nats.url)
+    await publish(nc.jetstream(), frames)
+    await wait_until(lambda: _seen(seen, len(frames)))
+    host = svc.state.host("svc-1")
+    assert host is not None
+    assert host.sample == frames[-2]
+    assert host.inventory == frames[0]
+    assert list(host.events) == [frames[-1]]
+    svc.request_stop()
+    await asyncio.wait_for(task, 30)
+    await nc.close()
+    # a new service rebuilds the same state from PostgreSQL before consuming anything
+    again = CollectorService(cfg)
+    task = asyncio.create_task(again.serve())
+    await asyncio.wait_for(again.started.wait(), 30)
+    h2 = again.state.host("svc-1")
+    assert h2 is not None
+    assert h2.sample is not None
+    assert [g.temp_c for g in h2.sample.gpus] == [g.temp_c for g in frames[-2].gpus]  # type: ignore[union-attr]
+    assert h2.inventory == frames[0]
+    again.request_stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def _seen(seen: list[Frame], n: int) -> bool:
+    return len(seen) >= n
