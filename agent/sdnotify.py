@@ -15,6 +15,18 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 
+def watchdog_seconds(env: Mapping[str, str]) -> float | None:
+    """systemd's watchdog period for this process (``WatchdogSec=``), or None when off."""
+    pid = env.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(env.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return None
+    return usec / 1e6 if usec > 0 else None
+
+
 class SdNotifier:
     """Sends ``READY=1``, ``WATCHDOG=1``, ``STOPPING=1`` and ``STATUS=...`` to systemd."""
 
@@ -24,6 +36,7 @@ class SdNotifier:
         self._address: str | bytes | None = None
         self._sock: socket.socket | None = None
         self.sent = 0
+        self.watchdog_s = watchdog_seconds(env)
         if not path:
             return
         self._address = b"\0" + path[1:].encode() if path.startswith("@") else path

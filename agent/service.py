@@ -151,6 +151,13 @@ class AgentService:
             self.kmsg.open()
             if self.kmsg.enabled:
                 self._start_thread("agent-kmsg", self.kmsg.wait_events, loop)
+        wd = self.notifier.watchdog_s
+        if wd is not None and self.interval > wd / 2:
+            log.warning(
+                "interval %gs is more than half the systemd watchdog (%gs): raise WatchdogSec",
+                self.interval,
+                wd,
+            )
         self.notifier.ready(f"publishing {len(inv.gpus)} GPUs every {self.interval:g}s")
         log.info(
             "agent %s (%s) started: %d %s GPUs, interval %gs, boot id %s",

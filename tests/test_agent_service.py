@@ -236,6 +236,20 @@ def test_notifier_is_silent_without_notify_socket() -> None:
     n = SdNotifier({})
     assert not n.enabled
     assert not n.ready()
+    assert n.watchdog_s is None
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WATCHDOG_USEC": "60000000"}, 60.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+    ],
+)
+def test_watchdog_period_from_systemd(env: dict[str, str], expected: float | None) -> None:
+    assert SdNotifier(env).watchdog_s == expected
 
 
 async def test_agent_started_before_nats_delivers_its_buffer_once_up(
