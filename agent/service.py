@@ -174,7 +174,10 @@ class AgentService:
         while not self._stop.is_set():
             if await deadlines.wait(self._stop):
                 break
-            await self.tick()
+            try:
+                await self.tick()
+            except GpuwardenError as e:  # one bad reading must not stop the agent; systemd sees no watchdog
+                log.error("tick failed: %s", e)
             deadlines.advance()
         if deadlines.missed:
             log.info("%d ticks skipped because a tick overran the interval", deadlines.missed)
