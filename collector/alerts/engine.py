@@ -379,10 +379,10 @@ class AlertEngine(Correlator):
                 nxt = min(nxt, self._escalate(state, a, ctx))
             elif a.state == RESOLVED and not a.flapping:
                 gone = (a.resolved_at if a.resolved_at is not None else a.last_seen) + retention
-                if now >= gone and a.flap_bits == 0:
+                if now >= gone:
                     drop.append(key)
                 else:
-                    nxt = min(nxt, gone if now < gone else now + retention)
+                    nxt = min(nxt, gone)
         for key in drop:
             self.forget(state, key)
         state.next_due = min(nxt, self.close_incidents(state, ctx))

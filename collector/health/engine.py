@@ -78,6 +78,7 @@ class HealthEngine:
             for gs in hs.gpus.values():
                 if "gpu.stale" in gs.checks:
                     em.emit(gs.checks, "gpu.stale", "gpu.stale", gs.labels, HEALTHY, now, 0.0)
+                    gs.checks["gpu.stale"].quiet = self.healthy_for  # said once: fresh data again
         return hs
 
     @staticmethod
@@ -118,13 +119,16 @@ class HealthEngine:
         for g in frame.gpus:
             gs = self._gpu(hs, g.index, g.uuid)
             if gs.xids or gs.fatal_xids:
+                n = len(em.out)
                 gpu_checks.expire(em, gs, gs.labels, now)
+                if len(em.out) != n:
+                    gs.quiet = False
             gpu_checks.sample(em, gs, gs.labels, g, ts)
         if frame.gpus and len(hs.gpus) > len(frame.gpus):
             present = {g.index for g in frame.gpus}
             for index, gs in hs.gpus.items():
                 if index not in present:
-                    gs.stale = True
+                    gs.stale, gs.quiet = True, False
         self._missing(em, hs, len(frame.gpus), now)
         if frame.system is not None:
             self.host.system(em, hs, hs.labels, frame.system, ts)
@@ -157,6 +161,7 @@ class HealthEngine:
         gs = self._find_gpu(hs, frame)
         if gs is None:
             return state, em.out
+        gs.quiet = False
         t, base, checks = frame.type, gs.labels, self.gpu
         if t == "xid" and frame.xid is not None:
             info = lookup(frame.xid, self.xids)
@@ -233,7 +238,10 @@ class HealthEngine:
         for hs in state.hosts.values():
             for gs in hs.gpus.values():
                 if gs.xids or gs.fatal_xids:
+                    n = len(em.out)
                     self.gpu.expire(em, gs, gs.labels, now)
+                    if len(em.out) != n:
+                        gs.quiet = False
             if hs.stale:
                 continue
             if hs.last_frame_at is None:
@@ -256,7 +264,7 @@ class HealthEngine:
             True,
         )  # fmt: skip
         for gs in hs.gpus.values():
-            gs.stale = True
+            gs.stale, gs.quiet = True, False
             em.emit(
                 gs.checks, "gpu.stale", "gpu.stale", gs.labels, UNKNOWN, now, None,
                 f"GPU {gs.index} on {hs.host}: no current data ({why})",

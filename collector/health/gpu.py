@@ -87,6 +87,81 @@ class GpuChecks:
 
     def sample(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         """Evaluate one sample of one GPU; ``gs`` holds the previous one."""
+        if gs.quiet and self.quiet_sample(gs, g, ts):
+            return
+        had_prev = gs.last is not None  # rate checks exist only from the second sample on
+        self._full(em, gs, base, g, ts)
+        hf = em.healthy_for
+        gs.quiet = had_prev and all(cs.status == HEALTHY and cs.quiet >= hf for cs in gs.checks.values())
+
+    def quiet_sample(self, gs: GpuState, g: GpuSample, ts: float) -> bool:
+        """The fast path: ``True`` (and ``gs`` updated) when every check of this GPU was quiet
+        and healthy and this sample keeps every check healthy, so nothing is emitted.
+
+        It applies exactly the thresholds of the full checks below (a test holds the two
+        paths to the same verdicts); any doubt returns ``False`` and the full path runs.
+        """
+        prev, last_ts = gs.last, gs.last_ts
+        if prev is None or last_ts is None or g.lost or ts <= last_ts:
+            return False
+        cfg, dt = self.cfg, ts - last_ts
+        t = g.temp_c
+        if t is not None:
+            if t >= cfg.temp_warning_c:
+                return False
+            lim = g.temp_slowdown_c
+            if lim is not None and t >= lim - cfg.temp_slowdown_margin_c:
+                return False
+            lim = g.temp_shutdown_c
+            if lim is not None and t >= lim - cfg.temp_shutdown_margin_c:
+                return False
+        if g.ecc_dbe_volatile:
+            return False
+        d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
+        if d and d * 60.0 / dt > cfg.ecc_sbe_rate_per_min:
+            return False
+        if g.retired_pages_pending or g.remap_failure or g.remap_pending:
+            return False
+        if (g.retired_pages_sbe or 0) + (g.retired_pages_dbe or 0) >= cfg.retired_pages_critical:
+            return False
+        unc = g.remapped_rows_uncorrectable
+        if unc is not None and unc >= cfg.remapped_rows_unc_warning:
+            return False
+        reasons = g.clock_event_reasons
+        if reasons is None:
+            reasons = gs.event_reasons
+        if reasons & cfg.clock_event_mask:
+            return False
+        if cfg.thermal_violation_warns and _delta(g.throttle_thermal_ns, prev.throttle_thermal_ns):
+            return False
+        d = _delta(g.pcie_replay_count, prev.pcie_replay_count)
+        if d:
+            expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, cfg.pcie_replay_factor)
+            if expected is not None and d * 60.0 / dt > expected:
+                return False
+        total = g.nvlink_links_total
+        if total:
+            up = g.nvlink_links_up
+            if (up is not None and up < total) or (
+                _delta(g.nvlink_crc_errors, prev.nvlink_crc_errors)
+                or _delta(g.nvlink_replay_errors, prev.nvlink_replay_errors)
+                or _delta(g.nvlink_recovery_errors, prev.nvlink_recovery_errors)
+            ):
+                return False
+        p, lim = g.power_w, g.power_limit_w
+        if p is not None and lim and p > lim * (1.0 + cfg.power_over_limit_pct / 100.0):
+            return False
+        used, mem = g.mem_used_bytes, g.mem_total_bytes
+        if used is not None and mem and used * 100.0 / mem >= cfg.memory_full_pct:
+            return False
+        if g.recovery_action:
+            return False
+        if g.persistence_mode is False and cfg.persistence_check:
+            return False
+        gs.last, gs.last_ts, gs.stale = g, ts, False
+        return True
+
+    def _full(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         checks = em.emit
         c = gs.checks
         if g.lost:

@@ -95,6 +95,7 @@ class GpuState:
     last: GpuSample | None = None  # the last readings; stale when ``lost`` or the host is stale
     lost: bool = False
     stale: bool = False
+    quiet: bool = False  # every check healthy and quiet: the next sample may take the fast path
     throttle_since: float | None = None  # HW clock-event reasons active continuously since
     event_reasons: int = 0  # reason bits from throttle_start/throttle_stop events
     xids: dict[int, XidRecord] = field(default_factory=dict)
