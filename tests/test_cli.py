@@ -169,3 +169,12 @@ def test_sample_without_simulation_needs_nvml() -> None:
     else:
         assert r.returncode == 3, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("error: NVML unavailable")
+
+
+def test_fleet_without_nats_exits_4() -> None:
+    r = run(
+        "fleet", "--hosts", "2", "--gpus", "1", "--nats", "nats://127.0.0.1:1",
+        GPUWARDEN_NATS_CONNECT_TIMEOUT="1s", GPUWARDEN_NATS_PUBLISH_TIMEOUT="1s",
+    )  # fmt: skip
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cannot reach NATS at nats://127.0.0.1:1")
