@@ -152,14 +152,16 @@ def test_demo_prints_frames_and_ctrl_c_leaves_no_process_behind() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        survivors = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        for c in survivors:  # only if the demo failed to clean up; asserted below
+            c.kill()
     lines += out.splitlines()
     assert proc.returncode == 0, err
     assert any("inventory" in x for x in lines)
     assert sum(x.startswith("sample ") for x in lines) >= 3
     assert lines[-1].strip() == "demo: stopped"
     assert children, "the demo should run its own nats-server"
-    for c in children:
-        assert not c.is_running() or c.status() == psutil.STATUS_ZOMBIE
+    assert survivors == []
 
 
 def test_sample_without_simulation_needs_nvml() -> None:
