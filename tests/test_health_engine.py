@@ -288,3 +288,44 @@ def test_health_config_errors_name_the_key(raw: dict[str, Any], key: str) -> Non
     with pytest.raises(ConfigError) as e:
         health_config_from(raw, env={})
     assert e.value.key == key
+
+
+def test_state_round_trips_through_json(engine: HealthEngine) -> None:
+    import json
+
+    from collector.health.codec import state_from_dict, state_to_dict
+    from shared.frames import DiskUsage, GpuProcess, NicCounters, SystemSample
+
+    def busy(ts: float, errors: int) -> SampleFrame:
+        gpus = (
+            GpuSample(
+                index=0,
+                uuid="G0",
+                temp_c=88.0,
+                clock_event_reasons=0x8,
+                pcie_replay_count=int(ts - T0) * 9,
+                pcie_link_gen=4,
+                pcie_link_width=16,
+                processes=(GpuProcess(pid=7, name="train", used_mem_bytes=5),),
+            ),
+            GpuSample(index=1, uuid="G1", lost=True),
+        )
+        system = SystemSample(
+            cpu_pct=99.0,
+            disks=(DiskUsage("/", 100, 90, 10),),
+            nics=(NicCounters(name="ib0", up=True, rx_errors=errors),),
+        )
+        return SampleFrame(
+            host="node-1", provider="acme", boot_id="b1", seq=int(ts), ts=ts, gpus=gpus, system=system
+        )
+
+    state, _ = engine.observe(HealthState(), busy(T0, 0), T0)
+    state, _ = engine.observe(state, event(T0 + 1, "xid", xid=79), T0 + 1)
+    state, _ = engine.observe(state, busy(T0 + 60, 500), T0 + 60)
+    saved = json.loads(json.dumps(state_to_dict(state)))
+    restored = state_from_dict(saved)
+    assert restored == state
+    state, a = engine.observe(state, busy(T0 + 400, 1000), T0 + 400)
+    restored, b = engine.observe(restored, busy(T0 + 400, 1000), T0 + 400)
+    assert a == b
+    assert ("gpu.clock_events", "critical") in [(o.check, o.status) for o in a]  # sustained across the save

@@ -1,0 +1,82 @@
+"""The health state as JSON-compatible data, and back.
+
+An effects layer may persist it (so rates, XID windows and throttle durations survive a
+collector restart) or rebuild it by replaying recent frames; either way the engine only
+ever sees plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from collector.health.model import CheckStatus, GpuState, HealthState, HostState, XidRecord
+from shared.frames import DiskUsage, GpuProcess, GpuSample, NicCounters, SystemSample
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def state_to_dict(state: HealthState) -> dict[str, Any]:
+    """``state`` as dicts, lists and scalars (keys are strings, so it survives JSON)."""
+    out: dict[str, Any] = _plain(state)
+    return out
+
+
+def _gpu_sample(d: Mapping[str, Any] | None) -> GpuSample | None:
+    if d is None:
+        return None
+    return GpuSample(**{**d, "processes": tuple(GpuProcess(**p) for p in d.get("processes", ()))})
+
+
+def _system(d: Mapping[str, Any] | None) -> SystemSample | None:
+    if d is None:
+        return None
+    return SystemSample(
+        **{
+            **d,
+            "disks": tuple(DiskUsage(**x) for x in d.get("disks", ())),
+            "nics": tuple(NicCounters(**x) for x in d.get("nics", ())),
+        }
+    )
+
+
+def _checks(d: Mapping[str, Any]) -> dict[str, CheckStatus]:
+    return {k: CheckStatus(**{**c, "labels": dict(c["labels"])}) for k, c in d.items()}
+
+
+def _gpu(d: Mapping[str, Any]) -> GpuState:
+    return GpuState(
+        **{
+            **d,
+            "labels": dict(d["labels"]),
+            "last": _gpu_sample(d.get("last")),
+            "xids": {int(k): XidRecord(**x) for k, x in d.get("xids", {}).items()},
+            "fatal_xids": list(d.get("fatal_xids", [])),
+            "checks": _checks(d.get("checks", {})),
+        }
+    )
+
+
+def state_from_dict(d: Mapping[str, Any]) -> HealthState:
+    """Rebuild a :class:`HealthState` saved with :func:`state_to_dict`."""
+    hosts = {}
+    for name, h in d.get("hosts", {}).items():
+        hosts[name] = HostState(
+            **{
+                **h,
+                "labels": dict(h["labels"]),
+                "gpus": {int(k): _gpu(g) for k, g in h.get("gpus", {}).items()},
+                "system": _system(h.get("system")),
+                "checks": _checks(h.get("checks", {})),
+            }
+        )
+    return HealthState(hosts=hosts)
