@@ -26,7 +26,7 @@ from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, PostgresServer
 from shared.frames import Frame, encode, to_wire
 from shared.subjects import msg_id, sample_subject, subject_for
-from tests.test_store import event, make_config, sample
+from tests.test_store import event, inventory, make_config, sample
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -348,3 +348,56 @@ async def test_postgres_restart_mid_stream_loses_nothing(
 
 async def _stored(ingest: Ingest, n: int) -> bool:
     return ingest.stats.frames_stored + ingest.stats.duplicates >= n
+
+
+# ----------------------------------------------------------------------------- fast decoder
+
+ODD_VALUES: list[Any] = [
+    None, True, False, 0, -1, 1, 1.5, math.nan, math.inf, "x", "", "y" * 5000, [], [1], {}, {"a": 1},
+    2**53 + 1, 2**63, 2**64 - 1, -(2**63), 1e300, 100, 100.0, 1023, 1024,
+]  # fmt: skip
+
+
+def _outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
+    from shared.errors import FrameDecodeError
+
+    try:
+        return ("ok", fn())
+    except FrameDecodeError as e:
+        return ("error", e.reason, e.field, str(e))
+
+
+def _mutations(wire: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    if isinstance(wire, dict):
+        for k, v in wire.items():
+            yield (*path, k), v
+            yield from _mutations(v, (*path, k))
+    elif isinstance(wire, list) and wire:
+        yield from _mutations(wire[0], (*path, 0))
+
+
+def test_fast_decoder_agrees_with_the_reference() -> None:
+    """The generated fast path of shared.frames accepts and builds exactly what the checks do."""
+    import copy
+
+    from shared import frames as fr
+
+    bases = [to_wire(sample("h", 3, 1.7e9)), to_wire(event("h", 4, 1.7e9)), to_wire(inventory("h", 5, 1.7e9))]
+    cases = 0
+    for base in bases:
+        cls = fr._FRAME_TYPES[base["kind"]]
+        for path, _ in list(_mutations(base)):
+            for odd in [*ODD_VALUES, "__missing__"]:
+                raw = copy.deepcopy(base)
+                node = raw
+                for p in path[:-1]:
+                    node = node[p]
+                if odd == "__missing__":
+                    del node[path[-1]]
+                else:
+                    node[path[-1]] = odd
+                ref = _outcome(lambda raw=raw, cls=cls: fr._build(cls, raw, ""))
+                fast = _outcome(lambda raw=raw, cls=cls: fr._build_fast(cls, raw))
+                assert fast == ref, (path, odd)
+                cases += 1
+    assert cases > 2000
