@@ -209,15 +209,15 @@ def test_emission_policy(engine: HealthEngine) -> None:
     assert by_check(obs, "gpu.temperature")[0].status == "healthy"
     state, obs = engine.observe(state, sample(T0 + 5, gpus=1), T0 + 5)
     assert obs == []
-    hot = SampleFrame(
-        host="node-1",
-        provider="acme",
-        boot_id="b1",
-        seq=3,
-        ts=T0 + 10,
-        gpus=(GpuSample(index=0, uuid="GPU-node-1-0", temp_c=95.0),),
-    )
     for i in range(3):
+        hot = SampleFrame(
+            host="node-1",
+            provider="acme",
+            boot_id="b1",
+            seq=int(T0) + 10 + i,
+            ts=T0 + 10 + i,
+            gpus=(GpuSample(index=0, uuid="GPU-node-1-0", temp_c=95.0),),
+        )
         state, obs = engine.observe(state, hot, T0 + 10 + i)
         assert [o.status for o in by_check(obs, "gpu.temperature")] == ["critical"]
     healthy = []
@@ -329,3 +329,25 @@ def test_state_round_trips_through_json(engine: HealthEngine) -> None:
     restored, b = engine.observe(restored, busy(T0 + 400, 1000), T0 + 400)
     assert a == b
     assert ("gpu.clock_events", "critical") in [(o.check, o.status) for o in a]  # sustained across the save
+
+
+def test_redelivered_frames_are_judged_once(engine: HealthEngine) -> None:
+    state, _ = engine.observe(HealthState(), sample(T0), T0)
+    xid = event(T0 + 1, "xid", xid=79)
+    for _ in range(3):  # redelivered: one XID, not three fatal XIDs (no RMA advice)
+        state, obs = engine.observe(state, xid, T0 + 2)
+    assert state.hosts["node-1"].gpus[0].xids[79].count == 1
+    assert by_check(obs, "gpu.xid") == []
+    assert "gpu.rma" not in state.hosts["node-1"].gpus[0].checks
+    hot = sample(T0 + 10)
+    state, _ = engine.observe(state, hot, T0 + 10)
+    assert engine.observe(state, sample(T0 + 5), T0 + 11)[1] == []  # late, older sample: ignored
+    assert state.hosts["node-1"].gpus[0].last == hot.gpus[0]
+    restarted = SampleFrame(host="node-1", provider="acme", boot_id="b2", seq=1, ts=T0 + 20, gpus=hot.gpus)
+    state, _ = engine.observe(state, restarted, T0 + 20)  # a new agent run counts from 1 again
+    assert state.hosts["node-1"].last_sample_seq == 1
+    again = EventFrame(
+        host="node-1", provider="acme", boot_id="b2", seq=xid.seq, ts=T0 + 21, type="xid", gpu_index=0, xid=79
+    )
+    state, obs = engine.observe(state, again, T0 + 21)
+    assert state.hosts["node-1"].gpus[0].xids[79].count == 2  # same seq, another run: a new XID

@@ -82,6 +82,22 @@ class HealthEngine:
         return hs
 
     @staticmethod
+    def _seen(state: HealthState, frame: SampleFrame | EventFrame, sample: bool) -> bool:
+        """A frame judged already (JetStream redelivers unacknowledged frames) or a sample
+        older than one judged: ignored, so XIDs are not counted twice and rates stay sane."""
+        hs = state.hosts.get(frame.host)
+        if hs is None or hs.boot_id != frame.boot_id:
+            return False
+        if sample:
+            return frame.seq <= hs.last_sample_seq
+        return frame.seq in hs.recent_events
+
+    @staticmethod
+    def _boot(hs: HostState, boot_id: str) -> None:
+        if boot_id != hs.boot_id:  # the agent restarted: seqs start again
+            hs.boot_id, hs.last_sample_seq, hs.recent_events = boot_id, -1, []
+
+    @staticmethod
     def _gpu(hs: HostState, index: int, uuid: str | None) -> GpuState:
         gs = hs.gpus.get(index)
         if gs is None or (uuid and gs.uuid and gs.uuid != uuid):  # new, or another GPU in that slot
@@ -109,9 +125,11 @@ class HealthEngine:
     ) -> tuple[HealthState, list[Observation]]:
         """Judge every GPU, the system metrics and the network checks of one sample."""
         em = Emitter(self.healthy_for)
+        if self._seen(state, frame, sample=True):
+            return state, em.out
         hs = self._host(state, frame.host, frame.provider, em, now)
-        if frame.boot_id != hs.boot_id:
-            hs.boot_id = frame.boot_id
+        self._boot(hs, frame.boot_id)
+        hs.last_sample_seq = frame.seq
         if frame.interval_s:
             hs.interval_s = frame.interval_s
         ts = frame.ts or now
@@ -157,7 +175,13 @@ class HealthEngine:
     ) -> tuple[HealthState, list[Observation]]:
         """Judge one event at once (XIDs, GPU lost, ECC double-bit, throttle, recovery action)."""
         em = Emitter(self.healthy_for)
+        if self._seen(state, frame, sample=False):
+            return state, em.out
         hs = self._host(state, frame.host, frame.provider, em, now)
+        self._boot(hs, frame.boot_id)
+        hs.recent_events.append(frame.seq)
+        if len(hs.recent_events) > _RECENT_EVENTS:
+            del hs.recent_events[: len(hs.recent_events) - _RECENT_EVENTS]
         gs = self._find_gpu(hs, frame)
         if gs is None:
             return state, em.out
@@ -273,3 +297,4 @@ class HealthEngine:
 
 
 _LOST = GpuSample(lost=True)
+_RECENT_EVENTS = 512  # event seqs remembered per host for de-duplication

@@ -110,7 +110,9 @@ class HostState:
     host: str
     provider: str
     labels: dict[str, str] = field(default_factory=dict)  # provider, host
-    boot_id: str | None = None
+    boot_id: str | None = None  # the agent run whose frames are being judged
+    last_sample_seq: int = -1  # a sample of this boot at or below it is a duplicate or late
+    recent_events: list[int] = field(default_factory=list)  # seqs of this boot's recent events
     last_frame_at: float | None = None  # when the last frame of this host was observed (``now``)
     interval_s: float | None = None
     first_expected_at: float | None = None  # when the inventory source first listed it
