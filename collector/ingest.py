@@ -102,6 +102,15 @@ def check(subject: str, data: bytes, limits: Limits, stream_seq: int | None = No
 
 
 @dataclass(slots=True)
+class Batch:
+    """Fetched messages, checked: what to store and what to reject."""
+
+    msgs: Sequence[Msg]
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class IngestStats:
     """The ingest's own figures (read by the metrics collector at scrape time)."""
 
@@ -202,23 +211,36 @@ class Ingest:
             self._stop.set()
 
     async def run(self) -> None:
-        """Consume until :meth:`stop`; the batch in hand is finished (written, acked) first."""
+        """Consume until :meth:`stop`; the batch being written is finished (written, acked).
+
+        Pipelined: while batch N is being written, batch N+1 is fetched and checked, so at
+        most two batches are in memory; N+1 is written only after N is committed and acked.
+        """
         assert self._sub is not None, "setup() first"
         c = self.cfg.collector
-        while not self._stop.is_set():
-            try:
-                msgs = await self._sub.fetch(c.batch, timeout=c.fetch_timeout)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
-                break
-            except nats.errors.Error as e:
-                self._rl.warning("fetch", "fetch failed: %s", e)
-                await asyncio.sleep(0.5)
-                continue
-            if msgs:
-                await self.process(msgs)
-        await self.close()
+        writing: asyncio.Task[WriteResult | None] | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    msgs = await self._sub.fetch(c.batch, timeout=c.fetch_timeout)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                    break
+                except nats.errors.Error as e:
+                    self._rl.warning("fetch", "fetch failed: %s", e)
+                    await asyncio.sleep(0.5)
+                    continue
+                if not msgs:
+                    continue
+                batch = await self.prepare(msgs)
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self.commit(batch))
+        finally:
+            if writing is not None:
+                await writing
+            await self.close()
 
     async def close(self) -> None:
         """Stop the pull subscription (so that draining NATS does not wait on it)."""
@@ -241,37 +263,40 @@ class Ingest:
 
         Returns ``None`` when shutdown gave up on a batch PostgreSQL never took (not acked).
         """
+        return await self.commit(await self.prepare(msgs))
+
+    async def prepare(self, msgs: Sequence[Msg]) -> Batch:
+        """Check every message (yielding now and then, so that a write in flight proceeds)."""
         c = self.cfg.collector
         limits = self.limits()
-        accepted: list[Accepted] = []
-        rejected: list[Rejection] = []
-        for m in msgs:
-            seq = _stream_seq(m)
+        batch = Batch(msgs)
+        for i, m in enumerate(msgs):
+            if i % 64 == 63:
+                await asyncio.sleep(0)
             if c.partitions > 1 and subject_partition(m.subject, c.partitions) != c.partition:
                 self.stats.skipped_other_partition += 1
                 continue
-            item = check(m.subject, m.data, limits, seq)
+            item = check(m.subject, m.data, limits, _stream_seq(m))
             if type(item) is Accepted:
-                accepted.append(item)
+                batch.accepted.append(item)
             else:
-                rejected.append(item)  # type: ignore[arg-type]
-        self.stats.frames_in += len(accepted) + len(rejected)
-        for r in rejected:
-            self.stats.rejected[r.reason] += 1
-            self._rl.warning(
-                f"reject:{r.reason}", "rejected frame on %s: %s: %s", r.subject, r.reason, r.message
-            )
-        result = await self._write(accepted, rejected)
+                batch.rejected.append(item)  # type: ignore[arg-type]
+        self.stats.frames_in += len(batch.accepted) + len(batch.rejected)
+        return batch
+
+    async def commit(self, batch: Batch) -> WriteResult | None:
+        """Write a prepared batch, then acknowledge its messages and run the hooks."""
+        result = await self._write(batch.accepted, batch.rejected)
         if result is None:
             return None
-        for m in msgs:
+        for m in batch.msgs:
             await m.ack()
-        for r in result.rejected[len(rejected) :]:  # refused by PostgreSQL column types
+        for r in result.rejected:  # checks' rejections, then those PostgreSQL column types refused
             self.stats.rejected[r.reason] += 1
             self._rl.warning(
                 f"reject:{r.reason}", "rejected frame on %s: %s: %s", r.subject, r.reason, r.message
             )
-        self._account(msgs, result)
+        self._account(batch.msgs, result)
         if result.new:
             for hook in self.hooks:
                 await hook(result.new)

@@ -4,6 +4,7 @@ queries, state rebuild. Also home of the frame builders the other collector test
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -189,12 +190,8 @@ async def test_frames_land_once_with_their_values(conn: asyncpg.Connection, writ
     assert await conn.fetchval("SELECT count(*) FROM host_samples") == 60
     # unavailable is NULL, never NaN or -1
     assert await conn.fetchval("SELECT count(*) FROM gpu_samples WHERE pcie_replay_count IS NOT NULL") == 0
-    procs = await conn.fetchval("SELECT processes FROM gpu_samples WHERE gpu_index = 0 LIMIT 1")
-    assert '"container":"job-7"' in procs.replace(" ", "")
-    assert (
-        await conn.fetchval("SELECT count(*) FROM gpu_samples WHERE gpu_index = 1 AND processes IS NULL")
-        == 60
-    )
+    detail = json.loads(await conn.fetchval("SELECT detail FROM host_samples LIMIT 1"))
+    assert detail["procs"] == [[0, [[100, "python", 2**30, "job-7"]]]]  # GPU 0's processes
     hosts = await conn.fetch(
         "SELECT h.name, p.name AS p FROM hosts h JOIN providers p ON p.id = h.provider_id"
     )

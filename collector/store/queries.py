@@ -15,7 +15,7 @@ from typing import Any, Final, TypeAlias
 
 import asyncpg
 
-from collector.store.rows import GPU_FIELDS, ROLLUP_METRICS, SYSTEM_FIELDS, utc
+from collector.store.rows import GPU_FIELDS, ROLLUP_METRICS, SYSTEM_FIELDS, detail_to_wire, utc
 from shared.errors import FrameDecodeError, GpuwardenError
 from shared.frames import EventFrame, GpuSample, InventoryFrame, SampleFrame, SystemSample, from_wire
 
@@ -255,9 +255,9 @@ async def latest_samples(
         [r["ts"] for r in rows],
         utc(since),
     )
-    by_host: dict[int, list[dict[str, Any]]] = {}
+    by_host: dict[int, list[asyncpg.Record]] = {}
     for g in gpu_rows:
-        by_host.setdefault(g["host_id"], []).append(_gpu_wire(g))
+        by_host.setdefault(g["host_id"], []).append(g)
     out = []
     for r in rows:
         frame = _sample_frame(r, by_host.get(r["host_id"], []))
@@ -266,16 +266,15 @@ async def latest_samples(
     return out
 
 
-def _gpu_wire(g: asyncpg.Record) -> dict[str, Any]:
-    d: dict[str, Any] = {name: g[name] for name in GPU_FIELDS}
-    d["index"] = g["gpu_index"]
-    d["uuid"] = g["uuid"] or ""
-    d["processes"] = json.loads(g["processes"]) if g["processes"] else []
-    return d
-
-
-def _sample_frame(r: asyncpg.Record, gpus: list[dict[str, Any]]) -> SampleFrame | None:
-    detail = json.loads(r["detail"]) if r["detail"] else {}
+def _sample_frame(r: asyncpg.Record, gpu_rows: list[asyncpg.Record]) -> SampleFrame | None:
+    detail = detail_to_wire(json.loads(r["detail"]) if r["detail"] else {})
+    gpus = []
+    for g in gpu_rows:
+        d: dict[str, Any] = {name: g[name] for name in GPU_FIELDS}
+        d["index"] = g["gpu_index"]
+        d["uuid"] = g["uuid"] or ""
+        d["processes"] = detail["procs"].get(g["gpu_index"], [])
+        gpus.append(d)
     raw: dict[str, Any] = {
         "v": 1,
         "kind": "sample",
@@ -286,13 +285,13 @@ def _sample_frame(r: asyncpg.Record, gpus: list[dict[str, Any]]) -> SampleFrame 
         "ts": r["ts"].timestamp(),
         "interval_s": r["interval_s"],
         "gpus": gpus,
-        "checks": detail.get("checks", []),
-        "agent": detail.get("agent"),
+        "checks": detail["checks"],
+        "agent": detail["agent"],
     }
-    if detail.get("system", True):
+    if detail["system"]:
         system = {name: r[name] for name in SYSTEM_FIELDS}
-        system["disks"] = detail.get("disks", [])
-        system["nics"] = detail.get("nics", [])
+        system["disks"] = detail["disks"]
+        system["nics"] = detail["nics"]
         raw["system"] = system
     try:
         frame = from_wire(raw)

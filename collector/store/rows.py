@@ -13,14 +13,28 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from shared.frames import EventFrame, GpuSample, InventoryFrame, SampleFrame, SystemSample, to_wire
+from shared.frames import (
+    AgentStats,
+    CheckResult,
+    DiskUsage,
+    EventFrame,
+    GpuProcess,
+    GpuSample,
+    InventoryFrame,
+    NicCounters,
+    SampleFrame,
+    SystemSample,
+    to_wire,
+)
 
 I64_MAX: Final = (1 << 63) - 1
 
 GPU_FIELDS: Final = tuple(f.name for f in fields(GpuSample) if f.name not in ("index", "uuid", "processes"))
-GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS, "processes")
+GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS)
+GPU_STAGE_COLUMNS: Final = ("n", *GPU_COLUMNS)  # n: the frame's number within its batch
 SYSTEM_FIELDS: Final = tuple(f.name for f in fields(SystemSample) if f.name not in ("disks", "nics"))
 HOST_COLUMNS: Final = ("ts", "host_id", "boot_id", "seq", "interval_s", *SYSTEM_FIELDS, "detail")
+HOST_STAGE_COLUMNS: Final = ("n", *HOST_COLUMNS)
 # Metrics with one-minute rollups (min, max, sum, count each), for history at steps >= 60 s.
 ROLLUP_METRICS: Final = (
     "temp_c",
@@ -34,6 +48,17 @@ ROLLUP_METRICS: Final = (
 )
 EVENT_FIELDS: Final = ("type", "source", "gpu_index", "gpu_uuid", "xid", "count", "value", "message")
 
+# ``detail`` stores these records as JSON arrays in field order (compact and fast to write)
+DISK_FIELDS: Final = tuple(f.name for f in fields(DiskUsage))
+NIC_FIELDS: Final = tuple(f.name for f in fields(NicCounters))
+CHECK_FIELDS: Final = tuple(f.name for f in fields(CheckResult))
+AGENT_FIELDS: Final = tuple(f.name for f in fields(AgentStats))
+PROC_FIELDS: Final = tuple(f.name for f in fields(GpuProcess))
+_disk = operator.attrgetter(*DISK_FIELDS)
+_nic = operator.attrgetter(*NIC_FIELDS)
+_check = operator.attrgetter(*CHECK_FIELDS)
+_agent = operator.attrgetter(*AGENT_FIELDS)
+_proc = operator.attrgetter(*PROC_FIELDS)
 _gpu_values = operator.attrgetter(*GPU_FIELDS)
 _system_values = operator.attrgetter(*SYSTEM_FIELDS)
 _NO_SYSTEM: Final = (None,) * len(SYSTEM_FIELDS)
@@ -49,15 +74,13 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime) -> list[tuple[Any, ...]]:
-    head = (ts, host_id)
-    return [
-        (*head, g.index, *_gpu_values(g), dumps(to_wire(g.processes)) if g.processes else None)
-        for g in frame.gpus
-    ]
+def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> list[tuple[Any, ...]]:
+    """Rows of ``gpu_samples`` (staging order: frame number ``n`` first, see GPU_STAGE_COLUMNS)."""
+    return [(n, ts, host_id, g.index, *_gpu_values(g)) for g in frame.gpus]
 
 
-def host_row(frame: SampleFrame, host_id: int, ts: datetime) -> tuple[Any, ...]:
+def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[Any, ...]:
+    """The ``host_samples`` row of a frame: system columns and the compact ``detail`` JSON."""
     system = frame.system
     detail: dict[str, Any] = {}
     if system is None:
@@ -66,14 +89,18 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime) -> tuple[Any, ...]:
     else:
         values = _system_values(system)
         if system.disks:
-            detail["disks"] = to_wire(system.disks)
+            detail["disks"] = [_disk(d) for d in system.disks]
         if system.nics:
-            detail["nics"] = to_wire(system.nics)
+            detail["nics"] = [_nic(x) for x in system.nics]
     if frame.checks:
-        detail["checks"] = to_wire(frame.checks)
+        detail["checks"] = [_check(c) for c in frame.checks]
     if frame.agent is not None:
-        detail["agent"] = to_wire(frame.agent)
+        detail["agent"] = _agent(frame.agent)
+    procs = [[g.index, [_proc(p) for p in g.processes]] for g in frame.gpus if g.processes]
+    if procs:
+        detail["procs"] = procs
     return (
+        n,
         ts,
         host_id,
         frame.boot_id,
@@ -82,6 +109,22 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime) -> tuple[Any, ...]:
         *values,
         dumps(detail) if detail else None,
     )
+
+
+def detail_to_wire(detail: dict[str, Any]) -> dict[str, Any]:
+    """The ``detail`` JSON back in wire form: ``disks``, ``nics``, ``checks``, ``agent``, ``procs``."""
+    out: dict[str, Any] = {
+        "disks": [dict(zip(DISK_FIELDS, d, strict=False)) for d in detail.get("disks", ())],
+        "nics": [dict(zip(NIC_FIELDS, x, strict=False)) for x in detail.get("nics", ())],
+        "checks": [dict(zip(CHECK_FIELDS, c, strict=False)) for c in detail.get("checks", ())],
+        "agent": dict(zip(AGENT_FIELDS, detail["agent"], strict=False)) if "agent" in detail else None,
+        "procs": {
+            idx: [dict(zip(PROC_FIELDS, p, strict=False)) for p in procs]
+            for idx, procs in detail.get("procs", ())
+        },
+        "system": detail.get("system", True),
+    }
+    return out
 
 
 def event_row(frame: EventFrame, host_id: int) -> tuple[Any, ...]:

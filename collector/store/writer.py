@@ -27,16 +27,18 @@ from collector.config import PostgresSection
 from collector.store import db, partitions
 from collector.store.rows import (
     GPU_COLUMNS,
+    GPU_STAGE_COLUMNS,
     HOST_COLUMNS,
+    HOST_STAGE_COLUMNS,
     ROLLUP_METRICS,
     FrameKey,
     dumps,
     event_row,
-    gpu_rows,
     host_row,
     storage_problem,
     utc,
 )
+from collector.store.rows import gpu_rows as make_gpu_rows
 from shared.frames import EventFrame, Frame, InventoryFrame, SampleFrame, to_wire
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,10 @@ EVENT_COLUMNS: Final = (
 )  # fmt: skip
 
 
-def _rollup_sql() -> str:
+def _samples_sql() -> str:
+    """One statement for a batch of staged samples: insert the host rows that are new (the
+    idempotence key is host, boot id, sequence), the GPU rows of exactly those frames, and
+    fold those GPU rows into the one-minute rollups; return the numbers of the new frames."""
     cols, aggs, sets = [], [], []
     for m in ROLLUP_METRICS:
         cols += [f"{m}_min", f"{m}_max", f"{m}_sum", f"{m}_n"]
@@ -59,19 +64,26 @@ def _rollup_sql() -> str:
             f"{m}_sum = coalesce(r.{m}_sum, 0) + coalesce(EXCLUDED.{m}_sum, 0)",
             f"{m}_n = r.{m}_n + EXCLUDED.{m}_n",
         ]
-    # identifiers come from the ROLLUP_METRICS constant, never from input
+    hcols, gcols = ", ".join(HOST_COLUMNS), ", ".join(GPU_COLUMNS)
+    # identifiers come from constants (column lists of shared.frames fields), never from input
     return (
-        f"INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"  # noqa: S608
+        f"WITH new AS (INSERT INTO host_samples ({hcols}) SELECT {hcols} FROM stage_host"  # noqa: S608
+        " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq),"
+        " fresh AS (SELECT s.n FROM stage_host s JOIN new USING (host_id, boot_id, seq)),"
+        f" g AS (INSERT INTO gpu_samples ({gcols}) SELECT {gcols} FROM stage_gpu"
+        f" WHERE n IN (SELECT n FROM fresh) RETURNING host_id, gpu_index, ts, {', '.join(ROLLUP_METRICS)}),"
+        f" r AS (INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"
         f" SELECT host_id, gpu_index, date_trunc('minute', ts), count(*), {', '.join(aggs)}"
-        " FROM stage_gpu GROUP BY 1, 2, 3"
-        f" ON CONFLICT (host_id, gpu_index, minute) DO UPDATE SET n = r.n + EXCLUDED.n, {', '.join(sets)}"
+        " FROM g GROUP BY 1, 2, 3"
+        f" ON CONFLICT (host_id, gpu_index, minute) DO UPDATE SET n = r.n + EXCLUDED.n, {', '.join(sets)})"
+        " SELECT n FROM fresh"
     )
 
 
-ROLLUP_SQL: Final = _rollup_sql()
+SAMPLES_SQL: Final = _samples_sql()
 _STAGING: Final = (
-    "CREATE TEMP TABLE IF NOT EXISTS stage_host (LIKE host_samples) ON COMMIT DELETE ROWS",
-    "CREATE TEMP TABLE IF NOT EXISTS stage_gpu (LIKE gpu_samples) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS stage_host (n integer, LIKE host_samples) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS stage_gpu (n integer, LIKE gpu_samples) ON COMMIT DELETE ROWS",
     f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
     f" SELECT {', '.join(EVENT_COLUMNS)} FROM events WITH NO DATA",
 )
@@ -270,37 +282,35 @@ class Writer:
         result: WriteResult,
         new_gpus: dict[tuple[int, int], str],
     ) -> set[FrameKey]:
-        host_rows = []
-        per_frame: dict[FrameKey, SampleFrame] = {}
+        host_rows: list[tuple[Any, ...]] = []
+        gpu_rows: list[tuple[Any, ...]] = []
+        numbered: list[tuple[FrameKey, SampleFrame]] = []
+        keys: set[FrameKey] = set()
         for f in samples:
             hid = self._hosts[f.host][0]
             key = (hid, f.boot_id, f.seq)
-            if key in per_frame:
+            if key in keys:
                 continue
-            per_frame[key] = f
-            host_rows.append(host_row(f, hid, utc(f.ts)))
-        await conn.copy_records_to_table("stage_host", records=host_rows, columns=HOST_COLUMNS)
-        cols = ", ".join(HOST_COLUMNS)
-        inserted = await conn.fetch(
-            f"INSERT INTO host_samples ({cols}) SELECT {cols} FROM stage_host"  # noqa: S608 (constant)
-            " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq"
-        )
-        new_keys = {(r[0], r[1], r[2]) for r in inserted}
-        rows: list[tuple[Any, ...]] = []
-        for key in new_keys:
-            f = per_frame[key]
-            rows += gpu_rows(f, key[0], utc(f.ts))
+            keys.add(key)
+            n = len(numbered)
+            numbered.append((key, f))
+            ts = utc(f.ts)
+            host_rows.append(host_row(f, hid, ts, n))
+            gpu_rows.extend(make_gpu_rows(f, hid, ts, n))
+        await conn.copy_records_to_table("stage_host", records=host_rows, columns=HOST_STAGE_COLUMNS)
+        if gpu_rows:
+            await conn.copy_records_to_table("stage_gpu", records=gpu_rows, columns=GPU_STAGE_COLUMNS)
+        fresh = await conn.fetch(SAMPLES_SQL)
+        new_keys: set[FrameKey] = set()
+        for r in fresh:
+            key, f = numbered[r[0]]
+            new_keys.add(key)
+            result.gpu_rows += len(f.gpus)
             for g in f.gpus:
                 if self._gpus.get((key[0], g.index)) != g.uuid:
                     new_gpus[(key[0], g.index)] = g.uuid
-        if rows:
-            await conn.copy_records_to_table("stage_gpu", records=rows, columns=GPU_COLUMNS)
-            gcols = ", ".join(GPU_COLUMNS)
-            await conn.execute(f"INSERT INTO gpu_samples ({gcols}) SELECT {gcols} FROM stage_gpu")  # noqa: S608
-            await conn.execute(ROLLUP_SQL)
         if new_gpus:
-            await self._upsert_gpus_seen(conn, new_gpus, per_frame, new_keys)
-        result.gpu_rows += len(rows)
+            await self._upsert_gpus_seen(conn, new_gpus, dict(numbered), new_keys)
         return new_keys
 
     async def _upsert_gpus_seen(

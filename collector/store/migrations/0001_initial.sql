@@ -85,6 +85,8 @@ CREATE TABLE host_samples (
     fds_open             bigint,
     fds_max              bigint,
     uptime_s             double precision,
+    -- disks, nics, checks, agent figures and per-GPU processes as compact JSON arrays in the
+    -- field order of shared.frames (see docs/storage.md)
     detail               jsonb,
     PRIMARY KEY (host_id, boot_id, seq, ts)
 ) PARTITION BY RANGE (ts);
@@ -140,8 +142,7 @@ CREATE TABLE gpu_samples (
     nvlink_replay_errors        bigint,
     nvlink_recovery_errors      bigint,
     recovery_action             smallint,
-    persistence_mode            boolean,
-    processes                   jsonb
+    persistence_mode            boolean
 ) PARTITION BY RANGE (ts);
 CREATE INDEX gpu_samples_ts ON gpu_samples USING brin (ts);
 CREATE INDEX gpu_samples_host_ts ON gpu_samples (host_id, ts);
