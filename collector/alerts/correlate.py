@@ -183,7 +183,7 @@ class Correlator(abc.ABC):
 
     def _attach(self, state: AlertState, a: Alert, now: float) -> None:
         p, h = a.labels.get("provider", ""), a.labels.get("host", "")
-        slot = f"{p}/{h}"
+        slot = f"host:{p}/{h}"
         iid = state.open_incidents.get(slot)
         inc = state.incidents.get(iid) if iid else None
         if inc is None or inc.closed_at is not None:
@@ -196,7 +196,7 @@ class Correlator(abc.ABC):
         a.incident = inc.id
 
     def incident_activity(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
-        for iid in (a.incident, state.open_incidents.get(a.labels.get("provider", ""))):
+        for iid in (a.incident, state.open_incidents.get(f"provider:{a.labels.get('provider', '')}")):
             inc = state.incidents.get(iid) if iid else None
             if inc is not None and inc.closed_at is None and a.fingerprint in inc.alerts:
                 inc.last_activity = ctx.now
@@ -224,7 +224,7 @@ class Correlator(abc.ABC):
 
     def _absorb(self, state: AlertState, a: Alert, now: float) -> bool:
         p, h = a.labels.get("provider", ""), a.labels.get("host", "")
-        iid = state.open_incidents.get(p)
+        iid = state.open_incidents.get(f"provider:{p}")
         inc = state.incidents.get(iid) if iid else None
         if inc is None or (h not in inc.hosts and a.severity != CRITICAL):
             return False
@@ -239,7 +239,7 @@ class Correlator(abc.ABC):
     def _provider_incident(
         self, state: AlertState, p: str, ctx: Ctx, provider_hosts: Mapping[str, int] | None
     ) -> None:
-        if p in state.open_incidents:
+        if f"provider:{p}" in state.open_incidents:
             return
         cfg, now = self.config.alerts, ctx.now
         total = provider_hosts.get(p, 0) if provider_hosts is not None else len(state.hosts.get(p, {}))
@@ -263,7 +263,7 @@ class Correlator(abc.ABC):
         inc.hosts = sorted(failing)
         inc.alerts = [fp for h in inc.hosts for fp in failing[h]]
         state.incidents[inc.id] = inc
-        state.open_incidents[p] = inc.id
+        state.open_incidents[f"provider:{p}"] = inc.id
         labels = {"provider": p, "rule": PROVIDER_RULE, "severity": CRITICAL}
         pol = self.route(labels)
         if pol is None:

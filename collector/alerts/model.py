@@ -185,7 +185,9 @@ class AlertState:
     alerts: dict[str, Alert] = field(default_factory=dict)
     silences: dict[str, Silence] = field(default_factory=dict)  # added at run time (API)
     incidents: dict[str, Incident] = field(default_factory=dict)
-    open_incidents: dict[str, str] = field(default_factory=dict)  # "provider/host" or "provider" -> id
+    open_incidents: dict[str, str] = field(
+        default_factory=dict
+    )  # "host:<provider>/<host>" or "provider:<provider>" -> id
     hosts: dict[str, dict[str, None]] = field(default_factory=dict)  # provider -> hosts seen
     active_silences: list[str] = field(default_factory=list)  # ids active at the last evaluation
     next_due: float = 0.0  # the earliest time something time-driven happens
