@@ -413,6 +413,8 @@ def test_alert_config_from_raw() -> None:
     assert [p.name for p in cfg.policies] == ["critical", "rest"]
     assert cfg.policies[0].levels[1].after == 600.0
     assert alert_config_from({}, env={}) == AlertConfig()
+    top = alert_config_from({"maintenance": [{"provider": "p", "starts": 1, "ends": 2}]}, env={})
+    assert [str(m) for m in top.silences[0].matchers] == ["provider=p"]
     assert AlertsSection().flap_start_pct == 30.0
 
 
@@ -464,6 +466,18 @@ def test_alert_config_from_raw() -> None:
             "escalation.policy[0].repeat",
         ),
         ({"escalation": {"policies": []}}, "escalation.policies"),
+        ({"silence": [{"matchers": ["host=h1"], "ends": "never"}]}, "silence[0].ends"),
+        (
+            {
+                "alerts": {
+                    "silence": [
+                        {"id": "a", "matchers": ["x=1"], "ends": 9},
+                        {"id": "a", "matchers": ["y=1"], "ends": 9},
+                    ]
+                }
+            },
+            "alerts.silence",
+        ),
     ],
 )
 def test_alert_config_errors_name_the_key(raw: dict[str, Any], key: str) -> None:

@@ -237,10 +237,12 @@ def _silence_id(kind: str, parts: Sequence[object]) -> str:
     return f"{kind}-{digest}"
 
 
-def _silences(raw: Mapping[str, Any]) -> tuple[Silence, ...]:
+def _silences(raw: Mapping[str, Any], where: str) -> list[Silence]:
+    """``[[<where>.silence]]`` and ``[[<where>.maintenance]]`` (``where`` empty: top level)."""
     out = []
-    for i, t in enumerate(_list(raw, "silence", "alerts.silence")):
-        key = f"alerts.silence[{i}]"
+    dot = f"{where}." if where else ""
+    for i, t in enumerate(_list(raw, "silence", f"{dot}silence")):
+        key = f"{dot}silence[{i}]"
         _only(t, {"id", "matchers", "starts", "ends", "author", "comment"}, key)
         matchers = tuple(
             parse_matcher(m, f"{key}.matchers") for m in _strings(t.get("matchers"), f"{key}.matchers")
@@ -253,8 +255,8 @@ def _silences(raw: Mapping[str, Any]) -> tuple[Silence, ...]:
         ends = parse_time(t["ends"], f"{key}.ends")
         sid = str(t.get("id") or _silence_id("silence", [str(m) for m in matchers] + [starts, ends]))
         out.append(Silence(sid, matchers, starts, ends, str(t.get("author", "")), str(t.get("comment", ""))))
-    for i, t in enumerate(_list(raw, "maintenance", "alerts.maintenance")):
-        key = f"alerts.maintenance[{i}]"
+    for i, t in enumerate(_list(raw, "maintenance", f"{dot}maintenance")):
+        key = f"{dot}maintenance[{i}]"
         _only(t, {"provider", "host", "starts", "ends", "author", "comment"}, key)
         if not isinstance(t.get("provider"), str) or not t["provider"]:
             raise ConfigError(f"{key}.provider", "a maintenance window names its provider")
@@ -272,7 +274,7 @@ def _silences(raw: Mapping[str, Any]) -> tuple[Silence, ...]:
         sid = _silence_id("maintenance", [str(m) for m in ms] + [starts, ends])
         comment = str(t.get("comment", "maintenance window"))
         out.append(Silence(sid, tuple(ms), starts, ends, str(t.get("author", "")), comment))
-    return tuple(out)
+    return out
 
 
 def _policies(raw: Mapping[str, Any]) -> tuple[Policy, ...]:
@@ -314,8 +316,9 @@ def alert_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = No
     """Build :class:`AlertConfig` from the raw top-level tables of ``collector.toml``.
 
     ``raw`` maps section names to tables (``CollectorConfig.raw``): ``raw["alerts"]`` (with
-    ``for_rules``, ``silence`` and ``maintenance`` inside) and ``raw["escalation"]`` (with
-    ``policy``). ``GPUWARDEN_ALERTS_<KEY>`` variables override ``[alerts]`` scalars. Raises
+    ``for_rules``, ``silence`` and ``maintenance`` inside), ``raw["escalation"]`` (with
+    ``policy``) and, if present, top-level ``raw["silence"]`` / ``raw["maintenance"]``.
+    ``GPUWARDEN_ALERTS_<KEY>`` variables override ``[alerts]`` scalars. Raises
     :class:`ConfigError` naming the key.
     """
     env = os.environ if env is None else env
@@ -351,4 +354,10 @@ def alert_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = No
     if not isinstance(rules, Mapping):
         raise ConfigError("alerts.for_rules", "expected a table of rule = duration")
     for_rules = {str(r): parse_duration(v, f"alerts.for_rules.{r}") for r, v in rules.items()}
-    return AlertConfig(section, for_rules, _silences(alerts), _policies(escalation))
+    silences = _silences(alerts, "alerts") + _silences(raw, "")  # top-level [[silence]] too
+    ids = [x.id for x in silences]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(
+            "alerts.silence", f"duplicate silence id {next(i for i in ids if ids.count(i) > 1)!r}"
+        )
+    return AlertConfig(section, for_rules, tuple(silences), _policies(escalation))
