@@ -83,7 +83,7 @@ EXPECTED: dict[str, tuple[str, str, dict[str, str], str]] = {
 }
 
 
-def simulate(fault: str) -> list[Notification]:
+def simulate(fault: str, n_gpus: int = 4) -> list[Notification]:
     health = HealthEngine(
         HealthConfig(gpu=GpuThresholds(xid_window=CLEAR - START, clock_event_sustained=3600.0))
     )
@@ -113,7 +113,7 @@ def simulate(fault: str) -> list[Notification]:
             faulty = fault in GPU_FAULTS and (on or counting)
             gpus = tuple(
                 GPU_FAULTS[fault](base_gpu(i, t), t) if faulty and i == 2 else base_gpu(i, t)
-                for i in range(4)
+                for i in range(n_gpus)
             )
             system = SYSTEM_FAULTS[fault](base_system()) if on and fault in SYSTEM_FAULTS else base_system()
             frames.append(
@@ -161,3 +161,12 @@ def test_fault_gives_its_alert_and_resolves(fault: str) -> None:
 
 def test_healthy_fleet_notifies_nothing() -> None:
     assert simulate("none") == []
+
+
+@pytest.mark.parametrize("n_gpus", [1, 8, 16])
+def test_host_down_is_one_notification_whatever_its_gpus(n_gpus: int) -> None:
+    notes = simulate("host_down", n_gpus)
+    assert [(n.kind, n.rule) for n in notes] == [
+        ("firing", "host.unreachable"),
+        ("resolved", "host.unreachable"),
+    ]
