@@ -53,6 +53,7 @@ def nats_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
         "reconnect_time_wait": cfg.reconnect_wait,
         "max_reconnect_attempts": -1,
         "allow_reconnect": True,
+        "error_cb": _nats_error,
     }
     if cfg.user is not None:
         opts["user"] = cfg.user
@@ -75,6 +76,17 @@ def nats_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
         if cfg.tls_hostname:
             opts["tls_hostname"] = cfg.tls_hostname
     return opts
+
+
+_last_nats_error = [0.0]
+
+
+async def _nats_error(e: Exception) -> None:
+    """One line per NATS client error, at most every 10 s (the default logs a traceback)."""
+    now = time.monotonic()
+    if now - _last_nats_error[0] >= 10.0:
+        _last_nats_error[0] = now
+        log.warning("NATS: %s", str(e) or type(e).__name__)
 
 
 class CollectorService:
@@ -116,9 +128,10 @@ class CollectorService:
             await self._maintain(conn)
             self.state = await load_state(conn)
         log.info("fleet state rebuilt: %d hosts", len(self.state))
+        opts = nats_options(cfg.nats, f"gpuwarden-collector-{cfg.collector.partition}")
+        # the client retries an unreachable server forever; at start that is a clear error instead
         self.nc = await _with_retry(
-            lambda: nats.connect(**nats_options(cfg.nats, f"gpuwarden-collector-{cfg.collector.partition}")),
-            "NATS",
+            lambda: asyncio.wait_for(nats.connect(**opts), cfg.nats.connect_timeout * 2 + 1), "NATS"
         )
         await self.ingest.setup(self.nc)
         await self.expected.reload()
@@ -202,5 +215,5 @@ async def _with_retry(connect: Callable[[], Awaitable[Any]], what: str, within: 
             with attempt:
                 return await connect()
     except _CONNECT_ERRORS as e:
-        raise ServiceUnavailableError(f"cannot reach {what}: {e}") from e
+        raise ServiceUnavailableError(f"cannot reach {what}: {str(e) or type(e).__name__}") from e
     raise AssertionError("unreachable")
