@@ -289,8 +289,11 @@ class Ingest:
         result = await self._write(batch.accepted, batch.rejected)
         if result is None:
             return None
-        for m in batch.msgs:
-            await m.ack()
+        try:
+            for m in batch.msgs:
+                await m.ack()
+        except nats.errors.Error as e:  # unacknowledged messages come again; storing is idempotent
+            self._rl.warning("ack", "acknowledging a committed batch failed: %s", e)
         for r in result.rejected:  # checks' rejections, then those PostgreSQL column types refused
             self.stats.rejected[r.reason] += 1
             self._rl.warning(

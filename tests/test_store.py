@@ -332,6 +332,8 @@ async def test_state_rebuilds_from_postgres(conn: asyncpg.Connection, writer: Wr
     ]
     await writer.write([Accepted(f) for f in frames])
     state = await load_state(conn)
+    assert [(p.name, p.hosts) for p in await queries.providers(conn)] == [("prov-0", 2), ("prov-1", 2)]
+    assert [h.name for h in await queries.hosts(conn, "prov-1")] == ["s1", "s3"]
     assert sorted(state.providers) == ["prov-0", "prov-1"]
     assert sorted(state.providers["prov-1"]) == ["s1", "s3"]
     for h in range(3):

@@ -232,6 +232,25 @@ async def hosts(conn: Conn, provider: str | None = None) -> list[HostRow]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderRow:
+    name: str
+    hosts: int
+    last_seen: float | None
+
+
+async def providers(conn: Conn) -> list[ProviderRow]:
+    """Every provider with its number of hosts and its newest host's last-seen time."""
+    rows = await conn.fetch(
+        "SELECT p.name, count(h.id) AS hosts, max(h.last_seen) AS last_seen FROM providers p"
+        " LEFT JOIN hosts h ON h.provider_id = p.id GROUP BY p.name ORDER BY p.name"
+    )
+    return [
+        ProviderRow(r["name"], r["hosts"], r["last_seen"].timestamp() if r["last_seen"] else None)
+        for r in rows
+    ]
+
+
 async def latest_samples(
     conn: Conn, since: float, host_names: Sequence[str] | None = None
 ) -> list[SampleFrame]:
