@@ -1,8 +1,9 @@
 """The collector's configuration (``collector.toml``), built once: file, then env, then flags.
 
-The section shape is the contract in DESIGN.md. ``[health]``, ``[alerts]``, ``[notify]`` and
-``[escalation]`` belong to the health/alert engine: unless a schema for them is passed in
-``extra_schema``, they are kept raw (``CollectorConfig.raw``) for that engine to build.
+The section shape is the contract in DESIGN.md. ``[health]``, ``[alerts]``, ``[notify]``,
+``[escalation]``, ``[silence]`` and ``[maintenance]`` belong to the health/alert engine: unless
+a schema for them is passed in ``extra_schema``, those present in the file are kept raw
+(``CollectorConfig.raw``, top-level name to table or array of tables) for that engine to build.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from shared.errors import ConfigError
 
 DEFAULT_DSN: Final = "postgresql://gpuwarden@127.0.0.1/gpuwarden"
 SSLMODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
-RAW_SECTIONS: Final = frozenset({"health", "alerts", "notify", "escalation"})
+RAW_SECTIONS: Final = frozenset({"health", "alerts", "notify", "escalation", "silence", "maintenance"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ class CollectorConfig:
     inventory: InventorySection
     api_tokens: tuple[Secret, ...] = ()
     sections: Mapping[str, Any] = field(default_factory=dict)  # built from ``extra_schema``
-    raw: Mapping[str, Any] = field(default_factory=dict)  # raw tables of RAW_SECTIONS
+    raw: Mapping[str, Any] = field(default_factory=dict)  # RAW_SECTIONS present in the file
 
 
 def load_collector_config(
@@ -131,7 +132,7 @@ def load_collector_config(
         inventory=s["inventory"],
         api_tokens=tokens,
         sections={name: s[name] for name in extra_schema},
-        raw={name: s[name] or {} for name in raw_names},
+        raw={name: s[name] for name in raw_names if s[name] is not None},
     )
 
 

@@ -188,6 +188,7 @@ def test_config_file_env_and_flags(tmp_path: Path) -> None:
     assert [t.reveal() for t in cfg.api_tokens] == ["s3cret"]
     assert cfg.raw["health"]["gpu"]["temp_warning_c"] == 85
     assert cfg.raw["notify"]["webhook"][0]["name"] == "oncall"
+    assert "escalation" not in cfg.raw  # absent from the file
     with pytest.raises(ConfigError, match="collector.partition"):
         load_collector_config(path, env, {"collector.partition": 4})
     path.write_text("[postgres]\nsslmode = 'sometimes'\n")
