@@ -19,7 +19,7 @@ import operator
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, ClassVar, Final, Literal, TypeVar, Union, get_args, get_origin
 
 import msgpack
@@ -572,6 +572,95 @@ def _build_fast(cls: type[Any], value: Any) -> Any:
         return _build(cls, value, "")
 
 
+# ----------------------------------------------------------------------------- typed path
+# When msgspec is installed, a sample frame (the bulk of the traffic) is decoded by msgspec
+# straight into the dataclasses, then its ranges and lengths are checked by generated code;
+# anything either step refuses goes through the reference path below, which gives the exact
+# FrameDecodeError. The one difference: the content of fields this build does not know is
+# skipped unread (msgpack's reference path also refuses non-string map keys and bad UTF-8 in
+# them; both ignore such fields otherwise).
+
+try:
+    import msgspec
+except ImportError:  # optional: without it every frame takes the reference path
+    msgspec = None  # type: ignore[assignment]
+
+
+def _gen_post(cls: type[Any], ns: dict[str, Any]) -> str:
+    """Source of ``_post_<cls>(o) -> bool``: ranges, string and array lengths of a decoded record."""
+    hints = typing.get_type_hints(cls)
+    lines = [f"def _post_{cls.__name__}(o):"]
+    for f in fields(cls):
+        hint, optional = hints[f.name], False
+        if get_origin(hint) in (Union, types.UnionType):
+            args = [a for a in get_args(hint) if a is not type(None)]
+            optional, hint = len(args) < len(get_args(hint)), args[0]
+        body: list[str] = []
+        if hint in (int, float) and "range" in f.metadata:
+            lo, hi = f.metadata["range"]
+            body = [f"if not {lo!r} <= x <= {hi!r}: return False"]
+        elif hint is str:
+            body = ["if len(x) > MAX_STR: return False"]
+        elif isinstance(hint, type) and hint in _RECORDS:
+            body = [f"if not _post_{hint.__name__}(x): return False"]
+        elif get_origin(hint) is tuple:
+            item = get_args(hint)[0]
+            body = ["if len(x) > MAX_LIST: return False"]
+            if item is str:
+                body.append("for y in x:\n            if len(y) > MAX_STR: return False")
+            elif isinstance(item, type) and item in _RECORDS:
+                body.append(f"for y in x:\n            if not _post_{item.__name__}(y): return False")
+        if not body:
+            continue
+        lines.append(f"    x = o.{f.name}")
+        if optional:
+            lines.append("    if x is not None:")
+            lines += ["        " + b for b in body]
+        else:
+            lines += ["    " + b for b in body]
+    lines.append("    return True")
+    return "\n".join(lines)
+
+
+def _wire_variant(cls: type[Any]) -> type[Any]:
+    """``cls`` with ``v`` and ``kind`` required, so that msgspec refuses a frame without them."""
+    hints = typing.get_type_hints(cls)
+    specs: list[Any] = []
+    for f in fields(cls):
+        if f.name in ("v", "kind") or f.default is MISSING:
+            specs.append((f.name, hints[f.name]))
+        else:
+            specs.append((f.name, hints[f.name], field(default=f.default)))
+    return make_dataclass(f"_Wire{cls.__name__}", specs, kw_only=True, slots=True)
+
+
+def _compile_typed() -> tuple[Any, Callable[[Any], bool], tuple[str, ...]] | None:
+    if msgspec is None:
+        return None
+    ns: dict[str, Any] = {"MAX_LIST": MAX_LIST, "MAX_STR": MAX_STR}
+    for cls in _RECORDS:
+        exec(compile(_gen_post(cls, ns), f"<frames post-check: {cls.__name__}>", "exec"), ns)  # noqa: S102
+    names = tuple(f.name for f in fields(SampleFrame) if f.name not in ("v", "kind"))
+    return msgspec.msgpack.Decoder(_wire_variant(SampleFrame)), ns["_post_SampleFrame"], names
+
+
+_TYPED: Final = _compile_typed()
+
+
+def _decode_typed(data: bytes) -> SampleFrame | None:
+    """The sample frame in ``data`` if msgspec and the post-checks accept it, else ``None``."""
+    if _TYPED is None:
+        return None
+    decoder, post, names = _TYPED
+    try:
+        w = decoder.decode(data)
+    except msgspec.MsgspecError:
+        return None
+    if w.v != SCHEMA_VERSION or not post(w):
+        return None
+    return SampleFrame(**{name: getattr(w, name) for name in names})
+
+
 # ----------------------------------------------------------------------------- encode/decode
 
 _FIELD_NAMES: Final = {cls: tuple(f.name for f in fields(cls)) for cls in _RECORDS}
@@ -626,6 +715,9 @@ def decode(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     """
     if len(data) > max_bytes:
         raise FrameDecodeError("oversized", f"frame of {len(data)} bytes exceeds {max_bytes}")
+    typed = _decode_typed(data)
+    if typed is not None:
+        return typed
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:

@@ -154,7 +154,7 @@ async def _consumer_exists(js: object, name: str) -> bool:
 def test_migrate_cli_applies_once_and_errors_have_codes(pg_dsn: str) -> None:
     first = run_cli("migrate", "--dsn", pg_dsn)
     assert first.returncode == 0, first.stderr
-    assert "applied migrations [1]" in first.stdout
+    assert f"applied migrations {[m.version for m in migrate.migrations()]}" in first.stdout
     again = run_cli("migrate", "--dsn", pg_dsn)
     assert again.returncode == 0
     assert "schema up to date" in again.stdout

@@ -401,3 +401,49 @@ def test_fast_decoder_agrees_with_the_reference() -> None:
                 assert fast == ref, (path, odd)
                 cases += 1
     assert cases > 2000
+
+
+def _reference_decode(data: bytes) -> Any:
+    """shared.frames.decode as it reads without the typed (msgspec) path."""
+    from shared import frames as fr
+    from shared.errors import FrameDecodeError
+
+    if len(data) > fr.MAX_FRAME_BYTES:
+        raise FrameDecodeError("oversized", "too big")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise FrameDecodeError("malformed", f"not valid MessagePack: {e}") from e
+    return fr.from_wire(raw)
+
+
+def test_typed_decoder_agrees_with_the_reference() -> None:
+    """decode() (msgspec typed path when installed) gives what the reference path gives."""
+    import copy
+
+    from shared import frames as fr
+
+    corpus = [data for _, data in fuzzed_messages(300)]
+    base = to_wire(sample("h", 3, 1.7e9))
+    corpus.append(msgpack.packb(base))
+    for path, _ in list(_mutations(base)):
+        for odd in [*ODD_VALUES, "__missing__"]:
+            raw = copy.deepcopy(base)
+            node = raw
+            for p in path[:-1]:
+                node = node[p]
+            if odd == "__missing__":
+                del node[path[-1]]
+            else:
+                node[path[-1]] = odd
+            corpus.append(msgpack.packb(raw))
+    accepted = 0
+    for data in corpus:
+        ref = _outcome(lambda data=data: _reference_decode(data))
+        got = _outcome(lambda data=data: fr.decode(data))
+        if ref[0] == "error" and ref[1] == "oversized":
+            continue
+        assert got == ref, data[:120]
+        accepted += ref[0] == "ok"
+    assert accepted > 100
+    assert len(corpus) > 1500
