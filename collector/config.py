@@ -71,12 +71,23 @@ class InventorySection:
     timeout: float = dur("10s")
 
 
+@dataclass(frozen=True, slots=True)
+class AlertingSection:
+    """``[alerting]``: how the collector runs the health and alert engines (docs/alerts.md)."""
+
+    tick: float = dur("1s")  # timer for staleness, `for`, escalation, repeats, silence expiry
+    health_snapshot: float = dur("30s")  # health state saved to PostgreSQL this often (and at stop)
+    alertmanager_resend: float = dur("1m")  # firing alerts pushed again to Alertmanager
+    shutdown_delivery: float = dur("5s")  # at stop, wait this long for queued notifications
+
+
 COLLECTOR_SCHEMA: Final[dict[str, type[Any]]] = {
     "collector": CollectorSection,
     "nats": NatsConfig,
     "postgres": PostgresSection,
     "api": ApiSection,
     "inventory": InventorySection,
+    "alerting": AlertingSection,
 }
 
 
@@ -87,6 +98,7 @@ class CollectorConfig:
     postgres: PostgresSection
     api: ApiSection
     inventory: InventorySection
+    alerting: AlertingSection = field(default_factory=AlertingSection)
     api_tokens: tuple[Secret, ...] = ()
     sections: Mapping[str, Any] = field(default_factory=dict)  # built from ``extra_schema``
     raw: Mapping[str, Any] = field(default_factory=dict)  # RAW_SECTIONS present in the file
@@ -130,6 +142,7 @@ def load_collector_config(
         postgres=pg,
         api=s["api"],
         inventory=s["inventory"],
+        alerting=s["alerting"],
         api_tokens=tokens,
         sections={name: s[name] for name in extra_schema},
         raw={name: s[name] for name in raw_names if s[name] is not None},

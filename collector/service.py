@@ -29,6 +29,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from collector.alerting import Alerting
 from collector.config import CollectorConfig
 from collector.ingest import Hook, Ingest
 from collector.inventory import ExpectedInventory, InventoryDiff
@@ -106,6 +107,7 @@ class CollectorService:
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.alerting = Alerting(self)  # health and alerts: registers its hooks (docs/alerts.md)
 
     async def _apply_state(self, frames: Sequence[Frame]) -> None:
         self.state.apply(frames)

@@ -1,0 +1,510 @@
+"""Runs the pure health and alert engines inside the collector; persists and notifies.
+
+Every committed batch of frames goes through ``HealthEngine.observe`` and the observations
+through ``AlertEngine.evaluate`` at once (an XID is judged when its event frame arrives); a
+timer (``[alerting] tick``, 1 s) runs ``HealthEngine.tick`` (stale hosts, hosts the inventory
+expects that never reported) and the alert engine's time-driven steps (``for``, escalation,
+repeats, silence and acknowledgement expiry). Each step's changes are written to PostgreSQL
+in one transaction with its notifications (outbox, :mod:`collector.notify.outbox`), then the
+notifications are delivered. Only this partition's hosts are evaluated. See
+``docs/alerts.md`` ("In the collector").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from collector.alerts import (
+    Ack,
+    AddSilence,
+    Alert,
+    AlertEngine,
+    AlertState,
+    ExpireSilence,
+    Silence,
+    alert_config_from,
+    parse_matcher,
+)
+from collector.alerts.config import FOREVER
+from collector.alerts.model import FIRING, Command, Incident, Outcome
+from collector.health import ExpectedHost, HealthEngine, HealthState, health_config_from
+from collector.health.codec import state_from_dict, state_to_dict
+from collector.health.model import Observation
+from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
+from collector.ingest import owner
+from collector.notify import outbox
+from collector.notify.alertmanager import AlertmanagerChannel, am_alert
+from collector.notify.base import Channel, DeliveryError, delivery_key, payload_of
+from collector.notify.config import NotifyConfig, notify_config_from, with_channels
+from collector.notify.log import LogChannel
+from collector.notify.nats import NatsChannel
+from collector.notify.stream import Broadcaster
+from collector.notify.webhook import WebhookChannel
+from shared.errors import ConfigError, SubjectError
+from shared.frames import Frame
+from shared.subjects import sanitize_token
+
+if TYPE_CHECKING:
+    from collector.service import CollectorService
+
+log = logging.getLogger(__name__)
+FleetRollup = FleetHealth  # the contract's name for the rollup
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+STATES = ("pending", "firing", "resolved", "acknowledged", "silenced", "inhibited")
+
+
+class Alerting:
+    """Runs the pure health and alert engines inside the collector; persists and notifies."""
+
+    def __init__(self, service: CollectorService) -> None:
+        cfg = service.config
+        self.service = service
+        self.settings = cfg.alerting
+        self.partition, self.partitions = cfg.collector.partition, cfg.collector.partitions
+        self.health_engine = HealthEngine(health_config_from(cfg.raw))
+        self.notify: NotifyConfig = notify_config_from(cfg.raw)
+        self.engine = AlertEngine(with_channels(alert_config_from(cfg.raw), self.notify))
+        self.health = HealthState()
+        self.alerts_state = AlertState()
+        self.broadcaster = Broadcaster()
+        self.nats = NatsChannel(lambda: service.nc)
+        self.channels: list[Channel] = []
+        if self.notify.log:
+            self.channels.append(LogChannel())
+        if self.notify.nats:
+            self.channels.append(self.nats)
+        self.channels += [WebhookChannel(w, self.notify.external_url) for w in self.notify.webhooks]
+        self.alertmanagers = [
+            AlertmanagerChannel(a, self.notify.external_url) for a in self.notify.alertmanagers
+        ]
+        self.channels += self.alertmanagers
+        self.deliverer: outbox.Deliverer | None = None
+        self._lock = asyncio.Lock()
+        self._unsaved = outbox.Changes()
+        self._saved_fps: set[str] = set()
+        self._incident_sig: dict[str, tuple[Any, ...]] = {}
+        self._engine_sig: tuple[Any, ...] = ()
+        self._host_status: dict[str, str] = {}
+        self._rollup: tuple[int, FleetHealth] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.counts = {"evaluations": 0, "observations": 0, "transitions": 0, "notifications": 0}
+        self.persist_errors = 0
+        service.hooks.append(self.on_frames)
+        service.startup_hooks.append(self._startup)
+        service.shutdown_hooks.append(self._shutdown)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _startup(self, service: CollectorService) -> None:
+        assert service.pool is not None
+        async with service.pool.acquire() as conn:
+            saved, health = await outbox.load(conn, self.partition)
+            rows = await outbox.pending(conn, self.partition)
+        self.restore(saved, health, time.time())
+        self.deliverer = outbox.Deliverer(service.pool, self.channels)
+        self.deliverer.start()
+        self.deliverer.submit(rows)
+        if rows:
+            log.info("delivering %d notifications left pending before the restart", len(rows))
+        self._stop.clear()
+        self._task = asyncio.create_task(self._timer(), name="alerting")
+
+    def restore(self, saved: dict[str, Any], health: dict[str, Any] | None, now: float) -> None:
+        """Resume from the persisted state. Hosts that were not stale get a fresh
+        ``stale_after`` (their frames come again), so a restart raises no false unreachable."""
+        saved["next_due"] = 0.0
+        self.alerts_state = self.engine.restore(saved)
+        self._saved_fps = set(self.alerts_state.by_fp)
+        self._incident_sig = {i.id: _sig(i) for i in self.alerts_state.incidents.values()}
+        self._engine_sig = self._engine_signature()
+        if health is not None:
+            self.health = state_from_dict(health)
+            for hs in self.health.hosts.values():
+                if not hs.stale and hs.last_frame_at is not None:
+                    hs.last_frame_at = max(hs.last_frame_at, now)
+                self._host_status[hs.host] = host_health(hs).status
+        log.info(
+            "alert state restored: %d alerts, %d hosts", len(self.alerts_state.alerts), len(self.health.hosts)
+        )
+
+    async def _shutdown(self, service: CollectorService) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            async with self._lock:
+                await self._flush()
+            await self.save_health()
+        except _DB_ERRORS as e:
+            log.warning("alert state not saved at shutdown: %s", e)
+        if self.deliverer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.deliverer.idle(), self.settings.shutdown_delivery)
+            await self.deliverer.close()
+            self.deliverer = None
+
+    async def _timer(self) -> None:
+        last_snapshot = last_resend = time.monotonic()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.tick)
+            if self._stop.is_set():
+                return
+            try:
+                await self.tick(time.time())
+                mono = time.monotonic()
+                if mono - last_snapshot >= self.settings.health_snapshot:
+                    last_snapshot = mono
+                    await self.save_health()
+                if self.alertmanagers and mono - last_resend >= self.settings.alertmanager_resend:
+                    last_resend = mono
+                    await self.resend_alertmanager()
+            except _DB_ERRORS as e:
+                self.persist_errors += 1
+                log.warning("alert state not persisted, will retry: %s", e)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def mine(self, host: str) -> bool:
+        if self.partitions == 1:
+            return True
+        try:
+            return owner(sanitize_token(host), self.partitions) == self.partition
+        except SubjectError:
+            return False
+
+    def expected(self) -> dict[str, ExpectedHost]:
+        return {
+            e.host: ExpectedHost(e.provider, e.gpus or None)
+            for e in self.service.expected.hosts
+            if self.mine(e.host)
+        }
+
+    async def on_frames(self, frames: Sequence[Frame]) -> None:
+        """Ingest hook: judge a committed batch now, persist, notify."""
+        now = time.time()
+        observe, h = self.health_engine.observe, self.health
+        obs: list[Observation] = []
+        for f in frames:
+            _, o = observe(h, f, now)
+            if o:
+                obs += o
+        await self._step(obs, now)
+
+    async def tick(self, now: float) -> None:
+        _, obs = self.health_engine.tick(self.health, now, self.expected())
+        await self._step(obs, now)
+
+    async def _step(self, obs: list[Observation], now: float, commands: Sequence[Command] = ()) -> None:
+        async with self._lock:
+            out = self.engine.evaluate(
+                self.alerts_state, obs, now, commands, self.health.provider_hosts() if obs else None
+            )
+            self.counts["evaluations"] += 1
+            self.counts["observations"] += len(obs)
+            self._collect(out, obs)
+            await self._flush()
+
+    def _collect(self, out: Outcome, obs: Iterable[Observation]) -> None:
+        st, ch = self.alerts_state, outbox.Changes()
+        self.counts["transitions"] += len(out.transitions)
+        self.counts["notifications"] += len(out.notifications)
+        fps = {t.fingerprint for t in out.transitions}
+        fps.update(n.fingerprint for n in out.notifications if n.fingerprint)
+        for fp in fps:
+            a = st.by_fp.get(fp)
+            if a is not None:
+                ch.alerts[fp] = a
+        if len(st.by_fp) != len(self._saved_fps) or not fps.issubset(st.by_fp):
+            ch.deleted = self._saved_fps - set(st.by_fp)
+        ch.transitions = list(out.transitions)
+        by_name = {c.name: c for c in self.channels}
+        for n in out.notifications:
+            alert = st.by_fp.get(n.fingerprint) if n.fingerprint else None
+            for name in n.channels:
+                c = by_name.get(name)
+                if c is None:
+                    continue
+                p = payload_of(n, alert, name)
+                if c.wants(p):
+                    ch.deliveries.append((name, delivery_key(n, name), p))
+        for inc in st.incidents.values():
+            sig = _sig(inc)
+            if self._incident_sig.get(inc.id) != sig:
+                ch.incidents[inc.id] = inc
+        sig = self._engine_signature()
+        if sig != self._engine_sig:
+            ch.engine = {
+                "open_incidents": dict(st.open_incidents),
+                "hosts": {p: list(h) for p, h in st.hosts.items()},
+                "active_silences": list(st.active_silences),
+            }
+        self._unsaved.merge(ch)
+        self._publish_health(obs)
+
+    def _engine_signature(self) -> tuple[Any, ...]:
+        st = self.alerts_state
+        return (
+            sum(len(h) for h in st.hosts.values()),
+            tuple(sorted(st.open_incidents.items())),
+            tuple(st.active_silences),
+        )
+
+    async def _flush(self) -> None:
+        ch = self._unsaved
+        if ch.empty() or self.service.pool is None:
+            return
+        async with self.service.pool.acquire() as conn:
+            rows = await outbox.save(conn, self.partition, ch)
+        self._unsaved = outbox.Changes()
+        self._saved_fps |= set(ch.alerts)
+        self._saved_fps -= ch.deleted
+        self._engine_sig = self._engine_signature()
+        for inc in ch.incidents.values():
+            opened = inc.id not in self._incident_sig
+            self._incident_sig[inc.id] = _sig(inc)
+            if opened or inc.closed_at is not None:
+                self.broadcaster.publish(
+                    {
+                        "type": "incident",
+                        "provider": inc.provider,
+                        "host": inc.host,
+                        "incident": self.incident_view(inc),
+                    }
+                )
+        if self.deliverer is not None:
+            self.deliverer.submit(rows)
+        for t in ch.transitions:
+            a = self.alerts_state.by_fp.get(t.fingerprint)
+            self.broadcaster.publish(
+                {
+                    "type": "alert",
+                    "kind": t.kind,
+                    "provider": t.labels.get("provider"),
+                    "host": t.labels.get("host"),
+                    "severity": t.severity,
+                    "alert": self.alert_view(a) if a is not None else None,
+                }
+            )
+            if self.notify.nats:
+                await self.nats.publish_transition(t)
+
+    def _publish_health(self, obs: Iterable[Observation]) -> None:
+        hosts = {o.labels.get("host", "") for o in obs}
+        for name in hosts:
+            hs = self.health.hosts.get(name)
+            if hs is None:
+                continue
+            status = host_health(hs).status
+            old = self._host_status.get(name)
+            if status != old:
+                self._host_status[name] = status
+                self.broadcaster.publish(
+                    {"type": "health", "provider": hs.provider, "host": name, "severity": status,
+                     "status": status, "previous": old}
+                )  # fmt: skip
+
+    async def save_health(self) -> None:
+        if self.service.pool is None:
+            return
+        data = state_to_dict(self.health)
+        async with self.service.pool.acquire() as conn:
+            await outbox.save_health(conn, self.partition, data)
+
+    async def resend_alertmanager(self) -> None:
+        """Push firing alerts again, so Alertmanager does not time them out (resolve_timeout)."""
+        for am in self.alertmanagers:
+            batch = []
+            for a in self.alerts_state.alerts.values():
+                if a.state == FIRING and am.name in a.told and self.engine.quiet_ok(a):
+                    p = _alert_payload(a, am.name)
+                    batch.append(am_alert(p, self.notify.external_url))
+            if batch:
+                try:
+                    await am.post(batch)
+                except DeliveryError as e:
+                    log.warning("alertmanager %s: re-push failed: %s", am.name, e)
+
+    # ------------------------------------------------------------------ the API's view
+
+    def rollup(self, now: float | None = None) -> FleetHealth:
+        """Provider/host/GPU health, counts by status and usable capacity (cached per second)."""
+        sec = int(time.time() if now is None else now)
+        if self._rollup is None or self._rollup[0] != sec:
+            self._rollup = (sec, rollup(self.health, self.health_engine.config.provider))
+        return self._rollup[1]
+
+    def host_health(self, host: str) -> HostHealth | None:
+        hs = self.health.hosts.get(host)
+        return host_health(hs) if hs is not None else None
+
+    def list_alerts(
+        self,
+        *,
+        state: str | None = None,
+        provider: str | None = None,
+        host: str | None = None,
+        severity: str | None = None,
+    ) -> list[Alert]:
+        """Newest first; ``state`` in pending|firing|resolved|acknowledged|silenced|inhibited."""
+        if state is not None and state not in STATES:
+            raise ConfigError("state", f"expected one of {', '.join(STATES)}, got {state!r}")
+        out = []
+        for a in self.alerts_state.alerts.values():
+            if provider is not None and a.labels.get("provider") != provider:
+                continue
+            if host is not None and a.labels.get("host") != host:
+                continue
+            if severity is not None and a.severity != severity:
+                continue
+            if state is not None and not _in_state(a, state):
+                continue
+            out.append(a)
+        out.sort(key=lambda a: max(a.started_at, a.resolved_at or 0.0), reverse=True)
+        return out
+
+    def get_alert(self, fingerprint: str) -> Alert | None:
+        return self.alerts_state.by_fp.get(fingerprint)
+
+    def alert_view(self, a: Alert) -> dict[str, Any]:
+        return {
+            "id": a.fingerprint,
+            "rule": a.rule,
+            "labels": dict(a.labels),
+            "severity": a.severity,
+            "state": a.state,
+            "flags": {
+                "acknowledged": a.ack_by is not None,
+                "silenced": bool(a.silenced_by),
+                "inhibited": a.inhibited_by is not None,
+                "flapping": a.flapping,
+            },
+            "silenced_by": list(a.silenced_by),
+            "inhibited_by": a.inhibited_by,
+            "summary": a.summary,
+            "advice": a.advice,
+            "value": a.value,
+            "started_at": a.started_at,
+            "fired_at": a.fired_at,
+            "resolved_at": a.resolved_at,
+            "escalation": {"policy": a.policy, "level": a.level, "channels": list(a.told)},
+            "incident": a.incident,
+            "ack": (
+                {"by": a.ack_by, "at": a.ack_at, "until": a.ack_until, "comment": a.ack_comment}
+                if a.ack_by is not None
+                else None
+            ),
+        }
+
+    @staticmethod
+    def incident_view(inc: Incident) -> dict[str, Any]:
+        return {**outbox.plain(inc), "open": inc.closed_at is None}
+
+    def list_incidents(self, *, open_only: bool = False) -> list[dict[str, Any]]:
+        incs = [i for i in self.alerts_state.incidents.values() if not open_only or i.closed_at is None]
+        incs.sort(key=lambda i: i.opened_at, reverse=True)
+        return [self.incident_view(i) for i in incs]
+
+    def list_silences(self) -> list[dict[str, Any]]:
+        now = time.time()
+        out = [
+            {**s.to_dict(), "source": "config", "active": s.active(now)} for s in self.engine.config.silences
+        ]
+        out += [
+            {**s.to_dict(), "source": "api", "active": s.active(now)}
+            for s in self.alerts_state.silences.values()
+        ]
+        for s in out:
+            if s["ends_at"] >= FOREVER:
+                s["ends_at"] = None
+        return out
+
+    async def ack(
+        self, fingerprint: str, by: str, until: float | None = None, comment: str = ""
+    ) -> dict[str, Any]:
+        """Acknowledge (stops escalation); raises ``KeyError`` for an unknown fingerprint."""
+        if fingerprint not in self.alerts_state.by_fp:
+            raise KeyError(fingerprint)
+        await self._step([], time.time(), [Ack(fingerprint, by, until, comment)])
+        return self.alert_view(self.alerts_state.by_fp[fingerprint])
+
+    async def add_silence(
+        self, matchers: list[str], starts_at: float | None, ends_at: float, author: str, comment: str
+    ) -> dict[str, Any]:
+        """Raises :class:`ConfigError` naming the bad matcher (``matchers[i]``)."""
+        if not matchers:
+            raise ConfigError("matchers", "a silence needs at least one matcher")
+        parsed = tuple(parse_matcher(m, f"matchers[{i}]") for i, m in enumerate(matchers))
+        starts = time.time() if starts_at is None else starts_at
+        if ends_at <= starts:
+            raise ConfigError("ends_at", "must be after starts_at")
+        s = Silence(f"api-{uuid.uuid4().hex[:12]}", parsed, starts, ends_at, author, comment)
+        assert self.service.pool is not None
+        async with self.service.pool.acquire() as conn:
+            await outbox.save_silence(conn, s.to_dict())
+        await self._step([], time.time(), [AddSilence(s)])
+        return {**s.to_dict(), "source": "api", "active": s.active(time.time())}
+
+    async def expire_silence(self, silence_id: str) -> bool:
+        if silence_id not in self.alerts_state.silences:
+            return False
+        assert self.service.pool is not None
+        async with self.service.pool.acquire() as conn:
+            await outbox.expire_silence(conn, silence_id)
+        await self._step([], time.time(), [ExpireSilence(silence_id)])
+        return True
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Figures for ``/metrics``: engine counts, alerts by state/severity, channels."""
+        by: dict[str, int] = {}
+        for a in self.alerts_state.alerts.values():
+            k = f"{a.state}/{a.severity}"
+            by[k] = by.get(k, 0) + 1
+        d = self.deliverer
+        return {
+            **self.counts,
+            "alerts": by,
+            "channels": {n: s.as_dict() for n, s in d.stats.items()} if d else {},
+            "outbox_backlog": d.backlog() if d else 0,
+            "dead_letters": d.dead_letters if d else 0,
+            "persist_errors": self.persist_errors,
+            "nats_transition_errors": self.nats.errors,
+            "stream_subscribers": self.broadcaster.subscribers,
+        }
+
+
+def _sig(inc: Incident) -> tuple[Any, ...]:
+    return (inc.last_activity, inc.closed_at, len(inc.alerts), len(inc.hosts), inc.notified, len(inc.told))
+
+
+def _in_state(a: Alert, state: str) -> bool:
+    if state == "acknowledged":
+        return a.ack_by is not None
+    if state == "silenced":
+        return bool(a.silenced_by)
+    if state == "inhibited":
+        return a.inhibited_by is not None
+    return a.state == state
+
+
+def _alert_payload(a: Alert, channel: str) -> dict[str, Any]:
+    return {
+        "kind": "firing", "status": "firing", "channel": channel, "fingerprint": a.fingerprint,
+        "incident": a.incident, "rule": a.rule, "labels": dict(a.labels), "severity": a.severity,
+        "summary": a.summary, "advice": a.advice, "level": max(a.level, 0), "hosts": [],
+        "episode": a.episode, "at": a.last_notified_at or a.fired_at, "starts_at": a.fired_at or a.started_at,
+        "ends_at": None,
+    }  # fmt: skip

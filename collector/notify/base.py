@@ -1,0 +1,135 @@
+"""What every channel shares: the payload of one delivery, the channel protocol, its figures.
+
+A delivery's payload is channel-independent JSON (it is stored in the outbox before it is
+sent); each channel renders it in its own format (webhook v4, Alertmanager v2, a log line,
+a NATS message).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from collector.alerts.model import N_RESOLVED, Alert, Notification
+from shared.errors import GpuwardenError
+
+ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not set"
+
+
+class DeliveryError(GpuwardenError):
+    """One delivery attempt failed (it may be retried)."""
+
+
+def iso(ts: float | None) -> str:
+    """RFC 3339 UTC time of Unix seconds ``ts`` (Alertmanager's "not set" for ``None``)."""
+    if ts is None:
+        return ZERO_TIME
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def payload_of(n: Notification, alert: Alert | None, channel: str) -> dict[str, Any]:
+    """The JSON-ready record of one notification for one channel (what the outbox stores)."""
+    resolved = n.kind == N_RESOLVED
+    starts = n.at
+    ends: float | None = n.at if resolved else None
+    if alert is not None:
+        starts = alert.fired_at or alert.started_at or n.at
+        if resolved and alert.resolved_at is not None:
+            ends = alert.resolved_at
+    return {
+        "kind": n.kind,
+        "status": "resolved" if resolved else "firing",
+        "channel": channel,
+        "fingerprint": n.fingerprint,
+        "incident": n.incident,
+        "rule": n.rule,
+        "labels": dict(n.labels),
+        "severity": n.severity,
+        "summary": n.summary,
+        "advice": n.advice,
+        "level": n.level,
+        "hosts": list(n.hosts),
+        "episode": n.episode,
+        "at": n.at,
+        "starts_at": starts,
+        "ends_at": ends,
+    }
+
+
+def delivery_key(n: Notification, channel: str) -> str:
+    """Identifies one delivery: (fingerprint or incident, episode, kind, level, time, channel)."""
+    subject = n.fingerprint or f"incident:{n.incident}"
+    return f"{subject}/{n.episode}/{n.kind}/{n.level}/{n.at:.6f}/{channel}"
+
+
+def alert_labels(p: Mapping[str, Any]) -> dict[str, str]:
+    """Labels as Alertmanager sees them: ours plus ``alertname`` (the rule) and ``severity``."""
+    labels = {str(k): str(v) for k, v in p["labels"].items()}
+    labels["alertname"] = str(p["rule"])
+    labels["severity"] = str(p["severity"])
+    return labels
+
+
+def alert_annotations(p: Mapping[str, Any]) -> dict[str, str]:
+    out = {"summary": str(p["summary"]), "kind": str(p["kind"]), "level": str(p["level"])}
+    if p.get("advice"):
+        out["advice"] = str(p["advice"])
+    if p.get("hosts"):
+        out["hosts"] = ",".join(p["hosts"])
+    if p.get("incident"):
+        out["incident"] = str(p["incident"])
+    return out
+
+
+class Channel(Protocol):
+    """A notification channel: ``deliver`` one payload or raise :class:`DeliveryError`."""
+
+    name: str
+    kind: str  # log | webhook | nats | alertmanager
+    retries: int  # attempts after the first
+    backoff: float  # first retry delay, doubled each time
+    max_backoff: float
+
+    def wants(self, payload: Mapping[str, Any]) -> bool: ...
+
+    async def deliver(self, payload: Mapping[str, Any], key: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class ChannelStats:
+    """Self-metrics of one channel (exported by ``/metrics``)."""
+
+    kind: str
+    sent: int = 0
+    failed: int = 0  # deliveries given up (dead-lettered)
+    errors: int = 0  # failed attempts (retried or not)
+    latency_sum_s: float = 0.0  # notification decided -> delivered
+    latency_count: int = 0
+    latency_max_s: float = 0.0
+    recent_latencies_s: list[float] = field(default_factory=list)  # the last 1000
+
+    def observe(self, decided_at: float, now: float | None = None) -> None:
+        lat = max(0.0, (time.time() if now is None else now) - decided_at)
+        self.sent += 1
+        self.latency_sum_s += lat
+        self.latency_count += 1
+        self.latency_max_s = max(self.latency_max_s, lat)
+        self.recent_latencies_s.append(lat)
+        if len(self.recent_latencies_s) > 1000:
+            del self.recent_latencies_s[:-1000]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "sent": self.sent,
+            "failed": self.failed,
+            "errors": self.errors,
+            "latency_sum_s": self.latency_sum_s,
+            "latency_count": self.latency_count,
+            "latency_max_s": self.latency_max_s,
+        }

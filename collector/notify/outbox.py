@@ -1,0 +1,306 @@
+"""Persistence of the alert engine's state and the notification outbox (PostgreSQL).
+
+One transaction per evaluation step writes the alerts that changed, their transitions, the
+incidents that changed, the rest of the engine state and one outbox row per (notification,
+channel). Only then are the rows handed to the channels; each delivered row is marked
+``sent``; one that fails after its channel's retries is marked ``failed`` and copied to
+``notification_dead_letter``. A restarted collector restores the state and delivers the
+rows still ``pending``: what was sent is never sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from collector.alerts.model import Alert, Incident, Transition
+from collector.notify.base import Channel, ChannelStats, DeliveryError
+
+log = logging.getLogger(__name__)
+
+
+def _ts(x: float | None) -> Any:
+    return None if x is None else x
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    id: int
+    channel: str
+    key: str
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one evaluation step changed, to be written in one transaction."""
+
+    alerts: dict[str, Alert] = field(default_factory=dict)  # by fingerprint
+    deleted: set[str] = field(default_factory=set)
+    transitions: list[Transition] = field(default_factory=list)
+    incidents: dict[str, Incident] = field(default_factory=dict)
+    engine: dict[str, Any] | None = None
+    deliveries: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # channel, key, payload
+
+    def empty(self) -> bool:
+        return not (
+            self.alerts
+            or self.deleted
+            or self.transitions
+            or self.incidents
+            or self.engine
+            or self.deliveries
+        )
+
+    def merge(self, other: Changes) -> None:
+        self.alerts.update(other.alerts)
+        self.deleted -= set(other.alerts)
+        self.deleted |= other.deleted
+        for fp in other.deleted:
+            self.alerts.pop(fp, None)
+        self.transitions += other.transitions
+        self.incidents.update(other.incidents)
+        self.engine = other.engine or self.engine
+        self.deliveries += other.deliveries
+
+
+def plain(obj: Alert | Incident) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in obj.__slots__:
+        v = getattr(obj, name)
+        out[name] = dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+    return out
+
+
+async def save(conn: asyncpg.Connection, partition: int, ch: Changes) -> list[OutboxRow]:
+    """Write ``ch`` in one transaction; return the new outbox rows (to deliver)."""
+    rows: list[OutboxRow] = []
+    async with conn.transaction():
+        if ch.alerts:
+            await conn.executemany(
+                "INSERT INTO alerts (fingerprint, partition, rule, labels, severity, state, level, policy,"
+                " incident, data, updated_at)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10::jsonb, now())"
+                " ON CONFLICT (fingerprint) DO UPDATE SET partition = EXCLUDED.partition,"
+                " severity = EXCLUDED.severity, state = EXCLUDED.state, level = EXCLUDED.level,"
+                " policy = EXCLUDED.policy, incident = EXCLUDED.incident, data = EXCLUDED.data,"
+                " updated_at = now()",
+                [
+                    (
+                        a.fingerprint, partition, a.rule, json.dumps(a.labels), a.severity, a.state, a.level,
+                        a.policy, a.incident, json.dumps(plain(a)),
+                    )
+                    for a in ch.alerts.values()
+                ],
+            )  # fmt: skip
+        if ch.deleted:
+            await conn.execute("DELETE FROM alerts WHERE fingerprint = ANY($1::text[])", list(ch.deleted))
+        if ch.transitions:
+            await conn.executemany(
+                "INSERT INTO alert_transitions (partition, fingerprint, rule, labels, at, kind, state,"
+                " severity, summary, incident)"
+                " VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5), $6, $7, $8, $9, $10)",
+                [
+                    (
+                        partition, t.fingerprint, t.rule, json.dumps(dict(t.labels)), t.at, t.kind, t.state,
+                        t.severity, t.summary, t.incident,
+                    )
+                    for t in ch.transitions
+                ],
+            )  # fmt: skip
+        if ch.incidents:
+            await conn.executemany(
+                "INSERT INTO incidents (id, partition, provider, host, opened_at, closed_at, data)"
+                " VALUES ($1, $2, $3, $4, to_timestamp($5), to_timestamp($6), $7::jsonb)"
+                " ON CONFLICT (id) DO UPDATE SET closed_at = EXCLUDED.closed_at, data = EXCLUDED.data",
+                [
+                    (i.id, partition, i.provider, i.host, i.opened_at, _ts(i.closed_at), json.dumps(plain(i)))
+                    for i in ch.incidents.values()
+                ],
+            )
+        if ch.engine is not None:
+            await conn.execute(
+                "INSERT INTO alert_engine_state (partition, data, updated_at) VALUES ($1, $2::jsonb, now())"
+                " ON CONFLICT (partition) DO UPDATE SET data = EXCLUDED.data, updated_at = now()",
+                partition,
+                json.dumps(ch.engine),
+            )
+        for channel, key, payload in ch.deliveries:
+            rid = await conn.fetchval(
+                "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
+                " VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (delivery_key) DO NOTHING RETURNING id",
+                partition,
+                channel,
+                key,
+                json.dumps(payload),
+            )
+            if rid is not None:
+                rows.append(OutboxRow(rid, channel, key, payload))
+    return rows
+
+
+async def load(conn: asyncpg.Connection, partition: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The saved alert state (``AlertState.to_dict`` shape) and health snapshot of a partition."""
+    alerts = [json.loads(r["data"]) for r in await conn.fetch(
+        "SELECT data FROM alerts WHERE partition = $1", partition)]  # fmt: skip
+    incidents = [json.loads(r["data"]) for r in await conn.fetch(
+        "SELECT data FROM incidents WHERE partition = $1 AND (closed_at IS NULL"
+        " OR closed_at > now() - interval '1 day')", partition)]  # fmt: skip
+    silences = [
+        {
+            "id": r["id"],
+            "matchers": json.loads(r["matchers"]),
+            "starts_at": r["s"],
+            "ends_at": r["e"],
+            "author": r["author"],
+            "comment": r["comment"],
+        }
+        for r in await conn.fetch(
+            "SELECT id, matchers, extract(epoch FROM starts_at)::float8 AS s,"
+            " extract(epoch FROM ends_at)::float8 AS e, author, comment FROM silences"
+            " WHERE expired_at IS NULL AND ends_at > now()"
+        )
+    ]
+    raw = await conn.fetchval("SELECT data FROM alert_engine_state WHERE partition = $1", partition)
+    engine = json.loads(raw) if raw is not None else {}
+    health = await conn.fetchval("SELECT data FROM health_state WHERE partition = $1", partition)
+    state = {**engine, "alerts": alerts, "incidents": incidents, "silences": silences}
+    return state, (json.loads(health) if health is not None else None)
+
+
+async def pending(conn: asyncpg.Connection, partition: int) -> list[OutboxRow]:
+    rows = await conn.fetch(
+        "SELECT id, channel, delivery_key, payload FROM notification_outbox"
+        " WHERE partition = $1 AND status = 'pending' ORDER BY id",
+        partition,
+    )
+    return [OutboxRow(r["id"], r["channel"], r["delivery_key"], json.loads(r["payload"])) for r in rows]
+
+
+async def save_health(conn: asyncpg.Connection, partition: int, data: Mapping[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO health_state (partition, data, saved_at) VALUES ($1, $2::jsonb, now())"
+        " ON CONFLICT (partition) DO UPDATE SET data = EXCLUDED.data, saved_at = now()",
+        partition,
+        json.dumps(data),
+    )
+
+
+async def save_silence(conn: asyncpg.Connection, s: Mapping[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO silences (id, matchers, starts_at, ends_at, author, comment)"
+        " VALUES ($1, $2::jsonb, to_timestamp($3), to_timestamp($4), $5, $6) ON CONFLICT (id) DO NOTHING",
+        s["id"],
+        json.dumps(s["matchers"]),
+        s["starts_at"],
+        s["ends_at"],
+        s["author"],
+        s["comment"],
+    )
+
+
+async def expire_silence(conn: asyncpg.Connection, sid: str) -> None:
+    await conn.execute("UPDATE silences SET expired_at = now() WHERE id = $1 AND expired_at IS NULL", sid)
+
+
+class Deliverer:
+    """One queue and one worker per channel (so a channel's notifications keep their order);
+    retries with exponential backoff (tenacity), then the dead-letter table."""
+
+    def __init__(self, pool: asyncpg.Pool, channels: Iterable[Channel]) -> None:
+        self.pool = pool
+        self.channels = {c.name: c for c in channels}
+        self.stats = {c.name: ChannelStats(c.kind) for c in self.channels.values()}
+        self._queues: dict[str, asyncio.Queue[OutboxRow]] = {n: asyncio.Queue() for n in self.channels}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dead_letters = 0
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(n), name=f"notify-{n}") for n in self.channels]
+
+    def submit(self, rows: Sequence[OutboxRow]) -> None:
+        for r in rows:
+            q = self._queues.get(r.channel)
+            if q is None:
+                log.warning("outbox row %d for unknown channel %r left pending", r.id, r.channel)
+                continue
+            q.put_nowait(r)
+
+    def backlog(self) -> int:
+        return sum(q.qsize() for q in self._queues.values())
+
+    async def idle(self) -> None:
+        for q in self._queues.values():
+            await q.join()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        for c in self.channels.values():
+            await c.close()
+
+    async def _worker(self, name: str) -> None:
+        q = self._queues[name]
+        while True:
+            row = await q.get()
+            try:
+                await self._deliver(self.channels[name], row)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                log.warning("notification %d on %s: could not record the outcome: %s", row.id, name, e)
+            finally:
+                q.task_done()
+
+    async def _deliver(self, ch: Channel, row: OutboxRow) -> None:
+        st = self.stats[ch.name]
+        attempts = 0
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(DeliveryError),
+                wait=wait_exponential(multiplier=ch.backoff, max=ch.max_backoff),
+                stop=stop_after_attempt(ch.retries + 1),
+                reraise=True,
+            ):
+                with attempt:
+                    attempts += 1
+                    try:
+                        await ch.deliver(row.payload, row.key)
+                    except DeliveryError:
+                        st.errors += 1
+                        raise
+        except DeliveryError as e:
+            st.failed += 1
+            self.dead_letters += 1
+            log.warning("notification %s on %s failed after %d attempts: %s", row.key, ch.name, attempts, e)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "UPDATE notification_outbox SET status = 'failed', attempts = $2, last_error = $3"
+                    " WHERE id = $1",
+                    row.id, attempts, str(e),
+                )  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO notification_dead_letter (outbox_id, channel, payload, error, attempts)"
+                    " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                    row.id, ch.name, json.dumps(row.payload), str(e), attempts,
+                )  # fmt: skip
+            return
+        st.observe(float(row.payload.get("at") or time.time()))
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE notification_outbox SET status = 'sent', attempts = $2, sent_at = now()"
+                " WHERE id = $1",
+                row.id,
+                attempts,
+            )
