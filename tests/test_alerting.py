@@ -14,12 +14,13 @@ from typing import Any
 
 import asyncpg
 import nats
+import pytest
 from aiohttp import web
 
 from collector.config import CollectorConfig, load_collector_config
 from collector.notify.webhook import SIGNATURE_HEADER, verify
 from collector.service import CollectorService
-from gpuwarden.servers import free_port
+from gpuwarden.servers import NatsServer, free_port
 from shared.frames import Frame
 from tests.test_ingest import publish
 from tests.test_store import event, sample
@@ -135,8 +136,9 @@ async def send(url: str, frames: list[Frame]) -> None:
 
 
 async def test_xid_notifies_at_once_signed_and_restart_does_not_notify_again(
-    tmp_path: Path, pg_dsn: str, nats_url: str
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
+    nats_url = private_nats.url
     async with Receiver() as rx:
         cfg = write_config(tmp_path, pg_dsn, nats_url, webhook_toml(rx.url))
         now = time.time()
@@ -179,3 +181,141 @@ async def test_xid_notifies_at_once_signed_and_restart_does_not_notify_again(
             ("nats", "sent"),
         ]
         assert kinds[:2] == ["pending", "firing"]
+
+
+async def outbox_rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch("SELECT channel, status, attempts FROM notification_outbox ORDER BY id"))
+    finally:
+        await conn.close()
+
+
+async def dead_letters(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(
+            await conn.fetch("SELECT channel, attempts, error, payload FROM notification_dead_letter")
+        )
+    finally:
+        await conn.close()
+
+
+async def test_webhook_failing_twice_then_succeeding_gets_exactly_one_delivery(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    async with Receiver(fail=2) as rx:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, webhook_toml(rx.url, retries=3))
+        async with collector(cfg) as svc:
+            await send(nats_url, [event("r-01", 1, time.time())])
+            await until(lambda: len(rx.received) >= 1)
+            await until(lambda: svc.alerting.stats["outbox_backlog"] == 0)
+            await asyncio.sleep(0.5)
+            st = svc.alerting.stats["channels"]["hook"]
+        assert rx.attempts == 3
+        assert len(rx.received) == 1
+        assert st["sent"] == 1
+        assert st["errors"] == 2
+        assert st["failed"] == 0
+        hook = [r for r in await outbox_rows(pg_dsn) if r["channel"] == "hook"]
+        assert [(r["status"], r["attempts"]) for r in hook] == [("sent", 3)]
+        # every attempt of one delivery carries the same delivery id
+        assert len({h["X-Gpuwarden-Delivery"] for h, _, _ in rx.received}) == 1
+        assert await dead_letters(pg_dsn) == []
+
+
+async def test_webhook_always_failing_ends_in_the_dead_letter_table(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    async with Receiver(fail=-1) as rx:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, webhook_toml(rx.url, retries=2))
+        async with collector(cfg) as svc:
+            await send(nats_url, [event("d-01", 1, time.time())])
+            await until(lambda: svc.alerting.stats["dead_letters"] == 1)
+            st = svc.alerting.stats["channels"]["hook"]
+        assert rx.attempts == 3
+        assert rx.received == []
+        assert st["failed"] == 1
+        assert st["sent"] == 0
+        (dl,) = await dead_letters(pg_dsn)
+        assert dl["channel"] == "hook"
+        assert dl["attempts"] == 3
+        assert "HTTP 500" in dl["error"]
+        assert json.loads(dl["payload"])["rule"] == "gpu.xid"
+        hook = [r for r in await outbox_rows(pg_dsn) if r["channel"] == "hook"]
+        assert [r["status"] for r in hook] == ["failed"]
+
+
+ESCALATION = """
+[[notify.webhook]]
+name = "oncall"
+url = "{u1}"
+[[notify.webhook]]
+name = "manager"
+url = "{u2}"
+[[escalation.policy]]
+name = "critical"
+match = {{ severity = "critical" }}
+levels = [{{ after = "0s", notify = ["oncall"] }}, {{ after = "2s", notify = ["manager"] }}]
+"""
+
+
+async def test_unacknowledged_critical_escalates_on_time_and_ack_stops_it(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    async with Receiver() as oncall, Receiver() as manager:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, ESCALATION.format(u1=oncall.url, u2=manager.url))
+        async with collector(cfg) as svc:
+            t0 = time.time()
+            await send(nats_url, [event("e-01", 1, t0), event("e-02", 1, t0)])
+            await until(lambda: len(oncall.received) == 2)
+            acked = next(a for a in svc.alerting.list_alerts(state="firing") if a.labels["host"] == "e-01")
+            view = await svc.alerting.ack(acked.fingerprint, "alice", comment="on it")
+            assert view["flags"]["acknowledged"]
+            assert view["ack"]["by"] == "alice"
+            with pytest.raises(KeyError):
+                await svc.alerting.ack("no-such-alert", "alice")
+            await until(lambda: len(manager.received) >= 1, timeout=10)
+            escalated_at = manager.received[0][2]
+            await asyncio.sleep(2.5)  # e-01 stays acknowledged: no escalation for it, ever
+            assert [a.labels["host"] for a in svc.alerting.list_alerts(state="acknowledged")] == ["e-01"]
+        hosts = [b["alerts"][0]["labels"]["host"] for b in manager.bodies()]
+        assert hosts == ["e-02"]
+        assert manager.bodies()[0]["alerts"][0]["annotations"]["kind"] == "escalated"
+        assert 2.0 <= escalated_at - t0 <= 4.0
+        assert sorted(b["alerts"][0]["labels"]["host"] for b in oncall.bodies()) == ["e-01", "e-02"]
+
+
+async def test_silence_stops_notification_until_it_is_expired(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, webhook_toml(rx.url))
+        async with collector(cfg) as svc:
+            al = svc.alerting
+            with pytest.raises(Exception, match=r"matchers\[1\]"):
+                await al.add_silence(["host=s-01", "host=~("], None, time.time() + 60, "bob", "bad")
+            sil = await al.add_silence(["host=~s-0[1]"], None, time.time() + 600, "bob", "maintenance")
+            assert sil["active"]
+            assert [s["id"] for s in al.list_silences()] == [sil["id"]]
+            await send(nats_url, [event("s-01", 1, time.time()), event("s-02", 1, time.time())])
+            await until(lambda: len(rx.received) >= 1)
+            await asyncio.sleep(1.0)
+            assert [b["alerts"][0]["labels"]["host"] for b in rx.bodies()] == ["s-02"]
+            (silenced,) = al.list_alerts(state="silenced")
+            assert silenced.labels["host"] == "s-01"
+            assert silenced.state == "firing"
+            # the silence survives a restart of the engine's state
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                assert await conn.fetchval("SELECT count(*) FROM silences WHERE expired_at IS NULL") == 1
+            finally:
+                await conn.close()
+            assert await al.expire_silence(sil["id"])
+            assert not await al.expire_silence(sil["id"])
+            await until(lambda: len(rx.received) >= 2)
+        assert sorted(b["alerts"][0]["labels"]["host"] for b in rx.bodies()) == ["s-01", "s-02"]
