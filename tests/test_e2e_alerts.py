@@ -1,0 +1,114 @@
+"""End to end: a simulated fleet (``agent.fleet.Fleet``) with one fault per host, real
+nats-server (JetStream), PostgreSQL, the collector with its alerting, and a local webhook
+receiver. Every fault kind of the fault grammar gives its alert with its severity and
+advice, notified once, and resolves when the fault clears; a host going down with 8 GPUs is
+one notification; the healthy hosts of the same fleet notify nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.fleet import Fleet, host_name
+from gpuwarden.servers import NatsServer
+from shared.config import NatsConfig
+from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
+from tests.test_alerts_faults import EXPECTED as PURE
+
+# fault -> (rule, severity, labels naming the subject, a word of the advice), as in the pure test,
+# except nvlink_err: the simulator's default is 250 CRC errors/s, above DCGM's 100/s: critical.
+EXPECTED = {**PURE, "nvlink_err": ("gpu.nvlink", "critical", {"gpu": "2"}, "nvlink")}
+FAULTS = list(EXPECTED)  # every fault kind: xid=79, xid=13, temp=95, ecc_dbe, ..., host_down
+HEALTHY = 4
+START, LENGTH = 4, 8  # each fault starts 4 s into the run and lasts 8 s
+CONFIG = """
+[alerts]
+for = "2s"
+provider_incident_min_hosts = 1000  # 16 hosts of one provider fail at once on purpose
+[health]
+stale_after = "3s"
+[health.gpu]
+xid_window = "6s"
+clock_event_sustained = "1h"
+"""
+
+
+def spec(i: int, fault: str) -> str:
+    target = host_name(i) if EXPECTED[fault][2].get("gpu") is None else f"{host_name(i)}/gpu2"
+    return f"{target}:{fault}@{START}s+{LENGTH}s"
+
+
+def by_host(rx: Receiver) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for body in rx.bodies():
+        for a in body["alerts"]:
+            out.setdefault(a["labels"].get("host", "(provider)"), []).append(a)
+    return out
+
+
+async def test_every_fault_kind_alerts_and_resolves_and_healthy_hosts_stay_quiet(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    faults = [spec(i, f) for i, f in enumerate(FAULTS)]
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, url, CONFIG + webhook_toml(rx.url))
+        async with collector(cfg) as svc:
+            fleet = Fleet(
+                NatsConfig(servers=(url,)), hosts=len(FAULTS) + HEALTHY, gpus=8, interval=1.0, faults=faults
+            )
+            await fleet.start()
+            t0 = time.time()
+            run = asyncio.create_task(fleet.run(duration=START + LENGTH + 14))
+
+            def all_resolved() -> bool:
+                seen = by_host(rx)
+                return all(
+                    any(
+                        a["status"] == "resolved" and a["labels"]["alertname"] == EXPECTED[f][0]
+                        for a in seen.get(host_name(i), [])
+                    )
+                    for i, f in enumerate(FAULTS)
+                )
+
+            try:
+                await until(all_resolved, timeout=START + LENGTH + 30)
+                await asyncio.sleep(2.0)
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+            stats = svc.alerting.stats
+        seen = by_host(rx)
+        problems = []
+        for i, fault in enumerate(FAULTS):
+            rule, severity, subject, advice = EXPECTED[fault]
+            got = seen.get(host_name(i), [])
+            mine = [a for a in got if a["labels"]["alertname"] == rule]
+            statuses = [a["status"] for a in mine]
+            if statuses != ["firing", "resolved"]:
+                every = [(a["labels"]["alertname"], a["status"]) for a in got]
+                problems.append(f"{fault}: {rule} notified {statuses} (all: {every})")
+                continue
+            fired = mine[0]
+            if fired["labels"]["severity"] != severity:
+                problems.append(f"{fault}: severity {fired['labels']['severity']}, expected {severity}")
+            for k, v in subject.items():
+                if fired["labels"].get(k) != v:
+                    problems.append(f"{fault}: label {k}={fired['labels'].get(k)}, expected {v}")
+            text = (fired["annotations"]["summary"] + " " + fired["annotations"].get("advice", "")).lower()
+            if advice.lower() not in text:
+                problems.append(f"{fault}: advice lacks {advice!r}: {text}")
+        assert problems == []
+        # a host down with 8 GPUs: one notification when it goes, one when it is back
+        down = seen[host_name(FAULTS.index("host_down"))]
+        assert [(a["labels"]["alertname"], a["status"]) for a in down] == [
+            ("host.unreachable", "firing"),
+            ("host.unreachable", "resolved"),
+        ]
+        for j in range(len(FAULTS), len(FAULTS) + HEALTHY):
+            assert host_name(j) not in seen, f"healthy {host_name(j)} notified: {seen[host_name(j)]}"
+        assert stats["channels"]["hook"]["failed"] == 0
+        assert time.time() - t0 < 120
