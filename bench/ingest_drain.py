@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import statistics
@@ -162,6 +163,10 @@ def measure(hosts: int = HOSTS, ticks: int = TICKS, profile: bool = False) -> di
             await _prefill(ns.url, cfg, frames)
 
         asyncio.run(setup())
+        from collector.service import tune_gc
+
+        before = gc.get_threshold()
+        tune_gc()  # as `gpuwarden collector run` does; undone below for the other benchmarks
         prof = cProfile.Profile() if profile else None
         if prof:
             prof.enable()
@@ -169,6 +174,8 @@ def measure(hosts: int = HOSTS, ticks: int = TICKS, profile: bool = False) -> di
         if prof:
             prof.disable()
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        gc.unfreeze()
+        gc.set_threshold(*before)
         rows, gpu_bytes, other_bytes = asyncio.run(_sizes(cfg))
     result.update(rows=rows, gpu_bytes=gpu_bytes, other_bytes=other_bytes, frames=len(frames))
     return result

@@ -42,7 +42,7 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the collector until SIGTERM or Ctrl-C."""
-    from collector.service import CollectorService
+    from collector.service import CollectorService, tune_gc
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {
@@ -54,6 +54,7 @@ def run(
     }
     try:
         cfg = _config(flags, config)
+        tune_gc()
         asyncio.run(CollectorService(cfg).serve())
     except GpuwardenError as e:
         raise _fail(e) from None

@@ -59,11 +59,16 @@ _nic = operator.attrgetter(*NIC_FIELDS)
 _check = operator.attrgetter(*CHECK_FIELDS)
 _agent = operator.attrgetter(*AGENT_FIELDS)
 _proc = operator.attrgetter(*PROC_FIELDS)
-_gpu_values = operator.attrgetter(*GPU_FIELDS)
+_gpu_row_values = operator.attrgetter("index", *GPU_FIELDS)
 _system_values = operator.attrgetter(*SYSTEM_FIELDS)
 _NO_SYSTEM: Final = (None,) * len(SYSTEM_FIELDS)
 
 FrameKey = tuple[int, str, int]  # (host_id, boot_id, seq)
+
+try:
+    from msgspec.json import encode as _json_encode
+except ImportError:  # the collector extra installs it; the standard library does the same, slower
+    _json_encode = None  # type: ignore[assignment]
 
 
 def utc(ts: float) -> datetime:
@@ -71,12 +76,16 @@ def utc(ts: float) -> datetime:
 
 
 def dumps(value: Any) -> str:
+    """Compact JSON text (msgspec's encoder when installed: 3-5x faster than json.dumps)."""
+    if _json_encode is not None:
+        return _json_encode(value).decode()
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> list[tuple[Any, ...]]:
     """Rows of ``gpu_samples`` (staging order: frame number ``n`` first, see GPU_STAGE_COLUMNS)."""
-    return [(n, ts, host_id, g.index, *_gpu_values(g)) for g in frame.gpus]
+    head = (n, ts, host_id)
+    return [head + _gpu_row_values(g) for g in frame.gpus]
 
 
 def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[Any, ...]:
