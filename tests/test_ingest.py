@@ -447,3 +447,60 @@ def test_typed_decoder_agrees_with_the_reference() -> None:
         accepted += ref[0] == "ok"
     assert accepted > 100
     assert len(corpus) > 1500
+
+
+# ----------------------------------------------------------------------------- with the simulated fleet
+
+
+async def test_simulated_fleet_lands_once_with_its_values(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    from agent.fleet import Fleet
+    from shared.config import NatsConfig
+    from shared.frames import SampleFrame, decode
+
+    cfg = config(pg_dsn, private_nats.url)
+    seen: list[Frame] = []
+    tap = await nats.connect(private_nats.url)
+
+    async def on_msg(msg: Any) -> None:
+        seen.append(decode(msg.data))
+
+    await tap.subscribe("gpuwarden.v1.>", cb=on_msg)
+    async with running(cfg) as ingest:
+        fleet = Fleet(
+            NatsConfig(servers=(private_nats.url,)),
+            hosts=12,
+            gpus=8,
+            providers=2,
+            interval=0.25,
+            faults=("host-0002/gpu3:xid=79@0.3s",),
+            seed=3,
+            workers=16,
+        )
+        await fleet.start()
+        await fleet.run(duration=1.5)
+        await fleet.close()
+        s = fleet.summary()
+        total = s["samples"] + s["events"] + s["inventories"]
+        await wait_until(lambda: _stored(ingest, total))
+        assert ingest.stats.rejected == Counter()
+    await tap.close()
+    assert await conn.fetchval("SELECT count(*) FROM host_samples") == s["samples"]
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 8 * s["samples"]
+    assert await conn.fetchval("SELECT count(*) FROM events") == s["events"]
+    assert await conn.fetchval("SELECT count(*) FROM inventory_reports") == s["inventories"]
+    xid = await conn.fetch("SELECT e.xid, e.gpu_index FROM events e JOIN hosts h ON h.id = e.host_id")
+    assert [(r["xid"], r["gpu_index"]) for r in xid] == [(79, 3)]
+    rows = await conn.fetch(
+        "SELECT h.name, s.ts, s.gpu_index, s.temp_c, s.power_w, s.mem_used_bytes, s.ecc_sbe_volatile"
+        " FROM gpu_samples s JOIN hosts h ON h.id = s.host_id"
+    )
+    stored = sorted((r[0], round(r[1].timestamp(), 6), *tuple(r)[2:]) for r in rows)
+    expected = sorted(
+        (f.host, round(f.ts, 6), g.index, g.temp_c, g.power_w, g.mem_used_bytes, g.ecc_sbe_volatile)
+        for f in seen
+        if isinstance(f, SampleFrame)
+        for g in f.gpus
+    )
+    assert stored == expected
