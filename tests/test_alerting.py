@@ -319,3 +319,57 @@ async def test_silence_stops_notification_until_it_is_expired(
             assert not await al.expire_silence(sil["id"])
             await until(lambda: len(rx.received) >= 2)
         assert sorted(b["alerts"][0]["labels"]["host"] for b in rx.bodies()) == ["s-01", "s-02"]
+
+
+async def test_transitions_and_notifications_are_republished_on_nats(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    cfg = write_config(tmp_path, pg_dsn, nats_url, "")
+    nc = await nats.connect(nats_url)
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    async def on(msg: Any) -> None:
+        got.append((msg.subject, json.loads(msg.data)))
+
+    await nc.subscribe("gpuwarden.v1.alert.>", cb=on)
+    try:
+        async with collector(cfg) as svc:
+            sub = svc.alerting.broadcaster.subscribe()
+            await send(nats_url, [event("n-01", 1, time.time())])
+            await until(lambda: any(m["type"] == "notification" for _, m in got))
+            live = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+            sub.close()
+    finally:
+        await nc.drain()
+    subjects = {s for s, _ in got}
+    assert subjects == {"gpuwarden.v1.alert.prov-a.n-01"}
+    kinds = [m["kind"] for _, m in got if m["type"] == "transition"]
+    assert kinds[:2] == ["pending", "firing"]
+    (note,) = [m for _, m in got if m["type"] == "notification"]
+    assert note["rule"] == "gpu.xid"
+    assert note["status"] == "firing"
+    assert note["labels"]["host"] == "n-01"
+    # the same transitions reach the live stream, with the alert's JSON view
+    alert_events = [e for e in live if e["type"] == "alert"]
+    assert [e["kind"] for e in alert_events][:2] == ["pending", "firing"]
+    assert alert_events[1]["alert"]["state"] == "firing"
+    assert alert_events[1]["severity"] == "critical"
+    assert any(e["type"] == "health" and e["host"] == "n-01" for e in live)
+    assert any(e["type"] == "incident" for e in live)
+
+
+def test_broadcaster_detaches_a_client_that_falls_behind() -> None:
+    from collector.notify.stream import Broadcaster
+
+    b = Broadcaster()
+    slow, fast = b.subscribe(maxsize=2), b.subscribe(maxsize=10)
+    for i in range(3):
+        b.publish({"type": "alert", "n": i})
+    assert slow.overflowed
+    assert not fast.overflowed
+    assert b.subscribers == 1
+    assert fast.queue.qsize() == 3
+    fast.close()
+    assert b.subscribers == 0
+    b.publish({"type": "health"})  # nobody listening: nothing happens, nothing raises

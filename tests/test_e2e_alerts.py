@@ -112,3 +112,29 @@ async def test_every_fault_kind_alerts_and_resolves_and_healthy_hosts_stay_quiet
             assert host_name(j) not in seen, f"healthy {host_name(j)} notified: {seen[host_name(j)]}"
         assert stats["channels"]["hook"]["failed"] == 0
         assert time.time() - t0 < 120
+
+
+async def test_healthy_fleet_for_a_minute_notifies_nothing(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, url, CONFIG + webhook_toml(rx.url))
+        async with collector(cfg) as svc:
+            fleet = Fleet(NatsConfig(servers=(url,)), hosts=16, gpus=8, interval=1.0, seed=7)
+            await fleet.start()
+            run = asyncio.create_task(fleet.run())
+            try:
+                await asyncio.sleep(60.0)  # judged while the fleet still runs (its end is a silence)
+                rollup = svc.alerting.rollup()
+                stats = svc.alerting.stats
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+        notified = [(a["labels"], a["annotations"]["summary"]) for b in rx.bodies() for a in b["alerts"]]
+        assert notified == []
+        assert stats["notifications"] == 0
+        assert stats["observations"] > 0  # the engines did run: first conclusions are observations
+        assert len(rollup.hosts) == 16
+        assert {h.status for h in rollup.hosts.values()} <= {"healthy", "info"}
