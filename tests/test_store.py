@@ -355,3 +355,20 @@ async def test_connect_kwargs_and_transient_errors(pg_dsn: str) -> None:
     assert db.is_transient(ConnectionRefusedError())
     assert not db.is_transient(ValueError("bad data"))
     assert datetime.now(UTC).tzinfo is UTC
+
+
+def test_tls_options_build_the_right_ssl_argument(tmp_path: object) -> None:
+    import ssl
+
+    from shared.errors import ConfigError
+
+    def ssl_of(**flags: object) -> object:
+        return db.connect_kwargs(make_config("postgresql://db/x", **flags).postgres).get("ssl")
+
+    assert ssl_of() is None  # whatever the DSN says
+    assert ssl_of(**{"postgres.sslmode": "prefer"}) == "prefer"
+    required = ssl_of(**{"postgres.sslmode": "require"})
+    assert isinstance(required, ssl.SSLContext)
+    assert required.verify_mode == ssl.CERT_NONE
+    with pytest.raises(ConfigError, match="TLS"):
+        ssl_of(**{"postgres.sslmode": "verify-full", "postgres.sslrootcert": "/nonexistent/ca.pem"})
