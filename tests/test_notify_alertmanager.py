@@ -1,0 +1,132 @@
+"""Push to a real Prometheus Alertmanager (Debian's ``prometheus-alertmanager``, installed by
+the fixture when missing and running as root): a firing alert shows in its v2 API with our
+labels and annotations; the resolved push (with ``endsAt``) removes it from the active list."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gpuwarden.servers import NatsServer, free_port
+from tests.test_alerting import collector, send, until, write_config
+from tests.test_store import event
+
+BINARY = "prometheus-alertmanager"
+AM_CONFIG = """
+route:
+  receiver: blackhole
+  group_wait: 0s
+receivers:
+  - name: blackhole
+"""
+
+
+def _binary() -> str:
+    found = shutil.which(BINARY) or (f"/usr/bin/{BINARY}" if Path(f"/usr/bin/{BINARY}").exists() else None)
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{BINARY} missing and cannot be installed here (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    r = subprocess.run(
+        ["apt-get", "install", "-y", BINARY], env=env, capture_output=True, text=True, timeout=600
+    )
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600, check=False)
+        r = subprocess.run(
+            ["apt-get", "install", "-y", BINARY], env=env, capture_output=True, text=True, timeout=600
+        )
+    assert r.returncode == 0, f"apt-get install {BINARY} failed: {r.stderr[-2000:]}"
+    return shutil.which(BINARY) or f"/usr/bin/{BINARY}"
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[str]:
+    binary = _binary()
+    (tmp_path / "am.yml").write_text(AM_CONFIG)
+    port = free_port()
+    log = (tmp_path / "am.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary, f"--config.file={tmp_path / 'am.yml'}", f"--storage.path={tmp_path / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:  # noqa: S310
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "am.log").read_text()
+            assert time.monotonic() < deadline, "alertmanager did not become ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def am_alerts(url: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/api/v2/alerts") as r:
+        assert r.status == 200
+        alerts: list[dict[str, Any]] = await r.json()
+        return alerts
+
+
+async def test_alerts_are_pushed_to_alertmanager_and_resolved_there(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer, alertmanager: str
+) -> None:
+    body = f"""
+[health.gpu]
+xid_window = "3s"
+[[notify.alertmanager]]
+name = "am"
+url = "{alertmanager}"
+backoff = "50ms"
+"""
+    cfg = write_config(tmp_path, pg_dsn, private_nats.url, body)
+    seen: list[dict[str, Any]] = []
+
+    async def present() -> bool:
+        seen[:] = [a for a in await am_alerts(alertmanager) if a["labels"].get("alertname") == "gpu.xid"]
+        return bool(seen)
+
+    async def gone() -> bool:
+        return not await present()
+
+    async with collector(cfg) as svc:
+        await send(private_nats.url, [event("am-01", 1, time.time())])
+        await until(present)
+        (a,) = seen
+        assert a["labels"]["host"] == "am-01"
+        assert a["labels"]["severity"] == "critical"
+        assert a["labels"]["xid"] == "79"
+        assert a["labels"]["provider"] == "prov-a"
+        assert "XID 79" in a["annotations"]["summary"]
+        assert a["status"]["state"] == "active"
+        fp = next(x.fingerprint for x in svc.alerting.list_alerts(state="firing"))
+        await until(gone, timeout=20)  # the XID window passes: resolved, pushed with endsAt
+        assert svc.alerting.get_alert(fp).state == "resolved"  # type: ignore[union-attr]
+        st = svc.alerting.stats["channels"]["am"]
+    assert st["sent"] == 2
+    assert st["failed"] == 0
