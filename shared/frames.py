@@ -596,8 +596,8 @@ def _gen_post(cls: type[Any], ns: dict[str, Any]) -> str:
             args = [a for a in get_args(hint) if a is not type(None)]
             optional, hint = len(args) < len(get_args(hint)), args[0]
         body: list[str] = []
-        if hint in (int, float) and "range" in f.metadata:
-            lo, hi = f.metadata["range"]
+        if hint in (int, float) and f.name != "v":  # v: checked by the caller
+            lo, hi = f.metadata.get("range", (-U64, U64))  # the same default as _check_for
             body = [f"if not {lo!r} <= x <= {hi!r}: return False"]
         elif hint is str:
             body = ["if len(x) > MAX_STR: return False"]
