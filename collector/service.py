@@ -117,6 +117,16 @@ class CollectorService:
         """Hosts expected but silent, and hosts short of GPUs, against the current state."""
         return self.expected.diff(self.state.hosts)
 
+    def ready(self) -> bool:
+        """Started, connected to NATS, and the last PostgreSQL write did not fail (``/readyz``)."""
+        return (
+            self.started.is_set()
+            and self.nc is not None
+            and self.nc.is_connected
+            and self.pool is not None
+            and self.ingest.stats.db_up
+        )
+
     def request_stop(self) -> None:
         self.should_exit.set()
         self.ingest.stop()

@@ -218,6 +218,7 @@ async def test_service_in_process_hooks_state_and_restart(
     svc.hooks.append(hook)
     task = asyncio.create_task(svc.serve())
     await asyncio.wait_for(svc.started.wait(), 30)
+    assert svc.ready()
     nc = await nats.connect(private_nats.url)
     await publish(nc.jetstream(), frames)
     await wait_until(lambda: _seen(seen, len(frames)))
@@ -228,6 +229,7 @@ async def test_service_in_process_hooks_state_and_restart(
     assert list(host.events) == [frames[-1]]
     svc.request_stop()
     await asyncio.wait_for(task, 30)
+    assert not svc.ready()
     await nc.close()
     # a new service rebuilds the same state from PostgreSQL before consuming anything
     again = CollectorService(cfg)
