@@ -1,0 +1,143 @@
+"""Channel configuration, the default policy, payloads (webhook v4, Alertmanager v2) and the
+HMAC signature: pure functions, parametrised."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.alerts import alert_config_from
+from collector.alerts.model import Alert, Notification
+from collector.notify.alertmanager import am_alert
+from collector.notify.base import delivery_key, iso, payload_of
+from collector.notify.config import notify_config_from, with_channels
+from collector.notify.webhook import sign, verify, webhook_body
+from shared.errors import ConfigError
+
+HOOK = {"name": "oncall", "url": "https://hooks.example/gpu"}
+
+
+def policy(*levels: list[str]) -> dict[str, Any]:
+    return {
+        "policy": [{"name": "p", "levels": [{"after": f"{i}m", "notify": n} for i, n in enumerate(levels)]}]
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"notify": {"webhook": [{"name": "x"}]}}, "notify.webhook[0].url"),
+        ({"notify": {"webhook": [{"url": "http://a"}]}}, "notify.webhook[0].name"),
+        ({"notify": {"webhook": [HOOK, HOOK]}}, "notify.webhook[1].name"),
+        ({"notify": {"webhook": [{**HOOK, "name": "log"}]}}, "notify.webhook[0].name"),
+        ({"notify": {"webhook": [{**HOOK, "retries": -1}]}}, "notify.webhook[0].retries"),
+        ({"notify": {"webhook": [{**HOOK, "timeout": "soon"}]}}, "notify.webhook[0].timeout"),
+        ({"notify": {"webhook": [{**HOOK, "secret": "env:NOPE_NOT_SET"}]}}, "notify.webhook[0].secret"),
+        ({"notify": {"webhook": [{**HOOK, "colour": "red"}]}}, "notify.webhook[0].colour"),
+        ({"notify": {"alertmanager": [{"name": "am", "url": "ftp://x"}]}}, "notify.alertmanager[0].url"),
+        ({"notify": {"log": {"enabled": "maybe"}}}, "notify.log.enabled"),
+        ({"notify": {"pager": {}}}, "notify.pager"),
+        (
+            {"notify": {"webhook": [HOOK]}, "escalation": policy(["oncall"], ["manager"])},
+            "escalation.policy[0].levels[1].notify",
+        ),
+    ],
+)
+def test_bad_channel_config_names_the_key(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        with_channels(alert_config_from(raw, env={}), notify_config_from(raw, env={}))
+    assert e.value.key == key
+
+
+def test_secret_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    f = tmp_path / "hmac"
+    f.write_text("from-file\n")
+    raw = {"notify": {"webhook": [{**HOOK, "secret": f"file:{f}"}, {**HOOK, "name": "b", "secret": "env:K"}]}}
+    cfg = notify_config_from(raw, env={"K": "from-env"})
+    assert [w.secret.reveal() for w in cfg.webhooks if w.secret] == ["from-file", "from-env"]
+    assert "from-env" not in repr(cfg)
+
+
+def test_default_policy_sends_everything_to_every_channel() -> None:
+    raw = {"notify": {"webhook": [HOOK], "alertmanager": [{"name": "am", "url": "http://am:9093/"}]}}
+    n = notify_config_from(raw, env={})
+    cfg = with_channels(alert_config_from(raw, env={}), n)
+    (p,) = cfg.policies
+    assert p.name == "default"
+    assert p.matchers == ()
+    assert p.levels[0].after == 0
+    assert p.levels[0].notify == ("log", "nats", "oncall", "am")
+    assert n.alertmanagers[0].url == "http://am:9093"
+    quiet = notify_config_from({"notify": {"log": {"enabled": False}, "nats": {"enabled": False}}}, env={})
+    assert with_channels(alert_config_from({}, env={}), quiet).policies == ()
+
+
+def test_configured_policies_are_kept() -> None:
+    raw = {"notify": {"webhook": [HOOK]}, "escalation": policy(["oncall"], ["log"])}
+    cfg = with_channels(alert_config_from(raw, env={}), notify_config_from(raw, env={}))
+    assert [p.name for p in cfg.policies] == ["p"]
+
+
+def alert(state: str = "firing") -> Alert:
+    return Alert(
+        "fp1", "k", "gpu.xid", {"provider": "p", "host": "h", "gpu": "2", "xid": "79"}, "critical",
+        state=state, summary="GPU 2 XID 79", advice="drain and reboot", started_at=100.0, fired_at=100.5,
+        resolved_at=160.0 if state == "resolved" else None, episode=3,
+    )  # fmt: skip
+
+
+def note(kind: str) -> Notification:
+    a = alert("resolved" if kind == "resolved" else "firing")
+    at = 160.0 if kind == "resolved" else 100.5
+    return Notification(
+        kind, ("oncall",), at, "fp1", "inc1", a.rule, a.labels, a.severity, a.summary, a.advice, 0, (), 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "ends"), [("firing", "firing", None), ("resolved", "resolved", 160.0)]
+)
+def test_webhook_v4_payload(kind: str, status: str, ends: float | None) -> None:
+    a = alert("resolved" if kind == "resolved" else "firing")
+    p = payload_of(note(kind), a, "oncall")
+    body = webhook_body(p, "oncall", "http://collector:8080")
+    assert set(body) >= {"version", "groupKey", "status", "receiver", "groupLabels", "commonLabels",
+                         "commonAnnotations", "externalURL", "alerts"}  # fmt: skip
+    assert body["version"] == "4"
+    assert body["status"] == status
+    assert body["groupLabels"] == {"provider": "p", "host": "h"}
+    (x,) = body["alerts"]
+    assert set(x) == {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
+    assert x["labels"] == {
+        "provider": "p",
+        "host": "h",
+        "gpu": "2",
+        "xid": "79",
+        "alertname": "gpu.xid",
+        "severity": "critical",
+    }
+    assert x["annotations"]["advice"] == "drain and reboot"
+    assert x["startsAt"] == "1970-01-01T00:01:40.500Z"
+    assert x["endsAt"] == iso(ends)
+    assert x["generatorURL"] == "http://collector:8080/api/v1/alerts/fp1"
+    am = am_alert(p)
+    assert ("endsAt" in am) is (kind == "resolved")
+    assert am["labels"] == x["labels"]
+
+
+def test_delivery_keys_differ_by_channel_and_kind() -> None:
+    keys = {delivery_key(note(k), c) for k in ("firing", "resolved") for c in ("a", "b")}
+    assert len(keys) == 4
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"version":"4"}', bytes(range(256))])
+def test_signature_is_hmac_sha256_of_the_body(body: bytes) -> None:
+    sig = sign(b"k", body)
+    assert sig == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
+    assert verify(b"k", body, sig)
+    assert not verify(b"other", body, sig)
+    assert not verify(b"k", body + b" ", sig)
