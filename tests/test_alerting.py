@@ -32,8 +32,9 @@ class Receiver:
     """A webhook receiver on 127.0.0.1: records every request; fails the first ``fail`` ones
     (or every one with ``fail=-1``) with HTTP 500."""
 
-    def __init__(self, fail: int = 0) -> None:
+    def __init__(self, fail: int = 0, hang: bool = False) -> None:
         self.fail = fail
+        self.hang = hang
         self.attempts = 0
         self.received: list[tuple[dict[str, str], bytes, float]] = []
         self.port = free_port()
@@ -43,6 +44,8 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.attempts += 1
+        if self.hang:
+            await asyncio.sleep(3600)
         if self.fail < 0 or self.attempts <= self.fail:
             return web.Response(status=500)
         self.received.append((dict(request.headers), body, time.time()))
@@ -62,7 +65,7 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self.handle)
-        self._runner = web.AppRunner(app)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self
@@ -72,7 +75,7 @@ class Receiver:
         await self._runner.cleanup()
 
 
-def write_config(tmp: Path, dsn: str, nats_url: str, body: str) -> CollectorConfig:
+def write_config(tmp: Path, dsn: str, nats_url: str, body: str, alerting: str = "") -> CollectorConfig:
     path = tmp / "collector.toml"
     path.write_text(
         f"""
@@ -83,6 +86,7 @@ durable = "c{abs(hash(str(tmp))) % 10**8}"
 [alerting]
 tick = "200ms"
 health_snapshot = "1s"
+{alerting}
 {body}
 """
     )
@@ -373,3 +377,30 @@ def test_broadcaster_detaches_a_client_that_falls_behind() -> None:
     fast.close()
     assert b.subscribers == 0
     b.publish({"type": "health"})  # nobody listening: nothing happens, nothing raises
+
+
+async def test_notifications_pending_at_stop_are_delivered_after_the_restart(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    async with Receiver(hang=True) as stuck:
+        cfg = write_config(
+            tmp_path, pg_dsn, nats_url, webhook_toml(stuck.url, timeout="60s"), 'shutdown_delivery = "200ms"'
+        )
+        async with collector(cfg):
+            await send(nats_url, [event("p-01", 1, time.time())])
+            await until(lambda: stuck.attempts == 1)
+    assert [(r["channel"], r["status"]) for r in await outbox_rows(pg_dsn) if r["channel"] == "hook"] == [
+        ("hook", "pending")
+    ]
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, webhook_toml(rx.url))
+        async with collector(cfg):
+            await until(lambda: len(rx.received) == 1)
+            await asyncio.sleep(1.0)
+    assert len(rx.received) == 1
+    (a,) = rx.bodies()[0]["alerts"]
+    assert a["labels"]["host"] == "p-01"
+    assert a["status"] == "firing"
+    hook = [(r["status"], r["attempts"]) for r in await outbox_rows(pg_dsn) if r["channel"] == "hook"]
+    assert hook == [("sent", 1)]
