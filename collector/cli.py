@@ -42,6 +42,7 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the collector until SIGTERM or Ctrl-C."""
+    from collector.api import install as install_api
     from collector.service import CollectorService, tune_gc
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,7 +56,9 @@ def run(
     try:
         cfg = _config(flags, config)
         tune_gc()
-        asyncio.run(CollectorService(cfg).serve())
+        service = CollectorService(cfg)
+        install_api(service)  # the HTTP API, /metrics and the dashboard on [collector] listen
+        asyncio.run(service.serve())
     except GpuwardenError as e:
         raise _fail(e) from None
     except KeyboardInterrupt:

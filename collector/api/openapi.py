@@ -1,0 +1,339 @@
+"""The OpenAPI 3 document of the HTTP API (served at ``/api/v1/openapi.json``).
+
+Written by hand next to the routes; ``tests/test_api_openapi.py`` checks that every route
+is in it and that real responses validate against its schemas, and runs schemathesis on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+from collector.health.model import STATUSES
+
+Schema = dict[str, Any]
+NUM: Final[Schema] = {"type": "number"}
+NNUM: Final[Schema] = {"type": ["number", "null"]}
+INT: Final[Schema] = {"type": "integer"}
+STR: Final[Schema] = {"type": "string"}
+NSTR: Final[Schema] = {"type": ["string", "null"]}
+BOOL: Final[Schema] = {"type": "boolean"}
+STATUS: Final[Schema] = {"type": "string", "enum": list(STATUSES)}
+COUNTS: Final[Schema] = {"type": "object", "additionalProperties": {"type": "integer"}}
+ALERT_STATES: Final = ["pending", "firing", "resolved", "acknowledged", "silenced", "inhibited"]
+SEVERITIES: Final = ["critical", "warning", "info"]
+
+
+def obj(props: dict[str, Schema], required: list[str] | None = None, extra: bool = True) -> Schema:
+    return {
+        "type": "object",
+        "properties": props,
+        "required": list(props) if required is None else required,
+        "additionalProperties": extra,
+    }
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def paged(item: str) -> Schema:
+    return obj({"items": {"type": "array", "items": ref(item)}, "total": INT, "next_cursor": NSTR})
+
+
+PROBLEM = obj({"check": STR, "status": STATUS, "summary": STR, "advice": STR,
+               "labels": {"type": "object"}, "since": NUM})  # fmt: skip
+SCHEMAS: Final[dict[str, Schema]] = {
+    "Error": obj({"error": STR, "message": STR, "parameter": NSTR}),
+    "Provider": obj(
+        {
+            "name": STR,
+            "status": STATUS,
+            "hosts": INT,
+            "hosts_by_status": COUNTS,
+            "gpus": INT,
+            "gpus_by_status": COUNTS,
+            "gpus_usable": INT,
+            "usable_pct": NUM,
+            "critical_pct": NUM,
+        }
+    ),  # fmt: skip
+    "HostSummary": obj(
+        {
+            "name": STR,
+            "provider": STR,
+            "status": STATUS,
+            "stale": BOOL,
+            "last_seen": NNUM,
+            "gpus": INT,
+            "gpus_by_status": COUNTS,
+            "gpus_usable": INT,
+        }
+    ),  # fmt: skip
+    "Problem": PROBLEM,
+    "Gpu": obj(
+        {
+            "index": INT,
+            "uuid": STR,
+            "name": NSTR,
+            "status": STATUS,
+            "usable": BOOL,
+            "lost": BOOL,
+            "stale": BOOL,
+            "readings": {"type": "object"},
+            "xids": COUNTS,
+            "processes": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "pid": INT,
+                        "name": NSTR,
+                        "used_mem_bytes": {"type": ["integer", "null"]},
+                        "container": NSTR,
+                    }
+                ),
+            },
+            "problems": {"type": "array", "items": ref("Problem")},
+        }
+    ),  # fmt: skip
+    "Alert": obj(
+        {
+            "id": STR,
+            "rule": STR,
+            "labels": {"type": "object", "additionalProperties": STR},
+            "severity": STR,
+            "state": STR,
+            "flags": obj({"acknowledged": BOOL, "silenced": BOOL, "inhibited": BOOL, "flapping": BOOL}),
+            "summary": STR,
+            "advice": STR,
+            "value": NNUM,
+            "started_at": NUM,
+            "fired_at": NNUM,
+            "resolved_at": NNUM,
+            "escalation": obj({"policy": NSTR, "level": INT, "channels": {"type": "array"}}),
+            "incident": NSTR,
+            "ack": {"type": ["object", "null"]},
+        },
+        required=[
+            "id",
+            "rule",
+            "labels",
+            "severity",
+            "state",
+            "flags",
+            "summary",
+            "advice",
+            "started_at",
+            "escalation",
+            "ack",
+        ],
+    ),  # fmt: skip
+    "Silence": obj(
+        {
+            "id": STR,
+            "matchers": {"type": "array"},
+            "starts_at": NUM,
+            "ends_at": NNUM,
+            "active": BOOL,
+            "source": STR,
+        },
+        required=["id", "matchers", "active", "source"],
+    ),  # fmt: skip
+    "Incident": obj({"id": STR, "open": BOOL}, required=["id", "open"]),
+}
+SCHEMAS["Host"] = {
+    "allOf": [
+        ref("HostSummary"),
+        obj(
+            {"sample_ts": NNUM, "gpu_list": {"type": "array", "items": ref("Gpu")},
+             "system": {"type": ["object", "null"]}, "checks": {"type": "array"},
+             "problems": {"type": "array", "items": ref("Problem")}, "events": {"type": "array"},
+             "driver_version": NSTR}
+        ),
+    ]
+}  # fmt: skip
+SCHEMAS["History"] = obj(
+    {"host": STR, "metric": STR, "since": NUM, "until": NUM, "step": NNUM, "source": STR,
+     "points": {"type": "array", "items": obj({"ts": NUM, "gpu": {"type": ["integer", "null"]},
+                "value": NNUM, "min": NNUM, "max": NNUM, "count": INT})},
+     "next_cursor": NSTR}
+)  # fmt: skip
+
+
+def param(name: str, where: str = "query", schema: Schema | None = None, required: bool = False) -> Schema:
+    return {"name": name, "in": where, "required": required or where == "path", "schema": schema or STR}
+
+
+def reply(schema: Schema | None, description: str = "OK") -> Schema:
+    if schema is None:
+        return {"description": description}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERR = reply(ref("Error"), "error")
+PAGE = [param("limit", schema={"type": "integer", "minimum": 1, "maximum": 10000}), param("cursor")]
+SECURITY: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
+
+
+def op(summary: str, ok: Schema, params: list[Schema] | None = None, errors: tuple[int, ...] = (400,),
+       status: str = "200", body: Schema | None = None, write: bool = False) -> Schema:  # fmt: skip
+    out: Schema = {"summary": summary, "parameters": params or [], "responses": {status: ok}}
+    for code in errors:
+        out["responses"][str(code)] = ERR
+    if write:
+        out["security"] = SECURITY
+        out["responses"]["401"] = ERR
+        out["responses"]["403"] = ERR
+    if body is not None:
+        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return out
+
+
+STATUS_Q = param("status", schema=STATUS)
+PATHS: Final[dict[str, Schema]] = {
+    "/healthz": {"get": op("Alive", reply(obj({"status": STR})), errors=())},
+    "/readyz": {
+        "get": op(
+            "Ready: NATS connected, PostgreSQL reachable, consumer not stalled",
+            reply(obj({"status": STR, "checks": {"type": "object"}})),
+            errors=(503,),
+        )
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics (text exposition format)",
+            "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}},
+        }
+    },
+    "/api/v1/openapi.json": {"get": op("This document", reply({"type": "object"}), errors=())},
+    "/api/v1/providers": {
+        "get": op("Providers with status and capacity", reply(paged("Provider")), [STATUS_Q, *PAGE])
+    },
+    "/api/v1/providers/{provider}": {
+        "get": op("One provider", reply(ref("Provider")), [param("provider", "path")], errors=(404,))
+    },
+    "/api/v1/hosts": {
+        "get": op(
+            "Hosts (optionally of one provider) with status",
+            reply(paged("HostSummary")),
+            [param("provider"), STATUS_Q, *PAGE],
+            errors=(400, 404),
+        )  # fmt: skip
+    },
+    "/api/v1/hosts/{host}": {
+        "get": op(
+            "One host: GPUs, readings, health, system, checks, events",
+            reply(ref("Host")),
+            [param("host", "path")],
+            errors=(404,),
+        )  # fmt: skip
+    },
+    "/api/v1/hosts/{host}/history": {
+        "get": op(
+            "History of one metric (raw and paginated without step, else aggregated per step)",
+            reply(ref("History")),
+            [
+                param("host", "path"),
+                param("metric", required=True),
+                param("gpu", schema={"type": "integer", "minimum": 0, "maximum": 1023}),
+                param("since", schema=NUM),
+                param("until", schema=NUM),
+                param("step", schema={"type": "number", "exclusiveMinimum": 0}),
+                param("limit", schema={"type": "integer", "minimum": 1, "maximum": 10000}),
+                param("cursor"),
+            ],
+            errors=(400, 404, 503),
+        )  # fmt: skip
+    },
+    "/api/v1/alerts": {
+        "get": op(
+            "Alerts, newest first",
+            reply(paged("Alert")),
+            [
+                param("state", schema={"type": "string", "enum": ALERT_STATES}),
+                param("provider"),
+                param("host"),
+                param("severity", schema={"type": "string", "enum": SEVERITIES}),
+                *PAGE,
+            ],
+        )  # fmt: skip
+    },
+    "/api/v1/alerts/{id}": {
+        "get": op("One alert", reply(ref("Alert")), [param("id", "path")], errors=(404,))
+    },
+    "/api/v1/alerts/{id}/ack": {
+        "post": op(
+            "Acknowledge an alert (stops its escalation)",
+            reply(ref("Alert")),
+            [param("id", "path")],
+            errors=(400, 404),
+            write=True,
+            body=obj({"by": STR, "comment": STR, "until": {"type": ["number", "null"]}}, required=[]),
+        )  # fmt: skip
+    },
+    "/api/v1/silences": {
+        "get": op(
+            "Silences (config and API)", reply(paged("Silence")), [param("active", schema=BOOL), *PAGE]
+        ),
+        "post": op(
+            "Add a silence",
+            reply(ref("Silence"), "created"),
+            status="201",
+            write=True,
+            body=obj(
+                {
+                    "matchers": {"type": "array", "items": STR, "minItems": 1},
+                    "starts_at": NUM,
+                    "ends_at": NUM,
+                    "duration": NUM,
+                    "author": STR,
+                    "comment": STR,
+                },
+                required=["matchers"],
+            ),
+        ),  # fmt: skip
+    },
+    "/api/v1/silences/{id}": {
+        "delete": op(
+            "Expire a silence",
+            reply(None, "expired"),
+            [param("id", "path")],
+            status="204",
+            errors=(404,),
+            write=True,
+        )  # fmt: skip
+    },
+    "/api/v1/incidents": {
+        "get": op("Incidents, newest first", reply(paged("Incident")), [param("open", schema=BOOL), *PAGE])
+    },
+    "/api/v1/stream": {
+        "get": {
+            "summary": "WebSocket: live health changes, alert transitions and incidents",
+            "description": "Upgrade to a WebSocket. Filters: provider, host, severity, type"
+            " (comma-separated). A client that falls behind is closed with code 1013.",
+            "parameters": [param("provider"), param("host"), param("severity"), param("type")],
+            "responses": {"101": {"description": "switching protocols"}, "400": ERR},
+        }
+    },
+    "/": {
+        "get": {
+            "summary": "The dashboard page",
+            "responses": {"200": {"description": "OK", "content": {"text/html": {"schema": STR}}}},
+        }
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    """A fresh copy of the document (callers may modify it)."""
+    return copy.deepcopy(
+        {
+            "openapi": "3.1.0",
+            "info": {"title": "gpuwarden collector API", "version": "1"},
+            "paths": PATHS,
+            "components": {
+                "schemas": SCHEMAS,
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            },
+        }
+    )

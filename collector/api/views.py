@@ -1,0 +1,180 @@
+"""JSON views of the in-memory fleet: providers, hosts, GPUs (latest readings and health).
+
+Pure functions over :class:`collector.state.FleetState` and the health rollup; the routes in
+:mod:`collector.api.app` call them. Unavailable readings are ``null`` (never a sentinel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Final
+
+from collector.health.model import STATUSES, UNKNOWN
+from collector.health.rollup import FleetHealth, GpuHealth, HostHealth, Problem, ProviderHealth
+from collector.state import FleetState, HostState
+from shared.frames import GpuSample, SampleFrame
+
+GPU_READINGS: Final = (
+    "util_gpu_pct",
+    "util_mem_pct",
+    "mem_total_bytes",
+    "mem_used_bytes",
+    "temp_c",
+    "mem_temp_c",
+    "power_w",
+    "power_limit_w",
+    "fan_pct",
+    "clock_sm_mhz",
+    "pstate",
+    "ecc_sbe_volatile",
+    "ecc_dbe_volatile",
+    "ecc_sbe_aggregate",
+    "ecc_dbe_aggregate",
+    "retired_pages_sbe",
+    "retired_pages_dbe",
+    "remapped_rows_uncorrectable",
+    "remap_pending",
+    "remap_failure",
+    "pcie_replay_count",
+    "nvlink_crc_errors",
+    "clock_event_reasons",
+)
+
+
+def empty_counts() -> dict[str, int]:
+    return dict.fromkeys(STATUSES, 0)
+
+
+def provider_view(name: str, ph: ProviderHealth | None, state: FleetState) -> dict[str, Any]:
+    known = len(state.providers.get(name, ()))
+    if ph is None:
+        return {
+            "name": name,
+            "status": UNKNOWN,
+            "hosts": known,
+            "hosts_by_status": {**empty_counts(), UNKNOWN: known},
+            "gpus": 0,
+            "gpus_by_status": empty_counts(),
+            "gpus_usable": 0,
+            "usable_pct": 100.0,
+            "critical_pct": 0.0,
+        }
+    return {
+        "name": name,
+        "status": ph.status,
+        "hosts": ph.hosts,
+        "hosts_by_status": dict(ph.hosts_by_status),
+        "gpus": ph.gpus,
+        "gpus_by_status": dict(ph.gpus_by_status),
+        "gpus_usable": ph.gpus_usable,
+        "usable_pct": round(ph.usable_pct, 3),
+        "critical_pct": round(ph.critical_pct, 3),
+    }
+
+
+def provider_names(fleet: FleetHealth, state: FleetState) -> list[str]:
+    return sorted(set(fleet.providers) | set(state.providers))
+
+
+def host_names(fleet: FleetHealth, state: FleetState, provider: str | None) -> list[str]:
+    if provider is None:
+        return sorted(set(fleet.hosts) | set(state.hosts))
+    names = {h for h, hh in fleet.hosts.items() if hh.provider == provider}
+    names.update(state.providers.get(provider, ()))
+    return sorted(names)
+
+
+def host_summary(name: str, hh: HostHealth | None, hs: HostState | None) -> dict[str, Any]:
+    """One row of the host list (kept small: the page draws 10,000 of them)."""
+    provider = hh.provider if hh is not None else hs.provider if hs is not None else ""
+    return {
+        "name": name,
+        "provider": provider,
+        "status": hh.status if hh is not None else UNKNOWN,
+        "stale": hh.stale if hh is not None else True,
+        "last_seen": hs.last_seen if hs is not None and hs.last_seen else None,
+        "gpus": len(hh.gpus) if hh is not None else (hs.gpu_count if hs is not None else 0),
+        "gpus_by_status": dict(hh.gpus_by_status) if hh is not None else empty_counts(),
+        "gpus_usable": hh.gpus_usable if hh is not None else 0,
+    }
+
+
+def problem_view(p: Problem) -> dict[str, Any]:
+    return {
+        "check": p.check,
+        "status": p.status,
+        "summary": p.summary,
+        "advice": p.advice,
+        "labels": dict(p.labels),
+        "since": p.since,
+    }
+
+
+def _gpu_view(g: GpuSample | None, gh: GpuHealth | None, hs: HostState, index: int) -> dict[str, Any]:
+    info = hs.gpu_info(index)
+    out: dict[str, Any] = {
+        "index": index,
+        "uuid": (g.uuid if g is not None else None) or (gh.uuid if gh is not None else "") or "",
+        "name": info.name if info is not None else None,
+        "status": gh.status if gh is not None else UNKNOWN,
+        "usable": gh.usable if gh is not None else False,
+        "lost": bool(g.lost) if g is not None else (gh.lost if gh is not None else False),
+        "stale": gh.stale if gh is not None else True,
+        "readings": {k: (getattr(g, k) if g is not None else None) for k in GPU_READINGS},
+        "xids": {},
+        "processes": [
+            {"pid": p.pid, "name": p.name, "used_mem_bytes": p.used_mem_bytes, "container": p.container}
+            for p in (g.processes if g is not None else ())
+        ],
+        "problems": [problem_view(p) for p in gh.problems] if gh is not None else [],
+    }
+    return out
+
+
+def _system_view(sample: SampleFrame | None) -> dict[str, Any] | None:
+    if sample is None or sample.system is None:
+        return None
+    s = sample.system
+    d = dataclasses.asdict(s)
+    return {k: v for k, v in d.items() if not isinstance(v, list | tuple)} | {
+        "disks": [dataclasses.asdict(x) for x in s.disks],
+        "nics": [dataclasses.asdict(x) for x in s.nics],
+    }
+
+
+def host_detail(
+    name: str, hh: HostHealth | None, hs: HostState | None, xids: dict[int, dict[int, int]]
+) -> dict[str, Any]:
+    """The host page: its GPUs with readings and health, system sample, checks, recent events."""
+    out = host_summary(name, hh, hs)
+    samples = {g.index: g for g in (hs.gpus if hs is not None else ())}
+    healths = {g.index: g for g in (hh.gpus if hh is not None else ())}
+    gpus = []
+    for index in sorted(set(samples) | set(healths)):
+        assert hs is not None or index in healths
+        view = _gpu_view(
+            samples.get(index), healths.get(index), hs or HostState(name, out["provider"]), index
+        )
+        view["xids"] = {str(code): n for code, n in sorted(xids.get(index, {}).items())}
+        gpus.append(view)
+    sample = hs.sample if hs is not None else None
+    out["sample_ts"] = sample.ts if sample is not None else None
+    out["gpu_list"] = gpus
+    out["system"] = _system_view(sample)
+    out["checks"] = (
+        [
+            {"id": c.id, "kind": c.kind, "target": c.target, "ok": c.ok, "latency_ms": c.latency_ms,
+             "error": c.error}
+            for c in sample.checks
+        ]
+        if sample is not None
+        else []
+    )  # fmt: skip
+    out["problems"] = [problem_view(p) for p in hh.problems] if hh is not None else []
+    out["events"] = [
+        {"ts": e.ts, "type": e.type, "gpu": e.gpu_index, "xid": e.xid, "count": e.count}
+        for e in (hs.events if hs is not None else ())
+    ]
+    inv = hs.inventory if hs is not None else None
+    out["driver_version"] = inv.driver_version if inv is not None else None
+    return out
