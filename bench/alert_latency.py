@@ -1,0 +1,177 @@
+"""Time from fault to webhook delivery under load.
+
+A ``gpuwarden fleet`` subprocess (``BENCH_ALERT_HOSTS`` hosts x 8 GPUs at 1 s, default
+1,000) publishes to a private nats-server; the collector (in this process, with its
+alerting) stores every frame in a private PostgreSQL and notifies a local webhook receiver.
+``K`` hosts get an XID 79 on GPU 2 and ``K`` others a temperature of 95 °C (a threshold
+fault, ``[alerts] for = 5s``), staggered by 0.5 s after a warm-up.
+
+The fault's time is when the agent saw it: the ``ts`` of the XID event frame, or of the
+first sample with the GPU at 95 °C (this process taps those subjects on core NATS). The
+latency is the webhook's arrival minus that time: agent -> NATS -> collector (stored,
+committed) -> health and alert engines -> outbox commit -> HTTP POST. Goals: XID p99 < 1 s;
+the threshold fault < its ``for`` + 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._util import spawn
+
+HOSTS = int(os.environ.get("BENCH_ALERT_HOSTS", "1000"))
+K = int(os.environ.get("BENCH_ALERT_FAULTS", "20"))  # faulty hosts per kind
+FOR_S = 5.0
+WARMUP = 20.0
+STAGGER = 0.5
+Row = tuple[str, str, str]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
+
+
+def faults() -> tuple[list[str], dict[str, str]]:
+    specs, kind = [], {}
+    for i in range(K):
+        xid_host, temp_host = f"host-{2 * i + 1:04d}", f"host-{2 * i + 2:04d}"
+        at = WARMUP + i * STAGGER
+        specs += [f"{xid_host}/gpu2:xid=79@{at}s", f"{temp_host}/gpu2:temp=95@{at}s"]
+        kind[xid_host], kind[temp_host] = "xid", "temp"
+    return specs, kind
+
+
+async def _measure(hosts: int) -> dict[str, Any]:
+    import nats
+    from aiohttp import web
+
+    from collector.config import load_collector_config
+    from collector.service import CollectorService
+    from gpuwarden.servers import NatsServer, PostgresServer, free_port
+    from shared.frames import EventFrame, SampleFrame, decode
+
+    specs, kind = faults()
+    seen: dict[str, float] = {}  # host -> agent time of the fault
+    got: dict[str, float] = {}  # host -> webhook arrival
+
+    async def hook(request: web.Request) -> web.Response:
+        t = time.time()
+        for a in json.loads(await request.read())["alerts"]:
+            host = a["labels"].get("host", "")
+            want = {"xid": "gpu.xid", "temp": "gpu.temperature"}.get(kind.get(host, ""))
+            if a["status"] == "firing" and a["labels"]["alertname"] == want and host not in got:
+                got[host] = t
+        return web.Response()
+
+    async def tap(msg: Any) -> None:
+        host = msg.subject.rsplit(".", 1)[-1]
+        k = kind.get(host)
+        if k is None or host in seen:
+            return
+        f = decode(msg.data)
+        if (
+            k == "xid"
+            and isinstance(f, EventFrame)
+            and f.xid == 79
+            or (
+                k == "temp"
+                and isinstance(f, SampleFrame)
+                and any(g.index == 2 and (g.temp_c or 0) >= 95 for g in f.gpus)
+            )
+        ):
+            seen[host] = f.ts
+
+    port = free_port()
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    with NatsServer() as ns, PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "collector.toml"
+        path.write_text(
+            f"""
+[collector]
+batch = 2000
+[alerts]
+for = "{FOR_S}s"
+provider_incident_min_hosts = 1000000
+[notify.log]
+enabled = false
+[[notify.webhook]]
+name = "bench"
+url = "http://127.0.0.1:{port}/hook"
+"""
+        )
+        cfg = load_collector_config(path, env={}, flags={"postgres.dsn": pg.dsn(), "nats.servers": [ns.url]})
+        svc = CollectorService(cfg)
+        await svc.startup()
+        run = asyncio.create_task(svc.run())
+        nc = await nats.connect(ns.url)
+        await nc.subscribe("gpuwarden.v1.event.>", cb=tap)
+        await nc.subscribe("gpuwarden.v1.sample.>", cb=tap)
+        duration = WARMUP + K * STAGGER + FOR_S + 15
+        args = ["fleet", "--hosts", str(hosts), "--gpus", "8", "--providers", "4", "--interval", "1s"]
+        args += ["--nats", ns.url, "--duration", f"{duration}s", "--log-level", "warning"]
+        for s in specs:
+            args += ["--fault", s]
+        proc = spawn(*args)
+        t0 = time.time()
+        try:
+            while time.time() - t0 < duration + 20 and len(got) < 2 * K:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(Exception):
+                proc.wait(20)
+            st = svc.ingest.stats
+            figures = {"frames_in": st.frames_in, "elapsed": time.time() - t0}
+            await nc.drain()
+            svc.request_stop()
+            await asyncio.wait_for(run, 60)
+            await svc.shutdown()
+            await runner.cleanup()
+    lat = {k: [got[h] - seen[h] for h in got if h in seen and kind[h] == k] for k in ("xid", "temp")}
+    return {**figures, "lat": lat, "missed": 2 * K - len(got)}
+
+
+def run() -> list[Row]:
+    r = asyncio.run(_measure(HOSTS))
+    xid, temp = r["lat"]["xid"], r["lat"]["temp"]
+    rate = r["frames_in"] / max(r["elapsed"], 1e-9)
+    load = f"{HOSTS} hosts x 8 GPUs at 1 s ({rate:.0f} frames/s in)"
+    return [
+        (
+            "alert latency: load (fleet subprocess, collector, PostgreSQL, NATS on this machine)",
+            load,
+            "1000 x 8 at 1 s",
+        ),
+        (
+            f"fault -> webhook, XID 79 (event) p50 / p99 / max, n={len(xid)}",
+            f"{_pct(xid, 50):.3f} / {_pct(xid, 99):.3f} / {max(xid, default=float('nan')):.3f} s",
+            "p99 < 1 s",
+        ),
+        (
+            f"fault -> webhook, temp=95 (threshold, for {FOR_S:g} s) p50 / p99, n={len(temp)}",
+            f"{_pct(temp, 50):.3f} / {_pct(temp, 99):.3f} s",
+            f"< for + 1 s = {FOR_S + 1:g} s",
+        ),
+        ("faults not notified within the run", str(r["missed"]), "0"),
+    ]
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(" | ".join(row))
