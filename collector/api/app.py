@@ -65,7 +65,7 @@ def make_app(
     app = web.Application(middlewares=[json_errors], client_max_size=1 << 20)
     app[SERVICE] = service
     if registry is None:
-        registry = CollectorRegistry(auto_describe=True)
+        registry = CollectorRegistry()  # collected at scrape time only
         registry.register(FleetCollector(service))
     app[REGISTRY] = registry
     app[TOKENS] = tuple(
