@@ -1,0 +1,367 @@
+// gpuwarden dashboard: plain JavaScript, no build step. Data from /api/v1, live updates from
+// the /api/v1/stream WebSocket (debounced refresh, no page reload). Host grids are drawn on
+// canvas so that 10,000 hosts stay cheap to render.
+"use strict";
+
+const STATUS_COLOR = { critical: "#d93025", warning: "#f29900", unknown: "#9aa0a6", info: "#4285f4", healthy: "#1e8e3e" };
+const ORDER = ["critical", "warning", "unknown", "info", "healthy"];
+const CELL = 11, GAP = 2;
+const $ = (sel) => document.querySelector(sel);
+const state = { providers: [], hosts: [], alerts: [], incidents: [], view: "overview", host: null, token: sessionStorage.getItem("gw-token") || "" };
+window.gw = { renders: 0, firstRenderMs: null, hosts: 0, state };
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+function toast(msg) {
+  const t = $("#toast");
+  t.textContent = msg;
+  t.classList.add("show");
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => t.classList.remove("show"), 2500);
+}
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, opts);
+  if (r.status === 204) return null;
+  const body = await r.json().catch(() => null);
+  if (!r.ok) {
+    const err = new Error((body && body.message) || r.statusText);
+    err.status = r.status;
+    throw err;
+  }
+  return body;
+}
+
+async function all(path) {
+  let items = [], cursor = null;
+  do {
+    const sep = path.includes("?") ? "&" : "?";
+    const page = await api(`${path}${sep}limit=10000${cursor ? "&cursor=" + cursor : ""}`);
+    items = items.concat(page.items);
+    cursor = page.next_cursor;
+  } while (cursor);
+  return items;
+}
+
+function age(ts) {
+  if (!ts) return "";
+  const s = Math.max(0, Date.now() / 1000 - ts);
+  if (s < 90) return `${Math.round(s)}s`;
+  if (s < 5400) return `${Math.round(s / 60)}m`;
+  if (s < 172800) return `${Math.round(s / 3600)}h`;
+  return `${Math.round(s / 86400)}d`;
+}
+
+function fmt(v, digits = 0, unit = "") {
+  return v === null || v === undefined ? "–" : `${Number(v).toFixed(digits)}${unit}`;
+}
+
+// ------------------------------------------------------------------ overview
+
+async function loadOverview() {
+  const t0 = performance.now();
+  const [providers, hosts, alerts, incidents] = await Promise.all([
+    all("/api/v1/providers"),
+    all("/api/v1/hosts"),
+    all("/api/v1/alerts"),
+    api("/api/v1/incidents?open=true&limit=50"),
+  ]);
+  Object.assign(state, { providers, hosts, alerts: alerts.filter((a) => a.state !== "resolved"), incidents: incidents.items });
+  renderOverview();
+  window.gw.renders += 1;
+  window.gw.hosts = hosts.length;
+  if (window.gw.firstRenderMs === null) window.gw.firstRenderMs = performance.now() - t0;
+  document.body.dataset.ready = "1";
+}
+
+function renderOverview() {
+  const hostsTotal = state.hosts.length;
+  const gpus = state.providers.reduce((n, p) => n + p.gpus, 0);
+  const usable = state.providers.reduce((n, p) => n + p.gpus_usable, 0);
+  $("#fleet-summary").textContent = `${state.providers.length} providers · ${hostsTotal} hosts · ${usable}/${gpus} GPUs usable`;
+  $("#providers").innerHTML = state.providers.map(providerCard).join("");
+  renderAlerts($("#alerts tbody"), state.alerts);
+  $("#alert-count").textContent = `(${state.alerts.length})`;
+  $("#incidents").innerHTML = state.incidents.length
+    ? state.incidents.map((i) => `<div class="incident"><b>${esc(i.title || i.id)}</b> <span class="muted">${esc(i.kind || "")} · ${(i.alerts || []).length} alerts · opened ${age(i.opened_at)} ago</span></div>`).join("")
+    : '<p class="muted">none</p>';
+  renderGrids();
+  $("#host-names").innerHTML = hostsTotal <= 2000 ? state.hosts.map((h) => `<option value="${esc(h.name)}">`).join("") : "";
+}
+
+function providerCard(p) {
+  const bar = ORDER.map((s) => p.gpus_by_status[s] ? `<span class="bg-${s}" style="width:${(100 * p.gpus_by_status[s]) / Math.max(1, p.gpus)}%" title="${p.gpus_by_status[s]} ${s}"></span>` : "").join("");
+  const hosts = ORDER.filter((s) => p.hosts_by_status[s]).map((s) => `<span class="badge ${s}">${p.hosts_by_status[s]} ${s}</span>`).join(" ");
+  return `<div class="card ${p.status}" data-provider="${esc(p.name)}">
+    <h3><span>${esc(p.name)}</span><span class="badge ${p.status}">${p.status}</span></h3>
+    <div><span class="big">${p.usable_pct.toFixed(1)}%</span> <span class="muted">usable · ${p.gpus_usable}/${p.gpus} GPUs</span></div>
+    <div class="bar">${bar}</div>
+    <div>${p.hosts} hosts: ${hosts}</div></div>`;
+}
+
+function renderAlerts(tbody, alerts) {
+  tbody.innerHTML = alerts.length ? alerts.map(alertRow).join("") : '<tr><td colspan="8" class="muted">no active alerts</td></tr>';
+}
+
+function alertRow(a) {
+  const l = a.labels;
+  const subject = [l.provider, l.host, l.gpu !== undefined ? `gpu${l.gpu}` : "", l.xid ? `xid ${l.xid}` : ""].filter(Boolean).join(" / ");
+  const flags = Object.entries(a.flags).filter(([, v]) => v).map(([k]) => k).join(", ");
+  const acked = a.flags.acknowledged;
+  return `<tr class="${acked ? "acked" : ""}" data-alert="${esc(a.id)}">
+    <td><span class="badge ${esc(a.severity)}">${esc(a.severity)}</span></td>
+    <td>${esc(a.rule)}</td>
+    <td>${l.host ? `<a href="#/host/${encodeURIComponent(l.host)}">${esc(subject)}</a>` : esc(subject)}</td>
+    <td class="advice">${esc(a.summary)}<div class="small">${esc(a.advice)}</div></td>
+    <td title="${new Date((a.fired_at || a.started_at) * 1000).toISOString()}">${age(a.fired_at || a.started_at)}</td>
+    <td>${a.escalation.level >= 0 ? a.escalation.level : "–"}</td>
+    <td class="state">${esc(a.state)}${flags ? `<div class="small">${esc(flags)}</div>` : ""}</td>
+    <td>${acked ? "" : `<button class="ack" data-id="${esc(a.id)}">Acknowledge</button>`}
+        <button class="silence" data-host="${esc(l.host || "")}" data-rule="${esc(a.rule)}">Silence</button></td></tr>`;
+}
+
+function renderGrids() {
+  const byProvider = new Map();
+  for (const h of state.hosts) {
+    if (!byProvider.has(h.provider)) byProvider.set(h.provider, []);
+    byProvider.get(h.provider).push(h);
+  }
+  const box = $("#grids");
+  const width = Math.max(300, box.clientWidth - 22);
+  const cols = Math.max(1, Math.floor(width / (CELL + GAP)));
+  const existing = new Map([...box.querySelectorAll(".grid")].map((el) => [el.dataset.provider, el]));
+  for (const [provider, hosts] of byProvider) {
+    let el = existing.get(provider);
+    if (!el) {
+      el = document.createElement("div");
+      el.className = "grid";
+      el.dataset.provider = provider;
+      el.innerHTML = `<h3></h3><canvas></canvas>`;
+      el.querySelector("canvas").addEventListener("click", (ev) => gridClick(ev, el));
+      el.querySelector("canvas").addEventListener("mousemove", (ev) => gridHover(ev, el));
+      el.querySelector("canvas").addEventListener("mouseleave", () => { tip().style.display = "none"; });
+      box.appendChild(el);
+    }
+    existing.delete(provider);
+    el.hosts = hosts;
+    el.cols = cols;
+    const bad = hosts.filter((h) => h.status !== "healthy").length;
+    el.querySelector("h3").textContent = `${provider} — ${hosts.length} hosts, ${bad} not healthy`;
+    const c = el.querySelector("canvas");
+    const rows = Math.ceil(hosts.length / cols);
+    c.width = cols * (CELL + GAP);
+    c.height = rows * (CELL + GAP);
+    const ctx = c.getContext("2d");
+    for (const status of ORDER) {  // one fillStyle change per status: cheap at 10,000 cells
+      ctx.fillStyle = STATUS_COLOR[status];
+      hosts.forEach((h, i) => {
+        if (h.status === status) ctx.fillRect((i % cols) * (CELL + GAP), Math.floor(i / cols) * (CELL + GAP), CELL, CELL);
+      });
+    }
+  }
+  for (const el of existing.values()) el.remove();
+}
+
+function cellHost(ev, el) {
+  const r = ev.target.getBoundingClientRect();
+  const col = Math.floor((ev.clientX - r.left) / (CELL + GAP));
+  const row = Math.floor((ev.clientY - r.top) / (CELL + GAP));
+  return el.hosts[row * el.cols + col];
+}
+
+function tip() {
+  let t = $("#tooltip");
+  if (!t) {
+    t = document.createElement("div");
+    t.id = "tooltip";
+    document.body.appendChild(t);
+  }
+  return t;
+}
+
+function gridHover(ev, el) {
+  const h = cellHost(ev, el);
+  const t = tip();
+  if (!h) { t.style.display = "none"; return; }
+  t.textContent = `${h.name}: ${h.status}, ${h.gpus_usable}/${h.gpus} GPUs usable`;
+  t.style.left = `${ev.clientX + 12}px`;
+  t.style.top = `${ev.clientY + 12}px`;
+  t.style.display = "block";
+}
+
+function gridClick(ev, el) {
+  const h = cellHost(ev, el);
+  if (h) location.hash = `#/host/${encodeURIComponent(h.name)}`;
+}
+
+// ------------------------------------------------------------------ host page
+
+async function loadHost(name) {
+  const [h, alerts] = await Promise.all([
+    api(`/api/v1/hosts/${encodeURIComponent(name)}`),
+    all(`/api/v1/alerts?host=${encodeURIComponent(name)}`),
+  ]);
+  state.hostData = h;
+  $("#host-title").innerHTML = `${esc(h.name)} <span class="badge ${h.status}">${h.status}</span> <span class="muted">${esc(h.provider)} · ${h.gpus_usable}/${h.gpus} GPUs usable · driver ${esc(h.driver_version || "–")} · last seen ${age(h.last_seen)} ago</span>`;
+  const problems = h.problems.concat(...h.gpu_list.map((g) => g.problems.map((p) => ({ ...p, gpu: g.index }))));
+  $("#host-problems").innerHTML = problems.map((p) => `<div class="problem ${p.status}"><b>${p.gpu !== undefined ? `GPU ${p.gpu}: ` : ""}${esc(p.summary || p.check)}</b><div class="small">${esc(p.advice)}</div></div>`).join("");
+  $("#gpus tbody").innerHTML = h.gpu_list.map((g) => {
+    const r = g.readings;
+    const mem = r.mem_total_bytes ? `${fmt(r.mem_used_bytes / 2 ** 30, 1)} / ${fmt(r.mem_total_bytes / 2 ** 30, 0)} GiB` : "–";
+    const xids = Object.entries(g.xids).map(([c, n]) => `${c}×${n}`).join(" ") || "–";
+    const procs = g.processes.map((p) => `${esc(p.name || p.pid)}${p.container ? ` <span class="small">(${esc(p.container)})</span>` : ""}`).join("<br>") || "–";
+    return `<tr><td>${g.index} <div class="small">${esc(g.name || "")}</div></td><td><span class="badge ${g.status}">${g.status}</span>${g.lost ? " lost" : ""}</td>
+      <td>${fmt(r.temp_c, 0, " °C")}</td><td>${fmt(r.util_gpu_pct, 0, " %")}</td><td>${mem}</td>
+      <td>${fmt(r.power_w, 0)} / ${fmt(r.power_limit_w, 0, " W")}</td><td>${fmt(r.ecc_sbe_volatile)} / ${fmt(r.ecc_dbe_volatile)}</td>
+      <td>${xids}</td><td>${procs}</td></tr>`;
+  }).join("");
+  renderAlerts($("#host-alerts tbody"), alerts.filter((a) => a.state !== "resolved"));
+  const until = Date.now() / 1000, since = until - 1800;
+  for (const metric of ["temp_c", "util_gpu_pct", "power_w"]) {
+    api(`/api/v1/hosts/${encodeURIComponent(name)}/history?metric=${metric}&since=${since}&until=${until}&step=15`)
+      .then((hist) => drawChart($(`#chart-${metric}`), hist.points, since, until))
+      .catch(() => drawChart($(`#chart-${metric}`), [], since, until));
+  }
+}
+
+function drawChart(canvas, points, since, until) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, L = 36, B = 18;
+  ctx.clearRect(0, 0, W, H);
+  const vals = points.map((p) => p.value).filter((v) => v !== null);
+  ctx.fillStyle = "#6b7280";
+  ctx.font = "11px system-ui";
+  if (!vals.length) { ctx.fillText("no data", W / 2 - 20, H / 2); return; }
+  let lo = Math.min(...vals), hi = Math.max(...vals);
+  if (hi - lo < 1) { hi += 0.5; lo -= 0.5; }
+  const x = (t) => L + ((t - since) / (until - since)) * (W - L - 4);
+  const y = (v) => 4 + (1 - (v - lo) / (hi - lo)) * (H - B - 8);
+  ctx.strokeStyle = "#e3e6ea";
+  ctx.beginPath(); ctx.moveTo(L, 4); ctx.lineTo(L, H - B); ctx.lineTo(W, H - B); ctx.stroke();
+  ctx.fillText(hi.toFixed(0), 2, 12); ctx.fillText(lo.toFixed(0), 2, H - B);
+  ctx.fillText("-30m", L, H - 4); ctx.fillText("now", W - 26, H - 4);
+  const byGpu = new Map();
+  for (const p of points) {
+    if (p.value === null) continue;
+    if (!byGpu.has(p.gpu)) byGpu.set(p.gpu, []);
+    byGpu.get(p.gpu).push(p);
+  }
+  const palette = ["#4285f4", "#db4437", "#f4b400", "#0f9d58", "#ab47bc", "#00acc1", "#ff7043", "#9e9d24"];
+  for (const [gpu, pts] of byGpu) {
+    ctx.strokeStyle = palette[(gpu ?? 0) % palette.length];
+    ctx.beginPath();
+    pts.forEach((p, i) => (i ? ctx.lineTo(x(p.ts), y(p.value)) : ctx.moveTo(x(p.ts), y(p.value))));
+    ctx.stroke();
+  }
+}
+
+// ------------------------------------------------------------------ actions
+
+function askToken() {
+  return new Promise((resolve) => {
+    const d = $("#token-dialog");
+    $("#token-input").value = state.token;
+    d.onclose = () => {
+      if (d.returnValue === "ok") {
+        state.token = $("#token-input").value.trim();
+        sessionStorage.setItem("gw-token", state.token);
+      }
+      resolve(state.token);
+    };
+    d.showModal();
+  });
+}
+
+async function write(path, method, body) {
+  if (!state.token) await askToken();
+  const opts = { method, headers: { "Content-Type": "application/json", Authorization: `Bearer ${state.token}` }, body: JSON.stringify(body) };
+  try {
+    return await api(path, opts);
+  } catch (e) {
+    if (e.status === 401 || e.status === 403) {
+      toast("token refused");
+      state.token = "";
+      sessionStorage.removeItem("gw-token");
+    } else {
+      toast(`failed: ${e.message}`);
+    }
+    return null;
+  }
+}
+
+document.addEventListener("click", async (ev) => {
+  const b = ev.target.closest("button");
+  if (!b) return;
+  if (b.id === "token-button") { await askToken(); return; }
+  if (b.classList.contains("ack")) {
+    const res = await write(`/api/v1/alerts/${encodeURIComponent(b.dataset.id)}/ack`, "POST", { by: "dashboard" });
+    if (res) { toast(`acknowledged ${res.rule}`); refresh(); }
+  } else if (b.classList.contains("silence")) {
+    const m = [b.dataset.host ? `host=${b.dataset.host}` : "", `rule=${b.dataset.rule}`].filter(Boolean).join(", ");
+    $("#silence-matchers").value = m;
+    const d = $("#silence-dialog");
+    d.onclose = async () => {
+      if (d.returnValue !== "ok") return;
+      const matchers = $("#silence-matchers").value.split(",").map((s) => s.trim()).filter(Boolean);
+      const res = await write("/api/v1/silences", "POST", { matchers, duration: Number($("#silence-duration").value), comment: $("#silence-comment").value, author: "dashboard" });
+      if (res) { toast(`silence ${res.id} added`); refresh(); }
+    };
+    d.showModal();
+  }
+});
+
+$("#host-search").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const name = $("#host-input").value.trim();
+  if (name) location.hash = `#/host/${encodeURIComponent(name)}`;
+});
+
+// ------------------------------------------------------------------ routing and live updates
+
+async function refresh() {
+  try {
+    if (state.view === "host") await loadHost(state.host);
+    else await loadOverview();
+  } catch (e) {
+    toast(e.status === 404 ? "not found" : `cannot load: ${e.message}`);
+  }
+}
+
+let pending = null;
+function scheduleRefresh() {
+  if (pending) return;
+  pending = setTimeout(() => { pending = null; refresh(); }, 400);
+}
+
+function route() {
+  const m = location.hash.match(/^#\/host\/(.+)$/);
+  state.view = m ? "host" : "overview";
+  state.host = m ? decodeURIComponent(m[1]) : null;
+  $("#overview-view").hidden = state.view !== "overview";
+  $("#host-view").hidden = state.view !== "host";
+  refresh();
+}
+
+function connect(delay = 1000) {
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/stream`);
+  ws.onopen = () => { $("#live").textContent = "live"; $("#live").classList.remove("off"); delay = 1000; };
+  ws.onmessage = (ev) => {
+    const e = JSON.parse(ev.data);
+    if (e.type === "hello") return;
+    if (state.view === "host" && e.host && e.host !== state.host) return;
+    scheduleRefresh();
+  };
+  ws.onclose = () => {
+    $("#live").textContent = "offline";
+    $("#live").classList.add("off");
+    setTimeout(() => { scheduleRefresh(); connect(Math.min(delay * 2, 30000)); }, delay);
+  };
+}
+
+window.addEventListener("hashchange", route);
+window.addEventListener("resize", () => state.view === "overview" && renderGrids());
+setInterval(scheduleRefresh, 15000);  // readings change without events: keep them fresh
+route();
+connect();

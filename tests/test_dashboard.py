@@ -1,0 +1,137 @@
+"""The dashboard page in a real headless Chromium (Debian's, driven by playwright over CDP;
+never a downloaded browser): it loads without console errors and shows the simulated fleet,
+a fault injected in the fleet shows up as an alert on the page through the live stream, and
+acknowledging from the page (token dialog) changes the alert in the API.
+
+Set ``GPUWARDEN_SCREENSHOT=path.png`` to keep a screenshot of the overview."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from playwright.async_api import async_playwright
+
+from agent.fleet import Fleet
+from collector.api import make_app
+from collector.config import load_collector_config
+from collector.service import CollectorService
+from gpuwarden.servers import NatsServer
+from shared.config import NatsConfig
+from tests.test_alerting import until
+from tests.test_metrics import apt_tool
+
+TOKEN = "dash-" + uuid.uuid4().hex
+FAULTY = "host-0004"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
+    chromium = apt_tool("chromium", "chromium")
+    async with async_playwright() as p:
+        ctx = await p.chromium.launch_persistent_context(
+            str(tmp / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )  # fmt: skip
+        try:
+            page = ctx.pages[0] if ctx.pages else await ctx.new_page()
+            page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: console.append(str(e)))
+            yield page
+        finally:
+            await ctx.close()
+
+
+@contextlib.asynccontextmanager
+async def collector_with_fleet(tmp: Path, dsn: str, url: str) -> AsyncIterator[CollectorService]:
+    path = tmp / "collector.toml"
+    path.write_text(
+        f"""
+[collector]
+batch = 500
+fetch_timeout = "100ms"
+durable = "dash{uuid.uuid4().hex[:8]}"
+[api]
+tokens = ["{TOKEN}"]
+[alerting]
+tick = "200ms"
+[alerts]
+for = "1s"
+"""
+    )
+    cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [url]})
+    svc = CollectorService(cfg)
+    await svc.startup()
+    task = asyncio.create_task(svc.run())
+    fleet = Fleet(
+        NatsConfig(servers=(url,)), hosts=12, gpus=8, providers=3, interval=1.0,
+        faults=[f"{FAULTY}/gpu2:xid=79@6s"],
+    )  # fmt: skip
+    await fleet.start()
+    run = asyncio.create_task(fleet.run())
+    try:
+        yield svc
+    finally:
+        fleet.stop()
+        await run
+        await fleet.close()
+        svc.request_stop()
+        await asyncio.wait_for(task, 30)
+        await svc.shutdown()
+
+
+@pytest.mark.timeout(150)
+async def test_page_shows_the_fleet_live_alerts_and_acknowledges(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    console: list[str] = []
+    async with (
+        collector_with_fleet(tmp_path, pg_dsn, private_nats.url) as svc,
+        TestServer(make_app(svc)) as server,
+        browser_page(tmp_path, console) as page,
+    ):
+        await until(lambda: len(svc.alerting.rollup().hosts) == 12, timeout=30)
+        await page.goto(str(server.make_url("/")))
+        await page.wait_for_selector("body[data-ready='1']", timeout=20_000)
+        assert await page.locator("#providers .card").count() == 3
+        assert "12 hosts" in await page.locator("#fleet-summary").inner_text()
+        assert await page.locator("#grids canvas").count() == 3
+        await page.wait_for_selector("#live:not(.off)", timeout=10_000)
+
+        # the fault (XID 79 on host-0004/gpu2 after 6 s) arrives through the WebSocket, no reload
+        renders = await page.evaluate("window.gw.renders")
+        row = page.locator(f"#alerts tr[data-alert]:has-text('{FAULTY}'):has-text('gpu.xid')")
+        await row.first.wait_for(timeout=30_000)
+        assert await page.evaluate("window.gw.renders") > renders
+        assert "critical" in await row.first.inner_text()
+        fp = await row.first.get_attribute("data-alert")
+        assert fp is not None
+        if os.environ.get("GPUWARDEN_SCREENSHOT"):
+            await page.screenshot(path=os.environ["GPUWARDEN_SCREENSHOT"], full_page=True)
+
+        # acknowledge from the page: the token dialog asks once, then the API has the ack
+        await row.first.locator("button.ack").click()
+        await page.wait_for_selector("#token-dialog[open]", timeout=5_000)
+        await page.fill("#token-input", TOKEN)
+        await page.click("#token-save")
+        await until(
+            lambda: (a := svc.alerting.get_alert(fp)) is not None and a.ack_by == "dashboard", timeout=10
+        )
+        await page.locator(f"#alerts tr.acked[data-alert='{fp}']").wait_for(timeout=10_000)
+
+        # the host page: GPUs with readings and the history charts
+        await page.goto(str(server.make_url(f"/#/host/{FAULTY}")))
+        await page.locator("#gpus tbody tr").nth(7).wait_for(timeout=10_000)
+        assert "°C" in await page.locator("#gpus tbody tr").first.inner_text()
+    assert console == []
