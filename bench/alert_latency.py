@@ -127,7 +127,7 @@ url = "http://127.0.0.1:{port}/hook"
         for s in specs:
             args += ["--fault", s]
         proc = spawn(*args)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         try:
             while time.time() - t0 < duration + 20 and len(got) < 2 * K:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
@@ -137,7 +137,12 @@ url = "http://127.0.0.1:{port}/hook"
             with contextlib.suppress(Exception):
                 proc.wait(20)
             st = svc.ingest.stats
-            figures = {"frames_in": st.frames_in, "elapsed": time.time() - t0}
+            figures = {
+                "frames_in": st.frames_in,
+                "elapsed": time.time() - t0,
+                "cpu": time.process_time() - cpu0,
+            }
+            figures["alerting_s"] = sum(svc.alerting.stats["seconds"].values())
             await nc.drain()
             svc.request_stop()
             await asyncio.wait_for(run, 60)
@@ -169,6 +174,11 @@ def run() -> list[Row]:
             f"< for + 1 s = {FOR_S + 1:g} s",
         ),
         ("faults not notified within the run", str(r["missed"]), "0"),
+        (
+            "collector CPU in health + alerts + alert persistence",
+            f"{r['alerting_s']:.1f} s of {r['cpu']:.1f} s process CPU ({r['elapsed']:.0f} s run)",
+            "",
+        ),
     ]
 
 

@@ -97,6 +97,7 @@ class Alerting:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.counts = {"evaluations": 0, "observations": 0, "transitions": 0, "notifications": 0}
+        self.seconds = {"health": 0.0, "alerts": 0.0, "persist": 0.0}  # time spent, for /metrics
         self.persist_errors = 0
         service.hooks.append(self.on_frames)
         service.startup_hooks.append(self._startup)
@@ -158,8 +159,10 @@ class Alerting:
     async def _timer(self) -> None:
         last_snapshot = last_resend = time.monotonic()
         while not self._stop.is_set():
+            # the tick, or sooner when the alert engine has something due (a `for` ending)
+            wait = min(self.settings.tick, self.alerts_state.next_due - time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.tick)
+                await asyncio.wait_for(self._stop.wait(), max(wait, 0.05))
             if self._stop.is_set():
                 return
             try:
@@ -195,12 +198,14 @@ class Alerting:
     async def on_frames(self, frames: Sequence[Frame]) -> None:
         """Ingest hook: judge a committed batch now, persist, notify."""
         now = time.time()
+        t = time.perf_counter()
         observe, h = self.health_engine.observe, self.health
         obs: list[Observation] = []
         for f in frames:
             _, o = observe(h, f, now)
             if o:
                 obs += o
+        self.seconds["health"] += time.perf_counter() - t
         await self._step(obs, now)
 
     async def tick(self, now: float) -> None:
@@ -209,13 +214,17 @@ class Alerting:
 
     async def _step(self, obs: list[Observation], now: float, commands: Sequence[Command] = ()) -> None:
         async with self._lock:
+            t = time.perf_counter()
             out = self.engine.evaluate(
                 self.alerts_state, obs, now, commands, self.health.provider_hosts() if obs else None
             )
             self.counts["evaluations"] += 1
             self.counts["observations"] += len(obs)
             self._collect(out, obs)
+            t1 = time.perf_counter()
+            self.seconds["alerts"] += t1 - t
             await self._flush()
+            self.seconds["persist"] += time.perf_counter() - t1
 
     def _collect(self, out: Outcome, obs: Iterable[Observation]) -> None:
         st, ch = self.alerts_state, outbox.Changes()
@@ -476,6 +485,7 @@ class Alerting:
         d = self.deliverer
         return {
             **self.counts,
+            "seconds": dict(self.seconds),
             "alerts": by,
             "channels": {n: s.as_dict() for n, s in d.stats.items()} if d else {},
             "outbox_backlog": d.backlog() if d else 0,
