@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import signal
 import sys
 from typing import Annotated
 
@@ -55,89 +52,36 @@ def version() -> None:
     typer.echo(__version__)
 
 
-DEMO_FAULTS = (
-    "host-0001/gpu2:xid=79@8s",
-    "host-0002/gpu0:temp=94@5s+40s",
-    "host-0003:host_down@15s+20s",
-    "host-0000/gpu1:ecc_dbe@20s",
-)
-
-
 @app.command("demo")
 def demo(
-    hosts: Annotated[int, typer.Option("--hosts", min=1, help="simulated hosts")] = 4,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, max=64, help="GPUs per host")] = 4,
+    hosts: Annotated[int, typer.Option("--hosts", min=1, help="simulated hosts")] = 60,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, max=64, help="GPUs per host")] = 8,
+    providers: Annotated[int, typer.Option("--providers", min=1, help="providers")] = 3,
     interval: Annotated[float, typer.Option("--interval", help="seconds between samples")] = 2.0,
+    port: Annotated[int, typer.Option("--port", help="dashboard port (0: any free port)")] = 8080,
     duration: Annotated[float | None, typer.Option("--duration", help="stop after seconds")] = None,
 ) -> None:
-    """Embedded NATS and a small simulated fleet with faults; prints each frame. Ctrl-C stops all."""
-    setup_logging("warning")
-    guarded(lambda: asyncio.run(_demo(hosts, gpus, interval, duration)))
-
-
-async def _demo(hosts: int, gpus: int, interval: float, duration: float | None) -> None:
-    import nats
-    from nats.aio.msg import Msg
-
-    from agent.fleet import Fleet
-    from gpuwarden.servers import NatsServer
-    from shared.config import NatsConfig
-    from shared.errors import FrameDecodeError
-    from shared.frames import EventFrame, InventoryFrame, SampleFrame, decode
-
-    def line(msg: Msg) -> str:
-        try:
-            f = decode(msg.data)
-        except FrameDecodeError as e:
-            return f"{msg.subject}: undecodable frame: {e}"
-        head = f"{f.kind:9} {f.provider}/{f.host} seq={f.seq:<4}"
-        if isinstance(f, SampleFrame):
-            temps = " ".join(f"{g.temp_c:.0f}" if g.temp_c is not None else "-" for g in f.gpus)
-            return f"{head} gpus={len(f.gpus)} temp_c=[{temps}]"
-        if isinstance(f, EventFrame):
-            return f"{head} {f.type} gpu={f.gpu_index} xid={f.xid} count={f.count}"
-        if isinstance(f, InventoryFrame):
-            return f"{head} {len(f.gpus)} x {f.gpus[0].name if f.gpus else '-'} driver {f.driver_version}"
-        return head
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = NatsServer()
-    await asyncio.to_thread(server.start)
-    fleet: Fleet | None = None
-    tap = None
+    """Embedded NATS and PostgreSQL, the collector with its dashboard, and a simulated fleet
+    with scripted faults; prints the dashboard URL and an API token. Ctrl-C stops it all."""
     try:
-        typer.echo(f"demo: nats-server at {server.url}; {hosts} hosts x {gpus} GPUs every {interval:g}s")
-        typer.echo(f"demo: faults {', '.join(DEMO_FAULTS)}; Ctrl-C to stop")
+        from gpuwarden.demo import run_demo
+    except ImportError as e:
+        typer.echo(f"error: the demo needs the collector ({e}); pip install 'gpuwarden[demo]'", err=True)
+        raise typer.Exit(1) from None
+    setup_logging("warning")
 
-        async def show(msg: Msg) -> None:
-            typer.echo(line(msg))
+    def echo(text: str) -> None:
+        typer.echo(text)
+        sys.stdout.flush()
 
-        tap = await nats.connect(server.url)
-        await tap.subscribe("gpuwarden.v1.>", cb=show)
-        fleet = Fleet(
-            NatsConfig(servers=(server.url,)), hosts=hosts, gpus=gpus, interval=interval, faults=DEMO_FAULTS
+    guarded(
+        lambda: asyncio.run(
+            run_demo(
+                hosts=hosts, gpus=gpus, providers=providers, interval=interval, port=port,
+                duration=duration, echo=echo,
+            )
         )
-        await fleet.start()
-        run = asyncio.create_task(fleet.run(duration))
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        fleet.stop()
-        waiter.cancel()
-        await run
-    finally:
-        if fleet is not None:
-            await fleet.close(flush_timeout=2.0)
-        if tap is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await tap.close()
-        await asyncio.to_thread(server.close)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        logging.getLogger(__name__).info("demo stopped")
-        typer.echo("demo: stopped")
+    )  # fmt: skip
 
 
 def main() -> None:

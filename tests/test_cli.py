@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import nats
-import psutil
 import pytest
 from nats.aio.msg import Msg
 
@@ -121,47 +120,6 @@ async def test_sigterm_stops_a_running_agent_cleanly(nats_url: str) -> None:
     assert took < 8
     assert seen[0] == "inventory"
     assert "agent stopped" in err.decode()
-
-
-def test_demo_prints_frames_and_ctrl_c_leaves_no_process_behind() -> None:
-    proc = subprocess.Popen(
-        gpuwarden("demo", "--hosts", "2", "--gpus", "2", "--interval", "0.5"),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    children: list[psutil.Process] = []
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if not children:
-                children = psutil.Process(proc.pid).children(recursive=True)
-            if sum(x.startswith("sample ") for x in lines) >= 3:
-                break
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        survivors = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-        for c in survivors:  # only if the demo failed to clean up; asserted below
-            c.kill()
-    lines += out.splitlines()
-    assert proc.returncode == 0, err
-    assert any("inventory" in x for x in lines)
-    assert sum(x.startswith("sample ") for x in lines) >= 3
-    assert lines[-1].strip() == "demo: stopped"
-    assert children, "the demo should run its own nats-server"
-    assert survivors == []
 
 
 def test_sample_without_simulation_needs_nvml() -> None:

@@ -85,7 +85,7 @@ function renderOverview() {
   renderAlerts($("#alerts tbody"), state.alerts);
   $("#alert-count").textContent = `(${state.alerts.length})`;
   $("#incidents").innerHTML = state.incidents.length
-    ? state.incidents.map((i) => `<div class="incident"><b>${esc(i.title || i.id)}</b> <span class="muted">${esc(i.kind || "")} · ${(i.alerts || []).length} alerts · opened ${age(i.opened_at)} ago</span></div>`).join("")
+    ? state.incidents.map((i) => `<div class="incident"><b>${esc(i.host ? `${i.provider} / ${i.host}` : `${i.provider} (provider-wide)`)}</b> <span class="muted">${(i.alerts || []).length} alerts · ${(i.hosts || []).length || 1} hosts · opened ${age(i.opened_at)} ago · ${esc(i.id)}</span></div>`).join("")
     : '<p class="muted">none</p>';
   renderGrids();
   $("#host-names").innerHTML = hostsTotal <= 2000 ? state.hosts.map((h) => `<option value="${esc(h.name)}">`).join("") : "";
