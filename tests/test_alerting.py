@@ -404,3 +404,28 @@ async def test_notifications_pending_at_stop_are_delivered_after_the_restart(
     assert a["status"] == "firing"
     hook = [(r["status"], r["attempts"]) for r in await outbox_rows(pg_dsn) if r["channel"] == "hook"]
     assert hook == [("sent", 1)]
+
+
+async def test_host_down_before_a_restart_resolves_after_it(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    body = '[health]\nstale_after = "1s"\n' + webhook_toml("{url}")
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, body.format(url=rx.url))
+        async with collector(cfg):
+            await send(nats_url, [sample("u-01", 1, time.time(), gpus=8)])
+            await until(lambda: len(rx.received) == 1)  # silent for 1 s: unreachable
+            await asyncio.sleep(1.0)
+        async with collector(cfg) as svc:
+            (a,) = svc.alerting.list_alerts(state="firing")
+            assert a.rule == "host.unreachable"
+            h = svc.alerting.host_health("u-01")
+            assert h is not None
+            assert h.stale
+            await send(nats_url, [sample("u-01", 2, time.time(), gpus=8)])
+            await until(lambda: len(rx.received) == 2)
+    assert rx.alerts() == [
+        ("firing", "host.unreachable", "firing"),
+        ("resolved", "host.unreachable", "resolved"),
+    ]
