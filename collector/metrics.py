@@ -6,18 +6,27 @@ never the global registry). Labels are bounded: ``provider``, ``host``, ``gpu`` 
 ``uuid`` for per-GPU series; ``xid`` (a catalogue code) for XID counters; ``status``,
 ``state``, ``severity``, ``reason`` and ``channel`` come from small fixed sets.
 
-Health status gauges carry a rank: 0 healthy, 1 info, 2 unknown, 3 warning, 4 critical.
+Per GPU (``provider``, ``host``, ``gpu``, ``uuid``): temperature, utilisation, memory used
+and total, power, ECC single/double-bit counters, health status, and XID counters by code:
+eight series per GPU plus one per XID code seen. Health status gauges carry a rank:
+0 healthy, 1 info, 2 unknown, 3 warning, 4 critical.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from collector.health.model import RANK, STATUSES
+from collector.health.rollup import FleetHealth
+from collector.ingest import IngestStats
+from shared.frames import GpuSample
 
 if TYPE_CHECKING:
     from collector.service import CollectorService
@@ -26,29 +35,31 @@ GPU_LABELS: Final = ["provider", "host", "gpu", "uuid"]
 # (metric name, help, GpuSample field, scale)
 GPU_GAUGES: Final = (
     ("gpuwarden_gpu_temperature_celsius", "GPU core temperature.", "temp_c", 1.0),
-    ("gpuwarden_gpu_memory_temperature_celsius", "GPU memory (HBM) temperature.", "mem_temp_c", 1.0),
     ("gpuwarden_gpu_utilization_ratio", "GPU utilisation (0-1).", "util_gpu_pct", 0.01),
-    (
-        "gpuwarden_gpu_memory_utilization_ratio",
-        "GPU memory controller utilisation (0-1).",
-        "util_mem_pct",
-        0.01,
-    ),
     ("gpuwarden_gpu_memory_used_bytes", "GPU memory in use.", "mem_used_bytes", 1.0),
     ("gpuwarden_gpu_memory_total_bytes", "GPU memory size.", "mem_total_bytes", 1.0),
     ("gpuwarden_gpu_power_watts", "GPU power draw.", "power_w", 1.0),
-    ("gpuwarden_gpu_power_limit_watts", "GPU power limit.", "power_limit_w", 1.0),
-    ("gpuwarden_gpu_sm_clock_hertz", "GPU SM clock.", "clock_sm_mhz", 1e6),
 )
 GPU_COUNTERS: Final = (
     ("gpuwarden_gpu_ecc_sbe_errors", "Single-bit ECC errors since the driver loaded (volatile).",
      "ecc_sbe_volatile"),
     ("gpuwarden_gpu_ecc_dbe_errors", "Double-bit ECC errors since the driver loaded (volatile).",
      "ecc_dbe_volatile"),
-    ("gpuwarden_gpu_pcie_replays", "PCIe replay counter.", "pcie_replay_count"),
-    ("gpuwarden_gpu_nvlink_crc_errors", "NVLink CRC errors, summed over links.", "nvlink_crc_errors"),
 )  # fmt: skip
 RANK_HELP: Final = " (0 healthy, 1 info, 2 unknown, 3 warning, 4 critical)."
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What one scrape reads, taken on the event loop (cheap: references and small copies),
+    so that rendering can run in a thread while the collector keeps changing its state."""
+
+    samples: list[tuple[str, str, tuple[GpuSample, ...]]]  # provider, host, GPUs
+    fleet: FleetHealth
+    xids: dict[tuple[str, int], list[tuple[int, int]]]  # (host, gpu) -> [(code, count)]
+    stats: dict[str, Any]
+    ingest: IngestStats
+    hosts: int
 
 
 class FleetCollector(Collector):
@@ -56,27 +67,42 @@ class FleetCollector(Collector):
 
     def __init__(self, service: CollectorService) -> None:
         self.service = service
+        self._primed: Snapshot | None = None
+
+    def snapshot(self) -> Snapshot:
+        svc = self.service
+        samples = [(hs.provider, hs.host, hs.sample.gpus) for hs in svc.state.hosts.values() if hs.sample]
+        xids = {
+            (name, i): sorted((c, r.count) for c, r in gs.xids.items())
+            for name, eh in svc.alerting.health.hosts.items()
+            for i, gs in eh.gpus.items()
+            if gs.xids
+        }
+        st = copy.copy(svc.ingest.stats)
+        st.rejected = Counter(st.rejected)
+        return Snapshot(samples, svc.alerting.rollup(), xids, svc.alerting.stats, st, len(svc.state))
+
+    def prime(self) -> None:
+        """Take the next scrape's snapshot now (on the event loop); ``collect`` uses it once."""
+        self._primed = self.snapshot()
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._gpus()
-        yield from self._rollup()
-        yield from self._alerts()
-        yield from self._collector()
+        snap, self._primed = self._primed, None
+        if snap is None:
+            snap = self.snapshot()
+        yield from self._gpus(snap)
+        yield from self._rollup(snap)
+        yield from self._alerts(snap)
+        yield from self._collector(snap)
 
-    def _gpus(self) -> Iterator[Metric]:
-        svc = self.service
+    def _gpus(self, snap: Snapshot) -> Iterator[Metric]:
         gauges = [GaugeMetricFamily(n, h, labels=GPU_LABELS) for n, h, _, _ in GPU_GAUGES]
         counters = [CounterMetricFamily(n, h, labels=GPU_LABELS) for n, h, _ in GPU_COUNTERS]
-        lost = GaugeMetricFamily("gpuwarden_gpu_lost", "1 when the GPU fell off the bus.", labels=GPU_LABELS)
         fields = [(f, s) for _, _, f, s in GPU_GAUGES]
         cfields = [f for _, _, f in GPU_COUNTERS]
-        for hs in svc.state.hosts.values():
-            sample = hs.sample
-            if sample is None:
-                continue
-            for g in sample.gpus:
-                labels = [hs.provider, hs.host, str(g.index), g.uuid]
-                lost.add_metric(labels, 1.0 if g.lost else 0.0)
+        for provider, host, gpus in snap.samples:
+            for g in gpus:
+                labels = [provider, host, str(g.index), g.uuid]
                 if g.lost:
                     continue  # its last values are not current
                 for fam, (f, scale) in zip(gauges, fields, strict=True):
@@ -89,32 +115,24 @@ class FleetCollector(Collector):
                         cfam.add_metric(labels, float(v))
         yield from gauges
         yield from counters
-        yield lost
         xid = CounterMetricFamily(
             "gpuwarden_gpu_xid_errors", "XID errors seen, by code.", labels=[*GPU_LABELS, "xid"]
         )
         status = GaugeMetricFamily("gpuwarden_gpu_health_status", "GPU health" + RANK_HELP, labels=GPU_LABELS)
-        usable = GaugeMetricFamily("gpuwarden_gpu_usable", "1 when the GPU can take work.", labels=GPU_LABELS)
         host_status = GaugeMetricFamily(
             "gpuwarden_host_health_status", "Host health" + RANK_HELP, labels=["provider", "host"]
         )
-        fleet = svc.alerting.rollup()
-        engine_hosts = svc.alerting.health.hosts
-        for name, hh in fleet.hosts.items():
+        for name, hh in snap.fleet.hosts.items():
             host_status.add_metric([hh.provider, name], float(RANK[hh.status]))
-            eh = engine_hosts.get(name)
             for gh in hh.gpus:
                 labels = [hh.provider, name, str(gh.index), gh.uuid]
                 status.add_metric(labels, float(RANK[gh.status]))
-                usable.add_metric(labels, 1.0 if gh.usable else 0.0)
-                gs = eh.gpus.get(gh.index) if eh is not None else None
-                if gs is not None:
-                    for code, rec in sorted(gs.xids.items()):
-                        xid.add_metric([*labels, str(code)], float(rec.count))
-        yield from (xid, status, usable, host_status)
+                for code, count in snap.xids.get((name, gh.index), ()):
+                    xid.add_metric([*labels, str(code)], float(count))
+        yield from (xid, status, host_status)
 
-    def _rollup(self) -> Iterator[Metric]:
-        fleet = self.service.alerting.rollup()
+    def _rollup(self, snap: Snapshot) -> Iterator[Metric]:
+        fleet = snap.fleet
         hosts = GaugeMetricFamily(
             "gpuwarden_provider_hosts", "Hosts by status.", labels=["provider", "status"]
         )
@@ -133,8 +151,8 @@ class FleetCollector(Collector):
             status.add_metric([name], float(RANK[p.status]))
         yield from (hosts, gpus, usable, status)
 
-    def _alerts(self) -> Iterator[Metric]:
-        stats: dict[str, Any] = self.service.alerting.stats
+    def _alerts(self, snap: Snapshot) -> Iterator[Metric]:
+        stats = snap.stats
         alerts = GaugeMetricFamily(
             "gpuwarden_alerts", "Alerts by state and severity.", labels=["state", "severity"]
         )
@@ -181,8 +199,8 @@ class FleetCollector(Collector):
             value=float(stats.get("stream_subscribers", 0)),
         )  # fmt: skip
 
-    def _collector(self) -> Iterator[Metric]:
-        st = self.service.ingest.stats
+    def _collector(self, snap: Snapshot) -> Iterator[Metric]:
+        st = snap.ingest
         c = "gpuwarden_collector_"
         yield CounterMetricFamily(
             c + "frames_received", "Frames fetched from NATS.", value=float(st.frames_in)
@@ -215,6 +233,4 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily(
             c + "db_up", "1 when the last write succeeded.", value=1.0 if st.db_up else 0.0
         )
-        yield GaugeMetricFamily(
-            c + "hosts", "Hosts in the in-memory state.", value=float(len(self.service.state))
-        )
+        yield GaugeMetricFamily(c + "hosts", "Hosts in the in-memory state.", value=float(snap.hosts))

@@ -76,7 +76,6 @@ def test_gpu_gauges_come_from_the_latest_sample(
         g.util_gpu_pct / 100
     )
     assert registry.get_sample_value("gpuwarden_gpu_ecc_dbe_errors_total", labels) == g.ecc_dbe_volatile
-    assert registry.get_sample_value("gpuwarden_gpu_lost", labels) == 0.0
 
 
 def test_health_xids_rollups_and_alerts(service: CollectorService, registry: CollectorRegistry) -> None:
@@ -84,7 +83,6 @@ def test_health_xids_rollups_and_alerts(service: CollectorService, registry: Col
     gpu2 = {"provider": "prov-a", "host": XID_HOST, "gpu": "2", "uuid": uuid2}
     assert registry.get_sample_value("gpuwarden_gpu_xid_errors_total", {**gpu2, "xid": "79"}) == 1.0
     assert registry.get_sample_value("gpuwarden_gpu_health_status", gpu2) == 4.0  # critical
-    assert registry.get_sample_value("gpuwarden_gpu_usable", gpu2) == 0.0
     assert (
         registry.get_sample_value("gpuwarden_host_health_status", {"provider": "prov-a", "host": XID_HOST})
         == 4.0

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SERVICE: Final[web.AppKey[CollectorService]] = web.AppKey("service")
 REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
+FLEET_COLLECTOR: Final[web.AppKey[FleetCollector | None]] = web.AppKey("fleet_collector")
 TOKENS: Final[web.AppKey[tuple[bytes, ...]]] = web.AppKey("tokens")
 READY: Final[web.AppKey[dict[str, Any]]] = web.AppKey("ready")
 STATIC: Final = Path(__file__).parent / "static"
@@ -64,10 +65,13 @@ def make_app(
     """The application; ``registry`` receives the fleet metrics (a fresh one by default)."""
     app = web.Application(middlewares=[json_errors], client_max_size=1 << 20)
     app[SERVICE] = service
+    fleet_collector = None
     if registry is None:
         registry = CollectorRegistry()  # collected at scrape time only
-        registry.register(FleetCollector(service))
+        fleet_collector = FleetCollector(service)
+        registry.register(fleet_collector)
     app[REGISTRY] = registry
+    app[FLEET_COLLECTOR] = fleet_collector
     app[TOKENS] = tuple(
         t.reveal().encode() for t in (service.config.api_tokens if tokens is None else tokens)
     )
@@ -158,6 +162,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    fc = request.app[FLEET_COLLECTOR]
+    if fc is not None:
+        fc.prime()  # read the state here, on the event loop; render it in a thread
     body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
