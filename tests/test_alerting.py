@@ -429,3 +429,25 @@ async def test_host_down_before_a_restart_resolves_after_it(
         ("firing", "host.unreachable", "firing"),
         ("resolved", "host.unreachable", "resolved"),
     ]
+
+
+async def test_a_partition_judges_only_its_own_expected_hosts() -> None:
+    from collector.ingest import owner
+    from collector.inventory import ExpectedHost as Expected
+
+    cfg = load_collector_config(env={}, flags={"collector.partitions": 2, "collector.partition": 1})
+    svc = CollectorService(cfg)  # not started: the engines run, nothing is persisted
+    names = [f"exp-{i:02d}" for i in range(12)]
+    svc.expected.hosts = [Expected(n, "prov-x", 8) for n in names]
+    mine = {n for n in names if owner(n, 2) == 1}
+    assert 0 < len(mine) < len(names)
+    al = svc.alerting
+    assert set(al.expected()) == mine
+    t = time.time()
+    await al.tick(t)
+    assert al.list_alerts() == []  # never reported, but within never_reported_grace (1 m)
+    await al.tick(t + 61)
+    fired = al.list_alerts(state="firing")
+    assert {a.labels["host"] for a in fired} == mine
+    assert {a.rule for a in fired} == {"host.unreachable"}
+    assert {h for h, hh in al.rollup(t + 61).hosts.items() if hh.status == "unknown"} == mine

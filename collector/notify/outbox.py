@@ -260,6 +260,9 @@ class Deliverer:
                 await self._deliver(self.channels[name], row)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
                 log.warning("notification %d on %s: could not record the outcome: %s", row.id, name, e)
+            except (KeyError, TypeError, ValueError) as e:  # a malformed row: keep the worker alive
+                self.stats[name].failed += 1
+                log.error("notification %d on %s cannot be rendered, left pending: %r", row.id, name, e)
             finally:
                 q.task_done()
 
