@@ -65,6 +65,7 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self.handle)
+        app.router.add_post("/api/v2/alerts", self.handle)  # as an Alertmanager endpoint
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -451,3 +452,19 @@ async def test_a_partition_judges_only_its_own_expected_hosts() -> None:
     assert {a.labels["host"] for a in fired} == mine
     assert {a.rule for a in fired} == {"host.unreachable"}
     assert {h for h, hh in al.rollup(t + 61).hosts.items() if hh.status == "unknown"} == mine
+
+
+async def test_firing_alerts_are_pushed_to_alertmanager_again_until_resolved(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    async with Receiver() as am:
+        body = f'[[notify.alertmanager]]\nname = "am"\nurl = "http://127.0.0.1:{am.port}"\n'
+        cfg = write_config(tmp_path, pg_dsn, private_nats.url, body, 'alertmanager_resend = "500ms"')
+        async with collector(cfg):
+            await send(private_nats.url, [event("rp-01", 1, time.time())])
+            await until(lambda: len(am.received) >= 3)
+    posts = [json.loads(b) for _, b, _ in am.received]
+    assert all(isinstance(p, list) and len(p) == 1 for p in posts)
+    assert {p[0]["labels"]["host"] for p in posts} == {"rp-01"}
+    assert all("endsAt" not in p[0] for p in posts)  # still firing: no end
+    assert len({p[0]["startsAt"] for p in posts}) == 1

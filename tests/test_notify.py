@@ -141,3 +141,25 @@ def test_signature_is_hmac_sha256_of_the_body(body: bytes) -> None:
     assert verify(b"k", body, sig)
     assert not verify(b"other", body, sig)
     assert not verify(b"k", body + b" ", sig)
+
+
+async def test_log_channel_writes_one_json_line(caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from collector.notify.log import LogChannel
+
+    ch = LogChannel()
+    p = payload_of(note("firing"), alert(), "log")
+    with caplog.at_level(logging.INFO, logger="gpuwarden.notify"):
+        await ch.deliver(p, "k1")
+        await ch.deliver(payload_of(note("resolved"), alert("resolved"), "log"), "k2")
+    first, second = caplog.records
+    assert first.levelno == logging.WARNING  # a critical alert firing
+    assert second.levelno == logging.INFO
+    doc = json.loads(first.getMessage())
+    assert doc["event"] == "notification"
+    assert doc["delivery"] == "k1"
+    assert doc["rule"] == "gpu.xid"
+    assert doc["labels"]["host"] == "h"
+    assert json.loads(second.getMessage())["status"] == "resolved"
