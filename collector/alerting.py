@@ -236,8 +236,8 @@ class Alerting:
             a = st.by_fp.get(fp)
             if a is not None:
                 ch.alerts[fp] = a
-        if len(st.by_fp) != len(self._saved_fps) or not fps.issubset(st.by_fp):
-            ch.deleted = self._saved_fps - set(st.by_fp)
+        by_fp = st.by_fp
+        ch.deleted = {fp for fp in self._saved_fps if fp not in by_fp}  # retired after retention
         ch.transitions = list(out.transitions)
         by_name = {c.name: c for c in self.channels}
         for n in out.notifications:
