@@ -468,3 +468,25 @@ async def test_firing_alerts_are_pushed_to_alertmanager_again_until_resolved(
     assert {p[0]["labels"]["host"] for p in posts} == {"rp-01"}
     assert all("endsAt" not in p[0] for p in posts)  # still firing: no end
     assert len({p[0]["startsAt"] for p in posts}) == 1
+
+
+async def test_escalation_continues_after_a_restart_without_repeating_level_0(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    nats_url = private_nats.url
+    async with Receiver() as oncall, Receiver() as manager:
+        body = ESCALATION.format(u1=oncall.url, u2=manager.url).replace('after = "2s"', 'after = "4s"')
+        cfg = write_config(tmp_path, pg_dsn, nats_url, body)
+        t0 = time.time()
+        async with collector(cfg):
+            await send(nats_url, [event("er-01", 1, t0)])
+            await until(lambda: len(oncall.received) == 1)
+        assert manager.received == []
+        async with collector(cfg) as svc:
+            await until(lambda: len(manager.received) == 1, timeout=15)
+            (a,) = svc.alerting.list_alerts(state="firing")
+            assert a.level == 1
+            await asyncio.sleep(1.0)
+        assert len(oncall.received) == 1
+        assert manager.received[0][2] - t0 >= 4.0
+        assert manager.bodies()[0]["alerts"][0]["annotations"]["kind"] == "escalated"
