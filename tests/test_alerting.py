@@ -490,3 +490,31 @@ async def test_escalation_continues_after_a_restart_without_repeating_level_0(
         assert len(oncall.received) == 1
         assert manager.received[0][2] - t0 >= 4.0
         assert manager.bodies()[0]["alerts"][0]["annotations"]["kind"] == "escalated"
+
+
+async def test_a_flapping_alert_is_notified_once_as_flapping_then_held(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    from dataclasses import replace
+
+    nats_url = private_nats.url
+    body = '[alerts.for_rules]\n"gpu.temperature" = "0s"\n' + webhook_toml("{url}")
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, nats_url, body.format(url=rx.url))
+        async with collector(cfg) as svc:
+            t = time.time()
+            frames: list[Frame] = []
+            for seq in range(1, 41):  # GPU 0 at 95 °C every other sample
+                f = sample("fl-01", seq, t + seq * 0.01, gpus=2)
+                hot = replace(f.gpus[0], temp_c=95.0 if seq % 2 else 50.0)
+                frames.append(replace(f, gpus=(hot, f.gpus[1])))
+            await send(nats_url, frames)
+            await until(lambda: svc.alerting.stats["observations"] >= 40)
+            await asyncio.sleep(1.0)
+            others = {a.rule for a in svc.alerting.list_alerts() if a.rule != "gpu.temperature"}
+            (a,) = [a for a in svc.alerting.list_alerts() if a.rule == "gpu.temperature"]
+            assert a.flapping, others
+    kinds = [k for _, name, k in rx.alerts() if name == "gpu.temperature"]
+    assert kinds.count("flapping") == 1
+    assert kinds[-1] == "flapping"  # held: nothing after it
+    assert 1 <= kinds.count("firing") < 10
