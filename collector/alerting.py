@@ -223,7 +223,11 @@ class Alerting:
             self._collect(out, obs)
             t1 = time.perf_counter()
             self.seconds["alerts"] += t1 - t
-            await self._flush()
+            try:
+                await self._flush()
+            except _DB_ERRORS as e:  # kept in memory, written by the next step; nothing sent before
+                self.persist_errors += 1
+                log.warning("alert state not persisted, will retry: %s", e)
             self.seconds["persist"] += time.perf_counter() - t1
 
     def _collect(self, out: Outcome, obs: Iterable[Observation]) -> None:
