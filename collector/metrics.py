@@ -80,7 +80,10 @@ class FleetCollector(Collector):
         }
         st = copy.copy(svc.ingest.stats)
         st.rejected = Counter(st.rejected)
-        return Snapshot(samples, svc.alerting.rollup(), xids, svc.alerting.stats, st, len(svc.state))
+        from collector.api.live import LiveRollup  # collector.api imports this module
+
+        fleet = LiveRollup.of(svc).current()
+        return Snapshot(samples, fleet, xids, svc.alerting.stats, st, len(svc.state))
 
     def prime(self) -> None:
         """Take the next scrape's snapshot now (on the event loop); ``collect`` uses it once."""

@@ -21,8 +21,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from collector.api import make_app
+from collector.api.live import LiveRollup
 from collector.api.stream import QUEUE
 from collector.config import load_collector_config
+from collector.health.rollup import rollup
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, PostgresServer
 from tests.test_alerting import send, until
@@ -43,6 +45,13 @@ def module_dsn(pg_server: PostgresServer) -> Iterator[str]:
     subprocess.run(
         [psql, pg_server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False
     )
+
+
+@pytest.fixture(scope="module")
+def module_nats() -> Iterator[NatsServer]:
+    """A nats-server of the module's own: its stream holds only this module's frames."""
+    with NatsServer() as server:
+        yield server
 
 
 @contextlib.asynccontextmanager
@@ -87,9 +96,9 @@ for = "1s"
 
 @pytest.fixture(scope="module")
 async def service(
-    tmp_path_factory: pytest.TempPathFactory, module_dsn: str, nats_server: NatsServer
+    tmp_path_factory: pytest.TempPathFactory, module_dsn: str, module_nats: NatsServer
 ) -> AsyncIterator[CollectorService]:
-    async with running(tmp_path_factory.mktemp("api"), module_dsn, nats_server.url) as svc:
+    async with running(tmp_path_factory.mktemp("api"), module_dsn, module_nats.url) as svc:
         yield svc
 
 
@@ -277,7 +286,11 @@ async def test_stream_delivers_filtered_live_events(service: CollectorService, c
         assert hello["type"] == "hello"
         assert hello["filters"]["host"] == ["b-1"]
         await send(
-            service.config.nats.servers[0], [event("b-0", 50, time.time()), event("b-1", 50, time.time())]
+            service.config.nats.servers[0],
+            [
+                event("b-0", 50, time.time(), provider="prov-b"),
+                event("b-1", 50, time.time(), provider="prov-b"),
+            ],
         )
         msg = await ws.receive_json(timeout=10)
         assert msg["type"] == "alert"
@@ -303,3 +316,12 @@ async def test_a_client_that_falls_behind_is_closed_with_1013(service: Collector
             if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 break
         assert ws.close_code == 1013
+
+
+async def test_the_incremental_rollup_matches_a_full_one(service: CollectorService) -> None:
+    live = LiveRollup.of(service)
+    await live.refresh()
+    full = rollup(service.alerting.health, service.alerting.health_engine.config.provider)
+    assert live.current().providers == full.providers
+    assert live.current().hosts == full.hosts
+    assert live.names("prov-a") == HOSTS["prov-a"]

@@ -22,18 +22,18 @@ from collector.api import make_app
 from collector.api.openapi import document
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
-from tests.test_api import AUTH, XID_HOST, module_dsn, running
+from tests.test_api import AUTH, XID_HOST, module_dsn, module_nats, running
 
-__all__ = ["module_dsn"]  # the module-scoped database fixture
+__all__ = ["module_dsn", "module_nats"]  # the module-scoped database fixture
 
 Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture(scope="module")
 async def service(
-    tmp_path_factory: pytest.TempPathFactory, module_dsn: str, nats_server: NatsServer
+    tmp_path_factory: pytest.TempPathFactory, module_dsn: str, module_nats: NatsServer
 ) -> AsyncIterator[CollectorService]:
-    async with running(tmp_path_factory.mktemp("openapi"), module_dsn, nats_server.url) as svc:
+    async with running(tmp_path_factory.mktemp("openapi"), module_dsn, module_nats.url) as svc:
         yield svc
 
 

@@ -27,9 +27,9 @@ from collector.metrics import FleetCollector
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
 from tests.test_alerting import until
-from tests.test_api import XID_HOST, module_dsn, running
+from tests.test_api import XID_HOST, module_dsn, module_nats, running
 
-__all__ = ["module_dsn"]
+__all__ = ["module_dsn", "module_nats"]
 
 
 def apt_tool(binary: str, package: str) -> str:
@@ -47,9 +47,9 @@ def apt_tool(binary: str, package: str) -> str:
 
 @pytest.fixture(scope="module")
 async def service(
-    tmp_path_factory: pytest.TempPathFactory, module_dsn: str, nats_server: NatsServer
+    tmp_path_factory: pytest.TempPathFactory, module_dsn: str, module_nats: NatsServer
 ) -> AsyncIterator[CollectorService]:
-    async with running(tmp_path_factory.mktemp("metrics"), module_dsn, nats_server.url) as svc:
+    async with running(tmp_path_factory.mktemp("metrics"), module_dsn, module_nats.url) as svc:
         yield svc
 
 

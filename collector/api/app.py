@@ -35,6 +35,7 @@ from collector.api.errors import (
     query_int,
     query_str,
 )
+from collector.api.live import LIVE, LiveRollup, run_refresher
 from collector.api.openapi import document
 from collector.health.model import STATUSES
 from collector.metrics import FleetCollector
@@ -76,6 +77,8 @@ def make_app(
         t.reveal().encode() for t in (service.config.api_tokens if tokens is None else tokens)
     )
     app[READY] = {"batches": -1, "changed": time.monotonic()}
+    app[LIVE] = LiveRollup.of(service)
+    app.cleanup_ctx.append(run_refresher)
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
@@ -184,7 +187,7 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def list_providers(request: web.Request) -> web.Response:
     svc = _svc(request)
-    fleet = svc.alerting.rollup()
+    fleet = request.app[LIVE].current()
     items = [
         views.provider_view(n, fleet.providers.get(n), svc.state)
         for n in views.provider_names(fleet, svc.state)
@@ -198,7 +201,7 @@ async def list_providers(request: web.Request) -> web.Response:
 async def get_provider(request: web.Request) -> web.Response:
     svc = _svc(request)
     name = request.match_info["provider"]
-    fleet = svc.alerting.rollup()
+    fleet = request.app[LIVE].current()
     if name not in fleet.providers and name not in svc.state.providers:
         raise not_found("provider", name)
     return web.json_response(views.provider_view(name, fleet.providers.get(name), svc.state))
@@ -209,12 +212,17 @@ async def list_hosts(request: web.Request) -> web.Response:
     q = request.query
     provider = query_str(q, "provider")
     status = query_str(q, "status", STATUSES)
-    fleet = svc.alerting.rollup()
+    live = request.app[LIVE]
+    fleet = live.current()
     if provider is not None and provider not in fleet.providers and provider not in svc.state.providers:
         raise not_found("provider", provider)
     hosts, state = fleet.hosts, svc.state.hosts
+    if state.keys() == hosts.keys():
+        names = live.names(provider)  # the usual case: every host both reported and judged
+    else:
+        names = views.host_names(fleet, svc.state, provider)
     items = []
-    for name in views.host_names(fleet, svc.state, provider):
+    for name in names:
         hh = hosts.get(name)
         if status is not None and (hh.status if hh is not None else "unknown") != status:
             continue
@@ -225,7 +233,7 @@ async def list_hosts(request: web.Request) -> web.Response:
 async def get_host(request: web.Request) -> web.Response:
     svc = _svc(request)
     name = request.match_info["host"]
-    hh = svc.alerting.rollup().hosts.get(name)
+    hh = svc.alerting.host_health(name)
     hs = svc.state.host(name)
     if hh is None and hs is None:
         raise not_found("host", name)
