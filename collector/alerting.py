@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import nats.errors
 
 from collector.alerts import (
     Ack,
@@ -39,7 +40,7 @@ from collector.health import ExpectedHost, HealthEngine, HealthState, health_con
 from collector.health.codec import state_from_dict
 from collector.health.model import HEALTHY, CheckStatus, Observation, XidRecord
 from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
-from collector.ingest import owner
+from collector.ingest import check, owner
 from collector.notify import outbox
 from collector.notify.alertmanager import AlertmanagerChannel, am_alert
 from collector.notify.base import Channel, DeliveryError, delivery_key, payload_of
@@ -48,9 +49,10 @@ from collector.notify.log import LogChannel
 from collector.notify.nats import NatsChannel
 from collector.notify.stream import Broadcaster
 from collector.notify.webhook import WebhookChannel
+from collector.store.writer import Accepted
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
-from shared.subjects import sanitize_token
+from shared.subjects import PREFIX, sanitize_token
 
 if TYPE_CHECKING:
     from collector.service import CollectorService
@@ -96,7 +98,14 @@ class Alerting:
         self._rollup: tuple[int, FleetHealth] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self.counts = {"evaluations": 0, "observations": 0, "transitions": 0, "notifications": 0}
+        self.counts = {
+            "evaluations": 0,
+            "observations": 0,
+            "transitions": 0,
+            "notifications": 0,
+            "fast_events": 0,
+        }
+        self._event_sub: Any = None
         self.seconds = {"health": 0.0, "alerts": 0.0, "persist": 0.0}  # time spent, for /metrics
         self.persist_errors = 0
         service.hooks.append(self.on_frames)
@@ -118,6 +127,8 @@ class Alerting:
             log.info("delivering %d notifications left pending before the restart", len(rows))
         self._stop.clear()
         self._task = asyncio.create_task(self._timer(), name="alerting")
+        if self.settings.fast_events and service.nc is not None:
+            self._event_sub = await service.nc.subscribe(f"{PREFIX}.event.>", cb=self._on_event_msg)
 
     def restore(self, saved: dict[str, Any], health: dict[str, Any] | None, now: float) -> None:
         """Resume from the persisted state. Hosts that were not stale get a fresh
@@ -139,6 +150,10 @@ class Alerting:
 
     async def _shutdown(self, service: CollectorService) -> None:
         self._stop.set()
+        if self._event_sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._event_sub.unsubscribe()
+            self._event_sub = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,6 +222,16 @@ class Alerting:
                 obs += o
         self.seconds["health"] += time.perf_counter() - t
         await self._step(obs, now)
+
+    async def _on_event_msg(self, msg: Any) -> None:
+        """Fast path (``[alerting] fast_events``): an event frame, as a core-NATS subscriber
+        sees it, is judged before the ingest has stored it. The copy the ingest hands over
+        after its commit is recognised (per-boot seq) and not judged twice."""
+        item = check(msg.subject, msg.data, self.service.ingest.limits())
+        if type(item) is not Accepted or not self.mine(item.frame.host):
+            return  # the ingest counts rejections; other partitions judge their own hosts
+        self.counts["fast_events"] += 1
+        await self.on_frames([item.frame])
 
     async def tick(self, now: float) -> None:
         _, obs = self.health_engine.tick(self.health, now, self.expected())

@@ -79,6 +79,7 @@ class AlertingSection:
     health_snapshot: float = dur("30s")  # health state saved to PostgreSQL this often (and at stop)
     alertmanager_resend: float = dur("1m")  # firing alerts pushed again to Alertmanager
     shutdown_delivery: float = dur("5s")  # at stop, wait this long for queued notifications
+    fast_events: bool = True  # judge event frames on arrival (core NATS), before they are stored
 
 
 COLLECTOR_SCHEMA: Final[dict[str, type[Any]]] = {

@@ -518,3 +518,19 @@ async def test_a_flapping_alert_is_notified_once_as_flapping_then_held(
     assert kinds.count("flapping") == 1
     assert kinds[-1] == "flapping"  # held: nothing after it
     assert 1 <= kinds.count("firing") < 10
+
+
+async def test_an_event_is_judged_on_arrival_and_not_again_after_it_is_stored(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, private_nats.url, webhook_toml(rx.url))
+        async with collector(cfg) as svc:
+            await send(private_nats.url, [sample("fe-01", 1, time.time()), event("fe-01", 2, time.time())])
+            await until(lambda: len(rx.received) == 1)
+            await until(lambda: svc.ingest.stats.frames_stored >= 2)  # the stored copy came too
+            await asyncio.sleep(0.5)
+            assert svc.alerting.stats["fast_events"] == 1
+            xids = svc.alerting.health.hosts["fe-01"].gpus[2].xids
+            assert {code: x.count for code, x in xids.items()} == {79: 1}
+    assert rx.alerts() == [("firing", "gpu.xid", "firing")]
