@@ -58,6 +58,7 @@ class LiveRollup:
         self._members: dict[str, set[str]] = {}
         self._flags: dict[str, tuple[bool, bool, str]] = {}
         self._dirty: set[str] = set()
+        self._xid_hosts: set[str] = set()
         self._full = True
         self._fleet: FleetHealth | None = None
         self._sorted: dict[str | None, list[str]] = {}
@@ -80,9 +81,9 @@ class LiveRollup:
         flags = self._flags
         dirty = self._dirty
         for name, hs in engine_hosts.items():
-            f = (hs.stale, hs.last_frame_at is None, hs.provider)
-            if flags.get(name) != f or any(gs.xids or gs.fatal_xids for gs in hs.gpus.values()):
+            if flags.get(name) != (hs.stale, hs.last_frame_at is None, hs.provider):
                 dirty.add(name)
+        dirty.update(self._xid_hosts)  # XID windows expire with time (XIDs arrive in frames)
         if len(engine_hosts) < len(self.hosts):
             dirty.update(h for h in self.hosts if h not in engine_hosts)
 
@@ -96,8 +97,13 @@ class LiveRollup:
             hs = engine_hosts.get(name)
             if hs is None:
                 self._flags.pop(name, None)
+                self._xid_hosts.discard(name)
                 continue
             new = host_health(hs)
+            if any(gs.xids or gs.fatal_xids for gs in hs.gpus.values()):
+                self._xid_hosts.add(name)
+            else:
+                self._xid_hosts.discard(name)
             self.hosts[name] = new
             self._flags[name] = (hs.stale, hs.last_frame_at is None, hs.provider)
             self._totals.setdefault(new.provider, _Totals()).add(new, 1)
