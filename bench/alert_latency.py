@@ -153,7 +153,7 @@ url = "http://127.0.0.1:{port}/hook"
             await svc.shutdown()
             await runner.cleanup()
     lat = {k: [got[h] - seen[h] for h in got if h in seen and kind[h] == k] for k in ("xid", "temp")}
-    # the XID's path in two parts: agent -> judged (NATS, store, commit) and judged -> webhook
+    # the XID path in two parts: agent -> judged and judged -> webhook (outbox commit, POST)
     xids = [h for h in got if h in seen and kind[h] == "xid" and h in fired]
     parts = {"judged": [fired[h] - seen[h] for h in xids], "delivered": [got[h] - fired[h] for h in xids]}
     return {**figures, "lat": lat, "parts": parts, "missed": 2 * K - len(got)}
@@ -181,7 +181,7 @@ def run() -> list[Row]:
             f"< for + 1 s = {FOR_S + 1:g} s",
         ),
         (
-            "XID: agent -> judged (NATS, stored, committed) p50 / p99",
+            "XID: agent -> judged (NATS; fast_events: before it is stored) p50 / p99",
             f"{_pct(r['parts']['judged'], 50):.3f} / {_pct(r['parts']['judged'], 99):.3f} s",
             "",
         ),
