@@ -332,7 +332,8 @@ async function refresh() {
 let pending = null;
 function scheduleRefresh() {
   if (pending) return;
-  pending = setTimeout(() => { pending = null; refresh(); }, 400);
+  const wait = state.hosts.length > 2000 ? 2000 : 400;  // big fleets: fewer, larger refreshes
+  pending = setTimeout(() => { pending = null; refresh(); }, wait);
 }
 
 function route() {
