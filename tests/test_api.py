@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import subprocess
 import time
 import uuid
@@ -20,13 +21,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from collector.api import make_app
+from collector.api import ApiServer, make_app
 from collector.api.live import LiveRollup
 from collector.api.stream import QUEUE
 from collector.config import load_collector_config
 from collector.health.rollup import rollup
 from collector.service import CollectorService
-from gpuwarden.servers import NatsServer, PostgresServer
+from gpuwarden.servers import NatsServer, PostgresServer, free_port
+from shared.errors import ConfigError
 from tests.test_alerting import send, until
 from tests.test_store import event, inventory, sample
 
@@ -325,3 +327,46 @@ async def test_the_incremental_rollup_matches_a_full_one(service: CollectorServi
     assert live.current().providers == full.providers
     assert live.current().hosts == full.hosts
     assert live.names("prov-a") == HOSTS["prov-a"]
+
+
+def _config(tmp: Path, dsn: str, nats_url: str, listen: str) -> Any:
+    (tmp / "c.toml").write_text(f'[collector]\nlisten = "{listen}"\ndurable = "srv{uuid.uuid4().hex[:8]}"\n')
+    return load_collector_config(
+        tmp / "c.toml", env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]}
+    )
+
+
+async def test_the_service_serves_the_api_on_its_listen_address(
+    tmp_path: Path, module_dsn: str, module_nats: NatsServer
+) -> None:
+    port = free_port()
+    svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"))
+    api = ApiServer(svc)
+    await svc.startup()
+    try:
+        assert api.port == port
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{api.port}/healthz") as r,
+        ):
+            assert r.status == 200
+    finally:
+        await svc.shutdown()
+    assert api.runner is None
+
+
+async def test_a_busy_listen_port_is_a_clear_configuration_error(
+    tmp_path: Path, module_dsn: str, module_nats: NatsServer
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"))
+        ApiServer(svc)
+        try:
+            with pytest.raises(ConfigError) as e:
+                await svc.startup()
+            assert e.value.key == "collector.listen"
+        finally:
+            await svc.shutdown()

@@ -414,11 +414,17 @@ class ApiServer:
         service.shutdown_hooks.insert(0, self.stop)
 
     async def start(self, svc: CollectorService) -> None:
-        runner = web.AppRunner(make_app(svc), access_log=None, handle_signals=False)
+        runner = web.AppRunner(make_app(svc), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         host, _, port = svc.config.collector.listen.rpartition(":")
-        site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=2.0)
-        await site.start()
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConfigError(
+                "collector.listen", f"cannot listen on {svc.config.collector.listen}: {e}"
+            ) from e
         self.runner = runner
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
