@@ -38,7 +38,7 @@ from collector.alerts.config import FOREVER
 from collector.alerts.model import FIRING, Command, Incident, Outcome
 from collector.health import ExpectedHost, HealthEngine, HealthState, health_config_from
 from collector.health.codec import state_from_dict
-from collector.health.model import HEALTHY, CheckStatus, Observation, XidRecord
+from collector.health.model import Observation
 from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
 from collector.ingest import check, owner
 from collector.notify import outbox
@@ -357,7 +357,7 @@ class Alerting:
     async def save_health(self) -> None:
         if self.service.pool is None:
             return
-        data = health_snapshot(self.health, self.health_engine.healthy_for)
+        data = outbox.health_snapshot(self.health, self.health_engine.healthy_for)
         async with self.service.pool.acquire() as conn:
             await outbox.save_health(conn, self.partition, data)
 
@@ -523,46 +523,6 @@ class Alerting:
             "nats_transition_errors": self.nats.errors,
             "stream_subscribers": self.broadcaster.subscribers,
         }
-
-
-def _checks(checks: dict[str, CheckStatus], healthy_for: int) -> dict[str, Any]:
-    """Only checks that are not healthy and quiet (the rest are recreated by the next sample)."""
-    out = {}
-    for name, c in checks.items():
-        if c.status != HEALTHY or c.quiet < healthy_for:
-            out[name] = {f: getattr(c, f) for f in CheckStatus.__slots__}
-            out[name]["labels"] = dict(c.labels)
-    return out
-
-
-def _xid(x: XidRecord) -> dict[str, Any]:
-    return {"code": x.code, "count": x.count, "first_at": x.first_at, "last_at": x.last_at}
-
-
-def health_snapshot(state: HealthState, healthy_for: int) -> dict[str, Any]:
-    """The health state in ``collector.health.codec`` form, lean: no last readings (rates
-    start again one sample after a restart) and no healthy, quiet checks. At 500 hosts x 8
-    GPUs the full codec form is ~30 MB and 1.5 s of CPU; this is a few hundred kB."""
-    hosts = {}
-    for name, hs in state.hosts.items():
-        gpus = {}
-        for i, gs in hs.gpus.items():
-            gpus[str(i)] = {
-                "index": gs.index, "uuid": gs.uuid, "labels": dict(gs.labels), "lost": gs.lost,
-                "stale": gs.stale, "quiet": False, "throttle_since": gs.throttle_since,
-                "event_reasons": gs.event_reasons,
-                "xids": {str(c): _xid(x) for c, x in gs.xids.items()},
-                "fatal_xids": list(gs.fatal_xids), "checks": _checks(gs.checks, healthy_for),
-            }  # fmt: skip
-        hosts[name] = {
-            "host": hs.host, "provider": hs.provider, "labels": dict(hs.labels), "boot_id": hs.boot_id,
-            "last_sample_seq": hs.last_sample_seq, "recent_events": list(hs.recent_events),
-            "last_frame_at": hs.last_frame_at, "interval_s": hs.interval_s,
-            "first_expected_at": hs.first_expected_at, "expected_gpus": hs.expected_gpus,
-            "inventory_gpus": hs.inventory_gpus, "stale": hs.stale, "gpus": gpus,
-            "checks": _checks(hs.checks, healthy_for),
-        }  # fmt: skip
-    return {"hosts": hosts}
 
 
 def _sig(inc: Incident) -> tuple[Any, ...]:

@@ -534,3 +534,49 @@ async def test_an_event_is_judged_on_arrival_and_not_again_after_it_is_stored(
             xids = svc.alerting.health.hosts["fe-01"].gpus[2].xids
             assert {code: x.count for code, x in xids.items()} == {79: 1}
     assert rx.alerts() == [("firing", "gpu.xid", "firing")]
+
+
+def test_lean_health_snapshot_judges_the_next_frames_like_the_full_state() -> None:
+    from collector.health import HealthEngine, HealthState
+    from collector.health.codec import state_from_dict, state_to_dict
+    from collector.notify.outbox import health_snapshot
+
+    engine = HealthEngine()
+    st = HealthState()
+    t = 1_800_000_000.0
+    for seq in range(1, 4):
+        for h in range(6):
+            engine.observe(st, sample(f"hs-{h}", seq, t + seq, gpus=4), t + seq)
+    engine.observe(st, event("hs-1", 10, t + 3.5, xid=79), t + 3.5)
+    engine.tick(st, t + 3.6)
+    snap = json.loads(json.dumps(health_snapshot(st, engine.healthy_for)))
+    assert len(json.dumps(snap)) < len(json.dumps(state_to_dict(st))) / 3
+    restored = state_from_dict(snap)
+
+    def problems(state: Any, frames: list[Frame], now: float) -> list[tuple[str, str, str]]:
+        out = []
+        for f in frames:
+            _, obs = engine.observe(state, f, now)
+            out += [(o.check, o.status, o.key) for o in obs if o.status != "healthy"]
+        return sorted(out)
+
+    def bad_checks(state: Any) -> set[tuple[str, str, str]]:
+        return {
+            (c.check, c.status, c.key)
+            for hs in state.hosts.values()
+            for checks in [hs.checks, *(g.checks for g in hs.gpus.values())]
+            for c in checks.values()
+            if c.status != "healthy"
+        }
+
+    assert bad_checks(restored) == bad_checks(st) != set()
+    assert ("gpu.xid", "critical") in {(c, s) for c, s, _ in bad_checks(restored)}
+    # rates need one sample after a restore (no last readings kept); from the next on, the same
+    first = [sample(f"hs-{h}", 5, t + 5, gpus=4) for h in range(6)]
+    problems(restored, first, t + 5)
+    problems(st, first, t + 5)
+    later = [sample(f"hs-{h}", 6, t + 6, gpus=4) for h in range(6)]
+    assert problems(restored, later, t + 6) == problems(st, later, t + 6) != []
+    # the redelivered XID is recognised in the restored state: not counted again
+    engine.observe(restored, event("hs-1", 10, t + 3.5, xid=79), t + 6)
+    assert restored.hosts["hs-1"].gpus[2].xids[79].count == 1
