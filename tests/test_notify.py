@@ -163,3 +163,15 @@ async def test_log_channel_writes_one_json_line(caplog: pytest.LogCaptureFixture
     assert doc["rule"] == "gpu.xid"
     assert doc["labels"]["host"] == "h"
     assert json.loads(second.getMessage())["status"] == "resolved"
+
+
+def test_notify_toggles_from_the_environment() -> None:
+    env = {"GPUWARDEN_NOTIFY_LOG_ENABLED": "false", "GPUWARDEN_NOTIFY_EXTERNAL_URL": "https://gw.example/"}
+    cfg = notify_config_from({"notify": {"log": {"enabled": True}}}, env=env)
+    assert not cfg.log
+    assert cfg.nats
+    assert cfg.external_url == "https://gw.example"
+    assert cfg.names() == ("nats",)
+    with pytest.raises(ConfigError) as e:
+        notify_config_from({}, env={"GPUWARDEN_NOTIFY_NATS_ENABLED": "perhaps"})
+    assert e.value.key == "notify.nats.enabled"

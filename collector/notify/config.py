@@ -23,12 +23,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from collector.alerts.config import AlertConfig, Level, Policy
-from shared.config import Secret, parse_duration, resolve_secret
+from shared.config import Secret, env_name, parse_duration, resolve_secret
 from shared.errors import ConfigError
 
 LOG: Final = "log"
@@ -138,9 +139,17 @@ def _array(raw: Mapping[str, Any], name: str, key: str) -> list[Mapping[str, Any
 
 def notify_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> NotifyConfig:
     """Build :class:`NotifyConfig` from ``raw["notify"]``; raises :class:`ConfigError` naming the key."""
+    env = os.environ if env is None else env
     notify = raw.get("notify") or {}
     if not isinstance(notify, Mapping):
         raise ConfigError("notify", "expected a table")
+    notify = dict(notify)
+    for sub in ("log", "nats"):  # GPUWARDEN_NOTIFY_LOG_ENABLED, GPUWARDEN_NOTIFY_NATS_ENABLED
+        var = env_name(f"notify.{sub}", "enabled")
+        if var in env:
+            notify[sub] = {**_table(notify, sub, f"notify.{sub}"), "enabled": env[var]}
+    if env_name("notify", "external_url") in env:
+        notify["external_url"] = env[env_name("notify", "external_url")]
     _only(notify, {"log", "nats", "webhook", "alertmanager", "external_url"}, "notify")
     log_t = _table(notify, "log", "notify.log")
     nats_t = _table(notify, "nats", "notify.nats")
