@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from collector.api import make_app
 from collector.metrics import FleetCollector
@@ -194,3 +195,23 @@ async def test_a_real_prometheus_scrapes_the_endpoint(
             await until(scraped, timeout=60)
             hosts = await asyncio.to_thread(query, base, "sum(gpuwarden_provider_hosts)")
             assert float(hosts[0]["value"][1]) == 5
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_the_direct_renderer_writes_exactly_what_the_collector_yields(
+    service: CollectorService, registry: CollectorRegistry
+) -> None:
+    fc = FleetCollector(service)
+    slow = samples(prometheus_client.generate_latest(registry).decode())
+    fast = samples(fc.render().decode())
+    assert fast.keys() == slow.keys()
+    differ = {k for k in fast if k[0] != "gpuwarden_stream_subscribers" and fast[k] != slow[k]}
+    assert differ == set()
+    assert len([k for k in fast if k[0] == "gpuwarden_gpu_temperature_celsius"]) == 5 * 8

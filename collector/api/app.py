@@ -168,7 +168,9 @@ async def metrics(request: web.Request) -> web.Response:
     fc = request.app[FLEET_COLLECTOR]
     if fc is not None:
         fc.prime()  # read the state here, on the event loop; render it in a thread
-    body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
+        body = await asyncio.to_thread(fc.render)
+    else:
+        body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
