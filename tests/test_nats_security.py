@@ -1,0 +1,346 @@
+"""NATS security with the nats role's own configuration, against a real nats-server.
+
+The role's ``pki.yml`` and ``config.yml`` render the CA, the server certificate and
+``nats.conf`` (via ``ansible-playbook``, as on a server) for three agents; a nats-server runs
+that file unchanged. Then: each agent may publish its own host's subjects and nothing else,
+anonymous, wrong-password and plain-text clients are refused, the collector consumes the
+stream through a durable consumer, and TLS verifies against the generated CA only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StreamConfig
+
+from agent.publisher import Publisher
+from gpuwarden.servers import free_port, wait_port
+from shared.config import NatsConfig, Secret
+from shared.subjects import STREAM, STREAM_SUBJECTS
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+AGENT_SECRET = "agent-secret-for-tests-0123456789"
+COLLECTOR_PASSWORD = "collector-password-for-tests-0123"
+
+
+def agent_password(user: str) -> str:
+    """The roles' derivation: sha256 of '<gpuwarden_nats_agent_secret>:<user>'."""
+    return hashlib.sha256(f"{AGENT_SECRET}:{user}".encode()).hexdigest()
+
+
+def ansible_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["ANSIBLE_ROLES_PATH"] = str(ROOT / "ansible" / "roles")
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env["ANSIBLE_LOCALHOST_WARNING"] = "0"
+    env["ANSIBLE_INVENTORY_UNPARSED_WARNING"] = "0"
+    return env
+
+
+@dataclass
+class Rendered:
+    dir: Path
+    url: str
+    proc: subprocess.Popen[bytes]
+    ca: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ca = self.dir / "ca.pem"
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendered]:
+    out = tmp_path_factory.mktemp("nats-rendered")
+    port = free_port()
+    extra = out / "vars.json"
+    extra.write_text(
+        json.dumps(
+            {
+                "out_dir": str(out),
+                "nats_port": port,
+                "nats_bin": str(BIN / "nats-server"),
+                "gpuwarden_nats_agent_secret": AGENT_SECRET,
+                "gpuwarden_nats_collector_password": COLLECTOR_PASSWORD,
+            }
+        )
+    )
+    extra.chmod(0o600)
+    run = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(ROOT / "tests" / "deploy" / "nats_inventory.yml"),
+            "-e",
+            f"@{extra}",
+            str(ROOT / "tests" / "deploy" / "render_nats.yml"),
+        ],
+        cwd=ROOT / "ansible",
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    conf = out / "nats.conf"
+    assert conf.stat().st_mode & 0o777 == 0o640
+    assert AGENT_SECRET not in conf.read_text()  # only derived passwords land there
+    log = (out / "nats.log").open("ab")
+    proc = subprocess.Popen([str(BIN / "nats-server"), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_port("127.0.0.1", port, 15, proc)
+        yield Rendered(dir=out, url=f"tls://127.0.0.1:{port}", proc=proc)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Errors:
+    """Collects the asynchronous errors (-ERR) the server sends a client."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    async def cb(self, e: Exception) -> None:
+        self.items.append(str(e))
+
+    def violations(self) -> list[str]:
+        return [e for e in self.items if "permissions violation" in e.lower()]
+
+
+async def connect(
+    r: Rendered, user: str | None, password: str | None, errors: Errors | None = None
+) -> Client:
+    opts: dict[str, object] = {
+        "servers": [r.url],
+        "tls": r.tls(),
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 0,
+        "connect_timeout": 3,
+        "error_cb": (errors or Errors()).cb,
+    }
+    if user is not None:
+        opts["user"] = user
+        opts["password"] = password
+    return await nats.connect(**opts)  # type: ignore[arg-type]
+
+
+async def connect_and_close(pending: Awaitable[Client]) -> None:
+    nc = await pending
+    await nc.close()
+
+
+async def agent(r: Rendered, host: str, errors: Errors | None = None) -> Client:
+    user = f"agent-{host}"
+    return await connect(r, user, agent_password(user), errors)
+
+
+@pytest.fixture(scope="module")
+async def collector(rendered: Rendered) -> AsyncIterator[Client]:
+    nc = await connect(rendered, "collector", COLLECTOR_PASSWORD)
+    js = nc.jetstream(timeout=5)
+    await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS), duplicate_window=120))
+    yield nc
+    await nc.drain()
+
+
+async def stream_count(collector: Client) -> int:
+    info = await collector.jetstream(timeout=5).stream_info(STREAM)
+    return int(info.state.messages)
+
+
+async def test_rendered_config_is_valid_and_private(rendered: Rendered) -> None:
+    text = (rendered.dir / "nats.conf").read_text()
+    for host in ("gpu-a", "gpu-b", "gpu-c_example_net"):
+        assert f'"agent-{host}"' in text
+    assert "no_auth_user" not in text.replace("# No no_auth_user", "")
+    assert (rendered.dir / "server.key").stat().st_mode & 0o077 == 0o040
+    assert (rendered.dir / "pki" / "ca.key").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [(None, None), ("agent-gpu-a", "wrong-password"), ("collector", agent_password("agent-gpu-a"))],
+    ids=["anonymous", "wrong-password", "other-users-password"],
+)
+async def test_refused_without_valid_credentials(
+    rendered: Rendered, user: str | None, password: str | None
+) -> None:
+    with pytest.raises((nats.errors.Error, OSError)) as exc:
+        await connect_and_close(connect(rendered, user, password))
+    assert "authorization" in str(exc.value).lower() or isinstance(exc.value, nats.errors.NoServersError)
+
+
+async def test_plaintext_connection_refused(rendered: Rendered) -> None:
+    user = "agent-gpu-a"
+    plain = nats.connect(
+        servers=[rendered.url.replace("tls://", "nats://")],
+        user=user,
+        password=agent_password(user),
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        connect_timeout=3,
+    )
+    with pytest.raises((nats.errors.Error, OSError)):
+        await connect_and_close(plain)
+
+
+@pytest.fixture
+def other_ca(tmp_path: Path) -> Path:
+    other = tmp_path / "other-ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(tmp_path / "other.key"), "-out", str(other), "-days", "2", "-subj", "/CN=other"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return other
+
+
+async def test_tls_refuses_a_server_not_signed_by_the_trusted_ca(rendered: Rendered, other_ca: Path) -> None:
+    user = "agent-gpu-a"
+    untrusted = nats.connect(
+        servers=[rendered.url],
+        user=user,
+        password=agent_password(user),
+        tls=ssl.create_default_context(cafile=str(other_ca)),
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        connect_timeout=3,
+    )
+    with pytest.raises((nats.errors.Error, OSError, ssl.SSLError)):
+        await connect_and_close(untrusted)
+
+
+async def test_agent_publishes_its_own_subjects_and_collector_consumes(
+    rendered: Rendered, collector: Client
+) -> None:
+    nc = await agent(rendered, "gpu-a")
+    js = nc.jetstream(timeout=5)
+    info = await js.stream_info(STREAM)  # agents may look the stream up (create_stream = false)
+    assert info.config.name == STREAM
+    sub = await collector.jetstream(timeout=5).pull_subscribe(
+        "gpuwarden.v1.*.prov1.gpu-a", durable="sec-test", stream=STREAM
+    )
+    for kind in ("sample", "event", "inventory"):
+        ack = await js.publish(
+            f"gpuwarden.v1.{kind}.prov1.gpu-a", kind.encode(), headers={"Nats-Msg-Id": kind}
+        )
+        assert ack.stream == STREAM
+    msgs = await sub.fetch(3, timeout=5)
+    assert sorted(m.data for m in msgs) == [b"event", b"inventory", b"sample"]
+    for m in msgs:
+        await m.ack_sync()
+    consumer = await sub.consumer_info()
+    assert consumer.num_ack_pending == 0
+    await sub.unsubscribe()
+    await nc.close()
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "gpuwarden.v1.sample.prov1.gpu-b",  # another host
+        "gpuwarden.v1.event.prov2.gpu-a",  # another provider
+        "gpuwarden.v1.alert.prov1.gpu-a",  # alerts are the collector's
+        "gpuwarden.v1.sample.prov1.gpu-a.extra",
+    ],
+)
+async def test_agent_publish_as_another_host_is_refused(
+    rendered: Rendered, collector: Client, subject: str
+) -> None:
+    errors = Errors()
+    nc = await agent(rendered, "gpu-a", errors)
+    before = await stream_count(collector)
+    tap = await collector.subscribe("gpuwarden.v1.>")
+    with pytest.raises(nats.errors.TimeoutError):  # no ack: the server dropped it
+        await nc.jetstream(timeout=1).publish(subject, b"forged")
+    await nc.flush()
+    await asyncio.sleep(0.1)
+    assert any(subject in v for v in errors.violations()), errors.items
+    assert await stream_count(collector) == before
+    with pytest.raises(nats.errors.TimeoutError):
+        await tap.next_msg(timeout=0.2)
+    await tap.unsubscribe()
+    await nc.close()
+
+
+async def test_agent_cannot_use_the_jetstream_api_beyond_its_lookup(
+    rendered: Rendered, collector: Client
+) -> None:
+    errors = Errors()
+    nc = await agent(rendered, "gpu-b", errors)
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(f"$JS.API.STREAM.DELETE.{STREAM}", b"", timeout=1)
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(f"$JS.API.STREAM.PURGE.{STREAM}", b"", timeout=1)
+    assert len(errors.violations()) == 2, errors.items
+    assert (await collector.jetstream(timeout=5).stream_info(STREAM)).config.name == STREAM
+    await nc.close()
+
+
+async def test_agent_cannot_subscribe_to_other_hosts(rendered: Rendered) -> None:
+    errors = Errors()
+    nc = await agent(rendered, "gpu-a", errors)
+    await nc.subscribe("gpuwarden.v1.sample.>")
+    await nc.subscribe("gpuwarden.v1.poll.gpu-b")
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert len(errors.violations()) == 2, errors.items
+    assert all("subscription" in v.lower() for v in errors.violations())
+    await nc.close()
+
+
+async def test_collector_polls_an_agent_which_may_answer(rendered: Rendered, collector: Client) -> None:
+    nc = await agent(rendered, "gpu-c_example_net")
+
+    async def answer(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(b"fresh sample")
+
+    await nc.subscribe("gpuwarden.v1.poll.gpu-c_example_net", cb=answer)
+    await nc.flush()
+    reply = await collector.request("gpuwarden.v1.poll.gpu-c_example_net", b"", timeout=3)
+    assert reply.data == b"fresh sample"
+    ack = await nc.jetstream(timeout=5).publish("gpuwarden.v1.sample.prov2.gpu-c_example_net", b"x")
+    assert ack.seq > 0
+    await nc.close()
+
+
+async def test_agent_publisher_counts_a_refused_publish(rendered: Rendered, collector: Client) -> None:
+    user = "agent-gpu-b"
+    cfg = NatsConfig(
+        servers=(rendered.url,),
+        user=user,
+        password=Secret(agent_password(user)),
+        tls_ca=str(rendered.ca),
+        create_stream=False,
+        publish_timeout=1.0,
+    )
+    pub = Publisher(cfg, name="sec-test")
+    await pub.start(wait=True)
+    try:
+        pub.publish("gpuwarden.v1.sample.prov1.gpu-b", b"own", "gpu-b:boot:1")
+        pub.publish("gpuwarden.v1.sample.prov1.gpu-a", b"forged", "gpu-b:boot:2")
+        pub.publish("gpuwarden.v1.event.prov1.gpu-b", b"own", "gpu-b:boot:3")
+        assert await pub.flush(15)
+        assert pub.stats.published == 2
+        assert pub.stats.permission_errors == 1
+    finally:
+        await pub.close()
