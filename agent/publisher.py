@@ -26,7 +26,6 @@ import logging
 import math
 import random
 import re
-import ssl
 import time
 import urllib.parse
 from collections import deque
@@ -41,7 +40,9 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from shared.config import NatsConfig
-from shared.errors import EXIT_UNAVAILABLE, ConfigError, GpuwardenError, ServiceUnavailableError
+from shared.errors import EXIT_UNAVAILABLE, GpuwardenError, ServiceUnavailableError
+from shared.natsconf import connect_options as shared_connect_options
+from shared.natsconf import stream_settings
 from shared.subjects import STREAM, STREAM_SUBJECTS
 
 log = logging.getLogger(__name__)
@@ -86,63 +87,13 @@ def server_address(url: str) -> tuple[str, int]:
     return parsed.hostname or "127.0.0.1", parsed.port or 4222
 
 
-def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
-    """An SSL context from ``tls_ca``/``tls_cert``/``tls_key``, or None when TLS is not configured."""
-    if not (cfg.tls_ca or cfg.tls_cert or any(s.startswith("tls://") for s in cfg.servers)):
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=cfg.tls_ca)
-        if cfg.tls_cert:
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError("nats.tls_ca", f"cannot load TLS files: {e}") from e
-    return ctx
-
-
 def connect_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
-    """Keyword arguments for ``nats.connect`` (auth, TLS, timeouts) from ``[nats]``."""
-    opts: dict[str, Any] = {
-        "servers": list(cfg.servers),
-        "name": cfg.name or name,
-        "connect_timeout": max(1, round(cfg.connect_timeout)),
-        "reconnect_time_wait": cfg.reconnect_wait,
-        "max_reconnect_attempts": -1,  # reconnect forever
-        "allow_reconnect": True,
-        "pending_size": 8 * 1024 * 1024,
-    }
-    if cfg.user:
-        opts["user"] = cfg.user
-    if cfg.password is not None:
-        opts["password"] = cfg.password.reveal()
-    if cfg.token is not None:
-        opts["token"] = cfg.token.reveal()
-    if cfg.creds or cfg.nkey_seed is not None:
-        try:
-            import nkeys  # type: ignore[import-not-found, import-untyped, unused-ignore]  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("nats.creds", "creds and nkey_seed need the 'nkeys' package") from e
-    if cfg.creds:
-        opts["user_credentials"] = cfg.creds
-    if cfg.nkey_seed is not None:
-        opts["nkeys_seed_str"] = cfg.nkey_seed.reveal()
-    ctx = tls_context(cfg)
-    if ctx is not None:
-        opts["tls"] = ctx
-        if cfg.tls_hostname:
-            opts["tls_hostname"] = cfg.tls_hostname
-    return opts
+    """``shared.natsconf.connect_options`` plus the publisher's larger pending buffer."""
+    return {**shared_connect_options(cfg, name), "pending_size": 8 * 1024 * 1024}
 
 
 def stream_config(cfg: NatsConfig) -> StreamConfig:
-    return StreamConfig(
-        name=STREAM,
-        subjects=list(STREAM_SUBJECTS),
-        storage=StorageType.FILE,
-        num_replicas=cfg.stream_replicas,
-        max_age=cfg.stream_max_age,
-        max_bytes=cfg.stream_max_bytes,
-        duplicate_window=cfg.dedup_window,
-    )
+    return StreamConfig(storage=StorageType.FILE, **stream_settings(cfg))
 
 
 class Publisher:

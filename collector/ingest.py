@@ -40,7 +40,8 @@ from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
 from shared.errors import FrameDecodeError, ServiceUnavailableError, SubjectError
 from shared.frames import Frame, decode
-from shared.subjects import STREAM, STREAM_SUBJECTS, parse_subject, sanitize_token
+from shared.natsconf import stream_settings
+from shared.subjects import STREAM, parse_subject, sanitize_token
 
 log = logging.getLogger(__name__)
 HEAD_BYTES: Final = 64
@@ -149,16 +150,7 @@ class RateLimitedLog:
 
 
 def stream_config(cfg: CollectorConfig) -> StreamConfig:
-    n = cfg.nats
-    return StreamConfig(
-        name=STREAM,
-        subjects=list(STREAM_SUBJECTS),
-        storage=StorageType.FILE,
-        num_replicas=n.stream_replicas,
-        max_age=n.stream_max_age,
-        max_bytes=n.stream_max_bytes,
-        duplicate_window=n.dedup_window,
-    )
+    return StreamConfig(storage=StorageType.FILE, **stream_settings(cfg.nats))
 
 
 def consumer_name(cfg: CollectorConfig) -> str:

@@ -19,7 +19,6 @@ import contextlib
 import gc
 import logging
 import signal
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -38,8 +37,9 @@ from collector.state import FleetState, load_state
 from collector.store import db, migrate, partitions
 from collector.store.writer import Writer
 from shared.config import NatsConfig
-from shared.errors import ConfigError, ServiceUnavailableError
+from shared.errors import ServiceUnavailableError
 from shared.frames import Frame
+from shared.natsconf import connect_options
 
 log = logging.getLogger(__name__)
 ServiceHook = Callable[["CollectorService"], Awaitable[None]]
@@ -47,37 +47,8 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (*db.TRANSIENT, nats.errors.E
 
 
 def nats_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
-    """Keyword arguments for ``nats.connect`` from ``[nats]`` (secrets revealed only here)."""
-    opts: dict[str, Any] = {
-        "servers": list(cfg.servers),
-        "name": cfg.name or name,
-        "connect_timeout": cfg.connect_timeout,
-        "reconnect_time_wait": cfg.reconnect_wait,
-        "max_reconnect_attempts": -1,
-        "allow_reconnect": True,
-        "error_cb": _nats_error,
-    }
-    if cfg.user is not None:
-        opts["user"] = cfg.user
-    if cfg.password is not None:
-        opts["password"] = cfg.password.reveal()
-    if cfg.token is not None:
-        opts["token"] = cfg.token.reveal()
-    if cfg.creds is not None:
-        opts["user_credentials"] = cfg.creds
-    if cfg.nkey_seed is not None:
-        opts["nkeys_seed_str"] = cfg.nkey_seed.reveal()
-    if cfg.tls_ca or cfg.tls_cert:
-        try:
-            ctx = ssl.create_default_context(cafile=cfg.tls_ca)
-            if cfg.tls_cert:
-                ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError("nats.tls_ca", f"cannot load TLS files: {e}") from e
-        opts["tls"] = ctx
-        if cfg.tls_hostname:
-            opts["tls_hostname"] = cfg.tls_hostname
-    return opts
+    """``shared.natsconf.connect_options`` with the collector's rate-limited error callback."""
+    return {**connect_options(cfg, name), "error_cb": _nats_error}
 
 
 _last_nats_error = [0.0]
