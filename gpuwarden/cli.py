@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import sys
 from typing import Annotated
 
@@ -21,12 +22,18 @@ app.add_typer(agent_app, name="agent")
 app.command("fleet")(fleet_command)
 
 
+_COLLECTOR_MODULES = ("asyncpg", "aiohttp", "prometheus_client")  # the [collector] extra
+
+
 def add_collector(target: typer.Typer) -> None:
     """Register ``gpuwarden collector`` from ``collector.cli`` (or say that it is not installed).
 
     Imported only when asked for, so an agent never loads the collector's dependencies.
     """
     try:
+        absent = [m for m in _COLLECTOR_MODULES if importlib.util.find_spec(m) is None]
+        if absent:
+            raise ImportError(f"missing {', '.join(absent)}")
         from collector.cli import app as collector_app
     except ImportError as e:
         missing = str(e)
