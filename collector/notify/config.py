@@ -38,10 +38,11 @@ RESERVED: Final = frozenset({LOG, NATS})
 
 
 @dataclass(frozen=True, slots=True)
-class WebhookConfig:
+class HttpChannelConfig:
+    """What every HTTP channel (webhook, Alertmanager) is configured with."""
+
     name: str
     url: str
-    secret: Secret | None = None
     timeout: float = 5.0
     retries: int = 3
     backoff: float = 0.5
@@ -50,14 +51,13 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class AlertmanagerConfig:
-    name: str
-    url: str
-    timeout: float = 5.0
-    retries: int = 3
-    backoff: float = 0.5
-    max_backoff: float = 30.0
-    send_resolved: bool = True
+class WebhookConfig(HttpChannelConfig):
+    secret: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertmanagerConfig(HttpChannelConfig):
+    """An Alertmanager v2 endpoint (nothing beyond the common settings)."""
 
 
 @dataclass(frozen=True, slots=True)
