@@ -12,9 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
-from collector.notify.base import DeliveryError, alert_annotations, alert_labels, iso
+from collector.notify.base import HttpChannel, alert_annotations, alert_labels, iso
 from collector.notify.config import AlertmanagerConfig
 
 
@@ -32,36 +30,16 @@ def am_alert(p: Mapping[str, Any], external_url: str = "") -> dict[str, Any]:
     return out
 
 
-class AlertmanagerChannel:
+class AlertmanagerChannel(HttpChannel[AlertmanagerConfig]):
     kind = "alertmanager"
-
-    def __init__(self, cfg: AlertmanagerConfig, external_url: str = "") -> None:
-        self.cfg = cfg
-        self.name = cfg.name
-        self.retries, self.backoff, self.max_backoff = cfg.retries, cfg.backoff, cfg.max_backoff
-        self.external_url = external_url
-        self._session: aiohttp.ClientSession | None = None
-
-    def wants(self, payload: Mapping[str, Any]) -> bool:
-        return self.cfg.send_resolved or payload["status"] != "resolved"
 
     async def deliver(self, payload: Mapping[str, Any], key: str) -> None:
         await self.post([am_alert(payload, self.external_url)])
 
     async def post(self, alerts: list[dict[str, Any]]) -> None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout))
-        body = json.dumps(alerts).encode()
-        try:
-            async with self._session.post(
-                f"{self.cfg.url}/api/v2/alerts", data=body, headers={"Content-Type": "application/json"}
-            ) as resp:
-                if not 200 <= resp.status < 300:
-                    text = (await resp.text())[:200]
-                    raise DeliveryError(f"alertmanager {self.name}: HTTP {resp.status}: {text}")
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise DeliveryError(f"alertmanager {self.name}: {str(e) or type(e).__name__}") from e
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.post_json(
+            f"{self.cfg.url}/api/v2/alerts",
+            json.dumps(alerts).encode(),
+            {"Content-Type": "application/json"},
+            error_text=True,
+        )

@@ -11,9 +11,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
+
+import aiohttp
 
 from collector.alerts.model import N_RESOLVED, Alert, Notification
+from collector.notify.config import HttpChannelConfig
 from shared.errors import GpuwardenError
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not set"
@@ -98,6 +101,48 @@ class Channel(Protocol):
     async def deliver(self, payload: Mapping[str, Any], key: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=HttpChannelConfig)
+
+
+class HttpChannel(Generic[C]):
+    """What the HTTP channels (webhook, Alertmanager) share: the retry figures and
+    ``send_resolved`` of their config, one lazily opened client session, and the POST."""
+
+    kind: str
+
+    def __init__(self, cfg: C, external_url: str = "") -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.retries, self.backoff, self.max_backoff = cfg.retries, cfg.backoff, cfg.max_backoff
+        self.external_url = external_url
+        self._session: aiohttp.ClientSession | None = None
+
+    def wants(self, payload: Mapping[str, Any]) -> bool:
+        return self.cfg.send_resolved or payload["status"] != "resolved"
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout))
+        return self._session
+
+    async def post_json(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, error_text: bool = False
+    ) -> None:
+        """POST ``body``; anything but a 2xx, a timeout or a connection error raises
+        :class:`DeliveryError` (with the first 200 characters of the reply if ``error_text``)."""
+        try:
+            async with self.session().post(url, data=body, headers=headers) as resp:
+                if not 200 <= resp.status < 300:
+                    text = f": {(await resp.text())[:200]}" if error_text else ""
+                    raise DeliveryError(f"{self.kind} {self.name}: HTTP {resp.status}{text}")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise DeliveryError(f"{self.kind} {self.name}: {str(e) or type(e).__name__}") from e
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 @dataclass(slots=True)

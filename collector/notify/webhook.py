@@ -15,9 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
-from collector.notify.base import DeliveryError, alert_annotations, alert_labels, iso
+from collector.notify.base import HttpChannel, alert_annotations, alert_labels, iso
 from collector.notify.config import WebhookConfig
 
 SIGNATURE_HEADER = "X-Gpuwarden-Signature"
@@ -66,36 +64,12 @@ def webhook_body(p: Mapping[str, Any], receiver: str, external_url: str = "") ->
     }
 
 
-class WebhookChannel:
+class WebhookChannel(HttpChannel[WebhookConfig]):
     kind = "webhook"
-
-    def __init__(self, cfg: WebhookConfig, external_url: str = "") -> None:
-        self.cfg = cfg
-        self.name = cfg.name
-        self.retries, self.backoff, self.max_backoff = cfg.retries, cfg.backoff, cfg.max_backoff
-        self.external_url = external_url
-        self._session: aiohttp.ClientSession | None = None
-
-    def wants(self, payload: Mapping[str, Any]) -> bool:
-        return self.cfg.send_resolved or payload["status"] != "resolved"
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout))
-        return self._session
 
     async def deliver(self, payload: Mapping[str, Any], key: str) -> None:
         body = json.dumps(webhook_body(payload, self.name, self.external_url)).encode()
         headers = {"Content-Type": "application/json", DELIVERY_HEADER: key}
         if self.cfg.secret is not None:
             headers[SIGNATURE_HEADER] = sign(self.cfg.secret.reveal().encode(), body)
-        try:
-            async with self.session().post(self.cfg.url, data=body, headers=headers) as resp:
-                if not 200 <= resp.status < 300:
-                    raise DeliveryError(f"webhook {self.name}: HTTP {resp.status}")
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise DeliveryError(f"webhook {self.name}: {str(e) or type(e).__name__}") from e
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.post_json(self.cfg.url, body, headers)
