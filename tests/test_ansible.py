@@ -164,6 +164,8 @@ def applied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applied]:
         yield Applied(runs=runs, nats_port=nats_port, api_port=api_port, pg=pg)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(480)  # the module's two applies run in this test's setup
 def test_first_apply_succeeds(applied: Applied) -> None:
     first = applied.runs[0]
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
@@ -211,7 +213,9 @@ def test_units_and_files_are_installed(applied: Applied) -> None:
 
 def spawn(cmd: list[str], user: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, user=user, stdout=out, stderr=subprocess.STDOUT, cwd="/")
+        return subprocess.Popen(
+            cmd, user=user, group=user, extra_groups=[], stdout=out, stderr=subprocess.STDOUT, cwd="/"
+        )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -250,6 +254,8 @@ async def consumed(port: int, password: str, deadline: float) -> tuple[int, int]
     return stored, acked
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_installed_agent_and_collector_exchange_frames(applied: Applied, tmp_path: Path) -> None:
     assert recap(applied.runs[0])["failed"] == 0
     logs = {name: tmp_path / f"{name}.log" for name in ("nats", "collector", "agent")}
