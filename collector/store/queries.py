@@ -101,6 +101,19 @@ async def history(
     return await _aggregate(conn, table, is_gpu, hid, metric, since, until, step, gpu)
 
 
+def _window(
+    hid: int, since: float, until: float, arg4: Any, gpu: int | None, ts: str = "ts"
+) -> tuple[list[Any], str]:
+    """Arguments ``$1..$4`` (host, window, the query's own ``arg4``) and the WHERE clause over
+    column ``ts``, with ``AND gpu_index = $5`` when one GPU is asked for."""
+    args: list[Any] = [hid, utc(since), utc(until), arg4]
+    where = f"host_id = $1 AND {ts} >= $2 AND {ts} < $3"
+    if gpu is not None:
+        args.append(gpu)
+        where += f" AND gpu_index = ${len(args)}"
+    return args, where
+
+
 async def _raw(
     conn: Conn,
     table: str,
@@ -116,11 +129,7 @@ async def _raw(
     limit = max(1, min(limit, MAX_PAGE))
     after_ts, after_gpu = _parse_cursor(cursor) if cursor else (None, -1)
     idx = "gpu_index" if is_gpu else "-1"
-    args: list[Any] = [hid, utc(since), utc(until), limit + 1]
-    where = "host_id = $1 AND ts >= $2 AND ts < $3"
-    if gpu is not None:
-        args.append(gpu)
-        where += f" AND gpu_index = ${len(args)}"
+    args, where = _window(hid, since, until, limit + 1, gpu)
     if after_ts is not None:
         args += [after_ts, after_gpu]
         where += f" AND (ts, {idx}) > (${len(args) - 1}, ${len(args)})"
@@ -156,11 +165,7 @@ async def _aggregate(
     gpu: int | None,
 ) -> HistoryPage:
     idx = "gpu_index" if is_gpu else "-1"
-    args: list[Any] = [hid, utc(since), utc(until), float(step)]
-    where = "host_id = $1 AND ts >= $2 AND ts < $3"
-    if gpu is not None:
-        args.append(gpu)
-        where += f" AND gpu_index = ${len(args)}"
+    args, where = _window(hid, since, until, float(step), gpu)
     rows = await conn.fetch(
         f"SELECT floor(extract(epoch FROM ts) / $4) * $4 AS b, {idx} AS g,"  # noqa: S608 (checked names)
         f" avg({metric})::float8 AS v, min({metric})::float8 AS lo, max({metric})::float8 AS hi,"
@@ -173,11 +178,7 @@ async def _aggregate(
 async def _rollup(
     conn: Conn, hid: int, metric: str, since: float, until: float, step: float, gpu: int | None
 ) -> HistoryPage:
-    args: list[Any] = [hid, utc(since), utc(until), float(step)]
-    where = "host_id = $1 AND minute >= $2 AND minute < $3"
-    if gpu is not None:
-        args.append(gpu)
-        where += f" AND gpu_index = ${len(args)}"
+    args, where = _window(hid, since, until, float(step), gpu, ts="minute")
     m = metric
     rows = await conn.fetch(
         f"SELECT floor(extract(epoch FROM minute) / $4) * $4 AS b, gpu_index AS g,"  # noqa: S608
