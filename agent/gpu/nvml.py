@@ -456,39 +456,31 @@ class NvmlBackend:
     # ------------------------------------------------------------------ lost / recovered
 
     def _mark_lost(self, gpu: GpuState) -> None:
-        with self._lock:
-            if gpu.lost:
-                return
-            gpu.lost = True
-            self._queue.append(
-                GpuEvent(
-                    type="gpu_lost",
-                    ts=time.time(),
-                    source="nvml",
-                    gpu_index=gpu.index,
-                    gpu_uuid=gpu.uuid or None,
-                    message="NVML: GPU is lost (fell off the bus)",
-                )
-            )
-        self._wake.set()
-        log.error("GPU %d (%s) is lost: NVML answers GPU_IS_LOST", gpu.index, gpu.uuid or "uuid unknown")
+        if self._set_lost(gpu, True, "gpu_lost", "NVML: GPU is lost (fell off the bus)"):
+            log.error("GPU %d (%s) is lost: NVML answers GPU_IS_LOST", gpu.index, gpu.uuid or "uuid unknown")
 
     def _mark_recovered(self, gpu: GpuState) -> None:
+        if self._set_lost(gpu, False, "gpu_recovered", None):
+            log.warning("GPU %d (%s) answers again", gpu.index, gpu.uuid)
+
+    def _set_lost(self, gpu: GpuState, lost: bool, event: str, message: str | None) -> bool:
+        """Flip ``gpu.lost`` to ``lost`` and queue ``event``; False if it already was."""
         with self._lock:
-            if not gpu.lost:
-                return
-            gpu.lost = False
+            if gpu.lost == lost:
+                return False
+            gpu.lost = lost
             self._queue.append(
                 GpuEvent(
-                    type="gpu_recovered",
+                    type=event,
                     ts=time.time(),
                     source="nvml",
                     gpu_index=gpu.index,
                     gpu_uuid=gpu.uuid or None,
+                    message=message,
                 )
             )
         self._wake.set()
-        log.warning("GPU %d (%s) answers again", gpu.index, gpu.uuid)
+        return True
 
     def _probe_all(self) -> None:
         """After the event wait said GPU_IS_LOST: find which GPUs are lost."""
