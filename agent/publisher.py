@@ -44,6 +44,7 @@ from shared.errors import EXIT_UNAVAILABLE, GpuwardenError, ServiceUnavailableEr
 from shared.natsconf import connect_options as shared_connect_options
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, STREAM_SUBJECTS
+from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +283,7 @@ class Publisher:
             if not flushed:
                 log.warning("NATS: %d frames not sent before shutdown", self.buffered + self._inflight)
         self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(self._tasks)
         self._tasks = []
         if self.nc.is_connected:
             with contextlib.suppress(*_NATS_ERRORS):

@@ -41,6 +41,7 @@ from shared.config import AgentConfig
 from shared.errors import GpuwardenError
 from shared.frames import AgentStats, CheckResult, HostFacts, InventoryFrame, SampleFrame, encode
 from shared.subjects import poll_subject
+from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,7 @@ class AgentService:
             self.kmsg.close()
         for th in self._threads:
             await asyncio.to_thread(th.join, EVENT_WAIT_S * 4)
-        tasks = [*self._tasks, *([self._checks_task] if self._checks_task else [])]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all([*self._tasks, *([self._checks_task] if self._checks_task else [])])
         await self.publisher.close(flush_timeout=FLUSH_ON_EXIT_S)
         self.notifier.close()
         s = self.publisher.stats

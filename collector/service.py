@@ -40,6 +40,7 @@ from shared.config import NatsConfig
 from shared.errors import ServiceUnavailableError
 from shared.frames import Frame
 from shared.natsconf import connect_options
+from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 ServiceHook = Callable[["CollectorService"], Awaitable[None]]
@@ -138,11 +139,7 @@ class CollectorService:
                 await hook(self)
             except (OSError, RuntimeError) as e:
                 log.warning("shutdown hook failed: %s", e)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):

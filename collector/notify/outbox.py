@@ -11,7 +11,6 @@ rows still ``pending``: what was sent is never sent again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from collector.alerts.model import Alert, Incident, Transition
 from collector.health.model import HEALTHY, CheckStatus, HealthState, XidRecord
 from collector.notify.base import Channel, ChannelStats, DeliveryError
+from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +284,7 @@ class Deliverer:
             await q.join()
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(self._tasks)
         self._tasks = []
         for c in self.channels.values():
             await c.close()
