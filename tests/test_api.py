@@ -6,7 +6,6 @@ Shared by test_api_openapi.py (the module-scoped collector is built by ``running
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from collector.health.rollup import rollup
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
 from shared.errors import ConfigError
-from tests.test_alerting import send, until
+from tests.test_alerting import collector, send, until
 from tests.test_store import event, inventory, sample
 
 TOKEN = "t0ken-for-tests-" + uuid.uuid4().hex
@@ -75,10 +74,7 @@ for = "1s"
 """
     )
     cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]})
-    svc = CollectorService(cfg)
-    await svc.startup()
-    task = asyncio.create_task(svc.run())
-    try:
+    async with collector(cfg) as svc:
         now = time.time()
         frames: list[Any] = []
         for provider, hosts in HOSTS.items():
@@ -90,10 +86,6 @@ for = "1s"
         await until(lambda: len(svc.state) == 5 and svc.alerting.list_alerts(host=XID_HOST) != [])
         await until(lambda: len(svc.alerting.rollup().hosts) == 5)
         yield svc
-    finally:
-        svc.request_stop()
-        await asyncio.wait_for(task, 30)
-        await svc.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from collector.config import load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
-from tests.test_alerting import until
+from tests.test_alerting import collector, until
 from tests.test_metrics import apt_tool
 
 TOKEN = "dash-" + uuid.uuid4().hex
@@ -71,24 +71,19 @@ for = "1s"
 """
     )
     cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [url]})
-    svc = CollectorService(cfg)
-    await svc.startup()
-    task = asyncio.create_task(svc.run())
-    fleet = Fleet(
-        NatsConfig(servers=(url,)), hosts=12, gpus=8, providers=3, interval=1.0,
-        faults=[f"{FAULTY}/gpu2:xid=79@6s"],
-    )  # fmt: skip
-    await fleet.start()
-    run = asyncio.create_task(fleet.run())
-    try:
-        yield svc
-    finally:
-        fleet.stop()
-        await run
-        await fleet.close()
-        svc.request_stop()
-        await asyncio.wait_for(task, 30)
-        await svc.shutdown()
+    async with collector(cfg) as svc:
+        fleet = Fleet(
+            NatsConfig(servers=(url,)), hosts=12, gpus=8, providers=3, interval=1.0,
+            faults=[f"{FAULTY}/gpu2:xid=79@6s"],
+        )  # fmt: skip
+        await fleet.start()
+        run = asyncio.create_task(fleet.run())
+        try:
+            yield svc
+        finally:
+            fleet.stop()
+            await run
+            await fleet.close()
 
 
 @pytest.mark.timeout(150)
