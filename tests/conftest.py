@@ -6,6 +6,7 @@ stop and restart their server) and torn down at the end; no test depends on anot
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -39,9 +40,9 @@ def pg_server() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture
-def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
-    """A fresh, empty database for one test, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(pg_server: PostgresServer) -> Iterator[str]:
+    """The DSN of a new, empty database on ``pg_server``, dropped on leaving."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     psql = str(pg_server.bindir / "psql") if (pg_server.bindir / "psql").exists() else "psql"
     subprocess.run([psql, pg_server.dsn(), "-qc", f'CREATE DATABASE "{name}"'], check=True)
@@ -49,3 +50,10 @@ def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
     subprocess.run(
         [psql, pg_server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False
     )
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    with fresh_database(pg_server) as dsn:
+        yield dsn

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +27,7 @@ from collector.health.rollup import rollup
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
 from shared.errors import ConfigError
+from tests.conftest import fresh_database
 from tests.test_alerting import collector, send, until
 from tests.test_store import event, inventory, sample
 
@@ -39,13 +39,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def module_dsn(pg_server: PostgresServer) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    psql = str(pg_server.bindir / "psql") if (pg_server.bindir / "psql").exists() else "psql"
-    subprocess.run([psql, pg_server.dsn(), "-qc", f'CREATE DATABASE "{name}"'], check=True)
-    yield pg_server.dsn(name)
-    subprocess.run(
-        [psql, pg_server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False
-    )
+    with fresh_database(pg_server) as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="module")
