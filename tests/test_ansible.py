@@ -211,10 +211,21 @@ def test_units_and_files_are_installed(applied: Applied) -> None:
 # ----------------------------------------------------------------------------- services
 
 
+# What systemd gives a service of a system user: no inherited environment, HOME from passwd.
+UNIT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+
+
 def spawn(cmd: list[str], user: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            cmd, user=user, group=user, extra_groups=[], stdout=out, stderr=subprocess.STDOUT, cwd="/"
+            cmd,
+            user=user,
+            group=user,
+            extra_groups=[],
+            env=UNIT_ENV | {"USER": user, "LOGNAME": user},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
         )
 
 
