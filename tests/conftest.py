@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from gpuwarden.servers import NatsServer, PostgresServer
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +61,16 @@ def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
     """A fresh, empty database for one test, dropped afterwards."""
     with fresh_database(pg_server) as dsn:
         yield dsn
+
+
+@pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to ``pg_dsn`` with the collector's schema migrated in."""
+    import asyncpg  # noqa: PLC0415 (collector tests only; agent tests need no asyncpg)
+
+    from collector.store import migrate  # noqa: PLC0415
+
+    c = await asyncpg.connect(pg_dsn)
+    await migrate.migrate(c)
+    yield c
+    await c.close()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -44,14 +43,6 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(collector_cmd(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(pg_dsn)
-    await migrate.migrate(c)
-    yield c
-    await c.close()
 
 
 async def count(conn: asyncpg.Connection) -> int:

@@ -76,14 +76,6 @@ async def stored_keys(conn: asyncpg.Connection) -> Counter[tuple[str, int]]:
     return Counter((r["name"], r["seq"]) for r in rows)
 
 
-@pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(pg_dsn)
-    await migrate.migrate(c)
-    yield c
-    await c.close()
-
-
 # ----------------------------------------------------------------------------- pure checks
 
 LIMITS = Limits(max_bytes=1 << 20, oldest_ts=0.0, newest_ts=2e9)

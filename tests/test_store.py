@@ -140,14 +140,6 @@ async def stored_gpu_rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
 
 
 @pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(pg_dsn)
-    await migrate.migrate(c)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
 async def writer(pg_dsn: str, conn: asyncpg.Connection) -> AsyncIterator[Writer]:
     w = Writer(make_config(pg_dsn).postgres)
     yield w
