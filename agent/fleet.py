@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from agent.sampler import Sequencer, build_event, build_inventory, build_sample
 from agent.system import SimulatedSystem
 from shared.config import NatsConfig
 from shared.frames import encode
+from shared.tasks import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -237,17 +237,11 @@ async def run_fleet(
     fleet = Fleet(
         nats, hosts=hosts, gpus=gpus, providers=providers, interval=interval, faults=faults, seed=seed
     )
-    loop = asyncio.get_running_loop()
-    if signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, fleet.stop)
-    try:
-        await fleet.start()
-        log.info("fleet: %d hosts x %d GPUs, %d providers, every %gs", hosts, gpus, providers, interval)
-        await fleet.run(duration)
-    finally:
-        await fleet.close()
-        if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+    with stop_on_signals(fleet.stop, signals):
+        try:
+            await fleet.start()
+            log.info("fleet: %d hosts x %d GPUs, %d providers, every %gs", hosts, gpus, providers, interval)
+            await fleet.run(duration)
+        finally:
+            await fleet.close()
     return fleet.summary()

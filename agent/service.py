@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from shared.config import AgentConfig
 from shared.errors import GpuwardenError
 from shared.frames import AgentStats, CheckResult, HostFacts, InventoryFrame, SampleFrame, encode
 from shared.subjects import poll_subject
-from shared.tasks import cancel_all
+from shared.tasks import cancel_all, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +204,12 @@ class AgentService:
 
     async def serve(self, *, signals: bool = True) -> None:
         """startup, run until SIGTERM/SIGINT (or :meth:`stop`), shutdown; re-raise a fatal error."""
-        loop = asyncio.get_running_loop()
-        if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
-        try:
-            await self.startup()
-            await self.run()
-        finally:
-            await self.shutdown()
-            if signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
+        with stop_on_signals(self.stop, signals):
+            try:
+                await self.startup()
+                await self.run()
+            finally:
+                await self.shutdown()
         if self.fatal is not None:
             raise self.fatal
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -40,7 +39,7 @@ from shared.config import NatsConfig
 from shared.errors import ServiceUnavailableError
 from shared.frames import Frame
 from shared.natsconf import connect_options
-from shared.tasks import cancel_all
+from shared.tasks import cancel_all, stop_on_signals
 
 log = logging.getLogger(__name__)
 ServiceHook = Callable[["CollectorService"], Awaitable[None]]
@@ -150,16 +149,12 @@ class CollectorService:
 
     async def serve(self) -> None:
         """Start, consume until SIGTERM/SIGINT (or :meth:`request_stop`), stop cleanly."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        try:
-            await self.startup()
-            await self.run()
-        finally:
-            await self.shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+        with stop_on_signals(self.request_stop):
+            try:
+                await self.startup()
+                await self.run()
+            finally:
+                await self.shutdown()
 
     async def _maintain(self, conn: asyncpg.Connection) -> None:
         pg = self.config.postgres
