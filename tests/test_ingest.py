@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import math
 import time
 from collections import Counter
@@ -368,10 +369,21 @@ def _mutations(wire: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[An
         yield from _mutations(wire[0], (*path, 0))
 
 
+def _mutated(base: Any, path: tuple[Any, ...], odd: Any) -> Any:
+    """A deep copy of ``base`` with the value at ``path`` set to ``odd`` (removed for "__missing__")."""
+    raw = copy.deepcopy(base)
+    node = raw
+    for p in path[:-1]:
+        node = node[p]
+    if odd == "__missing__":
+        del node[path[-1]]
+    else:
+        node[path[-1]] = odd
+    return raw
+
+
 def test_fast_decoder_agrees_with_the_reference() -> None:
     """The generated fast path of shared.frames accepts and builds exactly what the checks do."""
-    import copy
-
     from shared import frames as fr
 
     bases = [to_wire(sample("h", 3, 1.7e9)), to_wire(event("h", 4, 1.7e9)), to_wire(inventory("h", 5, 1.7e9))]
@@ -380,14 +392,7 @@ def test_fast_decoder_agrees_with_the_reference() -> None:
         cls = fr._FRAME_TYPES[base["kind"]]
         for path, _ in list(_mutations(base)):
             for odd in [*ODD_VALUES, "__missing__"]:
-                raw = copy.deepcopy(base)
-                node = raw
-                for p in path[:-1]:
-                    node = node[p]
-                if odd == "__missing__":
-                    del node[path[-1]]
-                else:
-                    node[path[-1]] = odd
+                raw = _mutated(base, path, odd)
                 ref = _outcome(lambda raw=raw, cls=cls: fr._build(cls, raw, ""))
                 fast = _outcome(lambda raw=raw, cls=cls: fr._build_fast(cls, raw))
                 assert fast == ref, (path, odd)
@@ -411,8 +416,6 @@ def _reference_decode(data: bytes) -> Any:
 
 def test_typed_decoder_agrees_with_the_reference() -> None:
     """decode() (msgspec typed path when installed) gives what the reference path gives."""
-    import copy
-
     from shared import frames as fr
 
     corpus = [data for _, data in fuzzed_messages(300)]
@@ -420,15 +423,7 @@ def test_typed_decoder_agrees_with_the_reference() -> None:
     corpus.append(msgpack.packb(base))
     for path, _ in list(_mutations(base)):
         for odd in [*ODD_VALUES, "__missing__"]:
-            raw = copy.deepcopy(base)
-            node = raw
-            for p in path[:-1]:
-                node = node[p]
-            if odd == "__missing__":
-                del node[path[-1]]
-            else:
-                node[path[-1]] = odd
-            corpus.append(msgpack.packb(raw))
+            corpus.append(msgpack.packb(_mutated(base, path, odd)))
     accepted = 0
     for data in corpus:
         ref = _outcome(lambda data=data: _reference_decode(data))
