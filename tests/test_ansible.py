@@ -161,6 +161,7 @@ def applied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applied]:
     with PostgresServer() as pg:
         args = write_inventory(d, nats_port, api_port, pg)
         runs = [run([str(BIN / "ansible-playbook"), *args, "site.yml"], timeout=600) for _ in range(2)]
+        runs.append(run([str(BIN / "ansible-playbook"), *args, "--check", "--diff", "site.yml"], timeout=600))
         yield Applied(runs=runs, nats_port=nats_port, api_port=api_port, pg=pg)
 
 
@@ -180,6 +181,16 @@ def test_second_apply_changes_nothing(applied: Applied) -> None:
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-2000:]
     changed = [line for line in second.stdout.splitlines() if line.startswith("changed:")]
     assert recap(second)["changed"] == 0, changed
+
+
+def test_check_mode_runs_and_reports_no_change(applied: Applied) -> None:
+    check = applied.runs[2]
+    assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-2000:]
+    counts = recap(check)
+    assert counts["failed"] == 0
+    # pip with a requirements file always reports a change in check mode (it cannot tell)
+    changed = [line for line in check.stdout.splitlines() if line.startswith("changed:")]
+    assert counts["changed"] <= 2, changed
 
 
 def test_no_secret_in_a_world_readable_file(applied: Applied) -> None:
@@ -239,8 +250,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def consumed(port: int, password: str, deadline: float) -> tuple[int, int]:
-    """(frames of our host in the stream, frames acknowledged by a collector consumer)."""
+async def progress(
+    port: int, password: str, until: tuple[int, int] | None, deadline: float
+) -> tuple[int, int]:
+    """(frames of our host in the stream, highest stream sequence a collector consumer acked).
+
+    Without ``until`` the second figure is the stream's last sequence (the baseline).
+
+    The JetStream store outlives a test run, so the caller compares with a baseline: with
+    ``until`` it polls until both figures reach it (or ``deadline`` passes).
+    """
     nc = await nats.connect(
         servers=[f"tls://127.0.0.1:{port}"],
         user="collector",
@@ -250,19 +269,20 @@ async def consumed(port: int, password: str, deadline: float) -> tuple[int, int]
         max_reconnect_attempts=0,
     )
     js = nc.jetstream(timeout=5)
-    stored = acked = 0
+    stored = acked = last = 0
     try:
-        while time.monotonic() < deadline:
+        while True:
             info = await js.stream_info(STREAM, subjects_filter=f"gpuwarden.v1.*.{PROVIDER}.localhost")
             stored = sum((info.state.subjects or {}).values())
+            last = int(info.state.last_seq)
             consumers = await js.consumers_info(STREAM)
             acked = max((c.ack_floor.stream_seq for c in consumers if c.ack_floor), default=0)
-            if stored >= 3 and acked >= 3:
+            if until is None or (stored >= until[0] and acked >= until[1]) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
     finally:
         await nc.close()
-    return stored, acked
+    return stored, (last if until is None else acked)
 
 
 @pytest.mark.slow
@@ -287,15 +307,18 @@ async def test_installed_agent_and_collector_exchange_frames(applied: Applied, t
             )
         )
         await asyncio.sleep(3)  # the collector creates the stream the agents may only look up
+        password = (await asyncio.to_thread(Path("/etc/gpuwarden/collector-nats.pass").read_text)).strip()
+        base_stored, base_last = await progress(applied.nats_port, password, None, 0)
         procs.append(
             spawn([gw, "agent", "run", "--config", "/etc/gpuwarden/agent.toml"], "gpuwarden", logs["agent"])
         )
-        password = await asyncio.to_thread(Path("/etc/gpuwarden/collector-nats.pass").read_text)
-        stored, acked = await consumed(applied.nats_port, password.strip(), time.monotonic() + 60)
+        want = (base_stored + 3, base_last + 3)  # frames newer than any before
+        stored, acked = await progress(applied.nats_port, password, want, time.monotonic() + 60)
+        await asyncio.sleep(1)  # one more tick, so that SIGTERM meets a running agent
         for p in procs[1:]:
             assert p.poll() is None, {k: v.read_text()[-3000:] for k, v in logs.items()}
-        assert stored >= 3, {k: v.read_text()[-3000:] for k, v in logs.items()}
-        assert acked >= 3, {k: v.read_text()[-3000:] for k, v in logs.items()}
+        assert stored >= want[0], {k: v.read_text()[-3000:] for k, v in logs.items()}
+        assert acked >= want[1], {k: v.read_text()[-3000:] for k, v in logs.items()}
     finally:
         for p in reversed(procs):
             await asyncio.to_thread(stop, p)
