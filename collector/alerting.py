@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -77,6 +77,9 @@ class Alerting:
         self.health = HealthState()
         self.alerts_state = AlertState()
         self.broadcaster = Broadcaster()
+        # Called with every batch of frames right after the health engine judged it (from the
+        # ingest hook and the fast event path alike), e.g. to mark hosts for the API's rollup.
+        self.judged_hooks: list[Callable[[Sequence[Frame]], None]] = []
         self.nats = NatsChannel(lambda: service.nc)
         self.channels: list[Channel] = []
         if self.notify.log:
@@ -221,6 +224,8 @@ class Alerting:
             if o:
                 obs += o
         self.seconds["health"] += time.perf_counter() - t
+        for judged in self.judged_hooks:
+            judged(frames)
         await self._step(obs, now)
 
     async def _on_event_msg(self, msg: Any) -> None:

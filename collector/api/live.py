@@ -62,7 +62,7 @@ class LiveRollup:
         self._full = True
         self._fleet: FleetHealth | None = None
         self._sorted: dict[str | None, list[str]] = {}
-        service.hooks.append(self.on_frames)
+        service.alerting.judged_hooks.append(self.mark)
 
     @classmethod
     def of(cls, service: CollectorService) -> LiveRollup:
@@ -72,7 +72,8 @@ class LiveRollup:
             live = _instances[service] = cls(service)
         return live
 
-    async def on_frames(self, frames: Sequence[Frame]) -> None:
+    def mark(self, frames: Sequence[Frame]) -> None:
+        """Hosts whose health the engine just changed (fast event path and ingest alike)."""
         self._dirty.update(f.host for f in frames)
 
     def scan(self) -> None:
@@ -163,11 +164,15 @@ class LiveRollup:
         return out
 
     async def refresh(self) -> None:
-        """Scan, then recompute the dirty hosts in chunks, yielding between them."""
+        """Scan, then recompute the dirty hosts in chunks, yielding between them; a last scan
+        catches what changed during the yields, so the rollup is current when this returns."""
         self.scan()
         while self._dirty or self._full:
             self._apply(self._take(CHUNK))
             await asyncio.sleep(0)
+        self.scan()  # what the health timer changed while this refresh yielded
+        if len(self._dirty) <= SYNC_LIMIT:
+            self._apply(self._take())
 
 
 LIVE: Final[web.AppKey[LiveRollup]] = web.AppKey("live_rollup")
