@@ -4,7 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint mypy pytest bench clean install
+.PHONY: demo test lint mypy pytest bench clean install system-deps
+
+# Debian packages the tests drive (tests never install anything themselves).
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +32,19 @@ mypy: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test: lint mypy pytest
+# Installs the missing SYSTEM_PACKAGES with apt-get when run as root; elsewhere says what to install.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $$missing >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }; \
+	else \
+		echo "warning: missing Debian packages:$$missing (tests that need them fail): sudo apt-get install$$missing"; \
+	fi
+
+test: system-deps lint mypy pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -25,8 +25,8 @@ from collector.config import load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
+from tests.system_tools import system_tool
 from tests.test_alerting import collector, until
-from tests.test_metrics import apt_tool
 
 TOKEN = "dash-" + uuid.uuid4().hex
 FAULTY = "host-0004"
@@ -38,7 +38,7 @@ CHROMIUM_FLAGS = [
 
 @contextlib.asynccontextmanager
 async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
-    chromium = apt_tool("chromium", "chromium")
+    chromium = system_tool("chromium")
     async with async_playwright() as p:
         ctx = await p.chromium.launch_persistent_context(
             str(tmp / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,

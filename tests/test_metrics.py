@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -27,23 +25,11 @@ from collector.api import make_app
 from collector.metrics import FleetCollector
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
+from tests.system_tools import system_tool
 from tests.test_alerting import until
 from tests.test_api import XID_HOST, module_dsn, module_nats, running
 
 __all__ = ["module_dsn", "module_nats"]
-
-
-def apt_tool(binary: str, package: str) -> str:
-    """The path of ``binary``, installing Debian's ``package`` first when missing (as root)."""
-    found = shutil.which(binary)
-    if found is None and os.geteuid() == 0:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", package], check=False, capture_output=True, timeout=600
-        )
-        found = shutil.which(binary)
-    if found is None:
-        pytest.fail(f"{binary} not found and `apt-get install {package}` did not provide it")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +112,7 @@ async def serving(svc: CollectorService) -> AsyncIterator[TestClient[web.Request
 
 
 async def test_promtool_accepts_the_exposition(service: CollectorService, tmp_path: Path) -> None:
-    promtool = apt_tool("promtool", "prometheus")
+    promtool = system_tool("promtool")
     async with serving(service) as c:
         r = await c.get("/metrics")
         assert r.status == 200
@@ -140,7 +126,7 @@ async def test_promtool_accepts_the_exposition(service: CollectorService, tmp_pa
 
 @pytest.fixture
 def prometheus_binary() -> str:
-    return apt_tool("prometheus", "prometheus")
+    return system_tool("prometheus")
 
 
 @contextlib.contextmanager

@@ -4,8 +4,6 @@ labels and annotations; the resolved push (with ``endsAt``) removes it from the 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -17,6 +15,7 @@ import aiohttp
 import pytest
 
 from gpuwarden.servers import NatsServer, free_port
+from tests.system_tools import system_tool
 from tests.test_alerting import collector, send, until, write_config
 from tests.test_store import event
 
@@ -31,22 +30,7 @@ receivers:
 
 
 def _binary() -> str:
-    found = shutil.which(BINARY) or (f"/usr/bin/{BINARY}" if Path(f"/usr/bin/{BINARY}").exists() else None)
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"{BINARY} missing and cannot be installed here (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    r = subprocess.run(
-        ["apt-get", "install", "-y", BINARY], env=env, capture_output=True, text=True, timeout=600
-    )
-    if r.returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600, check=False)
-        r = subprocess.run(
-            ["apt-get", "install", "-y", BINARY], env=env, capture_output=True, text=True, timeout=600
-        )
-    assert r.returncode == 0, f"apt-get install {BINARY} failed: {r.stderr[-2000:]}"
-    return shutil.which(BINARY) or f"/usr/bin/{BINARY}"
+    return system_tool(BINARY)
 
 
 @pytest.fixture
