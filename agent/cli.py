@@ -22,7 +22,10 @@ from shared.config import AgentConfig, load_agent_config
 from shared.errors import GpuwardenError
 from shared.frames import to_wire
 
-app = typer.Typer(help="The GPU host agent.", no_args_is_help=True, add_completion=False)
+# rich_markup_mode=None: help text is plain text; rich read "HOST[/gpuN]" as a closing markup tag.
+app = typer.Typer(
+    help="The GPU host agent.", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
 
 T = TypeVar("T")
 

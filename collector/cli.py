@@ -16,7 +16,13 @@ import typer
 from collector.config import CollectorConfig, load_collector_config
 from shared.errors import GpuwardenError
 
-app = typer.Typer(name="collector", help="Consume agent frames into PostgreSQL.", no_args_is_help=True)
+# rich_markup_mode=None: help text is plain text, so "[...]" in it is never read as rich markup.
+app = typer.Typer(
+    name="collector",
+    help="Consume agent frames into PostgreSQL.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="collector.toml")]
 DsnOpt = Annotated[str | None, typer.Option("--dsn", help="PostgreSQL DSN (or env:NAME, file:/path)")]

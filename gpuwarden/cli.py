@@ -17,6 +17,7 @@ app = typer.Typer(
     help="gpuwarden: GPU fleet health monitor (agent, collector, demo).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help text: "[...]" is never read as rich markup
 )
 app.add_typer(agent_app, name="agent")
 app.command("fleet")(fleet_command)
