@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE: Final = 512
 _SLICE_S: Final = 0.1  # longest uninterrupted wait, so close() is honoured quickly
 _READ_SIZE: Final = 8192  # /dev/kmsg needs a buffer at least as large as one record
+MAX_LINE: Final = _READ_SIZE  # a longer "line" is no kernel record: dropped whole, counted
 
 _PCI = r"(?:PCI:)?((?:[0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(?:\.[0-9a-fA-F])?)"
 _XID_RE: Final = re.compile(r"NVRM: Xid \(" + _PCI + r"\): (\d+)(?:, (.*))?$")
@@ -86,8 +87,11 @@ class KmsgReader:
         self.path = path
         self.enabled = False
         self.overruns = 0  # times the kernel overwrote records before we read them (EPIPE)
+        self.overlong = 0  # lines longer than MAX_LINE, dropped
         self._fd: int | None = None
-        self._buf = b""
+        self._parts: list[bytes] = []  # the line being read, not yet ended by a newline
+        self._pending = 0  # bytes in _parts
+        self._skipping = False  # inside an overlong line: drop up to its newline
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._boot = _boot_offset()
@@ -166,12 +170,36 @@ class KmsgReader:
                 break
             if not chunk:
                 break
-            self._buf += chunk
-            *lines, self._buf = self._buf.split(b"\n")
-            events.extend(ev for raw in lines if (ev := self._parse(raw)) is not None)
-        if len(self._buf) > _READ_SIZE:  # a runaway line without newline: keep memory bounded
-            self._buf = b""
+            events.extend(ev for raw in self._lines(chunk) if (ev := self._parse(raw)) is not None)
         return events
+
+    def _lines(self, chunk: bytes) -> list[bytes]:
+        """The lines ``chunk`` completes. Each byte is scanned once (a line without a newline
+        is kept as parts, never re-split); a line longer than :data:`MAX_LINE` is dropped whole."""
+        lines: list[bytes] = []
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            piece = chunk[start:nl]
+            start = nl + 1
+            if self._skipping:
+                self._skipping = False
+            elif self._pending + len(piece) > MAX_LINE:
+                self.overlong += 1
+            else:
+                lines.append(b"".join((*self._parts, piece)) if self._parts else piece)
+            self._parts.clear()
+            self._pending = 0
+        rest = chunk[start:]
+        if rest and not self._skipping:
+            if self._pending + len(rest) > MAX_LINE:  # a runaway line: memory stays bounded
+                self.overlong += 1
+                self._skipping = True
+                self._parts.clear()
+                self._pending = 0
+            else:
+                self._parts.append(rest)
+                self._pending += len(rest)
+        return lines
 
     def _parse(self, raw: bytes) -> GpuEvent | None:
         if not raw or raw[:1] == b" " or b"NVRM" not in raw:  # kmsg continuation lines start with a space

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,45 @@ def test_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
     with log.open("a") as f:
         f.write(XID79[20:] + "\n")
     assert [e.xid for e in collect(reader, 1)] == [79]
+    reader.close()
+
+
+def test_line_without_newline_is_bounded_and_never_re_split(tmp_path: Path) -> None:
+    """2 MB without a newline, then an XID inside its tail: kept in bounded memory, not re-split
+    (the old reader appended each 8 KB read to the whole pending line and split all of it again:
+    quadratic work, and the pending line grew to the size of the read), and dropped whole."""
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    reader = KmsgReader(str(log))
+    reader.open()
+    with log.open("a") as f:
+        f.write("x" * (2 << 20) + f" {XID79}\n{XID13}\n")
+    tracemalloc.start()
+    try:
+        events = collect(reader, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e.xid for e in events] == [13]  # the overlong line's tail is no line of its own
+    assert reader.overlong == 1
+    assert peak < 256 * 1024, f"reading one runaway line held {peak} bytes"
+    reader.close()
+
+
+def test_line_read_in_many_pieces_is_parsed_whole(tmp_path: Path) -> None:
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    reader = KmsgReader(str(log))
+    reader.open()
+    record = f"6,7,8,-;{XID13}\n"
+    events: list[GpuEvent] = []
+    for i in range(0, len(record), 7):
+        with log.open("a") as f:
+            f.write(record[i : i + 7])
+        events += reader.wait_events(0.0)  # each piece is read on its own
+    events += collect(reader, 1 - len(events))
+    assert [e.xid for e in events] == [13]
+    assert reader.overlong == 0
     reader.close()
 
 
