@@ -111,6 +111,7 @@ class AgentService:
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: tuple[CheckResult, ...] = ()
         self._checks_task: asyncio.Task[None] | None = None
+        self._nats_measured = False  # a NATS round trip has succeeded once in this run
         self._inventory: Inventory | None = None
         self._host_facts: HostFacts | None = None
         self._proc = psutil.Process()
@@ -287,11 +288,15 @@ class AgentService:
         results: list[CheckResult] = []
         if net.targets:
             results.extend(await run_checks(net.targets, limit))
-        if net.nats_rtt:
+        if net.nats_rtt and (self._nats_measured or self.publisher.connected):
+            # Unmeasured is not failed: until one round trip has succeeded (the connection
+            # is still being made at start) the check is left out of the frames.
             try:
                 results.append(nats_rtt_result(await self.publisher.rtt(limit)))
+                self._nats_measured = True
             except (nats.errors.Error, TimeoutError, OSError) as e:
-                results.append(nats_rtt_result(None, str(e) or type(e).__name__))
+                if self._nats_measured:
+                    results.append(nats_rtt_result(None, str(e) or type(e).__name__))
         self._checks = tuple(results)
 
     # ------------------------------------------------------------------ events

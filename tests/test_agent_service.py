@@ -271,3 +271,24 @@ async def test_agent_started_before_nats_delivers_its_buffer_once_up(
     frames = await stream_frames(private_nats.url, "early-bird")
     assert [f.seq for f in frames] == list(range(1, svc.seqr.seq + 1))
     assert frames[0].kind == "inventory"
+
+
+async def test_nats_round_trip_is_left_out_until_measured_then_reported(nats_url: str, host: str) -> None:
+    """Unmeasured is not failed: before the connection is up the NATS check is not in the
+    frames; once a round trip succeeded, a failure (here: the connection closed) is reported."""
+    svc = AgentService(agent_config(nats_url, host, interval=5.0))
+    await svc.startup()
+    try:
+        await svc._refresh_checks()  # the connection is being made in the background
+        assert [c.kind for c in svc._checks] == []
+        assert await svc.publisher.wait_connected(10)
+        await svc._refresh_checks()
+        assert [(c.kind, c.ok) for c in svc._checks] == [("nats_rtt", True)]
+        await svc.publisher.close(flush_timeout=1.0)
+        await svc._refresh_checks()
+        assert [(c.kind, c.ok, c.error) for c in svc._checks] == [
+            ("nats_rtt", False, "nats: connection reconnecting")
+        ]
+    finally:
+        svc.stop()
+        await svc.shutdown()

@@ -484,3 +484,21 @@ def test_alert_config_errors_name_the_key(raw: dict[str, Any], key: str) -> None
     with pytest.raises(ConfigError) as e:
         alert_config_from(raw, env={})
     assert e.value.key == key
+
+
+def test_network_rules_have_their_own_for() -> None:
+    """``for = "0s"`` pages a threshold rule at once, but a network check waits
+    ``network_for`` (1 min by default); ``[alerts.for_rules]`` wins over both."""
+    run = Run(make({"for": "0s"}))
+    net = ob("net.target", "critical", gpu=None)
+    (n,) = run(T0, ob("host.memory", "critical", gpu=None))
+    assert n.rule == "host.memory"
+    assert run(T0, net) == []
+    assert run(T0 + 59, net) == []
+    assert [n.rule for n in run(T0 + 60, net)] == ["net.target"]
+    run = Run(make({"for": "0s", "network_for": "10s", "for_rules": {"net.target": "5s"}}))
+    assert run(T0, net) == []
+    assert [n.rule for n in run(T0 + 5, net)] == ["net.target"]
+    assert make({"network_for": "2m"}).config.for_of("net.target") == 120.0
+    with pytest.raises(ConfigError, match="alerts.network_for"):
+        make({"network_for": "soon"})

@@ -3,11 +3,12 @@ counter resets and lost GPUs. The pure health engine, no servers needed."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from collector.health import HealthEngine, HealthState, Observation
+from collector.health import HealthEngine, HealthState, Observation, health_config_from
 from collector.health.config import GpuThresholds, HealthConfig
 from collector.health.gpu import pcie_expected_per_min
 from shared.frames import CheckResult, DiskUsage, GpuSample, NicCounters, SampleFrame, SystemSample
@@ -459,3 +460,44 @@ def test_network_target(result: CheckResult, expected: str) -> None:
     assert o.labels["target"] == "tcp:s1:22"
     if expected != "healthy":
         assert "s1:22" in o.summary
+
+
+NATS_FAILED = CheckResult(id="nats_rtt", kind="nats_rtt", target="nats", ok=False, error="timeout")
+NATS_OK = CheckResult(id="nats_rtt", kind="nats_rtt", target="nats", ok=True, latency_ms=0.5)
+
+
+def nats_status(engine: HealthEngine, state: HealthState, ts: float, c: CheckResult) -> str | None:
+    state, obs = engine.observe(state, frame(ts, checks=(c,)), ts)
+    found = [o.status for o in obs if o.check == "net.target"]
+    return found[-1] if found else None
+
+
+def test_a_failed_nats_round_trip_alone_is_judged_only_when_sustained() -> None:
+    """The frame that reports a failed NATS round trip came over NATS: not judged until it has
+    failed in every frame for ``nats_sustained`` (1 min); a success clears the streak."""
+    engine, state = HealthEngine(), HealthState()
+    assert nats_status(engine, state, T0, NATS_FAILED) is None
+    assert nats_status(engine, state, T0 + 30, NATS_FAILED) is None
+    assert nats_status(engine, state, T0 + 35, NATS_OK) == "healthy"
+    assert nats_status(engine, state, T0 + 40, NATS_FAILED) is None
+    assert nats_status(engine, state, T0 + 99, NATS_FAILED) is None
+    assert nats_status(engine, state, T0 + 100, NATS_FAILED) == "critical"
+    (cs,) = [cs for cs in state.hosts["node-1"].checks.values() if cs.check == "net.target"]
+    assert "NATS round trip failing for 60 s" in cs.summary
+    assert nats_status(engine, state, T0 + 105, NATS_OK) == "healthy"
+    # a TCP target is judged on the first failure
+    tcp = CheckResult(id="tcp:s1:22", kind="tcp", target="s1:22", ok=False, error="refused")
+    assert nats_status(engine, state, T0 + 110, tcp) == "critical"
+    # configurable; 0 judges every failure
+    cfg = health_config_from({"health": {"network": {"nats_sustained": "0s"}}}, env={})
+    assert nats_status(HealthEngine(cfg), HealthState(), T0, NATS_FAILED) == "critical"
+
+
+def test_the_nats_failure_streak_survives_a_state_round_trip() -> None:
+    from collector.health.codec import state_from_dict, state_to_dict
+
+    engine, state = HealthEngine(), HealthState()
+    assert nats_status(engine, state, T0, NATS_FAILED) is None
+    state = state_from_dict(json.loads(json.dumps(state_to_dict(state))))
+    assert state.hosts["node-1"].nats_failed_since == T0
+    assert nats_status(engine, state, T0 + 60, NATS_FAILED) == "critical"

@@ -170,6 +170,7 @@ class AlertsSection:
     """``[alerts]`` (``for`` is spelt ``for`` in the file)."""
 
     for_s: float = dur("30s")  # pending time of threshold rules
+    network_for: float = dur("1m")  # pending time of the network checks' rules (net.*)
     correlation_window: float = dur("5m")  # alerts of one host within it form one incident
     provider_incident_share: float = num(0.2, 0.0, 1.0)  # more than this share of hosts failing
     provider_incident_min_hosts: int = num(3, 1, 1_000_000)
@@ -190,7 +191,12 @@ class AlertConfig:
     inhibit: tuple[InhibitRule, ...] = DEFAULT_INHIBIT
 
     def for_of(self, rule: str) -> float:
-        return self.for_rules.get(rule, self.alerts.for_s)
+        """Pending time of ``rule``: ``[alerts.for_rules]``, else ``network_for`` for ``net.*``
+        rules (the agent's network checks), else ``for``."""
+        f = self.for_rules.get(rule)
+        if f is not None:
+            return f
+        return self.alerts.network_for if rule.startswith("net.") else self.alerts.for_s
 
 
 def parse_time(value: object, key: str) -> float:

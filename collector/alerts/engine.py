@@ -161,7 +161,7 @@ class AlertEngine(Correlator):
         return total * self.flap_scale
 
     def for_of(self, a: Alert) -> float:
-        return 0.0 if a.immediate else self.config.for_rules.get(a.rule, self.for_default)
+        return 0.0 if a.immediate else self.config.for_of(a.rule)
 
     def _create(self, state: AlertState, o: Observation, ctx: Ctx) -> Alert:
         a = Alert(fingerprint(o.key), o.key, o.check, dict(o.labels), o.status)

@@ -83,6 +83,7 @@ class NetworkThresholds:
     latency_warning_ms: float = num(100.0, 0, 1e7)
     latency_critical_ms: float = num(1000.0, 0, 1e7)
     unreachable_status: str = "critical"  # status of a failed check: critical or warning
+    nats_sustained: float = dur("1m")  # a failed NATS round trip alone is judged after failing this long
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,13 +137,30 @@ class HostChecks:
     def network(self, em: Emitter, hs: HostState, base: Mapping[str, str], c: CheckResult, ts: float) -> None:
         """Evaluate one network check result (TCP connect, NATS round trip)."""
         net, local, extra = self.net, f"net.target:{c.id}", (("target", c.id),)
+        nats = c.kind == "nats_rtt"
         if not c.ok:
+            if nats:
+                # The frame carrying this result came over NATS, so the path works now: a failed
+                # round trip alone is judged only when it has failed for nats_sustained in a row.
+                since = hs.nats_failed_since
+                if since is None or ts < since:
+                    hs.nats_failed_since = since = ts
+                if ts - since < net.nats_sustained:
+                    return
+                summary = (
+                    f"{hs.host}: NATS round trip failing for {ts - since:.0f} s ({c.error or 'failed'}): "
+                    "check the network path to NATS"
+                )
+            else:
+                what = f"{c.target or c.id} ({c.error or 'failed'})"
+                summary = f"{hs.host} cannot reach {what}: check the network path"
             em.emit(
-                hs.checks, local, "net.target", base, net.unreachable_status, ts, None,
-                f"{hs.host} cannot reach {c.target or c.id} ({c.error or 'failed'}): check the network path",
+                hs.checks, local, "net.target", base, net.unreachable_status, ts, None, summary,
                 _ADVICE["net.target"], extra=extra,
             )  # fmt: skip
             return
+        if nats:
+            hs.nats_failed_since = None
         if c.latency_ms is None:
             em.emit(hs.checks, local, "net.target", base, HEALTHY, ts, None, extra=extra)
             return

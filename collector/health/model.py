@@ -122,6 +122,7 @@ class HostState:
     gpus: dict[int, GpuState] = field(default_factory=dict)
     system_ts: float | None = None
     system: SystemSample | None = None  # previous system sample (for NIC rates)
+    nats_failed_since: float | None = None  # sample time of the first failed NATS round trip in a row
     checks: dict[str, CheckStatus] = field(default_factory=dict)
 
 
