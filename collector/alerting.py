@@ -266,6 +266,7 @@ class Alerting:
         self.counts["notifications"] += len(out.notifications)
         fps = {t.fingerprint for t in out.transitions}
         fps.update(n.fingerprint for n in out.notifications if n.fingerprint)
+        fps.update(fp for n in out.notifications for fp in n.alerts)  # told by an incident
         for fp in fps:
             a = st.by_fp.get(fp)
             if a is not None:
@@ -318,15 +319,16 @@ class Alerting:
         for inc in ch.incidents.values():
             opened = inc.id not in self._incident_sig
             self._incident_sig[inc.id] = _sig(inc)
-            if opened or inc.closed_at is not None:
-                self.broadcaster.publish(
-                    {
-                        "type": "incident",
-                        "provider": inc.provider,
-                        "host": inc.host,
-                        "incident": self.incident_view(inc),
-                    }
-                )
+            change = "opened" if opened else "closed" if inc.closed_at is not None else "updated"
+            self.broadcaster.publish(
+                {
+                    "type": "incident",
+                    "change": change,
+                    "provider": inc.provider,
+                    "host": inc.host,
+                    "incident": self.incident_view(inc),
+                }
+            )
         if self.deliverer is not None:
             self.deliverer.submit(rows)
         for t in ch.transitions:
@@ -531,7 +533,10 @@ class Alerting:
 
 
 def _sig(inc: Incident) -> tuple[Any, ...]:
-    return (inc.last_activity, inc.closed_at, len(inc.alerts), len(inc.hosts), inc.notified, len(inc.told))
+    return (
+        inc.last_activity, inc.closed_at, len(inc.alerts), len(inc.hosts), inc.notified, len(inc.told),
+        inc.updates, len(inc.pending), inc.update_due, len(inc.covered), inc.ack_by,
+    )  # fmt: skip
 
 
 def _in_state(a: Alert, state: str) -> bool:

@@ -307,16 +307,28 @@ def test_provider_wide_incident_is_notified_once() -> None:
         tuple(sorted(down)),
         ("oncall",),
     )
-    down |= {"p-4"}  # another host fails during the incident: absorbed
+    down |= {"p-4"}  # another host fails during the incident: an update of the incident names it
     for t in range(120, 200, 5):
         hs = fleet(run, health, hs, hosts, down, T0 + t)
-    assert len(run.notes) == 1
+    _, u = run.notes
+    assert (u.kind, u.incident, u.hosts, u.new_hosts, u.rules) == (
+        "incident_update",
+        n.incident,
+        ("p-4",),
+        ("p-4",),
+        ("host.unreachable",),
+    )
     assert "p-4" in run.state.incidents[n.incident or ""].hosts
     down = {"q-0"}  # another provider: a single host is notified on its own
     for t in range(200, 800, 5):
         hs = fleet(run, health, hs, hosts, down, T0 + t)
     kinds = [(m.kind, m.fingerprint is None, m.labels.get("host")) for m in run.notes]
-    assert kinds == [("provider_incident", True, None), ("firing", False, "q-0"), ("resolved", True, None)]
+    assert kinds == [
+        ("provider_incident", True, None),
+        ("incident_update", True, None),
+        ("firing", False, "q-0"),
+        ("resolved", True, None),
+    ]
 
 
 def test_provider_incident_needs_more_than_the_share() -> None:

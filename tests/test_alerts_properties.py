@@ -5,6 +5,10 @@
 - escalation: within one episode and policy the level never decreases, and it does not move
   while the alert stays acknowledged;
 - a silenced or inhibited alert never produces a notification;
+- every alert that reaches firing, unsilenced, is covered by a notification (its own, or its
+  provider incident's first notification or an update) within ``group_interval`` + 1 s,
+  unless it is silenced, inhibited or flapping before then (the driver wakes the engine
+  when ``state.next_due`` says, at most 1 s late, as the collector's timer does);
 - replaying the same inputs from the same (saved and restored) state gives the same
   transitions and notifications.
 """
@@ -39,6 +43,7 @@ RAW = {
         "for": "30s",
         "provider_incident_min_hosts": 2,
         "provider_incident_share": 0.3,
+        "group_interval": "30s",
         "silence": [
             {"id": "cfg", "matchers": ["host=h2", "rule=~gpu\\..*"], "starts": T0 + 500, "ends": T0 + 1500}
         ],
@@ -76,7 +81,9 @@ cmd_st = st.one_of(
     st.tuples(st.just("expire"), st.integers(0, 5), st.none()),
 )
 steps_st = st.lists(
-    st.tuples(st.integers(0, 400), st.lists(obs_st, max_size=6), cmd_st), min_size=1, max_size=40
+    st.tuples(st.one_of(st.integers(0, 12), st.integers(0, 400)), st.lists(obs_st, max_size=6), cmd_st),
+    min_size=1,
+    max_size=40,
 )
 Step = tuple[int, list[tuple[int, int, str, str, bool]], Any]
 
@@ -113,6 +120,10 @@ class Driver:
         self.lifecycle: dict[str, str] = {a.fingerprint: a.state for a in state.alerts.values()}
         self.levels: dict[str, tuple[int, str | None, int, float | None]] = {}
         self.log: list[tuple[list[Transition], list[Notification]]] = []
+        self.last_eval = now - 1.0
+        self.said: tuple[list[Transition], list[Notification]] = ([], [])
+        self.owed: dict[str, float] = {}  # fingerprint -> when it fired, not yet covered
+        self.gi = ENGINE.config.alerts.group_interval
 
     def commands(self, cmd: Any) -> tuple[Any, ...]:
         if cmd is None:
@@ -133,15 +144,49 @@ class Driver:
 
     def step(self, step: Step) -> None:
         dt, raw_obs, cmd = step
-        self.now += dt
+        target = self.now + dt
+        for _ in range(200):  # the collector's timer: wake when something is due (<= 1 s late)
+            t = max(self.state.next_due, self.last_eval + 1.0)
+            if t >= target:
+                break
+            self.evaluate(t, [], ())
+        self.now = target
         commands = self.commands(cmd)
         obs = [observation(*o, now=self.now) for o in raw_obs]
+        self.evaluate(self.now, obs, commands)
+        self.log.append((self.said[0], self.said[1]))  # one entry per step, its ticks included
+        self.said = ([], [])
+
+    def evaluate(self, now: float, obs: list[Observation], commands: tuple[Any, ...]) -> None:
+        self.now = self.last_eval = now
         before = {a.fingerprint: (a.ack_by, a.ack_at) for a in self.state.alerts.values()}
-        self.state, transitions, notes = ENGINE.evaluate(self.state, obs, self.now, commands)
-        self.log.append((transitions, notes))
+        self.state, transitions, notes = ENGINE.evaluate(self.state, obs, now, commands)
+        self.said[0].extend(transitions)
+        self.said[1].extend(notes)
         self.check_lifecycle(transitions)
         self.check_notifications(notes)
         self.check_escalation(before)
+        self.check_coverage(transitions, notes)
+
+    def check_coverage(self, transitions: list[Transition], notes: list[Notification]) -> None:
+        """Every alert that fires notifiable is told within group_interval + 1 s."""
+        for n in notes:
+            for fp in (n.fingerprint, *n.alerts):
+                at = self.owed.pop(fp, None) if fp is not None and n.kind != "resolved" else None
+                assert at is None or n.at <= at + self.gi + 1.0, f"told at {n.at - at} s: {n}"
+        for t in transitions:
+            if t.kind == "firing":
+                a = self.state.by_fp.get(t.fingerprint)
+                if a is not None and ENGINE.notifiable(a) and a.level < 0:
+                    self.owed[t.fingerprint] = t.at
+        for fp, at in list(self.owed.items()):
+            a = self.state.by_fp.get(fp)
+            if a is None or a.silenced_by or a.inhibited_by is not None or a.flapping:
+                del self.owed[fp]  # muted before it was due: nothing owed
+                continue
+            assert self.now <= at + self.gi + 1.0, (
+                f"{a.rule} {a.labels} fired at {at - T0} untold at {self.now - T0}"
+            )
 
     def check_lifecycle(self, transitions: list[Transition]) -> None:
         for t in transitions:
@@ -162,7 +207,11 @@ class Driver:
         for n in notes:
             assert n.channels
             if n.fingerprint is None:
-                assert n.kind in ("provider_incident", "resolved")
+                assert n.kind in ("provider_incident", "incident_update", "escalated", "repeat", "resolved")
+                for fp in n.alerts:  # the members it tells are neither silenced nor inhibited
+                    m = self.state.by_fp[fp]
+                    assert not m.silenced_by, (n, m)
+                    assert m.inhibited_by is None, (n, m)
                 continue
             a = self.state.by_fp[n.fingerprint]
             if n.episode != a.episode:

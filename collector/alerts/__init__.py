@@ -7,6 +7,7 @@ from collector.alerts.config import AlertConfig, Matcher, Policy, Silence, alert
 from collector.alerts.engine import AlertEngine
 from collector.alerts.model import (
     Ack,
+    AckIncident,
     AddSilence,
     Alert,
     AlertState,
@@ -20,6 +21,7 @@ from collector.alerts.model import (
 
 __all__ = [
     "Ack",
+    "AckIncident",
     "AddSilence",
     "Alert",
     "AlertConfig",

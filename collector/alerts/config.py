@@ -5,6 +5,7 @@ Built from ``collector.toml`` by :func:`alert_config_from`::
     [alerts]
     for = "30s"                        # pending time of threshold rules; event rules fire at once
     correlation_window = "5m"
+    group_interval = "30s"             # batch of a provider incident's updates
     [alerts.for_rules]                 # per-rule pending times
     "gpu.temperature" = "1m"
     [[alerts.silence]]
@@ -159,6 +160,10 @@ class InhibitRule:
     equal: tuple[str, ...]
 
 
+# Event-class criticals: a provider incident's update about one of these goes out at once
+# (not batched at ``group_interval``): fatal XID, GPU lost, double-bit ECC, row-remap failure.
+EVENT_RULES: Final = ("gpu.xid", "gpu.lost", "gpu.ecc_dbe", "gpu.row_remap")
+
 DEFAULT_INHIBIT: Final = (
     InhibitRule("host.unreachable", ("gpu.", "host.", "net."), ("provider", "host")),
     InhibitRule("gpu.lost", ("gpu.",), ("provider", "host", "gpu")),
@@ -172,6 +177,7 @@ class AlertsSection:
     for_s: float = dur("30s")  # pending time of threshold rules
     network_for: float = dur("1m")  # pending time of the network checks' rules (net.*)
     correlation_window: float = dur("5m")  # alerts of one host within it form one incident
+    group_interval: float = dur("30s")  # a provider incident's updates are batched this long
     provider_incident_share: float = num(0.2, 0.0, 1.0)  # more than this share of hosts failing
     provider_incident_min_hosts: int = num(3, 1, 1_000_000)
     flap_history: int = num(21, 3, 63)
@@ -189,6 +195,7 @@ class AlertConfig:
     silences: tuple[Silence, ...] = ()  # from [[alerts.silence]] and [[alerts.maintenance]]
     policies: tuple[Policy, ...] = ()
     inhibit: tuple[InhibitRule, ...] = DEFAULT_INHIBIT
+    event_rules: tuple[str, ...] = EVENT_RULES  # critical + immediate: incident updates at once
 
     def for_of(self, rule: str) -> float:
         """Pending time of ``rule``: ``[alerts.for_rules]``, else ``network_for`` for ``net.*``

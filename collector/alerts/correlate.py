@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from collector.alerts.config import FOREVER, AlertConfig, Policy, Silence, matches_all
 from collector.alerts.model import (
     FIRING,
+    N_ESCALATED,
     N_PROVIDER,
     N_RESOLVED,
+    N_UPDATE,
     RESOLVED,
     Alert,
     AlertState,
@@ -24,7 +26,7 @@ from collector.alerts.model import (
     Transition,
     fingerprint,
 )
-from collector.health.model import CRITICAL
+from collector.health.model import CRITICAL, RANK
 
 PROVIDER_RULE = "provider.incident"
 
@@ -32,7 +34,7 @@ PROVIDER_RULE = "provider.incident"
 class Ctx:
     """What one ``evaluate`` call collects."""
 
-    __slots__ = ("fired", "later", "notifications", "now", "transitions")
+    __slots__ = ("accepting", "fired", "later", "member_notes", "notifications", "now", "transitions")
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -40,6 +42,9 @@ class Ctx:
         self.notifications: list[Notification] = []
         self.fired: dict[str, Alert] = {}  # became firing or notifiable: correlate, then notify
         self.later: list[tuple[Alert, str, Sequence[str]]] = []  # updates told at the end
+        self.accepting: dict[str, bool] = {}  # provider incident id -> takes new members
+        # (incident, kind, level, policy) -> incident-told members escalating or repeating now
+        self.member_notes: dict[tuple[str, str, int, str], list[Alert]] = {}
 
 
 class Correlator(abc.ABC):
@@ -47,9 +52,14 @@ class Correlator(abc.ABC):
         self.config = config
         self.sources = {r.source for r in config.inhibit}
         self.config_silences = {s.id: s for s in config.silences}
+        self.policies: dict[str, Policy] = {p.name: p for p in config.policies}
 
     @abc.abstractmethod
     def notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def quiet_ok(a: Alert) -> bool: ...
 
     @abc.abstractmethod
     def route(self, labels: Mapping[str, str]) -> Policy | None: ...
@@ -216,25 +226,167 @@ class Correlator(abc.ABC):
         for p in providers:
             self._provider_incident(state, p, ctx, provider_hosts)
         for a in fired:
-            if not self.notifiable(a) or a.level >= 0:
+            if not self.notifiable(a):
                 continue
-            if a.notified is None and self._absorb(state, a, now):
+            if self._join(state, a, ctx):
+                continue
+            if a.level >= 0:
                 continue
             self.notify_first(state, a, ctx)
+        self.flush_updates(state, ctx)
 
-    def _absorb(self, state: AlertState, a: Alert, now: float) -> bool:
-        p, h = a.labels.get("provider", ""), a.labels.get("host", "")
-        iid = state.open_incidents.get(f"provider:{p}")
-        inc = state.incidents.get(iid) if iid else None
-        if inc is None or (h not in inc.hosts and a.severity != CRITICAL):
+    # ------------------------------------------------------------------ provider-wide incidents
+
+    def provider_incident_of(self, state: AlertState, a: Alert) -> Incident | None:
+        iid = state.open_incidents.get(f"provider:{a.labels.get('provider', '')}")
+        return state.incidents.get(iid) if iid else None
+
+    def _accepting(self, state: AlertState, inc: Incident, ctx: Ctx) -> bool:
+        """A provider incident takes new members while at least ``provider_incident_min_hosts``
+        of its hosts still have a firing critical member (computed once per evaluation)."""
+        got = ctx.accepting.get(inc.id)
+        if got is None:
+            hosts = set()
+            for fp in inc.alerts:
+                m = state.by_fp.get(fp)
+                if m is not None and m.state == FIRING and m.severity == CRITICAL and not m.silenced_by:
+                    hosts.add(m.labels.get("host", ""))
+            got = ctx.accepting[inc.id] = len(hosts) >= self.config.alerts.provider_incident_min_hosts
+        return got
+
+    def _join(self, state: AlertState, a: Alert, ctx: Ctx) -> bool:
+        """``a`` (notifiable) joins its provider's open, notified incident if it is critical or
+        on one of its hosts and was not told on its own: it is told by the incident's next
+        update (at once for event-class criticals, else batched at ``group_interval``).
+        True if the incident tells it (now, later or already)."""
+        inc = self.provider_incident_of(state, a)
+        if inc is None or inc.policy is None:
             return False
-        a.notified = "absorbed"
-        if a.fingerprint not in inc.alerts:
-            inc.alerts.append(a.fingerprint)
-        if h not in inc.hosts:
-            inc.hosts.append(h)
-        inc.last_activity = now
+        fp = a.fingerprint
+        told = inc.covered.get(fp) == f"{a.episode}/{a.severity}"
+        if a.notified == "incident" and (fp in inc.pending or told):
+            return True  # told (or about to be) at this severity
+        if a.notified != "incident":
+            if a.level >= 0:
+                return False  # told on its own before the incident opened: it keeps its own notices
+            h = a.labels.get("host", "")
+            if (h not in inc.hosts and a.severity != CRITICAL) or not self._accepting(state, inc, ctx):
+                return False
+        a.notified = "incident"
+        if fp not in inc.alerts:
+            inc.alerts.append(fp)
+        inc.pending.append(fp)
+        now, gi = ctx.now, self.config.alerts.group_interval
+        if a.severity == CRITICAL and a.immediate and a.rule in self.config.event_rules:
+            due = now
+        else:
+            due = max(now, (inc.last_sent_at if inc.last_sent_at is not None else now) + gi)
+        inc.update_due = due if inc.update_due is None else min(inc.update_due, due)
+        state.next_due = min(state.next_due, inc.update_due)
         return True
+
+    def _cover(self, inc: Incident, a: Alert, pol: Policy, now: float) -> None:
+        """``a`` is told by a notification of ``inc``: it escalates from now, through the
+        incident's policy if it is critical, else through its own (if any)."""
+        inc.covered[a.fingerprint] = f"{a.episode}/{a.severity}"
+        a.notified = "incident"
+        if a.level < 0:
+            own = pol if a.severity == CRITICAL else self.route(a.match_labels())
+            a.policy = (own or pol).name
+            a.level, a.notify_base = 0, now
+        a.last_notified_at = now
+
+    def flush_updates(self, state: AlertState, ctx: Ctx) -> float:
+        """Send the updates of provider incidents that are due; the next one's time."""
+        now, nxt = ctx.now, FOREVER
+        for iid in state.open_incidents.values():
+            inc = state.incidents[iid]
+            if inc.update_due is None:
+                continue
+            if inc.update_due > now:
+                nxt = min(nxt, inc.update_due)
+                continue
+            self._send_update(state, inc, ctx)
+        state.next_due = min(state.next_due, nxt)
+        return nxt
+
+    def _send_update(self, state: AlertState, inc: Incident, ctx: Ctx) -> None:
+        now = ctx.now
+        pending, inc.pending, inc.update_due = inc.pending, [], None
+        pol = self.policies.get(inc.policy or "")
+        new: list[Alert] = []
+        for fp in dict.fromkeys(pending):
+            a = state.by_fp.get(fp)
+            # told even if it resolved meanwhile (it did fire); not if silenced or inhibited since
+            if a is not None and a.notified == "incident" and self.quiet_ok(a) and not a.flapping:
+                new.append(a)
+        if not new or pol is None:
+            return
+        new_hosts = sorted({h for a in new if (h := a.labels.get("host", "")) not in inc.hosts})
+        inc.hosts += new_hosts
+        told_rules = {state.by_fp[fp].rule for fp in inc.covered if fp in state.by_fp}
+        raised = [a for a in new if a.fingerprint in inc.covered]
+        new_rules = sorted({a.rule for a in new} - told_rules)
+        for a in new:
+            self._cover(inc, a, pol, now)
+        hosts = tuple(sorted({a.labels.get("host", "") for a in new}))
+        parts = [f"{len(new)} new alert{'s' if len(new) > 1 else ''}"]
+        if new_hosts:
+            parts.append(f"new hosts {', '.join(new_hosts)}")
+        if new_rules:
+            parts.append(f"new rules {', '.join(new_rules)}")
+        if raised:
+            parts.append("severity raised: " + ", ".join(f"{a.rule} on {_host(a)}" for a in raised))
+        what = "; ".join([*parts, ", ".join(f"{a.rule} {a.severity} on {_host(a)}" for a in new[:10])])
+        severity = max((a.severity for a in new), key=lambda s: RANK.get(s, 0))
+        summary = f"provider {inc.provider} incident update: {what}"
+        told = tuple(inc.told)
+        self._incident_note(ctx, inc, N_UPDATE, told, 0, severity, new, summary, hosts, tuple(new_hosts))
+
+    def _incident_note(
+        self,
+        ctx: Ctx,
+        inc: Incident,
+        kind: str,
+        channels: tuple[str, ...],
+        level: int,
+        severity: str,
+        members: Sequence[Alert],
+        summary: str,
+        hosts: tuple[str, ...],
+        new_hosts: tuple[str, ...] = (),
+    ) -> None:
+        if not channels:
+            return
+        for c in channels:
+            if c not in inc.told:
+                inc.told.append(c)
+        ctx.notifications.append(
+            Notification(
+                kind, tuple(dict.fromkeys(channels)), ctx.now, None, inc.id, PROVIDER_RULE,
+                {"provider": inc.provider}, severity, summary, "", level, hosts, inc.updates,
+                tuple(sorted({a.rule for a in members})), tuple(a.fingerprint for a in members), new_hosts,
+            )
+        )  # fmt: skip
+        inc.updates += 1
+        inc.last_sent_at = ctx.now
+
+    def escalate_members(self, state: AlertState, ctx: Ctx) -> None:
+        """Send the escalations and repeats of incident-told members, one per (incident,
+        kind, level), collected by ``_escalate`` in ``ctx.member_notes``."""
+        for (iid, kind, level, pname), members in ctx.member_notes.items():
+            inc = state.incidents.get(iid)
+            pol = self.policies.get(pname)
+            if inc is None or pol is None:
+                continue
+            hosts = tuple(sorted({a.labels.get("host", "") for a in members}))
+            what = ", ".join(f"{a.rule} on {_host(a)}" for a in members[:10])
+            verb = f"escalated to level {level}" if kind == N_ESCALATED else "still firing"
+            summary = f"provider {inc.provider} incident: {len(members)} unacknowledged ({what}): {verb}"
+            chans = pol.levels[level].notify
+            severity = max((a.severity for a in members), key=lambda s: RANK.get(s, 0))
+            self._incident_note(ctx, inc, kind, chans, level, severity, members, summary, hosts)
+        ctx.member_notes.clear()
 
     def _provider_incident(
         self, state: AlertState, p: str, ctx: Ctx, provider_hosts: Mapping[str, int] | None
@@ -267,19 +419,20 @@ class Correlator(abc.ABC):
         labels = {"provider": p, "rule": PROVIDER_RULE, "severity": CRITICAL}
         pol = self.route(labels)
         if pol is None:
-            return
+            return  # recorded only: its alerts are notified on their own
         inc.notified = True
-        inc.told = list(pol.levels[0].notify)
+        inc.policy = pol.name
+        members = [state.by_fp[fp] for fp in inc.alerts]
+        for a in members:
+            if self.notifiable(a) and a.level < 0:
+                self._cover(inc, a, pol, now)  # told by this notification, not on its own
         summary = (
             f"provider {p}: {n} of {total} hosts failing within "
             f"{cfg.correlation_window:g} s: look for a shared cause (power, network, cooling, driver rollout)"
         )
-        ctx.notifications.append(
-            Notification(
-                N_PROVIDER, tuple(inc.told), now, None, inc.id, PROVIDER_RULE,
-                {"provider": p}, CRITICAL, summary, "", 0, tuple(inc.hosts),
-            )
-        )  # fmt: skip
+        told = [a for a in members if self.notifiable(a)]
+        self._incident_note(ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, told, summary,
+                            tuple(inc.hosts))  # fmt: skip
 
     def close_incidents(self, state: AlertState, ctx: Ctx) -> float:
         """Close incidents whose alerts all stopped firing a window ago; the next due time."""
@@ -293,18 +446,18 @@ class Correlator(abc.ABC):
                 continue
             inc.closed_at = now
             del state.open_incidents[slot]
+            inc.pending, inc.update_due = [], None  # nothing left to tell: none of them fires
             if inc.host is None and inc.notified:
-                ctx.notifications.append(
-                    Notification(
-                        N_RESOLVED, tuple(inc.told), now, None, inc.id, PROVIDER_RULE,
-                        {"provider": inc.provider}, CRITICAL,
-                        f"provider {inc.provider}: incident over, hosts recovered",
-                        "", 0, tuple(inc.hosts),
-                    )
-                )  # fmt: skip
+                self._incident_note(ctx, inc, N_RESOLVED, tuple(inc.told), 0, CRITICAL, [],
+                                    f"provider {inc.provider}: incident over, hosts recovered",
+                                    tuple(inc.hosts))  # fmt: skip
         retention = self.config.alerts.resolved_retention
         for iid in [
             i for i, inc in state.incidents.items() if inc.closed_at and now >= inc.closed_at + retention
         ]:
             del state.incidents[iid]
         return nxt
+
+
+def _host(a: Alert) -> str:
+    return a.labels.get("host", "")

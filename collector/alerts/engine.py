@@ -31,6 +31,7 @@ from collector.alerts.model import (
     PENDING,
     RESOLVED,
     Ack,
+    AckIncident,
     AddSilence,
     Alert,
     AlertState,
@@ -57,7 +58,6 @@ class AlertEngine(Correlator):
         # Nagios: weights grow linearly from 0.8 (oldest change) to 1.2 (newest); slot 0 is newest.
         self.flap_weights = tuple(0.8 + 0.4 * (slots - 1 - i) / max(slots - 1, 1) for i in range(slots))
         self.flap_scale = 100.0 / slots
-        self.policies: dict[str, Policy] = {p.name: p for p in self.config.policies}
 
     # ------------------------------------------------------------------ entry points
 
@@ -191,7 +191,7 @@ class AlertEngine(Correlator):
             None,
         )
         a.told = []
-        a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+        _clear_ack(a)
         self._t(ctx, a, "pending")
         self.inhibit_check(state, a, ctx)
         wait = self.for_of(a)
@@ -218,7 +218,7 @@ class AlertEngine(Correlator):
             if a.rule in self.sources:
                 self.root_changed(state, a, False, ctx)
             self.incident_activity(state, a, ctx)
-        a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+        _clear_ack(a)
         a.inhibited_by = None  # inhibition is a property of pending and firing alerts
         retire = now + self.config.alerts.resolved_retention
         if retire < state.next_due:
@@ -227,6 +227,10 @@ class AlertEngine(Correlator):
     def _severity(self, state: AlertState, a: Alert, old: str, ctx: Ctx) -> None:
         self._t(ctx, a, "severity")
         self.silence_check(state, a, ctx)
+        if a.notified == "incident":  # told by its provider incident: the next update says it
+            if RANK[a.severity] > RANK[old] and self.notifiable(a):
+                ctx.fired[a.fingerprint] = a
+            return
         if RANK[a.severity] <= RANK[old] or a.level < 0 or not self.notifiable(a):
             return
         pol = self.route(a.match_labels())
@@ -284,7 +288,7 @@ class AlertEngine(Correlator):
 
     def notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
         """The first notification of an episode (level 0, or higher if its delays passed)."""
-        if not self.notifiable(a) or a.level >= 0 or a.notified == "absorbed":
+        if not self.notifiable(a) or a.level >= 0 or a.notified == "incident":
             return
         pol = self.policies.get(a.policy) if a.policy else self.route(a.match_labels())
         if pol is None:
@@ -320,7 +324,7 @@ class AlertEngine(Correlator):
         if not self.notifiable(a) or a.fingerprint in ctx.fired:
             return FOREVER
         if a.level < 0:
-            if a.notified != "absorbed":
+            if a.notified != "incident":  # (else it waits in its incident's next update)
                 ctx.fired[a.fingerprint] = a  # a delayed level 0: correlate, then notify
             return FOREVER
         pol = self.policies.get(a.policy or "")
@@ -329,6 +333,16 @@ class AlertEngine(Correlator):
         now, target = ctx.now, a.level
         while target + 1 < len(pol.levels) and now >= a.notify_base + pol.levels[target + 1].after:
             target += 1
+        inc = self.provider_incident_of(state, a) if a.notified == "incident" else None
+        if inc is not None:  # told by its incident: escalates and repeats as the incident's notice
+            if target > a.level:
+                a.level = target
+                ctx.member_notes.setdefault((inc.id, N_ESCALATED, target, pol.name), []).append(a)
+                a.last_notified_at = now
+            elif pol.repeat > 0 and a.last_notified_at is not None and now >= a.last_notified_at + pol.repeat:
+                ctx.member_notes.setdefault((inc.id, N_REPEAT, a.level, pol.name), []).append(a)
+                a.last_notified_at = now
+            return self._next_for(a, pol)
         if target > a.level:
             a.level = target
             self._send(ctx, a, N_ESCALATED, pol.levels[target].notify)
@@ -345,6 +359,18 @@ class AlertEngine(Correlator):
         if isinstance(cmd, ExpireSilence):
             state.silences.pop(cmd.id, None)
             return
+        if isinstance(cmd, AckIncident):
+            inc = state.incidents.get(cmd.incident)
+            if inc is None or inc.closed_at is not None:
+                return
+            inc.ack_by, inc.ack_at = cmd.by, ctx.now
+            for fp in inc.alerts:
+                m = state.by_fp.get(fp)
+                if m is not None and m.state != RESOLVED and m.ack_by is None:
+                    m.ack_by, m.ack_at, m.ack_until, m.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
+                    m.ack_incident = inc.id
+                    self._t(ctx, m, "acknowledged")
+            return
         a = state.by_fp.get(cmd.fingerprint)
         if a is None:
             return
@@ -352,9 +378,10 @@ class AlertEngine(Correlator):
             if a.state == RESOLVED:
                 return
             a.ack_by, a.ack_at, a.ack_until, a.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
+            a.ack_incident = None
             self._t(ctx, a, "acknowledged")
         elif isinstance(cmd, Unack) and a.ack_by is not None:
-            a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+            _clear_ack(a)
             self._t(ctx, a, "unacknowledged")
 
     def _advance(self, state: AlertState, ctx: Ctx, nxt: float) -> None:
@@ -370,7 +397,7 @@ class AlertEngine(Correlator):
                     nxt = min(nxt, due)
             if a.ack_until is not None:
                 if now >= a.ack_until:
-                    a.ack_by, a.ack_at, a.ack_until, a.ack_comment = None, None, None, ""
+                    _clear_ack(a)
                     self._t(ctx, a, "unacknowledged")
                 else:
                     nxt = min(nxt, a.ack_until)
@@ -385,4 +412,10 @@ class AlertEngine(Correlator):
                     nxt = min(nxt, gone)
         for key in drop:
             self.forget(state, key)
+        self.escalate_members(state, ctx)
+        nxt = min(nxt, self.flush_updates(state, ctx))
         state.next_due = min(nxt, self.close_incidents(state, ctx))
+
+
+def _clear_ack(a: Alert) -> None:
+    a.ack_by, a.ack_at, a.ack_until, a.ack_comment, a.ack_incident = None, None, None, "", None

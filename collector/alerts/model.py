@@ -28,6 +28,7 @@ N_ESCALATED: Final = "escalated"
 N_REPEAT: Final = "repeat"
 N_FLAPPING: Final = "flapping"
 N_PROVIDER: Final = "provider_incident"
+N_UPDATE: Final = "incident_update"
 
 
 def fingerprint(key: str) -> str:
@@ -59,6 +60,7 @@ class Alert:
     ack_at: float | None = None
     ack_until: float | None = None
     ack_comment: str = ""
+    ack_incident: str | None = None  # acknowledged by acknowledging this incident
     silenced_by: list[str] = field(default_factory=list)
     inhibited_by: str | None = None  # fingerprint of the root-cause alert
     flapping: bool = False
@@ -67,7 +69,7 @@ class Alert:
     policy: str | None = None
     level: int = -1  # escalation level reached this episode (-1: nothing notified yet)
     notify_base: float | None = None  # when it became notifiable: escalation delays count from here
-    notified: str | None = None  # "firing", "flapping" or "absorbed" (in a provider incident)
+    notified: str | None = None  # "firing", "flapping" or "incident" (told by a provider incident)
     last_notified_at: float | None = None
     told: list[str] = field(default_factory=list)  # channels notified this episode
     incident: str | None = None
@@ -92,6 +94,15 @@ class Incident:
     hosts: list[str] = field(default_factory=list)  # provider-wide: the failing hosts
     notified: bool = False
     told: list[str] = field(default_factory=list)
+    # Provider-wide incidents tell their members: by the first notification, then by updates.
+    covered: dict[str, str] = field(default_factory=dict)  # fingerprint -> "episode/severity" told
+    pending: list[str] = field(default_factory=list)  # joined, waiting for the next update
+    update_due: float | None = None  # when the pending members are told
+    last_sent_at: float | None = None  # the first notification or the last update
+    updates: int = 0  # notifications sent about it so far (first, updates, escalations)
+    policy: str | None = None  # the policy that routed its first notification
+    ack_by: str | None = None
+    ack_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +126,13 @@ class Transition:
 class Notification:
     """Something an effects layer delivers to ``channels``.
 
-    ``kind``: firing, resolved, escalated, repeat, flapping or provider_incident. An alert's
-    notification has ``fingerprint``; an incident's (provider-wide) has ``fingerprint=None``
-    and lists the failing hosts in ``hosts``.
+    ``kind``: firing, resolved, escalated, repeat, flapping, provider_incident or
+    incident_update. An alert's notification has ``fingerprint``; an incident's
+    (provider-wide) has ``fingerprint=None``, lists the hosts it is about in ``hosts`` (the
+    first: every failing host; an update: the hosts of its new members), the rules in
+    ``rules``, the alerts it tells (covers) in ``alerts`` and, for an update, the hosts new
+    to the incident in ``new_hosts``. For an incident's notifications ``episode`` counts
+    them (0 for the first).
     """
 
     kind: str
@@ -133,6 +148,9 @@ class Notification:
     level: int = 0
     hosts: tuple[str, ...] = ()
     episode: int = 0  # the alert's episode: (fingerprint, episode, kind, level) identifies a delivery
+    rules: tuple[str, ...] = ()
+    alerts: tuple[str, ...] = ()  # fingerprints an incident's notification tells
+    new_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +158,17 @@ class Ack:
     """Acknowledge a pending or firing alert (optionally until ``until``): stops escalation."""
 
     fingerprint: str
+    by: str
+    until: float | None = None
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AckIncident:
+    """Acknowledge an incident: each of its pending or firing members not yet acknowledged is
+    acknowledged (``Alert.ack_incident`` names the incident); members that join later are not."""
+
+    incident: str
     by: str
     until: float | None = None
     comment: str = ""
@@ -161,7 +190,7 @@ class ExpireSilence:
     id: str
 
 
-Command = Ack | Unack | AddSilence | ExpireSilence
+Command = Ack | AckIncident | Unack | AddSilence | ExpireSilence
 
 
 class Outcome(NamedTuple):
@@ -215,7 +244,7 @@ class AlertState:
         return cls(
             alerts={a.key: a for a in alerts},
             silences={s["id"]: Silence.from_dict(s) for s in d.get("silences", [])},
-            incidents={i["id"]: Incident(**i) for i in d.get("incidents", [])},
+            incidents={i["id"]: Incident(**i) for i in d.get("incidents", [])},  # older rows: defaults
             open_incidents=dict(d.get("open_incidents", {})),
             hosts={p: dict.fromkeys(h) for p, h in d.get("hosts", {}).items()},
             active_silences=list(d.get("active_silences", [])),

@@ -55,6 +55,9 @@ def payload_of(n: Notification, alert: Alert | None, channel: str) -> dict[str, 
         "advice": n.advice,
         "level": n.level,
         "hosts": list(n.hosts),
+        "new_hosts": list(n.new_hosts),
+        "rules": list(n.rules),
+        "alerts": list(n.alerts),
         "episode": n.episode,
         "at": n.at,
         "starts_at": starts,
@@ -82,6 +85,10 @@ def alert_annotations(p: Mapping[str, Any]) -> dict[str, str]:
         out["advice"] = str(p["advice"])
     if p.get("hosts"):
         out["hosts"] = ",".join(p["hosts"])
+    if p.get("new_hosts"):
+        out["new_hosts"] = ",".join(p["new_hosts"])
+    if p.get("rules"):
+        out["rules"] = ",".join(p["rules"])
     if p.get("incident"):
         out["incident"] = str(p["incident"])
     return out
