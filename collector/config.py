@@ -8,6 +8,7 @@ a schema for them is passed in ``extra_schema``, those present in the file are k
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +58,21 @@ class PostgresSection:
 
 @dataclass(frozen=True, slots=True)
 class ApiSection:
-    """``[api]``: bearer tokens for writes (each may be ``env:NAME`` or ``file:/path``)."""
+    """``[api]``: who may write and read (docs/api.md), and what API reads may cost PostgreSQL.
+
+    Tokens are secrets (inline, ``env:NAME`` or ``file:/path``). ``tokens`` entries are named
+    ``token-N`` in the audit trail; ``named_tokens`` entries are ``NAME=SECRET`` and are named
+    ``NAME``. With ``read_tokens`` set, reads (API and stream) need a read or a write token.
+    """
 
     tokens: tuple[str, ...] = ()
+    named_tokens: tuple[str, ...] = ()
+    read_tokens: tuple[str, ...] = ()
+    allow_anonymous_writes: bool = False
+    allowed_origins: tuple[str, ...] = ()  # besides the page's own origin (scheme://host[:port])
+    db_pool_max: int = num(5, 2, 100)  # connections of the API's own read pool
+    statement_timeout: float = dur("10s")  # each API query is cancelled after this long
+    max_heavy_queries: int = num(4, 1, 99)  # concurrent history queries; beyond: 503 + Retry-After
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +106,15 @@ COLLECTOR_SCHEMA: Final[dict[str, type[Any]]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One configured bearer token: its audit name, its secret, and whether it may write."""
+
+    name: str
+    secret: Secret
+    write: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     collector: CollectorSection
     nats: NatsConfig
@@ -100,7 +122,7 @@ class CollectorConfig:
     api: ApiSection
     inventory: InventorySection
     alerting: AlertingSection = field(default_factory=AlertingSection)
-    api_tokens: tuple[Secret, ...] = ()
+    api_tokens: tuple[ApiToken, ...] = ()
     sections: Mapping[str, Any] = field(default_factory=dict)  # built from ``extra_schema``
     raw: Mapping[str, Any] = field(default_factory=dict)  # RAW_SECTIONS present in the file
 
@@ -135,8 +157,13 @@ def load_collector_config(
     if pg.rollup_retention_days < pg.retention_days:
         raise ConfigError("postgres.rollup_retention_days", "must be at least postgres.retention_days")
     _check_listen(c.listen)
-    envmap = env if env is not None else None
-    tokens = tuple(resolve_secret(t, "api.tokens", envmap) for t in s["api"].tokens)
+    api: ApiSection = s["api"]
+    if api.max_heavy_queries >= api.db_pool_max:
+        raise ConfigError(
+            "api.max_heavy_queries", f"must be below api.db_pool_max ({api.db_pool_max}), so light reads"
+            " always find a connection"
+        )  # fmt: skip
+    tokens = api_tokens(s["api"], env)
     return CollectorConfig(
         collector=c,
         nats=s["nats"],
@@ -148,6 +175,36 @@ def load_collector_config(
         sections={name: s[name] for name in extra_schema},
         raw={name: s[name] for name in raw_names if s[name] is not None},
     )
+
+
+TOKEN_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+ORIGIN: Final = re.compile(r"https?://[^/?#\s@]+")
+
+
+def api_tokens(api: ApiSection, env: Mapping[str, str] | None = None) -> tuple[ApiToken, ...]:
+    """The bearer tokens of ``[api]``, resolved, each with its audit name (unique)."""
+    out: list[ApiToken] = []
+    for i, t in enumerate(api.tokens):
+        out.append(ApiToken(f"token-{i}", resolve_secret(t, "api.tokens", env)))
+    for t in api.named_tokens:
+        name, sep, spec = t.partition("=")
+        if not sep or not TOKEN_NAME.fullmatch(name) or not spec:
+            raise ConfigError(
+                "api.named_tokens", "each entry is NAME=SECRET (NAME: letters, digits, _ . @ + -)"
+            )
+        out.append(ApiToken(name, resolve_secret(spec, "api.named_tokens", env)))
+    for i, t in enumerate(api.read_tokens):
+        out.append(ApiToken(f"read-token-{i}", resolve_secret(t, "api.read_tokens", env), write=False))
+    names = [tok.name for tok in out]
+    for tok in out:
+        if names.count(tok.name) > 1:
+            raise ConfigError("api.named_tokens", f"token name {tok.name!r} is used twice")
+        if not tok.secret.reveal():
+            raise ConfigError("api.tokens", f"token {tok.name!r} is empty")
+    for o in api.allowed_origins:
+        if not ORIGIN.fullmatch(o):
+            raise ConfigError("api.allowed_origins", f"expected scheme://host[:port], got {o!r}")
+    return tuple(out)
 
 
 def _check_listen(listen: str) -> None:

@@ -176,7 +176,7 @@ def test_config_file_env_and_flags(tmp_path: Path) -> None:
     assert cfg.postgres.retention_days == 10  # env beats file
     assert cfg.postgres.rollup_retention_days == 180
     assert cfg.inventory.refresh == 60.0
-    assert [t.reveal() for t in cfg.api_tokens] == ["s3cret"]
+    assert [(t.name, t.secret.reveal()) for t in cfg.api_tokens] == [("token-0", "s3cret")]
     assert cfg.raw["health"]["gpu"]["temp_warning_c"] == 85
     assert cfg.raw["notify"]["webhook"][0]["name"] == "oncall"
     assert "escalation" not in cfg.raw  # absent from the file

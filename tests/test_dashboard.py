@@ -121,7 +121,7 @@ async def test_page_shows_the_fleet_live_alerts_and_acknowledges(
         await page.fill("#token-input", TOKEN)
         await page.click("#token-save")
         await until(
-            lambda: (a := svc.alerting.get_alert(fp)) is not None and a.ack_by == "dashboard", timeout=10
+            lambda: (a := svc.alerting.get_alert(fp)) is not None and a.ack_by == "token-0", timeout=10
         )
         await page.locator(f"#alerts tr.acked[data-alert='{fp}']").wait_for(timeout=10_000)
 

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -364,3 +365,28 @@ def test_tls_options_build_the_right_ssl_argument(tmp_path: object) -> None:
     assert required.verify_mode == ssl.CERT_NONE
     with pytest.raises(ConfigError, match="TLS"):
         ssl_of(**{"postgres.sslmode": "verify-full", "postgres.sslrootcert": "/nonexistent/ca.pem"})
+
+
+def test_a_configured_ca_without_sslmode_verifies_the_server_name(tmp_path: Path) -> None:
+    """``sslrootcert`` alone means ``verify-full`` (chain and host name), not ``verify-ca``."""
+    import ssl
+    import subprocess
+
+    ca = tmp_path / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(tmp_path / "ca.key"), "-out", str(ca), "-days", "2", "-subj", "/CN=test-ca"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    def ctx_of(**flags: object) -> ssl.SSLContext:
+        got = db.connect_kwargs(make_config("postgresql://db/x", **flags).postgres).get("ssl")
+        assert isinstance(got, ssl.SSLContext)
+        return got
+
+    default = ctx_of(**{"postgres.sslrootcert": str(ca)})
+    assert default.verify_mode == ssl.CERT_REQUIRED
+    assert default.check_hostname
+    ca_only = ctx_of(**{"postgres.sslrootcert": str(ca), "postgres.sslmode": "verify-ca"})
+    assert ca_only.verify_mode == ssl.CERT_REQUIRED
+    assert not ca_only.check_hostname  # asked for explicitly

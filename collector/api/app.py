@@ -9,7 +9,6 @@ that serve it on ``[collector] listen``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from pathlib import Path
@@ -20,8 +19,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from collector.alerting import STATES
-from collector.api import stream, views
+from collector.api import auth, reads, stream, views
 from collector.api.errors import (
+    MAX_TIME,
     ApiError,
     bad,
     body_str,
@@ -37,10 +37,10 @@ from collector.api.errors import (
 )
 from collector.api.live import LIVE, LiveRollup, run_refresher
 from collector.api.openapi import document
+from collector.config import ApiToken
 from collector.health.model import STATUSES
 from collector.metrics import FleetCollector
 from collector.store import queries
-from shared.config import Secret
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 SERVICE: Final[web.AppKey[CollectorService]] = web.AppKey("service")
 REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
 FLEET_COLLECTOR: Final[web.AppKey[FleetCollector | None]] = web.AppKey("fleet_collector")
-TOKENS: Final[web.AppKey[tuple[bytes, ...]]] = web.AppKey("tokens")
 READY: Final[web.AppKey[dict[str, Any]]] = web.AppKey("ready")
 STATIC: Final = Path(__file__).parent / "static"
 SEVERITIES: Final = ("critical", "warning", "info")
@@ -61,10 +60,11 @@ def make_app(
     service: CollectorService,
     *,
     registry: CollectorRegistry | None = None,
-    tokens: tuple[Secret, ...] | None = None,
+    tokens: tuple[ApiToken, ...] | None = None,
 ) -> web.Application:
-    """The application; ``registry`` receives the fleet metrics (a fresh one by default)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=1 << 20)
+    """The application; ``registry`` receives the fleet metrics (a fresh one by default);
+    ``tokens`` replace the configured ``[api]`` tokens."""
+    app = web.Application(middlewares=[json_errors, auth.guard], client_max_size=1 << 20)
     app[SERVICE] = service
     fleet_collector = None
     if registry is None:
@@ -73,12 +73,14 @@ def make_app(
         registry.register(fleet_collector)
     app[REGISTRY] = registry
     app[FLEET_COLLECTOR] = fleet_collector
-    app[TOKENS] = tuple(
-        t.reveal().encode() for t in (service.config.api_tokens if tokens is None else tokens)
+    app[auth.POLICY] = auth.Policy.of(
+        service.config.api, service.config.api_tokens if tokens is None else tokens
     )
     app[READY] = {"batches": -1, "changed": time.monotonic()}
     app[LIVE] = LiveRollup.of(service)
+    app[reads.READS] = reads.ReadPool(service)
     app.cleanup_ctx.append(run_refresher)
+    app.cleanup_ctx.append(reads.lifetime)
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
@@ -107,25 +109,10 @@ def _svc(request: web.Request) -> CollectorService:
 
 
 def require_token(request: web.Request) -> str:
-    """401 without a bearer token, 403 with a wrong one (constant-time compare); the caller's
-    identity for the audit trail is the token's position (``token-N``), never the token."""
-    tokens: tuple[bytes, ...] = request.app[TOKENS]
-    if not tokens:
-        return "anonymous"
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise ApiError(
-            401, "unauthorized", "a bearer token is required", None, {"WWW-Authenticate": "Bearer"}
-        )
-    got = given.strip().encode()
-    found = None
-    for i, t in enumerate(tokens):
-        if hmac.compare_digest(got, t) and found is None:
-            found = i
-    if found is None:
-        raise ApiError(403, "forbidden", "the bearer token is not valid")
-    return f"token-{found}"
+    """The caller's identity for the audit trail: the name of its write token (``token-N`` or
+    the name given in ``[api] named_tokens``), never the token; ``anonymous`` only with
+    ``[api] allow_anonymous_writes``. 401/403 otherwise (see :mod:`collector.api.auth`)."""
+    return auth.identity(request)
 
 
 # ------------------------------------------------------------------ health and metrics
@@ -141,15 +128,16 @@ async def readyz(request: web.Request) -> web.Response:
     nc = svc.nc
     checks["nats"] = {"ok": bool(nc is not None and nc.is_connected)}
     pg_ok, pg_err = False, None
-    if svc.pool is not None:
-        try:
-            async with asyncio.timeout(2.0):
-                await svc.pool.fetchval("SELECT 1")
-            pg_ok = True
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            pg_err = str(e) or type(e).__name__
-    else:
-        pg_err = "not connected"
+    try:  # through the API's own pool: a probe never takes a connection from alerting
+        async with asyncio.timeout(2.0):
+            pool = await request.app[reads.READS].get()
+            await pool.fetchval("SELECT 1")
+        pg_ok = True
+    except ApiError:
+        pg_err = "not reachable"
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        pg_err = type(e).__name__  # the server's text stays in the log, not in a public reply
+        log.warning("readiness: PostgreSQL check failed: %s", e)
     checks["postgres"] = {"ok": pg_ok, "error": pg_err}
     st = svc.ingest.stats
     mark = request.app[READY]
@@ -247,7 +235,6 @@ async def get_host(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    svc = _svc(request)
     name = request.match_info["host"]
     q = request.query
     metric = query_str(q, "metric")
@@ -263,29 +250,27 @@ async def history(request: web.Request) -> web.Response:
     assert since is not None
     if not until > since:
         raise bad("until", "until must be after since")
-    step = query_float(q, "step")
-    if step is not None and (step <= 0 or (until - since) / step > queries.MAX_POINTS):
+    step = query_float(q, "step", None, 1e-3, MAX_TIME)
+    if step is not None and (until - since) / step > queries.MAX_POINTS:
         raise bad("step", f"step must be positive and give at most {queries.MAX_POINTS} points")
     limit = query_int(q, "limit", 1000, 1, queries.MAX_PAGE)
     cursor = query_str(q, "cursor")
-    if cursor is not None:
-        us, sep, g = cursor.partition(":")
-        if not sep or not us.isdigit() or not g.lstrip("-").isdigit() or len(cursor) > 40:
-            raise bad("cursor", f"bad cursor {cursor!r}")
+    if cursor is not None and not queries.valid_cursor(cursor):
+        raise bad("cursor", f"bad cursor {cursor[:50]!r}")
     if metric in queries.HOST_METRICS and gpu is not None:
         raise bad("gpu", f"{metric} is a host metric; do not give a GPU")
-    if svc.pool is None:
-        raise ApiError(503, "unavailable", "PostgreSQL is not connected")
-    try:
-        result = await queries.history(
-            svc.pool, name, metric, since, until, step=step, gpu=gpu, cursor=cursor, limit=limit or 1000
-        )
-    except queries.UnknownHostError:
-        raise not_found("host", name) from None
-    except queries.QueryError as e:
-        raise bad("query", str(e)) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        raise ApiError(503, "unavailable", f"PostgreSQL: {type(e).__name__}") from None
+    read_pool = request.app[reads.READS]
+    async with read_pool.heavy() as pool:  # the API's own pool, a bounded number at a time
+        try:
+            result = await queries.history(
+                pool, name, metric, since, until, step=step, gpu=gpu, cursor=cursor, limit=limit or 1000
+            )
+        except queries.UnknownHostError:
+            raise not_found("host", name) from None
+        except queries.QueryError as e:
+            raise bad("query", str(e)) from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            raise read_pool.query_error(e) from None
     return web.json_response(
         {
             "host": name,
@@ -335,7 +320,7 @@ async def ack_alert(request: web.Request) -> web.Response:
     svc = _svc(request)
     fp = request.match_info["id"]
     body = await json_body(request)
-    by = body_str(body, "by", who, 200) or who
+    by = who  # the token's name: a body's "by" is not trusted (docs/api.md)
     comment = body_str(body, "comment", "", 2000)
     until = body_time(body, "until")
     if svc.alerting.get_alert(fp) is None:
@@ -376,7 +361,7 @@ async def add_silence(request: web.Request) -> web.Response:
         ):
             raise bad("ends_at", "give ends_at (Unix seconds) or duration (seconds, positive)")
         ends = (starts if starts is not None else time.time()) + float(duration)
-    author = body_str(body, "author", who, 200) or who
+    author = who  # the token's name: a body's "author" is not trusted (docs/api.md)
     comment = body_str(body, "comment", "", 2000)
     try:
         s = await svc.alerting.add_silence(list(matchers), starts, ends, author, comment)

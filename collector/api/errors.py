@@ -15,6 +15,7 @@ from aiohttp import web
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT: Final = 10_000
 DEFAULT_LIMIT: Final = 1000
+MAX_TIME: Final = 1e11  # Unix seconds (year 5138): every time a request gives is below this
 
 
 class ApiError(web.HTTPException):
@@ -67,16 +68,19 @@ def query_str(q: Mapping[str, str], name: str, choices: tuple[str, ...] | None =
     return v
 
 
-def query_float(q: Mapping[str, str], name: str, default: float | None = None) -> float | None:
+def query_float(
+    q: Mapping[str, str], name: str, default: float | None = None, lo: float = 0.0, hi: float = MAX_TIME
+) -> float | None:
+    """A number of seconds (a Unix time by default: ``0 <= v < MAX_TIME``), 400 outside."""
     v = q.get(name)
     if v is None or v == "":
         return default
     try:
         f = float(v)
     except ValueError:
-        raise bad(name, f"{name} must be a number, got {v!r}") from None
-    if not math.isfinite(f) or abs(f) > 1e12:
-        raise bad(name, f"{name} must be a finite number of seconds, got {v!r}")
+        raise bad(name, f"{name} must be a number, got {v[:50]!r}") from None
+    if not math.isfinite(f) or not lo <= f < hi:
+        raise bad(name, f"{name} must be a number of seconds from {lo:g} to below {hi:g}, got {v[:50]!r}")
     return f
 
 
@@ -84,6 +88,8 @@ def query_int(q: Mapping[str, str], name: str, default: int | None, lo: int, hi:
     v = q.get(name)
     if v is None or v == "":
         return default
+    if len(v) > 20:
+        raise bad(name, f"{name} must be between {lo} and {hi}")
     try:
         i = int(v)
     except ValueError:
@@ -112,7 +118,7 @@ def page(request: web.Request, items: list[Any]) -> dict[str, Any]:
     raw = q.get("cursor")
     start = 0
     if raw:
-        if not raw.isdigit() or len(raw) > 12:
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
             raise bad("cursor", f"bad cursor {raw!r}")
         start = int(raw)
     chunk = items[start : start + limit]
@@ -147,6 +153,6 @@ def body_time(body: Mapping[str, Any], name: str) -> float | None:
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not 0 <= v < 1e11:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not 0 <= v < MAX_TIME:
         raise bad(name, f"{name} must be a Unix time in seconds")
     return float(v)

@@ -173,17 +173,24 @@ def reply(schema: Schema | None, description: str = "OK") -> Schema:
 ERR = reply(ref("Error"), "error")
 PAGE = [param("limit", schema={"type": "integer", "minimum": 1, "maximum": 10000}), param("cursor")]
 SECURITY: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
+READ_SECURITY: Final[list[dict[str, list[str]]]] = [{}, {"bearer": []}]  # a token when read_tokens is set
+TIME: Final[Schema] = {"type": "number", "minimum": 0, "exclusiveMaximum": 1e11}
 
 
 def op(summary: str, ok: Schema, params: list[Schema] | None = None, errors: tuple[int, ...] = (400,),
-       status: str = "200", body: Schema | None = None, write: bool = False) -> Schema:  # fmt: skip
+       status: str = "200", body: Schema | None = None, write: bool = False,
+       public: bool = False) -> Schema:  # fmt: skip
     out: Schema = {"summary": summary, "parameters": params or [], "responses": {status: ok}}
     for code in errors:
         out["responses"][str(code)] = ERR
-    if write:
+    if write:  # a token is required; 403 also for another web origin or when writes are disabled
         out["security"] = SECURITY
         out["responses"]["401"] = ERR
         out["responses"]["403"] = ERR
+        if body is not None:
+            out["responses"]["415"] = ERR  # a body that is not Content-Type: application/json
+    else:  # reads: open unless [api] read_tokens is set; public ones always open
+        out["security"] = [] if public else READ_SECURITY
     if body is not None:
         out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     return out
@@ -191,12 +198,13 @@ def op(summary: str, ok: Schema, params: list[Schema] | None = None, errors: tup
 
 STATUS_Q = param("status", schema=STATUS)
 PATHS: Final[dict[str, Schema]] = {
-    "/healthz": {"get": op("Alive", reply(obj({"status": STR})), errors=())},
+    "/healthz": {"get": op("Alive", reply(obj({"status": STR})), errors=(), public=True)},
     "/readyz": {
         "get": op(
             "Ready: NATS connected, PostgreSQL reachable, consumer not stalled",
             reply(obj({"status": STR, "checks": {"type": "object"}})),
             errors=(503,),
+            public=True,
         )
     },
     "/metrics": {
@@ -205,7 +213,7 @@ PATHS: Final[dict[str, Schema]] = {
             "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}},
         }
     },
-    "/api/v1/openapi.json": {"get": op("This document", reply({"type": "object"}), errors=())},
+    "/api/v1/openapi.json": {"get": op("This document", reply({"type": "object"}), errors=(), public=True)},
     "/api/v1/providers": {
         "get": op("Providers with status and capacity", reply(paged("Provider")), [STATUS_Q, *PAGE])
     },
@@ -236,13 +244,13 @@ PATHS: Final[dict[str, Schema]] = {
                 param("host", "path"),
                 param("metric", required=True),
                 param("gpu", schema={"type": "integer", "minimum": 0, "maximum": 1023}),
-                param("since", schema=NUM),
-                param("until", schema=NUM),
-                param("step", schema={"type": "number", "exclusiveMinimum": 0}),
+                param("since", schema=TIME),
+                param("until", schema=TIME),
+                param("step", schema={"type": "number", "minimum": 0.001, "exclusiveMaximum": 1e11}),
                 param("limit", schema={"type": "integer", "minimum": 1, "maximum": 10000}),
                 param("cursor"),
             ],
-            errors=(400, 404, 503),
+            errors=(400, 404, 503),  # 503 + Retry-After: [api] max_heavy_queries running, or timed out
         )  # fmt: skip
     },
     "/api/v1/alerts": {
@@ -268,7 +276,14 @@ PATHS: Final[dict[str, Schema]] = {
             [param("id", "path")],
             errors=(400, 404),
             write=True,
-            body=obj({"by": STR, "comment": STR, "until": {"type": ["number", "null"]}}, required=[]),
+            body=obj(
+                {
+                    "by": {**STR, "deprecated": True, "description": "ignored: the token's name is recorded"},
+                    "comment": STR,
+                    "until": {"type": ["number", "null"]},
+                },
+                required=[],
+            ),
         )  # fmt: skip
     },
     "/api/v1/silences": {
@@ -286,7 +301,11 @@ PATHS: Final[dict[str, Schema]] = {
                     "starts_at": NUM,
                     "ends_at": NUM,
                     "duration": NUM,
-                    "author": STR,
+                    "author": {
+                        **STR,
+                        "deprecated": True,
+                        "description": "ignored: the token's name is recorded",
+                    },
                     "comment": STR,
                 },
                 required=["matchers"],
@@ -310,9 +329,18 @@ PATHS: Final[dict[str, Schema]] = {
         "get": {
             "summary": "WebSocket: live health changes, alert transitions and incidents",
             "description": "Upgrade to a WebSocket. Filters: provider, host, severity, type"
-            " (comma-separated). A client that falls behind is closed with code 1013.",
-            "parameters": [param("provider"), param("host"), param("severity"), param("type")],
-            "responses": {"101": {"description": "switching protocols"}, "400": ERR},
+            " (comma-separated). A client that falls behind is closed with code 1013. A browser's"
+            " Origin must be the page's own or in [api] allowed_origins (403). With [api]"
+            " read_tokens set, a token is needed: the Authorization header or access_token.",
+            "parameters": [
+                param("provider"),
+                param("host"),
+                param("severity"),
+                param("type"),
+                param("access_token"),
+            ],
+            "security": READ_SECURITY,
+            "responses": {"101": {"description": "switching protocols"}, "400": ERR, "401": ERR, "403": ERR},
         }
     },
     "/": {

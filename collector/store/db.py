@@ -36,12 +36,22 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "40", "53", "57", "58")
 
 
-def connect_kwargs(cfg: PostgresSection, dsn: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``asyncpg.connect``/``create_pool`` from ``[postgres]``."""
+def connect_kwargs(
+    cfg: PostgresSection,
+    dsn: str | None = None,
+    *,
+    statement_timeout: float | None = None,
+    application_name: str = "gpuwarden-collector",
+) -> dict[str, Any]:
+    """Keyword arguments for ``asyncpg.connect``/``create_pool`` from ``[postgres]``;
+    ``statement_timeout`` (seconds) makes the server cancel any longer statement."""
+    settings = {"timezone": "UTC", "application_name": application_name}
+    if statement_timeout is not None:
+        settings["statement_timeout"] = str(max(1, round(statement_timeout * 1000)))  # milliseconds
     kwargs: dict[str, Any] = {
         "dsn": dsn if dsn is not None else cfg.dsn.reveal(),
         "timeout": cfg.connect_timeout,
-        "server_settings": {"timezone": "UTC", "application_name": "gpuwarden-collector"},
+        "server_settings": settings,
     }
     ssl_arg = _ssl(cfg)
     if ssl_arg is not None:
@@ -55,7 +65,9 @@ def _ssl(cfg: PostgresSection) -> ssl.SSLContext | str | None:
         return None  # whatever the DSN says (asyncpg reads sslmode= from it)
     if mode in ("disable", "allow", "prefer") and cfg.sslcert is None:
         return mode
-    verify = mode in ("verify-ca", "verify-full") or (mode is None and cfg.sslrootcert is not None)
+    if mode is None and cfg.sslrootcert is not None:
+        mode = "verify-full"  # a CA is configured: check the server's name too, not just its chain
+    verify = mode in ("verify-ca", "verify-full")
     try:
         ctx = ssl.create_default_context(cafile=cfg.sslrootcert) if verify else _no_verify()
         if cfg.sslcert is not None:
@@ -77,7 +89,20 @@ async def connect(cfg: PostgresSection, dsn: str | None = None) -> asyncpg.Conne
     return await asyncpg.connect(**connect_kwargs(cfg, dsn))
 
 
-async def create_pool(cfg: PostgresSection, dsn: str | None = None) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(**connect_kwargs(cfg, dsn), min_size=cfg.pool_min, max_size=cfg.pool_max)
+async def create_pool(
+    cfg: PostgresSection,
+    dsn: str | None = None,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    statement_timeout: float | None = None,
+    application_name: str = "gpuwarden-collector",
+) -> asyncpg.Pool:
+    """A pool of ``[postgres] pool_min..pool_max`` connections (or ``min_size..max_size``)."""
+    pool = await asyncpg.create_pool(
+        **connect_kwargs(cfg, dsn, statement_timeout=statement_timeout, application_name=application_name),
+        min_size=cfg.pool_min if min_size is None else min_size,
+        max_size=cfg.pool_max if max_size is None else max_size,
+    )
     assert pool is not None
     return pool

@@ -8,6 +8,7 @@ ever reach SQL text, values are always parameters. Times are Unix seconds (float
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -198,12 +199,23 @@ def _us(ts: datetime) -> int:
     return round(ts.timestamp() * 1_000_000)
 
 
+CURSOR: Final = re.compile(r"([0-9]{1,17}):(-1|[0-9]{1,4})")  # microseconds below 1e17 : GPU index
+
+
+def valid_cursor(cursor: str) -> bool:
+    """A raw history page's cursor as :func:`history` makes it (``<microseconds>:<gpu>``)."""
+    m = CURSOR.fullmatch(cursor)
+    return m is not None and int(m[2]) <= 1023
+
+
 def _parse_cursor(cursor: str) -> tuple[datetime, int]:
+    if not valid_cursor(cursor):
+        raise QueryError(f"bad cursor {cursor[:50]!r}")
+    us, g = cursor.split(":")
     try:
-        us, g = cursor.split(":")
         return utc(int(us) / 1_000_000), int(g)
     except (ValueError, OverflowError, OSError) as e:
-        raise QueryError(f"bad cursor {cursor!r}") from e
+        raise QueryError(f"bad cursor {cursor[:50]!r}") from e
 
 
 # ----------------------------------------------------------------------------- latest state

@@ -23,7 +23,9 @@ function toast(msg) {
 }
 
 async function api(path, opts = {}) {
-  const r = await fetch(path, opts);
+  const headers = Object.assign({}, opts.headers || {});
+  if (state.token && !headers.Authorization) headers.Authorization = `Bearer ${state.token}`;  // [api] read_tokens
+  const r = await fetch(path, Object.assign({}, opts, { headers }));
   if (r.status === 204) return null;
   const body = await r.json().catch(() => null);
   if (!r.ok) {
@@ -219,10 +221,13 @@ async function loadHost(name) {
   }).join("");
   renderAlerts($("#host-alerts tbody"), alerts.filter((a) => a.state !== "resolved"));
   const until = Date.now() / 1000, since = until - 1800;
-  for (const metric of ["temp_c", "util_gpu_pct", "power_w"]) {
-    api(`/api/v1/hosts/${encodeURIComponent(name)}/history?metric=${metric}&since=${since}&until=${until}&step=15`)
-      .then((hist) => drawChart($(`#chart-${metric}`), hist.points, since, until))
-      .catch(() => drawChart($(`#chart-${metric}`), [], since, until));
+  for (const metric of ["temp_c", "util_gpu_pct", "power_w"]) {  // one at a time: [api] max_heavy_queries
+    try {
+      const hist = await api(`/api/v1/hosts/${encodeURIComponent(name)}/history?metric=${metric}&since=${since}&until=${until}&step=15`);
+      drawChart($(`#chart-${metric}`), hist.points, since, until);
+    } catch (e) {
+      drawChart($(`#chart-${metric}`), [], since, until);
+    }
   }
 }
 
@@ -280,10 +285,12 @@ async function write(path, method, body) {
   try {
     return await api(path, opts);
   } catch (e) {
-    if (e.status === 401 || e.status === 403) {
+    if (e.status === 401 || (e.status === 403 && e.message.includes("token is not valid"))) {
       toast("token refused");
       state.token = "";
       sessionStorage.removeItem("gw-token");
+    } else if (e.status === 403) {
+      toast(e.message);  // writes disabled, a read token, or another origin: says which setting
     } else {
       toast(`failed: ${e.message}`);
     }
@@ -296,7 +303,7 @@ document.addEventListener("click", async (ev) => {
   if (!b) return;
   if (b.id === "token-button") { await askToken(); return; }
   if (b.classList.contains("ack")) {
-    const res = await write(`/api/v1/alerts/${encodeURIComponent(b.dataset.id)}/ack`, "POST", { by: "dashboard" });
+    const res = await write(`/api/v1/alerts/${encodeURIComponent(b.dataset.id)}/ack`, "POST", {});  // "by": the token's name
     if (res) { toast(`acknowledged ${res.rule}`); refresh(); }
   } else if (b.classList.contains("silence")) {
     const m = [b.dataset.host ? `host=${b.dataset.host}` : "", `rule=${b.dataset.rule}`].filter(Boolean).join(", ");
@@ -305,7 +312,7 @@ document.addEventListener("click", async (ev) => {
     d.onclose = async () => {
       if (d.returnValue !== "ok") return;
       const matchers = $("#silence-matchers").value.split(",").map((s) => s.trim()).filter(Boolean);
-      const res = await write("/api/v1/silences", "POST", { matchers, duration: Number($("#silence-duration").value), comment: $("#silence-comment").value, author: "dashboard" });
+      const res = await write("/api/v1/silences", "POST", { matchers, duration: Number($("#silence-duration").value), comment: $("#silence-comment").value });
       if (res) { toast(`silence ${res.id} added`); refresh(); }
     };
     d.showModal();
@@ -325,6 +332,12 @@ async function refresh() {
     if (state.view === "host") await loadHost(state.host);
     else await loadOverview();
   } catch (e) {
+    if (e.status === 401 && !state.askedForReads) {  // reads need a token ([api] read_tokens)
+      state.askedForReads = true;
+      toast("this collector needs a token to read");
+      if (await askToken()) scheduleRefresh();
+      return;
+    }
     toast(e.status === 404 ? "not found" : `cannot load: ${e.message}`);
   }
 }
@@ -346,7 +359,8 @@ function route() {
 }
 
 function connect(delay = 1000) {
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/stream`);
+  const auth = state.token ? `?access_token=${encodeURIComponent(state.token)}` : "";  // no headers on a WebSocket
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/stream${auth}`);
   ws.onopen = () => { $("#live").textContent = "live"; $("#live").classList.remove("off"); delay = 1000; };
   ws.onmessage = (ev) => {
     const e = JSON.parse(ev.data);
