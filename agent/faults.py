@@ -32,6 +32,9 @@ retired_pages        gpu    number of retired pages (required)
 recovery_action      gpu    NVML recovery action code 0-7 (required)
 mem_full             gpu    none: GPU memory ~99% used
 persistence_off      gpu    none: persistence mode off
+pcie_width           gpu    PCIe link width in lanes (required): the link trained narrower
+hbm_temp             gpu    degrees Celsius (required): forces the HBM (memory) temperature
+fabric               gpu    not_started, in_progress, failed or degraded: NVSwitch fabric state
 host_down            host   none: the agent publishes nothing
 cpu                  host   CPU percent 0-100 (required)
 disk_full            host   none: the root file system ~99% full
@@ -49,6 +52,7 @@ from shared.config import parse_duration
 from shared.errors import ConfigError, FaultSpecError
 
 THROTTLE_REASONS: Final = frozenset({"hw_slowdown", "hw_thermal", "sw_thermal", "power_brake", "sw_power"})
+FABRIC_STATES: Final = frozenset({"not_started", "in_progress", "failed", "degraded"})
 
 ValueType = Literal["none", "int", "float", "choice"]
 
@@ -84,6 +88,9 @@ KIND_SPECS: Final[dict[str, KindSpec]] = {
     "recovery_action": KindSpec("gpu", "int", True, 0, 7, unit="NVML recovery action"),
     "mem_full": KindSpec("gpu", "none"),
     "persistence_off": KindSpec("gpu", "none"),
+    "pcie_width": KindSpec("gpu", "int", True, 1, 64, unit="lanes"),
+    "hbm_temp": KindSpec("gpu", "float", True, -40, 250, unit="degrees Celsius"),
+    "fabric": KindSpec("gpu", "choice", True, choices=FABRIC_STATES),
     "host_down": KindSpec("host", "none"),
     "cpu": KindSpec("host", "float", True, 0, 100, unit="percent"),
     "disk_full": KindSpec("host", "none"),
@@ -308,6 +315,7 @@ class FaultSchedule:
 
 
 __all__ = [
+    "FABRIC_STATES",
     "FAULT_KINDS",
     "GPU_KINDS",
     "HOST_KINDS",

@@ -65,6 +65,19 @@ class GpuProcess:
     name: str | None = None
     used_mem_bytes: int | None = _r(0, I53)
     container: str | None = None  # container or job id from /proc/<pid>/cgroup, when found
+    gpu_instance_id: int | None = _r(0, 1 << 32)  # MIG: the GPU instance it runs in
+    compute_instance_id: int | None = _r(0, 1 << 32)  # MIG: the compute instance it runs in
+
+
+@dataclass(frozen=True, slots=True)
+class MigSample:
+    """One MIG device (a compute instance of a GPU instance) at one instant."""
+
+    gpu_instance_id: int = _r(0, 1 << 32, 0)
+    compute_instance_id: int = _r(0, 1 << 32, 0)
+    mem_total_bytes: int | None = _r(0, I53)
+    mem_used_bytes: int | None = _r(0, I53)
+    util_gpu_pct: float | None = _r(0, 100)  # NVML gives none for MIG devices today: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +132,18 @@ class GpuSample:
     recovery_action: int | None = _r(0, 255)  # NVML_GPU_RECOVERY_ACTION_* (0 = none)
     persistence_mode: bool | None = None
     processes: tuple[GpuProcess, ...] = ()
+    # Later optional fields (an older agent leaves them out; docs/protocol.md).
+    temp_mem_max_c: float | None = _r(-100, 300)  # NVML memory (HBM) maximum temperature threshold
+    clock_sm_app_mhz: int | None = _r(0, 100_000)  # SM application clock (the clock under load)
+    fabric_state: int | None = _r(0, 255)  # NVML_GPU_FABRIC_STATE_*: 1 not started .. 3 completed
+    fabric_status: int | None = _r(0, 1 << 32)  # nvmlReturn_t of the fabric registration, 0 = success
+    fabric_clique_id: int | None = _r(0, 1 << 32)
+    fabric_health_mask: int | None = _r(0, 1 << 32)  # NVML_GPU_FABRIC_HEALTH_MASK_* (v2+)
+    nvlink_down_links: tuple[int, ...] = field(default=(), metadata={"range": (0, 63)})  # inactive links
+    nvlink_crc_by_link: tuple[int, ...] = field(default=(), metadata={"range": (0, U64)})  # index = link
+    nvlink_replay_by_link: tuple[int, ...] = field(default=(), metadata={"range": (0, U64)})
+    nvlink_recovery_by_link: tuple[int, ...] = field(default=(), metadata={"range": (0, U64)})
+    mig: tuple[MigSample, ...] = ()  # MIG devices (mig_mode on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +219,17 @@ class AgentStats:
 
 
 @dataclass(frozen=True, slots=True)
+class MigInstance:
+    """One MIG device of a GPU: its profile and ids."""
+
+    gpu_instance_id: int = _r(0, 1 << 32, 0)
+    compute_instance_id: int = _r(0, 1 << 32, 0)
+    profile: str | None = None  # e.g. "1g.10gb" (from the MIG device's name)
+    uuid: str | None = None  # MIG-...
+    mem_total_bytes: int | None = _r(0, I53)
+
+
+@dataclass(frozen=True, slots=True)
 class GpuInfo:
     """Static facts about one GPU."""
 
@@ -213,6 +249,8 @@ class GpuInfo:
     pcie_link_width_max: int | None = _r(0, 64)
     nvlink_links_total: int | None = _r(0, 64)
     unsupported: tuple[str, ...] = ()  # sample fields NVML reports as not supported on this GPU
+    fabric_cluster_uuid: str | None = None  # NVSwitch fabric (NVML GPU fabric info), when registered
+    mig_instances: tuple[MigInstance, ...] = ()  # MIG devices (mig_mode on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,12 +481,14 @@ def _tn(value: Any) -> str:
 
 _RECORDS: Final = (
     GpuProcess,
+    MigSample,
     GpuSample,
     DiskUsage,
     NicCounters,
     SystemSample,
     CheckResult,
     AgentStats,
+    MigInstance,
     GpuInfo,
     HostFacts,
     SampleFrame,
@@ -608,6 +648,9 @@ def _gen_post(cls: type[Any], ns: dict[str, Any]) -> str:
             body = ["if len(x) > MAX_LIST: return False"]
             if item is str:
                 body.append("for y in x:\n            if len(y) > MAX_STR: return False")
+            elif item in (int, float):
+                lo, hi = f.metadata.get("range", (-U64, U64))
+                body.append(f"for y in x:\n            if not {lo!r} <= y <= {hi!r}: return False")
             elif isinstance(item, type) and item in _RECORDS:
                 body.append(f"for y in x:\n            if not _post_{item.__name__}(y): return False")
         if not body:

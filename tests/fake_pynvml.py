@@ -29,6 +29,10 @@ _STRUCTS: dict[str, Any] = {
 }
 
 
+# Functions that fill a structure passed by reference (recorded as a dict of its fields).
+_FILLS = frozenset({"nvmlDeviceGetGpuFabricInfoV", "nvmlDeviceGetGpuFabricInfo"})
+
+
 class FakeNvml:
     """State of the fake; ``module`` is what the backend gets as ``nvml``."""
 
@@ -135,6 +139,14 @@ class FakeNvml:
         self.calls[(name, index)] += 1
         if index in self.lost:
             raise self._error("GpuIsLost")
+        if name in _FILLS:  # the caller passes byref(structure): fill it as the library does
+            answer = self._answer(self.gpu(index)["calls"], name, name)
+            target = args[0]._obj
+            for k, val in answer.items():
+                if k == "clusterUuid":
+                    val = (ctypes.c_uint8 * 16)(*bytes.fromhex(val.replace("-", "")))
+                setattr(target, k, val)
+            return real.NVML_SUCCESS
         key = "/".join([name, *(str(a) for a in args)])
         answer = self._answer(self.gpu(index)["calls"], key, name)
         if name in _STRUCTS:

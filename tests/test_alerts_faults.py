@@ -29,6 +29,8 @@ def base_gpu(i: int, t: int) -> GpuSample:
         retired_pages_pending=False, remap_pending=False, remap_failure=False, pcie_replay_count=0,
         pcie_link_gen=5, pcie_link_width=16, nvlink_links_total=18, nvlink_links_up=18, nvlink_crc_errors=0,
         nvlink_replay_errors=0, nvlink_recovery_errors=0, recovery_action=0, persistence_mode=True,
+        util_gpu_pct=80.0, pcie_link_gen_max=5, pcie_link_width_max=16, mem_temp_c=70.0, temp_mem_max_c=95.0,
+        fabric_state=3, fabric_status=0, fabric_health_mask=0,
     )  # fmt: skip
 
 
@@ -57,6 +59,13 @@ GPU_FAULTS: dict[str, GpuFault] = {
     "nvlink_err": lambda g, t: replace(g, nvlink_replay_errors=counter(12, t)),
     "row_remap_fail": lambda g, t: replace(g, remap_failure=True),
     "mem_full": lambda g, t: replace(g, mem_used_bytes=79 * GIB),
+    "nvlink_down=2": lambda g, t: replace(g, nvlink_links_up=16, nvlink_down_links=(16, 17)),
+    "pcie_width=8": lambda g, t: replace(g, pcie_link_width=8),
+    "hbm_temp=100": lambda g, t: replace(g, mem_temp_c=100.0),
+    "fabric=not_started": lambda g, t: replace(g, fabric_state=1),
+    "fabric=in_progress": lambda g, t: replace(g, fabric_state=2),
+    "fabric=failed": lambda g, t: replace(g, fabric_status=999),
+    "fabric=degraded": lambda g, t: replace(g, fabric_health_mask=1),
 }
 SYSTEM_FAULTS: dict[str, Callable[[SystemSample], SystemSample]] = {
     "cpu=99": lambda s: replace(s, cpu_pct=99.0),
@@ -75,6 +84,13 @@ EXPECTED: dict[str, tuple[str, str, dict[str, str], str]] = {
     "nvlink_err": ("gpu.nvlink", "warning", {"gpu": "2"}, "trend"),
     "row_remap_fail": ("gpu.row_remap", "critical", {"gpu": "2"}, "RMA"),
     "mem_full": ("gpu.memory_full", "warning", {"gpu": "2"}, "out-of-memory"),
+    "nvlink_down=2": ("gpu.nvlink", "critical", {"gpu": "2"}, "link 16, 17"),
+    "pcie_width=8": ("gpu.pcie_link", "warning", {"gpu": "2"}, "reseat"),
+    "hbm_temp=100": ("gpu.hbm_temp", "critical", {"gpu": "2"}, "cooling"),
+    "fabric=not_started": ("gpu.fabric", "critical", {"gpu": "2"}, "nvidia-fabricmanager"),
+    "fabric=in_progress": ("gpu.fabric", "warning", {"gpu": "2"}, "nvidia-fabricmanager"),
+    "fabric=failed": ("gpu.fabric", "critical", {"gpu": "2"}, "registration failed"),
+    "fabric=degraded": ("gpu.fabric", "warning", {"gpu": "2"}, "degraded bandwidth"),
     "cpu=99": ("host.cpu", "warning", {}, "runaway"),
     "disk_full": ("host.disk", "critical", {"mount": "/"}, "grow"),
     "xid=79": ("gpu.xid", "critical", {"gpu": "2", "xid": "79"}, "reboot"),

@@ -53,6 +53,17 @@ def judge_gpu(
     return (found[0].status if found else None), [o for o in out if o.check == check]
 
 
+PCIE: dict[str, Any] = {
+    "pcie_link_gen": 5, "pcie_link_gen_max": 5, "pcie_link_width": 16, "pcie_link_width_max": 16,
+    "util_gpu_pct": 90.0,
+}  # fmt: skip
+SM: dict[str, Any] = {
+    "clock_sm_app_mhz": 1980,
+    "clock_sm_mhz": 1980,
+    "util_gpu_pct": 90.0,
+    "clock_event_reasons": 0,
+}
+
 GPU_TABLE: list[tuple[str, str, dict[str, Any], dict[str, Any] | None, str | None]] = [
     # temperature against configured thresholds (85 / 92)
     ("temp-below", "gpu.temperature", {"temp_c": 84.9}, None, "healthy"),
@@ -253,6 +264,104 @@ GPU_TABLE: list[tuple[str, str, dict[str, Any], dict[str, Any] | None, str | Non
     # lost
     ("lost", "gpu.lost", {"lost": True}, None, "critical"),
     ("not-lost", "gpu.lost", {}, None, "healthy"),
+    # PCIe link against its maximum: width at any time, generation only while busy (50 %)
+    ("pcie-link-full", "gpu.pcie_link", {**PCIE, "util_gpu_pct": 90.0}, None, "healthy"),
+    ("pcie-link-narrow", "gpu.pcie_link", {**PCIE, "pcie_link_width": 8}, None, "warning"),
+    (
+        "pcie-link-narrow-idle",
+        "gpu.pcie_link",
+        {**PCIE, "pcie_link_width": 8, "util_gpu_pct": 0.0},
+        None,
+        "warning",
+    ),
+    ("pcie-gen-low-busy", "gpu.pcie_link", {**PCIE, "pcie_link_gen": 3}, None, "warning"),
+    (
+        "pcie-gen-low-at-busy",
+        "gpu.pcie_link",
+        {**PCIE, "pcie_link_gen": 3, "util_gpu_pct": 50.0},
+        None,
+        "warning",
+    ),
+    (
+        "pcie-gen-low-idle",
+        "gpu.pcie_link",
+        {**PCIE, "pcie_link_gen": 1, "util_gpu_pct": 49.9},
+        None,
+        "healthy",
+    ),
+    (
+        "pcie-gen-low-util-unknown",
+        "gpu.pcie_link",
+        {**PCIE, "pcie_link_gen": 1, "util_gpu_pct": None},
+        None,
+        "healthy",
+    ),
+    (
+        "pcie-link-no-max",
+        "gpu.pcie_link",
+        {**PCIE, "pcie_link_width_max": None, "pcie_link_gen_max": None},
+        None,
+        None,
+    ),
+    ("pcie-link-unknown", "gpu.pcie_link", {"pcie_link_gen": None, "pcie_link_width": None}, None, None),
+    # HBM temperature against NVML's memory limit (margin 5 C)
+    ("hbm-below", "gpu.hbm_temp", {"mem_temp_c": 89.9, "temp_mem_max_c": 95.0}, None, "healthy"),
+    ("hbm-near", "gpu.hbm_temp", {"mem_temp_c": 90.0, "temp_mem_max_c": 95.0}, None, "warning"),
+    ("hbm-at-limit", "gpu.hbm_temp", {"mem_temp_c": 95.0, "temp_mem_max_c": 95.0}, None, "critical"),
+    ("hbm-no-limit", "gpu.hbm_temp", {"mem_temp_c": 99.0, "temp_mem_max_c": None}, None, None),
+    ("hbm-no-reading", "gpu.hbm_temp", {"mem_temp_c": None, "temp_mem_max_c": 95.0}, None, None),
+    # lifetime memory-error trends (a rise warns for memory_trend_window)
+    ("trend-flat", "gpu.memory_trend", {"ecc_dbe_aggregate": 2}, {"ecc_dbe_aggregate": 2}, "healthy"),
+    ("trend-dbe-grew", "gpu.memory_trend", {"ecc_dbe_aggregate": 3}, {"ecc_dbe_aggregate": 2}, "warning"),
+    ("trend-pages-grew", "gpu.memory_trend", {"retired_pages_dbe": 2}, {"retired_pages_dbe": 1}, "warning"),
+    ("trend-backwards", "gpu.memory_trend", {"ecc_dbe_aggregate": 0}, {"ecc_dbe_aggregate": 2}, "healthy"),
+    ("trend-unknown", "gpu.memory_trend", {"ecc_dbe_aggregate": None}, {"ecc_dbe_aggregate": None}, None),
+    # SM clock under load, without a clock-event reason, against the application clock (50 %)
+    ("sm-clock-normal", "gpu.sm_clock", {**SM, "clock_sm_mhz": 1980}, None, "healthy"),
+    ("sm-clock-low", "gpu.sm_clock", {**SM, "clock_sm_mhz": 989}, None, "warning"),
+    ("sm-clock-half", "gpu.sm_clock", {**SM, "clock_sm_mhz": 990}, None, "healthy"),
+    (
+        "sm-clock-low-throttled",
+        "gpu.sm_clock",
+        {**SM, "clock_sm_mhz": 600, "clock_event_reasons": 0x4},
+        None,
+        "healthy",
+    ),
+    ("sm-clock-low-idle", "gpu.sm_clock", {**SM, "clock_sm_mhz": 345, "util_gpu_pct": 0.0}, None, "healthy"),
+    ("sm-clock-no-app", "gpu.sm_clock", {**SM, "clock_sm_app_mhz": None}, None, None),
+    # fans, where the board has them
+    ("fan-turning", "gpu.fan", {"fan_pct": 35.0, "temp_c": 70.0}, None, "healthy"),
+    ("fan-stopped-hot", "gpu.fan", {"fan_pct": 0.0, "temp_c": 60.0}, None, "warning"),
+    ("fan-stopped-cool", "gpu.fan", {"fan_pct": 0.0, "temp_c": 45.0}, None, "healthy"),
+    ("fan-none", "gpu.fan", {"fan_pct": None, "temp_c": 80.0}, None, None),
+    # NVSwitch fabric registration (NVML GPU fabric info)
+    ("fabric-completed", "gpu.fabric", {"fabric_state": 3, "fabric_status": 0}, None, "healthy"),
+    ("fabric-not-started", "gpu.fabric", {"fabric_state": 1, "fabric_status": 0}, None, "critical"),
+    ("fabric-in-progress", "gpu.fabric", {"fabric_state": 2}, None, "warning"),
+    ("fabric-failed", "gpu.fabric", {"fabric_state": 3, "fabric_status": 999}, None, "critical"),
+    (
+        "fabric-degraded-bw",
+        "gpu.fabric",
+        {"fabric_state": 3, "fabric_status": 0, "fabric_health_mask": 1},
+        None,
+        "warning",
+    ),
+    (
+        "fabric-mask-all-false",
+        "gpu.fabric",
+        {"fabric_state": 3, "fabric_status": 0, "fabric_health_mask": 0xAA},
+        None,
+        "healthy",
+    ),
+    (
+        "fabric-route-unhealthy",
+        "gpu.fabric",
+        {"fabric_state": 3, "fabric_status": 0, "fabric_health_mask": 0x10},
+        None,
+        "warning",
+    ),
+    ("fabric-not-supported", "gpu.fabric", {"fabric_state": 0}, None, None),
+    ("fabric-absent", "gpu.fabric", {"fabric_state": None}, None, None),
 ]
 
 
@@ -501,3 +610,43 @@ def test_the_nats_failure_streak_survives_a_state_round_trip() -> None:
     state = state_from_dict(json.loads(json.dumps(state_to_dict(state))))
     assert state.hosts["node-1"].nats_failed_since == T0
     assert nats_status(engine, state, T0 + 60, NATS_FAILED) == "critical"
+
+
+def test_memory_trend_warns_for_its_window_then_clears() -> None:
+    engine, state = HealthEngine(HealthConfig(gpu=GpuThresholds(memory_trend_window=3600.0))), HealthState()
+    statuses = []
+    for i, dbe in enumerate([1, 2, 2, 2]):  # grows once, between the first two samples
+        t = T0 + (0, 60, 3000, 3700)[i]
+        state, _ = engine.observe(state, frame(t, {"ecc_dbe_aggregate": dbe}), t)
+        statuses.append(state.hosts["node-1"].gpus[0].checks["gpu.memory_trend"].status)
+    # a volatile reset (GPU reset) does not clear it: the lifetime counter carries the trend
+    assert statuses == ["healthy", "warning", "warning", "healthy"]
+
+
+def test_nvlink_problems_name_their_links() -> None:
+    total = {"nvlink_links_total": 18, "nvlink_crc_errors": 0, "nvlink_replay_errors": 0}
+    links = (0,) * 18
+    _, obs = judge_gpu(
+        "gpu.nvlink",
+        {**total, "nvlink_links_up": 16, "nvlink_down_links": (4, 11)},
+        {**total, "nvlink_links_up": 18},
+    )
+    assert obs[-1].status == "critical"
+    assert "2 of 18 links down (link 4, 11)" in obs[-1].summary
+    crc = (0, 0, 0, 7, *links[4:])
+    _, obs = judge_gpu(
+        "gpu.nvlink",
+        {**total, "nvlink_links_up": 18, "nvlink_crc_errors": 7, "nvlink_crc_by_link": crc},
+        {**total, "nvlink_links_up": 18, "nvlink_crc_by_link": links},
+    )
+    assert obs[-1].status == "warning"
+    assert "link 3: CRC +7" in obs[-1].summary
+    # a driver with per-link counters only: their sum is the rate
+    _, obs = judge_gpu(
+        "gpu.nvlink",
+        {"nvlink_links_total": 18, "nvlink_links_up": 18, "nvlink_replay_by_link": (2, *links[1:])},
+        {"nvlink_links_total": 18, "nvlink_links_up": 18, "nvlink_replay_by_link": links},
+    )
+    assert obs[-1].status == "warning"
+    assert "replay 2" in obs[-1].summary
+    assert "link 0: replay +2" in obs[-1].summary

@@ -370,3 +370,45 @@ def test_eight_gpus(proc_root: str) -> None:
     assert [s.index for s in samples] == list(range(8))
     assert not any(s.lost for s in samples)
     b.close()
+
+
+def test_node_signals_hbm_limit_app_clock_fabric_and_links(fake: FakeNvml, backend: NvmlBackend) -> None:
+    s0, s1 = backend.sample()
+    assert (s0.temp_mem_max_c, s0.clock_sm_app_mhz) == (95.0, 1980)  # MEM_MAX threshold, app clock
+    assert (s0.fabric_state, s0.fabric_status, s0.fabric_clique_id, s0.fabric_health_mask) == (3, 0, 0, 0)
+    assert s1.fabric_state == 2  # still registering
+    assert (s0.nvlink_down_links, s1.nvlink_down_links) == ((), (7,))  # link 7 of GPU 1 is down
+    assert s1.nvlink_links_up == 17
+    assert s1.nvlink_crc_by_link == (0, 0, 0, 12, *(0,) * 14)  # attributed to link 3
+    assert s0.nvlink_replay_by_link == s0.nvlink_recovery_by_link == (0,) * 18
+    cluster = "5e1f0a3c-8d2b-4c71-9f3e-2a6b7c8d9e01"
+    fake.set_call(0, "nvmlDeviceGetGpuFabricInfoV", {**fake.gpu(0)["calls"]["nvmlDeviceGetGpuFabricInfoV"],
+                                                     "clusterUuid": cluster, "status": 999})  # fmt: skip
+    assert backend.sample()[0].fabric_status == 999
+    assert backend.inventory().gpus[0].fabric_cluster_uuid == cluster
+
+
+def test_no_fabric_is_absent_not_a_failure(fake: FakeNvml) -> None:
+    fake.set_call(0, "nvmlDeviceGetGpuFabricInfoV", {"state": 0, "status": 0, "cliqueId": 0})  # NOT_SUPPORTED
+    fake.set_call(1, "nvmlDeviceGetGpuFabricInfoV", {"error": "NotSupported"})  # a PCIe board
+    for i in (0, 1):
+        fake.set_field(i, "163/0", {"error": "NotSupported"})  # a driver without per-link counters
+    b = NvmlBackend(fake.module, events=False)
+    b.open()
+    for s in b.sample() + b.sample():
+        assert (s.fabric_state, s.fabric_status, s.fabric_health_mask) == (None, None, None)
+        assert s.nvlink_crc_by_link == ()
+    assert b.nvml_errors == 0
+    assert fake.count("nvmlDeviceGetGpuFabricInfoV", 0) == 1  # learnt once, not asked again
+    unsupported = b.inventory().gpus[0].unsupported
+    assert {"fabric_state", "fabric_health_mask", "nvlink_crc_by_link"} <= set(unsupported)
+    b.close()
+
+
+def test_old_binding_without_versioned_fabric_call(fake: FakeNvml) -> None:
+    fake.remove("nvmlDeviceGetGpuFabricInfoV")
+    b = NvmlBackend(fake.module, events=False)
+    b.open()
+    assert [s.fabric_state for s in b.sample()] == [None, None]  # the plain call is not recorded: absent
+    assert b.nvml_errors == 0
+    b.close()

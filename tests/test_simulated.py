@@ -160,7 +160,10 @@ def test_idle_and_busy_phases_look_real() -> None:
             assert s.persistence_mode is True
             assert s.ecc_dbe_volatile == 0
             assert s.remap_failure is False
-            assert (s.pcie_link_gen, s.pcie_link_width, s.nvlink_links_up) == (5, 16, 18)
+            assert (s.pcie_link_width, s.nvlink_links_up, s.nvlink_down_links) == (16, 18, ())
+            assert (s.fabric_state, s.fabric_status, s.temp_mem_max_c) == (3, 0, 95.0)
+            # a busy GPU runs its PCIe link at its maximum generation; an idle one lowers it (not a fault)
+            assert s.pcie_link_gen == (5 if s.processes else 1)
             assert s.clock_event_reasons is not None
             assert s.fan_pct is None  # an SXM board has no fan: not supported, not a sentinel
             if s.processes:
@@ -294,9 +297,9 @@ def _lost(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
     assert not a.lost
     assert d.lost
     assert all(
-        getattr(d, f.name) is None
+        getattr(d, f.name) == (() if isinstance(f.default, tuple) else None)
         for f in fields(GpuSample)
-        if f.name not in {"index", "uuid", "lost", "processes"}
+        if f.name not in {"index", "uuid", "lost"}
     )
     assert d.processes == ()
     assert d.uuid == b.uuid
@@ -318,6 +321,8 @@ def _pcie(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
 def _nvlink_err(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
     assert b.nvlink_crc_errors == 0
     assert d.nvlink_crc_errors == 1250  # 250/s: over DCGM's 100/s failure rate
+    assert d.nvlink_crc_by_link == (1250,) + (0,) * 17  # attributed to its link
+    assert b.nvlink_crc_by_link == (0,) * 18
     assert a.nvlink_crc_errors == 2500
     assert d.nvlink_replay_errors is not None
     assert d.nvlink_replay_errors > 0
@@ -326,6 +331,30 @@ def _nvlink_err(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
 def _nvlink_down(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
     assert (b.nvlink_links_up, d.nvlink_links_up, a.nvlink_links_up) == (18, 15, 18)
     assert d.nvlink_links_total == 18
+    assert (b.nvlink_down_links, d.nvlink_down_links, a.nvlink_down_links) == ((), (15, 16, 17), ())
+
+
+def _pcie_width(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
+    assert (b.pcie_link_width, d.pcie_link_width, a.pcie_link_width) == (16, 4, 16)
+    assert d.pcie_link_width_max == 16
+
+
+def _hbm_temp(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
+    assert d.mem_temp_c == 101.0
+    assert d.temp_mem_max_c == 95.0
+    assert b.mem_temp_c is not None
+    assert b.mem_temp_c < 90
+    assert a.mem_temp_c is not None
+    assert a.mem_temp_c < 90
+
+
+def _fabric(state: int, status: int, mask: int) -> Check:
+    def check(b: GpuSample, d: GpuSample, a: GpuSample) -> None:
+        assert (b.fabric_state, b.fabric_status, b.fabric_health_mask) == (3, 0, 0)
+        assert (d.fabric_state, d.fabric_status, d.fabric_health_mask) == (state, status, mask)
+        assert (a.fabric_state, a.fabric_status, a.fabric_health_mask) == (3, 0, 0)
+
+    return check
 
 
 def _flag(name: str) -> Check:
@@ -385,6 +414,12 @@ EFFECTS: list[tuple[str, Check]] = [
     ("recovery_action=2", _recovery),
     ("mem_full", _mem_full),
     ("persistence_off", _persistence),
+    ("pcie_width=4", _pcie_width),
+    ("hbm_temp=101", _hbm_temp),
+    ("fabric=not_started", _fabric(1, 0, 0)),
+    ("fabric=in_progress", _fabric(2, 0, 0)),
+    ("fabric=failed", _fabric(3, 999, 0)),
+    ("fabric=degraded", _fabric(3, 0, 1)),
 ]
 
 

@@ -184,7 +184,9 @@ async def test_frames_land_once_with_their_values(conn: asyncpg.Connection, writ
     # unavailable is NULL, never NaN or -1
     assert await conn.fetchval("SELECT count(*) FROM gpu_samples WHERE pcie_replay_count IS NOT NULL") == 0
     detail = json.loads(await conn.fetchval("SELECT detail FROM host_samples LIMIT 1"))
-    assert detail["procs"] == [[0, [[100, "python", 2**30, "job-7"]]]]  # GPU 0's processes
+    assert detail["procs"] == [
+        [0, [[100, "python", 2**30, "job-7", None, None]]]
+    ]  # GPU 0's processes (no MIG)
     hosts = await conn.fetch(
         "SELECT h.name, p.name AS p FROM hosts h JOIN providers p ON p.id = h.provider_id"
     )

@@ -8,10 +8,12 @@ GPUs each tick, builds the inventory, and turns the NVML event set into :class:`
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import threading
 import time
+import uuid
 from dataclasses import replace
 from functools import partial
 from types import ModuleType
@@ -266,6 +268,7 @@ class NvmlBackend:
                         info,
                         mig_mode=None if mig is None else int(mig[0]) == 1,
                         persistence_mode=None if pers is None else int(pers) == 1,
+                        fabric_cluster_uuid=gpu.fabric_cluster,
                     )
             gpus.append(replace(info, unsupported=tuple(sorted(self._unsupported_fields(gpu)))))
         return Inventory(
@@ -355,6 +358,10 @@ class NvmlBackend:
             ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
             h,
         )
+        v["clock_sm_app_mhz"] = q(
+            "clock_sm_app_mhz", "nvmlDeviceGetApplicationsClock", h, getattr(nvml, "NVML_CLOCK_SM", 1)
+        )
+        self._read_fabric(gpu, v)
         v["pcie_link_gen"] = q("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration", h)
         v["pcie_link_width"] = q("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth", h)
         info = gpu.info
@@ -369,6 +376,45 @@ class NvmlBackend:
             graphics = q("graphics_processes", "nvmlDeviceGetGraphicsRunningProcesses", h)
             v["processes"] = build_processes(merge_nvml(compute, graphics), self._proc_root)
         return v
+
+    def _read_fabric(self, gpu: GpuState, v: dict[str, Any]) -> None:
+        """NVSwitch fabric registration (NVML GPU fabric info, versioned form first).
+
+        A GPU without a fabric (no NVSwitch, or a driver without the call) answers not
+        supported, or state NOT_SUPPORTED: the readings are absent and not asked again.
+        """
+        nvml = self._nvml
+        info, mask = None, None
+        versioned = getattr(nvml, "c_nvmlGpuFabricInfoV_t", None)
+        if versioned is not None:
+            info = versioned()
+            status, _ = self._qry.attempt(
+                gpu, "fabric", "nvmlDeviceGetGpuFabricInfoV", (gpu.handle, ctypes.byref(info))
+            )
+            if status == "ok":
+                mask = int(info.healthMask)
+            elif status != "missing":
+                return
+            else:
+                info = None
+        if info is None:
+            plain = getattr(nvml, "c_nvmlGpuFabricInfo_t", None)
+            if plain is None:
+                return
+            info = plain()
+            status, _ = self._qry.attempt(
+                gpu, "fabric", "nvmlDeviceGetGpuFabricInfo", (gpu.handle, ctypes.byref(info))
+            )
+            if status != "ok":
+                return
+        state = int(info.state)
+        if state == 0:  # NVML_GPU_FABRIC_STATE_NOT_SUPPORTED
+            gpu.unsupported.add("fabric")
+            return
+        v["fabric_state"], v["fabric_status"] = state, int(info.status)
+        v["fabric_clique_id"], v["fabric_health_mask"] = int(info.cliqueId), mask
+        raw = bytes(info.clusterUuid)
+        gpu.fabric_cluster = None if not any(raw) else str(uuid.UUID(bytes=raw))
 
     def _read_memory(self, gpu: GpuState, v: dict[str, Any]) -> None:
         version = getattr(self._nvml, "nvmlMemory_v2", None)
@@ -388,7 +434,13 @@ class NvmlBackend:
 
     def _read_thresholds(self, gpu: GpuState, v: dict[str, Any]) -> None:
         # NVML_TEMPERATURE_THRESHOLD_SHUTDOWN 0, SLOWDOWN 1, GPU_MAX 3 (max operating)
-        for attr, kind in (("temp_shutdown_c", 0), ("temp_slowdown_c", 1), ("temp_max_operating_c", 3)):
+        # MEM_MAX 2: the HBM limit
+        for attr, kind in (
+            ("temp_shutdown_c", 0),
+            ("temp_slowdown_c", 1),
+            ("temp_max_operating_c", 3),
+            ("temp_mem_max_c", 2),
+        ):
             cached = gpu.thresholds.get(attr)
             if cached is None:
                 t = self._qry.query(gpu, attr, "nvmlDeviceGetTemperatureThreshold", gpu.handle, kind)
@@ -411,7 +463,7 @@ class NvmlBackend:
                 failed = {spec.attr for spec in gpu.specs}
         demote: set[str] = set()
         codes: dict[str, int] = {}
-        links_up: dict[str, int] = {}
+        by_link: dict[str, list[int]] = {}  # per-link answers, in link order
         if values is not None:
             for spec, fv in zip(gpu.specs, values, strict=False):
                 ret = int(fv.nvmlReturn)
@@ -423,13 +475,21 @@ class NvmlBackend:
                     failed.add(spec.attr)
                     codes[spec.attr] = ret
                 elif spec.per_link:
-                    links_up[spec.attr] = links_up.get(spec.attr, 0) + int(nf.raw_value(fv) == 1)
+                    raw = nf.raw_value(fv)
+                    by_link.setdefault(spec.attr, []).append(int(raw) if raw is not None and raw >= 0 else 0)
                 else:
                     v[spec.attr] = nf.convert(spec, nf.raw_value(fv))
             for attr in failed:
                 self._qry.count_error(f"field {attr}", f"NVML return code {codes[attr]}")
-                v[attr] = None
-            v.update((a, up) for a, up in links_up.items() if a not in failed and a not in demote)
+                v[attr] = None if attr in nf.SCALAR_FIELDS else ()
+            for attr, answers in by_link.items():
+                if attr in failed or attr in demote:
+                    continue
+                if attr == "nvlink_links_up":  # states: 1 active
+                    v[attr] = sum(1 for a in answers if a == 1)
+                    v["nvlink_down_links"] = tuple(i for i, a in enumerate(answers) if a != 1)
+                else:
+                    v[attr] = tuple(answers)
         if demote:
             gpu.demoted |= demote
             self._build_request(gpu)
@@ -451,7 +511,9 @@ class NvmlBackend:
                 continue
             done.add(spec.fallback)
             got = nf.FALLBACKS[spec.fallback](q, self._nvml, gpu.handle, gpu.links)
-            v.update((k, val) for k, val in got.items() if k in gpu.demoted)
+            v.update(
+                (k, val) for k, val in got.items() if k in gpu.demoted or nf.DERIVED.get(k) in gpu.demoted
+            )
 
     # ------------------------------------------------------------------ lost / recovered
 

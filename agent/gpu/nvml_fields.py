@@ -31,7 +31,7 @@ class FieldSpec:
     kind: type  # int, float or bool
     scale: float = 1.0  # multiply the raw value (mW -> W is 1e-3)
     fallback: str | None = None  # key of FALLBACKS; None: no single call gives this reading
-    per_link: bool = False  # asked once per NVLink (scopeId = link); the result counts active links
+    per_link: bool = False  # asked once per NVLink (scopeId = link): a tuple by link (state: links up)
 
 
 NVLINK_GET_STATE: Final = 165
@@ -61,12 +61,20 @@ BATCH: Final[tuple[FieldSpec, ...]] = (
     FieldSpec("power_w", 186, float, scale=1e-3, fallback="power_w"),  # POWER_INSTANT, mW
     FieldSpec("recovery_action", 230, int, fallback="recovery_action"),  # GET_GPU_RECOVERY_ACTION
     FieldSpec("nvlink_links_up", NVLINK_GET_STATE, int, fallback="nvlink_links_up", per_link=True),
+    # NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY / _RECOVERY / _CRC, per link (no single-call fallback here:
+    # a driver without them gives the totals above only)
+    FieldSpec("nvlink_replay_by_link", 161, int, per_link=True),
+    FieldSpec("nvlink_recovery_by_link", 162, int, per_link=True),
+    FieldSpec("nvlink_crc_by_link", 163, int, per_link=True),
 )
+# Readings derived from another one's answer (nvlink_links_up's per-link states name the links down).
+DERIVED: Final[dict[str, str]] = {"nvlink_down_links": "nvlink_links_up"}
 
 # NVML value types (nvmlValueType_t) -> member of the c_nvmlValue_t union
 _UNION_MEMBER: Final = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
 SAMPLE_FIELDS: Final = frozenset(f.name for f in fields(GpuSample))
+SCALAR_FIELDS: Final = frozenset(f.name for f in fields(GpuSample) if not isinstance(f.default, tuple))
 
 # Topics of the error policy that stand for several sample fields (a topic is otherwise the field).
 TOPIC_ATTRS: Final[dict[str, tuple[str, ...]]] = {
@@ -80,7 +88,8 @@ TOPIC_ATTRS: Final[dict[str, tuple[str, ...]]] = {
     "memory": ("mem_total_bytes", "mem_used_bytes", "mem_reserved_bytes"),
     "memory_v2": ("mem_reserved_bytes",),
     "pcie_link_max": ("pcie_link_gen_max", "pcie_link_width_max"),
-    "nvlink_state": ("nvlink_links_up",),
+    "nvlink_state": ("nvlink_links_up", "nvlink_down_links"),
+    "fabric": ("fabric_state", "fabric_status", "fabric_clique_id", "fabric_health_mask"),
 }
 
 
@@ -122,10 +131,13 @@ def wire_safe(values: dict[str, Any]) -> list[str]:
         bounds = _RANGES.get(name)
         if bounds is None or value is None or isinstance(value, bool):
             continue
-        if not bounds[0] <= value <= bounds[1]:  # also false for NaN
+        if isinstance(value, tuple):  # per-link counters
+            if not all(bounds[0] <= x <= bounds[1] for x in value):
+                bad.append(name)
+        elif not bounds[0] <= value <= bounds[1]:  # also false for NaN
             bad.append(name)
     for name in bad:
-        values[name] = None
+        values[name] = () if isinstance(values[name], tuple) else None
     return bad
 
 
@@ -187,13 +199,14 @@ def _nvlink_errors(attr: str, counter: int) -> Fallback:
 def _links_up(q: Query, nvml: Any, h: Any, links: int) -> dict[str, Any]:
     if links <= 0:
         return {"nvlink_links_up": None}
-    up = 0
+    down = []
     for link in range(links):
         state = q("nvlink_state", "nvmlDeviceGetNvLinkState", h, link)
         if state is None:
             return {"nvlink_links_up": None}
-        up += int(state == 1)
-    return {"nvlink_links_up": up}
+        if state != 1:
+            down.append(link)
+    return {"nvlink_links_up": links - len(down), "nvlink_down_links": tuple(down)}
 
 
 def _remapped(q: Query, nvml: Any, h: Any, links: int) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class GpuState:
     request: list[Any] = field(default_factory=list)  # field ids (or (id, link)) for the batch
     specs: list[FieldSpec] = field(default_factory=list)  # spec of each request entry
     thresholds: dict[str, float] = field(default_factory=dict)
+    fabric_cluster: str | None = None  # NVSwitch fabric cluster UUID, once registered
 
 
 def text(v: Any) -> str | None:

@@ -42,6 +42,18 @@ HW_BITS: Final = HW_SLOWDOWN | HW_THERMAL | HW_POWER_BRAKE
 TEMP_SLOWDOWN_C: Final = 89.0
 TEMP_SHUTDOWN_C: Final = 92.0
 TEMP_MAX_OPERATING_C: Final = 87.0
+TEMP_MEM_MAX_C: Final = 95.0  # NVML_TEMPERATURE_THRESHOLD_MEM_MAX of an H100 SXM
+IDLE_PCIE_GEN: Final = 1  # an idle GPU lowers its PCIe link generation to save power
+# NVML_GPU_FABRIC_STATE_*, and what each ``fabric`` fault value reports (state, status, health mask).
+FABRIC_NOT_STARTED: Final = 1
+FABRIC_IN_PROGRESS: Final = 2
+FABRIC_COMPLETED: Final = 3
+FABRIC_FAULTS: Final[dict[str, tuple[int, int, int]]] = {
+    "not_started": (FABRIC_NOT_STARTED, 0, 0),
+    "in_progress": (FABRIC_IN_PROGRESS, 0, 0),
+    "failed": (FABRIC_COMPLETED, 999, 0),  # NVML_ERROR_UNKNOWN
+    "degraded": (FABRIC_COMPLETED, 0, 1),  # NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_TRUE
+}
 
 _IDLE_S: Final = (20.0, 240.0)
 _BUSY_S: Final = (120.0, 1800.0)
@@ -89,8 +101,8 @@ class Overrides:
     """What the active faults of one GPU change in its readings."""
 
     __slots__ = (
-        "bits", "links_down", "lost", "mem_full", "persistence", "power", "recovery",
-        "remap_fail", "remap_pend", "retire_pend", "temp",
+        "bits", "fabric", "hbm_temp", "links_down", "lost", "mem_full", "pcie_width", "persistence", "power",
+        "recovery", "remap_fail", "remap_pend", "retire_pend", "temp",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -98,6 +110,9 @@ class Overrides:
         self.persistence = True
         self.power: float | None = None
         self.temp: float | None = None
+        self.hbm_temp: float | None = None
+        self.pcie_width: int | None = None
+        self.fabric: tuple[int, int, int] | None = None
         self.bits = self.links_down = self.recovery = 0
 
 
@@ -127,6 +142,13 @@ def overrides(active: list[Fault]) -> Overrides:
             ov.links_down = max(ov.links_down, fault_int(f))
         elif k == "recovery_action":
             ov.recovery = max(ov.recovery, fault_int(f))
+        elif k == "pcie_width":
+            w = fault_int(f)
+            ov.pcie_width = w if ov.pcie_width is None else min(ov.pcie_width, w)
+        elif k == "hbm_temp":
+            ov.hbm_temp = fault_value(f)
+        elif k == "fabric":
+            ov.fabric = FABRIC_FAULTS[str(f.value)]
     return ov
 
 
@@ -195,10 +217,10 @@ class SimGpu:
     """One simulated GPU: static facts, job phases and thermal/energy state."""
 
     __slots__ = (
-        "ambient", "base_counters", "busy", "energy_j", "faults", "index", "job_seq", "lag_core", "lag_dt",
-        "lag_mem", "last_t", "mem_ratio", "mem_temp", "mem_used", "model", "pci_bus_id", "peak_w", "phase",
-        "processes", "remap_corr_base", "rng", "sbe_agg_base", "seg_end", "seg_start", "serial", "temp",
-        "util_amp", "util_base", "uuid", "wobble_hz",
+        "ambient", "base_counters", "busy", "down_tuples", "energy_j", "faults", "index", "job_seq",
+        "lag_core", "lag_dt", "lag_mem", "last_t", "link_zeros", "mem_ratio", "mem_temp", "mem_used", "model",
+        "pci_bus_id", "peak_w", "phase", "processes", "remap_corr_base", "rng", "sbe_agg_base", "seg_end",
+        "seg_start", "serial", "temp", "util_amp", "util_base", "uuid", "wobble_hz",
     )  # fmt: skip
 
     def __init__(self, index: int, host: str, seed: int, model: Model, faults: tuple[Fault, ...]) -> None:
@@ -226,6 +248,8 @@ class SimGpu:
         self._start_phase()
         # the cumulative counters of a GPU without faults (see SimulatedBackend._counters)
         self.base_counters = (0, 0, 0, 0, self.sbe_agg_base, 0, 0, self.remap_corr_base, 0, 0, 0, 0)
+        self.link_zeros: tuple[int, ...] = (0,) * model.links  # per-link counters without errors
+        self.down_tuples: dict[int, tuple[int, ...]] = {0: ()}
         self.last_t: float | None = None
         self.lag_dt = 0.0
         self.lag_core = self.lag_mem = 0.0
@@ -262,6 +286,14 @@ class SimGpu:
             GpuProcess(pid=pid + i, name=name, used_mem_bytes=share, container=container)
             for i in range(nproc)
         )
+
+    def links_down_tuple(self, n: int) -> tuple[int, ...]:
+        """The links that are down when ``n`` are: the last ``n`` (built once per ``n``)."""
+        down = self.down_tuples.get(n)
+        if down is None:
+            links = self.model.links
+            down = self.down_tuples[n] = tuple(range(links - n, links))
+        return down
 
     def advance(self, t: float) -> None:
         """Move the job phases forward to time ``t``."""

@@ -31,15 +31,18 @@ from agent.gpu.base import GpuEvent, Inventory
 from agent.gpu.simmodel import (
     CUDA_VERSION,
     DRIVER_VERSION,
+    FABRIC_COMPLETED,
     GPU_IDLE,
     HW_BITS,
     HW_SLOWDOWN,
     HW_THERMAL,
+    IDLE_PCIE_GEN,
     MIB,
     NO_OVERRIDES,
     SW_POWER_CAP,
     SW_THERMAL,
     TEMP_MAX_OPERATING_C,
+    TEMP_MEM_MAX_C,
     TEMP_SHUTDOWN_C,
     TEMP_SLOWDOWN_C,
     Model,
@@ -69,7 +72,9 @@ _ORDER: Final = (
     "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_replay_count", "pcie_link_gen",
     "pcie_link_width", "pcie_link_gen_max", "pcie_link_width_max", "nvlink_links_total", "nvlink_links_up",
     "nvlink_crc_errors", "nvlink_replay_errors", "nvlink_recovery_errors", "recovery_action",
-    "persistence_mode", "processes",
+    "persistence_mode", "processes", "temp_mem_max_c", "clock_sm_app_mhz", "fabric_state",
+    "fabric_status", "fabric_clique_id", "fabric_health_mask", "nvlink_down_links", "nvlink_crc_by_link",
+    "nvlink_replay_by_link", "nvlink_recovery_by_link",
 )  # fmt: skip
 # Positional construction is ~40% cheaper; fall back to keywords if GpuSample's fields move.
 _POSITIONAL: Final = tuple(f.name for f in fields(GpuSample))[: len(_ORDER)] == tuple(_ORDER)
@@ -203,9 +208,22 @@ class SimulatedBackend:
         elif reasons & (SW_THERMAL | SW_POWER_CAP):
             sm = min(sm, m.sm_max * 80 // 100)
         mem_used = int(m.mem_total * 0.99) if ov.mem_full else g.mem_used
-        links_down = ov.links_down
+        links = m.links
+        links_down = ov.links_down if ov.links_down < links else links
         (thermal_ns, power_ns, sbe_vol, dbe_vol, sbe_agg, dbe_agg, retired, remap_corr, remap_unc,
          replay, crc, nvreplay) = counters(g, t) if faults else g.base_counters  # fmt: skip
+        if ov.hbm_temp is not None:
+            mem_temp = ov.hbm_temp
+        zeros = g.link_zeros
+        if crc or nvreplay:  # the simulated errors are all on link 0
+            crc_links, replay_links = (crc, *zeros[1:]), (nvreplay, *zeros[1:])
+        else:
+            crc_links = replay_links = zeros
+        fabric: tuple[int | None, ...] = (None, None, None, None)  # PCIe board: no NVSwitch fabric
+        if ov.fabric is not None:
+            fabric = (*ov.fabric[:2], 0, ov.fabric[2])
+        elif links:
+            fabric = (FABRIC_COMPLETED, 0, 0, 0)  # state, status, clique id, health mask
         values: list[Any] = [  # in GpuSample's field order (_ORDER)
             g.index, g.uuid, False,
             float(int(util)), float(int(util * g.mem_ratio)),  # NVML: whole percent
@@ -216,9 +234,12 @@ class SimulatedBackend:
             0, sm, m.mem_clock, reasons, thermal_ns, power_ns,
             True, sbe_vol, dbe_vol, sbe_agg, dbe_agg,
             0, retired, ov.retire_pend, remap_corr, remap_unc, ov.remap_pend, ov.remap_fail,
-            replay, m.gen, 16, m.gen, 16,
-            m.links, m.links - links_down if links_down < m.links else 0, crc, nvreplay, 0,
+            replay, m.gen if g.busy else IDLE_PCIE_GEN, 16 if ov.pcie_width is None else ov.pcie_width,
+            m.gen, 16,
+            links, links - links_down, crc, nvreplay, 0,
             ov.recovery, ov.persistence, g.processes if g.busy else (),
+            TEMP_MEM_MAX_C, m.sm_max, *fabric,
+            g.links_down_tuple(links_down), crc_links, replay_links, zeros,
         ]  # fmt: skip
         return GpuSample(*values) if _POSITIONAL else _keyword_sample(values)
 

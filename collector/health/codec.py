@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from collector.health.model import CheckStatus, GpuState, HealthState, HostState, XidRecord
-from shared.frames import DiskUsage, GpuProcess, GpuSample, NicCounters, SystemSample
+from shared.frames import DiskUsage, GpuProcess, GpuSample, MigSample, NicCounters, SystemSample
 
 
 def _plain(value: Any) -> Any:
@@ -34,7 +34,15 @@ def state_to_dict(state: HealthState) -> dict[str, Any]:
 def _gpu_sample(d: Mapping[str, Any] | None) -> GpuSample | None:
     if d is None:
         return None
-    return GpuSample(**{**d, "processes": tuple(GpuProcess(**p) for p in d.get("processes", ()))})
+    arrays = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}  # per-link counters
+    return GpuSample(
+        **{
+            **d,
+            **arrays,
+            "processes": tuple(GpuProcess(**p) for p in d.get("processes", ())),
+            "mig": tuple(MigSample(**m) for m in d.get("mig", ())),
+        }
+    )
 
 
 def _system(d: Mapping[str, Any] | None) -> SystemSample | None:

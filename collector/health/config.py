@@ -54,6 +54,15 @@ class GpuThresholds:
     power_over_limit_pct: float = num(2.0, 0, 1000)  # warning above the limit by more than this
     memory_full_pct: float = num(95.0, 0, 100)
     persistence_check: bool = True  # persistence mode off: info
+    busy_util_pct: float = num(50.0, 0, 100)  # a GPU this busy is "under load" (PCIe gen, SM clock)
+    pcie_link_check: bool = True  # width below max any time, generation below max while busy: warning
+    hbm_temp_margin_c: float = num(
+        5.0, 0, 100
+    )  # HBM this close to NVML's memory max: warning; at it: critical
+    memory_trend_window: float = dur("24h")  # lifetime DBE / retired pages grew: warning this long
+    sm_clock_low_pct: float = num(50.0, 0, 100)  # busy, no clock-event reason, SM below this % of app clock
+    fan_stall_temp_c: float = num(60.0, 0, 300)  # a fan at 0 % while the GPU is this hot: warning
+    fabric_check: bool = True  # NVSwitch fabric registration (where NVML reports it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Final
 
+from collector.health import gpu_signals
 from collector.health.config import GpuThresholds
 from collector.health.model import CRITICAL, HEALTHY, INFO, WARNING, Emitter, GpuState
 from shared.frames import GpuSample
@@ -79,11 +80,19 @@ def _delta(new: int | None, old: int | None) -> int | None:
     return new - old if new >= old else new  # went backwards: reset, count since the reset
 
 
+def _link_deltas(new: tuple[int, ...], old: tuple[int, ...]) -> dict[int, int]:
+    """Per-link counter deltas (link -> delta); empty when either side lacks per-link counters."""
+    if not new or len(new) != len(old):
+        return {}
+    return {i: (n - o if n >= o else n) for i, (n, o) in enumerate(zip(new, old, strict=True))}
+
+
 class GpuChecks:
     """The per-GPU checks with their thresholds."""
 
     def __init__(self, cfg: GpuThresholds) -> None:
         self.cfg = cfg
+        self.signals = gpu_signals.SignalChecks(cfg)
 
     def sample(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         """Evaluate one sample of one GPU; ``gs`` holds the previous one."""
@@ -148,6 +157,21 @@ class GpuChecks:
                 or _delta(g.nvlink_recovery_errors, prev.nvlink_recovery_errors)
             ):
                 return False
+            if (
+                (
+                    g.nvlink_crc_errors is None
+                    and any(_link_deltas(g.nvlink_crc_by_link, prev.nvlink_crc_by_link).values())
+                )
+                or (
+                    g.nvlink_replay_errors is None
+                    and any(_link_deltas(g.nvlink_replay_by_link, prev.nvlink_replay_by_link).values())
+                )
+                or (
+                    g.nvlink_recovery_errors is None
+                    and any(_link_deltas(g.nvlink_recovery_by_link, prev.nvlink_recovery_by_link).values())
+                )
+            ):
+                return False
         p, lim = g.power_w, g.power_limit_w
         if p is not None and lim and p > lim * (1.0 + cfg.power_over_limit_pct / 100.0):
             return False
@@ -157,6 +181,8 @@ class GpuChecks:
         if g.recovery_action:
             return False
         if g.persistence_mode is False and cfg.persistence_check:
+            return False
+        if not gpu_signals.quiet(cfg, gs, g, prev):
             return False
         gs.last, gs.last_ts, gs.stale = g, ts, False
         return True
@@ -188,6 +214,7 @@ class GpuChecks:
         self._pcie(em, gs, base, g, prev, dt, ts)
         self._nvlink(em, gs, base, g, prev, dt, ts)
         self._power_memory(em, gs, base, g, ts)
+        self.signals.sample(em, gs, base, g, prev, ts)
         if g.recovery_action is not None:
             self.recovery(em, gs, base, g.recovery_action, ts)
         if g.persistence_mode is not None and self.cfg.persistence_check:
@@ -407,14 +434,31 @@ class GpuChecks:
             return
         down = total - up if up is not None else 0
         crc = rep = rec = None
+        per_link: dict[int, list[str]] = {}
         if prev is not None:
             crc = _delta(g.nvlink_crc_errors, prev.nvlink_crc_errors)
             rep = _delta(g.nvlink_replay_errors, prev.nvlink_replay_errors)
             rec = _delta(g.nvlink_recovery_errors, prev.nvlink_recovery_errors)
+            crc_l = _link_deltas(g.nvlink_crc_by_link, prev.nvlink_crc_by_link)
+            rep_l = _link_deltas(g.nvlink_replay_by_link, prev.nvlink_replay_by_link)
+            rec_l = _link_deltas(g.nvlink_recovery_by_link, prev.nvlink_recovery_by_link)
+            crc = (
+                sum(crc_l.values()) if crc is None and crc_l else crc
+            )  # a driver with per-link counters only
+            rep = sum(rep_l.values()) if rep is None and rep_l else rep
+            rec = sum(rec_l.values()) if rec is None and rec_l else rec
+            for name, deltas in (("CRC", crc_l), ("replay", rep_l), ("recovery", rec_l)):
+                for link, d in deltas.items():
+                    if d:
+                        per_link.setdefault(link, []).append(f"{name} +{d}")
+        where = "; ".join(f"link {k}: {', '.join(v)}" for k, v in sorted(per_link.items()))
         crc_rate = crc / dt if crc is not None else 0.0
         c = gs.checks
         if down > 0 or crc_rate >= self.cfg.nvlink_crc_critical_per_s:
-            what = f"{down} of {total} links down" if down > 0 else f"{crc_rate:.0f} CRC errors/s"
+            which = f" (link {', '.join(map(str, g.nvlink_down_links))})" if g.nvlink_down_links else ""
+            what = f"{down} of {total} links down{which}" if down > 0 else f"{crc_rate:.0f} CRC errors/s"
+            if down <= 0 and where:
+                what += f" ({where})"
             em.emit(
                 c, "gpu.nvlink", "gpu.nvlink", base, CRITICAL, ts, float(down) if down else crc_rate,
                 f"GPU {gs.index}: NVLink {what}: drain the node, reset the GPUs, check the NVLink bridge",
@@ -425,9 +469,9 @@ class GpuChecks:
             em.emit(
                 c, "gpu.nvlink", "gpu.nvlink", base, WARNING, ts, float((crc or 0) + (rep or 0) + (rec or 0)),
                 f"GPU {gs.index}: NVLink errors increased (CRC {crc or 0}, replay {rep or 0}, "
-                f"recovery {rec or 0}): watch the trend",
+                f"recovery {rec or 0}{'; ' + where if where else ''}): watch the trend",
                 "NVLink error counters grew (DCGM warns on any increase). Occasional errors are "
-                "retried; a growing rate points at a failing link.",
+                "retried; a growing rate points at a failing link (the per-link counters name it).",
             )  # fmt: skip
         else:
             em.emit(c, "gpu.nvlink", "gpu.nvlink", base, HEALTHY, ts, 0.0)

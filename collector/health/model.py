@@ -98,6 +98,8 @@ class GpuState:
     quiet: bool = False  # every check healthy and quiet: the next sample may take the fast path
     throttle_since: float | None = None  # HW clock-event reasons active continuously since
     event_reasons: int = 0  # reason bits from throttle_start/throttle_stop events
+    memory_trend_at: float | None = None  # when a lifetime memory-error counter last grew
+    memory_trend: str = ""  # what grew then (summary text)
     xids: dict[int, XidRecord] = field(default_factory=dict)
     fatal_xids: list[float] = field(default_factory=list)  # times of fatal XIDs in rma_window
     checks: dict[str, CheckStatus] = field(default_factory=dict)

@@ -29,7 +29,11 @@ from shared.frames import (
 
 I64_MAX: Final = (1 << 63) - 1
 
-GPU_FIELDS: Final = tuple(f.name for f in fields(GpuSample) if f.name not in ("index", "uuid", "processes"))
+# One column per scalar reading; the arrays (processes, per-link NVLink counters, MIG devices) are not
+# columns (processes go in ``detail``).
+GPU_FIELDS: Final = tuple(
+    f.name for f in fields(GpuSample) if f.name not in ("index", "uuid") and not isinstance(f.default, tuple)
+)
 GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS)
 GPU_STAGE_COLUMNS: Final = ("n", *GPU_COLUMNS)  # n: the frame's number within its batch
 SYSTEM_FIELDS: Final = tuple(f.name for f in fields(SystemSample) if f.name not in ("disks", "nics"))
