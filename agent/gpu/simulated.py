@@ -104,6 +104,7 @@ class SimulatedBackend:
         faults: FaultSchedule | None = None,
         clock: Callable[[], float] = time.monotonic,
         model: str = "NVIDIA H100 80GB HBM3",
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if not 0 <= gpus <= 1024:
             raise ValueError(f"gpus must be in [0, 1024], got {gpus}")
@@ -111,6 +112,7 @@ class SimulatedBackend:
         self.seed = seed
         self.faults = (faults or FaultSchedule()).for_host(host)
         self._clock = clock
+        self._wall = wall  # Unix time of events (a virtual clock in scenario tests)
         self._model = Model(model)
         self._gpus = [SimGpu(i, host, seed, self._model, self.faults.for_gpu(i)) for i in range(gpus)]
         self._t0: float | None = None
@@ -129,7 +131,7 @@ class SimulatedBackend:
         """Start the simulation: fault times count from now."""
         with self._lock:
             self._t0 = self._clock()
-            self._wall0 = time.time()
+            self._wall0 = self._wall()
             self._closed = False
             self._wake.clear()
             self._events = self._schedule_events()

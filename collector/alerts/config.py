@@ -6,6 +6,7 @@ Built from ``collector.toml`` by :func:`alert_config_from`::
     for = "30s"                        # pending time of threshold rules; event rules fire at once
     correlation_window = "5m"
     group_interval = "30s"             # batch of a provider incident's updates
+    group_wait = "0s"                  # first notifications wait this long to be grouped
     [alerts.for_rules]                 # per-rule pending times
     "gpu.temperature" = "1m"
     [[alerts.silence]]
@@ -178,6 +179,7 @@ class AlertsSection:
     network_for: float = dur("1m")  # pending time of the network checks' rules (net.*)
     correlation_window: float = dur("5m")  # alerts of one host within it form one incident
     group_interval: float = dur("30s")  # a provider incident's updates are batched this long
+    group_wait: float = dur("0s")  # a first notification (not event-class) waits this long for its group
     provider_incident_share: float = num(0.2, 0.0, 1.0)  # more than this share of hosts failing
     provider_incident_min_hosts: int = num(3, 1, 1_000_000)
     flap_history: int = num(21, 3, 63)

@@ -277,13 +277,17 @@ class Correlator(abc.ABC):
             inc.alerts.append(fp)
         inc.pending.append(fp)
         now, gi = ctx.now, self.config.alerts.group_interval
-        if a.severity == CRITICAL and a.immediate and a.rule in self.config.event_rules:
+        if self.event_class(a):
             due = now
         else:
             due = max(now, (inc.last_sent_at if inc.last_sent_at is not None else now) + gi)
         inc.update_due = due if inc.update_due is None else min(inc.update_due, due)
         state.next_due = min(state.next_due, inc.update_due)
         return True
+
+    def event_class(self, a: Alert) -> bool:
+        """A critical event (fatal XID, GPU lost, double-bit ECC, row-remap failure): told at once."""
+        return a.severity == CRITICAL and a.immediate and a.rule in self.config.event_rules
 
     def _cover(self, inc: Incident, a: Alert, pol: Policy, now: float) -> None:
         """``a`` is told by a notification of ``inc``: it escalates from now, through the

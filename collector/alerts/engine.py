@@ -298,6 +298,8 @@ class AlertEngine(Correlator):
             a.notify_base = now
         a.policy = pol.name
         due = a.notify_base + pol.levels[0].after
+        if a.fired_at is not None and not self.event_class(a):  # let what fires together group
+            due = max(due, a.fired_at + self.config.alerts.group_wait)
         if now < due:
             state.next_due = min(state.next_due, due)
             return
