@@ -31,6 +31,7 @@ from collector.health.model import (
     Observation,
     XidRecord,
 )
+from shared import xid74
 from shared.frames import EventFrame, Frame, GpuSample, InventoryFrame, SampleFrame
 from shared.xid import XidInfo, catalog, lookup
 
@@ -194,8 +195,9 @@ class HealthEngine:
                 rec = gs.xids[info.code] = XidRecord(info.code, 0, now, now)
             rec.count += 1
             rec.last_at = now
-            checks.xid(em, gs, base, info, now)
-            if info.fatal:
+            checks.xid(em, gs, base, info, now, frame.message)
+            nvl = xid74.decode(frame.message) if info.code == 74 else None
+            if info.fatal and not (nvl is not None and nvl.benign):
                 gs.fatal_xids.append(now)
                 checks.expire(em, gs, base, now)
         elif t == "gpu_lost":

@@ -15,6 +15,7 @@ from typing import Final
 from collector.health import gpu_signals
 from collector.health.config import GpuThresholds
 from collector.health.model import CRITICAL, HEALTHY, INFO, WARNING, Emitter, GpuState
+from shared import xid74
 from shared.frames import GpuSample
 from shared.xid import XidInfo
 
@@ -517,15 +518,23 @@ class GpuChecks:
             True,
         )  # fmt: skip
 
-    def xid(self, em: Emitter, gs: GpuState, base: Mapping[str, str], info: XidInfo, ts: float) -> None:
+    def xid(
+        self, em: Emitter, gs: GpuState, base: Mapping[str, str], info: XidInfo, ts: float,
+        message: str | None = None,
+    ) -> None:  # fmt: skip
         rec = gs.xids[info.code]
         status = CRITICAL if info.fatal else WARNING
         action = XID_ACTION_ADVICE.get(info.action, info.action)
+        detail = ""
+        if info.code == 74 and (nvl := xid74.decode(message)) is not None:
+            detail = f"; {nvl.describe()}"  # the link and the catalogue's NVLink workflow
+            if nvl.benign:
+                status = WARNING
         em.emit(
             gs.checks, f"gpu.xid:{info.code}", "gpu.xid", base, status, ts, float(rec.count),
-            f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}",
+            f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}{detail}",
             f"XID {info.code} {info.mnemonic}, seen {rec.count} time(s); "
-            f"{'fatal' if info.fatal else 'non-fatal'}; action: {action}.",
+            f"{'fatal' if info.fatal else 'non-fatal'}; action: {action}{detail}.",
             True,
             (("xid", str(info.code)),),
         )  # fmt: skip
