@@ -38,6 +38,9 @@ fabric               gpu    not_started, in_progress, failed or degraded: NVSwit
 host_down            host   none: the agent publishes nothing
 cpu                  host   CPU percent 0-100 (required)
 disk_full            host   none: the root file system ~99% full
+nvml_init_fail       host   none: NVML cannot initialise (Driver Not Loaded) while active:
+                            an agent starting in the window runs without GPUs and
+                            retries; the first retry after the window succeeds
 ===================  =====  ===========================================================
 """
 
@@ -94,6 +97,7 @@ KIND_SPECS: Final[dict[str, KindSpec]] = {
     "host_down": KindSpec("host", "none"),
     "cpu": KindSpec("host", "float", True, 0, 100, unit="percent"),
     "disk_full": KindSpec("host", "none"),
+    "nvml_init_fail": KindSpec("host", "none"),
 }
 FAULT_KINDS: Final = frozenset(KIND_SPECS)
 GPU_KINDS: Final = frozenset(k for k, s in KIND_SPECS.items() if s.scope == "gpu")

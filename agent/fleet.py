@@ -22,11 +22,13 @@ from typing import Any
 
 from agent.events import EventTracker
 from agent.faults import FaultSchedule
+from agent.gpu.base import Inventory
 from agent.gpu.simulated import SimulatedBackend
 from agent.publisher import Publisher
 from agent.sampler import Sequencer, build_event, build_inventory, build_sample
 from agent.system import SimulatedSystem
 from shared.config import NatsConfig
+from shared.errors import NvmlUnavailableError
 from shared.frames import encode
 from shared.tasks import stop_on_signals
 
@@ -49,6 +51,7 @@ class SimHost:
     faults: FaultSchedule
     tracker: EventTracker | None = None
     inventory_sent: bool = False
+    nvml_error: str | None = None  # an nvml_init_fail fault: NVML could not initialise, no GPUs
 
 
 @dataclass(slots=True)
@@ -108,10 +111,8 @@ class Fleet:
     async def start(self) -> None:
         await self.publisher.start(wait=True)
         for h in self.hosts:
-            h.backend.open()
+            self.open_backend(h)
             h.system.open()
-            if h.tracker is not None:
-                h.tracker.set_inventory(h.backend.inventory().gpus)
             if not self.down(h):
                 self.send_inventory(h)
         self.stats.started = time.monotonic()
@@ -120,8 +121,26 @@ class Fleet:
     def down(self, h: SimHost) -> bool:
         return bool(h.faults) and h.faults.host_down(h.backend.elapsed())
 
+    def open_backend(self, h: SimHost) -> bool:
+        """Open a host's GPUs as its agent would; an ``nvml_init_fail`` fault leaves the host
+        running without GPUs, its inventory carrying the error, until a later try succeeds."""
+        try:
+            h.backend.open()
+        except NvmlUnavailableError as e:
+            h.nvml_error = e.detail
+            return False
+        h.nvml_error = None
+        if h.tracker is not None:
+            h.tracker.set_inventory(h.backend.inventory().gpus)
+        return True
+
     def send_inventory(self, h: SimHost) -> None:
-        frame = build_inventory(h.seqr, h.backend.inventory(), h.system.host_facts())
+        inv = (
+            h.backend.inventory()
+            if h.nvml_error is None
+            else Inventory(h.backend.name, None, None, None, (), nvml_error=h.nvml_error)
+        )
+        frame = build_inventory(h.seqr, inv, h.system.host_facts())
         self.publisher.publish(h.seqr.subjects[2], encode(frame), h.seqr.msg_id(frame.seq))
         self.stats.inventories += 1
         h.inventory_sent = True
@@ -130,17 +149,20 @@ class Fleet:
         if self.down(h):
             self.stats.silent_ticks += 1
             return
+        if h.nvml_error is not None and self.open_backend(h):
+            h.inventory_sent = False  # NVML works again: the GPUs are the new inventory
         if not h.inventory_sent:
             self.send_inventory(h)
-        frame = build_sample(
-            h.seqr, interval_s=self.interval, gpus=h.backend.sample(), system=h.system.sample()
-        )
+        gpus = h.backend.sample() if h.nvml_error is None else []
+        frame = build_sample(h.seqr, interval_s=self.interval, gpus=gpus, system=h.system.sample())
         self.publisher.publish(h.seqr.subjects[0], encode(frame), h.seqr.msg_id(frame.seq))
         self.stats.samples += 1
 
     def poll_events(self) -> None:
         now = time.monotonic()
         for h in self.faulty:
+            if h.nvml_error is not None:
+                continue
             events = h.backend.poll_events()
             if not events or h.tracker is None:
                 continue

@@ -103,6 +103,7 @@ def build_inventory(
         nvml_version=inventory.nvml_version,
         gpus=inventory.gpus,
         host_facts=host_facts,
+        nvml_error=inventory.nvml_error,
     )
 
 

@@ -37,7 +37,7 @@ from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, bu
 from agent.sdnotify import SdNotifier
 from agent.system import PsutilSystem, SimulatedSystem, SystemSource
 from shared.config import AgentConfig
-from shared.errors import GpuwardenError
+from shared.errors import GpuwardenError, NvmlUnavailableError
 from shared.frames import AgentStats, CheckResult, HostFacts, InventoryFrame, SampleFrame, encode
 from shared.subjects import poll_subject
 from shared.tasks import cancel_all, stop_on_signals
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 EVENT_WAIT_S = 0.5  # how long an event thread blocks before checking for shutdown
 FLUSH_ON_EXIT_S = 5.0
+NVML_RETRY_FIRST_S = 5.0  # NVML cannot initialise: first retry after this, then doubling ...
+NVML_RETRY_MAX_S = 300.0  # ... up to this
 
 
 def agent_version() -> str:
@@ -120,6 +122,12 @@ class AgentService:
         self._last_tick_s = 0.0
         self._read_lock = asyncio.Lock()
         self._inventory_sent = False
+        self.nvml_error: str | None = None  # NVML cannot initialise: the agent runs without GPUs
+        self.nvml_retries = 0
+        self.nvml_retry = (NVML_RETRY_FIRST_S, NVML_RETRY_MAX_S)  # first and longest retry delay
+        self._nvml_delay = NVML_RETRY_FIRST_S
+        self._nvml_retry_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,8 +140,9 @@ class AgentService:
         return self._stop.is_set()
 
     async def startup(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.backend.open)
+        loop = self._loop = asyncio.get_running_loop()
+        self._nvml_delay = self.nvml_retry[0]
+        opened = await self._open_backend()
         if isinstance(self.system, SimulatedSystem):
             self.system.open()
         self._t0 = time.monotonic()  # simulated fault times count from here, as the backend's
@@ -146,7 +155,8 @@ class AgentService:
             self._tasks.append(asyncio.create_task(self._serve_polls(), name="agent-poll"))
         if not self.host_down():
             self._publish_inventory(inv)
-        self._start_thread("agent-gpu-events", self.backend.wait_events, loop)
+        if opened:
+            self._start_thread("agent-gpu-events", self.backend.wait_events, loop)
         if self.config.agent.kmsg and self.backend.name != "simulated":
             self.kmsg = KmsgReader(self.config.agent.kmsg_path)
             self.kmsg.open()
@@ -159,16 +169,57 @@ class AgentService:
                 self.interval,
                 wd,
             )
-        self.notifier.ready(f"publishing {len(inv.gpus)} GPUs every {self.interval:g}s")
+        why = f" (NVML cannot initialise: {self.nvml_error})" if self.nvml_error else ""
+        self.notifier.ready(f"publishing {len(inv.gpus)} GPUs every {self.interval:g}s{why}")
         log.info(
-            "agent %s (%s) started: %d %s GPUs, interval %gs, boot id %s",
+            "agent %s (%s) started: %d %s GPUs, interval %gs, boot id %s%s",
             self.seqr.host,
             self.seqr.provider,
             len(inv.gpus),
             self.backend.name,
             self.interval,
             self.seqr.boot_id,
+            why,
         )
+
+    async def _open_backend(self) -> bool:
+        """Open the GPU backend; when NVML cannot initialise, note why and when to retry.
+
+        A broken driver is not a dead host: the agent keeps publishing host telemetry and an
+        inventory without GPUs that carries the NVML error, and retries with doubling delays
+        (``nvml_retry``: first, longest).
+        """
+        try:
+            await asyncio.to_thread(self.backend.open)
+        except NvmlUnavailableError as e:
+            first = self.nvml_error is None
+            self.nvml_error = e.detail
+            delay = self._nvml_delay
+            self._nvml_retry_at = time.monotonic() + delay
+            self._nvml_delay = min(delay * 2.0, self.nvml_retry[1])
+            log.log(
+                logging.ERROR if first else logging.WARNING,
+                "%s; running without GPUs, retrying NVML in %.0fs",
+                e,
+                delay,
+            )
+            return False
+        if self.nvml_error is not None:
+            log.warning("NVML initialised after %d retries; was: %s", self.nvml_retries, self.nvml_error)
+        self.nvml_error = None
+        self._nvml_delay = self.nvml_retry[0]
+        return True
+
+    async def _retry_nvml(self) -> None:
+        """Retry NVML when due; on success start its event thread (the next read sends the
+        new inventory)."""
+        if self.nvml_error is None or time.monotonic() < self._nvml_retry_at:
+            return
+        self.nvml_retries += 1
+        async with self._read_lock:
+            opened = await self._open_backend()
+        if opened and self._loop is not None and not self._threads_stop.is_set():
+            self._start_thread("agent-gpu-events", self.backend.wait_events, self._loop)
 
     async def run(self) -> None:
         deadlines = Deadlines(self.interval)
@@ -225,6 +276,7 @@ class AgentService:
         started = time.perf_counter()
         if self._checks_task is None or self._checks_task.done():
             self._checks_task = asyncio.create_task(self._refresh_checks(), name="agent-checks")
+        await self._retry_nvml()
         frame = await self.fresh_sample()
         if frame is not None:
             self.ticks += 1
@@ -254,10 +306,17 @@ class AgentService:
         return frame
 
     def _read(self) -> tuple[Any, Any, Inventory]:
+        if self.nvml_error is not None:
+            return [], self.system.sample(), self._no_gpus(self.nvml_error)
         return self.backend.sample(), self.system.sample(), self.backend.inventory()
 
     def _read_inventory(self) -> tuple[Inventory, HostFacts]:
+        if self.nvml_error is not None:
+            return self._no_gpus(self.nvml_error), self.system.host_facts()
         return self.backend.inventory(), self.system.host_facts()
+
+    def _no_gpus(self, error: str) -> Inventory:
+        return Inventory(self.backend.name, None, None, None, (), nvml_error=error)
 
     def _publish_inventory(self, inv: Inventory) -> InventoryFrame:
         self._inventory_sent = True

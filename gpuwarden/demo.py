@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # (fault spec, what the operator sees): staggered so the page changes over the first minutes
 SCRIPT: Final = (
+    ("host-0027:nvml_init_fail@0s+150s", "NVML cannot initialise for 150 s: a driver alert, not down"),
     ("host-0001/gpu2:xid=79@10s", "XID 79: a GPU falls off the bus (critical, drain and reboot)"),
     ("host-0005/gpu0:temp=94@20s+90s", "a GPU runs hot at 94 C for 90 s, then cools down"),
     ("host-0012:host_down@35s+45s", "a host stops reporting for 45 s (unreachable, 8 GPUs unknown)"),

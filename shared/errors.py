@@ -71,9 +71,17 @@ class SubjectError(GpuwardenError):
 
 
 class NvmlUnavailableError(GpuwardenError):
-    """NVML cannot be used on this machine: library missing, driver not loaded or too old."""
+    """NVML cannot be used on this machine: library missing, driver not loaded or too old.
+
+    ``detail`` is the bare cause (NVML's own text, e.g. ``Driver Not Loaded``), as the agent
+    publishes it in its inventory while it runs without GPUs.
+    """
 
     exit_code = EXIT_NVML
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class ServiceUnavailableError(GpuwardenError):

@@ -321,6 +321,7 @@ class InventoryFrame(_Header):
     nvml_version: str | None = None
     gpus: tuple[GpuInfo, ...] = ()
     host_facts: HostFacts | None = None
+    nvml_error: str | None = None  # NVML cannot initialise: the agent runs without GPUs; NVML's text
 
 
 Frame = SampleFrame | EventFrame | InventoryFrame

@@ -292,3 +292,42 @@ async def test_nats_round_trip_is_left_out_until_measured_then_reported(nats_url
     finally:
         svc.stop()
         await svc.shutdown()
+
+
+@pytest.mark.parametrize("error", ["DriverNotLoaded", "LibraryNotFound", "LibRmVersionMismatch"])
+async def test_nvml_that_cannot_initialise_leaves_the_agent_reporting_and_retrying(
+    nats_url: str, host: str, tap: Tap, error: str
+) -> None:
+    """A broken driver is not a dead host: the agent publishes an inventory without GPUs that
+    carries NVML's error and samples with host telemetry, retries NVML with backoff, and once
+    NVML initialises sends the GPUs' inventory and samples them."""
+    import pynvml
+
+    from agent.gpu.nvml import NvmlBackend
+    from agent.system import PsutilSystem
+    from tests.fake_pynvml import FakeNvml
+
+    fake = FakeNvml.load()
+    fake.init_error = error
+    cfg = agent_config(nats_url, host, interval=0.2, gpus=0)
+    svc = AgentService(cfg, NvmlBackend(fake.module, proc_root="/nonexistent"), PsutilSystem(host))
+    svc.nvml_retry = (0.2, 0.4)
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: f.kind == "sample" and f.seq > 4, 10)
+    first = tap.frames[0]
+    assert isinstance(first, InventoryFrame)
+    assert first.gpus == ()
+    assert first.nvml_error == str(getattr(pynvml, f"NVMLError_{error}")())
+    degraded = [f for f in tap.frames if isinstance(f, SampleFrame)]
+    assert degraded
+    assert all(s.gpus == () and s.system is not None for s in degraded)
+    assert fake.count("nvmlInit") >= 2  # retried
+    fake.init_error = None
+    assert await tap.wait_for(lambda f: isinstance(f, SampleFrame) and len(f.gpus) == 2, 10)
+    svc.stop()
+    await task
+    inventories = [f for f in tap.frames if isinstance(f, InventoryFrame)]
+    assert inventories[-1].nvml_error is None
+    assert len(inventories[-1].gpus) == 2
+    assert svc.nvml_error is None
+    assert svc.nvml_retries >= 2

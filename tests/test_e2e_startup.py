@@ -73,3 +73,69 @@ async def test_agents_started_together_with_for_0s_page_nothing(
         assert alerts.incidents == {}
         assert rx.bodies() == []
         assert stats["notifications"] == 0
+
+
+async def test_a_driver_that_cannot_initialise_is_a_driver_alert_not_an_unreachable_host(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    """An agent (and a ``gpuwarden fleet`` host) whose NVML cannot initialise for its first
+    seconds (``nvml_init_fail``) keeps reporting: the collector notifies ``host.gpu_driver``
+    with the driver advice, never ``host.unreachable``, and resolves it when NVML is back."""
+    from agent.fleet import Fleet, host_name
+    from shared.config import NatsConfig
+
+    url = private_nats.url
+    agent_host, fleet_host = "driver-0", host_name(0)
+    body = '[alerts]\nfor = "0s"\n[health]\nstale_after = "2s"\n'
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, url, body + webhook_toml(rx.url))
+        async with collector(cfg) as svc:
+            agent = AgentService(
+                agent_config(url, agent_host, interval=0.5, faults=("nvml_init_fail@0s+3s",))
+            )
+            agent.nvml_retry = (0.5, 1.0)
+            fleet = Fleet(
+                NatsConfig(servers=(url,)),
+                hosts=1,
+                gpus=2,
+                interval=0.5,
+                faults=(f"{fleet_host}:nvml_init_fail@0s+3s",),
+            )
+            await fleet.start()
+            tasks = [asyncio.create_task(agent.serve(signals=False)), asyncio.create_task(fleet.run())]
+
+            def seen(host: str) -> list[tuple[str, str]]:
+                return [
+                    (a["labels"]["alertname"], a["status"])
+                    for b in rx.bodies()
+                    for a in b["alerts"]
+                    if a["labels"].get("host") == host
+                ]
+
+            try:
+                await until(
+                    lambda: all(("host.gpu_driver", "resolved") in seen(h) for h in (agent_host, fleet_host)),
+                    timeout=60,
+                )
+                # and the GPUs report again
+                await until(
+                    lambda: all(len(svc.alerting.health.hosts[h].gpus) == 2 for h in (agent_host, fleet_host))
+                )
+            finally:
+                agent.stop()
+                fleet.stop()
+                await asyncio.gather(*tasks)
+                await fleet.close()
+        for h in (agent_host, fleet_host):
+            assert seen(h) == [("host.gpu_driver", "firing"), ("host.gpu_driver", "resolved")], h
+        fired = next(
+            a
+            for b in rx.bodies()
+            for a in b["alerts"]
+            if a["labels"]["host"] == agent_host and a["status"] == "firing"
+        )
+        assert fired["labels"]["severity"] == "critical"
+        assert (
+            "NVML cannot initialise: Driver Not Loaded; check the driver and library versions"
+            in (fired["annotations"]["summary"])
+        )

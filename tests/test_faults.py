@@ -166,7 +166,7 @@ def test_every_kind_is_documented_and_parsable() -> None:
     assert required <= FAULT_KINDS
     assert GPU_KINDS | HOST_KINDS == FAULT_KINDS
     assert not GPU_KINDS & HOST_KINDS
-    assert frozenset({"host_down", "cpu", "disk_full"}) == HOST_KINDS
+    assert frozenset({"host_down", "cpu", "disk_full", "nvml_init_fail"}) == HOST_KINDS
     for kind, ks in KIND_SPECS.items():
         value = {"none": "", "int": "=1", "float": "=1.5", "choice": "=" + min(ks.choices or {"x"})}[ks.value]
         f = parse_fault(f"{kind}{value}@1s")

@@ -351,3 +351,53 @@ def test_redelivered_frames_are_judged_once(engine: HealthEngine) -> None:
     )
     state, obs = engine.observe(state, again, T0 + 21)
     assert state.hosts["node-1"].gpus[0].xids[79].count == 2  # same seq, another run: a new XID
+
+
+def inventory(
+    ts: float, gpus: int = 2, nvml_error: str | None = None, seq: int | None = None
+) -> InventoryFrame:
+    return InventoryFrame(
+        host="node-1",
+        provider="acme",
+        boot_id="b1",
+        seq=int(ts) if seq is None else seq,
+        ts=ts,
+        backend="nvml",
+        gpus=tuple(GpuInfo(index=i, uuid=f"GPU-node-1-{i}") for i in range(gpus)),
+        nvml_error=nvml_error,
+    )
+
+
+def test_nvml_that_cannot_initialise_is_a_driver_alert_not_an_unreachable_host(engine: HealthEngine) -> None:
+    """A broken driver is not a dead host: the agent's inventory carries the NVML error and its
+    samples keep coming without GPUs. One critical ``host.gpu_driver`` with the driver advice;
+    no ``host.unreachable``, no ``host.gpu_missing``; its GPUs are unknown; NVML back clears it."""
+    expected = {"node-1": ExpectedHost("acme", 2)}  # the inventory source expects its 2 GPUs
+    state, _ = engine.observe(HealthState(), inventory(T0), T0)
+    state, _ = engine.observe(state, sample(T0 + 1), T0 + 1)
+    err = "RM has detected an NVML/RM version mismatch."
+    state, obs = engine.observe(state, inventory(T0 + 10, gpus=0, nvml_error=err), T0 + 10)
+    (o,) = by_check(obs, "host.gpu_driver")
+    assert o.status == "critical"
+    assert not o.immediate
+    assert o.summary == (
+        f"node-1: NVML cannot initialise: {err}; check the driver and library versions; "
+        "reboot if a driver update is pending"
+    )
+    out: list[Observation] = []
+    for t in range(11, 120, 5):
+        state, obs = engine.observe(state, sample(T0 + t, gpus=0), T0 + t)
+        out += obs
+        state, obs = engine.tick(state, T0 + t + 1, expected)
+        out += obs
+    bad = [(o.check, o.status) for o in out if o.status != "healthy"]
+    assert bad == []
+    fleet = rollup(state, engine.config.provider)
+    host = fleet.hosts["node-1"]
+    assert host.status == "critical"
+    assert {g.status for g in host.gpus} == {"unknown"}
+    state, obs = engine.observe(state, inventory(T0 + 121), T0 + 121)
+    assert [(o.check, o.status) for o in by_check(obs, "host.gpu_driver")] == [("host.gpu_driver", "healthy")]
+    state, obs = engine.observe(state, sample(T0 + 122), T0 + 122)
+    assert [o for o in obs if o.status != "healthy"] == []
+    assert {g.status for g in rollup(state, engine.config.provider).hosts["node-1"].gpus} == {"healthy"}

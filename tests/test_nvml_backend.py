@@ -412,3 +412,49 @@ def test_old_binding_without_versioned_fabric_call(fake: FakeNvml) -> None:
     assert [s.fabric_state for s in b.sample()] == [None, None]  # the plain call is not recorded: absent
     assert b.nvml_errors == 0
     b.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        ("DriverNotLoaded", "Driver Not Loaded"),
+        ("LibraryNotFound", "NVML Shared Library Not Found"),
+        ("LibRmVersionMismatch", "RM has detected an NVML/RM version mismatch."),
+    ],
+)
+def test_open_fails_with_nvmls_own_text_then_a_retry_succeeds(fake: FakeNvml, error: str, text: str) -> None:
+    """The error carries NVML's text as ``detail`` (what the agent publishes); the same backend
+    opens once the driver is back, with every GPU."""
+    fake.init_error = error
+    b = NvmlBackend(fake.module, proc_root="/nonexistent")
+    with pytest.raises(NvmlUnavailableError) as info:
+        b.open()
+    assert info.value.detail == text
+    assert fake.initialized == 0
+    fake.init_error = None
+    b.open()
+    try:
+        assert len(b.inventory().gpus) == 2
+        assert [s.lost for s in b.sample()] == [False, False]
+    finally:
+        b.close()
+
+
+def test_gpu_lost_at_start_balances_nvml_init(fake: FakeNvml) -> None:
+    """NVML initialises but the device count fails (GPU lost at start): the backend shuts NVML
+    down again, so the retry starts clean."""
+
+    def lost() -> int:
+        raise fake._error("GpuIsLost")
+
+    count = fake.module.nvmlDeviceGetCount
+    fake.module.nvmlDeviceGetCount = lost
+    b = NvmlBackend(fake.module, proc_root="/nonexistent")
+    with pytest.raises(NvmlUnavailableError) as info:
+        b.open()
+    assert info.value.detail == "GPU is lost"
+    assert (fake.initialized, fake.shutdowns) == (0, 1)
+    fake.module.nvmlDeviceGetCount = count
+    b.open()
+    assert fake.initialized == 1
+    b.close()

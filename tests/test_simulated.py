@@ -633,3 +633,27 @@ def test_positional_construction_matches_field_order() -> None:
     for s in at(b, clock, 30):
         values = [getattr(s, n) for n in simulated._ORDER]
         assert simulated._keyword_sample(values) == s
+
+
+def test_nvml_init_fail_fails_open_until_the_window_ends() -> None:
+    """``nvml_init_fail`` makes ``open`` fail as NVML would (NVML's text as detail); the clock
+    keeps running from the first open, so a retry after the window opens, and events that were
+    due during the failure are not delivered late."""
+    from shared.errors import NvmlUnavailableError
+
+    clock = FakeClock()
+    faults = FaultSchedule.parse(["nvml_init_fail@0s+30s", "gpu1:xid=79@10s", "gpu1:xid=13@40s"])
+    b = SimulatedBackend(2, host="h1", faults=faults, clock=clock)
+    with pytest.raises(NvmlUnavailableError) as info:
+        b.open()
+    assert info.value.detail == "Driver Not Loaded"
+    clock.now = 1029.0
+    with pytest.raises(NvmlUnavailableError):
+        b.open()
+    clock.now = 1030.0
+    b.open()
+    assert b.elapsed() == 30.0
+    assert b.poll_events() == []  # the XID 79 at 10 s happened while NVML was down
+    clock.now = 1040.0
+    assert [(e.type, e.xid) for e in b.poll_events()] == [("xid", 13)]
+    assert len(b.sample()) == 2

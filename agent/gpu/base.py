@@ -21,6 +21,7 @@ class Inventory:
     cuda_version: str | None
     nvml_version: str | None
     gpus: tuple[GpuInfo, ...]
+    nvml_error: str | None = None  # NVML cannot initialise (the agent runs without GPUs): why
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,16 +101,23 @@ class NvmlBackend:
             try:
                 self._nvml = importlib.import_module("pynvml")
             except ImportError as e:
-                raise NvmlUnavailableError("NVML bindings not installed: pip install nvidia-ml-py") from e
+                text_ = "NVML bindings not installed: pip install nvidia-ml-py"
+                raise NvmlUnavailableError(text_, f"NVML bindings not installed ({e})") from e
         nvml = self._nvml
         self._q = NvmlQuery(nvml)
+        init = status = "missing"
         try:
             init, _ = self._qry.attempt(None, "init", "nvmlInit", reraise=(nvml.NVMLError,))
             status, count = self._qry.attempt(None, "count", "nvmlDeviceGetCount", reraise=(nvml.NVMLError,))
         except nvml.NVMLError as e:
-            raise NvmlUnavailableError(f"NVML unavailable: {e} (is the NVIDIA driver loaded?)") from e
+            if init == "ok":  # initialised, then failed: balance nvmlInit so a retry starts clean
+                self._qry.query(None, "shutdown", "nvmlShutdown")
+            raise NvmlUnavailableError(f"NVML unavailable: {e} (is the NVIDIA driver loaded?)", str(e)) from e
         if init != "ok" or status != "ok":
-            raise NvmlUnavailableError("NVML unavailable: the binding lacks nvmlInit/nvmlDeviceGetCount")
+            raise NvmlUnavailableError(
+                "NVML unavailable: the binding lacks nvmlInit/nvmlDeviceGetCount",
+                "the NVML binding lacks nvmlInit/nvmlDeviceGetCount",
+            )
         self._opened = True
         self._closed.clear()
         self._arch_names = {

@@ -53,8 +53,10 @@ from agent.gpu.simmodel import (
     fault_value,
     overrides,
 )
+from shared.errors import NvmlUnavailableError
 from shared.frames import GpuSample
 
+SIM_NVML_ERROR: Final = "Driver Not Loaded"  # what a simulated nvml_init_fail reports (NVML's text)
 # Fault kinds that emit events at their start; ``lost``, ``throttle`` and ``temp`` (at or above
 # the slowdown temperature) also at their end.
 EVENT_FAULTS: Final = frozenset(
@@ -124,18 +126,33 @@ class SimulatedBackend:
         self._next_event = 0
         self._inventory: Inventory | None = None
         self._has_persistence_faults = bool(self.faults.of_kind("persistence_off"))
+        self._open_failed = False  # the last open failed (nvml_init_fail): the clock keeps running
 
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
-        """Start the simulation: fault times count from now."""
+        """Start the simulation: fault times count from now.
+
+        While an ``nvml_init_fail`` fault is active this raises
+        :class:`~shared.errors.NvmlUnavailableError` as NVML would; the simulation clock keeps
+        running from the first (failed) open, so the agent's retries succeed once the fault
+        window has passed, and events scheduled during the failure are not delivered late.
+        """
         with self._lock:
-            self._t0 = self._clock()
-            self._wall0 = self._wall()
+            if not self._open_failed:
+                self._t0 = self._clock()
+                self._wall0 = self._wall()
+                self._events = self._schedule_events()
             self._closed = False
             self._wake.clear()
-            self._events = self._schedule_events()
-            self._next_event = 0
+            t = self._clock() - (self._t0 or 0.0)
+            if any(f.active(t) for f in self.faults.of_kind("nvml_init_fail")):
+                self._open_failed = True
+                raise NvmlUnavailableError(
+                    f"NVML unavailable: {SIM_NVML_ERROR} (simulated nvml_init_fail)", SIM_NVML_ERROR
+                )
+            self._next_event = sum(1 for at, _ in self._events if at <= t) if self._open_failed else 0
+            self._open_failed = False
             for g in self._gpus:
                 g.last_t = None
 

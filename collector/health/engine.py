@@ -157,7 +157,7 @@ class HealthEngine:
 
     def _missing(self, em: Emitter, hs: HostState, count: int, now: float) -> None:
         expected = max(hs.expected_gpus or 0, hs.inventory_gpus or 0)
-        if not expected:
+        if not expected or hs.nvml_error is not None:  # no NVML: unknown, not missing (host.gpu_driver)
             return
         if count < expected:
             em.emit(
@@ -228,10 +228,33 @@ class HealthEngine:
         """Record what the host says it has (its GPU count feeds ``host.gpu_missing``)."""
         em = Emitter(self.healthy_for)
         hs = self._host(state, frame.host, frame.provider, em, now)
+        hs.nvml_error = frame.nvml_error
+        if frame.nvml_error is not None:
+            self._driver(em, hs, frame.nvml_error, now)
+            return state, em.out
+        if "host.gpu_driver" in hs.checks:
+            em.emit(hs.checks, "host.gpu_driver", "host.gpu_driver", hs.labels, HEALTHY, now, 0.0)
         hs.inventory_gpus = len(frame.gpus)
         for info in frame.gpus:
             self._gpu(hs, info.index, info.uuid)
         return state, em.out
+
+    @staticmethod
+    def _driver(em: Emitter, hs: HostState, error: str, now: float) -> None:
+        """NVML cannot initialise: the host is up (it reports) but its GPUs are unknown. One
+        driver alert, not ``host.unreachable`` and not ``host.gpu_missing``."""
+        for gs in hs.gpus.values():
+            gs.stale, gs.quiet = True, False
+        em.emit(
+            hs.checks, "host.gpu_driver", "host.gpu_driver", hs.labels, CRITICAL, now, None,
+            f"{hs.host}: NVML cannot initialise: {error}; check the driver and library versions; "
+            "reboot if a driver update is pending",
+            "The agent runs and reports the host, but NVML does not start, so no GPU is "
+            "monitored. Usual causes: a driver update without a reboot (NVML/RM version "
+            "mismatch), the nvidia kernel module not loaded, a GPU lost at boot. Compare "
+            "nvidia-smi with the loaded module (cat /proc/driver/nvidia/version), check dmesg, "
+            "reboot if an update is pending. The agent retries NVML with backoff.",
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ time
 

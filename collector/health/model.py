@@ -124,6 +124,7 @@ class HostState:
     gpus: dict[int, GpuState] = field(default_factory=dict)
     system_ts: float | None = None
     system: SystemSample | None = None  # previous system sample (for NIC rates)
+    nvml_error: str | None = None  # the agent's NVML cannot initialise (from its inventory)
     nats_failed_since: float | None = None  # sample time of the first failed NATS round trip in a row
     checks: dict[str, CheckStatus] = field(default_factory=dict)
 

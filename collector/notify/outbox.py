@@ -248,7 +248,7 @@ def health_snapshot(state: HealthState, healthy_for: int) -> dict[str, Any]:
             "last_frame_at": hs.last_frame_at, "interval_s": hs.interval_s,
             "first_expected_at": hs.first_expected_at, "expected_gpus": hs.expected_gpus,
             "inventory_gpus": hs.inventory_gpus, "stale": hs.stale, "gpus": gpus,
-            "nats_failed_since": hs.nats_failed_since,
+            "nats_failed_since": hs.nats_failed_since, "nvml_error": hs.nvml_error,
             "checks": _checks(hs.checks, healthy_for),
         }  # fmt: skip
     return {"hosts": hosts}
