@@ -53,6 +53,7 @@ from collector.store.writer import Accepted
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
 from shared.subjects import PREFIX, sanitize_token
+from shared.tasks import cancel_all
 
 if TYPE_CHECKING:
     from collector.service import CollectorService
@@ -100,6 +101,7 @@ class Alerting:
         self._host_status: dict[str, str] = {}
         self._rollup: tuple[int, FleetHealth] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._resends: dict[str, asyncio.Task[None]] = {}  # Alertmanager re-pushes in flight
         self._stop = asyncio.Event()
         self.counts = {
             "evaluations": 0,
@@ -162,6 +164,8 @@ class Alerting:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        resends, self._resends = list(self._resends.values()), {}
+        await cancel_all(resends)
         try:
             async with self._lock:
                 await self._flush()
@@ -191,7 +195,7 @@ class Alerting:
                     await self.save_health()
                 if self.alertmanagers and mono - last_resend >= self.settings.alertmanager_resend:
                     last_resend = mono
-                    await self.resend_alertmanager()
+                    self.start_resends()  # in the background: a dead Alertmanager never holds the timer
             except _DB_ERRORS as e:
                 self.persist_errors += 1
                 log.warning("alert state not persisted, will retry: %s", e)
@@ -368,19 +372,30 @@ class Alerting:
         async with self.service.pool.acquire() as conn:
             await outbox.save_health(conn, self.partition, data)
 
+    def start_resends(self) -> None:
+        """Start one re-push per Alertmanager, each its own task (skipped while the previous
+        one of that Alertmanager is still in flight): a hanging receiver delays neither the
+        timer (staleness, `for`, escalation) nor another channel."""
+        for am in self.alertmanagers:
+            running = self._resends.get(am.name)
+            if running is None or running.done():
+                self._resends[am.name] = asyncio.create_task(self._resend(am), name=f"resend-{am.name}")
+
     async def resend_alertmanager(self) -> None:
         """Push firing alerts again, so Alertmanager does not time them out (resolve_timeout)."""
-        for am in self.alertmanagers:
-            batch = []
-            for a in self.alerts_state.alerts.values():
-                if a.state == FIRING and am.name in a.told and self.engine.quiet_ok(a):
-                    p = _alert_payload(a, am.name)
-                    batch.append(am_alert(p, self.notify.external_url))
-            if batch:
-                try:
-                    await am.post(batch)
-                except DeliveryError as e:
-                    log.warning("alertmanager %s: re-push failed: %s", am.name, e)
+        await asyncio.gather(*(self._resend(am) for am in self.alertmanagers))
+
+    async def _resend(self, am: AlertmanagerChannel) -> None:
+        batch = []
+        for a in self.alerts_state.alerts.values():
+            if a.state == FIRING and am.name in a.told and self.engine.quiet_ok(a):
+                p = _alert_payload(a, am.name)
+                batch.append(am_alert(p, self.notify.external_url))
+        if batch:
+            try:
+                await am.post(batch)
+            except DeliveryError as e:
+                log.warning("alertmanager %s: re-push failed: %s", am.name, e)
 
     # ------------------------------------------------------------------ the API's view
 

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from collector.config import CollectorConfig, load_collector_config
-from collector.notify.webhook import SIGNATURE_HEADER, verify
+from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
 from shared.frames import Frame
@@ -152,8 +152,11 @@ async def test_xid_notifies_at_once_signed_and_restart_does_not_notify_again(
             await until(lambda: len(rx.received) >= 1)
             await until(lambda: svc.alerting.stats["outbox_backlog"] == 0)
         headers, body, _ = rx.received[0]
-        assert verify(SECRET.encode(), body, headers[SIGNATURE_HEADER])
-        assert not verify(b"wrong", body, headers[SIGNATURE_HEADER])
+        ts = headers[TIMESTAMP_HEADER]
+        assert abs(int(ts) - now) < 3600  # the time it was sent, within this test's run
+        assert verify(SECRET.encode(), body, headers[SIGNATURE_HEADER], ts, now=int(ts))
+        assert not verify(b"wrong", body, headers[SIGNATURE_HEADER], ts, now=int(ts))
+        assert not verify(SECRET.encode(), body, headers[SIGNATURE_HEADER], ts, now=int(ts) + 3600)
         doc = json.loads(body)
         assert doc["version"] == "4"
         assert doc["status"] == "firing"

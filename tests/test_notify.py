@@ -135,12 +135,21 @@ def test_delivery_keys_differ_by_channel_and_kind() -> None:
 
 
 @pytest.mark.parametrize("body", [b"", b"{}", b'{"version":"4"}', bytes(range(256))])
-def test_signature_is_hmac_sha256_of_the_body(body: bytes) -> None:
-    sig = sign(b"k", body)
-    assert sig == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
-    assert verify(b"k", body, sig)
-    assert not verify(b"other", body, sig)
-    assert not verify(b"k", body + b" ", sig)
+def test_signature_is_hmac_sha256_of_the_timestamp_and_the_body(body: bytes) -> None:
+    ts = "1795800000"
+    sig = sign(b"k", body, ts)
+    assert sig == "sha256=" + hmac.new(b"k", ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert sig != "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()  # not the body alone
+    at = 1795800000.0
+    assert verify(b"k", body, sig, ts, now=at)
+    assert verify(b"k", body, sig, ts, now=at + 299)
+    assert not verify(b"other", body, sig, ts, now=at)
+    assert not verify(b"k", body + b" ", sig, ts, now=at)
+    assert not verify(b"k", body, sig, "1795800001", now=at)  # a timestamp changed by a replayer
+    assert not verify(b"k", body, sig, ts, now=at + 301)  # captured and replayed 5 minutes later
+    assert not verify(b"k", body, sig, ts, now=at - 301)
+    assert not verify(b"k", body, sig, "", now=at)
+    assert not verify(b"k", body, sig, "9" * 40, now=at)
 
 
 async def test_log_channel_writes_one_json_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -175,3 +184,39 @@ def test_notify_toggles_from_the_environment() -> None:
     with pytest.raises(ConfigError) as e:
         notify_config_from({}, env={"GPUWARDEN_NOTIFY_NATS_ENABLED": "perhaps"})
     assert e.value.key == "notify.nats.enabled"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://user:s3cret-pw@hooks.example/x", "http://user:s3cret-pw@hooks.example:99999/x",
+     "http://user:s3cret-pw@[::1/x", "https://user:s3cret-pw@/x"],
+)  # fmt: skip
+def test_a_bad_receiver_url_is_refused_without_showing_its_credentials(url: str) -> None:
+    raw = {"notify": {"webhook": [{**HOOK, "url": url}]}}
+    with pytest.raises(ConfigError) as e:
+        notify_config_from(raw, env={})
+    assert e.value.key == "notify.webhook[0].url"
+    assert "s3cret-pw" not in str(e.value)
+    assert "***@" in str(e.value) or "user" not in str(e.value)
+
+
+async def test_a_delivery_error_never_carries_the_url_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    from collector.notify.base import DeliveryError
+    from collector.notify.config import WebhookConfig
+    from collector.notify.webhook import WebhookChannel
+
+    ch = WebhookChannel(WebhookConfig(name="w", url="http://user:s3cret-pw@127.0.0.1:99999/hook"))
+    try:
+        with pytest.raises(DeliveryError) as e:
+            await ch.deliver(payload_of(note("firing"), alert(), "w"), "k")
+    finally:
+        await ch.close()
+    assert "s3cret-pw" not in str(e.value)
+    assert "***@127.0.0.1" in str(e.value)
+
+
+def test_redact_hides_userinfo_of_every_url() -> None:
+    from collector.notify.config import redact
+
+    assert redact("x https://a:b@h/p and nats://t0k@n:4222 y") == "x https://***@h/p and nats://***@n:4222 y"
+    assert redact("https://h/p?x=a@b") == "https://h/p?x=a@b"

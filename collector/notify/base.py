@@ -16,7 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import aiohttp
 
 from collector.alerts.model import N_RESOLVED, Alert, Notification
-from collector.notify.config import HttpChannelConfig
+from collector.notify.config import HttpChannelConfig, redact
 from shared.errors import GpuwardenError
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not set"
@@ -142,10 +142,10 @@ class HttpChannel(Generic[C]):
         try:
             async with self.session().post(url, data=body, headers=headers) as resp:
                 if not 200 <= resp.status < 300:
-                    text = f": {(await resp.text())[:200]}" if error_text else ""
+                    text = f": {redact((await resp.text())[:200])}" if error_text else ""
                     raise DeliveryError(f"{self.kind} {self.name}: HTTP {resp.status}{text}")
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise DeliveryError(f"{self.kind} {self.name}: {str(e) or type(e).__name__}") from e
+        except (aiohttp.ClientError, TimeoutError) as e:  # the text may hold the URL: no credentials
+            raise DeliveryError(redact(f"{self.kind} {self.name}: {str(e) or type(e).__name__}")) from e
 
     async def close(self) -> None:
         if self._session is not None:

@@ -24,9 +24,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+
+from yarl import URL
 
 from collector.alerts.config import AlertConfig, Level, Policy
 from shared.config import Secret, env_name, parse_duration, resolve_secret
@@ -105,10 +108,27 @@ def _int(t: Mapping[str, Any], name: str, default: int, lo: int, hi: int, key: s
     return v
 
 
+USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s?#]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``user:password@``) replaced by
+    ``***@``: receiver URLs may carry them, and logs and error rows must not."""
+    return USERINFO.sub(r"\1***@", text)
+
+
 def _url(t: Mapping[str, Any], key: str) -> str:
     url = t.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.url", f"expected an http(s) URL, got {url!r}")
+        shown = redact(url) if isinstance(url, str) else url
+        raise ConfigError(f"{key}.url", f"expected an http(s) URL, got {shown!r}")
+    try:
+        parsed = URL(url)
+        ok = bool(parsed.host) and parsed.port is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{key}.url", f"not a valid URL: {redact(url)!r}")
     return url.rstrip("/") if key.startswith("notify.alertmanager") else url
 
 

@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from collector.alerts.model import Alert, Incident, Transition
 from collector.health.model import HEALTHY, CheckStatus, HealthState, XidRecord
 from collector.notify.base import Channel, ChannelStats, DeliveryError
+from collector.notify.config import redact
 from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,12 @@ class Deliverer:
                 log.warning("notification %d on %s: could not record the outcome: %s", row.id, name, e)
             except (KeyError, TypeError, ValueError) as e:  # a malformed row: keep the worker alive
                 self.stats[name].failed += 1
-                log.error("notification %d on %s cannot be rendered, left pending: %r", row.id, name, e)
+                log.error(
+                    "notification %d on %s cannot be rendered, left pending: %s",
+                    row.id,
+                    name,
+                    redact(repr(e)),
+                )
             finally:
                 q.task_done()
 

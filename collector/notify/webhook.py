@@ -1,10 +1,14 @@
 """The webhook channel: Alertmanager-compatible webhook v4 JSON, HMAC-SHA256 signed.
 
-Headers: ``X-Gpuwarden-Signature: sha256=<hex>`` (HMAC-SHA256 of the exact body with the
-channel's secret, when one is configured) and ``X-Gpuwarden-Delivery: <delivery key>`` (the
-same for every retry of one delivery, so a receiver can drop duplicates). Any 2xx is
-success; anything else, a timeout or a connection error is a failed attempt (retried by the
-outbox with exponential backoff, then dead-lettered).
+Headers: ``X-Gpuwarden-Timestamp: <Unix seconds>`` (the time of this attempt),
+``X-Gpuwarden-Signature: sha256=<hex>`` (HMAC-SHA256 with the channel's secret, when one is
+configured, of ``<timestamp>.<body>``: the timestamp is signed with the body, so a captured
+request cannot be replayed later, as Stripe and Slack sign theirs) and
+``X-Gpuwarden-Delivery: <delivery key>`` (the same for every retry of one delivery, so a
+receiver can drop duplicates). A receiver recomputes the signature and refuses a timestamp
+more than a few minutes from its clock (:func:`verify`, docs/alerts.md). Any 2xx is success;
+anything else, a timeout or a connection error is a failed attempt (retried by the outbox
+with exponential backoff, then dead-lettered).
 """
 
 from __future__ import annotations
@@ -12,24 +16,41 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from collector.notify.base import HttpChannel, alert_annotations, alert_labels, iso
 from collector.notify.config import WebhookConfig
 
-SIGNATURE_HEADER = "X-Gpuwarden-Signature"
-DELIVERY_HEADER = "X-Gpuwarden-Delivery"
+SIGNATURE_HEADER: Final = "X-Gpuwarden-Signature"
+TIMESTAMP_HEADER: Final = "X-Gpuwarden-Timestamp"
+DELIVERY_HEADER: Final = "X-Gpuwarden-Delivery"
+TOLERANCE: Final = 300.0  # seconds a receiver accepts between the timestamp and its clock
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    """The signature header's value: ``sha256=`` and the hex HMAC-SHA256 of ``body``."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+def sign(secret: bytes, body: bytes, timestamp: str) -> str:
+    """The signature header's value: ``sha256=`` and the hex HMAC-SHA256 of
+    ``<timestamp>.<body>`` (``timestamp``: the ``X-Gpuwarden-Timestamp`` header's value)."""
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-def verify(secret: bytes, body: bytes, header: str) -> bool:
-    """Check a signature header in constant time (for receivers and tests)."""
-    return hmac.compare_digest(sign(secret, body), header)
+def verify(
+    secret: bytes,
+    body: bytes,
+    header: str,
+    timestamp: str,
+    *,
+    now: float | None = None,
+    tolerance: float = TOLERANCE,
+) -> bool:
+    """What a receiver checks: the signature (constant time) over ``timestamp`` and ``body``,
+    and a timestamp within ``tolerance`` seconds of ``now`` (a replayed request is refused)."""
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        return False
+    if abs((time.time() if now is None else now) - int(timestamp)) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), header)
 
 
 def webhook_body(p: Mapping[str, Any], receiver: str, external_url: str = "") -> dict[str, Any]:
@@ -69,7 +90,8 @@ class WebhookChannel(HttpChannel[WebhookConfig]):
 
     async def deliver(self, payload: Mapping[str, Any], key: str) -> None:
         body = json.dumps(webhook_body(payload, self.name, self.external_url)).encode()
-        headers = {"Content-Type": "application/json", DELIVERY_HEADER: key}
+        ts = str(int(time.time()))  # each attempt its own: a retry is not a replay
+        headers = {"Content-Type": "application/json", DELIVERY_HEADER: key, TIMESTAMP_HEADER: ts}
         if self.cfg.secret is not None:
-            headers[SIGNATURE_HEADER] = sign(self.cfg.secret.reveal().encode(), body)
+            headers[SIGNATURE_HEADER] = sign(self.cfg.secret.reveal().encode(), body, ts)
         await self.post_json(self.cfg.url, body, headers)
