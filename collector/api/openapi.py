@@ -56,6 +56,9 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "gpus_usable": INT,
             "usable_pct": NUM,
             "critical_pct": NUM,
+            "driver_versions": COUNTS,
+            "driver_majority": NSTR,
+            "driver_drift": {"type": "array", "items": obj({"host": STR, "driver_version": STR})},
         }
     ),  # fmt: skip
     "HostSummary": obj(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Final
 
+from collector.health import drivers
 from collector.health.model import STATUSES, UNKNOWN
 from collector.health.rollup import FleetHealth, GpuHealth, HostHealth, Problem, ProviderHealth
 from collector.state import FleetState, HostState
@@ -45,7 +46,26 @@ def empty_counts() -> dict[str, int]:
     return dict.fromkeys(STATUSES, 0)
 
 
+def driver_view(name: str, state: FleetState) -> dict[str, Any]:
+    """The provider's NVIDIA driver versions (hosts per version), its majority and the hosts off it."""
+    versions = []
+    for host in state.providers.get(name, ()):
+        h = state.hosts.get(host)
+        inv = h.inventory if h is not None else None
+        versions.append((host, inv.driver_version if inv is not None else None))
+    counts, top, off = drivers.drift(versions)
+    return {
+        "driver_versions": counts,
+        "driver_majority": top,
+        "driver_drift": [{"host": h, "driver_version": v} for h, v in off],
+    }
+
+
 def provider_view(name: str, ph: ProviderHealth | None, state: FleetState) -> dict[str, Any]:
+    return _provider_view(name, ph, state) | driver_view(name, state)
+
+
+def _provider_view(name: str, ph: ProviderHealth | None, state: FleetState) -> dict[str, Any]:
     known = len(state.providers.get(name, ()))
     if ph is None:
         return {

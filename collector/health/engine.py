@@ -17,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from collector.health import drivers
 from collector.health.config import HealthConfig
 from collector.health.gpu import GpuChecks
 from collector.health.host import HostChecks
 from collector.health.model import (
     CRITICAL,
     HEALTHY,
+    INFO,
     UNKNOWN,
     Emitter,
     GpuState,
@@ -68,6 +70,9 @@ class HealthEngine:
         hs = state.hosts.get(host)
         if hs is None or hs.provider != provider:
             old = hs
+            if old is not None:  # moved to another provider: both providers' driver counts change
+                state.drivers.pop(old.provider, None)
+                state.drivers.pop(provider, None)
             hs = HostState(host, provider, {"provider": provider, "host": host})
             if old is not None:
                 hs.expected_gpus, hs.first_expected_at = old.expected_gpus, old.first_expected_at
@@ -237,6 +242,7 @@ class HealthEngine:
         hs.inventory_gpus = len(frame.gpus)
         for info in frame.gpus:
             self._gpu(hs, info.index, info.uuid)
+        self._driver_drift(state, em, hs, frame.driver_version, now)
         return state, em.out
 
     @staticmethod
@@ -255,6 +261,46 @@ class HealthEngine:
             "nvidia-smi with the loaded module (cat /proc/driver/nvidia/version), check dmesg, "
             "reboot if an update is pending. The agent retries NVML with backoff.",
         )  # fmt: skip
+
+    def _driver_drift(
+        self, state: HealthState, em: Emitter, hs: HostState, version: str | None, now: float
+    ) -> None:
+        """Record the host's driver; judge ``host.driver_drift`` for it, or for every host of
+        its provider when the provider's majority version changed."""
+        provider = hs.provider
+        counts = state.drivers.get(provider)
+        if counts is None:  # first use, or restored state: count once from the hosts
+            counts = state.drivers[provider] = {}
+            for h in state.hosts.values():
+                if h.provider == provider and h.driver_version and h is not hs:
+                    counts[h.driver_version] = counts.get(h.driver_version, 0) + 1
+        elif hs.driver_version:
+            left = counts.get(hs.driver_version, 0) - 1
+            if left > 0:
+                counts[hs.driver_version] = left
+            else:
+                counts.pop(hs.driver_version, None)
+        hs.driver_version = version or None
+        if hs.driver_version:
+            counts[hs.driver_version] = counts.get(hs.driver_version, 0) + 1
+        top = drivers.majority(counts)
+        changed = provider not in state.driver_majority or state.driver_majority[provider] != top
+        state.driver_majority[provider] = top
+        n = sum(counts.values())
+        for h in state.hosts.values() if changed else (hs,):
+            if h.provider != provider or not h.driver_version:
+                continue
+            if top is None or h.driver_version == top:
+                em.emit(h.checks, "host.driver_drift", "host.driver_drift", h.labels, HEALTHY, now, 0.0)
+                continue
+            em.emit(
+                h.checks, "host.driver_drift", "host.driver_drift", h.labels, INFO, now, 1.0,
+                f"{h.host} runs NVIDIA driver {h.driver_version}, {provider} mostly {top} "
+                f"({counts.get(top, 0)} of {n} hosts): align the driver",
+                "This host's driver differs from the version most hosts of its provider run (a "
+                "rollout that did not reach it, or an image out of date). Jobs may behave "
+                "differently here; update or roll back its driver and reboot.",
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ time
 

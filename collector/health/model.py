@@ -126,6 +126,7 @@ class HostState:
     system: SystemSample | None = None  # previous system sample (for NIC rates)
     nvml_error: str | None = None  # the agent's NVML cannot initialise (from its inventory)
     nats_failed_since: float | None = None  # sample time of the first failed NATS round trip in a row
+    driver_version: str | None = None  # from the agent's inventory frame
     checks: dict[str, CheckStatus] = field(default_factory=dict)
 
 
@@ -134,6 +135,9 @@ class HealthState:
     """The whole fleet, keyed by host name (host names are unique across providers)."""
 
     hosts: dict[str, HostState] = field(default_factory=dict)
+    # per provider: hosts per driver version, and its majority (a cache rebuilt from ``hosts``)
+    drivers: dict[str, dict[str, int]] = field(default_factory=dict)
+    driver_majority: dict[str, str | None] = field(default_factory=dict)
 
     def provider_hosts(self) -> dict[str, int]:
         """How many hosts each provider has (for the alert engine's provider-wide incidents)."""

@@ -100,7 +100,14 @@ function providerCard(p) {
     <h3><span>${esc(p.name)}</span><span class="badge ${p.status}">${p.status}</span></h3>
     <div><span class="big">${p.usable_pct.toFixed(1)}%</span> <span class="muted">usable · ${p.gpus_usable}/${p.gpus} GPUs</span></div>
     <div class="bar">${bar}</div>
-    <div>${p.hosts} hosts: ${hosts}</div></div>`;
+    <div>${p.hosts} hosts: ${hosts}</div>${driverDrift(p)}</div>`;
+}
+
+function driverDrift(p) {
+  const off = p.driver_drift || [];
+  if (!off.length) return "";
+  const list = off.slice(0, 5).map((d) => `${esc(d.host)} (${esc(d.driver_version)})`).join(", ");
+  return `<div class="small driver-drift">driver drift: ${off.length} host${off.length > 1 ? "s" : ""} off ${esc(p.driver_majority)}: ${list}${off.length > 5 ? ", …" : ""}</div>`;
 }
 
 function renderAlerts(tbody, alerts) {
