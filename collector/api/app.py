@@ -417,6 +417,11 @@ class ApiServer:
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
         log.info("API and dashboard on port %d", self.port)
+        policy = auth.Policy.of(svc.config.api, svc.config.api_tokens)
+        if policy.allow_anonymous_writes:
+            log.warning("API: anonymous writes are accepted ([api] allow_anonymous_writes = true)")
+        elif not policy.writable:
+            log.warning("API: writes are disabled until a token is configured ([api] tokens)")
 
     async def stop(self, svc: CollectorService) -> None:
         runner, self.runner = self.runner, None
