@@ -278,6 +278,9 @@ async def test_heavy_history_requests_never_delay_alert_persistence(
             assert (await r.json())["checks"]["postgres"]["ok"], await r.text()
             assert sum(t.done() for t in tasks) == n - 2  # the two are still waiting
         assert sorted(r.status for r in await asyncio.gather(*tasks)) == [200, 200] + [503] * (n - 2)
+        metrics = await (await c.get("/metrics")).text()
+        assert f"gpuwarden_api_history_refused_total {float(n - 2)}" in metrics
+        assert "gpuwarden_api_history_running 0.0" in metrics
 
 
 async def test_the_statement_timeout_cancels_a_stuck_history_query(
@@ -291,5 +294,6 @@ async def test_the_statement_timeout_cancels_a_stuck_history_query(
             assert "statement_timeout" in body["message"]
             assert r.headers["Retry-After"]
         assert c.app[reads.READS].timeouts == 1
+        assert "gpuwarden_api_statement_timeouts_total 1.0" in await (await c.get("/metrics")).text()
         r = await c.get(f"/api/v1/hosts/{XID_HOST}/history", params={"metric": "temp_c", "since": "0"})
         assert r.status == 200

@@ -51,6 +51,7 @@ SERVICE: Final[web.AppKey[CollectorService]] = web.AppKey("service")
 REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
 FLEET_COLLECTOR: Final[web.AppKey[FleetCollector | None]] = web.AppKey("fleet_collector")
 READY: Final[web.AppKey[dict[str, Any]]] = web.AppKey("ready")
+API_REGISTRY: Final = web.AppKey("api_registry", CollectorRegistry)
 STATIC: Final = Path(__file__).parent / "static"
 SEVERITIES: Final = ("critical", "warning", "info")
 STALL_AFTER: Final = 60.0  # consumer stalled: messages pending and no batch committed for this long
@@ -79,6 +80,8 @@ def make_app(
     app[READY] = {"batches": -1, "changed": time.monotonic()}
     app[LIVE] = LiveRollup.of(service)
     app[reads.READS] = reads.ReadPool(service)
+    app[API_REGISTRY] = CollectorRegistry()
+    app[API_REGISTRY].register(reads.ReadPoolCollector(app))
     app.cleanup_ctx.append(run_refresher)
     app.cleanup_ctx.append(reads.lifetime)
     r = app.router
@@ -159,6 +162,7 @@ async def metrics(request: web.Request) -> web.Response:
         body = await asyncio.to_thread(fc.render)
     else:
         body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
+    body += generate_latest(request.app[API_REGISTRY])  # the API's own figures (a few lines)
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Final
 
 import asyncpg
 from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from collector.api.errors import ApiError
 from collector.config import PostgresSection
@@ -121,6 +123,29 @@ def unavailable(message: str) -> ApiError:
 
 
 READS: Final = web.AppKey("read_pool", ReadPool)
+
+
+class ReadPoolCollector(Collector):
+    """``/metrics`` families of the API's reads: heavy queries running and refused, timeouts."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.app[READS]
+        yield GaugeMetricFamily(
+            "gpuwarden_api_history_running", "History queries running.", value=float(r.heavy_running)
+        )
+        yield CounterMetricFamily(
+            "gpuwarden_api_history_refused",
+            "History queries refused (503) because [api] max_heavy_queries were running.",
+            value=float(r.refused),
+        )
+        yield CounterMetricFamily(
+            "gpuwarden_api_statement_timeouts",
+            "API queries cancelled by [api] statement_timeout.",
+            value=float(r.timeouts),
+        )
 
 
 async def lifetime(app: web.Application) -> AsyncIterator[None]:
