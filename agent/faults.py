@@ -41,7 +41,22 @@ disk_full            host   none: the root file system ~99% full
 nvml_init_fail       host   none: NVML cannot initialise (Driver Not Loaded) while active:
                             an agent starting in the window runs without GPUs and
                             retries; the first retry after the window succeeds
+ib_down              host   InfiniBand port index, 0 = first (optional, default 0): port DOWN
+ib_rate              host   Gb/s (required): the first IB port links at this rate
+ib_errors            host   symbol errors per minute (required) on the first IB port
+ib_flap              host   none: the first IB port's link_downed counter increases once
+sxid                 host   SXid code (required): an NVSwitch SXid line in the kernel log
+kmsg                 host   kernel-log class (required, :data:`KMSG_CLASSES`): a burst of lines
+module_missing       host   kernel module name (required): not loaded
+service_down         host   systemd service name (required): failed
+clock_skew           host   seconds (required): the kernel clock's offset
+fs_readonly          host   none: /raid is mounted read-only
+dstate               host   number of processes stuck in D state (required)
 ===================  =====  ===========================================================
+
+The host kinds after ``nvml_init_fail`` act on the node part of the simulated sample (a DGX-like
+host with 8 InfiniBand ports at 400 Gb/s, NVSwitches, nvidia-persistenced and
+nvidia-fabricmanager running); ``docs/health.md`` says which check each one trips.
 """
 
 from __future__ import annotations
@@ -57,7 +72,16 @@ from shared.errors import ConfigError, FaultSpecError
 THROTTLE_REASONS: Final = frozenset({"hw_slowdown", "hw_thermal", "sw_thermal", "power_brake", "sw_power"})
 FABRIC_STATES: Final = frozenset({"not_started", "in_progress", "failed", "degraded"})
 
-ValueType = Literal["none", "int", "float", "choice"]
+# Kernel-log classes (agent.kmsg.CLASSES, without "sxid" which has its own kind).
+KMSG_CLASSES: Final = frozenset(
+    {
+        "nvme_timeout", "nvme_reset", "fs_error", "fs_readonly", "oom_kill", "hung_task", "soft_lockup",
+        "mce", "aer_corrected", "aer_uncorrected", "mlx5_error", "peermem",
+    }
+)  # fmt: skip
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+ValueType = Literal["none", "int", "float", "choice", "name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +122,17 @@ KIND_SPECS: Final[dict[str, KindSpec]] = {
     "cpu": KindSpec("host", "float", True, 0, 100, unit="percent"),
     "disk_full": KindSpec("host", "none"),
     "nvml_init_fail": KindSpec("host", "none"),
+    "ib_down": KindSpec("host", "int", False, 0, 63, 0, unit="InfiniBand port index"),
+    "ib_rate": KindSpec("host", "float", True, 0, 100_000, unit="Gb/s"),
+    "ib_errors": KindSpec("host", "float", True, 0, 1e9, unit="symbol errors per minute"),
+    "ib_flap": KindSpec("host", "none"),
+    "sxid": KindSpec("host", "int", True, 1, (1 << 20) - 1, unit="SXid code"),
+    "kmsg": KindSpec("host", "choice", True, choices=KMSG_CLASSES),
+    "module_missing": KindSpec("host", "name", True, unit="kernel module name"),
+    "service_down": KindSpec("host", "name", True, unit="systemd service name"),
+    "clock_skew": KindSpec("host", "float", True, -1e6, 1e6, unit="seconds"),
+    "fs_readonly": KindSpec("host", "none"),
+    "dstate": KindSpec("host", "int", True, 0, 1_000_000, unit="processes"),
 }
 FAULT_KINDS: Final = frozenset(KIND_SPECS)
 GPU_KINDS: Final = frozenset(k for k, s in KIND_SPECS.items() if s.scope == "gpu")
@@ -174,6 +209,12 @@ def _parse_value(spec: str, kind: str, ks: KindSpec, raw: str | None) -> float |
             raise _fail(spec, f"fault kind '{kind}' needs a value: {kind}=VALUE ({what})")
         return ks.default
     raw = raw.strip()
+    if ks.value == "name":
+        if not _NAME_RE.match(raw):
+            raise _fail(
+                spec, f"bad {kind} value {raw!r}: expected a {ks.unit} (letters, digits, '_', '.', '-')"
+            )
+        return raw
     if ks.value == "choice":
         if raw not in ks.choices:
             raise _fail(spec, f"bad {kind} value {raw!r} (expected one of {', '.join(sorted(ks.choices))})")
@@ -324,6 +365,7 @@ __all__ = [
     "GPU_KINDS",
     "HOST_KINDS",
     "KIND_SPECS",
+    "KMSG_CLASSES",
     "THROTTLE_REASONS",
     "Fault",
     "FaultSchedule",

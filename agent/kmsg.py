@@ -1,7 +1,13 @@
-"""Kernel-log reader: NVIDIA driver XID lines and "fallen off the bus" messages from ``/dev/kmsg``.
+"""Kernel-log reader: NVIDIA driver XID lines and "fallen off the bus" messages from ``/dev/kmsg``,
+and counts of the other kernel-log classes a GPU node cares about.
 
 Some GPU failures show in the kernel log before, or instead of, the NVML event set, so the
-agent reads both and :class:`agent.events.EventTracker` removes the duplicates.
+agent reads both and :class:`agent.events.EventTracker` removes the duplicates. XID lines are
+returned at once (the agent publishes them as urgent events). Every other line is matched
+against :data:`CLASSES` (NVMe timeouts and resets, file-system errors and read-only remounts,
+OOM kills, hung tasks, soft lockups, MCE/CPER hardware errors, PCIe AER, mlx5 errors,
+``nvidia-peermem`` failures, NVSwitch SXids) only when a cheap byte pre-filter says it might
+be one, and counted; :meth:`KmsgReader.counts` gives the running counts for the next sample.
 
 :func:`parse_xid_line` is pure. :class:`KmsgReader` reads ``/dev/kmsg`` records (one record per
 ``read``: ``priority,seq,usec,flags;message`` then optional indented ``KEY=value`` lines), or any
@@ -21,6 +27,7 @@ import time
 from typing import Final
 
 from agent.gpu.base import GpuEvent
+from shared.frames import KernelLogCount
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,84 @@ _XID_RE: Final = re.compile(r"NVRM: Xid \(" + _PCI + r"\): (\d+)(?:, (.*))?$")
 _LOST_RE: Final = re.compile(r"NVRM: GPU (?:at )?" + _PCI + r":? .*fallen off the bus", re.IGNORECASE)
 _KMSG_PREFIX_RE: Final = re.compile(r"^(\d+),(\d+),(\d+),[^;]*;")
 _DMESG_PREFIX_RE: Final = re.compile(r"^\[\s*\d+\.\d+\]\s*")
+
+
+# Kernel-log classes: name -> patterns (searched in the message without its kmsg/dmesg prefix).
+# Each pattern matches one line per occurrence (an OOM kill, not the dozen lines around it).
+CLASSES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    ("nvme_timeout", re.compile(r"nvme nvme\d+: I/O (?:tag )?\d+ (?:\(\w+\) )?QID \d+ timeout")),
+    (
+        "nvme_reset",
+        re.compile(
+            r"nvme nvme\d+: (?:Disabling device after reset failure|Removing after probe failure"
+            r"|controller is down; will reset|Device not ready; aborting reset)"
+        ),
+    ),
+    (
+        "fs_readonly",
+        re.compile(r"Remounting filesystem read-only|XFS \([^)]+\): .*Shutting down filesystem"),
+    ),
+    (
+        "fs_error",
+        re.compile(
+            r"EXT4-fs error \(device|XFS \([^)]+\): (?:Metadata corruption detected|Corruption detected"
+            r"|metadata I/O error|log I/O error)|Buffer I/O error on dev"
+        ),
+    ),
+    ("oom_kill", re.compile(r"(?:Out of memory|Memory cgroup out of memory): Killed process \d+")),
+    ("hung_task", re.compile(r"task \S+:\d+ blocked for more than \d+ seconds")),
+    ("soft_lockup", re.compile(r"soft lockup - CPU#\d+ stuck for|Watchdog detected hard LOCKUP on cpu")),
+    (
+        "mce",
+        re.compile(
+            r"mce: \[Hardware Error\]: Machine check events logged"
+            r"|\[Hardware Error\]: Hardware error from APEI Generic Hardware Error Source"
+        ),
+    ),
+    ("aer_uncorrected", re.compile(r"AER: (?:Multiple )?Uncorrect(?:ed|able) \((?:Non-)?Fatal\) error")),
+    ("aer_corrected", re.compile(r"AER: (?:Multiple )?Correct(?:ed|able) error (?:message )?received")),
+    (
+        "mlx5_error",
+        re.compile(
+            r"mlx5_cmd_out_err.*failed|Port module event\[error\]"
+            r"|Detected insufficient power on the PCIe slot"
+            r"|mlx5_core \S+: .*(?:health compromised|FW fatal|firmware internal error)"
+        ),
+    ),
+    ("peermem", re.compile(r"nvidia[-_]peermem\b.*(?:ERROR|[Ee]rror|[Ff]ail|Unknown symbol)")),
+)
+CLASS_NAMES: Final = frozenset(name for name, _ in CLASSES) | {"sxid"}
+_SXID_RE: Final = re.compile(r"nvidia-nvswitch\d*: SXid \(" + _PCI + r"\): (\d+), (.*)$")
+# Bytes any class line contains: lines without one are skipped before decoding.
+_PREFILTER: Final = re.compile(
+    rb"nvme|EXT4-fs|XFS|Buffer I/O|illed process|blocked for more|lockup|LOCKUP|Hardware Error|AER:"
+    rb"|mlx5|Port module|insufficient power|peermem|SXid|read-only"
+)
+MAX_CLASS_KEYS: Final = 256  # (class, SXid code) pairs counted; more are dropped (and counted)
+
+
+def classify_line(line: str) -> tuple[str, int | None, bool | None, str] | None:
+    """``(class, sxid_code, fatal, message)`` of a non-XID kernel-log line, or ``None``.
+
+    ``fatal`` is what an SXid line says (``Fatal`` / ``Non-fatal``), else ``None``. SXid
+    ``Data {…}`` and ``Severity …`` lines (details of an SXid already counted) return ``None``.
+    """
+    text = line.strip()
+    prefix = _KMSG_PREFIX_RE.match(text)
+    text = text[prefix.end() :] if prefix else _DMESG_PREFIX_RE.sub("", text, count=1)
+    if "SXid" in text:
+        m = _SXID_RE.search(text)
+        if m is None:
+            return None
+        detail = m.group(3).strip()
+        if detail.startswith(("Data {", "Severity ")):
+            return None
+        fatal = True if detail.startswith("Fatal") else False if detail.startswith("Non-fatal") else None
+        return "sxid", int(m.group(2)), fatal, text[text.index("nvidia-nvswitch") :][:MAX_MESSAGE]
+    for name, pattern in CLASSES:
+        if pattern.search(text):
+            return name, None, None, text[:MAX_MESSAGE]
+    return None
 
 
 def parse_xid_line(line: str, ts: float) -> GpuEvent | None:
@@ -95,6 +180,9 @@ class KmsgReader:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._boot = _boot_offset()
+        self._counts: dict[tuple[str, int | None], KernelLogCount] = {}
+        self._counts_lock = threading.Lock()
+        self.dropped_classes = 0  # lines of a class not counted because MAX_CLASS_KEYS was reached
 
     def open(self) -> None:
         """Open the log, positioned at its end. A missing or unreadable log disables the reader."""
@@ -201,8 +289,39 @@ class KmsgReader:
                 self._pending += len(rest)
         return lines
 
+    def counts(self) -> tuple[KernelLogCount, ...]:
+        """The classes seen since :meth:`open`, with running counts (safe from any thread)."""
+        with self._counts_lock:
+            return tuple(self._counts[k] for k in sorted(self._counts, key=lambda k: (k[0], k[1] or 0)))
+
+    def count_line(self, line: str) -> None:
+        """Count one kernel-log line if it is of a class (also used by tests and replay)."""
+        found = classify_line(line)
+        if found is None:
+            return
+        name, code, fatal, message = found
+        key = (name, code)
+        with self._counts_lock:
+            old = self._counts.get(key)
+            if old is None:
+                if len(self._counts) >= MAX_CLASS_KEYS:
+                    self.dropped_classes += 1
+                    return
+                old = KernelLogCount(name=name, code=code)
+            self._counts[key] = KernelLogCount(
+                name=name,
+                code=code,
+                count=old.count + 1,
+                fatal=fatal if fatal is not None else old.fatal,
+                last_message=message,
+            )
+
     def _parse(self, raw: bytes) -> GpuEvent | None:
-        if not raw or raw[:1] == b" " or b"NVRM" not in raw:  # kmsg continuation lines start with a space
+        if not raw or raw[:1] == b" ":  # kmsg continuation lines start with a space
+            return None
+        if b"NVRM" not in raw:
+            if _PREFILTER.search(raw):
+                self.count_line(raw.decode("utf-8", errors="replace"))
             return None
         line = raw.decode("utf-8", errors="replace")
         m = _KMSG_PREFIX_RE.match(line)

@@ -32,6 +32,7 @@ from agent.gpu.auto import make_backend
 from agent.gpu.base import GpuBackend, GpuEvent, Inventory
 from agent.kmsg import KmsgReader
 from agent.network import nats_rtt_result, run_checks
+from agent.node import NodeSource
 from agent.publisher import Publisher
 from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, build_sample
 from agent.sdnotify import SdNotifier
@@ -75,7 +76,7 @@ def build_sources(config: AgentConfig, faults: FaultSchedule) -> tuple[GpuBacken
     if backend.name == "simulated":
         system = SimulatedSystem(host=a.host, seed=sim.seed, faults=faults)
     else:
-        system = PsutilSystem(a.host)
+        system = PsutilSystem(a.host, node=NodeSource(config.node, proc_root=a.proc_root))
     return backend, system
 
 
@@ -162,6 +163,9 @@ class AgentService:
             self.kmsg.open()
             if self.kmsg.enabled:
                 self._start_thread("agent-kmsg", self.kmsg.wait_events, loop)
+                node = getattr(self.system, "node", None)
+                if isinstance(node, NodeSource):
+                    node.kmsg_counts = self.kmsg.counts  # kernel-log classes go in the samples
         wd = self.notifier.watchdog_s
         if wd is not None and self.interval > wd / 2:
             log.warning(

@@ -13,6 +13,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
@@ -20,7 +21,19 @@ from typing import Final, Protocol, runtime_checkable
 import psutil
 
 from agent.faults import FaultSchedule
-from shared.frames import DiskUsage, HostFacts, NicCounters, SystemSample
+from agent.node import NodeSource
+from shared.frames import (
+    ClockSync,
+    DiskUsage,
+    HostFacts,
+    IbPort,
+    KernelLogCount,
+    ModuleState,
+    NicCounters,
+    ServiceState,
+    SystemSample,
+)
+from shared.sxid import lookup as sxid_lookup
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,14 @@ PSEUDO_MOUNT_PREFIXES: Final = (
     "/var/lib/docker",
     "/var/lib/kubelet",
 )
+SIM_IB_PORTS: Final = 8  # a DGX H100: eight 400 Gb/s NDR ports, one per GPU
+KMSG_BURST: Final = 100  # lines a simulated kmsg=CLASS fault logs when it starts
+NODE_FAULT_KINDS: Final = frozenset(
+    {
+        "ib_down", "ib_rate", "ib_errors", "ib_flap", "sxid", "kmsg", "module_missing", "service_down",
+        "clock_skew", "fs_readonly", "dstate",
+    }
+)  # fmt: skip
 # Per-container and bridge interfaces: many, short-lived, and not the host's links.
 NIC_EXCLUDE_PREFIXES: Final = (
     "lo", "veth", "docker", "br-", "cali", "cni", "flannel", "virbr", "tap", "tun", "ifb",
@@ -111,6 +132,39 @@ def keep_mount(mountpoint: str, fstype: str) -> bool:
     return not any(mountpoint == p or mountpoint.startswith(p + "/") for p in PSEUDO_MOUNT_PREFIXES)
 
 
+def disk_usage(mount: str, st: os.statvfs_result, readonly: bool) -> DiskUsage:
+    """Usage of one file system from its ``statvfs`` (the same figures as ``df`` and psutil)."""
+    total = st.f_blocks * st.f_frsize
+    inodes = st.f_files or None  # 0: the file system has no fixed inode table (btrfs, some FUSE)
+    return DiskUsage(
+        mount,
+        total,
+        max(st.f_blocks - st.f_bfree, 0) * st.f_frsize,
+        st.f_bavail * st.f_frsize,
+        readonly=readonly,
+        inodes_total=inodes,
+        inodes_used=max(st.f_files - st.f_ffree, 0) if inodes else None,
+    )
+
+
+def with_node(sample: SystemSample, node: NodeSource | None) -> SystemSample:
+    """``sample`` with the node's readings (InfiniBand, kernel log, modules, ...) added."""
+    if node is None:
+        return sample
+    r = node.read()
+    return replace(
+        sample,
+        ib_ports=r.ib_ports,
+        kernel_log=r.kernel_log,
+        modules=r.modules,
+        services=r.services,
+        clock=r.clock,
+        dstate_procs=r.dstate_procs,
+        dstate_names=r.dstate_names,
+        absent=r.absent,
+    )
+
+
 class PsutilSystem:
     """The real host, read with psutil and ``/proc``."""
 
@@ -121,8 +175,10 @@ class PsutilSystem:
         proc_root: str = "/proc",
         os_release: str = "/etc/os-release",
         nic_exclude: Sequence[str] = NIC_EXCLUDE_PREFIXES,
+        node: NodeSource | None = None,
     ) -> None:
         self.hostname = hostname
+        self.node = node
         self._proc = Path(proc_root)
         self._os_release = Path(os_release)
         self._nic_exclude = tuple(nic_exclude)
@@ -138,7 +194,7 @@ class PsutilSystem:
         vm = psutil.virtual_memory()
         sw = psutil.swap_memory()
         fds_open, fds_max = parse_file_nr(_read_text(self._proc / "sys/fs/file-nr"))
-        return SystemSample(
+        sample = SystemSample(
             cpu_pct=min(max(psutil.cpu_percent(interval=None), 0.0), 100.0),
             cpu_count=psutil.cpu_count(),
             load_1=load[0],
@@ -154,6 +210,7 @@ class PsutilSystem:
             disks=self._disks(),
             nics=self._nics(),
         )
+        return with_node(sample, self.node)
 
     def _disks(self) -> tuple[DiskUsage, ...]:
         out: list[DiskUsage] = []
@@ -162,12 +219,12 @@ class PsutilSystem:
             if not keep_mount(part.mountpoint, part.fstype) or part.device in seen:
                 continue
             try:
-                usage = psutil.disk_usage(part.mountpoint)
+                st = os.statvfs(part.mountpoint)
             except OSError as e:  # a stale NFS mount, a mount we may not stat
                 log.debug("skipping mount %s: %s", part.mountpoint, e)
                 continue
             seen.add(part.device)
-            out.append(DiskUsage(part.mountpoint, usage.total, usage.used, usage.free))
+            out.append(disk_usage(part.mountpoint, st, "ro" in part.opts.split(",")))
         return tuple(out)
 
     def _nics(self) -> tuple[NicCounters, ...]:
@@ -232,6 +289,7 @@ class SimulatedSystem:
         self.faults = (faults or FaultSchedule()).for_host(host)
         self._cpu_faults = self.faults.of_kind("cpu")
         self._disk_faults = self.faults.of_kind("disk_full")
+        self._node_faults = tuple(f for f in self.faults.faults if f.kind in NODE_FAULT_KINDS)
         self._clock = clock
         self._t0 = clock()
         h = hashlib.blake2b(f"system|{seed}|{host}".encode(), digest_size=32).digest()
@@ -256,6 +314,27 @@ class SimulatedSystem:
         )
         self._wall_boot = float(int(time.time() - self._uptime0))
 
+        self._inodes_total = 1 << 28
+        self._inodes_used = int(self._inodes_total * (0.01 + 0.05 * r[30]))
+        self._ib = tuple(
+            IbPort(
+                device=f"mlx5_{i}", port=1, state="ACTIVE", phys_state="LinkUp", rate_gbps=400.0,
+                link_layer="InfiniBand", symbol_error=0, link_downed=0, link_error_recovery=0,
+                port_rcv_errors=0, port_rcv_remote_physical_errors=0, port_rcv_switch_relay_errors=0,
+                port_rcv_constraint_errors=0, port_xmit_discards=0, port_xmit_constraint_errors=0,
+                local_link_integrity_errors=0, excessive_buffer_overrun_errors=0, vl15_dropped=0,
+            )
+            for i in range(SIM_IB_PORTS)
+        )  # fmt: skip
+        self._modules = tuple(ModuleState(m, True) for m in ("nvidia", "nvidia_uvm", "nvidia_peermem"))
+        self._services = tuple(
+            ServiceState(n, "loaded", "active", "running")
+            for n in ("nvidia-persistenced", "nvidia-fabricmanager")
+        )
+        self._clock_sync = ClockSync(
+            synced=True, offset_s=(r[31] - 0.5) * 2e-3, max_error_s=0.01, source="adjtimex"
+        )
+
     def open(self) -> None:
         """Restart the fault clock (optional: construction starts it too)."""
         self._t0 = self._clock()
@@ -275,10 +354,17 @@ class SimulatedSystem:
         if any(f.active(t) for f in self._disk_faults):
             root_used = int(self._root_total * 0.995)
         raid_used = min(self._raid_used0 + int(t * 2e6), self._raid_total)
+        raid_ro = any(f.active(t) for f in self._node_faults if f.kind == "fs_readonly")
         disks = (
-            DiskUsage("/", self._root_total, root_used, self._root_total - root_used),
-            DiskUsage("/raid", self._raid_total, raid_used, self._raid_total - raid_used),
-        )
+            DiskUsage(
+                "/", self._root_total, root_used, self._root_total - root_used, readonly=False,
+                inodes_total=self._inodes_total, inodes_used=self._inodes_used,
+            ),
+            DiskUsage(
+                "/raid", self._raid_total, raid_used, self._raid_total - raid_used, readonly=raid_ro,
+                inodes_total=self._inodes_total, inodes_used=self._inodes_used // 2,
+            ),
+        )  # fmt: skip
         nics = tuple(
             NicCounters(
                 name="eth0" if i == 0 else f"ib{i - 1}",
@@ -289,7 +375,7 @@ class SimulatedSystem:
             )
             for i, rate in enumerate(self._nic_rate)
         )
-        return SystemSample(
+        sample = SystemSample(
             cpu_pct=round(cpu, 1),
             cpu_count=self._cpu_count,
             load_1=round(load, 2),
@@ -304,6 +390,58 @@ class SimulatedSystem:
             uptime_s=self._uptime0 + t,
             disks=disks,
             nics=nics,
+            ib_ports=self._ib,
+            modules=self._modules,
+            services=self._services,
+            clock=self._clock_sync,
+            dstate_procs=0,
+        )
+        return self._node(sample, t) if self._node_faults else sample
+
+    def _node(self, s: SystemSample, t: float) -> SystemSample:
+        """Apply the node faults (InfiniBand, kernel log, modules, services, clock, D state)."""
+        ib = list(s.ib_ports)
+        kernel_log: list[KernelLogCount] = []
+        modules, services, clock = list(s.modules), list(s.services), s.clock
+        dstate, names = s.dstate_procs, s.dstate_names
+        for f in self._node_faults:
+            on, started = f.active(t), t >= f.after_s
+            if f.kind == "ib_down" and on and isinstance(f.value, int) and f.value < len(ib):
+                ib[f.value] = replace(ib[f.value], state="DOWN", phys_state="Disabled")
+            elif f.kind == "ib_rate" and on and isinstance(f.value, float):
+                ib[0] = replace(ib[0], rate_gbps=f.value)
+            elif f.kind == "ib_errors" and isinstance(f.value, float):  # counters keep their value
+                ib[0] = replace(
+                    ib[0], symbol_error=(ib[0].symbol_error or 0) + int(f.value * f.overlap(t) / 60)
+                )
+            elif f.kind == "ib_flap" and started:
+                ib[0] = replace(ib[0], link_downed=(ib[0].link_downed or 0) + 1)
+            elif f.kind == "kmsg" and started and isinstance(f.value, str):
+                msg = f"simulated {f.value} line"  # a burst of lines when the fault starts
+                kernel_log.append(KernelLogCount(f.value, None, KMSG_BURST, None, msg))
+            elif f.kind == "sxid" and started and isinstance(f.value, int):
+                fatal = sxid_lookup(f.value).fatal
+                word = "Fatal" if fatal else "Non-fatal"
+                msg = f"nvidia-nvswitch0: SXid (PCI:0000:05:00.0): {f.value}, {word}, simulated"
+                kernel_log.append(KernelLogCount("sxid", f.value, 1, fatal, msg))
+            elif f.kind == "module_missing" and on and isinstance(f.value, str):
+                modules = [m for m in modules if m.name != f.value] + [ModuleState(f.value, False)]
+            elif f.kind == "service_down" and on and isinstance(f.value, str):
+                down = ServiceState(f.value, "loaded", "failed", "failed")
+                services = [x for x in services if x.name != f.value] + [down]
+            elif f.kind == "clock_skew" and on and isinstance(f.value, float) and clock is not None:
+                clock = replace(clock, offset_s=f.value)
+            elif f.kind == "dstate" and on and isinstance(f.value, int):
+                dstate, names = f.value, ("simulated-io",) * min(f.value, 8)
+        return replace(
+            s,
+            ib_ports=tuple(ib),
+            kernel_log=tuple(kernel_log),
+            modules=tuple(modules),
+            services=tuple(services),
+            clock=clock,
+            dstate_procs=dstate,
+            dstate_names=names,
         )
 
     def host_facts(self) -> HostFacts:

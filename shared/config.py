@@ -161,11 +161,27 @@ class SimulateConfig:
     model: str = "NVIDIA H100 80GB HBM3"
 
 
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """``[node]``: the node beyond its GPUs: InfiniBand, kernel modules, services, clock, D state."""
+
+    sys_root: str = "/sys"  # InfiniBand ports are read under <sys_root>/class/infiniband
+    ib: bool = True
+    modules: tuple[str, ...] = ("nvidia", "nvidia_uvm")  # expected kernel modules
+    peermem_with_ib: bool = True  # also expect nvidia_peermem where InfiniBand ports exist
+    services: tuple[str, ...] = ("nvidia-persistenced",)  # expected systemd services
+    fabricmanager: bool = True  # also expect nvidia-fabricmanager where NVSwitches exist
+    services_every: float = dur("30s")  # systemctl is asked this often (0: never)
+    clock: bool = True  # read the kernel clock's synchronisation (adjtimex)
+    dstate_every: float = dur("30s")  # scan /proc for D-state processes this often (0: never)
+
+
 AGENT_SCHEMA: Final[dict[str, type[Any]]] = {
     "agent": AgentSection,
     "nats": NatsConfig,
     "checks.network": NetworkChecksConfig,
     "simulate": SimulateConfig,
+    "node": NodeConfig,
 }
 
 
@@ -175,6 +191,7 @@ class AgentConfig:
     nats: NatsConfig
     network: NetworkChecksConfig
     simulate: SimulateConfig
+    node: NodeConfig = field(default_factory=NodeConfig)
 
 
 def load_agent_config(
@@ -184,7 +201,9 @@ def load_agent_config(
 ) -> AgentConfig:
     """Load the agent's configuration (see ``docs/configuration.md``)."""
     s = load_sections(AGENT_SCHEMA, path, env, flags)
-    return AgentConfig(agent=s["agent"], nats=s["nats"], network=s["checks.network"], simulate=s["simulate"])
+    return AgentConfig(
+        agent=s["agent"], nats=s["nats"], network=s["checks.network"], simulate=s["simulate"], node=s["node"]
+    )
 
 
 # ----------------------------------------------------------------------------- loader

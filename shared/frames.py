@@ -152,6 +152,9 @@ class DiskUsage:
     total_bytes: int = _r(0, U64, 0)
     used_bytes: int = _r(0, U64, 0)
     free_bytes: int = _r(0, U64, 0)
+    readonly: bool | None = None  # mounted read-only (the "ro" mount option)
+    inodes_total: int | None = _r(0, U64)
+    inodes_used: int | None = _r(0, U64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,70 @@ class NicCounters:
     tx_errors: int = _r(0, U64, 0)
     rx_drops: int = _r(0, U64, 0)
     tx_drops: int = _r(0, U64, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class IbPort:
+    """One InfiniBand / RoCE port (``/sys/class/infiniband/<device>/ports/<port>``). Counters are
+    cumulative as the HCA reports them (the collector turns them into rates)."""
+
+    device: str = ""  # mlx5_0
+    port: int = _r(0, 255, 1)
+    state: str | None = None  # DOWN, INIT, ARMED, ACTIVE, ACTIVE_DEFER (the name after "4: ")
+    phys_state: str | None = None  # LinkUp, Polling, Disabled, ... (the name after "5: ")
+    rate_gbps: float | None = _r(0, 1e6)  # "400 Gb/sec (4X NDR)" -> 400
+    link_layer: str | None = None  # InfiniBand or Ethernet (RoCE)
+    symbol_error: int | None = _r(0, U64)
+    link_downed: int | None = _r(0, U64)
+    link_error_recovery: int | None = _r(0, U64)
+    port_rcv_errors: int | None = _r(0, U64)
+    port_rcv_remote_physical_errors: int | None = _r(0, U64)
+    port_rcv_switch_relay_errors: int | None = _r(0, U64)
+    port_rcv_constraint_errors: int | None = _r(0, U64)
+    port_xmit_discards: int | None = _r(0, U64)
+    port_xmit_constraint_errors: int | None = _r(0, U64)
+    local_link_integrity_errors: int | None = _r(0, U64)
+    excessive_buffer_overrun_errors: int | None = _r(0, U64)
+    vl15_dropped: int | None = _r(0, U64)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLogCount:
+    """Kernel-log lines of one class (one SXid code for ``sxid``) seen since the agent started."""
+
+    name: str = ""  # class: nvme_timeout, fs_error, oom_kill, ..., sxid (see docs/health.md)
+    code: int | None = _r(0, 1 << 20)  # the SXid code, for name "sxid"
+    count: int = _r(0, U64, 0)  # running count in this agent run
+    fatal: bool | None = None  # SXid: the driver printed "Fatal" (True) or "Non-fatal" (False)
+    last_message: str | None = None  # the last such line, without its prefix
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleState:
+    """An expected kernel module (``/proc/modules``)."""
+
+    name: str = ""
+    loaded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """An expected systemd service (``systemctl show -p LoadState,ActiveState,SubState``)."""
+
+    name: str = ""
+    load_state: str | None = None  # loaded, not-found, masked, ...
+    active_state: str | None = None  # active, inactive, failed, activating, deactivating, reloading
+    sub_state: str | None = None  # running, dead, exited, failed, auto-restart, ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSync:
+    """The kernel's clock discipline (``adjtimex``), as NTP/chrony/timesyncd left it."""
+
+    synced: bool | None = None  # False: the kernel clock is marked unsynchronised (STA_UNSYNC)
+    offset_s: float | None = _r(-1e9, 1e9)  # the PLL's current offset (how far it still has to go)
+    max_error_s: float | None = _r(0, 1e9)  # the kernel's maximum error estimate
+    source: str | None = None  # "adjtimex"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +254,14 @@ class SystemSample:
     uptime_s: float | None = _r(0, 1e12)
     disks: tuple[DiskUsage, ...] = ()
     nics: tuple[NicCounters, ...] = ()
+    ib_ports: tuple[IbPort, ...] = ()
+    kernel_log: tuple[KernelLogCount, ...] = ()  # classes seen at least once in this agent run
+    modules: tuple[ModuleState, ...] = ()
+    services: tuple[ServiceState, ...] = ()
+    clock: ClockSync | None = None
+    dstate_procs: int | None = _r(0, 1 << 32)  # processes stuck in D state (uninterruptible sleep)
+    dstate_names: tuple[str, ...] = ()  # a few of their names
+    absent: tuple[str, ...] = ()  # sources this node lacks: "ib", "nvswitch", "kmsg", "systemd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +561,11 @@ _RECORDS: Final = (
     GpuSample,
     DiskUsage,
     NicCounters,
+    IbPort,
+    KernelLogCount,
+    ModuleState,
+    ServiceState,
+    ClockSync,
     SystemSample,
     CheckResult,
     AgentStats,

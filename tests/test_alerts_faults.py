@@ -13,8 +13,10 @@ import pytest
 
 from collector.alerts import AlertEngine, AlertState, Notification, alert_config_from
 from collector.health import HealthEngine, HealthState
-from collector.health.config import GpuThresholds, HealthConfig
-from shared.frames import DiskUsage, EventFrame, GpuSample, SampleFrame, SystemSample
+from agent.faults import FaultSchedule
+from agent.system import SimulatedSystem
+from collector.health.config import GpuThresholds, HealthConfig, NodeThresholds
+from shared.frames import DiskUsage, EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, SystemSample
 
 T0 = 1_700_000_000.0
 START, CLEAR, END, STEP = 60, 300, 900, 5
@@ -97,20 +99,64 @@ EXPECTED: dict[str, tuple[str, str, dict[str, str], str]] = {
     "xid=13": ("gpu.xid", "warning", {"gpu": "2", "xid": "13"}, "restart the application"),
     "host_down": ("host.unreachable", "critical", {}, "agent"),
 }
+# Node faults (issue 14): the system part comes from the agent's simulated DGX-like host
+# (agent.system.SimulatedSystem) with the fault applied, so the simulator and the checks meet.
+NODE_EXPECTED: dict[str, tuple[str, str, dict[str, str], str]] = {
+    "ib_down": ("host.ib_port", "critical", {"port": "mlx5_0/1"}, "cable"),
+    "ib_down=5": ("host.ib_port", "critical", {"port": "mlx5_5/1"}, "switch port"),
+    "ib_rate=200": ("host.ib_port", "warning", {"port": "mlx5_0/1"}, "expected 400"),
+    "ib_errors=600": ("host.ib_errors", "warning", {"port": "mlx5_0/1"}, "cable"),
+    "ib_flap": ("host.ib_flap", "warning", {"port": "mlx5_0/1"}, "flapping"),
+    "sxid=20034": ("host.sxid", "critical", {"sxid": "20034"}, "reset GPUs and NVSwitches"),
+    "sxid=12028": ("host.sxid", "warning", {"sxid": "12028"}, "trend"),
+    "sxid=10003": ("host.sxid", "critical", {"sxid": "10003"}, "always fatal"),
+    "kmsg=oom_kill": ("host.kmsg", "warning", {"class": "oom_kill"}, "memory limits"),
+    "kmsg=mce": ("host.kmsg", "critical", {"class": "mce"}, "rasdaemon"),
+    "kmsg=aer_corrected": ("host.kmsg", "warning", {"class": "aer_corrected"}, "reseat"),
+    "kmsg=nvme_timeout": ("host.kmsg", "warning", {"class": "nvme_timeout"}, "smart-log"),
+    "kmsg=fs_readonly": ("host.kmsg", "critical", {"class": "fs_readonly"}, "checkpoints"),
+    "kmsg=peermem": ("host.kmsg", "warning", {"class": "peermem"}, "GPUDirect"),
+    "module_missing=nvidia_peermem": ("host.module", "critical", {"module": "nvidia_peermem"}, "modprobe"),
+    "service_down=nvidia-fabricmanager": (
+        "host.service", "critical", {"service": "nvidia-fabricmanager"}, "journalctl",
+    ),
+    "service_down=nvidia-persistenced": ("host.service", "warning", {"service": "nvidia-persistenced"}, "restart"),
+    "clock_skew=2": ("host.clock", "critical", {}, "chrony"),
+    "clock_skew=-0.5": ("host.clock", "warning", {}, "chrony"),
+    "fs_readonly": ("host.fs_readonly", "critical", {"mount": "/raid"}, "remount"),
+    "dstate=3": ("host.dstate", "warning", {}, "D state"),
+    "dstate=12": ("host.dstate", "critical", {}, "hung"),
+}  # fmt: skip
+EXPECTED.update(NODE_EXPECTED)
+WINDOW = CLEAR - START  # sticky checks (XIDs, SXids, kernel-log classes, IB flaps) last as long as a fault
 
 
 def simulate(fault: str, n_gpus: int = 4) -> list[Notification]:
     health = HealthEngine(
-        HealthConfig(gpu=GpuThresholds(xid_window=CLEAR - START, clock_event_sustained=3600.0))
+        HealthConfig(
+            gpu=GpuThresholds(xid_window=WINDOW, clock_event_sustained=3600.0),
+            node=NodeThresholds(ib_flap_window=WINDOW, kmsg_window=WINDOW, sxid_window=WINDOW),
+        )
     )
+    clock = [0.0]
+    node: SimulatedSystem | None = None
+    if fault in NODE_EXPECTED or fault == "healthy node":
+        specs = [f"{fault}@{START}s+{CLEAR - START}s"] if fault in NODE_EXPECTED else []
+        node = SimulatedSystem(host="n1", faults=FaultSchedule.parse(specs), clock=lambda: clock[0])
     raw: dict[str, Any] = {"escalation": {"policy": [{"name": "all", "levels": [{"notify": ["ops"]}]}]}}
     alerts = AlertEngine(alert_config_from(raw, env={}))
     hs, st = HealthState(), AlertState()
     notes: list[Notification] = []
     for t in range(0, END, STEP):
         now = T0 + t
+        clock[0] = float(t)
         on = START <= t < CLEAR
-        frames: list[SampleFrame | EventFrame] = []
+        frames: list[SampleFrame | EventFrame | InventoryFrame] = []
+        if node is not None and t == 0:  # the GPU model sets the expected InfiniBand ports and rate
+            gpus_info = tuple(
+                GpuInfo(index=i, uuid=f"GPU-{i}", name="NVIDIA H100 80GB HBM3") for i in range(n_gpus)
+            )
+            frames.append(InventoryFrame(host="n1", provider="p", boot_id="b", seq=0, ts=now, gpus=gpus_info))
         if fault.startswith("xid=") and t == START:
             frames.append(
                 EventFrame(
@@ -132,6 +178,8 @@ def simulate(fault: str, n_gpus: int = 4) -> list[Notification]:
                 for i in range(n_gpus)
             )
             system = SYSTEM_FAULTS[fault](base_system()) if on and fault in SYSTEM_FAULTS else base_system()
+            if node is not None:
+                system = node.sample()
             frames.append(
                 SampleFrame(
                     host="n1",
@@ -177,6 +225,11 @@ def test_fault_gives_its_alert_and_resolves(fault: str) -> None:
 
 def test_healthy_fleet_notifies_nothing() -> None:
     assert simulate("none") == []
+
+
+def test_healthy_simulated_node_notifies_nothing() -> None:
+    """The simulated DGX-like node (8 IB ports at 400 Gb/s, services, modules, clock) is healthy."""
+    assert simulate("healthy node") == []
 
 
 @pytest.mark.parametrize("n_gpus", [1, 8, 16])

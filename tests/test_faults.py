@@ -75,7 +75,7 @@ BAD = [
     ("", "empty fault spec"),
     ("   ", "empty fault spec"),
     ("gpu1:xid=79", "missing '@AFTER'"),
-    ("h/gpu1:xdi=79@1s", "unknown fault kind 'xdi' (known: cpu, disk_full"),
+    ("h/gpu1:xdi=79@1s", "unknown fault kind 'xdi' (known: clock_skew, cpu, disk_full"),
     ("gpu1:@1s", "missing KIND"),
     ("@1s", "missing KIND"),
     ("gpu1:xid@1s", "fault kind 'xid' needs a value"),
@@ -166,9 +166,17 @@ def test_every_kind_is_documented_and_parsable() -> None:
     assert required <= FAULT_KINDS
     assert GPU_KINDS | HOST_KINDS == FAULT_KINDS
     assert not GPU_KINDS & HOST_KINDS
-    assert frozenset({"host_down", "cpu", "disk_full", "nvml_init_fail"}) == HOST_KINDS
+    node = {"ib_down", "ib_rate", "ib_errors", "ib_flap", "sxid", "kmsg", "module_missing", "service_down"}
+    node |= {"clock_skew", "fs_readonly", "dstate"}
+    assert frozenset({"host_down", "cpu", "disk_full", "nvml_init_fail"} | node) == HOST_KINDS
     for kind, ks in KIND_SPECS.items():
-        value = {"none": "", "int": "=1", "float": "=1.5", "choice": "=" + min(ks.choices or {"x"})}[ks.value]
+        value = {
+            "none": "",
+            "int": "=1",
+            "float": "=1.5",
+            "choice": "=" + min(ks.choices or {"x"}),
+            "name": "=nvidia-fabricmanager",
+        }[ks.value]
         f = parse_fault(f"{kind}{value}@1s")
         assert f.kind == kind
         assert f"\n{kind} " in (faults_module.__doc__ or "")
@@ -284,3 +292,50 @@ def test_fault_is_frozen() -> None:
     f = parse_fault("gpu1:xid=79@1s")
     with pytest.raises(AttributeError):
         f.kind = "temp"  # type: ignore[misc]
+
+
+NODE_SPECS = [
+    ("ib_down@1s", "ib_down", 0),
+    ("ib_down=3@1s", "ib_down", 3),
+    ("ib_rate=200@1s", "ib_rate", 200.0),
+    ("ib_errors=60@1s", "ib_errors", 60.0),
+    ("ib_flap@1s", "ib_flap", None),
+    ("sxid=20034@1s", "sxid", 20034),
+    ("kmsg=oom_kill@1s", "kmsg", "oom_kill"),
+    ("module_missing=nvidia_peermem@1s", "module_missing", "nvidia_peermem"),
+    ("service_down=nvidia-fabricmanager@1s", "service_down", "nvidia-fabricmanager"),
+    ("clock_skew=-2.5@1s", "clock_skew", -2.5),
+    ("fs_readonly@1s", "fs_readonly", None),
+    ("dstate=3@1s", "dstate", 3),
+]
+
+
+@pytest.mark.parametrize(("spec", "kind", "value"), NODE_SPECS)
+def test_node_fault_kinds_parse(spec: str, kind: str, value: object) -> None:
+    f = parse_fault(spec)
+    assert (f.kind, f.value, f.gpu) == (kind, value, None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("kmsg=bogus@1s", "bad kmsg value 'bogus' (expected one of aer_corrected"),
+        ("kmsg@1s", "fault kind 'kmsg' needs a value"),
+        ("service_down=a/b@1s", "bad service_down value 'a/b'"),
+        ("module_missing@1s", "fault kind 'module_missing' needs a value"),
+        ("ib_down=64@1s", "ib_down value 64 out of range [0, 63]"),
+        ("h/gpu1:dstate=3@1s", "fault kind 'dstate' applies to a host, not a GPU"),
+        ("ib_flap=1@1s", "fault kind 'ib_flap' takes no value"),
+    ],
+)
+def test_bad_node_fault_specs(spec: str, message: str) -> None:
+    with pytest.raises(FaultSpecError) as e:
+        parse_fault(spec)
+    assert message in str(e.value)
+
+
+def test_kmsg_fault_classes_are_the_readers_classes() -> None:
+    from agent.faults import KMSG_CLASSES
+    from agent.kmsg import CLASS_NAMES
+
+    assert CLASS_NAMES - {"sxid"} == KMSG_CLASSES

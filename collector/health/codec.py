@@ -12,7 +12,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from collector.health.model import CheckStatus, GpuState, HealthState, HostState, XidRecord
-from shared.frames import DiskUsage, GpuProcess, GpuSample, MigSample, NicCounters, SystemSample
+from shared.frames import (
+    ClockSync,
+    DiskUsage,
+    GpuProcess,
+    GpuSample,
+    IbPort,
+    KernelLogCount,
+    MigSample,
+    ModuleState,
+    NicCounters,
+    ServiceState,
+    SystemSample,
+)
 
 
 def _plain(value: Any) -> Any:
@@ -48,11 +60,19 @@ def _gpu_sample(d: Mapping[str, Any] | None) -> GpuSample | None:
 def _system(d: Mapping[str, Any] | None) -> SystemSample | None:
     if d is None:
         return None
+    clock = d.get("clock")
     return SystemSample(
         **{
             **d,
             "disks": tuple(DiskUsage(**x) for x in d.get("disks", ())),
             "nics": tuple(NicCounters(**x) for x in d.get("nics", ())),
+            "ib_ports": tuple(IbPort(**x) for x in d.get("ib_ports", ())),
+            "kernel_log": tuple(KernelLogCount(**x) for x in d.get("kernel_log", ())),
+            "modules": tuple(ModuleState(**x) for x in d.get("modules", ())),
+            "services": tuple(ServiceState(**x) for x in d.get("services", ())),
+            "clock": ClockSync(**clock) if clock is not None else None,
+            "dstate_names": tuple(d.get("dstate_names", ())),
+            "absent": tuple(d.get("absent", ())),
         }
     )
 
@@ -85,6 +105,8 @@ def state_from_dict(d: Mapping[str, Any]) -> HealthState:
                 "gpus": {int(k): _gpu(g) for k, g in h.get("gpus", {}).items()},
                 "system": _system(h.get("system")),
                 "checks": _checks(h.get("checks", {})),
+                "ib_flaps": dict(h.get("ib_flaps", {})),
+                "log_hits": {k: [list(x) for x in v] for k, v in h.get("log_hits", {}).items()},
             }
         )
     return HealthState(hosts=hosts)

@@ -1,5 +1,5 @@
 """Thresholds of the health checks: ``[health]``, ``[health.gpu]``, ``[health.host]``,
-``[health.network]`` and ``[health.provider]`` of ``collector.toml``.
+``[health.network]``, ``[health.provider]`` and ``[health.node]`` of ``collector.toml``.
 
 Every threshold has a documented default (``docs/health.md`` says where each comes from).
 :func:`health_config_from` builds the frozen :class:`HealthConfig` from the raw TOML tables
@@ -86,6 +86,67 @@ class HostThresholds:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeThresholds:
+    """``[health.node]``: InfiniBand, kernel log, SXids, modules, services, clock, file systems,
+    D state (the node part of the sample; a source the node lacks is not evaluated)."""
+
+    ib_rate_expected_gbps: float = num(0.0, 0, 1e6)  # 0: by GPU model (GPU_MODEL_IB), else not judged
+    ib_ports_expected: int = num(0, 0, 1024)  # InfiniBand ports a host should have; 0: by GPU model
+    ib_down_status: str = "critical"  # a port not ACTIVE/LinkUp: critical or warning
+    ib_errors_per_min: float = num(10.0, 0, 1e12)  # symbol, receive, recovery, integrity errors
+    ib_flap_window: float = dur("10m")  # a link_downed increase keeps host.ib_flap failing this long
+    kmsg_window: float = dur("1h")  # kernel-log classes are counted over this window
+    kmsg_nvme_timeout: int = num(1, 0, 1_000_000)  # lines within kmsg_window to fail (0: off)
+    kmsg_nvme_reset: int = num(1, 0, 1_000_000)
+    kmsg_fs_error: int = num(1, 0, 1_000_000)
+    kmsg_fs_readonly: int = num(1, 0, 1_000_000)
+    kmsg_oom_kill: int = num(1, 0, 1_000_000)
+    kmsg_hung_task: int = num(1, 0, 1_000_000)
+    kmsg_soft_lockup: int = num(1, 0, 1_000_000)
+    kmsg_mce: int = num(1, 0, 1_000_000)
+    kmsg_aer_corrected: int = num(100, 0, 1_000_000)
+    kmsg_aer_uncorrected: int = num(1, 0, 1_000_000)
+    kmsg_mlx5_error: int = num(1, 0, 1_000_000)
+    kmsg_peermem: int = num(1, 0, 1_000_000)
+    sxid_window: float = dur("1h")  # an SXid keeps host.sxid failing this long
+    module_missing_status: str = "critical"
+    service_down_status: str = "warning"
+    critical_services: tuple[str, ...] = ("nvidia-fabricmanager",)  # down: critical whatever the above
+    clock_offset_warning_s: float = num(0.1, 0, 1e9)
+    clock_offset_critical_s: float = num(1.0, 0, 1e9)
+    clock_unsynced_warns: bool = True
+    readonly_ignore: tuple[str, ...] = ()  # mounts that are read-only on purpose
+    inodes_warning_pct: float = num(90.0, 0, 100)
+    inodes_critical_pct: float = num(97.0, 0, 100)
+    dstate_warning: int = num(1, 0, 1 << 32)  # processes stuck in D state (0: off)
+    dstate_critical: int = num(10, 0, 1 << 32)
+
+
+# GPU model (a substring of the NVML name, upper case) -> (InfiniBand ports, Gb/s per port) that
+# a host of that class carries (DGX/HGX: one NDR port per GPU), as gpud's defaults do.
+GPU_MODEL_IB: Final[tuple[tuple[str, int, float], ...]] = (
+    ("GB200", 4, 400.0),
+    ("B200", 8, 400.0),
+    ("B100", 8, 400.0),
+    ("H200", 8, 400.0),
+    ("H100", 8, 400.0),
+    ("H800", 8, 400.0),
+)
+
+
+def expected_ib(cfg: NodeThresholds, gpu_model: str | None) -> tuple[int, float]:
+    """(ports, Gb/s per port) an InfiniBand host should have; 0 where nothing is expected."""
+    ports, rate = cfg.ib_ports_expected, cfg.ib_rate_expected_gbps
+    if (not ports or not rate) and gpu_model:
+        name = gpu_model.upper()
+        for key, n, gbps in GPU_MODEL_IB:
+            if key in name:
+                ports, rate = ports or n, rate or gbps
+                break
+    return ports, rate
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkThresholds:
     """``[health.network]``: the agent's reachability checks."""
 
@@ -112,6 +173,7 @@ class HealthConfig:
     host: HostThresholds = field(default_factory=HostThresholds)
     network: NetworkThresholds = field(default_factory=NetworkThresholds)
     provider: ProviderThresholds = field(default_factory=ProviderThresholds)
+    node: NodeThresholds = field(default_factory=NodeThresholds)
 
 
 HEALTH_SCHEMA: Final[dict[str, type[Any]]] = {
@@ -120,8 +182,9 @@ HEALTH_SCHEMA: Final[dict[str, type[Any]]] = {
     "health.host": HostThresholds,
     "health.network": NetworkThresholds,
     "health.provider": ProviderThresholds,
+    "health.node": NodeThresholds,
 }
-_SUBTABLES: Final = frozenset({"gpu", "host", "network", "provider"})
+_SUBTABLES: Final = frozenset({"gpu", "host", "network", "provider", "node"})
 
 
 def _table(raw: Mapping[str, Any], key: str, full: str) -> Mapping[str, Any]:
@@ -162,6 +225,24 @@ def health_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
     host = _build(HostThresholds, _table(top, "host", "health.host"), "health.host", env)
     network = _build(NetworkThresholds, _table(top, "network", "health.network"), "health.network", env)
     provider = _build(ProviderThresholds, _table(top, "provider", "health.provider"), "health.provider", env)
+    node = _build(NodeThresholds, _table(top, "node", "health.node"), "health.node", env)
+    _pair(
+        node.clock_offset_warning_s,
+        node.clock_offset_critical_s,
+        "health.node.clock_offset_warning_s",
+        "clock_offset_critical_s",
+    )
+    _pair(
+        node.inodes_warning_pct,
+        node.inodes_critical_pct,
+        "health.node.inodes_warning_pct",
+        "inodes_critical_pct",
+    )
+    for key in ("ib_down_status", "module_missing_status", "service_down_status"):
+        if getattr(node, key) not in ("critical", "warning"):
+            raise ConfigError(
+                f"health.node.{key}", f"expected 'critical' or 'warning', got {getattr(node, key)!r}"
+            )
     _pair(gpu.temp_warning_c, gpu.temp_critical_c, "health.gpu.temp_warning_c", "temp_critical_c")
     _pair(host.mem_warning_pct, host.mem_critical_pct, "health.host.mem_warning_pct", "mem_critical_pct")
     _pair(host.swap_warning_pct, host.swap_critical_pct, "health.host.swap_warning_pct", "swap_critical_pct")
@@ -190,7 +271,7 @@ def health_config_from(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
             "health.network.unreachable_status",
             f"expected 'critical' or 'warning', got {network.unreachable_status!r}",
         )
-    return HealthConfig(health=health, gpu=gpu, host=host, network=network, provider=provider)
+    return HealthConfig(health=health, gpu=gpu, host=host, network=network, provider=provider, node=node)
 
 
 def _pair(warning: float, critical: float, key: str, other: str) -> None:

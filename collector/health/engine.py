@@ -53,7 +53,7 @@ class HealthEngine:
         self.config = config or HealthConfig()
         self.xids = dict(xids) if xids is not None else catalog()
         self.gpu = GpuChecks(self.config.gpu)
-        self.host = HostChecks(self.config.host, self.config.network)
+        self.host = HostChecks(self.config.host, self.config.network, self.config.node)
         self.healthy_for = self.config.health.emit_healthy_for
 
     def observe(self, state: HealthState, frame: Frame, now: float) -> tuple[HealthState, list[Observation]]:
@@ -240,6 +240,7 @@ class HealthEngine:
         if "host.gpu_driver" in hs.checks:
             em.emit(hs.checks, "host.gpu_driver", "host.gpu_driver", hs.labels, HEALTHY, now, 0.0)
         hs.inventory_gpus = len(frame.gpus)
+        hs.gpu_model = next((g.name for g in frame.gpus if g.name), None)
         for info in frame.gpus:
             self._gpu(hs, info.index, info.uuid)
         self._driver_drift(state, em, hs, frame.driver_version, now)

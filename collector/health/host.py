@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from collector.health.config import HostThresholds, NetworkThresholds
+from collector.health.config import HostThresholds, NetworkThresholds, NodeThresholds
 from collector.health.model import CRITICAL, HEALTHY, WARNING, Emitter, HostState
+from collector.health.node import NodeChecks
 from shared.frames import CheckResult, NicCounters, SystemSample
 
 _ADVICE = {
@@ -29,9 +30,12 @@ _ADVICE = {
 class HostChecks:
     """System and network checks with their thresholds."""
 
-    def __init__(self, cfg: HostThresholds, net: NetworkThresholds) -> None:
+    def __init__(
+        self, cfg: HostThresholds, net: NetworkThresholds, node: NodeThresholds | None = None
+    ) -> None:
         self.cfg = cfg
         self.net = net
+        self.node = NodeChecks(node or NodeThresholds())
 
     def _level(
         self,
@@ -104,6 +108,7 @@ class HostChecks:
         before = {n.name: n for n in prev.nics} if prev is not None and dt > 0 else {}
         for nic in s.nics:
             self._nic(em, hs, base, nic, before.get(nic.name), dt, ts)
+        self.node.evaluate(em, hs, base, s, prev, dt, ts)
         hs.system, hs.system_ts = s, ts
 
     def _nic(

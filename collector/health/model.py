@@ -123,11 +123,14 @@ class HostState:
     stale: bool = False
     gpus: dict[int, GpuState] = field(default_factory=dict)
     system_ts: float | None = None
-    system: SystemSample | None = None  # previous system sample (for NIC rates)
+    system: SystemSample | None = None  # previous system sample (for NIC and IB rates, log counts)
     nvml_error: str | None = None  # the agent's NVML cannot initialise (from its inventory)
     nats_failed_since: float | None = None  # sample time of the first failed NATS round trip in a row
     driver_version: str | None = None  # from the agent's inventory frame
     checks: dict[str, CheckStatus] = field(default_factory=dict)
+    gpu_model: str | None = None  # from the inventory frame (expected InfiniBand ports and rate)
+    ib_flaps: dict[str, float] = field(default_factory=dict)  # IB port -> when its last flap was seen
+    log_hits: dict[str, list[list[float]]] = field(default_factory=dict)  # class -> [[ts, lines], ...]
 
 
 @dataclass(slots=True)

@@ -1,0 +1,89 @@
+"""The SXid catalogue: NVSwitch errors (``nvidia-nvswitchN: SXid (PCI:…): CODE, …`` kernel lines).
+
+The table is data (``sxid_catalog.csv`` beside this module), taken from appendix D of NVIDIA's
+*Fabric Manager User Guide* (DU-09883-001: D.4 non-fatal, D.5 fatal, D.6 always fatal SXids),
+as also tabulated by gpud (``components/accelerator/nvidia/sxid``). Columns: ``code``, ``name``,
+``severity`` (one of :data:`SEVERITIES`), ``action`` (one of :data:`ACTIONS`),
+``fm_guide_section`` and ``summary`` (one line saying what to do).
+
+The driver itself prints ``Fatal`` or ``Non-fatal`` on most SXid lines; where it does, that
+word decides (:func:`is_fatal`), the catalogue decides otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Final
+
+from shared.errors import ConfigError
+
+SEVERITIES: Final = frozenset({"non_fatal", "fatal", "always_fatal"})
+ACTIONS: Final = frozenset({"monitor", "reset_fabric", "reboot"})
+_COLUMNS: Final = ("code", "name", "severity", "action", "fm_guide_section", "summary")
+
+
+@dataclass(frozen=True, slots=True)
+class SxidInfo:
+    code: int
+    name: str
+    severity: str  # one of SEVERITIES
+    action: str  # one of ACTIONS
+    summary: str
+
+    @property
+    def fatal(self) -> bool:
+        return self.severity != "non_fatal"
+
+
+def unknown_sxid(code: int) -> SxidInfo:
+    """An SXid missing from the catalogue: treated as non-fatal unless its line says Fatal."""
+    return SxidInfo(
+        code,
+        "UNKNOWN",
+        "non_fatal",
+        "monitor",
+        f"SXid {code} is not in the catalogue; collect nvidia-bug-report.sh, see the Fabric Manager guide",
+    )
+
+
+def parse_catalog(text: str, source: str = "sxid catalogue") -> dict[int, SxidInfo]:
+    """Parse catalogue CSV text. Raises :class:`ConfigError` naming the bad row."""
+    reader = csv.DictReader(io.StringIO(text))
+    if tuple(reader.fieldnames or ()) != _COLUMNS:
+        raise ConfigError(source, f"expected columns {','.join(_COLUMNS)}, got {reader.fieldnames}")
+    table: dict[int, SxidInfo] = {}
+    for n, row in enumerate(reader, start=2):
+        where = f"{source} line {n}"
+        try:
+            code = int(row["code"])
+        except ValueError as e:
+            raise ConfigError(where, f"code {row['code']!r} is not an integer") from e
+        if code in table:
+            raise ConfigError(where, f"duplicate code {code}")
+        if row["severity"] not in SEVERITIES:
+            raise ConfigError(where, f"severity {row['severity']!r} is not one of {sorted(SEVERITIES)}")
+        if row["action"] not in ACTIONS:
+            raise ConfigError(where, f"action {row['action']!r} is not one of {sorted(ACTIONS)}")
+        table[code] = SxidInfo(code, row["name"], row["severity"], row["action"], row["summary"])
+    return table
+
+
+@cache
+def catalog() -> dict[int, SxidInfo]:
+    """The packaged catalogue."""
+    text = resources.files("shared").joinpath("sxid_catalog.csv").read_text(encoding="utf-8")
+    return parse_catalog(text, "shared/sxid_catalog.csv")
+
+
+def lookup(code: int, table: dict[int, SxidInfo] | None = None) -> SxidInfo:
+    info = (table if table is not None else catalog()).get(code)
+    return info if info is not None else unknown_sxid(code)
+
+
+def is_fatal(code: int, said: bool | None, table: dict[int, SxidInfo] | None = None) -> bool:
+    """Whether an SXid is fatal: what the driver printed on the line, else the catalogue."""
+    return said if said is not None else lookup(code, table).fatal
