@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from collector.alerts import AlertEngine, AlertState, Notification, alert_config_from
-from collector.health import HealthEngine, HealthState
 from agent.faults import FaultSchedule
 from agent.system import SimulatedSystem
+from collector.alerts import AlertEngine, AlertState, Notification, alert_config_from
+from collector.health import HealthEngine, HealthState
 from collector.health.config import GpuThresholds, HealthConfig, NodeThresholds
 from shared.frames import DiskUsage, EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, SystemSample
 
@@ -120,7 +120,9 @@ NODE_EXPECTED: dict[str, tuple[str, str, dict[str, str], str]] = {
     "service_down=nvidia-fabricmanager": (
         "host.service", "critical", {"service": "nvidia-fabricmanager"}, "journalctl",
     ),
-    "service_down=nvidia-persistenced": ("host.service", "warning", {"service": "nvidia-persistenced"}, "restart"),
+    "service_down=nvidia-persistenced": (
+        "host.service", "warning", {"service": "nvidia-persistenced"}, "restart",
+    ),
     "clock_skew=2": ("host.clock", "critical", {}, "chrony"),
     "clock_skew=-0.5": ("host.clock", "warning", {}, "chrony"),
     "fs_readonly": ("host.fs_readonly", "critical", {"mount": "/raid"}, "remount"),

@@ -32,6 +32,10 @@ stale_after = "3s"
 [health.gpu]
 xid_window = "6s"
 clock_event_sustained = "1h"
+[health.node]
+ib_flap_window = "6s"
+kmsg_window = "6s"
+sxid_window = "6s"
 """
 
 
