@@ -324,6 +324,7 @@ def _sample_frame(r: asyncpg.Record, gpu_rows: list[asyncpg.Record]) -> SampleFr
         system = {name: r[name] for name in SYSTEM_FIELDS}
         system["disks"] = detail["disks"]
         system["nics"] = detail["nics"]
+        system.update(detail["node"])
         raw["system"] = system
     try:
         frame = from_wire(raw)

@@ -36,7 +36,14 @@ GPU_FIELDS: Final = tuple(
 )
 GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS)
 GPU_STAGE_COLUMNS: Final = ("n", *GPU_COLUMNS)  # n: the frame's number within its batch
-SYSTEM_FIELDS: Final = tuple(f.name for f in fields(SystemSample) if f.name not in ("disks", "nics"))
+# The node part of the system sample (docs/health.md, "Node checks") goes in ``detail["node"]``
+# in wire form (only what the frame carries), not in columns.
+NODE_FIELDS: Final = (
+    "ib_ports", "kernel_log", "modules", "services", "clock", "dstate_procs", "dstate_names", "absent",
+)  # fmt: skip
+SYSTEM_FIELDS: Final = tuple(
+    f.name for f in fields(SystemSample) if f.name not in ("disks", "nics", *NODE_FIELDS)
+)
 HOST_COLUMNS: Final = ("ts", "host_id", "boot_id", "seq", "interval_s", *SYSTEM_FIELDS, "detail")
 HOST_STAGE_COLUMNS: Final = ("n", *HOST_COLUMNS)
 # Metrics with one-minute rollups (min, max, sum, count each), for history at steps >= 60 s.
@@ -105,6 +112,9 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[An
             detail["disks"] = [_disk(d) for d in system.disks]
         if system.nics:
             detail["nics"] = [_nic(x) for x in system.nics]
+        node = {k: to_wire(v) for k in NODE_FIELDS if (v := getattr(system, k)) is not None and v != ()}
+        if node:
+            detail["node"] = node
     if frame.checks:
         detail["checks"] = [_check(c) for c in frame.checks]
     if frame.agent is not None:
@@ -125,7 +135,8 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[An
 
 
 def detail_to_wire(detail: dict[str, Any]) -> dict[str, Any]:
-    """The ``detail`` JSON back in wire form: ``disks``, ``nics``, ``checks``, ``agent``, ``procs``."""
+    """The ``detail`` JSON back in wire form: ``disks``, ``nics``, ``checks``, ``agent``, ``procs``,
+    ``node`` (the node fields of the system sample, by name)."""
     out: dict[str, Any] = {
         "disks": [dict(zip(DISK_FIELDS, d, strict=False)) for d in detail.get("disks", ())],
         "nics": [dict(zip(NIC_FIELDS, x, strict=False)) for x in detail.get("nics", ())],
@@ -136,6 +147,7 @@ def detail_to_wire(detail: dict[str, Any]) -> dict[str, Any]:
             for idx, procs in detail.get("procs", ())
         },
         "system": detail.get("system", True),
+        "node": detail.get("node", {}),
     }
     return out
 
