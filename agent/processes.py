@@ -136,6 +136,23 @@ def merge_nvml(*lists: Iterable[Any] | None) -> list[tuple[int, int | None]]:
     return sorted(merged.items())
 
 
+_NO_INSTANCE: Final = 0xFFFFFFFF  # NVML's gpuInstanceId / computeInstanceId outside MIG
+
+
+def mig_ids(*lists: Iterable[Any] | None) -> dict[int, tuple[int, int]]:
+    """pid -> (GPU instance id, compute instance id) from NVML process lists, for processes in
+    MIG devices (empty when MIG is off)."""
+    out: dict[int, tuple[int, int]] = {}
+    for entries in lists:
+        for entry in entries or ():
+            gi = getattr(entry, "gpuInstanceId", None)
+            ci = getattr(entry, "computeInstanceId", None)
+            if gi is None or ci is None or int(gi) == _NO_INSTANCE or int(ci) == _NO_INSTANCE:
+                continue
+            out[int(entry.pid)] = (int(gi), int(ci))
+    return out
+
+
 def build_processes(
     entries: Iterable[tuple[int, int | None]], proc_root: str = "/proc"
 ) -> tuple[GpuProcess, ...]:

@@ -54,6 +54,13 @@ class FakeNvml:
         self._cond = threading.Condition()
         self._structs = [real.struct_c_nvmlDevice_t() for _ in self.data["gpus"]]
         self._handles = [real.c_nvmlDevice_t(s) for s in self._structs]
+        # MIG devices: (GPU index, MIG index) -> handle, answered from gpus[i]["mig"][k]["calls"]
+        self._mig_structs = {
+            (i, k): real.struct_c_nvmlDevice_t()
+            for i, g in enumerate(self.data["gpus"])
+            for k in range(len(g.get("mig", ())))
+        }
+        self._mig_handles = {key: real.c_nvmlDevice_t(st) for key, st in self._mig_structs.items()}
         self._event_set_struct = real.struct_c_nvmlEventSet_t()
         self.module = self._build_module()
 
@@ -121,11 +128,29 @@ class FakeNvml:
         return cls()
 
     def _index(self, handle: Any) -> int:
+        return self._resolve(handle)[0]
+
+    def _resolve(self, handle: Any) -> tuple[int, dict[str, Any]]:
+        """(GPU index, recorded calls) of a device handle or of one of its MIG devices."""
         addr = ctypes.cast(handle, ctypes.c_void_p).value
         for i, s in enumerate(self._structs):
             if ctypes.addressof(s) == addr:
-                return i
+                calls: dict[str, Any] = self.gpu(i)["calls"]
+                return i, calls
+        for (i, k), s in self._mig_structs.items():
+            if ctypes.addressof(s) == addr:
+                mig_calls: dict[str, Any] = self.gpu(i)["mig"][k]["calls"]
+                return i, mig_calls
         raise self._error("InvalidArgument")
+
+    def _mig_handle(self, handle: Any, index: int) -> Any:
+        parent = self._index(handle)
+        self.calls[("nvmlDeviceGetMigDeviceHandleByIndex", parent)] += 1
+        if parent in self.lost:
+            raise self._error("GpuIsLost")
+        if (parent, index) not in self._mig_handles:
+            raise self._error("NotFound")
+        return self._mig_handles[(parent, index)]
 
     def _answer(self, table: dict[str, Any], key: str, fallback_key: str) -> Any:
         answer = table.get(key, table.get(fallback_key, {"error": "NotSupported"}))
@@ -135,12 +160,12 @@ class FakeNvml:
 
     def _device(self, name: str, handle: Any, *args: Any) -> Any:
         self._need_init()
-        index = self._index(handle)
+        index, table = self._resolve(handle)
         self.calls[(name, index)] += 1
         if index in self.lost:
             raise self._error("GpuIsLost")
         if name in _FILLS:  # the caller passes byref(structure): fill it as the library does
-            answer = self._answer(self.gpu(index)["calls"], name, name)
+            answer = self._answer(table, name, name)
             target = args[0]._obj
             for k, val in answer.items():
                 if k == "clusterUuid":
@@ -148,7 +173,7 @@ class FakeNvml:
                 setattr(target, k, val)
             return real.NVML_SUCCESS
         key = "/".join([name, *(str(a) for a in args)])
-        answer = self._answer(self.gpu(index)["calls"], key, name)
+        answer = self._answer(table, key, name)
         if name in _STRUCTS:
             return _STRUCTS[name](**answer)
         if name == "nvmlDeviceGetPciInfo":
@@ -164,7 +189,12 @@ class FakeNvml:
     @staticmethod
     def _process(p: dict[str, Any]) -> Any:
         mem = p.get("usedGpuMemory")
-        c = real.c_nvmlProcessInfo_v3_t(pid=p["pid"], usedGpuMemory=(1 << 64) - 1 if mem is None else mem)
+        c = real.c_nvmlProcessInfo_v3_t(
+            pid=p["pid"],
+            usedGpuMemory=(1 << 64) - 1 if mem is None else mem,
+            gpuInstanceId=p.get("gpuInstanceId", 0xFFFFFFFF),  # NVML's "not in a MIG device"
+            computeInstanceId=p.get("computeInstanceId", 0xFFFFFFFF),
+        )
         obj = real.nvmlStructToFriendlyObject(c)
         if obj.usedGpuMemory == (1 << 64) - 1:  # as the binding does
             obj.usedGpuMemory = None
@@ -181,7 +211,11 @@ class FakeNvml:
             if not (isinstance(value, types.FunctionType) and name.startswith("nvml")):
                 setattr(mod, name, value)
         device_calls = {
-            k.split("/")[0] for g in self.data["gpus"] for k in g["calls"] if k.startswith("nvmlDevice")
+            k.split("/")[0]
+            for g in self.data["gpus"]
+            for table in [g["calls"], *(m["calls"] for m in g.get("mig", ()))]
+            for k in table
+            if k.startswith("nvmlDevice")
         }
         for name in device_calls:
             setattr(mod, name, self._bind(name))
@@ -194,6 +228,7 @@ class FakeNvml:
         mod.nvmlDeviceGetHandleByUUID = self._by_uuid
         mod.nvmlDeviceGetMemoryInfo = self._memory
         mod.nvmlDeviceGetFieldValues = self._field_values
+        mod.nvmlDeviceGetMigDeviceHandleByIndex = self._mig_handle
         mod.nvmlEventSetCreate = self._event_set_create
         mod.nvmlDeviceRegisterEvents = self._register
         mod.nvmlEventSetWait = self._event_wait

@@ -458,3 +458,42 @@ def test_gpu_lost_at_start_balances_nvml_init(fake: FakeNvml) -> None:
     b.open()
     assert fake.initialized == 1
     b.close()
+
+
+def test_mig_instances_memory_and_processes(proc_root: str) -> None:
+    fake = FakeNvml.load("nvml_h100_mig.json")
+    b = NvmlBackend(fake.module, proc_root=proc_root, events=False)
+    b.open()
+    (g,) = b.inventory().gpus
+    assert g.mig_mode is True
+    assert [(m.gpu_instance_id, m.compute_instance_id, m.profile) for m in g.mig_instances] == [
+        (1, 0, "3g.40gb"),
+        (9, 0, "1g.10gb"),
+    ]
+    assert g.mig_instances[1].uuid == "MIG-5d2a8f10-c3b7-5e49-8a06-7f1c9e2b4d33"
+    assert g.mig_instances[1].mem_total_bytes == 9856 << 20
+    (s,) = b.sample()
+    assert [(m.gpu_instance_id, m.mem_used_bytes, m.util_gpu_pct) for m in s.mig] == [
+        (1, 28672 << 20, None),  # NVML gives no utilisation for a MIG device: absent, not an error
+        (9, 1024 << 20, None),
+    ]
+    assert [(p.pid, p.gpu_instance_id, p.compute_instance_id) for p in s.processes] == [
+        (4242, 1, 0),
+        (4243, 9, 0),
+    ]
+    assert s.util_gpu_pct is None
+    assert b.nvml_errors == 0
+    frame = SampleFrame(host="h", provider="p", boot_id="b", gpus=(s,))
+    assert decode(encode(frame)) == frame
+    # MIG turned off: the instances go
+    fake.set_call(0, "nvmlDeviceGetMigMode", [0, 0])
+    assert b.inventory().gpus[0].mig_instances == ()
+    assert b.sample()[0].mig == ()
+    b.close()
+
+
+def test_without_mig_processes_have_no_instance(backend: NvmlBackend) -> None:
+    s0, _ = backend.sample()
+    assert s0.processes
+    assert {(p.gpu_instance_id, p.compute_instance_id) for p in s0.processes} == {(None, None)}
+    assert backend.inventory().gpus[0].mig_instances == ()

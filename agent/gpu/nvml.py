@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
+import re
 import threading
 import time
 import uuid
@@ -22,9 +23,9 @@ from typing import Any, Final
 from agent.gpu import nvml_fields as nf
 from agent.gpu.base import GpuEvent, Inventory
 from agent.gpu.nvml_query import GpuLost, GpuState, NvmlQuery, handle_key, text
-from agent.processes import build_processes, merge_nvml
+from agent.processes import build_processes, merge_nvml, mig_ids
 from shared.errors import NvmlUnavailableError
-from shared.frames import GpuInfo, GpuSample
+from shared.frames import GpuInfo, GpuSample, MigInstance, MigSample
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ _SLICE_S: Final = 0.2  # longest single nvmlEventSetWait, so close() is honoured
 _MAX_EVENTS: Final = 256  # events taken from the event set in one wait_events call
 _UNSUPPORTED_CODES: Final = (3, 2)  # NOT_SUPPORTED, INVALID_ARGUMENT (unknown field id)
 _GPU_IS_LOST: Final = 15
+_MIG_PROFILE: Final = re.compile(r"MIG\s+(\S+)")  # "NVIDIA A100-SXM4-40GB MIG 1g.5gb" -> 1g.5gb
 
 # NVML event type bits (nvmlEventType*) -> GpuEvent type
 _EVENT_TYPES: Final = {
@@ -268,14 +270,19 @@ class NvmlBackend:
                     pers = self._qry.query(
                         gpu, "persistence_mode", "nvmlDeviceGetPersistenceMode", gpu.handle
                     )
+                    mig_on = mig is not None and int(mig[0]) == 1
+                    instances = self._mig_devices(gpu) if mig_on else ()
                 except GpuLost:
                     self._mark_lost(gpu)
                 else:
+                    if not mig_on:
+                        gpu.mig = []
                     info = replace(
                         info,
-                        mig_mode=None if mig is None else int(mig[0]) == 1,
+                        mig_mode=None if mig is None else mig_on,
                         persistence_mode=None if pers is None else int(pers) == 1,
                         fabric_cluster_uuid=gpu.fabric_cluster,
+                        mig_instances=instances,
                     )
             gpus.append(replace(info, unsupported=tuple(sorted(self._unsupported_fields(gpu)))))
         return Inventory(
@@ -285,6 +292,60 @@ class NvmlBackend:
             nvml_version=self._system.get("nvml"),
             gpus=tuple(gpus),
         )
+
+    def _mig_devices(self, gpu: GpuState) -> tuple[MigInstance, ...]:
+        """The MIG devices of a GPU in MIG mode (also kept as handles for :meth:`_read_mig`).
+
+        Raises :class:`GpuLost`.
+        """
+        nvml = self._nvml
+        count = self._qry.query(gpu, "mig", "nvmlDeviceGetMaxMigDeviceCount", gpu.handle)
+        handles: list[tuple[Any, int, int, int | None]] = []
+        out = []
+        for i in range(int(count or 0)):
+            status, mh = self._qry.attempt(
+                gpu, "mig", "nvmlDeviceGetMigDeviceHandleByIndex", (gpu.handle, i),
+                cache=False, quiet=(nvml.NVMLError_NotFound, nvml.NVMLError_InvalidArgument),
+            )  # fmt: skip
+            if status != "ok" or mh is None:
+                continue  # no MIG device at this index
+            q = partial(self._qry.query, None, "mig")
+            gi, ci = q("nvmlDeviceGetGpuInstanceId", mh), q("nvmlDeviceGetComputeInstanceId", mh)
+            if gi is None or ci is None:
+                continue
+            name = text(q("nvmlDeviceGetName", mh))
+            m = _MIG_PROFILE.search(name or "")
+            mem = q("nvmlDeviceGetMemoryInfo", mh)
+            total = None if mem is None else int(mem.total)
+            handles.append((mh, int(gi), int(ci), total))
+            out.append(
+                MigInstance(
+                    gpu_instance_id=int(gi),
+                    compute_instance_id=int(ci),
+                    profile=m.group(1) if m else None,
+                    uuid=text(q("nvmlDeviceGetUUID", mh)),
+                    mem_total_bytes=total,
+                )
+            )
+        gpu.mig = handles
+        return tuple(out)
+
+    def _read_mig(self, gpu: GpuState, v: dict[str, Any]) -> None:
+        """Memory (and utilisation, where NVML gives it) of each MIG device."""
+        out = []
+        for mh, gi, ci, total in gpu.mig:
+            mem = self._qry.query(None, "mig", "nvmlDeviceGetMemoryInfo", mh)
+            util = self._qry.query(gpu, "mig_util", "nvmlDeviceGetUtilizationRates", mh)
+            out.append(
+                MigSample(
+                    gpu_instance_id=gi,
+                    compute_instance_id=ci,
+                    mem_total_bytes=total if mem is None else int(mem.total),
+                    mem_used_bytes=None if mem is None else int(mem.used),
+                    util_gpu_pct=None if util is None else float(util.gpu),
+                )
+            )
+        v["mig"] = tuple(out)
 
     @staticmethod
     def _unsupported_fields(gpu: GpuState) -> set[str]:
@@ -381,7 +442,18 @@ class NvmlBackend:
         if self._want_processes:
             compute = q("processes", "nvmlDeviceGetComputeRunningProcesses", h)
             graphics = q("graphics_processes", "nvmlDeviceGetGraphicsRunningProcesses", h)
-            v["processes"] = build_processes(merge_nvml(compute, graphics), self._proc_root)
+            procs = build_processes(merge_nvml(compute, graphics), self._proc_root)
+            ids = mig_ids(compute, graphics)
+            if ids:  # MIG: each process runs in one GPU instance / compute instance
+                procs = tuple(
+                    replace(p, gpu_instance_id=ids[p.pid][0], compute_instance_id=ids[p.pid][1])
+                    if p.pid in ids
+                    else p
+                    for p in procs
+                )
+            v["processes"] = procs
+        if gpu.mig:
+            self._read_mig(gpu, v)
         return v
 
     def _read_fabric(self, gpu: GpuState, v: dict[str, Any]) -> None:

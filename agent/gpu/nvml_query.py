@@ -53,6 +53,7 @@ class GpuState:
     specs: list[FieldSpec] = field(default_factory=list)  # spec of each request entry
     thresholds: dict[str, float] = field(default_factory=dict)
     fabric_cluster: str | None = None  # NVSwitch fabric cluster UUID, once registered
+    mig: list[tuple[Any, int, int, int | None]] = field(default_factory=list)  # (handle, GI, CI, bytes)
 
 
 def text(v: Any) -> str | None:

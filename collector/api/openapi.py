@@ -97,6 +97,21 @@ SCHEMAS: Final[dict[str, Schema]] = {
                 ),
             },
             "problems": {"type": "array", "items": ref("Problem")},
+            "mig": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "gpu_instance_id": INT,
+                        "compute_instance_id": INT,
+                        "profile": NSTR,
+                        "uuid": NSTR,
+                        "mem_total_bytes": {"type": ["integer", "null"]},
+                        "mem_used_bytes": {"type": ["integer", "null"]},
+                        "util_gpu_pct": NNUM,
+                        "pids": {"type": "array", "items": INT},
+                    }
+                ),
+            },
         }
     ),  # fmt: skip
     "Alert": obj(

@@ -13,7 +13,7 @@ from collector.health import drivers
 from collector.health.model import STATUSES, UNKNOWN
 from collector.health.rollup import FleetHealth, GpuHealth, HostHealth, Problem, ProviderHealth
 from collector.state import FleetState, HostState
-from shared.frames import GpuSample, SampleFrame
+from shared.frames import GpuInfo, GpuSample, SampleFrame
 
 GPU_READINGS: Final = (
     "util_gpu_pct",
@@ -143,11 +143,47 @@ def _gpu_view(g: GpuSample | None, gh: GpuHealth | None, hs: HostState, index: i
         "readings": {k: (getattr(g, k) if g is not None else None) for k in GPU_READINGS},
         "xids": {},
         "processes": [
-            {"pid": p.pid, "name": p.name, "used_mem_bytes": p.used_mem_bytes, "container": p.container}
+            {
+                "pid": p.pid,
+                "name": p.name,
+                "used_mem_bytes": p.used_mem_bytes,
+                "container": p.container,
+                "gpu_instance_id": p.gpu_instance_id,
+                "compute_instance_id": p.compute_instance_id,
+            }
             for p in (g.processes if g is not None else ())
-        ],
+        ],  # fmt: skip
+        "mig": _mig_view(g, info),
         "problems": [problem_view(p) for p in gh.problems] if gh is not None else [],
     }
+    return out
+
+
+def _mig_view(g: GpuSample | None, info: GpuInfo | None) -> list[dict[str, Any]]:
+    """The GPU's MIG devices: profile and ids from the inventory, memory and utilisation from
+    the latest sample, and the processes running in each."""
+    now = {(m.gpu_instance_id, m.compute_instance_id): m for m in (g.mig if g is not None else ())}
+    known = {(m.gpu_instance_id, m.compute_instance_id): m for m in (info.mig_instances if info else ())}
+    out = []
+    for key in sorted(set(known) | set(now)):
+        inst, cur = known.get(key), now.get(key)
+        out.append(
+            {
+                "gpu_instance_id": key[0],
+                "compute_instance_id": key[1],
+                "profile": inst.profile if inst is not None else None,
+                "uuid": inst.uuid if inst is not None else None,
+                "mem_total_bytes": (cur.mem_total_bytes if cur is not None else None)
+                or (inst.mem_total_bytes if inst is not None else None),
+                "mem_used_bytes": cur.mem_used_bytes if cur is not None else None,
+                "util_gpu_pct": cur.util_gpu_pct if cur is not None else None,
+                "pids": [
+                    p.pid
+                    for p in (g.processes if g is not None else ())
+                    if (p.gpu_instance_id, p.compute_instance_id) == key
+                ],
+            }
+        )
     return out
 
 

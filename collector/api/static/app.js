@@ -220,8 +220,9 @@ async function loadHost(name) {
     const r = g.readings;
     const mem = r.mem_total_bytes ? `${fmt(r.mem_used_bytes / 2 ** 30, 1)} / ${fmt(r.mem_total_bytes / 2 ** 30, 0)} GiB` : "–";
     const xids = Object.entries(g.xids).map(([c, n]) => `${c}×${n}`).join(" ") || "–";
-    const procs = g.processes.map((p) => `${esc(p.name || p.pid)}${p.container ? ` <span class="small">(${esc(p.container)})</span>` : ""}`).join("<br>") || "–";
-    return `<tr><td>${g.index} <div class="small">${esc(g.name || "")}</div></td><td><span class="badge ${g.status}">${g.status}</span>${g.lost ? " lost" : ""}</td>
+    const procs = g.processes.map((p) => `${esc(p.name || p.pid)}${p.container ? ` <span class="small">(${esc(p.container)})</span>` : ""}${p.gpu_instance_id !== null && p.gpu_instance_id !== undefined ? ` <span class="small">[GI ${p.gpu_instance_id}/CI ${p.compute_instance_id}]</span>` : ""}`).join("<br>") || "–";
+    const mig = (g.mig || []).map((m) => `<div class="small mig">MIG ${esc(m.profile || "?")} GI ${m.gpu_instance_id}/CI ${m.compute_instance_id}: ${m.mem_total_bytes ? `${fmt((m.mem_used_bytes || 0) / 2 ** 30, 1)} / ${fmt(m.mem_total_bytes / 2 ** 30, 1)} GiB` : "–"}${m.pids.length ? ` · ${m.pids.length} proc` : ""}</div>`).join("");
+    return `<tr><td>${g.index} <div class="small">${esc(g.name || "")}</div>${mig}</td><td><span class="badge ${g.status}">${g.status}</span>${g.lost ? " lost" : ""}</td>
       <td>${fmt(r.temp_c, 0, " °C")}</td><td>${fmt(r.util_gpu_pct, 0, " %")}</td><td>${mem}</td>
       <td>${fmt(r.power_w, 0)} / ${fmt(r.power_limit_w, 0, " W")}</td><td>${fmt(r.ecc_sbe_volatile)} / ${fmt(r.ecc_dbe_volatile)}</td>
       <td>${xids}</td><td>${procs}</td></tr>`;
