@@ -46,7 +46,16 @@ system-deps:
 
 test: system-deps lint mypy pytest
 
+# bench/node_exporter.py compares the agent with Debian's prometheus-node-exporter: installed here
+# when missing and run as root (no test needs it, so it is not in SYSTEM_PACKAGES).
 bench: $(STAMP)
+	@command -v prometheus-node-exporter >/dev/null 2>&1 || command -v node_exporter >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing prometheus-node-exporter (for the node_exporter comparison)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus-node-exporter >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus-node-exporter >/dev/null; } || \
+		echo "prometheus-node-exporter could not be installed: the node_exporter comparison is skipped"; \
+	else echo "prometheus-node-exporter missing (apt-get install prometheus-node-exporter): its comparison is skipped"; fi
 	$(BIN)/python -m bench
 
 clean:
