@@ -35,7 +35,7 @@ from collector.alerts import (
     parse_matcher,
 )
 from collector.alerts.config import FOREVER
-from collector.alerts.model import FIRING, Command, Incident, Outcome
+from collector.alerts.model import FIRING, Command, ForgetHost, Incident, Outcome
 from collector.health import ExpectedHost, HealthEngine, HealthState, health_config_from
 from collector.health.codec import state_from_dict
 from collector.health.model import Observation
@@ -49,6 +49,7 @@ from collector.notify.log import LogChannel
 from collector.notify.nats import NatsChannel
 from collector.notify.stream import Broadcaster
 from collector.notify.webhook import WebhookChannel
+from collector.ratelimit import HostRateLimit
 from collector.store.writer import Accepted
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
@@ -81,6 +82,7 @@ class Alerting:
         # Called with every batch of frames right after the health engine judged it (from the
         # ingest hook and the fast event path alike), e.g. to mark hosts for the API's rollup.
         self.judged_hooks: list[Callable[[Sequence[Frame]], None]] = []
+        self.forgotten_hooks: list[Callable[[str], None]] = []  # called with each host forgotten
         self.nats = NatsChannel(lambda: service.nc)
         self.channels: list[Channel] = []
         if self.notify.log:
@@ -111,6 +113,9 @@ class Alerting:
             "fast_events": 0,
         }
         self._event_sub: Any = None
+        c = cfg.collector
+        self._fast_limit = HostRateLimit(c.host_rate, c.host_burst)  # the fast path's own clock
+        self.forgotten: set[str] = set()  # hosts forgotten (forget-host) that have not reported since
         self.seconds = {"health": 0.0, "alerts": 0.0, "persist": 0.0}  # time spent, for /metrics
         self.persist_errors = 0
         service.hooks.append(self.on_frames)
@@ -124,7 +129,12 @@ class Alerting:
         async with service.pool.acquire() as conn:
             saved, health = await outbox.load(conn, self.partition)
             rows = await outbox.pending(conn, self.partition)
+            forgotten = await conn.fetch("SELECT name FROM hosts WHERE forgotten_at IS NOT NULL")
         self.restore(saved, health, time.time())
+        self.forgotten = {r["name"] for r in forgotten}
+        for name in self.forgotten:  # the fleet state is rebuilt from every host ever stored
+            service.state.forget(name)
+            self.health_engine.forget(self.health, name)
         self.deliverer = outbox.Deliverer(service.pool, self.channels)
         self.deliverer.start()
         self.deliverer.submit(rows)
@@ -214,12 +224,14 @@ class Alerting:
         return {
             e.host: ExpectedHost(e.provider, e.gpus or None)
             for e in self.service.expected.hosts
-            if self.mine(e.host)
+            if self.mine(e.host) and e.host not in self.forgotten  # forgotten: until it reports
         }
 
     async def on_frames(self, frames: Sequence[Frame]) -> None:
         """Ingest hook: judge a committed batch now, persist, notify."""
         now = time.time()
+        if self.forgotten:
+            await self._unforget(frames)
         t = time.perf_counter()
         observe, h = self.health_engine.observe, self.health
         obs: list[Observation] = []
@@ -239,8 +251,58 @@ class Alerting:
         item = check(msg.subject, msg.data, self.service.ingest.limits())
         if type(item) is not Accepted or not self.mine(item.frame.host):
             return  # the ingest counts rejections; other partitions judge their own hosts
+        if not self._fast_limit.allow(item.frame.host, time.time()):
+            return  # over [collector] host_rate: judged after it is stored, if the ingest takes it
         self.counts["fast_events"] += 1
         await self.on_frames([item.frame])
+
+    async def _unforget(self, frames: Sequence[Frame]) -> None:
+        """A forgotten host reported again: it is a new host (its marker is cleared)."""
+        back = {f.host for f in frames if f.host in self.forgotten}
+        if not back or self.service.pool is None:
+            return
+        try:
+            async with self.service.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE hosts SET forgotten_at = NULL WHERE name = ANY($1::text[])", list(back)
+                )
+        except _DB_ERRORS as e:  # tried again with its next frame
+            log.warning("could not clear the forgotten mark of %d hosts: %s", len(back), e)
+            return
+        self.forgotten -= back
+        log.info("forgotten hosts report again, as new hosts: %s", ", ".join(sorted(back)))
+
+    async def forget_host(self, host: str) -> dict[str, Any]:
+        """Forget ``host`` (``forget-host``, ``DELETE /api/v1/hosts/{host}``): it leaves the fleet
+        and health state and the hosts the alert engine counts, its alerts resolve with reason
+        ``forgotten``; its history stays in PostgreSQL. Raises ``KeyError`` for a host this
+        collector does not know, :class:`ConfigError` for one of another partition."""
+        st = self.alerts_state
+        alerts = [k for (_, h), keys in st.by_host.items() if h == host for k in keys]
+        known = host in self.health.hosts or self.service.state.host(host) is not None or bool(alerts)
+        if not known:
+            raise KeyError(host)
+        if not self.mine(host):
+            raise ConfigError("host", f"{host} belongs to another collector partition: ask that one")
+        assert self.service.pool is not None
+        async with self.service.pool.acquire() as conn:
+            await conn.execute("UPDATE hosts SET forgotten_at = now() WHERE name = $1", host)
+        self.forgotten.add(host)
+        firing = sum(1 for k in alerts if st.alerts[k].state != "resolved")
+        self.health_engine.forget(self.health, host)
+        self.service.state.forget(host)
+        self._host_status.pop(host, None)
+        for hook in self.forgotten_hooks:
+            hook(host)
+        await self._step([], time.time(), [ForgetHost(host)])
+        await self.save_health()
+        self.broadcaster.publish({"type": "host_forgotten", "host": host})
+        listed = any(e.host == host for e in self.service.expected.hosts)
+        if listed:
+            log.warning(
+                "host %s forgotten but still listed by the inventory source: it is expected again", host
+            )
+        return {"host": host, "forgotten": True, "alerts_resolved": firing, "in_inventory": listed}
 
     async def tick(self, now: float) -> None:
         _, obs = self.health_engine.tick(self.health, now, self.expected())
@@ -292,6 +354,9 @@ class Alerting:
             sig = _sig(inc)
             if self._incident_sig.get(inc.id) != sig:
                 ch.incidents[inc.id] = inc
+        if len(self._incident_sig) > len(st.incidents):  # incidents the engine retired
+            for iid in [i for i in self._incident_sig if i not in st.incidents]:
+                del self._incident_sig[iid]
         sig = self._engine_signature()
         if sig != self._engine_sig:
             ch.engine = {
@@ -461,6 +526,7 @@ class Alerting:
             "resolved_at": a.resolved_at,
             "escalation": {"policy": a.policy, "level": a.level, "channels": list(a.told)},
             "incident": a.incident,
+            "reason": a.reason or None,  # a resolution's reason: replaced, moved, forgotten, evicted
             "ack": (
                 {"by": a.ack_by, "at": a.ack_at, "until": a.ack_until, "comment": a.ack_comment}
                 if a.ack_by is not None

@@ -35,6 +35,8 @@ class CollectorSection:
     ack_wait: float = dur("60s")
     max_ack_pending: int = num(20_000, 1, 1_000_000)
     max_frame_bytes: int = num(1 << 20, 1024, 64 << 20)
+    host_rate: float = num(20.0, 0, 1e6)  # frames/s one host may send (0: no limit); excess refused
+    host_burst: int = num(25_000, 1, 10_000_000)  # at once: holds an agent's replay after an outage
     shutdown_timeout: float = dur("20s")
 
 

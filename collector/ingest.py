@@ -35,6 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from collector.config import CollectorConfig
+from collector.ratelimit import RATE_LIMITED, HostRateLimit
 from collector.store import db
 from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
@@ -166,6 +167,7 @@ class Ingest:
         self.writer = writer
         self.hooks: list[Hook] = list(hooks)  # called with each committed batch of new frames
         self.stats = IngestStats()
+        self.rate_limit = HostRateLimit(cfg.collector.host_rate, cfg.collector.host_burst)
         self._rl = RateLimitedLog(log)
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stop = asyncio.Event()
@@ -260,8 +262,10 @@ class Ingest:
     async def prepare(self, msgs: Sequence[Msg]) -> Batch:
         """Check every message (yielding now and then, so that a write in flight proceeds)."""
         c = self.cfg.collector
-        limits = self.limits()
+        now = time.time()
+        limits = self.limits(now)
         batch = Batch(msgs)
+        limited = 0
         for i, m in enumerate(msgs):
             if i % 64 == 63:
                 await asyncio.sleep(0)
@@ -270,10 +274,17 @@ class Ingest:
                 continue
             item = check(m.subject, m.data, limits, _stream_seq(m))
             if type(item) is Accepted:
-                batch.accepted.append(item)
+                if self.rate_limit.allow(item.frame.host, _stream_time(m, now)):
+                    batch.accepted.append(item)
+                else:  # counted and acknowledged, not stored: a flood must not write rows either
+                    limited += 1
+                    self.stats.rejected[RATE_LIMITED] += 1
+                    self._rl.warning(
+                        RATE_LIMITED, "frames of host %r refused: over [collector] host_rate", item.frame.host
+                    )
             else:
                 batch.rejected.append(item)  # type: ignore[arg-type]
-        self.stats.frames_in += len(batch.accepted) + len(batch.rejected)
+        self.stats.frames_in += len(batch.accepted) + len(batch.rejected) + limited
         return batch
 
     async def commit(self, batch: Batch) -> WriteResult | None:
@@ -349,6 +360,15 @@ class Ingest:
         if first.timestamp is not None:
             s.last_commit_lag_s = max(0.0, time.time() - first.timestamp.timestamp())
         s.consumer_pending = last.num_pending or 0
+
+
+def _stream_time(m: Msg, default: float) -> float:
+    """When the JetStream server stored ``m`` (``default`` when unknown): the rate limit's clock."""
+    try:
+        ts = m.metadata.timestamp
+    except (ValueError, AttributeError):
+        return default
+    return ts.timestamp() if ts is not None else default
 
 
 def _stream_seq(m: Msg) -> int | None:

@@ -85,6 +85,19 @@ class FleetState:
             self.providers.setdefault(f.provider, set()).add(f.host)
         return h
 
+    def forget(self, name: str) -> bool:
+        """Drop host ``name`` (``forget-host``); ``False`` when it was not there."""
+        h = self.hosts.pop(name, None)
+        if h is None:
+            return False
+        members = self.providers.get(h.provider)
+        if members is not None:
+            members.discard(name)
+            if not members:
+                del self.providers[h.provider]
+        self.updated = time.time()
+        return True
+
     def apply(self, frames: Iterable[Frame]) -> None:
         """Fold committed frames into the state (in any order; the newest wins)."""
         for f in frames:

@@ -71,7 +71,16 @@ class Correlator(abc.ABC):
     def _t(self, ctx: Ctx, a: Alert, kind: str) -> None:
         ctx.transitions.append(
             Transition(
-                a.fingerprint, a.rule, a.labels, ctx.now, kind, a.state, a.severity, a.summary, a.incident
+                a.fingerprint,
+                a.rule,
+                a.labels,
+                ctx.now,
+                kind,
+                a.state,
+                a.severity,
+                a.summary,
+                a.incident,
+                reason=a.reason if kind == "resolved" else "",
             )
         )
 
@@ -94,6 +103,14 @@ class Correlator(abc.ABC):
     def forget(self, state: AlertState, key: str) -> None:
         a = state.alerts.pop(key)
         state.by_fp.pop(a.fingerprint, None)
+        for iid in (a.incident, state.open_incidents.get(f"provider:{a.labels.get('provider', '')}")):
+            inc = state.incidents.get(iid) if iid else None
+            if inc is not None and inc.closed_at is None:  # an open incident lists the alerts held
+                if a.fingerprint in inc.alerts:
+                    inc.alerts.remove(a.fingerprint)
+                if a.fingerprint in inc.pending:
+                    inc.pending.remove(a.fingerprint)
+                inc.covered.pop(a.fingerprint, None)
         host = (a.labels.get("provider", ""), a.labels.get("host", ""))
         keys = state.by_host.get(host)
         if keys is not None:

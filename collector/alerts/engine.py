@@ -29,6 +29,8 @@ from collector.alerts.model import (
     N_REPEAT,
     N_RESOLVED,
     PENDING,
+    R_FORGOTTEN,
+    R_MOVED,
     RESOLVED,
     Ack,
     AckIncident,
@@ -37,12 +39,15 @@ from collector.alerts.model import (
     AlertState,
     Command,
     ExpireSilence,
+    ForgetHost,
     Notification,
     Outcome,
     Unack,
     fingerprint,
 )
 from collector.health.model import HEALTHY, RANK, Observation
+
+MAX_ALERTS_PER_HOST = 1000  # alerts kept per host; beyond it the oldest resolved ones go early
 
 
 class AlertEngine(Correlator):
@@ -111,9 +116,13 @@ class AlertEngine(Correlator):
                 hosts = state.hosts[p] = {}
             if h not in hosts:
                 hosts[h] = None
+                self._moved(state, p, h, ctx)
             if not active:
                 return
             a = self._create(state, o, ctx)
+        elif o.reason and not active:  # the subject is gone (GPU replaced, evicted): final
+            self.retire(state, a, o.reason, ctx)
+            return
         a.last_seen = now
         n = a.flap_n
         bits = ((a.flap_bits << 1) | active) & self.flap_mask
@@ -151,6 +160,39 @@ class AlertEngine(Correlator):
         elif a.state != RESOLVED:
             self._resolve(state, a, ctx)
 
+    def retire(self, state: AlertState, a: Alert, reason: str, ctx: Ctx) -> None:
+        """Resolve ``a`` for good, flapping or not, because its subject is gone (``reason``);
+        its flap history is cleared, so a subject that comes back starts afresh."""
+        a.active, a.flap_bits, a.flap_n, a.last_seen = False, 0, 1, ctx.now
+        if a.flapping:
+            a.flapping = False
+            self._t(ctx, a, "flapping_stopped")
+        if a.state != RESOLVED:
+            a.reason = reason
+            self._resolve(state, a, ctx)
+
+    def _retire_host(self, state: AlertState, p: str, h: str, reason: str, ctx: Ctx) -> None:
+        for key in list(state.by_host.get((p, h), ())):
+            self.retire(state, state.alerts[key], reason, ctx)
+        hosts = state.hosts.get(p)
+        if hosts is not None:
+            hosts.pop(h, None)
+            if not hosts:
+                del state.hosts[p]
+
+    def _moved(self, state: AlertState, p: str, h: str, ctx: Ctx) -> None:
+        """Host ``h`` reports under provider ``p``: its alerts under another provider resolve
+        with reason ``moved`` (conditions that still hold fire again under ``p``)."""
+        for other in [q for q, hosts in state.hosts.items() if q != p and h in hosts]:
+            self._retire_host(state, other, h, R_MOVED, ctx)
+
+    def forget_host(self, state: AlertState, host: str, ctx: Ctx) -> None:
+        """Resolve every alert of ``host`` (reason ``forgotten``) and stop counting it."""
+        found = [p for p, h in state.by_host if h == host]
+        found += [p for p, hs in state.hosts.items() if host in hs]
+        for p in dict.fromkeys(found):
+            self._retire_host(state, p, host, R_FORGOTTEN, ctx)
+
     def flap_pct(self, changes: int) -> float:
         """Nagios-style weighted percentage of state changes (``changes``: bit 0 newest)."""
         total, w = 0.0, self.flap_weights
@@ -171,6 +213,10 @@ class AlertEngine(Correlator):
         keys = state.by_host.get(host)
         if keys is None:
             keys = state.by_host[host] = {}
+        elif len(keys) >= MAX_ALERTS_PER_HOST:  # a churning agent: drop its oldest resolved alerts
+            for key in [k for k in keys if state.alerts[k].state == RESOLVED][: len(keys) // 10 + 1]:
+                self.forget(state, key)
+            keys = state.by_host.setdefault(host, {})
         keys[o.key] = None
         self.silence_check(state, a, ctx)
         self.inhibit_check(state, a, ctx)
@@ -191,6 +237,7 @@ class AlertEngine(Correlator):
             None,
         )
         a.told = []
+        a.reason = ""
         _clear_ack(a)
         self._t(ctx, a, "pending")
         self.inhibit_check(state, a, ctx)
@@ -273,6 +320,7 @@ class AlertEngine(Correlator):
             Notification(
                 kind, chans, ctx.now, a.fingerprint, a.incident, a.rule, a.labels, a.severity,
                 a.summary, a.advice, max(a.level, 0), hosts, a.episode,
+                reason=a.reason if kind == N_RESOLVED else "",
             )
         )  # fmt: skip
 
@@ -372,6 +420,9 @@ class AlertEngine(Correlator):
                     m.ack_by, m.ack_at, m.ack_until, m.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
                     m.ack_incident = inc.id
                     self._t(ctx, m, "acknowledged")
+            return
+        if isinstance(cmd, ForgetHost):
+            self.forget_host(state, cmd.host, ctx)
             return
         a = state.by_fp.get(cmd.fingerprint)
         if a is None:

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from collector.alerts.config import Silence
+from collector.health.model import R_EVICTED as R_EVICTED  # resolution reasons, re-exported
+from collector.health.model import R_FORGOTTEN as R_FORGOTTEN
+from collector.health.model import R_MOVED as R_MOVED
+from collector.health.model import R_REPLACED as R_REPLACED
+from collector.health.model import REASONS as REASONS
 
 PENDING: Final = "pending"
 FIRING: Final = "firing"
@@ -73,6 +78,7 @@ class Alert:
     last_notified_at: float | None = None
     told: list[str] = field(default_factory=list)  # channels notified this episode
     incident: str | None = None
+    reason: str = ""  # why the last episode resolved when not by a healthy reading (REASONS)
 
     def match_labels(self) -> dict[str, str]:
         """Labels plus ``rule`` and ``severity``, as silences and policies see them."""
@@ -120,6 +126,7 @@ class Transition:
     severity: str
     summary: str
     incident: str | None = None
+    reason: str = ""  # a resolution's reason (``Alert.reason``), else empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,7 @@ class Notification:
     rules: tuple[str, ...] = ()
     alerts: tuple[str, ...] = ()  # fingerprints an incident's notification tells
     new_hosts: tuple[str, ...] = ()
+    reason: str = ""  # a resolution's reason (``Alert.reason``), else empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +198,15 @@ class ExpireSilence:
     id: str
 
 
-Command = Ack | AckIncident | Unack | AddSilence | ExpireSilence
+@dataclass(frozen=True, slots=True)
+class ForgetHost:
+    """Resolve every alert of ``host`` (under any provider) with reason ``forgotten`` and drop
+    the host from the hosts the engine counts (``gpuwarden collector forget-host``)."""
+
+    host: str
+
+
+Command = Ack | AckIncident | Unack | AddSilence | ExpireSilence | ForgetHost
 
 
 class Outcome(NamedTuple):

@@ -93,6 +93,7 @@ def make_app(
     r.add_get("/api/v1/providers/{provider}", get_provider)
     r.add_get("/api/v1/hosts", list_hosts)
     r.add_get("/api/v1/hosts/{host}", get_host)
+    r.add_delete("/api/v1/hosts/{host}", forget_host)
     r.add_get("/api/v1/hosts/{host}/history", history)
     r.add_get("/api/v1/alerts", list_alerts)
     r.add_get("/api/v1/alerts/{id}", get_alert)
@@ -236,6 +237,21 @@ async def get_host(request: web.Request) -> web.Response:
     if engine_host is not None:
         xids = {i: {c: r.count for c, r in g.xids.items()} for i, g in engine_host.gpus.items()}
     return web.json_response(views.host_detail(name, hh, hs, xids))
+
+
+async def forget_host(request: web.Request) -> web.Response:
+    """Forget a decommissioned host: out of the fleet and the expected state, its alerts
+    resolved (reason ``forgotten``), its history kept. It comes back as new if it reports."""
+    who = require_token(request)
+    name = request.match_info["host"]
+    try:
+        result = await _svc(request).alerting.forget_host(name)
+    except KeyError:
+        raise not_found("host", name) from None
+    except ConfigError as e:
+        raise ApiError(409, "conflict", e.message, e.key) from None
+    log.info("host %s forgotten by %s", name, who)
+    return web.json_response(result)
 
 
 async def history(request: web.Request) -> web.Response:

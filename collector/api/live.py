@@ -63,6 +63,7 @@ class LiveRollup:
         self._fleet: FleetHealth | None = None
         self._sorted: dict[str | None, list[str]] = {}
         service.alerting.judged_hooks.append(self.mark)
+        service.alerting.forgotten_hooks.append(self.forget)
 
     @classmethod
     def of(cls, service: CollectorService) -> LiveRollup:
@@ -75,6 +76,10 @@ class LiveRollup:
     def mark(self, frames: Sequence[Frame]) -> None:
         """Hosts whose health the engine just changed (fast event path and ingest alike)."""
         self._dirty.update(f.host for f in frames)
+
+    def forget(self, host: str) -> None:
+        """A host left the fleet (``forget-host``)."""
+        self._dirty.add(host)
 
     def scan(self) -> None:
         """Mark what the health timer changed: staleness, never-reported hosts, XID windows."""

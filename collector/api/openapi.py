@@ -130,6 +130,10 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "resolved_at": NNUM,
             "escalation": obj({"policy": NSTR, "level": INT, "channels": {"type": "array"}}),
             "incident": NSTR,
+            "reason": {
+                "type": ["string", "null"],
+                "enum": ["replaced", "moved", "forgotten", "evicted", None],
+            },
             "ack": {"type": ["object", "null"]},
         },
         required=[
@@ -252,8 +256,15 @@ PATHS: Final[dict[str, Schema]] = {
             reply(ref("Host")),
             [param("host", "path")],
             errors=(404,),
-        )  # fmt: skip
-    },
+        ),
+        "delete": op(
+            "Forget a decommissioned host: its alerts resolve (reason forgotten), its history stays",
+            reply(obj({"host": STR, "forgotten": BOOL, "alerts_resolved": INT, "in_inventory": BOOL})),
+            [param("host", "path")],
+            errors=(404, 409),
+            write=True,
+        ),
+    },  # fmt: skip
     "/api/v1/hosts/{host}/history": {
         "get": op(
             "History of one metric (raw and paginated without step, else aggregated per step)",

@@ -25,7 +25,10 @@ from collector.health.model import (
     CRITICAL,
     HEALTHY,
     INFO,
+    R_EVICTED,
+    R_REPLACED,
     UNKNOWN,
+    CheckStatus,
     Emitter,
     GpuState,
     HealthState,
@@ -103,10 +106,14 @@ class HealthEngine:
         if boot_id != hs.boot_id:  # the agent restarted: seqs start again
             hs.boot_id, hs.last_sample_seq, hs.recent_events = boot_id, -1, []
 
-    @staticmethod
-    def _gpu(hs: HostState, index: int, uuid: str | None) -> GpuState:
+    def _gpu(self, em: Emitter, hs: HostState, index: int, uuid: str | None, now: float) -> GpuState:
         gs = hs.gpus.get(index)
         if gs is None or (uuid and gs.uuid and gs.uuid != uuid):  # new, or another GPU in that slot
+            if gs is not None:  # a board swapped (RMA): the old GPU's conditions end with it
+                retire(em, gs.checks, now, R_REPLACED)
+            elif len(hs.gpus) >= MAX_GPUS_PER_HOST:  # the least recently sampled GPU makes room
+                old = min(hs.gpus.values(), key=lambda g: g.last_ts if g.last_ts is not None else -1.0)
+                retire(em, hs.gpus.pop(old.index).checks, now, R_EVICTED)
             u = uuid or ""
             labels = {"provider": hs.provider, "host": hs.host, "gpu": str(index), "uuid": u}
             gs = GpuState(index, u, labels)
@@ -115,9 +122,9 @@ class HealthEngine:
             gs.uuid = uuid
         return gs
 
-    def _find_gpu(self, hs: HostState, frame: EventFrame) -> GpuState | None:
+    def _find_gpu(self, em: Emitter, hs: HostState, frame: EventFrame, now: float) -> GpuState | None:
         if frame.gpu_index is not None:
-            return self._gpu(hs, frame.gpu_index, frame.gpu_uuid)
+            return self._gpu(em, hs, frame.gpu_index, frame.gpu_uuid, now)
         if frame.gpu_uuid:
             for gs in hs.gpus.values():
                 if gs.uuid == frame.gpu_uuid:
@@ -141,7 +148,7 @@ class HealthEngine:
         ts = frame.ts or now
         gpu_checks = self.gpu
         for g in frame.gpus:
-            gs = self._gpu(hs, g.index, g.uuid)
+            gs = self._gpu(em, hs, g.index, g.uuid, now)
             if gs.xids or gs.fatal_xids:
                 n = len(em.out)
                 gpu_checks.expire(em, gs, gs.labels, now)
@@ -158,6 +165,10 @@ class HealthEngine:
             self.host.system(em, hs, hs.labels, frame.system, ts)
         for c in frame.checks:
             self.host.network(em, hs, hs.labels, c, ts)
+        if len(hs.checks) > MAX_HOST_CHECKS:  # mounts, NICs, targets: the least recently judged go
+            drop = sorted(hs.checks.items(), key=lambda kv: kv[1].at)[: len(hs.checks) - MAX_HOST_CHECKS]
+            for local, _ in drop:
+                retire(em, {local: hs.checks.pop(local)}, now, R_EVICTED)
         return state, em.out
 
     def _missing(self, em: Emitter, hs: HostState, count: int, now: float) -> None:
@@ -188,7 +199,7 @@ class HealthEngine:
         hs.recent_events.append(frame.seq)
         if len(hs.recent_events) > _RECENT_EVENTS:
             del hs.recent_events[: len(hs.recent_events) - _RECENT_EVENTS]
-        gs = self._find_gpu(hs, frame)
+        gs = self._find_gpu(em, hs, frame, now)
         if gs is None:
             return state, em.out
         gs.quiet = False
@@ -197,6 +208,12 @@ class HealthEngine:
             info = lookup(frame.xid, self.xids)
             rec = gs.xids.get(info.code)
             if rec is None:
+                if len(gs.xids) >= MAX_XID_CODES:  # the code seen least recently makes room
+                    old = min(gs.xids.values(), key=lambda r: r.last_at)
+                    del gs.xids[old.code]
+                    cs = gs.checks.pop(f"gpu.xid:{old.code}", None)
+                    if cs is not None:
+                        retire(em, {cs.key: cs}, now, R_EVICTED)
                 rec = gs.xids[info.code] = XidRecord(info.code, 0, now, now)
             rec.count += 1
             rec.last_at = now
@@ -204,6 +221,9 @@ class HealthEngine:
             nvl = xid74.decode(frame.message) if info.code == 74 else None
             if info.fatal and not (nvl is not None and nvl.benign):
                 gs.fatal_xids.append(now)
+                cap = max(MAX_FATAL_XIDS, self.config.gpu.rma_fatal_xids)
+                if len(gs.fatal_xids) > cap:
+                    del gs.fatal_xids[: len(gs.fatal_xids) - cap]
                 checks.expire(em, gs, base, now)
         elif t == "gpu_lost":
             gs.lost = True
@@ -242,7 +262,7 @@ class HealthEngine:
         hs.inventory_gpus = len(frame.gpus)
         hs.gpu_model = next((g.name for g in frame.gpus if g.name), None)
         for info in frame.gpus:
-            self._gpu(hs, info.index, info.uuid)
+            self._gpu(em, hs, info.index, info.uuid, now)
         self._driver_drift(state, em, hs, frame.driver_version, now)
         return state, em.out
 
@@ -302,6 +322,17 @@ class HealthEngine:
                 "rollout that did not reach it, or an image out of date). Jobs may behave "
                 "differently here; update or roll back its driver and reboot.",
             )  # fmt: skip
+
+    @staticmethod
+    def forget(state: HealthState, host: str) -> bool:
+        """Drop ``host`` from the state (``forget-host``): it is no longer expected to report,
+        and if it reports again it starts as a new host. ``False`` when it was not there. The
+        alert engine resolves its alerts (``ForgetHost``)."""
+        hs = state.hosts.pop(host, None)
+        if hs is None:
+            return False
+        state.drivers.pop(hs.provider, None)  # its driver left the provider's count: recounted
+        return True
 
     # ------------------------------------------------------------------ time
 
@@ -368,5 +399,17 @@ class HealthEngine:
             )  # fmt: skip
 
 
+def retire(em: Emitter, checks: Mapping[str, CheckStatus], now: float, reason: str) -> None:
+    """Final healthy observations for checks whose subject is gone (replaced, evicted): every
+    alert they raised resolves with ``reason``, flapping or not."""
+    for cs in checks.values():
+        em.out.append(Observation(cs.check, HEALTHY, cs.labels, cs.key, now, None, reason=reason))
+
+
 _LOST = GpuSample(lost=True)
+# Bounds on what one agent can make the engine remember (docs/health.md, "Bounds").
 _RECENT_EVENTS = 512  # event seqs remembered per host for de-duplication
+MAX_GPUS_PER_HOST = 64  # GPU slots per host; a new index beyond it evicts the least recently sampled
+MAX_XID_CODES = 32  # XID codes remembered per GPU; a new code beyond it evicts the least recent
+MAX_FATAL_XIDS = 256  # fatal XID times kept per GPU for the RMA count (at least rma_fatal_xids)
+MAX_HOST_CHECKS = 256  # host checks (system, per mount, NIC, network target); least recent go

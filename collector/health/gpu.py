@@ -542,10 +542,18 @@ class GpuChecks:
     def expire(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
         """Clear XIDs older than the window and re-judge the RMA count."""
         cfg = self.cfg
+        keep = max(cfg.xid_window, cfg.rma_window)
+        gone = []
         for code, rec in gs.xids.items():
             local = f"gpu.xid:{code}"
             cs = gs.checks.get(local)
-            if cs is None or ts - rec.last_at < cfg.xid_window:
+            age = ts - rec.last_at
+            if age < cfg.xid_window:
+                continue
+            if age >= keep and (cs is None or (cs.status == HEALTHY and cs.quiet >= em.healthy_for)):
+                gone.append(code)  # long over and said so: forgotten (docs/health.md, "Bounds")
+                continue
+            if cs is None:
                 continue
             if cs.status != HEALTHY or cs.quiet < em.healthy_for:
                 em.emit(
@@ -558,6 +566,9 @@ class GpuChecks:
                     float(rec.count),
                     extra=(("xid", str(code)),),
                 )
+        for code in gone:
+            del gs.xids[code]
+            gs.checks.pop(f"gpu.xid:{code}", None)
         if gs.fatal_xids:
             cutoff = ts - cfg.rma_window
             if gs.fatal_xids[0] < cutoff:

@@ -26,6 +26,16 @@ HEALTHY: Final = "healthy"
 STATUSES: Final = (CRITICAL, WARNING, UNKNOWN, INFO, HEALTHY)  # worst first
 RANK: Final[dict[str, int]] = {HEALTHY: 0, INFO: 1, UNKNOWN: 2, WARNING: 3, CRITICAL: 4}
 
+# Why a subject's conditions end without a healthy reading (``Observation.reason``, then the
+# alert's resolution reason): its GPU was replaced in the slot (a new UUID), its host moved to
+# another provider, the host was forgotten (``forget-host``), or the subject was evicted to
+# keep the per-host state bounded (docs/health.md, "Bounds").
+R_REPLACED: Final = "replaced"
+R_MOVED: Final = "moved"
+R_FORGOTTEN: Final = "forgotten"
+R_EVICTED: Final = "evicted"
+REASONS: Final = (R_REPLACED, R_MOVED, R_FORGOTTEN, R_EVICTED)
+
 
 def worst(statuses: list[str] | tuple[str, ...]) -> str:
     """The worst status of ``statuses`` (``healthy`` when empty)."""
@@ -56,6 +66,7 @@ class Observation:
     summary: str = ""  # one line that says what to do
     advice: str = ""  # longer advice
     immediate: bool = False  # an event: an alert fires at once instead of waiting its `for`
+    reason: str = ""  # set on a final healthy observation: the subject is gone (REASONS)
 
 
 @dataclass(slots=True)

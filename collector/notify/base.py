@@ -62,6 +62,7 @@ def payload_of(n: Notification, alert: Alert | None, channel: str) -> dict[str, 
         "at": n.at,
         "starts_at": starts,
         "ends_at": ends,
+        "reason": n.reason or None,  # why it resolved without a healthy reading (replaced, ...)
     }
 
 
@@ -91,6 +92,8 @@ def alert_annotations(p: Mapping[str, Any]) -> dict[str, str]:
         out["rules"] = ",".join(p["rules"])
     if p.get("incident"):
         out["incident"] = str(p["incident"])
+    if p.get("reason"):
+        out["reason"] = str(p["reason"])
     return out
 
 

@@ -39,6 +39,7 @@ def transition_message(t: Transition) -> dict[str, Any]:
         "severity": t.severity,
         "summary": t.summary,
         "incident": t.incident,
+        "reason": t.reason or None,
     }
 
 

@@ -109,12 +109,12 @@ async def save(conn: asyncpg.Connection, partition: int, ch: Changes) -> list[Ou
         if ch.transitions:
             await conn.executemany(
                 "INSERT INTO alert_transitions (partition, fingerprint, rule, labels, at, kind, state,"
-                " severity, summary, incident)"
-                " VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5), $6, $7, $8, $9, $10)",
+                " severity, summary, incident, reason)"
+                " VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5), $6, $7, $8, $9, $10, $11)",
                 [
                     (
                         partition, t.fingerprint, t.rule, json.dumps(dict(t.labels)), t.at, t.kind, t.state,
-                        t.severity, t.summary, t.incident,
+                        t.severity, t.summary, t.incident, t.reason or None,
                     )
                     for t in ch.transitions
                 ],
