@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.gpu.base import GpuEvent
-from agent.kmsg import KmsgReader, parse_xid_line
+from agent.kmsg import CLASS_NAMES, MAX_CLASS_KEYS, KmsgReader, classify_line, parse_xid_line
 
 XID79 = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python, GPU has fallen off the bus."
 XID13 = (
@@ -235,3 +235,99 @@ def test_real_dev_kmsg_when_readable() -> None:
     assert all(e.source == "kmsg" for e in events)
     reader.close()
     assert not reader.enabled
+
+
+# ----------------------------------------------------------------------------- kernel-log classes
+
+NODE_LOG = Path(__file__).parent / "data" / "kmsg-node.log"  # real lines, sources in tests/data/README.md
+# The class of each line of NODE_LOG (None: no class, or an NVRM line for the XID path).
+NODE_LOG_CLASSES: list[tuple[str, int | None, bool | None] | None] = [
+    ("nvme_timeout", None, None),
+    None,
+    ("nvme_timeout", None, None),
+    ("nvme_reset", None, None),
+    ("nvme_reset", None, None),
+    None,
+    ("fs_error", None, None),
+    None,
+    ("fs_readonly", None, None),
+    ("fs_error", None, None),
+    None,
+    None,
+    ("oom_kill", None, None),
+    ("hung_task", None, None),
+    ("soft_lockup", None, None),
+    ("mce", None, None),
+    None,
+    ("mce", None, None),
+    None,
+    ("aer_corrected", None, None),
+    None,
+    ("aer_corrected", None, None),
+    ("aer_uncorrected", None, None),
+    None,
+    ("mlx5_error", None, None),
+    ("mlx5_error", None, None),
+    ("peermem", None, None),
+    None,
+    ("sxid", 22013, False),
+    None,
+    ("sxid", 22013, False),
+    None,
+    None,
+    None,
+]
+
+
+def test_every_real_line_gets_its_class() -> None:
+    lines = NODE_LOG.read_text().splitlines()
+    assert len(lines) == len(NODE_LOG_CLASSES)
+    for line, want in zip(lines, NODE_LOG_CLASSES, strict=True):
+        got = classify_line(line)
+        assert (got[:3] if got else None) == want, line
+    assert {c[0] for c in NODE_LOG_CLASSES if c} == CLASS_NAMES  # every class has a real line
+
+
+def test_sxid_line_says_fatal_and_keeps_the_switch() -> None:
+    line = "[ 6781753.4] nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Fatal, Link 28 LTSSM Fault Up"
+    got = classify_line(line)
+    assert got == ("sxid", 20034, True, line.split("] ", 1)[1])
+
+
+def test_xid_lines_are_not_classes_and_class_lines_are_not_xids() -> None:
+    for line in NODE_LOG.read_text().splitlines():
+        if "NVRM" in line:
+            assert classify_line(line) is None
+        elif classify_line(line) is not None:
+            assert parse_xid_line(line, 1.0) is None
+
+
+def test_reader_counts_classes_and_still_returns_xids_at_once(tmp_path: Path) -> None:
+    """The one reader: the XID line comes back from wait_events (urgent path), every class
+    line is counted for the next sample, SXid detail lines are not counted twice."""
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    reader = KmsgReader(str(log))
+    reader.open()
+    with log.open("a") as f:
+        f.write(NODE_LOG.read_text())
+    events = collect(reader, 1)
+    assert [(e.type, e.xid, e.pci_bus_id) for e in events] == [("xid", 79, "0000:91:00")]
+    counts = {(c.name, c.code): c for c in reader.counts()}
+    want: dict[tuple[str, int | None], int] = {}
+    for c in NODE_LOG_CLASSES:
+        if c:
+            want[(c[0], c[1])] = want.get((c[0], c[1]), 0) + 1
+    assert {k: c.count for k, c in counts.items()} == want
+    sx = counts[("sxid", 22013)]
+    assert sx.fatal is False
+    assert "Link 45" in (sx.last_message or "")
+    reader.close()
+
+
+def test_reader_counts_are_bounded() -> None:
+    reader = KmsgReader("/nonexistent")
+    for code in range(MAX_CLASS_KEYS + 10):
+        reader.count_line(f"nvidia-nvswitch0: SXid (PCI:0000:05:00.0): {code + 1}, Non-fatal, x")
+    assert len(reader.counts()) == MAX_CLASS_KEYS
+    assert reader.dropped_classes == 10

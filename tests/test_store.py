@@ -22,14 +22,19 @@ from collector.store.writer import Accepted, Rejection, Writer
 from shared.frames import (
     AgentStats,
     CheckResult,
+    ClockSync,
     DiskUsage,
     EventFrame,
     GpuInfo,
     GpuProcess,
     GpuSample,
+    IbPort,
     InventoryFrame,
+    KernelLogCount,
+    ModuleState,
     NicCounters,
     SampleFrame,
+    ServiceState,
     SystemSample,
 )
 
@@ -88,9 +93,30 @@ def sample(
             load_1=1.0,
             mem_total_bytes=2**40,
             mem_available_bytes=2**39,
-            disks=(DiskUsage(mount="/", total_bytes=10**12, used_bytes=10**11, free_bytes=9 * 10**11),),
+            disks=(
+                DiskUsage(
+                    mount="/",
+                    total_bytes=10**12,
+                    used_bytes=10**11,
+                    free_bytes=9 * 10**11,
+                    readonly=False,
+                    inodes_total=10**8,
+                    inodes_used=10**6 + seq,
+                ),
+            ),
             nics=(NicCounters(name="eth0", up=True, rx_bytes=seq),),
-        )
+            # the node part (issue 14) is stored in detail.node and read back equal
+            ib_ports=(
+                IbPort("mlx5_0", 1, "ACTIVE", "LinkUp", 400.0, "InfiniBand", symbol_error=seq, link_downed=0),
+            ),
+            kernel_log=(KernelLogCount("sxid", 20034, seq, True, "nvidia-nvswitch0: SXid ..."),),
+            modules=(ModuleState("nvidia", True),),
+            services=(ServiceState("nvidia-persistenced", "loaded", "active", "running"),),
+            clock=ClockSync(True, 0.0005, 0.01, "adjtimex"),
+            dstate_procs=1,
+            dstate_names=("rsync",),
+            absent=("nvswitch",),
+        )  # fmt: skip
         if system
         else None,
         checks=(CheckResult(id="nats_rtt", kind="nats_rtt", target="nats", ok=True, latency_ms=0.4),),

@@ -349,12 +349,10 @@ class NodeChecks:
                     _ADVICE["host.module"], extra=extra,
                 )  # fmt: skip
         for sv in s.services:
-            if sv.load_state in (None, "not-found"):
-                continue  # not installed on this node: absent, not a failure
+            if sv.load_state in (None, "not-found", "masked"):
+                continue  # not installed, or masked on purpose by the operator: not a failure
             local, extra = f"host.service:{sv.name}", (("service", sv.name),)
-            down = (
-                sv.active_state in _DOWN_STATES or sv.sub_state == "auto-restart" or sv.load_state == "masked"
-            )
+            down = sv.active_state in _DOWN_STATES or sv.sub_state == "auto-restart"
             if not down:
                 em.emit(hs.checks, local, "host.service", base, HEALTHY, ts, 1.0, extra=extra)
                 continue
