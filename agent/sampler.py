@@ -45,7 +45,10 @@ class Sequencer:
     subjects: tuple[str, str, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Fails early (SubjectError) on a host or provider that cannot form a subject.
+        # Fails early (SubjectError) on a host or provider that cannot form a subject. The
+        # frames carry the names exactly as the subject tokens (the collector's identity).
+        self.host = subjects.sanitize_token(self.host)
+        self.provider = subjects.sanitize_token(self.provider)
         self.subjects = (
             subjects.sample_subject(self.provider, self.host),
             subjects.event_subject(self.provider, self.host),

@@ -34,6 +34,7 @@ class CollectorSection:
     fetch_timeout: float = dur("1s")
     ack_wait: float = dur("60s")
     max_ack_pending: int = num(20_000, 1, 1_000_000)
+    max_deliver: int = num(5, 2, 10_000)  # the last delivery is recorded as poison and terminated
     max_frame_bytes: int = num(1 << 20, 1024, 64 << 20)
     host_rate: float = num(20.0, 0, 1e6)  # frames/s one host may send (0: no limit); excess refused
     host_burst: int = num(25_000, 1, 10_000_000)  # at once: holds an agent's replay after an outage

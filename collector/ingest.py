@@ -40,7 +40,7 @@ from collector.store import db
 from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
 from shared.errors import FrameDecodeError, ServiceUnavailableError, SubjectError
-from shared.frames import Frame, decode
+from shared.frames import Frame, decode_partial
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, parse_subject, sanitize_token
 
@@ -71,8 +71,21 @@ class Limits:
 
 
 def check(subject: str, data: bytes, limits: Limits, stream_seq: int | None = None) -> Accepted | Rejection:
-    """Decode and verify one message: valid frame, subject agrees, storable key, sane time."""
+    """Decode and verify one message: valid frame, subject agrees, storable key, sane time.
 
+    Never raises: whatever goes wrong checking one message rejects that message
+    (``internal_error`` for an exception no check names).
+    """
+    try:
+        return _check(subject, data, limits, stream_seq)
+    except Exception as e:  # noqa: BLE001 (one message must never stop the collector)
+        return Rejection(
+            subject, "internal_error", None, len(data), bytes(data[:HEAD_BYTES]), stream_seq,
+            f"{type(e).__name__}: {e}"[:500],
+        )  # fmt: skip
+
+
+def _check(subject: str, data: bytes, limits: Limits, stream_seq: int | None) -> Accepted | Rejection:
     def reject(reason: str, fld: str | None, message: str) -> Rejection:
         return Rejection(subject, reason, fld, len(data), bytes(data[:HEAD_BYTES]), stream_seq, message)
 
@@ -80,27 +93,41 @@ def check(subject: str, data: bytes, limits: Limits, stream_seq: int | None = No
         parsed = parse_subject(subject)
     except SubjectError as e:
         return reject("bad_subject", None, str(e))
+    for name, token in (("host", parsed.host), ("provider", parsed.provider)):
+        try:
+            canonical = sanitize_token(token) == token
+        except SubjectError:
+            canonical = False
+        if not canonical:
+            return reject("bad_subject", name, f"subject {name} token {token[:80]!r} is not canonical")
     try:
-        frame = decode(data, limits.max_bytes)
+        frame, dropped = decode_partial(data, limits.max_bytes)
     except FrameDecodeError as e:
         return reject(e.reason, e.field, str(e))
     if parsed.kind != frame.kind:
         return reject("spoofed", "kind", f"{frame.kind} frame on a {parsed.kind} subject")
     for name, token in (("host", parsed.host), ("provider", parsed.provider)):
         value: str = getattr(frame, name)
+        if value == token:
+            continue
         try:
-            ok = sanitize_token(value) == token and "\x00" not in value
+            same = sanitize_token(value) == token
         except SubjectError:
-            ok = False
-        if not ok:
-            return reject("spoofed", name, f"{name} {value[:80]!r} disagrees with subject token {token!r}")
+            same = False
+        if same:  # the same name, not in its one canonical form: it would be another host
+            why = f"{name} {value[:80]!r} is not exactly the subject token {token!r}"
+            return reject("not_canonical", name, why)
+        return reject("spoofed", name, f"{name} {value[:80]!r} disagrees with subject token {token!r}")
     if "\x00" in frame.boot_id or not frame.boot_id:
         return reject("bad_type", "boot_id", "boot_id must be a non-empty string without NUL")
     if frame.seq > I64_MAX:
         return reject("out_of_range", "seq", f"{frame.seq} exceeds the signed 64-bit storage range")
     if not limits.oldest_ts <= frame.ts <= limits.newest_ts:
         return reject("ts_out_of_window", "ts", f"timestamp {frame.ts} outside the stored window")
-    return Accepted(frame, subject, stream_seq, len(data), bytes(data[:HEAD_BYTES]))
+    return Accepted(
+        frame, subject, stream_seq, len(data), bytes(data[:HEAD_BYTES]),
+        tuple((e.reason, e.field) for e in dropped),
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -110,6 +137,7 @@ class Batch:
     msgs: Sequence[Msg]
     accepted: list[Accepted] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    poison: set[int] = field(default_factory=set)  # ids of the messages to terminate, not ack
 
 
 @dataclass(slots=True)
@@ -122,6 +150,8 @@ class IngestStats:
     duplicates: int = 0
     skipped_other_partition: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    gpu_entries_rejected: Counter[str] = field(default_factory=Counter)  # GPU entries dropped, by reason
+    hook_errors: int = 0  # a hook (state, health) raised on a committed batch
     batches: int = 0
     last_batch_size: int = 0
     last_write_s: float = 0.0
@@ -140,14 +170,14 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
-    def warning(self, key: str, msg: str, *args: Any) -> None:
+    def warning(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -1e18) < self._interval:
             self._suppressed[key] += 1
             return
         n = self._suppressed.pop(key, 0)
         self._last[key] = now
-        self._log.warning(msg + (f" (and {n} more suppressed)" if n else ""), *args)
+        self._log.warning(msg + (f" (and {n} more suppressed)" if n else ""), *args, exc_info=exc_info)
 
 
 def stream_config(cfg: CollectorConfig) -> StreamConfig:
@@ -189,6 +219,7 @@ class Ingest:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=c.ack_wait,
+            max_deliver=c.max_deliver,
             max_ack_pending=max(c.max_ack_pending, c.batch),
             max_waiting=16,
             description=f"gpuwarden collector partition {c.partition} of {c.partitions}",
@@ -272,10 +303,23 @@ class Ingest:
             if c.partitions > 1 and subject_partition(m.subject, c.partitions) != c.partition:
                 self.stats.skipped_other_partition += 1
                 continue
-            item = check(m.subject, m.data, limits, _stream_seq(m))
+            seq = _stream_seq(m)
+            delivered = _delivered(m)
+            if delivered >= c.max_deliver:  # delivered and never stored max_deliver - 1 times
+                batch.rejected.append(
+                    Rejection(
+                        m.subject, "poison", None, len(m.data), bytes(m.data[:HEAD_BYTES]), seq,
+                        f"delivered {delivered} times without being stored: terminated unread",
+                    )
+                )  # fmt: skip
+                batch.poison.add(id(m))
+                continue
+            item = check(m.subject, m.data, limits, seq)
             if type(item) is Accepted:
                 if self.rate_limit.allow(item.frame.host, _stream_time(m, now)):
                     batch.accepted.append(item)
+                    if item.dropped_gpus:
+                        self._dropped_gpus(item)
                 else:  # counted and acknowledged, not stored: a flood must not write rows either
                     limited += 1
                     self.stats.rejected[RATE_LIMITED] += 1
@@ -294,7 +338,10 @@ class Ingest:
             return None
         try:
             for m in batch.msgs:
-                await m.ack()
+                if id(m) in batch.poison:
+                    await m.term()  # never delivered again; recorded in rejected_frames
+                else:
+                    await m.ack()
         except nats.errors.Error as e:  # unacknowledged messages come again; storing is idempotent
             self._rl.warning("ack", "acknowledging a committed batch failed: %s", e)
         for r in result.rejected:  # checks' rejections, then those PostgreSQL column types refused
@@ -305,8 +352,19 @@ class Ingest:
         self._account(batch.msgs, result)
         if result.new:
             for hook in self.hooks:
-                await hook(result.new)
+                try:
+                    await hook(result.new)
+                except Exception as e:  # noqa: BLE001 (stored and acked: a hook's bug must not stop ingest)
+                    self.stats.hook_errors += 1
+                    self._rl.warning("hook", "a hook failed on a committed batch: %r", e, exc_info=True)
         return result
+
+    def _dropped_gpus(self, item: Accepted) -> None:
+        for reason, fld in item.dropped_gpus:
+            self.stats.gpu_entries_rejected[reason] += 1
+            self._rl.warning(
+                f"gpu:{reason}", "GPU entry dropped from a sample on %s: %s at %s", item.subject, reason, fld
+            )
 
     async def _write(self, accepted: list[Accepted], rejected: list[Rejection]) -> WriteResult | None:
         if not accepted and not rejected:
@@ -332,7 +390,22 @@ class Ingest:
             log.error(
                 "giving up on a batch of %d frames at shutdown (not acknowledged): %s", len(accepted), e
             )
+        except Exception as e:  # noqa: BLE001 (a bug storing some message: reject the batch, never stop)
+            log.exception("storing a batch failed; its %d frames are rejected as store_error", len(accepted))
+            why = f"{type(e).__name__}: {e}"[:500]
+            lost = [
+                Rejection(a.subject, "store_error", None, a.size, a.head, a.stream_seq, why) for a in accepted
+            ]
+            return await self._write_rejections(lost + list(rejected))
         return None
+
+    async def _write_rejections(self, rejected: list[Rejection]) -> WriteResult:
+        """Store only rejections; if even that fails, they are counted and acknowledged unstored."""
+        try:
+            return await self.writer.write([], rejected)
+        except Exception as e:  # noqa: BLE001
+            self._rl.warning("rejects", "rejections not stored (counted only): %r", e)
+            return WriteResult(rejected=rejected)
 
     def _give_up(self, state: RetryCallState) -> bool:
         return self._stop.is_set() and time.monotonic() - self._stop_at > self.cfg.collector.shutdown_timeout
@@ -377,3 +450,12 @@ def _stream_seq(m: Msg) -> int | None:
     except (ValueError, AttributeError):
         return None
     return int(seq) if seq is not None else None
+
+
+def _delivered(m: Msg) -> int:
+    """How many times JetStream delivered ``m`` (this delivery included); 1 when unknown."""
+    try:
+        n = m.metadata.num_delivered
+    except (ValueError, AttributeError):
+        return 1
+    return int(n) if n else 1

@@ -133,6 +133,7 @@ class FleetCollector(Collector):
         }
         st = copy.copy(svc.ingest.stats)
         st.rejected = Counter(st.rejected)
+        st.gpu_entries_rejected = Counter(st.gpu_entries_rejected)
         from collector.api.live import LiveRollup  # collector.api imports this module
 
         fleet = LiveRollup.of(svc).current()
@@ -287,6 +288,15 @@ class FleetCollector(Collector):
         for reason, n in sorted(st.rejected.items()):
             rejected.add_metric([reason], float(n))
         yield rejected
+        dropped = CounterMetricFamily(
+            c + "gpu_entries_rejected", "GPU entries dropped from samples, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(st.gpu_entries_rejected.items()):
+            dropped.add_metric([reason], float(n))
+        yield dropped
+        yield CounterMetricFamily(
+            c + "hook_errors", "Batches a hook (state, health) failed on.", value=float(st.hook_errors)
+        )
         yield CounterMetricFamily(c + "batches", "Batches committed.", value=float(st.batches))
         yield GaugeMetricFamily(
             c + "last_batch_size", "Frames in the last batch.", value=float(st.last_batch_size)

@@ -30,6 +30,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from collector.alerting import Alerting
 from collector.config import CollectorConfig
+from collector.health import health_config_from
 from collector.ingest import Hook, Ingest
 from collector.inventory import ExpectedInventory, InventoryDiff
 from collector.state import FleetState, load_state
@@ -65,7 +66,8 @@ async def _nats_error(e: Exception) -> None:
 class CollectorService:
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
-        self.state = FleetState()
+        self.max_skew = health_config_from(config.raw).health.max_clock_skew
+        self.state = FleetState(self.max_skew)
         self.writer = Writer(config.postgres)
         self.ingest = Ingest(config, self.writer, hooks=[self._apply_state])
         self.hooks: list[Hook] = self.ingest.hooks  # after the state hook
@@ -110,7 +112,7 @@ class CollectorService:
             if applied:
                 log.info("applied schema migrations %s", applied)
             await self._maintain(conn)
-            self.state = await load_state(conn)
+            self.state = await load_state(conn, max_skew=self.max_skew)
         log.info("fleet state rebuilt: %d hosts", len(self.state))
         opts = nats_options(cfg.nats, f"gpuwarden-collector-{cfg.collector.partition}")
         # the client retries an unreachable server forever; at start that is a clear error instead

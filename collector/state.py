@@ -2,7 +2,10 @@
 
 Updated with each committed batch of frames (:meth:`FleetState.apply`) and rebuilt from
 PostgreSQL at start (:func:`load_state`), so a restarted collector does not show an empty
-fleet. Older frames never overwrite newer ones (redelivery, or a late event).
+fleet. Older frames never overwrite newer ones (redelivery, or a late event). A frame dated
+more than ``max_skew`` ahead of the collector's clock (a host whose clock is wrong) is stored
+but never becomes a current reading: otherwise it would stay "newest", and freeze the host's
+readings, until wall time caught up with it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collector.store import queries
 from shared.frames import EventFrame, Frame, GpuInfo, GpuSample, InventoryFrame, SampleFrame
 
 RECENT_EVENTS: Final = 64  # per host
+MAX_SKEW: Final = 30.0  # default clock-skew allowance, seconds ([health] max_clock_skew)
 
 
 @dataclass(slots=True)
@@ -32,6 +36,7 @@ class HostState:
     sample: SampleFrame | None = None  # the newest sample frame
     inventory: InventoryFrame | None = None  # the newest inventory frame
     events: deque[EventFrame] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    ahead_frames: int = 0  # frames dated beyond the clock-skew allowance (stored, not shown)
 
     @property
     def gpus(self) -> tuple[GpuSample, ...]:
@@ -55,7 +60,8 @@ class HostState:
 class FleetState:
     """Latest state of every host, grouped by provider."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_skew: float = MAX_SKEW) -> None:
+        self.max_skew = max_skew
         self.hosts: dict[str, HostState] = {}
         self.providers: dict[str, set[str]] = {}
         self.updated = 0.0  # wall time of the last change
@@ -98,19 +104,27 @@ class FleetState:
         self.updated = time.time()
         return True
 
-    def apply(self, frames: Iterable[Frame]) -> None:
-        """Fold committed frames into the state (in any order; the newest wins)."""
+    def apply(self, frames: Iterable[Frame], now: float | None = None) -> None:
+        """Fold committed frames into the state (in any order): the newest dated within the
+        clock-skew allowance of ``now`` wins; frames dated beyond it are only counted."""
+        now = time.time() if now is None else now
+        limit = now + self.max_skew
         for f in frames:
             h = self._host(f)
-            if f.ts >= h.last_seen:
+            if f.ts > limit:
+                h.ahead_frames += 1
+                continue
+            if f.ts >= h.last_seen or h.last_seen > limit:
                 h.last_seen = f.ts
                 h.boot_id = f.boot_id
             if type(f) is SampleFrame:
-                if h.sample is None or _newer(f, h.sample):
+                if h.sample is None or _newer(f, h.sample) or h.sample.ts > limit:
                     h.sample = f
             elif type(f) is EventFrame:
                 _insert_event(h.events, f)
-            elif type(f) is InventoryFrame and (h.inventory is None or _newer(f, h.inventory)):
+            elif type(f) is InventoryFrame and (
+                h.inventory is None or _newer(f, h.inventory) or h.inventory.ts > limit
+            ):
                 h.inventory = f
         self.updated = time.time()
 
@@ -132,16 +146,22 @@ def _insert_event(events: deque[EventFrame], e: EventFrame) -> None:
 
 
 async def load_state(
-    conn: asyncpg.Connection | asyncpg.Pool, now: float | None = None, lookback: float = 86_400.0
+    conn: asyncpg.Connection | asyncpg.Pool,
+    now: float | None = None,
+    lookback: float = 86_400.0,
+    max_skew: float = MAX_SKEW,
 ) -> FleetState:
-    """Rebuild the state from PostgreSQL: hosts, their newest sample, inventory, recent events."""
+    """Rebuild the state from PostgreSQL: hosts, their newest sample, inventory, recent events
+    (each dated within the clock-skew allowance)."""
     now = time.time() if now is None else now
-    state = FleetState()
+    state = FleetState(max_skew)
     for row in await queries.hosts(conn):
-        h = HostState(row.name, row.provider, last_seen=row.last_seen, boot_id=row.boot_id)
+        last_seen = min(row.last_seen, now + max_skew)  # a host's clock ahead pushed it forward
+        h = HostState(row.name, row.provider, last_seen=last_seen, boot_id=row.boot_id)
         state.hosts[row.name] = h
         state.providers.setdefault(row.provider, set()).add(row.name)
-    state.apply(await queries.latest_inventories(conn))
-    state.apply(await queries.latest_samples(conn, now - lookback))
-    state.apply(await queries.recent_events(conn, now - lookback, limit=RECENT_EVENTS * max(1, len(state))))
+    state.apply(await queries.latest_inventories(conn, until=now + max_skew), now)
+    state.apply(await queries.latest_samples(conn, now - lookback, until=now + max_skew), now)
+    events = await queries.recent_events(conn, now - lookback, limit=RECENT_EVENTS * max(1, len(state)))
+    state.apply(events, now)
     return state

@@ -26,10 +26,22 @@ import msgpack
 
 from shared import SCHEMA_VERSION
 from shared.errors import FrameDecodeError, FrameEncodeError
+from shared.subjects import MAX_TOKEN
 
 MAX_FRAME_BYTES: Final = 1 << 20  # a frame larger than 1 MiB is rejected as oversized
-MAX_STR: Final = 4096
+MAX_STR: Final = 4096  # the longest string of any field (each field has its own limit, below)
 MAX_LIST: Final = 4096
+MAX_DEPTH: Final = 16  # nesting of maps and arrays, checked before decoding (the schema needs 5)
+# String length limits (characters), per field: identities are short (they key indexes and
+# alert fingerprints), free text longer. docs/protocol.md lists each field's limit.
+LEN_TOKEN: Final = MAX_TOKEN  # host, provider: one subject token
+LEN_BOOT_ID: Final = 64
+LEN_UUID: Final = 128
+LEN_WORD: Final = 32  # enumerations: kind of check, event type and source, backend
+LEN_VERSION: Final = 128  # versions, serials, PCI bus ids, architectures
+LEN_NAME: Final = 256  # names: process, GPU product, interface, OS, kernel, CPU model
+LEN_LONG: Final = 1024  # container ids, check ids and targets, error texts
+LEN_PATH: Final = 4096  # mount points
 U64: Final = (1 << 64) - 1
 I53: Final = 1 << 53
 
@@ -54,6 +66,13 @@ def _r(lo: float, hi: float, default: Any = None) -> Any:
     return field(default=default, metadata={"range": (lo, hi)})
 
 
+def _s(max_len: int, default: Any = None) -> Any:
+    """A string field (or array of strings) whose strings are at most ``max_len`` characters."""
+    if default is MISSING:
+        return field(metadata={"max_len": max_len})
+    return field(default=default, metadata={"max_len": max_len})
+
+
 # ----------------------------------------------------------------------------- records
 
 
@@ -62,9 +81,9 @@ class GpuProcess:
     """A process using a GPU."""
 
     pid: int = _r(0, 1 << 32, 0)
-    name: str | None = None
+    name: str | None = _s(LEN_NAME)
     used_mem_bytes: int | None = _r(0, I53)
-    container: str | None = None  # container or job id from /proc/<pid>/cgroup, when found
+    container: str | None = _s(LEN_LONG)  # container or job id from /proc/<pid>/cgroup, when found
     gpu_instance_id: int | None = _r(0, 1 << 32)  # MIG: the GPU instance it runs in
     compute_instance_id: int | None = _r(0, 1 << 32)  # MIG: the compute instance it runs in
 
@@ -85,7 +104,7 @@ class GpuSample:
     """One GPU at one instant. Counters are cumulative as NVML reports them."""
 
     index: int = _r(0, 1023, 0)
-    uuid: str = ""
+    uuid: str = _s(LEN_UUID, "")
     lost: bool = False  # fell off the bus: every reading below is None
     util_gpu_pct: float | None = _r(0, 100)
     util_mem_pct: float | None = _r(0, 100)
@@ -148,7 +167,7 @@ class GpuSample:
 
 @dataclass(frozen=True, slots=True)
 class DiskUsage:
-    mount: str = ""
+    mount: str = _s(LEN_PATH, "")
     total_bytes: int = _r(0, U64, 0)
     used_bytes: int = _r(0, U64, 0)
     free_bytes: int = _r(0, U64, 0)
@@ -161,7 +180,7 @@ class DiskUsage:
 class NicCounters:
     """Cumulative counters of one network interface."""
 
-    name: str = ""
+    name: str = _s(LEN_NAME, "")
     up: bool | None = None
     speed_mbps: int | None = _r(0, 10_000_000)
     rx_bytes: int = _r(0, U64, 0)
@@ -268,20 +287,20 @@ class SystemSample:
 class CheckResult:
     """Result of one agent-side network check (TCP connect, NATS round trip)."""
 
-    id: str = ""  # stable id, e.g. "tcp:storage-1:2049" or "nats_rtt"
-    kind: str = ""  # "tcp" or "nats_rtt"
-    target: str = ""
+    id: str = _s(LEN_LONG, "")  # stable id, e.g. "tcp:storage-1:2049" or "nats_rtt"
+    kind: str = _s(LEN_WORD, "")  # "tcp" or "nats_rtt"
+    target: str = _s(LEN_LONG, "")
     ok: bool = False
     latency_ms: float | None = _r(0, 1e7)
-    error: str | None = None
+    error: str | None = _s(LEN_LONG)
 
 
 @dataclass(frozen=True, slots=True)
 class AgentStats:
     """The agent's own figures, so its cost and delivery are visible."""
 
-    version: str = ""
-    backend: str = ""  # "nvml" or "simulated"
+    version: str = _s(LEN_VERSION, "")
+    backend: str = _s(LEN_WORD, "")  # "nvml" or "simulated"
     uptime_s: float = _r(0, 1e12, 0.0)
     cpu_s: float = _r(0, 1e12, 0.0)  # process CPU time (user + system) since start
     rss_bytes: int = _r(0, U64, 0)
@@ -299,8 +318,8 @@ class MigInstance:
 
     gpu_instance_id: int = _r(0, 1 << 32, 0)
     compute_instance_id: int = _r(0, 1 << 32, 0)
-    profile: str | None = None  # e.g. "1g.10gb" (from the MIG device's name)
-    uuid: str | None = None  # MIG-...
+    profile: str | None = _s(LEN_VERSION)  # e.g. "1g.10gb" (from the MIG device's name)
+    uuid: str | None = _s(LEN_UUID)  # MIG-...
     mem_total_bytes: int | None = _r(0, I53)
 
 
@@ -309,37 +328,37 @@ class GpuInfo:
     """Static facts about one GPU."""
 
     index: int = _r(0, 1023, 0)
-    uuid: str = ""
-    name: str | None = None
-    serial: str | None = None
-    pci_bus_id: str | None = None
+    uuid: str = _s(LEN_UUID, "")
+    name: str | None = _s(LEN_NAME)
+    serial: str | None = _s(LEN_VERSION)
+    pci_bus_id: str | None = _s(LEN_VERSION)
     minor_number: int | None = _r(0, 1 << 20)
-    architecture: str | None = None
+    architecture: str | None = _s(LEN_VERSION)
     mem_total_bytes: int | None = _r(0, I53)
-    vbios: str | None = None
+    vbios: str | None = _s(LEN_VERSION)
     mig_mode: bool | None = None
     persistence_mode: bool | None = None
     power_limit_default_w: float | None = _r(0, 100_000)
     pcie_link_gen_max: int | None = _r(0, 16)
     pcie_link_width_max: int | None = _r(0, 64)
     nvlink_links_total: int | None = _r(0, 64)
-    unsupported: tuple[str, ...] = ()  # sample fields NVML reports as not supported on this GPU
-    fabric_cluster_uuid: str | None = None  # NVSwitch fabric (NVML GPU fabric info), when registered
+    unsupported: tuple[str, ...] = _s(LEN_NAME, ())  # sample fields NVML reports as not supported on this GPU
+    fabric_cluster_uuid: str | None = _s(LEN_UUID)  # NVSwitch fabric (NVML GPU fabric info), when registered
     mig_instances: tuple[MigInstance, ...] = ()  # MIG devices (mig_mode on)
 
 
 @dataclass(frozen=True, slots=True)
 class HostFacts:
-    hostname: str = ""
-    os: str | None = None
-    kernel: str | None = None
-    cpu_model: str | None = None
+    hostname: str = _s(LEN_NAME, "")
+    os: str | None = _s(LEN_NAME)
+    kernel: str | None = _s(LEN_NAME)
+    cpu_model: str | None = _s(LEN_NAME)
     cpu_count: int | None = _r(0, 1 << 20)
     mem_total_bytes: int | None = _r(0, U64)
     boot_time: float | None = _r(0, 1e12)
-    kernel_boot_id: str | None = None
-    agent_version: str | None = None
-    python_version: str | None = None
+    kernel_boot_id: str | None = _s(LEN_VERSION)
+    agent_version: str | None = _s(LEN_VERSION)
+    python_version: str | None = _s(LEN_VERSION)
 
 
 # ----------------------------------------------------------------------------- frames
@@ -347,9 +366,9 @@ class HostFacts:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Header:
-    host: str
-    provider: str
-    boot_id: str
+    host: str = _s(LEN_TOKEN, MISSING)
+    provider: str = _s(LEN_TOKEN, MISSING)
+    boot_id: str = _s(LEN_BOOT_ID, MISSING)
     seq: int = _r(0, U64, 0)
     ts: float = _r(0, 1e11, 0.0)
     v: int = SCHEMA_VERSION
@@ -374,14 +393,14 @@ class EventFrame(_Header):
 
     KIND: ClassVar[str] = "event"
     kind: Literal["event"] = "event"
-    type: str = "xid"
-    source: str = "agent"  # "nvml", "kmsg", "simulated" or "agent"
+    type: str = _s(LEN_WORD, "xid")
+    source: str = _s(LEN_WORD, "agent")  # "nvml", "kmsg", "simulated" or "agent"
     gpu_index: int | None = _r(0, 1023)
-    gpu_uuid: str | None = None
+    gpu_uuid: str | None = _s(LEN_UUID)
     xid: int | None = _r(0, 1 << 20)
     count: int | None = _r(0, U64)  # running count for (GPU, type/xid) in this boot
     value: int | None = _r(0, U64)
-    message: str | None = None
+    message: str | None = _s(MAX_STR)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -390,10 +409,10 @@ class InventoryFrame(_Header):
 
     KIND: ClassVar[str] = "inventory"
     kind: Literal["inventory"] = "inventory"
-    backend: str = ""
-    driver_version: str | None = None
-    cuda_version: str | None = None
-    nvml_version: str | None = None
+    backend: str = _s(LEN_WORD, "")
+    driver_version: str | None = _s(LEN_VERSION)
+    cuda_version: str | None = _s(LEN_VERSION)
+    nvml_version: str | None = _s(LEN_VERSION)
     gpus: tuple[GpuInfo, ...] = ()
     host_facts: HostFacts | None = None
     nvml_error: str | None = None  # NVML cannot initialise: the agent runs without GPUs; NVML's text
@@ -447,7 +466,7 @@ def _num_check(kind: type, lo: float, hi: float, optional: bool) -> _Check:
     return check_int if kind is int else check_float
 
 
-def _scalar_check(kind: type, optional: bool) -> _Check:
+def _scalar_check(kind: type, optional: bool, max_len: int = MAX_STR) -> _Check:
     tname = {str: "string", bool: "boolean"}[kind]
 
     def check(value: Any, path: str, name: str) -> Any:
@@ -459,8 +478,8 @@ def _scalar_check(kind: type, optional: bool) -> _Check:
                 _p(path, name),
                 f"expected {tname}{' or null' if optional else ''}, got {_tn(value)}",
             )
-        if kind is str and len(typing.cast(str, value)) > MAX_STR:
-            _fail("out_of_range", _p(path, name), f"string longer than {MAX_STR}")
+        if kind is str and len(typing.cast(str, value)) > max_len:
+            _fail("too_long", _p(path, name), f"string longer than {max_len} characters")
         return value
 
     return check
@@ -511,7 +530,9 @@ def _check_for(hint: Any, meta: Any) -> _Check:
     if hint in (int, float):
         lo, hi = meta.get("range", (-U64, U64))
         return _num_check(hint, lo, hi, optional)
-    if hint in (str, bool):
+    if hint is str:
+        return _scalar_check(hint, optional, meta.get("max_len", MAX_STR))
+    if hint is bool:
         return _scalar_check(hint, optional)
     if isinstance(hint, type) and hint in _RECORDS:
         return _record_check(hint, optional)
@@ -630,7 +651,7 @@ def _gen_value(hint: Any, meta: Any, var: str, ns: dict[str, Any], depth: int) -
             f"if not {lo!r} <= {var} <= {hi!r}: raise _Slow",
         ]
     elif hint is str:
-        body = [f"if type({var}) is not str or len({var}) > MAX_STR: raise _Slow"]
+        body = [f"if type({var}) is not str or len({var}) > {meta.get('max_len', MAX_STR)!r}: raise _Slow"]
     elif hint is bool:
         body = [f"if type({var}) is not bool: raise _Slow"]
     elif isinstance(hint, type) and hint in _RECORDS:
@@ -721,14 +742,15 @@ def _gen_post(cls: type[Any], ns: dict[str, Any]) -> str:
             lo, hi = f.metadata.get("range", (-U64, U64))  # the same default as _check_for
             body = [f"if not {lo!r} <= x <= {hi!r}: return False"]
         elif hint is str:
-            body = ["if len(x) > MAX_STR: return False"]
+            body = [f"if len(x) > {f.metadata.get('max_len', MAX_STR)!r}: return False"]
         elif isinstance(hint, type) and hint in _RECORDS:
             body = [f"if not _post_{hint.__name__}(x): return False"]
         elif get_origin(hint) is tuple:
             item = get_args(hint)[0]
             body = ["if len(x) > MAX_LIST: return False"]
             if item is str:
-                body.append("for y in x:\n            if len(y) > MAX_STR: return False")
+                limit = f.metadata.get("max_len", MAX_STR)
+                body.append(f"for y in x:\n            if len(y) > {limit!r}: return False")
             elif item in (int, float):
                 lo, hi = f.metadata.get("range", (-U64, U64))
                 body.append(f"for y in x:\n            if not {lo!r} <= y <= {hi!r}: return False")
@@ -778,11 +800,95 @@ def _decode_typed(data: bytes) -> SampleFrame | None:
     decoder, post, names = _TYPED
     try:
         w = decoder.decode(data)
-    except msgspec.MsgspecError:
+        if w.v != SCHEMA_VERSION or not post(w):
+            return None
+        return SampleFrame(**{name: getattr(w, name) for name in names})
+    except Exception:  # noqa: BLE001 (MsgspecError, RecursionError, ...: the reference path decides)
         return None
-    if w.v != SCHEMA_VERSION or not post(w):
-        return None
-    return SampleFrame(**{name: getattr(w, name) for name in names})
+
+
+# ----------------------------------------------------------------------------- nesting bound
+# Decoders recurse into nested maps and arrays: ~1,000 nested one-element arrays (a 1 KB frame)
+# exhaust Python's recursion limit inside msgspec, and deep objects make every later walk
+# recursive. :func:`nesting_depth` reads only the MessagePack headers (no object is built), so the
+# depth is known before anything decodes it. msgspec's typed path below builds only the
+# schema's fields (depth 5 at most) and skips unknown content; it declines on any error, so a
+# deep frame always reaches the reference path, which checks the depth first.
+
+
+def _header_table() -> tuple[tuple[int, int, int], ...]:
+    """Per first byte: (kind, size, length bytes). kind 0 scalar of ``size`` bytes; 1 string/bin/ext
+    whose length is in the ``size`` bytes after the first (``length bytes`` extra, ext type byte);
+    2 array, 3 map (count in the next ``size`` bytes, or in the first byte when size is 0); -1 invalid."""
+    t: list[tuple[int, int, int]] = [(-1, 0, 0)] * 256
+    for b in range(0x00, 0x80):
+        t[b] = (0, 1, 0)
+    for b in range(0xE0, 0x100):
+        t[b] = (0, 1, 0)
+    for b in range(0x80, 0x90):
+        t[b] = (3, 0, 0)
+    for b in range(0x90, 0xA0):
+        t[b] = (2, 0, 0)
+    for b in range(0xA0, 0xC0):
+        t[b] = (1, 0, 0)  # fixstr: length in the low 5 bits
+    for b, size in {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,
+                    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10,
+                    0xD8: 18}.items():  # fmt: skip
+        t[b] = (0, size, 0)
+    for b, (size, extra) in {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1),
+                             0xC9: (4, 1), 0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}.items():  # fmt: skip
+        t[b] = (1, size, extra)
+    t[0xDC], t[0xDD], t[0xDE], t[0xDF] = (2, 2, 0), (2, 4, 0), (3, 2, 0), (3, 4, 0)
+    return tuple(t)
+
+
+_HEADERS: Final = _header_table()
+
+
+def nesting_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the first MessagePack object in ``data`` nests maps and arrays (a top-level map
+    is 1), reading headers only; stops counting past ``limit`` (returns ``limit + 1``).
+    Malformed or truncated input ends the scan early: the decoder then says what is wrong."""
+    table, n, i = _HEADERS, len(data), 0
+    stack: list[int] = []
+    left = 1  # objects still to read at the current level
+    deepest = 0
+    while True:
+        if left == 0:
+            if not stack:
+                return deepest
+            left = stack.pop()
+            continue
+        if i >= n:
+            return deepest
+        left -= 1
+        b = data[i]
+        kind, size, extra = table[b]
+        if kind == 0:
+            i += size
+        elif kind == 1:
+            if size == 0:
+                i += 1 + (b & 0x1F)
+            else:
+                i += 1 + size + extra + int.from_bytes(data[i + 1 : i + 1 + size], "big")
+        elif kind >= 2:
+            if size == 0:
+                count = b & 0x0F
+                i += 1
+            else:
+                count = int.from_bytes(data[i + 1 : i + 1 + size], "big")
+                i += 1 + size
+            if kind == 3:
+                count *= 2
+            if count:
+                stack.append(left)
+                left = count
+                if len(stack) > deepest:
+                    deepest = len(stack)
+                    if deepest > limit:
+                        return deepest
+        else:
+            return deepest
 
 
 # ----------------------------------------------------------------------------- encode/decode
@@ -842,11 +948,50 @@ def decode(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     typed = _decode_typed(data)
     if typed is not None:
         return typed
+    return from_wire(_unpack(data))
+
+
+def _unpack(data: bytes) -> Any:
+    """The plain data of ``data``, its nesting bounded before it is built."""
+    depth = nesting_depth(data)
+    if depth > MAX_DEPTH:
+        raise FrameDecodeError("too_deep", f"maps and arrays nested deeper than {MAX_DEPTH}")
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise FrameDecodeError("malformed", f"not valid MessagePack: {e}") from e
-    return from_wire(raw)
+    except Exception as e:  # noqa: BLE001 (anything else the unpacker raises is still malformed input)
+        raise FrameDecodeError("malformed", f"not decodable: {type(e).__name__}: {e}") from e
+
+
+def decode_partial(
+    data: bytes, max_bytes: int = MAX_FRAME_BYTES
+) -> tuple[Frame, tuple[FrameDecodeError, ...]]:
+    """:func:`decode`, except that a sample frame's GPU entry that fails validation is dropped
+    instead of the whole frame: returns the frame and one error per dropped entry (``field``
+    ``gpus[i]...``, ``i`` the entry's place in the frame as sent). Any other error raises."""
+    try:
+        return decode(data, max_bytes), ()
+    except FrameDecodeError as e:
+        if not (e.field or "").startswith("gpus["):
+            raise
+        first = e
+    raw = _unpack(data)  # it unpacked before: the error is in a field
+    gpus = raw.get("gpus") if type(raw) is dict and raw.get("kind") == "sample" else None
+    if type(gpus) is not list:
+        raise first
+    good: list[Any] = []
+    dropped: list[FrameDecodeError] = []
+    for i, g in enumerate(gpus):
+        try:
+            _build(GpuSample, g, f"gpus[{i}]")
+        except FrameDecodeError as ge:
+            dropped.append(ge)
+        else:
+            good.append(g)
+    if not dropped:
+        raise first
+    return from_wire({**raw, "gpus": good}), tuple(dropped)
 
 
 def from_wire(raw: Any) -> Frame:

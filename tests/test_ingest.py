@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import math
 import time
 from collections import Counter
@@ -169,8 +170,12 @@ async def _count(conn: asyncpg.Connection, table: str, n: int) -> bool:
 NUMERIC_FIELDS = ["util_gpu_pct", "temp_c", "power_w", "mem_used_bytes", "clock_sm_mhz", "pstate", "fan_pct"]
 
 
+_FUZZ_BOOT = itertools.count()
+
+
 def _fuzz_message(kind: int, data: st.DataObject) -> tuple[str, bytes]:
-    base = sample("fz-1", data.draw(st.integers(1, 10**6)), time.time(), gpus=2)
+    boot = f"fz-{next(_FUZZ_BOOT):08d}"  # each frame its own key (and the same length)
+    base = sample("fz-1", data.draw(st.integers(1, 10**6)), time.time(), boot=boot, gpus=2)
     subject = sample_subject(base.provider, base.host)
     wire = to_wire(base)
     if kind == 0:  # garbage
@@ -237,14 +242,22 @@ async def test_fuzzed_frames_are_counted_and_never_stored(
     # what each message must be rejected for, from the pure checks
     limits = Ingest(cfg, Writer(cfg.postgres)).limits()
     expected: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()  # one bad GPU entry: the frame is stored without it
+    partial: dict[tuple[str, int, float], int] = {}  # (boot, seq, ts) -> GPUs stored
     for subject, data in messages:
         r = check(subject, data, limits)
-        if type(r) is Accepted:
+        if type(r) is Accepted and r.dropped_gpus:
+            assert storage_problem(r.frame) is None
+            dropped.update(reason for reason, _ in r.dropped_gpus)
+            partial.setdefault((r.frame.boot_id, r.frame.seq, r.frame.ts), len(r.frame.gpus))  # type: ignore[union-attr]
+        elif type(r) is Accepted:
             assert storage_problem(r.frame) is not None, (subject, data[:80])
             expected["unstorable"] += 1
         else:
             expected[r.reason] += 1  # type: ignore[union-attr]
-    assert {"malformed", "bad_type", "out_of_range", "spoofed", "version", "oversized"} <= set(expected)
+    assert {"malformed", "out_of_range", "spoofed", "version", "oversized"} <= set(expected)
+    assert {"bad_type", "out_of_range"} <= set(dropped)
+    rejected = sum(expected.values())
     good = [sample("fz-ok", s, time.time(), gpus=2) for s in range(5)]
     async with running(cfg) as ingest:
         nc = await nats.connect(private_nats.url)
@@ -252,14 +265,17 @@ async def test_fuzzed_frames_are_counted_and_never_stored(
         for subject, data in messages:
             await js.publish(subject, data)
         await publish(js, good)  # after all the garbage: the collector is still up
-        await wait_until(lambda: _count(conn, "host_samples", 5))
-        await wait_until(lambda: _count(conn, "rejected_frames", len(messages)))
+        await wait_until(lambda: _count(conn, "host_samples", 5 + len(partial)))
+        await wait_until(lambda: _count(conn, "rejected_frames", rejected))
         await nc.close()
         assert ingest.stats.rejected == expected
-        assert sum(ingest.stats.rejected.values()) == len(messages)
-    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 10
-    hosts = await conn.fetch("SELECT DISTINCT h.name FROM host_samples s JOIN hosts h ON h.id = s.host_id")
-    assert [r["name"] for r in hosts] == ["fz-ok"]
+        assert ingest.stats.gpu_entries_rejected == dropped
+        assert sum(ingest.stats.rejected.values()) + sum(dropped.values()) == len(messages)
+    assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 10 + sum(partial.values())
+    hosts = await conn.fetch(
+        "SELECT h.name, count(*) AS n FROM host_samples s JOIN hosts h ON h.id = s.host_id GROUP BY 1"
+    )
+    assert {r["name"]: r["n"] for r in hosts} == {"fz-ok": 5, "fz-1": len(partial)}
     by_reason = await conn.fetch("SELECT reason, count(*) AS n FROM rejected_frames GROUP BY reason")
     assert Counter({r["reason"]: r["n"] for r in by_reason}) == expected
     assert await conn.fetchval("SELECT max(length(head)) FROM rejected_frames") <= 64

@@ -30,6 +30,7 @@ class HealthSection:
     default_interval: float = dur("5s")  # used when a frame does not say its interval
     never_reported_grace: float = dur("1m")  # an expected host that never reported: unknown, then this
     emit_healthy_for: int = num(21, 1, 10_000)  # healthy observations sent after a problem clears
+    max_clock_skew: float = dur("30s")  # frames dated further ahead: host.clock_skew, not live readings
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from collector.health.model import (
     R_EVICTED,
     R_REPLACED,
     UNKNOWN,
+    WARNING,
     CheckStatus,
     Emitter,
     GpuState,
@@ -58,14 +59,38 @@ class HealthEngine:
         self.gpu = GpuChecks(self.config.gpu)
         self.host = HostChecks(self.config.host, self.config.network, self.config.node)
         self.healthy_for = self.config.health.emit_healthy_for
+        self.max_skew = self.config.health.max_clock_skew
 
     def observe(self, state: HealthState, frame: Frame, now: float) -> tuple[HealthState, list[Observation]]:
         """Dispatch one decoded frame to the sample, event or inventory path."""
         if isinstance(frame, SampleFrame):
-            return self.observe_sample(state, frame, now)
-        if isinstance(frame, EventFrame):
-            return self.observe_event(state, frame, now)
-        return self.observe_inventory(state, frame, now)
+            state, obs = self.observe_sample(state, frame, now)
+        elif isinstance(frame, EventFrame):
+            state, obs = self.observe_event(state, frame, now)
+        else:
+            state, obs = self.observe_inventory(state, frame, now)
+        hs = state.hosts.get(frame.host)
+        if hs is not None and (frame.ts - now > self.max_skew or "host.clock_skew" in hs.checks):
+            em = Emitter(self.healthy_for)
+            self.clock_skew(em, hs, frame.ts, now)
+            obs = obs + em.out if obs else em.out
+        return state, obs
+
+    def clock_skew(self, em: Emitter, hs: HostState, ts: float, now: float) -> None:
+        """``host.clock_skew``: the host's frames are dated ahead of the collector's clock by more
+        than ``max_clock_skew`` (they are stored, but do not replace its current readings)."""
+        ahead = ts - now
+        if ahead > self.max_skew:
+            em.emit(
+                hs.checks, "host.clock_skew", "host.clock_skew", hs.labels, WARNING, now, round(ahead, 3),
+                f"{hs.host}'s clock is {ahead:.0f} s ahead: its readings are not shown as current",
+                "The host's frames are dated ahead of the collector's clock by more than "
+                "[health] max_clock_skew: they are stored, but the live view keeps its last "
+                "readings dated within the allowance. Fix the host's time sync (chronyc "
+                "tracking, timedatectl) and the collector's.",
+            )  # fmt: skip
+        else:
+            em.emit(hs.checks, "host.clock_skew", "host.clock_skew", hs.labels, HEALTHY, now, round(ahead, 3))
 
     # ------------------------------------------------------------------ hosts and GPUs
 
@@ -95,16 +120,31 @@ class HealthEngine:
         """A frame judged already (JetStream redelivers unacknowledged frames) or a sample
         older than one judged: ignored, so XIDs are not counted twice and rates stay sane."""
         hs = state.hosts.get(frame.host)
-        if hs is None or hs.boot_id != frame.boot_id:
+        if hs is None:
             return False
+        if hs.boot_id == frame.boot_id:
+            if sample:
+                return frame.seq <= hs.last_sample_seq
+            return frame.seq in hs.recent_events
+        # an earlier agent run: its frames may still come (the ingest drains a backlog while
+        # the fast event path already saw the new run), judged once all the same
         if sample:
-            return frame.seq <= hs.last_sample_seq
-        return frame.seq in hs.recent_events
+            return frame.seq <= hs.boot_sample_seq.get(frame.boot_id, -1)
+        return frame.seq in hs.boot_events.get(frame.boot_id, ())
 
     @staticmethod
     def _boot(hs: HostState, boot_id: str) -> None:
-        if boot_id != hs.boot_id:  # the agent restarted: seqs start again
-            hs.boot_id, hs.last_sample_seq, hs.recent_events = boot_id, -1, []
+        if boot_id == hs.boot_id:
+            return
+        if hs.boot_id is not None:  # keep what this run judged, for its late frames
+            hs.boot_events[hs.boot_id] = hs.recent_events
+            hs.boot_sample_seq[hs.boot_id] = hs.last_sample_seq
+            for remembered in (hs.boot_events, hs.boot_sample_seq):
+                while len(remembered) > _BOOTS:
+                    del remembered[next(iter(remembered))]  # the oldest
+        hs.boot_id = boot_id  # another agent run: its seqs start again
+        hs.recent_events = hs.boot_events.pop(boot_id, [])
+        hs.last_sample_seq = hs.boot_sample_seq.pop(boot_id, -1)
 
     def _gpu(self, em: Emitter, hs: HostState, index: int, uuid: str | None, now: float) -> GpuState:
         gs = hs.gpus.get(index)
@@ -408,7 +448,8 @@ def retire(em: Emitter, checks: Mapping[str, CheckStatus], now: float, reason: s
 
 _LOST = GpuSample(lost=True)
 # Bounds on what one agent can make the engine remember (docs/health.md, "Bounds").
-_RECENT_EVENTS = 512  # event seqs remembered per host for de-duplication
+_RECENT_EVENTS = 512  # event seqs remembered per host (and agent run) for de-duplication
+_BOOTS = 4  # earlier agent runs remembered per host
 MAX_GPUS_PER_HOST = 64  # GPU slots per host; a new index beyond it evicts the least recently sampled
 MAX_XID_CODES = 32  # XID codes remembered per GPU; a new code beyond it evicts the least recent
 MAX_FATAL_XIDS = 256  # fatal XID times kept per GPU for the RMA count (at least rma_fatal_xids)

@@ -126,6 +126,8 @@ class HostState:
     boot_id: str | None = None  # the agent run whose frames are being judged
     last_sample_seq: int = -1  # a sample of this boot at or below it is a duplicate or late
     recent_events: list[int] = field(default_factory=list)  # seqs of this boot's recent events
+    boot_events: dict[str, list[int]] = field(default_factory=dict)  # earlier runs' (at most 4)
+    boot_sample_seq: dict[str, int] = field(default_factory=dict)  # earlier runs' last sample seq
     last_frame_at: float | None = None  # when the last frame of this host was observed (``now``)
     interval_s: float | None = None
     first_expected_at: float | None = None  # when the inventory source first listed it

@@ -246,6 +246,8 @@ def health_snapshot(state: HealthState, healthy_for: int) -> dict[str, Any]:
         hosts[name] = {
             "host": hs.host, "provider": hs.provider, "labels": dict(hs.labels), "boot_id": hs.boot_id,
             "last_sample_seq": hs.last_sample_seq, "recent_events": list(hs.recent_events),
+            "boot_events": {b: list(e) for b, e in hs.boot_events.items()},
+            "boot_sample_seq": dict(hs.boot_sample_seq),
             "last_frame_at": hs.last_frame_at, "interval_s": hs.interval_s,
             "first_expected_at": hs.first_expected_at, "expected_gpus": hs.expected_gpus,
             "inventory_gpus": hs.inventory_gpus, "stale": hs.stale, "gpus": gpus,

@@ -265,15 +265,18 @@ async def providers(conn: Conn) -> list[ProviderRow]:
 
 
 async def latest_samples(
-    conn: Conn, since: float, host_names: Sequence[str] | None = None
+    conn: Conn, since: float, host_names: Sequence[str] | None = None, until: float | None = None
 ) -> list[SampleFrame]:
-    """The latest stored sample frame of each host (after ``since``), rebuilt as frames."""
+    """The latest stored sample frame of each host (after ``since``, not after ``until``),
+    rebuilt as frames."""
     rows = await conn.fetch(
         "SELECT h.name, p.name AS provider, s.* FROM hosts h JOIN providers p ON p.id = h.provider_id"
         " CROSS JOIN LATERAL (SELECT * FROM host_samples hs WHERE hs.host_id = h.id AND hs.ts >= $1"
+        " AND ($3::timestamptz IS NULL OR hs.ts <= $3)"
         " ORDER BY hs.ts DESC LIMIT 1) s WHERE $2::text[] IS NULL OR h.name = ANY($2::text[])",
         utc(since),
         list(host_names) if host_names is not None else None,
+        utc(until) if until is not None else None,
     )
     if not rows:
         return []
@@ -333,10 +336,12 @@ def _sample_frame(r: asyncpg.Record, gpu_rows: list[asyncpg.Record]) -> SampleFr
     return frame if type(frame) is SampleFrame else None
 
 
-async def latest_inventories(conn: Conn) -> list[InventoryFrame]:
-    """The latest inventory frame of each host."""
+async def latest_inventories(conn: Conn, until: float | None = None) -> list[InventoryFrame]:
+    """The latest inventory frame of each host (not dated after ``until``)."""
     rows = await conn.fetch(
-        "SELECT DISTINCT ON (host_id) data FROM inventory_reports ORDER BY host_id, ts DESC, seq DESC"
+        "SELECT DISTINCT ON (host_id) data FROM inventory_reports WHERE $1::timestamptz IS NULL OR ts <= $1"
+        " ORDER BY host_id, ts DESC, seq DESC",
+        utc(until) if until is not None else None,
     )
     out = []
     for r in rows:

@@ -98,6 +98,7 @@ class Accepted:
     stream_seq: int | None = None
     size: int = 0  # bytes on the wire
     head: bytes = b""  # the first bytes, kept if the frame is rejected later
+    dropped_gpus: tuple[tuple[str, str | None], ...] = ()  # GPU entries refused: (reason, field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +171,10 @@ class Writer:
         t0 = time.perf_counter()
         try:
             result = await self._write(accepted, rejected)
-        except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
+        except Exception as e:
             if db.is_transient(e):
                 raise
-            log.warning("batch refused by PostgreSQL (%s: %s); isolating frames", type(e).__name__, e)
+            log.warning("batch refused (%s: %s); isolating frames", type(e).__name__, e)
             self._forget()
             result = await self._isolate(accepted, rejected)
         result.seconds = time.perf_counter() - t0
@@ -183,30 +184,54 @@ class Writer:
         rejects = list(rejected)
         good: list[Accepted] = []
         for a in accepted:
-            p = storage_problem(a.frame)
+            try:
+                p = storage_problem(a.frame)
+            except Exception as e:  # noqa: BLE001
+                rejects.append(_reject(a, "store_error", None, f"{type(e).__name__}: {e}"[:500]))
+                continue
             if p is None:
                 good.append(a)
             else:
                 rejects.append(_reject(a, "unstorable", p.field, p.message))
         try:
             return await self._write(good, rejects)
-        except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
+        except Exception as e:
             if db.is_transient(e):
                 raise
+        self._forget()
         total = WriteResult()
         for a in good:  # the slow path: one frame per transaction
             try:
                 one = await self._write([a], [])
-            except (asyncpg.PostgresError, ValueError, TypeError, OverflowError) as e:
+            except Exception as e:
                 if db.is_transient(e):
                     raise
-                rejects.append(_reject(a, "unstorable", None, f"{type(e).__name__}: {e}"[:500]))
+                self._forget()
+                reason = "unstorable" if isinstance(e, _REFUSED) else "store_error"
+                rejects.append(_reject(a, reason, None, f"{type(e).__name__}: {e}"[:500]))
                 continue
             total.new += one.new
             total.duplicates += one.duplicates
             total.gpu_rows += one.gpu_rows
-        total.rejected = (await self._write([], rejects)).rejected
+        total.rejected = await self._write_rejections(rejects)
         return total
+
+    async def _write_rejections(self, rejects: list[Rejection]) -> list[Rejection]:
+        """Store rejections, all at once or one by one; one that cannot be stored is only returned
+        (counted by the caller), never retried forever."""
+        try:
+            return (await self._write([], rejects)).rejected
+        except Exception as e:
+            if db.is_transient(e):
+                raise
+        for r in rejects:
+            try:
+                await self._write([], [r])
+            except Exception as e:
+                if db.is_transient(e):
+                    raise
+                log.warning("rejection of message %s not stored: %s: %s", r.stream_seq, type(e).__name__, e)
+        return rejects
 
     async def _write(self, accepted: Sequence[Accepted], rejected: Sequence[Rejection]) -> WriteResult:
         conn = await self.connection()
@@ -234,7 +259,10 @@ class Writer:
                 await conn.executemany(
                     "INSERT INTO rejected_frames (stream_seq, subject, reason, field, size, head)"
                     " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (stream_seq) DO NOTHING",
-                    [(r.stream_seq, r.subject, r.reason, r.field, r.size, r.head) for r in rejected],
+                    [
+                        (r.stream_seq, _text(r.subject), r.reason, _text(r.field), r.size, r.head)
+                        for r in rejected
+                    ],
                 )
             await self._touch_last_seen(conn, frames)
         self._gpus.update(new_gpus)
@@ -430,6 +458,16 @@ async def _reconcile_gpus(conn: asyncpg.Connection, hid: int, f: InventoryFrame,
             " VALUES ($1, $2, $3, $4, $5, $6)",
             changes,
         )
+
+
+_REFUSED: Final = (asyncpg.PostgresError, ValueError, TypeError, OverflowError)  # data PostgreSQL refuses
+
+
+def _text(value: str | None, limit: int = 1024) -> str | None:
+    """A string PostgreSQL's text column takes: no NUL, valid UTF-8, bounded."""
+    if value is None:
+        return None
+    return value[:limit].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
 
 
 def _reject(a: Accepted, reason: str, field_: str | None, message: str) -> Rejection:
