@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from agent.faults import FaultSchedule
+from agent.gpu.simulated import XID74_DETAIL
 from agent.system import SimulatedSystem
 from collector.alerts import AlertEngine, AlertState, Notification, alert_config_from
 from collector.health import HealthEngine, HealthState
@@ -97,6 +98,7 @@ EXPECTED: dict[str, tuple[str, str, dict[str, str], str]] = {
     "disk_full": ("host.disk", "critical", {"mount": "/"}, "grow"),
     "xid=79": ("gpu.xid", "critical", {"gpu": "2", "xid": "79"}, "reboot"),
     "xid=13": ("gpu.xid", "warning", {"gpu": "2", "xid": "13"}, "restart the application"),
+    "xid=74": ("gpu.xid", "critical", {"gpu": "2", "xid": "74"}, "NVLink link 0 (0x0, 0x0, 0x10000"),
     "host_down": ("host.unreachable", "critical", {}, "agent"),
 }
 # Node faults (issue 14): the system part comes from the agent's simulated DGX-like host
@@ -170,6 +172,7 @@ def simulate(fault: str, n_gpus: int = 4) -> list[Notification]:
                     type="xid",
                     gpu_index=2,
                     xid=int(fault[4:]),
+                    message=XID74_DETAIL if fault == "xid=74" else None,
                 )
             )
         if not (fault == "host_down" and on):

@@ -57,6 +57,8 @@ from shared.errors import NvmlUnavailableError
 from shared.frames import GpuSample
 
 SIM_NVML_ERROR: Final = "Driver Not Loaded"  # what a simulated nvml_init_fail reports (NVML's text)
+# The detail of a simulated XID 74, in the driver's words (a link error class: check and reseat).
+XID74_DETAIL: Final = "NVLink: fatal error detected on link 0(0x0, 0x0, 0x10000, 0x0, 0x0, 0x0, 0x0)"
 # Fault kinds that emit events at their start; ``lost``, ``throttle`` and ``temp`` (at or above
 # the slowdown temperature) also at their end.
 EVENT_FAULTS: Final = frozenset(
@@ -280,6 +282,8 @@ class SimulatedBackend:
 
         def ev(type_: str, xid: int | None = None, value: int | None = None, when: float = t) -> GpuEvent:
             what = f"Xid {xid}" if xid is not None else type_
+            if xid == 74:  # as the driver's kernel-log line carries it: the link and its registers
+                what = XID74_DETAIL
             return GpuEvent(type_, self._wall0 + when, "simulated", g.index, g.uuid, g.pci_bus_id, xid, value,
                             f"{what} (simulated fault {f.spec})")  # fmt: skip
 
