@@ -97,6 +97,11 @@ def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+EXPECT_KEYS = frozenset(
+    {"channel", "kind", "at", "hosts", "rules", "level", "severity", "new_hosts", "reason"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Expect:
     channel: str
@@ -107,6 +112,7 @@ class Expect:
     level: int | None = None
     severity: str | None = None
     new_hosts: frozenset[str] | None = None
+    reason: str | None = None  # a resolution's reason (replaced, moved, forgotten, evicted)
 
     def matches(self, t: Told) -> bool:
         return (
@@ -118,6 +124,7 @@ class Expect:
             and (self.level is None or t.level == self.level)
             and (self.severity is None or t.severity == self.severity)
             and (self.new_hosts is None or t.new_hosts == self.new_hosts)
+            and (self.reason is None or t.reason == self.reason)
         )
 
 
@@ -134,6 +141,7 @@ class Told:
     severity: str
     new_hosts: frozenset[str] = frozenset()
     summary: str = ""
+    reason: str = ""
 
     def __str__(self) -> str:
         return (
@@ -185,12 +193,23 @@ def load(path: Path) -> Scenario:
     expect = []
     for i, e in enumerate(raw.get("expect", [])):
         where = f"{path.name}: expect[{i}]"
-        extra = set(e) - {"channel", "kind", "at", "hosts", "rules", "level", "severity", "new_hosts"}
+        extra = set(e) - {
+            "channel",
+            "kind",
+            "at",
+            "hosts",
+            "rules",
+            "level",
+            "severity",
+            "new_hosts",
+            "reason",
+        }
         if extra or "channel" not in e or "kind" not in e or "at" not in e:
             raise ValueError(f"{where}: needs channel, kind, at (unknown: {sorted(extra)})")
         expect.append(
             Expect(e["channel"], e["kind"], _window(e["at"], where), _set(e.get("hosts")),
-                   _set(e.get("rules")), e.get("level"), e.get("severity"), _set(e.get("new_hosts")))
+                   _set(e.get("rules")), e.get("level"), e.get("severity"), _set(e.get("new_hosts")),
+                   e.get("reason"))
         )  # fmt: skip
     sc = Scenario(
         name=path.stem,
@@ -253,6 +272,7 @@ def told_of(n: Notification, t0: float) -> list[Told]:
             n.severity,
             frozenset(n.new_hosts),
             n.summary,
+            n.reason,
         )
         for c in n.channels
     ]
@@ -270,7 +290,7 @@ def told_of_webhook(channel: str, body: Mapping[str, Any], t0: float, at: float)
         rules = split(ann.get("rules", "")) if incident else frozenset({labels["alertname"]})
         out.append(
             Told(channel, ann["kind"], round(at - t0, 3), hosts, rules, int(ann["level"]), labels["severity"],
-                 split(ann.get("new_hosts", "")), ann["summary"])
+                 split(ann.get("new_hosts", "")), ann["summary"], ann.get("reason", ""))
         )  # fmt: skip
     return out
 

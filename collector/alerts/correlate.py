@@ -473,9 +473,14 @@ class Correlator(abc.ABC):
                                     f"provider {inc.provider}: incident over, hosts recovered",
                                     tuple(inc.hosts))  # fmt: skip
         retention = self.config.alerts.resolved_retention
-        for iid in [
-            i for i, inc in state.incidents.items() if inc.closed_at and now >= inc.closed_at + retention
-        ]:
+        gone = []
+        for iid, inc in state.incidents.items():
+            if inc.closed_at:
+                if now >= inc.closed_at + retention:
+                    gone.append(iid)
+                else:  # due then, even if nothing else happens meanwhile
+                    nxt = min(nxt, inc.closed_at + retention)
+        for iid in gone:
             del state.incidents[iid]
         return nxt
 
