@@ -3,9 +3,11 @@
 Each port directory holds ``state`` (``4: ACTIVE``), ``phys_state`` (``5: LinkUp``), ``rate``
 (``400 Gb/sec (4X NDR)``), ``link_layer`` (``InfiniBand`` or ``Ethernet``) and ``counters/``
 (one cumulative counter per file; kernel ABI ``Documentation/ABI/stable/sysfs-class-infiniband``).
-The port list is cached and rescanned every ``rescan_every`` reads (or when a port vanishes),
-so a tick reads only the files it reports. A node without ``class/infiniband`` (or with no
-port under it) has no IB: :meth:`IbReader.read` returns ``None`` ("absent"), never an error.
+The port list, its file paths and each port's link layer are cached and rescanned every
+``rescan_every`` reads (or when a port vanishes), so a tick reads only the files that change
+(three state files and twelve counters per port, with ``os.read``). A node without
+``class/infiniband`` (or with no port under it) has no IB: :meth:`IbReader.read` returns
+``None`` ("absent"), never an error.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Final
+from typing import Any, Final
 
 from shared.frames import IbPort
 
@@ -54,10 +56,15 @@ def parse_rate(text: str | None) -> float | None:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return f.read(256).decode("ascii", errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # cheaper than open(): no buffered file object
     except OSError:
         return None
+    try:
+        return os.read(fd, 256).decode("ascii", errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _counter(path: str) -> int | None:
@@ -71,17 +78,43 @@ def _counter(path: str) -> int | None:
     return value if 0 <= value <= _U64 else None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Port:
+    """A port's files, joined once at scan time."""
+
+    device: str
+    port: int
+    state: str
+    phys_state: str
+    rate: str
+    link_layer: str | None  # read once: it changes only with the HCA's configuration (rescanned)
+    counters: tuple[tuple[str, str], ...]  # (IbPort field, file)
+
+
+def _port(device: str, port: int, path: str) -> _Port:
+    c = os.path.join(path, "counters")
+    return _Port(
+        device,
+        min(port, 255),
+        os.path.join(path, "state"),
+        os.path.join(path, "phys_state"),
+        os.path.join(path, "rate"),
+        (_read(os.path.join(path, "link_layer")) or "").strip() or None,
+        tuple((field, os.path.join(c, name)) for name, field in COUNTERS),
+    )
+
+
 class IbReader:
     """Reads every IB port's state, rate and error counters (blocking; cheap file reads)."""
 
     def __init__(self, sys_root: str = "/sys", *, rescan_every: int = 60) -> None:
         self.root = os.path.join(sys_root, "class", "infiniband")
         self.rescan_every = max(1, rescan_every)
-        self._ports: list[tuple[str, int, str]] | None = None
+        self._ports: list[_Port] | None = None
         self._reads = 0
 
-    def _scan(self) -> list[tuple[str, int, str]]:
-        found: list[tuple[str, int, str]] = []
+    def _scan(self) -> list[_Port]:
+        found: list[_Port] = []
         try:
             devices = sorted(os.listdir(self.root))
         except OSError:
@@ -93,7 +126,7 @@ class IbReader:
             except OSError:
                 continue
             numbered = sorted((int(p), p) for p in ports if p.isdigit())
-            found.extend((device, n, os.path.join(ports_dir, p)) for n, p in numbered)
+            found.extend(_port(device, n, os.path.join(ports_dir, p)) for n, p in numbered)
         return found
 
     def read(self) -> tuple[IbPort, ...] | None:
@@ -103,22 +136,23 @@ class IbReader:
         self._reads += 1
         out: list[IbPort] = []
         vanished = False
-        for device, port, path in self._ports:
-            state = _read(os.path.join(path, "state"))
+        for p in self._ports:
+            state = _read(p.state)
             if state is None:  # the device went away (driver unloaded, hot unplug): rescan next time
                 vanished = True
                 continue
-            counters_dir = os.path.join(path, "counters")
-            counters = {field: _counter(os.path.join(counters_dir, name)) for name, field in COUNTERS}
-            base = IbPort(
-                device=device,
-                port=min(port, 255),
-                state=parse_state(state),
-                phys_state=parse_state(_read(os.path.join(path, "phys_state"))),
-                rate_gbps=parse_rate(_read(os.path.join(path, "rate"))),
-                link_layer=(_read(os.path.join(path, "link_layer")) or "").strip() or None,
+            counters: dict[str, Any] = {field: _counter(path) for field, path in p.counters}
+            out.append(
+                IbPort(
+                    device=p.device,
+                    port=p.port,
+                    state=parse_state(state),
+                    phys_state=parse_state(_read(p.phys_state)),
+                    rate_gbps=parse_rate(_read(p.rate)),
+                    link_layer=p.link_layer,
+                    **counters,
+                )
             )
-            out.append(dataclasses.replace(base, **counters))  # type: ignore[arg-type]
         if vanished:
             self._ports = None
         if not out and not self._ports:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from agent.ib import IbReader
 from shared.config import NodeConfig
@@ -137,14 +138,23 @@ def clock_from_timex(ret: int, status: int, offset: int, maxerror_us: int) -> Cl
     )
 
 
-def read_clock() -> ClockSync | None:
-    """The kernel clock's state through ``adjtimex`` (read only, needs no privilege)."""
+@functools.cache
+def _adjtimex() -> Callable[[Any], int] | None:
+    """libc's ``adjtimex``, looked up once (``find_library`` runs ldconfig)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        tx = _Timex()
-        ret = libc.adjtimex(ctypes.byref(tx))
+        fn: Callable[[Any], int] = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).adjtimex
     except (OSError, AttributeError):
         return None
+    return fn
+
+
+def read_clock() -> ClockSync | None:
+    """The kernel clock's state through ``adjtimex`` (read only, needs no privilege)."""
+    adjtimex = _adjtimex()
+    if adjtimex is None:
+        return None
+    tx = _Timex()
+    ret = adjtimex(ctypes.byref(tx))
     if ret < 0:
         return None
     return clock_from_timex(ret, tx.status, tx.offset, tx.maxerror)

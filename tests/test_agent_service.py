@@ -331,3 +331,56 @@ async def test_nvml_that_cannot_initialise_leaves_the_agent_reporting_and_retryi
     assert len(inventories[-1].gpus) == 2
     assert svc.nvml_error is None
     assert svc.nvml_retries >= 2
+
+
+async def test_node_part_and_kernel_log_classes_reach_the_samples(
+    nats_url: str, host: str, tap: Tap, tmp_path: object
+) -> None:
+    """A real agent (recorded NVML) with the kernel log on a file and sysfs on the real H100
+    tree: samples carry the IB ports and the kernel-log class counts; an XID line in the same
+    log still goes out at once as an event (one reader, urgent path unchanged)."""
+    from pathlib import Path
+
+    from agent.gpu.nvml import NvmlBackend
+    from agent.node import NodeSource
+    from agent.system import PsutilSystem
+    from shared.config import NodeConfig
+    from tests.fake_pynvml import FakeNvml
+    from tests.test_node import SYS_H100
+
+    log = Path(str(tmp_path)) / "kmsg"
+    log.write_text("")
+    base = agent_config(nats_url, host, interval=0.2, gpus=0)
+    cfg = AgentConfig(
+        agent=AgentSection(host=host, provider="test", interval=0.2, kmsg=True, kmsg_path=str(log)),
+        nats=base.nats,
+        network=base.network,
+        simulate=base.simulate,
+    )
+    node = NodeSource(NodeConfig(sys_root=str(SYS_H100), services_every=0, dstate_every=0))
+    svc = AgentService(
+        cfg, NvmlBackend(FakeNvml.load().module, proc_root="/nonexistent"), PsutilSystem(host, node=node)
+    )
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: isinstance(f, SampleFrame), 10)
+    first = next(f for f in tap.frames if isinstance(f, SampleFrame))
+    assert first.system is not None
+    assert len(first.system.ib_ports) == 9
+    assert "kmsg" not in first.system.absent
+    with log.open("a") as f:
+        f.write("[ 100.1] nvme nvme0: I/O 12 QID 5 timeout, aborting\n")
+        f.write("[ 100.2] NVRM: Xid (PCI:0000:3b:00): 79, pid=1, name=x, GPU has fallen off the bus.\n")
+        f.write("[ 100.3] nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 22013, Non-fatal, Link 44 Minion\n")
+    assert await tap.wait_for(lambda f: isinstance(f, EventFrame) and f.xid == 79, 5)
+
+    def counted(f: object) -> bool:
+        return (
+            isinstance(f, SampleFrame)
+            and f.system is not None
+            and {(k.name, k.code, k.count) for k in f.system.kernel_log}
+            == {("nvme_timeout", None, 1), ("sxid", 22013, 1)}
+        )
+
+    assert await tap.wait_for(counted, 5)
+    svc.stop()
+    await task
