@@ -111,3 +111,4 @@ def test_agent_unit_keeps_what_nvml_and_kmsg_need(units: dict[str, str]) -> None
         assert re.search(rf"^{re.escape(line)}$", agent, re.M), line
     assert not re.search(r"^ProtectKernelLogs=yes", agent, re.M)  # would deny /dev/kmsg
     assert not re.search(r"^PrivateDevices=yes", agent, re.M)  # would hide /dev/nvidia*
+    assert not re.search(r"^ProtectClock=yes", agent, re.M)  # would deny read-only adjtimex (clock check)
