@@ -52,6 +52,7 @@ class SimHost:
     tracker: EventTracker | None = None
     inventory_sent: bool = False
     nvml_error: str | None = None  # an nvml_init_fail fault: NVML could not initialise, no GPUs
+    outages_told: int = 0  # publisher outage reports already attached to a sample of this host
 
 
 @dataclass(slots=True)
@@ -154,7 +155,13 @@ class Fleet:
         if not h.inventory_sent:
             self.send_inventory(h)
         gpus = h.backend.sample() if h.nvml_error is None else []
-        frame = build_sample(h.seqr, interval_s=self.interval, gpus=gpus, system=h.system.sample())
+        outage = None
+        if h.outages_told != self.publisher.outages:  # the first sample after NATS came back
+            h.outages_told = self.publisher.outages
+            outage = self.publisher.last_outage
+        frame = build_sample(
+            h.seqr, interval_s=self.interval, gpus=gpus, system=h.system.sample(), outage=outage
+        )
         self.publisher.publish(h.seqr.subjects[0], encode(frame), h.seqr.msg_id(frame.seq))
         self.stats.samples += 1
 

@@ -13,6 +13,11 @@ whose publish failed goes back to the head of its queue, so no frame overtakes a
 queue; a frame the server already stored before the ack was lost is deduplicated by its
 ``Nats-Msg-Id``.
 
+Outage report: from the moment the connection is lost (or, for a background start, from the
+start) until it is back, the publisher notes how long and how many frames it buffered and
+dropped; :attr:`Publisher.last_outage` holds the newest report and :attr:`Publisher.outages`
+counts them, so each sender of samples attaches it once (``SampleFrame.outage``).
+
 A publish refused for permissions (``Permissions Violation``) is counted in
 :attr:`PublisherStats.permission_errors` and dropped; frames for that subject are dropped
 without trying for ``deny_retry_s``, then tried again.
@@ -41,6 +46,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from shared.config import NatsConfig
 from shared.errors import EXIT_UNAVAILABLE, GpuwardenError, ServiceUnavailableError
+from shared.frames import PublishOutage
 from shared.natsconf import connect_options as shared_connect_options
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, STREAM_SUBJECTS
@@ -136,6 +142,10 @@ class Publisher:
         self._stream_ok = False
         self._started = False
         self._connect_called = False
+        self.outages = 0  # outage reports made (see last_outage)
+        self.last_outage: PublishOutage | None = None
+        self._down_since: float | None = None  # wall time publishing stopped
+        self._down_dropped = 0  # stats.dropped then
 
     # ------------------------------------------------------------------ state
 
@@ -182,7 +192,33 @@ class Publisher:
         else:
             self._tasks.append(asyncio.create_task(self._connect_forever(opts), name="publisher-connect"))
 
+    def _went_down(self) -> None:
+        if self._down_since is None:
+            self._down_since = time.time()
+            self._down_dropped = self.stats.dropped
+
+    def _came_back(self, min_s: float = 0.0) -> None:
+        """Publishing works again: make the outage report (if it lasted ``min_s`` or lost frames)."""
+        since, self._down_since = self._down_since, None
+        if since is None:
+            return
+        now = time.time()
+        dropped = self.stats.dropped - self._down_dropped
+        if now - since < min_s and not dropped:
+            return
+        self.last_outage = PublishOutage(
+            since=since, until=max(now, since), buffered_frames=self.buffered, dropped_frames=dropped
+        )
+        self.outages += 1
+        log.info(
+            "NATS: could not publish for %.1fs; %d frames buffered, %d dropped",
+            now - since,
+            self.buffered,
+            dropped,
+        )
+
     async def _connect_forever(self, opts: dict[str, Any]) -> None:
+        self._went_down()  # until the first connection: an outage if it takes a while
         try:
             await self._wait_reachable()
             await self._connect(opts)
@@ -237,6 +273,7 @@ class Publisher:
                 attempt += 1
                 await asyncio.sleep(delay)
         self._stream_ok = True
+        self._came_back(min_s=max(2.0, self.cfg.connect_timeout))
         self._connected.set()
 
     async def _ensure_stream(self) -> None:
@@ -405,6 +442,7 @@ class Publisher:
     async def _on_disconnected(self) -> None:
         if self._connected.is_set() and not self._closing:
             self.stats.disconnects += 1
+            self._went_down()
             log.warning("NATS: disconnected; buffering up to %d frames", self.capacity)
         self._connected.clear()
 
@@ -413,6 +451,7 @@ class Publisher:
         self._attempt = 0
         log.info("NATS: reconnected; replaying %d buffered frames", self.buffered)
         if self._stream_ok:
+            self._came_back()
             self._connected.set()
 
     def _pick_server(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:

@@ -24,6 +24,7 @@ from shared.frames import (
     GpuSample,
     HostFacts,
     InventoryFrame,
+    PublishOutage,
     SampleFrame,
     SystemSample,
 )
@@ -76,6 +77,7 @@ def build_sample(
     checks: Sequence[CheckResult] = (),
     agent: AgentStats | None = None,
     ts: float | None = None,
+    outage: PublishOutage | None = None,
 ) -> SampleFrame:
     return SampleFrame(
         host=seqr.host,
@@ -88,6 +90,7 @@ def build_sample(
         system=system,
         checks=tuple(checks),
         agent=agent,
+        outage=outage,
     )
 
 

@@ -39,7 +39,15 @@ from agent.sdnotify import SdNotifier
 from agent.system import PsutilSystem, SimulatedSystem, SystemSource
 from shared.config import AgentConfig
 from shared.errors import GpuwardenError, NvmlUnavailableError
-from shared.frames import AgentStats, CheckResult, HostFacts, InventoryFrame, SampleFrame, encode
+from shared.frames import (
+    AgentStats,
+    CheckResult,
+    HostFacts,
+    InventoryFrame,
+    PublishOutage,
+    SampleFrame,
+    encode,
+)
 from shared.subjects import poll_subject
 from shared.tasks import cancel_all, stop_on_signals
 
@@ -120,6 +128,7 @@ class AgentService:
         self._proc = psutil.Process()
         self._version = agent_version()
         self._t0 = time.monotonic()
+        self._outages_told = 0  # publisher outage reports already attached to a sample
         self._last_tick_s = 0.0
         self._read_lock = asyncio.Lock()
         self._inventory_sent = False
@@ -305,9 +314,18 @@ class AgentService:
             system=system,
             checks=self._checks,
             agent=self.stats(),
+            outage=self._outage(),
         )
         self.publisher.publish(self.seqr.subjects[0], encode(frame), self.seqr.msg_id(frame.seq))
         return frame
+
+    def _outage(self) -> PublishOutage | None:
+        """The publisher's newest outage report, once (on the first sample after it)."""
+        p = self.publisher
+        if p.outages == self._outages_told:
+            return None
+        self._outages_told = p.outages
+        return p.last_outage
 
     def _read(self) -> tuple[Any, Any, Inventory]:
         if self.nvml_error is not None:

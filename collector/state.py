@@ -19,7 +19,7 @@ from typing import Final
 import asyncpg
 
 from collector.store import queries
-from shared.frames import EventFrame, Frame, GpuInfo, GpuSample, InventoryFrame, SampleFrame
+from shared.frames import EventFrame, Frame, GpuInfo, GpuSample, InventoryFrame, PublishOutage, SampleFrame
 
 RECENT_EVENTS: Final = 64  # per host
 MAX_SKEW: Final = 30.0  # default clock-skew allowance, seconds ([health] max_clock_skew)
@@ -37,6 +37,7 @@ class HostState:
     inventory: InventoryFrame | None = None  # the newest inventory frame
     events: deque[EventFrame] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     ahead_frames: int = 0  # frames dated beyond the clock-skew allowance (stored, not shown)
+    outage: PublishOutage | None = None  # the agent's newest report of a time it could not publish
 
     @property
     def gpus(self) -> tuple[GpuSample, ...]:
@@ -120,6 +121,8 @@ class FleetState:
             if type(f) is SampleFrame:
                 if h.sample is None or _newer(f, h.sample) or h.sample.ts > limit:
                     h.sample = f
+                if f.outage is not None and (h.outage is None or f.outage.until >= h.outage.until):
+                    h.outage = f.outage
             elif type(f) is EventFrame:
                 _insert_event(h.events, f)
             elif type(f) is InventoryFrame and (

@@ -313,6 +313,17 @@ class AgentStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishOutage:
+    """The agent could not publish (NATS unreachable) from ``since`` to ``until``: carried by
+    the first sample built after it could publish again, so the collector can explain the gap."""
+
+    since: float = _r(0, 1e11, 0.0)  # wall time the connection was lost (or the agent started)
+    until: float = _r(0, 1e11, 0.0)  # wall time it could publish again
+    buffered_frames: int = _r(0, U64, 0)  # frames kept in the buffer meanwhile, replayed since
+    dropped_frames: int = _r(0, U64, 0)  # frames lost to buffer overflow meanwhile (exact)
+
+
+@dataclass(frozen=True, slots=True)
 class MigInstance:
     """One MIG device of a GPU: its profile and ids."""
 
@@ -385,6 +396,7 @@ class SampleFrame(_Header):
     system: SystemSample | None = None
     checks: tuple[CheckResult, ...] = ()
     agent: AgentStats | None = None
+    outage: PublishOutage | None = None  # the first sample after the agent could not publish
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -590,6 +602,7 @@ _RECORDS: Final = (
     SystemSample,
     CheckResult,
     AgentStats,
+    PublishOutage,
     MigInstance,
     GpuInfo,
     HostFacts,

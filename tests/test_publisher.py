@@ -240,6 +240,26 @@ async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_n
     assert agent.publisher.stats.dropped == 0
     assert agent.publisher.stats.reconnects == 1
     assert agent_frames[0].kind == "inventory"
+    # each publisher reports its outage once: how long, what it buffered and what it dropped
+    assert big.outages == small.outages == agent.publisher.outages == 1
+    assert big.last_outage is not None
+    assert small.last_outage is not None
+    assert big.last_outage.until - big.last_outage.since >= 20
+    assert big.last_outage.buffered_frames > 150
+    assert big.last_outage.dropped_frames == 0
+    assert small.last_outage.dropped_frames == small.stats.dropped
+    assert small.last_outage.buffered_frames == 5
+    reports = [f for f in agent_frames if isinstance(f, SampleFrame) and f.outage is not None]
+    assert len(reports) == 1  # the agent's first sample built after NATS came back carries it
+    report = reports[0].outage
+    assert report is not None
+    assert report.until - report.since >= 20
+    assert report.buffered_frames > 60
+    assert report.dropped_frames == 0
+    assert report.since <= reports[0].ts
+    assert report.until <= reports[0].ts
+    gap = [f for f in agent_frames if f.kind == "sample" and report.since < f.ts < report.until]
+    assert len(gap) >= report.buffered_frames - 10  # the buffered samples were replayed (and stored)
 
 
 PERMS = """

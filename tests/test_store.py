@@ -33,6 +33,7 @@ from shared.frames import (
     KernelLogCount,
     ModuleState,
     NicCounters,
+    PublishOutage,
     SampleFrame,
     ServiceState,
     SystemSample,
@@ -351,8 +352,11 @@ async def test_state_rebuilds_from_postgres(conn: asyncpg.Connection, writer: Wr
         event("s1", 11, now - 2, provider="prov-1"),
         sample("s3", 12, now - 2, provider="prov-1", system=False),
     ]
+    outage = PublishOutage(since=now - 60, until=now - 27, buffered_frames=33, dropped_frames=2)
+    frames[14] = dataclasses.replace(frames[14], outage=outage)  # s2's newest sample carries a report
     await writer.write([Accepted(f) for f in frames])
     state = await load_state(conn)
+    assert state.hosts["s2"].outage == outage  # stored with its sample and read back
     assert [(p.name, p.hosts) for p in await queries.providers(conn)] == [("prov-0", 2), ("prov-1", 2)]
     assert [h.name for h in await queries.hosts(conn, "prov-1")] == ["s1", "s3"]
     assert sorted(state.providers) == ["prov-0", "prov-1"]

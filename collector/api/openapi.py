@@ -170,7 +170,9 @@ SCHEMAS["Host"] = {
             {"sample_ts": NNUM, "gpu_list": {"type": "array", "items": ref("Gpu")},
              "system": {"type": ["object", "null"]}, "checks": {"type": "array"},
              "problems": {"type": "array", "items": ref("Problem")}, "events": {"type": "array"},
-             "driver_version": NSTR}
+             "driver_version": NSTR,
+             "publish_outage": {"type": ["object", "null"], "properties": {
+                 "since": NUM, "until": NUM, "seconds": NUM, "buffered_frames": INT, "dropped_frames": INT}}}
         ),
     ]
 }  # fmt: skip

@@ -233,4 +233,11 @@ def host_detail(
     ]
     inv = hs.inventory if hs is not None else None
     out["driver_version"] = inv.driver_version if inv is not None else None
+    outage = hs.outage if hs is not None else None
+    out["publish_outage"] = (
+        {"since": outage.since, "until": outage.until, "seconds": max(0.0, outage.until - outage.since),
+         "buffered_frames": outage.buffered_frames, "dropped_frames": outage.dropped_frames}
+        if outage is not None
+        else None
+    )  # fmt: skip
     return out

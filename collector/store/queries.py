@@ -323,6 +323,8 @@ def _sample_frame(r: asyncpg.Record, gpu_rows: list[asyncpg.Record]) -> SampleFr
         "checks": detail["checks"],
         "agent": detail["agent"],
     }
+    if detail["outage"] is not None:
+        raw["outage"] = detail["outage"]
     if detail["system"]:
         system = {name: r[name] for name in SYSTEM_FIELDS}
         system["disks"] = detail["disks"]

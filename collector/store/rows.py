@@ -119,6 +119,8 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[An
         detail["checks"] = [_check(c) for c in frame.checks]
     if frame.agent is not None:
         detail["agent"] = _agent(frame.agent)
+    if frame.outage is not None:
+        detail["outage"] = to_wire(frame.outage)
     procs = [[g.index, [_proc(p) for p in g.processes]] for g in frame.gpus if g.processes]
     if procs:
         detail["procs"] = procs
@@ -136,7 +138,7 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[An
 
 def detail_to_wire(detail: dict[str, Any]) -> dict[str, Any]:
     """The ``detail`` JSON back in wire form: ``disks``, ``nics``, ``checks``, ``agent``, ``procs``,
-    ``node`` (the node fields of the system sample, by name)."""
+    ``node`` (the node fields of the system sample, by name), ``outage`` (the agent's report)."""
     out: dict[str, Any] = {
         "disks": [dict(zip(DISK_FIELDS, d, strict=False)) for d in detail.get("disks", ())],
         "nics": [dict(zip(NIC_FIELDS, x, strict=False)) for x in detail.get("nics", ())],
@@ -148,6 +150,7 @@ def detail_to_wire(detail: dict[str, Any]) -> dict[str, Any]:
         },
         "system": detail.get("system", True),
         "node": detail.get("node", {}),
+        "outage": detail.get("outage"),
     }
     return out
 

@@ -216,6 +216,8 @@ async function loadHost(name) {
   $("#host-title").innerHTML = `${esc(h.name)} <span class="badge ${h.status}">${h.status}</span> <span class="muted">${esc(h.provider)} · ${h.gpus_usable}/${h.gpus} GPUs usable · driver ${esc(h.driver_version || "–")} · last seen ${age(h.last_seen)} ago</span>`;
   const problems = h.problems.concat(...h.gpu_list.map((g) => g.problems.map((p) => ({ ...p, gpu: g.index }))));
   $("#host-problems").innerHTML = problems.map((p) => `<div class="problem ${p.status}"><b>${p.gpu !== undefined ? `GPU ${p.gpu}: ` : ""}${esc(p.summary || p.check)}</b><div class="small">${esc(p.advice)}</div></div>`).join("");
+  const o = h.publish_outage;  // the agent's own report of a time it could not publish: explains a gap
+  if (o) $("#host-problems").insertAdjacentHTML("beforeend", `<div class="problem info outage"><b>Agent could not publish for ${fmt(o.seconds, 0, " s")} (${esc(new Date(o.since * 1000).toLocaleString())} to ${esc(new Date(o.until * 1000).toLocaleTimeString())})</b><div class="small">${o.buffered_frames} frames buffered and sent since, ${o.dropped_frames} dropped: a gap in its history is the agent's outage, not the host's.</div></div>`);
   $("#gpus tbody").innerHTML = h.gpu_list.map((g) => {
     const r = g.readings;
     const mem = r.mem_total_bytes ? `${fmt(r.mem_used_bytes / 2 ** 30, 1)} / ${fmt(r.mem_total_bytes / 2 ** 30, 0)} GiB` : "–";
