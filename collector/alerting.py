@@ -25,6 +25,7 @@ import nats.errors
 
 from collector.alerts import (
     Ack,
+    AckIncident,
     AddSilence,
     Alert,
     AlertEngine,
@@ -528,15 +529,79 @@ class Alerting:
             "incident": a.incident,
             "reason": a.reason or None,  # a resolution's reason: replaced, moved, forgotten, evicted
             "ack": (
-                {"by": a.ack_by, "at": a.ack_at, "until": a.ack_until, "comment": a.ack_comment}
+                {
+                    "by": a.ack_by,
+                    "at": a.ack_at,
+                    "until": a.ack_until,
+                    "comment": a.ack_comment,
+                    "incident": a.ack_incident,
+                }
                 if a.ack_by is not None
                 else None
-            ),
+            ),  # fmt: skip
         }
 
-    @staticmethod
-    def incident_view(inc: Incident) -> dict[str, Any]:
-        return {**outbox.plain(inc), "open": inc.closed_at is None}
+    def inhibited_by_root(self) -> dict[str, list[Alert]]:
+        """Root fingerprint -> the pending or firing alerts it inhibits."""
+        out: dict[str, list[Alert]] = {}
+        for a in self.alerts_state.alerts.values():
+            if a.inhibited_by is not None and a.state != "resolved":
+                out.setdefault(a.inhibited_by, []).append(a)
+        return out
+
+    def folded_view(self, a: Alert, folded: Sequence[Alert]) -> dict[str, Any]:
+        """An alert with the alerts it inhibits folded under it, as one item (one
+        Acknowledge/Silence): ``group`` reads "host-0012 unreachable · 8 GPUs stale"."""
+        v = self.alert_view(a)
+        v["folded"] = [self.alert_view(x) for x in folded]
+        v["group"] = group_text(a, folded)
+        return v
+
+    def list_folded(self, alerts: Sequence[Alert]) -> list[dict[str, Any]]:
+        """One item per root: alerts inhibited by an alert of ``alerts`` are folded under it."""
+        roots = self.inhibited_by_root()
+        present = {a.fingerprint for a in alerts}
+        return [
+            self.folded_view(a, roots.get(a.fingerprint, ()))
+            for a in alerts
+            if a.inhibited_by is None or a.inhibited_by not in present
+        ]
+
+    def incident_view(self, inc: Incident) -> dict[str, Any]:
+        """The incident with its members: which are acknowledged (and through the incident)."""
+        v = {**outbox.plain(inc), "open": inc.closed_at is None}
+        members = []
+        for fp in inc.alerts:
+            a = self.alerts_state.by_fp.get(fp)
+            if a is None:
+                continue
+            members.append(
+                {"id": a.fingerprint, "rule": a.rule, "host": a.labels.get("host"),
+                 "gpu": a.labels.get("gpu"), "severity": a.severity, "state": a.state,
+                 "acknowledged": a.ack_by is not None, "ack_by": a.ack_by, "ack_incident": a.ack_incident,
+                 "inhibited_by": a.inhibited_by, "silenced": bool(a.silenced_by),
+                 "told_by_incident": fp in inc.covered}
+            )  # fmt: skip
+        live = [m for m in members if m["state"] != "resolved"]
+        v["members"] = members
+        v["acknowledged"] = bool(live) and all(m["acknowledged"] for m in live)
+        v["unacknowledged"] = sum(1 for m in live if not m["acknowledged"])
+        v["ack"] = {"by": inc.ack_by, "at": inc.ack_at} if inc.ack_by is not None else None
+        return v
+
+    def get_incident(self, iid: str) -> dict[str, Any] | None:
+        inc = self.alerts_state.incidents.get(iid)
+        return self.incident_view(inc) if inc is not None else None
+
+    async def ack_incident(
+        self, iid: str, by: str, until: float | None = None, comment: str = ""
+    ) -> dict[str, Any]:
+        """Acknowledge an open incident and its members; ``KeyError`` if unknown or closed."""
+        inc = self.alerts_state.incidents.get(iid)
+        if inc is None or inc.closed_at is not None:
+            raise KeyError(iid)
+        await self._step([], time.time(), [AckIncident(iid, by, until, comment)])
+        return self.incident_view(inc)
 
     def list_incidents(self, *, open_only: bool = False) -> list[dict[str, Any]]:
         incs = [i for i in self.alerts_state.incidents.values() if not open_only or i.closed_at is None]
@@ -560,11 +625,15 @@ class Alerting:
     async def ack(
         self, fingerprint: str, by: str, until: float | None = None, comment: str = ""
     ) -> dict[str, Any]:
-        """Acknowledge (stops escalation); raises ``KeyError`` for an unknown fingerprint."""
+        """Acknowledge (stops escalation) the alert and the alerts it inhibits (folded under
+        it: one Acknowledge for the group); raises ``KeyError`` for an unknown fingerprint."""
         if fingerprint not in self.alerts_state.by_fp:
             raise KeyError(fingerprint)
-        await self._step([], time.time(), [Ack(fingerprint, by, until, comment)])
-        return self.alert_view(self.alerts_state.by_fp[fingerprint])
+        folded = self.inhibited_by_root().get(fingerprint, [])
+        cmds = [Ack(x, by, until, comment) for x in (fingerprint, *(f.fingerprint for f in folded))]
+        await self._step([], time.time(), cmds)
+        a = self.alerts_state.by_fp[fingerprint]
+        return self.folded_view(a, self.inhibited_by_root().get(fingerprint, []))
 
     async def add_silence(
         self, matchers: list[str], starts_at: float | None, ends_at: float, author: str, comment: str
@@ -638,3 +707,27 @@ def _alert_payload(a: Alert, channel: str) -> dict[str, Any]:
         "episode": a.episode, "at": a.last_notified_at or a.fired_at, "starts_at": a.fired_at or a.started_at,
         "ends_at": None,
     }  # fmt: skip
+
+
+def _what(a: Alert) -> str:
+    host = a.labels.get("host", "")
+    if a.rule == "host.unreachable":
+        return f"{host} unreachable"
+    if a.rule == "gpu.lost":
+        return f"{host} GPU {a.labels.get('gpu', '?')} lost"
+    gpu = f" GPU {a.labels['gpu']}" if "gpu" in a.labels else ""
+    return f"{host}{gpu} {a.rule}"
+
+
+def group_text(root: Alert, folded: Sequence[Alert]) -> str:
+    """``host-0012 unreachable · 8 GPUs stale``: the root and what it folds, counted by rule."""
+    counts: dict[str, int] = {}
+    for a in folded:
+        counts[a.rule] = counts.get(a.rule, 0) + 1
+    parts = [_what(root)]
+    for rule, n in sorted(counts.items()):
+        if rule == "gpu.stale":
+            parts.append(f"{n} GPU{'s' if n > 1 else ''} stale")
+        else:
+            parts.append(f"{n} {rule}")
+    return " · ".join(parts)

@@ -241,6 +241,36 @@ async def test_ack_needs_a_valid_token_and_changes_the_state(client: Client) -> 
     assert fp in [a["id"] for a in acked["items"]]
 
 
+async def test_an_incident_is_one_item_and_its_ack_acknowledges_its_members(
+    service: CollectorService, client: Client, module_nats: NatsServer
+) -> None:
+    await send(module_nats.url, [event("b-1", 4, time.time(), provider="prov-b", xid=48)])
+    await until(lambda: any(a.state == "firing" for a in service.alerting.list_alerts(host="b-1")))
+    incs = (await get(client, "/api/v1/incidents", open="true"))["items"]
+    inc = next(i for i in incs if i["host"] == "b-1")
+    assert not inc["acknowledged"]
+    assert inc["unacknowledged"] >= 1
+    assert "gpu.xid" in {m["rule"] for m in inc["members"]}
+    assert (await get(client, f"/api/v1/incidents/{inc['id']}"))["id"] == inc["id"]
+    assert (await get(client, "/api/v1/incidents/nope", 404))["parameter"] == "incident"
+    r = await client.post(f"/api/v1/incidents/{inc['id']}/ack", json={})
+    assert r.status == 401
+    r = await client.post("/api/v1/incidents/nope/ack", json={}, headers=AUTH)
+    assert r.status == 404
+    r = await client.post(f"/api/v1/incidents/{inc['id']}/ack", json={"comment": "on it"}, headers=AUTH)
+    assert r.status == 200, await r.text()
+    view = await r.json()
+    assert view["acknowledged"]
+    assert view["ack"]["by"] == "token-0"
+    assert all(m["acknowledged"] and m["ack_incident"] == inc["id"] for m in view["members"])
+    alert = await get(client, f"/api/v1/alerts/{view['members'][0]['id']}")
+    assert alert["ack"]["incident"] == inc["id"]  # the alert says it was acknowledged with the incident
+    folded = (await get(client, "/api/v1/alerts", host="b-1", fold="true"))["items"]
+    xid = next(a for a in folded if a["rule"] == "gpu.xid")
+    assert xid["group"] == "b-1 GPU 2 gpu.xid"
+    assert xid["folded"] == []  # nothing inhibited under it
+
+
 async def test_silences_create_list_expire(client: Client) -> None:
     r = await client.post("/api/v1/silences", json={"matchers": ["host=b-0"], "duration": 60})
     assert r.status == 401

@@ -2,7 +2,9 @@
 never a downloaded browser): it loads without console errors and shows the simulated fleet,
 an XID of a fleet host published after the page went live shows up as an alert on the page
 through the live stream (no reload), and acknowledging from the page (token dialog) changes
-the alert in the API.
+the alert in the API. A host that goes down is one row with its stale GPUs folded under it
+("host-0007 unreachable · 8 GPUs stale") and one Acknowledge for the group; an incident is
+one item whose Acknowledge acknowledges its members, and the page says which.
 
 Set ``GPUWARDEN_SCREENSHOT=path.png`` to keep a screenshot of the overview."""
 
@@ -34,6 +36,7 @@ from tests.test_alerting import collector, send, until
 
 TOKEN = "dash-" + uuid.uuid4().hex
 FAULTY = "host-0004"
+DOWN, DOWN2 = "host-0007", "host-0008"  # providers 1 and 2: no provider-wide incident
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
@@ -86,7 +89,10 @@ for = "1s"
     )
     cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [url]})
     async with collector(cfg) as svc:
-        fleet = Fleet(NatsConfig(servers=(url,)), hosts=12, gpus=8, providers=3, interval=1.0)
+        fleet = Fleet(
+            NatsConfig(servers=(url,)), hosts=12, gpus=8, providers=3, interval=1.0,
+            faults=[f"{DOWN}:host_down@6s", f"{DOWN2}:host_down@6s"],
+        )  # fmt: skip
         await fleet.start()
         run = asyncio.create_task(fleet.run())
         try:
@@ -141,6 +147,39 @@ async def test_page_shows_the_fleet_live_alerts_and_acknowledges(
             lambda: (a := svc.alerting.get_alert(fp)) is not None and a.ack_by == "token-0", timeout=10
         )
         await page.locator(f"#alerts tr.acked[data-alert='{fp}']").wait_for(timeout=10_000)
+
+        # a host down: one row, its 8 stale GPUs folded under it, one Acknowledge for the group
+        group = page.locator(f"#alerts tr[data-alert]:has-text('{DOWN} unreachable · 8 GPUs stale')")
+        await group.first.wait_for(timeout=30_000)
+        assert await page.locator(f"#alerts tr[data-alert]:has-text('{DOWN}')").count() == 1
+        root = await group.first.get_attribute("data-alert")
+        await group.first.locator("button.ack").click()
+
+        def group_acked() -> bool:
+            a = svc.alerting.get_alert(root or "")
+            folded = [x for x in svc.alerting.alerts_state.alerts.values() if x.inhibited_by == root]
+            acked = all(x.ack_by is not None for x in folded)
+            return a is not None and a.ack_by is not None and len(folded) == 8 and acked
+
+        await until(group_acked, timeout=10)
+        await page.locator(f"#alerts tr.acked[data-alert='{root}']").wait_for(timeout=10_000)
+
+        # an incident is one item: its Acknowledge acknowledges its members, the page says so
+        item = page.locator(f"#incidents [data-incident]:has-text('{DOWN2}')")
+        await item.locator("button.ack-incident").wait_for(timeout=30_000)
+        iid = await item.get_attribute("data-incident")
+        await item.locator("button.ack-incident").click()
+
+        def incident_acked() -> bool:
+            view = svc.alerting.get_incident(iid or "")
+            live = [m for m in (view or {}).get("members", []) if m["state"] != "resolved"]
+            return bool(live) and all(m["acknowledged"] and m["ack_incident"] == iid for m in live)
+
+        await until(incident_acked, timeout=10)
+        await item.locator("summary").click()  # open it: the members and how each was acknowledged
+        await item.locator("li.member.acked:has-text('acknowledged with the incident')").first.wait_for(
+            timeout=10_000
+        )
 
         # the host page: GPUs with readings and the history charts
         await page.goto(str(server.make_url(f"/#/host/{FAULTY}")))

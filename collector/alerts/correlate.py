@@ -34,7 +34,7 @@ PROVIDER_RULE = "provider.incident"
 class Ctx:
     """What one ``evaluate`` call collects."""
 
-    __slots__ = ("accepting", "fired", "later", "member_notes", "notifications", "now", "transitions")
+    __slots__ = ("accepting", "due", "fired", "later", "member_notes", "notifications", "now", "transitions")
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -43,6 +43,7 @@ class Ctx:
         self.fired: dict[str, Alert] = {}  # became firing or notifiable: correlate, then notify
         self.later: list[tuple[Alert, str, Sequence[str]]] = []  # updates told at the end
         self.accepting: dict[str, bool] = {}  # provider incident id -> takes new members
+        self.due = FOREVER  # the next escalation of members told by an incident in this call
         # (incident, kind, level, policy) -> incident-told members escalating or repeating now
         self.member_notes: dict[tuple[str, str, int, str], list[Alert]] = {}
 
@@ -296,8 +297,10 @@ class Correlator(abc.ABC):
         now, gi = ctx.now, self.config.alerts.group_interval
         if self.event_class(a):
             due = now
+        elif inc.last_sent_at is None:  # joins the first notification, not sent yet (group_wait)
+            due = inc.update_due if inc.update_due is not None else now
         else:
-            due = max(now, (inc.last_sent_at if inc.last_sent_at is not None else now) + gi)
+            due = max(now, inc.last_sent_at + gi)
         inc.update_due = due if inc.update_due is None else min(inc.update_due, due)
         state.next_due = min(state.next_due, inc.update_due)
         return True
@@ -306,16 +309,23 @@ class Correlator(abc.ABC):
         """A critical event (fatal XID, GPU lost, double-bit ECC, row-remap failure): told at once."""
         return a.severity == CRITICAL and a.immediate and a.rule in self.config.event_rules
 
-    def _cover(self, inc: Incident, a: Alert, pol: Policy, now: float) -> None:
+    def _cover(self, inc: Incident, a: Alert, pol: Policy, ctx: Ctx) -> None:
         """``a`` is told by a notification of ``inc``: it escalates from now, through the
         incident's policy if it is critical, else through its own (if any)."""
+        now = ctx.now
         inc.covered[a.fingerprint] = f"{a.episode}/{a.severity}"
         a.notified = "incident"
-        if a.level < 0:
+        if a.level < 0 or (a.severity == CRITICAL and a.policy != pol.name):  # (raised: rerouted)
             own = pol if a.severity == CRITICAL else self.route(a.match_labels())
             a.policy = (own or pol).name
             a.level, a.notify_base = 0, now
         a.last_notified_at = now
+        p = self.policies.get(a.policy or "")
+        if p is not None and a.ack_by is None and a.notify_base is not None:
+            if a.level + 1 < len(p.levels):
+                ctx.due = min(ctx.due, a.notify_base + p.levels[a.level + 1].after)
+            if p.repeat > 0:
+                ctx.due = min(ctx.due, now + p.repeat)
 
     def flush_updates(self, state: AlertState, ctx: Ctx) -> float:
         """Send the updates of provider incidents that are due; the next one's time."""
@@ -332,7 +342,6 @@ class Correlator(abc.ABC):
         return nxt
 
     def _send_update(self, state: AlertState, inc: Incident, ctx: Ctx) -> None:
-        now = ctx.now
         pending, inc.pending, inc.update_due = inc.pending, [], None
         pol = self.policies.get(inc.policy or "")
         new: list[Alert] = []
@@ -341,7 +350,7 @@ class Correlator(abc.ABC):
             # told even if it resolved meanwhile (it did fire); not if silenced or inhibited since
             if a is not None and a.notified == "incident" and self.quiet_ok(a) and not a.flapping:
                 new.append(a)
-        if not new or pol is None:
+        if pol is None or not (new or inc.last_sent_at is None):
             return
         new_hosts = sorted({h for a in new if (h := a.labels.get("host", "")) not in inc.hosts})
         inc.hosts += new_hosts
@@ -349,7 +358,18 @@ class Correlator(abc.ABC):
         raised = [a for a in new if a.fingerprint in inc.covered]
         new_rules = sorted({a.rule for a in new} - told_rules)
         for a in new:
-            self._cover(inc, a, pol, now)
+            self._cover(inc, a, pol, ctx)
+        if inc.last_sent_at is None:  # the first notification: every failing host, grouped
+            inc.notified = True
+            members = [m for m in map(state.by_fp.get, inc.alerts) if m is not None and self.notifiable(m)]
+            summary = (
+                f"provider {inc.provider}: {len(inc.hosts)} of {inc.total_hosts} hosts failing within "
+                f"{self.config.alerts.correlation_window:g} s: look for a shared cause (power, network, "
+                "cooling, driver rollout)"
+            )
+            self._incident_note(ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, members or new,
+                                summary, tuple(inc.hosts))  # fmt: skip
+            return
         hosts = tuple(sorted({a.labels.get("host", "") for a in new}))
         parts = [f"{len(new)} new alert{'s' if len(new) > 1 else ''}"]
         if new_hosts:
@@ -441,19 +461,16 @@ class Correlator(abc.ABC):
         pol = self.route(labels)
         if pol is None:
             return  # recorded only: its alerts are notified on their own
-        inc.notified = True
         inc.policy = pol.name
-        members = [state.by_fp[fp] for fp in inc.alerts]
-        for a in members:
-            if self.notifiable(a) and a.level < 0:
-                self._cover(inc, a, pol, now)  # told by this notification, not on its own
-        summary = (
-            f"provider {p}: {n} of {total} hosts failing within "
-            f"{cfg.correlation_window:g} s: look for a shared cause (power, network, cooling, driver rollout)"
-        )
-        told = [a for a in members if self.notifiable(a)]
-        self._incident_note(ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, told, summary,
-                            tuple(inc.hosts))  # fmt: skip
+        inc.total_hosts = total
+        for a in (state.by_fp[fp] for fp in inc.alerts):
+            if self.notifiable(a) and a.level < 0:  # told by the incident's first notification
+                a.notified = "incident"
+                inc.pending.append(a.fingerprint)
+        # The first notification waits group_wait from the onset, so that what fails together
+        # is told together; an event-class critical joining meanwhile sends it at once.
+        inc.update_due = now + cfg.group_wait
+        state.next_due = min(state.next_due, inc.update_due)
 
     def close_incidents(self, state: AlertState, ctx: Ctx) -> float:
         """Close incidents whose alerts all stopped firing a window ago; the next due time."""

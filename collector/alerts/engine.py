@@ -97,6 +97,8 @@ class AlertEngine(Correlator):
             self._advance(state, ctx, boundary)
         if ctx.fired:
             self.correlate(state, ctx, provider_hosts)
+        if ctx.due < state.next_due:
+            state.next_due = ctx.due
         for a, kind, channels in ctx.later:  # told last, if nothing silenced or inhibited it since
             if self.quiet_ok(a) and (kind == N_FLAPPING or self.notifiable(a)):
                 self._send(ctx, a, kind, channels)
@@ -467,7 +469,7 @@ class AlertEngine(Correlator):
             self.forget(state, key)
         self.escalate_members(state, ctx)
         nxt = min(nxt, self.flush_updates(state, ctx))
-        state.next_due = min(nxt, self.close_incidents(state, ctx))
+        state.next_due = min(nxt, self.close_incidents(state, ctx), ctx.due)
 
 
 def _clear_ack(a: Alert) -> None:

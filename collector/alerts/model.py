@@ -107,6 +107,7 @@ class Incident:
     last_sent_at: float | None = None  # the first notification or the last update
     updates: int = 0  # notifications sent about it so far (first, updates, escalations)
     policy: str | None = None  # the policy that routed its first notification
+    total_hosts: int = 0  # the provider's hosts when it opened
     ack_by: str | None = None
     ack_at: float | None = None
 

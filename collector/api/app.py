@@ -102,6 +102,8 @@ def make_app(
     r.add_post("/api/v1/silences", add_silence)
     r.add_delete("/api/v1/silences/{id}", delete_silence)
     r.add_get("/api/v1/incidents", list_incidents)
+    r.add_get("/api/v1/incidents/{id}", get_incident)
+    r.add_post("/api/v1/incidents/{id}/ack", ack_incident)
     r.add_get("/api/v1/stream", stream.handler)
     r.add_get("/", index)
     r.add_static("/static/", STATIC, name="static")
@@ -322,6 +324,8 @@ async def list_alerts(request: web.Request) -> web.Response:
         )
     except ConfigError as e:
         raise bad(e.key, e.message) from None
+    if query_bool(q, "fold"):  # one item per root: what it inhibits folded under it
+        return web.json_response(page(request, svc.alerting.list_folded(alerts)))
     view = svc.alerting.alert_view
     return web.json_response(page(request, [view(a) for a in alerts]))
 
@@ -397,6 +401,30 @@ async def delete_silence(request: web.Request) -> web.Response:
     if not await _svc(request).alerting.expire_silence(sid):
         raise not_found("silence", sid)
     return web.Response(status=204)
+
+
+async def get_incident(request: web.Request) -> web.Response:
+    iid = request.match_info["id"]
+    view = _svc(request).alerting.get_incident(iid)
+    if view is None:
+        raise not_found("incident", iid)
+    return web.json_response(view)
+
+
+async def ack_incident(request: web.Request) -> web.Response:
+    who = require_token(request)
+    svc = _svc(request)
+    iid = request.match_info["id"]
+    body = await json_body(request)
+    by = who  # the token's name: a body's "by" is not trusted (docs/api.md)
+    comment = body_str(body, "comment", "", 2000)
+    until = body_time(body, "until")
+    try:
+        view = await svc.alerting.ack_incident(iid, by, until, comment)
+    except KeyError:
+        raise not_found("open incident", iid) from None
+    log.info("incident %s acknowledged by %s", iid, by)
+    return web.json_response(view)
 
 
 async def list_incidents(request: web.Request) -> web.Response:

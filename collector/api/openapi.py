@@ -161,7 +161,23 @@ SCHEMAS: Final[dict[str, Schema]] = {
         },
         required=["id", "matchers", "active", "source"],
     ),  # fmt: skip
-    "Incident": obj({"id": STR, "open": BOOL}, required=["id", "open"]),
+    "Incident": obj(
+        {
+            "id": STR,
+            "open": BOOL,
+            "provider": STR,
+            "host": NSTR,
+            "hosts": {"type": "array", "items": STR},
+            "alerts": {"type": "array", "items": STR},
+            "members": {"type": "array", "items": {"type": "object"}},
+            "acknowledged": BOOL,
+            "unacknowledged": INT,
+            "ack": {"type": ["object", "null"]},
+            "updates": INT,
+            "pending": {"type": "array", "items": STR},
+        },
+        required=["id", "open", "members", "acknowledged", "ack"],
+    ),  # fmt: skip
 }
 SCHEMAS["Host"] = {
     "allOf": [
@@ -293,6 +309,7 @@ PATHS: Final[dict[str, Schema]] = {
                 param("provider"),
                 param("host"),
                 param("severity", schema={"type": "string", "enum": SEVERITIES}),
+                param("fold", schema=BOOL),
                 *PAGE,
             ],
         )  # fmt: skip
@@ -302,7 +319,7 @@ PATHS: Final[dict[str, Schema]] = {
     },
     "/api/v1/alerts/{id}/ack": {
         "post": op(
-            "Acknowledge an alert (stops its escalation)",
+            "Acknowledge an alert and the alerts it inhibits (stops their escalation)",
             reply(ref("Alert")),
             [param("id", "path")],
             errors=(400, 404),
@@ -355,6 +372,19 @@ PATHS: Final[dict[str, Schema]] = {
     },
     "/api/v1/incidents": {
         "get": op("Incidents, newest first", reply(paged("Incident")), [param("open", schema=BOOL), *PAGE])
+    },
+    "/api/v1/incidents/{id}": {
+        "get": op("One incident, its members", reply(ref("Incident")), [param("id", "path")], errors=(404,))
+    },
+    "/api/v1/incidents/{id}/ack": {
+        "post": op(
+            "Acknowledge an open incident: each of its members not yet acknowledged is acknowledged",
+            reply(ref("Incident")),
+            [param("id", "path")],
+            errors=(400, 404),
+            write=True,
+            body=obj({"comment": STR, "until": {"type": ["number", "null"]}}, required=[]),
+        )  # fmt: skip
     },
     "/api/v1/stream": {
         "get": {

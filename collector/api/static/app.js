@@ -67,7 +67,7 @@ async function loadOverview() {
   const [providers, hosts, alerts, incidents] = await Promise.all([
     all("/api/v1/providers"),
     all("/api/v1/hosts"),
-    all("/api/v1/alerts"),
+    all("/api/v1/alerts?fold=true"),  // one item per root: what it inhibits is folded under it
     api("/api/v1/incidents?open=true&limit=50"),
   ]);
   Object.assign(state, { providers, hosts, alerts: alerts.filter((a) => a.state !== "resolved"), incidents: incidents.items });
@@ -86,9 +86,7 @@ function renderOverview() {
   $("#providers").innerHTML = state.providers.map(providerCard).join("");
   renderAlerts($("#alerts tbody"), state.alerts);
   $("#alert-count").textContent = `(${state.alerts.length})`;
-  $("#incidents").innerHTML = state.incidents.length
-    ? state.incidents.map((i) => `<div class="incident"><b>${esc(i.host ? `${i.provider} / ${i.host}` : `${i.provider} (provider-wide)`)}</b> <span class="muted">${(i.alerts || []).length} alerts · ${(i.hosts || []).length || 1} hosts · opened ${age(i.opened_at)} ago · ${esc(i.id)}</span></div>`).join("")
-    : '<p class="muted">none</p>';
+  $("#incidents").innerHTML = state.incidents.length ? state.incidents.map(incidentItem).join("") : '<p class="muted">none</p>';
   renderGrids();
   $("#host-names").innerHTML = hostsTotal <= 2000 ? state.hosts.map((h) => `<option value="${esc(h.name)}">`).join("") : "";
 }
@@ -114,21 +112,36 @@ function renderAlerts(tbody, alerts) {
   tbody.innerHTML = alerts.length ? alerts.map(alertRow).join("") : '<tr><td colspan="8" class="muted">no active alerts</td></tr>';
 }
 
+// One item per incident: its members, which are acknowledged (and whether through the
+// incident), and one Acknowledge for the incident while a member is unacknowledged.
+function incidentItem(i) {
+  const where = i.host ? `${i.provider} / ${i.host}` : `${i.provider} (provider-wide)`;
+  const live = (i.members || []).filter((m) => m.state !== "resolved");
+  const members = live.map((m) => {
+    const ack = m.acknowledged ? (m.ack_incident ? "acknowledged with the incident" : `acknowledged by ${m.ack_by}`) : "unacknowledged";
+    return `<li class="member ${m.acknowledged ? "acked" : ""}" data-member="${esc(m.id)}">${esc(m.host || "")}${m.gpu !== null && m.gpu !== undefined ? ` gpu${esc(m.gpu)}` : ""} ${esc(m.rule)} <span class="badge ${esc(m.severity)}">${esc(m.severity)}</span> <span class="small">${esc(ack)}${m.inhibited_by ? " · inhibited" : ""}</span></li>`;
+  }).join("");
+  const head = i.acknowledged ? `<span class="badge info">acknowledged${i.ack ? ` by ${esc(i.ack.by)}` : ""}</span>` : `<button class="ack-incident" data-id="${esc(i.id)}">Acknowledge</button>`;
+  return `<details class="incident ${i.acknowledged ? "acked" : ""}" data-incident="${esc(i.id)}"><summary><b>${esc(where)}</b> <span class="muted">${live.length} alerts (${i.unacknowledged} unacknowledged) · ${(i.hosts || []).length || 1} hosts · opened ${age(i.opened_at)} ago</span> ${head}</summary><ul>${members}</ul></details>`;
+}
+
 function alertRow(a) {
   const l = a.labels;
   const subject = [l.provider, l.host, l.gpu !== undefined ? `gpu${l.gpu}` : "", l.xid ? `xid ${l.xid}` : ""].filter(Boolean).join(" / ");
   const flags = Object.entries(a.flags).filter(([, v]) => v).map(([k]) => k).join(", ");
-  const acked = a.flags.acknowledged;
-  return `<tr class="${acked ? "acked" : ""}" data-alert="${esc(a.id)}">
+  const folded = a.folded || [];
+  const acked = a.flags.acknowledged && folded.every((f) => f.flags.acknowledged);
+  const group = folded.length ? `<div class="group small" title="${esc(folded.map((f) => `${f.rule} ${f.labels.gpu !== undefined ? `gpu${f.labels.gpu}` : ""}`).join(", "))}">${esc(a.group)}</div>` : "";
+  return `<tr class="${acked ? "acked" : ""}${folded.length ? " grouped" : ""}" data-alert="${esc(a.id)}" data-folded="${folded.length}">
     <td><span class="badge ${esc(a.severity)}">${esc(a.severity)}</span></td>
-    <td>${esc(a.rule)}</td>
+    <td>${esc(a.rule)}${group}</td>
     <td>${l.host ? `<a href="#/host/${encodeURIComponent(l.host)}">${esc(subject)}</a>` : esc(subject)}</td>
     <td class="advice">${esc(a.summary)}<div class="small">${esc(a.advice)}</div></td>
     <td title="${new Date((a.fired_at || a.started_at) * 1000).toISOString()}">${age(a.fired_at || a.started_at)}</td>
     <td>${a.escalation.level >= 0 ? a.escalation.level : "–"}</td>
     <td class="state">${esc(a.state)}${flags ? `<div class="small">${esc(flags)}</div>` : ""}</td>
     <td>${acked ? "" : `<button class="ack" data-id="${esc(a.id)}">Acknowledge</button>`}
-        <button class="silence" data-host="${esc(l.host || "")}" data-rule="${esc(a.rule)}">Silence</button></td></tr>`;
+        <button class="silence" data-host="${esc(l.host || "")}" data-rule="${folded.length ? "" : esc(a.rule)}">Silence</button></td></tr>`;
 }
 
 function renderGrids() {
@@ -210,7 +223,7 @@ function gridClick(ev, el) {
 async function loadHost(name) {
   const [h, alerts] = await Promise.all([
     api(`/api/v1/hosts/${encodeURIComponent(name)}`),
-    all(`/api/v1/alerts?host=${encodeURIComponent(name)}`),
+    all(`/api/v1/alerts?fold=true&host=${encodeURIComponent(name)}`),
   ]);
   state.hostData = h;
   $("#host-title").innerHTML = `${esc(h.name)} <span class="badge ${h.status}">${h.status}</span> <span class="muted">${esc(h.provider)} · ${h.gpus_usable}/${h.gpus} GPUs usable · driver ${esc(h.driver_version || "–")} · last seen ${age(h.last_seen)} ago</span>`;
@@ -314,9 +327,13 @@ document.addEventListener("click", async (ev) => {
   if (b.id === "token-button") { await askToken(); return; }
   if (b.classList.contains("ack")) {
     const res = await write(`/api/v1/alerts/${encodeURIComponent(b.dataset.id)}/ack`, "POST", {});  // "by": the token's name
-    if (res) { toast(`acknowledged ${res.rule}`); refresh(); }
+    if (res) { toast(`acknowledged ${res.rule}${res.folded && res.folded.length ? ` and ${res.folded.length} folded` : ""}`); refresh(); }
+  } else if (b.classList.contains("ack-incident")) {
+    ev.preventDefault();  // the button sits in the incident's <summary>
+    const res = await write(`/api/v1/incidents/${encodeURIComponent(b.dataset.id)}/ack`, "POST", {});
+    if (res) { toast(`acknowledged the incident (${res.members.length} members)`); refresh(); }
   } else if (b.classList.contains("silence")) {
-    const m = [b.dataset.host ? `host=${b.dataset.host}` : "", `rule=${b.dataset.rule}`].filter(Boolean).join(", ");
+    const m = [b.dataset.host ? `host=${b.dataset.host}` : "", b.dataset.rule ? `rule=${b.dataset.rule}` : ""].filter(Boolean).join(", ");  // a group: its host
     $("#silence-matchers").value = m;
     const d = $("#silence-dialog");
     d.onclose = async () => {
