@@ -11,8 +11,9 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -54,6 +55,7 @@ PSEUDO_MOUNT_PREFIXES: Final = (
     "/var/lib/docker",
     "/var/lib/kubelet",
 )
+STATVFS_TIMEOUT_S: Final = 0.5  # a configured mount whose statvfs takes longer is reported without usage
 SIM_IB_PORTS: Final = 8  # a DGX H100: eight 400 Gb/s NDR ports, one per GPU
 KMSG_BURST: Final = 100  # lines a simulated kmsg=CLASS fault logs when it starts
 NODE_FAULT_KINDS: Final = frozenset(
@@ -132,6 +134,33 @@ def keep_mount(mountpoint: str, fstype: str) -> bool:
     return not any(mountpoint == p or mountpoint.startswith(p + "/") for p in PSEUDO_MOUNT_PREFIXES)
 
 
+class _StatJob:
+    """One ``statvfs`` in its own thread: ``done`` is set when it returned (``result`` None on error)."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: os.statvfs_result | None = None
+
+    def run(self, statvfs: Callable[[str], os.statvfs_result], mount: str) -> None:
+        try:
+            self.result = statvfs(mount)
+        except OSError:
+            self.result = None
+        finally:
+            self.done.set()
+
+
+def _mount_of(path: str, mounts: Mapping[str, object]) -> str | None:
+    """The mount point holding ``path`` (the longest mount point that is a prefix of it)."""
+    best = None
+    for m in mounts:
+        if (path == m or path.startswith(m.rstrip("/") + "/")) and (best is None or len(m) > len(best)):
+            best = m
+    return best
+
+
 def disk_usage(mount: str, st: os.statvfs_result, readonly: bool) -> DiskUsage:
     """Usage of one file system from its ``statvfs`` (the same figures as ``df`` and psutil)."""
     total = st.f_blocks * st.f_frsize
@@ -179,6 +208,8 @@ class PsutilSystem:
     ) -> None:
         self.hostname = hostname
         self.node = node
+        self.statvfs: Callable[[str], os.statvfs_result] = os.statvfs  # of [node] mounts (a seam for tests)
+        self._stat_pending: dict[str, _StatJob] = {}
         self._proc = Path(proc_root)
         self._os_release = Path(os_release)
         self._nic_exclude = tuple(nic_exclude)
@@ -225,7 +256,38 @@ class PsutilSystem:
                 continue
             seen.add(part.device)
             out.append(disk_usage(part.mountpoint, st, "ro" in part.opts.split(",")))
+        if self.node is not None and self.node.cfg.mounts:
+            reported = {d.mount for d in out}
+            out.extend(d for d in self._watched(self.node.cfg.mounts) if d.mount not in reported)
         return tuple(out)
+
+    def _watched(self, paths: Sequence[str]) -> list[DiskUsage]:
+        """The mounts holding ``paths`` (``[node] mounts``), network file systems included: the
+        read-only flag from the mount table (never touches the file system), usage and inodes
+        from a ``statvfs`` that may not block the tick (a hung NFS server): it runs in a helper
+        thread and a mount whose last ``statvfs`` has not returned is reported without them."""
+        mounts = {p.mountpoint: p for p in psutil.disk_partitions(all=True)}
+        out: list[DiskUsage] = []
+        for path in paths:
+            mount = _mount_of(path, mounts)
+            if mount is None:
+                continue
+            ro = "ro" in mounts[mount].opts.split(",")
+            st = self._statvfs(mount)
+            out.append(disk_usage(mount, st, ro) if st is not None else DiskUsage(mount, readonly=ro))
+        return out
+
+    def _statvfs(self, mount: str) -> os.statvfs_result | None:
+        pending = self._stat_pending.get(mount)
+        if pending is not None and not pending.done.is_set():
+            return None  # still hung from an earlier sample: do not start another
+        job = _StatJob()
+        # a daemon thread: one hung on a dead server must not hold up the agent's exit either
+        threading.Thread(
+            target=job.run, args=(self.statvfs, mount), name="agent-statvfs", daemon=True
+        ).start()
+        self._stat_pending[mount] = job
+        return job.result if job.done.wait(STATVFS_TIMEOUT_S) else None
 
     def _nics(self) -> tuple[NicCounters, ...]:
         stats = psutil.net_if_stats()

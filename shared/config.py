@@ -174,6 +174,7 @@ class NodeConfig:
     services_every: float = dur("30s")  # systemctl is asked this often (0: never)
     clock: bool = True  # read the kernel clock's synchronisation (adjtimex)
     dstate_every: float = dur("30s")  # scan /proc for D-state processes this often (0: never)
+    mounts: tuple[str, ...] = ()  # paths whose mounts are reported even when network file systems
 
 
 AGENT_SCHEMA: Final[dict[str, type[Any]]] = {

@@ -386,3 +386,61 @@ def test_simulated_node_faults_start_and_clear() -> None:
     assert {k.name for k in after.kernel_log} == {"sxid", "hung_task"}  # counts of this agent run stay
     assert (after.modules, after.services, after.clock) == (before.modules, before.services, before.clock)
     assert (after.dstate_procs, after.disks[1].readonly) == (0, False)
+
+
+# ----------------------------------------------------------------------------- watched mounts
+
+
+def test_mount_of() -> None:
+    from agent.system import _mount_of
+
+    mounts = {"/": 0, "/data": 0, "/data/scratch": 0, "/database": 0}
+    assert _mount_of("/data/x/y", mounts) == "/data"
+    assert _mount_of("/data/scratch", mounts) == "/data/scratch"
+    assert _mount_of("/database/x", mounts) == "/database"
+    assert _mount_of("/home", mounts) == "/"
+    assert _mount_of("/x", {}) is None
+
+
+def test_watched_paths_are_reported_with_the_mount_tables_flag() -> None:
+    """``[node] mounts``: the mount holding each path is reported even where the default disk
+    list leaves it out (here the real /proc and /sys of this machine)."""
+    import psutil
+
+    from agent.system import PsutilSystem
+
+    table = {p.mountpoint: p for p in psutil.disk_partitions(all=True)}
+    cfg = NodeConfig(sys_root="/nonexistent", mounts=("/proc/self", "/sys/class"), dstate_every=0)
+    disks = {d.mount: d for d in PsutilSystem("me", node=NodeSource(cfg)).sample().disks}
+    for mount in ("/proc", "/sys"):
+        assert disks[mount].readonly == ("ro" in table[mount].opts.split(","))
+
+
+def test_a_hung_statvfs_never_blocks_the_tick() -> None:
+    import threading
+
+    from agent.system import PsutilSystem
+
+    release = threading.Event()
+
+    def hung(path: str) -> os.statvfs_result:
+        release.wait(30)  # a dead NFS server
+        return os.statvfs(path)
+
+    cfg = NodeConfig(sys_root="/nonexistent", mounts=("/",), dstate_every=0)
+    src = PsutilSystem("me", node=NodeSource(cfg), nic_exclude=("",))
+    src.statvfs = hung
+    got = src._watched(["/"])
+    assert [(d.mount, d.total_bytes, d.inodes_total) for d in got] == [("/", 0, None)]
+    # the next sample does not queue another call behind the hung one
+    hung_call = src._stat_pending["/"]
+    assert src._watched(["/"])[0].total_bytes == 0
+    assert src._stat_pending["/"] is hung_call
+    release.set()
+    src.statvfs = os.statvfs
+    import time
+
+    deadline = time.monotonic() + 10
+    while src._watched(["/"])[0].total_bytes == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert src._watched(["/"])[0].total_bytes > 0
