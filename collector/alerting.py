@@ -112,6 +112,7 @@ class Alerting:
             "transitions": 0,
             "notifications": 0,
             "fast_events": 0,
+            "fast_event_errors": 0,
         }
         self._event_sub: Any = None
         c = cfg.collector
@@ -255,7 +256,11 @@ class Alerting:
         if not self._fast_limit.allow(item.frame.host, time.time()):
             return  # over [collector] host_rate: judged after it is stored, if the ingest takes it
         self.counts["fast_events"] += 1
-        await self.on_frames([item.frame])
+        try:
+            await self.on_frames([item.frame])
+        except Exception:  # noqa: BLE001 (the stored copy is judged by the ingest hook all the same)
+            self.counts["fast_event_errors"] += 1
+            log.exception("the fast event path failed on a frame of %s", item.frame.host)
 
     async def _unforget(self, frames: Sequence[Frame]) -> None:
         """A forgotten host reported again: it is a new host (its marker is cleared)."""

@@ -39,7 +39,10 @@ def hostile(host: str = "h-1", provider: str = "prov-a", depth: int = 1000) -> b
     nested: Any = 0
     for _ in range(depth):
         nested = [nested]
-    wire = {"zz_unknown": nested, **to_wire(sample(host, 1, time.time(), provider=provider, gpus=0))}
+    wire = {
+        "zz_unknown": nested,
+        **to_wire(sample(host, 1, time.time(), provider=provider, gpus=0, system=False)),
+    }
     data: bytes = msgpack.packb(wire)
     return data
 
