@@ -43,6 +43,8 @@ SCRIPT: Final = (
     ("host-0033:disk_full@110s+90s", "a host's disk fills up"),
     ("host-0058/gpu7:pcie_replay=900@125s+60s", "PCIe replays above the expected rate"),
     ("host-0050/gpu4:lost@140s", "a GPU is lost"),
+    ("host-0014:ib_down=2@155s+90s", "an InfiniBand port goes down for 90 s (its rail is lost)"),
+    ("host-0039:sxid=20034@170s", "an NVSwitch logs a fatal SXid (drain and reset the fabric)"),
 )
 CONFIG: Final = """
 [collector]
