@@ -274,3 +274,15 @@ def test_config_keys_and_errors() -> None:
         health_config_from({"health": {"node": {"bogus": 1}}}, env={})
     env = {"GPUWARDEN_HEALTH_NODE_DSTATE_WARNING": "3"}
     assert health_config_from({}, env=env).node.dstate_warning == 3
+
+
+def test_a_failing_class_clears_after_an_agent_restart_emptied_the_counts() -> None:
+    """The agent restarts: its kernel-log counts start from nothing, the classes vanish from
+    the samples; the failing checks are still judged and clear when their lines age out."""
+    h = Host(cfg=NodeThresholds(kmsg_window=20.0, sxid_window=20.0))
+    h.sample(node())
+    got = problems(h.sample(node(kernel_log=log(("oom_kill", None, 1, None), ("sxid", 20034, 1, None)))))
+    assert set(got) == {"host.kmsg[('class', 'oom_kill')]", "host.sxid[('sxid', '20034')]"}
+    after = [problems(h.sample(node())) for _ in range(5)]  # restarted: no kernel_log any more
+    assert [len(p) for p in after] == [2, 2, 2, 0, 0]
+    assert after[0]["host.sxid[('sxid', '20034')]"][0] == "critical"

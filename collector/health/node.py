@@ -269,8 +269,10 @@ class NodeChecks:
             return
         cfg = self.cfg
         before = {_log_key(k): k.count for k in prev.kernel_log} if prev is not None else None
+        judged: set[str] = set()
         for k in s.kernel_log:
             key = _log_key(k)
+            judged.add(key)
             if before is not None:
                 n = _delta(k.count, before.get(key, 0))
                 if n > 0:
@@ -283,6 +285,18 @@ class NodeChecks:
                 self._sxid(em, hs, base, k, ts)
             elif k.name in KMSG_CLASSES:
                 self._kmsg(em, hs, base, k, ts)
+        # A class that is failing but no longer in the sample (the agent restarted: its counts
+        # start again from nothing) is still judged, so it clears when its lines age out.
+        for local, cs in list(hs.checks.items()):
+            if cs.status == HEALTHY:
+                continue
+            if local.startswith("host.kmsg:") and f"kmsg:{local[10:]}" not in judged:
+                self._kmsg(em, hs, base, KernelLogCount(local[10:], None, 0, None, None), ts)
+            elif (
+                local.startswith("host.sxid:") and f"sxid:{local[10:]}" not in judged and local[10:].isdigit()
+            ):
+                said = cs.status == CRITICAL  # as it was judged while its line was in the samples
+                self._sxid(em, hs, base, KernelLogCount("sxid", int(local[10:]), 0, said, None), ts)
         window = max(cfg.kmsg_window, cfg.sxid_window)
         for key in [k for k, hits in hs.log_hits.items() if not hits or ts - hits[-1][0] >= window]:
             del hs.log_hits[key]
