@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from collector.alerts import (
     Ack,
+    AckIncident,
     AddSilence,
     AlertEngine,
     AlertState,
@@ -77,6 +78,7 @@ cmd_st = st.one_of(
     st.none(),
     st.tuples(st.just("ack"), st.integers(0, 60), st.one_of(st.none(), st.integers(1, 3000))),
     st.tuples(st.just("unack"), st.integers(0, 60), st.none()),
+    st.tuples(st.just("ack_incident"), st.integers(0, 60), st.one_of(st.none(), st.integers(1, 3000))),
     st.tuples(st.just("silence"), st.integers(0, 3), st.integers(1, 3000)),
     st.tuples(st.just("expire"), st.integers(0, 5), st.none()),
 )
@@ -135,6 +137,11 @@ class Driver:
                 return ()
             fp = fps[n % len(fps)]
             return (Ack(fp, "alice", self.now + extra if extra else None),) if kind == "ack" else (Unack(fp),)
+        if kind == "ack_incident":
+            open_ = sorted(self.state.open_incidents.values())
+            if not open_:
+                return ()
+            return (AckIncident(open_[n % len(open_)], "carol", self.now + extra if extra else None),)
         if kind == "silence":
             s = Silence(f"s{n}", (parse_matcher(f"host=h{n}"),), self.now, self.now + extra, "bob")
             self.silences[s.id] = s
