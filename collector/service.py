@@ -68,7 +68,7 @@ class CollectorService:
         self.config = config
         self.max_skew = health_config_from(config.raw).health.max_clock_skew
         self.state = FleetState(self.max_skew)
-        self.writer = Writer(config.postgres)
+        self.writer = Writer(config.postgres, max_skew=self.max_skew)
         self.ingest = Ingest(config, self.writer, hooks=[self._apply_state])
         self.hooks: list[Hook] = self.ingest.hooks  # after the state hook
         self.startup_hooks: list[ServiceHook] = []

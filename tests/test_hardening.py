@@ -5,12 +5,14 @@ PostgreSQL, and against the collector as a process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import signal
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -467,3 +469,33 @@ def test_an_event_is_judged_once_when_the_agent_restarts_during_a_backlog() -> N
     state = restored
     judge(run_a + run_b, now + 1)
     assert len(xids) == before
+
+
+async def test_frames_dated_ahead_never_push_the_stored_host_into_the_future(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """The stored side of the same property: hosts.last_seen and a host's current inventory
+    (driver, facts, GPUs) follow the newest frame within the allowance, not one dated ahead."""
+    from tests.test_store import inventory, make_config
+
+    writer = Writer(make_config(pg_dsn).postgres, max_skew=30.0)
+    now = time.time()
+
+    def inv(seq: int, ts: float, driver: str) -> Accepted:
+        return Accepted(dataclasses.replace(inventory("fut-1", seq, ts, gpus=2), driver_version=driver))
+
+    try:
+        await writer.write([inv(1, now - 60, "570.1")])
+        await writer.write([inv(2, now + 2 * 86400, "999.9")])  # a clock two days ahead
+        await writer.write([Accepted(sample("fut-1", 3, now + 2 * 86400, gpus=2))])
+        row = await conn.fetchrow("SELECT driver_version, last_seen FROM hosts WHERE name = 'fut-1'")
+        assert row["driver_version"] == "570.1"
+        assert row["last_seen"].timestamp() < now + 60
+        await writer.write([inv(4, now - 1, "580.2")])
+        row = await conn.fetchrow("SELECT driver_version, last_seen FROM hosts WHERE name = 'fut-1'")
+        assert row["driver_version"] == "580.2"  # not frozen behind the frame dated ahead
+        assert await conn.fetchval("SELECT count(*) FROM inventory_reports") == 3  # all stored
+        assert await conn.fetchval("SELECT count(*) FROM host_samples") == 1
+        assert await conn.fetchval("SELECT max(last_seen) FROM gpus") < datetime.fromtimestamp(now + 60, UTC)
+    finally:
+        await writer.close()

@@ -126,9 +126,12 @@ class WriteResult:
 class Writer:
     """Writes batches over one dedicated connection (reconnected after a failure)."""
 
-    def __init__(self, cfg: PostgresSection, dsn: str | None = None) -> None:
+    def __init__(self, cfg: PostgresSection, dsn: str | None = None, max_skew: float = 30.0) -> None:
         self._cfg = cfg
         self._dsn = dsn
+        # frames dated beyond this allowance ahead of our clock ([health] max_clock_skew) are
+        # stored, but never move a host's last_seen or current inventory into the future
+        self.max_skew = max_skew
         self._conn: asyncpg.Connection | None = None
         self._hosts: dict[str, tuple[int, str]] = {}  # host -> (id, provider)
         self._providers: dict[str, int] = {}
@@ -297,7 +300,7 @@ class Writer:
                     " SET provider_id = EXCLUDED.provider_id RETURNING id",
                     host,
                     pid,
-                    utc(f.ts),
+                    utc(min(f.ts, time.time() + self.max_skew)),
                     f.boot_id,
                 )
             self._providers[f.provider] = pid
@@ -349,8 +352,9 @@ class Writer:
         new_keys: set[FrameKey],
     ) -> None:
         last: dict[int, datetime] = {}
+        limit = time.time() + self.max_skew
         for key in new_keys:
-            ts = utc(per_frame[key].ts)
+            ts = utc(min(per_frame[key].ts, limit))
             if key[0] not in last or ts > last[key[0]]:
                 last[key[0]] = ts
         await conn.executemany(
@@ -380,12 +384,17 @@ class Writer:
         )  # fmt: skip
         if not new:
             return False
+        limit = time.time() + self.max_skew
+        if f.ts > limit:  # stored; the host's current inventory stays the newest within the allowance
+            return True
         newest = await conn.fetchval(
             "UPDATE hosts SET boot_id = $2, backend = $3, driver_version = $4, cuda_version = $5,"
-            " nvml_version = $6, facts = $7, inventory_ts = $8, last_seen = greatest(last_seen, $8)"
-            " WHERE id = $1 AND (inventory_ts IS NULL OR inventory_ts <= $8) RETURNING true",
+            " nvml_version = $6, facts = $7, inventory_ts = $8,"
+            " last_seen = CASE WHEN last_seen > $9 THEN $8 ELSE greatest(last_seen, $8) END"
+            " WHERE id = $1 AND (inventory_ts IS NULL OR inventory_ts <= $8 OR inventory_ts > $9)"
+            " RETURNING true",
             hid, f.boot_id, f.backend, f.driver_version, f.cuda_version, f.nvml_version,
-            dumps(to_wire(f.host_facts)) if f.host_facts is not None else None, ts,
+            dumps(to_wire(f.host_facts)) if f.host_facts is not None else None, ts, utc(limit),
         )  # fmt: skip
         if newest:
             await _reconcile_gpus(conn, hid, f, ts)
@@ -395,25 +404,33 @@ class Writer:
 
     async def _touch_last_seen(self, conn: asyncpg.Connection, frames: Sequence[Frame]) -> None:
         now = time.monotonic()
+        limit = time.time() + self.max_skew
         latest: dict[int, float] = {}
         for f in frames:
             hid = self._hosts[f.host][0]
+            if f.ts > limit:  # a clock ahead: not a sign of life dated in the future
+                continue
             if now - self._seen_written.get(hid, -1e9) >= LAST_SEEN_EVERY and f.ts > latest.get(hid, 0.0):
                 latest[hid] = f.ts
         if not latest:
             return
         ids, stamps = list(latest), [utc(latest[h]) for h in latest]
+        # a last_seen pushed ahead of the allowance (before this bound existed) is taken back
         await conn.execute(
-            "UPDATE hosts h SET last_seen = greatest(h.last_seen, v.ts)"
+            "UPDATE hosts h SET last_seen"
+            " = CASE WHEN h.last_seen > $3 THEN v.ts ELSE greatest(h.last_seen, v.ts) END"
             " FROM unnest($1::int[], $2::timestamptz[]) AS v(id, ts) WHERE h.id = v.id",
             ids,
             stamps,
+            utc(limit),
         )
         await conn.execute(
-            "UPDATE gpus g SET last_seen = greatest(g.last_seen, v.ts)"
+            "UPDATE gpus g SET last_seen"
+            " = CASE WHEN g.last_seen > $3 THEN v.ts ELSE greatest(g.last_seen, v.ts) END"
             " FROM unnest($1::int[], $2::timestamptz[]) AS v(id, ts) WHERE g.host_id = v.id AND g.present",
             ids,
             stamps,
+            utc(limit),
         )
         for h in ids:
             self._seen_written[h] = now
