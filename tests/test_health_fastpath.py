@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from collector.health import HealthEngine, HealthState
@@ -124,7 +124,34 @@ def frame(ts: float, **kw: Any) -> SampleFrame:
     )
 
 
+# each node signal alone at its threshold, so the two paths are compared on every one of them
+NODE_SIGNALS: list[dict[str, Any]] = [
+    {"pcie_link_width": 8},
+    {"pcie_link_gen": 3},
+    {"pcie_link_gen": 3, "util_gpu_pct": 0.0},
+    {"mem_temp_c": 90.0},
+    {"mem_temp_c": 95.0},
+    {"ecc_dbe_aggregate": 1},
+    {"retired_pages_dbe": 1},
+    {"clock_sm_mhz": 989},
+    {"fan_pct": 0.0, "temp_c": 60.0},
+    {"fabric_state": 1},
+    {"fabric_state": 2},
+    {"fabric_status": 999},
+    {"fabric_health_mask": 1},
+    {"fabric_health_mask": 0xAA},
+    {"nvlink_crc_errors": None, "nvlink_crc_by_link": (0, 4)},
+]
+
+
+def _with_examples(test: Any) -> Any:
+    for changes in NODE_SIGNALS:
+        test = example(changes=changes, dt=5.0)(test)
+    return test
+
+
 @settings(max_examples=400, deadline=None)
+@_with_examples
 @given(changes=CHANGES, dt=st.sampled_from([1.0, 5.0, 60.0]))
 def test_fast_path_agrees_with_full_checks(changes: dict[str, Any], dt: float) -> None:
     fast, full = HealthEngine(), HealthEngine()

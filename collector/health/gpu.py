@@ -183,7 +183,31 @@ class GpuChecks:
             return False
         if g.persistence_mode is False and cfg.persistence_check:
             return False
-        if not gpu_signals.quiet(cfg, gs, g, prev):
+        # the node signals (gpu_signals.SignalChecks), inline: this runs per GPU per sample
+        if gs.memory_trend_at is not None:
+            return False
+        w, wmax = g.pcie_link_width, g.pcie_link_width_max
+        if wmax and w is not None and w < wmax and cfg.pcie_link_check:
+            return False
+        gen, gmax = g.pcie_link_gen, g.pcie_link_gen_max
+        if gmax and gen is not None and gen < gmax and cfg.pcie_link_check:
+            util = g.util_gpu_pct
+            if util is not None and util >= cfg.busy_util_pct:
+                return False
+        mt, lim = g.mem_temp_c, g.temp_mem_max_c
+        if lim is not None and mt is not None and mt >= lim - cfg.hbm_temp_margin_c:
+            return False
+        new, old = g.ecc_dbe_aggregate, prev.ecc_dbe_aggregate
+        if new is not None and old is not None and new > old:
+            return False
+        if (g.retired_pages_sbe or g.retired_pages_dbe) and gpu_signals.retired_grew(g, prev):
+            return False
+        if g.clock_sm_app_mhz and gpu_signals.sm_clock_low(cfg, g):
+            return False
+        if g.fan_pct == 0 and t is not None and t >= cfg.fan_stall_temp_c:
+            return False
+        state = g.fabric_state
+        if state and cfg.fabric_check and not gpu_signals.fabric_ok(g):
             return False
         gs.last, gs.last_ts, gs.stale = g, ts, False
         return True

@@ -3,8 +3,8 @@ maximum, HBM temperature against NVML's memory limit, lifetime memory-error tren
 clock against its application clock, fans, and the NVSwitch fabric registration.
 
 Same rules as :mod:`collector.health.gpu`: a reading the GPU cannot give (``None``) is not
-evaluated; each function emits at most one observation for its check. ``quiet`` tells the
-fast path whether a sample keeps every one of them healthy (the same thresholds).
+evaluated; each function emits at most one observation for its check. The fast path in
+:meth:`collector.health.gpu.GpuChecks.quiet_sample` applies the same thresholds inline.
 """
 
 from __future__ import annotations
@@ -69,26 +69,18 @@ def sm_clock_low(cfg: GpuThresholds, g: GpuSample) -> bool | None:
     return util >= cfg.busy_util_pct and not reasons & ~GPU_IDLE and clk < app * cfg.sm_clock_low_pct / 100.0
 
 
-def quiet(cfg: GpuThresholds, gs: GpuState, g: GpuSample, prev: GpuSample) -> bool:
-    """Whether ``g`` keeps every check of this module healthy (the fast path's test)."""
-    if pcie_link_problem(cfg, g):
-        return False
-    mt, lim = g.mem_temp_c, g.temp_mem_max_c
-    if mt is not None and lim is not None and mt >= lim - cfg.hbm_temp_margin_c:
-        return False
-    if gs.memory_trend_at is not None or _grew(g.ecc_dbe_aggregate, prev.ecc_dbe_aggregate):
-        return False
-    if _grew(_retired(g), _retired(prev)):
-        return False
-    if sm_clock_low(cfg, g):
-        return False
-    if g.fan_pct == 0 and g.temp_c is not None and g.temp_c >= cfg.fan_stall_temp_c:
-        return False
-    state = g.fabric_state
-    fabric_bad = state and (
-        state != FABRIC_COMPLETED or g.fabric_status or fabric_problems(g.fabric_health_mask)
+def retired_grew(g: GpuSample, prev: GpuSample) -> bool:
+    """Whether the retired-page count (SBE + DBE) grew since ``prev``."""
+    return _grew(_retired(g), _retired(prev)) > 0
+
+
+def fabric_ok(g: GpuSample) -> bool:
+    """A registered fabric: completed, status success, nothing TRUE in the health mask."""
+    return (
+        g.fabric_state == FABRIC_COMPLETED
+        and not g.fabric_status
+        and not fabric_problems(g.fabric_health_mask)
     )
-    return not (cfg.fabric_check and fabric_bad)
 
 
 class SignalChecks:
