@@ -39,6 +39,7 @@ from collector.alerts.config import FOREVER
 from collector.alerts.model import FIRING, Command, ForgetHost, Incident, Outcome
 from collector.health import ExpectedHost, HealthEngine, HealthState, health_config_from
 from collector.health.codec import state_from_dict
+from collector.health.history import FleetHistory
 from collector.health.model import Observation
 from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
 from collector.ingest import check, owner
@@ -51,6 +52,7 @@ from collector.notify.nats import NatsChannel
 from collector.notify.stream import Broadcaster
 from collector.notify.webhook import WebhookChannel
 from collector.ratelimit import HostRateLimit
+from collector.store.history import load_history, save_history
 from collector.store.writer import Accepted
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
@@ -132,7 +134,11 @@ class Alerting:
             saved, health = await outbox.load(conn, self.partition)
             rows = await outbox.pending(conn, self.partition)
             forgotten = await conn.fetch("SELECT name FROM hosts WHERE forgotten_at IS NOT NULL")
+            boards = await load_history(conn)
         self.restore(saved, health, time.time())
+        self.health.history = FleetHistory.of(boards)  # fault history per physical GPU, across boots
+        if boards:
+            log.info("GPU fault history restored: %d boards", len(boards))
         self.forgotten = {r["name"] for r in forgotten}
         for name in self.forgotten:  # the fleet state is rebuilt from every host ever stored
             service.state.forget(name)
@@ -181,6 +187,7 @@ class Alerting:
         try:
             async with self._lock:
                 await self._flush()
+                await self._save_history()
             await self.save_health()
         except _DB_ERRORS as e:
             log.warning("alert state not saved at shutdown: %s", e)
@@ -327,6 +334,7 @@ class Alerting:
             self.seconds["alerts"] += t1 - t
             try:
                 await self._flush()
+                await self._save_history()
             except _DB_ERRORS as e:  # kept in memory, written by the next step; nothing sent before
                 self.persist_errors += 1
                 log.warning("alert state not persisted, will retry: %s", e)
@@ -420,6 +428,23 @@ class Alerting:
             )
             if self.notify.nats:
                 await self.nats.publish_transition(t)
+
+    async def _save_history(self) -> None:
+        """Write the GPU fault history the health engine changed (rare: inventories of tracked
+        boards, fatal XIDs, expiry); on failure the changes are kept for the next step."""
+        hist = self.health.history
+        if (not hist.dirty and not hist.deleted) or self.service.pool is None:
+            return
+        changed, gone = hist.take_changes()
+        try:
+            async with self.service.pool.acquire() as conn:
+                await save_history(conn, changed, gone)
+        except BaseException:
+            for b in changed:
+                hist.dirty.setdefault(b.board, None)
+            for name in gone:
+                hist.deleted.setdefault(name, None)
+            raise
 
     def _publish_health(self, obs: Iterable[Observation]) -> None:
         hosts = {o.labels.get("host", "") for o in obs}

@@ -435,6 +435,7 @@ class PureRun:
         elif "reboot" in action:
             a = self.agent(action["reboot"])
             a.seqr = Sequencer(host=a.name, provider=a.provider)  # a new boot id, seq from 1
+            a.system._boot_id = f"{a.seqr.boot_id}-kernel"  # and a new kernel boot id, as a reboot gives
             a.inventory_sent = False
         elif "swap" in action:
             host, _, gpu = str(action["swap"]).partition("/gpu")

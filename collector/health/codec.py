@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from collector.health.history import BoardHistory, FatalXid, FleetHistory
 from collector.health.model import CheckStatus, GpuState, HealthState, HostState, XidRecord
 from shared.frames import (
     ClockSync,
@@ -109,4 +110,23 @@ def state_from_dict(d: Mapping[str, Any]) -> HealthState:
                 "log_hits": {k: [list(x) for x in v] for k, v in h.get("log_hits", {}).items()},
             }
         )
-    return HealthState(hosts=hosts)
+    return HealthState(hosts=hosts, history=_history(d.get("history")))
+
+
+def _history(d: Mapping[str, Any] | None) -> FleetHistory:
+    if not d:
+        return FleetHistory()
+    h = FleetHistory.of(
+        BoardHistory(
+            **{
+                **b,
+                "boots": [(str(x), float(at)) for x, at in b.get("boots", [])],
+                "fatal": [FatalXid(**e) for e in b.get("fatal", [])],
+            }
+        )
+        for b in d.get("boards", {}).values()
+    )
+    h.slots = {k: (str(v[0]), str(v[1])) for k, v in d.get("slots", {}).items()}
+    h.host_boots = {k: {str(a): str(b) for a, b in v.items()} for k, v in d.get("host_boots", {}).items()}
+    h.dirty, h.deleted = dict.fromkeys(d.get("dirty", {})), dict.fromkeys(d.get("deleted", {}))
+    return h

@@ -44,6 +44,8 @@ class GpuThresholds:
     xid_window: float = dur("1h")  # an XID keeps its check failing this long after it occurred
     rma_fatal_xids: int = num(3, 1, 1000)  # fatal XIDs on one GPU within rma_window -> RMA advice
     rma_window: float = dur("24h")
+    rma_reboots: int = num(2, 1, 1000)  # the same fatal XID again after this many reboots -> RMA
+    rma_history: float = dur("30d")  # fault history kept per physical GPU (serial, else UUID)
     ecc_sbe_rate_per_min: float = num(10.0, 0, 1e9)  # single-bit ECC errors per minute: warning above
     retired_pages_critical: int = num(63, 1, 1_000_000)  # DCGM: retired pages >= 63 fails
     remapped_rows_unc_warning: int = num(512, 1, 1_000_000)  # DCGM: uncorrectable remapped rows

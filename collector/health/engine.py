@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from collector.health import drivers
 from collector.health.config import HealthConfig
 from collector.health.gpu import GpuChecks
+from collector.health.history import BoardHistory, RmaDecision, decide
 from collector.health.host import HostChecks
 from collector.health.model import (
     CRITICAL,
@@ -189,7 +190,7 @@ class HealthEngine:
         gpu_checks = self.gpu
         for g in frame.gpus:
             gs = self._gpu(em, hs, g.index, g.uuid, now)
-            if gs.xids or gs.fatal_xids:
+            if gs.xids or gs.fatal_xids or gs.rma_until:
                 n = len(em.out)
                 gpu_checks.expire(em, gs, gs.labels, now)
                 if len(em.out) != n:
@@ -264,6 +265,7 @@ class HealthEngine:
                 cap = max(MAX_FATAL_XIDS, self.config.gpu.rma_fatal_xids)
                 if len(gs.fatal_xids) > cap:
                     del gs.fatal_xids[: len(gs.fatal_xids) - cap]
+                self._history(state, hs, gs, info.code, frame, now)
                 checks.expire(em, gs, base, now)
         elif t == "gpu_lost":
             gs.lost = True
@@ -294,6 +296,16 @@ class HealthEngine:
         em = Emitter(self.healthy_for)
         hs = self._host(state, frame.host, frame.provider, em, now)
         hs.nvml_error = frame.nvml_error
+        facts = frame.host_facts
+        resolved = state.history.inventory(
+            hs.host, hs.provider, frame.boot_id, facts.kernel_boot_id if facts is not None else None,
+            ((g.index, g.uuid, g.serial) for g in frame.gpus), frame.ts or now,
+        )  # fmt: skip
+        for board in resolved:  # fatal XIDs judged before this inventory named their boot
+            gs = hs.gpus.get(board.gpu)
+            if gs is not None and (not board.uuid or not gs.uuid or gs.uuid == board.uuid):
+                self._hold_rma(gs, board, decide(board, now, self.config.gpu), now)
+                self.gpu.expire(em, gs, gs.labels, now)
         if frame.nvml_error is not None:
             self._driver(em, hs, frame.nvml_error, now)
             return state, em.out
@@ -305,6 +317,24 @@ class HealthEngine:
             self._gpu(em, hs, info.index, info.uuid, now)
         self._driver_drift(state, em, hs, frame.driver_version, now)
         return state, em.out
+
+    def _history(
+        self, state: HealthState, hs: HostState, gs: GpuState, code: int, frame: EventFrame, now: float
+    ) -> None:
+        """Record a fatal XID in its board's history across boots; hold ``gpu.rma`` when the
+        history asks for it (:func:`collector.health.history.decide`)."""
+        got = state.history.fatal_xid(
+            hs.host, hs.provider, gs.index, gs.uuid, code, frame.ts or now, frame.boot_id, self.config.gpu
+        )
+        if got is not None:
+            self._hold_rma(gs, got[0], got[1], now)
+
+    @staticmethod
+    def _hold_rma(gs: GpuState, board: BoardHistory, decision: RmaDecision | None, now: float) -> None:
+        if decision is not None and decision.until > now:
+            gs.rma_until = max(gs.rma_until, decision.until)
+            gs.rma_summary = decision.summary(gs.index, board.board)
+            gs.rma_evidence = decision.evidence_text()
 
     @staticmethod
     def _driver(em: Emitter, hs: HostState, error: str, now: float) -> None:
@@ -402,9 +432,11 @@ class HealthEngine:
                     state.hosts[name] = hs
                 hs.expected_gpus = exp.gpus
         grace = self.config.health.never_reported_grace
+        if state.history.boards:
+            state.history.expire(now, self.config.gpu)
         for hs in state.hosts.values():
             for gs in hs.gpus.values():
-                if gs.xids or gs.fatal_xids:
+                if gs.xids or gs.fatal_xids or gs.rma_until:
                     n = len(em.out)
                     self.gpu.expire(em, gs, gs.labels, now)
                     if len(em.out) != n:

@@ -593,15 +593,25 @@ class GpuChecks:
         for code in gone:
             del gs.xids[code]
             gs.checks.pop(f"gpu.xid:{code}", None)
-        if gs.fatal_xids:
+        if gs.fatal_xids or gs.rma_until:
             cutoff = ts - cfg.rma_window
-            if gs.fatal_xids[0] < cutoff:
+            if gs.fatal_xids and gs.fatal_xids[0] < cutoff:
                 gs.fatal_xids[:] = [t for t in gs.fatal_xids if t >= cutoff]
             self.rma(em, gs, base, ts)
 
     def rma(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
+        """``gpu.rma``: ``rma_fatal_xids`` fatal XIDs on this GPU within ``rma_window``, or the
+        board's fault history across boots (:mod:`collector.health.history`) asks for it."""
         n = len(gs.fatal_xids)
-        if n >= self.cfg.rma_fatal_xids:
+        if gs.rma_until and ts >= gs.rma_until:
+            gs.rma_until, gs.rma_summary, gs.rma_evidence = 0.0, "", ""
+        if gs.rma_until:
+            em.emit(
+                gs.checks, "gpu.rma", "gpu.rma", base, CRITICAL, ts, float(max(n, 1)), gs.rma_summary,
+                f"{RMA_ADVICE}. Evidence: {gs.rma_evidence}.",
+                True,
+            )  # fmt: skip
+        elif n >= self.cfg.rma_fatal_xids:
             hours = self.cfg.rma_window / 3600
             em.emit(
                 gs.checks, "gpu.rma", "gpu.rma", base, CRITICAL, ts, float(n),

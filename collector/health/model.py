@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from collector.health.history import FleetHistory
 from shared.frames import GpuSample, SystemSample
 
 CRITICAL: Final = "critical"
@@ -113,6 +114,9 @@ class GpuState:
     memory_trend: str = ""  # what grew then (summary text)
     xids: dict[int, XidRecord] = field(default_factory=dict)
     fatal_xids: list[float] = field(default_factory=list)  # times of fatal XIDs in rma_window
+    rma_until: float = 0.0  # the board's fault history asks for RMA until then (gpu.rma held)
+    rma_summary: str = ""  # ... saying why, with the evidence in rma_evidence
+    rma_evidence: str = ""
     checks: dict[str, CheckStatus] = field(default_factory=dict)
 
 
@@ -154,6 +158,7 @@ class HealthState:
     # per provider: hosts per driver version, and its majority (a cache rebuilt from ``hosts``)
     drivers: dict[str, dict[str, int]] = field(default_factory=dict)
     driver_majority: dict[str, str | None] = field(default_factory=dict)
+    history: FleetHistory = field(default_factory=FleetHistory)  # fault history per physical GPU
 
     def provider_hosts(self) -> dict[str, int]:
         """How many hosts each provider has (for the alert engine's provider-wide incidents)."""

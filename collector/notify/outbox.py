@@ -242,6 +242,7 @@ def health_snapshot(state: HealthState, healthy_for: int) -> dict[str, Any]:
                 "event_reasons": gs.event_reasons,
                 "xids": {str(c): _xid(x) for c, x in gs.xids.items()},
                 "fatal_xids": list(gs.fatal_xids), "checks": _checks(gs.checks, healthy_for),
+                "rma_until": gs.rma_until, "rma_summary": gs.rma_summary, "rma_evidence": gs.rma_evidence,
             }  # fmt: skip
         hosts[name] = {
             "host": hs.host, "provider": hs.provider, "labels": dict(hs.labels), "boot_id": hs.boot_id,
