@@ -368,6 +368,10 @@ class Alerting:
             sig = _sig(inc)
             if self._incident_sig.get(inc.id) != sig:
                 ch.incidents[inc.id] = inc
+                for fp in inc.pending:  # marked as told by the incident's next notification
+                    a = st.by_fp.get(fp)
+                    if a is not None:
+                        ch.alerts[fp] = a
         if len(self._incident_sig) > len(st.incidents):  # incidents the engine retired
             for iid in [i for i in self._incident_sig if i not in st.incidents]:
                 del self._incident_sig[iid]

@@ -257,8 +257,15 @@ async def test_an_incident_is_one_item_and_its_ack_acknowledges_its_members(
     assert r.status == 401
     r = await client.post("/api/v1/incidents/nope/ack", json={}, headers=AUTH)
     assert r.status == 404
-    r = await client.post(f"/api/v1/incidents/{inc['id']}/ack", json={"comment": "on it"}, headers=AUTH)
-    assert r.status == 200, await r.text()
+    async with client.ws_connect("/api/v1/stream", params={"host": "b-1", "type": "incident"}) as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "hello"
+        r = await client.post(f"/api/v1/incidents/{inc['id']}/ack", json={"comment": "on it"}, headers=AUTH)
+        assert r.status == 200, await r.text()
+        msg = await ws.receive_json(timeout=10)  # the WebSocket carries the incident's change
+        if msg["change"] == "opened":  # (its opening may still have been on its way)
+            msg = await ws.receive_json(timeout=10)
+        assert (msg["type"], msg["change"], msg["incident"]["id"]) == ("incident", "updated", inc["id"])
+        assert msg["incident"]["acknowledged"]
     view = await r.json()
     assert view["acknowledged"]
     assert view["ack"]["by"] == "token-0"
