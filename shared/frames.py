@@ -196,12 +196,12 @@ class IbPort:
     """One InfiniBand / RoCE port (``/sys/class/infiniband/<device>/ports/<port>``). Counters are
     cumulative as the HCA reports them (the collector turns them into rates)."""
 
-    device: str = ""  # mlx5_0
+    device: str = _s(LEN_VERSION, "")  # mlx5_0
     port: int = _r(0, 255, 1)
-    state: str | None = None  # DOWN, INIT, ARMED, ACTIVE, ACTIVE_DEFER (the name after "4: ")
-    phys_state: str | None = None  # LinkUp, Polling, Disabled, ... (the name after "5: ")
+    state: str | None = _s(LEN_VERSION)  # DOWN, INIT, ARMED, ACTIVE, ACTIVE_DEFER (the name after "4: ")
+    phys_state: str | None = _s(LEN_VERSION)  # LinkUp, Polling, Disabled, ... (the name after "5: ")
     rate_gbps: float | None = _r(0, 1e6)  # "400 Gb/sec (4X NDR)" -> 400
-    link_layer: str | None = None  # InfiniBand or Ethernet (RoCE)
+    link_layer: str | None = _s(LEN_VERSION)  # InfiniBand or Ethernet (RoCE)
     symbol_error: int | None = _r(0, U64)
     link_downed: int | None = _r(0, U64)
     link_error_recovery: int | None = _r(0, U64)
@@ -220,18 +220,18 @@ class IbPort:
 class KernelLogCount:
     """Kernel-log lines of one class (one SXid code for ``sxid``) seen since the agent started."""
 
-    name: str = ""  # class: nvme_timeout, fs_error, oom_kill, ..., sxid (see docs/health.md)
+    name: str = _s(LEN_NAME, "")  # class: nvme_timeout, fs_error, oom_kill, ..., sxid (see docs/health.md)
     code: int | None = _r(0, 1 << 20)  # the SXid code, for name "sxid"
     count: int = _r(0, U64, 0)  # running count in this agent run
     fatal: bool | None = None  # SXid: the driver printed "Fatal" (True) or "Non-fatal" (False)
-    last_message: str | None = None  # the last such line, without its prefix
+    last_message: str | None = _s(MAX_STR)  # the last such line, without its prefix
 
 
 @dataclass(frozen=True, slots=True)
 class ModuleState:
     """An expected kernel module (``/proc/modules``)."""
 
-    name: str = ""
+    name: str = _s(LEN_NAME, "")
     loaded: bool = False
 
 
@@ -239,10 +239,12 @@ class ModuleState:
 class ServiceState:
     """An expected systemd service (``systemctl show -p LoadState,ActiveState,SubState``)."""
 
-    name: str = ""
-    load_state: str | None = None  # loaded, not-found, masked, ...
-    active_state: str | None = None  # active, inactive, failed, activating, deactivating, reloading
-    sub_state: str | None = None  # running, dead, exited, failed, auto-restart, ...
+    name: str = _s(LEN_NAME, "")
+    load_state: str | None = _s(LEN_VERSION)  # loaded, not-found, masked, ...
+    active_state: str | None = _s(
+        LEN_VERSION
+    )  # active, inactive, failed, activating, deactivating, reloading
+    sub_state: str | None = _s(LEN_VERSION)  # running, dead, exited, failed, auto-restart, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +254,7 @@ class ClockSync:
     synced: bool | None = None  # False: the kernel clock is marked unsynchronised (STA_UNSYNC)
     offset_s: float | None = _r(-1e9, 1e9)  # the PLL's current offset (how far it still has to go)
     max_error_s: float | None = _r(0, 1e9)  # the kernel's maximum error estimate
-    source: str | None = None  # "adjtimex"
+    source: str | None = _s(LEN_NAME)  # "adjtimex"
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +281,8 @@ class SystemSample:
     services: tuple[ServiceState, ...] = ()
     clock: ClockSync | None = None
     dstate_procs: int | None = _r(0, 1 << 32)  # processes stuck in D state (uninterruptible sleep)
-    dstate_names: tuple[str, ...] = ()  # a few of their names
-    absent: tuple[str, ...] = ()  # sources this node lacks: "ib", "nvswitch", "kmsg", "systemd"
+    dstate_names: tuple[str, ...] = _s(LEN_NAME, ())  # a few of their names
+    absent: tuple[str, ...] = _s(LEN_NAME, ())  # sources this node lacks: "ib", "nvswitch", "kmsg", "systemd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +429,7 @@ class InventoryFrame(_Header):
     nvml_version: str | None = _s(LEN_VERSION)
     gpus: tuple[GpuInfo, ...] = ()
     host_facts: HostFacts | None = None
-    nvml_error: str | None = None  # NVML cannot initialise: the agent runs without GPUs; NVML's text
+    nvml_error: str | None = _s(MAX_STR)  # NVML cannot initialise: the agent runs without GPUs; NVML's text
 
 
 Frame = SampleFrame | EventFrame | InventoryFrame

@@ -499,3 +499,26 @@ async def test_frames_dated_ahead_never_push_the_stored_host_into_the_future(
         assert await conn.fetchval("SELECT max(last_seen) FROM gpus") < datetime.fromtimestamp(now + 60, UTC)
     finally:
         await writer.close()
+
+
+def test_every_string_field_has_a_documented_length_limit() -> None:
+    """Item 8 as a rule: a new string field without its own limit (and its line in
+    docs/protocol.md) fails here, before a long value can reach an index."""
+    import typing
+
+    from shared import frames
+
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    for cls in frames._RECORDS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "kind" or "str" not in str(hints[f.name]):
+                continue
+            limit = f.metadata.get("max_len")
+            assert limit is not None, f"{cls.__name__}.{f.name} has no max_len"
+            section = doc.split(f"\n### {cls.__name__}\n", 1)[-1].split("\n### ", 1)[0]
+            if f.name in ("host", "provider", "boot_id"):
+                section = doc
+            assert f"| `{f.name}` | " in section
+            row = section.split(f"| `{f.name}` | ", 1)[1].split("\n", 1)[0]
+            assert f"≤ {limit} chars" in row, (cls.__name__, f.name, row)
