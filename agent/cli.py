@@ -21,6 +21,7 @@ import typer
 from shared.config import AgentConfig, load_agent_config
 from shared.errors import GpuwardenError
 from shared.frames import to_wire
+from shared.redact import redact
 
 # rich_markup_mode=None: help text is plain text; rich read "HOST[/gpuN]" as a closing markup tag.
 app = typer.Typer(
@@ -60,7 +61,7 @@ def guarded(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except GpuwardenError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {redact(str(e))}", err=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -142,7 +142,7 @@ class Fleet:
             else Inventory(h.backend.name, None, None, None, (), nvml_error=h.nvml_error)
         )
         frame = build_inventory(h.seqr, inv, h.system.host_facts())
-        self.publisher.publish(h.seqr.subjects[2], encode(frame), h.seqr.msg_id(frame.seq))
+        self.publisher.publish(h.seqr.subjects[2], encode(frame))
         self.stats.inventories += 1
         h.inventory_sent = True
 
@@ -162,7 +162,7 @@ class Fleet:
         frame = build_sample(
             h.seqr, interval_s=self.interval, gpus=gpus, system=h.system.sample(), outage=outage
         )
-        self.publisher.publish(h.seqr.subjects[0], encode(frame), h.seqr.msg_id(frame.seq))
+        self.publisher.publish(h.seqr.subjects[0], encode(frame))
         self.stats.samples += 1
 
     def poll_events(self) -> None:
@@ -179,9 +179,7 @@ class Fleet:
                 if accepted is None or down:
                     continue
                 frame = build_event(h.seqr, *accepted)
-                self.publisher.publish(
-                    h.seqr.subjects[1], encode(frame), h.seqr.msg_id(frame.seq), urgent=True
-                )
+                self.publisher.publish(h.seqr.subjects[1], encode(frame), urgent=True)
                 self.stats.events += 1
 
     async def run(self, duration: float | None = None) -> None:

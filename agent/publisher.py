@@ -1,4 +1,4 @@
-"""JetStream publishing with acks, message ids and a bounded replay buffer.
+"""JetStream publishing with acks and a bounded replay buffer (frames and bytes).
 
 One :class:`Publisher` owns one NATS connection. Frames are queued with :meth:`Publisher.publish`
 (never blocks) and sent by ``workers`` tasks, each waiting for the JetStream ack before taking
@@ -6,12 +6,17 @@ the next frame: one worker (the agent) keeps the stream in submission order; man
 (``gpuwarden fleet``) pipeline acks over one connection.
 
 Buffer: frames wait in two queues, events (``urgent``) ahead of samples and inventory, together
-bounded by ``nats.buffer_frames``. While NATS is unreachable the queues keep the NEWEST frames:
-on overflow the oldest sample (or, when only events wait, the oldest event) is dropped and
-counted in :attr:`PublisherStats.dropped`. On reconnect they replay oldest first. A frame
-whose publish failed goes back to the head of its queue, so no frame overtakes another of its
-queue; a frame the server already stored before the ack was lost is deduplicated by its
-``Nats-Msg-Id``.
+bounded by ``nats.buffer_frames`` frames and ``nats.buffer_bytes`` bytes of frame data (the
+bytes bound keeps a long outage below the agent unit's memory limit). While NATS is unreachable
+the queues keep the NEWEST frames: on overflow the oldest sample (or, when only events wait, the
+oldest event) is dropped and counted in :attr:`PublisherStats.dropped` (and ``dropped_bytes``);
+the agent publishes the count in every sample (``agent.dropped_frames``), so the first sample
+after NATS is back tells the collector how many frames the gap lost. On reconnect they replay
+oldest first. A frame whose publish failed goes back to the head of its queue, so no frame
+overtakes another of its queue. Frames carry no ``Nats-Msg-Id``: JetStream's duplicate window is
+stream-wide, so an id another host's agent can send would let it suppress ours
+(docs/protocol.md). A frame the server stored before its ack was lost is therefore stored twice
+in the stream; the collector stores it once (idempotent on host, boot id and sequence).
 
 Outage report: from the moment the connection is lost (or, for a background start, from the
 start) until it is back, the publisher notes how long and how many frames it buffered and
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -48,7 +54,8 @@ from shared.config import NatsConfig
 from shared.errors import EXIT_UNAVAILABLE, GpuwardenError, ServiceUnavailableError
 from shared.frames import PublishOutage
 from shared.natsconf import connect_options as shared_connect_options
-from shared.natsconf import stream_settings
+from shared.natsconf import fit_max_bytes, is_name_in_use, stream_settings
+from shared.redact import redact
 from shared.subjects import STREAM, STREAM_SUBJECTS
 from shared.tasks import cancel_all
 
@@ -70,6 +77,7 @@ class PublisherStats:
     published: int = 0  # frames acknowledged by JetStream
     publish_errors: int = 0  # failed attempts (the frame is retried)
     dropped: int = 0  # frames lost to buffer overflow (exact)
+    dropped_bytes: int = 0  # their bytes
     permission_errors: int = 0  # frames refused by the server's permissions (not retried)
     disconnects: int = 0
     reconnects: int = 0
@@ -79,7 +87,6 @@ class PublisherStats:
 class Outgoing:
     subject: str
     data: bytes
-    msg_id: str
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -113,11 +120,14 @@ class Publisher:
         name: str,
         workers: int = 1,
         deny_retry_s: float = 60.0,
+        inbox_prefix: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = name
+        self.inbox_prefix = inbox_prefix  # e.g. _INBOX_<host>: replies the NATS role lets us read
         self.capacity = max(1, cfg.buffer_frames)
+        self.capacity_bytes = max(1, cfg.buffer_bytes)
         self.stats = PublisherStats()
         self.nc = Client()
         self.js: JetStreamContext = self.nc.jetstream(timeout=cfg.publish_timeout)
@@ -128,6 +138,7 @@ class Publisher:
         self._rng = rng or random.Random()  # noqa: S311  (jitter, not crypto)
         self._urgent: deque[Outgoing] = deque()
         self._normal: deque[Outgoing] = deque()
+        self._bytes = 0  # data bytes in _urgent and _normal
         self._ready = asyncio.Event()  # frames are waiting
         self._idle = asyncio.Event()  # nothing queued and nothing in flight
         self._idle.set()
@@ -158,6 +169,11 @@ class Publisher:
         """Frames waiting to be sent (not counting those in flight)."""
         return len(self._urgent) + len(self._normal)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the frames waiting to be sent."""
+        return self._bytes
+
     async def wait_connected(self, within_s: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self._connected.wait(), within_s)
@@ -177,6 +193,8 @@ class Publisher:
         :attr:`failed` and :attr:`failed_event`).
         """
         opts = connect_options(self.cfg, self.name)  # ConfigError now, not in the background
+        if self.inbox_prefix:
+            opts["inbox_prefix"] = self.inbox_prefix
         self._started = True
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"publisher-{i}") for i in range(self._workers)
@@ -187,7 +205,7 @@ class Publisher:
                 await asyncio.wait_for(self._connect(opts), limit)
             except TimeoutError:
                 raise ServiceUnavailableError(
-                    f"cannot reach NATS at {', '.join(self.cfg.servers)} within {limit:.0f}s"
+                    f"cannot reach NATS at {redact(', '.join(self.cfg.servers))} within {limit:.0f}s"
                 ) from None
         else:
             self._tasks.append(asyncio.create_task(self._connect_forever(opts), name="publisher-connect"))
@@ -223,7 +241,7 @@ class Publisher:
             await self._wait_reachable()
             await self._connect(opts)
         except GpuwardenError as e:
-            log.error("NATS: %s", e)
+            log.error("NATS: %s", redact(str(e)))
             self.failed = e
             self.failed_event.set()
 
@@ -259,7 +277,8 @@ class Publisher:
             reconnected_cb=self._on_reconnected,
             reconnect_to_server_handler=self._pick_server,
         )
-        log.info("NATS: connected to %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+        url = self.nc.connected_url  # host and port only: the URL may carry credentials
+        log.info("NATS: connected to %s:%s", url.hostname if url else "?", url.port if url else "?")
         attempt = 0
         while True:
             try:
@@ -285,7 +304,15 @@ class Publisher:
                 raise StreamUnavailableError(
                     f"JetStream stream {STREAM} does not exist and nats.create_stream is false"
                 ) from None
-            await self.js.add_stream(want)
+            try:
+                await fit_max_bytes(
+                    lambda n: self.js.add_stream(dataclasses.replace(want, max_bytes=n)),
+                    int(want.max_bytes or -1),
+                )
+            except nats.js.errors.BadRequestError as e:
+                if not is_name_in_use(e):
+                    raise
+                return  # another client (an agent, the collector) created it meanwhile
             log.info("NATS: created stream %s", STREAM)
             return
         have = set(info.config.subjects or ())
@@ -332,27 +359,34 @@ class Publisher:
 
     # ------------------------------------------------------------------ queueing
 
-    def publish(self, subject: str, data: bytes, msg_id: str, *, urgent: bool = False) -> None:
+    def publish(self, subject: str, data: bytes, *, urgent: bool = False) -> None:
         """Queue one frame; it is sent as soon as a sender is free (never blocks)."""
-        (self._urgent if urgent else self._normal).append(Outgoing(subject, data, msg_id))
+        (self._urgent if urgent else self._normal).append(Outgoing(subject, data))
+        self._bytes += len(data)
         self._trim()
         self._idle.clear()
         self._ready.set()
 
     def _trim(self) -> None:
-        while len(self._urgent) + len(self._normal) > self.capacity:
-            (self._normal or self._urgent).popleft()
+        while len(self._urgent) + len(self._normal) > self.capacity or self._bytes > self.capacity_bytes:
+            gone = (self._normal or self._urgent).popleft()
+            self._bytes -= len(gone.data)
             self.stats.dropped += 1
+            self.stats.dropped_bytes += len(gone.data)
 
     def _take(self) -> tuple[Outgoing, bool] | None:
         if self._urgent:
-            return self._urgent.popleft(), True
-        if self._normal:
-            return self._normal.popleft(), False
-        return None
+            item, urgent = self._urgent.popleft(), True
+        elif self._normal:
+            item, urgent = self._normal.popleft(), False
+        else:
+            return None
+        self._bytes -= len(item.data)
+        return item, urgent
 
     def _requeue(self, item: Outgoing, urgent: bool) -> None:
         (self._urgent if urgent else self._normal).appendleft(item)
+        self._bytes += len(item.data)
         self._trim()
         self._ready.set()
 
@@ -382,7 +416,7 @@ class Publisher:
                 continue
             self._inflight += 1
             try:
-                await self.js.publish(item.subject, item.data, headers={"Nats-Msg-Id": item.msg_id})
+                await self.js.publish(item.subject, item.data)  # no Nats-Msg-Id: see the module doc
             except asyncio.CancelledError:
                 self._requeue(item, urgent)
                 raise
@@ -430,7 +464,7 @@ class Publisher:
     # ------------------------------------------------------------------ callbacks
 
     async def _on_error(self, e: Exception) -> None:
-        text = str(e) or type(e).__name__
+        text = redact(str(e)) or type(e).__name__
         m = _DENIED.search(text)
         if m:
             self._denied[m.group(1)] = time.monotonic()
@@ -443,7 +477,11 @@ class Publisher:
         if self._connected.is_set() and not self._closing:
             self.stats.disconnects += 1
             self._went_down()
-            log.warning("NATS: disconnected; buffering up to %d frames", self.capacity)
+            log.warning(
+                "NATS: disconnected; buffering up to %d frames or %d MiB",
+                self.capacity,
+                self.capacity_bytes >> 20,
+            )
         self._connected.clear()
 
     async def _on_reconnected(self) -> None:

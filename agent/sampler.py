@@ -64,9 +64,6 @@ class Sequencer:
         """Subject of a frame of ``kind`` (``sample``, ``event`` or ``inventory``) of this host."""
         return self.subjects[("sample", "event", "inventory").index(kind)]
 
-    def msg_id(self, seq: int) -> str:
-        return subjects.msg_id(self.host, self.boot_id, seq)
-
 
 def build_sample(
     seqr: Sequencer,

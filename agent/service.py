@@ -48,7 +48,7 @@ from shared.frames import (
     SampleFrame,
     encode,
 )
-from shared.subjects import poll_subject
+from shared.subjects import inbox_prefix, poll_subject
 from shared.tasks import cancel_all, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ class AgentService:
         self.backend = backend
         self.system = system
         self.seqr = Sequencer(host=a.host, provider=a.provider)
-        self.publisher = Publisher(config.nats, name=f"gpuwarden-agent {a.host}")
+        self.publisher = Publisher(
+            config.nats, name=f"gpuwarden-agent {a.host}", inbox_prefix=inbox_prefix(a.host)
+        )
         self.tracker = EventTracker()
         self.notifier = notifier or SdNotifier()
         self.kmsg: KmsgReader | None = None
@@ -316,7 +318,7 @@ class AgentService:
             agent=self.stats(),
             outage=self._outage(),
         )
-        self.publisher.publish(self.seqr.subjects[0], encode(frame), self.seqr.msg_id(frame.seq))
+        self.publisher.publish(self.seqr.subjects[0], encode(frame))
         return frame
 
     def _outage(self) -> PublishOutage | None:
@@ -343,7 +345,7 @@ class AgentService:
     def _publish_inventory(self, inv: Inventory) -> InventoryFrame:
         self._inventory_sent = True
         frame = build_inventory(self.seqr, inv, self._host_facts)
-        self.publisher.publish(self.seqr.subjects[2], encode(frame), self.seqr.msg_id(frame.seq))
+        self.publisher.publish(self.seqr.subjects[2], encode(frame))
         return frame
 
     def stats(self) -> AgentStats:
@@ -408,9 +410,7 @@ class AgentService:
                 continue
             resolved, count = accepted
             frame = build_event(self.seqr, resolved, count)
-            self.publisher.publish(
-                self.seqr.subjects[1], encode(frame), self.seqr.msg_id(frame.seq), urgent=True
-            )
+            self.publisher.publish(self.seqr.subjects[1], encode(frame), urgent=True)
             self.events_published += 1
             log.info(
                 "event %s gpu=%s xid=%s count=%d", resolved.type, resolved.gpu_index, resolved.xid, count

@@ -55,11 +55,11 @@ def fleet_frames(hosts: int, ticks: int, start: float, prefix: str = "host") -> 
 async def _prefill(url: str, cfg: Any, frames: list[tuple[str, bytes]]) -> None:
     import nats
 
-    from collector.ingest import stream_config
+    from collector.stream import reconcile
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(stream_config(cfg))
+    await reconcile(js, cfg.nats)
     for subject, data in frames:
         await nc.publish(subject, data)  # core publish: JetStream stores it, no per-message ack
     await nc.flush()

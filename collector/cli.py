@@ -15,6 +15,7 @@ import typer
 
 from collector.config import CollectorConfig, load_collector_config
 from shared.errors import ConfigError, GpuwardenError
+from shared.redact import redact
 
 # rich_markup_mode=None: help text is plain text, so "[...]" in it is never read as rich markup.
 app = typer.Typer(
@@ -33,7 +34,7 @@ def _config(flags: dict[str, Any], config: Path | None) -> CollectorConfig:
 
 
 def _fail(e: GpuwardenError) -> typer.Exit:
-    typer.echo(f"error: {e}", err=True)
+    typer.echo(f"error: {redact(str(e))}", err=True)
     return typer.Exit(e.exit_code)
 
 

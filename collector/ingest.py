@@ -31,17 +31,17 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
+from collector import stream
 from collector.config import CollectorConfig
 from collector.ratelimit import RATE_LIMITED, HostRateLimit
 from collector.store import db
 from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
-from shared.errors import FrameDecodeError, ServiceUnavailableError, SubjectError
+from shared.errors import FrameDecodeError, SubjectError
 from shared.frames import Frame, decode_partial
-from shared.natsconf import stream_settings
 from shared.subjects import STREAM, parse_subject, sanitize_token
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,8 @@ class IngestStats:
     last_write_s: float = 0.0
     last_commit_lag_s: float = 0.0  # oldest message of the last batch: stream time to commit
     consumer_pending: int = 0  # messages waiting in the stream for this consumer
+    stream_lost: int = 0  # messages the stream dropped (full, or aged out) before we got them
+    stream_max_bytes: int = -1  # the stream's size limit, as reconciled at start
     db_errors: int = 0
     db_up: bool = True
 
@@ -181,7 +183,7 @@ class RateLimitedLog:
 
 
 def stream_config(cfg: CollectorConfig) -> StreamConfig:
-    return StreamConfig(storage=StorageType.FILE, **stream_settings(cfg.nats))
+    return stream.stream_config(cfg.nats)
 
 
 def consumer_name(cfg: CollectorConfig) -> str:
@@ -202,16 +204,13 @@ class Ingest:
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stop = asyncio.Event()
         self._stop_at = 0.0
+        self.gaps = stream.StreamGaps()
 
     async def setup(self, nc: NatsClient) -> None:
-        """Create the stream if allowed and missing, create/bind the durable consumer."""
+        """Create or reconcile the stream (:func:`collector.stream.reconcile`), create/bind the
+        durable consumer, and start counting the stream's losses from where it stands."""
         js = nc.jetstream()
-        try:
-            await js.stream_info(STREAM)
-        except nats.js.errors.NotFoundError as e:
-            if not self.cfg.nats.create_stream:
-                raise ServiceUnavailableError(f"JetStream stream {STREAM} does not exist") from e
-            await js.add_stream(stream_config(self.cfg))
+        self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
         c = self.cfg.collector
         name = consumer_name(self.cfg)
         config = ConsumerConfig(
@@ -229,6 +228,9 @@ class Ingest:
         except nats.js.errors.BadRequestError as e:
             log.warning("consumer %s exists with other settings, using it as is: %s", name, e)
         self._sub = await js.pull_subscribe_bind(durable=name, stream=STREAM)
+        delivered = (await js.consumer_info(STREAM, name)).delivered.stream_seq or 0
+        first = (await js.stream_info(STREAM)).state.first_seq or 1
+        self.gaps = stream.StreamGaps(delivered or first - 1)  # a new consumer starts at the first
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -300,6 +302,14 @@ class Ingest:
         for i, m in enumerate(msgs):
             if i % 64 == 63:
                 await asyncio.sleep(0)
+            if lost := self.gaps.see(_stream_seq(m)):
+                self.stats.stream_lost += lost
+                self._rl.warning(
+                    "stream-lost",
+                    "%d messages dropped by the stream before this collector got them (it was full "
+                    "or they aged out: raise [nats] stream_max_bytes or stream_max_age)",
+                    lost,
+                )
             if c.partitions > 1 and subject_partition(m.subject, c.partitions) != c.partition:
                 self.stats.skipped_other_partition += 1
                 continue

@@ -23,6 +23,7 @@ import aiohttp
 
 from collector.state import HostState
 from shared.errors import GpuwardenError, SubjectError
+from shared.redact import redact
 from shared.subjects import sanitize_token
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def compare(expected: Iterable[ExpectedHost], reported: Mapping[str, HostState])
 
 
 async def load_expected(source: str, http_timeout: float = 10.0) -> list[ExpectedHost]:
-    """Read the expected inventory from a file path or an HTTP(S) URL."""
+    """Read the expected inventory from a file path or an HTTP(S) URL (errors show the URL
+    without its credentials)."""
+    shown = redact(source)
     if source.startswith(("http://", "https://")):
         try:
             async with (
@@ -103,20 +106,20 @@ async def load_expected(source: str, http_timeout: float = 10.0) -> list[Expecte
                 session.get(source) as resp,
             ):
                 if resp.status != 200:
-                    raise InventorySourceError(f"{source}: HTTP {resp.status}")
+                    raise InventorySourceError(f"{shown}: HTTP {resp.status}")
                 if resp.content_length is not None and resp.content_length > MAX_SOURCE_BYTES:
-                    raise InventorySourceError(f"{source}: larger than {MAX_SOURCE_BYTES} bytes")
+                    raise InventorySourceError(f"{shown}: larger than {MAX_SOURCE_BYTES} bytes")
                 raw = await resp.content.read(MAX_SOURCE_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise InventorySourceError(f"{source}: {e}") from e
+            raise InventorySourceError(f"{shown}: {redact(str(e))}") from e
     else:
         try:
             raw = await asyncio.to_thread(_read_head, Path(source))
         except OSError as e:
-            raise InventorySourceError(f"{source}: {e.strerror or e}") from e
+            raise InventorySourceError(f"{shown}: {e.strerror or e}") from e
     if len(raw) > MAX_SOURCE_BYTES:
-        raise InventorySourceError(f"{source}: larger than {MAX_SOURCE_BYTES} bytes")
-    return parse_document(raw, source)
+        raise InventorySourceError(f"{shown}: larger than {MAX_SOURCE_BYTES} bytes")
+    return parse_document(raw, shown)
 
 
 def parse_document(raw: bytes, source: str = "inventory") -> list[ExpectedHost]:

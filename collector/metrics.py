@@ -113,6 +113,7 @@ class Snapshot:
     stats: dict[str, Any]
     ingest: IngestStats
     hosts: int
+    agent_drops: list[tuple[str, str, int]]  # provider, host, agent.dropped_frames of its newest sample
 
 
 class FleetCollector(Collector):
@@ -137,7 +138,12 @@ class FleetCollector(Collector):
         from collector.api.live import LiveRollup  # collector.api imports this module
 
         fleet = LiveRollup.of(svc).current()
-        return Snapshot(samples, fleet, xids, svc.alerting.stats, st, len(svc.state))
+        drops = [
+            (hs.provider, hs.host, hs.sample.agent.dropped_frames)
+            for hs in svc.state.hosts.values()
+            if hs.sample is not None and hs.sample.agent is not None
+        ]
+        return Snapshot(samples, fleet, xids, svc.alerting.stats, st, len(svc.state), drops)
 
     def prime(self) -> None:
         """Take the next scrape's snapshot now (on the event loop); ``collect`` uses it once."""
@@ -193,7 +199,15 @@ class FleetCollector(Collector):
             for gh in hh.gpus:
                 for code, count in snap.xids.get((name, gh.index), ()):
                     xid.add_metric([hh.provider, name, str(gh.index), gh.uuid, str(code)], float(count))
-        yield from (xid, host_status)
+        dropped = CounterMetricFamily(
+            "gpuwarden_agent_dropped_frames",
+            "Frames the host's agent dropped from its full buffer while NATS was unreachable, "
+            "since the agent started (from its newest sample): a gap, not a dead host.",
+            labels=["provider", "host"],
+        )
+        for provider, host, n in snap.agent_drops:
+            dropped.add_metric([provider, host], float(n))
+        yield from (xid, host_status, dropped)
 
     def render(self) -> bytes:
         """The exposition text of :meth:`collect`, with the per-GPU families written directly
@@ -312,6 +326,16 @@ class FleetCollector(Collector):
             c + "consumer_pending_messages",
             "Messages waiting for this consumer.",
             value=float(st.consumer_pending),
+        )
+        yield CounterMetricFamily(
+            c + "stream_lost_messages",
+            "Messages the stream dropped (full: discard old, or aged out) before this collector got them.",
+            value=float(st.stream_lost),
+        )
+        yield GaugeMetricFamily(
+            c + "stream_max_bytes",
+            "Size limit of the GPUWARDEN stream after reconciling at start (-1: none).",
+            value=float(st.stream_max_bytes),
         )
         yield CounterMetricFamily(c + "db_errors", "Failed PostgreSQL writes.", value=float(st.db_errors))
         yield GaugeMetricFamily(

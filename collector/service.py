@@ -40,6 +40,7 @@ from shared.config import NatsConfig
 from shared.errors import ServiceUnavailableError
 from shared.frames import Frame
 from shared.natsconf import connect_options
+from shared.redact import redact
 from shared.tasks import cancel_all, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ async def _nats_error(e: Exception) -> None:
     now = time.monotonic()
     if now - _last_nats_error[0] >= 10.0:
         _last_nats_error[0] = now
-        log.warning("NATS: %s", str(e) or type(e).__name__)
+        log.warning("NATS: %s", redact(str(e)) or type(e).__name__)
 
 
 class CollectorService:
@@ -201,5 +202,5 @@ async def _with_retry(connect: Callable[[], Awaitable[Any]], what: str, within: 
             with attempt:
                 return await connect()
     except _CONNECT_ERRORS as e:
-        raise ServiceUnavailableError(f"cannot reach {what}: {str(e) or type(e).__name__}") from e
+        raise ServiceUnavailableError(f"cannot reach {what}: {redact(str(e)) or type(e).__name__}") from e
     raise AssertionError("unreachable")

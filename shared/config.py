@@ -118,11 +118,15 @@ class NatsConfig:
     reconnect_wait: float = dur("1s")  # base of the jittered reconnect backoff
     reconnect_wait_max: float = dur("30s")
     buffer_frames: int = num(20_000, 0, 10_000_000)  # frames kept while NATS is unreachable
+    # ... and at most this many bytes of frames: below the agent unit's MemoryHigh=192M with
+    # the agent's own ~60 MB (docs/configuration.md explains the default).
+    buffer_bytes: int = num(64 << 20, 1 << 20, 1 << 40)
     publish_timeout: float = dur("5s")
     create_stream: bool = True  # create or verify the GPUWARDEN stream if allowed
     stream_replicas: int = num(1, 1, 5)
     stream_max_age: float = dur("7d")
-    stream_max_bytes: int = num(-1, -1, None)  # -1: unlimited
+    stream_max_bytes: int = num(0, -1, None)  # 0: sized from stream_hosts (shared.natsconf), -1: none
+    stream_hosts: int = num(100, 1, 10_000_000)  # the fleet size the automatic stream size is for
     dedup_window: float = dur("2m")
 
 

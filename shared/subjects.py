@@ -85,6 +85,8 @@ def parse_subject(subject: str) -> ParsedSubject:
     return ParsedSubject(kind=parts[2], provider=parts[3], host=parts[4])
 
 
-def msg_id(host: str, boot_id: str, seq: int) -> str:
-    """The ``Nats-Msg-Id`` of a frame: host, boot id and sequence, so a retry deduplicates."""
-    return f"{host}:{boot_id}:{seq}"
+def inbox_prefix(host: str) -> str:
+    """The agent's inbox prefix ``_INBOX_<host token>``: its request replies (JetStream acks and
+    API answers) arrive under it, the only inboxes the NATS role lets that agent subscribe to
+    (the collector's are under ``_INBOX.``)."""
+    return f"_INBOX_{sanitize_token(host)}"

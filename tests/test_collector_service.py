@@ -16,9 +16,10 @@ import nats
 import pytest
 
 from collector.config import load_collector_config
-from collector.ingest import consumer_name, stream_config
+from collector.ingest import consumer_name
 from collector.service import CollectorService
 from collector.store import migrate
+from collector.stream import reconcile
 from gpuwarden.servers import NatsServer, free_port
 from shared.errors import ConfigError
 from shared.frames import Frame
@@ -59,7 +60,7 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
 ) -> None:
     nc = await nats.connect(private_nats.url)
     js = nc.jetstream()
-    await js.add_stream(stream_config(config(pg_dsn, private_nats.url)))
+    await reconcile(js, config(pg_dsn, private_nats.url).nats)  # as the collector makes it
     now = time.time()
     published: list[Frame] = []
     stop = asyncio.Event()

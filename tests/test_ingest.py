@@ -27,7 +27,7 @@ from collector.store.rows import storage_problem
 from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, PostgresServer
 from shared.frames import Frame, encode, to_wire
-from shared.subjects import msg_id, sample_subject, subject_for
+from shared.subjects import sample_subject, subject_for
 from tests.test_store import event, inventory, make_config, sample
 
 # ----------------------------------------------------------------------------- helpers
@@ -42,11 +42,7 @@ def config(dsn: str, nats_url: str, **flags: Any) -> CollectorConfig:
 
 async def publish(js: Any, frames: list[Frame]) -> None:
     for f in frames:
-        await js.publish(
-            subject_for(f.kind, f.provider, f.host),
-            encode(f),
-            headers={"Nats-Msg-Id": msg_id(f.host, f.boot_id, f.seq)},
-        )
+        await js.publish(subject_for(f.kind, f.provider, f.host), encode(f))  # as agents: no Nats-Msg-Id
 
 
 async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:  # noqa: ASYNC109
@@ -138,7 +134,7 @@ async def test_fleet_frames_land_once(
         nc = await nats.connect(private_nats.url)
         js = nc.jetstream()
         await publish(js, frames)
-        await publish(js, frames[:50])  # a publisher retry: deduplicated by Nats-Msg-Id
+        await publish(js, frames[:50])  # a publisher's replay: stored once (host, boot id, seq)
         await wait_until(lambda: _count(conn, "host_samples", 300))
         await wait_until(lambda: _count(conn, "events", 3))
         await nc.close()

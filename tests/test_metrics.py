@@ -98,6 +98,13 @@ def test_collector_figures(service: CollectorService, registry: CollectorRegistr
     assert registry.get_sample_value("gpuwarden_collector_batches_total") == st.batches
     assert registry.get_sample_value("gpuwarden_collector_db_up") == 1.0
     assert registry.get_sample_value("gpuwarden_collector_hosts") == 5
+    assert registry.get_sample_value("gpuwarden_collector_stream_lost_messages_total") == st.stream_lost == 0
+    assert registry.get_sample_value("gpuwarden_collector_stream_max_bytes") == st.stream_max_bytes > 0
+    for hs in service.state.hosts.values():
+        if hs.sample is not None and hs.sample.agent is not None:
+            labels = {"provider": hs.provider, "host": hs.host}
+            got = registry.get_sample_value("gpuwarden_agent_dropped_frames_total", labels)
+            assert got == hs.sample.agent.dropped_frames
 
 
 def test_the_global_registry_is_untouched(registry: CollectorRegistry) -> None:

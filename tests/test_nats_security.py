@@ -4,7 +4,9 @@ The role's ``pki.yml`` and ``config.yml`` render the CA, the server certificate 
 ``nats.conf`` (via ``ansible-playbook``, as on a server) for three agents; a nats-server runs
 that file unchanged. Then: each agent may publish its own host's subjects and nothing else,
 anonymous, wrong-password and plain-text clients are refused, the collector consumes the
-stream through a durable consumer, and TLS verifies against the generated CA only.
+stream through a durable consumer, and TLS verifies against the generated CA only. The three
+attacks of one agent on the others (read the collector's inbox, +TERM the collector's
+messages, suppress another host's frame with its message id) are refused.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
-from nats.js.api import StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
+from agent.gpu.base import GpuEvent
 from agent.publisher import Publisher
+from agent.sampler import Sequencer, build_event
 from gpuwarden.servers import free_port, wait_port
 from shared.config import NatsConfig, Secret
-from shared.subjects import STREAM, STREAM_SUBJECTS
+from shared.frames import decode, encode
+from shared.natsconf import stream_settings
+from shared.subjects import STREAM, inbox_prefix, sanitize_token
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -127,7 +134,11 @@ class Errors:
 
 
 async def connect(
-    r: Rendered, user: str | None, password: str | None, errors: Errors | None = None
+    r: Rendered,
+    user: str | None,
+    password: str | None,
+    errors: Errors | None = None,
+    inbox: str | None = None,
 ) -> Client:
     opts: dict[str, object] = {
         "servers": [r.url],
@@ -140,6 +151,8 @@ async def connect(
     if user is not None:
         opts["user"] = user
         opts["password"] = password
+    if inbox is not None:
+        opts["inbox_prefix"] = inbox
     return await nats.connect(**opts)  # type: ignore[arg-type]
 
 
@@ -149,15 +162,35 @@ async def connect_and_close(pending: Awaitable[Client]) -> None:
 
 
 async def agent(r: Rendered, host: str, errors: Errors | None = None) -> Client:
+    """An agent's connection, with its own inbox prefix as the agent sets it."""
     user = f"agent-{host}"
-    return await connect(r, user, agent_password(user), errors)
+    return await connect(r, user, agent_password(user), errors, inbox=inbox_prefix(host))
+
+
+def agent_config(r: Rendered, host: str) -> NatsConfig:
+    user = f"agent-{host}"
+    return NatsConfig(
+        servers=(r.url,),
+        user=user,
+        password=Secret(agent_password(user)),
+        tls_ca=str(r.ca),
+        create_stream=False,
+        publish_timeout=1.0,
+    )
+
+
+async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
 async def collector(rendered: Rendered) -> AsyncIterator[Client]:
     nc = await connect(rendered, "collector", COLLECTOR_PASSWORD)
     js = nc.jetstream(timeout=5)
-    await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS), duplicate_window=120))
+    await js.add_stream(StreamConfig(storage=StorageType.FILE, **stream_settings(NatsConfig())))
     yield nc
     await nc.drain()
 
@@ -324,23 +357,167 @@ async def test_collector_polls_an_agent_which_may_answer(rendered: Rendered, col
 
 
 async def test_agent_publisher_counts_a_refused_publish(rendered: Rendered, collector: Client) -> None:
-    user = "agent-gpu-b"
-    cfg = NatsConfig(
-        servers=(rendered.url,),
-        user=user,
-        password=Secret(agent_password(user)),
-        tls_ca=str(rendered.ca),
-        create_stream=False,
-        publish_timeout=1.0,
-    )
-    pub = Publisher(cfg, name="sec-test")
+    pub = Publisher(agent_config(rendered, "gpu-b"), name="sec-test", inbox_prefix=inbox_prefix("gpu-b"))
     await pub.start(wait=True)
     try:
-        pub.publish("gpuwarden.v1.sample.prov1.gpu-b", b"own", "gpu-b:boot:1")
-        pub.publish("gpuwarden.v1.sample.prov1.gpu-a", b"forged", "gpu-b:boot:2")
-        pub.publish("gpuwarden.v1.event.prov1.gpu-b", b"own", "gpu-b:boot:3")
+        pub.publish("gpuwarden.v1.sample.prov1.gpu-b", b"own")
+        pub.publish("gpuwarden.v1.sample.prov1.gpu-a", b"forged")
+        pub.publish("gpuwarden.v1.event.prov1.gpu-b", b"own")
         assert await pub.flush(15)
         assert pub.stats.published == 2
         assert pub.stats.permission_errors == 1
     finally:
         await pub.close()
+
+
+# ----------------------------------------------------------------------------- one agent against the others
+
+
+async def test_agent_cannot_read_the_collectors_inbox(rendered: Rendered, collector: Client) -> None:
+    """Attack 1: the collector's pull fetches are delivered to ``_INBOX.<...>``; an agent that
+    could subscribe there would read every host's telemetry."""
+    errors = Errors()
+    spy = await agent(rendered, "gpu-b", errors)
+    tap = await spy.subscribe("_INBOX.>")
+    await spy.flush()
+    sub = await collector.jetstream(timeout=5).pull_subscribe(
+        "gpuwarden.v1.sample.prov1.gpu-a",
+        durable="inbox-spy",
+        stream=STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+    )
+    victim = await agent(rendered, "gpu-a")
+    await victim.jetstream(timeout=5).publish("gpuwarden.v1.sample.prov1.gpu-a", b"telemetry of gpu-a")
+    msgs = await sub.fetch(1, timeout=5)
+    assert msgs[0].data == b"telemetry of gpu-a"
+    await msgs[0].ack_sync()
+    await wait_for(lambda: bool(errors.violations()), "the subscription to be refused")
+    assert any('subscription to "_inbox.>"' in v.lower() for v in errors.violations()), errors.items
+    with pytest.raises(nats.errors.TimeoutError):
+        await tap.next_msg(timeout=0.5)
+    # The agent's own replies still arrive, under its own prefix.
+    assert (await spy.jetstream(timeout=5).publish("gpuwarden.v1.sample.prov1.gpu-b", b"own")).seq > 0
+    await sub.unsubscribe()
+    await spy.close()
+    await victim.close()
+
+
+async def test_agent_cannot_terminate_or_ack_the_collectors_messages(
+    rendered: Rendered, collector: Client
+) -> None:
+    """Attack 2: answer the collector's deliveries (reply ``$JS.ACK.GPUWARDEN...``) with ``+TERM``,
+    via a subscription to its inbox and ``allow_responses``, or by publishing to the ack subject."""
+    errors = Errors()
+    attacker = await agent(rendered, "gpu-b", errors)
+
+    async def terminate(msg: nats.aio.msg.Msg) -> None:
+        if msg.reply:
+            await attacker.publish(msg.reply, b"+TERM")
+
+    await attacker.subscribe("_INBOX.>", cb=terminate)
+    await attacker.flush()
+    js = collector.jetstream(timeout=5)
+    await js.add_consumer(
+        STREAM,
+        ConsumerConfig(
+            durable_name="term-victim",
+            ack_wait=120.0,
+            filter_subject="gpuwarden.v1.event.prov1.gpu-a",
+            deliver_policy=DeliverPolicy.NEW,
+        ),
+    )
+    sub = await js.pull_subscribe_bind(durable="term-victim", stream=STREAM)
+    victim = await agent(rendered, "gpu-a")
+    await victim.jetstream(timeout=5).publish("gpuwarden.v1.event.prov1.gpu-a", b"XID 79 on gpu-a")
+    [target] = await sub.fetch(1, timeout=5)
+    assert target.data == b"XID 79 on gpu-a"
+    assert target.reply.startswith(f"$JS.ACK.{STREAM}.")
+    await attacker.publish(target.reply, b"+TERM")  # straight at the ack subject
+    await attacker.flush()
+    await wait_for(lambda: any("publish" in v.lower() for v in errors.violations()), "the +TERM refusal")
+    assert any(target.reply.lower() in v.lower() for v in errors.violations()), errors.items
+    info = await sub.consumer_info()
+    assert info.num_ack_pending == 1  # neither terminated nor acknowledged by the attacker
+    await target.ack_sync()
+    assert (await sub.consumer_info()).num_ack_pending == 0
+    await sub.unsubscribe()
+    await attacker.close()
+    await victim.close()
+
+
+async def test_another_hosts_message_id_cannot_suppress_a_frame(
+    rendered: Rendered, collector: Client
+) -> None:
+    """Attack 3: JetStream's duplicate window is stream-wide; agent gpu-b publishes, on its own
+    subject, with every message id gpu-a's next XID frame could carry. The real publisher of
+    gpu-a sends none, so its frame is stored and reaches the collector."""
+    seqr = Sequencer(host="gpu-a", provider="prov1")
+    frame = build_event(seqr, GpuEvent(type="xid", ts=1.7e9, source="kmsg", gpu_index=0, xid=79), 1)
+    attacker = await agent(rendered, "gpu-b")
+    ajs = attacker.jetstream(timeout=5)
+    for forged in (f"gpu-a:{seqr.boot_id}:{frame.seq}", f"{seqr.boot_id}:{frame.seq}", str(frame.seq)):
+        ack = await ajs.publish("gpuwarden.v1.event.prov1.gpu-b", b"decoy", headers={"Nats-Msg-Id": forged})
+        assert not ack.duplicate
+    pub = Publisher(agent_config(rendered, "gpu-a"), name="sec-test-a", inbox_prefix=inbox_prefix("gpu-a"))
+    await pub.start(wait=True)
+    try:
+        pub.publish(seqr.subjects[1], encode(frame), urgent=True)
+        assert await pub.flush(15)
+        assert pub.stats.published == 1
+    finally:
+        await pub.close()
+    sub = await collector.jetstream(timeout=5).pull_subscribe(
+        "gpuwarden.v1.event.prov1.gpu-a", durable="msgid-victim", stream=STREAM
+    )
+    stored = [m.data for m in await sub.fetch(100, timeout=5) if m.data == encode(frame)]
+    assert len(stored) == 1, "gpu-a's XID frame was suppressed"
+    assert (decode(stored[0]).host, decode(stored[0]).seq) == ("gpu-a", frame.seq)
+    await sub.unsubscribe()
+    await attacker.close()
+
+
+async def test_agent_cannot_roll_up_the_stream(rendered: Rendered, collector: Client) -> None:
+    """A header an agent may always send: ``Nats-Rollup: all`` would purge every host's frames;
+    the stream does not allow rollups (the collector keeps ``allow_rollup_hdrs`` off)."""
+    attacker = await agent(rendered, "gpu-b")
+    before = await stream_count(collector)
+    assert before > 0
+    with pytest.raises(nats.js.errors.APIError):
+        await attacker.jetstream(timeout=5).publish(
+            "gpuwarden.v1.sample.prov1.gpu-b", b"rollup", headers={"Nats-Rollup": "all"}
+        )
+    assert await stream_count(collector) == before
+    await attacker.close()
+
+
+def test_roles_make_host_tokens_as_the_code_does(tmp_path: Path) -> None:
+    """The nats role's users and the agent role's default host name agree with
+    shared.subjects.sanitize_token for long, dotted, starred, spaced and control-character
+    names (Jinja's truncate() kept up to 133 characters where the code keeps 128)."""
+    long130, long141 = "n" * 130, "x" * 140 + ".y"
+    hosts: dict[str, dict[str, str]] = {
+        "gpu-a.example.net": {},
+        long130: {},
+        long141: {"gpuwarden_provider": " acme east "},
+        "gpu*star>gt": {"gpuwarden_provider": "p.1\t"},
+        "gpu-explicit": {"gpuwarden_agent_host": " gpu\tspaced\x01name "},
+    }
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"all": {"children": {"gpu_nodes": {"hosts": hosts}}}}))
+    run = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", json.dumps({"out_dir": str(tmp_path)}),
+         str(ROOT / "tests" / "deploy" / "host_tokens.yml")],
+        cwd=ROOT / "ansible", env=ansible_env(), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    nats_agents = {a["user"]: a for a in json.loads((tmp_path / "nats_agents.json").read_text())}
+    agent_default = {
+        d["inventory"]: d["host"] for d in (json.loads(p.read_text()) for p in tmp_path.glob("agent-*.json"))
+    }
+    assert set(agent_default) == set(hosts)
+    for name, hv in hosts.items():
+        host = sanitize_token(hv.get("gpuwarden_agent_host", name))
+        provider = sanitize_token(hv.get("gpuwarden_provider", "default"))
+        assert nats_agents[f"agent-{host}"] == {"user": f"agent-{host}", "host": host, "provider": provider}
+        assert sanitize_token(agent_default[name]) == agent_default[name] == sanitize_token(name)
+    assert len(sanitize_token(long130)) == 128

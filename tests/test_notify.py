@@ -216,7 +216,7 @@ async def test_a_delivery_error_never_carries_the_url_credentials(caplog: pytest
 
 
 def test_redact_hides_userinfo_of_every_url() -> None:
-    from collector.notify.config import redact
+    from shared.redact import redact
 
     assert redact("x https://a:b@h/p and nats://t0k@n:4222 y") == "x https://***@h/p and nats://***@n:4222 y"
     assert redact("https://h/p?x=a@b") == "https://h/p?x=a@b"

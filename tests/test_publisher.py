@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections.abc import Callable
 
 import nats
 import pytest
@@ -35,7 +36,7 @@ def sample(seqr: Sequencer, gpus: int = 2) -> SampleFrame:
 
 
 def send(pub: Publisher, seqr: Sequencer, frame: SampleFrame | EventFrame | InventoryFrame) -> None:
-    pub.publish(seqr.subject(frame.kind), encode(frame), seqr.msg_id(frame.seq), urgent=frame.kind == "event")
+    pub.publish(seqr.subject(frame.kind), encode(frame), urgent=frame.kind == "event")
 
 
 async def stream_frames(url: str, host: str) -> list[SampleFrame | EventFrame | InventoryFrame]:
@@ -148,7 +149,9 @@ async def test_events_overtake_queued_samples_and_are_dropped_last(nats_url: str
     assert [f.seq for f in await stream_frames(nats_url, seqr.host)] == [1, 5, 6, 7]
 
 
-async def test_retried_frame_is_deduplicated_by_msg_id(nats_url: str) -> None:
+async def test_replayed_frame_carries_no_message_id_and_is_kept(nats_url: str) -> None:
+    """No Nats-Msg-Id (an id another agent could send would suppress the frame, docs/protocol.md):
+    a replay after a lost ack is stored twice in the stream; the collector stores it once."""
     seqr = Sequencer(host=unique_host(), provider="p")
     pub = Publisher(cfg(nats_url), name="test")
     await pub.start(wait=True)
@@ -158,7 +161,14 @@ async def test_retried_frame_is_deduplicated_by_msg_id(nats_url: str) -> None:
     assert await pub.flush(5)
     await pub.close()
     assert pub.stats.published == 2
-    assert [x.seq for x in await stream_frames(nats_url, seqr.host)] == [1]
+    assert [x.seq for x in await stream_frames(nats_url, seqr.host)] == [1, 1]
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(f"gpuwarden.v1.*.*.{seqr.host}", stream=STREAM)
+        msgs = await sub.fetch(2, timeout=5)
+        assert [(m.headers or {}).get("Nats-Msg-Id") for m in msgs] == [None, None]
+    finally:
+        await nc.close()
 
 
 async def test_missing_stream_is_a_clear_error_when_creation_is_off(private_nats: NatsServer) -> None:
@@ -312,3 +322,57 @@ async def test_stream_lost_by_the_server_is_created_again(private_nats: NatsServ
     await pub.close()
     assert pub.stats.publish_errors == 1
     assert [f.seq for f in await stream_frames(private_nats.url, seqr.host)] == [2]
+
+
+async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_buffer_is_bounded_in_bytes_and_the_drops_are_published_after_an_outage(
+    private_nats: NatsServer,
+) -> None:
+    """A real agent rides a NATS outage with a 40 KB buffer: the buffer never holds more bytes
+    than that, every frame dropped is counted, and the first sample after NATS is back carries
+    the count, which equals the gap in the sequence numbers the stream got."""
+    limit = 40_000
+    agent = AgentService(
+        AgentConfig(
+            agent=AgentSection(host=unique_host(), provider="p", interval=0.1, kmsg=False, poll=False),
+            nats=cfg(private_nats.url, buffer_frames=10_000, buffer_bytes=limit),
+            network=NetworkChecksConfig(nats_rtt=False),
+            simulate=SimulateConfig(gpus=8),
+        )
+    )
+    pub = agent.publisher
+    task = asyncio.create_task(agent.serve(signals=False))
+    try:
+        await wait_for(lambda: pub.stats.published >= 3, "the first frames")
+        private_nats.stop()
+        peak = 0
+
+        def overflowed() -> bool:
+            nonlocal peak
+            peak = max(peak, pub.buffered_bytes)
+            return pub.stats.dropped >= 20
+
+        await wait_for(overflowed, "the buffer to overflow")
+        assert 0 < peak <= limit
+        assert pub.stats.dropped_bytes > 0
+        private_nats.start()
+        await wait_for(lambda: pub.stats.reconnects == 1 and pub.buffered == 0, "the replay")
+        dropped = pub.stats.dropped
+        published = pub.stats.published
+        await wait_for(lambda: pub.stats.published >= published + 3, "samples after the outage")
+    finally:
+        agent.stop()
+        await task
+    assert pub.stats.dropped == dropped  # nothing dropped once NATS was back
+    frames = await stream_frames(private_nats.url, agent.seqr.host)
+    seqs = [f.seq for f in frames]
+    missing = set(range(1, agent.seqr.seq + 1)) - set(seqs)
+    assert len(missing) == dropped
+    reported = [f.agent.dropped_frames for f in frames if isinstance(f, SampleFrame) and f.agent]
+    assert max(reported) == dropped  # the collector learns the size of the gap from the agent

@@ -61,4 +61,8 @@ def test_parse_rejects(bad: str) -> None:
 def test_stream_subjects_cover_agent_kinds() -> None:
     for kind in ("sample", "event", "inventory"):
         assert f"gpuwarden.v1.{kind}.>" in subjects.STREAM_SUBJECTS
-    assert subjects.msg_id("n1", "abc", 7) == "n1:abc:7"
+
+
+def test_inbox_prefix_is_the_hosts_token() -> None:
+    assert subjects.inbox_prefix("gpu-c.example.net") == "_INBOX_gpu-c_example_net"
+    assert subjects.inbox_prefix("a") != subjects.inbox_prefix("ab")

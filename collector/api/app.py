@@ -151,7 +151,12 @@ async def readyz(request: web.Request) -> web.Response:
     if st.batches != mark["batches"]:
         mark["batches"], mark["changed"] = st.batches, now
     stalled = st.consumer_pending > 0 and now - mark["changed"] > STALL_AFTER
-    checks["consumer"] = {"ok": not stalled, "pending": st.consumer_pending, "batches": st.batches}
+    checks["consumer"] = {
+        "ok": not stalled,
+        "pending": st.consumer_pending,
+        "batches": st.batches,
+        "stream_lost": st.stream_lost,  # dropped by the stream (full or aged out) before we got them
+    }
     ok = all(c["ok"] for c in checks.values())
     return web.json_response(
         {"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503

@@ -16,8 +16,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import aiohttp
 
 from collector.alerts.model import N_RESOLVED, Alert, Notification
-from collector.notify.config import HttpChannelConfig, redact
+from collector.notify.config import HttpChannelConfig
 from shared.errors import GpuwardenError
+from shared.redact import redact
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not set"
 

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +33,7 @@ from yarl import URL
 from collector.alerts.config import AlertConfig, Level, Policy
 from shared.config import Secret, env_name, parse_duration, resolve_secret
 from shared.errors import ConfigError
+from shared.redact import redact
 
 LOG: Final = "log"
 NATS: Final = "nats"
@@ -108,13 +108,7 @@ def _int(t: Mapping[str, Any], name: str, default: int, lo: int, hi: int, key: s
     return v
 
 
-USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s?#]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the credentials of every URL in it (``user:password@``) replaced by
-    ``***@``: receiver URLs may carry them, and logs and error rows must not."""
-    return USERINFO.sub(r"\1***@", text)
+# redact (shared.redact): receiver URLs may carry credentials; logs and error rows must not.
 
 
 def _url(t: Mapping[str, Any], key: str) -> str:

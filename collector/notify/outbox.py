@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from collector.alerts.model import Alert, Incident, Transition
 from collector.health.model import HEALTHY, CheckStatus, HealthState, XidRecord
 from collector.notify.base import Channel, ChannelStats, DeliveryError
-from collector.notify.config import redact
+from shared.redact import redact
 from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
