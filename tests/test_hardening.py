@@ -522,3 +522,27 @@ def test_every_string_field_has_a_documented_length_limit() -> None:
             assert f"| `{f.name}` | " in section
             row = section.split(f"| `{f.name}` | ", 1)[1].split("\n", 1)[0]
             assert f"≤ {limit} chars" in row, (cls.__name__, f.name, row)
+
+
+async def test_a_consumer_made_by_an_older_collector_takes_max_deliver(private_nats: NatsServer) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    from collector.ingest import stream_config
+
+    cfg = config("postgresql://unused@127.0.0.1/unused", private_nats.url, **{"collector.max_deliver": 7})
+    nc = await nats.connect(private_nats.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(stream_config(cfg))
+        old = ConsumerConfig(
+            durable_name=consumer_name(cfg), ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=60, max_ack_pending=20_000, max_waiting=16,
+        )  # fmt: skip
+        await js.add_consumer(STREAM, old)
+        assert (await js.consumer_info(STREAM, consumer_name(cfg))).config.max_deliver == -1
+        ingest = Ingest(cfg, Writer(cfg.postgres))
+        await ingest.setup(nc)
+        await ingest.close()
+        assert (await js.consumer_info(STREAM, consumer_name(cfg))).config.max_deliver == 7
+    finally:
+        await nc.close()
