@@ -366,3 +366,14 @@ async def test_a_restarted_collector_continues_the_history_and_raises_gpu_rma(
             "GPU 1 (board SN-7): fatal XID 79 recurred after 2 reboots: hardware inspection / RMA"
         )
         assert a["annotations"]["advice"].count("XID 79 at ") == 3
+
+
+def test_forgetting_a_host_keeps_its_boards_history() -> None:
+    h = FleetHistory()
+    h.inventory("n1", "p", "a1", "k1", gpus(), T0)
+    h.inventory("n10", "p", "b1", "k9", [(0, "GPU-z", "Z0")], T0)
+    h.fatal_xid("n1", "p", 2, "GPU-2", 79, T0 + 1, "a1", CFG)
+    h.forget_host("n1")
+    assert list(h.host_boots) == ["n10"]
+    assert list(h.slots) == ["n10/0"]
+    assert list(h.boards) == ["S2"]

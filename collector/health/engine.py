@@ -402,6 +402,7 @@ class HealthEngine:
         if hs is None:
             return False
         state.drivers.pop(hs.provider, None)  # its driver left the provider's count: recounted
+        state.history.forget_host(host)  # its boards keep their history (they may turn up elsewhere)
         return True
 
     # ------------------------------------------------------------------ time

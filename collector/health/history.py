@@ -202,6 +202,13 @@ class FleetHistory:
         boot id its inventory named, else the agent's boot id."""
         return self.host_boots.get(host, {}).get(agent_boot, agent_boot)
 
+    def forget_host(self, host: str) -> None:
+        """Drop what maps ``host``'s frames to boards and boots (its boards keep their history)."""
+        self.host_boots.pop(host, None)
+        prefix = f"{host}/"
+        for slot in [s for s in self.slots if s.startswith(prefix)]:
+            del self.slots[slot]
+
     def _mark(self, b: BoardHistory, now: float) -> None:
         b.updated_at = max(b.updated_at, now)
         self.dirty[b.board] = None
