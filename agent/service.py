@@ -54,6 +54,17 @@ from shared.tasks import cancel_all, stop_on_signals
 log = logging.getLogger(__name__)
 
 EVENT_WAIT_S = 0.5  # how long an event thread blocks before checking for shutdown
+# XIDs whose kernel-log line carries details the collector decodes (XID 74: the NVLink and its
+# registers). NVML's copy of one has no details; while the kernel log is read it waits this
+# long, so that the log's copy, if it comes, is the one published (the other is its duplicate).
+DETAIL_XIDS = frozenset({74})
+XID_DETAIL_WAIT_S = 0.3
+
+
+def _wants_detail(e: GpuEvent) -> bool:
+    return e.source == "nvml" and e.type == "xid" and e.xid in DETAIL_XIDS
+
+
 FLUSH_ON_EXIT_S = 5.0
 NVML_RETRY_FIRST_S = 5.0  # NVML cannot initialise: first retry after this, then doubling ...
 NVML_RETRY_MAX_S = 300.0  # ... up to this
@@ -394,11 +405,25 @@ class AgentService:
     def _event_loop(self, wait: Callable[[float], list[GpuEvent]], loop: asyncio.AbstractEventLoop) -> None:
         while not self._threads_stop.is_set():
             events = wait(EVENT_WAIT_S)
-            if events and not self._threads_stop.is_set():
-                try:
-                    loop.call_soon_threadsafe(self.on_events, events)
-                except RuntimeError:  # the loop closed under us: we are shutting down
-                    return
+            kmsg = self.kmsg
+            if events and kmsg is not None and kmsg.enabled:
+                held = [e for e in events if _wants_detail(e)]
+                if held:
+                    now = [e for e in events if not _wants_detail(e)]
+                    if now and not self._post(loop, now):
+                        return
+                    self._threads_stop.wait(XID_DETAIL_WAIT_S)
+                    events = held
+            if events and not self._threads_stop.is_set() and not self._post(loop, events):
+                return
+
+    def _post(self, loop: asyncio.AbstractEventLoop, events: list[GpuEvent]) -> bool:
+        """Hand ``events`` to :meth:`on_events` on the loop; ``False`` when the loop has closed."""
+        try:
+            loop.call_soon_threadsafe(self.on_events, events)
+        except RuntimeError:  # the loop closed under us: we are shutting down
+            return False
+        return True
 
     def on_events(self, events: list[GpuEvent]) -> None:
         """Deduplicate, count and publish events at once (on the loop)."""

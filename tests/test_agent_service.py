@@ -384,3 +384,46 @@ async def test_node_part_and_kernel_log_classes_reach_the_samples(
     assert await tap.wait_for(counted, 5)
     svc.stop()
     await task
+
+
+async def test_an_nvml_xid74_waits_for_its_kernel_log_line_which_names_the_link(
+    nats_url: str, host: str, tap: Tap, tmp_path: object
+) -> None:
+    """NVML reports XID 74 without details; the kernel log's line, read a moment later, carries
+    the link and its registers. One event goes out, the one with the details."""
+    from pathlib import Path
+
+    from agent.gpu.nvml import NvmlBackend
+    from agent.system import PsutilSystem
+    from tests.fake_pynvml import FakeNvml
+
+    log = Path(str(tmp_path)) / "kmsg"
+    log.write_text("")
+    base = agent_config(nats_url, host, interval=0.5, gpus=0)
+    cfg = AgentConfig(
+        agent=AgentSection(host=host, provider="test", interval=0.5, kmsg=True, kmsg_path=str(log)),
+        nats=base.nats,
+        network=base.network,
+        simulate=base.simulate,
+    )
+    fake = FakeNvml.load()
+    svc = AgentService(cfg, NvmlBackend(fake.module, proc_root="/nonexistent"), PsutilSystem(host))
+    task = await start(svc)
+    assert await tap.wait_for(lambda f: isinstance(f, SampleFrame), 10)
+    fake.push_event(0, 0x8, 74)  # XidCriticalError on GPU 0 (bus 00000000:18:00.0), NVML first
+    await asyncio.sleep(0.05)
+    with log.open("a") as f:
+        f.write(
+            "[ 200.1] NVRM: Xid (PCI:0000:18:00): 74, pid=<unknown>, name=<unknown>, "
+            "NVLink: fatal error detected on link 14(0x0, 0x0, 0x10000, 0x0, 0x0, 0x0, 0x0)\n"
+        )
+    assert await tap.wait_for(lambda f: isinstance(f, EventFrame) and f.xid == 74, 5)
+    await asyncio.sleep(0.5)  # the duplicate, had it been published, would be here by now
+    xids = [f for f in tap.frames if isinstance(f, EventFrame) and f.xid == 74]
+    assert len(xids) == 1
+    assert xids[0].source == "kmsg"
+    assert xids[0].gpu_index == 0
+    assert xids[0].message is not None
+    assert "link 14(0x0, 0x0, 0x10000" in xids[0].message
+    svc.stop()
+    await task
