@@ -527,13 +527,13 @@ def test_every_string_field_has_a_documented_length_limit() -> None:
 async def test_a_consumer_made_by_an_older_collector_takes_max_deliver(private_nats: NatsServer) -> None:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    from collector.ingest import stream_config
+    from collector import stream
 
     cfg = config("postgresql://unused@127.0.0.1/unused", private_nats.url, **{"collector.max_deliver": 7})
     nc = await nats.connect(private_nats.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(stream_config(cfg))
+        await stream.reconcile(js, cfg.nats)  # the stream as a collector makes it
         old = ConsumerConfig(
             durable_name=consumer_name(cfg), ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
             ack_wait=60, max_ack_pending=20_000, max_waiting=16,
