@@ -73,9 +73,14 @@ def parse_systemctl_show(text: str) -> dict[str, ServiceState]:
     return out
 
 
+class SystemdUnavailableError(OSError):
+    """``systemctl`` ran but could not reach systemd (a container, systemd not PID 1)."""
+
+
 def query_services(names: Sequence[str], systemctl: str) -> tuple[ServiceState, ...]:
     """Ask systemd about ``names`` in one ``systemctl show``; a unit it does not know is
-    ``load_state="not-found"``. Raises :class:`OSError` or :class:`subprocess.SubprocessError`."""
+    ``load_state="not-found"``. Raises :class:`SystemdUnavailableError` when systemd cannot be
+    reached, :class:`OSError` or :class:`subprocess.SubprocessError` when systemctl fails."""
     units = [n if "." in n else f"{n}.service" for n in names]
     proc = subprocess.run(  # noqa: S603 (fixed argv, unit names from the agent's own config)
         [systemctl, "show", "--no-pager", "-p", "Id,LoadState,ActiveState,SubState", *units],
@@ -85,6 +90,10 @@ def query_services(names: Sequence[str], systemctl: str) -> tuple[ServiceState, 
         check=False,
     )
     found = parse_systemctl_show(proc.stdout)
+    if proc.returncode != 0 and not found:
+        raise SystemdUnavailableError(
+            proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no answer"
+        )
     return tuple(found.get(n.removesuffix(".service"), ServiceState(n, "not-found")) for n in names)
 
 
@@ -273,6 +282,7 @@ class NodeSource:
         self._dstate: tuple[int | None, tuple[str, ...]] = (None, ())
         self._dstate_at = -float("inf")
         self._logged: set[str] = set()
+        self._no_systemd = False  # systemctl exists but cannot reach systemd (a container)
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._logged:
@@ -304,7 +314,7 @@ class NodeSource:
             except OSError as e:
                 self._warn_once("modules", "cannot read %s/modules (%s); modules not checked", self.proc, e)
         services = self._read_services(now)
-        if self._systemctl is None:
+        if self._systemctl is None or self._no_systemd:
             absent.append("systemd")
         kernel_log: tuple[KernelLogCount, ...] = ()
         if self.kmsg_counts is None:
@@ -341,6 +351,10 @@ class NodeSource:
             self._services = tuple(
                 s for s in query_services(list(dict.fromkeys(names)), self._systemctl) if s.load_state
             )
+            self._no_systemd = False
+        except SystemdUnavailableError as e:
+            self._warn_once("systemd", "systemd not reachable (%s); services are absent, not checked", e)
+            self._services, self._no_systemd = (), True
         except (OSError, subprocess.SubprocessError) as e:
             self._warn_once("systemctl", "systemctl show failed (%s); services not checked", e)
             self._services = ()

@@ -19,6 +19,7 @@ from agent.node import (
     TIME_ERROR,
     DStateScanner,
     NodeSource,
+    SystemdUnavailableError,
     clock_from_timex,
     module_states,
     nvswitch_present,
@@ -444,3 +445,21 @@ def test_a_hung_statvfs_never_blocks_the_tick() -> None:
     while src._watched(["/"])[0].total_bytes == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert src._watched(["/"])[0].total_bytes > 0
+
+
+def test_systemd_not_reachable_is_absent(tmp_path: Path) -> None:
+    """A container: systemctl exists but systemd is not PID 1 (the real message, exit code 1)."""
+    script = tmp_path / "systemctl"
+    script.write_text(
+        "#!/bin/sh\n"
+        "echo 'System has not been booted with systemd as init system (PID 1). Can'\"'\"'t operate.' >&2\n"
+        "echo 'Failed to connect to bus: Host is down' >&2\nexit 1\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(SystemdUnavailableError, match="Host is down"):
+        query_services(["nvidia-persistenced"], str(script))
+    src = NodeSource(NodeConfig(sys_root=str(tmp_path), dstate_every=0, clock=False), proc_root=str(tmp_path))
+    src._systemctl = str(script)
+    r = src.read()
+    assert r.services == ()
+    assert "systemd" in r.absent
