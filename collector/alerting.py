@@ -302,14 +302,19 @@ class Alerting:
             await conn.execute("UPDATE hosts SET forgotten_at = now() WHERE name = $1", host)
         self.forgotten.add(host)
         firing = sum(1 for k in alerts if st.alerts[k].state != "resolved")
+        hs, fs = self.health.hosts.get(host), self.service.state.host(host)
+        provider = hs.provider if hs is not None else fs.provider if fs is not None else None
         self.health_engine.forget(self.health, host)
         self.service.state.forget(host)
-        self._host_status.pop(host, None)
+        previous = self._host_status.pop(host, None)
         for hook in self.forgotten_hooks:
             hook(host)
         await self._step([], time.time(), [ForgetHost(host)])
         await self.save_health()
-        self.broadcaster.publish({"type": "host_forgotten", "host": host})
+        self.broadcaster.publish(
+            {"type": "health", "provider": provider, "host": host, "severity": None, "status": "forgotten",
+             "previous": previous}
+        )  # fmt: skip
         listed = any(e.host == host for e in self.service.expected.hosts)
         if listed:
             log.warning(

@@ -13,7 +13,7 @@ import pytest
 
 from collector.store import migrate
 from gpuwarden.servers import NatsServer, PostgresServer
-from tests.test_alerting import Receiver, collector, send, until, webhook_toml, write_config
+from tests.test_alerting import Receiver, collector, send, settled, until, webhook_toml, write_config
 from tests.test_store import sample
 
 
@@ -37,13 +37,14 @@ async def test_alert_during_a_postgres_outage_is_written_then_sent_once(
             await send(private_nats.url, [sample("o-01", 1, time.time(), gpus=2)])
             await until(lambda: svc.alerting.stats["observations"] > 0)
             await asyncio.to_thread(own_pg.stop, "immediate")
-            await until(lambda: svc.alerting.stats["persist_errors"] >= 1)  # unreachable, not written
-            await asyncio.sleep(1.0)
-            assert rx.received == []
-            assert [a.rule for a in svc.alerting.list_alerts(state="firing")] == ["host.unreachable"]
+            firing = lambda: [a.rule for a in svc.alerting.list_alerts(state="firing")]  # noqa: E731
+            await until(lambda: firing() == ["host.unreachable"])  # judged: o-01 went silent
+            failed = svc.alerting.stats["persist_errors"]
+            await until(lambda: svc.alerting.stats["persist_errors"] >= failed + 2)  # not written
+            assert rx.received == []  # so not sent either
             await asyncio.to_thread(own_pg.start)
             await until(lambda: len(rx.received) == 1, timeout=30)
-            await asyncio.sleep(1.5)
+            await settled(svc)
     assert rx.alerts() == [("firing", "host.unreachable", "firing")]
     c = await asyncpg.connect(dsn)
     try:

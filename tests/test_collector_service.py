@@ -82,7 +82,12 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
         proc.wait(10)
         killed_at = await count(conn)
         assert 0 < killed_at < len(published)
-        await asyncio.sleep(0.5)  # agents keep publishing while the collector is down
+        down_at = len(published)  # agents keep publishing while the collector is down
+
+        async def published_meanwhile() -> bool:
+            return len(published) >= down_at + 16 * 10
+
+        await wait_until(published_meanwhile)
         proc = spawn(*run_args(private_nats.url, pg_dsn))
         await wait_until(lambda: _more_than(conn, killed_at + 200), timeout=60)
         stop.set()

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.fleet import Fleet, host_name
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
-from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
+from tests.test_alerting import Receiver, collector, settled, until, webhook_toml, write_config
 from tests.test_alerts_faults import EXPECTED as PURE
 
 # fault -> (rule, severity, labels naming the subject, a word of the advice), as in the pure test,
@@ -79,7 +81,7 @@ async def test_every_fault_kind_alerts_and_resolves_and_healthy_hosts_stay_quiet
 
             try:
                 await until(all_resolved, timeout=START + LENGTH + 30)
-                await asyncio.sleep(2.0)
+                await settled(svc)  # anything more (a repeat, a flap) would have been told by now
             finally:
                 fleet.stop()
                 await run
@@ -118,6 +120,7 @@ async def test_every_fault_kind_alerts_and_resolves_and_healthy_hosts_stay_quiet
         assert time.time() - t0 < 120
 
 
+@pytest.mark.timeout(300)
 async def test_healthy_fleet_for_a_minute_notifies_nothing(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
@@ -129,7 +132,11 @@ async def test_healthy_fleet_for_a_minute_notifies_nothing(
             await fleet.start()
             run = asyncio.create_task(fleet.run())
             try:
-                await asyncio.sleep(60.0)  # judged while the fleet still runs (its end is a silence)
+                # a minute of the fleet's samples judged while it still runs (its end is a
+                # silence): counted in frames, so a slow machine judges as many as a fast one
+                stored = svc.ingest.stats
+                await until(lambda: stored.frames_stored >= 16 * 60, timeout=240)
+                await settled(svc)
                 rollup = svc.alerting.rollup()
                 stats = svc.alerting.stats
             finally:

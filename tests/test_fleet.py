@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 
 import nats
@@ -45,11 +46,14 @@ async def test_fleet_publishes_every_hosts_frames(nats_url: str) -> None:
     await fleet.start()
     await fleet.run(duration=1.6)
     await fleet.close()
-    await asyncio.sleep(0.3)
+    ours = {h.seqr.boot_id for h in fleet.hosts}
+    deadline = time.monotonic() + 30
+    while sum(1 for f in got if f.boot_id in ours) < fleet.summary()["published"]:  # all tapped
+        assert time.monotonic() < deadline, "the tap did not see every published frame"
+        await asyncio.sleep(0.02)
     after = (await js.stream_info(STREAM)).state.messages
     await nc.close()
 
-    ours = {h.seqr.boot_id for h in fleet.hosts}
     frames: dict[str, list[SampleFrame | EventFrame | InventoryFrame]] = defaultdict(list)
     for f in got:
         if f.boot_id in ours:

@@ -294,10 +294,18 @@ async def test_two_partitions_store_every_host_once(
         await publish(nc.jetstream(), frames)
         await wait_until(lambda: _count(conn, "host_samples", len(frames)))
         await nc.close()
-        await asyncio.sleep(0.3)
         owned = [{f.host for f in frames if owner(f.host, 2) == i} for i in (0, 1)]
         assert owned[0]
         assert owned[1]
+
+        async def accounted() -> bool:  # each partition's figures, once it has acked its batches
+            return all(
+                ing.stats.frames_stored == 10 * len(owned[i])
+                and ing.stats.skipped_other_partition == 10 * len(owned[1 - i])
+                for i, ing in enumerate((p0, p1))
+            )
+
+        await wait_until(accounted)
         for i, ing in enumerate((p0, p1)):
             assert ing.stats.frames_stored == 10 * len(owned[i])
             assert ing.stats.duplicates == 0
@@ -333,9 +341,11 @@ async def test_postgres_restart_mid_stream_loses_nothing(
         await wait_until(lambda: _stored(ingest, 1))
         await asyncio.to_thread(own_pg.stop, "immediate")  # a crash, mid-stream
         await publish(js, frames[200:])  # agents keep publishing; JetStream keeps them
-        await asyncio.sleep(1.5)
-        assert ingest.stats.db_errors >= 1
-        assert not ingest.stats.db_up
+
+        async def failing() -> bool:  # the next write met the dead server, and retries
+            return ingest.stats.db_errors >= 1 and not ingest.stats.db_up
+
+        await wait_until(failing)
         await asyncio.to_thread(own_pg.start)
         c = await asyncpg.connect(dsn)
         await wait_until(lambda: _count(c, "host_samples", len(frames)), timeout=60)

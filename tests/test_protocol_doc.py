@@ -64,16 +64,28 @@ async def test_subscriber_snippet_taps_raw_frames(
     scope: dict[str, object] = {}
     exec(compile(code, "protocol.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
     task = asyncio.create_task(scope["main"](nats_url))  # type: ignore[operator]
-    await asyncio.sleep(0.5)
+    wanted = (
+        "gpuwarden.v1.sample.acme-east.gpu-node-17 sample 7 None [64.0, 64.0]",
+        "gpuwarden.v1.event.acme-east.gpu-node-17 event 8 79 []",
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not (opened and getattr(opened[0], "_subs", None)):  # the snippet has subscribed
+        assert loop.time() < deadline, "the snippet never subscribed"
+        await asyncio.sleep(0.02)
+    await opened[0].flush()  # and the server has its subscription
     nc = await real_connect(nats_url)
     await nc.publish(sample_subject("acme-east", "gpu-node-17"), encode(fx.sample(seq=7, gpus=2)))
     await nc.publish(event_subject("acme-east", "gpu-node-17"), encode(fx.event(seq=8)))
     await nc.flush()
-    await asyncio.sleep(0.5)
+    out = ""
+    while not all(w in out for w in wanted):  # printed by the snippet
+        assert loop.time() < deadline, out
+        await asyncio.sleep(0.02)
+        out += capsys.readouterr().out
     task.cancel()
     await nc.close()
     for tapped in opened:
         await tapped.close()
-    out = capsys.readouterr().out
     assert "gpuwarden.v1.sample.acme-east.gpu-node-17 sample 7 None [64.0, 64.0]" in out
     assert "gpuwarden.v1.event.acme-east.gpu-node-17 event 8 79 []" in out

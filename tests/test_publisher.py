@@ -178,6 +178,14 @@ async def test_missing_stream_is_a_clear_error_when_creation_is_off(private_nats
     await pub.close()
 
 
+async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
 async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_nats: NatsServer) -> None:
     """NATS down for 20 s: a big buffer loses nothing, a small one drops exactly what it counts.
 
@@ -209,13 +217,18 @@ async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_n
             await asyncio.sleep(0.1)
 
     task = asyncio.create_task(produce())
-    await asyncio.sleep(1.5)
+    await until(lambda: big_seq.seq >= 15)  # some frames sent while NATS is up
     running.clear()  # no frame in flight at the cut: its fate would be ambiguous to anyone
     assert await big.flush(5)
     assert await small.flush(5)
     private_nats.stop()
     running.set()
-    await asyncio.sleep(20)
+    # the outage lasts until the buffers hold what the checks below need (about 20 s), counted
+    # in frames, not seconds, so a slow machine makes the same test
+    await until(
+        lambda: big.buffered > 150 and small.stats.dropped > 150 and agent.publisher.buffered > 60,
+        timeout=120,
+    )
     assert not big.connected
     assert big.buffered > 150
     assert small.buffered == 5
@@ -223,7 +236,8 @@ async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_n
     private_nats.start()
     assert await big.wait_connected(15)
     assert await small.wait_connected(15)
-    await asyncio.sleep(1.5)
+    back = big_seq.seq
+    await until(lambda: big_seq.seq >= back + 15)  # and some more after it is back
     task.cancel()
     assert await big.flush(10)
     assert await small.flush(10)

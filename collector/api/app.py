@@ -257,7 +257,7 @@ async def forget_host(request: web.Request) -> web.Response:
         raise not_found("host", name) from None
     except ConfigError as e:
         raise ApiError(409, "conflict", e.message, e.key) from None
-    log.info("host %s forgotten by %s", name, who)
+    log.info("host %r forgotten by %s", name, who)
     return web.json_response(result)
 
 
