@@ -15,6 +15,7 @@ from collector.alerts.engine import MAX_ALERTS_PER_HOST
 from collector.alerts.model import FIRING, RESOLVED, ForgetHost
 from collector.health import HealthEngine, HealthState, Observation
 from collector.health.engine import MAX_GPUS_PER_HOST, MAX_HOST_CHECKS, MAX_XID_CODES
+from collector.health.history import MAX_HOST_BOARDS
 from collector.ratelimit import HostRateLimit
 from shared.frames import (
     CheckResult,
@@ -182,7 +183,11 @@ def churn_frames(i: int, ts: float) -> list[SampleFrame | EventFrame]:
         host="evil", provider="p", boot_id="b1", seq=2 * i + 2, ts=ts, type="xid", gpu_index=gpus[0].index,
         gpu_uuid=gpus[0].uuid, xid=1000 + i,
     )  # fmt: skip
-    return [s, e]
+    fatal = EventFrame(
+        host="evil", provider="p", boot_id="b1", seq=2 * i + 2 + 10**6, ts=ts, type="xid",
+        gpu_index=gpus[1].index, gpu_uuid=gpus[1].uuid, xid=79,
+    )  # fmt: skip
+    return [s, e, fatal]
 
 
 def sizes(run: Both) -> dict[str, int]:
@@ -198,6 +203,8 @@ def sizes(run: Both) -> dict[str, int]:
         "by_host": sum(len(k) for k in run.st.by_host.values()),
         "incidents": len(run.st.incidents),
         "incident_alerts": sum(len(i.alerts) for i in run.st.incidents.values()),
+        "boards": len(run.hs.history.boards),
+        "boards_by_uuid": len(run.hs.history.by_uuid),
     }
 
 
@@ -234,6 +241,8 @@ def test_a_churning_agent_leaves_the_engines_state_flat() -> None:
     assert second["alerts"] <= MAX_ALERTS_PER_HOST
     assert second["by_host"] <= MAX_ALERTS_PER_HOST
     assert second["incident_alerts"] <= MAX_ALERTS_PER_HOST
+    assert second["boards"] == MAX_HOST_BOARDS  # one new board per round: 240 without the cap
+    assert second["boards_by_uuid"] <= MAX_HOST_BOARDS
     for k in ("gpus", "host_checks", "gpu_checks", "xids", "alerts", "incident_alerts"):
         assert second[k] <= first[k] * 1.05 + 2, (k, first, second)
     assert grown < 1_000_000, f"heap grew by {grown} bytes over 120 churning rounds"

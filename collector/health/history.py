@@ -35,6 +35,7 @@ from collector.health.config import GpuThresholds
 MAX_FATAL: Final = 64  # fatal XIDs kept per board (the oldest go first)
 MAX_BOOTS: Final = 32  # boots remembered per board (older ones only count)
 MAX_HOST_BOOTS: Final = 16  # agent boot ids remembered per host (to name their kernel boot)
+MAX_HOST_BOARDS: Final = 128  # boards last seen on one host (a churning agent: the stalest go)
 
 
 def board_id(serial: str | None, uuid: str | None) -> str:
@@ -307,6 +308,9 @@ class FleetHistory:
             return None
         b = self.boards.get(name)
         if b is None:
+            mine = [x for x in self.boards.values() if x.host == host]
+            if len(mine) >= MAX_HOST_BOARDS:  # new UUIDs with fatal XIDs in every frame: bounded
+                self._forget(min(mine, key=lambda x: x.updated_at).board)
             serial = self.slots.get(f"{host}/{index}", ("", ""))[1]
             b = self.boards[name] = BoardHistory(name, serial, uuid)
         b.host, b.provider, b.gpu = host, provider, index
