@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -53,6 +54,16 @@ from collector.notify.stream import Broadcaster
 from collector.notify.webhook import WebhookChannel
 from collector.ratelimit import HostRateLimit
 from collector.store.history import load_history, save_history
+from collector.selfcheck import (
+    NOTIFY,
+    Heartbeat,
+    Readings,
+    SelfCheckConfig,
+    SelfState,
+    SelfStatus,
+    judge,
+    observations,
+)
 from collector.store.writer import Accepted
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
@@ -115,6 +126,7 @@ class Alerting:
             "notifications": 0,
             "fast_events": 0,
             "fast_event_errors": 0,
+            "early_deliveries": 0,  # sent from memory while PostgreSQL was down (fail-open)
         }
         self._event_sub: Any = None
         c = cfg.collector
@@ -122,6 +134,25 @@ class Alerting:
         self.forgotten: set[str] = set()  # hosts forgotten (forget-host) that have not reported since
         self.seconds = {"health": 0.0, "alerts": 0.0, "persist": 0.0}  # time spent, for /metrics
         self.persist_errors = 0
+        # fail-open (PostgreSQL down): deliveries sent from memory before their step was written
+        self._early: dict[str, outbox.Outcome | None] = {}  # key -> outcome (None: in flight)
+        self._early_landed: list[tuple[outbox.OutboxRow, outbox.Outcome]] = []  # ended after the write
+        self._early_open = 0  # early deliveries whose outcome PostgreSQL does not have yet
+        self._persist_down_since: float | None = None
+        self._persist_tried = 0.0
+        spool = self.settings.spool
+        self.spool = outbox.Spool(Path(spool) / f"notify-spool-{self.partition}.jsonl" if spool else None)
+        sc = cfg.selfcheck
+        self.selfcheck = SelfCheckConfig(sc.grace, sc.ingest_lag, sc.notify_backlog, sc.channel_window)
+        self.self_state = SelfState()
+        self.self_status = SelfStatus()  # the collector's own health, judged every tick
+        self.self_labels = {"collector": f"partition-{self.partition}"}
+        self._self_told: dict[str, tuple[str, str] | None] = {}  # check -> (status, summary) observed
+        self.heartbeat = Heartbeat(
+            sc.heartbeat_url.reveal() if sc.heartbeat_url else None,
+            sc.heartbeat_interval,
+            sc.heartbeat_timeout,
+        )
         service.hooks.append(self.on_frames)
         service.startup_hooks.append(self._startup)
         service.shutdown_hooks.append(self._shutdown)
@@ -143,7 +174,13 @@ class Alerting:
         for name in self.forgotten:  # the fleet state is rebuilt from every host ever stored
             service.state.forget(name)
             self.health_engine.forget(self.health, name)
-        self.deliverer = outbox.Deliverer(service.pool, self.channels)
+        spooled = self.spool.read()  # sent while PostgreSQL was down, before a restart
+        if spooled:
+            async with service.pool.acquire() as conn:
+                await outbox.record_early(conn, self.partition, spooled)
+            self.spool.clear()
+            log.info("recorded %d notifications sent while PostgreSQL was down", len(spooled))
+        self.deliverer = outbox.Deliverer(service.pool, self.channels, self._early_done)
         self.deliverer.start()
         self.deliverer.submit(rows)
         if rows:
@@ -191,6 +228,7 @@ class Alerting:
             await self.save_health()
         except _DB_ERRORS as e:
             log.warning("alert state not saved at shutdown: %s", e)
+        await self.heartbeat.close()
         if self.deliverer is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.deliverer.idle(), self.settings.shutdown_delivery)
@@ -208,8 +246,10 @@ class Alerting:
                 return
             try:
                 await self.tick(time.time())
+                self.heartbeat.beat(self.self_status)  # the loop's progress, not a timer of its own
                 mono = time.monotonic()
-                if mono - last_snapshot >= self.settings.health_snapshot:
+                pg_down = self.service.ingest.stats.db_down_since is not None  # a snapshot would only fail
+                if not pg_down and mono - last_snapshot >= self.settings.health_snapshot:
                     last_snapshot = mono
                     await self.save_health()
                 if self.alertmanagers and mono - last_resend >= self.settings.alertmanager_resend:
@@ -323,8 +363,43 @@ class Alerting:
         return {"host": host, "forgotten": True, "alerts_resolved": firing, "in_inventory": listed}
 
     async def tick(self, now: float) -> None:
-        _, obs = self.health_engine.tick(self.health, now, self.expected())
+        was = self.self_status.impaired_since
+        if self.service.started.is_set():  # (an engine driven without a running service: no self)
+            self.self_status = judge(self.self_state, self.readings(now), self.selfcheck)
+        status = self.self_status
+        if was is not None and status.impaired_since is None:
+            self.health_engine.resume(self.health, now)  # staleness resumes from fresh arrivals
+            log.info("collector pipeline recovered (impaired since %.0f): host staleness resumes", was)
+        elif was is None and status.impaired_since is not None:
+            log.warning("collector pipeline impaired: host staleness suspended")
+        _, obs = self.health_engine.tick(self.health, now, self.expected(), status.impaired_since)
+        for o in observations(status, self.self_labels, now) if self.service.started.is_set() else ():
+            told = (o.status, o.summary)
+            if self._self_told.get(o.check, ("", "")) != told:  # changes only (and once at start)
+                self._self_told[o.check] = told
+                obs.append(o)
         await self._step(obs, now)
+
+    def _failing_channels(self) -> set[str]:
+        return {c for p in self.self_status.problems if p.check == NOTIFY for c in p.channels}
+
+    def readings(self, now: float) -> Readings:
+        """What the collector knows about its own pipeline and notifications now."""
+        svc, st = self.service, self.service.ingest.stats
+        d = self.deliverer
+        return Readings(
+            now=now,
+            nats_connected=svc.nc is not None and svc.nc.is_connected,
+            postgres_down_since=st.db_down_since,
+            writing_since=st.writing_since,
+            last_commit_lag_s=st.last_commit_lag_s,
+            consumer_pending=st.consumer_pending,
+            notify_backlog=d.backlog() if d else 0,
+            channel_failed_at={n: s.last_failed_at for n, s in d.stats.items() if s.last_failed_at}
+            if d
+            else {},
+            channel_sent_at={n: s.last_sent_at for n, s in d.stats.items() if s.last_sent_at} if d else {},
+        )
 
     async def _step(self, obs: list[Observation], now: float, commands: Sequence[Command] = ()) -> None:
         async with self._lock:
@@ -337,13 +412,61 @@ class Alerting:
             self._collect(out, obs)
             t1 = time.perf_counter()
             self.seconds["alerts"] += t1 - t
-            try:
-                await self._flush()
-                await self._save_history()
-            except _DB_ERRORS as e:  # kept in memory, written by the next step; nothing sent before
-                self.persist_errors += 1
-                log.warning("alert state not persisted, will retry: %s", e)
+            await self._persist(now)
             self.seconds["persist"] += time.perf_counter() - t1
+
+    def pg_down(self) -> bool:
+        """PostgreSQL is known unreachable (an alerting write or the ingest failed, not since ok)."""
+        return self._persist_down_since is not None or self.service.ingest.stats.db_down_since is not None
+
+    async def _persist(self, now: float) -> None:
+        """Write what changed, then deliver it. Fail-open: while PostgreSQL is down the step's
+        deliveries go out at once from memory ("early", recorded in the spool) and the write is
+        retried at most every tick, never holding up judging for long (``persist_timeout``)."""
+        if self.pg_down() and time.monotonic() - self._persist_tried < self.settings.tick:
+            self._send_early()
+            return
+        self._persist_tried = time.monotonic()
+        try:
+            await asyncio.wait_for(self._flush_all(), self.settings.persist_timeout)
+        except (*_DB_ERRORS, TimeoutError) as e:  # kept in memory, written by a later step
+            self.persist_errors += 1
+            if self._persist_down_since is None:
+                self._persist_down_since = now
+                log.warning(
+                    "alert state not persisted, will retry; delivering from memory: %s", e or "timeout"
+                )
+            self._send_early()
+            return
+        if self._persist_down_since is not None:
+            log.info("alert state persisted again (PostgreSQL back)")
+        self._persist_down_since = None
+
+    async def _flush_all(self) -> None:
+        await self._flush()
+        await self._save_history()
+
+    def _send_early(self) -> None:
+        """Hand the unsaved deliveries to their channels now (each once; see outbox, fail-open)."""
+        if self.deliverer is None:
+            return
+        rows = []
+        for channel, key, payload in self._unsaved.deliveries:
+            if key not in self._early:
+                self._early[key] = None  # in flight
+                self._early_open += 1
+                rows.append(outbox.OutboxRow(0, channel, key, payload))
+        if rows:
+            self.counts["early_deliveries"] += len(rows)
+            self.deliverer.submit(rows)
+
+    def _early_done(self, row: outbox.OutboxRow, outcome: outbox.Outcome) -> None:
+        """An early delivery ended: kept (and spooled) until PostgreSQL has it."""
+        self.spool.append(row, outcome)
+        if row.key in self._early:
+            self._early[row.key] = outcome
+        else:  # its step was written meanwhile (as pending): update that row when possible
+            self._early_landed.append((row, outcome))
 
     def _collect(self, out: Outcome, obs: Iterable[Observation]) -> None:
         st, ch = self.alerts_state, outbox.Changes()
@@ -360,12 +483,13 @@ class Alerting:
         ch.deleted = {fp for fp in self._saved_fps if fp not in by_fp}  # retired after retention
         ch.transitions = list(out.transitions)
         by_name = {c.name: c for c in self.channels}
+        failing = self._failing_channels()
         for n in out.notifications:
             alert = st.by_fp.get(n.fingerprint) if n.fingerprint else None
             for name in n.channels:
                 c = by_name.get(name)
-                if c is None:
-                    continue
+                if c is None or (n.rule == NOTIFY and name in failing):
+                    continue  # "channel X is failing" is told on the other channels
                 p = payload_of(n, alert, name)
                 if c.wants(p):
                     ch.deliveries.append((name, delivery_key(n, name), p))
@@ -400,11 +524,27 @@ class Alerting:
 
     async def _flush(self) -> None:
         ch = self._unsaved
-        if ch.empty() or self.service.pool is None:
+        if (ch.empty() and not self._early_landed) or self.service.pool is None:
             return
+        early = dict(self._early)
         async with self.service.pool.acquire() as conn:
-            rows = await outbox.save(conn, self.partition, ch)
+            rows = await outbox.save(conn, self.partition, ch, early)
+            landed, self._early_landed = self._early_landed, []
+            if landed:
+                try:
+                    await outbox.record_early(conn, self.partition, landed)
+                except BaseException:
+                    self._early_landed[:0] = landed
+                    raise
         self._unsaved = outbox.Changes()
+        self._early_open -= sum(1 for o in early.values() if o is not None) + len(landed)
+        for key, outcome in early.items():
+            now_known = self._early.pop(key, None)
+            if outcome is None and now_known is not None:  # ended while the row was being written
+                self._early_landed.append((_early_row(ch, key), now_known))
+        if self._early_open <= 0 and not self._early_landed:
+            self._early_open = 0
+            self.spool.clear()  # PostgreSQL has every early delivery and its outcome
         self._saved_fps |= set(ch.alerts)
         self._saved_fps -= ch.deleted
         self._engine_sig = self._engine_signature()
@@ -718,7 +858,17 @@ class Alerting:
             "persist_errors": self.persist_errors,
             "nats_transition_errors": self.nats.errors,
             "stream_subscribers": self.broadcaster.subscribers,
+            "self": self.self_status.as_dict(),
+            "heartbeats_sent": self.heartbeat.sent,
+            "heartbeat_failures": self.heartbeat.failures,
         }
+
+
+def _early_row(ch: outbox.Changes, key: str) -> outbox.OutboxRow:
+    for channel, k, payload in ch.deliveries:
+        if k == key:
+            return outbox.OutboxRow(0, channel, k, payload)
+    raise KeyError(key)
 
 
 def _sig(inc: Incident) -> tuple[Any, ...]:

@@ -96,6 +96,21 @@ class AlertingSection:
     alertmanager_resend: float = dur("1m")  # firing alerts pushed again to Alertmanager
     shutdown_delivery: float = dur("5s")  # at stop, wait this long for queued notifications
     fast_events: bool = True  # judge event frames on arrival (core NATS), before they are stored
+    persist_timeout: float = dur("5s")  # one write of alert state; beyond it PostgreSQL counts as down
+    spool: str | None = None  # a directory: durable record of pages sent while PostgreSQL is down
+
+
+@dataclass(frozen=True, slots=True)
+class SelfCheckSection:
+    """``[selfcheck]``: the collector watches itself (docs/alerts.md, "The collector's own health")."""
+
+    grace: float = dur("5s")  # a condition of its own lasts this long before it alerts
+    ingest_lag: float = dur("30s")  # frames waiting longer than this for their commit: impaired
+    notify_backlog: int = num(100, 1, 10_000_000)  # notifications waiting beyond this: a problem
+    channel_window: float = dur("5m")  # a channel that dead-lettered within this (no success since)
+    heartbeat_url: Secret | None = None  # dead man's switch: POSTed after alerting ticks (a secret)
+    heartbeat_interval: float = dur("30s")
+    heartbeat_timeout: float = dur("10s")
 
 
 COLLECTOR_SCHEMA: Final[dict[str, type[Any]]] = {
@@ -105,6 +120,7 @@ COLLECTOR_SCHEMA: Final[dict[str, type[Any]]] = {
     "api": ApiSection,
     "inventory": InventorySection,
     "alerting": AlertingSection,
+    "selfcheck": SelfCheckSection,
 }
 
 
@@ -125,6 +141,7 @@ class CollectorConfig:
     api: ApiSection
     inventory: InventorySection
     alerting: AlertingSection = field(default_factory=AlertingSection)
+    selfcheck: SelfCheckSection = field(default_factory=SelfCheckSection)
     api_tokens: tuple[ApiToken, ...] = ()
     sections: Mapping[str, Any] = field(default_factory=dict)  # built from ``extra_schema``
     raw: Mapping[str, Any] = field(default_factory=dict)  # RAW_SECTIONS present in the file
@@ -167,6 +184,9 @@ def load_collector_config(
             " always find a connection"
         )  # fmt: skip
     tokens = api_tokens(s["api"], env)
+    hb: SelfCheckSection = s["selfcheck"]
+    if hb.heartbeat_url is not None and not re.match(r"https?://[^/\s]", hb.heartbeat_url.reveal()):
+        raise ConfigError("selfcheck.heartbeat_url", "expected an http:// or https:// URL")  # not echoed
     return CollectorConfig(
         collector=c,
         nats=s["nats"],
@@ -174,6 +194,7 @@ def load_collector_config(
         api=s["api"],
         inventory=s["inventory"],
         alerting=s["alerting"],
+        selfcheck=s["selfcheck"],
         api_tokens=tokens,
         sections={name: s[name] for name in extra_schema},
         raw={name: s[name] for name in raw_names if s[name] is not None},

@@ -161,6 +161,8 @@ class IngestStats:
     stream_max_bytes: int = -1  # the stream's size limit, as reconciled at start
     db_errors: int = 0
     db_up: bool = True
+    db_down_since: float | None = None  # wall time of the first failed write of this outage
+    writing_since: float | None = None  # stream time of the oldest frame of the batch being written
 
 
 class RateLimitedLog:
@@ -343,7 +345,12 @@ class Ingest:
 
     async def commit(self, batch: Batch) -> WriteResult | None:
         """Write a prepared batch, then acknowledge its messages and run the hooks."""
-        result = await self._write(batch.accepted, batch.rejected)
+        if batch.msgs:
+            self.stats.writing_since = _stream_time(batch.msgs[0], time.time())
+        try:
+            result = await self._write(batch.accepted, batch.rejected)
+        finally:
+            self.stats.writing_since = None
         if result is None:
             return None
         try:
@@ -395,6 +402,7 @@ class Ingest:
                             await self.writer.reset()
                         raise
                     self.stats.db_up = True
+                    self.stats.db_down_since = None
                     return result
         except db.TRANSIENT as e:
             log.error(
@@ -423,6 +431,8 @@ class Ingest:
     def _before_sleep(self, state: RetryCallState) -> None:
         self.stats.db_errors += 1
         self.stats.db_up = False
+        if self.stats.db_down_since is None:
+            self.stats.db_down_since = time.time()
         exc = state.outcome.exception() if state.outcome is not None else None
         self._rl.warning(
             "db", "PostgreSQL write failed (attempt %d), retrying: %s", state.attempt_number, exc

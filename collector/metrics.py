@@ -287,6 +287,34 @@ class FleetCollector(Collector):
             "gpuwarden_stream_subscribers", "Live stream (WebSocket) clients.",
             value=float(stats.get("stream_subscribers", 0)),
         )  # fmt: skip
+        own = stats.get("self", {})
+        impaired = own.get("impaired_since")
+        yield GaugeMetricFamily(
+            "gpuwarden_collector_pipeline_impaired",
+            "1 while the collector's own pipeline (NATS connection, PostgreSQL, ingest lag) is impaired.",
+            value=1.0 if impaired is not None else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "gpuwarden_collector_pipeline_impaired_since_seconds",
+            "Unix time the collector's own pipeline became impaired (0 when it is not).",
+            value=float(impaired or 0.0),
+        )
+        problem = GaugeMetricFamily(
+            "gpuwarden_collector_self_problem",
+            "The collector's own problems (collector.pipeline, collector.notify): 1 while raised.",
+            labels=["check", "cause"],
+        )
+        for p in own.get("problems", ()):
+            problem.add_metric([p["check"], p["cause"]], 1.0)
+        yield problem
+        yield CounterMetricFamily(
+            "gpuwarden_collector_heartbeats", "Dead man's switch beats delivered.",
+            value=float(stats.get("heartbeats_sent", 0)),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "gpuwarden_collector_heartbeat_failures", "Dead man's switch beats that failed.",
+            value=float(stats.get("heartbeat_failures", 0)),
+        )  # fmt: skip
 
     def _collector(self, snap: Snapshot) -> Iterator[Metric]:
         st = snap.ingest

@@ -158,8 +158,15 @@ async def readyz(request: web.Request) -> web.Response:
         "stream_lost": st.stream_lost,  # dropped by the stream (full or aged out) before we got them
     }
     ok = all(c["ok"] for c in checks.values())
+    # the collector's own health (collector.selfcheck): reported; only the checks above decide readiness
+    own = svc.alerting.self_status.as_dict()
+    d = svc.alerting.deliverer
+    own["notify_backlog"] = d.backlog() if d else 0
+    own["heartbeat"] = {"configured": svc.alerting.heartbeat.url is not None,
+                        "sent": svc.alerting.heartbeat.sent, "failures": svc.alerting.heartbeat.failures,
+                        "last_sent_at": svc.alerting.heartbeat.last_sent_at}  # fmt: skip
     return web.json_response(
-        {"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503
+        {"status": "ready" if ok else "not_ready", "checks": checks, "self": own}, status=200 if ok else 503
     )
 
 

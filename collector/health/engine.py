@@ -415,13 +415,19 @@ class HealthEngine:
         return h.stale_factor * (hs.interval_s or h.default_interval)
 
     def tick(
-        self, state: HealthState, now: float, expected: Mapping[str, ExpectedHost] | None = None
+        self,
+        state: HealthState,
+        now: float,
+        expected: Mapping[str, ExpectedHost] | None = None,
+        impaired_since: float | None = None,
     ) -> tuple[HealthState, list[Observation]]:
         """Advance time: stale hosts, hosts that never reported, XID windows.
 
         ``expected`` (host name -> :class:`ExpectedHost`) is the inventory source's view;
         hosts it lists that never reported are ``unknown`` and, after ``never_reported_grace``,
-        unreachable.
+        unreachable. ``impaired_since``: the collector's own pipeline is impaired since then
+        (its NATS connection, PostgreSQL, ingest lag): it cannot see its hosts, so no host turns
+        stale or unreachable meanwhile; call :meth:`resume` when it recovers.
         """
         em = Emitter(self.healthy_for)
         if expected:
@@ -442,7 +448,7 @@ class HealthEngine:
                     self.gpu.expire(em, gs, gs.labels, now)
                     if len(em.out) != n:
                         gs.quiet = False
-            if hs.stale:
+            if hs.stale or impaired_since is not None:
                 continue
             if hs.last_frame_at is None:
                 if hs.first_expected_at is not None and now - hs.first_expected_at >= grace:
@@ -452,6 +458,19 @@ class HealthEngine:
             if silent > self.stale_limit(hs):
                 self._stale(em, hs, now, f"no data for {silent:.0f} s")
         return state, em.out
+
+    def resume(self, state: HealthState, now: float) -> None:
+        """The collector's own pipeline works again at ``now`` (after ``tick(impaired_since=...)``):
+        staleness resumes from fresh arrivals. Every host that was not stale gets a full
+        ``stale_after`` from now (its frames waited in JetStream, not on the host), and hosts
+        expected but never seen a full ``never_reported_grace``: no burst of false alerts."""
+        for hs in state.hosts.values():
+            if hs.stale:
+                continue
+            if hs.last_frame_at is not None:
+                hs.last_frame_at = max(hs.last_frame_at, now)
+            elif hs.first_expected_at is not None:
+                hs.first_expected_at = max(hs.first_expected_at, now)
 
     def _stale(self, em: Emitter, hs: HostState, now: float, why: str) -> None:
         hs.stale = True

@@ -168,9 +168,13 @@ class ChannelStats:
     latency_count: int = 0
     latency_max_s: float = 0.0
     recent_latencies_s: list[float] = field(default_factory=list)  # the last 1000
+    last_sent_at: float = 0.0  # wall time of the last delivery (the self-check's view)
+    last_failed_at: float = 0.0  # wall time of the last dead letter
 
     def observe(self, decided_at: float, now: float | None = None) -> None:
-        lat = max(0.0, (time.time() if now is None else now) - decided_at)
+        now = time.time() if now is None else now
+        lat = max(0.0, now - decided_at)
+        self.last_sent_at = now
         self.sent += 1
         self.latency_sum_s += lat
         self.latency_count += 1

@@ -6,16 +6,26 @@ channel). Only then are the rows handed to the channels; each delivered row is m
 ``sent``; one that fails after its channel's retries is marked ``failed`` and copied to
 ``notification_dead_letter``. A restarted collector restores the state and delivers the
 rows still ``pending``: what was sent is never sent again.
+
+Fail-open (PostgreSQL unreachable): the alerting hands the deliveries of a step it could not
+write to the channels at once, as rows with ``id`` 0 ("early"); each outcome is reported to
+the ``early`` callback (kept in memory and appended to the local :class:`Spool`) instead of
+PostgreSQL. When the step is written, :func:`save` inserts those rows with the outcome already
+known (``sent``, ``failed``; ``pending`` while still in flight, updated by delivery key when it
+lands) and returns them not for delivery: the stable delivery key means nothing is sent twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -40,6 +50,92 @@ class OutboxRow:
     channel: str
     key: str
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an early delivery ended: ``sent`` or ``failed`` after ``attempts``."""
+
+    status: str
+    attempts: int
+    error: str | None = None
+    at: float = 0.0
+
+
+EarlyCallback = Callable[[OutboxRow, Outcome], None]
+
+
+class Spool:
+    """A local, append-only record of early deliveries and their outcomes (JSON lines), so that
+    what was sent while PostgreSQL was down is written there once it is back, even after a
+    restart. Only touched while PostgreSQL is down; emptied once everything is recorded."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.errors = 0
+
+    def append(self, row: OutboxRow, outcome: Outcome) -> None:
+        if self.path is None:
+            return
+        line = json.dumps(
+            {"channel": row.channel, "key": row.key, "payload": row.payload, "status": outcome.status,
+             "attempts": outcome.attempts, "error": outcome.error, "at": outcome.at}
+        )  # fmt: skip
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self.errors += 1
+            log.warning("notification spool %s not written (kept in memory only): %s", self.path, e)
+
+    def read(self) -> list[tuple[OutboxRow, Outcome]]:
+        if self.path is None or not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+                out.append(
+                    (
+                        OutboxRow(0, d["channel"], d["key"], d["payload"]),
+                        Outcome(d["status"], int(d["attempts"]), d.get("error"), float(d.get("at") or 0)),
+                    )
+                )
+            except (ValueError, KeyError, TypeError):
+                log.warning("notification spool %s: an unreadable line skipped", self.path)
+        return out
+
+    def clear(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+async def record_early(
+    conn: asyncpg.Connection, partition: int, done: Sequence[tuple[OutboxRow, Outcome]]
+) -> None:
+    """Write early deliveries' outcomes (from the spool after a restart, or that landed after
+    their step was written): inserted as they ended, or the pending row updated."""
+    async with conn.transaction():
+        for row, o in done:
+            rid = await conn.fetchval(
+                "INSERT INTO notification_outbox (partition, channel, delivery_key, payload, status,"
+                " attempts, last_error, sent_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7,"
+                " CASE WHEN $5 = 'sent' THEN to_timestamp($8) END)"
+                " ON CONFLICT (delivery_key) DO UPDATE SET status = EXCLUDED.status,"
+                " attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, sent_at = EXCLUDED.sent_at"
+                " WHERE notification_outbox.status = 'pending' RETURNING id",
+                partition, row.channel, row.key, json.dumps(row.payload), o.status, o.attempts, o.error, o.at,
+            )  # fmt: skip
+            if rid is not None and o.status == "failed":
+                await conn.execute(
+                    "INSERT INTO notification_dead_letter (outbox_id, channel, payload, error, attempts)"
+                    " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                    rid, row.channel, json.dumps(row.payload), o.error or "", o.attempts,
+                )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -83,9 +179,17 @@ def plain(obj: Alert | Incident) -> dict[str, Any]:
     return out
 
 
-async def save(conn: asyncpg.Connection, partition: int, ch: Changes) -> list[OutboxRow]:
-    """Write ``ch`` in one transaction; return the new outbox rows (to deliver)."""
+async def save(
+    conn: asyncpg.Connection,
+    partition: int,
+    ch: Changes,
+    early: Mapping[str, Outcome | None] | None = None,
+) -> list[OutboxRow]:
+    """Write ``ch`` in one transaction; return the new outbox rows (to deliver). Deliveries
+    whose key is in ``early`` were handed to their channel already: written with their outcome
+    (``None``: still in flight, written pending) and not returned."""
     rows: list[OutboxRow] = []
+    early = early or {}
     async with conn.transaction():
         if ch.alerts:
             await conn.executemany(
@@ -137,6 +241,12 @@ async def save(conn: asyncpg.Connection, partition: int, ch: Changes) -> list[Ou
                 json.dumps(ch.engine),
             )
         for channel, key, payload in ch.deliveries:
+            if key in early:
+                o = early[key]
+                await record_early(
+                    conn, partition, [(OutboxRow(0, channel, key, payload), o or Outcome("pending", 0))]
+                )
+                continue
             rid = await conn.fetchval(
                 "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
                 " VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (delivery_key) DO NOTHING RETURNING id",
@@ -262,8 +372,11 @@ class Deliverer:
     """One queue and one worker per channel (so a channel's notifications keep their order);
     retries with exponential backoff (tenacity), then the dead-letter table."""
 
-    def __init__(self, pool: asyncpg.Pool, channels: Iterable[Channel]) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, channels: Iterable[Channel], early: EarlyCallback | None = None
+    ) -> None:
         self.pool = pool
+        self.early = early  # told the outcome of rows with id 0 (not in PostgreSQL yet)
         self.channels = {c.name: c for c in channels}
         self.stats = {c.name: ChannelStats(c.kind) for c in self.channels.values()}
         self._queues: dict[str, asyncio.Queue[OutboxRow]] = {n: asyncio.Queue() for n in self.channels}
@@ -332,8 +445,13 @@ class Deliverer:
                         raise
         except DeliveryError as e:
             st.failed += 1
+            st.last_failed_at = time.time()
             self.dead_letters += 1
             log.warning("notification %s on %s failed after %d attempts: %s", row.key, ch.name, attempts, e)
+            if row.id == 0:
+                if self.early is not None:
+                    self.early(row, Outcome("failed", attempts, str(e), time.time()))
+                return
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "UPDATE notification_outbox SET status = 'failed', attempts = $2, last_error = $3"
@@ -347,6 +465,10 @@ class Deliverer:
                 )  # fmt: skip
             return
         st.observe(float(row.payload.get("at") or time.time()))
+        if row.id == 0:  # early (PostgreSQL was down): recorded by the alerting, later
+            if self.early is not None:
+                self.early(row, Outcome("sent", attempts, None, time.time()))
+            return
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "UPDATE notification_outbox SET status = 'sent', attempts = $2, sent_at = now()"

@@ -354,7 +354,24 @@ $("#host-search").addEventListener("submit", (ev) => {
 
 // ------------------------------------------------------------------ routing and live updates
 
+// The collector's own health (/readyz "self"): a banner, so its outages are not read as the fleet's.
+async function loadSelf() {
+  const b = $("#self-banner");
+  let msgs = [];
+  try {
+    const r = await fetch("/readyz");
+    const body = await r.json();
+    msgs = ((body.self && body.self.problems) || []).map((p) => `<b>${esc(p.summary)}</b> <span class="small">${esc(p.advice)}</span>`);
+    if (!msgs.length && body.self && body.self.impaired_since) msgs = ["<b>collector pipeline impaired: host staleness suspended</b>"];
+  } catch (e) {
+    msgs = ["<b>the collector is not answering: what this page shows may be out of date</b>"];
+  }
+  b.innerHTML = msgs.map((m) => `<div>${m}</div>`).join("");
+  b.hidden = msgs.length === 0;
+}
+
 async function refresh() {
+  loadSelf();
   try {
     if (state.view === "host") await loadHost(state.host);
     else await loadOverview();
@@ -405,5 +422,6 @@ function connect(delay = 1000) {
 window.addEventListener("hashchange", route);
 window.addEventListener("resize", () => state.view === "overview" && renderGrids());
 setInterval(scheduleRefresh, 15000);  // readings change without events: keep them fresh
+setInterval(loadSelf, 5000);  // the collector's own health, even when nothing else changes
 route();
 connect();

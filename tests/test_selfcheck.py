@@ -1,0 +1,92 @@
+"""The collector's self-check (pure) and the health engine's suspended staleness: the
+collector's own outage is one alert about itself, never a burst of host alerts."""
+
+from __future__ import annotations
+
+from collector.health import ExpectedHost, HealthEngine, HealthState
+from collector.health.config import HealthConfig, HealthSection
+from collector.health.model import HEALTHY
+from collector.selfcheck import NOTIFY, PIPELINE, Readings, SelfCheckConfig, SelfState, judge, observations
+from tests.test_health_engine import sample
+
+CFG = SelfCheckConfig(grace=5.0, ingest_lag=30.0, notify_backlog=100, channel_window=300.0)
+
+
+def test_postgres_down_is_impaired_at_once_and_one_problem_after_grace() -> None:
+    st = SelfState()
+    s = judge(st, Readings(now=100.0, postgres_down_since=100.0, consumer_pending=42), CFG)
+    assert s.impaired_since == 100.0
+    assert s.problems == ()  # within grace: no alert yet, but staleness is already suspended
+    s = judge(st, Readings(now=106.0, postgres_down_since=100.0, consumer_pending=300), CFG)
+    (p,) = s.problems
+    assert (p.check, p.cause, p.since) == (PIPELINE, "postgres", 100.0)
+    assert p.summary.startswith("cannot store: PostgreSQL unreachable since ")
+    assert "nothing lost so far, JetStream holds 300 frames" in p.summary
+
+
+def test_several_causes_make_one_pipeline_problem_naming_the_first() -> None:
+    st = SelfState()
+    judge(st, Readings(now=0.0, nats_connected=False, postgres_down_since=0.0), CFG)
+    s = judge(
+        st,
+        Readings(now=10.0, nats_connected=False, postgres_down_since=0.0, writing_since=-60.0,
+                 consumer_pending=5),
+        CFG,
+    )  # fmt: skip
+    assert [(p.check, p.cause) for p in s.problems] == [(PIPELINE, "nats")]
+
+
+def test_impaired_until_the_backlog_drains_then_clear() -> None:
+    st = SelfState()
+    judge(st, Readings(now=0.0, postgres_down_since=0.0), CFG)
+    # PostgreSQL is back; the first batches after the outage waited 40 s and a backlog remains
+    s = judge(st, Readings(now=41.0, last_commit_lag_s=40.0, consumer_pending=5000), CFG)
+    assert s.impaired_since == 0.0  # the same impairment goes on while the backlog drains
+    assert s.problems == ()  # the lag is new: within grace, so the postgres alert resolves
+    s = judge(st, Readings(now=43.0, last_commit_lag_s=0.2, consumer_pending=0), CFG)
+    assert s == type(s)()  # drained: nothing impaired, nothing to say
+
+
+def test_notification_backlog_and_failing_channels() -> None:
+    st = SelfState()
+    judge(st, Readings(now=0.0, notify_backlog=500), CFG)
+    s = judge(
+        st,
+        Readings(now=6.0, notify_backlog=500, channel_failed_at={"hook": 5.0, "ok": 1.0},
+                 channel_sent_at={"ok": 2.0}),
+        CFG,
+    )  # fmt: skip
+    (p,) = s.problems
+    assert (p.check, p.channels, s.impaired_since) == (NOTIFY, ("hook",), None)
+    assert "500 notifications waiting" in p.summary
+    s = judge(st, Readings(now=7.0, channel_failed_at={"hook": 5.0}, channel_sent_at={"hook": 6.5}), CFG)
+    assert s.problems == ()  # delivered since: no longer failing
+
+
+def test_observations_resolve_what_is_gone() -> None:
+    st = SelfState()
+    judge(st, Readings(now=0.0, nats_connected=False), CFG)
+    s = judge(st, Readings(now=9.0, nats_connected=False), CFG)
+    obs = {o.check: o for o in observations(s, {"collector": "partition-0"}, 9.0)}
+    assert obs[PIPELINE].status == "critical"
+    assert obs[PIPELINE].immediate
+    assert obs[NOTIFY].status == HEALTHY
+
+
+def test_staleness_is_suspended_while_impaired_and_resumes_from_fresh_arrivals() -> None:
+    engine = HealthEngine(HealthConfig(health=HealthSection(stale_after=10.0)))
+    state = HealthState()
+    expected = {"never": ExpectedHost("acme")}
+    for h in ("a", "b"):
+        engine.observe(state, sample(0.0, host=h), 0.0)
+    engine.tick(state, 1.0, expected)
+    # the collector's pipeline is impaired from t=2 to t=100: nobody is blamed meanwhile
+    for t in (20.0, 61.0, 100.0):
+        _, obs = engine.tick(state, t, expected, impaired_since=2.0)
+        assert [o for o in obs if o.status != HEALTHY] == []
+    engine.resume(state, 100.0)
+    engine.observe(state, sample(101.0, host="a"), 101.0)  # a reports again; b does not
+    _, obs = engine.tick(state, 109.0, expected)
+    assert [o for o in obs if o.check == "host.unreachable"] == []  # within stale_after of the resume
+    _, obs = engine.tick(state, 111.0, expected)
+    assert {o.labels["host"] for o in obs if o.check == "host.unreachable"} == {"b"}
