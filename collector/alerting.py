@@ -53,7 +53,6 @@ from collector.notify.nats import NatsChannel
 from collector.notify.stream import Broadcaster
 from collector.notify.webhook import WebhookChannel
 from collector.ratelimit import HostRateLimit
-from collector.store.history import load_history, save_history
 from collector.selfcheck import (
     NOTIFY,
     Heartbeat,
@@ -64,6 +63,7 @@ from collector.selfcheck import (
     judge,
     observations,
 )
+from collector.store.history import load_history, save_history
 from collector.store.writer import Accepted
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
