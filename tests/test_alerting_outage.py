@@ -67,7 +67,7 @@ def _xid(fleet: Fleet, xid: int = 79) -> str:
     h = fleet.hosts[0]
     uuid = h.backend.inventory().gpus[0].uuid
     frame = build_event(h.seqr, GpuEvent("xid", time.time(), "simulated", 0, uuid, xid=xid), 1)
-    fleet.publisher.publish(h.seqr.subjects[1], encode(frame), h.seqr.msg_id(frame.seq), urgent=True)
+    fleet.publisher.publish(h.seqr.subjects[1], encode(frame), urgent=True)
     return h.seqr.host
 
 
