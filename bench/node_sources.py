@@ -1,16 +1,18 @@
 """The node sources' cost on a real-shaped node (issue 14): what the agent adds to each tick.
 
-``NodeSource.read`` on the real H100 sysfs fixture (8 InfiniBand ports and a RoCE bond,
-``tests/data/sys-h100``), this machine's ``/proc/modules`` and ``adjtimex``: CPU per read. The
-``/proc`` D-state scan (every ``[node] dstate_every``, 30 s by default) per scan. The kernel-log
-reader's per-line cost for lines of no class (the pre-filter) and for class lines (regular
-expressions, counting), from the real lines of ``tests/data/kmsg-node.log``. The simulated
-node (``SimulatedSystem``) is what ``bench/agent_cost.py`` and ``bench/node_exporter.py`` tick;
-these rows show what a real node adds on top.
+``NodeSource.read`` on an H100-shaped sysfs tree (8 InfiniBand ports and a RoCE bond, written
+to a temporary directory by ``tests/sysfs_ib.py``), this machine's ``/proc/modules`` and
+``adjtimex``: CPU per read. The ``/proc`` D-state scan (every ``[node] dstate_every``, 30 s by
+default) per scan. The kernel-log reader's per-line cost for lines of no class (the pre-filter)
+and for class lines (regular expressions, counting), from the real lines of
+``tests/data/kmsg-node.log``. The simulated node (``SimulatedSystem``) is what
+``bench/agent_cost.py`` and ``bench/node_exporter.py`` tick; these rows show what a real node
+adds on top.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from agent.kmsg import KmsgReader
 from agent.node import DStateScanner, NodeSource
 from shared.config import NodeConfig
+from tests.sysfs_ib import write_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 500
@@ -32,9 +35,10 @@ def _cpu_per_call_ms(call: Callable[[], object], rounds: int) -> float:
 
 
 def run() -> list[tuple[str, str, str]]:
-    cfg = NodeConfig(sys_root=str(ROOT / "tests/data/sys-h100"), services_every=0, dstate_every=0)
-    node = NodeSource(cfg)
-    read_ms = _cpu_per_call_ms(node.read, ROUNDS)
+    with tempfile.TemporaryDirectory() as sys_root:
+        cfg = NodeConfig(sys_root=str(write_tree(Path(sys_root))), services_every=0, dstate_every=0)
+        node = NodeSource(cfg)
+        read_ms = _cpu_per_call_ms(node.read, ROUNDS)
     scanner = DStateScanner()
     scan_ms = _cpu_per_call_ms(scanner.scan, 20)
     reader = KmsgReader("/nonexistent")

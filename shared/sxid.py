@@ -1,13 +1,18 @@
 """The SXid catalogue: NVSwitch errors (``nvidia-nvswitchN: SXid (PCI:…): CODE, …`` kernel lines).
 
-The table is data (``sxid_catalog.csv`` beside this module), taken from appendix D of NVIDIA's
-*Fabric Manager User Guide* (DU-09883-001: D.4 non-fatal, D.5 fatal, D.6 always fatal SXids),
-as also tabulated by gpud (``components/accelerator/nvidia/sxid``). Columns: ``code``, ``name``,
-``severity`` (one of :data:`SEVERITIES`), ``action`` (one of :data:`ACTIONS`),
-``fm_guide_section`` and ``summary`` (one line saying what to do).
+The table is data (``sxid_catalog.csv`` beside this module). NVIDIA documents the SXid codes and
+their severities (non-fatal, fatal, always fatal) in the *Fabric Manager User Guide*
+(docs.nvidia.com/datacenter/tesla/fabric-manager-user-guide/), which is where an operator should
+look a code up. The packaged catalogue is deliberately small: it holds only codes whose severity
+we can cite from a public source, namely the NVSwitch driver's own line for that code as
+published (the ``source`` column says where). Columns: ``code``, ``name``, ``severity`` (one of
+:data:`SEVERITIES`), ``action`` (one of :data:`ACTIONS`), ``source`` and ``summary`` (one line
+saying what to do).
 
-The driver itself prints ``Fatal`` or ``Non-fatal`` on most SXid lines; where it does, that
-word decides (:func:`is_fatal`), the catalogue decides otherwise.
+The driver itself prints ``Fatal`` or ``Non-fatal`` on most SXid lines; where it does, that word
+decides (:func:`is_fatal`). The catalogue decides only for lines without the word (the ``Data``
+and ``Severity`` detail lines); a code missing from it is non-fatal unless its line says
+``Fatal`` (:func:`unknown_sxid`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from shared.errors import ConfigError
 
 SEVERITIES: Final = frozenset({"non_fatal", "fatal", "always_fatal"})
 ACTIONS: Final = frozenset({"monitor", "reset_fabric", "reboot"})
-_COLUMNS: Final = ("code", "name", "severity", "action", "fm_guide_section", "summary")
+_COLUMNS: Final = ("code", "name", "severity", "action", "source", "summary")
 
 
 @dataclass(frozen=True, slots=True)

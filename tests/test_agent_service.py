@@ -344,9 +344,9 @@ async def test_nvml_that_cannot_initialise_leaves_the_agent_reporting_and_retryi
 async def test_node_part_and_kernel_log_classes_reach_the_samples(
     nats_url: str, host: str, tap: Tap, tmp_path: object
 ) -> None:
-    """A real agent (recorded NVML) with the kernel log on a file and sysfs on the real H100
-    tree: samples carry the IB ports and the kernel-log class counts; an XID line in the same
-    log still goes out at once as an event (one reader, urgent path unchanged)."""
+    """A real agent (recorded NVML) with the kernel log on a file and sysfs on an H100-shaped
+    tree (tests/sysfs_ib.py): samples carry the IB ports and the kernel-log class counts; an XID
+    line in the same log still goes out at once as an event (one reader, urgent path unchanged)."""
     from pathlib import Path
 
     from agent.gpu.nvml import NvmlBackend
@@ -354,7 +354,7 @@ async def test_node_part_and_kernel_log_classes_reach_the_samples(
     from agent.system import PsutilSystem
     from shared.config import NodeConfig
     from tests.fake_pynvml import FakeNvml
-    from tests.test_node import SYS_H100
+    from tests.sysfs_ib import write_tree
 
     log = Path(str(tmp_path)) / "kmsg"
     log.write_text("")
@@ -365,7 +365,8 @@ async def test_node_part_and_kernel_log_classes_reach_the_samples(
         network=base.network,
         simulate=base.simulate,
     )
-    node = NodeSource(NodeConfig(sys_root=str(SYS_H100), services_every=0, dstate_every=0))
+    sys_root = write_tree(Path(str(tmp_path)) / "sys")
+    node = NodeSource(NodeConfig(sys_root=str(sys_root), services_every=0, dstate_every=0))
     svc = AgentService(
         cfg, NvmlBackend(FakeNvml.load().module, proc_root="/nonexistent"), PsutilSystem(host, node=node)
     )

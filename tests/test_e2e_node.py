@@ -1,5 +1,5 @@
 """End to end from the kernel's own interfaces: a real agent (recorded NVML, 2 × H100) reads
-InfiniBand ports from a copy of a real H100 host's sysfs tree and the kernel log from a file,
+InfiniBand ports from an H100-shaped sysfs tree (tests/sysfs_ib.py) and the kernel log from a file,
 publishes to a real nats-server; the collector (PostgreSQL, both engines) notifies a webhook.
 A port taken down in sysfs and a fatal SXid line appended to the log each give their alert,
 and the port's alert resolves when the port is back."""
@@ -7,7 +7,6 @@ and the port's alert resolves when the port is back."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from shared.config import (
     SimulateConfig,
 )
 from tests.fake_pynvml import FakeNvml
+from tests.sysfs_ib import write_tree
 from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
-from tests.test_node import SYS_H100
 
 CONFIG = """
 [alerts]
@@ -44,8 +43,7 @@ def alerts(rx: Receiver, name: str) -> list[dict[str, Any]]:
 async def test_a_real_agent_port_down_and_sxid_alert_and_resolve(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
-    tree = tmp_path / "sys"
-    shutil.copytree(SYS_H100, tree)
+    tree = write_tree(tmp_path / "sys")
     port = tree / "class/infiniband/mlx5_4/ports/1"
     kmsg = tmp_path / "kmsg"
     kmsg.write_text("")

@@ -4,7 +4,9 @@ services, clock, read-only mounts, inodes and D state; a source the node lacks i
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +28,13 @@ from shared.frames import (
     ServiceState,
     SystemSample,
 )
-from tests.test_node import SYS_H100
+from shared.sxid import parse_catalog
+from tests.sysfs_ib import write_tree
 
 T0 = 1_700_000_000.0
 H100 = "NVIDIA H100 80GB HBM3"
-REAL_PORTS = IbReader(str(SYS_H100)).read() or ()  # 8 InfiniBand at 400 Gb/s + a RoCE bond at 200
+with tempfile.TemporaryDirectory() as _sys:  # 8 InfiniBand at 400 Gb/s + a RoCE bond at 200, as read
+    H100_PORTS = IbReader(str(write_tree(Path(_sys)))).read() or ()
 
 
 class Host:
@@ -86,7 +90,7 @@ def test_a_node_without_the_sources_is_not_judged() -> None:
 def test_real_h100_ports_are_healthy_and_the_roce_bond_is_not_rate_judged() -> None:
     h = Host()
     for _ in range(3):
-        obs = h.sample(node(ib_ports=REAL_PORTS))
+        obs = h.sample(node(ib_ports=H100_PORTS))
         assert problems(obs) == {}
     checks = {(o.check, o.labels.get("port")) for o in h.state.hosts["n1"].checks.values() for o in [o]}
     assert ("host.ib_port", "mlx5_bond_0/1") in checks
@@ -95,11 +99,11 @@ def test_real_h100_ports_are_healthy_and_the_roce_bond_is_not_rate_judged() -> N
 
 def test_rate_below_expected_and_port_down() -> None:
     h = Host()
-    h.sample(node(ib_ports=REAL_PORTS))
-    slow = replace(REAL_PORTS[2], rate_gbps=200.0)
-    down = replace(REAL_PORTS[3], state="DOWN", phys_state="Polling")
-    bond_down = replace(REAL_PORTS[8], state="DOWN", phys_state="Disabled")
-    ports = (*REAL_PORTS[:2], slow, down, *REAL_PORTS[4:8], bond_down)
+    h.sample(node(ib_ports=H100_PORTS))
+    slow = replace(H100_PORTS[2], rate_gbps=200.0)
+    down = replace(H100_PORTS[3], state="DOWN", phys_state="Polling")
+    bond_down = replace(H100_PORTS[8], state="DOWN", phys_state="Disabled")
+    ports = (*H100_PORTS[:2], slow, down, *H100_PORTS[4:8], bond_down)
     got = problems(h.sample(node(ib_ports=ports)))
     assert got == {
         "host.ib_port[('port', 'mlx5_4/1')]": ("warning", {"port": "mlx5_4/1"}),
@@ -110,7 +114,7 @@ def test_rate_below_expected_and_port_down() -> None:
 
 def test_without_a_known_gpu_model_the_rate_and_count_are_not_judged() -> None:
     h = Host(model=None)
-    slow = tuple(replace(p, rate_gbps=100.0) for p in REAL_PORTS[:3])
+    slow = tuple(replace(p, rate_gbps=100.0) for p in H100_PORTS[:3])
     assert problems(h.sample(node(ib_ports=slow))) == {}
     h = Host(model=None, cfg=NodeThresholds(ib_rate_expected_gbps=200.0, ib_ports_expected=4))
     got = problems(h.sample(node(ib_ports=slow)))
@@ -131,27 +135,27 @@ def test_expected_ib_by_model() -> None:
 
 def test_error_rate_and_a_counter_reset() -> None:
     h = Host()
-    h.sample(node(ib_ports=REAL_PORTS))
-    noisy = (replace(REAL_PORTS[0], symbol_error=5), *REAL_PORTS[1:])  # 5 in 5 s: 60/min
+    h.sample(node(ib_ports=H100_PORTS))
+    noisy = (replace(H100_PORTS[0], symbol_error=5), *H100_PORTS[1:])  # 5 in 5 s: 60/min
     assert problems(h.sample(node(ib_ports=noisy))) == {
         "host.ib_errors[('port', 'mlx5_0/1')]": ("warning", {"port": "mlx5_0/1"})
     }
     assert problems(h.sample(node(ib_ports=noisy))) == {}  # no new errors
     reset = tuple(
-        replace(p, port_rcv_errors=0, excessive_buffer_overrun_errors=0, symbol_error=0) for p in REAL_PORTS
+        replace(p, port_rcv_errors=0, excessive_buffer_overrun_errors=0, symbol_error=0) for p in H100_PORTS
     )
     assert problems(h.sample(node(ib_ports=reset))) == {}  # a reset (driver reload) is no burst
 
 
 def test_flap_is_sticky_for_its_window() -> None:
     h = Host(cfg=NodeThresholds(ib_flap_window=30.0))
-    h.sample(node(ib_ports=REAL_PORTS))
-    flapped = (replace(REAL_PORTS[0], link_downed=1), *REAL_PORTS[1:])
+    h.sample(node(ib_ports=H100_PORTS))
+    flapped = (replace(H100_PORTS[0], link_downed=1), *H100_PORTS[1:])
     statuses = [problems(h.sample(node(ib_ports=flapped))) for _ in range(8)]
     flap = "host.ib_flap[('port', 'mlx5_0/1')]"
     assert [flap in p for p in statuses] == [True] * 6 + [False] * 2  # 30 s, then healthy
-    saturated = (replace(REAL_PORTS[1], link_downed=255), *REAL_PORTS[2:])  # stays at 255: no flap
-    assert problems(h.sample(node(ib_ports=(REAL_PORTS[0], *saturated)))) == {}
+    saturated = (replace(H100_PORTS[1], link_downed=255), *H100_PORTS[2:])  # stays at 255: no flap
+    assert problems(h.sample(node(ib_ports=(H100_PORTS[0], *saturated)))) == {}
 
 
 def log(*counts: tuple[str, int | None, int, bool | None]) -> tuple[KernelLogCount, ...]:
@@ -182,9 +186,10 @@ def test_kmsg_counts_seen_first_are_not_judged_and_a_restart_counts_again() -> N
     [
         (20034, None, "critical"),  # catalogue: fatal
         (20034, False, "warning"),  # the driver said Non-fatal: the line wins
-        (12028, None, "warning"),  # catalogue: non-fatal
-        (12028, True, "critical"),  # the driver said Fatal
-        (10003, None, "critical"),  # always fatal
+        (22013, None, "warning"),  # catalogue: non-fatal
+        (22013, True, "critical"),  # the driver said Fatal
+        (12028, None, "warning"),  # not in the catalogue, the line says nothing: non-fatal
+        (12028, True, "critical"),  # not in the catalogue, the line says Fatal
         (99999, None, "warning"),  # unknown code
     ],
 )
@@ -193,6 +198,21 @@ def test_sxid_severity(code: int, said: bool | None, status: str) -> None:
     h.sample(node())
     got = problems(h.sample(node(kernel_log=log(("sxid", code, 1, said)))))
     assert got == {f"host.sxid[('sxid', '{code}')]": (status, {"sxid": str(code)})}
+
+
+def test_sxid_always_fatal_from_a_catalogue_that_has_it() -> None:
+    """The packaged catalogue marks no code always fatal (none could be cited); a catalogue that
+    does gives critical and its summary even when the line carries no Fatal/Non-fatal word."""
+    table = parse_catalog(
+        "code,name,severity,action,source,summary\n"
+        "40001,test code,always_fatal,reboot,a test,Always fatal to the whole fabric; reboot the node\n"
+    )
+    h = Host()
+    h.engine.host.node.sxids = table
+    h.sample(node())
+    obs = h.sample(node(kernel_log=log(("sxid", 40001, 1, None))))
+    assert problems(obs) == {"host.sxid[('sxid', '40001')]": ("critical", {"sxid": "40001"})}
+    assert any("reboot the node" in (o.advice or "") for o in obs if o.check == "host.sxid")
 
 
 def test_modules_services_clock_mounts_dstate() -> None:
@@ -238,8 +258,8 @@ def test_modules_services_clock_mounts_dstate() -> None:
 
 def test_state_round_trips_with_the_node_part() -> None:
     h = Host(cfg=NodeThresholds(ib_flap_window=600.0))
-    h.sample(node(ib_ports=REAL_PORTS, kernel_log=log(("oom_kill", None, 1, None))))
-    flapped = (replace(REAL_PORTS[0], link_downed=1), *REAL_PORTS[1:])
+    h.sample(node(ib_ports=H100_PORTS, kernel_log=log(("oom_kill", None, 1, None))))
+    flapped = (replace(H100_PORTS[0], link_downed=1), *H100_PORTS[1:])
     h.sample(
         node(
             ib_ports=flapped,

@@ -1,4 +1,5 @@
-"""The node sources of the agent (issue 14): InfiniBand ports from a real sysfs tree, kernel
+"""The node sources of the agent (issue 14): InfiniBand ports from a sysfs tree written to the
+kernel's documented ABI (tests/sysfs_ib.py), kernel
 modules, systemd services through a real ``systemctl``-shaped process, adjtimex, D-state scans
 of a /proc tree, NVSwitch detection, and the simulated node's faults."""
 
@@ -32,17 +33,16 @@ from agent.node import (
 from agent.system import SIM_IB_PORTS, SimulatedSystem, disk_usage
 from shared.config import NodeConfig
 from shared.frames import ModuleState, ServiceState
+from tests.sysfs_ib import h100_port, write_port, write_tree
 
-DATA = Path(__file__).parent / "data"
-SYS_H100 = DATA / "sys-h100"  # a real H100 host's /sys/class/infiniband (tests/data/README.md)
 IB_DEVICES = ["mlx5_0", "mlx5_1", "mlx5_4", "mlx5_5", "mlx5_6", "mlx5_7", "mlx5_8", "mlx5_9", "mlx5_bond_0"]
 
 
 # ----------------------------------------------------------------------------- InfiniBand
 
 
-def test_real_h100_tree() -> None:
-    ports = IbReader(str(SYS_H100)).read()
+def test_h100_tree(tmp_path: Path) -> None:
+    ports = IbReader(str(write_tree(tmp_path))).read()
     assert ports is not None
     assert [p.device for p in ports] == IB_DEVICES
     ib = [p for p in ports if p.link_layer == "InfiniBand"]
@@ -53,7 +53,7 @@ def test_real_h100_tree() -> None:
     first = ports[0]
     assert (first.port_rcv_errors, first.excessive_buffer_overrun_errors, first.link_downed) == (14, 15, 0)
     assert (first.port_rcv_switch_relay_errors, first.symbol_error, first.vl15_dropped) == (1, 0, 0)
-    assert ports[1].link_downed == 255  # an 8-bit counter saturated on the real host
+    assert ports[1].link_downed == 255  # the 8-bit LinkDownedCounter, saturated
 
 
 @pytest.mark.parametrize(
@@ -82,9 +82,8 @@ def test_parse_state() -> None:
 
 @pytest.fixture
 def ib_tree(tmp_path: Path) -> Path:
-    """A copy of the real tree that a test may change (a port down, a device gone)."""
-    shutil.copytree(SYS_H100, tmp_path / "sys")
-    return tmp_path / "sys"
+    """An H100-shaped tree that a test may change (a port down, a device gone)."""
+    return write_tree(tmp_path / "sys")
 
 
 def test_port_down_and_counters_move(ib_tree: Path) -> None:
@@ -117,7 +116,7 @@ def test_a_device_that_goes_away_is_dropped_then_rescanned(ib_tree: Path) -> Non
     shutil.rmtree(ib_tree / "class/infiniband/mlx5_9")
     assert [p.device for p in reader.read() or ()] == IB_DEVICES[:7] + ["mlx5_bond_0"]
     assert len(reader.read() or ()) == 8  # rescanned at once after a port vanished
-    shutil.copytree(SYS_H100 / "class/infiniband/mlx5_9", ib_tree / "class/infiniband/mlx5_9")
+    write_port(ib_tree, h100_port("mlx5_9"))
     assert len(reader.read() or ()) == 8  # a new device waits for the next rescan ...
     reader._reads = 0  # ... which happens every rescan_every reads
     assert len(reader.read() or ()) == 9
@@ -284,7 +283,7 @@ def test_node_source_reads_everything(tmp_path: Path) -> None:
     (proc / "modules").write_text(PROC_MODULES)
     _proc(proc, 4242, STAT_D)
     now = [0.0]
-    cfg = NodeConfig(sys_root=str(SYS_H100), services_every=30.0, dstate_every=30.0)
+    cfg = NodeConfig(sys_root=str(write_tree(tmp_path / "sys")), services_every=30.0, dstate_every=30.0)
     src = NodeSource(cfg, proc_root=str(proc), clock=lambda: now[0])
     src._systemctl = _fake_systemctl(tmp_path, SHOW)
     r = src.read()
@@ -352,7 +351,7 @@ def test_simulated_node_faults_start_and_clear() -> None:
         "ib_rate=200@10s+10s",
         "ib_errors=60@10s+10s",
         "ib_flap@10s+10s",
-        "sxid=12028@10s+10s",
+        "sxid=22013@10s+10s",
         "kmsg=hung_task@10s+10s",
         "module_missing=nvidia_peermem@10s+10s",
         "service_down=nvidia-fabricmanager@10s+10s",
@@ -369,7 +368,7 @@ def test_simulated_node_faults_start_and_clear() -> None:
     assert s.ib_ports[0].symbol_error == 5  # 60/min for 5 s
     assert s.ib_ports[0].link_downed == 1
     assert {(k.name, k.code, k.fatal) for k in s.kernel_log} == {
-        ("sxid", 12028, False),
+        ("sxid", 22013, False),
         ("hung_task", None, None),
     }
     assert ModuleState("nvidia_peermem", False) in s.modules

@@ -90,7 +90,8 @@ _ADVICE = {
     "marginal cable or transceiver; check with mlxlink, clean or replace the cable.",
     "host.ib_flap": "The InfiniBand link went down and came back (link_downed increased): jobs using it "
     "may have failed; check the cable, transceiver and switch port for flapping.",
-    "host.sxid": "An NVSwitch reported an SXid error (see the NVIDIA Fabric Manager guide, appendix D).",
+    "host.sxid": "An NVSwitch reported an SXid error (see the SXid tables of NVIDIA's Fabric Manager "
+    "User Guide).",
     "host.module": "An expected kernel module is not loaded: GPUs, UVM or GPUDirect RDMA do not work; "
     "load it (modprobe) or reinstall the driver matching the kernel.",
     "host.service": "An expected systemd service is not running: restart it (systemctl restart) and read "
