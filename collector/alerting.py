@@ -53,6 +53,9 @@ from collector.notify.nats import NatsChannel
 from collector.notify.stream import Broadcaster
 from collector.notify.webhook import WebhookChannel
 from collector.ratelimit import HostRateLimit
+from collector.remediation.config import remediation_config_from
+from collector.remediation.engine import AlertView
+from collector.remediation.service import Remediator
 from collector.selfcheck import (
     NOTIFY,
     Heartbeat,
@@ -156,6 +159,14 @@ class Alerting:
         service.hooks.append(self.on_frames)
         service.startup_hooks.append(self._startup)
         service.shutdown_hooks.append(self._shutdown)
+        # after ours: it starts once the alert state is restored (docs/remediation.md)
+        self.remediation = Remediator(
+            service,
+            remediation_config_from(cfg.raw),
+            self._remediation_alerts,
+            self._remediation_alert,
+            lambda: self.health.provider_hosts(),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -378,6 +389,8 @@ class Alerting:
             if self._self_told.get(o.check, ("", "")) != told:  # changes only (and once at start)
                 self._self_told[o.check] = told
                 obs.append(o)
+        if self.remediation.enabled:
+            obs += self.remediation.observations(now)  # remediation.breaker
         await self._step(obs, now)
 
     def _failing_channels(self) -> set[str]:
@@ -471,6 +484,8 @@ class Alerting:
     def _collect(self, out: Outcome, obs: Iterable[Observation]) -> None:
         st, ch = self.alerts_state, outbox.Changes()
         self.counts["transitions"] += len(out.transitions)
+        if out.transitions and self.remediation.enabled:
+            self.remediation.kick()
         self.counts["notifications"] += len(out.notifications)
         fps = {t.fingerprint for t in out.transitions}
         fps.update(n.fingerprint for n in out.notifications if n.fingerprint)
@@ -680,6 +695,17 @@ class Alerting:
         out.sort(key=lambda a: max(a.started_at, a.resolved_at or 0.0), reverse=True)
         return out
 
+    def _remediation_alerts(self) -> list[AlertView]:
+        return [
+            AlertView(a.fingerprint, a.episode, a.rule, a.labels, a.severity, a.action, a.state)
+            for a in self.alerts_state.by_fp.values()
+            if a.state != "resolved"
+        ]
+
+    def _remediation_alert(self, fingerprint: str) -> dict[str, Any] | None:
+        a = self.alerts_state.by_fp.get(fingerprint)
+        return self.alert_view(a) if a is not None else None
+
     def get_alert(self, fingerprint: str) -> Alert | None:
         return self.alerts_state.by_fp.get(fingerprint)
 
@@ -701,6 +727,7 @@ class Alerting:
             "summary": a.summary,
             "advice": a.advice,
             "value": a.value,
+            "action": a.action,
             "started_at": a.started_at,
             "fired_at": a.fired_at,
             "resolved_at": a.resolved_at,
@@ -894,7 +921,7 @@ def _alert_payload(a: Alert, channel: str) -> dict[str, Any]:
         "incident": a.incident, "rule": a.rule, "labels": dict(a.labels), "severity": a.severity,
         "summary": a.summary, "advice": a.advice, "level": max(a.level, 0), "hosts": [],
         "episode": a.episode, "at": a.last_notified_at or a.fired_at, "starts_at": a.fired_at or a.started_at,
-        "ends_at": None,
+        "ends_at": None, "action": a.action,
     }  # fmt: skip
 
 

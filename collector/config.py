@@ -1,9 +1,10 @@
 """The collector's configuration (``collector.toml``), built once: file, then env, then flags.
 
 The section shape is the contract in DESIGN.md. ``[health]``, ``[alerts]``, ``[notify]``,
-``[escalation]``, ``[silence]`` and ``[maintenance]`` belong to the health/alert engine: unless
-a schema for them is passed in ``extra_schema``, those present in the file are kept raw
-(``CollectorConfig.raw``, top-level name to table or array of tables) for that engine to build.
+``[escalation]``, ``[silence]``, ``[maintenance]`` and ``[remediation]`` belong to the
+health/alert engine (and remediation): unless a schema for them is passed in
+``extra_schema``, those present in the file are kept raw (``CollectorConfig.raw``, top-level
+name to table or array of tables) for that engine to build.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from shared.errors import ConfigError
 
 DEFAULT_DSN: Final = "postgresql://gpuwarden@127.0.0.1/gpuwarden"
 SSLMODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
-RAW_SECTIONS: Final = frozenset({"health", "alerts", "notify", "escalation", "silence", "maintenance"})
+RAW_SECTIONS: Final = frozenset(
+    {"health", "alerts", "notify", "escalation", "silence", "maintenance", "remediation"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,8 +119,11 @@ def test_webhook_v4_payload(kind: str, status: str, ends: float | None) -> None:
         "xid": "79",
         "alertname": "gpu.xid",
         "severity": "critical",
+        "action": "drain_and_reboot",  # XID 79: fatal, reboot (docs/health.md, "Actions")
     }
     assert x["annotations"]["advice"] == "drain and reboot"
+    assert x["annotations"]["action"] == "drain_and_reboot"
+    assert p["action"] == "drain_and_reboot"
     assert x["startsAt"] == "1970-01-01T00:01:40.500Z"
     assert x["endsAt"] == iso(ends)
     assert x["generatorURL"] == "http://collector:8080/api/v1/alerts/fp1"

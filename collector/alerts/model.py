@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from collector.alerts.config import Silence
+from collector.health.actions import action_for
 from collector.health.model import R_EVICTED as R_EVICTED  # resolution reasons, re-exported
 from collector.health.model import R_FORGOTTEN as R_FORGOTTEN
 from collector.health.model import R_MOVED as R_MOVED
@@ -79,6 +80,11 @@ class Alert:
     told: list[str] = field(default_factory=list)  # channels notified this episode
     incident: str | None = None
     reason: str = ""  # why the last episode resolved when not by a healthy reading (REASONS)
+
+    @property
+    def action(self) -> str:
+        """What to do about it: the machine-readable action of its check (docs/health.md)."""
+        return action_for(self.rule, self.labels, self.value)
 
     def match_labels(self) -> dict[str, str]:
         """Labels plus ``rule`` and ``severity``, as silences and policies see them."""

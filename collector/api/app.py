@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from collector.alerting import STATES
-from collector.api import auth, reads, stream, views
+from collector.api import auth, reads, remediation, stream, views
 from collector.api.errors import (
     MAX_TIME,
     ApiError,
@@ -104,6 +104,7 @@ def make_app(
     r.add_get("/api/v1/incidents", list_incidents)
     r.add_get("/api/v1/incidents/{id}", get_incident)
     r.add_post("/api/v1/incidents/{id}/ack", ack_incident)
+    remediation.add_routes(r)
     r.add_get("/api/v1/stream", stream.handler)
     r.add_get("/", index)
     r.add_static("/static/", STATIC, name="static")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
+from collector.health.actions import ACTIONS
 from collector.health.model import STATUSES
+from collector.remediation.engine import FINAL, OPEN
 
 Schema = dict[str, Any]
 NUM: Final[Schema] = {"type": "number"}
@@ -74,6 +76,65 @@ SCHEMAS: Final[dict[str, Schema]] = {
         }
     ),  # fmt: skip
     "Problem": PROBLEM,
+    "Action": obj(
+        {
+            "id": STR,
+            "rule": STR,
+            "fingerprint": STR,
+            "episode": INT,
+            "alert_rule": STR,
+            "action": STR,
+            "severity": STR,
+            "provider": STR,
+            "host": STR,
+            "node": STR,
+            "mode": {"type": "string", "enum": ["dry_run", "approve", "auto"]},
+            "state": {"type": "string", "enum": sorted(FINAL | OPEN)},
+            "created_at": NUM,
+            "updated_at": NUM,
+            "phase": STR,
+            "step": INT,
+            "started_at": NNUM,
+            "drained": BOOL,
+            "reason": STR,
+            "by": STR,
+            "labels": {"type": "object", "additionalProperties": STR},
+        }
+    ),
+    "AuditEvent": obj(
+        {
+            "action_id": NSTR,
+            "at": NUM,
+            "event": STR,
+            "who": STR,
+            "why": STR,
+            "step": STR,
+            "exit_code": {"type": ["integer", "null"]},
+            "output": STR,
+            "provider": STR,
+        }
+    ),
+    "Remediation": obj(
+        {
+            "enabled": BOOL,
+            "rules": {"type": "array", "items": obj({"name": STR, "mode": STR, "steps": {"type": "array"}})},
+            "breakers": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "provider": STR,
+                        "open": BOOL,
+                        "tripped_at": NNUM,
+                        "reason": STR,
+                        "hosts": {"type": "object"},
+                    },
+                    required=["provider", "open", "reason"],
+                ),
+            },
+            "running": INT,
+            "max_running": INT,
+        }
+    ),  # fmt: skip
     "Gpu": obj(
         {
             "index": INT,
@@ -125,6 +186,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "summary": STR,
             "advice": STR,
             "value": NNUM,
+            "action": {"type": "string", "enum": list(ACTIONS)},
             "started_at": NUM,
             "fired_at": NNUM,
             "resolved_at": NNUM,
@@ -386,6 +448,61 @@ PATHS: Final[dict[str, Schema]] = {
             body=obj({"comment": STR, "until": {"type": ["number", "null"]}}, required=[]),
         )  # fmt: skip
     },
+    "/api/v1/actions": {
+        "get": op(
+            "Remediation actions, newest first, with the remediation summary",
+            reply(
+                obj({"items": {"type": "array", "items": ref("Action")}, "remediation": ref("Remediation")})
+            ),
+            [
+                param("state", schema={"type": "string", "enum": sorted(FINAL | OPEN)}),
+                param("host"),
+                param("limit", schema={"type": "integer", "minimum": 1, "maximum": 1000}),
+            ],
+            errors=(400, 503),
+        )
+    },
+    "/api/v1/actions/{id}": {
+        "get": op(
+            "One action and its audit trail (proposed, approved, denied, started, step_ok, step_failed,"
+            " failed, undone, done)",
+            reply({**ref("Action"), "description": "plus audit: [AuditEvent]"}),
+            [param("id", "path")],
+            errors=(404, 503),
+        )
+    },
+    "/api/v1/actions/{id}/approve": {
+        "post": op(
+            "Approve an action awaiting approval (mode approve): it runs",
+            reply(ref("Action")),
+            [param("id", "path")],
+            errors=(400, 404, 409),
+            write=True,
+            body=obj({"comment": STR}, required=[]),
+        )
+    },
+    "/api/v1/actions/{id}/deny": {
+        "post": op(
+            "Deny an action awaiting approval: it never runs",
+            reply(ref("Action")),
+            [param("id", "path")],
+            errors=(400, 404, 409),
+            write=True,
+            body=obj({"comment": STR}, required=[]),
+        )
+    },
+    "/api/v1/remediation": {
+        "get": op("Remediation rules, circuit breakers, running actions", reply(ref("Remediation")))
+    },
+    "/api/v1/remediation/breakers/{provider}/reset": {
+        "post": op(
+            "Reset a provider's circuit breaker (closes it, forgets the hosts in its window)",
+            reply(obj({"provider": STR, "tripped_at": NNUM, "reason": STR, "hosts": {"type": "object"}})),
+            [param("provider", "path")],
+            errors=(400, 404),
+            write=True,
+        )
+    },  # fmt: skip
     "/api/v1/stream": {
         "get": {
             "summary": "WebSocket: live health changes, alert transitions and incidents",

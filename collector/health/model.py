@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from collector.health.actions import action_for
 from collector.health.history import FleetHistory
 from shared.frames import GpuSample, SystemSample
 
@@ -68,6 +69,11 @@ class Observation:
     advice: str = ""  # longer advice
     immediate: bool = False  # an event: an alert fires at once instead of waiting its `for`
     reason: str = ""  # set on a final healthy observation: the subject is gone (REASONS)
+
+    @property
+    def action(self) -> str:
+        """What to do about it (``collector.health.actions``; ``none`` when healthy)."""
+        return action_for(self.check, self.labels, self.value, self.status == HEALTHY)
 
 
 @dataclass(slots=True)

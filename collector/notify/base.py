@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import aiohttp
 
 from collector.alerts.model import N_RESOLVED, Alert, Notification
+from collector.health.actions import action_for
 from collector.notify.config import HttpChannelConfig
 from shared.errors import GpuwardenError
 from shared.redact import redact
@@ -64,6 +65,7 @@ def payload_of(n: Notification, alert: Alert | None, channel: str) -> dict[str, 
         "starts_at": starts,
         "ends_at": ends,
         "reason": n.reason or None,  # why it resolved without a healthy reading (replaced, ...)
+        "action": action_for(n.rule, n.labels, alert.value if alert is not None else None),
     }
 
 
@@ -78,6 +80,8 @@ def alert_labels(p: Mapping[str, Any]) -> dict[str, str]:
     labels = {str(k): str(v) for k, v in p["labels"].items()}
     labels["alertname"] = str(p["rule"])
     labels["severity"] = str(p["severity"])
+    if p.get("action"):
+        labels["action"] = str(p["action"])
     return labels
 
 
@@ -95,6 +99,8 @@ def alert_annotations(p: Mapping[str, Any]) -> dict[str, str]:
         out["incident"] = str(p["incident"])
     if p.get("reason"):
         out["reason"] = str(p["reason"])
+    if p.get("action"):
+        out["action"] = str(p["action"])
     return out
 
 

@@ -16,6 +16,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from collector.alerts.model import Transition
+from collector.health.actions import action_for
 from collector.notify.base import DeliveryError
 from shared.errors import SubjectError
 from shared.subjects import alert_subject
@@ -40,6 +41,7 @@ def transition_message(t: Transition) -> dict[str, Any]:
         "summary": t.summary,
         "incident": t.incident,
         "reason": t.reason or None,
+        "action": action_for(t.rule, t.labels, healthy=t.state == "resolved"),
     }
 
 
