@@ -56,6 +56,14 @@ bench: $(STAMP)
 		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus-node-exporter >/dev/null; } || \
 		echo "prometheus-node-exporter could not be installed: the node_exporter comparison is skipped"; \
 	else echo "prometheus-node-exporter missing (apt-get install prometheus-node-exporter): its comparison is skipped"; fi
+	@# bench/remediation.py drains nodes of a private Slurm (munge, slurmctld): installed when missing, as root
+	@command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ] || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing munge slurmctld slurmd slurm-client (for the remediation benchmark)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q munge slurmctld slurmd slurm-client >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q munge slurmctld slurmd slurm-client >/dev/null; } || \
+		echo "Slurm could not be installed: the remediation benchmark is skipped"; \
+	else echo "Slurm missing (apt-get install munge slurmctld slurmd slurm-client): the remediation benchmark is skipped"; fi
 	$(BIN)/python -m bench
 
 clean:
