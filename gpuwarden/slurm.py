@@ -110,10 +110,18 @@ class PrivateSlurm:
         (self.dir / "state").mkdir()
         (self.dir / "spool").mkdir()
         self.ctld_port, self.d_port = free_port(), free_port()
+        ports: set[int] = {self.ctld_port, self.d_port}
+        self.node_ports: dict[str, int] = {}
+        for n in self.nodes:  # each node its own free port: its slurmd listens there
+            p = free_port()
+            while p in ports:
+                p = free_port()
+            ports.add(p)
+            self.node_ports[n] = p
         nodes = "\n".join(
-            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.d_port + 1 + i} "
+            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.node_ports[n]} "
             "CPUs=1 RealMemory=100 State=UNKNOWN"
-            for i, n in enumerate(self.nodes)
+            for n in self.nodes
         )
         self.conf.write_text(
             f"""ClusterName={self.cluster}

@@ -265,3 +265,67 @@ async def test_provider_outage_trips_the_circuit_breaker_drains_no_more_and_page
     for h in failing:  # leave the module's Slurm as found
         if drained(slurm, h):
             slurm.run("scontrol", "update", f"NodeName={h}", "State=RESUME", check=False)
+
+
+async def test_a_collector_restart_drains_a_node_once_and_resumes_it_once(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer, slurm: PrivateSlurm
+) -> None:
+    host = host_name(3)
+    slurm.start_slurmd(host)
+    rules = rule_toml("fatal-xid", [f"host={host}", "rule=gpu.xid"], "auto", tmp_path)
+    extra = "[remediation.breaker]\nmax_share = 1.0\n"
+    base = BASE.replace('xid_window = "4s"', 'xid_window = "10s"')
+    cfg = write_config(tmp_path, pg_dsn, private_nats.url, base + remediation_toml(slurm, rules, extra))
+    async with fleet_running(private_nats.url, [f"{host}/gpu0:xid=79@1s"], 40):
+        async with collector(cfg) as svc:
+            await until(lambda: drained(slurm, host), timeout=30)
+            first = slurm.reasons()[host]
+
+            async def holding() -> bool:
+                return [a["state"] for a in await actions(svc)] == ["holding"]
+
+            await until(holding, timeout=20)
+        async with collector(cfg) as svc:  # the same database: restored, decided already
+            assert [a["state"] for a in await actions(svc)] == ["holding"]
+
+            async def done() -> bool:
+                return [a["state"] for a in await actions(svc)] == ["done"]
+
+            await until(done, timeout=40)
+            events = await audit(svc)
+    assert not drained(slurm, host)
+    assert first.startswith("gpuwarden: fatal-xid ")
+    drains = [e for e in events if e["event"] == "step_ok" and e["step"] == "slurm_drain"]
+    assert len(drains) == 1
+    assert [e["event"] for e in events].count("proposed") == 1
+    assert [e["event"] for e in events].count("undone") == 1
+
+
+async def test_a_drain_interrupted_before_its_outcome_was_written_is_not_repeated(
+    slurm: PrivateSlurm,
+) -> None:
+    """A collector that stopped after scontrol but before writing the outcome re-runs the
+    step: the node is already drained with gpuwarden's reason, so nothing is done again (the
+    reason keeps the first action's id), and the action owns the drain (may resume it)."""
+    from collector.remediation.config import RemediationConfig, Slurm
+    from collector.remediation.engine import Action
+    from collector.remediation.executors import Executor
+
+    node = host_name(4)
+    slurm.drain(node, "gpuwarden: fatal-xid 1111111111111111")
+    ex = Executor(RemediationConfig(slurm=Slurm(conf=str(slurm.conf))))
+    act = Action("a2", "fatal-xid", "2222222222222222", 1, "gpu.xid", "drain_and_reboot", "critical", "p",
+                 node, node, "auto", "running", 0.0, 0.0)  # fmt: skip
+    res = await ex.drain(act)
+    assert res.ok
+    assert res.drained is True
+    assert slurm.reasons()[node] == "gpuwarden: fatal-xid 1111111111111111"
+    slurm.drain(node, "operator: bad PSU")  # an operator takes the node over
+    act.drained = True
+    res = await ex.resume(act)
+    assert res.ok
+    assert not res.undone
+    assert drained(slurm, node)
+    assert "drained by an operator" in res.why
+    slurm.run("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+    await ex.close()
