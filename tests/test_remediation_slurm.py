@@ -83,9 +83,9 @@ conf = "{s.conf}"
 
 @contextlib.asynccontextmanager
 async def fleet_running(
-    url: str, faults: list[str], duration: float, hosts: int = HOSTS
+    url: str, faults: list[str], duration: float, hosts: int = HOSTS, gpus: int = 2
 ) -> AsyncIterator[Fleet]:
-    fleet = Fleet(NatsConfig(servers=(url,)), hosts=hosts, gpus=2, interval=0.5, faults=faults)
+    fleet = Fleet(NatsConfig(servers=(url,)), hosts=hosts, gpus=gpus, interval=0.5, faults=faults)
     await fleet.start()
     task = asyncio.create_task(fleet.run(duration=duration))
     try:

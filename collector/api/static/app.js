@@ -64,13 +64,14 @@ function fmt(v, digits = 0, unit = "") {
 
 async function loadOverview() {
   const t0 = performance.now();
-  const [providers, hosts, alerts, incidents] = await Promise.all([
+  const [providers, hosts, alerts, incidents, actions] = await Promise.all([
     all("/api/v1/providers"),
     all("/api/v1/hosts"),
     all("/api/v1/alerts?fold=true"),  // one item per root: what it inhibits is folded under it
     api("/api/v1/incidents?open=true&limit=50"),
+    api("/api/v1/actions?limit=50").catch(() => null),  // remediation (docs/remediation.md)
   ]);
-  Object.assign(state, { providers, hosts, alerts: alerts.filter((a) => a.state !== "resolved"), incidents: incidents.items });
+  Object.assign(state, { providers, hosts, alerts: alerts.filter((a) => a.state !== "resolved"), incidents: incidents.items, actions });
   renderOverview();
   window.gw.renders += 1;
   window.gw.hosts = hosts.length;
@@ -87,8 +88,34 @@ function renderOverview() {
   renderAlerts($("#alerts tbody"), state.alerts);
   $("#alert-count").textContent = `(${state.alerts.length})`;
   $("#incidents").innerHTML = state.incidents.length ? state.incidents.map(incidentItem).join("") : '<p class="muted">none</p>';
+  renderRemediation();
   renderGrids();
   $("#host-names").innerHTML = hostsTotal <= 2000 ? state.hosts.map((h) => `<option value="${esc(h.name)}">`).join("") : "";
+}
+
+// Remediation: open circuit breakers (with Reset), recent actions, Approve / Deny for those
+// awaiting approval (a write token; its name is recorded as who decided).
+function renderRemediation() {
+  const r = state.actions;
+  const sec = $("#remediation");
+  sec.hidden = !r || !r.remediation.enabled;
+  if (sec.hidden) return;
+  const rem = r.remediation;
+  $("#remediation-summary").textContent = `(${rem.rules.map((x) => `${x.name}: ${x.mode}`).join(", ")} · ${rem.running}/${rem.max_running} running)`;
+  $("#breakers").innerHTML = rem.breakers.filter((b) => b.open).map((b) =>
+    `<p class="breaker"><span class="badge critical">circuit breaker open</span> <b>${esc(b.provider)}</b>: ${esc(b.reason)} <button class="breaker-reset" data-provider="${esc(b.provider)}">Reset</button></p>`).join("");
+  $("#actions tbody").innerHTML = r.items.length ? r.items.map(actionRow).join("") : '<tr><td colspan="7" class="muted">none</td></tr>';
+}
+
+function actionRow(a) {
+  const buttons = a.state === "awaiting_approval"
+    ? `<button class="approve" data-id="${esc(a.id)}">Approve</button> <button class="deny" data-id="${esc(a.id)}">Deny</button>` : "";
+  return `<tr data-action="${esc(a.id)}"><td>${esc(a.rule)}<div class="small">${esc(a.action)}</div></td>
+    <td>${a.host ? `<a href="#/host/${encodeURIComponent(a.host)}">${esc(a.host)}</a>` : ""}<div class="small">node ${esc(a.node)}</div></td>
+    <td>${esc(a.alert_rule)} <span class="badge ${esc(a.severity)}">${esc(a.severity)}</span></td>
+    <td>${esc(a.mode)}</td>
+    <td class="state">${esc(a.state)}${a.reason ? `<div class="small">${esc(a.reason)}</div>` : ""}${a.by ? `<div class="small">by ${esc(a.by)}</div>` : ""}</td>
+    <td>${age(a.updated_at)}</td><td>${buttons}</td></tr>`;
 }
 
 function providerCard(p) {
@@ -134,7 +161,7 @@ function alertRow(a) {
   const group = folded.length ? `<div class="group small" title="${esc(folded.map((f) => `${f.rule} ${f.labels.gpu !== undefined ? `gpu${f.labels.gpu}` : ""}`).join(", "))}">${esc(a.group)}</div>` : "";
   return `<tr class="${acked ? "acked" : ""}${folded.length ? " grouped" : ""}" data-alert="${esc(a.id)}" data-folded="${folded.length}">
     <td><span class="badge ${esc(a.severity)}">${esc(a.severity)}</span></td>
-    <td>${esc(a.rule)}${group}</td>
+    <td>${esc(a.rule)}<div class="small action">${esc(a.action || "")}</div>${group}</td>
     <td>${l.host ? `<a href="#/host/${encodeURIComponent(l.host)}">${esc(subject)}</a>` : esc(subject)}</td>
     <td class="advice">${esc(a.summary)}<div class="small">${esc(a.advice)}</div></td>
     <td title="${new Date((a.fired_at || a.started_at) * 1000).toISOString()}">${age(a.fired_at || a.started_at)}</td>
@@ -328,6 +355,13 @@ document.addEventListener("click", async (ev) => {
   if (b.classList.contains("ack")) {
     const res = await write(`/api/v1/alerts/${encodeURIComponent(b.dataset.id)}/ack`, "POST", {});  // "by": the token's name
     if (res) { toast(`acknowledged ${res.rule}${res.folded && res.folded.length ? ` and ${res.folded.length} folded` : ""}`); refresh(); }
+  } else if (b.classList.contains("approve") || b.classList.contains("deny")) {
+    const verb = b.classList.contains("approve") ? "approve" : "deny";
+    const res = await write(`/api/v1/actions/${encodeURIComponent(b.dataset.id)}/${verb}`, "POST", {});
+    if (res) { toast(`${verb === "approve" ? "approved" : "denied"} ${res.rule} on ${res.host}`); refresh(); }
+  } else if (b.classList.contains("breaker-reset")) {
+    const res = await write(`/api/v1/remediation/breakers/${encodeURIComponent(b.dataset.provider)}/reset`, "POST", {});
+    if (res) { toast(`circuit breaker of ${res.provider} reset`); refresh(); }
   } else if (b.classList.contains("ack-incident")) {
     ev.preventDefault();  // the button sits in the incident's <summary>
     const res = await write(`/api/v1/incidents/${encodeURIComponent(b.dataset.id)}/ack`, "POST", {});
