@@ -175,7 +175,9 @@ async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> list[Told
     return told
 
 
-@pytest.mark.parametrize("sc", [pytest.param(sc, id=sc.name) for sc in E2E])
+@pytest.mark.parametrize(
+    "sc", [pytest.param(sc, id=sc.name, marks=pytest.mark.timeout(sc.duration + 150)) for sc in E2E]
+)
 async def test_scenario_end_to_end(
     sc: Scenario, tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
