@@ -3,7 +3,7 @@
 - lifecycle: every alert follows pending -> firing -> resolved (or pending -> resolved), is in
   exactly one state, and never firing and resolved at once;
 - escalation: within one episode and policy the level never decreases, and it does not move
-  while the alert stays acknowledged;
+  while the alert stays acknowledged (but for a first notice still due: level 0);
 - a silenced or inhibited alert never produces a notification;
 - every alert that reaches firing, unsilenced, is covered by a notification (its own, or its
   provider incident's first notification or an update) within ``group_interval`` + 1 s,
@@ -45,6 +45,7 @@ RAW = {
         "provider_incident_min_hosts": 2,
         "provider_incident_share": 0.3,
         "group_interval": "30s",
+        "group_wait": "2s",
         "silence": [
             {"id": "cfg", "matchers": ["host=h2", "rule=~gpu\\..*"], "starts": T0 + 500, "ends": T0 + 1500}
         ],
@@ -172,7 +173,7 @@ class Driver:
         self.said[1].extend(notes)
         self.check_lifecycle(transitions)
         self.check_notifications(notes)
-        self.check_escalation(before)
+        self.check_escalation(before, {t.fingerprint for t in transitions if t.kind == "rerouted"})
         self.check_coverage(transitions, notes)
 
     def check_coverage(self, transitions: list[Transition], notes: list[Notification]) -> None:
@@ -182,6 +183,8 @@ class Driver:
                 at = self.owed.pop(fp, None) if fp is not None and n.kind != "resolved" else None
                 assert at is None or n.at <= at + self.gi + 1.0, f"told at {n.at - at} s: {n}"
         for t in transitions:
+            if t.kind in ("silenced", "inhibited", "flapping"):
+                self.owed.pop(t.fingerprint, None)  # muted before it was told: nothing owed
             if t.kind == "firing":
                 a = self.state.by_fp.get(t.fingerprint)
                 if a is not None and ENGINE.notifiable(a) and a.level < 0:
@@ -222,7 +225,7 @@ class Driver:
                 continue
             a = self.state.by_fp[n.fingerprint]
             if n.episode != a.episode:
-                assert n.kind == "resolved"  # the alert started again later in the same call
+                assert n.kind in ("resolved", "firing")  # (told as it resolved) it started again since
                 continue
             labels = a.match_labels()
             for s in self.silences.values():
@@ -230,15 +233,20 @@ class Driver:
             assert a.inhibited_by is None
             assert not a.silenced_by
 
-    def check_escalation(self, before: dict[str, tuple[str | None, float | None]]) -> None:
+    def check_escalation(
+        self, before: dict[str, tuple[str | None, float | None]], rerouted: set[str]
+    ) -> None:
         for a in self.state.alerts.values():
             prev = self.levels.get(a.fingerprint)
             now = (a.episode, a.policy, a.level, a.ack_at)
-            if prev is not None and prev[:2] == now[:2]:
+            # (rerouted in this evaluation, maybe away and back: its escalation starts again)
+            if prev is not None and prev[:2] == now[:2] and a.fingerprint not in rerouted:
                 assert a.level >= prev[2]  # never decreases within an episode and policy
                 acked = before.get(a.fingerprint, (None, None))
                 if acked[0] is not None and a.ack_by is not None and acked[1] == a.ack_at:
-                    assert a.level == prev[2]  # acknowledged: escalation stopped
+                    # acknowledged: escalation stopped (a first notice still waiting for
+                    # group_wait goes out, at level 0 only)
+                    assert a.level == prev[2] or (prev[2], a.level) == (-1, 0)
             self.levels[a.fingerprint] = now
 
 

@@ -299,8 +299,11 @@ class Correlator(abc.ABC):
             due = now
         elif inc.last_sent_at is None:  # joins the first notification, not sent yet (group_wait)
             due = inc.update_due if inc.update_due is not None else now
-        else:
-            due = max(now, inc.last_sent_at + gi)
+        else:  # batched; never later than group_interval after it fired (if never told)
+            base = inc.last_sent_at + gi
+            if fp not in inc.covered and a.fired_at is not None:
+                base = min(base, a.fired_at + gi)
+            due = max(now, base)
         inc.update_due = due if inc.update_due is None else min(inc.update_due, due)
         state.next_due = min(state.next_due, inc.update_due)
         return True
@@ -362,12 +365,13 @@ class Correlator(abc.ABC):
         if inc.last_sent_at is None:  # the first notification: every failing host, grouped
             inc.notified = True
             members = [m for m in map(state.by_fp.get, inc.alerts) if m is not None and self.notifiable(m)]
+            members += [a for a in new if a not in members]  # (one that resolved meanwhile is told too)
             summary = (
                 f"provider {inc.provider}: {len(inc.hosts)} of {inc.total_hosts} hosts failing within "
                 f"{self.config.alerts.correlation_window:g} s: look for a shared cause (power, network, "
                 "cooling, driver rollout)"
             )
-            self._incident_note(ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, members or new,
+            self._incident_note(ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, members,
                                 summary, tuple(inc.hosts))  # fmt: skip
             return
         hosts = tuple(sorted({a.labels.get("host", "") for a in new}))

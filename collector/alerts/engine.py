@@ -262,6 +262,18 @@ class AlertEngine(Correlator):
         a.state, a.resolved_at = RESOLVED, now
         self._t(ctx, a, "resolved")
         if was == FIRING:
+            pol = self.policies.get(a.policy or "")
+            if (
+                a.level < 0
+                and a.notified is None
+                and a.notify_base is not None
+                and pol is not None
+                and now >= a.notify_base + pol.levels[0].after
+                and self.quiet_ok(a)
+                and not a.flapping
+            ):  # it fired while its first notice waited for group_wait: told now, then resolved
+                a.level, a.notified = 0, N_FIRING
+                self._send(ctx, a, N_FIRING, pol.levels[0].notify)
             if a.told and self.quiet_ok(a):  # tell whoever was told it fired (or flapped)
                 self._send(ctx, a, N_RESOLVED, tuple(a.told))
             if a.rule in self.sources:
@@ -354,7 +366,11 @@ class AlertEngine(Correlator):
             state.next_due = min(state.next_due, due)
             return
         level = 0
-        while level + 1 < len(pol.levels) and now >= a.notify_base + pol.levels[level + 1].after:
+        while (
+            a.ack_by is None
+            and level + 1 < len(pol.levels)
+            and now >= a.notify_base + pol.levels[level + 1].after
+        ):
             level += 1
         a.level = level
         a.notified = N_FIRING
