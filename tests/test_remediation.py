@@ -272,3 +272,73 @@ def test_scontrol_show_node_reason_with_spaces() -> None:
     f = parse_node(line)
     assert f["State"] == "IDLE+DRAIN"
     assert f["Reason"] == "gpuwarden: fatal 9a98 [root@2026-11-28T15:10:22]"
+
+
+def test_a_host_that_recovers_before_approval_or_a_slot_is_not_acted_on() -> None:
+    c, st = cfg("approve"), RemediationState()
+    plan(st, c, [xid_alert("h1")], 100.0, HOSTS)
+    p = plan(st, c, [], 101.0, HOSTS)  # resolved while awaiting approval
+    (a,) = st.actions.values()
+    assert a.state == "expired"
+    assert [e.event for e in p.events] == ["expired"]
+    with pytest.raises(ValueError, match="not awaiting"):
+        engine.decide(st, a.id, True, "bob", 102.0)
+    c, st = cfg(), RemediationState()  # auto, max_running 2: the third waits for a slot
+    firing = [xid_alert(f"h{i}") for i in range(3)]
+    p = plan(st, c, firing, 100.0, {"p": 100})
+    waiting = next(a for a in st.actions.values() if a.state == "queued")
+    p = plan(st, c, [f for f in firing if f.labels["host"] != waiting.host], 101.0, {"p": 100})
+    assert waiting.state == "expired"
+    assert p.run == []
+
+
+async def test_exec_takes_the_alert_on_stdin_no_shell_and_a_timeout(tmp_path: Path) -> None:
+    import sys
+
+    from collector.remediation.executors import run_argv
+
+    code, out = await run_argv(
+        [sys.executable, "-c", "import sys; print(sys.stdin.read()[::-1])"], b'{"a": 1}', 10
+    )
+    assert code == 0
+    assert out.strip() == '}1 :"a"{'
+    code, out = await run_argv(["echo", "$(touch x)", "; ls"], b"", 10)  # arguments, not a shell line
+    assert (code, out.strip()) == (0, "$(touch x) ; ls")
+    code, out = await run_argv([sys.executable, "-c", "import time; time.sleep(30)"], b"", 0.5)
+    assert code is None
+    assert "timed out" in out
+    code, _ = await run_argv([str(tmp_path / "missing")], b"", 1)
+    assert code == 127
+
+
+async def test_webhook_step_is_signed_like_the_notification_webhook() -> None:
+    import json
+    import tomllib
+
+    from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+    from collector.remediation.executors import Executor
+    from tests.test_alerting import Receiver
+
+    async with Receiver() as rx:
+        text = f"""
+[[remediation.rule]]
+name = "ticket"
+mode = "auto"
+[[remediation.rule.step]]
+kind = "webhook"
+url = "{rx.url}"
+secret = "s3cret"
+"""
+        c = remediation_config_from(tomllib.loads(text))
+        st = RemediationState()
+        (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
+        ex = Executor(c)
+        res = await ex.run(st.actions[aid], c.rules[0].steps[0], {"id": "fp-h1", "rule": "gpu.xid"})
+        await ex.close()
+        assert res.ok
+        ((headers, body, _),) = rx.received
+    assert verify(b"s3cret", body, headers[SIGNATURE_HEADER], headers[TIMESTAMP_HEADER])
+    msg = json.loads(body)
+    assert msg["type"] == "remediation"
+    assert msg["action"]["host"] == "h1"
+    assert msg["alert"]["rule"] == "gpu.xid"

@@ -29,9 +29,10 @@ HOLDING: Final = "holding"  # firing steps done; waits for the host's alerts to 
 DONE: Final = "done"
 FAILED: Final = "failed"
 DENIED: Final = "denied"
+EXPIRED: Final = "expired"  # its host's alerts resolved before it was approved or could start
 BLOCKED: Final = "blocked"  # excluded, cooling down, or the circuit breaker is open
 OPEN: Final = frozenset({AWAITING, QUEUED, RUNNING, HOLDING})
-FINAL: Final = frozenset({PLANNED, DONE, FAILED, DENIED, BLOCKED})
+FINAL: Final = frozenset({PLANNED, DONE, FAILED, DENIED, BLOCKED, EXPIRED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ class RemediationState:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An audit record: ``event`` is proposed, planned, approved, denied, blocked, started,
+    """An audit record: ``event`` is proposed, planned, approved, denied, expired, blocked, started,
     step_ok, step_failed, failed, done, undone, breaker_tripped or breaker_reset."""
 
     action_id: str | None
@@ -173,6 +174,16 @@ def plan(
     for a in firing:
         _propose(state, cfg, a, now, provider_hosts, out)
     for act in state.actions.values():
+        unstarted = act.state == QUEUED and act.phase == "firing" and act.started_at is None
+        if act.host not in busy and (act.state == AWAITING or unstarted):
+            # never act on a host that recovered before the action was approved or could start
+            act.state, act.updated_at = EXPIRED, now
+            act.reason = "the host's alerts resolved before it " + (
+                "was approved" if act.by == "" else "could start"
+            )
+            out.events.append(Event(act.id, "expired", now, why=act.reason))
+            out.changed.add(act.id)
+            continue
         if act.state == HOLDING and act.host not in busy:
             rule = rules.get(act.rule)
             act.phase, act.step, act.updated_at = "resolved", 0, now
