@@ -412,6 +412,9 @@ class Alerting:
             if d
             else {},
             channel_sent_at={n: s.last_sent_at for n, s in d.stats.items() if s.last_sent_at} if d else {},
+            drained_below=self.service.config.collector.batch,
+            last_commit_at=st.last_commit_at,
+            last_newest_lag_s=st.last_newest_lag_s,
         )
 
     async def _step(self, obs: list[Observation], now: float, commands: Sequence[Command] = ()) -> None:

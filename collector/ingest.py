@@ -163,6 +163,8 @@ class IngestStats:
     db_up: bool = True
     db_down_since: float | None = None  # wall time of the first failed write of this outage
     writing_since: float | None = None  # stream time of the oldest frame of the batch being written
+    last_commit_at: float = 0.0  # wall time of the last committed batch
+    last_newest_lag_s: float = 0.0  # the last batch's newest message: stream time to commit (caught up?)
 
 
 class RateLimitedLog:
@@ -446,6 +448,8 @@ class Ingest:
         s.frames_stored += len(result.new)
         s.gpu_samples_stored += result.gpu_rows
         s.duplicates += result.duplicates
+        now = time.time()
+        s.last_commit_at = now
         try:
             first, last = msgs[0].metadata, msgs[-1].metadata
         except (ValueError, IndexError, AttributeError):
@@ -453,6 +457,8 @@ class Ingest:
         if first.timestamp is not None:
             s.last_commit_lag_s = max(0.0, time.time() - first.timestamp.timestamp())
         s.consumer_pending = last.num_pending or 0
+        if last.timestamp is not None:
+            s.last_newest_lag_s = max(0.0, now - last.timestamp.timestamp())
 
 
 def _stream_time(m: Msg, default: float) -> float:

@@ -64,6 +64,9 @@ class Readings:
     notify_backlog: int = 0
     channel_failed_at: Mapping[str, float] = field(default_factory=dict)  # last dead letter per channel
     channel_sent_at: Mapping[str, float] = field(default_factory=dict)  # last delivery per channel
+    drained_below: int = 0  # after an outage: impaired until JetStream holds at most this (a batch)
+    last_commit_at: float = 0.0  # wall time of the ingest's last committed batch
+    last_newest_lag_s: float = 0.0  # the last batch's newest frame: stream time to commit
 
 
 @dataclass(slots=True)
@@ -74,6 +77,7 @@ class SelfState:
     lag_since: float | None = None
     backlog_since: float | None = None
     impaired_since: float | None = None
+    causes_ended_at: float | None = None  # the outage's causes are gone; its backlog may not be
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +157,19 @@ def judge(state: SelfState, r: Readings, cfg: SelfCheckConfig) -> SelfStatus:
         first = min(c[1] for c in causes)
         if state.impaired_since is None:
             state.impaired_since = first
-    else:
-        state.impaired_since = None
+        state.causes_ended_at = None
+    elif state.impaired_since is not None:
+        # The outage is over; its backlog may not be: still impaired (no alert) until the ingest
+        # has caught up (its last batch's newest frame is recent and at most a batch waits) or is
+        # idle, and at least `grace` after the causes ended (time for fresh arrivals).
+        if state.causes_ended_at is None:
+            state.causes_ended_at = now
+        caught_up = r.writing_since is None and (
+            (r.last_newest_lag_s <= cfg.grace and r.consumer_pending <= r.drained_below)
+            or now - r.last_commit_at > cfg.grace
+        )
+        if caught_up and now - state.causes_ended_at >= cfg.grace:
+            state.impaired_since = state.causes_ended_at = None
     problems: list[Problem] = []
     if causes:
         cause, since, summary, advice = causes[0]

@@ -39,12 +39,23 @@ def test_several_causes_make_one_pipeline_problem_naming_the_first() -> None:
 def test_impaired_until_the_backlog_drains_then_clear() -> None:
     st = SelfState()
     judge(st, Readings(now=0.0, postgres_down_since=0.0), CFG)
-    # PostgreSQL is back; the first batches after the outage waited 40 s and a backlog remains
-    s = judge(st, Readings(now=41.0, last_commit_lag_s=40.0, consumer_pending=5000), CFG)
+    # PostgreSQL is back: the batch in hand committed, its newest frame waited 40 s
+    s = judge(st, Readings(now=41.0, last_commit_at=41.0, last_newest_lag_s=40.0, consumer_pending=0), CFG)
     assert s.impaired_since == 0.0  # the same impairment goes on while the backlog drains
-    assert s.problems == ()  # the lag is new: within grace, so the postgres alert resolves
-    s = judge(st, Readings(now=43.0, last_commit_lag_s=0.2, consumer_pending=0), CFG)
-    assert s == type(s)()  # drained: nothing impaired, nothing to say
+    assert s.problems == ()  # the postgres alert resolves
+    s = judge(st, Readings(now=44.0, last_commit_at=44.0, last_newest_lag_s=20.0, consumer_pending=5000), CFG)
+    assert s.impaired_since == 0.0  # draining
+    s = judge(st, Readings(now=46.0, last_commit_at=46.0, last_newest_lag_s=0.3, consumer_pending=0), CFG)
+    assert s == type(s)()  # caught up, `grace` after the cause ended: nothing impaired, nothing to say
+
+
+def test_an_idle_ingest_after_an_outage_counts_as_caught_up() -> None:
+    st = SelfState()
+    judge(st, Readings(now=0.0, nats_connected=False), CFG)
+    s = judge(st, Readings(now=30.0, last_commit_at=-5.0, last_newest_lag_s=0.0), CFG)
+    assert s.impaired_since == 0.0  # back, but not `grace` ago: fresh arrivals get their time
+    s = judge(st, Readings(now=36.0, last_commit_at=-5.0, last_newest_lag_s=0.0), CFG)
+    assert s.impaired_since is None  # nothing arrives at all: the hosts' own silence counts again
 
 
 def test_notification_backlog_and_failing_channels() -> None:
@@ -90,3 +101,21 @@ def test_staleness_is_suspended_while_impaired_and_resumes_from_fresh_arrivals()
     assert [o for o in obs if o.check == "host.unreachable"] == []  # within stale_after of the resume
     _, obs = engine.tick(state, 111.0, expected)
     assert {o.labels["host"] for o in obs if o.check == "host.unreachable"} == {"b"}
+
+
+def test_after_an_outage_impaired_until_the_backlog_is_down_to_a_batch() -> None:
+    st = SelfState()
+    judge(st, Readings(now=0.0, postgres_down_since=0.0), CFG)
+    # back after 14 s: the batch in hand was fetched before the outage (its pending count is old)
+    s = judge(st, Readings(now=15.0, last_commit_at=15.0, last_newest_lag_s=14.0, drained_below=1000), CFG)
+    assert s.impaired_since == 0.0
+    r = Readings(
+        now=21.0, last_commit_at=21.0, last_newest_lag_s=2.0, consumer_pending=2800, drained_below=1000
+    )
+    s = judge(st, r, CFG)
+    assert s.impaired_since == 0.0
+    r = Readings(
+        now=23.0, last_commit_at=23.0, last_newest_lag_s=0.5, consumer_pending=300, drained_below=1000
+    )
+    s = judge(st, r, CFG)
+    assert s.impaired_since is None
