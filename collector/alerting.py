@@ -891,6 +891,7 @@ class Alerting:
             "self": self.self_status.as_dict(),
             "heartbeats_sent": self.heartbeat.sent,
             "heartbeat_failures": self.heartbeat.failures,
+            "remediation": self.remediation.stats(),
         }
 
 

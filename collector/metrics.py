@@ -287,6 +287,7 @@ class FleetCollector(Collector):
             "gpuwarden_stream_subscribers", "Live stream (WebSocket) clients.",
             value=float(stats.get("stream_subscribers", 0)),
         )  # fmt: skip
+        yield from _remediation(stats.get("remediation", {}))
         own = stats.get("self", {})
         impaired = own.get("impaired_since")
         yield GaugeMetricFamily(
@@ -370,3 +371,29 @@ class FleetCollector(Collector):
             c + "db_up", "1 when the last write succeeded.", value=1.0 if st.db_up else 0.0
         )
         yield GaugeMetricFamily(c + "hosts", "Hosts in the in-memory state.", value=float(snap.hosts))
+
+
+def _remediation(r: dict[str, Any]) -> Iterator[Metric]:
+    """Remediation (docs/remediation.md): actions by state, open circuit breakers, steps run."""
+    actions = GaugeMetricFamily(
+        "gpuwarden_remediation_actions",
+        "Remediation actions held by the collector (open ones and recent final ones), by state.",
+        labels=["state"],
+    )
+    for state, n in sorted(r.get("actions", {}).items()):
+        actions.add_metric([state], float(n))
+    breaker = GaugeMetricFamily(
+        "gpuwarden_remediation_breaker_open", "1 while a provider's remediation circuit breaker is open.",
+        labels=["provider"],
+    )  # fmt: skip
+    for provider, is_open in sorted(r.get("breakers", {}).items()):
+        breaker.add_metric([provider], 1.0 if is_open else 0.0)
+    yield from (actions, breaker)
+    yield CounterMetricFamily(
+        "gpuwarden_remediation_steps", "Remediation steps run.", value=float(r.get("steps", 0))
+    )
+    yield CounterMetricFamily(
+        "gpuwarden_remediation_failed_steps",
+        "Remediation steps that failed.",
+        value=float(r.get("failed_steps", 0)),
+    )

@@ -248,6 +248,9 @@ async def test_provider_outage_trips_the_circuit_breaker_drains_no_more_and_page
             assert len(breaker_pages(rx)) == 1, breaker_pages(rx)
             assert rem.state.breakers["provider-0"].tripped_at is not None
             async with TestClient(TestServer(make_app(svc, tokens=tokens))) as client:
+                metrics = await (await client.get("/metrics")).text()
+                assert 'gpuwarden_remediation_breaker_open{provider="provider-0"} 1.0' in metrics
+                assert 'gpuwarden_remediation_actions{state="blocked"} 3.0' in metrics
                 r = await client.get("/api/v1/remediation")
                 br = (await r.json())["breakers"]
                 assert [b["open"] for b in br] == [True]

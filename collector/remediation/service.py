@@ -230,6 +230,17 @@ class Remediator:
             )  # fmt: skip
         return out
 
+    def stats(self) -> dict[str, Any]:
+        """Figures for ``/metrics``."""
+        by: dict[str, int] = {}
+        for a in self.state.actions.values():
+            by[a.state] = by.get(a.state, 0) + 1
+        return {
+            **self.counts,
+            "actions": by,
+            "breakers": {b.provider: b.tripped_at is not None for b in self.state.breakers.values()},
+        }
+
     def view(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled,
