@@ -32,8 +32,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from agent.gpu.base import GpuEvent
 from agent.publisher import Publisher
 from agent.sampler import Sequencer, build_event
+from agent.service import AgentService
 from gpuwarden.servers import free_port, wait_port
-from shared.config import NatsConfig, Secret
+from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, Secret, SimulateConfig
 from shared.frames import decode, encode
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, inbox_prefix, sanitize_token
@@ -531,3 +532,36 @@ def test_roles_make_host_tokens_as_the_code_does(tmp_path: Path) -> None:
         assert nats_agents[f"agent-{host}"] == {"user": f"agent-{host}", "host": host, "provider": provider}
         assert sanitize_token(agent_default[name]) == agent_default[name] == sanitize_token(name)
     assert len(sanitize_token(long130)) == 128
+
+
+async def test_real_agent_publishes_under_the_roles_permissions(
+    rendered: Rendered, collector: Client
+) -> None:
+    """The agent service as deployed (its user, the role's CA, create_stream = false, simulated
+    GPUs): its inbox prefix comes from its host name, so its publishes are acknowledged and its
+    frames reach the collector's consumer."""
+    sub = await collector.jetstream(timeout=5).pull_subscribe(
+        "gpuwarden.v1.sample.prov1.gpu-b",
+        durable="real-agent",
+        stream=STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+    )
+    agent_svc = AgentService(
+        AgentConfig(
+            agent=AgentSection(host="gpu-b", provider="prov1", interval=0.2, kmsg=False),
+            nats=agent_config(rendered, "gpu-b"),
+            network=NetworkChecksConfig(),
+            simulate=SimulateConfig(gpus=2),
+        )
+    )
+    task = asyncio.create_task(agent_svc.serve(signals=False))
+    try:
+        await wait_for(lambda: agent_svc.publisher.stats.published >= 3, "acknowledged publishes", 30)
+        msgs = await sub.fetch(2, timeout=10)
+        frames = [decode(m.data) for m in msgs]
+        assert all(f.host == "gpu-b" and f.kind == "sample" for f in frames)
+        assert agent_svc.publisher.stats.permission_errors == 0
+    finally:
+        agent_svc.stop()
+        await task
+        await sub.unsubscribe()
