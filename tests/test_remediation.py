@@ -342,3 +342,16 @@ secret = "s3cret"
     assert msg["type"] == "remediation"
     assert msg["action"]["host"] == "h1"
     assert msg["alert"]["rule"] == "gpu.xid"
+
+
+def test_a_lasting_warning_elsewhere_does_not_hold_the_node_but_a_critical_does() -> None:
+    c, st = cfg(), RemediationState()
+    (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
+    engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
+    disk = AlertView("fp-disk", 1, "host.disk", {"provider": "p", "host": "h1", "mount": "/"}, "warning",
+                     "check_host", "firing")  # fmt: skip
+    lost = AlertView("fp-lost", 1, "gpu.lost", {"provider": "p", "host": "h1", "gpu": "3"}, "critical",
+                     "drain_and_reboot", "firing")  # fmt: skip
+    assert plan(st, c, [lost, disk], 102.0, HOSTS).run == []
+    assert st.actions[aid].state == "holding"
+    assert plan(st, c, [disk], 103.0, HOSTS).run == [aid]

@@ -161,21 +161,31 @@ def plan(
     actions that may start. ``alerts``: every pending or firing alert (this partition's)."""
     out = Plan()
     rules = {r.name: r for r in cfg.rules}
-    busy: set[str] = set()  # hosts with a pending or firing alert
+    on_host: dict[str, list[AlertView]] = {}  # host -> its pending or firing alerts
     firing: list[AlertView] = []
     for a in alerts:
         host = a.labels.get("host")
         if not host or a.state not in ("pending", "firing"):
             continue
-        busy.add(host)
+        on_host.setdefault(host, []).append(a)
         if a.state == "firing":
             firing.append(a)
+
+    def clear(act: Action) -> bool:
+        """The host has no pending or firing alert that is critical or matches the action's
+        rule (a lasting warning elsewhere on the host does not hold a node drained forever)."""
+        rule = rules.get(act.rule)
+        for a in on_host.get(act.host, ()):
+            if a.severity == "critical" or (rule is not None and rule.matches(a.match_labels())):
+                return False
+        return True
+
     _expire(state, cfg, now, out)
     for a in firing:
         _propose(state, cfg, a, now, provider_hosts, out)
     for act in state.actions.values():
         unstarted = act.state == QUEUED and act.phase == "firing" and act.started_at is None
-        if act.host not in busy and (act.state == AWAITING or unstarted):
+        if (act.state == AWAITING or unstarted) and clear(act):
             # never act on a host that recovered before the action was approved or could start
             act.state, act.updated_at = EXPIRED, now
             act.reason = "the host's alerts resolved before it " + (
@@ -184,7 +194,7 @@ def plan(
             out.events.append(Event(act.id, "expired", now, why=act.reason))
             out.changed.add(act.id)
             continue
-        if act.state == HOLDING and act.host not in busy:
+        if act.state == HOLDING and clear(act):
             rule = rules.get(act.rule)
             act.phase, act.step, act.updated_at = "resolved", 0, now
             if rule is None or not steps_of(rule, "resolved"):

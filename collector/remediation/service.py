@@ -110,9 +110,10 @@ class Remediator:
             p = engine.plan(self.state, self.cfg, self.alerts(), now, self.provider_hosts())
             self.counts["plans"] += 1
             self._merge(p)
-            await self._flush()
-            for aid in p.run:
-                self._launch(aid)
+            await self._flush()  # raises while PostgreSQL is down: nothing runs before it is written
+            for aid, a in self.state.actions.items():  # p.run, and any whose earlier write failed
+                if a.state == RUNNING:
+                    self._launch(aid)
 
     def _merge(self, p: Plan) -> None:
         q = self._pending
