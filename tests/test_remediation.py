@@ -355,3 +355,18 @@ def test_a_lasting_warning_elsewhere_does_not_hold_the_node_but_a_critical_does(
     assert plan(st, c, [lost, disk], 102.0, HOSTS).run == []
     assert st.actions[aid].state == "holding"
     assert plan(st, c, [disk], 103.0, HOSTS).run == [aid]
+
+
+def test_the_examples_of_docs_remediation_md_are_valid_config() -> None:
+    import tomllib
+
+    text = (ROOT / "docs" / "remediation.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for b in blocks:
+        c = remediation_config_from(tomllib.loads(b))
+        assert c.rules
+    k8s = remediation_config_from(tomllib.loads(blocks[-1])).rules[0]
+    assert [s.argv[:2] for s in k8s.steps] == [
+        ("kubectl", "cordon"), ("kubectl", "taint"), ("kubectl", "taint"), ("kubectl", "uncordon")
+    ]  # fmt: skip
