@@ -17,6 +17,7 @@ Outages are ~10 s here instead of the 30-40 s of the issue, with thresholds shor
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -299,3 +300,58 @@ async def test_a_wedged_alerting_loop_stops_the_heartbeat(tmp_path: Path, pg_dsn
                 assert beats.count == wedged_at
                 assert not svc.should_exit.is_set()  # the process itself runs on
             await until(lambda: beats.count >= wedged_at + 3)
+
+
+async def test_pages_spooled_while_postgres_was_down_are_recorded_at_the_next_start(
+    tmp_path: Path, pg_dsn: str, nats_url: str
+) -> None:
+    """A collector that stopped before PostgreSQL came back left its early deliveries in the
+    spool: the next start writes them to the outbox as they ended (sent, or failed with a dead
+    letter) and empties the spool; a row already pending under the same key is completed."""
+    from collector.notify.outbox import OutboxRow, Outcome, Spool
+
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir / "notify-spool-0.jsonl")
+    payload = {"kind": "firing", "rule": "gpu.xid", "at": time.time()}
+    pending_key = f"spool-test/{time.time()}/pending/hook"
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate.migrate(c)
+        await c.execute(
+            "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
+            " VALUES (0, 'hook', $1, $2)",
+            pending_key,
+            json.dumps(payload),
+        )
+    finally:
+        await c.close()
+    sent_key, failed_key = f"spool-test/{time.time()}/sent/hook", f"spool-test/{time.time()}/failed/hook"
+    spool.append(OutboxRow(0, "hook", sent_key, payload), Outcome("sent", 1, None, time.time()))
+    spool.append(OutboxRow(0, "hook", failed_key, payload), Outcome("failed", 3, "HTTP 500", time.time()))
+    spool.append(OutboxRow(0, "hook", pending_key, payload), Outcome("sent", 2, None, time.time()))
+    async with Receiver() as rx:
+        cfg = write_config(
+            tmp_path, pg_dsn, nats_url, webhook_toml(rx.url), alerting=f'spool = "{spool_dir}"'
+        )
+        async with collector(cfg):
+            pass
+        assert rx.received == []  # recorded, not sent again
+    assert not spool.path.exists()  # type: ignore[union-attr]
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        rows = {
+            r["delivery_key"]: (r["status"], r["attempts"])
+            for r in await c.fetch(
+                "SELECT delivery_key, status, attempts FROM notification_outbox"
+                " WHERE delivery_key LIKE 'spool-test/%'"
+            )
+        }
+        dead = await c.fetchval(
+            "SELECT count(*) FROM notification_dead_letter d JOIN notification_outbox o ON o.id = d.outbox_id"
+            " WHERE o.delivery_key = $1",
+            failed_key,
+        )
+    finally:
+        await c.close()
+    assert rows == {sent_key: ("sent", 1), failed_key: ("failed", 3), pending_key: ("sent", 2)}
+    assert dead == 1
