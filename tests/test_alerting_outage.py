@@ -1,7 +1,8 @@
 """The monitor's own outages are not the fleet's (issue 16), against real servers.
 
 * PostgreSQL stopped under a live fleet (simulated agents, 0.5 s samples), a fatal XID during
-  the outage: the XID is paged while PostgreSQL is still down (fail-open), no host alert and no
+  the outage: the XID is paged while PostgreSQL is still down (fail-open) and escalates on time
+  meanwhile, no host alert and no
   provider incident, one collector self-alert (resolved when PostgreSQL is back); afterwards the
   XID's alert and its notification are in PostgreSQL once and no host's stored history has a gap.
 * NATS stopped under a live fleet: no host alert and no provider incident, a collector
@@ -41,6 +42,18 @@ from shared.frames import encode
 from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
 
 OUTAGE_S = 10.0
+ESCALATE = """
+[[notify.webhook]]
+name = "manager"
+url = "{}"
+[[escalation.policy]]
+name = "xid"
+match = {{ rule = "gpu.xid" }}
+levels = [{{ after = "0s", notify = ["hook"] }}, {{ after = "2s", notify = ["manager"] }}]
+[[escalation.policy]]
+name = "rest"
+levels = [{{ after = "0s", notify = ["hook"] }}]
+"""
 BODY = '[health]\nstale_after = "2s"\n[selfcheck]\ngrace = "1s"\n'
 
 
@@ -90,8 +103,10 @@ async def test_postgres_outage_pages_from_memory_and_blames_the_collector_not_th
     dsn = own_pg.dsn()
     await _migrated(dsn)
     fleet = _fleet(private_nats.url)
-    async with Receiver() as rx:
-        cfg = write_config(tmp_path, dsn, private_nats.url, BODY + webhook_toml(rx.url))
+    async with Receiver() as rx, Receiver() as mgr:
+        cfg = write_config(
+            tmp_path, dsn, private_nats.url, BODY + webhook_toml(rx.url) + ESCALATE.format(mgr.url)
+        )
         async with collector(cfg) as svc:
             await fleet.start()
             run = asyncio.create_task(fleet.run())
@@ -111,6 +126,9 @@ async def test_postgres_outage_pages_from_memory_and_blames_the_collector_not_th
                 host = _xid(fleet)
                 await until(lambda: ("firing", "gpu.xid") in _hook_rules(rx))
                 assert own_pg.proc is None or own_pg.proc.poll() is not None  # paged while still down
+                # escalation timers keep running: unacknowledged, the XID reaches level 1 (2 s later)
+                await until(lambda: ("firing", "gpu.xid") in _hook_rules(mgr))
+                assert own_pg.proc is None or own_pg.proc.poll() is not None
                 assert svc.alerting.pg_down()
                 # hold the outage well past stale_after: no host is blamed for the collector's fault
                 await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
@@ -153,6 +171,10 @@ async def test_postgres_outage_pages_from_memory_and_blames_the_collector_not_th
             " JOIN hosts h ON h.id = s.host_id GROUP BY h.name, s.boot_id"
         )
         events = await c.fetchval("SELECT count(*) FROM events WHERE xid = 79")
+        escalated = await c.fetch(
+            "SELECT status FROM notification_outbox WHERE channel = 'manager'"
+            " AND payload->>'rule' = 'gpu.xid'"
+        )
     finally:
         await c.close()
     assert len(xid) == 1
@@ -162,6 +184,8 @@ async def test_postgres_outage_pages_from_memory_and_blames_the_collector_not_th
     for g in gaps:  # samples and events share the sequence: a host's samples span it without holes
         assert g["span"] - g["n"] <= (1 if g["name"] == host else 0) + 1, dict(g)  # + its inventory
     assert events == 1
+    assert [r["status"] for r in escalated] == ["sent"]  # escalated during the outage, recorded once
+    assert [r for r in _hook_rules(mgr) if r[1] == "gpu.xid"] == [("firing", "gpu.xid")]
 
 
 async def test_nats_outage_blames_the_collector_and_shows_the_agents_outage_reports(
