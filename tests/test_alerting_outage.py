@@ -30,10 +30,14 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from agent.fleet import Fleet
 from agent.gpu.base import GpuEvent
 from agent.sampler import build_event
+from collector.api import make_app
+from collector.metrics import FleetCollector
 from collector.service import CollectorService
 from collector.store import migrate
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
@@ -93,6 +97,20 @@ def _provider_incidents(svc: CollectorService) -> list[dict[str, Any]]:
     return [i for i in svc.alerting.list_incidents() if i["host"] is None]
 
 
+async def _shows_its_own_outage(svc: CollectorService, cause: str) -> None:
+    """/readyz and /metrics say what the collector's own problem is."""
+    reg = CollectorRegistry()
+    reg.register(FleetCollector(svc))
+    assert reg.get_sample_value("gpuwarden_collector_pipeline_impaired") == 1.0
+    labels = {"check": "collector.pipeline", "cause": cause}
+    assert reg.get_sample_value("gpuwarden_collector_self_problem", labels) == 1.0
+    async with TestClient(TestServer(make_app(svc))) as client:
+        r = await client.get("/readyz")
+        body = await r.json()
+    assert body["self"]["impaired_since"] is not None
+    assert [p["cause"] for p in body["self"]["problems"]] == [cause]
+
+
 def _hook_rules(rx: Receiver) -> list[tuple[str, str]]:
     return [(status, name) for status, name, _ in rx.alerts()]
 
@@ -123,6 +141,7 @@ async def test_postgres_outage_pages_from_memory_and_blames_the_collector_not_th
                 assert (
                     "cannot store: PostgreSQL unreachable since" in own["alerts"][0]["annotations"]["summary"]
                 )
+                await _shows_its_own_outage(svc, "postgres")
                 host = _xid(fleet)
                 await until(lambda: ("firing", "gpu.xid") in _hook_rules(rx))
                 assert own_pg.proc is None or own_pg.proc.poll() is not None  # paged while still down
@@ -203,6 +222,7 @@ async def test_nats_outage_blames_the_collector_and_shows_the_agents_outage_repo
                 stopped = time.monotonic()
                 await until(lambda: svc.alerting.self_status.impaired_since is not None)
                 await until(lambda: any(p.cause == "nats" for p in svc.alerting.self_status.problems))
+                await _shows_its_own_outage(svc, "nats")
                 await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
                 assert _fired(svc, "host.") == []
                 assert _provider_incidents(svc) == []
