@@ -7,7 +7,7 @@ const STATUS_COLOR = { critical: "#d93025", warning: "#f29900", unknown: "#9aa0a
 const ORDER = ["critical", "warning", "unknown", "info", "healthy"];
 const CELL = 11, GAP = 2;
 const $ = (sel) => document.querySelector(sel);
-const state = { providers: [], hosts: [], alerts: [], incidents: [], view: "overview", host: null, token: sessionStorage.getItem("gw-token") || "" };
+const state = { providers: [], hosts: [], alerts: [], incidents: [], openIncidents: new Set(), view: "overview", host: null, token: sessionStorage.getItem("gw-token") || "" };
 window.gw = { renders: 0, firstRenderMs: null, hosts: 0, state };
 
 function esc(s) {
@@ -87,6 +87,10 @@ function renderOverview() {
   $("#providers").innerHTML = state.providers.map(providerCard).join("");
   renderAlerts($("#alerts tbody"), state.alerts);
   $("#alert-count").textContent = `(${state.alerts.length})`;
+  for (const d of document.querySelectorAll("#incidents details[data-incident]")) {  // as the user left them
+    if (d.open) state.openIncidents.add(d.dataset.incident);
+    else state.openIncidents.delete(d.dataset.incident);
+  }
   $("#incidents").innerHTML = state.incidents.length ? state.incidents.map(incidentItem).join("") : '<p class="muted">none</p>';
   renderRemediation();
   renderGrids();
@@ -149,7 +153,9 @@ function incidentItem(i) {
     return `<li class="member ${m.acknowledged ? "acked" : ""}" data-member="${esc(m.id)}">${esc(m.host || "")}${m.gpu !== null && m.gpu !== undefined ? ` gpu${esc(m.gpu)}` : ""} ${esc(m.rule)} <span class="badge ${esc(m.severity)}">${esc(m.severity)}</span> <span class="small">${esc(ack)}${m.inhibited_by ? " · inhibited" : ""}</span></li>`;
   }).join("");
   const head = i.acknowledged ? `<span class="badge info">acknowledged${i.ack ? ` by ${esc(i.ack.by)}` : ""}</span>` : `<button class="ack-incident" data-id="${esc(i.id)}">Acknowledge</button>`;
-  return `<details class="incident ${i.acknowledged ? "acked" : ""}" data-incident="${esc(i.id)}"><summary><b>${esc(where)}</b> <span class="muted">${live.length} alerts (${i.unacknowledged} unacknowledged) · ${(i.hosts || []).length || 1} hosts · opened ${age(i.opened_at)} ago</span> ${head}</summary><ul>${members}</ul></details>`;
+  // an incident the user opened stays open across the live re-renders
+  const open = state.openIncidents.has(i.id) ? " open" : "";
+  return `<details class="incident ${i.acknowledged ? "acked" : ""}" data-incident="${esc(i.id)}"${open}><summary><b>${esc(where)}</b> <span class="muted">${live.length} alerts (${i.unacknowledged} unacknowledged) · ${(i.hosts || []).length || 1} hosts · opened ${age(i.opened_at)} ago</span> ${head}</summary><ul>${members}</ul></details>`;
 }
 
 function alertRow(a) {
