@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from collector.alerts import (
@@ -260,6 +260,14 @@ def test_invariants_hold(steps: list[Step]) -> None:
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(first=steps_st, rest=steps_st)
+@example(  # an XID inhibited by its host past its 5 m escalation: escalates when uninhibited
+    first=[
+        (0, [(0, 0, "gpu.xid", "critical", True)], None),
+        (0, [(0, 0, "host.unreachable", "warning", False)], None),
+        (300, [], None),
+    ],
+    rest=[(0, [(0, 0, "host.unreachable", "healthy", False)], None)],
+)
 def test_replay_from_saved_state_is_identical(first: list[Step], rest: list[Step]) -> None:
     d = Driver(AlertState())
     for s in first:

@@ -183,6 +183,7 @@ class Correlator(abc.ABC):
         a.inhibited_by = root
         if root is None:
             self._t(ctx, a, "uninhibited")
+            state.next_due = min(state.next_due, ctx.now)  # its escalation may be due already
             if self.notifiable(a) and a.level < 0:
                 ctx.fired[a.fingerprint] = a
         elif not was:

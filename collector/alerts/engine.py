@@ -93,6 +93,9 @@ class AlertEngine(Correlator):
             boundary = self.sync_silences(state, ctx)
         for o in observations:
             self._observe(state, o, ctx)
+        if not due and now >= state.next_due:  # an observation made something due now (uninhibited)
+            due = True
+            boundary = self.sync_silences(state, ctx)
         if due:
             self._advance(state, ctx, boundary)
         if ctx.fired:
