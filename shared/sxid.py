@@ -17,13 +17,12 @@ and ``Severity`` detail lines); a code missing from it is non-fatal unless its l
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Final
 
+from shared.csvtable import coded_rows
 from shared.errors import ConfigError
 
 SEVERITIES: Final = frozenset({"non_fatal", "fatal", "always_fatal"})
@@ -57,18 +56,8 @@ def unknown_sxid(code: int) -> SxidInfo:
 
 def parse_catalog(text: str, source: str = "sxid catalogue") -> dict[int, SxidInfo]:
     """Parse catalogue CSV text. Raises :class:`ConfigError` naming the bad row."""
-    reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != _COLUMNS:
-        raise ConfigError(source, f"expected columns {','.join(_COLUMNS)}, got {reader.fieldnames}")
     table: dict[int, SxidInfo] = {}
-    for n, row in enumerate(reader, start=2):
-        where = f"{source} line {n}"
-        try:
-            code = int(row["code"])
-        except ValueError as e:
-            raise ConfigError(where, f"code {row['code']!r} is not an integer") from e
-        if code in table:
-            raise ConfigError(where, f"duplicate code {code}")
+    for where, code, row in coded_rows(text, source, _COLUMNS):
         if row["severity"] not in SEVERITIES:
             raise ConfigError(where, f"severity {row['severity']!r} is not one of {sorted(SEVERITIES)}")
         if row["action"] not in ACTIONS:

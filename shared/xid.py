@@ -9,14 +9,13 @@ original resolution bucket), ``summary`` (one line saying what to do).
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Final
 
+from shared.csvtable import coded_rows
 from shared.errors import ConfigError
 
 ACTIONS: Final = frozenset(
@@ -51,18 +50,8 @@ def unknown_xid(code: int) -> XidInfo:
 
 def parse_catalog(text: str, source: str = "xid catalogue") -> dict[int, XidInfo]:
     """Parse catalogue CSV text. Raises :class:`ConfigError` naming the bad row."""
-    reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != _COLUMNS:
-        raise ConfigError(source, f"expected columns {','.join(_COLUMNS)}, got {reader.fieldnames}")
     table: dict[int, XidInfo] = {}
-    for n, row in enumerate(reader, start=2):
-        where = f"{source} line {n}"
-        try:
-            code = int(row["code"])
-        except ValueError as e:
-            raise ConfigError(where, f"code {row['code']!r} is not an integer") from e
-        if code in table:
-            raise ConfigError(where, f"duplicate code {code}")
+    for where, code, row in coded_rows(text, source, _COLUMNS):
         if row["action"] not in ACTIONS:
             raise ConfigError(where, f"action {row['action']!r} is not one of {sorted(ACTIONS)}")
         if row["fatal"] not in ("true", "false"):
