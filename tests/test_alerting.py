@@ -20,15 +20,16 @@ from aiohttp import web
 from collector.config import CollectorConfig, load_collector_config
 from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from collector.service import CollectorService
-from gpuwarden.servers import NatsServer, free_port
+from gpuwarden.servers import NatsServer
 from shared.frames import Frame
+from tests.local_http import Handler, LocalHttp
 from tests.test_ingest import publish
 from tests.test_store import event, sample
 
 SECRET = "s3cret-hmac-key"
 
 
-class Receiver:
+class Receiver(LocalHttp):
     """A webhook receiver on 127.0.0.1: records every request; fails the first ``fail`` ones
     (or every one with ``fail=-1``) with HTTP 500."""
 
@@ -37,9 +38,8 @@ class Receiver:
         self.hang = hang
         self.attempts = 0
         self.received: list[tuple[dict[str, str], bytes, float]] = []
-        self.port = free_port()
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}/hook"
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -62,18 +62,8 @@ class Receiver:
             for a in b["alerts"]
         ]
 
-    async def __aenter__(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        app.router.add_post("/api/v2/alerts", self.handle)  # as an Alertmanager endpoint
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
+    def routes(self) -> list[tuple[str, Handler]]:
+        return [("/hook", self.handle), ("/api/v2/alerts", self.handle)]  # also as an Alertmanager endpoint
 
 
 def write_config(tmp: Path, dsn: str, nats_url: str, body: str, alerting: str = "") -> CollectorConfig:

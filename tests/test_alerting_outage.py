@@ -43,6 +43,7 @@ from collector.store import migrate
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
 from shared.config import NatsConfig
 from shared.frames import encode
+from tests.local_http import Handler, LocalHttp
 from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
 
 OUTAGE_S = 10.0
@@ -268,31 +269,21 @@ async def test_nats_outage_blames_the_collector_and_shows_the_agents_outage_repo
         assert s["span"] - s["n"] <= 1, dict(s)
 
 
-class Beats:
+class Beats(LocalHttp):
     """A local heartbeat receiver: counts POSTs."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.port = free_port()
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}/beat"
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
         self.count += 1
         return web.Response(status=200)
 
-    async def __aenter__(self) -> Beats:
-        app = web.Application()
-        app.router.add_post("/beat", self.handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
+    def routes(self) -> list[tuple[str, Handler]]:
+        return [("/beat", self.handle)]
 
 
 async def test_heartbeat_stops_when_the_collector_is_stopped_and_resumes(

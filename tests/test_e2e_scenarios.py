@@ -20,8 +20,9 @@ from aiohttp import web
 
 from agent.fleet import Fleet
 from collector.service import CollectorService
-from gpuwarden.servers import NatsServer, free_port
+from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
+from tests.local_http import Handler, LocalHttp
 from tests.scenario import CHANNELS, Scenario, Told, catalogue, mismatches, told_of_webhook
 from tests.test_alerting import write_config
 
@@ -67,31 +68,21 @@ def toml_text(d: Mapping[str, Any], prefix: str = "") -> str:
     return out
 
 
-class Hooks:
+class Hooks(LocalHttp):
     """A webhook receiver on 127.0.0.1: ``POST /hook/<channel>``, recorded with arrival times."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.got: list[tuple[str, dict[str, Any], float]] = []
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.got.append((request.match_info["channel"], body, time.time()))
         return web.Response(status=200)
 
-    async def __aenter__(self) -> Hooks:
-        app = web.Application()
-        app.router.add_post("/hook/{channel}", self.handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
+    def routes(self) -> list[tuple[str, Handler]]:
+        return [("/hook/{channel}", self.handle)]
 
     def told(self, t0: float) -> list[Told]:
         return [t for ch, body, at in self.got for t in told_of_webhook(ch, body, t0, at)]
