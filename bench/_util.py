@@ -1,12 +1,16 @@
-"""Helpers for the benchmarks: the gpuwarden command and stream counts."""
+"""Helpers for the benchmarks: the gpuwarden command, stream counts, percentiles, a webhook, a collector."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +41,54 @@ def stream_count(url: str, subject: str) -> int:
             await nc.close()
 
     return asyncio.run(count())
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``xs`` (nearest rank); NaN when there are none."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a :func:`spawn`-ed process group (if still running), then wait for it (up to 20 s)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(Exception):
+        proc.wait(20)
+
+
+async def webhook(handler: Callable[[Any], Awaitable[Any]]) -> tuple[Any, int]:
+    """A local HTTP server taking POST /hook with ``handler``: its runner (to clean up) and port."""
+    from aiohttp import web
+
+    from gpuwarden.servers import free_port
+
+    port = free_port()
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+async def start_collector(tmp: str, toml: str, pg_dsn: str, nats_url: str) -> tuple[Any, asyncio.Task[None]]:
+    """A collector in this process configured by ``toml`` (written to ``tmp``): the service, its run task."""
+    from collector.config import load_collector_config
+    from collector.service import CollectorService
+
+    path = Path(tmp) / "collector.toml"
+    path.write_text(toml)
+    cfg = load_collector_config(path, env={}, flags={"postgres.dsn": pg_dsn, "nats.servers": [nats_url]})
+    svc = CollectorService(cfg)
+    await svc.startup()
+    return svc, asyncio.create_task(svc.run())
+
+
+async def stop_collector(svc: Any, run: asyncio.Task[None]) -> None:
+    """Stop a collector from :func:`start_collector`: ask it to stop, await its run (60 s), shut it down."""
+    svc.request_stop()
+    await asyncio.wait_for(run, 60)
+    await svc.shutdown()

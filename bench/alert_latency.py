@@ -21,16 +21,13 @@ notification, its updates (and escalations), and any of its hosts told on their 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from bench._util import spawn
+from bench._util import pct, spawn, start_collector, stop, stop_collector, webhook
 
 HOSTS = int(os.environ.get("BENCH_ALERT_HOSTS", "1000"))
 K = int(os.environ.get("BENCH_ALERT_FAULTS", "20"))  # faulty hosts per kind
@@ -43,13 +40,6 @@ GROUP_WAIT = 2.0  # [alerts] group_wait: a first notice (not event-class) waits 
 OUTAGE_AT = WARMUP + K * STAGGER + FOR_S + 5
 OUTAGE_S = 25.0
 Row = tuple[str, str, str]
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
 
 
 def faults() -> tuple[list[str], dict[str, str]]:
@@ -72,9 +62,7 @@ async def _measure(hosts: int) -> dict[str, Any]:
     import nats
     from aiohttp import web
 
-    from collector.config import load_collector_config
-    from collector.service import CollectorService
-    from gpuwarden.servers import NatsServer, PostgresServer, free_port
+    from gpuwarden.servers import NatsServer, PostgresServer
     from shared.frames import EventFrame, SampleFrame, decode
 
     specs, kind = faults()
@@ -113,16 +101,9 @@ async def _measure(hosts: int) -> dict[str, Any]:
         ):
             seen[host] = f.ts
 
-    port = free_port()
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await webhook(hook)
     with NatsServer() as ns, PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "collector.toml"
-        path.write_text(
-            f"""
+        toml = f"""
 
 [alerts]
 for = "{FOR_S}s"
@@ -133,11 +114,7 @@ enabled = false
 name = "bench"
 url = "http://127.0.0.1:{port}/hook"
 """
-        )
-        cfg = load_collector_config(path, env={}, flags={"postgres.dsn": pg.dsn(), "nats.servers": [ns.url]})
-        svc = CollectorService(cfg)
-        await svc.startup()
-        run = asyncio.create_task(svc.run())
+        svc, run = await start_collector(tmp, toml, pg.dsn(), ns.url)
         nc = await nats.connect(ns.url)
         await nc.subscribe("gpuwarden.v1.event.>", cb=tap)
         await nc.subscribe("gpuwarden.v1.sample.>", cb=tap)
@@ -153,10 +130,7 @@ url = "http://127.0.0.1:{port}/hook"
             while time.time() - t0 < duration:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(Exception):
-                proc.wait(20)
+            stop(proc)
             fired = {
                 a.labels.get("host", ""): a.fired_at or 0.0
                 for a in svc.alerting.list_alerts()
@@ -170,9 +144,7 @@ url = "http://127.0.0.1:{port}/hook"
             }
             figures["alerting_s"] = sum(svc.alerting.stats["seconds"].values())
             await nc.drain()
-            svc.request_stop()
-            await asyncio.wait_for(run, 60)
-            await svc.shutdown()
+            await stop_collector(svc, run)
             await runner.cleanup()
     lat = {k: [got[h] - seen[h] for h in got if h in seen and kind[h] == k] for k in ("xid", "temp")}
     # the XID path in two parts: agent -> judged and judged -> webhook (outbox commit, POST)
@@ -206,22 +178,22 @@ def run() -> list[Row]:
         ),
         (
             f"fault -> webhook, XID 79 (event) p50 / p99 / max, n={len(xid)}",
-            f"{_pct(xid, 50):.3f} / {_pct(xid, 99):.3f} / {max(xid, default=float('nan')):.3f} s",
+            f"{pct(xid, 50):.3f} / {pct(xid, 99):.3f} / {max(xid, default=float('nan')):.3f} s",
             "p99 < 0.25 s",
         ),
         (
             f"fault -> webhook, temp=95 (threshold, for {FOR_S:g} s) p50 / p99, n={len(temp)}",
-            f"{_pct(temp, 50):.3f} / {_pct(temp, 99):.3f} s",
+            f"{pct(temp, 50):.3f} / {pct(temp, 99):.3f} s",
             f"< for + group_wait + 1 s = {FOR_S + GROUP_WAIT + 1:g} s",
         ),
         (
             "XID: agent -> judged (NATS; fast_events: before it is stored) p50 / p99",
-            f"{_pct(r['parts']['judged'], 50):.3f} / {_pct(r['parts']['judged'], 99):.3f} s",
+            f"{pct(r['parts']['judged'], 50):.3f} / {pct(r['parts']['judged'], 99):.3f} s",
             "",
         ),
         (
             "XID: judged -> webhook received (outbox commit, POST) p50 / p99",
-            f"{_pct(r['parts']['delivered'], 50):.3f} / {_pct(r['parts']['delivered'], 99):.3f} s",
+            f"{pct(r['parts']['delivered'], 50):.3f} / {pct(r['parts']['delivered'], 99):.3f} s",
             "",
         ),
         ("faults not notified within the run", str(r["missed"]), "0"),

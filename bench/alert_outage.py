@@ -14,16 +14,13 @@ own alert (one, resolved), and the XIDs' notifications in the outbox (each once,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from bench._util import spawn
+from bench._util import pct, spawn, start_collector, stop, stop_collector, webhook
 
 HOSTS = int(os.environ.get("BENCH_OUTAGE_HOSTS", "200"))
 K = int(os.environ.get("BENCH_OUTAGE_XIDS", "20"))
@@ -34,21 +31,12 @@ PG_DOWN_S = 4.0 + K * STAGGER + 8.0
 Row = tuple[str, str, str]
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
-
-
 async def _measure() -> dict[str, Any]:
     import asyncpg
     import nats
     from aiohttp import web
 
-    from collector.config import load_collector_config
-    from collector.service import CollectorService
-    from gpuwarden.servers import NatsServer, PostgresServer, free_port
+    from gpuwarden.servers import NatsServer, PostgresServer
     from shared.frames import EventFrame, decode
 
     # spread over the 4 providers (5 of 50 hosts each at the defaults): below the provider-incident
@@ -76,16 +64,9 @@ async def _measure() -> dict[str, Any]:
             if isinstance(f, EventFrame) and f.xid == 79:
                 seen[host] = f.ts
 
-    port = free_port()
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await webhook(hook)
     with NatsServer() as ns, PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "collector.toml"
-        path.write_text(
-            f"""
+        toml = f"""
 [alerting]
 spool = "{tmp}/spool"
 [notify.log]
@@ -94,11 +75,7 @@ enabled = false
 name = "bench"
 url = "http://127.0.0.1:{port}/hook"
 """
-        )
-        cfg = load_collector_config(path, env={}, flags={"postgres.dsn": pg.dsn(), "nats.servers": [ns.url]})
-        svc = CollectorService(cfg)
-        await svc.startup()
-        run = asyncio.create_task(svc.run())
+        svc, run = await start_collector(tmp, toml, pg.dsn(), ns.url)
         nc = await nats.connect(ns.url)
         await nc.subscribe("gpuwarden.v1.event.>", cb=tap)
         duration = WARMUP + PG_DOWN_S + 25
@@ -121,15 +98,10 @@ url = "http://127.0.0.1:{port}/hook"
             while time.time() - t0 < duration:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(Exception):
-                proc.wait(20)
+            stop(proc)
             outcome["after"] = raised(svc, down_at)
             await nc.drain()
-            svc.request_stop()
-            await asyncio.wait_for(run, 60)
-            await svc.shutdown()
+            await stop_collector(svc, run)
             await runner.cleanup()
             c = await asyncpg.connect(pg.dsn())
             try:
@@ -164,7 +136,7 @@ def run() -> list[Row]:
     return [
         (
             f"PostgreSQL down: XID 79 -> webhook p50 / p99 / max, n={len(down)} (of {K} during the outage)",
-            f"{_pct(down, 50):.3f} / {_pct(down, 99):.3f} / {max(down, default=float('nan')):.3f} s",
+            f"{pct(down, 50):.3f} / {pct(down, 99):.3f} / {max(down, default=float('nan')):.3f} s",
             "p99 < 1 s, all delivered while down",
         ),
         (

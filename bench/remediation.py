@@ -19,8 +19,9 @@ import asyncio
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+from bench._util import pct, start_collector, stop_collector
 
 HOSTS = int(os.environ.get("BENCH_REMEDIATION_HOSTS", "100"))
 K = int(os.environ.get("BENCH_REMEDIATION_FAULTS", "20"))
@@ -29,20 +30,11 @@ STAGGER = 0.5
 Row = tuple[str, str, str]
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
-
-
 async def _measure(slurm: Any) -> dict[str, Any]:
     import nats
 
     from agent.fleet import Fleet, host_name
-    from collector.config import load_collector_config
     from collector.remediation import store
-    from collector.service import CollectorService
     from gpuwarden.servers import NatsServer, PostgresServer
     from shared.config import NatsConfig
     from shared.frames import EventFrame, decode
@@ -60,9 +52,7 @@ async def _measure(slurm: Any) -> dict[str, Any]:
             seen[host] = f.ts
 
     with NatsServer() as ns, PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "collector.toml"
-        path.write_text(
-            f"""
+        toml = f"""
 [notify.log]
 enabled = false
 [remediation]
@@ -79,11 +69,7 @@ mode = "auto"
   [[remediation.rule.step]]
   kind = "slurm_drain"
 """
-        )
-        cfg = load_collector_config(path, env={}, flags={"postgres.dsn": pg.dsn(), "nats.servers": [ns.url]})
-        svc = CollectorService(cfg)
-        await svc.startup()
-        run = asyncio.create_task(svc.run())
+        svc, run = await start_collector(tmp, toml, pg.dsn(), ns.url)
         nc = await nats.connect(ns.url)
         await nc.subscribe("gpuwarden.v1.event.>", cb=tap)
         fleet = Fleet(NatsConfig(servers=(ns.url,)), hosts=HOSTS, gpus=8, interval=1.0, faults=specs)
@@ -106,9 +92,7 @@ mode = "auto"
             await frun
             await fleet.close()
             await nc.drain()
-            svc.request_stop()
-            await asyncio.wait_for(run, 60)
-            await svc.shutdown()
+            await stop_collector(svc, run)
     reasons = slurm.reasons()
     ok = sum(1 for h in faulty if reasons.get(h, "").startswith("gpuwarden: fatal-xid"))
     lat = [drained[h] - seen[h] for h in drained if h in seen]
@@ -129,7 +113,7 @@ def run() -> list[Row]:
         (
             f"remediation: fault (XID 79 event) -> Slurm node drained (auto) p50 / p99 / max, n={len(lat)}"
             f" ({HOSTS} hosts x 8 GPUs at 1 s)",
-            f"{_pct(lat, 50):.3f} / {_pct(lat, 99):.3f} / {max(lat, default=float('nan')):.3f} s",
+            f"{pct(lat, 50):.3f} / {pct(lat, 99):.3f} / {max(lat, default=float('nan')):.3f} s",
             "p99 < 1 s",
         ),
         (
