@@ -31,9 +31,15 @@ def agent_config(
     gpus: int = 2,
     faults: tuple[str, ...] = (),
     targets: tuple[str, ...] = (),
+    kmsg_path: str | None = None,
 ) -> AgentConfig:
+    """An agent's config for the tests; ``kmsg_path``: read the kernel log from that file."""
+    if kmsg_path is None:
+        agent = AgentSection(host=host, provider="test", interval=interval, kmsg=False)
+    else:
+        agent = AgentSection(host=host, provider="test", interval=interval, kmsg=True, kmsg_path=kmsg_path)
     return AgentConfig(
-        agent=AgentSection(host=host, provider="test", interval=interval, kmsg=False),
+        agent=agent,
         nats=NatsConfig(servers=(url,), reconnect_wait=0.2, reconnect_wait_max=1.0, publish_timeout=2.0),
         network=NetworkChecksConfig(targets=targets, timeout=1.0),
         simulate=SimulateConfig(gpus=gpus, faults=faults, seed=7),
@@ -358,13 +364,7 @@ async def test_node_part_and_kernel_log_classes_reach_the_samples(
 
     log = Path(str(tmp_path)) / "kmsg"
     log.write_text("")
-    base = agent_config(nats_url, host, interval=0.2, gpus=0)
-    cfg = AgentConfig(
-        agent=AgentSection(host=host, provider="test", interval=0.2, kmsg=True, kmsg_path=str(log)),
-        nats=base.nats,
-        network=base.network,
-        simulate=base.simulate,
-    )
+    cfg = agent_config(nats_url, host, interval=0.2, gpus=0, kmsg_path=str(log))
     sys_root = write_tree(Path(str(tmp_path)) / "sys")
     node = NodeSource(NodeConfig(sys_root=str(sys_root), services_every=0, dstate_every=0))
     svc = AgentService(
@@ -408,13 +408,7 @@ async def test_an_nvml_xid74_waits_for_its_kernel_log_line_which_names_the_link(
 
     log = Path(str(tmp_path)) / "kmsg"
     log.write_text("")
-    base = agent_config(nats_url, host, interval=0.5, gpus=0)
-    cfg = AgentConfig(
-        agent=AgentSection(host=host, provider="test", interval=0.5, kmsg=True, kmsg_path=str(log)),
-        nats=base.nats,
-        network=base.network,
-        simulate=base.simulate,
-    )
+    cfg = agent_config(nats_url, host, interval=0.5, gpus=0, kmsg_path=str(log))
     fake = FakeNvml.load()
     svc = AgentService(cfg, NvmlBackend(fake.module, proc_root="/nonexistent"), PsutilSystem(host))
     task = await start(svc)
