@@ -352,14 +352,19 @@ async def get_alert(request: web.Request) -> web.Response:
     return web.json_response(svc.alerting.alert_view(a))
 
 
-async def ack_alert(request: web.Request) -> web.Response:
-    who = require_token(request)
-    svc = _svc(request)
-    fp = request.match_info["id"]
+async def _ack_request(request: web.Request) -> tuple[str, str, float | None, str]:
+    """An acknowledgement's ``(id, by, until, comment)``; ``by`` is the token's name: a body's
+    "by" is not trusted (docs/api.md)."""
+    by = require_token(request)
+    what = request.match_info["id"]
     body = await json_body(request)
-    by = who  # the token's name: a body's "by" is not trusted (docs/api.md)
     comment = body_str(body, "comment", "", 2000)
-    until = body_time(body, "until")
+    return what, by, body_time(body, "until"), comment
+
+
+async def ack_alert(request: web.Request) -> web.Response:
+    fp, by, until, comment = await _ack_request(request)
+    svc = _svc(request)
     if svc.alerting.get_alert(fp) is None:
         raise not_found("alert", fp)
     try:
@@ -425,13 +430,8 @@ async def get_incident(request: web.Request) -> web.Response:
 
 
 async def ack_incident(request: web.Request) -> web.Response:
-    who = require_token(request)
+    iid, by, until, comment = await _ack_request(request)
     svc = _svc(request)
-    iid = request.match_info["id"]
-    body = await json_body(request)
-    by = who  # the token's name: a body's "by" is not trusted (docs/api.md)
-    comment = body_str(body, "comment", "", 2000)
-    until = body_time(body, "until")
     try:
         view = await svc.alerting.ack_incident(iid, by, until, comment)
     except KeyError:
