@@ -29,8 +29,11 @@ lint: $(STAMP)
 mypy: $(STAMP)
 	$(BIN)/mypy
 
+# Most tests wait on servers and on scenario clocks, not on the CPU: spread them over workers
+# (a module's tests stay together; see tests/conftest.py). PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 4
 pytest: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 # Installs the missing SYSTEM_PACKAGES with apt-get when run as root; elsewhere says what to install.
 system-deps:

@@ -10,7 +10,7 @@ import contextlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,6 +18,22 @@ from gpuwarden.servers import NatsServer, PostgresServer
 
 if TYPE_CHECKING:
     import asyncpg
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``make test`` runs ``-n N``) a module's tests stay on one worker,
+    where its module-scoped servers, collectors and playbook applies are made once; only the
+    end-to-end scenarios, each with servers of its own and a timeline of up to a minute or
+    more, are spread over the workers one by one."""
+    from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415 (only under xdist)
+
+    class ModuleScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path.endswith("test_e2e_scenarios.py") else path
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
