@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Self
 
@@ -12,16 +13,16 @@ from gpuwarden.servers import free_port
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class LocalHttp:
+class LocalHttp(ABC):
     """An aiohttp server on 127.0.0.1 as an async context manager; a subclass names its POST routes."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self._runner: web.AppRunner | None = None
 
+    @abstractmethod
     def routes(self) -> list[tuple[str, Handler]]:
         """``(path, handler)`` of each POST route."""
-        raise NotImplementedError
 
     async def __aenter__(self) -> Self:
         app = web.Application()
