@@ -1,6 +1,6 @@
 """Fault injection for simulated hosts: the fault-spec grammar and a schedule of faults.
 
-Grammar (DESIGN.md)::
+Grammar (also in README.md and docs/configuration.md, ``[simulate] faults``)::
 
     [HOST[/gpuN]:]KIND[=VALUE]@AFTER[+DURATION]
 

@@ -1,6 +1,6 @@
 """The collector's configuration (``collector.toml``), built once: file, then env, then flags.
 
-The section shape is the contract in DESIGN.md. ``[health]``, ``[alerts]``, ``[notify]``,
+The section shape is the contract in docs/configuration.md. ``[health]``, ``[alerts]``, ``[notify]``,
 ``[escalation]``, ``[silence]``, ``[maintenance]`` and ``[remediation]`` belong to the
 health/alert engine (and remediation): unless a schema for them is passed in
 ``extra_schema``, those present in the file are kept raw (``CollectorConfig.raw``, top-level

@@ -1,4 +1,4 @@
-"""Both engines together, one row per fault kind of the fault grammar (DESIGN.md): a host
+"""Both engines together, one row per fault kind of the fault grammar (agent/faults.py): a host
 samples every 5 s, the fault starts at 60 s and clears at 300 s. Each fault gives exactly
 the expected alert (rule, severity, subject, advice), notified once when it fires and once
 when it resolves, and nothing else is notified."""

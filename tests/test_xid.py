@@ -7,7 +7,7 @@ import pytest
 from shared import xid
 from shared.errors import ConfigError
 
-# The codes DESIGN.md and REFERENCE.md name, with the action and fatality they must carry.
+# The codes docs/reference.md and docs/health.md name, with the action and fatality they must carry.
 EXPECTED = {
     13: ("restart_app", False),
     31: ("restart_app", False),

@@ -1,4 +1,4 @@
-"""The one NVML error policy (STYLE.md rule 3): every NVML call goes through :meth:`NvmlQuery.attempt`.
+"""The one NVML error policy (docs/reference.md): every NVML call goes through :meth:`NvmlQuery.attempt`.
 
 - ``NVMLError_NotSupported`` (and ``InvalidArgument``, which a driver answers for a field id it
   does not know) -> ``None``; cached per (GPU, topic) so it is not asked again, and reported in

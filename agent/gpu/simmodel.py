@@ -22,7 +22,7 @@ MIB: Final = 1 << 20
 DRIVER_VERSION: Final = "550.127.08"
 CUDA_VERSION: Final = "12.4"
 
-# NVML clocks-event reason bits (REFERENCE.md).
+# NVML clocks-event reason bits (docs/reference.md).
 GPU_IDLE: Final = 0x1
 SW_POWER_CAP: Final = 0x4
 HW_SLOWDOWN: Final = 0x8

@@ -1,6 +1,6 @@
 """Pure alert engine: observations in; alerts, transitions and notifications out.
 
-No clock, no logging, no I/O (STYLE.md rule 6). See ``docs/alerts.md``.
+No clock, no logging, no I/O (docs/reference.md, "Code rules"). See ``docs/alerts.md``.
 """
 
 from collector.alerts.config import AlertConfig, Matcher, Policy, Silence, alert_config_from, parse_matcher

@@ -1,6 +1,6 @@
 """Pure health evaluation: frames and the current time in, observations and rollups out.
 
-No clock, no logging, no I/O (STYLE.md rule 6). See ``docs/health.md`` for every check.
+No clock, no logging, no I/O (docs/reference.md, "Code rules"). See ``docs/health.md`` for every check.
 """
 
 from collector.health.config import HealthConfig, health_config_from

@@ -27,7 +27,7 @@ REASON_NAMES: Final = (
     (0x40, "HW thermal"),
     (0x80, "HW power brake"),
 )
-# Expected PCIe replays per minute per lane: BER 1e-12 x lane rate x 60 s (REFERENCE.md, DCGM).
+# Expected PCIe replays per minute per lane: BER 1e-12 x lane rate x 60 s (DCGM; docs/reference.md).
 PCIE_PER_LANE_PER_MIN: Final[dict[int, float]] = {
     1: 0.15,
     2: 0.30,
