@@ -83,15 +83,20 @@ class HealthEngine:
         ahead = ts - now
         if ahead > self.max_skew:
             em.emit(
-                hs.checks, "host.clock_skew", "host.clock_skew", hs.labels, WARNING, now, round(ahead, 3),
-                f"{hs.host}'s clock is {ahead:.0f} s ahead: its readings are not shown as current",
-                "The host's frames are dated ahead of the collector's clock by more than "
+                hs.checks,
+                "host.clock_skew",
+                hs.labels,
+                WARNING,
+                now,
+                value=round(ahead, 3),
+                summary=f"{hs.host}'s clock is {ahead:.0f} s ahead: its readings are not shown as current",
+                advice="The host's frames are dated ahead of the collector's clock by more than "
                 "[health] max_clock_skew: they are stored, but the live view keeps its last "
                 "readings dated within the allowance. Fix the host's time sync (chronyc "
                 "tracking, timedatectl) and the collector's.",
-            )  # fmt: skip
+            )
         else:
-            em.emit(hs.checks, "host.clock_skew", "host.clock_skew", hs.labels, HEALTHY, now, round(ahead, 3))
+            em.emit(hs.checks, "host.clock_skew", hs.labels, HEALTHY, now, value=round(ahead, 3))
 
     # ------------------------------------------------------------------ hosts and GPUs
 
@@ -109,10 +114,10 @@ class HealthEngine:
         hs.last_frame_at = now
         if hs.stale:
             hs.stale = False
-            em.emit(hs.checks, "host.unreachable", "host.unreachable", hs.labels, HEALTHY, now, 0.0)
+            em.emit(hs.checks, "host.unreachable", hs.labels, HEALTHY, now, value=0.0)
             for gs in hs.gpus.values():
                 if "gpu.stale" in gs.checks:
-                    em.emit(gs.checks, "gpu.stale", "gpu.stale", gs.labels, HEALTHY, now, 0.0)
+                    em.emit(gs.checks, "gpu.stale", gs.labels, HEALTHY, now, value=0.0)
                     gs.checks["gpu.stale"].quiet = self.healthy_for  # said once: fresh data again
         return hs
 
@@ -218,15 +223,20 @@ class HealthEngine:
             return
         if count < expected:
             em.emit(
-                hs.checks, "host.gpu_missing", "host.gpu_missing", hs.labels, CRITICAL, now,
-                float(expected - count),
-                f"{hs.host} reports {count} of {expected} GPUs: find the missing GPU (lspci, nvidia-smi)",
-                "Fewer GPUs than the inventory expects: a GPU fell off the bus, was not "
+                hs.checks,
+                "host.gpu_missing",
+                hs.labels,
+                CRITICAL,
+                now,
+                value=float(expected - count),
+                summary=f"{hs.host} reports {count} of {expected} GPUs: find the missing GPU (lspci, "
+                "nvidia-smi)",
+                advice="Fewer GPUs than the inventory expects: a GPU fell off the bus, was not "
                 "initialised by the driver, or the host was rebuilt. Check lspci and dmesg; "
                 "reboot or reseat; RMA if it stays missing.",
-            )  # fmt: skip
+            )
         else:
-            em.emit(hs.checks, "host.gpu_missing", "host.gpu_missing", hs.labels, HEALTHY, now, 0.0)
+            em.emit(hs.checks, "host.gpu_missing", hs.labels, HEALTHY, now, value=0.0)
 
     def observe_event(
         self, state: HealthState, frame: EventFrame, now: float
@@ -272,7 +282,7 @@ class HealthEngine:
             checks.sample(em, gs, base, _LOST, frame.ts or now)
         elif t == "gpu_recovered":
             gs.lost = False
-            em.emit(gs.checks, "gpu.lost", "gpu.lost", base, HEALTHY, now, 0.0)
+            em.emit(gs.checks, "gpu.lost", base, HEALTHY, now, value=0.0)
         elif t == "ecc_dbe":
             checks.dbe(em, gs, base, now, float(frame.count or frame.value or 1))
         elif t == "throttle_start" or t == "throttle_stop":
@@ -282,7 +292,7 @@ class HealthEngine:
                 checks.clock_events(em, gs, base, active, frame.ts or now)
             elif t == "throttle_stop":
                 gs.throttle_since = None
-                em.emit(gs.checks, "gpu.clock_events", "gpu.clock_events", base, HEALTHY, now, 0.0)
+                em.emit(gs.checks, "gpu.clock_events", base, HEALTHY, now, value=0.0)
         elif t == "recovery_action" and frame.value is not None:
             checks.recovery(em, gs, base, frame.value, now)
         elif t == "page_retirement" and frame.value == 1:
@@ -310,7 +320,7 @@ class HealthEngine:
             self._driver(em, hs, frame.nvml_error, now)
             return state, em.out
         if "host.gpu_driver" in hs.checks:
-            em.emit(hs.checks, "host.gpu_driver", "host.gpu_driver", hs.labels, HEALTHY, now, 0.0)
+            em.emit(hs.checks, "host.gpu_driver", hs.labels, HEALTHY, now, value=0.0)
         hs.inventory_gpus = len(frame.gpus)
         hs.gpu_model = next((g.name for g in frame.gpus if g.name), None)
         for info in frame.gpus:
@@ -343,15 +353,20 @@ class HealthEngine:
         for gs in hs.gpus.values():
             gs.stale, gs.quiet = True, False
         em.emit(
-            hs.checks, "host.gpu_driver", "host.gpu_driver", hs.labels, CRITICAL, now, None,
-            f"{hs.host}: NVML cannot initialise: {error}; check the driver and library versions; "
+            hs.checks,
+            "host.gpu_driver",
+            hs.labels,
+            CRITICAL,
+            now,
+            value=None,
+            summary=f"{hs.host}: NVML cannot initialise: {error}; check the driver and library versions; "
             "reboot if a driver update is pending",
-            "The agent runs and reports the host, but NVML does not start, so no GPU is "
+            advice="The agent runs and reports the host, but NVML does not start, so no GPU is "
             "monitored. Usual causes: a driver update without a reboot (NVML/RM version "
             "mismatch), the nvidia kernel module not loaded, a GPU lost at boot. Compare "
             "nvidia-smi with the loaded module (cat /proc/driver/nvidia/version), check dmesg, "
             "reboot if an update is pending. The agent retries NVML with backoff.",
-        )  # fmt: skip
+        )
 
     def _driver_drift(
         self, state: HealthState, em: Emitter, hs: HostState, version: str | None, now: float
@@ -382,16 +397,21 @@ class HealthEngine:
             if h.provider != provider or not h.driver_version:
                 continue
             if top is None or h.driver_version == top:
-                em.emit(h.checks, "host.driver_drift", "host.driver_drift", h.labels, HEALTHY, now, 0.0)
+                em.emit(h.checks, "host.driver_drift", h.labels, HEALTHY, now, value=0.0)
                 continue
             em.emit(
-                h.checks, "host.driver_drift", "host.driver_drift", h.labels, INFO, now, 1.0,
-                f"{h.host} runs NVIDIA driver {h.driver_version}, {provider} mostly {top} "
+                h.checks,
+                "host.driver_drift",
+                h.labels,
+                INFO,
+                now,
+                value=1.0,
+                summary=f"{h.host} runs NVIDIA driver {h.driver_version}, {provider} mostly {top} "
                 f"({counts.get(top, 0)} of {n} hosts): align the driver",
-                "This host's driver differs from the version most hosts of its provider run (a "
+                advice="This host's driver differs from the version most hosts of its provider run (a "
                 "rollout that did not reach it, or an image out of date). Jobs may behave "
                 "differently here; update or roll back its driver and reboot.",
-            )  # fmt: skip
+            )
 
     @staticmethod
     def forget(state: HealthState, host: str) -> bool:
@@ -475,20 +495,29 @@ class HealthEngine:
     def _stale(self, em: Emitter, hs: HostState, now: float, why: str) -> None:
         hs.stale = True
         em.emit(
-            hs.checks, "host.unreachable", "host.unreachable", hs.labels, CRITICAL, now,
-            hs.last_frame_at,
-            f"{hs.host} unreachable ({why}): check the host, its agent and its network",
-            "No frame from this host within stale_after: the host is down, the agent stopped, "
+            hs.checks,
+            "host.unreachable",
+            hs.labels,
+            CRITICAL,
+            now,
+            value=hs.last_frame_at,
+            summary=f"{hs.host} unreachable ({why}): check the host, its agent and its network",
+            advice="No frame from this host within stale_after: the host is down, the agent stopped, "
             "or the network to NATS is broken. Its GPUs' last values are stale.",
-            True,
-        )  # fmt: skip
+            immediate=True,
+        )
         for gs in hs.gpus.values():
             gs.stale, gs.quiet = True, False
             em.emit(
-                gs.checks, "gpu.stale", "gpu.stale", gs.labels, UNKNOWN, now, None,
-                f"GPU {gs.index} on {hs.host}: no current data ({why})",
-                "The host stopped reporting; this GPU's health is unknown until it does.",
-            )  # fmt: skip
+                gs.checks,
+                "gpu.stale",
+                gs.labels,
+                UNKNOWN,
+                now,
+                value=None,
+                summary=f"GPU {gs.index} on {hs.host}: no current data ({why})",
+                advice="The host stopped reporting; this GPU's health is unknown until it does.",
+            )
 
 
 def retire(em: Emitter, checks: Mapping[str, CheckStatus], now: float, reason: str) -> None:

@@ -213,22 +213,26 @@ class GpuChecks:
         return True
 
     def _full(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
-        checks = em.emit
         c = gs.checks
         if g.lost:
             if not gs.lost:
                 gs.lost = True
-            checks(
-                c, "gpu.lost", "gpu.lost", base, CRITICAL, ts, 1.0,
-                f"GPU {gs.index} fell off the bus: drain the node and reboot it",
-                "The GPU no longer answers (GPU_IS_LOST, XID 79). Its last values are stale. "
+            em.emit(
+                c,
+                "gpu.lost",
+                base,
+                CRITICAL,
+                ts,
+                value=1.0,
+                summary=f"GPU {gs.index} fell off the bus: drain the node and reboot it",
+                advice="The GPU no longer answers (GPU_IS_LOST, XID 79). Its last values are stale. "
                 "Drain the node and reboot; if it recurs, RMA the GPU.",
-                True,
-            )  # fmt: skip
+                immediate=True,
+            )
             return
         if gs.lost or "gpu.lost" not in c or c["gpu.lost"].quiet < em.healthy_for:
             gs.lost = False
-            checks(c, "gpu.lost", "gpu.lost", base, HEALTHY, ts, 0.0)
+            em.emit(c, "gpu.lost", base, HEALTHY, ts, value=0.0)
         prev, dt = gs.last, (ts - gs.last_ts) if gs.last_ts is not None else 0.0
         if prev is not None and dt <= 0:
             prev = None  # duplicate or out of order: no rates from it
@@ -244,15 +248,20 @@ class GpuChecks:
             self.recovery(em, gs, base, g.recovery_action, ts)
         if g.persistence_mode is not None and self.cfg.persistence_check:
             if g.persistence_mode:
-                checks(c, "gpu.persistence", "gpu.persistence", base, HEALTHY, ts, 1.0)
+                em.emit(c, "gpu.persistence", base, HEALTHY, ts, value=1.0)
             else:
-                checks(
-                    c, "gpu.persistence", "gpu.persistence", base, INFO, ts, 0.0,
-                    f"persistence mode is off on GPU {gs.index}: enable it (nvidia-smi -pm 1)",
-                    "Without persistence mode the driver tears down and re-initialises the GPU "
+                em.emit(
+                    c,
+                    "gpu.persistence",
+                    base,
+                    INFO,
+                    ts,
+                    value=0.0,
+                    summary=f"persistence mode is off on GPU {gs.index}: enable it (nvidia-smi -pm 1)",
+                    advice="Without persistence mode the driver tears down and re-initialises the GPU "
                     "between clients, which adds latency and hides state; enable it or run "
                     "nvidia-persistenced.",
-                )  # fmt: skip
+                )
         gs.last, gs.last_ts, gs.stale = g, ts, False
 
     def _temperature(
@@ -272,7 +281,7 @@ class GpuChecks:
         elif t >= cfg.temp_warning_c or (slow is not None and t >= slow - cfg.temp_slowdown_margin_c):
             status = WARNING
         else:
-            em.emit(gs.checks, "gpu.temperature", "gpu.temperature", base, HEALTHY, ts, t)
+            em.emit(gs.checks, "gpu.temperature", base, HEALTHY, ts, value=t)
             return
         limits = f"warning {cfg.temp_warning_c:g} C, critical {cfg.temp_critical_c:g} C"
         if slow is not None:
@@ -280,11 +289,16 @@ class GpuChecks:
         if shut is not None:
             limits += f", shutdown {shut:g} C"
         em.emit(
-            gs.checks, "gpu.temperature", "gpu.temperature", base, status, ts, t,
-            f"GPU {gs.index} at {t:g} C ({limits}): check cooling, fans and airflow",
-            "The GPU is near or past its thermal limits: it will slow down, then shut down. "
+            gs.checks,
+            "gpu.temperature",
+            base,
+            status,
+            ts,
+            value=t,
+            summary=f"GPU {gs.index} at {t:g} C ({limits}): check cooling, fans and airflow",
+            advice="The GPU is near or past its thermal limits: it will slow down, then shut down. "
             "Check the fans, inlet temperature and airflow; drain the node if it persists.",
-        )  # fmt: skip
+        )
 
     def _ecc(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
@@ -296,7 +310,7 @@ class GpuChecks:
             if dbe > 0:
                 self.dbe(em, gs, base, ts, float(dbe))
             else:
-                em.emit(c, "gpu.ecc_dbe", "gpu.ecc_dbe", base, HEALTHY, ts, 0.0)
+                em.emit(c, "gpu.ecc_dbe", base, HEALTHY, ts, value=0.0)
         if prev is None:
             return
         d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
@@ -305,23 +319,33 @@ class GpuChecks:
         rate = d * 60.0 / dt
         if rate > self.cfg.ecc_sbe_rate_per_min:
             em.emit(
-                c, "gpu.ecc_sbe_rate", "gpu.ecc_sbe_rate", base, WARNING, ts, rate,
-                f"GPU {gs.index}: {rate:.1f} single-bit ECC errors/min "
+                c,
+                "gpu.ecc_sbe_rate",
+                base,
+                WARNING,
+                ts,
+                value=rate,
+                summary=f"GPU {gs.index}: {rate:.1f} single-bit ECC errors/min "
                 f"(above {self.cfg.ecc_sbe_rate_per_min:g}): watch for retirements, plan a reset",
-                "Corrected errors are absorbed, but a high rate often precedes page retirement, "
+                advice="Corrected errors are absorbed, but a high rate often precedes page retirement, "
                 "row remapping or double-bit errors. Track the trend; schedule a GPU reset.",
-            )  # fmt: skip
+            )
         else:
-            em.emit(c, "gpu.ecc_sbe_rate", "gpu.ecc_sbe_rate", base, HEALTHY, ts, rate)
+            em.emit(c, "gpu.ecc_sbe_rate", base, HEALTHY, ts, value=rate)
 
     def dbe(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float, value: float) -> None:
         em.emit(
-            gs.checks, "gpu.ecc_dbe", "gpu.ecc_dbe", base, CRITICAL, ts, value,
-            f"GPU {gs.index}: uncorrectable (double-bit) ECC errors: drain and reset the GPU",
-            "Volatile double-bit ECC errors > 0 (DCGM fails this). Data on the GPU may be "
+            gs.checks,
+            "gpu.ecc_dbe",
+            base,
+            CRITICAL,
+            ts,
+            value=value,
+            summary=f"GPU {gs.index}: uncorrectable (double-bit) ECC errors: drain and reset the GPU",
+            advice="Volatile double-bit ECC errors > 0 (DCGM fails this). Data on the GPU may be "
             "corrupt: stop its jobs, reset the GPU; RMA if it recurs.",
-            True,
-        )  # fmt: skip
+            immediate=True,
+        )
 
     def _memory_health(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
@@ -332,20 +356,31 @@ class GpuChecks:
             total = (sbe or 0) + (dbe or 0)
             if total >= cfg.retired_pages_critical:
                 em.emit(
-                    c, "gpu.retired_pages", "gpu.retired_pages", base, CRITICAL, ts, float(total),
-                    f"GPU {gs.index}: {total} retired pages (limit {cfg.retired_pages_critical}): RMA it",
-                    "The retired-page table is full or nearly so (DCGM fails at 63): the GPU can no "
+                    c,
+                    "gpu.retired_pages",
+                    base,
+                    CRITICAL,
+                    ts,
+                    value=float(total),
+                    summary=f"GPU {gs.index}: {total} retired pages (limit {cfg.retired_pages_critical}): "
+                    "RMA it",
+                    advice="The retired-page table is full or nearly so (DCGM fails at 63): the GPU can no "
                     "longer retire bad memory. Take it out of service and RMA it.",
-                )  # fmt: skip
+                )
             elif pending:
                 em.emit(
-                    c, "gpu.retired_pages", "gpu.retired_pages", base, WARNING, ts, float(total),
-                    f"GPU {gs.index}: page retirement pending: reset the GPU to retire the pages",
-                    "Pages are marked for retirement; they are retired at the next GPU reset or "
+                    c,
+                    "gpu.retired_pages",
+                    base,
+                    WARNING,
+                    ts,
+                    value=float(total),
+                    summary=f"GPU {gs.index}: page retirement pending: reset the GPU to retire the pages",
+                    advice="Pages are marked for retirement; they are retired at the next GPU reset or "
                     "reboot. Drain the GPU and reset it.",
-                )  # fmt: skip
+                )
             else:
-                em.emit(c, "gpu.retired_pages", "gpu.retired_pages", base, HEALTHY, ts, float(total))
+                em.emit(c, "gpu.retired_pages", base, HEALTHY, ts, value=float(total))
         fail, rpend, unc = g.remap_failure, g.remap_pending, g.remapped_rows_uncorrectable
         if fail is None and rpend is None and unc is None:
             return
@@ -353,29 +388,44 @@ class GpuChecks:
             self.remap_failure(em, gs, base, ts)
         elif rpend:
             em.emit(
-                c, "gpu.row_remap", "gpu.row_remap", base, WARNING, ts, float(unc or 0),
-                f"GPU {gs.index}: row remap pending: reset the GPU",
-                "A memory row is waiting to be remapped; the remap takes effect at the next GPU "
+                c,
+                "gpu.row_remap",
+                base,
+                WARNING,
+                ts,
+                value=float(unc or 0),
+                summary=f"GPU {gs.index}: row remap pending: reset the GPU",
+                advice="A memory row is waiting to be remapped; the remap takes effect at the next GPU "
                 "reset. Drain the GPU and reset it.",
-            )  # fmt: skip
+            )
         elif unc is not None and unc >= cfg.remapped_rows_unc_warning:
             em.emit(
-                c, "gpu.row_remap", "gpu.row_remap", base, WARNING, ts, float(unc),
-                f"GPU {gs.index}: {unc} uncorrectable remapped rows: plan an RMA",
-                "Many rows have been remapped for uncorrectable errors (DCGM warns at 512). "
+                c,
+                "gpu.row_remap",
+                base,
+                WARNING,
+                ts,
+                value=float(unc),
+                summary=f"GPU {gs.index}: {unc} uncorrectable remapped rows: plan an RMA",
+                advice="Many rows have been remapped for uncorrectable errors (DCGM warns at 512). "
                 "Spare rows are running out; plan a replacement.",
-            )  # fmt: skip
+            )
         else:
-            em.emit(c, "gpu.row_remap", "gpu.row_remap", base, HEALTHY, ts, float(unc or 0))
+            em.emit(c, "gpu.row_remap", base, HEALTHY, ts, value=float(unc or 0))
 
     def remap_failure(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
         em.emit(
-            gs.checks, "gpu.row_remap", "gpu.row_remap", base, CRITICAL, ts, 1.0,
-            f"GPU {gs.index}: row remapping failed: take the GPU out of service and RMA it",
-            "The GPU could not remap a failing memory row (DCGM fails this). Its memory can no "
+            gs.checks,
+            "gpu.row_remap",
+            base,
+            CRITICAL,
+            ts,
+            value=1.0,
+            summary=f"GPU {gs.index}: row remapping failed: take the GPU out of service and RMA it",
+            advice="The GPU could not remap a failing memory row (DCGM fails this). Its memory can no "
             "longer be repaired in the field.",
-            True,
-        )  # fmt: skip
+            immediate=True,
+        )
 
     def _clocks(
         self,
@@ -400,13 +450,18 @@ class GpuChecks:
         thermal = _delta(g.throttle_thermal_ns, prev.throttle_thermal_ns if prev is not None else None)
         if cfg.thermal_violation_warns and thermal:
             em.emit(
-                gs.checks, "gpu.clock_events", "gpu.clock_events", base, WARNING, ts, thermal / 1e9,
-                f"GPU {gs.index} was thermally throttled for {thermal / 1e9:.1f} s: check cooling",
-                "The thermal violation time grew since the last sample (DCGM warns on any "
+                gs.checks,
+                "gpu.clock_events",
+                base,
+                WARNING,
+                ts,
+                value=thermal / 1e9,
+                summary=f"GPU {gs.index} was thermally throttled for {thermal / 1e9:.1f} s: check cooling",
+                advice="The thermal violation time grew since the last sample (DCGM warns on any "
                 "thermal violation in the last minute). Check fans and airflow.",
-            )  # fmt: skip
+            )
             return
-        em.emit(gs.checks, "gpu.clock_events", "gpu.clock_events", base, HEALTHY, ts, 0.0)
+        em.emit(gs.checks, "gpu.clock_events", base, HEALTHY, ts, value=0.0)
 
     def clock_events(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], active: int, ts: float
@@ -419,11 +474,16 @@ class GpuChecks:
         names = reason_names(active)
         what = f"for {held:.0f} s" if sustained else "now"
         em.emit(
-            gs.checks, "gpu.clock_events", "gpu.clock_events", base, status, ts, float(active),
-            f"GPU {gs.index} throttled by {names} {what}: check power delivery and cooling",
-            "Hardware slowdown, HW thermal slowdown or the power brake cut the clocks. "
+            gs.checks,
+            "gpu.clock_events",
+            base,
+            status,
+            ts,
+            value=float(active),
+            summary=f"GPU {gs.index} throttled by {names} {what}: check power delivery and cooling",
+            advice="Hardware slowdown, HW thermal slowdown or the power brake cut the clocks. "
             "Check the PSUs, power cabling and cooling; if it is sustained, drain the node.",
-        )  # fmt: skip
+        )
 
     def _pcie(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
@@ -440,15 +500,20 @@ class GpuChecks:
         rate = d * 60.0 / dt
         if rate > expected:
             em.emit(
-                gs.checks, "gpu.pcie_replay", "gpu.pcie_replay", base, WARNING, ts, rate,
-                f"GPU {gs.index}: {rate:.1f} PCIe replays/min, above the {expected:g}/min expected "
+                gs.checks,
+                "gpu.pcie_replay",
+                base,
+                WARNING,
+                ts,
+                value=rate,
+                summary=f"GPU {gs.index}: {rate:.1f} PCIe replays/min, above the {expected:g}/min expected "
                 f"for Gen{g.pcie_link_gen} x{g.pcie_link_width}: reseat the GPU or check the riser",
-                "The PCIe link retransmits more than its bit-error rate allows (DCGM warns above "
+                advice="The PCIe link retransmits more than its bit-error rate allows (DCGM warns above "
                 "ceil(1e-12 x lane rate x 60 s x lanes)). Reseat the card, check risers and "
                 "cables, update the firmware.",
-            )  # fmt: skip
+            )
         else:
-            em.emit(gs.checks, "gpu.pcie_replay", "gpu.pcie_replay", base, HEALTHY, ts, rate)
+            em.emit(gs.checks, "gpu.pcie_replay", base, HEALTHY, ts, value=rate)
 
     def _nvlink(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
@@ -485,21 +550,32 @@ class GpuChecks:
             if down <= 0 and where:
                 what += f" ({where})"
             em.emit(
-                c, "gpu.nvlink", "gpu.nvlink", base, CRITICAL, ts, float(down) if down else crc_rate,
-                f"GPU {gs.index}: NVLink {what}: drain the node, reset the GPUs, check the NVLink bridge",
-                "A link down or CRC errors at 100/s or more (DCGM fails both) break or slow "
+                c,
+                "gpu.nvlink",
+                base,
+                CRITICAL,
+                ts,
+                value=float(down) if down else crc_rate,
+                summary=f"GPU {gs.index}: NVLink {what}: drain the node, reset the GPUs, check the NVLink "
+                "bridge",
+                advice="A link down or CRC errors at 100/s or more (DCGM fails both) break or slow "
                 "multi-GPU jobs. Drain, reset the GPUs; if it recurs, service the baseboard.",
-            )  # fmt: skip
+            )
         elif crc or rep or rec:
             em.emit(
-                c, "gpu.nvlink", "gpu.nvlink", base, WARNING, ts, float((crc or 0) + (rep or 0) + (rec or 0)),
-                f"GPU {gs.index}: NVLink errors increased (CRC {crc or 0}, replay {rep or 0}, "
+                c,
+                "gpu.nvlink",
+                base,
+                WARNING,
+                ts,
+                value=float((crc or 0) + (rep or 0) + (rec or 0)),
+                summary=f"GPU {gs.index}: NVLink errors increased (CRC {crc or 0}, replay {rep or 0}, "
                 f"recovery {rec or 0}{'; ' + where if where else ''}): watch the trend",
-                "NVLink error counters grew (DCGM warns on any increase). Occasional errors are "
+                advice="NVLink error counters grew (DCGM warns on any increase). Occasional errors are "
                 "retried; a growing rate points at a failing link (the per-link counters name it).",
-            )  # fmt: skip
+            )
         else:
-            em.emit(c, "gpu.nvlink", "gpu.nvlink", base, HEALTHY, ts, 0.0)
+            em.emit(c, "gpu.nvlink", base, HEALTHY, ts, value=0.0)
 
     def _power_memory(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
@@ -509,38 +585,54 @@ class GpuChecks:
         if p is not None and lim:
             if p > lim * (1.0 + cfg.power_over_limit_pct / 100.0):
                 em.emit(
-                    c, "gpu.power", "gpu.power", base, WARNING, ts, p,
-                    f"GPU {gs.index} draws {p:.0f} W, over its {lim:.0f} W limit: check the power cap",
-                    "Power above the enforced limit means the limit is not holding (firmware or "
+                    c,
+                    "gpu.power",
+                    base,
+                    WARNING,
+                    ts,
+                    value=p,
+                    summary=f"GPU {gs.index} draws {p:.0f} W, over its {lim:.0f} W limit: check the power "
+                    "cap",
+                    advice="Power above the enforced limit means the limit is not holding (firmware or "
                     "sensor fault) or the limit changed. Check nvidia-smi -q -d POWER.",
-                )  # fmt: skip
+                )
             else:
-                em.emit(c, "gpu.power", "gpu.power", base, HEALTHY, ts, p)
+                em.emit(c, "gpu.power", base, HEALTHY, ts, value=p)
         used, total = g.mem_used_bytes, g.mem_total_bytes
         if used is not None and total:
             pct = used * 100.0 / total
             if pct >= cfg.memory_full_pct:
                 em.emit(
-                    c, "gpu.memory_full", "gpu.memory_full", base, WARNING, ts, pct,
-                    f"GPU {gs.index} memory {pct:.0f}% full: expect out-of-memory errors in jobs",
-                    "GPU memory is nearly exhausted; new allocations will fail. Look at the "
+                    c,
+                    "gpu.memory_full",
+                    base,
+                    WARNING,
+                    ts,
+                    value=pct,
+                    summary=f"GPU {gs.index} memory {pct:.0f}% full: expect out-of-memory errors in jobs",
+                    advice="GPU memory is nearly exhausted; new allocations will fail. Look at the "
                     "processes on the GPU; a leaked or orphaned process may hold the memory.",
-                )  # fmt: skip
+                )
             else:
-                em.emit(c, "gpu.memory_full", "gpu.memory_full", base, HEALTHY, ts, pct)
+                em.emit(c, "gpu.memory_full", base, HEALTHY, ts, value=pct)
 
     def recovery(self, em: Emitter, gs: GpuState, base: Mapping[str, str], code: int, ts: float) -> None:
         name, status = RECOVERY_ACTIONS.get(code, (f"ACTION_{code}", WARNING))
         if status == HEALTHY:
-            em.emit(gs.checks, "gpu.recovery_action", "gpu.recovery_action", base, HEALTHY, ts, 0.0)
+            em.emit(gs.checks, "gpu.recovery_action", base, HEALTHY, ts, value=0.0)
             return
         em.emit(
-            gs.checks, "gpu.recovery_action", "gpu.recovery_action", base, status, ts, float(code),
-            f"GPU {gs.index}: the driver requests {name}: drain the node and perform it",
-            "The NVIDIA driver reported the recovery action it needs (NVML recovery action, "
+            gs.checks,
+            "gpu.recovery_action",
+            base,
+            status,
+            ts,
+            value=float(code),
+            summary=f"GPU {gs.index}: the driver requests {name}: drain the node and perform it",
+            advice="The NVIDIA driver reported the recovery action it needs (NVML recovery action, "
             "XID 154). Until it is done the GPU may misbehave.",
-            True,
-        )  # fmt: skip
+            immediate=True,
+        )
 
     def xid(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], info: XidInfo, ts: float,
@@ -555,13 +647,18 @@ class GpuChecks:
             if nvl.benign:
                 status = WARNING
         em.emit(
-            gs.checks, f"gpu.xid:{info.code}", "gpu.xid", base, status, ts, float(rec.count),
-            f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}{detail}",
-            f"XID {info.code} {info.mnemonic}, seen {rec.count} time(s); "
+            gs.checks,
+            "gpu.xid",
+            base,
+            status,
+            ts,
+            value=float(rec.count),
+            summary=f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}{detail}",
+            advice=f"XID {info.code} {info.mnemonic}, seen {rec.count} time(s); "
             f"{'fatal' if info.fatal else 'non-fatal'}; action: {action}{detail}.",
-            True,
-            (("xid", str(info.code)),),
-        )  # fmt: skip
+            immediate=True,
+            extra=(("xid", str(info.code)),),
+        )
 
     def expire(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
         """Clear XIDs older than the window and re-judge the RMA count."""
@@ -582,12 +679,11 @@ class GpuChecks:
             if cs.status != HEALTHY or cs.quiet < em.healthy_for:
                 em.emit(
                     gs.checks,
-                    local,
                     "gpu.xid",
                     base,
                     HEALTHY,
                     ts,
-                    float(rec.count),
+                    value=float(rec.count),
                     extra=(("xid", str(code)),),
                 )
         for code in gone:
@@ -607,19 +703,30 @@ class GpuChecks:
             gs.rma_until, gs.rma_summary, gs.rma_evidence = 0.0, "", ""
         if gs.rma_until:
             em.emit(
-                gs.checks, "gpu.rma", "gpu.rma", base, CRITICAL, ts, float(max(n, 1)), gs.rma_summary,
-                f"{RMA_ADVICE}. Evidence: {gs.rma_evidence}.",
-                True,
-            )  # fmt: skip
+                gs.checks,
+                "gpu.rma",
+                base,
+                CRITICAL,
+                ts,
+                value=float(max(n, 1)),
+                summary=gs.rma_summary,
+                advice=f"{RMA_ADVICE}. Evidence: {gs.rma_evidence}.",
+                immediate=True,
+            )
         elif n >= self.cfg.rma_fatal_xids:
             hours = self.cfg.rma_window / 3600
             em.emit(
-                gs.checks, "gpu.rma", "gpu.rma", base, CRITICAL, ts, float(n),
-                f"GPU {gs.index}: {n} fatal XIDs within {hours:g} h: hardware inspection / RMA",
-                RMA_ADVICE,
-                True,
-            )  # fmt: skip
+                gs.checks,
+                "gpu.rma",
+                base,
+                CRITICAL,
+                ts,
+                value=float(n),
+                summary=f"GPU {gs.index}: {n} fatal XIDs within {hours:g} h: hardware inspection / RMA",
+                advice=RMA_ADVICE,
+                immediate=True,
+            )
         else:
             cs = gs.checks.get("gpu.rma")
             if cs is not None and (cs.status != HEALTHY or cs.quiet < em.healthy_for):
-                em.emit(gs.checks, "gpu.rma", "gpu.rma", base, HEALTHY, ts, float(n))
+                em.emit(gs.checks, "gpu.rma", base, HEALTHY, ts, value=float(n))

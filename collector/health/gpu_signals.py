@@ -111,16 +111,22 @@ class SignalChecks:
             return
         width = float(g.pcie_link_width or 0)
         if not problem:
-            em.emit(gs.checks, "gpu.pcie_link", "gpu.pcie_link", base, HEALTHY, ts, width)
+            em.emit(gs.checks, "gpu.pcie_link", base, HEALTHY, ts, value=width)
             return
         em.emit(
-            gs.checks, "gpu.pcie_link", "gpu.pcie_link", base, WARNING, ts, width,
-            f"GPU {gs.index} PCIe link degraded ({problem}): reseat the GPU, check the riser and slot",
-            "The link trained below its maximum (a narrower width at any time, or a lower "
+            gs.checks,
+            "gpu.pcie_link",
+            base,
+            WARNING,
+            ts,
+            value=width,
+            summary=f"GPU {gs.index} PCIe link degraded ({problem}): reseat the GPU, check the riser and "
+            "slot",
+            advice="The link trained below its maximum (a narrower width at any time, or a lower "
             "generation while the GPU is busy; idle GPUs lower their generation to save power, "
             "which is not judged). Host-GPU bandwidth is cut. Reseat the card, check risers, "
             "retimers and cables, update the firmware.",
-        )  # fmt: skip
+        )
 
     def _hbm(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         mt, lim = g.mem_temp_c, g.temp_mem_max_c
@@ -131,15 +137,21 @@ class SignalChecks:
         elif mt >= lim - self.cfg.hbm_temp_margin_c:
             status = WARNING
         else:
-            em.emit(gs.checks, "gpu.hbm_temp", "gpu.hbm_temp", base, HEALTHY, ts, mt)
+            em.emit(gs.checks, "gpu.hbm_temp", base, HEALTHY, ts, value=mt)
             return
         em.emit(
-            gs.checks, "gpu.hbm_temp", "gpu.hbm_temp", base, status, ts, mt,
-            f"GPU {gs.index} HBM at {mt:g} C (NVML memory limit {lim:g} C): check cooling and airflow",
-            "The memory (HBM) temperature is near or past the limit NVML reports for it "
+            gs.checks,
+            "gpu.hbm_temp",
+            base,
+            status,
+            ts,
+            value=mt,
+            summary=f"GPU {gs.index} HBM at {mt:g} C (NVML memory limit {lim:g} C): check cooling and "
+            "airflow",
+            advice="The memory (HBM) temperature is near or past the limit NVML reports for it "
             "(NVML_TEMPERATURE_THRESHOLD_MEM_MAX): the GPU slows its memory down, then errors "
             "follow. Check the cold plate or heatsink, fans and inlet temperature.",
-        )  # fmt: skip
+        )
 
     def _memory_trend(
         self,
@@ -168,18 +180,22 @@ class SignalChecks:
         since = gs.memory_trend_at
         if since is None or ts - since >= self.cfg.memory_trend_window:
             gs.memory_trend_at, gs.memory_trend = None, ""
-            em.emit(gs.checks, "gpu.memory_trend", "gpu.memory_trend", base, HEALTHY, ts, 0.0)
+            em.emit(gs.checks, "gpu.memory_trend", base, HEALTHY, ts, value=0.0)
             return
         hours = self.cfg.memory_trend_window / 3600
         em.emit(
-            gs.checks, "gpu.memory_trend", "gpu.memory_trend", base, WARNING, ts,
-            float(g.ecc_dbe_aggregate or 0),
-            f"GPU {gs.index} memory is wearing ({gs.memory_trend}): "
+            gs.checks,
+            "gpu.memory_trend",
+            base,
+            WARNING,
+            ts,
+            value=float(g.ecc_dbe_aggregate or 0),
+            summary=f"GPU {gs.index} memory is wearing ({gs.memory_trend}): "
             "plan a reset and an RMA if it keeps growing",
-            f"A lifetime (aggregate) memory-error counter grew within the last {hours:g} h. "
+            advice=f"A lifetime (aggregate) memory-error counter grew within the last {hours:g} h. "
             "Volatile counters clear at a GPU reset; these do not, so they show a trend across "
             "resets. Run field diagnostics; RMA the GPU if the count keeps rising.",
-        )  # fmt: skip
+        )
 
     def _sm_clock(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         low = sm_clock_low(self.cfg, g)
@@ -187,18 +203,24 @@ class SignalChecks:
             return
         clk = float(g.clock_sm_mhz or 0)
         if not low:
-            em.emit(gs.checks, "gpu.sm_clock", "gpu.sm_clock", base, HEALTHY, ts, clk)
+            em.emit(gs.checks, "gpu.sm_clock", base, HEALTHY, ts, value=clk)
             return
         em.emit(
-            gs.checks, "gpu.sm_clock", "gpu.sm_clock", base, WARNING, ts, clk,
-            f"GPU {gs.index} SM clock {clk:.0f} MHz under load, below {self.cfg.sm_clock_low_pct:g}% of "
+            gs.checks,
+            "gpu.sm_clock",
+            base,
+            WARNING,
+            ts,
+            value=clk,
+            summary=f"GPU {gs.index} SM clock {clk:.0f} MHz under load, below "
+            f"{self.cfg.sm_clock_low_pct:g}% of "
             f"its {g.clock_sm_app_mhz} MHz application clock with no throttle reason: "
             "check clock locks and firmware",
-            "The GPU is busy, NVML reports no clock-event (throttle) reason, yet the SM clock is "
+            advice="The GPU is busy, NVML reports no clock-event (throttle) reason, yet the SM clock is "
             "far below the application clock: a forgotten clock lock (nvidia-smi -q -d CLOCK), "
             "a firmware problem or a failing board. Reset the clocks (nvidia-smi -rgc -rac); "
             "run diagnostics if it persists.",
-        )  # fmt: skip
+        )
 
     def _fan(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         fan, temp = g.fan_pct, g.temp_c
@@ -206,13 +228,18 @@ class SignalChecks:
             return
         if fan == 0 and temp >= self.cfg.fan_stall_temp_c:
             em.emit(
-                gs.checks, "gpu.fan", "gpu.fan", base, WARNING, ts, fan,
-                f"GPU {gs.index} fan at 0% at {temp:g} C: the fan has failed or stalled, replace it",
-                "The GPU is hot but its fan does not turn. Check the fan and its connector; "
+                gs.checks,
+                "gpu.fan",
+                base,
+                WARNING,
+                ts,
+                value=fan,
+                summary=f"GPU {gs.index} fan at 0% at {temp:g} C: the fan has failed or stalled, replace it",
+                advice="The GPU is hot but its fan does not turn. Check the fan and its connector; "
                 "replace the fan or the board before the GPU throttles or shuts down.",
-            )  # fmt: skip
+            )
         else:
-            em.emit(gs.checks, "gpu.fan", "gpu.fan", base, HEALTHY, ts, fan)
+            em.emit(gs.checks, "gpu.fan", base, HEALTHY, ts, value=fan)
 
     def _fabric(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         state = g.fabric_state
@@ -227,36 +254,63 @@ class SignalChecks:
         )
         if state == FABRIC_NOT_STARTED:
             em.emit(
-                c, "gpu.fabric", "gpu.fabric", base, CRITICAL, ts, float(state),
-                f"GPU {gs.index} NVSwitch fabric registration not started: start nvidia-fabricmanager",
-                advice,
-            )  # fmt: skip
+                c,
+                "gpu.fabric",
+                base,
+                CRITICAL,
+                ts,
+                value=float(state),
+                summary=f"GPU {gs.index} NVSwitch fabric registration not started: start "
+                "nvidia-fabricmanager",
+                advice=advice,
+            )
         elif state == FABRIC_IN_PROGRESS:
             em.emit(
-                c, "gpu.fabric", "gpu.fabric", base, WARNING, ts, float(state),
-                f"GPU {gs.index} NVSwitch fabric registration in progress: "
+                c,
+                "gpu.fabric",
+                base,
+                WARNING,
+                ts,
+                value=float(state),
+                summary=f"GPU {gs.index} NVSwitch fabric registration in progress: "
                 "check nvidia-fabricmanager if it lasts",
-                advice,
-            )  # fmt: skip
+                advice=advice,
+            )
         elif state != FABRIC_COMPLETED:
             em.emit(
-                c, "gpu.fabric", "gpu.fabric", base, WARNING, ts, float(state),
-                f"GPU {gs.index} NVSwitch fabric in unknown state {state}: check nvidia-fabricmanager",
-                advice,
-            )  # fmt: skip
+                c,
+                "gpu.fabric",
+                base,
+                WARNING,
+                ts,
+                value=float(state),
+                summary=f"GPU {gs.index} NVSwitch fabric in unknown state {state}: check "
+                "nvidia-fabricmanager",
+                advice=advice,
+            )
         elif g.fabric_status:
             em.emit(
-                c, "gpu.fabric", "gpu.fabric", base, CRITICAL, ts, float(g.fabric_status),
-                f"GPU {gs.index} NVSwitch fabric registration failed (NVML status {g.fabric_status}): "
-                "check nvidia-fabricmanager",
-                advice,
-            )  # fmt: skip
+                c,
+                "gpu.fabric",
+                base,
+                CRITICAL,
+                ts,
+                value=float(g.fabric_status),
+                summary=f"GPU {gs.index} NVSwitch fabric registration failed (NVML status "
+                f"{g.fabric_status}): check nvidia-fabricmanager",
+                advice=advice,
+            )
         elif problems := fabric_problems(g.fabric_health_mask):
             em.emit(
-                c, "gpu.fabric", "gpu.fabric", base, WARNING, ts, float(g.fabric_health_mask or 0),
-                f"GPU {gs.index} NVSwitch fabric {' and '.join(problems)}: "
+                c,
+                "gpu.fabric",
+                base,
+                WARNING,
+                ts,
+                value=float(g.fabric_health_mask or 0),
+                summary=f"GPU {gs.index} NVSwitch fabric {' and '.join(problems)}: "
                 "check nvidia-fabricmanager and the NVLinks",
-                advice,
-            )  # fmt: skip
+                advice=advice,
+            )
         else:
-            em.emit(c, "gpu.fabric", "gpu.fabric", base, HEALTHY, ts, float(state))
+            em.emit(c, "gpu.fabric", base, HEALTHY, ts, value=float(state))

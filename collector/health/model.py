@@ -174,6 +174,11 @@ class HealthState:
         return counts
 
 
+def check_key(check: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """A check's key in its subject's ``checks``: the id, then the values of its extra labels."""
+    return ":".join((check, *(v for _, v in extra)))
+
+
 class Emitter:
     """Records check conclusions and decides which become observations.
 
@@ -192,17 +197,24 @@ class Emitter:
     def emit(
         self,
         checks: dict[str, CheckStatus],
-        local: str,
         check: str,
         base: Mapping[str, str],
         status: str,
         at: float,
+        *,
         value: float | None = None,
         summary: str = "",
         advice: str = "",
         immediate: bool = False,
         extra: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """Record ``check``'s verdict ``status`` at ``at`` in ``checks`` (the subject's table).
+
+        ``base`` labels the subject (provider, host, GPU); ``extra`` adds the label of a check
+        with one subject per value (``xid``, ``mount``, ``nic``...), whose key in ``checks`` is
+        then :func:`check_key` (``host.disk:/data``); otherwise the key is the check id.
+        """
+        local = check_key(check, extra)
         cs = checks.get(local)
         if cs is None:
             labels = dict(base)

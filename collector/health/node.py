@@ -156,14 +156,20 @@ class NodeChecks:
                 else WARNING if n >= self.cfg.dstate_warning else HEALTHY
             )  # fmt: skip
             if status == HEALTHY:
-                em.emit(hs.checks, "host.dstate", "host.dstate", base, HEALTHY, ts, float(n))
+                em.emit(hs.checks, "host.dstate", base, HEALTHY, ts, value=float(n))
             else:
                 names = ", ".join(s.dstate_names) or "?"
                 em.emit(
-                    hs.checks, "host.dstate", "host.dstate", base, status, ts, float(n),
-                    f"{hs.host}: {n} processes stuck in D state ({names}): find the hung mount or device",
-                    _ADVICE["host.dstate"],
-                )  # fmt: skip
+                    hs.checks,
+                    "host.dstate",
+                    base,
+                    status,
+                    ts,
+                    value=float(n),
+                    summary=f"{hs.host}: {n} processes stuck in D state ({names}): find the hung mount or "
+                    "device",
+                    advice=_ADVICE["host.dstate"],
+                )
 
     # ------------------------------------------------------------------ InfiniBand
 
@@ -178,24 +184,35 @@ class NodeChecks:
         if want_ports:
             if len(ib) < want_ports:
                 em.emit(
-                    hs.checks, "host.ib_ports", "host.ib_ports", base, WARNING, ts, float(len(ib)),
-                    f"{hs.host}: {len(ib)} InfiniBand ports, this host class has {want_ports}: find the "
-                    "missing HCA (lspci, mst status)",
-                    _ADVICE["host.ib_ports"],
-                )  # fmt: skip
+                    hs.checks,
+                    "host.ib_ports",
+                    base,
+                    WARNING,
+                    ts,
+                    value=float(len(ib)),
+                    summary=f"{hs.host}: {len(ib)} InfiniBand ports, this host class has {want_ports}: find "
+                    "the missing HCA (lspci, mst status)",
+                    advice=_ADVICE["host.ib_ports"],
+                )
             else:
-                em.emit(hs.checks, "host.ib_ports", "host.ib_ports", base, HEALTHY, ts, float(len(ib)))
+                em.emit(hs.checks, "host.ib_ports", base, HEALTHY, ts, value=float(len(ib)))
         for p in s.ib_ports:
             name = f"{p.device}/{p.port}"
             extra = (("port", name),)
             down = p.state not in (None, "ACTIVE") or p.phys_state not in (None, "LinkUp")
             if down:
                 em.emit(
-                    hs.checks, f"host.ib_port:{name}", "host.ib_port", base, cfg.ib_down_status, ts, 0.0,
-                    f"{hs.host}: InfiniBand port {name} is {p.state} ({p.phys_state}): check the cable, "
-                    "transceiver and switch port",
-                    _ADVICE["host.ib_port"], extra=extra,
-                )  # fmt: skip
+                    hs.checks,
+                    "host.ib_port",
+                    base,
+                    cfg.ib_down_status,
+                    ts,
+                    value=0.0,
+                    summary=f"{hs.host}: InfiniBand port {name} is {p.state} ({p.phys_state}): check the "
+                    "cable, transceiver and switch port",
+                    advice=_ADVICE["host.ib_port"],
+                    extra=extra,
+                )
             elif (
                 p.link_layer == "InfiniBand"
                 and want_rate
@@ -203,20 +220,25 @@ class NodeChecks:
                 and p.rate_gbps < want_rate
             ):
                 em.emit(
-                    hs.checks, f"host.ib_port:{name}", "host.ib_port", base, WARNING, ts, p.rate_gbps,
-                    f"{hs.host}: InfiniBand port {name} links at {p.rate_gbps:g} Gb/s, expected "
+                    hs.checks,
+                    "host.ib_port",
+                    base,
+                    WARNING,
+                    ts,
+                    value=p.rate_gbps,
+                    summary=f"{hs.host}: InfiniBand port {name} links at {p.rate_gbps:g} Gb/s, expected "
                     f"{want_rate:g}: reseat or replace the cable",
-                    _ADVICE["host.ib_port"], extra=extra,
-                )  # fmt: skip
+                    advice=_ADVICE["host.ib_port"],
+                    extra=extra,
+                )
             else:
                 em.emit(
                     hs.checks,
-                    f"host.ib_port:{name}",
                     "host.ib_port",
                     base,
                     HEALTHY,
                     ts,
-                    p.rate_gbps,
+                    value=p.rate_gbps,
                     extra=extra,
                 )
             old = before.get((p.device, p.port))
@@ -224,20 +246,25 @@ class NodeChecks:
                 rate = _delta(_ib_errors(p), _ib_errors(old)) * 60.0 / dt
                 if rate > cfg.ib_errors_per_min:
                     em.emit(
-                        hs.checks, f"host.ib_errors:{name}", "host.ib_errors", base, WARNING, ts, rate,
-                        f"{hs.host}: InfiniBand port {name} counts {rate:.0f} link errors/min: check or "
-                        "replace the cable",
-                        _ADVICE["host.ib_errors"], extra=extra,
-                    )  # fmt: skip
+                        hs.checks,
+                        "host.ib_errors",
+                        base,
+                        WARNING,
+                        ts,
+                        value=rate,
+                        summary=f"{hs.host}: InfiniBand port {name} counts {rate:.0f} link errors/min: "
+                        "check or replace the cable",
+                        advice=_ADVICE["host.ib_errors"],
+                        extra=extra,
+                    )
                 else:
                     em.emit(
                         hs.checks,
-                        f"host.ib_errors:{name}",
                         "host.ib_errors",
                         base,
                         HEALTHY,
                         ts,
-                        rate,
+                        value=rate,
                         extra=extra,
                     )
                 if not down and _delta(p.link_downed, old.link_downed) > 0:
@@ -251,14 +278,28 @@ class NodeChecks:
         at = hs.ib_flaps.get(name)
         if at is not None and ts - at < self.cfg.ib_flap_window:
             em.emit(
-                hs.checks, f"host.ib_flap:{name}", "host.ib_flap", base, WARNING, ts, ts - at,
-                f"{hs.host}: InfiniBand port {name} went down and came back {ts - at:.0f} s ago: check the "
-                "cable and switch port for flapping",
-                _ADVICE["host.ib_flap"], extra=extra,
-            )  # fmt: skip
+                hs.checks,
+                "host.ib_flap",
+                base,
+                WARNING,
+                ts,
+                value=ts - at,
+                summary=f"{hs.host}: InfiniBand port {name} went down and came back {ts - at:.0f} s ago: "
+                "check the cable and switch port for flapping",
+                advice=_ADVICE["host.ib_flap"],
+                extra=extra,
+            )
             return
         hs.ib_flaps.pop(name, None)
-        em.emit(hs.checks, f"host.ib_flap:{name}", "host.ib_flap", base, HEALTHY, ts, None, extra=extra)
+        em.emit(
+            hs.checks,
+            "host.ib_flap",
+            base,
+            HEALTHY,
+            ts,
+            value=None,
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ kernel log and SXids
 
@@ -318,34 +359,46 @@ class NodeChecks:
             return
         status, what, advice = KMSG_CLASSES[k.name]
         n = self._recent(hs, f"kmsg:{k.name}", self.cfg.kmsg_window, ts)
-        local, extra = f"host.kmsg:{k.name}", (("class", k.name),)
+        extra = (("class", k.name),)
         if n >= threshold:
             last = f": {k.last_message}" if k.last_message else ""
             em.emit(
-                hs.checks, local, "host.kmsg", base, status, ts, n,
-                f"{hs.host}: {n:.0f} lines of {what} within {self.cfg.kmsg_window:g} s{last}"[:400],
-                advice, extra=extra,
-            )  # fmt: skip
+                hs.checks,
+                "host.kmsg",
+                base,
+                status,
+                ts,
+                value=n,
+                summary=f"{hs.host}: {n:.0f} lines of {what} within {self.cfg.kmsg_window:g} s{last}"[:400],
+                advice=advice,
+                extra=extra,
+            )
         else:
-            em.emit(hs.checks, local, "host.kmsg", base, HEALTHY, ts, n, extra=extra)
+            em.emit(hs.checks, "host.kmsg", base, HEALTHY, ts, value=n, extra=extra)
 
     def _sxid(
         self, em: Emitter, hs: HostState, base: Mapping[str, str], k: KernelLogCount, ts: float
     ) -> None:
         code = k.code or 0
         n = self._recent(hs, f"sxid:{code}", self.cfg.sxid_window, ts)
-        local, extra = f"host.sxid:{code}", (("sxid", str(code)),)
+        extra = (("sxid", str(code)),)
         if n <= 0:
-            em.emit(hs.checks, local, "host.sxid", base, HEALTHY, ts, 0.0, extra=extra)
+            em.emit(hs.checks, "host.sxid", base, HEALTHY, ts, value=0.0, extra=extra)
             return
         info = lookup(code, self.sxids)
         fatal = is_fatal(code, k.fatal, self.sxids)
         kind = "fatal" if fatal else "non-fatal"
         em.emit(
-            hs.checks, local, "host.sxid", base, CRITICAL if fatal else WARNING, ts, n,
-            f"{hs.host}: NVSwitch SXid {code} ({info.name}, {kind}) x{n:.0f}: {info.summary}",
-            _ADVICE["host.sxid"] + " " + info.summary + ".", extra=extra,
-        )  # fmt: skip
+            hs.checks,
+            "host.sxid",
+            base,
+            CRITICAL if fatal else WARNING,
+            ts,
+            value=n,
+            summary=f"{hs.host}: NVSwitch SXid {code} ({info.name}, {kind}) x{n:.0f}: {info.summary}",
+            advice=_ADVICE["host.sxid"] + " " + info.summary + ".",
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ modules and services
 
@@ -354,30 +407,43 @@ class NodeChecks:
     ) -> None:
         cfg = self.cfg
         for m in s.modules:
-            local, extra = f"host.module:{m.name}", (("module", m.name),)
+            extra = (("module", m.name),)
             if m.loaded:
-                em.emit(hs.checks, local, "host.module", base, HEALTHY, ts, 1.0, extra=extra)
+                em.emit(hs.checks, "host.module", base, HEALTHY, ts, value=1.0, extra=extra)
             else:
                 em.emit(
-                    hs.checks, local, "host.module", base, cfg.module_missing_status, ts, 0.0,
-                    f"{hs.host}: kernel module {m.name} is not loaded: modprobe it or reinstall the driver",
-                    _ADVICE["host.module"], extra=extra,
-                )  # fmt: skip
+                    hs.checks,
+                    "host.module",
+                    base,
+                    cfg.module_missing_status,
+                    ts,
+                    value=0.0,
+                    summary=f"{hs.host}: kernel module {m.name} is not loaded: modprobe it or reinstall the "
+                    "driver",
+                    advice=_ADVICE["host.module"],
+                    extra=extra,
+                )
         for sv in s.services:
             if sv.load_state in (None, "not-found", "masked"):
                 continue  # not installed, or masked on purpose by the operator: not a failure
-            local, extra = f"host.service:{sv.name}", (("service", sv.name),)
+            extra = (("service", sv.name),)
             down = sv.active_state in _DOWN_STATES or sv.sub_state == "auto-restart"
             if not down:
-                em.emit(hs.checks, local, "host.service", base, HEALTHY, ts, 1.0, extra=extra)
+                em.emit(hs.checks, "host.service", base, HEALTHY, ts, value=1.0, extra=extra)
                 continue
             status = CRITICAL if sv.name in cfg.critical_services else cfg.service_down_status
             em.emit(
-                hs.checks, local, "host.service", base, status, ts, 0.0,
-                f"{hs.host}: service {sv.name} is {sv.active_state} ({sv.sub_state}): restart it and read "
-                f"journalctl -u {sv.name}",
-                _ADVICE["host.service"], extra=extra,
-            )  # fmt: skip
+                hs.checks,
+                "host.service",
+                base,
+                status,
+                ts,
+                value=0.0,
+                summary=f"{hs.host}: service {sv.name} is {sv.active_state} ({sv.sub_state}): restart it "
+                f"and read journalctl -u {sv.name}",
+                advice=_ADVICE["host.service"],
+                extra=extra,
+            )
 
     # ------------------------------------------------------------------ clock and mounts
 
@@ -394,12 +460,18 @@ class NodeChecks:
         elif c.synced is False and cfg.clock_unsynced_warns:
             status, what = WARNING, "clock not synchronised"
         if status == HEALTHY:
-            em.emit(hs.checks, "host.clock", "host.clock", base, HEALTHY, ts, skew)
+            em.emit(hs.checks, "host.clock", base, HEALTHY, ts, value=skew)
         else:
             em.emit(
-                hs.checks, "host.clock", "host.clock", base, status, ts, skew,
-                f"{hs.host}: {what}: check chrony/ntpd/timesyncd (chronyc tracking)", _ADVICE["host.clock"],
-            )  # fmt: skip
+                hs.checks,
+                "host.clock",
+                base,
+                status,
+                ts,
+                value=skew,
+                summary=f"{hs.host}: {what}: check chrony/ntpd/timesyncd (chronyc tracking)",
+                advice=_ADVICE["host.clock"],
+            )
 
     def _mounts(
         self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, ts: float
@@ -408,24 +480,35 @@ class NodeChecks:
         for d in s.disks:
             extra = (("mount", d.mount),)
             if d.readonly is not None and d.mount not in cfg.readonly_ignore:
-                local = f"host.fs_readonly:{d.mount}"
                 if d.readonly:
                     em.emit(
-                        hs.checks, local, "host.fs_readonly", base, CRITICAL, ts, 1.0,
-                        f"{hs.host}: {d.mount} is mounted read-only: fsck and remount it read-write",
-                        _ADVICE["host.fs_readonly"], extra=extra,
-                    )  # fmt: skip
+                        hs.checks,
+                        "host.fs_readonly",
+                        base,
+                        CRITICAL,
+                        ts,
+                        value=1.0,
+                        summary=f"{hs.host}: {d.mount} is mounted read-only: fsck and remount it read-write",
+                        advice=_ADVICE["host.fs_readonly"],
+                        extra=extra,
+                    )
                 else:
-                    em.emit(hs.checks, local, "host.fs_readonly", base, HEALTHY, ts, 0.0, extra=extra)
+                    em.emit(hs.checks, "host.fs_readonly", base, HEALTHY, ts, value=0.0, extra=extra)
             if d.inodes_total and d.inodes_used is not None:
                 pct = d.inodes_used * 100.0 / d.inodes_total
-                local = f"host.inodes:{d.mount}"
                 if pct >= cfg.inodes_warning_pct:
                     status = CRITICAL if pct >= cfg.inodes_critical_pct else WARNING
                     em.emit(
-                        hs.checks, local, "host.inodes", base, status, ts, pct,
-                        f"{hs.host}: {d.mount} {pct:.0f}% of inodes used: remove small files or grow it",
-                        _ADVICE["host.inodes"], extra=extra,
-                    )  # fmt: skip
+                        hs.checks,
+                        "host.inodes",
+                        base,
+                        status,
+                        ts,
+                        value=pct,
+                        summary=f"{hs.host}: {d.mount} {pct:.0f}% of inodes used: remove small files or "
+                        "grow it",
+                        advice=_ADVICE["host.inodes"],
+                        extra=extra,
+                    )
                 else:
-                    em.emit(hs.checks, local, "host.inodes", base, HEALTHY, ts, pct, extra=extra)
+                    em.emit(hs.checks, "host.inodes", base, HEALTHY, ts, value=pct, extra=extra)
