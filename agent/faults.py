@@ -75,10 +75,20 @@ FABRIC_STATES: Final = frozenset({"not_started", "in_progress", "failed", "degra
 # Kernel-log classes (agent.kmsg.CLASSES, without "sxid" which has its own kind).
 KMSG_CLASSES: Final = frozenset(
     {
-        "nvme_timeout", "nvme_reset", "fs_error", "fs_readonly", "oom_kill", "hung_task", "soft_lockup",
-        "mce", "aer_corrected", "aer_uncorrected", "mlx5_error", "peermem",
+        "nvme_timeout",
+        "nvme_reset",
+        "fs_error",
+        "fs_readonly",
+        "oom_kill",
+        "hung_task",
+        "soft_lockup",
+        "mce",
+        "aer_corrected",
+        "aer_uncorrected",
+        "mlx5_error",
+        "peermem",
     }
-)  # fmt: skip
+)
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 ValueType = Literal["none", "int", "float", "choice", "name"]

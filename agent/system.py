@@ -41,11 +41,34 @@ log = logging.getLogger(__name__)
 # File systems that hold no user data (the root mount is always kept, whatever its type).
 PSEUDO_FS: Final = frozenset(
     {
-        "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts", "devtmpfs",
-        "efivarfs", "fuse.gvfsd-fuse", "fuse.lxcfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay",
-        "proc", "pstore", "ramfs", "rpc_pipefs", "securityfs", "squashfs", "sysfs", "tmpfs", "tracefs",
+        "autofs",
+        "binfmt_misc",
+        "bpf",
+        "cgroup",
+        "cgroup2",
+        "configfs",
+        "debugfs",
+        "devpts",
+        "devtmpfs",
+        "efivarfs",
+        "fuse.gvfsd-fuse",
+        "fuse.lxcfs",
+        "fusectl",
+        "hugetlbfs",
+        "mqueue",
+        "nsfs",
+        "overlay",
+        "proc",
+        "pstore",
+        "ramfs",
+        "rpc_pipefs",
+        "securityfs",
+        "squashfs",
+        "sysfs",
+        "tmpfs",
+        "tracefs",
     }
-)  # fmt: skip
+)
 PSEUDO_MOUNT_PREFIXES: Final = (
     "/proc",
     "/sys",
@@ -60,14 +83,33 @@ SIM_IB_PORTS: Final = 8  # a DGX H100: eight 400 Gb/s NDR ports, one per GPU
 KMSG_BURST: Final = 100  # lines a simulated kmsg=CLASS fault logs when it starts
 NODE_FAULT_KINDS: Final = frozenset(
     {
-        "ib_down", "ib_rate", "ib_errors", "ib_flap", "sxid", "kmsg", "module_missing", "service_down",
-        "clock_skew", "fs_readonly", "dstate",
+        "ib_down",
+        "ib_rate",
+        "ib_errors",
+        "ib_flap",
+        "sxid",
+        "kmsg",
+        "module_missing",
+        "service_down",
+        "clock_skew",
+        "fs_readonly",
+        "dstate",
     }
-)  # fmt: skip
+)
 # Per-container and bridge interfaces: many, short-lived, and not the host's links.
 NIC_EXCLUDE_PREFIXES: Final = (
-    "lo", "veth", "docker", "br-", "cali", "cni", "flannel", "virbr", "tap", "tun", "ifb",
-)  # fmt: skip
+    "lo",
+    "veth",
+    "docker",
+    "br-",
+    "cali",
+    "cni",
+    "flannel",
+    "virbr",
+    "tap",
+    "tun",
+    "ifb",
+)
 
 
 def agent_version() -> str | None:
@@ -380,14 +422,27 @@ class SimulatedSystem:
         self._inodes_used = int(self._inodes_total * (0.01 + 0.05 * r[30]))
         self._ib = tuple(
             IbPort(
-                device=f"mlx5_{i}", port=1, state="ACTIVE", phys_state="LinkUp", rate_gbps=400.0,
-                link_layer="InfiniBand", symbol_error=0, link_downed=0, link_error_recovery=0,
-                port_rcv_errors=0, port_rcv_remote_physical_errors=0, port_rcv_switch_relay_errors=0,
-                port_rcv_constraint_errors=0, port_xmit_discards=0, port_xmit_constraint_errors=0,
-                local_link_integrity_errors=0, excessive_buffer_overrun_errors=0, vl15_dropped=0,
+                device=f"mlx5_{i}",
+                port=1,
+                state="ACTIVE",
+                phys_state="LinkUp",
+                rate_gbps=400.0,
+                link_layer="InfiniBand",
+                symbol_error=0,
+                link_downed=0,
+                link_error_recovery=0,
+                port_rcv_errors=0,
+                port_rcv_remote_physical_errors=0,
+                port_rcv_switch_relay_errors=0,
+                port_rcv_constraint_errors=0,
+                port_xmit_discards=0,
+                port_xmit_constraint_errors=0,
+                local_link_integrity_errors=0,
+                excessive_buffer_overrun_errors=0,
+                vl15_dropped=0,
             )
             for i in range(SIM_IB_PORTS)
-        )  # fmt: skip
+        )
         self._modules = tuple(ModuleState(m, True) for m in ("nvidia", "nvidia_uvm", "nvidia_peermem"))
         self._services = tuple(
             ServiceState(n, "loaded", "active", "running")
@@ -419,14 +474,24 @@ class SimulatedSystem:
         raid_ro = any(f.active(t) for f in self._node_faults if f.kind == "fs_readonly")
         disks = (
             DiskUsage(
-                "/", self._root_total, root_used, self._root_total - root_used, readonly=False,
-                inodes_total=self._inodes_total, inodes_used=self._inodes_used,
+                "/",
+                self._root_total,
+                root_used,
+                self._root_total - root_used,
+                readonly=False,
+                inodes_total=self._inodes_total,
+                inodes_used=self._inodes_used,
             ),
             DiskUsage(
-                "/raid", self._raid_total, raid_used, self._raid_total - raid_used, readonly=raid_ro,
-                inodes_total=self._inodes_total, inodes_used=self._inodes_used // 2,
+                "/raid",
+                self._raid_total,
+                raid_used,
+                self._raid_total - raid_used,
+                readonly=raid_ro,
+                inodes_total=self._inodes_total,
+                inodes_used=self._inodes_used // 2,
             ),
-        )  # fmt: skip
+        )
         nics = tuple(
             NicCounters(
                 name="eth0" if i == 0 else f"ib{i - 1}",

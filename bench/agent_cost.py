@@ -23,9 +23,19 @@ INTERVAL_S = 1.0
 def run() -> list[tuple[str, str, str]]:
     with NatsServer() as server:
         proc = spawn(
-            "agent", "run", "--simulate", "8", "--interval", str(INTERVAL_S),
-            "--nats", server.url, "--host", "bench-agent", "--log-level", "warning",
-        )  # fmt: skip
+            "agent",
+            "run",
+            "--simulate",
+            "8",
+            "--interval",
+            str(INTERVAL_S),
+            "--nats",
+            server.url,
+            "--host",
+            "bench-agent",
+            "--log-level",
+            "warning",
+        )
         try:
             p = psutil.Process(proc.pid)
             time.sleep(WARMUP_S)

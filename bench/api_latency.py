@@ -49,13 +49,18 @@ def build(hosts: int = HOSTS, providers: int = PROVIDERS) -> CollectorService:
             faulty = h % 50 == 0
             frames.append(
                 SampleFrame(
-                    host=f"host-{h:05d}", provider=f"provider-{h % providers}", boot_id="b", seq=r + 1,
-                    ts=now - 2 + r, interval_s=1.0,
+                    host=f"host-{h:05d}",
+                    provider=f"provider-{h % providers}",
+                    boot_id="b",
+                    seq=r + 1,
+                    ts=now - 2 + r,
+                    interval_s=1.0,
                     gpus=tuple(_gpu(rng, h, i, r, faulty) for i in range(GPUS)),
-                    system=SystemSample(cpu_pct=20.0, cpu_count=64, mem_total_bytes=1 << 40,
-                                        mem_available_bytes=1 << 39),
+                    system=SystemSample(
+                        cpu_pct=20.0, cpu_count=64, mem_total_bytes=1 << 40, mem_available_bytes=1 << 39
+                    ),
                 )
-            )  # fmt: skip
+            )
         svc.state.apply(frames)
         obs: list[Observation] = []
         for f in frames:

@@ -24,9 +24,14 @@ from collector.api import make_app
 HOSTS = int(os.environ.get("BENCH_DASH_HOSTS", "10000"))
 GOAL_S = 3.0
 FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 async def measure(hosts: int) -> tuple[float, float, int]:
@@ -38,9 +43,12 @@ async def measure(hosts: int) -> tuple[float, float, int]:
     try:
         async with TestServer(make_app(svc)) as server, async_playwright() as p:
             ctx = await p.chromium.launch_persistent_context(
-                profile, executable_path=chromium, headless=True, args=FLAGS,
+                profile,
+                executable_path=chromium,
+                headless=True,
+                args=FLAGS,
                 viewport={"width": 1400, "height": 1000},
-            )  # fmt: skip
+            )
             try:
                 page = ctx.pages[0] if ctx.pages else await ctx.new_page()
                 t = time.perf_counter()

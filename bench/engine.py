@@ -43,21 +43,48 @@ RAW = {
 def _gpu(rng: random.Random, host: int, i: int, r: int, faulty: bool) -> GpuSample:
     hot = faulty and (host + i) % 3 == 0
     return GpuSample(
-        index=i, uuid=f"GPU-{host:05d}-{i}", util_gpu_pct=rng.uniform(50, 100), util_mem_pct=40.0,
-        mem_total_bytes=80 << 30, mem_used_bytes=(40 << 30) + rng.randrange(1 << 30),
-        temp_c=(93.0 if hot else rng.uniform(45, 75)), mem_temp_c=60.0,
-        temp_slowdown_c=90.0, temp_shutdown_c=95.0,
-        power_w=rng.uniform(300, 650), power_limit_w=700.0, energy_j=1e6 + r * 500.0, pstate=0,
-        clock_sm_mhz=1980, clock_mem_mhz=2619, clock_event_reasons=(0x40 if faulty and i % 2 else 0x1),
-        throttle_thermal_ns=0, throttle_power_ns=r * 1000, ecc_enabled=True,
-        ecc_sbe_volatile=r * (30 if faulty else 0), ecc_dbe_volatile=0,
-        ecc_sbe_aggregate=r, ecc_dbe_aggregate=0,
-        retired_pages_sbe=0, retired_pages_dbe=0, retired_pages_pending=False,
-        remapped_rows_correctable=0, remapped_rows_uncorrectable=0, remap_pending=False, remap_failure=False,
-        pcie_replay_count=r * (40 if faulty else 0), pcie_link_gen=5, pcie_link_width=16,
-        nvlink_links_total=18, nvlink_links_up=18, nvlink_crc_errors=0, nvlink_replay_errors=0,
-        nvlink_recovery_errors=0, recovery_action=0, persistence_mode=True,
-    )  # fmt: skip
+        index=i,
+        uuid=f"GPU-{host:05d}-{i}",
+        util_gpu_pct=rng.uniform(50, 100),
+        util_mem_pct=40.0,
+        mem_total_bytes=80 << 30,
+        mem_used_bytes=(40 << 30) + rng.randrange(1 << 30),
+        temp_c=(93.0 if hot else rng.uniform(45, 75)),
+        mem_temp_c=60.0,
+        temp_slowdown_c=90.0,
+        temp_shutdown_c=95.0,
+        power_w=rng.uniform(300, 650),
+        power_limit_w=700.0,
+        energy_j=1e6 + r * 500.0,
+        pstate=0,
+        clock_sm_mhz=1980,
+        clock_mem_mhz=2619,
+        clock_event_reasons=(0x40 if faulty and i % 2 else 0x1),
+        throttle_thermal_ns=0,
+        throttle_power_ns=r * 1000,
+        ecc_enabled=True,
+        ecc_sbe_volatile=r * (30 if faulty else 0),
+        ecc_dbe_volatile=0,
+        ecc_sbe_aggregate=r,
+        ecc_dbe_aggregate=0,
+        retired_pages_sbe=0,
+        retired_pages_dbe=0,
+        retired_pages_pending=False,
+        remapped_rows_correctable=0,
+        remapped_rows_uncorrectable=0,
+        remap_pending=False,
+        remap_failure=False,
+        pcie_replay_count=r * (40 if faulty else 0),
+        pcie_link_gen=5,
+        pcie_link_width=16,
+        nvlink_links_total=18,
+        nvlink_links_up=18,
+        nvlink_crc_errors=0,
+        nvlink_replay_errors=0,
+        nvlink_recovery_errors=0,
+        recovery_action=0,
+        persistence_mode=True,
+    )
 
 
 def fleet_frames(hosts: int, rounds: int, seed: int = 7) -> list[list[SampleFrame]]:
@@ -70,8 +97,15 @@ def fleet_frames(hosts: int, rounds: int, seed: int = 7) -> list[list[SampleFram
         frames = []
         for h in range(hosts):
             gpus = tuple(_gpu(rng, h, i, r, (h, i) in faulty) for i in range(GPUS))
-            system = SystemSample(cpu_pct=30.0, cpu_count=64, load_5=8.0, mem_total_bytes=1 << 40,
-                                  mem_available_bytes=1 << 39, fds_open=2000, fds_max=1 << 20)  # fmt: skip
+            system = SystemSample(
+                cpu_pct=30.0,
+                cpu_count=64,
+                load_5=8.0,
+                mem_total_bytes=1 << 40,
+                mem_available_bytes=1 << 39,
+                fds_open=2000,
+                fds_max=1 << 20,
+            )
             frames.append(
                 SampleFrame(
                     host=f"gpu-{h:05d}",
@@ -82,7 +116,7 @@ def fleet_frames(hosts: int, rounds: int, seed: int = 7) -> list[list[SampleFram
                     interval_s=INTERVAL,
                     gpus=gpus,
                     system=system,
-                )  # fmt: skip
+                )
             )
         out.append(frames)
     return out

@@ -24,10 +24,21 @@ def run() -> list[tuple[str, str, str]]:
     with NatsServer() as server:
         started = time.monotonic()
         proc = spawn(
-            "fleet", "--hosts", str(HOSTS), "--gpus", str(GPUS), "--interval", "1",
-            "--nats", server.url, "--duration", f"{DURATION_S}s", "--log-level", "warning",
+            "fleet",
+            "--hosts",
+            str(HOSTS),
+            "--gpus",
+            str(GPUS),
+            "--interval",
+            "1",
+            "--nats",
+            server.url,
+            "--duration",
+            f"{DURATION_S}s",
+            "--log-level",
+            "warning",
             stdout=-1,
-        )  # fmt: skip
+        )
         try:
             out, err = proc.communicate(timeout=DURATION_S + 180)
             wall = time.monotonic() - started

@@ -54,8 +54,10 @@ def node_exporter_per_scrape(binary: str) -> tuple[float, int, int]:
     port = _free_port()
     proc = subprocess.Popen(
         [binary, f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.monotonic() + 30
@@ -88,9 +90,19 @@ def agent_per_tick() -> tuple[float, float]:
     """(CPU seconds per tick, ticks) of the agent with 8 simulated GPUs at a 1 s interval."""
     with NatsServer() as server:
         proc = spawn(
-            "agent", "run", "--simulate", "8", "--interval", str(INTERVAL_S),
-            "--nats", server.url, "--host", "bench-node-exporter", "--log-level", "warning",
-        )  # fmt: skip
+            "agent",
+            "run",
+            "--simulate",
+            "8",
+            "--interval",
+            str(INTERVAL_S),
+            "--nats",
+            server.url,
+            "--host",
+            "bench-node-exporter",
+            "--log-level",
+            "warning",
+        )
         try:
             time.sleep(WARMUP_S)
             if proc.poll() is not None:

@@ -183,9 +183,9 @@ def load_collector_config(
     api: ApiSection = s["api"]
     if api.max_heavy_queries >= api.db_pool_max:
         raise ConfigError(
-            "api.max_heavy_queries", f"must be below api.db_pool_max ({api.db_pool_max}), so light reads"
-            " always find a connection"
-        )  # fmt: skip
+            "api.max_heavy_queries",
+            f"must be below api.db_pool_max ({api.db_pool_max}), so light reads always find a connection",
+        )
     tokens = api_tokens(s["api"], env)
     hb: SelfCheckSection = s["selfcheck"]
     if hb.heartbeat_url is not None and not re.match(r"https?://[^/\s]", hb.heartbeat_url.reveal()):

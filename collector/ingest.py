@@ -80,9 +80,14 @@ def check(subject: str, data: bytes, limits: Limits, stream_seq: int | None = No
         return _check(subject, data, limits, stream_seq)
     except Exception as e:  # noqa: BLE001 (one message must never stop the collector)
         return Rejection(
-            subject, "internal_error", None, len(data), bytes(data[:HEAD_BYTES]), stream_seq,
+            subject,
+            "internal_error",
+            None,
+            len(data),
+            bytes(data[:HEAD_BYTES]),
+            stream_seq,
             f"{type(e).__name__}: {e}"[:500],
-        )  # fmt: skip
+        )
 
 
 def _check(subject: str, data: bytes, limits: Limits, stream_seq: int | None) -> Accepted | Rejection:
@@ -125,9 +130,13 @@ def _check(subject: str, data: bytes, limits: Limits, stream_seq: int | None) ->
     if not limits.oldest_ts <= frame.ts <= limits.newest_ts:
         return reject("ts_out_of_window", "ts", f"timestamp {frame.ts} outside the stored window")
     return Accepted(
-        frame, subject, stream_seq, len(data), bytes(data[:HEAD_BYTES]),
+        frame,
+        subject,
+        stream_seq,
+        len(data),
+        bytes(data[:HEAD_BYTES]),
         tuple((e.reason, e.field) for e in dropped),
-    )  # fmt: skip
+    )
 
 
 @dataclass(slots=True)
@@ -322,10 +331,15 @@ class Ingest:
             if delivered >= c.max_deliver:  # delivered and never stored max_deliver - 1 times
                 batch.rejected.append(
                     Rejection(
-                        m.subject, "poison", None, len(m.data), bytes(m.data[:HEAD_BYTES]), seq,
+                        m.subject,
+                        "poison",
+                        None,
+                        len(m.data),
+                        bytes(m.data[:HEAD_BYTES]),
+                        seq,
                         f"delivered {delivered} times without being stored: terminated unread",
                     )
-                )  # fmt: skip
+                )
                 batch.poison.add(id(m))
                 continue
             item = check(m.subject, m.data, limits, seq)

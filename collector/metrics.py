@@ -43,11 +43,17 @@ GPU_GAUGES: Final = (
     ("gpuwarden_gpu_power_watts", "GPU power draw.", "power_w", 1.0),
 )
 GPU_COUNTERS: Final = (
-    ("gpuwarden_gpu_ecc_sbe_errors", "Single-bit ECC errors since the driver loaded (volatile).",
-     "ecc_sbe_volatile"),
-    ("gpuwarden_gpu_ecc_dbe_errors", "Double-bit ECC errors since the driver loaded (volatile).",
-     "ecc_dbe_volatile"),
-)  # fmt: skip
+    (
+        "gpuwarden_gpu_ecc_sbe_errors",
+        "Single-bit ECC errors since the driver loaded (volatile).",
+        "ecc_sbe_volatile",
+    ),
+    (
+        "gpuwarden_gpu_ecc_dbe_errors",
+        "Double-bit ECC errors since the driver loaded (volatile).",
+        "ecc_dbe_volatile",
+    ),
+)
 RANK_HELP: Final = " (0 healthy, 1 info, 2 unknown, 3 warning, 4 critical)."
 
 
@@ -280,13 +286,15 @@ class FleetCollector(Collector):
             value=float(stats.get("transitions", 0)),
         )
         yield GaugeMetricFamily(
-            "gpuwarden_notification_backlog", "Notifications waiting in the outbox.",
+            "gpuwarden_notification_backlog",
+            "Notifications waiting in the outbox.",
             value=float(stats.get("outbox_backlog", 0)),
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
-            "gpuwarden_stream_subscribers", "Live stream (WebSocket) clients.",
+            "gpuwarden_stream_subscribers",
+            "Live stream (WebSocket) clients.",
             value=float(stats.get("stream_subscribers", 0)),
-        )  # fmt: skip
+        )
         yield from _remediation(stats.get("remediation", {}))
         own = stats.get("self", {})
         impaired = own.get("impaired_since")
@@ -309,13 +317,15 @@ class FleetCollector(Collector):
             problem.add_metric([p["check"], p["cause"]], 1.0)
         yield problem
         yield CounterMetricFamily(
-            "gpuwarden_collector_heartbeats", "Dead man's switch beats delivered.",
+            "gpuwarden_collector_heartbeats",
+            "Dead man's switch beats delivered.",
             value=float(stats.get("heartbeats_sent", 0)),
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
-            "gpuwarden_collector_heartbeat_failures", "Dead man's switch beats that failed.",
+            "gpuwarden_collector_heartbeat_failures",
+            "Dead man's switch beats that failed.",
             value=float(stats.get("heartbeat_failures", 0)),
-        )  # fmt: skip
+        )
 
     def _collector(self, snap: Snapshot) -> Iterator[Metric]:
         st = snap.ingest
@@ -348,9 +358,10 @@ class FleetCollector(Collector):
             c + "db_write_seconds", "Duration of the last batch write.", value=float(st.last_write_s)
         )
         yield GaugeMetricFamily(
-            c + "commit_lag_seconds", "Stream time to commit of the last batch's oldest frame.",
+            c + "commit_lag_seconds",
+            "Stream time to commit of the last batch's oldest frame.",
             value=float(st.last_commit_lag_s),
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
             c + "consumer_pending_messages",
             "Messages waiting for this consumer.",
@@ -383,9 +394,10 @@ def _remediation(r: dict[str, Any]) -> Iterator[Metric]:
     for state, n in sorted(r.get("actions", {}).items()):
         actions.add_metric([state], float(n))
     breaker = GaugeMetricFamily(
-        "gpuwarden_remediation_breaker_open", "1 while a provider's remediation circuit breaker is open.",
+        "gpuwarden_remediation_breaker_open",
+        "1 while a provider's remediation circuit breaker is open.",
         labels=["provider"],
-    )  # fmt: skip
+    )
     for provider, is_open in sorted(r.get("breakers", {}).items()):
         breaker.add_metric([provider], 1.0 if is_open else 0.0)
     yield from (actions, breaker)

@@ -100,11 +100,17 @@ class SelfStatus:
         return {
             "impaired_since": self.impaired_since,
             "problems": [
-                {"check": p.check, "status": p.status, "cause": p.cause, "since": p.since,
-                 "summary": p.summary, "advice": p.advice}
+                {
+                    "check": p.check,
+                    "status": p.status,
+                    "cause": p.cause,
+                    "since": p.since,
+                    "summary": p.summary,
+                    "advice": p.advice,
+                }
                 for p in self.problems
             ],
-        }  # fmt: skip
+        }
 
 
 def clock(ts: float) -> str:
@@ -129,30 +135,40 @@ def judge(state: SelfState, r: Readings, cfg: SelfCheckConfig) -> SelfStatus:
     )
     causes: list[tuple[str, float, str, str]] = []
     if state.nats_down_since is not None:
-        causes.append((
-            "nats", state.nats_down_since,
-            f"cannot receive: the collector's NATS connection is down since {clock(state.nats_down_since)}; "
-            "agents buffer their frames meanwhile",
-            "The collector's own connection to NATS is broken, not the hosts: check the NATS servers and "
-            "the network between them and the collector. Agents keep their frames (nats.buffer_frames) and "
-            "replay them when NATS is back; host staleness is suspended until then.",
-        ))  # fmt: skip
+        causes.append(
+            (
+                "nats",
+                state.nats_down_since,
+                "cannot receive: the collector's NATS connection is down since "
+                f"{clock(state.nats_down_since)}; agents buffer their frames meanwhile",
+                "The collector's own connection to NATS is broken, not the hosts: check the NATS servers and "
+                "the network between them and the collector. Agents keep their frames (nats.buffer_frames) "
+                "and replay them when NATS is back; host staleness is suspended until then.",
+            )
+        )
     if r.postgres_down_since is not None:
-        causes.append((
-            "postgres", r.postgres_down_since,
-            f"cannot store: PostgreSQL unreachable since {clock(r.postgres_down_since)}; ingest paused, "
-            f"nothing lost so far, {held}",
-            "The collector's own database is unreachable, not the hosts: check PostgreSQL (service, disk, "
-            "connections, network). Frames wait in JetStream and are stored when it is back (up to the "
-            "stream's limits); pages still go out and are recorded later; host staleness is suspended.",
-        ))  # fmt: skip
+        causes.append(
+            (
+                "postgres",
+                r.postgres_down_since,
+                f"cannot store: PostgreSQL unreachable since {clock(r.postgres_down_since)}; ingest paused, "
+                f"nothing lost so far, {held}",
+                "The collector's own database is unreachable, not the hosts: check PostgreSQL (service, "
+                "disk, "
+                "connections, network). Frames wait in JetStream and are stored when it is back (up to the "
+                "stream's limits); pages still go out and are recorded later; host staleness is suspended.",
+            )
+        )
     if state.lag_since is not None:
-        causes.append((
-            "ingest_lag", state.lag_since,
-            f"ingest lagging: frames wait {lag:.0f} s for their commit, {held}",
-            "The collector stores frames slower than they arrive (a slow PostgreSQL, too small a "
-            "[collector] batch, CPU starvation): host staleness is suspended until the backlog drains.",
-        ))  # fmt: skip
+        causes.append(
+            (
+                "ingest_lag",
+                state.lag_since,
+                f"ingest lagging: frames wait {lag:.0f} s for their commit, {held}",
+                "The collector stores frames slower than they arrive (a slow PostgreSQL, too small a "
+                "[collector] batch, CPU starvation): host staleness is suspended until the backlog drains.",
+            )
+        )
     if causes:
         first = min(c[1] for c in causes)
         if state.impaired_since is None:
@@ -197,13 +213,16 @@ def judge(state: SelfState, r: Readings, cfg: SelfCheckConfig) -> SelfStatus:
     if notes:
         problems.append(
             Problem(
-                NOTIFY, WARNING, "channels" if failing else "backlog", since,
+                NOTIFY,
+                WARNING,
+                "channels" if failing else "backlog",
+                since,
                 f"notifications impaired: {'; '.join(notes)}",
                 "Check the failing receivers (URL, credentials, their own health) in the log and "
                 "notification_dead_letter; other channels still deliver.",
                 tuple(failing),
             )
-        )  # fmt: skip
+        )
     return SelfStatus(state.impaired_since, tuple(problems))
 
 

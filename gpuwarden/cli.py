@@ -85,11 +85,16 @@ def demo(
     guarded(
         lambda: asyncio.run(
             run_demo(
-                hosts=hosts, gpus=gpus, providers=providers, interval=interval, port=port,
-                duration=duration, echo=echo,
+                hosts=hosts,
+                gpus=gpus,
+                providers=providers,
+                interval=interval,
+                port=port,
+                duration=duration,
+                echo=echo,
             )
         )
-    )  # fmt: skip
+    )
 
 
 def main() -> None:

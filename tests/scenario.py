@@ -185,8 +185,20 @@ def _set(v: Any) -> frozenset[str] | None:
 
 def load(path: Path) -> Scenario:
     raw = tomllib.loads(path.read_text())
-    known = {"title", "hosts", "providers", "gpus", "interval", "duration", "faults", "config", "action",
-             "expect", "e2e", "xfail"}  # fmt: skip
+    known = {
+        "title",
+        "hosts",
+        "providers",
+        "gpus",
+        "interval",
+        "duration",
+        "faults",
+        "config",
+        "action",
+        "expect",
+        "e2e",
+        "xfail",
+    }
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path.name}: unknown keys {sorted(unknown)}")
@@ -207,10 +219,18 @@ def load(path: Path) -> Scenario:
         if extra or "channel" not in e or "kind" not in e or "at" not in e:
             raise ValueError(f"{where}: needs channel, kind, at (unknown: {sorted(extra)})")
         expect.append(
-            Expect(e["channel"], e["kind"], _window(e["at"], where), _set(e.get("hosts")),
-                   _set(e.get("rules")), e.get("level"), e.get("severity"), _set(e.get("new_hosts")),
-                   e.get("reason"))
-        )  # fmt: skip
+            Expect(
+                e["channel"],
+                e["kind"],
+                _window(e["at"], where),
+                _set(e.get("hosts")),
+                _set(e.get("rules")),
+                e.get("level"),
+                e.get("severity"),
+                _set(e.get("new_hosts")),
+                e.get("reason"),
+            )
+        )
     sc = Scenario(
         name=path.stem,
         title=str(raw["title"]),
@@ -289,9 +309,19 @@ def told_of_webhook(channel: str, body: Mapping[str, Any], t0: float, at: float)
         hosts = split(ann.get("hosts", "")) if incident else frozenset({labels.get("host", "")})
         rules = split(ann.get("rules", "")) if incident else frozenset({labels["alertname"]})
         out.append(
-            Told(channel, ann["kind"], round(at - t0, 3), hosts, rules, int(ann["level"]), labels["severity"],
-                 split(ann.get("new_hosts", "")), ann["summary"], ann.get("reason", ""))
-        )  # fmt: skip
+            Told(
+                channel,
+                ann["kind"],
+                round(at - t0, 3),
+                hosts,
+                rules,
+                int(ann["level"]),
+                labels["severity"],
+                split(ann.get("new_hosts", "")),
+                ann["summary"],
+                ann.get("reason", ""),
+            )
+        )
     return out
 
 
@@ -342,12 +372,13 @@ class PureRun:
                 name,
                 provider_name(i % sc.providers),
                 Sequencer(host=name, provider=provider_name(i % sc.providers)),
-                SimulatedBackend(sc.gpus, host=name, seed=i, faults=mine, clock=self.clock.mono,
-                                 wall=self.clock.wall),
+                SimulatedBackend(
+                    sc.gpus, host=name, seed=i, faults=mine, clock=self.clock.mono, wall=self.clock.wall
+                ),
                 SimulatedSystem(host=name, seed=i, faults=mine, clock=self.clock.mono),
                 EventTracker(),
                 slot=(i * sc.interval / sc.hosts),
-            )  # fmt: skip
+            )
             a.backend.open()
             a.tracker.set_inventory(a.backend.inventory().gpus)
             self.agents.append(a)
@@ -380,10 +411,16 @@ class PureRun:
                         continue
                     if not a.inventory_sent:
                         a.inventory_sent = True
-                        frames.append(build_inventory(a.seqr, a.backend.inventory(), a.system.host_facts(),
-                                                      ts=self.now))  # fmt: skip
-                    frame = build_sample(a.seqr, interval_s=sc.interval, gpus=a.backend.sample(),
-                                         system=a.system.sample(), ts=self.now)  # fmt: skip
+                        frames.append(
+                            build_inventory(a.seqr, a.backend.inventory(), a.system.host_facts(), ts=self.now)
+                        )
+                    frame = build_sample(
+                        a.seqr,
+                        interval_s=sc.interval,
+                        gpus=a.backend.sample(),
+                        system=a.system.sample(),
+                        ts=self.now,
+                    )
                     if a.checks:
                         frame = replace(frame, checks=a.checks)
                     frames.append(frame)
@@ -448,8 +485,14 @@ class PureRun:
         elif "checks" in action:
             for c in action["checks"]:
                 targets = self.agents if c.get("host", "*") == "*" else [self.agent(c["host"])]
-                check = CheckResult(id=c["id"], kind=c["kind"], target=c.get("target", ""), ok=bool(c["ok"]),
-                                    latency_ms=c.get("latency_ms"), error=c.get("error"))  # fmt: skip
+                check = CheckResult(
+                    id=c["id"],
+                    kind=c["kind"],
+                    target=c.get("target", ""),
+                    ok=bool(c["ok"]),
+                    latency_ms=c.get("latency_ms"),
+                    error=c.get("error"),
+                )
                 for a in targets:
                     a.checks = tuple(x for x in a.checks if x.id != check.id) + (check,)
         else:

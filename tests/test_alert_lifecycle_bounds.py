@@ -46,12 +46,27 @@ def sample(
     )
 
 
-def xid(ts: float, seq: int, *, code: int = 79, gpu: int = 0, uuid: str = "GPU-A", host: str = "h1",
-        provider: str = "p") -> EventFrame:  # fmt: skip
+def xid(
+    ts: float,
+    seq: int,
+    *,
+    code: int = 79,
+    gpu: int = 0,
+    uuid: str = "GPU-A",
+    host: str = "h1",
+    provider: str = "p",
+) -> EventFrame:
     return EventFrame(
-        host=host, provider=provider, boot_id="b1", seq=seq, ts=ts, type="xid", gpu_index=gpu,
-        gpu_uuid=uuid, xid=code,
-    )  # fmt: skip
+        host=host,
+        provider=provider,
+        boot_id="b1",
+        seq=seq,
+        ts=ts,
+        type="xid",
+        gpu_index=gpu,
+        gpu_uuid=uuid,
+        xid=code,
+    )
 
 
 class Both:
@@ -176,17 +191,38 @@ def churn_frames(i: int, ts: float) -> list[SampleFrame | EventFrame]:
     )
     checks = tuple(CheckResult(id=f"t{i}-{k}", ok=False, target="x", error="refused") for k in range(3))
     s = SampleFrame(
-        host="evil", provider="p", boot_id="b1", seq=2 * i + 1, ts=ts, interval_s=5.0, gpus=gpus,
-        system=system, checks=checks,
-    )  # fmt: skip
+        host="evil",
+        provider="p",
+        boot_id="b1",
+        seq=2 * i + 1,
+        ts=ts,
+        interval_s=5.0,
+        gpus=gpus,
+        system=system,
+        checks=checks,
+    )
     e = EventFrame(
-        host="evil", provider="p", boot_id="b1", seq=2 * i + 2, ts=ts, type="xid", gpu_index=gpus[0].index,
-        gpu_uuid=gpus[0].uuid, xid=1000 + i,
-    )  # fmt: skip
+        host="evil",
+        provider="p",
+        boot_id="b1",
+        seq=2 * i + 2,
+        ts=ts,
+        type="xid",
+        gpu_index=gpus[0].index,
+        gpu_uuid=gpus[0].uuid,
+        xid=1000 + i,
+    )
     fatal = EventFrame(
-        host="evil", provider="p", boot_id="b1", seq=2 * i + 2 + 10**6, ts=ts, type="xid",
-        gpu_index=gpus[1].index, gpu_uuid=gpus[1].uuid, xid=79,
-    )  # fmt: skip
+        host="evil",
+        provider="p",
+        boot_id="b1",
+        seq=2 * i + 2 + 10**6,
+        ts=ts,
+        type="xid",
+        gpu_index=gpus[1].index,
+        gpu_uuid=gpus[1].uuid,
+        xid=79,
+    )
     return [s, e, fatal]
 
 

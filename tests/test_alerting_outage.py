@@ -298,9 +298,16 @@ async def test_heartbeat_stops_when_the_collector_is_stopped_and_resumes(
             f'[selfcheck]\nheartbeat_url = "{beats.url}"\nheartbeat_interval = "200ms"\n'
         )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpuwarden", "collector", "run", "--config", str(cfg),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "gpuwarden",
+            "collector",
+            "run",
+            "--config",
+            str(cfg),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         try:
             await until(lambda: beats.count >= 3, timeout=60)
             os.kill(proc.pid, signal.SIGSTOP)

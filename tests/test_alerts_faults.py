@@ -26,22 +26,55 @@ GIB = 1 << 30
 
 def base_gpu(i: int, t: int) -> GpuSample:
     return GpuSample(
-        index=i, uuid=f"GPU-{i}", temp_c=55.0, temp_slowdown_c=90.0, temp_shutdown_c=95.0, power_w=400.0,
-        power_limit_w=700.0, mem_used_bytes=20 * GIB, mem_total_bytes=80 * GIB, clock_event_reasons=0x1,
-        ecc_dbe_volatile=0, ecc_sbe_volatile=0, retired_pages_sbe=0, retired_pages_dbe=0,
-        retired_pages_pending=False, remap_pending=False, remap_failure=False, pcie_replay_count=0,
-        pcie_link_gen=5, pcie_link_width=16, nvlink_links_total=18, nvlink_links_up=18, nvlink_crc_errors=0,
-        nvlink_replay_errors=0, nvlink_recovery_errors=0, recovery_action=0, persistence_mode=True,
-        util_gpu_pct=80.0, pcie_link_gen_max=5, pcie_link_width_max=16, mem_temp_c=70.0, temp_mem_max_c=95.0,
-        fabric_state=3, fabric_status=0, fabric_health_mask=0,
-    )  # fmt: skip
+        index=i,
+        uuid=f"GPU-{i}",
+        temp_c=55.0,
+        temp_slowdown_c=90.0,
+        temp_shutdown_c=95.0,
+        power_w=400.0,
+        power_limit_w=700.0,
+        mem_used_bytes=20 * GIB,
+        mem_total_bytes=80 * GIB,
+        clock_event_reasons=0x1,
+        ecc_dbe_volatile=0,
+        ecc_sbe_volatile=0,
+        retired_pages_sbe=0,
+        retired_pages_dbe=0,
+        retired_pages_pending=False,
+        remap_pending=False,
+        remap_failure=False,
+        pcie_replay_count=0,
+        pcie_link_gen=5,
+        pcie_link_width=16,
+        nvlink_links_total=18,
+        nvlink_links_up=18,
+        nvlink_crc_errors=0,
+        nvlink_replay_errors=0,
+        nvlink_recovery_errors=0,
+        recovery_action=0,
+        persistence_mode=True,
+        util_gpu_pct=80.0,
+        pcie_link_gen_max=5,
+        pcie_link_width_max=16,
+        mem_temp_c=70.0,
+        temp_mem_max_c=95.0,
+        fabric_state=3,
+        fabric_status=0,
+        fabric_health_mask=0,
+    )
 
 
 def base_system() -> SystemSample:
     return SystemSample(
-        cpu_pct=20.0, cpu_count=64, load_5=4.0, mem_total_bytes=512 * GIB, mem_available_bytes=400 * GIB,
-        fds_open=1000, fds_max=1 << 20, disks=(DiskUsage("/", 1000, 300, 700),),
-    )  # fmt: skip
+        cpu_pct=20.0,
+        cpu_count=64,
+        load_5=4.0,
+        mem_total_bytes=512 * GIB,
+        mem_available_bytes=400 * GIB,
+        fds_open=1000,
+        fds_max=1 << 20,
+        disks=(DiskUsage("/", 1000, 300, 700),),
+    )
 
 
 GpuFault = Callable[[GpuSample, int], GpuSample]

@@ -255,8 +255,9 @@ async def test_heavy_history_requests_never_delay_alert_persistence(
     assert service.pool is not None
     path = f"/api/v1/hosts/{XID_HOST}/history"
     params = {"metric": "temp_c", "since": "0"}
-    async with serving(service, ApiSection(), (named("alice", ALICE),), max_size=3, max_heavy=2,
-                       statement_timeout=600.0) as c:  # fmt: skip
+    async with serving(
+        service, ApiSection(), (named("alice", ALICE),), max_size=3, max_heavy=2, statement_timeout=600.0
+    ) as c:
         read_pool = c.app[reads.READS]
         async with samples_locked(module_dsn) as locker:
             n = service.config.postgres.pool_max + 2  # more than the alerting pool has connections

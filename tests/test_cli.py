@@ -133,8 +133,15 @@ def test_sample_without_simulation_needs_nvml() -> None:
 
 def test_fleet_without_nats_exits_4() -> None:
     r = run(
-        "fleet", "--hosts", "2", "--gpus", "1", "--nats", "nats://127.0.0.1:1",
-        GPUWARDEN_NATS_CONNECT_TIMEOUT="1s", GPUWARDEN_NATS_PUBLISH_TIMEOUT="1s",
-    )  # fmt: skip
+        "fleet",
+        "--hosts",
+        "2",
+        "--gpus",
+        "1",
+        "--nats",
+        "nats://127.0.0.1:1",
+        GPUWARDEN_NATS_CONNECT_TIMEOUT="1s",
+        GPUWARDEN_NATS_PUBLISH_TIMEOUT="1s",
+    )
     assert r.returncode == 4, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: cannot reach NATS at nats://127.0.0.1:1")

@@ -38,19 +38,32 @@ TOKEN = "dash-" + uuid.uuid4().hex
 FAULTY = "host-0004"
 DOWN, DOWN2 = "host-0007", "host-0008"  # providers 1 and 2: no provider-wide incident
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def xid_event(host: HostState) -> EventFrame:
     """XID 79 on GPU 2 of ``host`` (fatal: critical at once), as its agent would publish it."""
     gpu = next(g for g in host.gpus if g.index == 2)
     return EventFrame(
-        host=host.host, provider=host.provider, boot_id=host.boot_id or "b", seq=10**9, ts=time.time(),
-        type="xid", source="kmsg", gpu_index=2, gpu_uuid=gpu.uuid, xid=79,
+        host=host.host,
+        provider=host.provider,
+        boot_id=host.boot_id or "b",
+        seq=10**9,
+        ts=time.time(),
+        type="xid",
+        source="kmsg",
+        gpu_index=2,
+        gpu_uuid=gpu.uuid,
+        xid=79,
         message="GPU has fallen off the bus",
-    )  # fmt: skip
+    )
 
 
 @contextlib.asynccontextmanager
@@ -58,9 +71,12 @@ async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
     chromium = system_tool("chromium")
     async with async_playwright() as p:
         ctx = await p.chromium.launch_persistent_context(
-            str(tmp / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            str(tmp / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
             viewport={"width": 1400, "height": 1000},
-        )  # fmt: skip
+        )
         try:
             page = ctx.pages[0] if ctx.pages else await ctx.new_page()
             page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
@@ -90,9 +106,13 @@ for = "1s"
     cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [url]})
     async with collector(cfg) as svc:
         fleet = Fleet(
-            NatsConfig(servers=(url,)), hosts=12, gpus=8, providers=3, interval=1.0,
+            NatsConfig(servers=(url,)),
+            hosts=12,
+            gpus=8,
+            providers=3,
+            interval=1.0,
             faults=[f"{DOWN}:host_down@6s", f"{DOWN2}:host_down@6s"],
-        )  # fmt: skip
+        )
         await fleet.start()
         run = asyncio.create_task(fleet.run())
         try:

@@ -32,17 +32,24 @@ HOST = "mig-node-1"
 def frames(now: float) -> list[InventoryFrame | SampleFrame]:
     head = {"host": HOST, "provider": "p", "boot_id": "b"}
     info = GpuInfo(
-        index=0, uuid="GPU-0", name="NVIDIA H100 80GB HBM3", mig_mode=True,
+        index=0,
+        uuid="GPU-0",
+        name="NVIDIA H100 80GB HBM3",
+        mig_mode=True,
         mig_instances=(
             MigInstance(1, 0, "3g.40gb", "MIG-a", 40 * GIB),
             MigInstance(9, 0, "1g.10gb", "MIG-b", 10 * GIB),
         ),
-    )  # fmt: skip
+    )
     gpu = GpuSample(
-        index=0, uuid="GPU-0", temp_c=50.0, mem_total_bytes=80 * GIB, mem_used_bytes=30 * GIB,
+        index=0,
+        uuid="GPU-0",
+        temp_c=50.0,
+        mem_total_bytes=80 * GIB,
+        mem_used_bytes=30 * GIB,
         mig=(MigSample(1, 0, 40 * GIB, 28 * GIB), MigSample(9, 0, 10 * GIB, 2 * GIB)),
         processes=(GpuProcess(pid=4242, name="train.py", gpu_instance_id=1, compute_instance_id=0),),
-    )  # fmt: skip
+    )
     return [
         InventoryFrame(**head, seq=1, ts=now - 2, backend="nvml", driver_version="570.133.20", gpus=(info,)),
         SampleFrame(**head, seq=2, ts=now - 1, interval_s=1.0, gpus=(gpu,)),

@@ -143,9 +143,13 @@ async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> list[Told
         c = Collector(cfg)
         await c.start()
         fleet = Fleet(
-            NatsConfig(servers=(nats_url,)), hosts=sc.hosts, gpus=sc.gpus, providers=sc.providers,
-            interval=sc.interval, faults=list(sc.faults),
-        )  # fmt: skip
+            NatsConfig(servers=(nats_url,)),
+            hosts=sc.hosts,
+            gpus=sc.gpus,
+            providers=sc.providers,
+            interval=sc.interval,
+            faults=list(sc.faults),
+        )
         try:
             await fleet.start()
             t0 = time.time()  # the fault clocks started with fleet.start()

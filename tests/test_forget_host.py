@@ -42,9 +42,15 @@ async def forget_host_cli(*args: str) -> tuple[int, str, str]:
     """Run ``gpuwarden collector forget-host ...`` without blocking the collector's loop."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUWARDEN_")}
     proc = await asyncio.create_subprocess_exec(
-        console_script(), "collector", "forget-host", *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        console_script(),
+        "collector",
+        "forget-host",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -189,7 +195,11 @@ def test_forget_host_refuses_a_url_that_is_not_http(url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUWARDEN_")}
     p = subprocess.run(
         [console_script(), "collector", "forget-host", "h1", "--url", url, "--token", "t"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2
     assert "--url" in p.stderr

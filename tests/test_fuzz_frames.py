@@ -50,11 +50,24 @@ MAX_RSS_GROWTH = 48 << 20
 # Every reason a message may be rejected for (docs/ingest.md).
 REASONS = frozenset(
     {
-        "bad_subject", "oversized", "too_deep", "too_long", "malformed", "not_a_map", "version",
-        "unknown_kind", "missing_field", "bad_type", "out_of_range", "spoofed", "not_canonical",
-        "ts_out_of_window", "unstorable", "rate_limited",
+        "bad_subject",
+        "oversized",
+        "too_deep",
+        "too_long",
+        "malformed",
+        "not_a_map",
+        "version",
+        "unknown_kind",
+        "missing_field",
+        "bad_type",
+        "out_of_range",
+        "spoofed",
+        "not_canonical",
+        "ts_out_of_window",
+        "unstorable",
+        "rate_limited",
     }
-)  # fmt: skip
+)
 WIDE = Limits(max_bytes=1 << 20, oldest_ts=0.0, newest_ts=1e11)
 
 
@@ -74,10 +87,15 @@ def real_frames(now: float, gpus: int = 3) -> list[Frame]:
     for _ in range(2):
         frames.append(
             build_sample(
-                seqr, interval_s=5.0, gpus=backend.sample(), system=system.sample(), checks=checks,
-                agent=agent, ts=now,
+                seqr,
+                interval_s=5.0,
+                gpus=backend.sample(),
+                system=system.sample(),
+                checks=checks,
+                agent=agent,
+                ts=now,
             )
-        )  # fmt: skip
+        )
     uuid = inv.gpus[1].uuid
     for ev in (
         GpuEvent(
@@ -266,9 +284,12 @@ def cases(frames: list[Frame], n: int) -> list[Case]:
     recipes: list[Recipe] = []
 
     @settings(
-        max_examples=-(-n // len(bases)), database=None, deadline=None, derandomize=True,
+        max_examples=-(-n // len(bases)),
+        database=None,
+        deadline=None,
+        derandomize=True,
         suppress_health_check=list(HealthCheck),
-    )  # fmt: skip
+    )
     @given(RECIPES)
     def gen(r: Recipe) -> None:
         recipes.append(r)

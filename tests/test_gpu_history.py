@@ -183,17 +183,30 @@ def test_boards_round_trip() -> None:
 
 def inventory(boot: str, kernel: str | None, seq: int, ts: float, serial: str = "SN-7") -> InventoryFrame:
     return InventoryFrame(
-        host="node-1", provider="acme", boot_id=boot, seq=seq, ts=ts, backend="nvml",
+        host="node-1",
+        provider="acme",
+        boot_id=boot,
+        seq=seq,
+        ts=ts,
+        backend="nvml",
         gpus=(GpuInfo(index=0, uuid="GPU-a", serial="SN-0"), GpuInfo(index=1, uuid="GPU-b", serial=serial)),
         host_facts=HostFacts(hostname="node-1", kernel_boot_id=kernel),
-    )  # fmt: skip
+    )
 
 
 def xid(boot: str, seq: int, ts: float, code: int = 79) -> EventFrame:
     return EventFrame(
-        host="node-1", provider="acme", boot_id=boot, seq=seq, ts=ts, type="xid", source="nvml",
-        gpu_index=1, gpu_uuid="GPU-b", xid=code,
-    )  # fmt: skip
+        host="node-1",
+        provider="acme",
+        boot_id=boot,
+        seq=seq,
+        ts=ts,
+        type="xid",
+        source="nvml",
+        gpu_index=1,
+        gpu_uuid="GPU-b",
+        xid=code,
+    )
 
 
 def rma(obs: list[Observation]) -> list[Observation]:

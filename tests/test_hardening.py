@@ -166,9 +166,17 @@ async def test_hostile_frames_against_the_running_collector(
     args = ["run", "--nats", private_nats.url, "--dsn", pg_dsn, "--listen", f"127.0.0.1:{port}"]
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "collector.cli", *args, "--log-level", "WARNING",
-            cwd=ROOT, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "collector.cli",
+            *args,
+            "--log-level",
+            "WARNING",
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
     nc = await nats.connect(private_nats.url)
     try:
         js = nc.jetstream()
@@ -535,9 +543,13 @@ async def test_a_consumer_made_by_an_older_collector_takes_max_deliver(private_n
         js = nc.jetstream()
         await stream.reconcile(js, cfg.nats)  # the stream as a collector makes it
         old = ConsumerConfig(
-            durable_name=consumer_name(cfg), ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=60, max_ack_pending=20_000, max_waiting=16,
-        )  # fmt: skip
+            durable_name=consumer_name(cfg),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=60,
+            max_ack_pending=20_000,
+            max_waiting=16,
+        )
         await js.add_consumer(STREAM, old)
         assert (await js.consumer_info(STREAM, consumer_name(cfg))).config.max_deliver == -1
         ingest = Ingest(cfg, Writer(cfg.postgres))

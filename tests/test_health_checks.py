@@ -54,9 +54,12 @@ def judge_gpu(
 
 
 PCIE: dict[str, Any] = {
-    "pcie_link_gen": 5, "pcie_link_gen_max": 5, "pcie_link_width": 16, "pcie_link_width_max": 16,
+    "pcie_link_gen": 5,
+    "pcie_link_gen_max": 5,
+    "pcie_link_width": 16,
+    "pcie_link_width_max": 16,
     "util_gpu_pct": 90.0,
-}  # fmt: skip
+}
 SM: dict[str, Any] = {
     "clock_sm_app_mhz": 1980,
     "clock_sm_mhz": 1980,

@@ -47,9 +47,13 @@ class Host:
         self.t = T0
         if model is not None:
             inv = InventoryFrame(
-                host="n1", provider="p", boot_id="b", seq=0, ts=T0,
+                host="n1",
+                provider="p",
+                boot_id="b",
+                seq=0,
+                ts=T0,
                 gpus=tuple(GpuInfo(index=i, uuid=f"GPU-{i}", name=model) for i in range(8)),
-            )  # fmt: skip
+            )
             self.state, _ = self.engine.observe(self.state, inv, T0)
 
     def sample(self, system: SystemSample) -> list[Observation]:

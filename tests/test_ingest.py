@@ -368,9 +368,32 @@ async def _stored(ingest: Ingest, n: int) -> bool:
 # ----------------------------------------------------------------------------- fast decoder
 
 ODD_VALUES: list[Any] = [
-    None, True, False, 0, -1, 1, 1.5, math.nan, math.inf, "x", "", "y" * 5000, [], [1], {}, {"a": 1},
-    2**53 + 1, 2**63, 2**64 - 1, -(2**63), 1e300, 100, 100.0, 1023, 1024,
-]  # fmt: skip
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    1.5,
+    math.nan,
+    math.inf,
+    "x",
+    "",
+    "y" * 5000,
+    [],
+    [1],
+    {},
+    {"a": 1},
+    2**53 + 1,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    1e300,
+    100,
+    100.0,
+    1023,
+    1024,
+]
 
 
 def _outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:

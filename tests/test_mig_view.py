@@ -39,11 +39,27 @@ def test_host_page_shows_mig_instances_memory_and_processes() -> None:
     )
     (gpu,) = host_detail("n", None, fleet.host("n"), {})["gpu_list"]
     assert gpu["mig"] == [
-        {"gpu_instance_id": 1, "compute_instance_id": 0, "profile": "3g.40gb", "uuid": "MIG-a",
-         "mem_total_bytes": 40 * GIB, "mem_used_bytes": 28 * GIB, "util_gpu_pct": None, "pids": [10, 11]},
-        {"gpu_instance_id": 9, "compute_instance_id": 0, "profile": "1g.10gb", "uuid": "MIG-b",
-         "mem_total_bytes": 10 * GIB, "mem_used_bytes": 1 * GIB, "util_gpu_pct": None, "pids": []},
-    ]  # fmt: skip
+        {
+            "gpu_instance_id": 1,
+            "compute_instance_id": 0,
+            "profile": "3g.40gb",
+            "uuid": "MIG-a",
+            "mem_total_bytes": 40 * GIB,
+            "mem_used_bytes": 28 * GIB,
+            "util_gpu_pct": None,
+            "pids": [10, 11],
+        },
+        {
+            "gpu_instance_id": 9,
+            "compute_instance_id": 0,
+            "profile": "1g.10gb",
+            "uuid": "MIG-b",
+            "mem_total_bytes": 10 * GIB,
+            "mem_used_bytes": 1 * GIB,
+            "util_gpu_pct": None,
+            "pids": [],
+        },
+    ]
     assert [(p["pid"], p["gpu_instance_id"]) for p in gpu["processes"]] == [(10, 1), (11, 1), (12, None)]
 
 

@@ -241,10 +241,27 @@ async def test_plaintext_connection_refused(rendered: Rendered) -> None:
 def other_ca(tmp_path: Path) -> Path:
     other = tmp_path / "other-ca.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(tmp_path / "other.key"), "-out", str(other), "-days", "2", "-subj", "/CN=other"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "other.key"),
+            "-out",
+            str(other),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return other
 
 
@@ -516,10 +533,20 @@ def test_roles_make_host_tokens_as_the_code_does(tmp_path: Path) -> None:
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"all": {"children": {"gpu_nodes": {"hosts": hosts}}}}))
     run = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", json.dumps({"out_dir": str(tmp_path)}),
-         str(ROOT / "tests" / "deploy" / "host_tokens.yml")],
-        cwd=ROOT / "ansible", env=ansible_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            "-e",
+            json.dumps({"out_dir": str(tmp_path)}),
+            str(ROOT / "tests" / "deploy" / "host_tokens.yml"),
+        ],
+        cwd=ROOT / "ansible",
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     nats_agents = {a["user"]: a for a in json.loads((tmp_path / "nats_agents.json").read_text())}
     agent_default = {

@@ -84,10 +84,19 @@ def test_configured_policies_are_kept() -> None:
 
 def alert(state: str = "firing") -> Alert:
     return Alert(
-        "fp1", "k", "gpu.xid", {"provider": "p", "host": "h", "gpu": "2", "xid": "79"}, "critical",
-        state=state, summary="GPU 2 XID 79", advice="drain and reboot", started_at=100.0, fired_at=100.5,
-        resolved_at=160.0 if state == "resolved" else None, episode=3,
-    )  # fmt: skip
+        "fp1",
+        "k",
+        "gpu.xid",
+        {"provider": "p", "host": "h", "gpu": "2", "xid": "79"},
+        "critical",
+        state=state,
+        summary="GPU 2 XID 79",
+        advice="drain and reboot",
+        started_at=100.0,
+        fired_at=100.5,
+        resolved_at=160.0 if state == "resolved" else None,
+        episode=3,
+    )
 
 
 def note(kind: str) -> Notification:
@@ -105,8 +114,17 @@ def test_webhook_v4_payload(kind: str, status: str, ends: float | None) -> None:
     a = alert("resolved" if kind == "resolved" else "firing")
     p = payload_of(note(kind), a, "oncall")
     body = webhook_body(p, "oncall", "http://collector:8080")
-    assert set(body) >= {"version", "groupKey", "status", "receiver", "groupLabels", "commonLabels",
-                         "commonAnnotations", "externalURL", "alerts"}  # fmt: skip
+    assert set(body) >= {
+        "version",
+        "groupKey",
+        "status",
+        "receiver",
+        "groupLabels",
+        "commonLabels",
+        "commonAnnotations",
+        "externalURL",
+        "alerts",
+    }
     assert body["version"] == "4"
     assert body["status"] == status
     assert body["groupLabels"] == {"provider": "p", "host": "h"}
@@ -191,9 +209,13 @@ def test_notify_toggles_from_the_environment() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://user:s3cret-pw@hooks.example/x", "http://user:s3cret-pw@hooks.example:99999/x",
-     "http://user:s3cret-pw@[::1/x", "https://user:s3cret-pw@/x"],
-)  # fmt: skip
+    [
+        "ftp://user:s3cret-pw@hooks.example/x",
+        "http://user:s3cret-pw@hooks.example:99999/x",
+        "http://user:s3cret-pw@[::1/x",
+        "https://user:s3cret-pw@/x",
+    ],
+)
 def test_a_bad_receiver_url_is_refused_without_showing_its_credentials(url: str) -> None:
     raw = {"notify": {"webhook": [{**HOOK, "url": url}]}}
     with pytest.raises(ConfigError) as e:

@@ -51,7 +51,11 @@ async def test_a_hanging_receiver_never_delays_the_other_channels(
             await until(lambda: [k for _, _, k in live.alerts()] == ["firing", "escalated"], 30)
             # a second alert reaches the live receiver while the dead one still has the first
             await send(private_nats.url, [event("iso-02", 1, time.time())])
-            await until(lambda: {a["labels"]["host"] for b in live.bodies() for a in b["alerts"]}
-                        == {"iso-01", "iso-02"}, 30)  # fmt: skip
+            await until(
+                lambda: (
+                    {a["labels"]["host"] for b in live.bodies() for a in b["alerts"]} == {"iso-01", "iso-02"}
+                ),
+                30,
+            )
             assert dead.attempts == 1  # its worker is still inside the first request
             assert dead.received == []

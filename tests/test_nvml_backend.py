@@ -382,8 +382,11 @@ def test_node_signals_hbm_limit_app_clock_fabric_and_links(fake: FakeNvml, backe
     assert s1.nvlink_crc_by_link == (0, 0, 0, 12, *(0,) * 14)  # attributed to link 3
     assert s0.nvlink_replay_by_link == s0.nvlink_recovery_by_link == (0,) * 18
     cluster = "5e1f0a3c-8d2b-4c71-9f3e-2a6b7c8d9e01"
-    fake.set_call(0, "nvmlDeviceGetGpuFabricInfoV", {**fake.gpu(0)["calls"]["nvmlDeviceGetGpuFabricInfoV"],
-                                                     "clusterUuid": cluster, "status": 999})  # fmt: skip
+    fake.set_call(
+        0,
+        "nvmlDeviceGetGpuFabricInfoV",
+        {**fake.gpu(0)["calls"]["nvmlDeviceGetGpuFabricInfoV"], "clusterUuid": cluster, "status": 999},
+    )
     assert backend.sample()[0].fabric_status == 999
     assert backend.inventory().gpus[0].fabric_cluster_uuid == cluster
 

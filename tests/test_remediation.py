@@ -138,8 +138,15 @@ def test_decided_once_per_alert_episode_and_one_open_action_per_host() -> None:
     again = plan(st, c, [xid_alert("h1")], 101.0, HOSTS)
     assert again.events == []
     assert again.run == []
-    other = AlertView("fp-other", 1, "gpu.xid", {"provider": "p", "host": "h1", "xid": "48"}, "critical",
-                      "drain_and_reset_gpu", "firing")  # fmt: skip
+    other = AlertView(
+        "fp-other",
+        1,
+        "gpu.xid",
+        {"provider": "p", "host": "h1", "xid": "48"},
+        "critical",
+        "drain_and_reset_gpu",
+        "firing",
+    )
     assert plan(st, c, [xid_alert("h1"), other], 102.0, HOSTS).run == []
     assert len(st.actions) == 1
     # restored from its records (a restart): still decided
@@ -234,21 +241,31 @@ def test_max_hosts_caps_a_large_provider() -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('[remediation]\nmax_running = 0', "remediation.max_running"),
-        ('[[remediation.rule]]\nname = "x"\nmode = "yolo"\n[[remediation.rule.step]]\nkind = "slurm_drain"',
-         "remediation.rule[0].mode"),
+        ("[remediation]\nmax_running = 0", "remediation.max_running"),
+        (
+            '[[remediation.rule]]\nname = "x"\nmode = "yolo"\n'
+            '[[remediation.rule.step]]\nkind = "slurm_drain"',
+            "remediation.rule[0].mode",
+        ),
         ('[[remediation.rule]]\nname = "x"', "remediation.rule[0].step"),
-        ('[[remediation.rule]]\nname = "x"\n[[remediation.rule.step]]\nkind = "exec"',
-         "remediation.rule[0].step[0].argv"),
-        ('[[remediation.rule]]\nname = "x"\n[[remediation.rule.step]]\nkind = "slurm_resume"\n'
-         '[[remediation.rule.step]]\nkind = "slurm_drain"', "remediation.rule[0].step[1]"),
-        ('[[remediation.rule]]\nname = "x"\n[[remediation.rule.step]]\nkind = "webhook"\nurl = "ftp://x"',
-         "remediation.rule[0].step[0].url"),
+        (
+            '[[remediation.rule]]\nname = "x"\n[[remediation.rule.step]]\nkind = "exec"',
+            "remediation.rule[0].step[0].argv",
+        ),
+        (
+            '[[remediation.rule]]\nname = "x"\n[[remediation.rule.step]]\nkind = "slurm_resume"\n'
+            '[[remediation.rule.step]]\nkind = "slurm_drain"',
+            "remediation.rule[0].step[1]",
+        ),
+        (
+            '[[remediation.rule]]\nname = "x"\n[[remediation.rule.step]]\nkind = "webhook"\nurl = "ftp://x"',
+            "remediation.rule[0].step[0].url",
+        ),
         ("[remediation.breaker]\nmax_share = 1.5", "remediation.breaker.max_share"),
         ('[remediation]\nexclude_hosts = ["("]', "remediation.exclude_hosts"),
         ("[remediation]\nbogus = 1", "remediation.bogus"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_names_the_key(text: str, key: str) -> None:
     import tomllib
 
@@ -348,10 +365,24 @@ def test_a_lasting_warning_elsewhere_does_not_hold_the_node_but_a_critical_does(
     c, st = cfg(), RemediationState()
     (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
     engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
-    disk = AlertView("fp-disk", 1, "host.disk", {"provider": "p", "host": "h1", "mount": "/"}, "warning",
-                     "check_host", "firing")  # fmt: skip
-    lost = AlertView("fp-lost", 1, "gpu.lost", {"provider": "p", "host": "h1", "gpu": "3"}, "critical",
-                     "drain_and_reboot", "firing")  # fmt: skip
+    disk = AlertView(
+        "fp-disk",
+        1,
+        "host.disk",
+        {"provider": "p", "host": "h1", "mount": "/"},
+        "warning",
+        "check_host",
+        "firing",
+    )
+    lost = AlertView(
+        "fp-lost",
+        1,
+        "gpu.lost",
+        {"provider": "p", "host": "h1", "gpu": "3"},
+        "critical",
+        "drain_and_reboot",
+        "firing",
+    )
     assert plan(st, c, [lost, disk], 102.0, HOSTS).run == []
     assert st.actions[aid].state == "holding"
     assert plan(st, c, [disk], 103.0, HOSTS).run == [aid]
@@ -368,5 +399,8 @@ def test_the_examples_of_docs_remediation_md_are_valid_config() -> None:
         assert c.rules
     k8s = remediation_config_from(tomllib.loads(blocks[-1])).rules[0]
     assert [s.argv[:2] for s in k8s.steps] == [
-        ("kubectl", "cordon"), ("kubectl", "taint"), ("kubectl", "taint"), ("kubectl", "uncordon")
-    ]  # fmt: skip
+        ("kubectl", "cordon"),
+        ("kubectl", "taint"),
+        ("kubectl", "taint"),
+        ("kubectl", "uncordon"),
+    ]

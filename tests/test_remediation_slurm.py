@@ -317,8 +317,22 @@ async def test_a_drain_interrupted_before_its_outcome_was_written_is_not_repeate
     node = host_name(4)
     slurm.drain(node, "gpuwarden: fatal-xid 1111111111111111")
     ex = Executor(RemediationConfig(slurm=Slurm(conf=str(slurm.conf))))
-    act = Action("a2", "fatal-xid", "2222222222222222", 1, "gpu.xid", "drain_and_reboot", "critical", "p",
-                 node, node, "auto", "running", 0.0, 0.0)  # fmt: skip
+    act = Action(
+        "a2",
+        "fatal-xid",
+        "2222222222222222",
+        1,
+        "gpu.xid",
+        "drain_and_reboot",
+        "critical",
+        "p",
+        node,
+        node,
+        "auto",
+        "running",
+        0.0,
+        0.0,
+    )
     res = await ex.drain(act)
     assert res.ok
     assert res.drained is True

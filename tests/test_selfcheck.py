@@ -29,10 +29,11 @@ def test_several_causes_make_one_pipeline_problem_naming_the_first() -> None:
     judge(st, Readings(now=0.0, nats_connected=False, postgres_down_since=0.0), CFG)
     s = judge(
         st,
-        Readings(now=10.0, nats_connected=False, postgres_down_since=0.0, writing_since=-60.0,
-                 consumer_pending=5),
+        Readings(
+            now=10.0, nats_connected=False, postgres_down_since=0.0, writing_since=-60.0, consumer_pending=5
+        ),
         CFG,
-    )  # fmt: skip
+    )
     assert [(p.check, p.cause) for p in s.problems] == [(PIPELINE, "nats")]
 
 
@@ -63,10 +64,14 @@ def test_notification_backlog_and_failing_channels() -> None:
     judge(st, Readings(now=0.0, notify_backlog=500), CFG)
     s = judge(
         st,
-        Readings(now=6.0, notify_backlog=500, channel_failed_at={"hook": 5.0, "ok": 1.0},
-                 channel_sent_at={"ok": 2.0}),
+        Readings(
+            now=6.0,
+            notify_backlog=500,
+            channel_failed_at={"hook": 5.0, "ok": 1.0},
+            channel_sent_at={"ok": 2.0},
+        ),
         CFG,
-    )  # fmt: skip
+    )
     (p,) = s.problems
     assert (p.check, p.channels, s.impaired_since) == (NOTIFY, ("hook",), None)
     assert "500 notifications waiting" in p.summary

@@ -91,6 +91,10 @@ def test_the_agents_outage_report_is_kept_and_shown_on_the_host() -> None:
     assert host.outage == report
     view = host_detail("a", None, host, {})
     assert view["publish_outage"] == {
-        "since": 1000.0, "until": 1030.5, "seconds": 30.5, "buffered_frames": 30, "dropped_frames": 1,
-    }  # fmt: skip
+        "since": 1000.0,
+        "until": 1030.5,
+        "seconds": 30.5,
+        "buffered_frames": 30,
+        "dropped_frames": 1,
+    }
     assert host_detail("b", None, None, {})["publish_outage"] is None

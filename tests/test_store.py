@@ -121,7 +121,7 @@ def sample(
             dstate_procs=0,
             dstate_names=(),
             absent=("nvswitch",),
-        )  # fmt: skip
+        )
         if system
         else None,
         checks=(CheckResult(id="nats_rtt", kind="nats_rtt", target="nats", ok=True, latency_ms=0.4),),
@@ -131,9 +131,19 @@ def sample(
 
 def event(host: str, seq: int, ts: float, *, provider: str = "prov-a", xid: int = 79) -> EventFrame:
     return EventFrame(
-        host=host, provider=provider, boot_id="boot-1", seq=seq, ts=ts, type="xid", source="simulated",
-        gpu_index=2, gpu_uuid=f"GPU-{host}-2", xid=xid, count=seq, message="GPU has fallen off the bus",
-    )  # fmt: skip
+        host=host,
+        provider=provider,
+        boot_id="boot-1",
+        seq=seq,
+        ts=ts,
+        type="xid",
+        source="simulated",
+        gpu_index=2,
+        gpu_uuid=f"GPU-{host}-2",
+        xid=xid,
+        count=seq,
+        message="GPU has fallen off the bus",
+    )
 
 
 def inventory(host: str, seq: int, ts: float, *, provider: str = "prov-a", gpus: int = 8) -> InventoryFrame:
@@ -410,10 +420,27 @@ def test_a_configured_ca_without_sslmode_verifies_the_server_name(tmp_path: Path
 
     ca = tmp_path / "ca.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(tmp_path / "ca.key"), "-out", str(ca), "-days", "2", "-subj", "/CN=test-ca"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "ca.key"),
+            "-out",
+            str(ca),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     def ctx_of(**flags: object) -> ssl.SSLContext:
         got = db.connect_kwargs(make_config("postgresql://db/x", **flags).postgres).get("ssl")

@@ -68,9 +68,17 @@ def test_classes_and_unknown_bits() -> None:
 def judge(message: str | None) -> tuple[str, str, int]:
     engine, state = HealthEngine(), HealthState()
     frame = EventFrame(
-        host="n", provider="p", boot_id="b", seq=1, ts=1.0, type="xid", source="kmsg", gpu_index=0,
-        xid=74, message=message,
-    )  # fmt: skip
+        host="n",
+        provider="p",
+        boot_id="b",
+        seq=1,
+        ts=1.0,
+        type="xid",
+        source="kmsg",
+        gpu_index=0,
+        xid=74,
+        message=message,
+    )
     state, obs = engine.observe(state, frame, 1.0)
     (o,) = [o for o in obs if o.check == "gpu.xid"]
     return o.status, o.summary, len(state.hosts["n"].gpus[0].fatal_xids)

@@ -304,9 +304,13 @@ class NvmlBackend:
         out = []
         for i in range(int(count or 0)):
             status, mh = self._qry.attempt(
-                gpu, "mig", "nvmlDeviceGetMigDeviceHandleByIndex", (gpu.handle, i),
-                cache=False, quiet=(nvml.NVMLError_NotFound, nvml.NVMLError_InvalidArgument),
-            )  # fmt: skip
+                gpu,
+                "mig",
+                "nvmlDeviceGetMigDeviceHandleByIndex",
+                (gpu.handle, i),
+                cache=False,
+                quiet=(nvml.NVMLError_NotFound, nvml.NVMLError_InvalidArgument),
+            )
             if status != "ok" or mh is None:
                 continue  # no MIG device at this index
             q = partial(self._qry.query, None, "mig")

@@ -101,9 +101,21 @@ class Overrides:
     """What the active faults of one GPU change in its readings."""
 
     __slots__ = (
-        "bits", "fabric", "hbm_temp", "links_down", "lost", "mem_full", "pcie_width", "persistence", "power",
-        "recovery", "remap_fail", "remap_pend", "retire_pend", "temp",
-    )  # fmt: skip
+        "bits",
+        "fabric",
+        "hbm_temp",
+        "links_down",
+        "lost",
+        "mem_full",
+        "pcie_width",
+        "persistence",
+        "power",
+        "recovery",
+        "remap_fail",
+        "remap_pend",
+        "retire_pend",
+        "temp",
+    )
 
     def __init__(self) -> None:
         self.lost = self.mem_full = self.remap_fail = self.remap_pend = self.retire_pend = False
@@ -118,9 +130,12 @@ class Overrides:
 
 NO_OVERRIDES: Final = Overrides()
 _FLAGS: Final = {
-    "lost": "lost", "mem_full": "mem_full", "row_remap_fail": "remap_fail",
-    "remap_pending": "remap_pend", "retired_pages": "retire_pend",
-}  # fmt: skip
+    "lost": "lost",
+    "mem_full": "mem_full",
+    "row_remap_fail": "remap_fail",
+    "remap_pending": "remap_pend",
+    "retired_pages": "retire_pend",
+}
 
 
 def overrides(active: list[Fault]) -> Overrides:
@@ -217,11 +232,39 @@ class SimGpu:
     """One simulated GPU: static facts, job phases and thermal/energy state."""
 
     __slots__ = (
-        "ambient", "base_counters", "busy", "down_tuples", "energy_j", "faults", "index", "job_seq",
-        "lag_core", "lag_dt", "lag_mem", "last_t", "link_zeros", "mem_ratio", "mem_temp", "mem_used", "model",
-        "pci_bus_id", "peak_w", "phase", "processes", "remap_corr_base", "rng", "sbe_agg_base", "seg_end",
-        "seg_start", "serial", "temp", "util_amp", "util_base", "uuid", "wobble_hz",
-    )  # fmt: skip
+        "ambient",
+        "base_counters",
+        "busy",
+        "down_tuples",
+        "energy_j",
+        "faults",
+        "index",
+        "job_seq",
+        "lag_core",
+        "lag_dt",
+        "lag_mem",
+        "last_t",
+        "link_zeros",
+        "mem_ratio",
+        "mem_temp",
+        "mem_used",
+        "model",
+        "pci_bus_id",
+        "peak_w",
+        "phase",
+        "processes",
+        "remap_corr_base",
+        "rng",
+        "sbe_agg_base",
+        "seg_end",
+        "seg_start",
+        "serial",
+        "temp",
+        "util_amp",
+        "util_base",
+        "uuid",
+        "wobble_hz",
+    )
 
     def __init__(self, index: int, host: str, seed: int, model: Model, faults: tuple[Fault, ...]) -> None:
         self.index = index
@@ -400,8 +443,16 @@ def counters(g: SimGpu, t: float) -> tuple[int, ...]:
     else:
         sbe_vol, dbe_vol = int(sbe), dbe_agg
     return (
-        int(thermal * 1e9), int(power * 1e9), sbe_vol, dbe_vol, g.sbe_agg_base + int(sbe), dbe_agg,
-        retired, g.remap_corr_base + remap_corr,
+        int(thermal * 1e9),
+        int(power * 1e9),
+        sbe_vol,
+        dbe_vol,
+        g.sbe_agg_base + int(sbe),
+        dbe_agg,
+        retired,
+        g.remap_corr_base + remap_corr,
         dbe_agg,  # every double-bit error remaps a row (uncorrectable)
-        int(replay), int(crc), int(crc) // 20,
-    )  # fmt: skip
+        int(replay),
+        int(crc),
+        int(crc) // 20,
+    )

@@ -231,8 +231,20 @@ class SimulatedBackend:
         mem_used = int(m.mem_total * 0.99) if ov.mem_full else g.mem_used
         links = m.links
         links_down = ov.links_down if ov.links_down < links else links
-        (thermal_ns, power_ns, sbe_vol, dbe_vol, sbe_agg, dbe_agg, retired, remap_corr, remap_unc,
-         replay, crc, nvreplay) = counters(g, t) if faults else g.base_counters  # fmt: skip
+        (
+            thermal_ns,
+            power_ns,
+            sbe_vol,
+            dbe_vol,
+            sbe_agg,
+            dbe_agg,
+            retired,
+            remap_corr,
+            remap_unc,
+            replay,
+            crc,
+            nvreplay,
+        ) = counters(g, t) if faults else g.base_counters
         if ov.hbm_temp is not None:
             mem_temp = ov.hbm_temp
         zeros = g.link_zeros
@@ -284,8 +296,17 @@ class SimulatedBackend:
             what = f"Xid {xid}" if xid is not None else type_
             if xid == 74:  # as the driver's kernel-log line carries it: the link and its registers
                 what = XID74_DETAIL
-            return GpuEvent(type_, self._wall0 + when, "simulated", g.index, g.uuid, g.pci_bus_id, xid, value,
-                            f"{what} (simulated fault {f.spec})")  # fmt: skip
+            return GpuEvent(
+                type_,
+                self._wall0 + when,
+                "simulated",
+                g.index,
+                g.uuid,
+                g.pci_bus_id,
+                xid,
+                value,
+                f"{what} (simulated fault {f.spec})",
+            )
 
         k = f.kind
         events: list[tuple[float, GpuEvent]] = []

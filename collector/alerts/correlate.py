@@ -372,8 +372,9 @@ class Correlator(abc.ABC):
                 f"{self.config.alerts.correlation_window:g} s: look for a shared cause (power, network, "
                 "cooling, driver rollout)"
             )
-            self._incident_note(ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, members,
-                                summary, tuple(inc.hosts))  # fmt: skip
+            self._incident_note(
+                ctx, inc, N_PROVIDER, pol.levels[0].notify, 0, CRITICAL, members, summary, tuple(inc.hosts)
+            )
             return
         hosts = tuple(sorted({a.labels.get("host", "") for a in new}))
         parts = [f"{len(new)} new alert{'s' if len(new) > 1 else ''}"]
@@ -409,11 +410,24 @@ class Correlator(abc.ABC):
                 inc.told.append(c)
         ctx.notifications.append(
             Notification(
-                kind, tuple(dict.fromkeys(channels)), ctx.now, None, inc.id, PROVIDER_RULE,
-                {"provider": inc.provider}, severity, summary, "", level, hosts, inc.updates,
-                tuple(sorted({a.rule for a in members})), tuple(a.fingerprint for a in members), new_hosts,
+                kind,
+                tuple(dict.fromkeys(channels)),
+                ctx.now,
+                None,
+                inc.id,
+                PROVIDER_RULE,
+                {"provider": inc.provider},
+                severity,
+                summary,
+                "",
+                level,
+                hosts,
+                inc.updates,
+                tuple(sorted({a.rule for a in members})),
+                tuple(a.fingerprint for a in members),
+                new_hosts,
             )
-        )  # fmt: skip
+        )
         inc.updates += 1
         inc.last_sent_at = ctx.now
 
@@ -491,9 +505,17 @@ class Correlator(abc.ABC):
             del state.open_incidents[slot]
             inc.pending, inc.update_due = [], None  # nothing left to tell: none of them fires
             if inc.host is None and inc.notified:
-                self._incident_note(ctx, inc, N_RESOLVED, tuple(inc.told), 0, CRITICAL, [],
-                                    f"provider {inc.provider}: incident over, hosts recovered",
-                                    tuple(inc.hosts))  # fmt: skip
+                self._incident_note(
+                    ctx,
+                    inc,
+                    N_RESOLVED,
+                    tuple(inc.told),
+                    0,
+                    CRITICAL,
+                    [],
+                    f"provider {inc.provider}: incident over, hosts recovered",
+                    tuple(inc.hosts),
+                )
         retention = self.config.alerts.resolved_retention
         gone = []
         for iid, inc in state.incidents.items():

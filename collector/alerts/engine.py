@@ -335,11 +335,22 @@ class AlertEngine(Correlator):
         a.last_notified_at = ctx.now
         ctx.notifications.append(
             Notification(
-                kind, chans, ctx.now, a.fingerprint, a.incident, a.rule, a.labels, a.severity,
-                a.summary, a.advice, max(a.level, 0), hosts, a.episode,
+                kind,
+                chans,
+                ctx.now,
+                a.fingerprint,
+                a.incident,
+                a.rule,
+                a.labels,
+                a.severity,
+                a.summary,
+                a.advice,
+                max(a.level, 0),
+                hosts,
+                a.episode,
                 reason=a.reason if kind == N_RESOLVED else "",
             )
-        )  # fmt: skip
+        )
 
     def _notify_flapping(self, a: Alert, ctx: Ctx) -> None:
         if not self.quiet_ok(a):

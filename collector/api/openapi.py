@@ -43,8 +43,16 @@ def paged(item: str) -> Schema:
     return obj({"items": {"type": "array", "items": ref(item)}, "total": INT, "next_cursor": NSTR})
 
 
-PROBLEM = obj({"check": STR, "status": STATUS, "summary": STR, "advice": STR,
-               "labels": {"type": "object"}, "since": NUM})  # fmt: skip
+PROBLEM = obj(
+    {
+        "check": STR,
+        "status": STATUS,
+        "summary": STR,
+        "advice": STR,
+        "labels": {"type": "object"},
+        "since": NUM,
+    }
+)
 SCHEMAS: Final[dict[str, Schema]] = {
     "Error": obj({"error": STR, "message": STR, "parameter": NSTR}),
     "Provider": obj(
@@ -62,7 +70,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "driver_majority": NSTR,
             "driver_drift": {"type": "array", "items": obj({"host": STR, "driver_version": STR})},
         }
-    ),  # fmt: skip
+    ),
     "HostSummary": obj(
         {
             "name": STR,
@@ -74,7 +82,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "gpus_by_status": COUNTS,
             "gpus_usable": INT,
         }
-    ),  # fmt: skip
+    ),
     "Problem": PROBLEM,
     "Action": obj(
         {
@@ -134,7 +142,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "running": INT,
             "max_running": INT,
         }
-    ),  # fmt: skip
+    ),
     "Gpu": obj(
         {
             "index": INT,
@@ -174,7 +182,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
                 ),
             },
         }
-    ),  # fmt: skip
+    ),
     "Alert": obj(
         {
             "id": STR,
@@ -211,7 +219,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "escalation",
             "ack",
         ],
-    ),  # fmt: skip
+    ),
     "Silence": obj(
         {
             "id": STR,
@@ -222,7 +230,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "source": STR,
         },
         required=["id", "matchers", "active", "source"],
-    ),  # fmt: skip
+    ),
     "Incident": obj(
         {
             "id": STR,
@@ -239,27 +247,58 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "pending": {"type": "array", "items": STR},
         },
         required=["id", "open", "members", "acknowledged", "ack"],
-    ),  # fmt: skip
+    ),
 }
 SCHEMAS["Host"] = {
     "allOf": [
         ref("HostSummary"),
         obj(
-            {"sample_ts": NNUM, "gpu_list": {"type": "array", "items": ref("Gpu")},
-             "system": {"type": ["object", "null"]}, "checks": {"type": "array"},
-             "problems": {"type": "array", "items": ref("Problem")}, "events": {"type": "array"},
-             "driver_version": NSTR,
-             "publish_outage": {"type": ["object", "null"], "properties": {
-                 "since": NUM, "until": NUM, "seconds": NUM, "buffered_frames": INT, "dropped_frames": INT}}}
+            {
+                "sample_ts": NNUM,
+                "gpu_list": {"type": "array", "items": ref("Gpu")},
+                "system": {"type": ["object", "null"]},
+                "checks": {"type": "array"},
+                "problems": {"type": "array", "items": ref("Problem")},
+                "events": {"type": "array"},
+                "driver_version": NSTR,
+                "publish_outage": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "since": NUM,
+                        "until": NUM,
+                        "seconds": NUM,
+                        "buffered_frames": INT,
+                        "dropped_frames": INT,
+                    },
+                },
+            }
         ),
     ]
-}  # fmt: skip
+}
 SCHEMAS["History"] = obj(
-    {"host": STR, "metric": STR, "since": NUM, "until": NUM, "step": NNUM, "source": STR,
-     "points": {"type": "array", "items": obj({"ts": NUM, "gpu": {"type": ["integer", "null"]},
-                "value": NNUM, "min": NNUM, "max": NNUM, "count": INT})},
-     "next_cursor": NSTR}
-)  # fmt: skip
+    {
+        "host": STR,
+        "metric": STR,
+        "since": NUM,
+        "until": NUM,
+        "step": NNUM,
+        "source": STR,
+        "points": {
+            "type": "array",
+            "items": obj(
+                {
+                    "ts": NUM,
+                    "gpu": {"type": ["integer", "null"]},
+                    "value": NNUM,
+                    "min": NNUM,
+                    "max": NNUM,
+                    "count": INT,
+                }
+            ),
+        },
+        "next_cursor": NSTR,
+    }
+)
 
 
 def param(name: str, where: str = "query", schema: Schema | None = None, required: bool = False) -> Schema:
@@ -279,9 +318,16 @@ READ_SECURITY: Final[list[dict[str, list[str]]]] = [{}, {"bearer": []}]  # a tok
 TIME: Final[Schema] = {"type": "number", "minimum": 0, "exclusiveMaximum": 1e11}
 
 
-def op(summary: str, ok: Schema, params: list[Schema] | None = None, errors: tuple[int, ...] = (400,),
-       status: str = "200", body: Schema | None = None, write: bool = False,
-       public: bool = False) -> Schema:  # fmt: skip
+def op(
+    summary: str,
+    ok: Schema,
+    params: list[Schema] | None = None,
+    errors: tuple[int, ...] = (400,),
+    status: str = "200",
+    body: Schema | None = None,
+    write: bool = False,
+    public: bool = False,
+) -> Schema:
     out: Schema = {"summary": summary, "parameters": params or [], "responses": {status: ok}}
     for code in errors:
         out["responses"][str(code)] = ERR
@@ -328,7 +374,7 @@ PATHS: Final[dict[str, Schema]] = {
             reply(paged("HostSummary")),
             [param("provider"), STATUS_Q, *PAGE],
             errors=(400, 404),
-        )  # fmt: skip
+        )
     },
     "/api/v1/hosts/{host}": {
         "get": op(
@@ -344,7 +390,7 @@ PATHS: Final[dict[str, Schema]] = {
             errors=(404, 409),
             write=True,
         ),
-    },  # fmt: skip
+    },
     "/api/v1/hosts/{host}/history": {
         "get": op(
             "History of one metric (raw and paginated without step, else aggregated per step)",
@@ -360,7 +406,7 @@ PATHS: Final[dict[str, Schema]] = {
                 param("cursor"),
             ],
             errors=(400, 404, 503),  # 503 + Retry-After: [api] max_heavy_queries running, or timed out
-        )  # fmt: skip
+        )
     },
     "/api/v1/alerts": {
         "get": op(
@@ -374,7 +420,7 @@ PATHS: Final[dict[str, Schema]] = {
                 param("fold", schema=BOOL),
                 *PAGE,
             ],
-        )  # fmt: skip
+        )
     },
     "/api/v1/alerts/{id}": {
         "get": op("One alert", reply(ref("Alert")), [param("id", "path")], errors=(404,))
@@ -394,7 +440,7 @@ PATHS: Final[dict[str, Schema]] = {
                 },
                 required=[],
             ),
-        )  # fmt: skip
+        )
     },
     "/api/v1/silences": {
         "get": op(
@@ -420,7 +466,7 @@ PATHS: Final[dict[str, Schema]] = {
                 },
                 required=["matchers"],
             ),
-        ),  # fmt: skip
+        ),
     },
     "/api/v1/silences/{id}": {
         "delete": op(
@@ -430,7 +476,7 @@ PATHS: Final[dict[str, Schema]] = {
             status="204",
             errors=(404,),
             write=True,
-        )  # fmt: skip
+        )
     },
     "/api/v1/incidents": {
         "get": op("Incidents, newest first", reply(paged("Incident")), [param("open", schema=BOOL), *PAGE])
@@ -446,7 +492,7 @@ PATHS: Final[dict[str, Schema]] = {
             errors=(400, 404),
             write=True,
             body=obj({"comment": STR, "until": {"type": ["number", "null"]}}, required=[]),
-        )  # fmt: skip
+        )
     },
     "/api/v1/actions": {
         "get": op(
@@ -502,7 +548,7 @@ PATHS: Final[dict[str, Schema]] = {
             errors=(400, 404),
             write=True,
         )
-    },  # fmt: skip
+    },
     "/api/v1/stream": {
         "get": {
             "summary": "WebSocket: live health changes, alert transitions and incidents",

@@ -308,9 +308,13 @@ class HealthEngine:
         hs.nvml_error = frame.nvml_error
         facts = frame.host_facts
         resolved = state.history.inventory(
-            hs.host, hs.provider, frame.boot_id, facts.kernel_boot_id if facts is not None else None,
-            ((g.index, g.uuid, g.serial) for g in frame.gpus), frame.ts or now,
-        )  # fmt: skip
+            hs.host,
+            hs.provider,
+            frame.boot_id,
+            facts.kernel_boot_id if facts is not None else None,
+            ((g.index, g.uuid, g.serial) for g in frame.gpus),
+            frame.ts or now,
+        )
         for board in resolved:  # fatal XIDs judged before this inventory named their boot
             gs = hs.gpus.get(board.gpu)
             if gs is not None and (not board.uuid or not gs.uuid or gs.uuid == board.uuid):

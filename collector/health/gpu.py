@@ -301,9 +301,15 @@ class GpuChecks:
         )
 
     def _ecc(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
-        prev: GpuSample | None, dt: float, ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        gs: GpuState,
+        base: Mapping[str, str],
+        g: GpuSample,
+        prev: GpuSample | None,
+        dt: float,
+        ts: float,
+    ) -> None:
         c = gs.checks
         dbe = g.ecc_dbe_volatile
         if dbe is not None:
@@ -486,9 +492,15 @@ class GpuChecks:
         )
 
     def _pcie(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
-        prev: GpuSample | None, dt: float, ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        gs: GpuState,
+        base: Mapping[str, str],
+        g: GpuSample,
+        prev: GpuSample | None,
+        dt: float,
+        ts: float,
+    ) -> None:
         if prev is None:
             return
         d = _delta(g.pcie_replay_count, prev.pcie_replay_count)
@@ -516,9 +528,15 @@ class GpuChecks:
             em.emit(gs.checks, "gpu.pcie_replay", base, HEALTHY, ts, value=rate)
 
     def _nvlink(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample,
-        prev: GpuSample | None, dt: float, ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        gs: GpuState,
+        base: Mapping[str, str],
+        g: GpuSample,
+        prev: GpuSample | None,
+        dt: float,
+        ts: float,
+    ) -> None:
         total, up = g.nvlink_links_total, g.nvlink_links_up
         if not total:
             return
@@ -635,9 +653,14 @@ class GpuChecks:
         )
 
     def xid(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], info: XidInfo, ts: float,
+        self,
+        em: Emitter,
+        gs: GpuState,
+        base: Mapping[str, str],
+        info: XidInfo,
+        ts: float,
         message: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         rec = gs.xids[info.code]
         status = CRITICAL if info.fatal else WARNING
         action = XID_ACTION_ADVICE.get(info.action, info.action)

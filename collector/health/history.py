@@ -122,11 +122,17 @@ class BoardHistory:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "board": self.board, "serial": self.serial, "uuid": self.uuid, "provider": self.provider,
-            "host": self.host, "gpu": self.gpu, "boots": [[b, at] for b, at in self.boots],
-            "dropped": self.dropped, "fatal": [[e.code, e.at, e.boot, e.boot_no] for e in self.fatal],
+            "board": self.board,
+            "serial": self.serial,
+            "uuid": self.uuid,
+            "provider": self.provider,
+            "host": self.host,
+            "gpu": self.gpu,
+            "boots": [[b, at] for b, at in self.boots],
+            "dropped": self.dropped,
+            "fatal": [[e.code, e.at, e.boot, e.boot_no] for e in self.fatal],
             "updated_at": self.updated_at,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BoardHistory:
@@ -134,9 +140,17 @@ class BoardHistory:
         boots = [(str(b), float(at)) for b, at in d.get("boots", [])]
         s = {k: str(d.get(k) or "") for k in ("serial", "uuid", "provider", "host")}
         return cls(
-            str(d["board"]), s["serial"], s["uuid"], s["provider"], s["host"], int(d.get("gpu") or 0), boots,
-            int(d.get("dropped") or 0), fatal, float(d.get("updated_at") or 0.0),
-        )  # fmt: skip
+            str(d["board"]),
+            s["serial"],
+            s["uuid"],
+            s["provider"],
+            s["host"],
+            int(d.get("gpu") or 0),
+            boots,
+            int(d.get("dropped") or 0),
+            fatal,
+            float(d.get("updated_at") or 0.0),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,9 +170,15 @@ class HostChecks:
         hs.system, hs.system_ts = s, ts
 
     def _nic(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], n: NicCounters,
-        old: NicCounters | None, dt: float, ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        hs: HostState,
+        base: Mapping[str, str],
+        n: NicCounters,
+        old: NicCounters | None,
+        dt: float,
+        ts: float,
+    ) -> None:
         cfg, extra = self.cfg, (("nic", n.name),)
         if n.up is False and cfg.nic_down_warns:
             em.emit(

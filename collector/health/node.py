@@ -139,9 +139,15 @@ class NodeChecks:
         self.sxids = dict(sxids) if sxids is not None else catalog()
 
     def evaluate(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample,
-        prev: SystemSample | None, dt: float, ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        hs: HostState,
+        base: Mapping[str, str],
+        s: SystemSample,
+        prev: SystemSample | None,
+        dt: float,
+        ts: float,
+    ) -> None:
         """Judge the node part of ``s``; ``prev`` is the host's previous sample, ``dt`` seconds before."""
         if s.ib_ports:
             self._ib(em, hs, base, s, prev if dt > 0 else None, dt, ts)
@@ -152,9 +158,12 @@ class NodeChecks:
         if s.dstate_procs is not None and self.cfg.dstate_warning:
             n = s.dstate_procs
             status = (
-                CRITICAL if self.cfg.dstate_critical and n >= self.cfg.dstate_critical
-                else WARNING if n >= self.cfg.dstate_warning else HEALTHY
-            )  # fmt: skip
+                CRITICAL
+                if self.cfg.dstate_critical and n >= self.cfg.dstate_critical
+                else WARNING
+                if n >= self.cfg.dstate_warning
+                else HEALTHY
+            )
             if status == HEALTHY:
                 em.emit(hs.checks, "host.dstate", base, HEALTHY, ts, value=float(n))
             else:
@@ -174,9 +183,15 @@ class NodeChecks:
     # ------------------------------------------------------------------ InfiniBand
 
     def _ib(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample,
-        prev: SystemSample | None, dt: float, ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        hs: HostState,
+        base: Mapping[str, str],
+        s: SystemSample,
+        prev: SystemSample | None,
+        dt: float,
+        ts: float,
+    ) -> None:
         cfg = self.cfg
         want_ports, want_rate = expected_ib(cfg, hs.gpu_model)
         before = {(p.device, p.port): p for p in prev.ib_ports} if prev is not None else {}
@@ -272,9 +287,14 @@ class NodeChecks:
             self._flap(em, hs, base, name, extra, ts)
 
     def _flap(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], name: str,
-        extra: tuple[tuple[str, str], ...], ts: float,
-    ) -> None:  # fmt: skip
+        self,
+        em: Emitter,
+        hs: HostState,
+        base: Mapping[str, str],
+        name: str,
+        extra: tuple[tuple[str, str], ...],
+        ts: float,
+    ) -> None:
         at = hs.ib_flaps.get(name)
         if at is not None and ts - at < self.cfg.ib_flap_window:
             em.emit(
@@ -304,9 +324,14 @@ class NodeChecks:
     # ------------------------------------------------------------------ kernel log and SXids
 
     def _log(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, prev: SystemSample | None,
+        self,
+        em: Emitter,
+        hs: HostState,
+        base: Mapping[str, str],
+        s: SystemSample,
+        prev: SystemSample | None,
         ts: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not s.kernel_log and not hs.log_hits:
             return
         cfg = self.cfg

@@ -243,9 +243,22 @@ def _propose(
         if rule.mode != "dry_run" and state.open_for(host) is not None:
             return  # one open action per host: the node is drained once
         act = Action(
-            aid, rule.name, a.fingerprint, a.episode, a.rule, a.action, a.severity, provider, host,
-            cfg.slurm.node_of(host, a.labels), rule.mode, QUEUED, now, now, labels=dict(a.labels),
-        )  # fmt: skip
+            aid,
+            rule.name,
+            a.fingerprint,
+            a.episode,
+            a.rule,
+            a.action,
+            a.severity,
+            provider,
+            host,
+            cfg.slurm.node_of(host, a.labels),
+            rule.mode,
+            QUEUED,
+            now,
+            now,
+            labels=dict(a.labels),
+        )
         state.actions[aid] = act
         out.changed.add(aid)
         why = f"{a.rule} {a.severity} ({a.action}) on {host}"

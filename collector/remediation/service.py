@@ -161,10 +161,18 @@ class Remediator:
                     self.counts["failed_steps"] += 1
                 async with self._lock:
                     p = engine.step_done(
-                        self.state, self.cfg, aid, res.ok, time.time(), step=step.describe(),
-                        exit_code=res.exit_code, output=res.output, drained=res.drained,
-                        undone=res.undone, why=res.why,
-                    )  # fmt: skip
+                        self.state,
+                        self.cfg,
+                        aid,
+                        res.ok,
+                        time.time(),
+                        step=step.describe(),
+                        exit_code=res.exit_code,
+                        output=res.output,
+                        drained=res.drained,
+                        undone=res.undone,
+                        why=res.why,
+                    )
                     self._merge(p)
                     await self._flush_retrying()
         finally:
@@ -225,10 +233,17 @@ class Remediator:
             )
             out.append(
                 Observation(
-                    BREAKER_CHECK, status, labels, labels_key(BREAKER_CHECK, labels), now,
-                    float(len(b.hosts)), summary, b.reason, immediate=True,
+                    BREAKER_CHECK,
+                    status,
+                    labels,
+                    labels_key(BREAKER_CHECK, labels),
+                    now,
+                    float(len(b.hosts)),
+                    summary,
+                    b.reason,
+                    immediate=True,
                 )
-            )  # fmt: skip
+            )
         return out
 
     def stats(self) -> dict[str, Any]:

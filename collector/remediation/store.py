@@ -57,7 +57,7 @@ async def save(
                     json.dumps(a.to_dict()),
                 )
                 for a in actions
-            ],  # fmt: skip
+            ],
         )
         await conn.executemany(
             """INSERT INTO remediation_breakers (provider, record) VALUES ($1, $2::jsonb)
@@ -81,7 +81,7 @@ async def save(
                     e.provider,
                 )
                 for e in events
-            ],  # fmt: skip
+            ],
         )
 
 

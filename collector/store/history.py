@@ -39,11 +39,21 @@ async def save_history(
                 " boots = EXCLUDED.boots, dropped = EXCLUDED.dropped, fatal = EXCLUDED.fatal,"
                 " updated_at = EXCLUDED.updated_at",
                 [
-                    (b.board, b.serial, b.uuid, b.provider, b.host, b.gpu, json.dumps(d["boots"]), b.dropped,
-                     json.dumps(d["fatal"]), b.updated_at)
+                    (
+                        b.board,
+                        b.serial,
+                        b.uuid,
+                        b.provider,
+                        b.host,
+                        b.gpu,
+                        json.dumps(d["boots"]),
+                        b.dropped,
+                        json.dumps(d["fatal"]),
+                        b.updated_at,
+                    )
                     for b in changed
                     for d in (b.to_dict(),)
                 ],
-            )  # fmt: skip
+            )
         if gone:
             await conn.execute("DELETE FROM gpu_history WHERE board = ANY($1::text[])", list(gone))

@@ -39,8 +39,15 @@ GPU_STAGE_COLUMNS: Final = ("n", *GPU_COLUMNS)  # n: the frame's number within i
 # The node part of the system sample (docs/health.md, "Node checks") goes in ``detail["node"]``
 # in wire form (only what the frame carries), not in columns.
 NODE_FIELDS: Final = (
-    "ib_ports", "kernel_log", "modules", "services", "clock", "dstate_procs", "dstate_names", "absent",
-)  # fmt: skip
+    "ib_ports",
+    "kernel_log",
+    "modules",
+    "services",
+    "clock",
+    "dstate_procs",
+    "dstate_names",
+    "absent",
+)
 SYSTEM_FIELDS: Final = tuple(
     f.name for f in fields(SystemSample) if f.name not in ("disks", "nics", *NODE_FIELDS)
 )

@@ -45,9 +45,19 @@ log = logging.getLogger(__name__)
 LAST_SEEN_EVERY: Final = 30.0  # seconds between hosts/gpus.last_seen updates per host
 
 EVENT_COLUMNS: Final = (
-    "ts", "host_id", "boot_id", "seq", "type", "source", "gpu_index", "gpu_uuid", "xid", "count",
-    "value", "message",
-)  # fmt: skip
+    "ts",
+    "host_id",
+    "boot_id",
+    "seq",
+    "type",
+    "source",
+    "gpu_index",
+    "gpu_uuid",
+    "xid",
+    "count",
+    "value",
+    "message",
+)
 
 
 def _samples_sql() -> str:
@@ -380,8 +390,12 @@ class Writer:
         new = await conn.fetchval(
             "INSERT INTO inventory_reports (host_id, boot_id, seq, ts, data) VALUES ($1, $2, $3, $4, $5)"
             " ON CONFLICT DO NOTHING RETURNING true",
-            hid, f.boot_id, f.seq, ts, dumps(to_wire(f)),
-        )  # fmt: skip
+            hid,
+            f.boot_id,
+            f.seq,
+            ts,
+            dumps(to_wire(f)),
+        )
         if not new:
             return False
         limit = time.time() + self.max_skew
@@ -393,9 +407,16 @@ class Writer:
             " last_seen = CASE WHEN last_seen > $9 THEN $8 ELSE greatest(last_seen, $8) END"
             " WHERE id = $1 AND (inventory_ts IS NULL OR inventory_ts <= $8 OR inventory_ts > $9)"
             " RETURNING true",
-            hid, f.boot_id, f.backend, f.driver_version, f.cuda_version, f.nvml_version,
-            dumps(to_wire(f.host_facts)) if f.host_facts is not None else None, ts, utc(limit),
-        )  # fmt: skip
+            hid,
+            f.boot_id,
+            f.backend,
+            f.driver_version,
+            f.cuda_version,
+            f.nvml_version,
+            dumps(to_wire(f.host_facts)) if f.host_facts is not None else None,
+            ts,
+            utc(limit),
+        )
         if newest:
             await _reconcile_gpus(conn, hid, f, ts)
             for h, idx in [k for k in self._gpus if k[0] == hid]:
@@ -462,9 +483,18 @@ async def _reconcile_gpus(conn: asyncpg.Connection, hid: int, f: InventoryFrame,
             " mem_total_bytes = EXCLUDED.mem_total_bytes, vbios = EXCLUDED.vbios,"
             " mig_mode = EXCLUDED.mig_mode, info = EXCLUDED.info, present = true,"
             " last_seen = greatest(gpus.last_seen, EXCLUDED.last_seen)",
-            hid, g.uuid, g.index, g.name, g.serial, g.pci_bus_id, g.mem_total_bytes, g.vbios,
-            g.mig_mode, dumps(info), ts,
-        )  # fmt: skip
+            hid,
+            g.uuid,
+            g.index,
+            g.name,
+            g.serial,
+            g.pci_bus_id,
+            g.mem_total_bytes,
+            g.vbios,
+            g.mig_mode,
+            dumps(info),
+            ts,
+        )
     for uuid, row in current.items():
         if uuid not in reported and row["present"]:
             changes.append((hid, uuid, ts, "removed", row["info"], None))
