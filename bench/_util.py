@@ -92,3 +92,45 @@ async def stop_collector(svc: Any, run: asyncio.Task[None]) -> None:
     svc.request_stop()
     await asyncio.wait_for(run, 60)
     await svc.shutdown()
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on; comm may hold spaces
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and every process below it, from ``/proc``.
+
+    Live descendants are summed as they stand; those that ended were reaped by their parents,
+    whose ``cutime``/``cstime`` carry them up to ``root``: so children that come and go (e.g.
+    PostgreSQL's backends and workers) are counted, and the difference of two calls is the CPU
+    the whole tree spent in between.
+    """
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = _stat(int(entry))
+        if st is None:
+            continue
+        stats[int(entry)] = st
+        children.setdefault(int(st[1]), []).append(int(entry))
+    if root not in stats:
+        return 0.0
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        st = stats.get(pid)
+        if st is not None:  # utime + stime, and cutime + cstime of the children it reaped
+            total += int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
+        todo.extend(children.get(pid, ()))
+    return total / _TICK

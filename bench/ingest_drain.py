@@ -1,6 +1,7 @@
 """Drain rate of one collector: a pre-filled stream of simulated-fleet frames into PostgreSQL.
 
-Private nats-server and PostgreSQL on this machine; frames of ``HOSTS`` simulated hosts with
+Private nats-server and PostgreSQL on this machine (PostgreSQL configured as operators run it:
+``fsync``, ``synchronous_commit`` and ``full_page_writes`` on); frames of ``HOSTS`` simulated hosts with
 8 GPUs each (the agent's simulated backend), ``TICKS`` samples per host published before the
 collector starts. The collector runs in this process (one event loop, as in production) and
 the figure is GPU-samples stored (committed) per second. ``BENCH_PROFILE=1`` prints the top
@@ -151,7 +152,7 @@ def measure(hosts: int = HOSTS, ticks: int = TICKS, profile: bool = False) -> di
 
     start = time.time() - ticks - 5
     frames = fleet_frames(hosts, ticks, start)
-    with NatsServer() as ns, PostgresServer() as pg:
+    with NatsServer() as ns, PostgresServer(durable=True) as pg:  # fsync etc. on, as operators run it
         cfg = load_collector_config(
             env={}, flags={"postgres.dsn": pg.dsn(), "nats.servers": [ns.url], "collector.batch": 2000}
         )

@@ -35,6 +35,7 @@ class CollectorSection:
     durable: str = "gpuwarden-collector"  # consumer name prefix; the partition is appended
     batch: int = num(1000, 1, 10_000)  # messages fetched (and committed) at once
     fetch_timeout: float = dur("1s")
+    linger: float = dur("100ms")  # a batch that is not full waits this long for more (0: not at all)
     ack_wait: float = dur("60s")
     max_ack_pending: int = num(20_000, 1, 1_000_000)
     max_deliver: int = num(5, 2, 10_000)  # the last delivery is recorded as poison and terminated

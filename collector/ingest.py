@@ -46,6 +46,7 @@ from shared.subjects import STREAM, parse_subject, sanitize_token
 
 log = logging.getLogger(__name__)
 HEAD_BYTES: Final = 64
+LINGER_FETCH_TIMEOUT: Final = 0.02  # the fetch after a linger: an empty stream is not waited on
 Hook = Callable[[Sequence[Frame]], Awaitable[None]]
 
 
@@ -273,6 +274,8 @@ class Ingest:
                     continue
                 if not msgs:
                     continue
+                if len(msgs) < c.batch and c.linger > 0:
+                    msgs = await self._linger(msgs)
                 batch = await self.prepare(msgs)
                 if writing is not None:
                     await writing
@@ -281,6 +284,23 @@ class Ingest:
             if writing is not None:
                 await writing
             await self.close()
+
+    async def _linger(self, msgs: list[Msg]) -> list[Msg]:
+        """A batch that is not full waits ``linger`` for more, then takes what came (one fetch)."""
+        assert self._sub is not None
+        c = self.cfg.collector
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), c.linger)
+        if self._stop.is_set():
+            return msgs
+        try:  # returns at once with what is there; waits briefly only when nothing came
+            more = await self._sub.fetch(c.batch - len(msgs), timeout=LINGER_FETCH_TIMEOUT)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return msgs
+        except nats.errors.Error as e:
+            self._rl.warning("fetch", "fetch failed: %s", e)
+            return msgs
+        return msgs + more
 
     async def close(self) -> None:
         """Stop the pull subscription (so that draining NATS does not wait on it)."""

@@ -122,10 +122,24 @@ def _pg_bindir() -> Path:
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster on a free port of 127.0.0.1, trust auth, user ``postgres``."""
+    """A private PostgreSQL cluster on a free port of 127.0.0.1, trust auth, user ``postgres``.
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    By default it trades durability for speed (``fsync``, ``synchronous_commit`` and
+    ``full_page_writes`` off: tests and the demo); ``durable=True`` keeps PostgreSQL's own
+    defaults, all on, as an operator runs it (the benchmarks). ``settings`` adds ``-c`` options.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        *,
+        durable: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.durable = durable
+        self.settings = dict(settings or {})
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gpuwarden-pg-"))
         self.datadir = self.workdir / "data"
@@ -169,9 +183,11 @@ class PostgresServer:
         log = self.workdir / "postgres.log"
         cmd = [
             str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port),
-            "-h", "127.0.0.1", "-k", str(self.workdir), "-c", "fsync=off",
-            "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
+            "-h", "127.0.0.1", "-k", str(self.workdir), "-c", "max_connections=200",
         ]  # fmt: skip
+        fast = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        for key, value in {**({} if self.durable else fast), **self.settings}.items():
+            cmd += ["-c", f"{key}={value}"]
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, user=self._user, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
