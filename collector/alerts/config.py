@@ -207,6 +207,13 @@ class AlertConfig:
             return f
         return self.alerts.network_for if rule.startswith("net.") else self.alerts.for_s
 
+    def route(self, labels: Mapping[str, str]) -> Policy | None:
+        """The first escalation policy whose matchers match (severity-based routing)."""
+        for p in self.policies:
+            if matches_all(p.matchers, labels):
+                return p
+        return None
+
 
 def parse_time(value: object, key: str) -> float:
     """Unix seconds from a TOML datetime, an ISO 8601 string or a number (naive means UTC)."""

@@ -8,8 +8,7 @@ told yet, it is notified then.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from collector.alerts.config import FOREVER, AlertConfig, Policy, Silence, matches_all
 from collector.alerts.model import (
@@ -25,6 +24,8 @@ from collector.alerts.model import (
     Notification,
     Transition,
     fingerprint,
+    notifiable,
+    quiet_ok,
 )
 from collector.health.model import CRITICAL, RANK
 
@@ -47,35 +48,14 @@ class Ctx:
         # (incident, kind, level, policy) -> incident-told members escalating or repeating now
         self.member_notes: dict[tuple[str, str, int, str], list[Alert]] = {}
 
-
-class Correlator(abc.ABC):
-    def __init__(self, config: AlertConfig) -> None:
-        self.config = config
-        self.sources = {r.source for r in config.inhibit}
-        self.config_silences = {s.id: s for s in config.silences}
-        self.policies: dict[str, Policy] = {p.name: p for p in config.policies}
-
-    @abc.abstractmethod
-    def notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None: ...
-
-    @staticmethod
-    @abc.abstractmethod
-    def quiet_ok(a: Alert) -> bool: ...
-
-    @abc.abstractmethod
-    def route(self, labels: Mapping[str, str]) -> Policy | None: ...
-
-    @staticmethod
-    @abc.abstractmethod
-    def notifiable(a: Alert) -> bool: ...
-
-    def _t(self, ctx: Ctx, a: Alert, kind: str) -> None:
-        ctx.transitions.append(
+    def transition(self, a: Alert, kind: str) -> None:
+        """Record that ``a`` went through ``kind`` (its state as it is now)."""
+        self.transitions.append(
             Transition(
                 a.fingerprint,
                 a.rule,
                 a.labels,
-                ctx.now,
+                self.now,
                 kind,
                 a.state,
                 a.severity,
@@ -84,6 +64,21 @@ class Correlator(abc.ABC):
                 reason=a.reason if kind == "resolved" else "",
             )
         )
+
+
+class Correlator:
+    """Incidents, provider-wide incidents, inhibition and silences over one :class:`AlertState`.
+
+    The alert engine owns one and calls it at the points of an alert's lifecycle (created,
+    fired, resolved, severity changed); :meth:`correlate` says which fired alerts the engine
+    notifies on their own (the others are told by their incident).
+    """
+
+    def __init__(self, config: AlertConfig) -> None:
+        self.config = config
+        self.sources = {r.source for r in config.inhibit}
+        self.config_silences = {s.id: s for s in config.silences}
+        self.policies: dict[str, Policy] = {p.name: p for p in config.policies}
 
     # ------------------------------------------------------------------ indexes
 
@@ -156,11 +151,11 @@ class Correlator(abc.ABC):
         was = bool(a.silenced_by)
         a.silenced_by = ids
         if was and not ids:
-            self._t(ctx, a, "unsilenced")
-            if self.notifiable(a) and a.level < 0:
+            ctx.transition(a, "unsilenced")
+            if notifiable(a) and a.level < 0:
                 ctx.fired[a.fingerprint] = a
         elif ids and not was:
-            self._t(ctx, a, "silenced")
+            ctx.transition(a, "silenced")
 
     # ------------------------------------------------------------------ inhibition
 
@@ -182,12 +177,12 @@ class Correlator(abc.ABC):
         was = a.inhibited_by is not None
         a.inhibited_by = root
         if root is None:
-            self._t(ctx, a, "uninhibited")
+            ctx.transition(a, "uninhibited")
             state.next_due = min(state.next_due, ctx.now)  # its escalation may be due already
-            if self.notifiable(a) and a.level < 0:
+            if notifiable(a) and a.level < 0:
                 ctx.fired[a.fingerprint] = a
         elif not was:
-            self._t(ctx, a, "inhibited")
+            ctx.transition(a, "inhibited")
 
     def root_changed(self, state: AlertState, a: Alert, firing: bool, ctx: Ctx) -> None:
         """``a`` (a root-cause rule) started or stopped firing: re-judge its host's alerts."""
@@ -231,8 +226,12 @@ class Correlator(abc.ABC):
                 inc.last_activity = ctx.now
         state.next_due = min(state.next_due, ctx.now + self.config.alerts.correlation_window)
 
-    def correlate(self, state: AlertState, ctx: Ctx, provider_hosts: Mapping[str, int] | None) -> None:
-        """Group what fired into incidents, open provider-wide incidents, then notify."""
+    def correlate(
+        self, state: AlertState, ctx: Ctx, provider_hosts: Mapping[str, int] | None
+    ) -> Iterator[Alert]:
+        """Group what fired into incidents and open provider-wide incidents; yield, in order, the
+        fired alerts that no incident tells, for the engine to notify on their own. Then send
+        the incident updates that are due with :meth:`flush_updates`."""
         now = ctx.now
         fired = [a for a in ctx.fired.values() if a.state == FIRING]
         for a in fired:
@@ -245,14 +244,13 @@ class Correlator(abc.ABC):
         for p in providers:
             self._provider_incident(state, p, ctx, provider_hosts)
         for a in fired:
-            if not self.notifiable(a):
+            if not notifiable(a):
                 continue
             if self._join(state, a, ctx):
                 continue
             if a.level >= 0:
                 continue
-            self.notify_first(state, a, ctx)
-        self.flush_updates(state, ctx)
+            yield a
 
     # ------------------------------------------------------------------ provider-wide incidents
 
@@ -320,7 +318,7 @@ class Correlator(abc.ABC):
         inc.covered[a.fingerprint] = f"{a.episode}/{a.severity}"
         a.notified = "incident"
         if a.level < 0 or (a.severity == CRITICAL and a.policy != pol.name):  # (raised: rerouted)
-            own = pol if a.severity == CRITICAL else self.route(a.match_labels())
+            own = pol if a.severity == CRITICAL else self.config.route(a.match_labels())
             a.policy = (own or pol).name
             a.level, a.notify_base = 0, now
         a.last_notified_at = now
@@ -352,7 +350,7 @@ class Correlator(abc.ABC):
         for fp in dict.fromkeys(pending):
             a = state.by_fp.get(fp)
             # told even if it resolved meanwhile (it did fire); not if silenced or inhibited since
-            if a is not None and a.notified == "incident" and self.quiet_ok(a) and not a.flapping:
+            if a is not None and a.notified == "incident" and quiet_ok(a) and not a.flapping:
                 new.append(a)
         if pol is None or not (new or inc.last_sent_at is None):
             return
@@ -365,7 +363,7 @@ class Correlator(abc.ABC):
             self._cover(inc, a, pol, ctx)
         if inc.last_sent_at is None:  # the first notification: every failing host, grouped
             inc.notified = True
-            members = [m for m in map(state.by_fp.get, inc.alerts) if m is not None and self.notifiable(m)]
+            members = [m for m in map(state.by_fp.get, inc.alerts) if m is not None and notifiable(m)]
             members += [a for a in new if a not in members]  # (one that resolved meanwhile is told too)
             summary = (
                 f"provider {inc.provider}: {len(inc.hosts)} of {inc.total_hosts} hosts failing within "
@@ -477,13 +475,13 @@ class Correlator(abc.ABC):
         state.incidents[inc.id] = inc
         state.open_incidents[f"provider:{p}"] = inc.id
         labels = {"provider": p, "rule": PROVIDER_RULE, "severity": CRITICAL}
-        pol = self.route(labels)
+        pol = self.config.route(labels)
         if pol is None:
             return  # recorded only: its alerts are notified on their own
         inc.policy = pol.name
         inc.total_hosts = total
         for a in (state.by_fp[fp] for fp in inc.alerts):
-            if self.notifiable(a) and a.level < 0:  # told by the incident's first notification
+            if notifiable(a) and a.level < 0:  # told by the incident's first notification
                 a.notified = "incident"
                 inc.pending.append(a.fingerprint)
         # The first notification waits group_wait from the onset, so that what fails together

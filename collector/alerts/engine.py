@@ -11,7 +11,8 @@ and returns it with what changed::
 
 To branch or persist a state, use ``AlertState.to_dict`` and :meth:`AlertEngine.restore`.
 Lifecycle, flapping and escalation are here; correlation (incidents, provider-wide incidents,
-inhibition) and silences are in :mod:`collector.alerts.correlate`.
+inhibition) and silences are in :mod:`collector.alerts.correlate`, whose :class:`Correlator` the
+engine owns and calls: no inheritance, no callbacks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from collector.alerts.config import FOREVER, AlertConfig, Policy, matches_all
+from collector.alerts.config import FOREVER, AlertConfig, Policy
 from collector.alerts.correlate import Correlator, Ctx
 from collector.alerts.model import (
     FIRING,
@@ -44,17 +45,24 @@ from collector.alerts.model import (
     Outcome,
     Unack,
     fingerprint,
+    notifiable,
+    quiet_ok,
 )
 from collector.health.model import HEALTHY, RANK, Observation
 
 MAX_ALERTS_PER_HOST = 1000  # alerts kept per host; beyond it the oldest resolved ones go early
 
 
-class AlertEngine(Correlator):
-    """Alert lifecycle (pending -> firing -> resolved), flapping, acknowledgement, escalation."""
+class AlertEngine:
+    """Alert lifecycle (pending -> firing -> resolved), flapping, acknowledgement, escalation;
+    correlation and silences through its :class:`Correlator`."""
+
+    notifiable = staticmethod(notifiable)  # the predicates, for callers that hold the engine
+    quiet_ok = staticmethod(quiet_ok)
 
     def __init__(self, config: AlertConfig | None = None) -> None:
-        super().__init__(config or AlertConfig())
+        self.config = config or AlertConfig()
+        self.corr = Correlator(self.config)
         a = self.config.alerts
         self.for_default = a.for_s
         self.flap_len = a.flap_history
@@ -69,7 +77,7 @@ class AlertEngine(Correlator):
     def restore(self, data: Mapping[str, Any]) -> AlertState:
         """A state saved with ``AlertState.to_dict``, with its indexes rebuilt."""
         state = AlertState.from_dict(data)
-        self.reindex(state)
+        self.corr.reindex(state)
         return state
 
     def evaluate(
@@ -90,20 +98,22 @@ class AlertEngine(Correlator):
             self._command(state, cmd, ctx)
         due = bool(commands) or now >= state.next_due
         if due:  # silences first, so that this call's notifications see them
-            boundary = self.sync_silences(state, ctx)
+            boundary = self.corr.sync_silences(state, ctx)
         for o in observations:
             self._observe(state, o, ctx)
         if not due and now >= state.next_due:  # an observation made something due now (uninhibited)
             due = True
-            boundary = self.sync_silences(state, ctx)
+            boundary = self.corr.sync_silences(state, ctx)
         if due:
             self._advance(state, ctx, boundary)
         if ctx.fired:
-            self.correlate(state, ctx, provider_hosts)
+            for a in self.corr.correlate(state, ctx, provider_hosts):
+                self._notify_first(state, a, ctx)
+            self.corr.flush_updates(state, ctx)
         if ctx.due < state.next_due:
             state.next_due = ctx.due
         for a, kind, channels in ctx.later:  # told last, if nothing silenced or inhibited it since
-            if self.quiet_ok(a) and (kind == N_FLAPPING or self.notifiable(a)):
+            if quiet_ok(a) and (kind == N_FLAPPING or notifiable(a)):
                 self._send(ctx, a, kind, channels)
         return Outcome(state, ctx.transitions, ctx.notifications)
 
@@ -147,10 +157,10 @@ class AlertEngine(Correlator):
                 if pct >= cfg.flap_stop_pct:
                     return  # held
                 a.flapping = False
-                self._t(ctx, a, "flapping_stopped")
+                ctx.transition(a, "flapping_stopped")
             elif pct >= cfg.flap_start_pct:
                 a.flapping = True
-                self._t(ctx, a, "flapping")
+                ctx.transition(a, "flapping")
                 self._notify_flapping(a, ctx)
                 return
         if active:
@@ -171,7 +181,7 @@ class AlertEngine(Correlator):
         a.active, a.flap_bits, a.flap_n, a.last_seen = False, 0, 1, ctx.now
         if a.flapping:
             a.flapping = False
-            self._t(ctx, a, "flapping_stopped")
+            ctx.transition(a, "flapping_stopped")
         if a.state != RESOLVED:
             a.reason = reason
             self._resolve(state, a, ctx)
@@ -220,11 +230,11 @@ class AlertEngine(Correlator):
             keys = state.by_host[host] = {}
         elif len(keys) >= MAX_ALERTS_PER_HOST:  # a churning agent: drop its oldest resolved alerts
             for key in [k for k in keys if state.alerts[k].state == RESOLVED][: len(keys) // 10 + 1]:
-                self.forget(state, key)
+                self.corr.forget(state, key)
             keys = state.by_host.setdefault(host, {})
         keys[o.key] = None
-        self.silence_check(state, a, ctx)
-        self.inhibit_check(state, a, ctx)
+        self.corr.silence_check(state, a, ctx)
+        self.corr.inhibit_check(state, a, ctx)
         return a
 
     # ------------------------------------------------------------------ lifecycle
@@ -244,8 +254,8 @@ class AlertEngine(Correlator):
         a.told = []
         a.reason = ""
         _clear_ack(a)
-        self._t(ctx, a, "pending")
-        self.inhibit_check(state, a, ctx)
+        ctx.transition(a, "pending")
+        self.corr.inhibit_check(state, a, ctx)
         wait = self.for_of(a)
         if wait <= 0:
             self._fire(state, a, ctx)
@@ -254,34 +264,34 @@ class AlertEngine(Correlator):
 
     def _fire(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
         a.state, a.fired_at = FIRING, ctx.now
-        self._t(ctx, a, "firing")
-        if a.rule in self.sources:
-            self.root_changed(state, a, True, ctx)
+        ctx.transition(a, "firing")
+        if a.rule in self.corr.sources:
+            self.corr.root_changed(state, a, True, ctx)
         ctx.fired[a.fingerprint] = a
 
     def _resolve(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
         now = ctx.now
         was = a.state
         a.state, a.resolved_at = RESOLVED, now
-        self._t(ctx, a, "resolved")
+        ctx.transition(a, "resolved")
         if was == FIRING:
-            pol = self.policies.get(a.policy or "")
+            pol = self.corr.policies.get(a.policy or "")
             if (
                 a.level < 0
                 and a.notified is None
                 and a.notify_base is not None
                 and pol is not None
                 and now >= a.notify_base + pol.levels[0].after
-                and self.quiet_ok(a)
+                and quiet_ok(a)
                 and not a.flapping
             ):  # it fired while its first notice waited for group_wait: told now, then resolved
                 a.level, a.notified = 0, N_FIRING
                 self._send(ctx, a, N_FIRING, pol.levels[0].notify)
-            if a.told and self.quiet_ok(a):  # tell whoever was told it fired (or flapped)
+            if a.told and quiet_ok(a):  # tell whoever was told it fired (or flapped)
                 self._send(ctx, a, N_RESOLVED, tuple(a.told))
-            if a.rule in self.sources:
-                self.root_changed(state, a, False, ctx)
-            self.incident_activity(state, a, ctx)
+            if a.rule in self.corr.sources:
+                self.corr.root_changed(state, a, False, ctx)
+            self.corr.incident_activity(state, a, ctx)
         _clear_ack(a)
         a.inhibited_by = None  # inhibition is a property of pending and firing alerts
         retire = now + self.config.alerts.resolved_retention
@@ -289,39 +299,23 @@ class AlertEngine(Correlator):
             state.next_due = retire
 
     def _severity(self, state: AlertState, a: Alert, old: str, ctx: Ctx) -> None:
-        self._t(ctx, a, "severity")
-        self.silence_check(state, a, ctx)
+        ctx.transition(a, "severity")
+        self.corr.silence_check(state, a, ctx)
         if a.notified == "incident":  # told by its provider incident: the next update says it
-            if RANK[a.severity] > RANK[old] and self.notifiable(a):
+            if RANK[a.severity] > RANK[old] and notifiable(a):
                 ctx.fired[a.fingerprint] = a
             return
-        if RANK[a.severity] <= RANK[old] or a.level < 0 or not self.notifiable(a):
+        if RANK[a.severity] <= RANK[old] or a.level < 0 or not notifiable(a):
             return
-        pol = self.route(a.match_labels())
+        pol = self.config.route(a.match_labels())
         if pol is not None and pol.name != a.policy:  # e.g. warning -> critical: page now
             a.level, a.notify_base, a.notified, a.policy = -1, None, None, pol.name
-            self._t(ctx, a, "rerouted")
+            ctx.transition(a, "rerouted")
             ctx.fired[a.fingerprint] = a
         elif pol is not None:
             ctx.later.append((a, N_FIRING, pol.levels[a.level].notify))
 
     # ------------------------------------------------------------------ notifications
-
-    @staticmethod
-    def notifiable(a: Alert) -> bool:
-        return a.state == FIRING and not a.silenced_by and a.inhibited_by is None and not a.flapping
-
-    @staticmethod
-    def quiet_ok(a: Alert) -> bool:
-        """Not silenced nor inhibited: may be told about (resolution, flapping)."""
-        return not a.silenced_by and a.inhibited_by is None
-
-    def route(self, labels: Mapping[str, str]) -> Policy | None:
-        """The first escalation policy whose matchers match (severity-based routing)."""
-        for p in self.config.policies:
-            if matches_all(p.matchers, labels):
-                return p
-        return None
 
     def _send(
         self, ctx: Ctx, a: Alert, kind: str, channels: Sequence[str], hosts: tuple[str, ...] = ()
@@ -353,20 +347,20 @@ class AlertEngine(Correlator):
         )
 
     def _notify_flapping(self, a: Alert, ctx: Ctx) -> None:
-        if not self.quiet_ok(a):
+        if not quiet_ok(a):
             return
-        pol = self.policies.get(a.policy) if a.policy else self.route(a.match_labels())
+        pol = self.corr.policies.get(a.policy) if a.policy else self.config.route(a.match_labels())
         if pol is None:
             return
         a.policy = pol.name
         a.notified = N_FLAPPING
         ctx.later.append((a, N_FLAPPING, pol.levels[max(a.level, 0)].notify))
 
-    def notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+    def _notify_first(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
         """The first notification of an episode (level 0, or higher if its delays passed)."""
-        if not self.notifiable(a) or a.level >= 0 or a.notified == "incident":
+        if not notifiable(a) or a.level >= 0 or a.notified == "incident":
             return
-        pol = self.policies.get(a.policy) if a.policy else self.route(a.match_labels())
+        pol = self.corr.policies.get(a.policy) if a.policy else self.config.route(a.match_labels())
         if pol is None:
             return
         now = ctx.now
@@ -374,7 +368,7 @@ class AlertEngine(Correlator):
             a.notify_base = now
         a.policy = pol.name
         due = a.notify_base + pol.levels[0].after
-        if a.fired_at is not None and not self.event_class(a):  # let what fires together group
+        if a.fired_at is not None and not self.corr.event_class(a):  # let what fires together group
             due = max(due, a.fired_at + self.config.alerts.group_wait)
         if now < due:
             state.next_due = min(state.next_due, due)
@@ -403,19 +397,19 @@ class AlertEngine(Correlator):
 
     def _escalate(self, state: AlertState, a: Alert, ctx: Ctx) -> float:
         """Climb levels and repeat for a firing alert; the next time this alert is due."""
-        if not self.notifiable(a) or a.fingerprint in ctx.fired:
+        if not notifiable(a) or a.fingerprint in ctx.fired:
             return FOREVER
         if a.level < 0:
             if a.notified != "incident":  # (else it waits in its incident's next update)
                 ctx.fired[a.fingerprint] = a  # a delayed level 0: correlate, then notify
             return FOREVER
-        pol = self.policies.get(a.policy or "")
+        pol = self.corr.policies.get(a.policy or "")
         if pol is None or a.ack_by is not None or a.notify_base is None:
             return FOREVER
         now, target = ctx.now, a.level
         while target + 1 < len(pol.levels) and now >= a.notify_base + pol.levels[target + 1].after:
             target += 1
-        inc = self.provider_incident_of(state, a) if a.notified == "incident" else None
+        inc = self.corr.provider_incident_of(state, a) if a.notified == "incident" else None
         if inc is not None:  # told by its incident: escalates and repeats as the incident's notice
             if target > a.level:
                 a.level = target
@@ -451,7 +445,7 @@ class AlertEngine(Correlator):
                 if m is not None and m.state != RESOLVED and m.ack_by is None:
                     m.ack_by, m.ack_at, m.ack_until, m.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
                     m.ack_incident = inc.id
-                    self._t(ctx, m, "acknowledged")
+                    ctx.transition(m, "acknowledged")
             return
         if isinstance(cmd, ForgetHost):
             self.forget_host(state, cmd.host, ctx)
@@ -464,10 +458,10 @@ class AlertEngine(Correlator):
                 return
             a.ack_by, a.ack_at, a.ack_until, a.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
             a.ack_incident = None
-            self._t(ctx, a, "acknowledged")
+            ctx.transition(a, "acknowledged")
         elif isinstance(cmd, Unack) and a.ack_by is not None:
             _clear_ack(a)
-            self._t(ctx, a, "unacknowledged")
+            ctx.transition(a, "unacknowledged")
 
     def _advance(self, state: AlertState, ctx: Ctx, nxt: float) -> None:
         now = ctx.now
@@ -483,7 +477,7 @@ class AlertEngine(Correlator):
             if a.ack_until is not None:
                 if now >= a.ack_until:
                     _clear_ack(a)
-                    self._t(ctx, a, "unacknowledged")
+                    ctx.transition(a, "unacknowledged")
                 else:
                     nxt = min(nxt, a.ack_until)
         for key, a in state.alerts.items():
@@ -496,10 +490,10 @@ class AlertEngine(Correlator):
                 else:
                     nxt = min(nxt, gone)
         for key in drop:
-            self.forget(state, key)
-        self.escalate_members(state, ctx)
-        nxt = min(nxt, self.flush_updates(state, ctx))
-        state.next_due = min(nxt, self.close_incidents(state, ctx), ctx.due)
+            self.corr.forget(state, key)
+        self.corr.escalate_members(state, ctx)
+        nxt = min(nxt, self.corr.flush_updates(state, ctx))
+        state.next_due = min(nxt, self.corr.close_incidents(state, ctx), ctx.due)
 
 
 def _clear_ack(a: Alert) -> None:

@@ -273,3 +273,13 @@ class AlertState:
             active_silences=list(d.get("active_silences", [])),
             next_due=float(d.get("next_due", 0.0)),
         )
+
+
+def notifiable(a: Alert) -> bool:
+    """Firing, not silenced, inhibited nor flapping: may be notified as firing."""
+    return a.state == FIRING and not a.silenced_by and a.inhibited_by is None and not a.flapping
+
+
+def quiet_ok(a: Alert) -> bool:
+    """Not silenced nor inhibited: may be told about (resolution, flapping)."""
+    return not a.silenced_by and a.inhibited_by is None
