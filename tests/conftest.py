@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from gpuwarden.servers import NatsServer, PostgresServer
+from gpuwarden.servers import NatsCluster, NatsServer, PostgresServer
 
 if TYPE_CHECKING:
     import asyncpg
@@ -52,6 +52,28 @@ def private_nats() -> Iterator[NatsServer]:
     """A nats-server of the test's own, for tests that stop and restart it."""
     with NatsServer() as server:
         yield server
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """Three nats-servers with JetStream in one cluster, of the test's own (it may kill nodes):
+    ``nats_cluster.urls`` for ``[nats] servers``, ``nats_cluster.node(leader)`` to kill one."""
+    with NatsCluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_pair(request: pytest.FixtureRequest) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A primary and its streaming standby (started), of the test's own: stop the primary and
+    ``promote()`` the standby. Parametrize indirectly with ``"sync"`` for synchronous
+    replication (``synchronous_commit = on``, ``synchronous_standby_names = '*'``: a commit
+    returns once the standby has flushed it); the default is asynchronous."""
+    sync = getattr(request, "param", "async") == "sync"
+    settings = {"synchronous_commit": "on", "synchronous_standby_names": "*"} if sync else {}
+    with PostgresServer(settings=settings) as primary:
+        standby = PostgresServer.standby_of(primary)
+        with standby:
+            yield primary, standby
 
 
 @pytest.fixture(scope="session")
