@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
+import struct
+import threading
+import time
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from collector.health.model import RANK, STATUSES
-from collector.health.rollup import FleetHealth
+from collector.health.rollup import FleetHealth, HostHealth
 from collector.ingest import IngestStats
 from shared.frames import GpuSample
 
@@ -75,37 +80,398 @@ class _Families:
         return iter(self.families)
 
 
-def render_per_gpu(snap: Snapshot) -> bytes:
-    """Text exposition of the per-GPU gauges, counters and health status of ``snap``."""
-    labels: list[tuple[str, GpuSample]] = []
-    for provider, host, gpus in snap.samples:
-        p, h = _esc(provider), _esc(host)
-        labels += [
-            (f'{{provider="{p}",host="{h}",gpu="{g.index}",uuid="{_esc(g.uuid)}"}} ', g)
-            for g in gpus
-            if not g.lost
+# ------------------------------------------------------------------ the scrape path
+#
+# The host section (every per-GPU and per-host family) is kept as one small block of bytes per
+# (host, family), re-rendered only when that host's sample, health, XIDs or dropped-frame count
+# changed, and only for the families whose values changed. A scrape joins the blocks of the
+# selected hosts family by family and writes them chunk by chunk (:meth:`Exposition.pieces`),
+# so the whole body is never built at once. For gzip, each chunk of CHUNK hosts of one family
+# is compressed once and kept until one of its hosts' blocks changes: the chunks are raw deflate
+# streams ended by a sync flush, so they concatenate into one gzip member whose CRC-32 is
+# combined from the chunks' own (zlib's crc32_combine, below).
+
+CHUNK: Final = 256  # hosts per written (and, for gzip, compressed and cached) piece of a family
+GZIP_LEVEL: Final = 1  # the body is very repetitive: level 1 gets most of level 6's ratio, 3x faster
+SELECTION_TTL: Final = 600.0  # seconds a selection's compressed chunks are kept after its last scrape
+_POLY: Final = 0xEDB88320  # CRC-32 (gzip's), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a times b modulo the CRC-32 polynomial (zlib's multmodp); ``a`` is not zero."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _x2n_table() -> tuple[int, ...]:
+    p = 1 << 30  # x^1
+    out = [p]
+    for _ in range(31):
+        p = _multmodp(p, p)
+        out.append(p)
+    return tuple(out)
+
+
+_X2N: Final = _x2n_table()
+
+
+def crc32_shift(n: int) -> int:
+    """x^(8n) modulo the CRC-32 polynomial: what :func:`crc32_combine` multiplies by for n bytes."""
+    p, k = 1 << 31, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, shift2: int) -> int:
+    """CRC-32 of A+B from those of A and B, ``shift2`` being ``crc32_shift(len(B))``."""
+    return _multmodp(shift2, crc1) ^ crc2
+
+
+@dataclass(frozen=True, slots=True)
+class Deflated:
+    """A piece of the body compressed on its own (raw deflate, sync-flushed: pieces concatenate)."""
+
+    data: bytes
+    crc: int  # CRC-32 of the plain text
+    size: int  # bytes of plain text
+    shift: int  # crc32_shift(size)
+
+    @classmethod
+    def of(cls, plain: bytes) -> Deflated:
+        c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
+        data = c.compress(plain) + c.flush(zlib.Z_SYNC_FLUSH)
+        return cls(data, zlib.crc32(plain), len(plain), crc32_shift(len(plain)))
+
+
+GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time, OS unknown
+DEFLATE_END: Final = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15).flush()  # an empty final block
+
+
+def gzip_pieces(pieces: Iterable[Deflated]) -> Iterator[bytes]:
+    """One gzip member (RFC 1952) made of ``pieces``: what any gzip reader decodes."""
+    crc, size = 0, 0
+    yield GZIP_HEADER
+    for p in pieces:
+        crc = crc32_combine(crc, p.crc, p.shift)
+        size += p.size
+        yield p.data
+    yield DEFLATE_END + struct.pack("<II", crc, size & 0xFFFFFFFF)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` header allows gzip (Prometheus sends ``gzip``)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip().lower()
+            return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
+    return False
+
+
+def plain_pieces(pieces: Iterable[bytes | list[bytes]]) -> Iterator[bytes]:
+    """The plain exposition of :meth:`FleetCollector.scrape`'s pieces, a chunk at a time."""
+    for p in pieces:
+        yield p if isinstance(p, bytes) else b"".join(p)
+
+
+def _family_header(name: str, help_: str, kind: str) -> bytes:
+    return f"# HELP {name} {help_}\n# TYPE {name} {kind}\n".encode()
+
+
+# The host section's families, in the order they are written: (name as written, help, type).
+# The first seven come from each GPU of the newest sample: (GpuSample field, scale or None).
+SAMPLE_FIELDS: Final = (
+    *((f, s if s != 1.0 else None) for _, _, f, s in GPU_GAUGES),
+    *((f, None) for _, _, f in GPU_COUNTERS),
+)
+HOST_FAMILIES: Final = (
+    *((n, h, "gauge") for n, h, _, _ in GPU_GAUGES),
+    *((n + "_total", h, "counter") for n, h, _ in GPU_COUNTERS),
+    ("gpuwarden_gpu_health_status", "GPU health" + RANK_HELP, "gauge"),
+    ("gpuwarden_gpu_xid_errors_total", "XID errors seen, by code.", "counter"),
+    ("gpuwarden_host_health_status", "Host health" + RANK_HELP, "gauge"),
+    ("gpuwarden_agent_dropped_frames_total",
+     "Frames the host's agent dropped from its full buffer while NATS was unreachable, "
+     "since the agent started (from its newest sample): a gap, not a dead host.", "counter"),
+)  # fmt: skip
+_NS: Final = len(SAMPLE_FIELDS)
+F_HEALTH, F_XID, F_HOST, F_DROPPED = _NS, _NS + 1, _NS + 2, _NS + 3
+_HEADERS: Final = tuple(_family_header(*f) for f in HOST_FAMILIES)
+_GETTERS: Final = tuple(operator.attrgetter(f) for f, _ in SAMPLE_FIELDS)
+_VOLATILE: Final = frozenset({"temp_c", "util_gpu_pct", "mem_used_bytes", "power_w"})  # templates kept
+_GPU_KEY: Final = operator.attrgetter("index", "uuid")
+_RANK: Final = {k: f"{v}.0" for k, v in RANK.items()}
+
+
+def shard_of(host: str, shards: int) -> int:
+    """The shard (0 to shards - 1) a host's series are in: CRC-32 of its UTF-8 name modulo ``shards``
+    (stable across processes and restarts, unlike Python's ``hash``)."""
+    return zlib.crc32(host.encode()) % shards
+
+
+class _Host:
+    """One host's blocks: ``frags[k]`` is its text of host family k, ``ver[k]`` changes with it."""
+
+    __slots__ = ("crc", "dropped", "frags", "gkey", "gpus", "health", "hkey", "lbls", "name",
+                 "provider", "seen", "sseen", "hseen", "tmpl", "vals", "ver", "xkey")  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.crc = zlib.crc32(name.encode())
+        self.provider = ""
+        self.gpus: tuple[GpuSample, ...] | None = None  # of the sample the blocks were made from
+        self.health: HostHealth | None = None
+        self.dropped: tuple[str, int] | None = None
+        self.gkey: tuple[Any, ...] | None = None  # provider and (index, uuid) of the GPUs labelled
+        self.lbls: tuple[str, ...] = ()  # per GPU: '{provider="..",host="..",gpu="..",uuid=".."} '
+        self.tmpl: list[bytes | None] = [None] * _NS
+        self.vals: list[tuple[Any, ...] | None] = [None] * _NS
+        self.hkey: tuple[Any, ...] | None = None
+        self.xkey: tuple[Any, ...] | None = None
+        self.frags: list[bytes] = [b""] * len(HOST_FAMILIES)
+        self.ver: list[int] = [0] * len(HOST_FAMILIES)
+        self.seen = self.sseen = self.hseen = 0
+
+
+@dataclass(slots=True)
+class _Selection:
+    """The compressed chunks of one selection (provider, shard, shards), kept between scrapes."""
+
+    chunks: list[list[tuple[list[int], Deflated]]]  # per host family, per chunk: (versions, data)
+    used: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Select:
+    """Which series a scrape returns (``/metrics?provider=&shard=&shards=``, see docs/api.md)."""
+
+    provider: str | None = None
+    shard: int = 0
+    shards: int = 1
+
+    @property
+    def with_providers(self) -> bool:
+        """The per-provider series: in shard 0 only (of the one provider, with ``provider``)."""
+        return self.shard == 0
+
+    @property
+    def with_collector(self) -> bool:
+        """Collector-wide series (alerts, notifications, ingest): shard 0 of unfiltered scrapes."""
+        return self.shard == 0 and self.provider is None
+
+
+class Exposition:
+    """The per-host block cache behind ``/metrics`` (see the comment above :data:`CHUNK`).
+
+    :meth:`update` and :meth:`pieces` run in a worker thread under one lock; what they return
+    are references to immutable bytes, written afterwards on the event loop."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, _Host] = {}
+        self._scrape = 0
+        self._version = 0
+        self._selections: dict[Select, _Selection] = {}
+        self._header_gz = [Deflated.of(h) for h in _HEADERS]
+        self.lock = threading.Lock()
+        self.rendered = 0  # blocks (host, family) rendered so far: what the cache saved is the rest
+
+    def _host(self, name: str) -> _Host:
+        e = self.hosts.get(name)
+        if e is None:
+            e = self.hosts[name] = _Host(name)
+        e.seen = self._scrape
+        return e
+
+    def _set(self, e: _Host, k: int, frag: bytes) -> None:
+        self._version += 1
+        e.frags[k] = frag
+        e.ver[k] = self._version
+        self.rendered += 1
+
+    def update(self, snap: Snapshot) -> None:
+        """Bring every host's blocks up to ``snap``, re-rendering only what changed."""
+        self._scrape += 1
+        now = self._scrape
+        drops = {h: n for _, h, n in snap.agent_drops}
+        for provider, name, gpus in snap.samples:
+            e = self._host(name)
+            e.sseen = now
+            e.provider = provider
+            if e.gpus is not gpus:
+                self._sample(e, provider, gpus)
+            n = drops.get(name)
+            dkey = None if n is None else (provider, n)
+            if dkey != e.dropped:
+                e.dropped = dkey
+                self._set(e, F_DROPPED, b"" if n is None else self._dropped(e, provider, n))
+        xids: dict[str, list[tuple[int, list[tuple[int, int]]]]] = {}
+        for (name, i), codes in snap.xids.items():
+            xids.setdefault(name, []).append((i, codes))
+        for name, hh in snap.fleet.hosts.items():
+            e = self._host(name)
+            e.hseen = now
+            if e.sseen != now:
+                e.provider = hh.provider
+            if e.health is not hh:
+                self._health(e, hh)
+            x = xids.get(name)
+            xkey = None
+            if x is not None:  # rare: GPUs with XIDs in their window
+                ids = tuple((g.index, g.uuid) for g in hh.gpus)
+                xkey = (hh.provider, ids, tuple(sorted((i, tuple(c)) for i, c in x)))
+            if xkey != e.xkey:
+                e.xkey = xkey
+                self._set(e, F_XID, b"" if x is None else self._xids(hh, x))
+        gone = []
+        for name, e in self.hosts.items():
+            if e.seen != now:
+                gone.append(name)
+                continue
+            if e.sseen != now and e.gpus is not None:
+                self._sample(e, e.provider, None)
+            if e.sseen != now and e.dropped is not None:
+                e.dropped = None
+                self._set(e, F_DROPPED, b"")
+            if e.hseen != now and e.health is not None:
+                self._health(e, None)
+            if e.hseen != now and e.xkey is not None:
+                e.xkey = None
+                self._set(e, F_XID, b"")
+        for name in gone:
+            del self.hosts[name]
+
+    def _sample(self, e: _Host, provider: str, gpus: tuple[GpuSample, ...] | None) -> None:
+        e.gpus = gpus
+        live = [] if gpus is None else [g for g in gpus if not g.lost]  # lost: its values are not current
+        gkey = (provider, tuple(map(_GPU_KEY, live)))
+        if gkey != e.gkey:
+            p, h = _esc(provider), _esc(e.name)
+            e.gkey = gkey
+            e.lbls = tuple(f'{{provider="{p}",host="{h}",gpu="{i}",uuid="{_esc(u)}"}} ' for i, u in gkey[1])
+            e.tmpl = [None] * _NS
+            e.vals = [None] * _NS
+        for k in range(_NS):
+            vals = tuple(map(_GETTERS[k], live))
+            if vals != e.vals[k]:
+                e.vals[k] = vals
+                self._set(e, k, self._format(e, k, vals))
+
+    def _format(self, e: _Host, k: int, vals: tuple[Any, ...]) -> bytes:
+        name = HOST_FAMILIES[k][0]
+        scale = SAMPLE_FIELDS[k][1]
+        if None in vals or not math.isfinite(sum(vals)):  # rare: written line by line
+            return "".join(
+                f"{name}{lbl}{_num(float(v) * (scale or 1.0))}\n"
+                for lbl, v in zip(e.lbls, vals, strict=True)
+                if v is not None
+            ).encode()
+        if scale is not None:
+            vals = tuple([v * scale for v in vals])
+        t = e.tmpl[k]
+        if t is None:  # one line per GPU, the value left to %a (repr: shortest round-trip form)
+            t = "".join(f"{name}{lbl.replace('%', '%%')}%a\n" for lbl in e.lbls).encode()
+            if SAMPLE_FIELDS[k][0] in _VOLATILE:
+                e.tmpl[k] = t
+        return t % vals
+
+    def _health(self, e: _Host, hh: HostHealth | None) -> None:
+        e.health = hh
+        if hh is None:
+            hkey = None
+        else:
+            hkey = (hh.provider, hh.status, tuple((g.index, g.uuid, g.status) for g in hh.gpus))
+        if hkey == e.hkey:
+            return
+        e.hkey = hkey
+        if hh is None:
+            self._set(e, F_HEALTH, b"")
+            self._set(e, F_HOST, b"")
+            return
+        p, h = _esc(hh.provider), _esc(e.name)
+        lines = [
+            f'gpuwarden_gpu_health_status{{provider="{p}",host="{h}",gpu="{g.index}",'
+            f'uuid="{_esc(g.uuid)}"}} {_RANK[g.status]}\n'
+            for g in hh.gpus
         ]
-    out: list[str] = []
-    for name, help_, f, scale in GPU_GAUGES:
-        out.append(f"# HELP {name} {help_}\n# TYPE {name} gauge\n")
-        out += [
-            f"{name}{lbl}{_num(float(v) * scale)}\n" for lbl, g in labels if (v := getattr(g, f)) is not None
-        ]
-    for name, help_, f in GPU_COUNTERS:
-        out.append(f"# HELP {name}_total {help_}\n# TYPE {name}_total counter\n")
-        out += [
-            f"{name}_total{lbl}{_num(float(v))}\n" for lbl, g in labels if (v := getattr(g, f)) is not None
-        ]
-    name = "gpuwarden_gpu_health_status"
-    rank = {k: f"{v}.0" for k, v in RANK.items()}
-    out.append(f"# HELP {name} GPU health{RANK_HELP}\n# TYPE {name} gauge\n")
-    for host, hh in snap.fleet.hosts.items():
-        p, h = _esc(hh.provider), _esc(host)
-        out += [
-            f'{name}{{provider="{p}",host="{h}",gpu="{gh.index}",uuid="{_esc(gh.uuid)}"}} {rank[gh.status]}\n'
-            for gh in hh.gpus
-        ]
-    return "".join(out).encode()
+        self._set(e, F_HEALTH, "".join(lines).encode())
+        self._set(
+            e,
+            F_HOST,
+            f'gpuwarden_host_health_status{{provider="{p}",host="{h}"}} {_RANK[hh.status]}\n'.encode(),
+        )
+
+    @staticmethod
+    def _xids(hh: HostHealth, x: list[tuple[int, list[tuple[int, int]]]]) -> bytes:
+        codes = dict(x)
+        p, h = _esc(hh.provider), _esc(hh.host)
+        return "".join(
+            f'gpuwarden_gpu_xid_errors_total{{provider="{p}",host="{h}",gpu="{g.index}",'
+            f'uuid="{_esc(g.uuid)}",xid="{code}"}} {_num(float(n))}\n'
+            for g in hh.gpus
+            for code, n in codes.get(g.index, ())
+        ).encode()
+
+    @staticmethod
+    def _dropped(e: _Host, provider: str, n: int) -> bytes:
+        labels = f'provider="{_esc(provider)}",host="{_esc(e.name)}"'
+        return f"gpuwarden_agent_dropped_frames_total{{{labels}}} {_num(float(n))}\n".encode()
+
+    def select(self, sel: Select) -> list[_Host]:
+        """The hosts of a selection, in a stable order (first seen first)."""
+        hosts: Iterable[_Host] = self.hosts.values()
+        if sel.provider is not None:
+            hosts = [e for e in hosts if e.provider == sel.provider]
+        if sel.shards > 1:
+            hosts = [e for e in hosts if e.crc % sel.shards == sel.shard]
+        return list(hosts)
+
+    def pieces(self, sel: Select) -> list[bytes | list[bytes]]:
+        """The host section of ``sel`` in plain text: family headers and, per chunk of hosts, the
+        list of their blocks (joined when written)."""
+        hosts = self.select(sel)
+        out: list[bytes | list[bytes]] = []
+        for k, header in enumerate(_HEADERS):
+            out.append(header)
+            out += [[e.frags[k] for e in hosts[i : i + CHUNK]] for i in range(0, len(hosts), CHUNK)]
+        return out
+
+    def deflated(self, sel: Select, now: float) -> list[Deflated]:
+        """The host section of ``sel`` compressed: chunks of CHUNK hosts per family, each kept
+        and reused until one of its hosts' blocks of that family changes."""
+        hosts = self.select(sel)
+        cache = self._selections.get(sel)
+        if cache is None:
+            cache = self._selections[sel] = _Selection([[] for _ in _HEADERS])
+        cache.used = now
+        for key in [k for k, s in self._selections.items() if now - s.used > SELECTION_TTL]:
+            del self._selections[key]
+        out: list[Deflated] = []
+        for k, chunks in enumerate(cache.chunks):
+            out.append(self._header_gz[k])
+            for n, i in enumerate(range(0, len(hosts), CHUNK)):
+                part = hosts[i : i + CHUNK]
+                vers = [e.ver[k] for e in part]
+                if n < len(chunks) and chunks[n][0] == vers:
+                    out.append(chunks[n][1])
+                    continue
+                d = Deflated.of(b"".join([e.frags[k] for e in part]))
+                if n < len(chunks):
+                    chunks[n] = (vers, d)
+                else:
+                    chunks.append((vers, d))
+                out.append(d)
+            del chunks[(len(hosts) + CHUNK - 1) // CHUNK :]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +494,7 @@ class FleetCollector(Collector):
     def __init__(self, service: CollectorService) -> None:
         self.service = service
         self._primed: Snapshot | None = None
+        self.exposition = Exposition()
 
     def snapshot(self) -> Snapshot:
         svc = self.service
@@ -144,6 +511,7 @@ class FleetCollector(Collector):
         from collector.api.live import LiveRollup  # collector.api imports this module
 
         fleet = LiveRollup.of(svc).current()
+        fleet = FleetHealth(fleet.providers, dict(fleet.hosts))  # the rollup goes on changing its own
         drops = [
             (hs.provider, hs.host, hs.sample.agent.dropped_frames)
             for hs in svc.state.hosts.values()
@@ -215,18 +583,34 @@ class FleetCollector(Collector):
             dropped.add_metric([provider, host], float(n))
         yield from (xid, host_status, dropped)
 
-    def render(self) -> bytes:
-        """The exposition text of :meth:`collect`, with the per-GPU families written directly
-        (five times faster at 80,000 GPUs); uses the primed snapshot like ``collect``."""
+    def scrape(
+        self, snap: Snapshot, sel: Select = Select(), gzip: bool = False, extra: bytes = b""
+    ) -> list[bytes | list[bytes]] | list[Deflated]:
+        """The exposition of ``sel`` from ``snap`` (taken on the event loop; this may run in a
+        thread), as pieces to write in order: plain (bytes, or lists of bytes to join), or
+        compressed (:func:`gzip_pieces` makes the gzip stream of them). ``extra`` ends the
+        collector-wide section (the API's own figures)."""
+        fams: list[Metric] = []
+        if sel.with_providers:
+            fams += self._rollup(snap, sel.provider)
+        if sel.with_collector:
+            fams += [*self._alerts(snap), *self._collector(snap)]
+        tail = (generate_latest(_Families(fams)) if fams else b"") + (extra if sel.with_collector else b"")
+        with self.exposition.lock:
+            self.exposition.update(snap)
+            if gzip:
+                return [*self.exposition.deflated(sel, time.monotonic()), Deflated.of(tail)]
+            return [*self.exposition.pieces(sel), tail]
+
+    def render(self, sel: Select = Select()) -> bytes:
+        """The exposition text of :meth:`collect` in one piece (``/metrics`` streams it instead);
+        uses the primed snapshot like ``collect``."""
         snap, self._primed = self._primed, None
         if snap is None:
             snap = self.snapshot()
-        rest = _Families(
-            [*self._gpu_events(snap), *self._rollup(snap), *self._alerts(snap), *self._collector(snap)]
-        )
-        return render_per_gpu(snap) + generate_latest(rest)
+        return b"".join(plain_pieces(self.scrape(snap, sel)))  # type: ignore[arg-type]
 
-    def _rollup(self, snap: Snapshot) -> Iterator[Metric]:
+    def _rollup(self, snap: Snapshot, provider: str | None = None) -> Iterator[Metric]:
         fleet = snap.fleet
         hosts = GaugeMetricFamily(
             "gpuwarden_provider_hosts", "Hosts by status.", labels=["provider", "status"]
@@ -239,6 +623,8 @@ class FleetCollector(Collector):
             "gpuwarden_provider_health_status", "Provider health" + RANK_HELP, labels=["provider"]
         )
         for name, p in fleet.providers.items():
+            if provider is not None and name != provider:
+                continue
             for s in STATUSES:
                 hosts.add_metric([name, s], float(p.hosts_by_status.get(s, 0)))
                 gpus.add_metric([name, s], float(p.gpus_by_status.get(s, 0)))

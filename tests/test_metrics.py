@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
+import random
 import subprocess
+import time
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,27 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.api import make_app
-from collector.metrics import FleetCollector
+from collector.health.rollup import FleetHealth
+from collector.ingest import IngestStats
+from collector.metrics import (
+    HOST_FAMILIES,
+    Exposition,
+    FleetCollector,
+    Select,
+    Snapshot,
+    crc32_combine,
+    crc32_shift,
+    gzip_pieces,
+    plain_pieces,
+    shard_of,
+)
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
+from shared.frames import GpuSample
 from tests.system_tools import system_tool
-from tests.test_alerting import until
+from tests.test_alerting import send, until
 from tests.test_api import XID_HOST, module_dsn, module_nats, running
+from tests.test_store import gpu_sample, sample
 
 __all__ = ["module_dsn", "module_nats"]
 
@@ -213,3 +232,166 @@ def test_the_direct_renderer_writes_exactly_what_the_collector_yields(
     differ = {k for k in fast if k[0] != "gpuwarden_stream_subscribers" and fast[k] != slow[k]}
     assert differ == set()
     assert len([k for k in fast if k[0] == "gpuwarden_gpu_temperature_celsius"]) == 5 * 8
+
+
+# ------------------------------------------------------------------ the scrape path: blocks, gzip, splits
+
+HOST_FAMILY_NAMES = {f[0] for f in HOST_FAMILIES}
+
+
+def host_series(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {k: v for k, v in samples(text).items() if k[0] in HOST_FAMILY_NAMES}
+
+
+def snapshot_of(hosts: dict[str, tuple[str, tuple[GpuSample, ...]]]) -> Snapshot:
+    """A snapshot of samples only (no health), for the block cache alone."""
+    rows = [(provider, name, gpus) for name, (provider, gpus) in hosts.items()]
+    return Snapshot(rows, FleetHealth(), {}, {}, IngestStats(), len(rows), [])
+
+
+def test_a_host_block_is_rendered_again_only_when_its_values_change() -> None:
+    expo = Exposition()
+    a = tuple(gpu_sample("h-a", i, 1) for i in range(4))
+    b = tuple(gpu_sample("h-b", i, 1) for i in range(4))
+    expo.update(snapshot_of({"h-a": ("p", a), "h-b": ("p", b)}))
+    before = {name: list(e.frags) for name, e in expo.hosts.items()}
+    temp = [n for n, _, _ in HOST_FAMILIES].index("gpuwarden_gpu_temperature_celsius")
+    total = [n for n, _, _ in HOST_FAMILIES].index("gpuwarden_gpu_memory_total_bytes")
+    a2 = tuple(gpu_sample("h-a", i, 2) for i in range(4))  # a new sample: temperature and more change
+    expo.update(snapshot_of({"h-a": ("p", a2), "h-b": ("p", b)}))
+    after = expo.hosts
+    assert all(x is y for x, y in zip(after["h-b"].frags, before["h-b"], strict=True))  # untouched
+    assert after["h-a"].frags[total] is before["h-a"][total]  # same values: the old block is kept
+    assert after["h-a"].frags[temp] != before["h-a"][temp]
+    text = b"".join(after["h-a"].frags).decode()
+    for g in a2:
+        assert f'gpu="{g.index}",uuid="{g.uuid}"}} {g.temp_c!r}\n' in text
+    expo.update(snapshot_of({"h-a": ("p", a2)}))  # h-b left the fleet
+    assert set(expo.hosts) == {"h-a"}
+    out = b"".join(plain_pieces(expo.pieces(Select()))).decode()
+    assert 'host="h-b"' not in out
+    assert 'host="h-a"' in out
+
+
+def test_the_gzip_stream_decodes_to_the_plain_text(service: CollectorService) -> None:
+    fc = FleetCollector(service)
+    snap = fc.snapshot()
+    plain = b"".join(plain_pieces(fc.scrape(snap, Select(), gzip=False)))
+    for _ in range(2):  # the second time from the kept compressed chunks
+        z = b"".join(gzip_pieces(fc.scrape(snap, Select(), gzip=True)))  # type: ignore[arg-type]
+        assert z[:2] == b"\x1f\x8b"
+        assert gzip.decompress(z) == plain
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one member, nothing after it
+        assert d.decompress(z) == plain
+        assert d.eof
+        assert d.unused_data == b""
+
+
+def test_crc32_combine_agrees_with_zlib() -> None:
+    rng = random.Random(3)
+    for _ in range(50):
+        a = rng.randbytes(rng.randrange(0, 3000))
+        b = rng.randbytes(rng.randrange(0, 70000))
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), crc32_shift(len(b))) == zlib.crc32(a + b)
+
+
+def test_shards_partition_the_hosts_and_carry_the_totals_once(service: CollectorService) -> None:
+    fc = FleetCollector(service)
+    snap = fc.snapshot()
+    whole = samples(b"".join(plain_pieces(fc.scrape(snap, Select()))).decode())
+    n = 3
+    parts = [samples(b"".join(plain_pieces(fc.scrape(snap, Select(None, i, n)))).decode()) for i in range(n)]
+    assert sum(len(p) for p in parts) == len(whole)  # no series twice
+    union = {k: v for p in parts for k, v in p.items()}
+    assert union == {k: v for k, v in whole.items() if k[0] != "gpuwarden_stream_subscribers"} | {
+        k: v for k, v in union.items() if k[0] == "gpuwarden_stream_subscribers"
+    }
+    for i, p in enumerate(parts):
+        hosts = {dict(k[1])["host"] for k in p if k[0] == "gpuwarden_gpu_temperature_celsius"}
+        assert all(shard_of(h, n) == i for h in hosts)
+        fleet_wide = [k for k in p if k[0].startswith(("gpuwarden_provider_", "gpuwarden_collector_"))]
+        assert bool(fleet_wide) == (i == 0)
+
+
+def test_the_provider_filter(service: CollectorService) -> None:
+    fc = FleetCollector(service)
+    snap = fc.snapshot()
+    got = samples(b"".join(plain_pieces(fc.scrape(snap, Select("prov-b")))).decode())
+    hosts = {dict(k[1])["host"] for k in got if k[0] == "gpuwarden_gpu_temperature_celsius"}
+    assert hosts == {"b-0", "b-1"}
+    assert {dict(k[1])["provider"] for k in got if k[0].startswith("gpuwarden_provider_")} == {"prov-b"}
+    assert not [k for k in got if k[0].startswith("gpuwarden_collector_")]  # collector-wide: not here
+    whole = samples(b"".join(plain_pieces(fc.scrape(snap, Select()))).decode())
+    assert {k: v for k, v in whole.items() if ("provider", "prov-b") in k[1]} == got
+
+
+async def promtool_check(body: bytes) -> None:
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [system_tool("promtool"), "check", "metrics"],
+        input=body,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-2000:]
+
+
+async def test_the_endpoint_gzips_splits_and_promtool_accepts_every_answer(service: CollectorService) -> None:
+    async with TestClient(TestServer(make_app(service)), auto_decompress=False) as c:
+        r = await c.get("/metrics", headers={"Accept-Encoding": "gzip"})
+        assert r.status == 200
+        assert r.headers["Content-Encoding"] == "gzip"
+        body = gzip.decompress(await r.read())
+        await promtool_check(body)
+        r = await c.get("/metrics", headers={"Accept-Encoding": "identity"})
+        assert "Content-Encoding" not in r.headers
+        plain = await r.read()
+        assert host_series(plain.decode()).keys() == host_series(body.decode()).keys()
+        shards = []
+        for i in range(2):
+            r = await c.get(f"/metrics?shards=2&shard={i}", headers={"Accept-Encoding": "gzip"})
+            shards.append(gzip.decompress(await r.read()))
+            await promtool_check(shards[-1])
+        union = host_series(shards[0].decode()) | host_series(shards[1].decode())
+        assert union.keys() == host_series(plain.decode()).keys()
+        r = await c.get("/metrics?provider=prov-a", headers={"Accept-Encoding": "identity"})
+        assert "Content-Encoding" not in r.headers
+        await promtool_check(await r.read())
+        for bad in ("shards=2&shard=2", "shards=0", "shard=x", "shards=5000"):
+            r = await c.get(f"/metrics?{bad}")
+            assert r.status == 400, bad
+
+
+async def test_a_new_sample_shows_in_the_next_scrape(
+    service: CollectorService, module_nats: NatsServer
+) -> None:
+    async with serving(service) as c:
+        first = host_series(await (await c.get("/metrics")).text())
+        hs = service.state.host("a-0")
+        assert hs is not None
+        assert hs.sample is not None
+        new = sample("a-0", hs.sample.seq + 1, time.time(), provider="prov-a")
+        await send(module_nats.url, [new])
+        await until(lambda: (s := service.state.host("a-0")) is not None and s.sample is not None
+                    and s.sample.seq == new.seq)  # fmt: skip
+        second = host_series(await (await c.get("/metrics")).text())
+    for g in new.gpus:
+        labels = {"provider": "prov-a", "host": "a-0", "gpu": str(g.index), "uuid": g.uuid}
+        key = ("gpuwarden_gpu_temperature_celsius", tuple(sorted(labels.items())))
+        assert second[key] == g.temp_c
+    assert first.keys() == second.keys()
+    changed = {k[0] for k in first if first[k] != second[k] and dict(k[1]).get("host") == "a-0"}
+    assert "gpuwarden_gpu_temperature_celsius" in changed
+
+
+def test_the_documented_scrape_config_is_valid(tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    section = doc[doc.index("### Splitting the scrape") :]
+    block = section[section.index("```yaml\n") + 8 :]
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(block[: block.index("```")])
+    proc = subprocess.run(
+        [system_tool("promtool"), "check", "config", str(cfg)], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-2000:]
+    assert cfg.read_text().count("shard: [") == 4

@@ -39,7 +39,7 @@ from collector.api.live import LIVE, LiveRollup, run_refresher
 from collector.api.openapi import document
 from collector.config import ApiToken
 from collector.health.model import STATUSES
-from collector.metrics import FleetCollector
+from collector.metrics import FleetCollector, Select, accepts_gzip, gzip_pieces, plain_pieces
 from collector.store import queries
 from shared.errors import ConfigError
 
@@ -171,16 +171,28 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(request: web.Request) -> web.StreamResponse:
     fc = request.app[FLEET_COLLECTOR]
-    if fc is not None:
-        fc.prime()  # read the state here, on the event loop; render it in a thread
-        body = await asyncio.to_thread(fc.render)
-    else:
+    if fc is None:
         body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
-    body += generate_latest(request.app[API_REGISTRY])  # the API's own figures (a few lines)
-    resp = web.Response(body=body)
-    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        body += generate_latest(request.app[API_REGISTRY])  # the API's own figures (a few lines)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    q = request.query
+    shards = query_int(q, "shards", 1, 1, 4096) or 1
+    shard = query_int(q, "shard", 0, 0, shards - 1) or 0
+    sel = Select(query_str(q, "provider"), shard, shards)
+    gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    snap = fc.snapshot()  # the state is read here, on the event loop; rendered in a thread
+    extra = generate_latest(request.app[API_REGISTRY]) if sel.with_collector else b""
+    pieces = await asyncio.to_thread(fc.scrape, snap, sel, gzip, extra)
+    resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"})
+    if gzip:
+        resp.headers["Content-Encoding"] = "gzip"
+    await resp.prepare(request)
+    if request.method != "HEAD":  # written a chunk at a time: the body is never built whole
+        for data in gzip_pieces(pieces) if gzip else plain_pieces(pieces):  # type: ignore[arg-type]
+            await resp.write(data)
+    await resp.write_eof()
     return resp
 
 

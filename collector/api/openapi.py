@@ -357,8 +357,17 @@ PATHS: Final[dict[str, Schema]] = {
     },
     "/metrics": {
         "get": {
-            "summary": "Prometheus metrics (text exposition format)",
-            "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}},
+            "summary": "Prometheus metrics (text exposition format; gzip when accepted): all, one "
+            "provider's hosts, or one shard of the hosts (docs/api.md, Prometheus metrics)",
+            "parameters": [
+                param("provider"),
+                param("shard", schema={"type": "integer", "minimum": 0, "maximum": 4095}),
+                param("shards", schema={"type": "integer", "minimum": 1, "maximum": 4096}),
+            ],
+            "responses": {
+                "200": {"description": "OK", "content": {"text/plain": {"schema": STR}}},
+                "400": ERR,
+            },
         }
     },
     "/api/v1/openapi.json": {"get": op("This document", reply({"type": "object"}), errors=(), public=True)},
