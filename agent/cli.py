@@ -142,12 +142,10 @@ def sample_command(
 
 def sample_once(cfg: AgentConfig) -> dict[str, Any]:
     """Open the sources once and return inventory, sample and per-GPU field support as plain data."""
-    from agent.faults import FaultSchedule
+    from agent.gpu.auto import make_sources
     from agent.sampler import Sequencer, build_inventory, build_sample
-    from agent.service import build_sources
 
-    faults = FaultSchedule.parse(cfg.simulate.faults).for_host(cfg.agent.host)
-    backend, system = build_sources(cfg, faults)
+    backend, system = make_sources(cfg)
     backend.open()
     try:
         inv = backend.inventory()

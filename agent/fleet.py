@@ -120,7 +120,7 @@ class Fleet:
         self.stats.cpu_started = time.process_time()
 
     def down(self, h: SimHost) -> bool:
-        return bool(h.faults) and h.faults.host_down(h.backend.elapsed())
+        return h.backend.host_down()
 
     def open_backend(self, h: SimHost) -> bool:
         """Open a host's GPUs as its agent would; an ``nvml_init_fail`` fault leaves the host

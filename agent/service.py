@@ -27,8 +27,7 @@ import psutil
 from nats.aio.msg import Msg
 
 from agent.events import EventTracker
-from agent.faults import FaultSchedule
-from agent.gpu.auto import make_backend
+from agent.gpu.auto import make_sources
 from agent.gpu.base import GpuBackend, GpuEvent, Inventory
 from agent.kmsg import KmsgReader
 from agent.network import nats_rtt_result, run_checks
@@ -36,7 +35,7 @@ from agent.node import NodeSource
 from agent.publisher import Publisher
 from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, build_sample
 from agent.sdnotify import SdNotifier
-from agent.system import PsutilSystem, SimulatedSystem, SystemSource
+from agent.system import SystemSource
 from shared.config import AgentConfig
 from shared.errors import GpuwardenError, NvmlUnavailableError
 from shared.frames import (
@@ -77,28 +76,6 @@ def agent_version() -> str:
         return "0+unknown"
 
 
-def build_sources(config: AgentConfig, faults: FaultSchedule) -> tuple[GpuBackend, SystemSource]:
-    """The GPU backend and system source ``config`` asks for (simulated when ``simulate.gpus``)."""
-    a, sim = config.agent, config.simulate
-    backend = make_backend(
-        "simulated" if sim.gpus > 0 else a.backend,
-        simulate_gpus=sim.gpus,
-        host=a.host,
-        seed=sim.seed,
-        faults=faults,
-        proc_root=a.proc_root,
-        processes=a.processes,
-        events=a.nvml_events,
-        model=sim.model,
-    )
-    system: SystemSource
-    if backend.name == "simulated":
-        system = SimulatedSystem(host=a.host, seed=sim.seed, faults=faults)
-    else:
-        system = PsutilSystem(a.host, node=NodeSource(config.node, proc_root=a.proc_root))
-    return backend, system
-
-
 class AgentService:
     """One agent: samples, events, inventory and poll replies for one host."""
 
@@ -113,9 +90,8 @@ class AgentService:
         self.config = config
         a = config.agent
         self.interval = a.interval
-        self.faults = FaultSchedule.parse(config.simulate.faults).for_host(a.host)
         if backend is None or system is None:
-            b, s = build_sources(config, self.faults)
+            b, s = make_sources(config)
             backend, system = backend or b, system or s
         self.backend = backend
         self.system = system
@@ -165,10 +141,9 @@ class AgentService:
     async def startup(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._nvml_delay = self.nvml_retry[0]
+        self._t0 = time.monotonic()  # uptime; a simulated backend's fault times count from its open
         opened = await self._open_backend()
-        if isinstance(self.system, SimulatedSystem):
-            self.system.open()
-        self._t0 = time.monotonic()  # simulated fault times count from here, as the backend's
+        self.system.open()
         inv, self._host_facts = await asyncio.to_thread(self._read_inventory)
         self._inventory = inv
         self.tracker.set_inventory(inv.gpus)
@@ -180,7 +155,7 @@ class AgentService:
             self._publish_inventory(inv)
         if opened:
             self._start_thread("agent-gpu-events", self.backend.wait_events, loop)
-        if self.config.agent.kmsg and self.backend.name != "simulated":
+        if self.config.agent.kmsg and self.backend.kernel_log:
             self.kmsg = KmsgReader(self.config.agent.kmsg_path)
             self.kmsg.open()
             if self.kmsg.enabled:
@@ -294,8 +269,8 @@ class AgentService:
     # ------------------------------------------------------------------ ticks
 
     def host_down(self) -> bool:
-        """A simulated ``host_down`` fault is active: the host publishes nothing."""
-        return bool(self.faults) and self.faults.host_down(time.monotonic() - self._t0)
+        """The backend says the host is down (a simulated fault): publish nothing."""
+        return self.backend.host_down()
 
     async def tick(self) -> SampleFrame | None:
         """One sampling tick: publish the inventory if it changed, then a sample."""

@@ -131,6 +131,10 @@ class SystemSource(Protocol):
         """Static facts: hostname, OS, kernel, CPU model, memory, boot time and boot id."""
         ...
 
+    def open(self) -> None:
+        """Called once at agent start, before the first sample."""
+        ...
+
 
 def _read_text(path: Path) -> str | None:
     try:
@@ -257,6 +261,9 @@ class PsutilSystem:
         self._nic_exclude = tuple(nic_exclude)
         self._facts: HostFacts | None = None
         psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+
+    def open(self) -> None:
+        """Nothing to prepare (the simulated source starts its fault clock here)."""
 
     def sample(self) -> SystemSample:
         load: tuple[float | None, ...]

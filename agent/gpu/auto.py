@@ -1,4 +1,5 @@
-"""Pick the GPU backend from the configuration: NVML (real GPUs) or simulated GPUs."""
+"""Pick the sources from the configuration: NVML and the real host, or simulated GPUs on a
+simulated host (with the fault schedule of ``[simulate] faults``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Final
 from agent.faults import FaultSchedule
 from agent.gpu.base import GpuBackend
 from agent.gpu.simulated import SimulatedBackend
+from agent.node import NodeSource
+from agent.system import PsutilSystem, SimulatedSystem, SystemSource
+from shared.config import AgentConfig
 from shared.errors import ConfigError
 
 BACKENDS: Final = ("auto", "nvml", "simulated")
@@ -47,3 +51,27 @@ def make_backend(
     from agent.gpu.nvml import NvmlBackend  # lazy: pynvml only where NVML is used
 
     return NvmlBackend(proc_root=proc_root, processes=processes, events=events)
+
+
+def make_sources(config: AgentConfig) -> tuple[GpuBackend, SystemSource]:
+    """The GPU backend and system source ``config`` asks for, not yet opened: simulated GPUs
+    (``simulate.gpus``) come with a simulated host, both following ``simulate.faults``."""
+    a, sim = config.agent, config.simulate
+    faults = FaultSchedule.parse(sim.faults).for_host(a.host)
+    backend = make_backend(
+        "simulated" if sim.gpus > 0 else a.backend,
+        simulate_gpus=sim.gpus,
+        host=a.host,
+        seed=sim.seed,
+        faults=faults,
+        proc_root=a.proc_root,
+        processes=a.processes,
+        events=a.nvml_events,
+        model=sim.model,
+    )
+    system: SystemSource
+    if backend.name == "simulated":
+        system = SimulatedSystem(host=a.host, seed=sim.seed, faults=faults)
+    else:
+        system = PsutilSystem(a.host, node=NodeSource(config.node, proc_root=a.proc_root))
+    return backend, system

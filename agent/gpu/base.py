@@ -56,6 +56,7 @@ class GpuBackend(Protocol):
     """
 
     name: str
+    kernel_log: bool  # the host's kernel log (/dev/kmsg) speaks of these GPUs (XIDs, NVRM lines)
 
     def open(self) -> None:
         """Initialise the library and cache device handles."""
@@ -74,3 +75,6 @@ class GpuBackend(Protocol):
 
         Returns an empty list on timeout. Runs in a dedicated thread.
         """
+
+    def host_down(self) -> bool:
+        """The host publishes nothing now: a simulated ``host_down`` fault; real GPUs: never."""

@@ -56,6 +56,7 @@ class NvmlBackend:
     """
 
     name = "nvml"
+    kernel_log = True
 
     def __init__(
         self,
@@ -638,6 +639,10 @@ class NvmlBackend:
                 self._mark_lost(gpu)
 
     # ------------------------------------------------------------------ events
+
+    def host_down(self) -> bool:
+        """Real GPUs: the host is up whenever the agent runs."""
+        return False
 
     def wait_events(self, timeout_s: float) -> list[GpuEvent]:
         """XID, ECC, page-retirement and recovery-action events, and queued GPU lost/recovered.

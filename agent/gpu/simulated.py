@@ -98,6 +98,7 @@ class SimulatedBackend:
     """
 
     name = "simulated"
+    kernel_log = False  # simulated XIDs come as events; the kernel log knows nothing of them
 
     def __init__(
         self,
@@ -162,6 +163,10 @@ class SimulatedBackend:
         """Stop; wakes a thread blocked in :meth:`wait_events` (idempotent)."""
         self._closed = True
         self._wake.set()
+
+    def host_down(self) -> bool:
+        """A ``host_down`` fault is active (times count from :meth:`open`; False before it)."""
+        return self._t0 is not None and bool(self.faults) and self.faults.host_down(self.elapsed())
 
     def elapsed(self) -> float:
         """Seconds since :meth:`open`, per the clock. Raises ``RuntimeError`` before ``open``."""
