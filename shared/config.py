@@ -28,6 +28,8 @@ from shared.errors import ConfigError
 ENV_PREFIX: Final = "GPUWARDEN_"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
 
 
 def parse_duration(value: object, key: str = "duration") -> float:
@@ -43,6 +45,21 @@ def parse_duration(value: object, key: str = "duration") -> float:
     if seconds < 0:
         raise ConfigError(key, f"duration must not be negative, got {value!r}")
     return seconds
+
+
+def parse_bool(value: object, key: str = "value") -> bool:
+    """The one reading of a boolean: ``True``/``False``, or (from the environment, a flag or a
+    query string) ``1/0``, ``true/false``, ``yes/no``, ``on/off`` in any case. Raises
+    :class:`ConfigError` naming ``key`` for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ConfigError(key, f"expected true or false, got {value!r}")
 
 
 class Secret:
@@ -352,7 +369,7 @@ def coerce(value: Any, hint: Any, meta: Mapping[str, Any], key: str, env: Mappin
             raise ConfigError(key, "expected a list of strings")
         return tuple(items)
     if hint is bool:
-        return _coerce_bool(value, key, from_env)
+        return parse_bool(str(value) if from_env else value, key)
     if hint in (int, float):
         return _coerce_number(value, hint, meta, key, from_env)
     if hint is str:
@@ -360,18 +377,6 @@ def coerce(value: Any, hint: Any, meta: Mapping[str, Any], key: str, env: Mappin
             raise ConfigError(key, f"expected a string, got {type(value).__name__}")
         return str(value)
     raise ConfigError(key, f"unsupported setting type {hint!r}")
-
-
-def _coerce_bool(value: Any, key: str, from_env: bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if from_env or isinstance(value, str):
-        low = str(value).strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-    raise ConfigError(key, f"expected true or false, got {value!r}")
 
 
 def _coerce_number(value: Any, hint: type, meta: Mapping[str, Any], key: str, from_env: bool) -> Any:

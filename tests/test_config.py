@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Secret, load_agent_config, parse_duration, resolve_secret
+from collector.notify.config import notify_config_from
+from shared.config import Secret, load_agent_config, parse_bool, parse_duration, resolve_secret
 from shared.errors import ConfigError
 
 AGENT_TOML = """
@@ -116,3 +117,26 @@ def test_parse_duration(text: str | int, seconds: float) -> None:
 def test_parse_duration_rejects(bad: object) -> None:
     with pytest.raises(ConfigError):
         parse_duration(bad)
+
+
+BOOL_WORDS = [
+    *((w, True) for w in ("1", "true", "yes", "on", "TRUE", " On ")),
+    *((w, False) for w in ("0", "false", "no", "off", "False", "OFF")),
+]
+
+
+@pytest.mark.parametrize(("word", "value"), BOOL_WORDS)
+def test_one_boolean_reading_in_every_section(word: str, value: bool) -> None:
+    """The agent's sections and the collector's [notify] read an environment boolean alike."""
+    agent = load_agent_config(None, env={"GPUWARDEN_AGENT_POLL": word}, flags={})
+    notify = notify_config_from({}, env={"GPUWARDEN_NOTIFY_LOG_ENABLED": word})
+    assert parse_bool(word) is value
+    assert agent.agent.poll is value
+    assert ("log" in notify.names()) is value
+
+
+@pytest.mark.parametrize("bad", ["", "maybe", "2", "enabled", 1, None])
+def test_parse_bool_rejects_naming_the_key(bad: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_bool(bad, "agent.poll")
+    assert e.value.key == "agent.poll"

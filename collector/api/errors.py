@@ -12,6 +12,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from shared.config import parse_bool
+from shared.errors import ConfigError
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT: Final = 10_000
 DEFAULT_LIMIT: Final = 1000
@@ -103,11 +106,10 @@ def query_bool(q: Mapping[str, str], name: str) -> bool | None:
     v = q.get(name)
     if v is None or v == "":
         return None
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise bad(name, f"{name} must be true or false, got {v!r}")
+    try:
+        return parse_bool(v, name)
+    except ConfigError:
+        raise bad(name, f"{name} must be true or false, got {v!r}") from None
 
 
 def page(request: web.Request, items: list[Any]) -> dict[str, Any]:

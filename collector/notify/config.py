@@ -31,7 +31,7 @@ from typing import Any, Final
 from yarl import URL
 
 from collector.alerts.config import AlertConfig, Level, Policy
-from shared.config import Secret, env_name, parse_duration, resolve_secret
+from shared.config import Secret, env_name, parse_bool, parse_duration, resolve_secret
 from shared.errors import ConfigError
 from shared.redact import redact
 
@@ -93,12 +93,7 @@ def _only(t: Mapping[str, Any], allowed: set[str], key: str) -> None:
 
 
 def _bool(t: Mapping[str, Any], name: str, default: bool, key: str) -> bool:
-    v = t.get(name, default)
-    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return v.lower() in ("true", "1", "yes")
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key}.{name}", f"expected true or false, got {v!r}")
-    return v
+    return parse_bool(t.get(name, default), f"{key}.{name}")
 
 
 def _int(t: Mapping[str, Any], name: str, default: int, lo: int, hi: int, key: str) -> int:
