@@ -264,7 +264,11 @@ class Ingest:
             while not self._stop.is_set():
                 try:
                     msgs = await self._sub.fetch(c.batch, timeout=c.fetch_timeout)
-                except (TimeoutError, nats.errors.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):  # idle: write every rollup marked
+                    if writing is not None:
+                        await writing
+                        writing = None
+                    await self.flush_rollups(everything=True)
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                     break
@@ -283,6 +287,8 @@ class Ingest:
         finally:
             if writing is not None:
                 await writing
+            if self.stats.db_up:
+                await self.flush_rollups(everything=True)
             await self.close()
 
     async def _linger(self, msgs: list[Msg]) -> list[Msg]:
@@ -301,6 +307,16 @@ class Ingest:
             self._rl.warning("fetch", "fetch failed: %s", e)
             return msgs
         return msgs + more
+
+    async def flush_rollups(self, everything: bool = False) -> None:
+        """Write the one-minute rollups that are due (:meth:`Writer.flush_rollups`); a failure is
+        logged and retried later (the minutes stay marked, in PostgreSQL too)."""
+        try:
+            await self.writer.flush_rollups(everything)
+        except Exception as e:  # noqa: BLE001 (rollups wait; ingest goes on)
+            if db.is_transient(e):
+                await self.writer.reset()
+            self._rl.warning("rollups", "writing one-minute rollups failed, retried later: %r", e)
 
     async def close(self) -> None:
         """Stop the pull subscription (so that draining NATS does not wait on it)."""
@@ -410,6 +426,7 @@ class Ingest:
                 except Exception as e:  # noqa: BLE001 (stored and acked: a hook's bug must not stop ingest)
                     self.stats.hook_errors += 1
                     self._rl.warning("hook", "a hook failed on a committed batch: %r", e, exc_info=True)
+        await self.flush_rollups()
         return result
 
     def _dropped_gpus(self, item: Accepted) -> None:

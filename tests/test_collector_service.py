@@ -93,6 +93,14 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
         stop.set()
         await publisher
         await wait_until(lambda: _at_least(conn, len(published)), timeout=60)
+
+        async def rolled_up() -> bool:  # the idle collector writes every marked minute's rollups,
+            # those the killed one had marked included
+            n = await conn.fetchval("SELECT sum(n) FROM gpu_rollup_1m")
+            pending = await conn.fetchval("SELECT count(*) FROM gpu_rollup_pending")
+            return n == 8 * len(published) and pending == 0
+
+        await wait_until(rolled_up, timeout=60)
     finally:
         stop.set()
         proc.kill()

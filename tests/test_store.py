@@ -244,6 +244,20 @@ async def test_rollups_count_each_sample_once(conn: asyncpg.Connection, writer: 
     frames = [sample("r1", s, base + s, gpus=2) for s in range(180)]  # 3 minutes at 1 s
     await writer.write([Accepted(f) for f in frames[:100]])
     await writer.write([Accepted(f) for f in frames[50:]])  # overlaps: 50 redelivered
+    # written once per minute, not with every batch: until then each minute is marked pending
+    assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_1m") == 0
+    assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_pending") == 3
+    assert len(writer.rollups_due()) == 2  # the host has sent samples well after 2 of its 3 minutes
+    assert await writer.flush_rollups() == 2
+    assert await writer.flush_rollups(everything=True) == 1
+    assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_pending") == 0
+    await writer.write([Accepted(f) for f in frames[100:150]])  # redelivered again: nothing new
+    assert writer.rollups_due(everything=True) == []
+    # a mark left by a crash (seen by a new connection) is written again: the same figures
+    await conn.execute("INSERT INTO gpu_rollup_pending SELECT DISTINCT host_id, minute FROM gpu_rollup_1m")
+    await writer.reset()
+    await writer.connection()
+    assert await writer.flush_rollups(everything=True) == 3
     rows = await conn.fetch(
         "SELECT gpu_index, minute, n, temp_c_min, temp_c_max, temp_c_sum, temp_c_n FROM gpu_rollup_1m"
         " ORDER BY gpu_index, minute"
@@ -308,6 +322,7 @@ async def test_retention_drops_old_partitions(conn: asyncpg.Connection, writer: 
     today = partitions.day_of(now)
     old = now - 20 * 86400
     await writer.write([Accepted(sample("old", 1, old, gpus=1)), Accepted(sample("old", 2, now, gpus=1))])
+    await writer.flush_rollups(everything=True)
     created = await partitions.ensure_partitions(conn, partitions.days_ahead(today, 3))
     assert len(created) == 6  # today's existed; 3 days ahead x 2 tables
     assert await partitions.ensure_partitions(conn, partitions.days_ahead(today, 3)) == []
@@ -339,17 +354,22 @@ async def test_history_queries(conn: asyncpg.Connection, writer: Writer) -> None
     assert [(p.ts, p.gpu, p.value) for p in seen] == [
         (f.ts, g.index, g.temp_c) for f in frames for g in f.gpus
     ]
-    # step 60 s: from the rollups; step 30 s: aggregated from raw samples; both agree with the data
-    for step, source in ((60, "rollup_1m"), (30, "raw_agg"), (300, "rollup_1m")):
-        page = await queries.history(conn, "q1", "temp_c", start, until, step=step, gpu=1)
-        assert page.source == source
-        assert len(page.points) == 1200 // step
-        for p in page.points:
-            vals = [f.gpus[1].temp_c for f in frames if p.ts <= f.ts < p.ts + step]
-            assert p.count == len(vals)
-            assert p.min == min(vals)
-            assert p.max == max(vals)
-            assert p.value == pytest.approx(sum(vals) / len(vals))
+    # step 60 s: from the rollups; step 30 s: aggregated from raw samples; both agree with the data,
+    # before the rollups are written (minutes marked pending are read from the samples) and after
+    for flush in (False, True):
+        if flush:
+            assert await writer.flush_rollups(everything=True) == 20  # 20 minutes of one host
+        for step, source in ((60, "rollup_1m"), (30, "raw_agg"), (300, "rollup_1m")):
+            for gpu in (1, None):
+                page = await queries.history(conn, "q1", "temp_c", start, until, step=step, gpu=gpu)
+                assert page.source == source
+                assert len(page.points) == 1200 // step * (1 if gpu is not None else 2)
+                for p in page.points:
+                    vals = [f.gpus[p.gpu or 0].temp_c for f in frames if p.ts <= f.ts < p.ts + step]
+                    assert p.count == len(vals)
+                    assert p.min == min(vals)
+                    assert p.max == max(vals)
+                    assert p.value == pytest.approx(sum(vals) / len(vals))
     host_page = await queries.history(conn, "q1", "cpu_pct", start, until, step=600)
     assert [p.value for p in host_page.points] == [12.5, 12.5]
     with pytest.raises(queries.QueryError):

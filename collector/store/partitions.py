@@ -104,4 +104,5 @@ async def apply_retention(
     await conn.execute("DELETE FROM events WHERE ts < $1", long_cut)
     await conn.execute("DELETE FROM inventory_reports WHERE ts < $1", long_cut)
     await conn.execute("DELETE FROM rejected_frames WHERE received < $1", short_cut)
+    await conn.execute("DELETE FROM gpu_rollup_pending WHERE minute < $1", short_cut)  # samples gone
     return dropped

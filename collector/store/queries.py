@@ -179,13 +179,23 @@ async def _aggregate(
 async def _rollup(
     conn: Conn, hid: int, metric: str, since: float, until: float, step: float, gpu: int | None
 ) -> HistoryPage:
+    """From ``gpu_rollup_1m``; minutes still marked in ``gpu_rollup_pending`` (their rollups are
+    written once the minute is over) are aggregated from the raw samples the same way."""
     args, where = _window(hid, since, until, float(step), gpu, ts="minute")
     m = metric
+    one = f" AND s.gpu_index = ${len(args)}" if gpu is not None else ""
     rows = await conn.fetch(
-        f"SELECT floor(extract(epoch FROM minute) / $4) * $4 AS b, gpu_index AS g,"  # noqa: S608
-        f" (sum({m}_sum) / nullif(sum({m}_n), 0))::float8 AS v, min({m}_min)::float8 AS lo,"
-        f" max({m}_max)::float8 AS hi, sum({m}_n) AS n"
-        f" FROM gpu_rollup_1m WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2",
+        f"SELECT floor(extract(epoch FROM minute) / $4) * $4 AS b, g,"  # noqa: S608 (checked names)
+        " (sum(t) / nullif(sum(c), 0))::float8 AS v, min(lo)::float8 AS lo, max(hi)::float8 AS hi,"
+        " sum(c) AS n FROM ("
+        f" SELECT minute, gpu_index AS g, {m}_sum AS t, {m}_n AS c, {m}_min AS lo, {m}_max AS hi"
+        f" FROM gpu_rollup_1m r WHERE {where} AND NOT EXISTS (SELECT 1 FROM gpu_rollup_pending p"
+        "  WHERE p.host_id = r.host_id AND p.minute = r.minute)"
+        f" UNION ALL SELECT p.minute, s.gpu_index, sum(s.{m}), count(s.{m}), min(s.{m}), max(s.{m})"
+        " FROM gpu_rollup_pending p JOIN gpu_samples s ON s.host_id = p.host_id AND s.ts >= p.minute"
+        f"  AND s.ts < p.minute + interval '1 minute'{one}"
+        " WHERE p.host_id = $1 AND p.minute >= $2 AND p.minute < $3 GROUP BY 1, 2"
+        ") x GROUP BY 1, 2 ORDER BY 1, 2",
         *args,
     )
     return HistoryPage([_point(r, True) for r in rows], None, "rollup_1m")

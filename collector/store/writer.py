@@ -62,18 +62,8 @@ EVENT_COLUMNS: Final = (
 
 def _samples_sql() -> str:
     """One statement for a batch of staged samples: insert the host rows that are new (the
-    idempotence key is host, boot id, sequence), the GPU rows of exactly those frames, and
-    fold those GPU rows into the one-minute rollups; return the numbers of the new frames."""
-    cols, aggs, sets = [], [], []
-    for m in ROLLUP_METRICS:
-        cols += [f"{m}_min", f"{m}_max", f"{m}_sum", f"{m}_n"]
-        aggs += [f"min({m})", f"max({m})", f"sum({m})", f"count({m})"]
-        sets += [
-            f"{m}_min = least(r.{m}_min, EXCLUDED.{m}_min)",
-            f"{m}_max = greatest(r.{m}_max, EXCLUDED.{m}_max)",
-            f"{m}_sum = coalesce(r.{m}_sum, 0) + coalesce(EXCLUDED.{m}_sum, 0)",
-            f"{m}_n = r.{m}_n + EXCLUDED.{m}_n",
-        ]
+    idempotence key is host, boot id, sequence) and the GPU rows of exactly those frames;
+    return the numbers of the new frames. Rollups are not touched here (:meth:`Writer.flush_rollups`)."""
     hcols, gcols = ", ".join(HOST_COLUMNS), ", ".join(GPU_COLUMNS)
     # identifiers come from constants (column lists of shared.frames fields), never from input
     return (
@@ -81,15 +71,43 @@ def _samples_sql() -> str:
         " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq),"
         " fresh AS (SELECT s.n FROM stage_host s JOIN new USING (host_id, boot_id, seq)),"
         f" g AS (INSERT INTO gpu_samples ({gcols}) SELECT {gcols} FROM stage_gpu"
-        f" WHERE n IN (SELECT n FROM fresh) RETURNING host_id, gpu_index, ts, {', '.join(ROLLUP_METRICS)}),"
-        f" r AS (INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"
-        f" SELECT host_id, gpu_index, date_trunc('minute', ts), count(*), {', '.join(aggs)}"
-        " FROM g GROUP BY 1, 2, 3"
-        f" ON CONFLICT (host_id, gpu_index, minute) DO UPDATE SET n = r.n + EXCLUDED.n, {', '.join(sets)})"
+        " WHERE n IN (SELECT n FROM fresh))"
         " SELECT n FROM fresh"
     )
 
 
+def _rollup_sql() -> str:
+    """Recompute the one-minute rollups of the given (host, minute) pairs from the stored samples
+    (overwriting: running it twice, or after more rows came, gives the right figures)."""
+    cols, aggs, sets = [], [], ["n = EXCLUDED.n"]
+    for m in ROLLUP_METRICS:
+        for part, agg in (("min", "min"), ("max", "max"), ("sum", "sum"), ("n", "count")):
+            cols.append(f"{m}_{part}")
+            aggs.append(f"{agg}(s.{m})")
+            sets.append(f"{m}_{part} = EXCLUDED.{m}_{part}")
+    return (
+        f"INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"  # noqa: S608
+        f" SELECT s.host_id, s.gpu_index, p.minute, count(*), {', '.join(aggs)}"
+        " FROM unnest($1::int[], $2::timestamptz[]) AS p(host_id, minute)"
+        " JOIN gpu_samples s ON s.host_id = p.host_id AND s.ts >= p.minute"
+        " AND s.ts < p.minute + interval '1 minute'"
+        " GROUP BY s.host_id, s.gpu_index, p.minute"
+        f" ON CONFLICT (host_id, gpu_index, minute) DO UPDATE SET {', '.join(sets)}"
+    )
+
+
+ROLLUP_SQL: Final = _rollup_sql()
+MARK_SQL: Final = (
+    "INSERT INTO gpu_rollup_pending (host_id, minute)"
+    " SELECT * FROM unnest($1::int[], $2::timestamptz[]) ON CONFLICT DO NOTHING"
+)
+# the marks first: a batch committing meanwhile either sees its mark kept, or its rows counted
+UNMARK_SQL: Final = (
+    "DELETE FROM gpu_rollup_pending p USING unnest($1::int[], $2::timestamptz[]) AS v(host_id, minute)"
+    " WHERE p.host_id = v.host_id AND p.minute = v.minute"
+)
+ROLLUP_SLACK: Final = 5.0  # a host's minute is rolled up once it sent a sample this long after it
+ROLLUP_MAX_WAIT: Final = 90.0  # ... or, if it fell silent, this long after it was marked
 SAMPLES_SQL: Final = _samples_sql()
 _STAGING: Final = (
     "CREATE TEMP TABLE IF NOT EXISTS stage_host (n integer, LIKE host_samples) ON COMMIT DELETE ROWS",
@@ -148,6 +166,9 @@ class Writer:
         self._days: set[date] = set()
         self._gpus: dict[tuple[int, int], str] = {}  # (host_id, index) -> uuid stored
         self._seen_written: dict[int, float] = {}  # host_id -> monotonic time of last update
+        # (host_id, minute start) -> monotonic time marked: minutes whose rollups are to be written
+        self._pending: dict[tuple[int, float], float] = {}
+        self._newest: dict[int, float] = {}  # host_id -> newest sample time stored
 
     async def connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -156,6 +177,9 @@ class Writer:
             await conn.execute("SET synchronous_commit = on")
             for sql in _STAGING:
                 await conn.execute(sql)
+            now = time.monotonic()  # marks left by a crash, or by a batch whose commit we did not see
+            marks = await conn.fetch("SELECT host_id, minute FROM gpu_rollup_pending")
+            self._pending = {(r[0], r[1].timestamp()): now for r in marks}
             self._conn = conn
             self._days = set()
         return self._conn
@@ -256,13 +280,14 @@ class Writer:
             self._days |= days
         result = WriteResult()
         new_gpus: dict[tuple[int, int], str] = {}
+        marks: list[tuple[int, float]] = []
         async with conn.transaction():
             samples = [f for f in frames if type(f) is SampleFrame]
             events = [f for f in frames if type(f) is EventFrame]
             inventories = [f for f in frames if type(f) is InventoryFrame]
             new_keys: set[FrameKey] = set()
             if samples:
-                new_keys |= await self._write_samples(conn, samples, result, new_gpus)
+                new_keys |= await self._write_samples(conn, samples, result, new_gpus, marks)
             if events:
                 new_keys |= await self._write_events(conn, events)
             for inv in inventories:
@@ -279,6 +304,9 @@ class Writer:
                 )
             await self._touch_last_seen(conn, frames)
         self._gpus.update(new_gpus)
+        now = time.monotonic()
+        for mark in marks:
+            self._pending.setdefault(mark, now)
         for f in frames:
             if self._key(f) in new_keys:
                 result.new.append(f)
@@ -322,6 +350,7 @@ class Writer:
         samples: list[SampleFrame],
         result: WriteResult,
         new_gpus: dict[tuple[int, int], str],
+        marks: list[tuple[int, float]],
     ) -> set[FrameKey]:
         host_rows: list[tuple[Any, ...]] = []
         gpu_rows: list[tuple[Any, ...]] = []
@@ -343,16 +372,55 @@ class Writer:
             await conn.copy_records_to_table("stage_gpu", records=gpu_rows, columns=GPU_STAGE_COLUMNS)
         fresh = await conn.fetch(SAMPLES_SQL)
         new_keys: set[FrameKey] = set()
+        fresh_marks: set[tuple[int, float]] = set()
         for r in fresh:
             key, f = numbered[r[0]]
             new_keys.add(key)
             result.gpu_rows += len(f.gpus)
+            if f.gpus:
+                mark = (key[0], f.ts - f.ts % 60)
+                if mark not in self._pending:
+                    fresh_marks.add(mark)
+                if f.ts > self._newest.get(key[0], 0.0):
+                    self._newest[key[0]] = f.ts
             for g in f.gpus:
                 if self._gpus.get((key[0], g.index)) != g.uuid:
                     new_gpus[(key[0], g.index)] = g.uuid
+        if fresh_marks:
+            marks.extend(fresh_marks)
+            await conn.execute(MARK_SQL, [m[0] for m in fresh_marks], [utc(m[1]) for m in fresh_marks])
         if new_gpus:
             await self._upsert_gpus_seen(conn, new_gpus, dict(numbered), new_keys)
         return new_keys
+
+    def rollups_due(self, everything: bool = False) -> list[tuple[int, float]]:
+        """Marked (host, minute) pairs whose rollups can be written now: the host has sent a
+        sample ``ROLLUP_SLACK`` after the minute, or the mark is ``ROLLUP_MAX_WAIT`` old."""
+        if everything:
+            return list(self._pending)
+        now = time.monotonic()
+        newest = self._newest
+        return [
+            (hid, minute)
+            for (hid, minute), marked in self._pending.items()
+            if newest.get(hid, 0.0) >= minute + 60.0 + ROLLUP_SLACK or now - marked >= ROLLUP_MAX_WAIT
+        ]
+
+    async def flush_rollups(self, everything: bool = False) -> int:
+        """Write the rollups that are due (all marked ones with ``everything``), once each, in one
+        transaction with the removal of their marks; returns the (host, minute) pairs written.
+        Raises on connection failure (the marks stay, in memory and in PostgreSQL)."""
+        due = self.rollups_due(everything)
+        if not due:
+            return 0
+        conn = await self.connection()
+        ids, minutes = [d[0] for d in due], [utc(d[1]) for d in due]
+        async with conn.transaction():
+            await conn.execute(UNMARK_SQL, ids, minutes)
+            await conn.execute(ROLLUP_SQL, ids, minutes)
+        for d in due:
+            self._pending.pop(d, None)
+        return len(due)
 
     async def _upsert_gpus_seen(
         self,
