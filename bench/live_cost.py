@@ -5,8 +5,8 @@ second, default 300) into one real ``gpuwarden collector run`` process (ingest, 
 notifications and the HTTP API all on, as deployed) and a private PostgreSQL configured as an
 operator runs it (``fsync``, ``synchronous_commit`` and ``full_page_writes`` on). After a warm-up,
 for ``BENCH_LIVE_SECONDS`` (default 60: the once-a-minute work included) the CPU time (user +
-system) of the collector process and of every PostgreSQL process (the postmaster's whole tree, backends and workers that come and go
-included: see :func:`bench._util.tree_cpu`) is read from ``/proc`` and divided by the GPU-samples
+system) of the collector process and of every PostgreSQL process (the postmaster's whole tree,
+backends and workers that come and go included: see :func:`bench._util.tree_cpu`) is read from ``/proc`` and divided by the GPU-samples
 stored in that window. The fleet simulator and nats-server are not counted (they stand for the
 agents and the bus); nats-server's figure is printed for information.
 
