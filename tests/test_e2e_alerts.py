@@ -54,10 +54,6 @@ def by_host(rx: Receiver) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-# Known intermittent on a loaded machine: one fault (throttle, once ecc_dbe) is notified
-# firing/resolved twice. Not yet explained; a second try keeps CI honest about the rest until
-# it is, and a failure in both tries still fails.
-@pytest.mark.flaky(reruns=1)
 async def test_every_fault_kind_alerts_and_resolves_and_healthy_hosts_stay_quiet(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:

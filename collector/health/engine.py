@@ -193,14 +193,18 @@ class HealthEngine:
             hs.interval_s = frame.interval_s
         ts = frame.ts or now
         gpu_checks = self.gpu
+        order = (frame.boot_id, frame.seq)  # its readings are older than this run's later events
         for g in frame.gpus:
             gs = self._gpu(em, hs, g.index, g.uuid, now)
             if gs.xids or gs.fatal_xids or gs.rma_until:
+                em.sample = None
                 n = len(em.out)
                 gpu_checks.expire(em, gs, gs.labels, now)
                 if len(em.out) != n:
                     gs.quiet = False
+            em.sample = order
             gpu_checks.sample(em, gs, gs.labels, g, ts)
+        em.sample = None
         if frame.gpus and len(hs.gpus) > len(frame.gpus):
             present = {g.index for g in frame.gpus}
             for index, gs in hs.gpus.items():
@@ -247,6 +251,7 @@ class HealthEngine:
             return state, em.out
         hs = self._host(state, frame.host, frame.provider, em, now)
         self._boot(hs, frame.boot_id)
+        em.event = (frame.boot_id, frame.seq)  # samples taken before it do not undo what it concludes
         hs.recent_events.append(frame.seq)
         if len(hs.recent_events) > _RECENT_EVENTS:
             del hs.recent_events[: len(hs.recent_events) - _RECENT_EVENTS]
@@ -292,6 +297,7 @@ class HealthEngine:
                 checks.clock_events(em, gs, base, active, frame.ts or now)
             elif t == "throttle_stop":
                 gs.throttle_since = None
+                gs.throttle_until = frame.ts or now  # the violation time it accrued was reported
                 em.emit(gs.checks, "gpu.clock_events", base, HEALTHY, now, value=0.0)
         elif t == "recovery_action" and frame.value is not None:
             checks.recovery(em, gs, base, frame.value, now)

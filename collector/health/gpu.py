@@ -215,6 +215,8 @@ class GpuChecks:
     def _full(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         c = gs.checks
         if g.lost:
+            if em.superseded(c, "gpu.lost"):
+                return  # read before the GPU came back (gpu_recovered): older news
             if not gs.lost:
                 gs.lost = True
             em.emit(
@@ -230,7 +232,9 @@ class GpuChecks:
                 immediate=True,
             )
             return
-        if gs.lost or "gpu.lost" not in c or c["gpu.lost"].quiet < em.healthy_for:
+        if (gs.lost or "gpu.lost" not in c or c["gpu.lost"].quiet < em.healthy_for) and not em.superseded(
+            c, "gpu.lost"
+        ):  # (read before a gpu_lost event: the GPU stays lost)
             gs.lost = False
             em.emit(c, "gpu.lost", base, HEALTHY, ts, value=0.0)
         prev, dt = gs.last, (ts - gs.last_ts) if gs.last_ts is not None else 0.0
@@ -443,6 +447,8 @@ class GpuChecks:
         ts: float,
     ) -> None:
         cfg = self.cfg
+        if em.superseded(gs.checks, "gpu.clock_events"):
+            return  # read before a throttle event already judged: older news
         reasons = g.clock_event_reasons
         if reasons is None:
             if not gs.event_reasons:
@@ -454,7 +460,11 @@ class GpuChecks:
             return
         gs.throttle_since = None
         thermal = _delta(g.throttle_thermal_ns, prev.throttle_thermal_ns if prev is not None else None)
-        if cfg.thermal_violation_warns and thermal:
+        # violation time accrued by a throttle already reported (its reasons active at the last
+        # sample, or its events since) is that throttle's, not a new one to warn about
+        until, last = gs.throttle_until, gs.last_ts
+        reported = until is not None and last is not None and until >= last
+        if cfg.thermal_violation_warns and thermal and not reported:
             em.emit(
                 gs.checks,
                 "gpu.clock_events",
@@ -474,6 +484,8 @@ class GpuChecks:
     ) -> None:
         if gs.throttle_since is None:
             gs.throttle_since = ts
+        if gs.throttle_until is None or ts > gs.throttle_until:
+            gs.throttle_until = ts
         held = ts - gs.throttle_since
         sustained = held >= self.cfg.clock_event_sustained
         status = CRITICAL if sustained else WARNING

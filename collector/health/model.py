@@ -90,6 +90,10 @@ class CheckStatus:
     value: float | None = None
     summary: str = ""
     advice: str = ""
+    # the newest event frame (agent run, seq) that concluded this check: a sample the agent
+    # took before it (a lower seq of that run) is older news and does not change the check
+    event_boot: str = ""
+    event_seq: int = -1
 
 
 @dataclass(slots=True)
@@ -115,6 +119,7 @@ class GpuState:
     stale: bool = False
     quiet: bool = False  # every check healthy and quiet: the next sample may take the fast path
     throttle_since: float | None = None  # HW clock-event reasons active continuously since
+    throttle_until: float | None = None  # a reported throttle (reasons or events) lasted until then
     event_reasons: int = 0  # reason bits from throttle_start/throttle_stop events
     memory_trend_at: float | None = None  # when a lifetime memory-error counter last grew
     memory_trend: str = ""  # what grew then (summary text)
@@ -186,13 +191,31 @@ class Emitter:
     the first time a check is evaluated and for ``emit_healthy_for`` evaluations after a
     problem clears (so the alert engine resolves it and its flap history decays), then the
     check goes quiet until its status changes.
+
+    Events and samples judge some checks alike (GPU lost, double-bit ECC, clock events, row
+    remap, recovery action). The fast event path judges an event as it arrives while the
+    samples wait in the ingest, so a sample the agent took *before* an event is often judged
+    *after* it: while ``event`` is set (judging an event frame: its agent run and seq) the
+    checks concluded remember it; while ``sample`` is set (judging a sample's GPU readings)
+    a check that an event of the same run with a higher seq concluded keeps that conclusion
+    (:meth:`superseded`): the sample is older news, not a change.
     """
 
-    __slots__ = ("healthy_for", "out")
+    __slots__ = ("event", "healthy_for", "out", "sample")
 
     def __init__(self, healthy_for: int) -> None:
         self.healthy_for = healthy_for
         self.out: list[Observation] = []
+        self.event: tuple[str, int] | None = None  # (boot id, seq) of the event frame being judged
+        self.sample: tuple[str, int] | None = None  # (boot id, seq) of the sample frame being judged
+
+    def superseded(self, checks: Mapping[str, CheckStatus], local: str) -> bool:
+        """The sample being judged was taken before the newest event that concluded ``local``."""
+        s = self.sample
+        if s is None:
+            return False
+        cs = checks.get(local)
+        return cs is not None and cs.event_seq > s[1] and cs.event_boot == s[0]
 
     def emit(
         self,
@@ -216,13 +239,21 @@ class Emitter:
         """
         local = check_key(check, extra)
         cs = checks.get(local)
+        ev = self.event
         if cs is None:
             labels = dict(base)
             labels.update(extra)
             cs = CheckStatus(check, labels_key(check, labels), labels, status, at, at)
             cs.quiet = self.healthy_for if status == HEALTHY else 0
             checks[local] = cs
+            if ev is not None:
+                cs.event_boot, cs.event_seq = ev
         else:
+            s = self.sample
+            if s is not None and cs.event_seq > s[1] and cs.event_boot == s[0]:
+                return  # an event taken after this sample concluded the check (see the class)
+            if ev is not None and (ev[0] != cs.event_boot or ev[1] > cs.event_seq):
+                cs.event_boot, cs.event_seq = ev
             if status == HEALTHY:
                 if cs.status == HEALTHY:
                     cs.at = at
