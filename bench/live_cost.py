@@ -3,12 +3,13 @@
 A live simulated fleet (``gpuwarden fleet``: ``BENCH_LIVE_HOSTS`` hosts x 8 GPUs publishing every
 second, default 300) into one real ``gpuwarden collector run`` process (ingest, health, alerts,
 notifications and the HTTP API all on, as deployed) and a private PostgreSQL configured as an
-operator runs it (``fsync``, ``synchronous_commit`` and ``full_page_writes`` on). After a warm-up,
-for ``BENCH_LIVE_SECONDS`` (default 60: the once-a-minute work included) the CPU time (user +
-system) of the collector process and of every PostgreSQL process (the postmaster's whole tree,
-backends and workers that come and go included: see :func:`bench._util.tree_cpu`) is read from ``/proc`` and divided by the GPU-samples
-stored in that window. The fleet simulator and nats-server are not counted (they stand for the
-agents and the bus); nats-server's figure is printed for information.
+operator runs it (``fsync``, ``synchronous_commit`` and ``full_page_writes`` on). After a
+warm-up, for ``BENCH_LIVE_SECONDS`` (default 60: the once-a-minute work included), the CPU time
+(user + system) of the collector process and of every PostgreSQL process (the postmaster's whole
+tree, backends and workers that come and go included: see :func:`bench._util.tree_cpu`) is read
+from ``/proc`` and divided by the GPU-samples stored in that window. The fleet simulator and
+nats-server are not counted (they stand for the agents and the bus); nats-server's figure is
+printed for information.
 
 ``BENCH_PROFILE=1`` also runs the collector under cProfile (top functions by own time to stderr;
 the profiled run's CPU figures are inflated by the profiler) and prints PostgreSQL's statements
