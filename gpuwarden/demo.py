@@ -14,7 +14,6 @@ import contextlib
 import logging
 import secrets
 import shutil
-import signal
 import socket
 import tempfile
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from collector.config import load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, PostgresServer
 from shared.config import NatsConfig
+from shared.tasks import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,21 @@ async def run_demo(
     echo: Callable[[str], None] = print,
 ) -> None:
     """Run the demo until SIGINT/SIGTERM (or ``duration`` seconds)."""
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    with stop_on_signals(stop.set):
+        await _demo(stop, hosts, gpus, providers, interval, port, duration, echo)
+
+
+async def _demo(
+    stop: asyncio.Event,
+    hosts: int,
+    gpus: int,
+    providers: int,
+    interval: float,
+    port: int,
+    duration: float | None,
+    echo: Callable[[str], None],
+) -> None:
     nats_server: NatsServer | None = None
     pg: PostgresServer | None = None
     svc: CollectorService | None = None
@@ -174,6 +185,4 @@ async def run_demo(
             if server is not None:
                 await asyncio.to_thread(server.close)
         shutil.rmtree(confdir, ignore_errors=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         echo("demo: stopped")
