@@ -1,7 +1,7 @@
 """The node sources' cost on a real-shaped node (issue 14): what the agent adds to each tick.
 
 ``NodeSource.read`` on an H100-shaped sysfs tree (8 InfiniBand ports and a RoCE bond, written
-to a temporary directory by ``tests/sysfs_ib.py``), this machine's ``/proc/modules`` and
+to a temporary directory by ``tests/support/sysfs_ib.py``), this machine's ``/proc/modules`` and
 ``adjtimex``: CPU per read. The ``/proc`` D-state scan (every ``[node] dstate_every``, 30 s by
 default) per scan. The kernel-log reader's per-line cost for lines of no class (the pre-filter)
 and for class lines (regular expressions, counting), from the real lines of
@@ -20,7 +20,7 @@ from pathlib import Path
 from agent.kmsg import KmsgReader
 from agent.node import DStateScanner, NodeSource
 from shared.config import NodeConfig
-from tests.sysfs_ib import write_tree
+from tests.support.sysfs_ib import write_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 500

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from agent.gpu.nvml import NvmlBackend
-from tests.fake_pynvml import FakeNvml
+from tests.support.fake_pynvml import FakeNvml
 
 GPUS = 8
 TICKS = 400

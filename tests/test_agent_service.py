@@ -319,7 +319,7 @@ async def test_nvml_that_cannot_initialise_leaves_the_agent_reporting_and_retryi
 
     from agent.gpu.nvml import NvmlBackend
     from agent.system import PsutilSystem
-    from tests.fake_pynvml import FakeNvml
+    from tests.support.fake_pynvml import FakeNvml
 
     fake = FakeNvml.load()
     fake.init_error = error
@@ -351,7 +351,7 @@ async def test_node_part_and_kernel_log_classes_reach_the_samples(
     nats_url: str, host: str, tap: Tap, tmp_path: object
 ) -> None:
     """A real agent (recorded NVML) with the kernel log on a file and sysfs on an H100-shaped
-    tree (tests/sysfs_ib.py): samples carry the IB ports and the kernel-log class counts; an XID
+    tree (tests/support/sysfs_ib.py): samples carry the IB ports and the kernel-log class counts; an XID
     line in the same log still goes out at once as an event (one reader, urgent path unchanged)."""
     from pathlib import Path
 
@@ -359,8 +359,8 @@ async def test_node_part_and_kernel_log_classes_reach_the_samples(
     from agent.node import NodeSource
     from agent.system import PsutilSystem
     from shared.config import NodeConfig
-    from tests.fake_pynvml import FakeNvml
-    from tests.sysfs_ib import write_tree
+    from tests.support.fake_pynvml import FakeNvml
+    from tests.support.sysfs_ib import write_tree
 
     log = Path(str(tmp_path)) / "kmsg"
     log.write_text("")
@@ -404,7 +404,7 @@ async def test_an_nvml_xid74_waits_for_its_kernel_log_line_which_names_the_link(
 
     from agent.gpu.nvml import NvmlBackend
     from agent.system import PsutilSystem
-    from tests.fake_pynvml import FakeNvml
+    from tests.support.fake_pynvml import FakeNvml
 
     log = Path(str(tmp_path)) / "kmsg"
     log.write_text("")

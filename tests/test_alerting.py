@@ -22,7 +22,7 @@ from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.frames import Frame
-from tests.local_http import Handler, LocalHttp
+from tests.support.local_http import Handler, LocalHttp
 from tests.test_ingest import publish
 from tests.test_store import event, sample
 

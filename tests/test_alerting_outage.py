@@ -43,7 +43,7 @@ from collector.store import migrate
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
 from shared.config import NatsConfig
 from shared.frames import encode
-from tests.local_http import Handler, LocalHttp
+from tests.support.local_http import Handler, LocalHttp
 from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
 
 OUTAGE_S = 10.0

@@ -31,7 +31,7 @@ from collector.state import HostState
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from shared.frames import EventFrame
-from tests.system_tools import system_tool
+from tests.support.system_tools import system_tool
 from tests.test_alerting import collector, send, until
 
 TOKEN = "dash-" + uuid.uuid4().hex

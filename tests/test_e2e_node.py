@@ -23,8 +23,8 @@ from shared.config import (
     NodeConfig,
     SimulateConfig,
 )
-from tests.fake_pynvml import FakeNvml
-from tests.sysfs_ib import write_tree
+from tests.support.fake_pynvml import FakeNvml
+from tests.support.sysfs_ib import write_tree
 from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
 
 CONFIG = """

@@ -22,8 +22,8 @@ from agent.fleet import Fleet
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
-from tests.local_http import Handler, LocalHttp
-from tests.scenario import CHANNELS, Scenario, Told, catalogue, mismatches, told_of_webhook
+from tests.support.local_http import Handler, LocalHttp
+from tests.support.scenario import CHANNELS, Scenario, Told, catalogue, mismatches, told_of_webhook
 from tests.test_alerting import write_config
 
 E2E = [sc for sc in catalogue() if sc.e2e]

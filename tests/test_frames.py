@@ -21,7 +21,7 @@ from shared.frames import (
     from_wire,
     to_wire,
 )
-from tests import frame_fixtures as fx
+from tests.support import frame_fixtures as fx
 
 
 @pytest.mark.parametrize("frame", [fx.sample(), fx.event(), fx.inventory(), fx.sample(gpus=0)])

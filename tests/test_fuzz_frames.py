@@ -35,7 +35,7 @@ from collector.store.writer import Accepted, Rejection
 from gpuwarden.servers import NatsServer
 from shared.frames import AgentStats, CheckResult, Frame, decode, encode, to_wire
 from shared.subjects import parse_subject, subject_for
-from tests import frame_fixtures as fx
+from tests.support import frame_fixtures as fx
 from tests.test_ingest import _count, config, wait_until
 
 CHECK_CASES = 10_000

@@ -29,7 +29,7 @@ from shared.frames import (
     SystemSample,
 )
 from shared.sxid import parse_catalog
-from tests.sysfs_ib import write_tree
+from tests.support.sysfs_ib import write_tree
 
 T0 = 1_700_000_000.0
 H100 = "NVIDIA H100 80GB HBM3"

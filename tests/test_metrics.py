@@ -43,7 +43,7 @@ from collector.metrics import (
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
 from shared.frames import GpuSample
-from tests.system_tools import system_tool
+from tests.support.system_tools import system_tool
 from tests.test_alerting import send, until
 from tests.test_api import XID_HOST, module_dsn, module_nats, running
 from tests.test_store import gpu_sample, sample

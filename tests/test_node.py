@@ -33,7 +33,7 @@ from agent.node import (
 from agent.system import SIM_IB_PORTS, SimulatedSystem, disk_usage
 from shared.config import NodeConfig
 from shared.frames import ModuleState, ServiceState
-from tests.sysfs_ib import h100_port, write_port, write_tree
+from tests.support.sysfs_ib import h100_port, write_port, write_tree
 
 IB_DEVICES = ["mlx5_0", "mlx5_1", "mlx5_4", "mlx5_5", "mlx5_6", "mlx5_7", "mlx5_8", "mlx5_9", "mlx5_bond_0"]
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from gpuwarden.servers import NatsServer, free_port
-from tests.system_tools import system_tool
+from tests.support.system_tools import system_tool
 from tests.test_alerting import collector, send, until, write_config
 from tests.test_store import event
 

@@ -13,7 +13,7 @@ from agent.gpu.base import GpuBackend
 from agent.gpu.nvml import NvmlBackend
 from shared.errors import EXIT_NVML, NvmlUnavailableError
 from shared.frames import InventoryFrame, SampleFrame, decode, encode
-from tests.fake_pynvml import FakeNvml
+from tests.support.fake_pynvml import FakeNvml
 
 XID, SBE, DBE, PSTATE, RECOVERY = 0x8, 0x1, 0x2, 0x4, 0x8000
 

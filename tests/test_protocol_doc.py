@@ -13,7 +13,7 @@ import pytest
 from shared import frames
 from shared.frames import encode
 from shared.subjects import event_subject, sample_subject
-from tests import frame_fixtures as fx
+from tests.support import frame_fixtures as fx
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 

@@ -1,4 +1,4 @@
-"""The alerting scenario catalogue (``tests/scenarios/*.toml``, see ``tests/scenario.py``)
+"""The alerting scenario catalogue (``tests/scenarios/*.toml``, see ``tests/support/scenario.py``)
 through the pure engines: simulated agents on a virtual clock, the health engine and the
 alert engine as the collector runs them; every notification per channel must be the
 expected one, and no other may be sent."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.scenario import catalogue, mismatches, run_pure
+from tests.support.scenario import catalogue, mismatches, run_pure
 
 SCENARIOS = catalogue()
 

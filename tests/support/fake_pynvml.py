@@ -20,7 +20,7 @@ from typing import Any
 
 import pynvml as real
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 
 # Functions whose answer is a structure, built from the recorded dict / list.
 _STRUCTS: dict[str, Any] = {

@@ -56,7 +56,7 @@ from collector.health.codec import state_from_dict
 from collector.notify.outbox import health_snapshot
 from shared.frames import CheckResult, Frame
 
-HERE = Path(__file__).parent / "scenarios"
+HERE = Path(__file__).parent.parent / "scenarios"
 T0 = 1_700_000_000.0
 STEP = 0.25  # virtual seconds per step of the pure run
 TICK = 1.0  # the collector's timer ([alerting] tick)
