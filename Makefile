@@ -67,6 +67,14 @@ bench: $(STAMP)
 		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q munge slurmctld slurmd slurm-client >/dev/null; } || \
 		echo "Slurm could not be installed: the remediation benchmark is skipped"; \
 	else echo "Slurm missing (apt-get install munge slurmctld slurmd slurm-client): the remediation benchmark is skipped"; fi
+	@# bench/peer_prometheus.py runs Debian's prometheus side by side with the collector: installed when missing, as root
+	@command -v prometheus >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing prometheus (for the side-by-side comparison)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; } || \
+		echo "prometheus could not be installed: the Prometheus comparison is skipped"; \
+	else echo "prometheus missing (apt-get install prometheus): its comparison is skipped"; fi
 	$(BIN)/python -m bench
 
 clean:
