@@ -1,4 +1,12 @@
-"""Connections to PostgreSQL: DSN, TLS options and the errors that mean "try again later"."""
+"""Connections to PostgreSQL: DSN, TLS options and the errors that mean "try again later".
+
+A DSN may name several servers (``postgresql://u@pg-1:5432,pg-2:5432/gpuwarden?
+target_session_attrs=read-write``): each new connection tries them in order and keeps the
+first that accepts writes, so after a standby's promotion the next connection (the writer's
+after a failed batch, the pool's after a broken one) finds the new primary. Until one accepts
+writes, connecting fails with an error :func:`is_transient` calls transient, and the caller
+retries with its backoff (``docs/operations.md``).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,13 @@ from collector.config import PostgresSection
 from shared.errors import ConfigError
 
 # Errors after which the same work can succeed once the server is back: connection lost,
-# server shutting down or starting, too many connections. Anything else is about the data.
+# server shutting down or starting, too many connections, no server of a multi-host DSN
+# accepting writes yet (a standby being promoted: ``target_session_attrs=read-write``).
+# Anything else is about the data.
 TRANSIENT: Final[tuple[type[BaseException], ...]] = (
     OSError,
+    asyncpg.TargetServerAttributeNotMatched,
+    asyncpg.ReadOnlySQLTransactionError,  # a write reached a server in recovery (or demoted)
     ConnectionError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
