@@ -139,7 +139,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
     ):
         assert pg.proc is not None
         assert ns.proc is not None
-        prof = str(Path(tmp) / "collector.prof") if profile else None
+        prof = os.environ.get("BENCH_PROFILE_OUT", str(Path(tmp) / "collector.prof")) if profile else None
         collector, _port = start_collector(tmp, pg.dsn(), ns.url, prof)
         if profile:
 
@@ -182,7 +182,9 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
             asyncio.run(_statements(pg.dsn()))
         sizes = asyncio.run(_sizes(pg.dsn()))
         if prof and Path(prof).exists():
-            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats(
+                os.environ.get("BENCH_PROFILE_SORT", "tottime")
+            ).print_stats(40)
     return {
         "hosts": hosts,
         "samples": n1 - n0,

@@ -181,6 +181,8 @@ class HealthState:
 
 def check_key(check: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
     """A check's key in its subject's ``checks``: the id, then the values of its extra labels."""
+    if not extra:  # most checks (called for every check of every sample: kept cheap)
+        return check
     return ":".join((check, *(v for _, v in extra)))
 
 
