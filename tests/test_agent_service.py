@@ -6,7 +6,7 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import nats
@@ -19,8 +19,9 @@ from agent.sdnotify import SdNotifier
 from agent.service import AgentService
 from gpuwarden.servers import NatsServer
 from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
-from shared.frames import EventFrame, InventoryFrame, SampleFrame, decode
+from shared.frames import EventFrame, Frame, InventoryFrame, SampleFrame, decode
 from shared.subjects import poll_subject
+from tests.support.wait import reached
 
 
 def agent_config(
@@ -60,13 +61,8 @@ class Tap:
         self.subjects.append(msg.subject)
         self.arrived.append(time.monotonic())
 
-    async def wait_for(self, pred: object, within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if any(pred(f) for f in self.frames):  # type: ignore[operator]
-                return True
-            await asyncio.sleep(0.02)
-        return False
+    async def wait_for(self, pred: Callable[[Frame], bool], within: float) -> bool:
+        return await reached(lambda: any(pred(f) for f in self.frames), within)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.frames import Frame
 from tests.support.local_http import Handler, LocalHttp
+from tests.support.wait import until
 from tests.test_ingest import publish
 from tests.test_store import event, sample
 
@@ -101,19 +102,6 @@ async def collector(cfg: CollectorConfig) -> AsyncIterator[CollectorService]:
         svc.request_stop()
         await asyncio.wait_for(task, 30)
         await svc.shutdown()
-
-
-async def until(pred: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while True:
-        r = pred()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def settled(svc: CollectorService, steps: int = 3) -> None:

@@ -23,7 +23,7 @@ from collector.stream import reconcile
 from gpuwarden.servers import NatsServer, free_port
 from shared.errors import ConfigError
 from shared.frames import Frame
-from tests.test_ingest import config, publish, stored_keys, wait_until
+from tests.test_ingest import config, publish, stored_keys, until
 from tests.test_store import event, inventory, sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
     publisher = asyncio.create_task(agents())
     proc = spawn(*run_args(private_nats.url, pg_dsn))
     try:
-        await wait_until(lambda: _more_than(conn, 200), timeout=60)
+        await until(lambda: _more_than(conn, 200), timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         killed_at = await count(conn)
@@ -87,12 +87,12 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
         async def published_meanwhile() -> bool:
             return len(published) >= down_at + 16 * 10
 
-        await wait_until(published_meanwhile)
+        await until(published_meanwhile)
         proc = spawn(*run_args(private_nats.url, pg_dsn))
-        await wait_until(lambda: _more_than(conn, killed_at + 200), timeout=60)
+        await until(lambda: _more_than(conn, killed_at + 200), timeout=60)
         stop.set()
         await publisher
-        await wait_until(lambda: _at_least(conn, len(published)), timeout=60)
+        await until(lambda: _at_least(conn, len(published)), timeout=60)
 
         async def rolled_up() -> bool:  # the idle collector writes every marked minute's rollups,
             # those the killed one had marked included
@@ -100,7 +100,7 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
             pending = await conn.fetchval("SELECT count(*) FROM gpu_rollup_pending")
             return n == 8 * len(published) and pending == 0
 
-        await wait_until(rolled_up, timeout=60)
+        await until(rolled_up, timeout=60)
     finally:
         stop.set()
         proc.kill()
@@ -129,11 +129,11 @@ async def test_sigterm_finishes_the_batch_and_exits_cleanly(
     try:
         js = nc.jetstream()
         cfg = config(pg_dsn, private_nats.url)
-        await wait_until(lambda: _consumer_exists(js, consumer_name(cfg)), timeout=60)
+        await until(lambda: _consumer_exists(js, consumer_name(cfg)), timeout=60)
         now = time.time()
         frames: list[Frame] = [sample(f"t-{h}", s, now - 50 + s) for h in range(5) for s in range(40)]
         await publish(js, frames)
-        await wait_until(lambda: _at_least(conn, 1), timeout=30)
+        await until(lambda: _at_least(conn, 1), timeout=30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, LOG.read_text()
         info = await js.consumer_info("GPUWARDEN", consumer_name(cfg))
@@ -226,7 +226,7 @@ async def test_service_in_process_hooks_state_and_restart(
     assert svc.ready()
     nc = await nats.connect(private_nats.url)
     await publish(nc.jetstream(), frames)
-    await wait_until(lambda: _seen(seen, len(frames)))
+    await until(lambda: _seen(seen, len(frames)))
     host = svc.state.host("svc-1")
     assert host is not None
     assert host.sample == frames[-2]

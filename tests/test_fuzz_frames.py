@@ -36,7 +36,7 @@ from gpuwarden.servers import NatsServer
 from shared.frames import AgentStats, CheckResult, Frame, decode, encode, to_wire
 from shared.subjects import parse_subject, subject_for
 from tests.support import frame_fixtures as fx
-from tests.test_ingest import _count, config, wait_until
+from tests.test_ingest import _count, config, until
 
 CHECK_CASES = 10_000
 COLLECTOR_CASES = 1_000
@@ -403,11 +403,11 @@ async def test_mutated_real_frames_through_a_running_collector(
     try:
         for subject, data in messages[:WARMUP_CASES]:
             await js.publish(subject, data)
-        await wait_until(done(WARMUP_CASES), timeout=120)
+        await until(done(WARMUP_CASES), timeout=120)
         heap0, rss0 = _heap(), proc.memory_info().rss
         for subject, data in messages[WARMUP_CASES:]:
             await js.publish(subject, data)
-        await wait_until(done(len(messages)), timeout=300)
+        await until(done(len(messages)), timeout=300)
         heap1, rss1 = _heap(), proc.memory_info().rss
     finally:
         tracemalloc.stop()
@@ -422,7 +422,7 @@ async def test_mutated_real_frames_through_a_running_collector(
         assert st_.hook_errors == 0
         assert st_.frames_stored > len(messages) // 20
         stored_rejects = sum(n for k, n in st_.rejected.items() if k != "rate_limited")
-        await wait_until(lambda: _count(conn, "rejected_frames", stored_rejects))
+        await until(lambda: _count(conn, "rejected_frames", stored_rejects))
         rows = await conn.fetch("SELECT reason, count(*) AS n FROM rejected_frames GROUP BY reason")
         kept = Counter({k: v for k, v in st_.rejected.items() if k != "rate_limited"})  # counted only
         assert Counter({r["reason"]: r["n"] for r in rows}) == kept

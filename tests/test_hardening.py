@@ -28,7 +28,7 @@ from gpuwarden.servers import NatsServer, free_port
 from shared.errors import FrameDecodeError
 from shared.frames import MAX_DEPTH, decode, decode_partial, encode, nesting_depth, to_wire
 from shared.subjects import STREAM, sample_subject
-from tests.test_ingest import _count, config, publish, running, wait_until
+from tests.test_ingest import _count, config, publish, running, until
 from tests.test_store import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ async def test_hostile_frames_against_the_running_collector(
     nc = await nats.connect(private_nats.url)
     try:
         js = nc.jetstream()
-        await wait_until(lambda: _consumer_exists(js), timeout=60)
+        await until(lambda: _consumer_exists(js), timeout=60)
         now = time.time()
         await publish(js, [sample("rc-1", s, now - 30 + s, gpus=2) for s in range(1, 4)])
         subject = sample_subject("prov-a", "rc-1")
@@ -196,8 +196,8 @@ async def test_hostile_frames_against_the_running_collector(
         ):
             await js.publish(subject, data)
         await publish(js, [sample("rc-1", s, now - 10 + s * 0.1, gpus=2) for s in range(20, 30)])
-        await wait_until(lambda: _count(conn, "host_samples", 14), timeout=60)
-        await wait_until(lambda: _count(conn, "rejected_frames", 5), timeout=60)
+        await until(lambda: _count(conn, "host_samples", 14), timeout=60)
+        await until(lambda: _count(conn, "rejected_frames", 5), timeout=60)
         assert proc.returncode is None, log.read_text()
         assert await _reasons(conn) == Counter({"too_deep": 2, "not_canonical": 2, "too_long": 1})
         hosts = await conn.fetch("SELECT name FROM hosts")
@@ -259,8 +259,8 @@ async def test_a_message_delivered_max_deliver_times_is_terminated_as_poison(
     await sub.unsubscribe()
     async with running(cfg) as ingest:
         await publish(js, [sample("good-1", s, now - 5 + s * 0.1, gpus=1) for s in range(1, 6)])
-        await wait_until(lambda: _count(conn, "host_samples", 5))
-        await wait_until(lambda: _count(conn, "rejected_frames", 1))
+        await until(lambda: _count(conn, "host_samples", 5))
+        await until(lambda: _count(conn, "rejected_frames", 1))
         assert ingest.stats.rejected == Counter({"poison": 1})
     row = await conn.fetchrow("SELECT reason, subject, stream_seq FROM rejected_frames")
     assert (row["reason"], row["subject"], row["stream_seq"]) == (
@@ -300,10 +300,10 @@ async def test_an_exception_storing_one_frame_rejects_that_frame(
         js = nc.jetstream()
         frames = [sample(h, s, now - 5 + s * 0.1, gpus=1) for s in range(1, 4) for h in ("boom", "fine")]
         await publish(js, frames)
-        await wait_until(lambda: _count(conn, "host_samples", 3))
-        await wait_until(lambda: _count(conn, "rejected_frames", 3))
+        await until(lambda: _count(conn, "host_samples", 3))
+        await until(lambda: _count(conn, "rejected_frames", 3))
         await publish(js, [sample("fine", s, now - 1 + s * 0.01, gpus=1) for s in range(10, 15)])
-        await wait_until(lambda: _count(conn, "host_samples", 8))
+        await until(lambda: _count(conn, "host_samples", 8))
         await nc.close()
         assert ingest.stats.rejected == Counter({"store_error": 3})
         assert ingest.stats.hook_errors >= 1
@@ -401,11 +401,11 @@ async def test_the_running_collector_keeps_current_readings_of_a_host_dated_ahea
     try:
         js = nc.jetstream()
         await publish(js, [sample("sk-1", 1, now - 2, gpus=1), sample("sk-1", 2, now + 2 * 86400, gpus=1)])
-        await wait_until(lambda: _count(conn, "host_samples", 2))
-        await wait_until(lambda: _check_is(svc, "sk-1", "warning"))
+        await until(lambda: _count(conn, "host_samples", 2))
+        await until(lambda: _check_is(svc, "sk-1", "warning"))
         await publish(js, [sample("sk-1", 3, time.time(), gpus=1)])
-        await wait_until(lambda: _count(conn, "host_samples", 3))
-        await wait_until(lambda: _check_is(svc, "sk-1", "healthy"))
+        await until(lambda: _count(conn, "host_samples", 3))
+        await until(lambda: _check_is(svc, "sk-1", "healthy"))
         h = svc.state.host("sk-1")
         assert h is not None
         assert h.sample is not None

@@ -10,7 +10,7 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -28,6 +28,7 @@ from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, PostgresServer
 from shared.frames import Frame, encode, to_wire
 from shared.subjects import sample_subject, subject_for
+from tests.support.wait import until
 from tests.test_store import event, inventory, make_config, sample
 
 # ----------------------------------------------------------------------------- helpers
@@ -43,14 +44,6 @@ def config(dsn: str, nats_url: str, **flags: Any) -> CollectorConfig:
 async def publish(js: Any, frames: list[Frame]) -> None:
     for f in frames:
         await js.publish(subject_for(f.kind, f.provider, f.host), encode(f))  # as agents: no Nats-Msg-Id
-
-
-async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not await pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -135,10 +128,10 @@ async def test_fleet_frames_land_once(
         js = nc.jetstream()
         await publish(js, frames)
         await publish(js, frames[:50])  # a publisher's replay: stored once (host, boot id, seq)
-        await wait_until(lambda: _count(conn, "host_samples", 300))
-        await wait_until(lambda: _count(conn, "events", 3))
+        await until(lambda: _count(conn, "host_samples", 300))
+        await until(lambda: _count(conn, "events", 3))
         await nc.close()
-        await wait_until(lambda: _stored(ingest, 303))
+        await until(lambda: _stored(ingest, 303))
         assert ingest.stats.frames_stored == 303
         assert ingest.stats.gpu_samples_stored == 2400
         assert ingest.stats.rejected == Counter()
@@ -261,8 +254,8 @@ async def test_fuzzed_frames_are_counted_and_never_stored(
         for subject, data in messages:
             await js.publish(subject, data)
         await publish(js, good)  # after all the garbage: the collector is still up
-        await wait_until(lambda: _count(conn, "host_samples", 5 + len(partial)))
-        await wait_until(lambda: _count(conn, "rejected_frames", rejected))
+        await until(lambda: _count(conn, "host_samples", 5 + len(partial)))
+        await until(lambda: _count(conn, "rejected_frames", rejected))
         await nc.close()
         assert ingest.stats.rejected == expected
         assert ingest.stats.gpu_entries_rejected == dropped
@@ -292,7 +285,7 @@ async def test_two_partitions_store_every_host_once(
     async with running(cfgs[0]) as p0, running(cfgs[1]) as p1:
         nc = await nats.connect(private_nats.url)
         await publish(nc.jetstream(), frames)
-        await wait_until(lambda: _count(conn, "host_samples", len(frames)))
+        await until(lambda: _count(conn, "host_samples", len(frames)))
         await nc.close()
         owned = [{f.host for f in frames if owner(f.host, 2) == i} for i in (0, 1)]
         assert owned[0]
@@ -305,7 +298,7 @@ async def test_two_partitions_store_every_host_once(
                 for i, ing in enumerate((p0, p1))
             )
 
-        await wait_until(accounted)
+        await until(accounted)
         for i, ing in enumerate((p0, p1)):
             assert ing.stats.frames_stored == 10 * len(owned[i])
             assert ing.stats.duplicates == 0
@@ -338,17 +331,17 @@ async def test_postgres_restart_mid_stream_loses_nothing(
         nc = await nats.connect(private_nats.url)
         js = nc.jetstream()
         await publish(js, frames[:200])
-        await wait_until(lambda: _stored(ingest, 1))
+        await until(lambda: _stored(ingest, 1))
         await asyncio.to_thread(own_pg.stop, "immediate")  # a crash, mid-stream
         await publish(js, frames[200:])  # agents keep publishing; JetStream keeps them
 
         async def failing() -> bool:  # the next write met the dead server, and retries
             return ingest.stats.db_errors >= 1 and not ingest.stats.db_up
 
-        await wait_until(failing)
+        await until(failing)
         await asyncio.to_thread(own_pg.start)
         c = await asyncpg.connect(dsn)
-        await wait_until(lambda: _count(c, "host_samples", len(frames)), timeout=60)
+        await until(lambda: _count(c, "host_samples", len(frames)), timeout=60)
         await nc.close()
         assert ingest.stats.db_up
     try:
@@ -515,7 +508,7 @@ async def test_simulated_fleet_lands_once_with_its_values(
         await fleet.close()
         s = fleet.summary()
         total = s["samples"] + s["events"] + s["inventories"]
-        await wait_until(lambda: _stored(ingest, total))
+        await until(lambda: _stored(ingest, total))
         assert ingest.stats.rejected == Counter()
     await tap.close()
     assert await conn.fetchval("SELECT count(*) FROM host_samples") == s["samples"]

@@ -18,7 +18,7 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksCo
 from shared.frames import decode, encode
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, inbox_prefix, sanitize_token
+from tests.support.wait import reached, until
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -180,13 +181,6 @@ def agent_config(r: Rendered, host: str) -> NatsConfig:
     )
 
 
-async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 async def collector(rendered: Rendered) -> AsyncIterator[Client]:
     nc = await connect(rendered, "collector", COLLECTOR_PASSWORD)
@@ -305,16 +299,6 @@ async def test_agent_publishes_its_own_subjects_and_collector_consumes(
     await nc.close()
 
 
-async def eventually(pred: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait for ``pred`` (the server's asynchronous error reports), at most ``within`` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        if pred() or loop.time() > deadline:
-            return
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize(
     "subject",
     [
@@ -334,7 +318,7 @@ async def test_agent_publish_as_another_host_is_refused(
     with pytest.raises(nats.errors.TimeoutError):  # no ack: the server dropped it
         await nc.jetstream(timeout=1).publish(subject, b"forged")
     await nc.flush()
-    await eventually(lambda: any(subject in v for v in errors.violations()))  # the server said so
+    await reached(lambda: any(subject in v for v in errors.violations()), 10)  # the server said so
     assert any(subject in v for v in errors.violations()), errors.items
     assert await stream_count(collector) == before
     with pytest.raises(nats.errors.TimeoutError):
@@ -363,7 +347,7 @@ async def test_agent_cannot_subscribe_to_other_hosts(rendered: Rendered) -> None
     await nc.subscribe("gpuwarden.v1.sample.>")
     await nc.subscribe("gpuwarden.v1.poll.gpu-b")
     await nc.flush()
-    await eventually(lambda: len(errors.violations()) >= 2)  # both refusals reported
+    await reached(lambda: len(errors.violations()) >= 2, 10)  # both refusals reported
     assert len(errors.violations()) == 2, errors.items
     assert all("subscription" in v.lower() for v in errors.violations())
     await nc.close()
@@ -419,7 +403,7 @@ async def test_agent_cannot_read_the_collectors_inbox(rendered: Rendered, collec
     msgs = await sub.fetch(1, timeout=5)
     assert msgs[0].data == b"telemetry of gpu-a"
     await msgs[0].ack_sync()
-    await wait_for(lambda: bool(errors.violations()), "the subscription to be refused")
+    await until(lambda: bool(errors.violations()), 10, "the subscription to be refused")
     assert any('subscription to "_inbox.>"' in v.lower() for v in errors.violations()), errors.items
     with pytest.raises(nats.errors.TimeoutError):
         await tap.next_msg(timeout=0.5)
@@ -462,7 +446,7 @@ async def test_agent_cannot_terminate_or_ack_the_collectors_messages(
     assert target.reply.startswith(f"$JS.ACK.{STREAM}.")
     await attacker.publish(target.reply, b"+TERM")  # straight at the ack subject
     await attacker.flush()
-    await wait_for(lambda: any("publish" in v.lower() for v in errors.violations()), "the +TERM refusal")
+    await until(lambda: any("publish" in v.lower() for v in errors.violations()), 10, "the +TERM refusal")
     assert any(target.reply.lower() in v.lower() for v in errors.violations()), errors.items
     info = await sub.consumer_info()
     assert info.num_ack_pending == 1  # neither terminated nor acknowledged by the attacker
@@ -583,7 +567,7 @@ async def test_real_agent_publishes_under_the_roles_permissions(
     )
     task = asyncio.create_task(agent_svc.serve(signals=False))
     try:
-        await wait_for(lambda: agent_svc.publisher.stats.published >= 3, "acknowledged publishes", 30)
+        await until(lambda: agent_svc.publisher.stats.published >= 3, 30, "acknowledged publishes")
         msgs = await sub.fetch(2, timeout=10)
         frames = [decode(m.data) for m in msgs]
         assert all(f.host == "gpu-b" and f.kind == "sample" for f in frames)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Callable
 
 import nats
 import pytest
@@ -19,6 +18,7 @@ from gpuwarden.servers import NatsServer
 from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
 from shared.frames import EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, decode, encode
 from shared.subjects import STREAM
+from tests.support.wait import until
 
 
 def cfg(url: str, **kw: object) -> NatsConfig:
@@ -176,14 +176,6 @@ async def test_missing_stream_is_a_clear_error_when_creation_is_off(private_nats
     with pytest.raises(StreamUnavailableError, match="does not exist"):
         await pub.start(wait=True)
     await pub.close()
-
-
-async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_outage_replays_every_frame_once_or_counts_drops_exactly(private_nats: NatsServer) -> None:
@@ -344,13 +336,6 @@ async def test_stream_lost_by_the_server_is_created_again(private_nats: NatsServ
     assert [f.seq for f in await stream_frames(private_nats.url, seqr.host)] == [2]
 
 
-async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:  # noqa: ASYNC109
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_buffer_is_bounded_in_bytes_and_the_drops_are_published_after_an_outage(
     private_nats: NatsServer,
 ) -> None:
@@ -369,7 +354,7 @@ async def test_buffer_is_bounded_in_bytes_and_the_drops_are_published_after_an_o
     pub = agent.publisher
     task = asyncio.create_task(agent.serve(signals=False))
     try:
-        await wait_for(lambda: pub.stats.published >= 3, "the first frames")
+        await until(lambda: pub.stats.published >= 3, 60, "the first frames")
         private_nats.stop()
         peak = 0
 
@@ -378,14 +363,14 @@ async def test_buffer_is_bounded_in_bytes_and_the_drops_are_published_after_an_o
             peak = max(peak, pub.buffered_bytes)
             return pub.stats.dropped >= 20
 
-        await wait_for(overflowed, "the buffer to overflow")
+        await until(overflowed, 60, "the buffer to overflow")
         assert 0 < peak <= limit
         assert pub.stats.dropped_bytes > 0
         private_nats.start()
-        await wait_for(lambda: pub.stats.reconnects == 1 and pub.buffered == 0, "the replay")
+        await until(lambda: pub.stats.reconnects == 1 and pub.buffered == 0, 60, "the replay")
         dropped = pub.stats.dropped
         published = pub.stats.published
-        await wait_for(lambda: pub.stats.published >= published + 3, "samples after the outage")
+        await until(lambda: pub.stats.published >= published + 3, 60, "samples after the outage")
     finally:
         agent.stop()
         await task

@@ -17,7 +17,7 @@ from shared.config import NatsConfig
 from shared.frames import Frame
 from shared.natsconf import STORE_CAP_BYTES, stream_drift, stream_max_bytes, stream_settings
 from shared.subjects import STREAM, STREAM_SUBJECTS
-from tests.test_ingest import config, publish, running, wait_until
+from tests.test_ingest import config, publish, running, until
 from tests.test_store import sample
 
 DAY = 86400.0
@@ -138,7 +138,7 @@ async def test_frames_the_full_stream_discards_are_counted(
     async with running(cfg) as ingest:
         nc = await nats.connect(private_nats.url)
         await publish(nc.jetstream(), first)
-        await wait_until(lambda: _count(conn, 5))
+        await until(lambda: _count(conn, 5))
         await nc.close()
         assert ingest.stats.stream_lost == 0
         assert ingest.stats.stream_max_bytes == 64 * 1024
@@ -151,7 +151,7 @@ async def test_frames_the_full_stream_discards_are_counted(
     assert state.first_seq > 6  # frames the collector never fetched are gone
     dropped = state.first_seq - 6
     async with running(cfg) as ingest:
-        await wait_until(lambda: _count(conn, 5 + state.messages))
+        await until(lambda: _count(conn, 5 + state.messages))
         assert ingest.stats.stream_lost == dropped
         assert ingest.gaps.events == 1
 
