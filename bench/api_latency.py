@@ -79,7 +79,7 @@ def pct(samples: list[float], p: float) -> float:
 async def measure(svc: CollectorService) -> dict[str, tuple[float, float, int]]:
     """path -> (p50 ms, p99 ms, bytes) over REQUESTS sequential requests (metrics: 5)."""
     out: dict[str, tuple[float, float, int]] = {}
-    async with TestServer(make_app(svc)) as server, aiohttp.ClientSession() as http:
+    async with TestServer(make_app(svc.parts.api_deps)) as server, aiohttp.ClientSession() as http:
         paths = {
             "/api/v1/providers": REQUESTS,
             "/api/v1/hosts?provider=provider-1": REQUESTS,
@@ -107,7 +107,7 @@ async def measure(svc: CollectorService) -> dict[str, tuple[float, float, int]]:
 def series(svc: CollectorService) -> int:
     from collector.api.app import REGISTRY
 
-    app = make_app(svc)
+    app = make_app(svc.parts.api_deps)
     return sum(len(m.samples) for m in app[REGISTRY].collect())
 
 

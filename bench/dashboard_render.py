@@ -41,7 +41,7 @@ async def measure(hosts: int) -> tuple[float, float, int]:
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     profile = tempfile.mkdtemp(prefix="gpuwarden-bench-chromium-")
     try:
-        async with TestServer(make_app(svc)) as server, async_playwright() as p:
+        async with TestServer(make_app(svc.parts.api_deps)) as server, async_playwright() as p:
             ctx = await p.chromium.launch_persistent_context(
                 profile,
                 executable_path=chromium,

@@ -1,12 +1,18 @@
-"""Runs the pure health and alert engines inside the collector; persists and notifies.
+"""The engine runner: runs the pure health and alert engines inside the collector.
 
-Every committed batch of frames goes through ``HealthEngine.observe`` and the observations
-through ``AlertEngine.evaluate`` at once (an XID is judged when its event frame arrives); a
-timer (``[alerting] tick``, 1 s) runs ``HealthEngine.tick`` (stale hosts, hosts the inventory
-expects that never reported) and the alert engine's time-driven steps (``for``, escalation,
-repeats, silence and acknowledgement expiry). Each step's changes are written to PostgreSQL
-in one transaction with its notifications (outbox, :mod:`collector.notify.outbox`), then the
-notifications are delivered. Only this partition's hosts are evaluated. See
+Inputs: every committed batch of frames (:meth:`Alerting.on_frames`, from the ingest), event
+frames before they are stored (:meth:`Alerting.judge_early`, from :mod:`collector.fastpath`),
+a timer (``[alerting] tick``, 1 s) and the API's commands (acknowledge, silence, forget).
+A batch goes through ``HealthEngine.observe`` and the observations through
+``AlertEngine.evaluate`` at once (an XID is judged when its event frame arrives); the timer
+runs ``HealthEngine.tick`` (stale hosts, hosts the inventory expects that never reported) and
+the alert engine's time-driven steps (``for``, escalation, repeats, silence and
+acknowledgement expiry). Effects: each step's changes are written through the store
+(:class:`AlertStore`, in PostgreSQL :class:`collector.store.alerts.PgAlertStore`) in one
+transaction with its notifications, then handed to the deliverer
+(:class:`collector.notify.outbox.Deliverer`) and published on the live stream. Only this
+partition's hosts are evaluated. Every dependency is given (:mod:`collector.wiring` builds
+them), so the runner runs with an in-memory store and a fixed clock in tests. See
 ``docs/alerts.md`` ("In the collector").
 """
 
@@ -17,12 +23,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import asyncpg
-import nats.errors
+from typing import Any, Protocol
 
 from collector.alerts import (
     Ack,
@@ -33,29 +36,26 @@ from collector.alerts import (
     AlertState,
     ExpireSilence,
     Silence,
-    alert_config_from,
     parse_matcher,
 )
-from collector.alerts.config import FOREVER
-from collector.alerts.model import FIRING, Command, ForgetHost, Incident, Outcome
-from collector.health import ExpectedHost, HealthEngine, HealthState, health_config_from
+from collector.alerts.model import ALERT_STATES, FIRING, Command, ForgetHost, Incident, Outcome
+from collector.config import CollectorConfig
+from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
-from collector.health.history import FleetHistory
+from collector.health.history import BoardHistory, FleetHistory
 from collector.health.model import Observation
 from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
-from collector.ingest import check, owner
-from collector.notify import outbox
+from collector.ingest import IngestStats, owner
+from collector.inventory import ExpectedHost as ListedHost
+from collector.notify import Channels
 from collector.notify.alertmanager import AlertmanagerChannel, am_alert
-from collector.notify.base import Channel, DeliveryError, delivery_key, payload_of
-from collector.notify.config import NotifyConfig, notify_config_from, with_channels
-from collector.notify.log import LogChannel
+from collector.notify.base import DeliveryError, delivery_key, firing_payload, payload_of
+from collector.notify.config import NotifyConfig
 from collector.notify.nats import NatsChannel
+from collector.notify.outbox import Deliverer, OutboxRow, Spool
+from collector.notify.outbox import Outcome as DeliveryOutcome
 from collector.notify.stream import Broadcaster
-from collector.notify.webhook import WebhookChannel
-from collector.ratelimit import HostRateLimit
-from collector.remediation.config import remediation_config_from
 from collector.remediation.engine import AlertView
-from collector.remediation.service import Remediator
 from collector.selfcheck import (
     NOTIFY,
     Heartbeat,
@@ -66,54 +66,126 @@ from collector.selfcheck import (
     judge,
     observations,
 )
-from collector.store.history import load_history, save_history
-from collector.store.writer import Accepted
+from collector.state import FleetState
+from collector.store import db
+from collector.store.alerts import Changes, Restored
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
-from shared.subjects import PREFIX, sanitize_token
+from shared.subjects import sanitize_token
 from shared.tasks import cancel_all
 
-if TYPE_CHECKING:
-    from collector.service import CollectorService
-
 log = logging.getLogger(__name__)
-FleetRollup = FleetHealth  # the contract's name for the rollup
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-STATES = ("pending", "firing", "resolved", "acknowledged", "silenced", "inhibited")
+
+
+class AlertStore(Protocol):
+    """Where the runner keeps its state (:class:`collector.store.alerts.PgAlertStore`)."""
+
+    @property
+    def available(self) -> bool: ...  # False before the store is opened: nothing is written
+
+    async def restore(self) -> Restored: ...
+
+    async def save(
+        self,
+        ch: Changes,
+        early: Mapping[str, DeliveryOutcome | None],
+        landed: Sequence[tuple[OutboxRow, DeliveryOutcome]] = (),
+    ) -> list[OutboxRow]: ...
+
+    async def record_early(self, done: Sequence[tuple[OutboxRow, DeliveryOutcome]]) -> None: ...
+
+    async def save_health(self, state: HealthState, healthy_for: int) -> None: ...
+
+    async def save_history(self, changed: Sequence[BoardHistory], gone: Sequence[str]) -> None: ...
+
+    async def save_silence(self, s: Silence) -> None: ...
+
+    async def expire_silence(self, sid: str) -> None: ...
+
+    async def mark_forgotten(self, host: str) -> None: ...
+
+    async def clear_forgotten(self, hosts: Collection[str]) -> None: ...
+
+
+class AlertViews(Protocol):
+    """The JSON of alerts and incidents on the live stream and in command replies
+    (:mod:`collector.api.views`)."""
+
+    def alert_view(self, a: Alert) -> dict[str, Any]: ...
+
+    def folded_view(self, a: Alert, folded: Sequence[Alert]) -> dict[str, Any]: ...
+
+    def incident_view(self, inc: Incident, by_fp: Mapping[str, Alert]) -> dict[str, Any]: ...
+
+
+class Remediation(Protocol):
+    """What the runner asks of remediation (:class:`collector.remediation.service.Remediator`)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def kick(self) -> None: ...
+
+    def observations(self, now: float) -> list[Observation]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def _nothing(_: Any) -> None:
+    return None
 
 
 class Alerting:
-    """Runs the pure health and alert engines inside the collector; persists and notifies."""
+    """The engine runner (see the module): frames, ticks and commands in; persisted
+    decisions, deliveries and live events out."""
 
-    def __init__(self, service: CollectorService) -> None:
-        cfg = service.config
-        self.service = service
-        self.settings = cfg.alerting
-        self.partition, self.partitions = cfg.collector.partition, cfg.collector.partitions
-        self.health_engine = HealthEngine(health_config_from(cfg.raw))
-        self.notify: NotifyConfig = notify_config_from(cfg.raw)
-        self.engine = AlertEngine(with_channels(alert_config_from(cfg.raw), self.notify))
+    def __init__(
+        self,
+        config: CollectorConfig,
+        *,
+        health_engine: HealthEngine,
+        alert_engine: AlertEngine,
+        notify: NotifyConfig,
+        store: AlertStore,
+        deliverer: Deliverer,
+        channels: Channels,
+        nats: NatsChannel,
+        broadcaster: Broadcaster,
+        views: AlertViews,
+        fleet: FleetState,
+        expected_hosts: Callable[[], Iterable[ListedHost]] = tuple,
+        ingest_stats: Callable[[], IngestStats] = IngestStats,
+        nats_connected: Callable[[], bool] = lambda: False,
+        on_judged: Callable[[Sequence[Frame]], None] = _nothing,
+        on_forgotten: Callable[[str], None] = _nothing,
+        remediation: Remediation | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = config.alerting
+        self.partition, self.partitions = config.collector.partition, config.collector.partitions
+        self.batch = config.collector.batch
+        self.health_engine = health_engine
+        self.engine = alert_engine
+        self.notify = notify
+        self.store = store
+        self.deliverer = deliverer
+        deliverer.early = self._early_done
+        self.channels = channels
+        self.nats = nats
+        self.broadcaster = broadcaster
+        self.views = views
+        self.fleet = fleet
+        self.expected_hosts = expected_hosts
+        self.ingest_stats = ingest_stats
+        self.nats_connected = nats_connected
+        self.on_judged = on_judged  # told the frames of each judged batch (the live rollup)
+        self.on_forgotten = on_forgotten  # told each host forgotten
+        self.remediation = remediation
+        self.clock = clock
         self.health = HealthState()
         self.alerts_state = AlertState()
-        self.broadcaster = Broadcaster()
-        # Called with every batch of frames right after the health engine judged it (from the
-        # ingest hook and the fast event path alike), e.g. to mark hosts for the API's rollup.
-        self.judged_hooks: list[Callable[[Sequence[Frame]], None]] = []
-        self.forgotten_hooks: list[Callable[[str], None]] = []  # called with each host forgotten
-        self.nats = NatsChannel(lambda: service.nc)
-        self.channels: list[Channel] = []
-        if self.notify.log:
-            self.channels.append(LogChannel())
-        if self.notify.nats:
-            self.channels.append(self.nats)
-        self.channels += [WebhookChannel(w, self.notify.external_url) for w in self.notify.webhooks]
-        self.alertmanagers = [
-            AlertmanagerChannel(a, self.notify.external_url) for a in self.notify.alertmanagers
-        ]
-        self.channels += self.alertmanagers
-        self.deliverer: outbox.Deliverer | None = None
         self._lock = asyncio.Lock()
-        self._unsaved = outbox.Changes()
+        self._unsaved = Changes()
         self._saved_fps: set[str] = set()
         self._incident_sig: dict[str, tuple[Any, ...]] = {}
         self._engine_sig: tuple[Any, ...] = ()
@@ -122,6 +194,7 @@ class Alerting:
         self._task: asyncio.Task[None] | None = None
         self._resends: dict[str, asyncio.Task[None]] = {}  # Alertmanager re-pushes in flight
         self._stop = asyncio.Event()
+        self._running = False
         self.counts = {
             "evaluations": 0,
             "observations": 0,
@@ -131,21 +204,18 @@ class Alerting:
             "fast_event_errors": 0,
             "early_deliveries": 0,  # sent from memory while PostgreSQL was down (fail-open)
         }
-        self._event_sub: Any = None
-        c = cfg.collector
-        self._fast_limit = HostRateLimit(c.host_rate, c.host_burst)  # the fast path's own clock
         self.forgotten: set[str] = set()  # hosts forgotten (forget-host) that have not reported since
         self.seconds = {"health": 0.0, "alerts": 0.0, "persist": 0.0}  # time spent, for /metrics
         self.persist_errors = 0
         # fail-open (PostgreSQL down): deliveries sent from memory before their step was written
-        self._early: dict[str, outbox.Outcome | None] = {}  # key -> outcome (None: in flight)
-        self._early_landed: list[tuple[outbox.OutboxRow, outbox.Outcome]] = []  # ended after the write
+        self._early: dict[str, DeliveryOutcome | None] = {}  # key -> outcome (None: in flight)
+        self._early_landed: list[tuple[OutboxRow, DeliveryOutcome]] = []  # ended after the write
         self._early_open = 0  # early deliveries whose outcome PostgreSQL does not have yet
         self._persist_down_since: float | None = None
         self._persist_tried = 0.0
         spool = self.settings.spool
-        self.spool = outbox.Spool(Path(spool) / f"notify-spool-{self.partition}.jsonl" if spool else None)
-        sc = cfg.selfcheck
+        self.spool = Spool(Path(spool) / f"notify-spool-{self.partition}.jsonl" if spool else None)
+        sc = config.selfcheck
         self.selfcheck = SelfCheckConfig(sc.grace, sc.ingest_lag, sc.notify_backlog, sc.channel_window)
         self.self_state = SelfState()
         self.self_status = SelfStatus()  # the collector's own health, judged every tick
@@ -156,50 +226,33 @@ class Alerting:
             sc.heartbeat_interval,
             sc.heartbeat_timeout,
         )
-        service.hooks.append(self.on_frames)
-        service.startup_hooks.append(self._startup)
-        service.shutdown_hooks.append(self._shutdown)
-        # after ours: it starts once the alert state is restored (docs/remediation.md)
-        self.remediation = Remediator(
-            service,
-            remediation_config_from(cfg.raw),
-            self._remediation_alerts,
-            self._remediation_alert,
-            lambda: self.health.provider_hosts(),
-        )
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def _startup(self, service: CollectorService) -> None:
-        assert service.pool is not None
-        async with service.pool.acquire() as conn:
-            saved, health = await outbox.load(conn, self.partition)
-            rows = await outbox.pending(conn, self.partition)
-            forgotten = await conn.fetch("SELECT name FROM hosts WHERE forgotten_at IS NOT NULL")
-            boards = await load_history(conn)
-        self.restore(saved, health, time.time())
-        self.health.history = FleetHistory.of(boards)  # fault history per physical GPU, across boots
-        if boards:
-            log.info("GPU fault history restored: %d boards", len(boards))
-        self.forgotten = {r["name"] for r in forgotten}
+    async def start(self) -> None:
+        """Restore the persisted state, record what was sent while PostgreSQL was down, start
+        delivering (the outbox rows left pending first) and the timer."""
+        saved = await self.store.restore()
+        self.restore(saved.alerts, saved.health, self.clock())
+        self.health.history = FleetHistory.of(saved.boards)  # fault history per physical GPU
+        if saved.boards:
+            log.info("GPU fault history restored: %d boards", len(saved.boards))
+        self.forgotten = set(saved.forgotten)
         for name in self.forgotten:  # the fleet state is rebuilt from every host ever stored
-            service.state.forget(name)
+            self.fleet.forget(name)
             self.health_engine.forget(self.health, name)
         spooled = self.spool.read()  # sent while PostgreSQL was down, before a restart
         if spooled:
-            async with service.pool.acquire() as conn:
-                await outbox.record_early(conn, self.partition, spooled)
+            await self.store.record_early(spooled)
             self.spool.clear()
             log.info("recorded %d notifications sent while PostgreSQL was down", len(spooled))
-        self.deliverer = outbox.Deliverer(service.pool, self.channels, self._early_done)
         self.deliverer.start()
-        self.deliverer.submit(rows)
-        if rows:
-            log.info("delivering %d notifications left pending before the restart", len(rows))
+        self.deliverer.submit(saved.pending)
+        if saved.pending:
+            log.info("delivering %d notifications left pending before the restart", len(saved.pending))
         self._stop.clear()
         self._task = asyncio.create_task(self._timer(), name="alerting")
-        if self.settings.fast_events and service.nc is not None:
-            self._event_sub = await service.nc.subscribe(f"{PREFIX}.event.>", cb=self._on_event_msg)
+        self._running = True
 
     def restore(self, saved: dict[str, Any], health: dict[str, Any] | None, now: float) -> None:
         """Resume from the persisted state. Hosts that were not stale get a fresh
@@ -219,12 +272,12 @@ class Alerting:
             "alert state restored: %d alerts, %d hosts", len(self.alerts_state.alerts), len(self.health.hosts)
         )
 
-    async def _shutdown(self, service: CollectorService) -> None:
+    async def stop(self) -> None:
+        """Stop the timer and the re-pushes, write what is unsaved, then give the deliverer
+        ``[alerting] shutdown_delivery`` to finish before it closes the channels. A runner
+        that did not finish starting writes nothing (its state was not restored)."""
+        started, self._running = self._running, False
         self._stop.set()
-        if self._event_sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._event_sub.unsubscribe()
-            self._event_sub = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -233,40 +286,39 @@ class Alerting:
         resends, self._resends = list(self._resends.values()), {}
         await cancel_all(resends)
         try:
-            async with self._lock:
-                await self._flush()
-                await self._save_history()
-            await self.save_health()
-        except _DB_ERRORS as e:
+            if started:
+                async with self._lock:
+                    await self._flush()
+                    await self._save_history()
+                await self.save_health()
+        except db.ERRORS as e:
             log.warning("alert state not saved at shutdown: %s", e)
         await self.heartbeat.close()
-        if self.deliverer is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.deliverer.idle(), self.settings.shutdown_delivery)
-            await self.deliverer.close()
-            self.deliverer = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.deliverer.idle(), self.settings.shutdown_delivery)
+        await self.deliverer.close()
 
     async def _timer(self) -> None:
         last_snapshot = last_resend = time.monotonic()
         while not self._stop.is_set():
             # the tick, or sooner when the alert engine has something due (a `for` ending)
-            wait = min(self.settings.tick, self.alerts_state.next_due - time.time())
+            wait = min(self.settings.tick, self.alerts_state.next_due - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), max(wait, 0.05))
             if self._stop.is_set():
                 return
             try:
-                await self.tick(time.time())
+                await self.tick(self.clock())
                 self.heartbeat.beat(self.self_status)  # the loop's progress, not a timer of its own
                 mono = time.monotonic()
-                pg_down = self.service.ingest.stats.db_down_since is not None  # a snapshot would only fail
+                pg_down = self.ingest_stats().db_down_since is not None  # a snapshot would only fail
                 if not pg_down and mono - last_snapshot >= self.settings.health_snapshot:
                     last_snapshot = mono
                     await self.save_health()
-                if self.alertmanagers and mono - last_resend >= self.settings.alertmanager_resend:
+                if self.channels.alertmanagers and mono - last_resend >= self.settings.alertmanager_resend:
                     last_resend = mono
                     self.start_resends()  # in the background: a dead Alertmanager never holds the timer
-            except _DB_ERRORS as e:
+            except db.ERRORS as e:
                 self.persist_errors += 1
                 log.warning("alert state not persisted, will retry: %s", e)
 
@@ -283,13 +335,13 @@ class Alerting:
     def expected(self) -> dict[str, ExpectedHost]:
         return {
             e.host: ExpectedHost(e.provider, e.gpus or None)
-            for e in self.service.expected.hosts
+            for e in self.expected_hosts()
             if self.mine(e.host) and e.host not in self.forgotten  # forgotten: until it reports
         }
 
     async def on_frames(self, frames: Sequence[Frame]) -> None:
         """Ingest hook: judge a committed batch now, persist, notify."""
-        now = time.time()
+        now = self.clock()
         if self.forgotten:
             await self._unforget(frames)
         t = time.perf_counter()
@@ -300,37 +352,28 @@ class Alerting:
             if o:
                 obs += o
         self.seconds["health"] += time.perf_counter() - t
-        for judged in self.judged_hooks:
-            judged(frames)
+        self.on_judged(frames)
         await self._step(obs, now)
 
-    async def _on_event_msg(self, msg: Any) -> None:
-        """Fast path (``[alerting] fast_events``): an event frame, as a core-NATS subscriber
-        sees it, is judged before the ingest has stored it. The copy the ingest hands over
-        after its commit is recognised (per-boot seq) and not judged twice."""
-        item = check(msg.subject, msg.data, self.service.ingest.limits())
-        if type(item) is not Accepted or not self.mine(item.frame.host):
-            return  # the ingest counts rejections; other partitions judge their own hosts
-        if not self._fast_limit.allow(item.frame.host, time.time()):
-            return  # over [collector] host_rate: judged after it is stored, if the ingest takes it
+    async def judge_early(self, frame: Frame) -> None:
+        """The fast event path's input (:mod:`collector.fastpath`): an event frame of this
+        partition, judged before the ingest has stored it. The copy the ingest hands over after
+        its commit is recognised (per-boot seq) and not judged twice."""
         self.counts["fast_events"] += 1
         try:
-            await self.on_frames([item.frame])
+            await self.on_frames([frame])
         except Exception:  # noqa: BLE001 (the stored copy is judged by the ingest hook all the same)
             self.counts["fast_event_errors"] += 1
-            log.exception("the fast event path failed on a frame of %s", item.frame.host)
+            log.exception("the fast event path failed on a frame of %s", frame.host)
 
     async def _unforget(self, frames: Sequence[Frame]) -> None:
         """A forgotten host reported again: it is a new host (its marker is cleared)."""
         back = {f.host for f in frames if f.host in self.forgotten}
-        if not back or self.service.pool is None:
+        if not back or not self.store.available:
             return
         try:
-            async with self.service.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE hosts SET forgotten_at = NULL WHERE name = ANY($1::text[])", list(back)
-                )
-        except _DB_ERRORS as e:  # tried again with its next frame
+            await self.store.clear_forgotten(back)
+        except db.ERRORS as e:  # tried again with its next frame
             log.warning("could not clear the forgotten mark of %d hosts: %s", len(back), e)
             return
         self.forgotten -= back
@@ -343,30 +386,27 @@ class Alerting:
         collector does not know, :class:`ConfigError` for one of another partition."""
         st = self.alerts_state
         alerts = [k for (_, h), keys in st.by_host.items() if h == host for k in keys]
-        known = host in self.health.hosts or self.service.state.host(host) is not None or bool(alerts)
+        known = host in self.health.hosts or self.fleet.host(host) is not None or bool(alerts)
         if not known:
             raise KeyError(host)
         if not self.mine(host):
             raise ConfigError("host", f"{host} belongs to another collector partition: ask that one")
-        assert self.service.pool is not None
-        async with self.service.pool.acquire() as conn:
-            await conn.execute("UPDATE hosts SET forgotten_at = now() WHERE name = $1", host)
+        await self.store.mark_forgotten(host)
         self.forgotten.add(host)
         firing = sum(1 for k in alerts if st.alerts[k].state != "resolved")
-        hs, fs = self.health.hosts.get(host), self.service.state.host(host)
+        hs, fs = self.health.hosts.get(host), self.fleet.host(host)
         provider = hs.provider if hs is not None else fs.provider if fs is not None else None
         self.health_engine.forget(self.health, host)
-        self.service.state.forget(host)
+        self.fleet.forget(host)
         previous = self._host_status.pop(host, None)
-        for hook in self.forgotten_hooks:
-            hook(host)
-        await self._step([], time.time(), [ForgetHost(host)])
+        self.on_forgotten(host)
+        await self._step([], self.clock(), [ForgetHost(host)])
         await self.save_health()
         self.broadcaster.publish(
             {"type": "health", "provider": provider, "host": host, "severity": None, "status": "forgotten",
              "previous": previous}
         )  # fmt: skip
-        listed = any(e.host == host for e in self.service.expected.hosts)
+        listed = any(e.host == host for e in self.expected_hosts())
         if listed:
             log.warning(
                 "host %s forgotten but still listed by the inventory source: it is expected again", host
@@ -375,7 +415,7 @@ class Alerting:
 
     async def tick(self, now: float) -> None:
         was = self.self_status.impaired_since
-        if self.service.started.is_set():  # (an engine driven without a running service: no self)
+        if self._running:  # (an engine driven without being started: no self-check)
             self.self_status = judge(self.self_state, self.readings(now), self.selfcheck)
         status = self.self_status
         if was is not None and status.impaired_since is None:
@@ -384,12 +424,12 @@ class Alerting:
         elif was is None and status.impaired_since is not None:
             log.warning("collector pipeline impaired: host staleness suspended")
         _, obs = self.health_engine.tick(self.health, now, self.expected(), status.impaired_since)
-        for o in observations(status, self.self_labels, now) if self.service.started.is_set() else ():
+        for o in observations(status, self.self_labels, now) if self._running else ():
             told = (o.status, o.summary)
             if self._self_told.get(o.check, ("", "")) != told:  # changes only (and once at start)
                 self._self_told[o.check] = told
                 obs.append(o)
-        if self.remediation.enabled:
+        if self.remediation is not None and self.remediation.enabled:
             obs += self.remediation.observations(now)  # remediation.breaker
         await self._step(obs, now)
 
@@ -398,21 +438,18 @@ class Alerting:
 
     def readings(self, now: float) -> Readings:
         """What the collector knows about its own pipeline and notifications now."""
-        svc, st = self.service, self.service.ingest.stats
-        d = self.deliverer
+        st, d = self.ingest_stats(), self.deliverer
         return Readings(
             now=now,
-            nats_connected=svc.nc is not None and svc.nc.is_connected,
+            nats_connected=self.nats_connected(),
             postgres_down_since=st.db_down_since,
             writing_since=st.writing_since,
             last_commit_lag_s=st.last_commit_lag_s,
             consumer_pending=st.consumer_pending,
-            notify_backlog=d.backlog() if d else 0,
-            channel_failed_at={n: s.last_failed_at for n, s in d.stats.items() if s.last_failed_at}
-            if d
-            else {},
-            channel_sent_at={n: s.last_sent_at for n, s in d.stats.items() if s.last_sent_at} if d else {},
-            drained_below=self.service.config.collector.batch,
+            notify_backlog=d.backlog(),
+            channel_failed_at={n: s.last_failed_at for n, s in d.stats.items() if s.last_failed_at},
+            channel_sent_at={n: s.last_sent_at for n, s in d.stats.items() if s.last_sent_at},
+            drained_below=self.batch,
             last_commit_at=st.last_commit_at,
             last_newest_lag_s=st.last_newest_lag_s,
         )
@@ -433,7 +470,7 @@ class Alerting:
 
     def pg_down(self) -> bool:
         """PostgreSQL is known unreachable (an alerting write or the ingest failed, not since ok)."""
-        return self._persist_down_since is not None or self.service.ingest.stats.db_down_since is not None
+        return self._persist_down_since is not None or self.ingest_stats().db_down_since is not None
 
     async def _persist(self, now: float) -> None:
         """Write what changed, then deliver it. Fail-open: while PostgreSQL is down the step's
@@ -445,7 +482,7 @@ class Alerting:
         self._persist_tried = time.monotonic()
         try:
             await asyncio.wait_for(self._flush_all(), self.settings.persist_timeout)
-        except (*_DB_ERRORS, TimeoutError) as e:  # kept in memory, written by a later step
+        except db.ERRORS + (TimeoutError,) as e:  # kept in memory, written by a later step
             self.persist_errors += 1
             if self._persist_down_since is None:
                 self._persist_down_since = now
@@ -464,19 +501,17 @@ class Alerting:
 
     def _send_early(self) -> None:
         """Hand the unsaved deliveries to their channels now (each once; see outbox, fail-open)."""
-        if self.deliverer is None:
-            return
         rows = []
         for channel, key, payload in self._unsaved.deliveries:
             if key not in self._early:
                 self._early[key] = None  # in flight
                 self._early_open += 1
-                rows.append(outbox.OutboxRow(0, channel, key, payload))
+                rows.append(OutboxRow(0, channel, key, payload))
         if rows:
             self.counts["early_deliveries"] += len(rows)
             self.deliverer.submit(rows)
 
-    def _early_done(self, row: outbox.OutboxRow, outcome: outbox.Outcome) -> None:
+    def _early_done(self, row: OutboxRow, outcome: DeliveryOutcome) -> None:
         """An early delivery ended: kept (and spooled) until PostgreSQL has it."""
         self.spool.append(row, outcome)
         if row.key in self._early:
@@ -485,9 +520,9 @@ class Alerting:
             self._early_landed.append((row, outcome))
 
     def _collect(self, out: Outcome, obs: Iterable[Observation]) -> None:
-        st, ch = self.alerts_state, outbox.Changes()
+        st, ch = self.alerts_state, Changes()
         self.counts["transitions"] += len(out.transitions)
-        if out.transitions and self.remediation.enabled:
+        if out.transitions and self.remediation is not None and self.remediation.enabled:
             self.remediation.kick()
         self.counts["notifications"] += len(out.notifications)
         fps = {t.fingerprint for t in out.transitions}
@@ -500,7 +535,7 @@ class Alerting:
         by_fp = st.by_fp
         ch.deleted = {fp for fp in self._saved_fps if fp not in by_fp}  # retired after retention
         ch.transitions = list(out.transitions)
-        by_name = {c.name: c for c in self.channels}
+        by_name = {c.name: c for c in self.channels.all}
         failing = self._failing_channels()
         for n in out.notifications:
             alert = st.by_fp.get(n.fingerprint) if n.fingerprint else None
@@ -542,19 +577,16 @@ class Alerting:
 
     async def _flush(self) -> None:
         ch = self._unsaved
-        if (ch.empty() and not self._early_landed) or self.service.pool is None:
+        if (ch.empty() and not self._early_landed) or not self.store.available:
             return
         early = dict(self._early)
-        async with self.service.pool.acquire() as conn:
-            rows = await outbox.save(conn, self.partition, ch, early)
-            landed, self._early_landed = self._early_landed, []
-            if landed:
-                try:
-                    await outbox.record_early(conn, self.partition, landed)
-                except BaseException:
-                    self._early_landed[:0] = landed
-                    raise
-        self._unsaved = outbox.Changes()
+        landed, self._early_landed = self._early_landed, []
+        try:
+            rows = await self.store.save(ch, early, landed)
+        except BaseException:
+            self._early_landed[:0] = landed
+            raise
+        self._unsaved = Changes()
         self._early_open -= sum(1 for o in early.values() if o is not None) + len(landed)
         for key, outcome in early.items():
             now_known = self._early.pop(key, None)
@@ -576,11 +608,10 @@ class Alerting:
                     "change": change,
                     "provider": inc.provider,
                     "host": inc.host,
-                    "incident": self.incident_view(inc),
+                    "incident": self.views.incident_view(inc, self.alerts_state.by_fp),
                 }
             )
-        if self.deliverer is not None:
-            self.deliverer.submit(rows)
+        self.deliverer.submit(rows)
         for t in ch.transitions:
             a = self.alerts_state.by_fp.get(t.fingerprint)
             self.broadcaster.publish(
@@ -590,7 +621,7 @@ class Alerting:
                     "provider": t.labels.get("provider"),
                     "host": t.labels.get("host"),
                     "severity": t.severity,
-                    "alert": self.alert_view(a) if a is not None else None,
+                    "alert": self.views.alert_view(a) if a is not None else None,
                 }
             )
             if self.notify.nats:
@@ -600,12 +631,11 @@ class Alerting:
         """Write the GPU fault history the health engine changed (rare: inventories of tracked
         boards, fatal XIDs, expiry); on failure the changes are kept for the next step."""
         hist = self.health.history
-        if (not hist.dirty and not hist.deleted) or self.service.pool is None:
+        if (not hist.dirty and not hist.deleted) or not self.store.available:
             return
         changed, gone = hist.take_changes()
         try:
-            async with self.service.pool.acquire() as conn:
-                await save_history(conn, changed, gone)
+            await self.store.save_history(changed, gone)
         except BaseException:
             for b in changed:
                 hist.dirty.setdefault(b.board, None)
@@ -629,30 +659,27 @@ class Alerting:
                 )  # fmt: skip
 
     async def save_health(self) -> None:
-        if self.service.pool is None:
-            return
-        data = outbox.health_snapshot(self.health, self.health_engine.healthy_for)
-        async with self.service.pool.acquire() as conn:
-            await outbox.save_health(conn, self.partition, data)
+        if self.store.available:
+            await self.store.save_health(self.health, self.health_engine.healthy_for)
 
     def start_resends(self) -> None:
         """Start one re-push per Alertmanager, each its own task (skipped while the previous
         one of that Alertmanager is still in flight): a hanging receiver delays neither the
         timer (staleness, `for`, escalation) nor another channel."""
-        for am in self.alertmanagers:
+        for am in self.channels.alertmanagers:
             running = self._resends.get(am.name)
             if running is None or running.done():
                 self._resends[am.name] = asyncio.create_task(self._resend(am), name=f"resend-{am.name}")
 
     async def resend_alertmanager(self) -> None:
         """Push firing alerts again, so Alertmanager does not time them out (resolve_timeout)."""
-        await asyncio.gather(*(self._resend(am) for am in self.alertmanagers))
+        await asyncio.gather(*(self._resend(am) for am in self.channels.alertmanagers))
 
     async def _resend(self, am: AlertmanagerChannel) -> None:
         batch = []
         for a in self.alerts_state.alerts.values():
             if a.state == FIRING and am.name in a.told and self.engine.quiet_ok(a):
-                p = _alert_payload(a, am.name)
+                p = firing_payload(a, am.name)
                 batch.append(am_alert(p, self.notify.external_url))
         if batch:
             try:
@@ -660,11 +687,12 @@ class Alerting:
             except DeliveryError as e:
                 log.warning("alertmanager %s: re-push failed: %s", am.name, e)
 
-    # ------------------------------------------------------------------ the API's view
+    # ------------------------------------------------------------------ reads and commands (the API)
 
     def rollup(self, now: float | None = None) -> FleetHealth:
-        """Provider/host/GPU health, counts by status and usable capacity (cached per second)."""
-        sec = int(time.time() if now is None else now)
+        """Provider/host/GPU health, counts by status and usable capacity (cached per second;
+        the API reads the incremental :class:`collector.health.live.LiveRollup`)."""
+        sec = int(self.clock() if now is None else now)
         if self._rollup is None or self._rollup[0] != sec:
             self._rollup = (sec, rollup(self.health, self.health_engine.config.provider))
         return self._rollup[1]
@@ -681,9 +709,9 @@ class Alerting:
         host: str | None = None,
         severity: str | None = None,
     ) -> list[Alert]:
-        """Newest first; ``state`` in pending|firing|resolved|acknowledged|silenced|inhibited."""
-        if state is not None and state not in STATES:
-            raise ConfigError("state", f"expected one of {', '.join(STATES)}, got {state!r}")
+        """Newest first; ``state`` one of :data:`collector.alerts.model.ALERT_STATES`."""
+        if state is not None and state not in ALERT_STATES:
+            raise ConfigError("state", f"expected one of {', '.join(ALERT_STATES)}, got {state!r}")
         out = []
         for a in self.alerts_state.alerts.values():
             if provider is not None and a.labels.get("provider") != provider:
@@ -698,57 +726,16 @@ class Alerting:
         out.sort(key=lambda a: max(a.started_at, a.resolved_at or 0.0), reverse=True)
         return out
 
-    def _remediation_alerts(self) -> list[AlertView]:
+    def open_alerts(self) -> list[AlertView]:
+        """The alerts not resolved, as remediation plans over them."""
         return [
             AlertView(a.fingerprint, a.episode, a.rule, a.labels, a.severity, a.action, a.state)
             for a in self.alerts_state.by_fp.values()
             if a.state != "resolved"
         ]
 
-    def _remediation_alert(self, fingerprint: str) -> dict[str, Any] | None:
-        a = self.alerts_state.by_fp.get(fingerprint)
-        return self.alert_view(a) if a is not None else None
-
     def get_alert(self, fingerprint: str) -> Alert | None:
         return self.alerts_state.by_fp.get(fingerprint)
-
-    def alert_view(self, a: Alert) -> dict[str, Any]:
-        return {
-            "id": a.fingerprint,
-            "rule": a.rule,
-            "labels": dict(a.labels),
-            "severity": a.severity,
-            "state": a.state,
-            "flags": {
-                "acknowledged": a.ack_by is not None,
-                "silenced": bool(a.silenced_by),
-                "inhibited": a.inhibited_by is not None,
-                "flapping": a.flapping,
-            },
-            "silenced_by": list(a.silenced_by),
-            "inhibited_by": a.inhibited_by,
-            "summary": a.summary,
-            "advice": a.advice,
-            "value": a.value,
-            "action": a.action,
-            "started_at": a.started_at,
-            "fired_at": a.fired_at,
-            "resolved_at": a.resolved_at,
-            "escalation": {"policy": a.policy, "level": a.level, "channels": list(a.told)},
-            "incident": a.incident,
-            "reason": a.reason or None,  # a resolution's reason: replaced, moved, forgotten, evicted
-            "ack": (
-                {
-                    "by": a.ack_by,
-                    "at": a.ack_at,
-                    "until": a.ack_until,
-                    "comment": a.ack_comment,
-                    "incident": a.ack_incident,
-                }
-                if a.ack_by is not None
-                else None
-            ),  # fmt: skip
-        }
 
     def inhibited_by_root(self) -> dict[str, list[Alert]]:
         """Root fingerprint -> the pending or firing alerts it inhibits."""
@@ -758,49 +745,23 @@ class Alerting:
                 out.setdefault(a.inhibited_by, []).append(a)
         return out
 
-    def folded_view(self, a: Alert, folded: Sequence[Alert]) -> dict[str, Any]:
-        """An alert with the alerts it inhibits folded under it, as one item (one
-        Acknowledge/Silence): ``group`` reads "host-0012 unreachable · 8 GPUs stale"."""
-        v = self.alert_view(a)
-        v["folded"] = [self.alert_view(x) for x in folded]
-        v["group"] = group_text(a, folded)
-        return v
+    def incidents(self, *, open_only: bool = False) -> list[Incident]:
+        """Newest first."""
+        incs = [i for i in self.alerts_state.incidents.values() if not open_only or i.closed_at is None]
+        incs.sort(key=lambda i: i.opened_at, reverse=True)
+        return incs
 
-    def list_folded(self, alerts: Sequence[Alert]) -> list[dict[str, Any]]:
-        """One item per root: alerts inhibited by an alert of ``alerts`` are folded under it."""
-        roots = self.inhibited_by_root()
-        present = {a.fingerprint for a in alerts}
-        return [
-            self.folded_view(a, roots.get(a.fingerprint, ()))
-            for a in alerts
-            if a.inhibited_by is None or a.inhibited_by not in present
-        ]
-
-    def incident_view(self, inc: Incident) -> dict[str, Any]:
-        """The incident with its members: which are acknowledged (and through the incident)."""
-        v = {**outbox.plain(inc), "open": inc.closed_at is None}
-        members = []
-        for fp in inc.alerts:
-            a = self.alerts_state.by_fp.get(fp)
-            if a is None:
-                continue
-            members.append(
-                {"id": a.fingerprint, "rule": a.rule, "host": a.labels.get("host"),
-                 "gpu": a.labels.get("gpu"), "severity": a.severity, "state": a.state,
-                 "acknowledged": a.ack_by is not None, "ack_by": a.ack_by, "ack_incident": a.ack_incident,
-                 "inhibited_by": a.inhibited_by, "silenced": bool(a.silenced_by),
-                 "told_by_incident": fp in inc.covered}
-            )  # fmt: skip
-        live = [m for m in members if m["state"] != "resolved"]
-        v["members"] = members
-        v["acknowledged"] = bool(live) and all(m["acknowledged"] for m in live)
-        v["unacknowledged"] = sum(1 for m in live if not m["acknowledged"])
-        v["ack"] = {"by": inc.ack_by, "at": inc.ack_at} if inc.ack_by is not None else None
-        return v
+    def list_incidents(self, *, open_only: bool = False) -> list[dict[str, Any]]:
+        by_fp = self.alerts_state.by_fp
+        return [self.views.incident_view(i, by_fp) for i in self.incidents(open_only=open_only)]
 
     def get_incident(self, iid: str) -> dict[str, Any] | None:
         inc = self.alerts_state.incidents.get(iid)
-        return self.incident_view(inc) if inc is not None else None
+        return self.views.incident_view(inc, self.alerts_state.by_fp) if inc is not None else None
+
+    def silences(self) -> tuple[list[Silence], list[Silence]]:
+        """The configured silences and those added through the API."""
+        return list(self.engine.config.silences), list(self.alerts_state.silences.values())
 
     async def ack_incident(
         self, iid: str, by: str, until: float | None = None, comment: str = ""
@@ -809,27 +770,8 @@ class Alerting:
         inc = self.alerts_state.incidents.get(iid)
         if inc is None or inc.closed_at is not None:
             raise KeyError(iid)
-        await self._step([], time.time(), [AckIncident(iid, by, until, comment)])
-        return self.incident_view(inc)
-
-    def list_incidents(self, *, open_only: bool = False) -> list[dict[str, Any]]:
-        incs = [i for i in self.alerts_state.incidents.values() if not open_only or i.closed_at is None]
-        incs.sort(key=lambda i: i.opened_at, reverse=True)
-        return [self.incident_view(i) for i in incs]
-
-    def list_silences(self) -> list[dict[str, Any]]:
-        now = time.time()
-        out = [
-            {**s.to_dict(), "source": "config", "active": s.active(now)} for s in self.engine.config.silences
-        ]
-        out += [
-            {**s.to_dict(), "source": "api", "active": s.active(now)}
-            for s in self.alerts_state.silences.values()
-        ]
-        for s in out:
-            if s["ends_at"] >= FOREVER:
-                s["ends_at"] = None
-        return out
+        await self._step([], self.clock(), [AckIncident(iid, by, until, comment)])
+        return self.views.incident_view(inc, self.alerts_state.by_fp)
 
     async def ack(
         self, fingerprint: str, by: str, until: float | None = None, comment: str = ""
@@ -840,35 +782,40 @@ class Alerting:
             raise KeyError(fingerprint)
         folded = self.inhibited_by_root().get(fingerprint, [])
         cmds = [Ack(x, by, until, comment) for x in (fingerprint, *(f.fingerprint for f in folded))]
-        await self._step([], time.time(), cmds)
+        await self._step([], self.clock(), cmds)
         a = self.alerts_state.by_fp[fingerprint]
-        return self.folded_view(a, self.inhibited_by_root().get(fingerprint, []))
+        return self.views.folded_view(a, self.inhibited_by_root().get(fingerprint, []))
 
     async def add_silence(
         self, matchers: list[str], starts_at: float | None, ends_at: float, author: str, comment: str
-    ) -> dict[str, Any]:
+    ) -> Silence:
         """Raises :class:`ConfigError` naming the bad matcher (``matchers[i]``)."""
         if not matchers:
             raise ConfigError("matchers", "a silence needs at least one matcher")
         parsed = tuple(parse_matcher(m, f"matchers[{i}]") for i, m in enumerate(matchers))
-        starts = time.time() if starts_at is None else starts_at
+        starts = self.clock() if starts_at is None else starts_at
         if ends_at <= starts:
             raise ConfigError("ends_at", "must be after starts_at")
         s = Silence(f"api-{uuid.uuid4().hex[:12]}", parsed, starts, ends_at, author, comment)
-        assert self.service.pool is not None
-        async with self.service.pool.acquire() as conn:
-            await outbox.save_silence(conn, s.to_dict())
-        await self._step([], time.time(), [AddSilence(s)])
-        return {**s.to_dict(), "source": "api", "active": s.active(time.time())}
+        await self.store.save_silence(s)
+        await self._step([], self.clock(), [AddSilence(s)])
+        return s
 
     async def expire_silence(self, silence_id: str) -> bool:
         if silence_id not in self.alerts_state.silences:
             return False
-        assert self.service.pool is not None
-        async with self.service.pool.acquire() as conn:
-            await outbox.expire_silence(conn, silence_id)
-        await self._step([], time.time(), [ExpireSilence(silence_id)])
+        await self.store.expire_silence(silence_id)
+        await self._step([], self.clock(), [ExpireSilence(silence_id)])
         return True
+
+    def self_report(self) -> dict[str, Any]:
+        """The collector's own health for ``/readyz``: problems, backlog, heartbeat."""
+        own = self.self_status.as_dict()
+        own["notify_backlog"] = self.deliverer.backlog()
+        hb = self.heartbeat
+        own["heartbeat"] = {"configured": hb.url is not None, "sent": hb.sent, "failures": hb.failures,
+                            "last_sent_at": hb.last_sent_at}  # fmt: skip
+        return own
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -882,23 +829,23 @@ class Alerting:
             **self.counts,
             "seconds": dict(self.seconds),
             "alerts": by,
-            "channels": {n: s.as_dict() for n, s in d.stats.items()} if d else {},
-            "outbox_backlog": d.backlog() if d else 0,
-            "dead_letters": d.dead_letters if d else 0,
+            "channels": {n: s.as_dict() for n, s in d.stats.items()},
+            "outbox_backlog": d.backlog(),
+            "dead_letters": d.dead_letters,
             "persist_errors": self.persist_errors,
             "nats_transition_errors": self.nats.errors,
             "stream_subscribers": self.broadcaster.subscribers,
             "self": self.self_status.as_dict(),
             "heartbeats_sent": self.heartbeat.sent,
             "heartbeat_failures": self.heartbeat.failures,
-            "remediation": self.remediation.stats(),
+            "remediation": self.remediation.stats() if self.remediation is not None else {},
         }
 
 
-def _early_row(ch: outbox.Changes, key: str) -> outbox.OutboxRow:
+def _early_row(ch: Changes, key: str) -> OutboxRow:
     for channel, k, payload in ch.deliveries:
         if k == key:
-            return outbox.OutboxRow(0, channel, k, payload)
+            return OutboxRow(0, channel, k, payload)
     raise KeyError(key)
 
 
@@ -917,37 +864,3 @@ def _in_state(a: Alert, state: str) -> bool:
     if state == "inhibited":
         return a.inhibited_by is not None
     return a.state == state
-
-
-def _alert_payload(a: Alert, channel: str) -> dict[str, Any]:
-    return {
-        "kind": "firing", "status": "firing", "channel": channel, "fingerprint": a.fingerprint,
-        "incident": a.incident, "rule": a.rule, "labels": dict(a.labels), "severity": a.severity,
-        "summary": a.summary, "advice": a.advice, "level": max(a.level, 0), "hosts": [],
-        "episode": a.episode, "at": a.last_notified_at or a.fired_at, "starts_at": a.fired_at or a.started_at,
-        "ends_at": None, "action": a.action,
-    }  # fmt: skip
-
-
-def _what(a: Alert) -> str:
-    host = a.labels.get("host", "")
-    if a.rule == "host.unreachable":
-        return f"{host} unreachable"
-    if a.rule == "gpu.lost":
-        return f"{host} GPU {a.labels.get('gpu', '?')} lost"
-    gpu = f" GPU {a.labels['gpu']}" if "gpu" in a.labels else ""
-    return f"{host}{gpu} {a.rule}"
-
-
-def group_text(root: Alert, folded: Sequence[Alert]) -> str:
-    """``host-0012 unreachable · 8 GPUs stale``: the root and what it folds, counted by rule."""
-    counts: dict[str, int] = {}
-    for a in folded:
-        counts[a.rule] = counts.get(a.rule, 0) + 1
-    parts = [_what(root)]
-    for rule, n in sorted(counts.items()):
-        if rule == "gpu.stale":
-            parts.append(f"{n} GPU{'s' if n > 1 else ''} stale")
-        else:
-            parts.append(f"{n} {rule}")
-    return " · ".join(parts)

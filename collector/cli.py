@@ -49,7 +49,6 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the collector until SIGTERM or Ctrl-C."""
-    from collector.api import install as install_api
     from collector.service import CollectorService, tune_gc
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,8 +62,7 @@ def run(
     try:
         cfg = _config(flags, config)
         tune_gc()
-        service = CollectorService(cfg)
-        install_api(service)  # the HTTP API, /metrics and the dashboard on [collector] listen
+        service = CollectorService(cfg, api=True)  # the HTTP API, /metrics, dashboard on [collector] listen
         asyncio.run(service.serve())
     except GpuwardenError as e:
         raise _fail(e) from None

@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import nats.errors
 import nats.js.errors
@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from collector import stream
 from collector.config import CollectorConfig
-from collector.ratelimit import RATE_LIMITED, HostRateLimit
+from collector.ratelimit import RATE_LIMITED, HostRateLimit, RateLimitedLog
 from collector.store import db
 from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
@@ -177,25 +177,6 @@ class IngestStats:
     last_newest_lag_s: float = 0.0  # the last batch's newest message: stream time to commit (caught up?)
 
 
-class RateLimitedLog:
-    """Logs a message per key at most once per ``interval`` seconds, with a suppressed count."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._log = logger
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e18) < self._interval:
-            self._suppressed[key] += 1
-            return
-        n = self._suppressed.pop(key, 0)
-        self._last[key] = now
-        self._log.warning(msg + (f" (and {n} more suppressed)" if n else ""), *args, exc_info=exc_info)
-
-
 def stream_config(cfg: CollectorConfig) -> StreamConfig:
     return stream.stream_config(cfg.nats)
 
@@ -208,10 +189,10 @@ def consumer_name(cfg: CollectorConfig) -> str:
 class Ingest:
     """The consume → check → write → ack loop of one collector partition."""
 
-    def __init__(self, cfg: CollectorConfig, writer: Writer, hooks: Sequence[Hook] = ()) -> None:
+    def __init__(self, cfg: CollectorConfig, writer: Writer, on_batch: Hook | None = None) -> None:
         self.cfg = cfg
         self.writer = writer
-        self.hooks: list[Hook] = list(hooks)  # called with each committed batch of new frames
+        self.on_batch = on_batch  # called with each committed batch of new frames (collector.wiring)
         self.stats = IngestStats()
         self.rate_limit = HostRateLimit(cfg.collector.host_rate, cfg.collector.host_burst)
         self._rl = RateLimitedLog(log)
@@ -419,13 +400,12 @@ class Ingest:
                 f"reject:{r.reason}", "rejected frame on %s: %s: %s", r.subject, r.reason, r.message
             )
         self._account(batch.msgs, result)
-        if result.new:
-            for hook in self.hooks:
-                try:
-                    await hook(result.new)
-                except Exception as e:  # noqa: BLE001 (stored and acked: a hook's bug must not stop ingest)
-                    self.stats.hook_errors += 1
-                    self._rl.warning("hook", "a hook failed on a committed batch: %r", e, exc_info=True)
+        if result.new and self.on_batch is not None:
+            try:
+                await self.on_batch(result.new)
+            except Exception as e:  # noqa: BLE001 (stored and acked: a hook's bug must not stop ingest)
+                self.stats.hook_errors += 1
+                self._rl.warning("hook", "a hook failed on a committed batch: %r", e, exc_info=True)
         await self.flush_rollups()
         return result
 

@@ -22,21 +22,20 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from collector.health.model import RANK, STATUSES
+from collector.health.live import LiveRollup
+from collector.health.model import RANK, STATUSES, HealthState
 from collector.health.rollup import FleetHealth, HostHealth
 from collector.ingest import IngestStats
+from collector.state import FleetState
 from shared.frames import GpuSample
-
-if TYPE_CHECKING:
-    from collector.service import CollectorService
 
 GPU_LABELS: Final = ["provider", "host", "gpu", "uuid"]
 # (metric name, help, GpuSample field, scale)
@@ -491,33 +490,38 @@ class Snapshot:
 class FleetCollector(Collector):
     """Yields the fleet's and the collector's metric families at scrape time."""
 
-    def __init__(self, service: CollectorService) -> None:
-        self.service = service
+    def __init__(
+        self,
+        fleet: FleetState,
+        live: LiveRollup,
+        health: Callable[[], HealthState],
+        ingest: Callable[[], IngestStats],
+        stats: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.fleet, self.live, self.health, self.ingest, self.stats = fleet, live, health, ingest, stats
         self._primed: Snapshot | None = None
         self.exposition = Exposition()
 
     def snapshot(self) -> Snapshot:
-        svc = self.service
-        samples = [(hs.provider, hs.host, hs.sample.gpus) for hs in svc.state.hosts.values() if hs.sample]
+        state = self.fleet
+        samples = [(hs.provider, hs.host, hs.sample.gpus) for hs in state.hosts.values() if hs.sample]
         xids = {
             (name, i): sorted((c, r.count) for c, r in gs.xids.items())
-            for name, eh in svc.alerting.health.hosts.items()
+            for name, eh in self.health().hosts.items()
             for i, gs in eh.gpus.items()
             if gs.xids
         }
-        st = copy.copy(svc.ingest.stats)
+        st = copy.copy(self.ingest())
         st.rejected = Counter(st.rejected)
         st.gpu_entries_rejected = Counter(st.gpu_entries_rejected)
-        from collector.api.live import LiveRollup  # collector.api imports this module
-
-        fleet = LiveRollup.of(svc).current()
+        fleet = self.live.current()
         fleet = FleetHealth(fleet.providers, dict(fleet.hosts))  # the rollup goes on changing its own
         drops = [
             (hs.provider, hs.host, hs.sample.agent.dropped_frames)
-            for hs in svc.state.hosts.values()
+            for hs in state.hosts.values()
             if hs.sample is not None and hs.sample.agent is not None
         ]
-        return Snapshot(samples, fleet, xids, svc.alerting.stats, st, len(svc.state), drops)
+        return Snapshot(samples, fleet, xids, self.stats(), st, len(state), drops)
 
     def prime(self) -> None:
         """Take the next scrape's snapshot now (on the event loop); ``collect`` uses it once."""
@@ -670,6 +674,11 @@ class FleetCollector(Collector):
             "gpuwarden_alert_transitions",
             "Alert state transitions.",
             value=float(stats.get("transitions", 0)),
+        )
+        yield CounterMetricFamily(
+            "gpuwarden_alert_persist_errors",
+            "Alert state writes to PostgreSQL that failed (kept in memory and retried).",
+            value=float(stats.get("persist_errors", 0)),
         )
         yield GaugeMetricFamily(
             "gpuwarden_notification_backlog",

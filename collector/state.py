@@ -70,6 +70,10 @@ class FleetState:
     def __len__(self) -> int:
         return len(self.hosts)
 
+    def replace(self, other: FleetState) -> None:
+        """Take ``other``'s hosts (the state rebuilt at start), keeping this object."""
+        self.hosts, self.providers, self.updated = other.hosts, other.providers, other.updated
+
     def __iter__(self) -> Iterator[HostState]:
         return iter(self.hosts.values())
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Final
 
 from agent.fleet import Fleet
-from collector.api import install
 from collector.config import load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, PostgresServer
@@ -149,8 +148,9 @@ async def _demo(
             env={},
             flags={"postgres.dsn": pg.dsn(), "nats.servers": [nats_server.url]},
         )
-        svc = CollectorService(cfg)
-        api = install(svc)
+        svc = CollectorService(cfg, api=True)
+        api = svc.api
+        assert api is not None
         await svc.startup()
         ingest = asyncio.create_task(svc.run(), name="ingest")
         fleet = Fleet(

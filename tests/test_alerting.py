@@ -303,8 +303,8 @@ async def test_silence_stops_notification_until_it_is_expired(
             with pytest.raises(Exception, match=r"matchers\[1\]"):
                 await al.add_silence(["host=s-01", "host=~("], None, time.time() + 60, "bob", "bad")
             sil = await al.add_silence(["host=~s-0[1]"], None, time.time() + 600, "bob", "maintenance")
-            assert sil["active"]
-            assert [s["id"] for s in al.list_silences()] == [sil["id"]]
+            assert sil.active(time.time())
+            assert [s.id for s in al.silences()[1]] == [sil.id]
             await send(nats_url, [event("s-01", 1, time.time()), event("s-02", 1, time.time())])
             await until(lambda: len(rx.received) >= 1)
             await settled(svc)
@@ -318,8 +318,8 @@ async def test_silence_stops_notification_until_it_is_expired(
                 assert await conn.fetchval("SELECT count(*) FROM silences WHERE expired_at IS NULL") == 1
             finally:
                 await conn.close()
-            assert await al.expire_silence(sil["id"])
-            assert not await al.expire_silence(sil["id"])
+            assert await al.expire_silence(sil.id)
+            assert not await al.expire_silence(sil.id)
             await until(lambda: len(rx.received) >= 2)
         assert sorted(b["alerts"][0]["labels"]["host"] for b in rx.bodies()) == ["s-01", "s-02"]
 
@@ -536,8 +536,7 @@ async def test_an_event_is_judged_on_arrival_and_not_again_after_it_is_stored(
 
 def test_lean_health_snapshot_judges_the_next_frames_like_the_full_state() -> None:
     from collector.health import HealthEngine, HealthState
-    from collector.health.codec import state_from_dict, state_to_dict
-    from collector.notify.outbox import health_snapshot
+    from collector.health.codec import health_snapshot, state_from_dict, state_to_dict
 
     engine = HealthEngine()
     st = HealthState()

@@ -37,7 +37,6 @@ from agent.fleet import Fleet
 from agent.gpu.base import GpuEvent
 from agent.sampler import build_event
 from collector.api import make_app
-from collector.metrics import FleetCollector
 from collector.service import CollectorService
 from collector.store import migrate
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
@@ -101,11 +100,11 @@ def _provider_incidents(svc: CollectorService) -> list[dict[str, Any]]:
 async def _shows_its_own_outage(svc: CollectorService, cause: str) -> None:
     """/readyz and /metrics say what the collector's own problem is."""
     reg = CollectorRegistry()
-    reg.register(FleetCollector(svc))
+    reg.register(svc.parts.api_deps.metrics)
     assert reg.get_sample_value("gpuwarden_collector_pipeline_impaired") == 1.0
     labels = {"check": "collector.pipeline", "cause": cause}
     assert reg.get_sample_value("gpuwarden_collector_self_problem", labels) == 1.0
-    async with TestClient(TestServer(make_app(svc))) as client:
+    async with TestClient(TestServer(make_app(svc.parts.api_deps))) as client:
         r = await client.get("/readyz")
         body = await r.json()
     assert body["self"]["impaired_since"] is not None

@@ -19,8 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from collector.api import ApiServer, make_app
-from collector.api.live import LiveRollup
+from collector.api import make_app
 from collector.api.stream import QUEUE
 from collector.config import load_collector_config
 from collector.health.rollup import rollup
@@ -93,7 +92,7 @@ async def service(
 
 @pytest.fixture
 async def client(service: CollectorService) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    async with TestClient(TestServer(make_app(service))) as c:
+    async with TestClient(TestServer(make_app(service.parts.api_deps))) as c:
         yield c
 
 
@@ -330,7 +329,7 @@ async def test_stream_delivers_filtered_live_events(service: CollectorService, c
 
 
 async def test_a_client_that_falls_behind_is_closed_with_1013(service: CollectorService) -> None:
-    app = make_app(service)
+    app = make_app(service.parts.api_deps)
     app[QUEUE] = 5
     async with TestClient(TestServer(app)) as c, c.ws_connect("/api/v1/stream") as ws:
         assert (await ws.receive_json(timeout=5))["type"] == "hello"
@@ -347,7 +346,7 @@ async def test_a_client_that_falls_behind_is_closed_with_1013(service: Collector
 
 
 async def test_the_incremental_rollup_matches_a_full_one(service: CollectorService) -> None:
-    live = LiveRollup.of(service)
+    live = service.parts.live
     await live.refresh()
     full = rollup(service.alerting.health, service.alerting.health_engine.config.provider)
     assert live.current().providers == full.providers
@@ -366,8 +365,9 @@ async def test_the_service_serves_the_api_on_its_listen_address(
     tmp_path: Path, module_dsn: str, module_nats: NatsServer
 ) -> None:
     port = free_port()
-    svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"))
-    api = ApiServer(svc)
+    svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"), api=True)
+    api = svc.api
+    assert api is not None
     await svc.startup()
     try:
         assert api.port == port
@@ -388,8 +388,7 @@ async def test_a_busy_listen_port_is_a_clear_configuration_error(
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"))
-        ApiServer(svc)
+        svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"), api=True)
         try:
             with pytest.raises(ConfigError) as e:
                 await svc.startup()

@@ -39,7 +39,7 @@ async def service(
 
 @contextlib.asynccontextmanager
 async def serving(svc: CollectorService) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(make_app(svc))) as c:
+    async with TestClient(TestServer(make_app(svc.parts.api_deps))) as c:
         yield c
 
 
@@ -48,7 +48,7 @@ async def test_every_route_is_documented_and_every_documented_path_is_routed(
 ) -> None:
     doc = document()
     routes: set[tuple[str, str]] = set()
-    for r in make_app(service).router.routes():
+    for r in make_app(service.parts.api_deps).router.routes():
         info = r.get_info()
         path = info.get("path") or info.get("formatter")
         if r.method in ("HEAD", "*") or path is None or "prefix" in info:

@@ -49,10 +49,10 @@ async def serving(
     svc: CollectorService, api: ApiSection, tokens: tuple[ApiToken, ...] = (), **pool: Any
 ) -> AsyncIterator[Client]:
     """The API with the access policy of ``api`` and ``tokens`` (and a read pool per ``pool``)."""
-    app = make_app(svc, tokens=tokens)
+    app = make_app(svc.parts.api_deps)
     app[auth.POLICY] = auth.Policy.of(api, tokens)
     if pool:
-        app[reads.READS] = reads.ReadPool(svc, **pool)
+        app[reads.READS] = reads.ReadPool(svc.config, **pool)
     async with TestClient(TestServer(app)) as c:
         yield c
 

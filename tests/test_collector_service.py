@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
@@ -216,11 +217,15 @@ async def test_service_in_process_hooks_state_and_restart(
     ]
     seen: list[Frame] = []
 
-    async def hook(batch: object) -> None:
-        seen.extend(batch)  # type: ignore[arg-type]
-
     svc = CollectorService(cfg)
-    svc.hooks.append(hook)
+    judge = svc.ingest.on_batch
+    assert judge is not None
+
+    async def hook(batch: Sequence[Frame]) -> None:
+        await judge(batch)  # the fleet state and the engine runner, as wired
+        seen.extend(batch)
+
+    svc.ingest.on_batch = hook
     task = asyncio.create_task(svc.serve())
     await asyncio.wait_for(svc.started.wait(), 30)
     assert svc.ready()

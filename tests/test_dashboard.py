@@ -130,7 +130,7 @@ async def test_page_shows_the_fleet_live_alerts_and_acknowledges(
     console: list[str] = []
     async with (
         collector_with_fleet(tmp_path, pg_dsn, private_nats.url) as svc,
-        TestServer(make_app(svc)) as server,
+        TestServer(make_app(svc.parts.api_deps)) as server,
         browser_page(tmp_path, console) as page,
     ):
         await until(lambda: len(svc.alerting.rollup().hosts) == 12, timeout=30)

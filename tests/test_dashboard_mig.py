@@ -77,7 +77,10 @@ tick = "200ms"
     async with collector(cfg) as svc:
         await send(private_nats.url, frames(time.time()))
         await until(lambda: (h := svc.state.host(HOST)) is not None and h.sample is not None, timeout=30)
-        async with TestServer(make_app(svc)) as server, browser_page(tmp_path, console) as page:
+        async with (
+            TestServer(make_app(svc.parts.api_deps)) as server,
+            browser_page(tmp_path, console) as page,
+        ):
             await page.goto(str(server.make_url(f"/#/host/{HOST}")))
             cell = page.locator("#gpus tbody tr").first.locator("td").first
             await cell.locator(".mig").first.wait_for(timeout=20_000)

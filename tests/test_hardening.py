@@ -295,7 +295,7 @@ async def test_an_exception_storing_one_frame_rejects_that_frame(
         raise ValueError("a hook's bug")
 
     async with running(cfg) as ingest:
-        ingest.hooks.append(bad_hook)
+        ingest.on_batch = bad_hook
         nc = await nats.connect(private_nats.url)
         js = nc.jetstream()
         frames = [sample(h, s, now - 5 + s * 0.1, gpus=1) for s in range(1, 4) for h in ("boom", "fine")]
@@ -444,8 +444,7 @@ def test_an_event_is_judged_once_when_the_agent_restarts_during_a_backlog() -> N
     import dataclasses
 
     from collector.health import HealthEngine, HealthState
-    from collector.health.codec import state_from_dict
-    from collector.notify.outbox import health_snapshot
+    from collector.health.codec import health_snapshot, state_from_dict
     from tests.test_store import event
 
     engine = HealthEngine()

@@ -51,6 +51,12 @@ from tests.test_store import gpu_sample, sample
 __all__ = ["module_dsn", "module_nats"]
 
 
+def fresh_collector(svc: CollectorService) -> FleetCollector:
+    """A metrics collector of ``svc``'s parts, apart from the one its API uses."""
+    p = svc.parts
+    return FleetCollector(p.state, p.live, lambda: p.alerting.health, lambda: p.ingest.stats, lambda: p.alerting.stats)
+
+
 @pytest.fixture(scope="module")
 async def service(
     tmp_path_factory: pytest.TempPathFactory, module_dsn: str, module_nats: NatsServer
@@ -62,7 +68,7 @@ async def service(
 @pytest.fixture
 def registry(service: CollectorService) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(FleetCollector(service))
+    reg.register(service.parts.api_deps.metrics)
     return reg
 
 
@@ -133,7 +139,7 @@ def test_the_global_registry_is_untouched(registry: CollectorRegistry) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(svc: CollectorService) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    async with TestClient(TestServer(make_app(svc))) as c:
+    async with TestClient(TestServer(make_app(svc.parts.api_deps))) as c:
         yield c
 
 
@@ -225,7 +231,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_the_direct_renderer_writes_exactly_what_the_collector_yields(
     service: CollectorService, registry: CollectorRegistry
 ) -> None:
-    fc = FleetCollector(service)
+    fc = service.parts.api_deps.metrics
     slow = samples(prometheus_client.generate_latest(registry).decode())
     fast = samples(fc.render().decode())
     assert fast.keys() == slow.keys()
@@ -274,7 +280,7 @@ def test_a_host_block_is_rendered_again_only_when_its_values_change() -> None:
 
 
 def test_the_gzip_stream_decodes_to_the_plain_text(service: CollectorService) -> None:
-    fc = FleetCollector(service)
+    fc = fresh_collector(service)
     snap = fc.snapshot()
     plain = b"".join(plain_pieces(fc.scrape(snap, Select(), gzip=False)))
     for _ in range(2):  # the second time from the kept compressed chunks
@@ -296,7 +302,7 @@ def test_crc32_combine_agrees_with_zlib() -> None:
 
 
 def test_shards_partition_the_hosts_and_carry_the_totals_once(service: CollectorService) -> None:
-    fc = FleetCollector(service)
+    fc = fresh_collector(service)
     snap = fc.snapshot()
     whole = samples(b"".join(plain_pieces(fc.scrape(snap, Select()))).decode())
     n = 3
@@ -314,7 +320,7 @@ def test_shards_partition_the_hosts_and_carry_the_totals_once(service: Collector
 
 
 def test_the_provider_filter(service: CollectorService) -> None:
-    fc = FleetCollector(service)
+    fc = fresh_collector(service)
     snap = fc.snapshot()
     got = samples(b"".join(plain_pieces(fc.scrape(snap, Select("prov-b")))).decode())
     hosts = {dict(k[1])["host"] for k in got if k[0] == "gpuwarden_gpu_temperature_celsius"}
@@ -337,7 +343,7 @@ async def promtool_check(body: bytes) -> None:
 
 
 async def test_the_endpoint_gzips_splits_and_promtool_accepts_every_answer(service: CollectorService) -> None:
-    async with TestClient(TestServer(make_app(service)), auto_decompress=False) as c:
+    async with TestClient(TestServer(make_app(service.parts.api_deps)), auto_decompress=False) as c:
         r = await c.get("/metrics", headers={"Accept-Encoding": "gzip"})
         assert r.status == 200
         assert r.headers["Content-Encoding"] == "gzip"

@@ -63,7 +63,7 @@ conf = "{slurm.conf}"
     async with (
         collector(cfg) as svc,
         fleet_running(private_nats.url, [], 60, hosts=4, gpus=8),
-        TestServer(make_app(svc)) as server,
+        TestServer(make_app(svc.parts.api_deps)) as server,
         browser_page(tmp_path, console) as page,
     ):
         await until(lambda: (h := svc.state.host(HOST)) is not None and len(h.gpus) == 8, timeout=30)

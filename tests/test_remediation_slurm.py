@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.fleet import Fleet, host_name
-from collector.api import make_app
+from collector.api import auth, make_app
 from collector.config import ApiToken
 from collector.remediation import store
 from collector.service import CollectorService
@@ -44,6 +45,13 @@ stale_after = "30s"
 [health.gpu]
 xid_window = "4s"
 """
+
+
+def _app(svc: CollectorService, tokens: tuple[ApiToken, ...]) -> web.Application:
+    """The API with ``tokens`` instead of the configured ones."""
+    app = make_app(svc.parts.api_deps)
+    app[auth.POLICY] = auth.Policy.of(svc.config.api, tokens)
+    return app
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +174,7 @@ async def test_dry_run_changes_nothing_and_approve_waits_for_an_approval(
     async with (
         collector(cfg) as svc,
         fleet_running(private_nats.url, faults, 30),
-        TestClient(TestServer(make_app(svc, tokens=tokens))) as client,
+        TestClient(TestServer(_app(svc, tokens))) as client,
     ):
 
         async def both() -> bool:
@@ -247,7 +255,7 @@ async def test_provider_outage_trips_the_circuit_breaker_drains_no_more_and_page
             assert sum(drained(slurm, h) for h in failing) == 2
             assert len(breaker_pages(rx)) == 1, breaker_pages(rx)
             assert rem.state.breakers["provider-0"].tripped_at is not None
-            async with TestClient(TestServer(make_app(svc, tokens=tokens))) as client:
+            async with TestClient(TestServer(_app(svc, tokens))) as client:
                 metrics = await (await client.get("/metrics")).text()
                 assert 'gpuwarden_remediation_breaker_open{provider="provider-0"} 1.0' in metrics
                 assert 'gpuwarden_remediation_actions{state="blocked"} 3.0' in metrics

@@ -26,6 +26,9 @@ from collector.health.model import REASONS as REASONS
 PENDING: Final = "pending"
 FIRING: Final = "firing"
 RESOLVED: Final = "resolved"
+SEVERITIES: Final = ("critical", "warning", "info")
+# What ``GET /api/v1/alerts?state=`` selects: the lifecycle states and three flags.
+ALERT_STATES: Final = (PENDING, FIRING, RESOLVED, "acknowledged", "silenced", "inhibited")
 
 # Notification kinds.
 N_FIRING: Final = "firing"
@@ -222,7 +225,8 @@ class Outcome(NamedTuple):
     notifications: list[Notification]
 
 
-def _plain(obj: Any) -> dict[str, Any]:
+def plain(obj: Alert | Incident) -> dict[str, Any]:
+    """An alert or incident as JSON-compatible data (what PostgreSQL stores; see ``from_dict``)."""
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
@@ -250,9 +254,9 @@ class AlertState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "alerts": [_plain(a) for a in self.alerts.values()],
+            "alerts": [plain(a) for a in self.alerts.values()],
             "silences": [s.to_dict() for s in self.silences.values()],
-            "incidents": [_plain(i) for i in self.incidents.values()],
+            "incidents": [plain(i) for i in self.incidents.values()],
             "open_incidents": dict(self.open_incidents),
             "hosts": {p: list(h) for p, h in self.hosts.items()},
             "active_silences": list(self.active_silences),

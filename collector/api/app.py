@@ -1,25 +1,27 @@
 """The collector's HTTP API (aiohttp): REST under ``/api/v1``, the live stream, ``/metrics``,
 ``/healthz``/``/readyz`` and the dashboard page. See ``docs/api.md``.
 
-:func:`make_app` builds the application around a :class:`collector.service.CollectorService`
-(the in-memory state, the alerting, the PostgreSQL pool); :func:`install` adds start/stop hooks
-that serve it on ``[collector] listen``.
+:func:`make_app` builds the application around :class:`collector.api.deps.ApiDeps` (the read
+and command interfaces of the collector's parts); :class:`ApiServer` is the part that serves
+it on ``[collector] listen`` while the collector runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from collector.alerting import STATES
+from collector.alerts.model import ALERT_STATES, SEVERITIES
 from collector.api import auth, reads, remediation, stream, views
+from collector.api.deps import DEPS, ApiDeps
 from collector.api.errors import (
     MAX_TIME,
     ApiError,
@@ -35,51 +37,26 @@ from collector.api.errors import (
     query_int,
     query_str,
 )
-from collector.api.live import LIVE, LiveRollup, run_refresher
 from collector.api.openapi import document
-from collector.config import ApiToken
 from collector.health.model import STATUSES
-from collector.metrics import FleetCollector, Select, accepts_gzip, gzip_pieces, plain_pieces
-from collector.store import queries
+from collector.metrics import Select, accepts_gzip, gzip_pieces, plain_pieces
+from collector.store import db, queries
 from shared.errors import ConfigError
 
-if TYPE_CHECKING:
-    from collector.service import CollectorService
-
 log = logging.getLogger(__name__)
-SERVICE: Final[web.AppKey[CollectorService]] = web.AppKey("service")
-REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
-FLEET_COLLECTOR: Final[web.AppKey[FleetCollector | None]] = web.AppKey("fleet_collector")
 READY: Final[web.AppKey[dict[str, Any]]] = web.AppKey("ready")
 API_REGISTRY: Final = web.AppKey("api_registry", CollectorRegistry)
 STATIC: Final = Path(__file__).parent / "static"
-SEVERITIES: Final = ("critical", "warning", "info")
 STALL_AFTER: Final = 60.0  # consumer stalled: messages pending and no batch committed for this long
 
 
-def make_app(
-    service: CollectorService,
-    *,
-    registry: CollectorRegistry | None = None,
-    tokens: tuple[ApiToken, ...] | None = None,
-) -> web.Application:
-    """The application; ``registry`` receives the fleet metrics (a fresh one by default);
-    ``tokens`` replace the configured ``[api]`` tokens."""
+def make_app(deps: ApiDeps) -> web.Application:
+    """The application over ``deps``."""
     app = web.Application(middlewares=[json_errors, auth.guard], client_max_size=1 << 20)
-    app[SERVICE] = service
-    fleet_collector = None
-    if registry is None:
-        registry = CollectorRegistry()  # collected at scrape time only
-        fleet_collector = FleetCollector(service)
-        registry.register(fleet_collector)
-    app[REGISTRY] = registry
-    app[FLEET_COLLECTOR] = fleet_collector
-    app[auth.POLICY] = auth.Policy.of(
-        service.config.api, service.config.api_tokens if tokens is None else tokens
-    )
+    app[DEPS] = deps
+    app[auth.POLICY] = auth.Policy.of(deps.config.api, deps.config.api_tokens)
     app[READY] = {"batches": -1, "changed": time.monotonic()}
-    app[LIVE] = LiveRollup.of(service)
-    app[reads.READS] = reads.ReadPool(service)
+    app[reads.READS] = reads.ReadPool(deps.config)
     app[API_REGISTRY] = CollectorRegistry()
     app[API_REGISTRY].register(reads.ReadPoolCollector(app))
     app.cleanup_ctx.append(run_refresher)
@@ -111,8 +88,24 @@ def make_app(
     return app
 
 
-def _svc(request: web.Request) -> CollectorService:
-    return request.app[SERVICE]
+def _deps(request: web.Request) -> ApiDeps:
+    return request.app[DEPS]
+
+
+async def run_refresher(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: refresh the live rollup every second while the application serves."""
+    live = app[DEPS].live
+
+    async def loop() -> None:
+        while True:
+            await live.refresh()
+            await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(loop(), name="api-rollup")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def require_token(request: web.Request) -> str:
@@ -130,10 +123,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    svc = _svc(request)
+    deps = _deps(request)
     checks: dict[str, dict[str, Any]] = {}
-    nc = svc.nc
-    checks["nats"] = {"ok": bool(nc is not None and nc.is_connected)}
+    checks["nats"] = {"ok": deps.nats_connected()}
     pg_ok, pg_err = False, None
     try:  # through the API's own pool: a probe never takes a connection from alerting
         async with asyncio.timeout(2.0):
@@ -142,11 +134,11 @@ async def readyz(request: web.Request) -> web.Response:
         pg_ok = True
     except ApiError:
         pg_err = "not reachable"
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+    except db.ERRORS + (TimeoutError,) as e:
         pg_err = type(e).__name__  # the server's text stays in the log, not in a public reply
         log.warning("readiness: PostgreSQL check failed: %s", e)
     checks["postgres"] = {"ok": pg_ok, "error": pg_err}
-    st = svc.ingest.stats
+    st = deps.ingest_stats()
     mark = request.app[READY]
     now = time.monotonic()
     if st.batches != mark["batches"]:
@@ -160,23 +152,14 @@ async def readyz(request: web.Request) -> web.Response:
     }
     ok = all(c["ok"] for c in checks.values())
     # the collector's own health (collector.selfcheck): reported; only the checks above decide readiness
-    own = svc.alerting.self_status.as_dict()
-    d = svc.alerting.deliverer
-    own["notify_backlog"] = d.backlog() if d else 0
-    own["heartbeat"] = {"configured": svc.alerting.heartbeat.url is not None,
-                        "sent": svc.alerting.heartbeat.sent, "failures": svc.alerting.heartbeat.failures,
-                        "last_sent_at": svc.alerting.heartbeat.last_sent_at}  # fmt: skip
+    own = deps.alerts.self_report()
     return web.json_response(
         {"status": "ready" if ok else "not_ready", "checks": checks, "self": own}, status=200 if ok else 503
     )
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    fc = request.app[FLEET_COLLECTOR]
-    if fc is None:
-        body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
-        body += generate_latest(request.app[API_REGISTRY])  # the API's own figures (a few lines)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    fc = _deps(request).metrics
     q = request.query
     shards = query_int(q, "shards", 1, 1, 4096) or 1
     shard = query_int(q, "shard", 0, 0, shards - 1) or 0
@@ -208,11 +191,11 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def list_providers(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    fleet = request.app[LIVE].current()
+    deps = _deps(request)
+    fleet = deps.live.current()
     items = [
-        views.provider_view(n, fleet.providers.get(n), svc.state)
-        for n in views.provider_names(fleet, svc.state)
+        views.provider_view(n, fleet.providers.get(n), deps.fleet)
+        for n in views.provider_names(fleet, deps.fleet)
     ]
     status = query_str(request.query, "status", STATUSES)
     if status is not None:
@@ -221,28 +204,28 @@ async def list_providers(request: web.Request) -> web.Response:
 
 
 async def get_provider(request: web.Request) -> web.Response:
-    svc = _svc(request)
+    deps = _deps(request)
     name = request.match_info["provider"]
-    fleet = request.app[LIVE].current()
-    if name not in fleet.providers and name not in svc.state.providers:
+    fleet = deps.live.current()
+    if name not in fleet.providers and name not in deps.fleet.providers:
         raise not_found("provider", name)
-    return web.json_response(views.provider_view(name, fleet.providers.get(name), svc.state))
+    return web.json_response(views.provider_view(name, fleet.providers.get(name), deps.fleet))
 
 
 async def list_hosts(request: web.Request) -> web.Response:
-    svc = _svc(request)
+    deps = _deps(request)
     q = request.query
     provider = query_str(q, "provider")
     status = query_str(q, "status", STATUSES)
-    live = request.app[LIVE]
+    live = deps.live
     fleet = live.current()
-    if provider is not None and provider not in fleet.providers and provider not in svc.state.providers:
+    if provider is not None and provider not in fleet.providers and provider not in deps.fleet.providers:
         raise not_found("provider", provider)
-    hosts, state = fleet.hosts, svc.state.hosts
+    hosts, state = fleet.hosts, deps.fleet.hosts
     if state.keys() == hosts.keys():
         names = live.names(provider)  # the usual case: every host both reported and judged
     else:
-        names = views.host_names(fleet, svc.state, provider)
+        names = views.host_names(fleet, deps.fleet, provider)
     items = []
     for name in names:
         hh = hosts.get(name)
@@ -253,13 +236,13 @@ async def list_hosts(request: web.Request) -> web.Response:
 
 
 async def get_host(request: web.Request) -> web.Response:
-    svc = _svc(request)
+    deps = _deps(request)
     name = request.match_info["host"]
-    hh = svc.alerting.host_health(name)
-    hs = svc.state.host(name)
+    hh = deps.alerts.host_health(name)
+    hs = deps.fleet.host(name)
     if hh is None and hs is None:
         raise not_found("host", name)
-    engine_host = svc.alerting.health.hosts.get(name)
+    engine_host = deps.alerts.health.hosts.get(name)
     xids: dict[int, dict[int, int]] = {}
     if engine_host is not None:
         xids = {i: {c: r.count for c, r in g.xids.items()} for i, g in engine_host.gpus.items()}
@@ -272,7 +255,7 @@ async def forget_host(request: web.Request) -> web.Response:
     who = require_token(request)
     name = request.match_info["host"]
     try:
-        result = await _svc(request).alerting.forget_host(name)
+        result = await _deps(request).alerts.forget_host(name)
     except KeyError:
         raise not_found("host", name) from None
     except ConfigError as e:
@@ -316,7 +299,7 @@ async def history(request: web.Request) -> web.Response:
             raise not_found("host", name) from None
         except queries.QueryError as e:
             raise bad("query", str(e)) from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except db.ERRORS as e:
             raise read_pool.query_error(e) from None
     return web.json_response(
         {
@@ -339,29 +322,27 @@ async def history(request: web.Request) -> web.Response:
 
 
 async def list_alerts(request: web.Request) -> web.Response:
-    svc = _svc(request)
+    al = _deps(request).alerts
     q = request.query
-    state = query_str(q, "state", STATES)
+    state = query_str(q, "state", ALERT_STATES)
     severity = query_str(q, "severity", SEVERITIES)
     try:
-        alerts = svc.alerting.list_alerts(
+        alerts = al.list_alerts(
             state=state, provider=query_str(q, "provider"), host=query_str(q, "host"), severity=severity
         )
     except ConfigError as e:
         raise bad(e.key, e.message) from None
     if query_bool(q, "fold"):  # one item per root: what it inhibits folded under it
-        return web.json_response(page(request, svc.alerting.list_folded(alerts)))
-    view = svc.alerting.alert_view
-    return web.json_response(page(request, [view(a) for a in alerts]))
+        return web.json_response(page(request, views.folded_views(alerts, al.inhibited_by_root())))
+    return web.json_response(page(request, [views.alert_view(a) for a in alerts]))
 
 
 async def get_alert(request: web.Request) -> web.Response:
-    svc = _svc(request)
     fp = request.match_info["id"]
-    a = svc.alerting.get_alert(fp)
+    a = _deps(request).alerts.get_alert(fp)
     if a is None:
         raise not_found("alert", fp)
-    return web.json_response(svc.alerting.alert_view(a))
+    return web.json_response(views.alert_view(a))
 
 
 async def _ack_request(request: web.Request) -> tuple[str, str, float | None, str]:
@@ -376,11 +357,11 @@ async def _ack_request(request: web.Request) -> tuple[str, str, float | None, st
 
 async def ack_alert(request: web.Request) -> web.Response:
     fp, by, until, comment = await _ack_request(request)
-    svc = _svc(request)
-    if svc.alerting.get_alert(fp) is None:
+    al = _deps(request).alerts
+    if al.get_alert(fp) is None:
         raise not_found("alert", fp)
     try:
-        view = await svc.alerting.ack(fp, by, until, comment)
+        view = await al.ack(fp, by, until, comment)
     except KeyError:
         raise not_found("alert", fp) from None
     log.info("alert %s acknowledged by %s", fp, by)
@@ -388,7 +369,7 @@ async def ack_alert(request: web.Request) -> web.Response:
 
 
 async def list_silences(request: web.Request) -> web.Response:
-    items = _svc(request).alerting.list_silences()
+    items = views.silence_views(*_deps(request).alerts.silences(), time.time())
     active = query_bool(request.query, "active")
     if active is not None:
         items = [s for s in items if bool(s.get("active")) == active]
@@ -397,7 +378,7 @@ async def list_silences(request: web.Request) -> web.Response:
 
 async def add_silence(request: web.Request) -> web.Response:
     who = require_token(request)
-    svc = _svc(request)
+    al = _deps(request).alerts
     body = await json_body(request)
     matchers = body.get("matchers")
     if not isinstance(matchers, list) or not all(isinstance(m, str) and len(m) < 500 for m in matchers):
@@ -418,24 +399,24 @@ async def add_silence(request: web.Request) -> web.Response:
     author = who  # the token's name: a body's "author" is not trusted (docs/api.md)
     comment = body_str(body, "comment", "", 2000)
     try:
-        s = await svc.alerting.add_silence(list(matchers), starts, ends, author, comment)
+        s = await al.add_silence(list(matchers), starts, ends, author, comment)
     except ConfigError as e:
         raise bad(e.key, e.message) from None
-    log.info("silence %s added by %s", s.get("id"), author)
-    return web.json_response(s, status=201)
+    log.info("silence %s added by %s", s.id, author)
+    return web.json_response(views.silence_view(s, "api", time.time()), status=201)
 
 
 async def delete_silence(request: web.Request) -> web.Response:
     require_token(request)
     sid = request.match_info["id"]
-    if not await _svc(request).alerting.expire_silence(sid):
+    if not await _deps(request).alerts.expire_silence(sid):
         raise not_found("silence", sid)
     return web.Response(status=204)
 
 
 async def get_incident(request: web.Request) -> web.Response:
     iid = request.match_info["id"]
-    view = _svc(request).alerting.get_incident(iid)
+    view = _deps(request).alerts.get_incident(iid)
     if view is None:
         raise not_found("incident", iid)
     return web.json_response(view)
@@ -443,9 +424,8 @@ async def get_incident(request: web.Request) -> web.Response:
 
 async def ack_incident(request: web.Request) -> web.Response:
     iid, by, until, comment = await _ack_request(request)
-    svc = _svc(request)
     try:
-        view = await svc.alerting.ack_incident(iid, by, until, comment)
+        view = await _deps(request).alerts.ack_incident(iid, by, until, comment)
     except KeyError:
         raise not_found("open incident", iid) from None
     log.info("incident %s acknowledged by %s", iid, by)
@@ -454,7 +434,7 @@ async def ack_incident(request: web.Request) -> web.Response:
 
 async def list_incidents(request: web.Request) -> web.Response:
     open_only = query_bool(request.query, "open")
-    items = _svc(request).alerting.list_incidents(open_only=bool(open_only))
+    items = _deps(request).alerts.list_incidents(open_only=bool(open_only))
     if open_only is False:
         items = [i for i in items if not i["open"]]
     return web.json_response(page(request, items))
@@ -464,44 +444,44 @@ async def list_incidents(request: web.Request) -> web.Response:
 
 
 class ApiServer:
-    """Serves the API on ``[collector] listen`` while the service runs (its start/stop hooks).
+    """The part that serves the API on ``[collector] listen`` while the collector runs.
     Port 0 picks a free port; :attr:`port` is the bound one once started."""
 
-    def __init__(self, service: CollectorService) -> None:
+    def __init__(self, deps: ApiDeps) -> None:
+        self.deps = deps
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
-        service.startup_hooks.append(self.start)
-        service.shutdown_hooks.insert(0, self.stop)
 
-    async def start(self, svc: CollectorService) -> None:
-        runner = web.AppRunner(make_app(svc), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    async def start(self) -> None:
+        listen = self.deps.config.collector.listen
+        app = make_app(self.deps)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
-        host, _, port = svc.config.collector.listen.rpartition(":")
+        host, _, port = listen.rpartition(":")
         site = web.TCPSite(runner, host.strip("[]"), int(port))
         try:
             await site.start()
         except OSError as e:
             await runner.cleanup()
-            raise ConfigError(
-                "collector.listen", f"cannot listen on {svc.config.collector.listen}: {e}"
-            ) from e
+            raise ConfigError("collector.listen", f"cannot listen on {listen}: {e}") from e
         self.runner = runner
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        self.port = _bound_port(runner, int(port))
         log.info("API and dashboard on port %d", self.port)
-        policy = auth.Policy.of(svc.config.api, svc.config.api_tokens)
+        policy = auth.Policy.of(self.deps.config.api, self.deps.config.api_tokens)
         if policy.allow_anonymous_writes:
             log.warning("API: anonymous writes are accepted ([api] allow_anonymous_writes = true)")
         elif not policy.writable:
             log.warning("API: writes are disabled until a token is configured ([api] tokens)")
 
-    async def stop(self, svc: CollectorService) -> None:
+    async def stop(self) -> None:
         runner, self.runner = self.runner, None
         if runner is not None:
             await runner.cleanup()
 
 
-def install(service: CollectorService) -> ApiServer:
-    """Serve the API on ``[collector] listen`` while ``service`` runs."""
-    return ApiServer(service)
+def _bound_port(runner: web.AppRunner, asked: int) -> int:
+    """The port the runner listens on (the one picked for port 0), from its public addresses."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return asked

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import asyncpg
 from aiohttp import web
@@ -25,11 +25,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from collector.api.errors import ApiError
-from collector.config import PostgresSection
+from collector.config import CollectorConfig, PostgresSection
 from collector.store import db
-
-if TYPE_CHECKING:
-    from collector.service import CollectorService
 
 log = logging.getLogger(__name__)
 RETRY_AFTER: Final = "2"  # seconds
@@ -40,17 +37,16 @@ class ReadPool:
 
     def __init__(
         self,
-        service: CollectorService,
+        config: CollectorConfig,
         *,
         postgres: PostgresSection | None = None,
         max_size: int | None = None,
         statement_timeout: float | None = None,
         max_heavy: int | None = None,
     ) -> None:
-        """``[api]`` and ``[postgres]`` of the service's config, or what the keywords say."""
-        self.service = service
-        api = service.config.api
-        self.postgres = service.config.postgres if postgres is None else postgres
+        """``[api]`` and ``[postgres]`` of ``config``, or what the keywords say."""
+        api = config.api
+        self.postgres = config.postgres if postgres is None else postgres
         self.max_size = api.db_pool_max if max_size is None else max_size
         self.statement_timeout = api.statement_timeout if statement_timeout is None else statement_timeout
         self.max_heavy = api.max_heavy_queries if max_heavy is None else max_heavy
@@ -74,7 +70,7 @@ class ReadPool:
                         statement_timeout=self.statement_timeout,
                         application_name="gpuwarden-api",
                     )
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except db.ERRORS as e:
                     log.warning("API read pool: cannot connect to PostgreSQL: %s", type(e).__name__)
                     raise unavailable("PostgreSQL is not reachable") from None
             return self.pool

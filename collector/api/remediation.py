@@ -5,36 +5,28 @@ middleware (:mod:`collector.api.auth`): a write token, whose name is the audit's
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import asyncpg
 from aiohttp import web
 
 from collector.api import auth
+from collector.api.deps import DEPS
 from collector.api.errors import ApiError, bad, body_str, json_body, not_found, query_int, query_str
 from collector.remediation import store
 from collector.remediation.engine import AWAITING, FINAL, OPEN
-
-if TYPE_CHECKING:
-    from collector.remediation.service import Remediator
-    from collector.service import CollectorService
+from collector.remediation.service import Remediator
 
 log = logging.getLogger(__name__)
 ACTION_STATES: Final = tuple(sorted(FINAL | OPEN))
 
 
-def _svc(request: web.Request) -> CollectorService:
-    from collector.api.app import SERVICE  # noqa: PLC0415 - app imports this module
-
-    return request.app[SERVICE]
-
-
 def _rem(request: web.Request) -> Remediator:
-    return _svc(request).alerting.remediation
+    return request.app[DEPS].remediation
 
 
 def _pool(request: web.Request) -> asyncpg.Pool:
-    pool = _svc(request).pool
+    pool = request.app[DEPS].pool()
     if pool is None:
         raise ApiError(503, "unavailable", "PostgreSQL is not connected")
     return pool

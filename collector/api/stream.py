@@ -13,14 +13,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from collector.api.deps import DEPS
 from collector.api.errors import bad
-
-if TYPE_CHECKING:
-    from collector.service import CollectorService
 
 TRY_AGAIN_LATER: Final = 1013
 SEND_TIMEOUT: Final = 5.0
@@ -59,13 +57,10 @@ class Filter:
 
 
 async def handler(request: web.Request) -> web.WebSocketResponse:
-    from collector.api.app import SERVICE
-
     match = Filter(request.query)  # 400 before the upgrade
-    svc: CollectorService = request.app[SERVICE]
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=1 << 16)
     await ws.prepare(request)
-    sub = svc.alerting.broadcaster.subscribe(request.app.get(QUEUE, 1000))
+    sub = request.app[DEPS].broadcaster.subscribe(request.app.get(QUEUE, 1000))
     reader = asyncio.create_task(_drain_incoming(ws))
     try:
         await ws.send_str(json.dumps({"type": "hello", "filters": _describe(match)}))

@@ -1,14 +1,19 @@
-"""JSON views of the in-memory fleet: providers, hosts, GPUs (latest readings and health).
+"""JSON views of the in-memory fleet: providers, hosts, GPUs (latest readings and health),
+and of the alert engine: alerts (folded under their root), incidents and silences.
 
-Pure functions over :class:`collector.state.FleetState` and the health rollup; the routes in
-:mod:`collector.api.app` call them. Unavailable readings are ``null`` (never a sentinel).
+Pure functions over :class:`collector.state.FleetState`, the health rollup and the alert
+state; the routes in :mod:`collector.api.app` and the live stream call them. Unavailable
+readings are ``null`` (never a sentinel).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
+from collector.alerts.config import FOREVER, Silence
+from collector.alerts.model import Alert, Incident, plain
 from collector.health import drivers
 from collector.health.model import STATUSES, UNKNOWN
 from collector.health.rollup import FleetHealth, GpuHealth, HostHealth, Problem, ProviderHealth
@@ -241,3 +246,125 @@ def host_detail(
         else None
     )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------ alerts, incidents, silences
+
+
+def alert_view(a: Alert) -> dict[str, Any]:
+    """An alert as the API and the live stream show it (``docs/api.md``)."""
+    return {
+        "id": a.fingerprint,
+        "rule": a.rule,
+        "labels": dict(a.labels),
+        "severity": a.severity,
+        "state": a.state,
+        "flags": {
+            "acknowledged": a.ack_by is not None,
+            "silenced": bool(a.silenced_by),
+            "inhibited": a.inhibited_by is not None,
+            "flapping": a.flapping,
+        },
+        "silenced_by": list(a.silenced_by),
+        "inhibited_by": a.inhibited_by,
+        "summary": a.summary,
+        "advice": a.advice,
+        "value": a.value,
+        "action": a.action,
+        "started_at": a.started_at,
+        "fired_at": a.fired_at,
+        "resolved_at": a.resolved_at,
+        "escalation": {"policy": a.policy, "level": a.level, "channels": list(a.told)},
+        "incident": a.incident,
+        "reason": a.reason or None,  # a resolution's reason: replaced, moved, forgotten, evicted
+        "ack": (
+            {
+                "by": a.ack_by,
+                "at": a.ack_at,
+                "until": a.ack_until,
+                "comment": a.ack_comment,
+                "incident": a.ack_incident,
+            }
+            if a.ack_by is not None
+            else None
+        ),  # fmt: skip
+    }
+
+
+def _what(a: Alert) -> str:
+    host = a.labels.get("host", "")
+    if a.rule == "host.unreachable":
+        return f"{host} unreachable"
+    if a.rule == "gpu.lost":
+        return f"{host} GPU {a.labels.get('gpu', '?')} lost"
+    gpu = f" GPU {a.labels['gpu']}" if "gpu" in a.labels else ""
+    return f"{host}{gpu} {a.rule}"
+
+
+def group_text(root: Alert, folded: Sequence[Alert]) -> str:
+    """``host-0012 unreachable · 8 GPUs stale``: the root and what it folds, counted by rule."""
+    counts: dict[str, int] = {}
+    for a in folded:
+        counts[a.rule] = counts.get(a.rule, 0) + 1
+    parts = [_what(root)]
+    for rule, n in sorted(counts.items()):
+        if rule == "gpu.stale":
+            parts.append(f"{n} GPU{'s' if n > 1 else ''} stale")
+        else:
+            parts.append(f"{n} {rule}")
+    return " · ".join(parts)
+
+
+def folded_view(a: Alert, folded: Sequence[Alert]) -> dict[str, Any]:
+    """An alert with the alerts it inhibits folded under it, as one item (one
+    Acknowledge/Silence): ``group`` reads "host-0012 unreachable · 8 GPUs stale"."""
+    v = alert_view(a)
+    v["folded"] = [alert_view(x) for x in folded]
+    v["group"] = group_text(a, folded)
+    return v
+
+
+def folded_views(alerts: Sequence[Alert], roots: Mapping[str, Sequence[Alert]]) -> list[dict[str, Any]]:
+    """One item per root: alerts inhibited by an alert of ``alerts`` are folded under it
+    (``roots``: root fingerprint -> the alerts it inhibits)."""
+    present = {a.fingerprint for a in alerts}
+    return [
+        folded_view(a, roots.get(a.fingerprint, ()))
+        for a in alerts
+        if a.inhibited_by is None or a.inhibited_by not in present
+    ]
+
+
+def incident_view(inc: Incident, by_fp: Mapping[str, Alert]) -> dict[str, Any]:
+    """The incident with its members: which are acknowledged (and through the incident)."""
+    v = {**plain(inc), "open": inc.closed_at is None}
+    members = []
+    for fp in inc.alerts:
+        a = by_fp.get(fp)
+        if a is None:
+            continue
+        members.append(
+            {"id": a.fingerprint, "rule": a.rule, "host": a.labels.get("host"),
+             "gpu": a.labels.get("gpu"), "severity": a.severity, "state": a.state,
+             "acknowledged": a.ack_by is not None, "ack_by": a.ack_by, "ack_incident": a.ack_incident,
+             "inhibited_by": a.inhibited_by, "silenced": bool(a.silenced_by),
+             "told_by_incident": fp in inc.covered}
+        )  # fmt: skip
+    live = [m for m in members if m["state"] != "resolved"]
+    v["members"] = members
+    v["acknowledged"] = bool(live) and all(m["acknowledged"] for m in live)
+    v["unacknowledged"] = sum(1 for m in live if not m["acknowledged"])
+    v["ack"] = {"by": inc.ack_by, "at": inc.ack_at} if inc.ack_by is not None else None
+    return v
+
+
+def silence_view(s: Silence, source: str, now: float) -> dict[str, Any]:
+    """A silence; ``source`` is ``config`` or ``api``; ``ends_at`` is null for "forever"."""
+    v = {**s.to_dict(), "source": source, "active": s.active(now)}
+    if v["ends_at"] >= FOREVER:
+        v["ends_at"] = None
+    return v
+
+
+def silence_views(config: Iterable[Silence], api: Iterable[Silence], now: float) -> list[dict[str, Any]]:
+    return [silence_view(s, "config", now) for s in config] + [silence_view(s, "api", now) for s in api]

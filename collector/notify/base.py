@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 import aiohttp
 
-from collector.alerts.model import N_RESOLVED, Alert, Notification
+from collector.alerts.model import N_FIRING, N_RESOLVED, Alert, Notification
 from collector.health.actions import action_for
 from collector.notify.config import HttpChannelConfig
 from shared.errors import GpuwardenError
@@ -67,6 +67,17 @@ def payload_of(n: Notification, alert: Alert | None, channel: str) -> dict[str, 
         "reason": n.reason or None,  # why it resolved without a healthy reading (replaced, ...)
         "action": action_for(n.rule, n.labels, alert.value if alert is not None else None),
     }
+
+
+def firing_payload(a: Alert, channel: str) -> dict[str, Any]:
+    """A firing alert's payload as :func:`payload_of` built it when it was told (what the
+    Alertmanager re-push sends again)."""
+    n = Notification(
+        kind=N_FIRING, channels=(channel,), at=a.last_notified_at or a.fired_at or a.started_at,
+        fingerprint=a.fingerprint, incident=a.incident, rule=a.rule, labels=a.labels,
+        severity=a.severity, summary=a.summary, advice=a.advice, level=max(a.level, 0), episode=a.episode,
+    )  # fmt: skip
+    return payload_of(n, a, channel)
 
 
 def delivery_key(n: Notification, channel: str) -> str:
@@ -173,7 +184,6 @@ class ChannelStats:
     latency_sum_s: float = 0.0  # notification decided -> delivered
     latency_count: int = 0
     latency_max_s: float = 0.0
-    recent_latencies_s: list[float] = field(default_factory=list)  # the last 1000
     last_sent_at: float = 0.0  # wall time of the last delivery (the self-check's view)
     last_failed_at: float = 0.0  # wall time of the last dead letter
 
@@ -185,9 +195,6 @@ class ChannelStats:
         self.latency_sum_s += lat
         self.latency_count += 1
         self.latency_max_s = max(self.latency_max_s, lat)
-        self.recent_latencies_s.append(lat)
-        if len(self.recent_latencies_s) > 1000:
-            del self.recent_latencies_s[:-1000]
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
@@ -25,26 +25,23 @@ from collector.remediation import engine, store
 from collector.remediation.config import RemediationConfig
 from collector.remediation.engine import RUNNING, AlertView, Plan, RemediationState
 from collector.remediation.executors import Executor
+from collector.store import db
 from shared.tasks import cancel_all
 
-if TYPE_CHECKING:
-    from collector.service import CollectorService
-
 log = logging.getLogger(__name__)
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 BREAKER_CHECK = "remediation.breaker"
 
 
 class Remediator:
     def __init__(
         self,
-        service: CollectorService,
+        pool: Callable[[], asyncpg.Pool | None],
         cfg: RemediationConfig,
         alerts: Callable[[], Iterable[AlertView]],
         alert_json: Callable[[str], Mapping[str, Any] | None],
         provider_hosts: Callable[[], Mapping[str, int]],
     ) -> None:
-        self.service, self.cfg = service, cfg
+        self.pool, self.cfg = pool, cfg
         self.alerts, self.alert_json, self.provider_hosts = alerts, alert_json, provider_hosts
         self.state = RemediationState()
         self.executor = Executor(cfg)
@@ -57,8 +54,6 @@ class Remediator:
         self._told: dict[str, bool] = {}  # provider -> breaker open, as last observed
         self.loaded = False
         self.counts = {"plans": 0, "steps": 0, "failed_steps": 0, "persist_errors": 0}
-        service.startup_hooks.append(self._startup)
-        service.shutdown_hooks.append(self._shutdown)
 
     @property
     def enabled(self) -> bool:
@@ -66,11 +61,12 @@ class Remediator:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def _startup(self, service: CollectorService) -> None:
-        if not self.enabled or service.pool is None:
+    async def start(self) -> None:
+        pool = self.pool()
+        if not self.enabled or pool is None:
             return
         keep = max(self.cfg.cooldown, self.cfg.breaker.window)
-        async with service.pool.acquire() as conn:
+        async with pool.acquire() as conn:
             self.state = await store.load(conn, time.time() - keep)
         self.loaded = True
         for aid, a in self.state.actions.items():  # interrupted by the restart: re-run its step
@@ -78,13 +74,13 @@ class Remediator:
                 self._launch(aid)
         self._task = asyncio.create_task(self._loop(), name="remediation")
 
-    async def _shutdown(self, service: CollectorService) -> None:
+    async def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         tasks = [t for t in (self._task, *self._runs.values()) if t is not None]
         self._task, self._runs = None, {}
         await cancel_all(tasks)
-        with contextlib.suppress(*_DB_ERRORS):
+        with contextlib.suppress(*db.ERRORS):
             await self._flush()
         await self.executor.close()
 
@@ -101,7 +97,7 @@ class Remediator:
                 return
             try:
                 await self.step(time.time())
-            except _DB_ERRORS as e:
+            except db.ERRORS as e:
                 self.counts["persist_errors"] += 1
                 log.warning("remediation state not persisted, will retry: %s", e)
 
@@ -126,11 +122,12 @@ class Remediator:
 
     async def _flush(self) -> None:
         q = self._pending
-        if not (q.events or q.changed or q.breakers) or self.service.pool is None:
+        pool = self.pool()
+        if not (q.events or q.changed or q.breakers) or pool is None:
             return
         acts = [self.state.actions[a] for a in q.changed if a in self.state.actions]
         brs = [self.state.breakers[b] for b in q.breakers if b in self.state.breakers]
-        async with self.service.pool.acquire() as conn:
+        async with pool.acquire() as conn:
             await store.save(conn, acts, brs, q.events)
         self._pending = Plan()
 
@@ -186,7 +183,7 @@ class Remediator:
             try:
                 await self._flush()
                 return
-            except _DB_ERRORS as e:
+            except db.ERRORS as e:
                 self.counts["persist_errors"] += 1
                 log.warning("remediation outcome not persisted, retrying: %s", e)
                 await asyncio.sleep(delay)

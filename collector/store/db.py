@@ -38,6 +38,11 @@ TRANSIENT: Final[tuple[type[BaseException], ...]] = (
 )
 
 
+# Anything a PostgreSQL call can raise when the server is down or the call failed there: what a
+# loop that tries again later catches (the one definition; ``is_transient`` decides retries).
+ERRORS: Final[tuple[type[BaseException], ...]] = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` says the server or connection failed, not the data we sent."""
     if isinstance(exc, asyncpg.DataError | ValueError | TypeError):

@@ -52,8 +52,7 @@ from agent.system import SimulatedSystem
 from collector.alerts import AckIncident, AddSilence, AlertEngine, AlertState, Silence, alert_config_from
 from collector.alerts.model import Ack, Command, Notification
 from collector.health import HealthEngine, HealthState, health_config_from
-from collector.health.codec import state_from_dict
-from collector.notify.outbox import health_snapshot
+from collector.health.codec import health_snapshot, state_from_dict
 from shared.frames import CheckResult, Frame
 
 HERE = Path(__file__).parent.parent / "scenarios"

@@ -1,36 +1,30 @@
-"""An incrementally maintained health rollup for the API, so that requests never pay for a
-whole-fleet recomputation (about 0.4 s at 10,000 hosts x 8 GPUs).
+"""The live rollup: an incrementally maintained health rollup for the API and ``/metrics``,
+so that requests never pay for a whole-fleet recomputation (about 0.4 s at 10,000 hosts x 8
+GPUs).
 
 A host's health changes only when the health engine judges one of its frames or when the
 timer marks it stale (or an XID window expires): :class:`LiveRollup` marks the hosts of each
-committed batch dirty (an ingest hook, after the alerting hook), scans cheap per-host flags
+judged batch dirty (:meth:`LiveRollup.mark`, called by the engine runner), scans cheap per-host flags
 once a second for what the timer changed, and recomputes only the dirty hosts with the pure
 :func:`collector.health.rollup.host_health`, keeping per-provider counts up to date by
 subtracting a host's old contribution and adding its new one. Small backlogs are applied
-on read; large ones by the background refresher in chunks, yielding to the event loop.
+on read; large ones by :meth:`LiveRollup.refresh` in chunks, yielding to the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from aiohttp import web
-
-from collector.health.model import CRITICAL, STATUSES, UNKNOWN
+from collector.health.config import ProviderThresholds
+from collector.health.model import CRITICAL, STATUSES, UNKNOWN, HealthState
 from collector.health.rollup import FleetHealth, HostHealth, ProviderHealth, host_health, provider_status
 from shared.frames import Frame
 
-if TYPE_CHECKING:
-    from collector.service import CollectorService
-
 SYNC_LIMIT: Final = 500  # dirty hosts recomputed inside a request; more go to the refresher
 CHUNK: Final = 250  # hosts recomputed between yields to the event loop
-_instances: weakref.WeakKeyDictionary[CollectorService, LiveRollup] = weakref.WeakKeyDictionary()
 
 
 @dataclass(slots=True)
@@ -49,10 +43,12 @@ class _Totals:
 
 
 class LiveRollup:
-    """Host and provider health of ``service``, kept current at the cost of the changes."""
+    """Host and provider health of the health state ``health()``, kept current at the cost
+    of the changes; ``provider`` decides a provider's status from its hosts."""
 
-    def __init__(self, service: CollectorService) -> None:
-        self.service = service
+    def __init__(self, health: Callable[[], HealthState], provider: ProviderThresholds) -> None:
+        self.health = health
+        self.provider = provider
         self.hosts: dict[str, HostHealth] = {}
         self._totals: dict[str, _Totals] = {}
         self._members: dict[str, set[str]] = {}
@@ -62,16 +58,6 @@ class LiveRollup:
         self._full = True
         self._fleet: FleetHealth | None = None
         self._sorted: dict[str | None, list[str]] = {}
-        service.alerting.judged_hooks.append(self.mark)
-        service.alerting.forgotten_hooks.append(self.forget)
-
-    @classmethod
-    def of(cls, service: CollectorService) -> LiveRollup:
-        """The one instance of ``service`` (created, and its hook registered, on first use)."""
-        live = _instances.get(service)
-        if live is None:
-            live = _instances[service] = cls(service)
-        return live
 
     def mark(self, frames: Sequence[Frame]) -> None:
         """Hosts whose health the engine just changed (fast event path and ingest alike)."""
@@ -83,7 +69,7 @@ class LiveRollup:
 
     def scan(self) -> None:
         """Mark what the health timer changed: staleness, never-reported hosts, XID windows."""
-        engine_hosts = self.service.alerting.health.hosts
+        engine_hosts = self.health().hosts
         flags = self._flags
         dirty = self._dirty
         for name, hs in engine_hosts.items():
@@ -94,7 +80,7 @@ class LiveRollup:
             dirty.update(h for h in self.hosts if h not in engine_hosts)
 
     def _apply(self, names: list[str]) -> None:
-        engine_hosts = self.service.alerting.health.hosts
+        engine_hosts = self.health().hosts
         for name in names:
             old = self.hosts.pop(name, None)
             if old is not None:
@@ -122,7 +108,7 @@ class LiveRollup:
     def _take(self, n: int | None = None) -> list[str]:
         if self._full:
             self._full = False
-            self._dirty.update(self.service.alerting.health.hosts)
+            self._dirty.update(self.health().hosts)
             self._dirty.update(self.hosts)
         if n is None or n >= len(self._dirty):
             names, self._dirty = list(self._dirty), set()
@@ -147,7 +133,7 @@ class LiveRollup:
         return out
 
     def _providers(self) -> dict[str, ProviderHealth]:
-        cfg = self.service.alerting.health_engine.config.provider
+        cfg = self.provider
         out = {}
         for name in sorted(self._totals):
             t = self._totals[name]
@@ -178,22 +164,3 @@ class LiveRollup:
         self.scan()  # what the health timer changed while this refresh yielded
         if len(self._dirty) <= SYNC_LIMIT:
             self._apply(self._take())
-
-
-LIVE: Final[web.AppKey[LiveRollup]] = web.AppKey("live_rollup")
-
-
-async def run_refresher(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: refresh the application's rollup every second while it serves."""
-    live = app[LIVE]
-
-    async def loop() -> None:
-        while True:
-            await live.refresh()
-            await asyncio.sleep(1.0)
-
-    task = asyncio.create_task(loop(), name="api-rollup")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

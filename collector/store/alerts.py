@@ -1,0 +1,344 @@
+"""Alert and health persistence: the one module that reads and writes the alert engine's
+state, its notifications' outbox rows, silences, the health snapshot, forgotten hosts and the
+GPU fault history for the collector's engine runner (:mod:`collector.alerting`).
+
+One transaction per evaluation step (:func:`save`) writes the alerts that changed, their
+transitions, the incidents that changed, the rest of the engine state and one outbox row per
+(notification, channel); :mod:`collector.notify.outbox` then delivers the rows. The health
+state is serialised by :func:`collector.health.codec.health_snapshot` (the only serialiser).
+:class:`PgAlertStore` is these functions over a pool, the store the runner is given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from collector.alerts.config import Silence
+from collector.alerts.model import Alert, Incident, Transition, plain
+from collector.health.codec import health_snapshot
+from collector.health.history import BoardHistory
+from collector.health.model import HealthState
+from collector.notify.outbox import OutboxRow, Outcome
+from collector.store.history import load_history, save_history
+
+
+async def record_early(
+    conn: asyncpg.Connection, partition: int, done: Sequence[tuple[OutboxRow, Outcome]]
+) -> None:
+    """Write early deliveries' outcomes (from the spool after a restart, or that landed after
+    their step was written): inserted as they ended, or the pending row updated."""
+    async with conn.transaction():
+        for row, o in done:
+            rid = await conn.fetchval(
+                "INSERT INTO notification_outbox (partition, channel, delivery_key, payload, status,"
+                " attempts, last_error, sent_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7,"
+                " CASE WHEN $5 = 'sent' THEN to_timestamp($8) END)"
+                " ON CONFLICT (delivery_key) DO UPDATE SET status = EXCLUDED.status,"
+                " attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, sent_at = EXCLUDED.sent_at"
+                " WHERE notification_outbox.status = 'pending' RETURNING id",
+                partition, row.channel, row.key, json.dumps(row.payload), o.status, o.attempts, o.error, o.at,
+            )  # fmt: skip
+            if rid is not None and o.status == "failed":
+                await conn.execute(
+                    "INSERT INTO notification_dead_letter (outbox_id, channel, payload, error, attempts)"
+                    " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                    rid, row.channel, json.dumps(row.payload), o.error or "", o.attempts,
+                )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one evaluation step changed, to be written in one transaction."""
+
+    alerts: dict[str, Alert] = field(default_factory=dict)  # by fingerprint
+    deleted: set[str] = field(default_factory=set)
+    transitions: list[Transition] = field(default_factory=list)
+    incidents: dict[str, Incident] = field(default_factory=dict)
+    engine: dict[str, Any] | None = None
+    deliveries: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # channel, key, payload
+
+    def empty(self) -> bool:
+        return not (
+            self.alerts
+            or self.deleted
+            or self.transitions
+            or self.incidents
+            or self.engine
+            or self.deliveries
+        )
+
+    def merge(self, other: Changes) -> None:
+        self.alerts.update(other.alerts)
+        self.deleted -= set(other.alerts)
+        self.deleted |= other.deleted
+        for fp in other.deleted:
+            self.alerts.pop(fp, None)
+        self.transitions += other.transitions
+        self.incidents.update(other.incidents)
+        self.engine = other.engine or self.engine
+        self.deliveries += other.deliveries
+
+
+async def save(
+    conn: asyncpg.Connection,
+    partition: int,
+    ch: Changes,
+    early: Mapping[str, Outcome | None] | None = None,
+) -> list[OutboxRow]:
+    """Write ``ch`` in one transaction; return the new outbox rows (to deliver). Deliveries
+    whose key is in ``early`` were handed to their channel already: written with their outcome
+    (``None``: still in flight, written pending) and not returned."""
+    rows: list[OutboxRow] = []
+    early = early or {}
+    async with conn.transaction():
+        if ch.alerts:
+            await conn.executemany(
+                "INSERT INTO alerts (fingerprint, partition, rule, labels, severity, state, level, policy,"
+                " incident, data, updated_at)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10::jsonb, now())"
+                " ON CONFLICT (fingerprint) DO UPDATE SET partition = EXCLUDED.partition,"
+                " severity = EXCLUDED.severity, state = EXCLUDED.state, level = EXCLUDED.level,"
+                " policy = EXCLUDED.policy, incident = EXCLUDED.incident, data = EXCLUDED.data,"
+                " updated_at = now()",
+                [
+                    (
+                        a.fingerprint, partition, a.rule, json.dumps(a.labels), a.severity, a.state, a.level,
+                        a.policy, a.incident, json.dumps(plain(a)),
+                    )
+                    for a in ch.alerts.values()
+                ],
+            )  # fmt: skip
+        if ch.deleted:
+            await conn.execute("DELETE FROM alerts WHERE fingerprint = ANY($1::text[])", list(ch.deleted))
+        if ch.transitions:
+            await conn.executemany(
+                "INSERT INTO alert_transitions (partition, fingerprint, rule, labels, at, kind, state,"
+                " severity, summary, incident, reason)"
+                " VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5), $6, $7, $8, $9, $10, $11)",
+                [
+                    (
+                        partition, t.fingerprint, t.rule, json.dumps(dict(t.labels)), t.at, t.kind, t.state,
+                        t.severity, t.summary, t.incident, t.reason or None,
+                    )
+                    for t in ch.transitions
+                ],
+            )  # fmt: skip
+        if ch.incidents:
+            await conn.executemany(
+                "INSERT INTO incidents (id, partition, provider, host, opened_at, closed_at, data)"
+                " VALUES ($1, $2, $3, $4, to_timestamp($5), to_timestamp($6), $7::jsonb)"
+                " ON CONFLICT (id) DO UPDATE SET closed_at = EXCLUDED.closed_at, data = EXCLUDED.data",
+                [
+                    (i.id, partition, i.provider, i.host, i.opened_at, i.closed_at, json.dumps(plain(i)))
+                    for i in ch.incidents.values()
+                ],
+            )
+        if ch.engine is not None:
+            await conn.execute(
+                "INSERT INTO alert_engine_state (partition, data, updated_at) VALUES ($1, $2::jsonb, now())"
+                " ON CONFLICT (partition) DO UPDATE SET data = EXCLUDED.data, updated_at = now()",
+                partition,
+                json.dumps(ch.engine),
+            )
+        for channel, key, payload in ch.deliveries:
+            if key in early:
+                o = early[key]
+                await record_early(
+                    conn, partition, [(OutboxRow(0, channel, key, payload), o or Outcome("pending", 0))]
+                )
+                continue
+            rid = await conn.fetchval(
+                "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
+                " VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (delivery_key) DO NOTHING RETURNING id",
+                partition,
+                channel,
+                key,
+                json.dumps(payload),
+            )
+            if rid is not None:
+                rows.append(OutboxRow(rid, channel, key, payload))
+    return rows
+
+
+async def load(conn: asyncpg.Connection, partition: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The saved alert state (``AlertState.to_dict`` shape) and health snapshot of a partition."""
+    alerts = [json.loads(r["data"]) for r in await conn.fetch(
+        "SELECT data FROM alerts WHERE partition = $1", partition)]  # fmt: skip
+    incidents = [json.loads(r["data"]) for r in await conn.fetch(
+        "SELECT data FROM incidents WHERE partition = $1 AND (closed_at IS NULL"
+        " OR closed_at > now() - interval '1 day')", partition)]  # fmt: skip
+    silences = [
+        {
+            "id": r["id"],
+            "matchers": json.loads(r["matchers"]),
+            "starts_at": r["s"],
+            "ends_at": r["e"],
+            "author": r["author"],
+            "comment": r["comment"],
+        }
+        for r in await conn.fetch(
+            "SELECT id, matchers, extract(epoch FROM starts_at)::float8 AS s,"
+            " extract(epoch FROM ends_at)::float8 AS e, author, comment FROM silences"
+            " WHERE expired_at IS NULL AND ends_at > now()"
+        )
+    ]
+    raw = await conn.fetchval("SELECT data FROM alert_engine_state WHERE partition = $1", partition)
+    engine = json.loads(raw) if raw is not None else {}
+    health = await conn.fetchval("SELECT data FROM health_state WHERE partition = $1", partition)
+    state = {**engine, "alerts": alerts, "incidents": incidents, "silences": silences}
+    return state, (json.loads(health) if health is not None else None)
+
+
+async def pending(conn: asyncpg.Connection, partition: int) -> list[OutboxRow]:
+    rows = await conn.fetch(
+        "SELECT id, channel, delivery_key, payload FROM notification_outbox"
+        " WHERE partition = $1 AND status = 'pending' ORDER BY id",
+        partition,
+    )
+    return [OutboxRow(r["id"], r["channel"], r["delivery_key"], json.loads(r["payload"])) for r in rows]
+
+
+async def save_health(conn: asyncpg.Connection, partition: int, data: Mapping[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO health_state (partition, data, saved_at) VALUES ($1, $2::jsonb, now())"
+        " ON CONFLICT (partition) DO UPDATE SET data = EXCLUDED.data, saved_at = now()",
+        partition,
+        json.dumps(data),
+    )
+
+
+async def save_silence(conn: asyncpg.Connection, s: Mapping[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO silences (id, matchers, starts_at, ends_at, author, comment)"
+        " VALUES ($1, $2::jsonb, to_timestamp($3), to_timestamp($4), $5, $6) ON CONFLICT (id) DO NOTHING",
+        s["id"],
+        json.dumps(s["matchers"]),
+        s["starts_at"],
+        s["ends_at"],
+        s["author"],
+        s["comment"],
+    )
+
+
+async def expire_silence(conn: asyncpg.Connection, sid: str) -> None:
+    await conn.execute("UPDATE silences SET expired_at = now() WHERE id = $1 AND expired_at IS NULL", sid)
+
+
+async def forgotten_hosts(conn: asyncpg.Connection) -> set[str]:
+    return {r["name"] for r in await conn.fetch("SELECT name FROM hosts WHERE forgotten_at IS NOT NULL")}
+
+
+async def mark_forgotten(conn: asyncpg.Connection, host: str) -> None:
+    await conn.execute("UPDATE hosts SET forgotten_at = now() WHERE name = $1", host)
+
+
+async def clear_forgotten(conn: asyncpg.Connection, hosts: Collection[str]) -> None:
+    await conn.execute("UPDATE hosts SET forgotten_at = NULL WHERE name = ANY($1::text[])", list(hosts))
+
+
+@dataclass(slots=True)
+class Restored:
+    """What a starting collector reads back: the alert state (``AlertState.to_dict`` shape),
+    the health snapshot, the outbox rows still pending, forgotten hosts, GPU fault history."""
+
+    alerts: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] | None = None
+    pending: list[OutboxRow] = field(default_factory=list)
+    forgotten: set[str] = field(default_factory=set)
+    boards: list[BoardHistory] = field(default_factory=list)
+
+
+class PgAlertStore:
+    """The engine runner's store in PostgreSQL (``pool()`` is ``None`` until it is opened)."""
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool | None], partition: int) -> None:
+        self._pool = pool
+        self.partition = partition
+
+    @property
+    def available(self) -> bool:
+        return self._pool() is not None
+
+    def _acquire(self) -> Any:
+        pool = self._pool()
+        assert pool is not None, "PostgreSQL is not open yet"
+        return pool.acquire()
+
+    async def restore(self) -> Restored:
+        async with self._acquire() as conn:
+            alerts, health = await load(conn, self.partition)
+            rows = await pending(conn, self.partition)
+            forgotten = await forgotten_hosts(conn)
+            boards = await load_history(conn)
+        return Restored(alerts, health, rows, forgotten, boards)
+
+    async def save(
+        self,
+        ch: Changes,
+        early: Mapping[str, Outcome | None],
+        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
+    ) -> list[OutboxRow]:
+        """:func:`save`, then the outcomes of early deliveries that ended after their step was
+        written (:func:`record_early`); on one connection."""
+        async with self._acquire() as conn:
+            rows = await save(conn, self.partition, ch, early)
+            if landed:
+                await record_early(conn, self.partition, landed)
+        return rows
+
+    async def record_early(self, done: Sequence[tuple[OutboxRow, Outcome]]) -> None:
+        async with self._acquire() as conn:
+            await record_early(conn, self.partition, done)
+
+    async def save_health(self, state: HealthState, healthy_for: int) -> None:
+        data = health_snapshot(state, healthy_for)
+        async with self._acquire() as conn:
+            await save_health(conn, self.partition, data)
+
+    async def save_history(self, changed: Sequence[BoardHistory], gone: Sequence[str]) -> None:
+        async with self._acquire() as conn:
+            await save_history(conn, changed, gone)
+
+    async def save_silence(self, s: Silence) -> None:
+        async with self._acquire() as conn:
+            await save_silence(conn, s.to_dict())
+
+    async def expire_silence(self, sid: str) -> None:
+        async with self._acquire() as conn:
+            await expire_silence(conn, sid)
+
+    async def mark_forgotten(self, host: str) -> None:
+        async with self._acquire() as conn:
+            await mark_forgotten(conn, host)
+
+    async def clear_forgotten(self, hosts: Collection[str]) -> None:
+        async with self._acquire() as conn:
+            await clear_forgotten(conn, hosts)
+
+    async def mark_sent(self, row_id: int, attempts: int) -> None:
+        async with self._acquire() as conn:
+            await conn.execute(
+                "UPDATE notification_outbox SET status = 'sent', attempts = $2, sent_at = now()"
+                " WHERE id = $1",
+                row_id,
+                attempts,
+            )
+
+    async def mark_failed(self, row: OutboxRow, attempts: int, error: str) -> None:
+        """The row failed after its channel's retries: ``failed``, and a dead letter."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE notification_outbox SET status = 'failed', attempts = $2, last_error = $3"
+                " WHERE id = $1",
+                row.id, attempts, error,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO notification_dead_letter (outbox_id, channel, payload, error, attempts)"
+                " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                row.id, row.channel, json.dumps(row.payload), error, attempts,
+            )  # fmt: skip

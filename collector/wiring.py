@@ -1,0 +1,223 @@
+"""Where the collector's parts are built and connected: the only module that knows them all.
+
+:func:`build` makes every part from the configuration, in the order they depend on each
+other, and hands each one only what it needs (a store, a deliverer, a clock, a callable);
+:attr:`Parts.lifecycle` lists the parts that start and stop, in start order (they stop in
+the reverse order). :class:`collector.service.CollectorService` runs that list. To add a
+part: build it here, after what it needs, and put it in ``lifecycle`` where it must start.
+
+The data path, as wired here: NATS (JetStream) -> :class:`collector.ingest.Ingest` ->
+PostgreSQL (:class:`collector.store.writer.Writer`) -> :meth:`Parts.on_batch` (the fleet
+state, then the engine runner :class:`collector.alerting.Alerting`) -> the store
+(:class:`collector.store.alerts.PgAlertStore`) -> the deliverer
+(:class:`collector.notify.outbox.Deliverer`) -> the channels. The fast event path
+(:class:`collector.fastpath.FastEvents`) is the runner's second input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nats.aio.client import Client as NatsClient
+
+from collector.alerting import Alerting
+from collector.alerts import AlertEngine, alert_config_from
+from collector.api import views
+from collector.api.app import ApiServer
+from collector.api.deps import ApiDeps
+from collector.config import CollectorConfig
+from collector.fastpath import FastEvents
+from collector.health import HealthEngine, health_config_from
+from collector.health.live import LiveRollup
+from collector.ingest import Ingest
+from collector.inventory import ExpectedInventory
+from collector.links import Nats, Postgres
+from collector.metrics import FleetCollector
+from collector.notify import build_channels
+from collector.notify.config import notify_config_from, with_channels
+from collector.notify.nats import NatsChannel
+from collector.notify.outbox import Deliverer
+from collector.notify.stream import Broadcaster
+from collector.ratelimit import HostRateLimit
+from collector.remediation.config import remediation_config_from
+from collector.remediation.service import Remediator
+from collector.state import FleetState
+from collector.store.alerts import PgAlertStore
+from collector.store.writer import Writer
+from shared.frames import Frame
+from shared.tasks import cancel_all
+
+
+class Part(Protocol):
+    """Something with a lifecycle: started in order, stopped in reverse order."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Step:
+    """A part made of two callables (for parts whose own API is not start/stop)."""
+
+    name: str
+    on_start: Callable[[], Awaitable[None]] | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
+
+    async def start(self) -> None:
+        if self.on_start is not None:
+            await self.on_start()
+
+    async def stop(self) -> None:
+        if self.on_stop is not None:
+            await self.on_stop()
+
+
+class InventoryRefresh:
+    """Loads the expected inventory at start, then reloads it every ``[inventory] refresh``."""
+
+    def __init__(self, expected: ExpectedInventory) -> None:
+        self.expected = expected
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.expected.reload()
+        self._stop.clear()
+        self._task = asyncio.create_task(self.expected.run(self._stop), name="inventory")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await cancel_all([self._task])
+            self._task = None
+
+
+@dataclass(slots=True)
+class Parts:
+    config: CollectorConfig
+    state: FleetState
+    postgres: Postgres
+    nats: Nats
+    writer: Writer
+    ingest: Ingest
+    expected: ExpectedInventory
+    broadcaster: Broadcaster
+    live: LiveRollup
+    alerting: Alerting
+    fast_events: FastEvents
+    remediation: Remediator
+    api_deps: ApiDeps
+    api: ApiServer | None
+    lifecycle: list[Part] = field(default_factory=list)  # in start order
+
+    async def on_batch(self, frames: Sequence[Frame]) -> None:
+        """Each committed batch of new frames: into the fleet state, then judged."""
+        self.state.apply(frames)
+        await self.alerting.on_frames(frames)
+
+
+def build(config: CollectorConfig, *, api: bool = False) -> Parts:
+    """Every part of a collector; ``api``: serve the HTTP API on ``[collector] listen``."""
+    raw = config.raw
+    health_cfg = health_config_from(raw)
+    notify_cfg = notify_config_from(raw)
+    c = config.collector
+
+    # connections and the data path
+    state = FleetState(health_cfg.health.max_clock_skew)
+    postgres = Postgres(config.postgres, state)
+    nats = Nats(config)
+    writer = Writer(config.postgres, max_skew=state.max_skew)
+    ingest = Ingest(config, writer)
+    expected = ExpectedInventory(config.inventory.source, config.inventory.refresh, config.inventory.timeout)
+
+    # the engines, their store, the channels and the deliverer
+    health_engine = HealthEngine(health_cfg)
+    alert_engine = AlertEngine(with_channels(alert_config_from(raw), notify_cfg))
+    store = PgAlertStore(lambda: postgres.pool, c.partition)
+    nats_channel = NatsChannel(lambda: nats.nc)
+    channels = build_channels(notify_cfg, nats_channel)
+    deliverer = Deliverer(store, channels.all)
+    broadcaster = Broadcaster()
+
+    # the engine runner, and what listens to it
+    runner: Alerting  # remediation reads the runner's alerts: bound below
+    live = LiveRollup(lambda: runner.health, health_cfg.provider)
+    remediation = Remediator(
+        lambda: postgres.pool,
+        remediation_config_from(raw),
+        lambda: runner.open_alerts(),
+        lambda fp: views.alert_view(a) if (a := runner.get_alert(fp)) is not None else None,
+        lambda: runner.health.provider_hosts(),
+    )
+    runner = Alerting(
+        config,
+        health_engine=health_engine,
+        alert_engine=alert_engine,
+        notify=notify_cfg,
+        store=store,
+        deliverer=deliverer,
+        channels=channels,
+        nats=nats_channel,
+        broadcaster=broadcaster,
+        views=views,
+        fleet=state,
+        expected_hosts=lambda: expected.hosts,
+        ingest_stats=lambda: ingest.stats,
+        nats_connected=lambda: nats.connected,
+        on_judged=live.mark,
+        on_forgotten=live.forget,
+        remediation=remediation,
+    )
+    fast_events = FastEvents(
+        nats,
+        ingest.limits,
+        runner.mine,
+        runner.judge_early,
+        HostRateLimit(c.host_rate, c.host_burst),  # the fast path's own buckets and clock
+        enabled=config.alerting.fast_events,
+    )
+
+    # the HTTP API
+    metrics = FleetCollector(state, live, lambda: runner.health, lambda: ingest.stats, lambda: runner.stats)
+    api_deps = ApiDeps(
+        config=config,
+        fleet=state,
+        live=live,
+        alerts=runner,
+        broadcaster=broadcaster,
+        remediation=remediation,
+        metrics=metrics,
+        ingest_stats=lambda: ingest.stats,
+        nats_connected=lambda: nats.connected,
+        pool=lambda: postgres.pool,
+    )
+    server = ApiServer(api_deps) if api else None
+
+    parts = Parts(
+        config, state, postgres, nats, writer, ingest, expected, broadcaster, live, runner,
+        fast_events, remediation, api_deps, server,
+    )  # fmt: skip
+    ingest.on_batch = parts.on_batch
+    parts.lifecycle = [
+        postgres,  # pool, migrations, partitions; the fleet state rebuilt
+        Step("writer", on_stop=writer.close),
+        nats,
+        Step("ingest", on_start=lambda: ingest.setup(_required(nats)), on_stop=ingest.close),
+        InventoryRefresh(expected),
+        runner,  # restores the alert and health state, starts delivering and its timer
+        fast_events,  # after the runner: judged frames need its restored state
+        remediation,  # after the runner: it plans over restored alerts
+    ]
+    if server is not None:
+        parts.lifecycle.append(server)  # last: requests see a started collector
+    return parts
+
+
+def _required(nats: Nats) -> NatsClient:
+    assert nats.nc is not None, "NATS starts before the ingest"
+    return nats.nc
