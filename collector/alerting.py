@@ -160,6 +160,7 @@ class Alerting:
         on_forgotten: Callable[[str], None] = _nothing,
         remediation: Remediation | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = config.alerting
         self.partition, self.partitions = config.collector.partition, config.collector.partitions
@@ -181,7 +182,8 @@ class Alerting:
         self.on_judged = on_judged  # told the frames of each judged batch (the live rollup)
         self.on_forgotten = on_forgotten  # told each host forgotten
         self.remediation = remediation
-        self.clock = clock
+        self.clock = clock  # the time decisions are dated with
+        self.monotonic = monotonic  # the time intervals (snapshots, re-pushes, write retries) are kept with
         self.health = HealthState()
         self.alerts_state = AlertState()
         self._lock = asyncio.Lock()
@@ -299,7 +301,7 @@ class Alerting:
         await self.deliverer.close()
 
     async def _timer(self) -> None:
-        last_snapshot = last_resend = time.monotonic()
+        last_snapshot = last_resend = self.monotonic()
         while not self._stop.is_set():
             # the tick, or sooner when the alert engine has something due (a `for` ending)
             wait = min(self.settings.tick, self.alerts_state.next_due - self.clock())
@@ -310,7 +312,7 @@ class Alerting:
             try:
                 await self.tick(self.clock())
                 self.heartbeat.beat(self.self_status)  # the loop's progress, not a timer of its own
-                mono = time.monotonic()
+                mono = self.monotonic()
                 pg_down = self.ingest_stats().db_down_since is not None  # a snapshot would only fail
                 if not pg_down and mono - last_snapshot >= self.settings.health_snapshot:
                     last_snapshot = mono
@@ -476,10 +478,10 @@ class Alerting:
         """Write what changed, then deliver it. Fail-open: while PostgreSQL is down the step's
         deliveries go out at once from memory ("early", recorded in the spool) and the write is
         retried at most every tick, never holding up judging for long (``persist_timeout``)."""
-        if self.pg_down() and time.monotonic() - self._persist_tried < self.settings.tick:
+        if self.pg_down() and self.monotonic() - self._persist_tried < self.settings.tick:
             self._send_early()
             return
-        self._persist_tried = time.monotonic()
+        self._persist_tried = self.monotonic()
         try:
             await asyncio.wait_for(self._flush_all(), self.settings.persist_timeout)
         except db.ERRORS + (TimeoutError,) as e:  # kept in memory, written by a later step

@@ -274,7 +274,7 @@ async def test_heavy_history_requests_never_delay_alert_persistence(
             s = await asyncio.wait_for(
                 service.alerting.add_silence(["host=nobody-here"], None, time.time() + 60, "test", ""), 60
             )
-            assert await locker.fetchval("SELECT count(*) FROM silences WHERE id = $1", s["id"]) == 1
+            assert await locker.fetchval("SELECT count(*) FROM silences WHERE id = $1", s.id) == 1
             r = await c.get("/readyz")  # a light read still finds a connection
             assert (await r.json())["checks"]["postgres"]["ok"], await r.text()
             assert sum(t.done() for t in tasks) == n - 2  # the two are still waiting

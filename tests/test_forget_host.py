@@ -21,7 +21,6 @@ import aiohttp
 import asyncpg
 import pytest
 
-from collector.api import install as install_api
 from collector.config import CollectorConfig, load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
@@ -59,8 +58,9 @@ async def forget_host_cli(*args: str) -> tuple[int, str, str]:
 @contextlib.asynccontextmanager
 async def serving(cfg: CollectorConfig) -> AsyncIterator[tuple[CollectorService, str]]:
     """The collector with its HTTP API on a free port (and its base URL)."""
-    svc = CollectorService(cfg)
-    server = install_api(svc)
+    svc = CollectorService(cfg, api=True)
+    server = svc.api
+    assert server is not None
     await svc.startup()
     task = asyncio.create_task(svc.run())
     try:

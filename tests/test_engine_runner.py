@@ -1,0 +1,265 @@
+"""The engine runner (collector.alerting.Alerting) without servers: an in-memory store, a
+recording channel and a fixed clock, the way the pure engines are tested. Frames and ticks
+go in; what the store is asked to write, what the channel is handed and what the live
+stream publishes come out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from collector.alerting import Alerting
+from collector.alerts import AlertEngine, Silence, alert_config_from
+from collector.api import views
+from collector.config import CollectorConfig, load_collector_config
+from collector.health import HealthEngine, HealthState, health_config_from
+from collector.health.codec import health_snapshot
+from collector.health.history import BoardHistory
+from collector.notify import Channels
+from collector.notify.config import notify_config_from, with_channels
+from collector.notify.nats import NatsChannel
+from collector.notify.outbox import Deliverer, OutboxRow, Outcome
+from collector.notify.stream import Broadcaster
+from collector.state import FleetState
+from collector.store.alerts import Changes, Restored
+from tests.test_store import event
+
+T0 = 1_800_000_000.0
+
+
+class MemoryStore:
+    """The runner's store and the deliverer's outcome store, in memory; ``down`` makes every
+    write fail as PostgreSQL does when it is unreachable."""
+
+    def __init__(self) -> None:
+        self.available = True
+        self.down = False
+        self.alerts: dict[str, dict[str, Any]] = {}
+        self.transitions: list[tuple[str, str]] = []  # (rule, kind)
+        self.outbox: dict[str, tuple[OutboxRow, str]] = {}  # key -> (row, status)
+        self.health: dict[str, Any] | None = None
+        self.silences: dict[str, Silence] = {}
+        self.forgotten: set[str] = set()
+        self.next_id = 1
+
+    def _check(self) -> None:
+        if self.down:
+            raise OSError("connection refused")
+
+    async def restore(self) -> Restored:
+        pending = [row for row, status in self.outbox.values() if status == "pending"]
+        return Restored({"alerts": list(self.alerts.values())}, self.health, pending, set(self.forgotten))
+
+    async def save(
+        self,
+        ch: Changes,
+        early: Mapping[str, Outcome | None],
+        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
+    ) -> list[OutboxRow]:
+        self._check()
+        from collector.alerts.model import plain
+
+        for fp, a in ch.alerts.items():
+            self.alerts[fp] = plain(a)
+        self.transitions += [(t.rule, t.kind) for t in ch.transitions]
+        rows = []
+        for channel, key, payload in ch.deliveries:
+            if key in self.outbox:
+                continue
+            o = early.get(key)
+            row = OutboxRow(0 if key in early else self.next_id, channel, key, payload)
+            self.next_id += 1
+            self.outbox[key] = (row, o.status if o is not None else "pending")
+            if key not in early:
+                rows.append(row)
+        await self.record_early(landed)
+        return rows
+
+    async def record_early(self, done: Sequence[tuple[OutboxRow, Outcome]]) -> None:
+        self._check()
+        for row, o in done:
+            self.outbox[row.key] = (row, o.status)
+
+    async def save_health(self, state: HealthState, healthy_for: int) -> None:
+        self._check()
+        self.health = health_snapshot(state, healthy_for)
+
+    async def save_history(self, changed: Sequence[BoardHistory], gone: Sequence[str]) -> None:
+        self._check()
+
+    async def save_silence(self, s: Silence) -> None:
+        self._check()
+        self.silences[s.id] = s
+
+    async def expire_silence(self, sid: str) -> None:
+        self._check()
+        self.silences.pop(sid, None)
+
+    async def mark_forgotten(self, host: str) -> None:
+        self._check()
+        self.forgotten.add(host)
+
+    async def clear_forgotten(self, hosts: Collection[str]) -> None:
+        self._check()
+        self.forgotten -= set(hosts)
+
+    async def mark_sent(self, row_id: int, attempts: int) -> None:
+        self._mark(row_id, "sent")
+
+    async def mark_failed(self, row: OutboxRow, attempts: int, error: str) -> None:
+        self._mark(row.id, "failed")
+
+    def _mark(self, row_id: int, status: str) -> None:
+        for key, (row, _) in list(self.outbox.items()):
+            if row.id == row_id:
+                self.outbox[key] = (row, status)
+
+    def statuses(self) -> list[str]:
+        return sorted(status for _, status in self.outbox.values())
+
+
+class Recorder:
+    """A channel that keeps what it is handed."""
+
+    name = kind = "hook"
+    retries = 0
+    backoff = max_backoff = 0.01
+
+    def __init__(self) -> None:
+        self.payloads: list[dict[str, Any]] = []
+
+    def wants(self, payload: Mapping[str, Any]) -> bool:
+        return True
+
+    async def deliver(self, payload: Mapping[str, Any], key: str) -> None:
+        self.payloads.append(dict(payload))
+
+    async def close(self) -> None:
+        return None
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CONFIG = """
+[alerts]
+for = "0s"
+[notify.log]
+enabled = false
+[notify.nats]
+enabled = false
+[[notify.webhook]]
+name = "hook"
+url = "https://hooks.example/gpu"
+"""
+
+
+def runner(tmp_path: Any, store: MemoryStore, clock: Clock) -> tuple[Alerting, Recorder, Broadcaster]:
+    path = tmp_path / "collector.toml"
+    path.write_text(CONFIG)
+    cfg: CollectorConfig = load_collector_config(path, env={})
+    notify = notify_config_from(cfg.raw)
+    channel = Recorder()
+    broadcaster = Broadcaster()
+    al = Alerting(
+        cfg,
+        health_engine=HealthEngine(health_config_from(cfg.raw)),
+        alert_engine=AlertEngine(with_channels(alert_config_from(cfg.raw), notify)),
+        notify=notify,
+        store=store,
+        deliverer=Deliverer(store, [channel]),
+        channels=Channels([channel], []),
+        nats=NatsChannel(lambda: None),
+        broadcaster=broadcaster,
+        views=views,
+        fleet=FleetState(),
+        nats_connected=lambda: True,  # the collector's own pipeline is fine (not impaired)
+        clock=clock,
+        monotonic=clock,
+    )
+    return al, channel, broadcaster
+
+
+async def test_an_xid_fires_is_written_then_delivered_and_published(tmp_path: Any) -> None:
+    store, clock = MemoryStore(), Clock(T0)
+    al, channel, broadcaster = runner(tmp_path, store, clock)
+    sub = broadcaster.subscribe()
+    await al.start()
+    try:
+        await al.on_frames([event("r-01", 1, T0 - 1)])
+        await asyncio.wait_for(al.deliverer.idle(), 10)
+    finally:
+        await al.stop()
+    (a,) = al.list_alerts(state="firing")
+    assert (a.rule, a.labels["host"], a.labels["xid"]) == ("gpu.xid", "r-01", "79")
+    assert a.fired_at == T0  # the runner's clock, not the wall clock
+    assert store.alerts[a.fingerprint]["state"] == "firing"
+    assert ("gpu.xid", "firing") in store.transitions
+    assert [p["fingerprint"] for p in channel.payloads] == [a.fingerprint]
+    assert store.statuses() == ["sent"]  # written first, then marked sent by the deliverer
+    events = []
+    while not sub.queue.empty():
+        events.append(sub.queue.get_nowait())
+    alert_events = [e for e in events if e["type"] == "alert"]
+    assert alert_events
+    assert alert_events[-1]["alert"] == views.alert_view(a)
+    assert store.health is not None
+    assert "r-01" in store.health["hosts"]  # saved at stop
+
+
+async def test_while_the_store_is_down_pages_go_out_from_memory_and_land_later(tmp_path: Any) -> None:
+    store, clock = MemoryStore(), Clock(T0)
+    al, channel, _ = runner(tmp_path, store, clock)
+    await al.start()
+    try:
+        store.down = True
+        await al.on_frames([event("r-02", 1, T0 - 1)])
+        await asyncio.wait_for(al.deliverer.idle(), 10)
+        assert len(channel.payloads) == 1  # fail-open: delivered before it was written
+        assert al.pg_down()
+        assert al.persist_errors == 1
+        assert store.outbox == {}
+        store.down = False
+        clock.now += al.settings.tick + 1  # the write is tried again on the next step
+        await al.tick(clock.now)
+        assert not al.pg_down()
+        assert store.statuses() == ["sent"]  # the early delivery, recorded with its outcome
+        assert len(channel.payloads) == 1  # and not sent twice
+    finally:
+        await al.stop()
+
+
+async def test_time_driven_steps_run_at_the_given_now(tmp_path: Any) -> None:
+    """Ticks take ``now``: a host that stops reporting goes unreachable when its frames are
+    older than ``stale_after``, by the runner's clock, with no waiting."""
+    from tests.test_store import sample
+
+    store, clock = MemoryStore(), Clock(T0)
+    al, _, _ = runner(tmp_path, store, clock)
+    await al.start()
+    try:
+        await al.on_frames([sample("r-03", 1, T0)])
+        assert al.list_alerts() == []
+        stale_after = al.health_engine.config.health.stale_after
+        clock.now = T0 + stale_after + 60
+        await al.tick(clock.now)
+        assert {a.rule for a in al.list_alerts(state="firing")} >= {"host.unreachable"}
+    finally:
+        await al.stop()
+
+
+@pytest.mark.parametrize("state", ["nonsense"])
+def test_an_unknown_state_filter_is_refused(tmp_path: Any, state: str) -> None:
+    from shared.errors import ConfigError
+
+    al, _, _ = runner(tmp_path, MemoryStore(), Clock(T0))
+    with pytest.raises(ConfigError, match="state"):
+        al.list_alerts(state=state)
