@@ -54,7 +54,9 @@ __all__ = ["module_dsn", "module_nats"]
 def fresh_collector(svc: CollectorService) -> FleetCollector:
     """A metrics collector of ``svc``'s parts, apart from the one its API uses."""
     p = svc.parts
-    return FleetCollector(p.state, p.live, lambda: p.alerting.health, lambda: p.ingest.stats, lambda: p.alerting.stats)
+    return FleetCollector(
+        p.state, p.live, lambda: p.alerting.health, lambda: p.ingest.stats, lambda: p.alerting.stats
+    )
 
 
 @pytest.fixture(scope="module")
