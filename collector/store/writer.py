@@ -87,11 +87,10 @@ def _rollup_sql() -> str:
             sets.append(f"{m}_{part} = EXCLUDED.{m}_{part}")
     return (
         f"INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"  # noqa: S608
-        f" SELECT s.host_id, s.gpu_index, p.minute, count(*), {', '.join(aggs)}"
-        " FROM unnest($1::int[], $2::timestamptz[]) AS p(host_id, minute)"
-        " JOIN gpu_samples s ON s.host_id = p.host_id AND s.ts >= p.minute"
-        " AND s.ts < p.minute + interval '1 minute'"
-        " GROUP BY s.host_id, s.gpu_index, p.minute"
+        " SELECT p.host_id, s.* FROM unnest($1::int[], $2::timestamptz[]) AS p(host_id, minute)"
+        f" CROSS JOIN LATERAL (SELECT s.gpu_index, p.minute, count(*), {', '.join(aggs)} FROM gpu_samples s"
+        "  WHERE s.host_id = p.host_id AND s.ts >= p.minute AND s.ts < p.minute + interval '1 minute'"
+        "  GROUP BY s.gpu_index) s"
         f" ON CONFLICT (host_id, gpu_index, minute) DO UPDATE SET {', '.join(sets)}"
     )
 
