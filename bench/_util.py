@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,48 @@ async def webhook(handler: Callable[[Any], Awaitable[Any]]) -> tuple[Any, int]:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, port
+
+
+class Receiver:
+    """The webhook receiver and frame tap of :mod:`bench._receiver`, in a process of its own (a
+    receiver in the collector's event loop would time arrivals when that loop lets it)::
+
+        with Receiver(nats_url, {"host-0001": "xid"}) as rx:  # rx.url: the webhook's URL
+            ...
+        rx.hooks  # [(arrival time, POSTed JSON)], rx.taps: {host: ts of the fault's first frame}
+    """
+
+    def __init__(self, nats_url: str, watch: dict[str, str]) -> None:
+        self.nats_url, self.watch = nats_url, watch
+        self.hooks: list[tuple[float, Any]] = []
+        self.taps: dict[str, float] = {}
+
+    def __enter__(self) -> Receiver:
+        self._dir = tempfile.TemporaryDirectory()
+        self._out = Path(self._dir.name) / "received.jsonl"
+        args = [sys.executable, "-m", "bench._receiver", "--nats", self.nats_url, "--out", str(self._out)]
+        for host, kind in self.watch.items():
+            args += ["--watch", f"{host}={kind}"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, start_new_session=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"bench._receiver did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}/hook"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.proc)
+        if self._out.exists():
+            for line in self._out.read_text(encoding="utf-8").splitlines():
+                d = json.loads(line)
+                if "hook" in d:
+                    self.hooks.append((d["hook"], d["body"]))
+                else:
+                    self.taps.setdefault(d["tap"], d["ts"])
+        self._dir.cleanup()
 
 
 async def start_collector(tmp: str, toml: str, pg_dsn: str, nats_url: str) -> tuple[Any, asyncio.Task[None]]:

@@ -1,18 +1,21 @@
-"""Time from fault to webhook delivery under load.
+"""Time from fault to webhook delivery under load, over several runs.
 
 A ``gpuwarden fleet`` subprocess (``BENCH_ALERT_HOSTS`` hosts x 8 GPUs at 1 s, default
 1,000) publishes to a private nats-server; the collector (in this process, with its
-alerting) stores every frame in a private PostgreSQL and notifies a local webhook receiver.
-``K`` hosts get an XID 79 on GPU 2 and ``K`` others a temperature of 95 °C (a threshold
-fault, ``[alerts] for = 5s``), staggered by 0.5 s after a warm-up.
+alerting) stores every frame in a private PostgreSQL and notifies a webhook receiver in a
+process of its own (:mod:`bench._receiver`: a receiver in the collector's event loop would
+time arrivals only when that loop lets it run). ``K`` hosts get an XID 79 on GPU 2 and ``K``
+others a temperature of 95 °C (a threshold fault, ``[alerts] for = 5s``), staggered by 0.5 s
+after a warm-up. ``BENCH_ALERT_RUNS`` runs (default 5), each with fresh servers, collector
+and fleet; p50/p99 per run and the worst run are printed: the goal holds in every run.
 
 The fault's time is when the agent saw it: the ``ts`` of the XID event frame, or of the
-first sample with the GPU at 95 °C (this process taps those subjects on core NATS). The
-latency is the webhook's arrival minus that time: agent -> NATS -> collector (stored,
-committed) -> health and alert engines -> outbox commit -> HTTP POST. Goals: XID p99 < 0.25 s;
-the threshold fault < its ``for`` + ``group_wait`` (2 s here) + 1 s.
+first sample with the GPU at 95 °C (the receiver process taps those hosts' subjects on core
+NATS). The latency is the webhook's arrival minus that time: agent -> NATS -> collector (fast
+event path) -> health and alert engines -> outbox commit -> HTTP POST. Goals: XID p99 < 0.25 s
+in every run; the threshold fault < its ``for`` + ``group_wait`` (2 s here) + 1 s.
 
-Then a provider outage in the same run: ``OUTAGE`` hosts of provider-0 (a quarter of the
+Then a provider outage in the first run: ``OUTAGE`` hosts of provider-0 (a quarter of the
 fleet) go down at once, and ``OUTAGE_XIDS`` up hosts of provider-0 get an XID 79 during it.
 Every notification about provider-0 is counted per incident: the provider incident's first
 notification, its updates (and escalations), and any of its hosts told on their own.
@@ -21,16 +24,16 @@ notification, its updates (and escalations), and any of its hosts told on their 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import tempfile
 import time
 from typing import Any
 
-from bench._util import pct, spawn, start_collector, stop, stop_collector, webhook
+from bench._util import Receiver, pct, spawn, start_collector, stop, stop_collector
 
 HOSTS = int(os.environ.get("BENCH_ALERT_HOSTS", "1000"))
 K = int(os.environ.get("BENCH_ALERT_FAULTS", "20"))  # faulty hosts per kind
+RUNS = int(os.environ.get("BENCH_ALERT_RUNS", "5"))  # the XID goal holds in every run
 FOR_S = 5.0
 WARMUP = 20.0
 STAGGER = 0.5
@@ -39,16 +42,19 @@ OUTAGE_XIDS = 2
 GROUP_WAIT = 2.0  # [alerts] group_wait: a first notice (not event-class) waits this long
 OUTAGE_AT = WARMUP + K * STAGGER + FOR_S + 5
 OUTAGE_S = 25.0
+XID_GOAL = 0.25
 Row = tuple[str, str, str]
 
 
-def faults() -> tuple[list[str], dict[str, str]]:
+def faults(outage: bool) -> tuple[list[str], dict[str, str]]:
     specs, kind = [], {}
     for i in range(K):
         xid_host, temp_host = f"host-{2 * i + 1:04d}", f"host-{2 * i + 2:04d}"
         at = WARMUP + i * STAGGER
         specs += [f"{xid_host}/gpu2:xid=79@{at}s", f"{temp_host}/gpu2:temp=95@{at}s"]
         kind[xid_host], kind[temp_host] = "xid", "temp"
+    if not outage:
+        return specs, kind
     # provider-0 is hosts 0, 4, 8, ... (4 providers); the outage takes the highest ones
     p0 = [h for h in range(HOSTS - 1, 2 * K + 2, -1) if h % 4 == 0]
     for h in p0[:OUTAGE]:
@@ -58,51 +64,17 @@ def faults() -> tuple[list[str], dict[str, str]]:
     return specs, kind
 
 
-async def _measure(hosts: int) -> dict[str, Any]:
-    import nats
-    from aiohttp import web
-
+async def _measure(hosts: int, outage: bool) -> dict[str, Any]:
     from gpuwarden.servers import NatsServer, PostgresServer
-    from shared.frames import EventFrame, SampleFrame, decode
 
-    specs, kind = faults()
-    outage_t = [float("inf")]
-    seen: dict[str, float] = {}  # host -> agent time of the fault
-    got: dict[str, float] = {}  # host -> webhook arrival
-
-    outage: list[dict[str, Any]] = []  # every notification about provider-0 after the outage began
-
-    async def hook(request: web.Request) -> web.Response:
-        t = time.time()
-        for a in json.loads(await request.read())["alerts"]:
-            if a["labels"].get("provider") == "provider-0" and t >= outage_t[0]:
-                outage.append(a)
-            host = a["labels"].get("host", "")
-            want = {"xid": "gpu.xid", "temp": "gpu.temperature"}.get(kind.get(host, ""))
-            if a["status"] == "firing" and a["labels"]["alertname"] == want and host not in got:
-                got[host] = t
-        return web.Response()
-
-    async def tap(msg: Any) -> None:
-        host = msg.subject.rsplit(".", 1)[-1]
-        k = kind.get(host)
-        if k is None or host in seen:
-            return
-        f = decode(msg.data)
-        if (
-            k == "xid"
-            and isinstance(f, EventFrame)
-            and f.xid == 79
-            or (
-                k == "temp"
-                and isinstance(f, SampleFrame)
-                and any(g.index == 2 and (g.temp_c or 0) >= 95 for g in f.gpus)
-            )
-        ):
-            seen[host] = f.ts
-
-    runner, port = await webhook(hook)
-    with NatsServer() as ns, PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
+    specs, kind = faults(outage)
+    load = os.getloadavg()[0]
+    with (
+        NatsServer() as ns,
+        PostgresServer() as pg,
+        tempfile.TemporaryDirectory() as tmp,
+        Receiver(ns.url, kind) as rx,
+    ):
         toml = f"""
 
 [alerts]
@@ -112,20 +84,17 @@ group_wait = "{GROUP_WAIT}s"
 enabled = false
 [[notify.webhook]]
 name = "bench"
-url = "http://127.0.0.1:{port}/hook"
+url = "{rx.url}"
 """
         svc, run = await start_collector(tmp, toml, pg.dsn(), ns.url)
-        nc = await nats.connect(ns.url)
-        await nc.subscribe("gpuwarden.v1.event.>", cb=tap)
-        await nc.subscribe("gpuwarden.v1.sample.>", cb=tap)
-        duration = OUTAGE_AT + 25
+        # the run lasts until the last threshold fault is told (or, with the outage, past it)
+        duration = OUTAGE_AT + 25 if outage else WARMUP + K * STAGGER + FOR_S + GROUP_WAIT + 5
         args = ["fleet", "--hosts", str(hosts), "--gpus", "8", "--providers", "4", "--interval", "1s"]
         args += ["--nats", ns.url, "--duration", f"{duration}s", "--log-level", "warning"]
         for s in specs:
             args += ["--fault", s]
         proc = spawn(*args)
         t0, cpu0 = time.time(), time.process_time()
-        outage_t[0] = t0 + OUTAGE_AT - 1.0
         try:
             while time.time() - t0 < duration:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
@@ -141,16 +110,30 @@ url = "http://127.0.0.1:{port}/hook"
                 "frames_in": st.frames_in,
                 "elapsed": time.time() - t0,
                 "cpu": time.process_time() - cpu0,
+                "load": (load, os.getloadavg()[0]),
             }
             figures["alerting_s"] = sum(svc.alerting.stats["seconds"].values())
-            await nc.drain()
             await stop_collector(svc, run)
-            await runner.cleanup()
+    seen = rx.taps  # host -> agent time of the fault
+    got: dict[str, float] = {}  # host -> webhook arrival of its fault's alert
+    told: list[dict[str, Any]] = []  # every notification about provider-0 after the outage began
+    outage_t = t0 + OUTAGE_AT - 1.0
+    for t, body in rx.hooks:
+        for a in body["alerts"]:
+            host = a["labels"].get("host", "")
+            if outage and a["labels"].get("provider") == "provider-0" and t >= outage_t and host not in kind:
+                told.append(a)  # (a latency fault told late is not the outage's)
+            want = {"xid": "gpu.xid", "temp": "gpu.temperature"}.get(kind.get(host, ""))
+            if a["status"] == "firing" and a["labels"]["alertname"] == want and host not in got:
+                got[host] = t
     lat = {k: [got[h] - seen[h] for h in got if h in seen and kind[h] == k] for k in ("xid", "temp")}
     # the XID path in two parts: agent -> judged and judged -> webhook (outbox commit, POST)
     xids = [h for h in got if h in seen and kind[h] == "xid" and h in fired]
     parts = {"judged": [fired[h] - seen[h] for h in xids], "delivered": [got[h] - fired[h] for h in xids]}
-    return {**figures, "lat": lat, "parts": parts, "missed": 2 * K - len(got), "outage": per_incident(outage)}
+    return {
+        **figures, "lat": lat, "parts": parts, "missed": 2 * K - len(got),
+        "outage": per_incident(told) if outage else None,
+    }  # fmt: skip
 
 
 def per_incident(notes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -165,50 +148,74 @@ def per_incident(notes: list[dict[str, Any]]) -> dict[str, Any]:
     return {"incidents": incidents, "own": own}
 
 
+def _triple(xs: list[float]) -> str:
+    return f"{pct(xs, 50):.3f} / {pct(xs, 99):.3f} / {max(xs, default=float('nan')):.3f} s"
+
+
 def run() -> list[Row]:
-    r = asyncio.run(_measure(HOSTS))
-    xid, temp = r["lat"]["xid"], r["lat"]["temp"]
-    rate = r["frames_in"] / max(r["elapsed"], 1e-9)
-    load = f"{HOSTS} hosts x 8 GPUs at 1 s ({rate:.0f} frames/s in)"
-    return [
+    results = [asyncio.run(_measure(HOSTS, outage=i == 0)) for i in range(RUNS)]
+    first = results[0]
+    rate = first["frames_in"] / max(first["elapsed"], 1e-9)
+    loads = ", ".join(f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in results)
+    rows: list[Row] = [
         (
             "alert latency: load (fleet subprocess, collector, PostgreSQL, NATS on this machine)",
-            load,
+            f"{HOSTS} hosts x 8 GPUs at 1 s ({rate:.0f} frames/s in); {RUNS} runs; "
+            f"load average (1 min) at start-end of each run: {loads} on {os.cpu_count()} CPUs",
             "1000 x 8 at 1 s",
+        )
+    ]
+    for i, r in enumerate(results, 1):
+        xid, temp = r["lat"]["xid"], r["lat"]["temp"]
+        rows.append(
+            (
+                f"run {i}/{RUNS}: fault -> webhook, XID 79 p50 / p99 / max (n={len(xid)});"
+                f" temp=95 p50 / p99 (n={len(temp)})",
+                f"{_triple(xid)}; {pct(temp, 50):.3f} / {pct(temp, 99):.3f} s",
+                f"XID p99 < {XID_GOAL:g} s",
+            )
+        )
+    worst = max(results, key=lambda r: pct(r["lat"]["xid"], 99) if r["lat"]["xid"] else float("inf"))
+    worst_p99 = pct(worst["lat"]["xid"], 99)
+    met = all(r["lat"]["xid"] and pct(r["lat"]["xid"], 99) < XID_GOAL for r in results)
+    temps = [pct(r["lat"]["temp"], 99) for r in results]
+    pooled = {k: [x for r in results for x in r["parts"][k]] for k in ("judged", "delivered")}
+    rows += [
+        (
+            f"fault -> webhook, XID 79 (event): p99 of the worst of {RUNS} runs"
+            f" (run {results.index(worst) + 1})",
+            f"{worst_p99:.3f} s ({'met' if met else 'NOT met'} in every run)",
+            f"p99 < {XID_GOAL:g} s in every run",
         ),
         (
-            f"fault -> webhook, XID 79 (event) p50 / p99 / max, n={len(xid)}",
-            f"{pct(xid, 50):.3f} / {pct(xid, 99):.3f} / {max(xid, default=float('nan')):.3f} s",
-            "p99 < 0.25 s",
-        ),
-        (
-            f"fault -> webhook, temp=95 (threshold, for {FOR_S:g} s) p50 / p99, n={len(temp)}",
-            f"{pct(temp, 50):.3f} / {pct(temp, 99):.3f} s",
+            f"fault -> webhook, temp=95 (threshold, for {FOR_S:g} s): p99 of the worst run",
+            f"{max(temps):.3f} s",
             f"< for + group_wait + 1 s = {FOR_S + GROUP_WAIT + 1:g} s",
         ),
         (
-            "XID: agent -> judged (NATS; fast_events: before it is stored) p50 / p99",
-            f"{pct(r['parts']['judged'], 50):.3f} / {pct(r['parts']['judged'], 99):.3f} s",
+            "XID: agent -> judged (NATS; fast_events: before it is stored) p50 / p99, all runs",
+            f"{pct(pooled['judged'], 50):.3f} / {pct(pooled['judged'], 99):.3f} s",
             "",
         ),
         (
-            "XID: judged -> webhook received (outbox commit, POST) p50 / p99",
-            f"{pct(r['parts']['delivered'], 50):.3f} / {pct(r['parts']['delivered'], 99):.3f} s",
+            "XID: judged -> webhook received (outbox commit, POST) p50 / p99, all runs",
+            f"{pct(pooled['delivered'], 50):.3f} / {pct(pooled['delivered'], 99):.3f} s",
             "",
         ),
-        ("faults not notified within the run", str(r["missed"]), "0"),
+        ("faults not notified within a run, all runs", str(sum(r["missed"] for r in results)), "0"),
         (
-            f"provider outage ({OUTAGE} of {HOSTS // 4} provider-0 hosts down at once, {OUTAGE_XIDS} XIDs"
-            " during it): notifications per incident",
-            outage_text(r["outage"]),
+            f"provider outage (run 1: {OUTAGE} of {HOSTS // 4} provider-0 hosts down at once, {OUTAGE_XIDS}"
+            " XIDs during it): notifications per incident",
+            outage_text(first["outage"]),
             "1 first + updates; none on their own",
         ),
         (
-            "collector CPU in health + alerts + alert persistence",
-            f"{r['alerting_s']:.1f} s of {r['cpu']:.1f} s process CPU ({r['elapsed']:.0f} s run)",
+            "collector CPU in health + alerts + alert persistence (run 1)",
+            f"{first['alerting_s']:.1f} s of {first['cpu']:.1f} s process CPU ({first['elapsed']:.0f} s run)",
             "",
         ),
     ]
+    return rows
 
 
 def outage_text(o: dict[str, Any]) -> str:
