@@ -673,10 +673,6 @@ class Alerting:
             if running is None or running.done():
                 self._resends[am.name] = asyncio.create_task(self._resend(am), name=f"resend-{am.name}")
 
-    async def resend_alertmanager(self) -> None:
-        """Push firing alerts again, so Alertmanager does not time them out (resolve_timeout)."""
-        await asyncio.gather(*(self._resend(am) for am in self.channels.alertmanagers))
-
     async def _resend(self, am: AlertmanagerChannel) -> None:
         batch = []
         for a in self.alerts_state.alerts.values():

@@ -2,9 +2,9 @@
 
 The section shape is the contract in docs/configuration.md. ``[health]``, ``[alerts]``, ``[notify]``,
 ``[escalation]``, ``[silence]``, ``[maintenance]`` and ``[remediation]`` belong to the
-health/alert engine (and remediation): unless a schema for them is passed in
-``extra_schema``, those present in the file are kept raw (``CollectorConfig.raw``, top-level
-name to table or array of tables) for that engine to build.
+health/alert engine (and remediation): those present in the file are kept raw
+(``CollectorConfig.raw``, top-level name to table or array of tables) for that engine to
+build (``health_config_from``, ``alert_config_from``, ...).
 """
 
 from __future__ import annotations
@@ -147,7 +147,6 @@ class CollectorConfig:
     alerting: AlertingSection = field(default_factory=AlertingSection)
     selfcheck: SelfCheckSection = field(default_factory=SelfCheckSection)
     api_tokens: tuple[ApiToken, ...] = ()
-    sections: Mapping[str, Any] = field(default_factory=dict)  # built from ``extra_schema``
     raw: Mapping[str, Any] = field(default_factory=dict)  # RAW_SECTIONS present in the file
 
 
@@ -155,19 +154,13 @@ def load_collector_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
-    *,
-    extra_schema: Mapping[str, type[Any]] | None = None,
 ) -> CollectorConfig:
     """Load ``collector.toml`` (see ``docs/configuration.md``); raises :class:`ConfigError`.
 
     ``flags`` keys are ``"section.key"`` (e.g. ``"postgres.dsn"``); ``None`` values are unset.
-    ``extra_schema`` adds sections (e.g. ``{"health": HealthConfig}``) built the same way.
     """
-    extra_schema = dict(extra_schema or {})
-    schema = {**COLLECTOR_SCHEMA, **extra_schema}
-    owned_roots = {name.split(".")[0] for name in extra_schema}
-    raw_names = frozenset(RAW_SECTIONS - owned_roots)
-    s = load_sections(schema, path, env, flags, extra_sections=raw_names)
+    raw_names = frozenset(RAW_SECTIONS)
+    s = load_sections(COLLECTOR_SCHEMA, path, env, flags, extra_sections=raw_names)
     c: CollectorSection = s["collector"]
     pg: PostgresSection = s["postgres"]
     if c.partition >= c.partitions:
@@ -200,7 +193,6 @@ def load_collector_config(
         alerting=s["alerting"],
         selfcheck=s["selfcheck"],
         api_tokens=tokens,
-        sections={name: s[name] for name in extra_schema},
         raw={name: s[name] for name in raw_names if s[name] is not None},
     )
 

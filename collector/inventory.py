@@ -14,14 +14,12 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 
-from collector.state import HostState
 from shared.errors import GpuwardenError, SubjectError
 from shared.redact import redact
 from shared.subjects import sanitize_token
@@ -40,21 +38,6 @@ class ExpectedHost:
     host: str
     provider: str
     gpus: int
-
-
-@dataclass(frozen=True, slots=True)
-class GpuShortfall:
-    host: str
-    provider: str
-    expected: int
-    reported: int
-
-
-@dataclass(frozen=True, slots=True)
-class InventoryDiff:
-    silent: tuple[ExpectedHost, ...]  # expected, never reported
-    short: tuple[GpuShortfall, ...]  # reporting fewer GPUs than expected
-    unexpected: tuple[str, ...]  # reporting, not in the expected list (informational)
 
 
 def parse_expected(data: Any, source: str = "inventory") -> list[ExpectedHost]:
@@ -78,21 +61,6 @@ def parse_expected(data: Any, source: str = "inventory") -> list[ExpectedHost]:
             raise InventorySourceError(f"{source}[{i}]: {e}") from e
         out[host] = ExpectedHost(host, provider, gpus)
     return list(out.values())
-
-
-def compare(expected: Iterable[ExpectedHost], reported: Mapping[str, HostState]) -> InventoryDiff:
-    """How the reporting fleet differs from the expected inventory (pure)."""
-    silent, short = [], []
-    names = set()
-    for e in expected:
-        names.add(e.host)
-        h = reported.get(e.host)
-        if h is None or (h.sample is None and h.inventory is None):
-            silent.append(e)
-        elif h.gpu_count < e.gpus:
-            short.append(GpuShortfall(e.host, e.provider, e.gpus, h.gpu_count))
-    unexpected = tuple(sorted(set(reported) - names))
-    return InventoryDiff(tuple(silent), tuple(short), unexpected)
 
 
 async def load_expected(source: str, http_timeout: float = 10.0) -> list[ExpectedHost]:
@@ -197,6 +165,3 @@ class ExpectedInventory:
                 await asyncio.wait_for(stop.wait(), self.refresh)
             except TimeoutError:
                 continue
-
-    def diff(self, reported: Mapping[str, HostState]) -> InventoryDiff:
-        return compare(self.hosts, reported)

@@ -18,7 +18,7 @@ import logging
 import asyncpg
 
 from collector.config import CollectorConfig
-from collector.wiring import Part, Parts, build
+from collector.wiring import Part, Parts, build  # noqa: TID251 (the service runs the wiring)
 from shared.tasks import stop_on_signals
 
 log = logging.getLogger(__name__)

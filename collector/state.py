@@ -26,7 +26,7 @@ MAX_SKEW: Final = 30.0  # default clock-skew allowance, seconds ([health] max_cl
 
 
 @dataclass(slots=True)
-class HostState:
+class FleetHost:
     """What the collector knows about one host now."""
 
     host: str
@@ -63,7 +63,7 @@ class FleetState:
 
     def __init__(self, max_skew: float = MAX_SKEW) -> None:
         self.max_skew = max_skew
-        self.hosts: dict[str, HostState] = {}
+        self.hosts: dict[str, FleetHost] = {}
         self.providers: dict[str, set[str]] = {}
         self.updated = 0.0  # wall time of the last change
 
@@ -74,19 +74,16 @@ class FleetState:
         """Take ``other``'s hosts (the state rebuilt at start), keeping this object."""
         self.hosts, self.providers, self.updated = other.hosts, other.providers, other.updated
 
-    def __iter__(self) -> Iterator[HostState]:
+    def __iter__(self) -> Iterator[FleetHost]:
         return iter(self.hosts.values())
 
-    def host(self, name: str) -> HostState | None:
+    def host(self, name: str) -> FleetHost | None:
         return self.hosts.get(name)
 
-    def of_provider(self, provider: str) -> list[HostState]:
-        return [self.hosts[h] for h in sorted(self.providers.get(provider, ()))]
-
-    def _host(self, f: Frame) -> HostState:
+    def _host(self, f: Frame) -> FleetHost:
         h = self.hosts.get(f.host)
         if h is None:
-            h = self.hosts[f.host] = HostState(f.host, f.provider)
+            h = self.hosts[f.host] = FleetHost(f.host, f.provider)
             self.providers.setdefault(f.provider, set()).add(f.host)
         elif h.provider != f.provider:
             self.providers.get(h.provider, set()).discard(f.host)
@@ -164,7 +161,7 @@ async def load_state(
     state = FleetState(max_skew)
     for row in await queries.hosts(conn):
         last_seen = min(row.last_seen, now + max_skew)  # a host's clock ahead pushed it forward
-        h = HostState(row.name, row.provider, last_seen=last_seen, boot_id=row.boot_id)
+        h = FleetHost(row.name, row.provider, last_seen=last_seen, boot_id=row.boot_id)
         state.hosts[row.name] = h
         state.providers.setdefault(row.provider, set()).add(row.name)
     state.apply(await queries.latest_inventories(conn, until=now + max_skew), now)

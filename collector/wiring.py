@@ -192,9 +192,9 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         broadcaster=broadcaster,
         remediation=remediation,
         metrics=metrics,
-        ingest_stats=lambda: ingest.stats,
-        nats_connected=lambda: nats.connected,
-        pool=lambda: postgres.pool,
+        ingest_stats=runner.ingest_stats,
+        nats_connected=runner.nats_connected,
+        pool=store.pool,
     )
     server = ApiServer(api_deps) if api else None
 

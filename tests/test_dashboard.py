@@ -27,7 +27,7 @@ from agent.fleet import Fleet
 from collector.api import make_app
 from collector.config import load_collector_config
 from collector.service import CollectorService
-from collector.state import HostState
+from collector.state import FleetHost
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from shared.frames import EventFrame
@@ -48,7 +48,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def xid_event(host: HostState) -> EventFrame:
+def xid_event(host: FleetHost) -> EventFrame:
     """XID 79 on GPU 2 of ``host`` (fatal: critical at once), as its agent would publish it."""
     gpu = next(g for g in host.gpus if g.index == 2)
     return EventFrame(

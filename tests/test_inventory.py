@@ -11,14 +11,10 @@ from aiohttp import web
 from collector.inventory import (
     ExpectedHost,
     ExpectedInventory,
-    GpuShortfall,
     InventorySourceError,
-    compare,
     load_expected,
     parse_expected,
 )
-from collector.state import FleetState
-from tests.test_store import inventory, sample
 
 DOC = [
     {"host": "a", "provider": "p1", "gpus": 8},
@@ -26,16 +22,6 @@ DOC = [
     {"host": "c", "provider": "p2", "gpus": 4},
     {"host": "d", "provider": "p2", "gpus": 2},
 ]
-
-
-def test_compare_finds_silent_and_short_hosts() -> None:
-    state = FleetState()
-    state.apply([sample("a", 1, 1.0, provider="p1", gpus=8), sample("b", 1, 1.0, provider="p1", gpus=6)])
-    state.apply([inventory("c", 1, 1.0, provider="p2", gpus=3), sample("zz", 1, 1.0)])
-    diff = compare(parse_expected(DOC), state.hosts)
-    assert diff.silent == (ExpectedHost("d", "p2", 2),)
-    assert diff.short == (GpuShortfall("b", "p1", 8, 6), GpuShortfall("c", "p2", 4, 3))
-    assert diff.unexpected == ("zz",)
 
 
 @pytest.mark.parametrize(

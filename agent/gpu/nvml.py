@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from agent.gpu import nvml_fields as nf
 from agent.gpu.base import GpuEvent, Inventory
-from agent.gpu.nvml_query import GpuLost, GpuState, NvmlQuery, handle_key, text
+from agent.gpu.nvml_query import GpuLost, NvmlGpu, NvmlQuery, handle_key, text
 from agent.processes import build_processes, merge_nvml, mig_ids
 from shared.errors import NvmlUnavailableError
 from shared.frames import GpuInfo, GpuSample, MigInstance, MigSample
@@ -70,8 +70,8 @@ class NvmlBackend:
         self._proc_root = proc_root
         self._want_processes = processes
         self._want_events = events
-        self._gpus: list[GpuState] = []
-        self._by_handle: dict[Any, GpuState] = {}
+        self._gpus: list[NvmlGpu] = []
+        self._by_handle: dict[Any, NvmlGpu] = {}
         self._opened = False
         self._q: NvmlQuery | None = None
         self._event_set: Any = None
@@ -139,8 +139,8 @@ class NvmlBackend:
             self._open_events()
         self.sample()  # learns what each GPU does not support, so the first inventory says it
 
-    def _open_gpu(self, index: int) -> GpuState:
-        gpu = GpuState(index=index, handle=None)
+    def _open_gpu(self, index: int) -> NvmlGpu:
+        gpu = NvmlGpu(index=index, handle=None)
         try:
             gpu.handle = self._qry.query(gpu, "handle", "nvmlDeviceGetHandleByIndex", index)
             if gpu.handle is None:
@@ -153,7 +153,7 @@ class NvmlBackend:
             self._by_handle[handle_key(gpu.handle)] = gpu
         return gpu
 
-    def _read_static(self, gpu: GpuState) -> None:
+    def _read_static(self, gpu: NvmlGpu) -> None:
         q = partial(self._qry.query, gpu)
         h = gpu.handle
         pci = q("pci_bus_id", "nvmlDeviceGetPciInfo", h)
@@ -178,7 +178,7 @@ class NvmlBackend:
         )
         self._build_request(gpu)
 
-    def _link_count(self, gpu: GpuState) -> int:
+    def _link_count(self, gpu: NvmlGpu) -> int:
         """NVLinks of the GPU: the LINK_COUNT field, else the links that answer a state query."""
         values = self._qry.query(
             gpu, "field_values", "nvmlDeviceGetFieldValues", gpu.handle, [nf.NVLINK_LINK_COUNT]
@@ -197,7 +197,7 @@ class NvmlBackend:
             gpu.unsupported.add("nvlink_state")
         return links
 
-    def _build_request(self, gpu: GpuState) -> None:
+    def _build_request(self, gpu: NvmlGpu) -> None:
         gpu.request, gpu.specs = [], []
         for spec in nf.BATCH:
             if spec.attr in gpu.demoted:
@@ -232,7 +232,7 @@ class NvmlBackend:
                 "no GPU offers NVML events (%d GPUs); XIDs come from the kernel log only", len(self._gpus)
             )
 
-    def _register_events(self, gpu: GpuState, event_set: Any) -> bool:
+    def _register_events(self, gpu: NvmlGpu, event_set: Any) -> bool:
         """Register ``gpu`` for the event types it supports among those we convert. Raises GpuLost."""
         wanted = 0
         for bit in _EVENT_TYPES:
@@ -294,7 +294,7 @@ class NvmlBackend:
             gpus=tuple(gpus),
         )
 
-    def _mig_devices(self, gpu: GpuState) -> tuple[MigInstance, ...]:
+    def _mig_devices(self, gpu: NvmlGpu) -> tuple[MigInstance, ...]:
         """The MIG devices of a GPU in MIG mode (also kept as handles for :meth:`_read_mig`).
 
         Raises :class:`GpuLost`.
@@ -335,7 +335,7 @@ class NvmlBackend:
         gpu.mig = handles
         return tuple(out)
 
-    def _read_mig(self, gpu: GpuState, v: dict[str, Any]) -> None:
+    def _read_mig(self, gpu: NvmlGpu, v: dict[str, Any]) -> None:
         """Memory (and utilisation, where NVML gives it) of each MIG device."""
         out = []
         for mh, gi, ci, total in gpu.mig:
@@ -353,7 +353,7 @@ class NvmlBackend:
         v["mig"] = tuple(out)
 
     @staticmethod
-    def _unsupported_fields(gpu: GpuState) -> set[str]:
+    def _unsupported_fields(gpu: NvmlGpu) -> set[str]:
         batched = {spec.attr for spec in gpu.specs}
         return nf.topic_fields(gpu.unsupported) - batched
 
@@ -378,7 +378,7 @@ class NvmlBackend:
             out.append(GpuSample(index=gpu.index, uuid=gpu.uuid, **values))
         return out
 
-    def _reacquire(self, gpu: GpuState) -> None:
+    def _reacquire(self, gpu: NvmlGpu) -> None:
         nvml = self._nvml
         quiet = (nvml.NVMLError_NotFound, nvml.NVMLError_Unknown, nvml.NVMLError_GpuNotFound)
         if gpu.uuid:
@@ -400,7 +400,7 @@ class NvmlBackend:
             gpu.uuid = gpu.uuid or text(self._qry.query(gpu, "uuid", "nvmlDeviceGetUUID", h)) or ""
             self._read_static(gpu)
 
-    def _read(self, gpu: GpuState) -> dict[str, Any]:
+    def _read(self, gpu: NvmlGpu) -> dict[str, Any]:
         v: dict[str, Any] = {}
         self._read_batch(gpu, v)
         q = partial(self._qry.query, gpu)
@@ -461,7 +461,7 @@ class NvmlBackend:
             self._read_mig(gpu, v)
         return v
 
-    def _read_fabric(self, gpu: GpuState, v: dict[str, Any]) -> None:
+    def _read_fabric(self, gpu: NvmlGpu, v: dict[str, Any]) -> None:
         """NVSwitch fabric registration (NVML GPU fabric info, versioned form first).
 
         A GPU without a fabric (no NVSwitch, or a driver without the call) answers not
@@ -500,7 +500,7 @@ class NvmlBackend:
         raw = bytes(info.clusterUuid)
         gpu.fabric_cluster = None if not any(raw) else str(uuid.UUID(bytes=raw))
 
-    def _read_memory(self, gpu: GpuState, v: dict[str, Any]) -> None:
+    def _read_memory(self, gpu: NvmlGpu, v: dict[str, Any]) -> None:
         version = getattr(self._nvml, "nvmlMemory_v2", None)
         if version is not None:
             status, mem = self._qry.attempt(
@@ -516,7 +516,7 @@ class NvmlBackend:
         if mem is not None:
             v["mem_total_bytes"], v["mem_used_bytes"] = int(mem.total), int(mem.used)
 
-    def _read_thresholds(self, gpu: GpuState, v: dict[str, Any]) -> None:
+    def _read_thresholds(self, gpu: NvmlGpu, v: dict[str, Any]) -> None:
         # NVML_TEMPERATURE_THRESHOLD_SHUTDOWN 0, SLOWDOWN 1, GPU_MAX 3 (max operating)
         # MEM_MAX 2: the HBM limit
         for attr, kind in (
@@ -532,7 +532,7 @@ class NvmlBackend:
                     cached = gpu.thresholds[attr] = float(t)
             v[attr] = cached
 
-    def _read_batch(self, gpu: GpuState, v: dict[str, Any]) -> None:
+    def _read_batch(self, gpu: NvmlGpu, v: dict[str, Any]) -> None:
         """The batched fields; those the batch does not give are read by their single call."""
         values = None
         failed: set[str] = set()
@@ -579,7 +579,7 @@ class NvmlBackend:
             self._build_request(gpu)
         self._read_fallbacks(gpu, v, skip=failed)
 
-    def _read_fallbacks(self, gpu: GpuState, v: dict[str, Any], skip: set[str]) -> None:
+    def _read_fallbacks(self, gpu: NvmlGpu, v: dict[str, Any], skip: set[str]) -> None:
         if not gpu.demoted:
             return
         q = partial(self._qry.query, gpu)
@@ -601,15 +601,15 @@ class NvmlBackend:
 
     # ------------------------------------------------------------------ lost / recovered
 
-    def _mark_lost(self, gpu: GpuState) -> None:
+    def _mark_lost(self, gpu: NvmlGpu) -> None:
         if self._set_lost(gpu, True, "gpu_lost", "NVML: GPU is lost (fell off the bus)"):
             log.error("GPU %d (%s) is lost: NVML answers GPU_IS_LOST", gpu.index, gpu.uuid or "uuid unknown")
 
-    def _mark_recovered(self, gpu: GpuState) -> None:
+    def _mark_recovered(self, gpu: NvmlGpu) -> None:
         if self._set_lost(gpu, False, "gpu_recovered", None):
             log.warning("GPU %d (%s) answers again", gpu.index, gpu.uuid)
 
-    def _set_lost(self, gpu: GpuState, lost: bool, event: str, message: str | None) -> bool:
+    def _set_lost(self, gpu: NvmlGpu, lost: bool, event: str, message: str | None) -> bool:
         """Flip ``gpu.lost`` to ``lost`` and queue ``event``; False if it already was."""
         with self._lock:
             if gpu.lost == lost:

@@ -38,7 +38,7 @@ class GpuLost(Exception):
 
 
 @dataclass(eq=False)
-class GpuState:
+class NvmlGpu:
     """What the backend keeps per GPU between ticks."""
 
     index: int
@@ -86,7 +86,7 @@ class NvmlQuery:
 
     def attempt(
         self,
-        gpu: GpuState | None,
+        gpu: NvmlGpu | None,
         topic: str,
         fn_name: str,
         args: tuple[Any, ...] = (),
@@ -137,11 +137,11 @@ class NvmlQuery:
             self.count_error(fn_name, str(e))
             return "error", None
 
-    def query(self, gpu: GpuState | None, topic: str, fn_name: str, *args: Any) -> Any:
+    def query(self, gpu: NvmlGpu | None, topic: str, fn_name: str, *args: Any) -> Any:
         """:meth:`attempt`'s value: the answer, or ``None`` when it is not available."""
         return self.attempt(gpu, topic, fn_name, args)[1]
 
-    def query_first(self, gpu: GpuState, topic: str, fn_names: tuple[str, ...], *args: Any) -> Any:
+    def query_first(self, gpu: NvmlGpu, topic: str, fn_names: tuple[str, ...], *args: Any) -> Any:
         """The answer of the first of ``fn_names`` the binding and library have (newest first)."""
         for fn_name in fn_names:
             status, value = self.attempt(gpu, topic, fn_name, args)
@@ -149,7 +149,7 @@ class NvmlQuery:
                 return value
         return None
 
-    def probe_lost(self, gpu: GpuState) -> bool:
+    def probe_lost(self, gpu: NvmlGpu) -> bool:
         """After ``Unknown``: is the device gone? (a cheap call that a live GPU answers)."""
         try:
             status, _ = self.attempt(

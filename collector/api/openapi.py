@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
+from collector.alerts.model import ALERT_STATES, SEVERITIES
 from collector.health.actions import ACTIONS
 from collector.health.model import STATUSES
 from collector.remediation.engine import FINAL, OPEN
@@ -22,8 +23,6 @@ NSTR: Final[Schema] = {"type": ["string", "null"]}
 BOOL: Final[Schema] = {"type": "boolean"}
 STATUS: Final[Schema] = {"type": "string", "enum": list(STATUSES)}
 COUNTS: Final[Schema] = {"type": "object", "additionalProperties": {"type": "integer"}}
-ALERT_STATES: Final = ["pending", "firing", "resolved", "acknowledged", "silenced", "inhibited"]
-SEVERITIES: Final = ["critical", "warning", "info"]
 
 
 def obj(props: dict[str, Schema], required: list[str] | None = None, extra: bool = True) -> Schema:
@@ -422,10 +421,10 @@ PATHS: Final[dict[str, Schema]] = {
             "Alerts, newest first",
             reply(paged("Alert")),
             [
-                param("state", schema={"type": "string", "enum": ALERT_STATES}),
+                param("state", schema={"type": "string", "enum": list(ALERT_STATES)}),
                 param("provider"),
                 param("host"),
-                param("severity", schema={"type": "string", "enum": SEVERITIES}),
+                param("severity", schema={"type": "string", "enum": list(SEVERITIES)}),
                 param("fold", schema=BOOL),
                 *PAGE,
             ],

@@ -17,7 +17,7 @@ from collector.alerts.model import Alert, Incident, plain
 from collector.health import drivers
 from collector.health.model import STATUSES, UNKNOWN
 from collector.health.rollup import FleetHealth, GpuHealth, HostHealth, Problem, ProviderHealth
-from collector.state import FleetState, HostState
+from collector.state import FleetHost, FleetState
 from shared.frames import GpuInfo, GpuSample, SampleFrame
 
 GPU_READINGS: Final = (
@@ -109,7 +109,7 @@ def host_names(fleet: FleetHealth, state: FleetState, provider: str | None) -> l
     return sorted(names)
 
 
-def host_summary(name: str, hh: HostHealth | None, hs: HostState | None) -> dict[str, Any]:
+def host_summary(name: str, hh: HostHealth | None, hs: FleetHost | None) -> dict[str, Any]:
     """One row of the host list (kept small: the page draws 10,000 of them)."""
     provider = hh.provider if hh is not None else hs.provider if hs is not None else ""
     return {
@@ -135,7 +135,7 @@ def problem_view(p: Problem) -> dict[str, Any]:
     }
 
 
-def _gpu_view(g: GpuSample | None, gh: GpuHealth | None, hs: HostState, index: int) -> dict[str, Any]:
+def _gpu_view(g: GpuSample | None, gh: GpuHealth | None, hs: FleetHost, index: int) -> dict[str, Any]:
     info = hs.gpu_info(index)
     out: dict[str, Any] = {
         "index": index,
@@ -204,7 +204,7 @@ def _system_view(sample: SampleFrame | None) -> dict[str, Any] | None:
 
 
 def host_detail(
-    name: str, hh: HostHealth | None, hs: HostState | None, xids: dict[int, dict[int, int]]
+    name: str, hh: HostHealth | None, hs: FleetHost | None, xids: dict[int, dict[int, int]]
 ) -> dict[str, Any]:
     """The host page: its GPUs with readings and health, system sample, checks, recent events."""
     out = host_summary(name, hh, hs)
@@ -214,7 +214,7 @@ def host_detail(
     for index in sorted(set(samples) | set(healths)):
         assert hs is not None or index in healths
         view = _gpu_view(
-            samples.get(index), healths.get(index), hs or HostState(name, out["provider"]), index
+            samples.get(index), healths.get(index), hs or FleetHost(name, out["provider"]), index
         )
         view["xids"] = {str(code): n for code, n in sorted(xids.get(index, {}).items())}
         gpus.append(view)

@@ -179,14 +179,6 @@ class HealthConfig:
     node: NodeThresholds = field(default_factory=NodeThresholds)
 
 
-HEALTH_SCHEMA: Final[dict[str, type[Any]]] = {
-    "health": HealthSection,
-    "health.gpu": GpuThresholds,
-    "health.host": HostThresholds,
-    "health.network": NetworkThresholds,
-    "health.provider": ProviderThresholds,
-    "health.node": NodeThresholds,
-}
 _SUBTABLES: Final = frozenset({"gpu", "host", "network", "provider", "node"})
 
 

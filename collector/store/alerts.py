@@ -257,15 +257,15 @@ class PgAlertStore:
     """The engine runner's store in PostgreSQL (``pool()`` is ``None`` until it is opened)."""
 
     def __init__(self, pool: Callable[[], asyncpg.Pool | None], partition: int) -> None:
-        self._pool = pool
+        self.pool = pool
         self.partition = partition
 
     @property
     def available(self) -> bool:
-        return self._pool() is not None
+        return self.pool() is not None
 
     def _acquire(self) -> Any:
-        pool = self._pool()
+        pool = self.pool()
         assert pool is not None, "PostgreSQL is not open yet"
         return pool.acquire()
 
