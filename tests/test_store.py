@@ -207,6 +207,50 @@ async def test_migrations_twice_are_a_no_op(pg_dsn: str) -> None:
         await c.close()
 
 
+async def test_narrow_gpu_samples_migration_keeps_the_stored_rows(pg_dsn: str) -> None:
+    """Migration 0008 rewrites gpu_samples in the narrow layout: rows stored before it (two daily
+    partitions) read back the same, and a row takes fewer bytes."""
+    c = await asyncpg.connect(pg_dsn)
+    w = Writer(make_config(pg_dsn).postgres)
+    try:
+        await migrate.migrate(c)  # creates schema_migrations; then back to the layout before 0008
+        await c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        await c.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in migrate.migrations():
+            if m.version < 8:
+                await c.execute(m.sql)
+                await c.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
+                )
+        now = time.time()
+        midnight = now // 86400 * 86400  # frames on both sides of it: two daily partitions
+        frames = [sample("m1", s, midnight - 5 + s) for s in range(10)]
+        await w.write([Accepted(f) for f in frames])
+        await w.close()
+        cols = ", ".join(
+            f"{name}::float8" if "temp" in name or "pct" in name else name for name in GPU_FIELDS
+        )
+        query = f"SELECT ts, host_id, gpu_index, {cols} FROM gpu_samples ORDER BY ts, gpu_index"  # noqa: S608
+        before = [tuple(r) for r in await c.fetch(query)]
+        width = await c.fetchval("SELECT avg(pg_column_size(g.*)) FROM gpu_samples g")
+        assert await migrate.migrate(c) == [m.version for m in migrate.migrations() if m.version >= 8]
+        assert [tuple(r) for r in await c.fetch(query)] == before
+        assert len(before) == 10 * len(frames[0].gpus)
+        assert await c.fetchval("SELECT avg(pg_column_size(g.*)) FROM gpu_samples g") <= width - 30
+        days = await partitions.existing_days(c)
+        assert len(days["gpu_samples"]) == 2
+        assert await c.fetchval("SELECT to_regclass('gpu_samples_v1')") is None
+        # the writer stores into the new layout
+        await w.write([Accepted(sample("m1", 99, now))])
+        assert await c.fetchval("SELECT count(*) FROM gpu_samples") == len(before) + len(frames[0].gpus)
+    finally:
+        await w.close()
+        await c.close()
+
+
 async def test_frames_land_once_with_their_values(conn: asyncpg.Connection, writer: Writer) -> None:
     now = time.time()
     frames = [sample(f"h{h}", s, now - 100 + s) for h in range(3) for s in range(20)]

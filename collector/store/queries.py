@@ -192,7 +192,7 @@ async def _rollup(
         f" FROM gpu_rollup_1m r WHERE {where} AND NOT EXISTS (SELECT 1 FROM gpu_rollup_pending p"
         "  WHERE p.host_id = r.host_id AND p.minute = r.minute)"
         " UNION ALL SELECT p.minute, s.* FROM gpu_rollup_pending p CROSS JOIN LATERAL"
-        f" (SELECT s.gpu_index, sum(s.{m}), count(s.{m}), min(s.{m}), max(s.{m}) FROM gpu_samples s"
+        f" (SELECT s.gpu_index, sum(s.{m}::float8), count(s.{m}), min(s.{m}), max(s.{m}) FROM gpu_samples s"
         f"  WHERE s.host_id = p.host_id AND s.ts >= p.minute AND s.ts < p.minute + interval '1 minute'{one}"
         "  GROUP BY 1) s"
         " WHERE p.host_id = $1 AND p.minute >= $2 AND p.minute < $3"

@@ -83,7 +83,7 @@ def _rollup_sql() -> str:
     for m in ROLLUP_METRICS:
         for part, agg in (("min", "min"), ("max", "max"), ("sum", "sum"), ("n", "count")):
             cols.append(f"{m}_{part}")
-            aggs.append(f"{agg}(s.{m})")
+            aggs.append(f"{agg}(s.{m}::float8)" if part == "sum" else f"{agg}(s.{m})")  # real sums in float8
             sets.append(f"{m}_{part} = EXCLUDED.{m}_{part}")
     return (
         f"INSERT INTO gpu_rollup_1m AS r (host_id, gpu_index, minute, n, {', '.join(cols)})"  # noqa: S608
