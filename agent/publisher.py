@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import random
 import re
 import time
@@ -55,6 +54,7 @@ from shared.errors import EXIT_UNAVAILABLE, GpuwardenError, ServiceUnavailableEr
 from shared.frames import PublishOutage
 from shared.natsconf import connect_options as shared_connect_options
 from shared.natsconf import fit_max_bytes, is_name_in_use, stream_settings
+from shared.ratelog import RateLimitedLog
 from shared.redact import redact
 from shared.subjects import STREAM, STREAM_SUBJECTS
 from shared.tasks import cancel_all
@@ -146,7 +146,7 @@ class Publisher:
         self._inflight = 0
         self._attempt = 0
         self._denied: dict[str, float] = {}
-        self._logged: dict[str, float] = {}
+        self._errlog = RateLimitedLog(log, ERROR_LOG_EVERY_S)  # the same error once a minute
         self._stream_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -468,10 +468,7 @@ class Publisher:
         m = _DENIED.search(text)
         if m:
             self._denied[m.group(1)] = time.monotonic()
-        now = time.monotonic()
-        if now - self._logged.get(text, -math.inf) >= ERROR_LOG_EVERY_S:  # the same error once a minute
-            self._logged[text] = now
-            log.log(logging.ERROR if m else logging.WARNING, "NATS: %s", text)
+        self._errlog.log(logging.ERROR if m else logging.WARNING, text, "NATS: %s", text)
 
     async def _on_disconnected(self) -> None:
         if self._connected.is_set() and not self._closing:

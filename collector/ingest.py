@@ -36,12 +36,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from collector import stream
 from collector.config import CollectorConfig
-from collector.ratelimit import RATE_LIMITED, HostRateLimit, RateLimitedLog
+from collector.ratelimit import RATE_LIMITED, HostRateLimit
 from collector.store import db
 from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
 from shared.errors import FrameDecodeError, SubjectError
 from shared.frames import Frame, decode_partial
+from shared.ratelog import RateLimitedLog
 from shared.subjects import STREAM, parse_subject, sanitize_token
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from nats.aio.client import Client as NatsClient
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from collector.config import CollectorConfig, PostgresSection
-from collector.ratelimit import RateLimitedLog
 from collector.state import FleetState, load_state
 from collector.store import db, migrate, partitions
 from shared.config import NatsConfig
 from shared.errors import ServiceUnavailableError
 from shared.natsconf import connect_options
+from shared.ratelog import RateLimitedLog
 from shared.redact import redact
 from shared.tasks import cancel_all
 

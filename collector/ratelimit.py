@@ -7,17 +7,11 @@ honest rate; the fast event path charges at its own clock. ``host_burst`` must h
 agent replays after an outage (its ``nats.buffer_frames``). Idle hosts' buckets are dropped once
 full again, so the table holds only hosts that sent frames within ``host_burst / host_rate``
 seconds. See docs/ingest.md ("Per-host rate limit").
-
-:class:`RateLimitedLog` is the collector's one way of logging a repeated warning: once per
-key and interval, with the count of lines it held back.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections import Counter
-from typing import Any, Final
+from typing import Final
 
 RATE_LIMITED: Final = "rate_limited"  # the rejection reason
 
@@ -59,22 +53,3 @@ class HostRateLimit:
         full = self.burst / self.rate
         self._buckets = {h: b for h, b in self._buckets.items() if now - b[1] < full}
         self._next_sweep = now + min(full, 60.0)
-
-
-class RateLimitedLog:
-    """Logs a message per key at most once per ``interval`` seconds, with a suppressed count."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._log = logger
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e18) < self._interval:
-            self._suppressed[key] += 1
-            return
-        n = self._suppressed.pop(key, 0)
-        self._last[key] = now
-        self._log.warning(msg + (f" (and {n} more suppressed)" if n else ""), *args, exc_info=exc_info)
