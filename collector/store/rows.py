@@ -35,7 +35,6 @@ GPU_FIELDS: Final = tuple(
     f.name for f in fields(GpuSample) if f.name not in ("index", "uuid") and not isinstance(f.default, tuple)
 )
 GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS)
-GPU_STAGE_COLUMNS: Final = ("n", *GPU_COLUMNS)  # n: the frame's number within its batch
 # The node part of the system sample (docs/health.md, "Node checks") goes in ``detail["node"]``
 # in wire form (only what the frame carries), not in columns.
 NODE_FIELDS: Final = (
@@ -100,9 +99,9 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> list[tuple[Any, ...]]:
-    """Rows of ``gpu_samples`` (staging order: frame number ``n`` first, see GPU_STAGE_COLUMNS)."""
-    head = (n, ts, host_id)
+def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime) -> list[tuple[Any, ...]]:
+    """Rows of ``gpu_samples``, in GPU_COLUMNS order."""
+    head = (ts, host_id)
     return [head + _gpu_row_values(g) for g in frame.gpus]
 
 

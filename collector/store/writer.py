@@ -27,7 +27,6 @@ from collector.config import PostgresSection
 from collector.store import db, partitions
 from collector.store.rows import (
     GPU_COLUMNS,
-    GPU_STAGE_COLUMNS,
     HOST_COLUMNS,
     HOST_STAGE_COLUMNS,
     ROLLUP_METRICS,
@@ -61,18 +60,16 @@ EVENT_COLUMNS: Final = (
 
 
 def _samples_sql() -> str:
-    """One statement for a batch of staged samples: insert the host rows that are new (the
-    idempotence key is host, boot id, sequence) and the GPU rows of exactly those frames;
-    return the numbers of the new frames. Rollups are not touched here (:meth:`Writer.flush_rollups`)."""
-    hcols, gcols = ", ".join(HOST_COLUMNS), ", ".join(GPU_COLUMNS)
+    """One statement for a batch of staged host rows: insert those that are new (the idempotence
+    key is host, boot id, sequence) and return their numbers; the GPU rows of exactly those
+    frames are then COPYed straight into ``gpu_samples``. Rollups are not touched here
+    (:meth:`Writer.flush_rollups`)."""
+    hcols = ", ".join(HOST_COLUMNS)
     # identifiers come from constants (column lists of shared.frames fields), never from input
     return (
         f"WITH new AS (INSERT INTO host_samples ({hcols}) SELECT {hcols} FROM stage_host"  # noqa: S608
-        " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq),"
-        " fresh AS (SELECT s.n FROM stage_host s JOIN new USING (host_id, boot_id, seq)),"
-        f" g AS (INSERT INTO gpu_samples ({gcols}) SELECT {gcols} FROM stage_gpu"
-        " WHERE n IN (SELECT n FROM fresh))"
-        " SELECT n FROM fresh"
+        " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq)"
+        " SELECT s.n FROM stage_host s JOIN new USING (host_id, boot_id, seq)"
     )
 
 
@@ -110,7 +107,6 @@ ROLLUP_MAX_WAIT: Final = 90.0  # ... or, if it fell silent, this long after it w
 SAMPLES_SQL: Final = _samples_sql()
 _STAGING: Final = (
     "CREATE TEMP TABLE IF NOT EXISTS stage_host (n integer, LIKE host_samples) ON COMMIT DELETE ROWS",
-    "CREATE TEMP TABLE IF NOT EXISTS stage_gpu (n integer, LIKE gpu_samples) ON COMMIT DELETE ROWS",
     f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
     f" SELECT {', '.join(EVENT_COLUMNS)} FROM events WITH NO DATA",
 )
@@ -352,8 +348,7 @@ class Writer:
         marks: list[tuple[int, float]],
     ) -> set[FrameKey]:
         host_rows: list[tuple[Any, ...]] = []
-        gpu_rows: list[tuple[Any, ...]] = []
-        numbered: list[tuple[FrameKey, SampleFrame]] = []
+        numbered: list[tuple[FrameKey, SampleFrame, datetime]] = []
         keys: set[FrameKey] = set()
         for f in samples:
             hid = self._hosts[f.host][0]
@@ -361,20 +356,18 @@ class Writer:
             if key in keys:
                 continue
             keys.add(key)
-            n = len(numbered)
-            numbered.append((key, f))
             ts = utc(f.ts)
-            host_rows.append(host_row(f, hid, ts, n))
-            gpu_rows.extend(make_gpu_rows(f, hid, ts, n))
+            host_rows.append(host_row(f, hid, ts, len(numbered)))
+            numbered.append((key, f, ts))
         await conn.copy_records_to_table("stage_host", records=host_rows, columns=HOST_STAGE_COLUMNS)
-        if gpu_rows:
-            await conn.copy_records_to_table("stage_gpu", records=gpu_rows, columns=GPU_STAGE_COLUMNS)
         fresh = await conn.fetch(SAMPLES_SQL)
         new_keys: set[FrameKey] = set()
         fresh_marks: set[tuple[int, float]] = set()
+        gpu_rows: list[tuple[Any, ...]] = []
         for r in fresh:
-            key, f = numbered[r[0]]
+            key, f, ts = numbered[r[0]]
             new_keys.add(key)
+            gpu_rows += make_gpu_rows(f, key[0], ts)  # only the new frames' rows are built and sent
             result.gpu_rows += len(f.gpus)
             if f.gpus:
                 mark = (key[0], f.ts - f.ts % 60)
@@ -385,11 +378,13 @@ class Writer:
             for g in f.gpus:
                 if self._gpus.get((key[0], g.index)) != g.uuid:
                     new_gpus[(key[0], g.index)] = g.uuid
+        if gpu_rows:
+            await conn.copy_records_to_table("gpu_samples", records=gpu_rows, columns=GPU_COLUMNS)
         if fresh_marks:
             marks.extend(fresh_marks)
             await conn.execute(MARK_SQL, [m[0] for m in fresh_marks], [utc(m[1]) for m in fresh_marks])
         if new_gpus:
-            await self._upsert_gpus_seen(conn, new_gpus, dict(numbered), new_keys)
+            await self._upsert_gpus_seen(conn, new_gpus, {k: f for k, f, _ in numbered}, new_keys)
         return new_keys
 
     def rollups_due(self, everything: bool = False) -> list[tuple[int, float]]:
