@@ -256,10 +256,14 @@ class PostgresServer:
         )
 
     @classmethod
-    def standby_of(cls, primary: PostgresServer, settings: dict[str, str] | None = None) -> PostgresServer:
+    def standby_of(
+        cls, primary: PostgresServer, *, durable: bool | None = None, settings: dict[str, str] | None = None
+    ) -> PostgresServer:
         """A streaming standby of the running ``primary``, not started: ``pg_basebackup -R``
-        copies its data and writes ``standby.signal`` and ``primary_conninfo``."""
-        standby = cls(settings=settings)
+        copies its data and writes ``standby.signal`` and ``primary_conninfo``. It is as
+        durable as the primary unless told otherwise; ``settings`` are its own (not the
+        primary's: a promoted standby must not wait for a synchronous standby it lacks)."""
+        standby = cls(durable=primary.durable if durable is None else durable, settings=settings)
         standby._run(
             "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
             "-D", str(standby.datadir), "-R", "-X", "stream", "--no-sync",
