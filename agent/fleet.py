@@ -4,8 +4,9 @@ Each host has its own :class:`SimulatedBackend`, :class:`SimulatedSystem` and
 :class:`Sequencer` (own boot id and sequence), exactly as a real agent would. Ticks are
 spread evenly over the interval (host ``i`` of ``n`` ticks at ``i * interval / n`` into each
 period); a tick that falls more than one interval behind is skipped and counted. Events of
-hosts with faults are polled every ``event_poll_s`` and published at once; a ``host_down``
-fault silences its host. Frames are queued on one :class:`Publisher` whose ``workers``
+hosts with faults are polled every ``event_poll_s`` (10 ms: a real agent waits on NVML
+events and wakes within milliseconds) and published at once; a ``host_down`` fault silences
+its host. Frames are queued on one :class:`Publisher` whose ``workers``
 senders keep many acks in flight.
 """
 
@@ -81,7 +82,7 @@ class Fleet:
         faults: Sequence[str] = (),
         seed: int = 0,
         workers: int = 256,
-        event_poll_s: float = 0.1,
+        event_poll_s: float = 0.01,
     ) -> None:
         if hosts < 1 or providers < 1 or interval <= 0:
             raise ValueError("hosts and providers must be positive, interval > 0")

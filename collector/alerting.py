@@ -10,7 +10,9 @@ the alert engine's time-driven steps (``for``, escalation, repeats, silence and
 acknowledgement expiry). Effects: each step's changes are written through the store
 (:class:`AlertStore`, in PostgreSQL :class:`collector.store.alerts.PgAlertStore`) in one
 transaction with its notifications, then handed to the deliverer
-(:class:`collector.notify.outbox.Deliverer`) and published on the live stream. Only this
+(:class:`collector.notify.outbox.Deliverer`) and published on the live stream; the first
+notices of event-class criticals are handed to the deliverer as soon as they are judged and
+written with their step (:meth:`Alerting._step`). Only this
 partition's hosts are evaluated. Every dependency is given (:mod:`collector.wiring` builds
 them), so the runner runs with an in-memory store and a fixed clock in tests. See
 ``docs/alerts.md`` ("In the collector").
@@ -38,7 +40,18 @@ from collector.alerts import (
     Silence,
     parse_matcher,
 )
-from collector.alerts.model import ALERT_STATES, FIRING, Command, ForgetHost, Incident, Outcome
+from collector.alerts.model import (
+    ALERT_STATES,
+    FIRING,
+    N_FIRING,
+    N_PROVIDER,
+    N_UPDATE,
+    Command,
+    ForgetHost,
+    Incident,
+    Notification,
+    Outcome,
+)
 from collector.config import CollectorConfig
 from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
@@ -186,8 +199,10 @@ class Alerting:
         self.monotonic = monotonic  # the time intervals (snapshots, re-pushes, write retries) are kept with
         self.health = HealthState()
         self.alerts_state = AlertState()
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one engine step at a time (judging: evaluate and collect)
+        self._write_lock = asyncio.Lock()  # one write at a time; a step's write follows its judging
         self._unsaved = Changes()
+        self._urgent: list[str] = []  # delivery keys of the step being collected to send at once
         self._saved_fps: set[str] = set()
         self._incident_sig: dict[str, tuple[Any, ...]] = {}
         self._engine_sig: tuple[Any, ...] = ()
@@ -289,7 +304,7 @@ class Alerting:
         await cancel_all(resends)
         try:
             if started:
-                async with self._lock:
+                async with self._lock, self._write_lock:
                     await self._flush()
                     await self._save_history()
                 await self.save_health()
@@ -457,6 +472,13 @@ class Alerting:
         )
 
     async def _step(self, obs: list[Observation], now: float, commands: Sequence[Command] = ()) -> None:
+        """Judge (under the step lock), then write (under the write lock): a step waits for
+        the judging of the step before it, never for its write (an XID judged on the fast
+        path while an ingest batch's changes are being written is paged at once). The first
+        notices of event-class criticals are handed to their channels as soon as they are
+        judged, under the delivery key of their outbox row, and written with their step
+        (``sent``, ``failed`` or ``pending`` until the delivery ends), as fail-open sends
+        them: a page never waits for PostgreSQL's commit."""
         async with self._lock:
             t = time.perf_counter()
             out = self.engine.evaluate(
@@ -465,8 +487,12 @@ class Alerting:
             self.counts["evaluations"] += 1
             self.counts["observations"] += len(obs)
             self._collect(out, obs)
+            if self._urgent:
+                self._send_early(set(self._urgent))
+                self._urgent.clear()
+            self.seconds["alerts"] += time.perf_counter() - t
+        async with self._write_lock:
             t1 = time.perf_counter()
-            self.seconds["alerts"] += t1 - t
             await self._persist(now)
             self.seconds["persist"] += time.perf_counter() - t1
 
@@ -501,17 +527,29 @@ class Alerting:
         await self._flush()
         await self._save_history()
 
-    def _send_early(self) -> None:
-        """Hand the unsaved deliveries to their channels now (each once; see outbox, fail-open)."""
+    def _send_early(self, only: Collection[str] | None = None) -> None:
+        """Hand the unsaved deliveries (``only`` those keys: event-class criticals) to their
+        channels now, each once, recorded when the step is written (see outbox, fail-open)."""
         rows = []
         for channel, key, payload in self._unsaved.deliveries:
-            if key not in self._early:
+            if key not in self._early and (only is None or key in only):
                 self._early[key] = None  # in flight
                 self._early_open += 1
                 rows.append(OutboxRow(0, channel, key, payload))
         if rows:
-            self.counts["early_deliveries"] += len(rows)
+            if only is None:
+                self.counts["early_deliveries"] += len(rows)
             self.deliverer.submit(rows)
+
+    def _at_once(self, n: Notification, alert: Alert | None) -> bool:
+        """The first notice of an event-class critical, on its own or in its incident's."""
+        event_class = self.engine.corr.event_class
+        if n.kind == N_FIRING:
+            return alert is not None and event_class(alert)
+        if n.kind in (N_PROVIDER, N_UPDATE):
+            by_fp = self.alerts_state.by_fp
+            return any(fp in by_fp and event_class(by_fp[fp]) for fp in n.alerts)
+        return False
 
     def _early_done(self, row: OutboxRow, outcome: DeliveryOutcome) -> None:
         """An early delivery ended: kept (and spooled) until PostgreSQL has it."""
@@ -541,13 +579,17 @@ class Alerting:
         failing = self._failing_channels()
         for n in out.notifications:
             alert = st.by_fp.get(n.fingerprint) if n.fingerprint else None
+            at_once = self._at_once(n, alert)
             for name in n.channels:
                 c = by_name.get(name)
                 if c is None or (n.rule == NOTIFY and name in failing):
                     continue  # "channel X is failing" is told on the other channels
                 p = payload_of(n, alert, name)
                 if c.wants(p):
-                    ch.deliveries.append((name, delivery_key(n, name), p))
+                    key = delivery_key(n, name)
+                    ch.deliveries.append((name, key, p))
+                    if at_once:
+                        self._urgent.append(key)
         for inc in st.incidents.values():
             sig = _sig(inc)
             if self._incident_sig.get(inc.id) != sig:
@@ -581,14 +623,16 @@ class Alerting:
         ch = self._unsaved
         if (ch.empty() and not self._early_landed) or not self.store.available:
             return
+        self._unsaved = Changes()  # steps judged while this is written collect their own
         early = dict(self._early)
         landed, self._early_landed = self._early_landed, []
         try:
             rows = await self.store.save(ch, early, landed)
         except BaseException:
             self._early_landed[:0] = landed
+            ch.merge(self._unsaved)  # kept, with what was judged meanwhile after it
+            self._unsaved = ch
             raise
-        self._unsaved = Changes()
         self._early_open -= sum(1 for o in early.values() if o is not None) + len(landed)
         for key, outcome in early.items():
             now_known = self._early.pop(key, None)

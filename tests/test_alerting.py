@@ -340,8 +340,14 @@ async def test_transitions_and_notifications_are_republished_on_nats(
         async with collector(cfg) as svc:
             sub = svc.alerting.broadcaster.subscribe()
             await send(nats_url, [event("n-01", 1, time.time())])
-            await until(lambda: any(m["type"] == "notification" for _, m in got))
-            live = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+            live: list[dict[str, Any]] = []
+
+            def written() -> bool:  # the page goes out at once; the live stream tells the written step
+                live.extend(sub.queue.get_nowait() for _ in range(sub.queue.qsize()))
+                alerts = [e for e in live if e["type"] == "alert"]
+                return len(alerts) >= 2 and any(e["type"] == "incident" for e in live)
+
+            await until(lambda: any(m["type"] == "notification" for _, m in got) and written())
             sub.close()
     finally:
         await nc.drain()

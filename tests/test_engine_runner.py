@@ -204,7 +204,7 @@ async def test_an_xid_fires_is_written_then_delivered_and_published(tmp_path: An
     assert store.alerts[a.fingerprint]["state"] == "firing"
     assert ("gpu.xid", "firing") in store.transitions
     assert [p["fingerprint"] for p in channel.payloads] == [a.fingerprint]
-    assert store.statuses() == ["sent"]  # written first, then marked sent by the deliverer
+    assert store.statuses() == ["sent"]  # handed over at once (event class), recorded as sent
     events = []
     while not sub.queue.empty():
         events.append(sub.queue.get_nowait())
@@ -213,6 +213,61 @@ async def test_an_xid_fires_is_written_then_delivered_and_published(tmp_path: An
     assert alert_events[-1]["alert"] == views.alert_view(a)
     assert store.health is not None
     assert "r-01" in store.health["hosts"]  # saved at stop
+
+
+class GatedStore(MemoryStore):
+    """A store whose writes wait until ``gate`` is set (PostgreSQL slow to commit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.writes = 0  # writes begun
+
+    async def save(
+        self,
+        ch: Changes,
+        early: Mapping[str, Outcome | None],
+        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
+    ) -> list[OutboxRow]:
+        self.writes += 1
+        await self.gate.wait()
+        return await super().save(ch, early, landed)
+
+
+async def test_event_class_criticals_are_paged_before_their_step_is_written(tmp_path: Any) -> None:
+    """An XID is handed to its channel as soon as it is judged, not after the write of its
+    step, nor after the write of the step before it (an ingest batch's, still committing);
+    a threshold alert's page still waits for its write. Each is recorded once, as sent."""
+    from dataclasses import replace
+
+    from tests.support.wait import until
+    from tests.test_store import sample
+
+    store, clock = GatedStore(), Clock(T0)
+    al, channel, _ = runner(tmp_path, store, clock)
+    await al.start()
+    try:
+        hot = sample("r-05", 1, T0 - 1, gpus=1)
+        hot = replace(hot, gpus=(replace(hot.gpus[0], temp_c=99.0),))
+        first = asyncio.create_task(al.on_frames([hot]))  # gpu.temperature fires (for = 0s)
+        await until(lambda: store.writes == 1, what="the first step's write begun")
+        second = asyncio.create_task(al.on_frames([event("r-04", 1, T0 - 1)]))
+        await until(lambda: len(channel.payloads) == 1, what="the XID paged")
+        assert channel.payloads[0]["rule"] == "gpu.xid"
+        assert store.outbox == {}  # nothing written yet: the page waited for no write
+        assert not first.done()
+        assert not second.done()
+        store.gate.set()
+        await asyncio.gather(first, second)
+        await asyncio.wait_for(al.deliverer.idle(), 10)
+        assert sorted(p["rule"] for p in channel.payloads) == ["gpu.temperature", "gpu.xid"]
+        clock.now += 1
+        await al.tick(clock.now)  # (an outcome that landed after its step was written is recorded)
+        assert store.statuses() == ["sent", "sent"]
+        assert len(channel.payloads) == 2  # and nothing sent twice
+    finally:
+        store.gate.set()
+        await al.stop()
 
 
 async def test_while_the_store_is_down_pages_go_out_from_memory_and_land_later(tmp_path: Any) -> None:
