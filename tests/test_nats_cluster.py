@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 
 from agent.fleet import Fleet
 from collector.config import CollectorConfig, load_collector_config
+from collector.stream import reconcile
 from gpuwarden.servers import NatsCluster
 from shared.config import NatsConfig
 from shared.subjects import STREAM
@@ -236,3 +237,26 @@ async def test_a_killed_node_rejoins_and_the_stream_is_replicated_on_it_again(
 
         await until(caught_up, timeout=60)
         assert (await js.stream_info("T")).state.messages == 100
+
+
+async def test_the_collector_raises_an_existing_streams_replicas_to_three(nats_cluster: NatsCluster) -> None:
+    """A stream made with one replica (a single server before) gets three at the collector's
+    start once ``stream_replicas = 3``: an online update, its frames kept."""
+    urls = nats_cluster.urls
+    async with admin(urls) as js:
+        await reconcile(js, cluster_nats(urls, stream_replicas=1))
+        for i in range(20):
+            await js.publish("gpuwarden.v1.sample.p.h", str(i).encode())
+        assert (await js.stream_info(STREAM)).config.num_replicas == 1
+        report = await reconcile(js, cluster_nats(urls))
+        assert [d.field for d in report.updated] == ["num_replicas"]
+
+        async def replicated() -> bool:
+            info = await js.stream_info(STREAM)
+            peers = info.cluster.replicas if info.cluster else None
+            return len(peers or []) == 2 and all(p.current for p in peers or [])
+
+        await until(replicated, timeout=60)
+        info = await js.stream_info(STREAM)
+        assert info.config.num_replicas == 3
+        assert info.state.messages == 20
