@@ -47,6 +47,7 @@ from shared.subjects import STREAM, parse_subject, sanitize_token
 
 log = logging.getLogger(__name__)
 HEAD_BYTES: Final = 64
+ROLLUP_RETRY_S: Final = 5.0
 LINGER_FETCH_TIMEOUT: Final = 0.02  # the fetch after a linger: an empty stream is not waited on
 Hook = Callable[[Sequence[Frame]], Awaitable[None]]
 
@@ -201,6 +202,7 @@ class Ingest:
         self._stop = asyncio.Event()
         self._stop_at = 0.0
         self.gaps = stream.StreamGaps()
+        self._rollups_retry_at = 0.0  # after a failed rollup write, the next try waits (PostgreSQL down)
 
     async def setup(self, nc: NatsClient) -> None:
         """Create or reconcile the stream (:func:`collector.stream.reconcile`), create/bind the
@@ -293,9 +295,12 @@ class Ingest:
     async def flush_rollups(self, everything: bool = False) -> None:
         """Write the one-minute rollups that are due (:meth:`Writer.flush_rollups`); a failure is
         logged and retried later (the minutes stay marked, in PostgreSQL too)."""
+        if time.monotonic() < self._rollups_retry_at:
+            return
         try:
             await self.writer.flush_rollups(everything)
         except Exception as e:  # noqa: BLE001 (rollups wait; ingest goes on)
+            self._rollups_retry_at = time.monotonic() + ROLLUP_RETRY_S
             if db.is_transient(e):
                 await self.writer.reset()
             self._rl.warning("rollups", "writing one-minute rollups failed, retried later: %r", e)

@@ -297,10 +297,13 @@ async def test_rollups_count_each_sample_once(conn: asyncpg.Connection, writer: 
     assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_pending") == 0
     await writer.write([Accepted(f) for f in frames[100:150]])  # redelivered again: nothing new
     assert writer.rollups_due(everything=True) == []
-    # a mark left by a crash (seen by a new connection) is written again: the same figures
+    # marks left by a crash (read by a new connection) are written once their host is seen again:
+    # the same figures
     await conn.execute("INSERT INTO gpu_rollup_pending SELECT DISTINCT host_id, minute FROM gpu_rollup_1m")
     await writer.reset()
     await writer.connection()
+    assert await writer.flush_rollups(everything=True) == 0  # r1 not seen by this writer yet
+    await writer.write([Accepted(frames[0])])  # redelivered: nothing new, but r1 is known again
     assert await writer.flush_rollups(everything=True) == 3
     rows = await conn.fetch(
         "SELECT gpu_index, minute, n, temp_c_min, temp_c_max, temp_c_sum, temp_c_n FROM gpu_rollup_1m"

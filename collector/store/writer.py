@@ -390,14 +390,22 @@ class Writer:
     def rollups_due(self, everything: bool = False) -> list[tuple[int, float]]:
         """Marked (host, minute) pairs whose rollups can be written now: the host has sent a
         sample ``ROLLUP_SLACK`` after the minute, or the mark is ``ROLLUP_MAX_WAIT`` old."""
-        if everything:
-            return list(self._pending)
+        if not self._pending:
+            return []
+        # only hosts this writer stores (partitioned collectors each write their own hosts' marks;
+        # a mark of a host not seen since a restart waits for it, and history reads it raw meanwhile)
+        mine = {h for h, _ in self._hosts.values()}
         now = time.monotonic()
         newest = self._newest
         return [
             (hid, minute)
             for (hid, minute), marked in self._pending.items()
-            if newest.get(hid, 0.0) >= minute + 60.0 + ROLLUP_SLACK or now - marked >= ROLLUP_MAX_WAIT
+            if hid in mine
+            and (
+                everything
+                or newest.get(hid, 0.0) >= minute + 60.0 + ROLLUP_SLACK
+                or now - marked >= ROLLUP_MAX_WAIT
+            )
         ]
 
     async def flush_rollups(self, everything: bool = False) -> int:
