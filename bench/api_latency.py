@@ -1,4 +1,4 @@
-"""API latency and /metrics size with 10,000 hosts x 8 GPUs of in-memory state.
+"""API latency with 10,000 hosts x 8 GPUs of in-memory state (``/metrics``: bench/metrics_scrape.py).
 
 The state is built without NATS or PostgreSQL: sample frames go through ``FleetState.apply``
 and the health engine (two rounds, so rates exist; about 2% of GPUs in trouble) and the
@@ -77,7 +77,7 @@ def pct(samples: list[float], p: float) -> float:
 
 
 async def measure(svc: CollectorService) -> dict[str, tuple[float, float, int]]:
-    """path -> (p50 ms, p99 ms, bytes) over REQUESTS sequential requests (metrics: 5)."""
+    """path -> (p50 ms, p99 ms, bytes) over REQUESTS sequential requests."""
     out: dict[str, tuple[float, float, int]] = {}
     async with TestServer(make_app(svc.parts.api_deps)) as server, aiohttp.ClientSession() as http:
         paths = {
@@ -85,7 +85,6 @@ async def measure(svc: CollectorService) -> dict[str, tuple[float, float, int]]:
             "/api/v1/hosts?provider=provider-1": REQUESTS,
             "/api/v1/hosts/host-00050": REQUESTS,
             "/api/v1/alerts?limit=100": REQUESTS,
-            "/metrics": 5,
         }
         await asyncio.sleep(3.0)  # a running collector: the first full rollup is done at start
         for path, n in paths.items():
@@ -104,13 +103,6 @@ async def measure(svc: CollectorService) -> dict[str, tuple[float, float, int]]:
     return out
 
 
-def series(svc: CollectorService) -> int:
-    from collector.api.app import REGISTRY
-
-    app = make_app(svc.parts.api_deps)
-    return sum(len(m.samples) for m in app[REGISTRY].collect())
-
-
 def run() -> list[tuple[str, str, str]]:
     t = time.perf_counter()
     svc = build()
@@ -124,29 +116,9 @@ def run() -> list[tuple[str, str, str]]:
         gc.set_threshold(*before)
     rows = [("api: state built (hosts x GPUs)", f"{HOSTS} x {GPUS} in {built:.1f} s", "")]
     for path, (p50, p99, size) in results.items():
-        if path == "/metrics":
-            continue
         goaled = path.split("?")[0] in ("/api/v1/providers", "/api/v1/hosts")
         goal = f"p99 < {GOAL_MS:.0f} ms" if goaled else ""
         rows.append((f"api: GET {path}", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {size / 1024:.0f} KiB", goal))
-    p50, p99, size = results["/metrics"]
-    n = series(svc)
-    rows.append(
-        (
-            "api: /metrics scrape",
-            f"{p50 / 1000:.2f} s (max {p99 / 1000:.2f} s), {size / 2**20:.1f} MiB, {n} series",
-            "< scrape interval",
-        )
-    )
-    rows.append(
-        (
-            "api: /metrics label cardinality",
-            f"per GPU: {HOSTS * GPUS} (provider, host, gpu, uuid) x 8 families + XID codes seen; "
-            f"per host {HOSTS}; "
-            f"per provider {PROVIDERS} x 5 statuses",
-            "bounded",
-        )
-    )
     return rows
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import math
 import random
 import subprocess
 import time
@@ -262,11 +263,22 @@ def test_a_host_block_is_rendered_again_only_when_its_values_change() -> None:
     a = tuple(gpu_sample("h-a", i, 1) for i in range(4))
     b = tuple(gpu_sample("h-b", i, 1) for i in range(4))
     expo.update(snapshot_of({"h-a": ("p", a), "h-b": ("p", b)}))
+    expo.pieces(Select())  # blocks are rendered for the hosts a scrape selects
     before = {name: list(e.frags) for name, e in expo.hosts.items()}
     temp = [n for n, _, _ in HOST_FAMILIES].index("gpuwarden_gpu_temperature_celsius")
     total = [n for n, _, _ in HOST_FAMILIES].index("gpuwarden_gpu_memory_total_bytes")
     a2 = tuple(gpu_sample("h-a", i, 2) for i in range(4))  # a new sample: temperature and more change
     expo.update(snapshot_of({"h-a": ("p", a2), "h-b": ("p", b)}))
+    rendered = expo.rendered
+    expo.pieces(Select(None, shard_of("h-b", 2), 2))  # the shard without h-a: nothing to render
+    if shard_of("h-a", 2) != shard_of("h-b", 2):
+        assert expo.rendered == rendered
+    expo.pieces(Select())
+    fields = ("temp_c", "util_gpu_pct", "mem_used_bytes", "mem_total_bytes", "power_w",
+              "ecc_sbe_volatile", "ecc_dbe_volatile")  # fmt: skip
+    moved = [f for f in fields if [getattr(g, f) for g in a] != [getattr(g, f) for g in a2]]
+    assert "mem_total_bytes" not in moved
+    assert expo.rendered - rendered == len(moved)  # h-a's families whose values changed, nothing else
     after = expo.hosts
     assert all(x is y for x, y in zip(after["h-b"].frags, before["h-b"], strict=True))  # untouched
     assert after["h-a"].frags[total] is before["h-a"][total]  # same values: the old block is kept
@@ -403,3 +415,34 @@ def test_the_documented_scrape_config_is_valid(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-2000:]
     assert cfg.read_text().count("shard: [") == 4
+
+
+async def test_values_are_written_exactly_whatever_their_form() -> None:
+    odd = (1e16, 1e-5, 0.1 + 0.2, 57, 65.0, 1.7976931348623157e308, -0.0, float("nan"), None)
+    gpus = tuple(
+        GpuSample(index=i, uuid=f"GPU-odd-{i}", temp_c=v, util_gpu_pct=v if v is None or v == v else 50.0,
+                  power_w=v, mem_used_bytes=2**64 - 1 - i, ecc_sbe_volatile=i)
+        for i, v in enumerate(odd)
+    )  # fmt: skip
+    expo = Exposition()
+    expo.update(snapshot_of({'h"%1': ("p\\%", gpus)}))  # label values that need escaping, and a %
+    text = b"".join(plain_pieces(expo.pieces(Select()))).decode()
+    await promtool_check(text.encode())
+    got = samples(text)
+    for g, v in zip(gpus, odd, strict=True):
+        labels = tuple(
+            sorted({"provider": "p\\%", "host": 'h"%1', "gpu": str(g.index), "uuid": g.uuid}.items())
+        )
+        temp = got.get(("gpuwarden_gpu_temperature_celsius", labels))
+        if v is None:
+            assert temp is None  # no reading: no line
+        elif v != v:
+            assert temp is not None
+            assert math.isnan(temp)
+        else:
+            assert temp == v
+            assert got[("gpuwarden_gpu_power_watts", labels)] == v
+            assert got[("gpuwarden_gpu_utilization_ratio", labels)] == v * 0.01
+        assert float(got[("gpuwarden_gpu_memory_used_bytes", labels)]) == float(g.mem_used_bytes or 0)
+    line = 'gpuwarden_gpu_memory_used_bytes{provider="p\\\\%",host="h\\"%1",gpu="0",uuid="GPU-odd-0"} '
+    assert f"{line}{2**64 - 1}\n" in text  # an integer is written as it is, every digit
