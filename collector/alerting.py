@@ -42,7 +42,6 @@ from collector.alerts import (
 )
 from collector.alerts.model import (
     ALERT_STATES,
-    FIRING,
     N_FIRING,
     N_PROVIDER,
     N_UPDATE,
@@ -61,8 +60,7 @@ from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
 from collector.ingest import IngestStats, owner
 from collector.inventory import ExpectedHost as ListedHost
 from collector.notify import Channels
-from collector.notify.alertmanager import AlertmanagerChannel, am_alert
-from collector.notify.base import DeliveryError, delivery_key, firing_payload, payload_of
+from collector.notify.base import delivery_key, payload_of
 from collector.notify.config import NotifyConfig
 from collector.notify.nats import NatsChannel
 from collector.notify.outbox import Deliverer, OutboxRow, Spool
@@ -85,7 +83,6 @@ from collector.store.alerts import Changes, Restored
 from shared.errors import ConfigError, SubjectError
 from shared.frames import Frame
 from shared.subjects import sanitize_token
-from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +206,6 @@ class Alerting:
         self._host_status: dict[str, str] = {}
         self._rollup: tuple[int, FleetHealth] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._resends: dict[str, asyncio.Task[None]] = {}  # Alertmanager re-pushes in flight
         self._stop = asyncio.Event()
         self._running = False
         self.counts = {
@@ -290,7 +286,7 @@ class Alerting:
         )
 
     async def stop(self) -> None:
-        """Stop the timer and the re-pushes, write what is unsaved, then give the deliverer
+        """Stop the timer, write what is unsaved, then give the deliverer
         ``[alerting] shutdown_delivery`` to finish before it closes the channels. A runner
         that did not finish starting writes nothing (its state was not restored)."""
         started, self._running = self._running, False
@@ -300,8 +296,6 @@ class Alerting:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        resends, self._resends = list(self._resends.values()), {}
-        await cancel_all(resends)
         try:
             if started:
                 async with self._lock, self._write_lock:
@@ -316,7 +310,7 @@ class Alerting:
         await self.deliverer.close()
 
     async def _timer(self) -> None:
-        last_snapshot = last_resend = self.monotonic()
+        last_snapshot = self.monotonic()
         while not self._stop.is_set():
             # the tick, or sooner when the alert engine has something due (a `for` ending)
             wait = min(self.settings.tick, self.alerts_state.next_due - self.clock())
@@ -332,9 +326,6 @@ class Alerting:
                 if not pg_down and mono - last_snapshot >= self.settings.health_snapshot:
                     last_snapshot = mono
                     await self.save_health()
-                if self.channels.alertmanagers and mono - last_resend >= self.settings.alertmanager_resend:
-                    last_resend = mono
-                    self.start_resends()  # in the background: a dead Alertmanager never holds the timer
             except db.ERRORS as e:
                 self.persist_errors += 1
                 log.warning("alert state not persisted, will retry: %s", e)
@@ -707,27 +698,6 @@ class Alerting:
     async def save_health(self) -> None:
         if self.store.available:
             await self.store.save_health(self.health, self.health_engine.healthy_for)
-
-    def start_resends(self) -> None:
-        """Start one re-push per Alertmanager, each its own task (skipped while the previous
-        one of that Alertmanager is still in flight): a hanging receiver delays neither the
-        timer (staleness, `for`, escalation) nor another channel."""
-        for am in self.channels.alertmanagers:
-            running = self._resends.get(am.name)
-            if running is None or running.done():
-                self._resends[am.name] = asyncio.create_task(self._resend(am), name=f"resend-{am.name}")
-
-    async def _resend(self, am: AlertmanagerChannel) -> None:
-        batch = []
-        for a in self.alerts_state.alerts.values():
-            if a.state == FIRING and am.name in a.told and self.engine.quiet_ok(a):
-                p = firing_payload(a, am.name)
-                batch.append(am_alert(p, self.notify.external_url))
-        if batch:
-            try:
-                await am.post(batch)
-            except DeliveryError as e:
-                log.warning("alertmanager %s: re-push failed: %s", am.name, e)
 
     # ------------------------------------------------------------------ reads and commands (the API)
 

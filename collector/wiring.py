@@ -40,6 +40,7 @@ from collector.notify import build_channels
 from collector.notify.config import notify_config_from, with_channels
 from collector.notify.nats import NatsChannel
 from collector.notify.outbox import Deliverer
+from collector.notify.repush import AlertmanagerRepush
 from collector.notify.stream import Broadcaster
 from collector.ratelimit import HostRateLimit
 from collector.remediation.config import remediation_config_from
@@ -108,6 +109,7 @@ class Parts:
     broadcaster: Broadcaster
     live: LiveRollup
     alerting: Alerting
+    repush: AlertmanagerRepush
     fast_events: FastEvents
     remediation: Remediator
     api_deps: ApiDeps
@@ -173,6 +175,12 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         on_forgotten=live.forget,
         remediation=remediation,
     )
+    repush = AlertmanagerRepush(
+        channels.alertmanagers,
+        lambda: runner.alerts_state.alerts.values(),
+        config.alerting.alertmanager_resend,
+        notify_cfg.external_url,
+    )
     fast_events = FastEvents(
         nats,
         ingest.limits,
@@ -199,7 +207,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     server = ApiServer(api_deps) if api else None
 
     parts = Parts(
-        config, state, postgres, nats, writer, ingest, expected, broadcaster, live, runner,
+        config, state, postgres, nats, writer, ingest, expected, broadcaster, live, runner, repush,
         fast_events, remediation, api_deps, server,
     )  # fmt: skip
     ingest.on_batch = parts.on_batch
@@ -210,6 +218,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         Step("ingest", on_start=lambda: ingest.setup(_required(nats)), on_stop=ingest.close),
         InventoryRefresh(expected),
         runner,  # restores the alert and health state, starts delivering and its timer
+        repush,  # stops before the runner closes the channels
         fast_events,  # after the runner: judged frames need its restored state
         remediation,  # after the runner: it plans over restored alerts
     ]
