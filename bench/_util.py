@@ -83,6 +83,8 @@ class Receiver:
         with Receiver(nats_url, {"host-0001": "xid"}) as rx:  # rx.url: the webhook's URL
             ...
         rx.hooks  # [(arrival time, POSTed JSON)], rx.taps: {host: ts of the fault's first frame}
+
+    (read back when it stops, or as it goes with :meth:`poll`).
     """
 
     def __init__(self, nats_url: str, watch: dict[str, str]) -> None:
@@ -93,6 +95,7 @@ class Receiver:
     def __enter__(self) -> Receiver:
         self._dir = tempfile.TemporaryDirectory()
         self._out = Path(self._dir.name) / "received.jsonl"
+        self._read = 0  # bytes of it read so far
         args = [sys.executable, "-m", "bench._receiver", "--nats", self.nats_url, "--out", str(self._out)]
         for host, kind in self.watch.items():
             args += ["--watch", f"{host}={kind}"]
@@ -106,15 +109,25 @@ class Receiver:
         self.url = f"http://127.0.0.1:{int(line.split()[1])}/hook"
         return self
 
+    def poll(self) -> None:
+        """Read what the receiver has written since the last call (whole lines only)."""
+        if not self._out.exists():
+            return
+        with self._out.open("rb") as f:
+            f.seek(self._read)
+            data = f.read()
+        done = data.rfind(b"\n") + 1
+        self._read += done
+        for line in data[:done].decode("utf-8").splitlines():
+            d = json.loads(line)
+            if "hook" in d:
+                self.hooks.append((d["hook"], d["body"]))
+            else:
+                self.taps.setdefault(d["tap"], d["ts"])
+
     def __exit__(self, *exc: object) -> None:
         stop(self.proc)
-        if self._out.exists():
-            for line in self._out.read_text(encoding="utf-8").splitlines():
-                d = json.loads(line)
-                if "hook" in d:
-                    self.hooks.append((d["hook"], d["body"]))
-                else:
-                    self.taps.setdefault(d["tap"], d["ts"])
+        self.poll()
         self._dir.cleanup()
 
 
