@@ -88,6 +88,15 @@ async def _statements(dsn: str, top: int = 15) -> None:
         print(f"{r['total_exec_time']:10.0f} {r['calls']:8d} {r['rows']:9d}  {r['q']}", file=sys.stderr)
 
 
+def alert_transitions(port: int) -> float:
+    """The collector's ``gpuwarden_alert_transitions_total`` (read outside the measured window)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:  # noqa: S310
+        for line in r.read().decode().splitlines():
+            if line.startswith("gpuwarden_alert_transitions_total "):
+                return float(line.split()[1])
+    return float("nan")
+
+
 def _ready(port: int, proc: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -140,7 +149,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
         assert pg.proc is not None
         assert ns.proc is not None
         prof = os.environ.get("BENCH_PROFILE_OUT", str(Path(tmp) / "collector.prof")) if profile else None
-        collector, _port = start_collector(tmp, pg.dsn(), ns.url, prof)
+        collector, port = start_collector(tmp, pg.dsn(), ns.url, prof)
         if profile:
 
             async def ext() -> None:
@@ -166,6 +175,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
                     await conn.close()
 
                 asyncio.run(reset())
+            a0 = alert_transitions(port)
             n0 = asyncio.run(_count(pg.dsn()))
             t0 = time.monotonic()
             c0, p0, s0 = tree_cpu(collector.pid), tree_cpu(pg.proc.pid), tree_cpu(ns.proc.pid)
@@ -175,6 +185,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
             elapsed = time.monotonic() - t0
             load1 = loadavg()
             n1 = asyncio.run(_count(pg.dsn()))
+            a1 = alert_transitions(port)
         finally:
             stop(fleet)
             stop(collector)
@@ -193,6 +204,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
         "postgres": p1 - p0,
         "nats": s1 - s0,
         "load": f"{load0} -> {load1}",
+        "transitions": a1 - a0,
         **sizes,
     }
 
@@ -210,7 +222,8 @@ def run() -> list[Row]:
     return [
         (
             f"live: {r['hosts']} hosts x {GPUS} GPUs at 1 s, {r['elapsed']:.0f} s window (load avg)",
-            f"{n:,} GPU-samples stored ({n / expected:.0%} of the fleet's) ; load {r['load']}",
+            f"{n:,} GPU-samples stored ({n / expected:.0%} of the fleet's); load {r['load']};"
+            f" {r['transitions']:.0f} alert transitions (a healthy fleet: 0 unless the machine lags)",
             "",
         ),
         (
