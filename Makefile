@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint mypy pytest bench clean install system-deps
 
 # Debian packages the tests drive (tests never install anything themselves).
-SYSTEM_PACKAGES := prometheus prometheus-alertmanager chromium munge slurmctld slurmd slurm-client
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager chromium systemd munge slurmctld slurmd slurm-client
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

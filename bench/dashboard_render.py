@@ -20,18 +20,10 @@ from aiohttp.test_utils import TestServer
 
 from bench.api_latency import build
 from collector.api import make_app
+from tests.support.browser import CHROMIUM_FLAGS
 
 HOSTS = int(os.environ.get("BENCH_DASH_HOSTS", "10000"))
 GOAL_S = 3.0
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 async def measure(hosts: int) -> tuple[float, float, int]:
@@ -46,7 +38,7 @@ async def measure(hosts: int) -> tuple[float, float, int]:
                 profile,
                 executable_path=chromium,
                 headless=True,
-                args=FLAGS,
+                args=CHROMIUM_FLAGS,
                 viewport={"width": 1400, "height": 1000},
             )
             try:

@@ -6,15 +6,13 @@ stop and restart their server) and torn down at the end; no test depends on anot
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from gpuwarden.servers import NatsCluster, NatsServer, PostgresServer
+from tests.support.db import fresh_database
 
 if TYPE_CHECKING:
     import asyncpg
@@ -82,18 +80,6 @@ def pg_server() -> Iterator[PostgresServer]:
         yield server
 
 
-@contextlib.contextmanager
-def fresh_database(pg_server: PostgresServer) -> Iterator[str]:
-    """The DSN of a new, empty database on ``pg_server``, dropped on leaving."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    psql = str(pg_server.bindir / "psql") if (pg_server.bindir / "psql").exists() else "psql"
-    subprocess.run([psql, pg_server.dsn(), "-qc", f'CREATE DATABASE "{name}"'], check=True)
-    yield pg_server.dsn(name)
-    subprocess.run(
-        [psql, pg_server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False
-    )
-
-
 @pytest.fixture
 def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
     """A fresh, empty database for one test, dropped afterwards."""
@@ -112,3 +98,16 @@ async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     await migrate.migrate(c)
     yield c
     await c.close()
+
+
+@pytest.fixture(scope="module")
+def module_dsn(pg_server: PostgresServer) -> Iterator[str]:
+    with fresh_database(pg_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def module_nats() -> Iterator[NatsServer]:
+    """A nats-server of the module's own: its stream holds only this module's frames."""
+    with NatsServer() as server:
+        yield server

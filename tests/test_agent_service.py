@@ -18,33 +18,10 @@ from nats.aio.msg import Msg
 from agent.sdnotify import SdNotifier
 from agent.service import AgentService
 from gpuwarden.servers import NatsServer
-from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
 from shared.frames import EventFrame, Frame, InventoryFrame, SampleFrame, decode
 from shared.subjects import poll_subject
-from tests.support.wait import reached
-
-
-def agent_config(
-    url: str,
-    host: str,
-    *,
-    interval: float,
-    gpus: int = 2,
-    faults: tuple[str, ...] = (),
-    targets: tuple[str, ...] = (),
-    kmsg_path: str | None = None,
-) -> AgentConfig:
-    """An agent's config for the tests; ``kmsg_path``: read the kernel log from that file."""
-    if kmsg_path is None:
-        agent = AgentSection(host=host, provider="test", interval=interval, kmsg=False)
-    else:
-        agent = AgentSection(host=host, provider="test", interval=interval, kmsg=True, kmsg_path=kmsg_path)
-    return AgentConfig(
-        agent=agent,
-        nats=NatsConfig(servers=(url,), reconnect_wait=0.2, reconnect_wait_max=1.0, publish_timeout=2.0),
-        network=NetworkChecksConfig(targets=targets, timeout=1.0),
-        simulate=SimulateConfig(gpus=gpus, faults=faults, seed=7),
-    )
+from tests.support.agent import agent_config
+from tests.support.wait import reached, until
 
 
 @dataclass
@@ -145,15 +122,16 @@ async def test_poll_replies_with_a_fresh_sample(nats_url: str, host: str, tap: T
     task = await start(svc)
     assert await tap.wait_for(lambda f: f.kind == "sample", 5)
     replies = []
-    deadline = time.monotonic() + 10
-    while len(replies) < 2:
+
+    async def polled_twice() -> bool:
         try:
             msg = await tap.nc.request(poll_subject(host), b"", timeout=5)
         except nats.errors.NoRespondersError:  # its subscription is made once it is connected
-            assert time.monotonic() < deadline, "the agent never answered a poll"
-            await asyncio.sleep(0.05)
-            continue
+            return False
         replies.append(decode(msg.data))
+        return len(replies) >= 2
+
+    await until(polled_twice, 10, "two poll replies")
     svc.stop()
     await task
     assert all(isinstance(r, SampleFrame) for r in replies)
@@ -262,15 +240,12 @@ def test_watchdog_period_from_systemd(env: dict[str, str], expected: float | Non
 async def test_agent_started_before_nats_delivers_its_buffer_once_up(
     private_nats: NatsServer,
 ) -> None:
-    from tests.test_publisher import stream_frames
+    from tests.support.nats_frames import stream_frames
 
     private_nats.stop()
     svc = AgentService(agent_config(private_nats.url, "early-bird", interval=0.25))
     task = asyncio.create_task(svc.serve(signals=False))
-    deadline = time.monotonic() + 30
-    while svc.publisher.buffered < 5:  # ticks buffered while NATS is not there
-        assert time.monotonic() < deadline, "the agent buffered nothing"
-        await asyncio.sleep(0.05)
+    await until(lambda: svc.publisher.buffered >= 5, 30, "ticks buffered while NATS is not there")
     assert not svc.publisher.connected
     assert svc.publisher.buffered >= 5
     private_nats.start()
@@ -410,7 +385,7 @@ async def test_an_nvml_xid74_waits_for_its_kernel_log_line_which_names_the_link(
     task = await start(svc)
     assert await tap.wait_for(lambda f: isinstance(f, SampleFrame), 10)
     fake.push_event(0, 0x8, 74)  # XidCriticalError on GPU 0 (bus 00000000:18:00.0), NVML first
-    await asyncio.sleep(0.05)
+    await until(lambda: fake.events_pending() == 0, 5, "the agent to take NVML's event")
     with log.open("a") as f:
         f.write(
             "[ 200.1] NVRM: Xid (PCI:0000:18:00): 74, pid=<unknown>, name=<unknown>, "

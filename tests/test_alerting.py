@@ -4,129 +4,31 @@ acknowledgement stops escalation, a silence stops notification, state survives r
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import nats
 import pytest
-from aiohttp import web
 
-from collector.config import CollectorConfig, load_collector_config
+from collector.config import load_collector_config
 from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.frames import Frame
-from tests.support.local_http import Handler, LocalHttp
+from tests.support.collector import (
+    SECRET,
+    Receiver,
+    collector,
+    send,
+    settled,
+    webhook_toml,
+    write_config,
+)
+from tests.support.records import event, sample
 from tests.support.wait import until
-from tests.test_ingest import publish
-from tests.test_store import event, sample
-
-SECRET = "s3cret-hmac-key"
-
-
-class Receiver(LocalHttp):
-    """A webhook receiver on 127.0.0.1: records every request; fails the first ``fail`` ones
-    (or every one with ``fail=-1``) with HTTP 500."""
-
-    def __init__(self, fail: int = 0, hang: bool = False) -> None:
-        self.fail = fail
-        self.hang = hang
-        self.attempts = 0
-        self.received: list[tuple[dict[str, str], bytes, float]] = []
-        super().__init__()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.attempts += 1
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail < 0 or self.attempts <= self.fail:
-            return web.Response(status=500)
-        self.received.append((dict(request.headers), body, time.time()))
-        return web.Response(status=200)
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(b) for _, b, _ in self.received]
-
-    def alerts(self) -> list[tuple[str, str, str]]:
-        """(status, alertname, kind) of every delivered alert, in order."""
-        return [
-            (a["status"], a["labels"]["alertname"], a["annotations"]["kind"])
-            for b in self.bodies()
-            for a in b["alerts"]
-        ]
-
-    def routes(self) -> list[tuple[str, Handler]]:
-        return [("/hook", self.handle), ("/api/v2/alerts", self.handle)]  # also as an Alertmanager endpoint
-
-
-def write_config(tmp: Path, dsn: str, nats_url: str, body: str, alerting: str = "") -> CollectorConfig:
-    path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 200
-fetch_timeout = "100ms"
-durable = "c{abs(hash(str(tmp))) % 10**8}"
-[alerting]
-tick = "200ms"
-health_snapshot = "1s"
-{alerting}
-{body}
-"""
-    )
-    return load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]})
-
-
-def webhook_toml(url: str, **extra: object) -> str:
-    lines = [f'[[notify.webhook]]\nname = "hook"\nurl = "{url}"\nsecret = "{SECRET}"\nbackoff = "50ms"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
-
-
-@contextlib.asynccontextmanager
-async def collector(cfg: CollectorConfig) -> AsyncIterator[CollectorService]:
-    svc = CollectorService(cfg)
-    await svc.startup()
-    task = asyncio.create_task(svc.run())
-    try:
-        yield svc
-    finally:
-        svc.request_stop()
-        await asyncio.wait_for(task, 30)
-        await svc.shutdown()
-
-
-async def settled(svc: CollectorService, steps: int = 3) -> None:
-    """Wait (on conditions, not time) until the alerting has run ``steps`` more evaluations,
-    its timer's included, and its channels have finished every delivery queued by then: what
-    was due has happened, so what has not happened will not (for "nothing more" checks)."""
-    al = svc.alerting
-    target = al.counts["evaluations"] + steps
-    await until(lambda: al.counts["evaluations"] >= target)
-    assert al.deliverer is not None
-    await asyncio.wait_for(al.deliverer.idle(), 30)
-
-
-@contextlib.asynccontextmanager
-async def jetstream(url: str) -> AsyncIterator[Any]:
-    nc = await nats.connect(url)
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.drain()
-
-
-async def send(url: str, frames: list[Frame]) -> None:
-    async with jetstream(url) as js:
-        await publish(js, frames)
 
 
 async def test_xid_notifies_at_once_signed_and_restart_does_not_notify_again(

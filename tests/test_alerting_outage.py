@@ -42,8 +42,9 @@ from collector.store import migrate
 from gpuwarden.servers import NatsServer, PostgresServer, free_port
 from shared.config import NatsConfig
 from shared.frames import encode
+from tests.support.collector import Receiver, collector, webhook_toml, write_config
 from tests.support.local_http import Handler, LocalHttp
-from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
+from tests.support.wait import until
 
 OUTAGE_S = 10.0
 ESCALATE = """

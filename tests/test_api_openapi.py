@@ -22,9 +22,7 @@ from collector.api import make_app
 from collector.api.openapi import document
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
-from tests.test_api import AUTH, XID_HOST, module_dsn, module_nats, running
-
-__all__ = ["module_dsn", "module_nats"]  # the module-scoped database fixture
+from tests.support.api import AUTH, XID_HOST, running
 
 Client = TestClient[web.Request, web.Application]
 

@@ -26,10 +26,8 @@ from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import Secret
 from shared.errors import ConfigError
-from tests.test_alerting import until
-from tests.test_api import XID_HOST, module_dsn, module_nats, running
-
-__all__ = ["module_dsn", "module_nats"]
+from tests.support.api import XID_HOST, running
+from tests.support.wait import until
 
 Client = TestClient[web.Request, web.Application]
 ALICE = "alice-" + uuid.uuid4().hex

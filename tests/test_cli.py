@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,20 +15,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from shared.frames import decode
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def gpuwarden(*args: str) -> list[str]:
-    """The console script when installed (``make install``), else ``python -m gpuwarden``."""
-    script = shutil.which("gpuwarden", path=str(Path(sys.executable).parent))
-    return [script, *args] if script else [sys.executable, "-m", "gpuwarden", *args]
-
-
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUWARDEN_") and k != "NOTIFY_SOCKET"}
-    base["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return base | extra
+from tests.support.cli import ROOT, env, gpuwarden
 
 
 def run(*args: str, timeout: float = 30, **extra_env: str) -> subprocess.CompletedProcess[str]:

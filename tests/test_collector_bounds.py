@@ -13,9 +13,10 @@ import asyncpg
 from collector.config import CollectorConfig, load_collector_config
 from gpuwarden.servers import NatsServer
 from shared.frames import GpuSample, SampleFrame
-from tests.test_alerting import collector, jetstream, until
-from tests.test_ingest import publish
-from tests.test_store import sample
+from tests.support.collector import collector, jetstream
+from tests.support.ingest import publish
+from tests.support.records import sample
+from tests.support.wait import until
 
 
 def config(tmp: Path, dsn: str, nats_url: str, body: str) -> CollectorConfig:

@@ -24,8 +24,9 @@ from collector.stream import reconcile
 from gpuwarden.servers import NatsServer, free_port
 from shared.errors import ConfigError
 from shared.frames import Frame
-from tests.test_ingest import config, publish, stored_keys, until
-from tests.test_store import event, inventory, sample
+from tests.support.ingest import config, publish, stored_keys
+from tests.support.records import event, inventory, sample
+from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = Path(tempfile.gettempdir()) / f"gpuwarden-collector-test-{os.getpid()}.log"

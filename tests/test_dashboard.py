@@ -13,77 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import async_playwright
 
 from agent.fleet import Fleet
 from collector.api import make_app
 from collector.config import load_collector_config
 from collector.service import CollectorService
-from collector.state import FleetHost
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
-from shared.frames import EventFrame
-from tests.support.system_tools import system_tool
-from tests.test_alerting import collector, send, until
+from tests.support.browser import browser_page, xid_event
+from tests.support.collector import collector, send
+from tests.support.wait import until
 
 TOKEN = "dash-" + uuid.uuid4().hex
 FAULTY = "host-0004"
 DOWN, DOWN2 = "host-0007", "host-0008"  # providers 1 and 2: no provider-wide incident
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def xid_event(host: FleetHost) -> EventFrame:
-    """XID 79 on GPU 2 of ``host`` (fatal: critical at once), as its agent would publish it."""
-    gpu = next(g for g in host.gpus if g.index == 2)
-    return EventFrame(
-        host=host.host,
-        provider=host.provider,
-        boot_id=host.boot_id or "b",
-        seq=10**9,
-        ts=time.time(),
-        type="xid",
-        source="kmsg",
-        gpu_index=2,
-        gpu_uuid=gpu.uuid,
-        xid=79,
-        message="GPU has fallen off the bus",
-    )
-
-
-@contextlib.asynccontextmanager
-async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
-    chromium = system_tool("chromium")
-    async with async_playwright() as p:
-        ctx = await p.chromium.launch_persistent_context(
-            str(tmp / "profile"),
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-            page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: console.append(str(e)))
-            yield page
-        finally:
-            await ctx.close()
 
 
 @contextlib.asynccontextmanager

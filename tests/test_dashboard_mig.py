@@ -22,8 +22,9 @@ from shared.frames import (
     MigSample,
     SampleFrame,
 )
-from tests.test_alerting import collector, send, until
-from tests.test_dashboard import browser_page
+from tests.support.browser import browser_page
+from tests.support.collector import collector, send
+from tests.support.wait import until
 
 GIB = 1 << 30
 HOST = "mig-node-1"

@@ -13,7 +13,7 @@ import urllib.request
 
 import psutil
 
-from tests.test_cli import ROOT, env, gpuwarden
+from tests.support.cli import ROOT, env, gpuwarden
 
 
 def providers(url: str) -> list[str]:

@@ -16,8 +16,9 @@ import pytest
 from agent.fleet import Fleet, host_name
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
-from tests.test_alerting import Receiver, collector, settled, until, webhook_toml, write_config
-from tests.test_alerts_faults import EXPECTED as PURE
+from tests.support.collector import Receiver, collector, settled, webhook_toml, write_config
+from tests.support.fault_table import EXPECTED as PURE
+from tests.support.wait import until
 
 # fault -> (rule, severity, labels naming the subject, a word of the advice), as in the pure test,
 # except nvlink_err: the simulator's default is 250 CRC errors/s, above DCGM's 100/s: critical.

@@ -23,9 +23,10 @@ from shared.config import (
     NodeConfig,
     SimulateConfig,
 )
+from tests.support.collector import Receiver, collector, webhook_toml, write_config
 from tests.support.fake_pynvml import FakeNvml
 from tests.support.sysfs_ib import write_tree
-from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
+from tests.support.wait import until
 
 CONFIG = """
 [alerts]

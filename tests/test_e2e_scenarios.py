@@ -22,9 +22,9 @@ from agent.fleet import Fleet
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
+from tests.support.collector import write_config
 from tests.support.local_http import Handler, LocalHttp
 from tests.support.scenario import CHANNELS, Scenario, Told, catalogue, mismatches, told_of_webhook
-from tests.test_alerting import write_config
 
 E2E = [sc for sc in catalogue() if sc.e2e]
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")

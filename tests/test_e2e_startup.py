@@ -13,8 +13,9 @@ import pytest
 from agent.service import AgentService
 from collector.health.model import HEALTHY
 from gpuwarden.servers import NatsServer
-from tests.test_agent_service import agent_config
-from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
+from tests.support.agent import agent_config
+from tests.support.collector import Receiver, collector, webhook_toml, write_config
+from tests.support.wait import until
 
 AGENTS = 5
 CONFIG = """

@@ -25,7 +25,7 @@ from collector.notify.outbox import Deliverer, OutboxRow, Outcome
 from collector.notify.stream import Broadcaster
 from collector.state import FleetState
 from collector.store.alerts import Changes, Restored
-from tests.test_store import event
+from tests.support.records import event
 
 T0 = 1_800_000_000.0
 
@@ -240,8 +240,8 @@ async def test_event_class_criticals_are_paged_before_their_step_is_written(tmp_
     a threshold alert's page still waits for its write. Each is recorded once, as sent."""
     from dataclasses import replace
 
+    from tests.support.records import sample
     from tests.support.wait import until
-    from tests.test_store import sample
 
     store, clock = GatedStore(), Clock(T0)
     al, channel, _ = runner(tmp_path, store, clock)
@@ -295,7 +295,7 @@ async def test_while_the_store_is_down_pages_go_out_from_memory_and_land_later(t
 async def test_time_driven_steps_run_at_the_given_now(tmp_path: Any) -> None:
     """Ticks take ``now``: a host that stops reporting goes unreachable when its frames are
     older than ``stale_after``, by the runner's clock, with no waiting."""
-    from tests.test_store import sample
+    from tests.support.records import sample
 
     store, clock = MemoryStore(), Clock(T0)
     al, _, _ = runner(tmp_path, store, clock)

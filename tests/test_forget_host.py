@@ -24,8 +24,9 @@ import pytest
 from collector.config import CollectorConfig, load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
-from tests.test_alerting import collector, send, until
-from tests.test_store import event, sample
+from tests.support.collector import collector, send
+from tests.support.records import event, sample
+from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "forget-" + uuid.uuid4().hex

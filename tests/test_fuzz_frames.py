@@ -36,7 +36,8 @@ from gpuwarden.servers import NatsServer
 from shared.frames import AgentStats, CheckResult, Frame, decode, encode, to_wire
 from shared.subjects import parse_subject, subject_for
 from tests.support import frame_fixtures as fx
-from tests.test_ingest import _count, config, until
+from tests.support.ingest import _count, config
+from tests.support.wait import until
 
 CHECK_CASES = 10_000
 COLLECTOR_CASES = 1_000

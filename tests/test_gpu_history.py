@@ -336,7 +336,8 @@ async def test_a_restarted_collector_continues_the_history_and_raises_gpu_rma(
     back from PostgreSQL (``gpu_history``) and the third occurrence raises ``gpu.rma``."""
     import asyncpg
 
-    from tests.test_alerting import Receiver, collector, send, until, webhook_toml, write_config
+    from tests.support.collector import Receiver, collector, send, webhook_toml, write_config
+    from tests.support.wait import until
 
     url = private_nats.url
     # the count rule out of the way (the history decides); no samples are sent: no staleness

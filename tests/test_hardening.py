@@ -28,8 +28,9 @@ from gpuwarden.servers import NatsServer, free_port
 from shared.errors import FrameDecodeError
 from shared.frames import MAX_DEPTH, decode, decode_partial, encode, nesting_depth, to_wire
 from shared.subjects import STREAM, sample_subject
-from tests.test_ingest import _count, config, publish, running, until
-from tests.test_store import sample
+from tests.support.ingest import _count, config, publish, running
+from tests.support.records import sample
+from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = Limits(max_bytes=1 << 20, oldest_ts=0.0, newest_ts=2e9)
@@ -445,7 +446,7 @@ def test_an_event_is_judged_once_when_the_agent_restarts_during_a_backlog() -> N
 
     from collector.health import HealthEngine, HealthState
     from collector.health.codec import health_snapshot, state_from_dict
-    from tests.test_store import event
+    from tests.support.records import event
 
     engine = HealthEngine()
     state = HealthState()
@@ -483,7 +484,7 @@ async def test_frames_dated_ahead_never_push_the_stored_host_into_the_future(
 ) -> None:
     """The stored side of the same property: hosts.last_seen and a host's current inventory
     (driver, facts, GPUs) follow the newest frame within the allowance, not one dated ahead."""
-    from tests.test_store import inventory, make_config
+    from tests.support.records import inventory, make_config
 
     writer = Writer(make_config(pg_dsn).postgres, max_skew=30.0)
     now = time.time()

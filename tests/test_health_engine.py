@@ -11,20 +11,9 @@ from collector.health import ExpectedHost, HealthEngine, HealthState, Observatio
 from collector.health.config import HealthConfig, HealthSection, health_config_from
 from shared.errors import ConfigError
 from shared.frames import EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame
+from tests.support.health_frames import sample
 
 T0 = 1_700_000_000.0
-
-
-def sample(ts: float, host: str = "node-1", gpus: int = 2, provider: str = "acme", **kw: Any) -> SampleFrame:
-    return SampleFrame(
-        host=host,
-        provider=provider,
-        boot_id="b1",
-        seq=int(ts),
-        ts=ts,
-        interval_s=5.0,
-        gpus=tuple(GpuSample(index=i, uuid=f"GPU-{host}-{i}", temp_c=50.0, **kw) for i in range(gpus)),
-    )
 
 
 def event(ts: float, type: str, gpu: int | None = 0, host: str = "node-1", **kw: Any) -> EventFrame:

@@ -4,13 +4,12 @@ counted and kept out, partitions, PostgreSQL restarted mid-stream."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -20,51 +19,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.config import CollectorConfig
 from collector.ingest import Ingest, Limits, check, owner
 from collector.store import migrate
 from collector.store.rows import storage_problem
 from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, PostgresServer
 from shared.frames import Frame, encode, to_wire
-from shared.subjects import sample_subject, subject_for
+from shared.subjects import sample_subject
+from tests.support.ingest import _count, config, publish, running, stored_keys
+from tests.support.records import event, inventory, sample
 from tests.support.wait import until
-from tests.test_store import event, inventory, make_config, sample
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def config(dsn: str, nats_url: str, **flags: Any) -> CollectorConfig:
-    return make_config(
-        dsn,
-        **{"nats.servers": [nats_url], "collector.batch": 500, "collector.fetch_timeout": "200ms", **flags},
-    )
-
-
-async def publish(js: Any, frames: list[Frame]) -> None:
-    for f in frames:
-        await js.publish(subject_for(f.kind, f.provider, f.host), encode(f))  # as agents: no Nats-Msg-Id
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: CollectorConfig) -> AsyncIterator[Ingest]:
-    nc = await nats.connect(cfg.nats.servers[0])
-    writer = Writer(cfg.postgres)
-    ingest = Ingest(cfg, writer)
-    await ingest.setup(nc)
-    task = asyncio.create_task(ingest.run())
-    try:
-        yield ingest
-    finally:
-        ingest.stop()
-        await asyncio.wait_for(task, 30)
-        await nc.drain()
-        await writer.close()
-
-
-async def stored_keys(conn: asyncpg.Connection) -> Counter[tuple[str, int]]:
-    rows = await conn.fetch("SELECT h.name, s.seq FROM host_samples s JOIN hosts h ON h.id = s.host_id")
-    return Counter((r["name"], r["seq"]) for r in rows)
 
 
 # ----------------------------------------------------------------------------- pure checks
@@ -147,11 +113,6 @@ async def test_fleet_frames_land_once(
         (f.gpus[5].temp_c, f.gpus[5].power_w) for f in frames if f.host == "host-3" and f.kind == "sample"
     ]
     assert [(r["temp_c"], r["power_w"]) for r in temps] == want
-
-
-async def _count(conn: asyncpg.Connection, table: str, n: int) -> bool:
-    got: int = await conn.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
-    return got >= n
 
 
 # ----------------------------------------------------------------------------- fuzzing

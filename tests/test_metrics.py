@@ -44,12 +44,11 @@ from collector.metrics import (
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer, free_port
 from shared.frames import GpuSample
+from tests.support.api import XID_HOST, running
+from tests.support.collector import send
+from tests.support.records import gpu_sample, sample
 from tests.support.system_tools import system_tool
-from tests.test_alerting import send, until
-from tests.test_api import XID_HOST, module_dsn, module_nats, running
-from tests.test_store import gpu_sample, sample
-
-__all__ = ["module_dsn", "module_nats"]
+from tests.support.wait import until
 
 
 def fresh_collector(svc: CollectorService) -> FleetCollector:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -28,9 +26,10 @@ from collector.stream import reconcile
 from gpuwarden.servers import NatsCluster
 from shared.config import NatsConfig
 from shared.subjects import STREAM
-from tests.test_alerting import collector, until
+from tests.support.cluster import published_keys, stored_keys
+from tests.support.collector import collector
+from tests.support.wait import until
 
-Key = tuple[str, str, int]  # host, boot id, sequence
 STREAM_BYTES = 256 << 20  # three nodes share this machine's disk: no automatic sizing
 
 
@@ -66,27 +65,6 @@ health_snapshot = "1s"
 """
     )
     return load_collector_config(path, env={}, flags={"postgres.dsn": dsn})
-
-
-def published_keys(fleet: Fleet) -> set[Key]:
-    """Every frame the fleet made: each host numbers its frames 1, 2, ... (one sequence)."""
-    return {(h.seqr.host, h.seqr.boot_id, n) for h in fleet.hosts for n in range(1, h.seqr.seq + 1)}
-
-
-async def stored_keys(dsn: str) -> Counter[Key]:
-    """Each stored frame (sample, event, inventory report) by host, boot id and sequence."""
-    c = await asyncpg.connect(dsn)
-    try:
-        rows = await c.fetch(
-            "SELECT h.name, k.boot_id, k.seq FROM ("
-            " SELECT host_id, boot_id, seq FROM host_samples"
-            " UNION ALL SELECT host_id, boot_id, seq FROM events"
-            " UNION ALL SELECT host_id, boot_id, seq FROM inventory_reports) k"
-            " JOIN hosts h ON h.id = k.host_id"
-        )
-    finally:
-        await c.close()
-    return Counter((r["name"], r["boot_id"], r["seq"]) for r in rows)
 
 
 async def stored_count(dsn: str) -> int:

@@ -24,8 +24,8 @@ import nats
 import pytest
 
 from gpuwarden.servers import free_port, wait_port
-from tests.test_alerting import until
-from tests.test_nats_security import BIN, COLLECTOR_PASSWORD, ROOT, ansible_env
+from tests.support.roles import BIN, COLLECTOR_PASSWORD, ROOT, ansible_env
+from tests.support.wait import until
 
 NODES = 3
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +36,15 @@ from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksCo
 from shared.frames import decode, encode
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, inbox_prefix, sanitize_token
+from tests.support.roles import BIN, COLLECTOR_PASSWORD, ROOT, ansible_env
 from tests.support.wait import reached, until
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 AGENT_SECRET = "agent-secret-for-tests-0123456789"
-COLLECTOR_PASSWORD = "collector-password-for-tests-0123"
 
 
 def agent_password(user: str) -> str:
     """The roles' derivation: sha256 of '<gpuwarden_nats_agent_secret>:<user>'."""
     return hashlib.sha256(f"{AGENT_SECRET}:{user}".encode()).hexdigest()
-
-
-def ansible_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["ANSIBLE_ROLES_PATH"] = str(ROOT / "ansible" / "roles")
-    env["ANSIBLE_NOCOLOR"] = "1"
-    env["ANSIBLE_LOCALHOST_WARNING"] = "0"
-    env["ANSIBLE_INVENTORY_UNPARSED_WARNING"] = "0"
-    return env
 
 
 @dataclass

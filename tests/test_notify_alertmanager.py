@@ -15,9 +15,10 @@ import aiohttp
 import pytest
 
 from gpuwarden.servers import NatsServer, free_port
+from tests.support.collector import collector, send, write_config
+from tests.support.records import event
 from tests.support.system_tools import system_tool
-from tests.test_alerting import collector, send, until, write_config
-from tests.test_store import event
+from tests.support.wait import until
 
 BINARY = "prometheus-alertmanager"
 AM_CONFIG = """

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from gpuwarden.servers import NatsServer
-from tests.test_alerting import Receiver, collector, send, until, write_config
-from tests.test_store import event
+from tests.support.collector import Receiver, collector, send, write_config
+from tests.support.records import event
+from tests.support.wait import until
 
 CHANNELS = """
 [[notify.webhook]]

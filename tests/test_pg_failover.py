@@ -34,8 +34,9 @@ from gpuwarden.servers import NatsServer, PostgresServer, multi_host_dsn
 from shared.config import NatsConfig
 from shared.frames import encode
 from shared.subjects import STREAM
-from tests.test_alerting import Receiver, collector, until, webhook_toml
-from tests.test_nats_cluster import Key, published_keys, stored_keys
+from tests.support.cluster import Key, published_keys, stored_keys
+from tests.support.collector import Receiver, collector, webhook_toml
+from tests.support.wait import until
 
 
 def failover_config(tmp: Path, dsn: str, nats_url: str, hook_url: str) -> CollectorConfig:

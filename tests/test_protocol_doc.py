@@ -14,6 +14,7 @@ from shared import frames
 from shared.frames import encode
 from shared.subjects import event_subject, sample_subject
 from tests.support import frame_fixtures as fx
+from tests.support.wait import until
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -68,21 +69,20 @@ async def test_subscriber_snippet_taps_raw_frames(
         "gpuwarden.v1.sample.acme-east.gpu-node-17 sample 7 None [64.0, 64.0]",
         "gpuwarden.v1.event.acme-east.gpu-node-17 event 8 79 []",
     )
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while not (opened and getattr(opened[0], "_subs", None)):  # the snippet has subscribed
-        assert loop.time() < deadline, "the snippet never subscribed"
-        await asyncio.sleep(0.02)
+    await until(lambda: bool(opened and getattr(opened[0], "_subs", None)), 20, "the snippet's subscription")
     await opened[0].flush()  # and the server has its subscription
     nc = await real_connect(nats_url)
     await nc.publish(sample_subject("acme-east", "gpu-node-17"), encode(fx.sample(seq=7, gpus=2)))
     await nc.publish(event_subject("acme-east", "gpu-node-17"), encode(fx.event(seq=8)))
     await nc.flush()
     out = ""
-    while not all(w in out for w in wanted):  # printed by the snippet
-        assert loop.time() < deadline, out
-        await asyncio.sleep(0.02)
+
+    def printed() -> bool:  # by the snippet
+        nonlocal out
         out += capsys.readouterr().out
+        return all(w in out for w in wanted)
+
+    await until(printed, 20, "the snippet's output")
     task.cancel()
     await nc.close()
     for tapped in opened:

@@ -18,6 +18,7 @@ from gpuwarden.servers import NatsServer
 from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksConfig, SimulateConfig
 from shared.frames import EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, decode, encode
 from shared.subjects import STREAM
+from tests.support.nats_frames import stream_frames
 from tests.support.wait import until
 
 
@@ -37,22 +38,6 @@ def sample(seqr: Sequencer, gpus: int = 2) -> SampleFrame:
 
 def send(pub: Publisher, seqr: Sequencer, frame: SampleFrame | EventFrame | InventoryFrame) -> None:
     pub.publish(seqr.subject(frame.kind), encode(frame), urgent=frame.kind == "event")
-
-
-async def stream_frames(url: str, host: str) -> list[SampleFrame | EventFrame | InventoryFrame]:
-    """Every frame of ``host`` stored in the stream, in stream order."""
-    nc = await nats.connect(url)
-    try:
-        sub = await nc.jetstream().pull_subscribe(f"gpuwarden.v1.*.*.{host}", stream=STREAM)
-        out = []
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=1)
-            except TimeoutError:  # nats-py raises the builtin or its subclass
-                return out
-            out.extend(decode(m.data) for m in msgs)
-    finally:
-        await nc.close()
 
 
 def unique_host() -> str:
@@ -101,10 +86,7 @@ async def test_frames_round_trip_on_their_subjects(nats_url: str) -> None:
         send(pub, seqr, f)
     assert await pub.flush(5)
     await tap.flush()
-    for _ in range(50):
-        if len(got) == 3:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: len(got) == 3, 5, "the three frames tapped")
     await tap.close()
     await pub.close()
     by_subject = {s: decode(d) for s, d in got}

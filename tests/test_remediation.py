@@ -334,7 +334,7 @@ async def test_webhook_step_is_signed_like_the_notification_webhook() -> None:
 
     from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
     from collector.remediation.executors import Executor
-    from tests.test_alerting import Receiver
+    from tests.support.collector import Receiver
 
     async with Receiver() as rx:
         text = f"""

@@ -16,9 +16,10 @@ from collector.config import load_collector_config
 from collector.remediation import store
 from gpuwarden.servers import NatsServer
 from gpuwarden.slurm import PrivateSlurm
-from tests.test_alerting import collector, send, until
-from tests.test_dashboard import browser_page, xid_event
-from tests.test_remediation_slurm import fleet_running, rule_toml
+from tests.support.browser import browser_page, xid_event
+from tests.support.collector import collector, send
+from tests.support.slurm import fleet_running, rule_toml
+from tests.support.wait import until
 
 TOKEN = "rem-" + uuid.uuid4().hex
 HOST = "host-0002"

@@ -13,10 +13,8 @@ named after the simulated hosts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +22,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent.fleet import Fleet, host_name
+from agent.fleet import host_name
 from collector.api import auth, make_app
 from collector.config import ApiToken
 from collector.remediation import store
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from gpuwarden.slurm import PrivateSlurm
-from shared.config import NatsConfig, Secret
-from tests.test_alerting import Receiver, collector, until, webhook_toml, write_config
+from shared.config import Secret
+from tests.support.collector import Receiver, collector, webhook_toml, write_config
+from tests.support.slurm import HOSTS, fleet_running, rule_toml
+from tests.support.wait import until
 
-HOSTS = 10
 NODES = [host_name(i) for i in range(HOSTS)]
 TOKEN = "remediation-test-token"
 BASE = """
@@ -64,20 +63,6 @@ def drained(s: PrivateSlurm, node: str) -> bool:
     return "DRAIN" in s.state(node)
 
 
-def rule_toml(name: str, match: list[str], mode: str, validate: Path | None = None) -> str:
-    steps = '[[remediation.rule.step]]\nkind = "slurm_drain"\n'
-    if validate is not None:
-        script = (
-            f"import sys; open({str(validate)!r} + '/' + sys.argv[1] + '.json', 'w').write(sys.stdin.read())"
-        )
-        steps += (
-            '[[remediation.rule.step]]\nkind = "exec"\nwhen = "resolved"\ntimeout = "20s"\n'
-            f"argv = {json.dumps([sys.executable, '-c', script, '{host}', '{node}'])}\n"
-        )
-        steps += '[[remediation.rule.step]]\nkind = "slurm_resume"\n'
-    return f'[[remediation.rule]]\nname = "{name}"\nmatch = {json.dumps(match)}\nmode = "{mode}"\n{steps}'
-
-
 def remediation_toml(s: PrivateSlurm, rules: str, extra: str = "") -> str:
     return f"""
 [remediation]
@@ -87,21 +72,6 @@ cooldown = "1h"
 [remediation.slurm]
 conf = "{s.conf}"
 {rules}"""
-
-
-@contextlib.asynccontextmanager
-async def fleet_running(
-    url: str, faults: list[str], duration: float, hosts: int = HOSTS, gpus: int = 2
-) -> AsyncIterator[Fleet]:
-    fleet = Fleet(NatsConfig(servers=(url,)), hosts=hosts, gpus=gpus, interval=0.5, faults=faults)
-    await fleet.start()
-    task = asyncio.create_task(fleet.run(duration=duration))
-    try:
-        yield fleet
-    finally:
-        fleet.stop()
-        await task
-        await fleet.close()
 
 
 async def actions(svc: CollectorService, **kw: Any) -> list[dict[str, Any]]:

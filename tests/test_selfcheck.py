@@ -7,7 +7,7 @@ from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.config import HealthConfig, HealthSection
 from collector.health.model import HEALTHY
 from collector.selfcheck import NOTIFY, PIPELINE, Readings, SelfCheckConfig, SelfState, judge, observations
-from tests.test_health_engine import sample
+from tests.support.health_frames import sample
 
 CFG = SelfCheckConfig(grace=5.0, ingest_lag=30.0, notify_backlog=100, channel_window=300.0)
 

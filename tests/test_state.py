@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from collector.state import RECENT_EVENTS, FleetState
-from tests.test_store import event, inventory, sample
+from tests.support.records import event, inventory, sample
 
 
 def test_newest_sample_wins_in_any_order() -> None:

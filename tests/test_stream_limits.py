@@ -17,8 +17,9 @@ from shared.config import NatsConfig
 from shared.frames import Frame
 from shared.natsconf import STORE_CAP_BYTES, stream_drift, stream_max_bytes, stream_settings
 from shared.subjects import STREAM, STREAM_SUBJECTS
-from tests.test_ingest import config, publish, running, until
-from tests.test_store import sample
+from tests.support.ingest import config, publish, running
+from tests.support.records import sample
+from tests.support.wait import until
 
 DAY = 86400.0
 

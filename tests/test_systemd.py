@@ -14,22 +14,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.system_tools import system_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("gpuwarden-agent.service", "gpuwarden-collector.service")
-SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-HOST_UNITS = next(
-    (p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()), None
-)
 
-pytestmark = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None or HOST_UNITS is None,
-    reason="systemd-analyze is not installed (apt install systemd)",
-)
+
+def analyze() -> str:
+    """systemd-analyze; the test fails with the install command when it is missing."""
+    return system_tool("systemd-analyze")
+
+
+def host_units() -> Path:
+    analyze()  # the unit directory comes with the same package
+    return next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
 
 
 def make_root(tmp: Path, units: dict[str, str]) -> Path:
     root = tmp / "root"
-    shutil.copytree(HOST_UNITS, root / "usr/lib/systemd/system", symlinks=True)  # type: ignore[arg-type]
+    shutil.copytree(host_units(), root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     for name, text in units.items():
         (root / "etc/systemd/system" / name).write_text(text)
@@ -42,7 +45,7 @@ def make_root(tmp: Path, units: dict[str, str]) -> Path:
 
 def verify(root: Path, *names: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [SYSTEMD_ANALYZE, "verify", f"--root={root}", *names],  # type: ignore[list-item]
+        [analyze(), "verify", f"--root={root}", *names],
         capture_output=True,
         text=True,
         check=False,
@@ -51,7 +54,7 @@ def verify(root: Path, *names: str) -> subprocess.CompletedProcess[str]:
 
 def exposure(root: Path, name: str) -> float:
     out = subprocess.run(
-        [SYSTEMD_ANALYZE, "security", "--offline=true", f"--root={root}", f"/etc/systemd/system/{name}"],  # type: ignore[list-item]
+        [analyze(), "security", "--offline=true", f"--root={root}", f"/etc/systemd/system/{name}"],
         capture_output=True,
         text=True,
         check=True,

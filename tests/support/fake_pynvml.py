@@ -112,6 +112,11 @@ class FakeNvml:
             self._events.append((index, event_type, data))
             self._cond.notify_all()
 
+    def events_pending(self) -> int:
+        """Events pushed and not yet taken by ``nvmlEventSetWait``."""
+        with self._cond:
+            return len(self._events)
+
     def lose_during_wait(self, index: int) -> None:
         """Lose GPU ``index`` and make the next ``nvmlEventSetWait`` raise ``GpuIsLost``."""
         self.lose(index)

@@ -1,4 +1,4 @@
-"""Debian tools some tests drive (Prometheus, Alertmanager, Chromium).
+"""Debian tools some tests drive (Prometheus, Alertmanager, Chromium, systemd-analyze).
 
 Tests never install anything: ``make system-deps`` (run by ``make test`` and so by ``.ci/run``)
 installs the Debian packages. A test whose tool is missing fails and says how to install it.
@@ -16,6 +16,7 @@ PACKAGES = {
     "promtool": "prometheus",
     "prometheus-alertmanager": "prometheus-alertmanager",
     "chromium": "chromium",
+    "systemd-analyze": "systemd",
 }
 
 

@@ -1,0 +1,63 @@
+"""A headless Chromium page for the dashboard tests (and the dashboard benchmark's flags)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import async_playwright
+
+from collector.state import FleetHost
+from shared.frames import EventFrame
+from tests.support.system_tools import system_tool
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def xid_event(host: FleetHost) -> EventFrame:
+    """XID 79 on GPU 2 of ``host`` (fatal: critical at once), as its agent would publish it."""
+    gpu = next(g for g in host.gpus if g.index == 2)
+    return EventFrame(
+        host=host.host,
+        provider=host.provider,
+        boot_id=host.boot_id or "b",
+        seq=10**9,
+        ts=time.time(),
+        type="xid",
+        source="kmsg",
+        gpu_index=2,
+        gpu_uuid=gpu.uuid,
+        xid=79,
+        message="GPU has fallen off the bus",
+    )
+
+
+@contextlib.asynccontextmanager
+async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
+    chromium = system_tool("chromium")
+    async with async_playwright() as p:
+        ctx = await p.chromium.launch_persistent_context(
+            str(tmp / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            page = ctx.pages[0] if ctx.pages else await ctx.new_page()
+            page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: console.append(str(e)))
+            yield page
+        finally:
+            await ctx.close()
