@@ -134,14 +134,15 @@ async def test_killing_the_stream_leader_under_load_loses_and_doubles_no_frame(
     cfg = collector_config(tmp_path, pg_dsn, urls)
     fleet = Fleet(cluster_nats(urls), hosts=200, gpus=2, interval=1.0, workers=64)
     async with collector(cfg) as svc, admin(urls) as js:
-        assert svc.nc is not None
+        nc = svc.parts.nats.nc  # the collector's connection
+        assert nc is not None
         info = await js.stream_info(STREAM)
         assert info.config.num_replicas == 3
         await fleet.start()
         run = asyncio.create_task(fleet.run())
         try:
             await until(lambda: svc.ingest.stats.frames_stored > 400, timeout=60)
-            for client in (svc.nc, fleet.publisher.nc):
+            for client in (nc, fleet.publisher.nc):
                 victim = node_of(nats_cluster, client)
                 await lead_from(js, victim)
                 before = svc.ingest.stats.frames_stored
@@ -153,7 +154,7 @@ async def test_killing_the_stream_leader_under_load_loses_and_doubles_no_frame(
                 # storing resumes through the remaining nodes, to which the client reconnected
                 await until(lambda b=before: svc.ingest.stats.frames_stored > b + 600, timeout=90)
                 assert client.stats["reconnects"] > reconnects
-                for c in (svc.nc, fleet.publisher.nc):
+                for c in (nc, fleet.publisher.nc):
                     assert c.is_connected
                     assert node_of(nats_cluster, c) != victim
                 nats_cluster.node(victim).start()  # the node comes back (same store) and catches up
