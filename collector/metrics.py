@@ -96,6 +96,7 @@ class _Families:
 CHUNK: Final = 256  # hosts per written (and, for gzip, compressed and cached) piece of a family
 GZIP_LEVEL: Final = 1  # the body is very repetitive: level 1 gets most of level 6's ratio, 3x faster
 SELECTION_TTL: Final = 600.0  # seconds a selection's compressed chunks are kept after its last scrape
+MAX_SELECTIONS: Final = 64  # selections whose chunks are kept (/metrics is open: the least recent go)
 _POLY: Final = 0xEDB88320  # CRC-32 (gzip's), reflected
 
 
@@ -518,6 +519,8 @@ class Exposition:
         cache.used = now
         for key in [k for k, s in self._selections.items() if now - s.used > SELECTION_TTL]:
             del self._selections[key]
+        while len(self._selections) > MAX_SELECTIONS:
+            del self._selections[min(self._selections, key=lambda k: self._selections[k].used)]
         stale: list[tuple[list[tuple[list[int], Deflated]], int, list[int], list[bytes]]] = []
         for k, chunks in enumerate(cache.chunks):
             del chunks[(len(hosts) + CHUNK - 1) // CHUNK :]

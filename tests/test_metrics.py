@@ -31,6 +31,7 @@ from collector.health.rollup import FleetHealth
 from collector.ingest import IngestStats
 from collector.metrics import (
     HOST_FAMILIES,
+    MAX_SELECTIONS,
     Exposition,
     FleetCollector,
     Select,
@@ -445,3 +446,34 @@ async def test_values_are_written_exactly_whatever_their_form() -> None:
         assert float(got[("gpuwarden_gpu_memory_used_bytes", labels)]) == float(g.mem_used_bytes or 0)
     line = 'gpuwarden_gpu_memory_used_bytes{provider="p\\\\%",host="h\\"%1",gpu="0",uuid="GPU-odd-0"} '
     assert f"{line}{2**64 - 1}\n" in text  # an integer is written as it is, every digit
+
+
+def test_the_kept_selections_are_bounded() -> None:
+    expo = Exposition()
+    expo.update(snapshot_of({"h-a": ("p", (gpu_sample("h-a", 0, 1),))}))
+    for n in range(1, MAX_SELECTIONS + 11):
+        expo.deflated(Select(None, 0, n), now=float(n))
+    kept = set(expo._selections)
+    assert len(kept) == MAX_SELECTIONS
+    assert Select(None, 0, MAX_SELECTIONS + 10) in kept  # the most recent stay
+    assert Select(None, 0, 1) not in kept
+
+
+async def test_concurrent_scrapes_of_shards_add_up(service: CollectorService) -> None:
+    async with serving(service) as c:
+
+        async def text(q: str) -> str:
+            r = await c.get(f"/metrics{q}", headers={"Accept-Encoding": "gzip"})  # decoded by the client
+            assert r.status == 200
+            return await r.text()
+
+        whole, *parts = await asyncio.gather(text(""), *(text(f"?shards=3&shard={i}") for i in range(3)))
+        head = await c.head("/metrics")
+        assert head.status == 200
+        assert await head.read() == b""
+    union: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for p in parts:
+        series = host_series(p)
+        assert not union.keys() & series.keys()
+        union |= series
+    assert union.keys() == host_series(whole).keys()
