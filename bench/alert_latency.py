@@ -134,9 +134,12 @@ url = "{rx.url}"
     xids = [h for h in got if h in seen and kind[h] == "xid" and h in fired]
     parts = {"judged": [fired[h] - seen[h] for h in xids], "delivered": [got[h] - fired[h] for h in xids]}
     return {
-        **figures, "lat": lat, "parts": parts, "missed": 2 * K - len(got),
+        **figures,
+        "lat": lat,
+        "parts": parts,
+        "missed": 2 * K - len(got),
         "outage": per_incident(told) if outage else None,
-    }  # fmt: skip
+    }
 
 
 def firing(rx: Receiver, kind: dict[str, str]) -> dict[str, float]:

@@ -68,13 +68,19 @@ def next_round(svc: CollectorService, r: int, rng: random.Random) -> None:
     now = time.time()
     frames = [
         SampleFrame(
-            host=f"host-{h:05d}", provider=f"provider-{h % PROVIDERS}", boot_id="b", seq=r + 1, ts=now,
-            interval_s=1.0, gpus=tuple(_gpu(rng, h, i, r, h % 50 == 0) for i in range(GPUS)),
-            system=SystemSample(cpu_pct=20.0, cpu_count=64, mem_total_bytes=1 << 40,
-                                mem_available_bytes=1 << 39),
+            host=f"host-{h:05d}",
+            provider=f"provider-{h % PROVIDERS}",
+            boot_id="b",
+            seq=r + 1,
+            ts=now,
+            interval_s=1.0,
+            gpus=tuple(_gpu(rng, h, i, r, h % 50 == 0) for i in range(GPUS)),
+            system=SystemSample(
+                cpu_pct=20.0, cpu_count=64, mem_total_bytes=1 << 40, mem_available_bytes=1 << 39
+            ),
         )
         for h in range(HOSTS)
-    ]  # fmt: skip
+    ]
     svc.state.apply(frames)
     obs: list[Observation] = []
     for f in frames:

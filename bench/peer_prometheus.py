@@ -97,8 +97,12 @@ def measure(hosts: int = HOSTS, window: float = WINDOW) -> dict[str, Any]:
         exporter = subprocess.Popen(
             [sys.executable, "-m", "bench._prom_exporter", "--hosts", str(hosts), "--gpus", str(GPUS)]
             + ["--port", str(eport)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         prom: subprocess.Popen[bytes] | None = None
         collector = fleet = None
         try:
@@ -106,10 +110,17 @@ def measure(hosts: int = HOSTS, window: float = WINDOW) -> dict[str, Any]:
             cfg = Path(tmp) / "prometheus.yml"
             cfg.write_text(prometheus_config(hosts, f"127.0.0.1:{eport}"))
             prom = subprocess.Popen(
-                [binary, f"--config.file={cfg}", f"--storage.tsdb.path={Path(tmp) / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{pport}", "--log.level=warn"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            )  # fmt: skip
+                [
+                    binary,
+                    f"--config.file={cfg}",
+                    f"--storage.tsdb.path={Path(tmp) / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{pport}",
+                    "--log.level=warn",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             _wait(f"http://127.0.0.1:{pport}/-/ready", prom)
             collector, _ = start_collector(tmp, pg.dsn(), ns.url)
             args = ["fleet", "--hosts", str(hosts), "--gpus", str(GPUS), "--providers", "4"]

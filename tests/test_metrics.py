@@ -274,8 +274,15 @@ def test_a_host_block_is_rendered_again_only_when_its_values_change() -> None:
     if shard_of("h-a", 2) != shard_of("h-b", 2):
         assert expo.rendered == rendered
     expo.pieces(Select())
-    fields = ("temp_c", "util_gpu_pct", "mem_used_bytes", "mem_total_bytes", "power_w",
-              "ecc_sbe_volatile", "ecc_dbe_volatile")  # fmt: skip
+    fields = (
+        "temp_c",
+        "util_gpu_pct",
+        "mem_used_bytes",
+        "mem_total_bytes",
+        "power_w",
+        "ecc_sbe_volatile",
+        "ecc_dbe_volatile",
+    )
     moved = [f for f in fields if [getattr(g, f) for g in a] != [getattr(g, f) for g in a2]]
     assert "mem_total_bytes" not in moved
     assert expo.rendered - rendered == len(moved)  # h-a's families whose values changed, nothing else
@@ -392,8 +399,13 @@ async def test_a_new_sample_shows_in_the_next_scrape(
         assert hs.sample is not None
         new = sample("a-0", hs.sample.seq + 1, time.time(), provider="prov-a")
         await send(module_nats.url, [new])
-        await until(lambda: (s := service.state.host("a-0")) is not None and s.sample is not None
-                    and s.sample.seq == new.seq)  # fmt: skip
+        await until(
+            lambda: (
+                (s := service.state.host("a-0")) is not None
+                and s.sample is not None
+                and s.sample.seq == new.seq
+            )
+        )
         second = host_series(await (await c.get("/metrics")).text())
     for g in new.gpus:
         labels = {"provider": "prov-a", "host": "a-0", "gpu": str(g.index), "uuid": g.uuid}
@@ -420,10 +432,17 @@ def test_the_documented_scrape_config_is_valid(tmp_path: Path) -> None:
 async def test_values_are_written_exactly_whatever_their_form() -> None:
     odd = (1e16, 1e-5, 0.1 + 0.2, 57, 65.0, 1.7976931348623157e308, -0.0, float("nan"), None)
     gpus = tuple(
-        GpuSample(index=i, uuid=f"GPU-odd-{i}", temp_c=v, util_gpu_pct=v if v is None or v == v else 50.0,
-                  power_w=v, mem_used_bytes=2**64 - 1 - i, ecc_sbe_volatile=i)
+        GpuSample(
+            index=i,
+            uuid=f"GPU-odd-{i}",
+            temp_c=v,
+            util_gpu_pct=v if v is None or v == v else 50.0,
+            power_w=v,
+            mem_used_bytes=2**64 - 1 - i,
+            ecc_sbe_volatile=i,
+        )
         for i, v in enumerate(odd)
-    )  # fmt: skip
+    )
     expo = Exposition()
     expo.update(snapshot_of({'h"%1': ("p\\%", gpus)}))  # label values that need escaping, and a %
     text = b"".join(plain_pieces(expo.pieces(Select()))).decode()

@@ -36,10 +36,14 @@ STREAM_BYTES = 256 << 20  # three nodes share this machine's disk: no automatic 
 def cluster_nats(urls: list[str], **extra: object) -> NatsConfig:
     """``[nats]`` of the agents: every node, three replicas, quick reconnects, a large buffer."""
     opts: dict[str, object] = {
-        "servers": tuple(urls), "stream_replicas": 3, "stream_max_bytes": STREAM_BYTES,
-        "reconnect_wait": 0.2, "reconnect_wait_max": 1.0, "buffer_frames": 200_000,
+        "servers": tuple(urls),
+        "stream_replicas": 3,
+        "stream_max_bytes": STREAM_BYTES,
+        "reconnect_wait": 0.2,
+        "reconnect_wait_max": 1.0,
+        "buffer_frames": 200_000,
         "publish_timeout": 2.0,
-    }  # fmt: skip
+    }
     return NatsConfig(**(opts | extra))  # type: ignore[arg-type]
 
 

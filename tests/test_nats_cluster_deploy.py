@@ -82,11 +82,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     extra.chmod(0o600)
     run = subprocess.run(
         [
-            str(BIN / "ansible-playbook"), "-i", str(out / "inventory.json"), "-e", f"@{extra}",
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(out / "inventory.json"),
+            "-e",
+            f"@{extra}",
             str(ROOT / "tests" / "deploy" / "render_nats_cluster.yml"),
         ],
-        cwd=ROOT / "ansible", env=ansible_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=ROOT / "ansible",
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     procs = []
     try:
