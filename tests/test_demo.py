@@ -14,6 +14,7 @@ import urllib.request
 import psutil
 
 from tests.support.cli import ROOT, env, gpuwarden
+from tests.support.wait import until_blocking
 
 
 def providers(url: str) -> list[str]:
@@ -53,9 +54,13 @@ def run_once() -> tuple[str, list[str]]:
         assert token is not None
         assert len(token) >= 24
         children = psutil.Process(proc.pid).children(recursive=True)
-        while time.monotonic() < deadline and len(seen) < 3:
+
+        def all_providers() -> bool:
+            nonlocal seen
             seen = providers(url)
-            time.sleep(0.5)
+            return len(seen) >= 3
+
+        until_blocking(all_providers, max(1.0, deadline - time.monotonic()), "the three providers served")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=40)
     finally:

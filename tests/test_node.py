@@ -34,6 +34,7 @@ from agent.system import SIM_IB_PORTS, SimulatedSystem, disk_usage
 from shared.config import NodeConfig
 from shared.frames import ModuleState, ServiceState
 from tests.support.sysfs_ib import h100_port, write_port, write_tree
+from tests.support.wait import until_blocking
 
 IB_DEVICES = ["mlx5_0", "mlx5_1", "mlx5_4", "mlx5_5", "mlx5_6", "mlx5_7", "mlx5_8", "mlx5_9", "mlx5_bond_0"]
 
@@ -438,12 +439,7 @@ def test_a_hung_statvfs_never_blocks_the_tick() -> None:
     assert src._stat_pending["/"] is hung_call
     release.set()
     src.statvfs = os.statvfs
-    import time
-
-    deadline = time.monotonic() + 10
-    while src._watched(["/"])[0].total_bytes == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert src._watched(["/"])[0].total_bytes > 0
+    until_blocking(lambda: src._watched(["/"])[0].total_bytes > 0, 10, "the released statvfs answered")
 
 
 def test_systemd_not_reachable_is_absent(tmp_path: Path) -> None:

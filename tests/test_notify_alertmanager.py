@@ -18,7 +18,7 @@ from gpuwarden.servers import NatsServer, free_port
 from tests.support.collector import collector, send, write_config
 from tests.support.records import event
 from tests.support.system_tools import system_tool
-from tests.support.wait import until
+from tests.support.wait import until, until_blocking
 
 BINARY = "prometheus-alertmanager"
 AM_CONFIG = """
@@ -53,17 +53,18 @@ def alertmanager(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:  # noqa: S310
                     if r.status == 200:
-                        break
+                        return True
             except OSError:
                 pass
             assert proc.poll() is None, (tmp_path / "am.log").read_text()
-            assert time.monotonic() < deadline, "alertmanager did not become ready"
-            time.sleep(0.1)
+            return False
+
+        until_blocking(ready, 30, "alertmanager ready")
         yield url
     finally:
         proc.terminate()

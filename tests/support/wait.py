@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 
 POLL_S = 0.02  # how often the condition is asked again
@@ -30,3 +31,12 @@ async def until(pred: Condition, timeout: float = 30.0, what: str = "condition")
     """Wait until ``pred`` (plain or async) is true; fail the test after ``timeout`` seconds."""
     if not await reached(pred, timeout):
         raise AssertionError(f"{what} not reached in {timeout:g} s")
+
+
+def until_blocking(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """:func:`until` for code without an event loop (fixtures around subprocesses, threads)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout:g} s")
+        time.sleep(POLL_S)
