@@ -4,7 +4,7 @@ The fleet's state is built in memory as in ``bench/api_latency.py`` (no NATS, no
 the API runs on a local port and an aiohttp client in the same process scrapes it, reading
 the body in chunks and dropping them (so the client never holds the whole body either):
 the time is from the request to the last byte, server and loopback together. Scrapes are
-sequential, of four kinds, ``SCRAPES`` each:
+sequential, ``SCRAPES`` of each kind:
 
 - *unchanged*: no host sent anything since the last scrape (every block is reused);
 - *all changed*: every host sent a new sample (new temperature, utilisation, memory used and
@@ -13,7 +13,11 @@ sequential, of four kinds, ``SCRAPES`` each:
   longer scrapes;
 - each of the above plain and with ``Accept-Encoding: gzip``;
 - one shard of four (``?shards=4&shard=1``, gzip, all changed), as the documented
-  scrape configuration does.
+  scrape configuration does;
+- *rendered ahead* (gzip): every host sent a new sample, the API rendered the selection ahead
+  of the scrape as it does for a steadily scraped one, then AHEAD_SHARE of the hosts sent
+  another sample before the scrape (5 s samples, rendered 1 s ahead). Rendering ahead is
+  turned off for the other kinds.
 
 Extra memory per scrape: how far the process's resident memory rose during one scrape above
 where it was before (the peak, ``VmHWM``, reset just before; Linux), the client's reading
@@ -41,12 +45,13 @@ from bench.api_latency import GPUS, PROVIDERS, build
 from bench.engine import _gpu
 from collector.api import make_app
 from collector.health.model import Observation
-from collector.metrics import FleetCollector
+from collector.metrics import FleetCollector, Select
 from collector.service import CollectorService, tune_gc
 from shared.frames import SampleFrame, SystemSample
 
 HOSTS = int(os.environ.get("BENCH_METRICS_HOSTS", "10000"))
 SCRAPES = 5
+AHEAD_SHARE = 0.2  # hosts that send a sample between the rendering ahead and the scrape
 GOAL_S = 0.25
 GOAL_MIB = 20.0
 # This benchmark run on the code before the per-host blocks (commit d342b56: every scrape
@@ -59,11 +64,13 @@ BEFORE: Final = {
     "all changed, plain": "CPU 1.20 s, 68.9 MiB, +272 MiB",
     "all changed, gzip": "CPU 0.83 s, 68.9 MiB (no gzip), +270 MiB",
     "all changed, gzip, 1 shard of 4": "CPU 0.87 s, 68.9 MiB (no shards), +272 MiB",
+    "all changed, gzip, rendered ahead": "CPU 0.83 s (as all changed: nothing was rendered ahead)",
 }
 
 
-def next_round(svc: CollectorService, r: int, rng: random.Random) -> None:
-    """Every host sends a new sample (round ``r``), judged and marked as the collector's hooks do."""
+def next_round(svc: CollectorService, r: int, rng: random.Random, share: float = 1.0) -> None:
+    """Every host (``share`` of them) sends a new sample (round ``r``), judged and marked as the
+    collector's hooks do."""
     al = svc.alerting
     now = time.time()
     frames = [
@@ -80,6 +87,7 @@ def next_round(svc: CollectorService, r: int, rng: random.Random) -> None:
             ),
         )
         for h in range(HOSTS)
+        if share >= 1.0 or rng.random() < share
     ]
     svc.state.apply(frames)
     obs: list[Observation] = []
@@ -148,6 +156,8 @@ async def measure(
             ("all changed, gzip", "/metrics", True, True),
             ("all changed, gzip, 1 shard of 4", "/metrics?shards=4&shard=1", True, True),
         ]
+        fc = svc.parts.api_deps.metrics
+        fc.ahead = False  # rendered ahead only in the last kind, below, where it is measured on purpose
         for name, path, gz, change in kinds:
             url = str(server.make_url(path))
             await scrape(http, url, gz)  # warm-up (fills the blocks of this kind), not timed
@@ -164,6 +174,23 @@ async def measure(
                 await live.refresh()
             mib = await peak_mib(lambda: scrape(http, url, gz))  # noqa: B023 (awaited here)
             out[name] = (times, cpus, size, mib)
+        # Rendered ahead (what the API does for a steadily scraped selection, AHEAD_LEAD before
+        # its next scrape): every host sent a new sample, the API rendered them ahead, then
+        # AHEAD_SHARE of the hosts sent another before the scrape (5 s samples, 1 s ahead).
+        name, url = "all changed, gzip, rendered ahead", str(server.make_url("/metrics"))
+        times, cpus = [], []
+        for i in range(SCRAPES + 1):
+            next_round(svc, next(rounds), rng)
+            await live.refresh()
+            await asyncio.to_thread(fc.render_ahead, fc.snapshot(), Select(), True)
+            next_round(svc, next(rounds), rng, AHEAD_SHARE)
+            await live.refresh()
+            if i < SCRAPES:
+                dt, cpu, size = await scrape(http, url, True)
+                times.append(dt)
+                cpus.append(cpu)
+        mib = await peak_mib(lambda: scrape(http, url, True))
+        out[name] = (times, cpus, size, mib)
         held = cache_mib(svc.parts.api_deps.metrics)
     return out, held
 

@@ -96,6 +96,8 @@ class _Families:
 CHUNK: Final = 256  # hosts per written (and, for gzip, compressed and cached) piece of a family
 GZIP_LEVEL: Final = 1  # the body is very repetitive: level 1 gets most of level 6's ratio, 3x faster
 SELECTION_TTL: Final = 600.0  # seconds a selection's compressed chunks are kept after its last scrape
+AHEAD_LEAD: Final = 1.0  # seconds before a selection's expected scrape its changed hosts are rendered
+AHEAD_MIN_INTERVAL: Final = 2.0  # scraped more often than this: not rendered ahead (the scrape does it)
 MAX_SELECTIONS: Final = 64  # selections whose chunks are kept (/metrics is open: the least recent go)
 _POLY: Final = 0xEDB88320  # CRC-32 (gzip's), reflected
 
@@ -289,6 +291,16 @@ class _Selection:
 
     chunks: list[list[tuple[list[int], Deflated]]]  # per host family, per chunk: (versions, data)
     used: float = 0.0
+
+
+@dataclass(slots=True)
+class _Cadence:
+    """How one selection is scraped (for rendering it ahead of its next scrape)."""
+
+    last: float  # when its last scrape started (monotonic)
+    interval: float = 0.0  # between its last two scrapes
+    cost: float = 0.0  # what its last scrape took to render
+    ahead: bool = False  # rendered ahead since its last scrape
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,6 +584,8 @@ class FleetCollector(Collector):
         self.fleet, self.live, self.health, self.ingest, self.stats = fleet, live, health, ingest, stats
         self._primed: Snapshot | None = None
         self.exposition = Exposition()
+        self._cadence: dict[tuple[Select, bool], _Cadence] = {}
+        self.ahead = True  # render ahead of expected scrapes (bench/metrics_scrape.py turns it off)
 
     def snapshot(self) -> Snapshot:
         state = self.fleet
@@ -676,6 +690,42 @@ class FleetCollector(Collector):
             if gzip:
                 return [*self.exposition.deflated(sel, time.monotonic()), Deflated.of(tail)]
             return [*self.exposition.pieces(sel), tail]
+
+    def scraped(self, sel: Select, gzip: bool, started: float, cost: float) -> None:
+        """A scrape of ``sel`` started at ``started`` (monotonic) and took ``cost`` seconds to
+        render: its cadence, for :meth:`due`."""
+        c = self._cadence.get((sel, gzip))
+        if c is None:
+            while len(self._cadence) >= MAX_SELECTIONS:
+                del self._cadence[min(self._cadence, key=lambda k: self._cadence[k].last)]
+            self._cadence[(sel, gzip)] = _Cadence(started, cost=cost)
+        else:
+            c.interval, c.last, c.cost, c.ahead = started - c.last, started, cost, False
+
+    def due(self, now: float) -> list[tuple[Select, bool]]:
+        """The selections whose next scrape is expected within AHEAD_LEAD (plus twice what the
+        last one took to render) and that were not rendered ahead since their last scrape;
+        marked as rendered ahead. Scrapers scrape at a steady interval: the hosts that change
+        after this is rendered are the only ones the scrape itself renders."""
+        out: list[tuple[Select, bool]] = []
+        if not self.ahead:
+            return out
+        for key, c in self._cadence.items():
+            if c.ahead or not AHEAD_MIN_INTERVAL <= c.interval <= SELECTION_TTL:
+                continue
+            if now >= c.last + c.interval - AHEAD_LEAD - 2 * c.cost:
+                c.ahead = True
+                out.append(key)
+        return out
+
+    def render_ahead(self, snap: Snapshot, sel: Select, gzip: bool) -> None:
+        """Render (and for gzip compress) the changed hosts of ``sel`` before its next scrape."""
+        with self.exposition.lock:
+            self.exposition.update(snap)
+            if gzip:
+                self.exposition.deflated(sel, time.monotonic())
+            else:
+                self.exposition.select(sel)
 
     def render(self, sel: Select = Select()) -> bytes:
         """The exposition text of :meth:`collect` in one piece (``/metrics`` streams it instead);

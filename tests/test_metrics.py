@@ -496,3 +496,26 @@ async def test_concurrent_scrapes_of_shards_add_up(service: CollectorService) ->
         assert not union.keys() & series.keys()
         union |= series
     assert union.keys() == host_series(whole).keys()
+
+
+def test_a_steadily_scraped_selection_is_rendered_ahead_of_its_next_scrape(service: CollectorService) -> None:
+    fc = fresh_collector(service)
+    sel = Select(None, 1, 2)
+    fc.scraped(sel, True, 100.0, 0.2)
+    assert fc.due(114.0) == []  # one scrape: no cadence yet
+    fc.scraped(sel, True, 115.0, 0.2)  # every 15 s: the next at 130
+    assert fc.due(128.5) == []
+    assert fc.due(128.7) == [(sel, True)]  # from 130 - AHEAD_LEAD - 2 x 0.2
+    assert fc.due(129.0) == []  # once per scrape
+    fc.scraped(sel, True, 130.0, 0.2)
+    assert fc.due(143.7) == [(sel, True)]
+    fc.scraped(Select(), False, 1.0, 0.0)
+    fc.scraped(Select(), False, 1.5, 0.0)  # too often: the scrape renders for itself
+    assert fc.due(1.9) == []
+    assert fc.due(2.5) == []
+    # rendered ahead, the scrape has nothing left to render
+    fc.render_ahead(fc.snapshot(), sel, True)
+    rendered = fc.exposition.rendered
+    pieces = fc.scrape(fc.snapshot(), sel, True)
+    assert fc.exposition.rendered == rendered
+    assert gzip.decompress(b"".join(gzip_pieces(pieces)))  # type: ignore[arg-type]

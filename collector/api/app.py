@@ -60,6 +60,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[API_REGISTRY] = CollectorRegistry()
     app[API_REGISTRY].register(reads.ReadPoolCollector(app))
     app.cleanup_ctx.append(run_refresher)
+    app.cleanup_ctx.append(run_metrics_ahead)
     app.cleanup_ctx.append(reads.lifetime)
     r = app.router
     r.add_get("/healthz", healthz)
@@ -102,6 +103,24 @@ async def run_refresher(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(1.0)
 
     task = asyncio.create_task(loop(), name="api-rollup")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def run_metrics_ahead(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: render each regularly scraped selection of ``/metrics`` shortly before its
+    next scrape (``FleetCollector.due``), so the scrape renders only what changed since."""
+    fc = app[DEPS].metrics
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            for sel, gzip in fc.due(time.monotonic()):
+                await asyncio.to_thread(fc.render_ahead, fc.snapshot(), sel, gzip)
+
+    task = asyncio.create_task(loop(), name="api-metrics-ahead")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -165,9 +184,11 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     shard = query_int(q, "shard", 0, 0, shards - 1) or 0
     sel = Select(query_str(q, "provider"), shard, shards)
     gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    started = time.monotonic()
     snap = fc.snapshot()  # the state is read here, on the event loop; rendered in a thread
     extra = generate_latest(request.app[API_REGISTRY]) if sel.with_collector else b""
     pieces = await asyncio.to_thread(fc.scrape, snap, sel, gzip, extra)
+    fc.scraped(sel, gzip, started, time.monotonic() - started)
     resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"})
     if gzip:
         resp.headers["Content-Encoding"] = "gzip"
