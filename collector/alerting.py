@@ -85,6 +85,7 @@ from shared.frames import Frame
 from shared.subjects import sanitize_token
 
 log = logging.getLogger(__name__)
+JUDGE_CHUNK = 256  # frames of an ingest batch judged per step (~2,000 GPU samples, a few ms)
 
 
 class AlertStore(Protocol):
@@ -348,20 +349,27 @@ class Alerting:
         }
 
     async def on_frames(self, frames: Sequence[Frame]) -> None:
-        """Ingest hook: judge a committed batch now, persist, notify."""
-        now = self.clock()
+        """Ingest hook: judge a committed batch now, persist, notify. A large batch is judged
+        ``JUDGE_CHUNK`` frames per step, so an event on the fast path is judged in between
+        rather than after the whole batch (each step's observations are evaluated before
+        the next frames are observed: the order of judging is the order of observing)."""
         if self.forgotten:
             await self._unforget(frames)
-        t = time.perf_counter()
         observe, h = self.health_engine.observe, self.health
-        obs: list[Observation] = []
-        for f in frames:
-            _, o = observe(h, f, now)
-            if o:
-                obs += o
-        self.seconds["health"] += time.perf_counter() - t
-        self.on_judged(frames)
-        await self._step(obs, now)
+        for i in range(0, len(frames), JUDGE_CHUNK):
+            part = frames[i : i + JUDGE_CHUNK] if len(frames) > JUDGE_CHUNK else frames
+            if i:
+                await asyncio.sleep(0)  # the loop's turn (the fast event path, the API)
+            now = self.clock()
+            t = time.perf_counter()
+            obs: list[Observation] = []
+            for f in part:
+                _, o = observe(h, f, now)
+                if o:
+                    obs += o
+            self.seconds["health"] += time.perf_counter() - t
+            self.on_judged(part)
+            await self._step(obs, now)
 
     async def judge_early(self, frame: Frame) -> None:
         """The fast event path's input (:mod:`collector.fastpath`): an event frame of this

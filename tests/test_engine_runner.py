@@ -270,6 +270,41 @@ async def test_event_class_criticals_are_paged_before_their_step_is_written(tmp_
         await al.stop()
 
 
+async def test_an_event_is_judged_between_the_chunks_of_a_large_ingest_batch(tmp_path: Any) -> None:
+    """An event on the fast path that arrives while a batch of 3 chunks' worth of samples is
+    being judged is judged (and paged) after the chunk in progress, not after the batch."""
+    from collector.alerting import JUDGE_CHUNK
+    from tests.test_store import sample
+
+    store, clock = MemoryStore(), Clock(T0)
+    al, channel, _ = runner(tmp_path, store, clock)
+    begun = asyncio.Event()
+    al.on_judged = lambda frames: begun.set()  # (told after each chunk judged)
+    hosts_at_page: list[int] = []  # hosts judged when the XID's page was handed over
+    submit = al.deliverer.submit
+
+    def noting(rows: Sequence[OutboxRow]) -> None:
+        if any(r.payload.get("rule") == "gpu.xid" for r in rows):
+            hosts_at_page.append(len(al.health.hosts))
+        submit(rows)
+
+    al.deliverer.submit = noting  # type: ignore[method-assign]
+    await al.start()
+    try:
+        n = 3 * JUDGE_CHUNK
+        batch = [sample(f"b-{i:04d}", 1, T0 - 1, gpus=1) for i in range(n)]
+        judged = asyncio.create_task(al.on_frames(batch))
+        await begun.wait()  # the batch is being judged
+        await al.judge_early(event("x-01", 1, T0 - 1))
+        await judged
+        await asyncio.wait_for(al.deliverer.idle(), 10)
+    finally:
+        await al.stop()
+    assert [p["rule"] for p in channel.payloads] == ["gpu.xid"]
+    assert len(al.health.hosts) == n + 1
+    assert hosts_at_page == [JUDGE_CHUNK + 1]  # the first chunk's hosts and its own
+
+
 async def test_while_the_store_is_down_pages_go_out_from_memory_and_land_later(tmp_path: Any) -> None:
     store, clock = MemoryStore(), Clock(T0)
     al, channel, _ = runner(tmp_path, store, clock)
