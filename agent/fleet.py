@@ -26,11 +26,11 @@ from agent.faults import FaultSchedule
 from agent.gpu.base import Inventory
 from agent.gpu.simulated import SimulatedBackend
 from agent.publisher import Publisher
-from agent.sampler import Sequencer, build_event, build_inventory, build_sample
+from agent.sampler import InventorySchedule, Sequencer, build_event, build_inventory, build_sample
 from agent.system import SimulatedSystem
 from shared.config import NatsConfig
 from shared.errors import NvmlUnavailableError
-from shared.frames import encode
+from shared.frames import GpuSample, encode
 from shared.tasks import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class SimHost:
     faults: FaultSchedule
     tracker: EventTracker | None = None
     inventory_sent: bool = False
+    inventory: InventorySchedule = field(default_factory=InventorySchedule)  # on change, every 5 min
     nvml_error: str | None = None  # an nvml_init_fail fault: NVML could not initialise, no GPUs
     outages_told: int = 0  # publisher outage reports already attached to a sample of this host
 
@@ -136,12 +137,17 @@ class Fleet:
             h.tracker.set_inventory(h.backend.inventory().gpus)
         return True
 
-    def send_inventory(self, h: SimHost) -> None:
+    def send_inventory(self, h: SimHost, gpus: Sequence[GpuSample] = ()) -> None:
         inv = (
             h.backend.inventory()
             if h.nvml_error is None
             else Inventory(h.backend.name, None, None, None, (), nvml_error=h.nvml_error)
         )
+        full = h.inventory.due(inv, gpus, force=True)
+        assert full is not None
+        self._publish_inventory(h, full)
+
+    def _publish_inventory(self, h: SimHost, inv: Inventory) -> None:
         frame = build_inventory(h.seqr, inv, h.system.host_facts())
         self.publisher.publish(h.seqr.subjects[2], encode(frame))
         self.stats.inventories += 1
@@ -153,9 +159,11 @@ class Fleet:
             return
         if h.nvml_error is not None and self.open_backend(h):
             h.inventory_sent = False  # NVML works again: the GPUs are the new inventory
-        if not h.inventory_sent:
-            self.send_inventory(h)
         gpus = h.backend.sample() if h.nvml_error is None else []
+        if not h.inventory_sent:
+            self.send_inventory(h, gpus)
+        elif h.nvml_error is None and (full := h.inventory.due(h.backend.inventory(), gpus)) is not None:
+            self._publish_inventory(h, full)  # static GPU facts changed, or 5 minutes passed
         outage = None
         if h.outages_told != self.publisher.outages:  # the first sample after NATS came back
             h.outages_told = self.publisher.outages
@@ -163,7 +171,7 @@ class Fleet:
         frame = build_sample(
             h.seqr, interval_s=self.interval, gpus=gpus, system=h.system.sample(), outage=outage
         )
-        self.publisher.publish(h.seqr.subjects[0], encode(frame))
+        self.publisher.publish(h.seqr.subjects[0], encode(frame, static=False))  # static: in the inventory
         self.stats.samples += 1
 
     def poll_events(self) -> None:

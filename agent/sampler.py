@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.gpu.base import GpuEvent, Inventory
 from shared import subjects
@@ -27,7 +28,14 @@ from shared.frames import (
     PublishOutage,
     SampleFrame,
     SystemSample,
+    replace,
+    static_facts,
+    with_static,
 )
+
+INVENTORY_EVERY_S = 300.0
+"""The inventory is sent again at least this often, even unchanged: a collector that restarted
+(or a tap that just subscribed) has every host's static GPU facts within this time."""
 
 
 def new_boot_id() -> str:
@@ -126,6 +134,42 @@ def build_event(seqr: Sequencer, ev: GpuEvent, count: int | None) -> EventFrame:
         value=ev.value,
         message=ev.message,
     )
+
+
+class InventorySchedule:
+    """When the agent sends its inventory: at start, whenever it changes (the GPUs' static facts,
+    which samples of schema v2 leave out, included) and every ``every`` seconds.
+
+    :meth:`due` is called before each sample with the backend's inventory and the GPUs just read;
+    it returns the inventory to send (its GPUs carrying their static facts) or ``None``."""
+
+    def __init__(self, every: float = INVENTORY_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self._clock = clock
+        self._static: dict[int, GpuSample] = {}  # the last reading of each GPU that was not lost
+        self._key: tuple[Any, ...] | None = None  # what the last inventory sent was made of
+        self._full: Inventory | None = None
+        self._sent_at = -math.inf
+
+    def due(
+        self, inventory: Inventory, gpus: Sequence[GpuSample], *, force: bool = False
+    ) -> Inventory | None:
+        for g in gpus:
+            if not g.lost:
+                self._static[g.index] = g
+        key = (inventory, tuple(static_facts(g) for g in self._static.values()))
+        now = self._clock()
+        if not force and key == self._key and now - self._sent_at < self.every:
+            return None
+        if key != self._key or self._full is None:
+            infos = tuple(
+                with_static(info, self._static[info.index]) if info.index in self._static else info
+                for info in inventory.gpus
+            )
+            self._full = replace(inventory, gpus=infos)
+            self._key = key
+        self._sent_at = now
+        return self._full
 
 
 class Deadlines:

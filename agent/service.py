@@ -33,7 +33,7 @@ from agent.kmsg import KmsgReader
 from agent.network import nats_rtt_result, run_checks
 from agent.node import NodeSource
 from agent.publisher import Publisher
-from agent.sampler import Deadlines, Sequencer, build_event, build_inventory, build_sample
+from agent.sampler import Deadlines, InventorySchedule, Sequencer, build_event, build_inventory, build_sample
 from agent.sdnotify import SdNotifier
 from agent.system import SystemSource
 from shared.config import AgentConfig
@@ -121,6 +121,7 @@ class AgentService:
         self._last_tick_s = 0.0
         self._read_lock = asyncio.Lock()
         self._inventory_sent = False
+        self.inventory_schedule = InventorySchedule()  # on change (static GPU facts too), and every 5 min
         self.nvml_error: str | None = None  # NVML cannot initialise: the agent runs without GPUs
         self.nvml_retries = 0
         self.nvml_retry = (NVML_RETRY_FIRST_S, NVML_RETRY_MAX_S)  # first and longest retry delay
@@ -152,7 +153,9 @@ class AgentService:
         if self.config.agent.poll:
             self._tasks.append(asyncio.create_task(self._serve_polls(), name="agent-poll"))
         if not self.host_down():
-            self._publish_inventory(inv)
+            # with the GPUs' static facts (thresholds, limits), read from one sample
+            gpus = await asyncio.to_thread(self.backend.sample) if self.nvml_error is None else []
+            self._publish_inventory(self.inventory_schedule.due(inv, gpus, force=True) or inv)
         if opened:
             self._start_thread("agent-gpu-events", self.backend.wait_events, loop)
         if self.config.agent.kmsg and self.backend.kernel_log:
@@ -291,10 +294,13 @@ class AgentService:
             gpus, system, inv = await asyncio.to_thread(self._read)
         if self.host_down():
             return None
-        if inv != self._inventory or not self._inventory_sent:
+        changed = inv != self._inventory or not self._inventory_sent
+        full = self.inventory_schedule.due(inv, gpus, force=changed)
+        if changed:
             self._inventory = inv
             self.tracker.set_inventory(inv.gpus)
-            self._publish_inventory(inv)
+        if full is not None:
+            self._publish_inventory(full)
         frame = build_sample(
             self.seqr,
             interval_s=self.interval,
@@ -304,7 +310,7 @@ class AgentService:
             agent=self.stats(),
             outage=self._outage(),
         )
-        self.publisher.publish(self.seqr.subjects[0], encode(frame))
+        self.publisher.publish(self.seqr.subjects[0], encode(frame, static=False))  # static: in the inventory
         return frame
 
     def _outage(self) -> PublishOutage | None:

@@ -14,7 +14,6 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
@@ -33,6 +32,7 @@ from shared.frames import (
     NicCounters,
     ServiceState,
     SystemSample,
+    replace,
 )
 from shared.sxid import lookup as sxid_lookup
 

@@ -37,11 +37,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 from collector import stream
 from collector.config import CollectorConfig
 from collector.ratelimit import RATE_LIMITED, HostRateLimit
+from collector.static import StaticFacts
 from collector.store import db
 from collector.store.rows import I64_MAX
 from collector.store.writer import Accepted, Rejection, Writer, WriteResult
 from shared.errors import FrameDecodeError, SubjectError
-from shared.frames import Frame, decode_partial
+from shared.frames import Frame, decode_partial, replace
 from shared.ratelog import RateLimitedLog
 from shared.subjects import STREAM, parse_subject, sanitize_token
 
@@ -203,6 +204,7 @@ class Ingest:
         self._stop_at = 0.0
         self.gaps = stream.StreamGaps()
         self._rollups_retry_at = 0.0  # after a failed rollup write, the next try waits (PostgreSQL down)
+        self.static = StaticFacts()  # GPUs' static facts from inventories, joined into v2 samples
 
     async def setup(self, nc: NatsClient) -> None:
         """Create or reconcile the stream (:func:`collector.stream.reconcile`), create/bind the
@@ -367,6 +369,8 @@ class Ingest:
                 continue
             item = check(m.subject, m.data, limits, seq)
             if type(item) is Accepted:
+                if (joined := self.static.join(item.frame)) is not item.frame:
+                    item = replace(item, frame=joined)
                 if self.rate_limit.allow(item.frame.host, _stream_time(m, now)):
                     batch.accepted.append(item)
                     if item.dropped_gpus:

@@ -215,7 +215,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         postgres,  # pool, migrations, partitions; the fleet state rebuilt
         Step("writer", on_stop=writer.close),
         nats,
-        Step("ingest", on_start=lambda: ingest.setup(_required(nats)), on_stop=ingest.close),
+        Step("ingest", on_start=lambda: _start_ingest(ingest, state, nats), on_stop=ingest.close),
         InventoryRefresh(expected),
         runner,  # restores the alert and health state, starts delivering and its timer
         repush,  # stops before the runner closes the channels
@@ -225,6 +225,12 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     if server is not None:
         parts.lifecycle.append(server)  # last: requests see a started collector
     return parts
+
+
+async def _start_ingest(ingest: Ingest, state: FleetState, nats: Nats) -> None:
+    # the GPUs' static facts that v2 samples leave out, from each host's newest stored inventory
+    ingest.static.seed(h.inventory for h in state if h.inventory is not None)
+    await ingest.setup(_required(nats))
 
 
 def _required(nats: Nats) -> NatsClient:

@@ -4,4 +4,4 @@ Pure: no I/O beyond reading a config file or the packaged XID table when asked t
 Imports neither ``agent`` nor ``collector``.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2

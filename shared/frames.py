@@ -1,37 +1,49 @@
-"""Typed wire frames (schema version 1) and their MessagePack encoding.
+"""Typed wire frames (schema v2, reads v1) and their MessagePack encoding.
 
-A frame is a MessagePack map with string keys. Every frame carries ``v`` (the schema's
-major version, 1), ``kind`` (``sample``, ``event`` or ``inventory``), ``host``, ``provider``,
-``boot_id`` (one run of the agent), ``seq`` (per ``boot_id``, strictly increasing across all
-kinds) and ``ts`` (Unix time in seconds, UTC, float). Units live in field names; a value the
-GPU or driver cannot provide is ``None`` (MessagePack ``nil``), never a sentinel number.
+The schema is the msgspec :class:`~msgspec.Struct` types below: their fields, their types and
+the ``Meta`` constraints on them (ranges, string and array lengths) are the whole of the
+validation, and one msgspec decoder per schema version reads MessagePack straight into them.
+``docs/protocol.md`` documents every field (``tests/test_protocol_doc.py`` checks the two agree).
 
-:func:`encode` and :func:`decode` are pure. :func:`decode` validates types and ranges and
-raises :class:`~shared.errors.FrameDecodeError` naming the field; fields it does not know
-are ignored (a newer minor revision may add some); another major ``v`` is rejected.
-``docs/protocol.md`` documents every field.
+Every frame carries ``v`` (the schema's major version), ``kind`` (``sample``, ``event`` or
+``inventory``), ``host``, ``provider``, ``boot_id`` (one run of the agent), ``seq`` (per
+``boot_id``, strictly increasing across all kinds) and ``ts`` (Unix time in seconds, UTC).
+Units live in field names; a value the GPU or driver cannot provide is ``None`` (MessagePack
+``nil``), never a sentinel number.
+
+Version 2 sends a sample's arrays of records as **tables** (field names once per frame, one
+array of values per field) and leaves the static facts of each GPU (:data:`STATIC_GPU_FIELDS`)
+to the inventory frame; event and inventory frames are maps as in version 1. :func:`decode`
+reads both versions into the same types; :func:`encode` writes version 2.
+
+:func:`encode` and :func:`decode` are pure. :func:`decode` raises
+:class:`~shared.errors.FrameDecodeError` naming the reason and the field; fields it does not
+know are ignored (a newer minor revision may add some); another major ``v`` is rejected.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import Any, ClassVar, Final, Literal, TypeVar, Union, get_args, get_origin
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import MISSING, dataclass
+from itertools import repeat
+from typing import Annotated, Any, ClassVar, Final, TypeVar
 
 import msgpack
+import msgspec
+from msgspec import Meta, Struct
 
 from shared import SCHEMA_VERSION
 from shared.errors import FrameDecodeError, FrameEncodeError
 from shared.subjects import MAX_TOKEN
 
+SUPPORTED_VERSIONS: Final = (1, SCHEMA_VERSION)  # v1 is read for one release (agents not yet upgraded)
+
 MAX_FRAME_BYTES: Final = 1 << 20  # a frame larger than 1 MiB is rejected as oversized
 MAX_STR: Final = 4096  # the longest string of any field (each field has its own limit, below)
 MAX_LIST: Final = 4096
-MAX_DEPTH: Final = 16  # nesting of maps and arrays, checked before decoding (the schema needs 5)
+MAX_DEPTH: Final = 16  # nesting of maps and arrays (the schema needs 5)
 # String length limits (characters), per field: identities are short (they key indexes and
 # alert fingerprints), free text longer. docs/protocol.md lists each field's limit.
 LEN_TOKEN: Final = MAX_TOKEN  # host, provider: one subject token
@@ -61,774 +73,763 @@ EVENT_TYPES: Final = frozenset(
 EVENT_SOURCES: Final = frozenset({"nvml", "kmsg", "simulated", "agent"})
 
 
-def _r(lo: float, hi: float, default: Any = None) -> Any:
-    """A dataclass field with an inclusive numeric range checked by :func:`decode`."""
-    return field(default=default, metadata={"range": (lo, hi)})
+# ----------------------------------------------------------------------------- constrained types
+# The ranges are inclusive; NaN and infinities are outside every range.
 
-
-def _s(max_len: int, default: Any = None) -> Any:
-    """A string field (or array of strings) whose strings are at most ``max_len`` characters."""
-    if default is MISSING:
-        return field(metadata={"max_len": max_len})
-    return field(default=default, metadata={"max_len": max_len})
-
+_LIST: Final = Meta(max_length=MAX_LIST)
+Token = Annotated[str, Meta(max_length=LEN_TOKEN)]
+BootId = Annotated[str, Meta(max_length=LEN_BOOT_ID)]
+Uuid = Annotated[str, Meta(max_length=LEN_UUID)]
+Word = Annotated[str, Meta(max_length=LEN_WORD)]
+Version = Annotated[str, Meta(max_length=LEN_VERSION)]
+Name = Annotated[str, Meta(max_length=LEN_NAME)]
+Long = Annotated[str, Meta(max_length=LEN_LONG)]
+Path = Annotated[str, Meta(max_length=LEN_PATH)]
+Text = Annotated[str, Meta(max_length=MAX_STR)]
+Count = Annotated[int, Meta(ge=0)]  # at most U64: MessagePack has no larger integer
+U32 = Annotated[int, Meta(ge=0, le=1 << 32)]
+U20 = Annotated[int, Meta(ge=0, le=1 << 20)]
+U8 = Annotated[int, Meta(ge=0, le=255)]
+Bytes = Annotated[int, Meta(ge=0, le=I53)]
+Index = Annotated[int, Meta(ge=0, le=1023)]
+PState = Annotated[int, Meta(ge=0, le=32)]
+MHz = Annotated[int, Meta(ge=0, le=100_000)]
+PcieGen = Annotated[int, Meta(ge=0, le=16)]
+Lanes = Annotated[int, Meta(ge=0, le=64)]
+Link = Annotated[int, Meta(ge=0, le=63)]
+Mbps = Annotated[int, Meta(ge=0, le=10_000_000)]
+Pct = Annotated[float, Meta(ge=0, le=100)]
+Celsius = Annotated[float, Meta(ge=-100, le=300)]
+Watts = Annotated[float, Meta(ge=0, le=100_000)]
+Joules = Annotated[float, Meta(ge=0, le=1e18)]
+Float1e6 = Annotated[float, Meta(ge=0, le=1e6)]
+Float1e9 = Annotated[float, Meta(ge=0, le=1e9)]
+Offset = Annotated[float, Meta(ge=-1e9, le=1e9)]
+Seconds = Annotated[float, Meta(ge=0, le=1e12)]
+Millis = Annotated[float, Meta(ge=0, le=1e7)]
+UnixTime = Annotated[float, Meta(ge=0, le=1e11)]
+Interval = Annotated[float, Meta(ge=0, le=86_400)]
 
 # ----------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True, slots=True)
-class GpuProcess:
+class GpuProcess(Struct, frozen=True):
     """A process using a GPU."""
 
-    pid: int = _r(0, 1 << 32, 0)
-    name: str | None = _s(LEN_NAME)
-    used_mem_bytes: int | None = _r(0, I53)
-    container: str | None = _s(LEN_LONG)  # container or job id from /proc/<pid>/cgroup, when found
-    gpu_instance_id: int | None = _r(0, 1 << 32)  # MIG: the GPU instance it runs in
-    compute_instance_id: int | None = _r(0, 1 << 32)  # MIG: the compute instance it runs in
+    pid: U32 = 0
+    name: Name | None = None
+    used_mem_bytes: Bytes | None = None
+    container: Long | None = None  # container or job id from /proc/<pid>/cgroup, when found
+    gpu_instance_id: U32 | None = None  # MIG: the GPU instance it runs in
+    compute_instance_id: U32 | None = None  # MIG: the compute instance it runs in
 
 
-@dataclass(frozen=True, slots=True)
-class MigSample:
+class MigSample(Struct, frozen=True):
     """One MIG device (a compute instance of a GPU instance) at one instant."""
 
-    gpu_instance_id: int = _r(0, 1 << 32, 0)
-    compute_instance_id: int = _r(0, 1 << 32, 0)
-    mem_total_bytes: int | None = _r(0, I53)
-    mem_used_bytes: int | None = _r(0, I53)
-    util_gpu_pct: float | None = _r(0, 100)  # NVML gives none for MIG devices today: None
+    gpu_instance_id: U32 = 0
+    compute_instance_id: U32 = 0
+    mem_total_bytes: Bytes | None = None
+    mem_used_bytes: Bytes | None = None
+    util_gpu_pct: Pct | None = None  # NVML gives none for MIG devices today: None
 
 
-@dataclass(frozen=True, slots=True)
-class GpuSample:
+class GpuSample(Struct, frozen=True):
     """One GPU at one instant. Counters are cumulative as NVML reports them."""
 
-    index: int = _r(0, 1023, 0)
-    uuid: str = _s(LEN_UUID, "")
+    index: Index = 0
+    uuid: Uuid = ""
     lost: bool = False  # fell off the bus: every reading below is None
-    util_gpu_pct: float | None = _r(0, 100)
-    util_mem_pct: float | None = _r(0, 100)
-    mem_total_bytes: int | None = _r(0, I53)
-    mem_used_bytes: int | None = _r(0, I53)
-    mem_reserved_bytes: int | None = _r(0, I53)
-    temp_c: float | None = _r(-100, 300)
-    mem_temp_c: float | None = _r(-100, 300)
-    temp_slowdown_c: float | None = _r(-100, 300)
-    temp_shutdown_c: float | None = _r(-100, 300)
-    temp_max_operating_c: float | None = _r(-100, 300)
-    fan_pct: float | None = _r(0, 100)
-    power_w: float | None = _r(0, 100_000)
-    power_limit_w: float | None = _r(0, 100_000)
-    energy_j: float | None = _r(0, 1e18)
-    pstate: int | None = _r(0, 32)
-    clock_sm_mhz: int | None = _r(0, 100_000)
-    clock_mem_mhz: int | None = _r(0, 100_000)
-    clock_event_reasons: int | None = _r(0, U64)  # NVML clocks-event (throttle) reason bits
-    throttle_thermal_ns: int | None = _r(0, U64)  # cumulative violation time, thermal policy
-    throttle_power_ns: int | None = _r(0, U64)  # cumulative violation time, power policy
+    util_gpu_pct: Pct | None = None
+    util_mem_pct: Pct | None = None
+    mem_total_bytes: Bytes | None = None
+    mem_used_bytes: Bytes | None = None
+    mem_reserved_bytes: Bytes | None = None
+    temp_c: Celsius | None = None
+    mem_temp_c: Celsius | None = None
+    temp_slowdown_c: Celsius | None = None
+    temp_shutdown_c: Celsius | None = None
+    temp_max_operating_c: Celsius | None = None
+    fan_pct: Pct | None = None
+    power_w: Watts | None = None
+    power_limit_w: Watts | None = None
+    energy_j: Joules | None = None
+    pstate: PState | None = None
+    clock_sm_mhz: MHz | None = None
+    clock_mem_mhz: MHz | None = None
+    clock_event_reasons: Count | None = None  # NVML clocks-event (throttle) reason bits
+    throttle_thermal_ns: Count | None = None  # cumulative violation time, thermal policy
+    throttle_power_ns: Count | None = None  # cumulative violation time, power policy
     ecc_enabled: bool | None = None
-    ecc_sbe_volatile: int | None = _r(0, U64)
-    ecc_dbe_volatile: int | None = _r(0, U64)
-    ecc_sbe_aggregate: int | None = _r(0, U64)
-    ecc_dbe_aggregate: int | None = _r(0, U64)
-    retired_pages_sbe: int | None = _r(0, U64)
-    retired_pages_dbe: int | None = _r(0, U64)
+    ecc_sbe_volatile: Count | None = None
+    ecc_dbe_volatile: Count | None = None
+    ecc_sbe_aggregate: Count | None = None
+    ecc_dbe_aggregate: Count | None = None
+    retired_pages_sbe: Count | None = None
+    retired_pages_dbe: Count | None = None
     retired_pages_pending: bool | None = None
-    remapped_rows_correctable: int | None = _r(0, U64)
-    remapped_rows_uncorrectable: int | None = _r(0, U64)
+    remapped_rows_correctable: Count | None = None
+    remapped_rows_uncorrectable: Count | None = None
     remap_pending: bool | None = None
     remap_failure: bool | None = None
-    pcie_replay_count: int | None = _r(0, U64)
-    pcie_link_gen: int | None = _r(0, 16)
-    pcie_link_width: int | None = _r(0, 64)
-    pcie_link_gen_max: int | None = _r(0, 16)
-    pcie_link_width_max: int | None = _r(0, 64)
-    nvlink_links_total: int | None = _r(0, 64)
-    nvlink_links_up: int | None = _r(0, 64)
-    nvlink_crc_errors: int | None = _r(0, U64)  # summed over links (flit CRC)
-    nvlink_replay_errors: int | None = _r(0, U64)
-    nvlink_recovery_errors: int | None = _r(0, U64)
-    recovery_action: int | None = _r(0, 255)  # NVML_GPU_RECOVERY_ACTION_* (0 = none)
+    pcie_replay_count: Count | None = None
+    pcie_link_gen: PcieGen | None = None
+    pcie_link_width: Lanes | None = None
+    pcie_link_gen_max: PcieGen | None = None
+    pcie_link_width_max: Lanes | None = None
+    nvlink_links_total: Lanes | None = None
+    nvlink_links_up: Lanes | None = None
+    nvlink_crc_errors: Count | None = None  # summed over links (flit CRC)
+    nvlink_replay_errors: Count | None = None
+    nvlink_recovery_errors: Count | None = None
+    recovery_action: U8 | None = None  # NVML_GPU_RECOVERY_ACTION_* (0 = none)
     persistence_mode: bool | None = None
-    processes: tuple[GpuProcess, ...] = ()
+    processes: Annotated[tuple[GpuProcess, ...], _LIST] = ()
     # Later optional fields (an older agent leaves them out; docs/protocol.md).
-    temp_mem_max_c: float | None = _r(-100, 300)  # NVML memory (HBM) maximum temperature threshold
-    clock_sm_app_mhz: int | None = _r(0, 100_000)  # SM application clock (the clock under load)
-    fabric_state: int | None = _r(0, 255)  # NVML_GPU_FABRIC_STATE_*: 1 not started .. 3 completed
-    fabric_status: int | None = _r(0, 1 << 32)  # nvmlReturn_t of the fabric registration, 0 = success
-    fabric_clique_id: int | None = _r(0, 1 << 32)
-    fabric_health_mask: int | None = _r(0, 1 << 32)  # NVML_GPU_FABRIC_HEALTH_MASK_* (v2+)
-    nvlink_down_links: tuple[int, ...] = field(default=(), metadata={"range": (0, 63)})  # inactive links
-    nvlink_crc_by_link: tuple[int, ...] = field(default=(), metadata={"range": (0, U64)})  # index = link
-    nvlink_replay_by_link: tuple[int, ...] = field(default=(), metadata={"range": (0, U64)})
-    nvlink_recovery_by_link: tuple[int, ...] = field(default=(), metadata={"range": (0, U64)})
-    mig: tuple[MigSample, ...] = ()  # MIG devices (mig_mode on)
+    temp_mem_max_c: Celsius | None = None  # NVML memory (HBM) maximum temperature threshold
+    clock_sm_app_mhz: MHz | None = None  # SM application clock (the clock under load)
+    fabric_state: U8 | None = None  # NVML_GPU_FABRIC_STATE_*: 1 not started .. 3 completed
+    fabric_status: U32 | None = None  # nvmlReturn_t of the fabric registration, 0 = success
+    fabric_clique_id: U32 | None = None
+    fabric_health_mask: U32 | None = None  # NVML_GPU_FABRIC_HEALTH_MASK_* (v2+)
+    nvlink_down_links: Annotated[tuple[Link, ...], _LIST] = ()  # inactive links
+    nvlink_crc_by_link: Annotated[tuple[Count, ...], _LIST] = ()  # index = link
+    nvlink_replay_by_link: Annotated[tuple[Count, ...], _LIST] = ()
+    nvlink_recovery_by_link: Annotated[tuple[Count, ...], _LIST] = ()
+    mig: Annotated[tuple[MigSample, ...], _LIST] = ()  # MIG devices (mig_mode on)
 
 
-@dataclass(frozen=True, slots=True)
-class DiskUsage:
-    mount: str = _s(LEN_PATH, "")
-    total_bytes: int = _r(0, U64, 0)
-    used_bytes: int = _r(0, U64, 0)
-    free_bytes: int = _r(0, U64, 0)
+class DiskUsage(Struct, frozen=True):
+    mount: Path = ""
+    total_bytes: Count = 0
+    used_bytes: Count = 0
+    free_bytes: Count = 0
     readonly: bool | None = None  # mounted read-only (the "ro" mount option)
-    inodes_total: int | None = _r(0, U64)
-    inodes_used: int | None = _r(0, U64)
+    inodes_total: Count | None = None
+    inodes_used: Count | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class NicCounters:
+class NicCounters(Struct, frozen=True):
     """Cumulative counters of one network interface."""
 
-    name: str = _s(LEN_NAME, "")
+    name: Name = ""
     up: bool | None = None
-    speed_mbps: int | None = _r(0, 10_000_000)
-    rx_bytes: int = _r(0, U64, 0)
-    tx_bytes: int = _r(0, U64, 0)
-    rx_errors: int = _r(0, U64, 0)
-    tx_errors: int = _r(0, U64, 0)
-    rx_drops: int = _r(0, U64, 0)
-    tx_drops: int = _r(0, U64, 0)
+    speed_mbps: Mbps | None = None
+    rx_bytes: Count = 0
+    tx_bytes: Count = 0
+    rx_errors: Count = 0
+    tx_errors: Count = 0
+    rx_drops: Count = 0
+    tx_drops: Count = 0
 
 
-@dataclass(frozen=True, slots=True)
-class IbPort:
+class IbPort(Struct, frozen=True):
     """One InfiniBand / RoCE port (``/sys/class/infiniband/<device>/ports/<port>``). Counters are
     cumulative as the HCA reports them (the collector turns them into rates)."""
 
-    device: str = _s(LEN_VERSION, "")  # mlx5_0
-    port: int = _r(0, 255, 1)
-    state: str | None = _s(LEN_VERSION)  # DOWN, INIT, ARMED, ACTIVE, ACTIVE_DEFER (the name after "4: ")
-    phys_state: str | None = _s(LEN_VERSION)  # LinkUp, Polling, Disabled, ... (the name after "5: ")
-    rate_gbps: float | None = _r(0, 1e6)  # "400 Gb/sec (4X NDR)" -> 400
-    link_layer: str | None = _s(LEN_VERSION)  # InfiniBand or Ethernet (RoCE)
-    symbol_error: int | None = _r(0, U64)
-    link_downed: int | None = _r(0, U64)
-    link_error_recovery: int | None = _r(0, U64)
-    port_rcv_errors: int | None = _r(0, U64)
-    port_rcv_remote_physical_errors: int | None = _r(0, U64)
-    port_rcv_switch_relay_errors: int | None = _r(0, U64)
-    port_rcv_constraint_errors: int | None = _r(0, U64)
-    port_xmit_discards: int | None = _r(0, U64)
-    port_xmit_constraint_errors: int | None = _r(0, U64)
-    local_link_integrity_errors: int | None = _r(0, U64)
-    excessive_buffer_overrun_errors: int | None = _r(0, U64)
-    vl15_dropped: int | None = _r(0, U64)
+    device: Version = ""  # mlx5_0
+    port: U8 = 1
+    state: Version | None = None  # DOWN, INIT, ARMED, ACTIVE, ACTIVE_DEFER (the name after "4: ")
+    phys_state: Version | None = None  # LinkUp, Polling, Disabled, ... (the name after "5: ")
+    rate_gbps: Float1e6 | None = None  # "400 Gb/sec (4X NDR)" -> 400
+    link_layer: Version | None = None  # InfiniBand or Ethernet (RoCE)
+    symbol_error: Count | None = None
+    link_downed: Count | None = None
+    link_error_recovery: Count | None = None
+    port_rcv_errors: Count | None = None
+    port_rcv_remote_physical_errors: Count | None = None
+    port_rcv_switch_relay_errors: Count | None = None
+    port_rcv_constraint_errors: Count | None = None
+    port_xmit_discards: Count | None = None
+    port_xmit_constraint_errors: Count | None = None
+    local_link_integrity_errors: Count | None = None
+    excessive_buffer_overrun_errors: Count | None = None
+    vl15_dropped: Count | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class KernelLogCount:
+class KernelLogCount(Struct, frozen=True):
     """Kernel-log lines of one class (one SXid code for ``sxid``) seen since the agent started."""
 
-    name: str = _s(LEN_NAME, "")  # class: nvme_timeout, fs_error, oom_kill, ..., sxid (see docs/health.md)
-    code: int | None = _r(0, 1 << 20)  # the SXid code, for name "sxid"
-    count: int = _r(0, U64, 0)  # running count in this agent run
+    name: Name = ""  # class: nvme_timeout, fs_error, oom_kill, ..., sxid (see docs/health.md)
+    code: U20 | None = None  # the SXid code, for name "sxid"
+    count: Count = 0  # running count in this agent run
     fatal: bool | None = None  # SXid: the driver printed "Fatal" (True) or "Non-fatal" (False)
-    last_message: str | None = _s(MAX_STR)  # the last such line, without its prefix
+    last_message: Text | None = None  # the last such line, without its prefix
 
 
-@dataclass(frozen=True, slots=True)
-class ModuleState:
+class ModuleState(Struct, frozen=True):
     """An expected kernel module (``/proc/modules``)."""
 
-    name: str = _s(LEN_NAME, "")
+    name: Name = ""
     loaded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceState:
+class ServiceState(Struct, frozen=True):
     """An expected systemd service (``systemctl show -p LoadState,ActiveState,SubState``)."""
 
-    name: str = _s(LEN_NAME, "")
-    load_state: str | None = _s(LEN_VERSION)  # loaded, not-found, masked, ...
-    active_state: str | None = _s(
-        LEN_VERSION
-    )  # active, inactive, failed, activating, deactivating, reloading
-    sub_state: str | None = _s(LEN_VERSION)  # running, dead, exited, failed, auto-restart, ...
+    name: Name = ""
+    load_state: Version | None = None  # loaded, not-found, masked, ...
+    active_state: Version | None = None  # active, inactive, failed, activating, deactivating, reloading
+    sub_state: Version | None = None  # running, dead, exited, failed, auto-restart, ...
 
 
-@dataclass(frozen=True, slots=True)
-class ClockSync:
+class ClockSync(Struct, frozen=True):
     """The kernel's clock discipline (``adjtimex``), as NTP/chrony/timesyncd left it."""
 
     synced: bool | None = None  # False: the kernel clock is marked unsynchronised (STA_UNSYNC)
-    offset_s: float | None = _r(-1e9, 1e9)  # the PLL's current offset (how far it still has to go)
-    max_error_s: float | None = _r(0, 1e9)  # the kernel's maximum error estimate
-    source: str | None = _s(LEN_NAME)  # "adjtimex"
+    offset_s: Offset | None = None  # the PLL's current offset (how far it still has to go)
+    max_error_s: Float1e9 | None = None  # the kernel's maximum error estimate
+    source: Name | None = None  # "adjtimex"
 
 
-@dataclass(frozen=True, slots=True)
-class SystemSample:
+class SystemSample(Struct, frozen=True):
     """Host metrics from psutil."""
 
-    cpu_pct: float | None = _r(0, 100)
-    cpu_count: int | None = _r(0, 1 << 20)
-    load_1: float | None = _r(0, 1e6)
-    load_5: float | None = _r(0, 1e6)
-    load_15: float | None = _r(0, 1e6)
-    mem_total_bytes: int | None = _r(0, U64)
-    mem_available_bytes: int | None = _r(0, U64)
-    swap_total_bytes: int | None = _r(0, U64)
-    swap_used_bytes: int | None = _r(0, U64)
-    fds_open: int | None = _r(0, U64)
-    fds_max: int | None = _r(0, U64)
-    uptime_s: float | None = _r(0, 1e12)
-    disks: tuple[DiskUsage, ...] = ()
-    nics: tuple[NicCounters, ...] = ()
-    ib_ports: tuple[IbPort, ...] = ()
-    kernel_log: tuple[KernelLogCount, ...] = ()  # classes seen at least once in this agent run
-    modules: tuple[ModuleState, ...] = ()
-    services: tuple[ServiceState, ...] = ()
+    cpu_pct: Pct | None = None
+    cpu_count: U20 | None = None
+    load_1: Float1e6 | None = None
+    load_5: Float1e6 | None = None
+    load_15: Float1e6 | None = None
+    mem_total_bytes: Count | None = None
+    mem_available_bytes: Count | None = None
+    swap_total_bytes: Count | None = None
+    swap_used_bytes: Count | None = None
+    fds_open: Count | None = None
+    fds_max: Count | None = None
+    uptime_s: Seconds | None = None
+    disks: Annotated[tuple[DiskUsage, ...], _LIST] = ()
+    nics: Annotated[tuple[NicCounters, ...], _LIST] = ()
+    ib_ports: Annotated[tuple[IbPort, ...], _LIST] = ()
+    kernel_log: Annotated[
+        tuple[KernelLogCount, ...], _LIST
+    ] = ()  # classes seen at least once in this agent run
+    modules: Annotated[tuple[ModuleState, ...], _LIST] = ()
+    services: Annotated[tuple[ServiceState, ...], _LIST] = ()
     clock: ClockSync | None = None
-    dstate_procs: int | None = _r(0, 1 << 32)  # processes stuck in D state (uninterruptible sleep)
-    dstate_names: tuple[str, ...] = _s(LEN_NAME, ())  # a few of their names
-    absent: tuple[str, ...] = _s(LEN_NAME, ())  # sources this node lacks: "ib", "nvswitch", "kmsg", "systemd"
+    dstate_procs: U32 | None = None  # processes stuck in D state (uninterruptible sleep)
+    dstate_names: Annotated[tuple[Name, ...], _LIST] = ()  # a few of their names
+    absent: Annotated[
+        tuple[Name, ...], _LIST
+    ] = ()  # sources this node lacks: "ib", "nvswitch", "kmsg", "systemd"
 
 
-@dataclass(frozen=True, slots=True)
-class CheckResult:
+class CheckResult(Struct, frozen=True):
     """Result of one agent-side network check (TCP connect, NATS round trip)."""
 
-    id: str = _s(LEN_LONG, "")  # stable id, e.g. "tcp:storage-1:2049" or "nats_rtt"
-    kind: str = _s(LEN_WORD, "")  # "tcp" or "nats_rtt"
-    target: str = _s(LEN_LONG, "")
+    id: Long = ""  # stable id, e.g. "tcp:storage-1:2049" or "nats_rtt"
+    kind: Word = ""  # "tcp" or "nats_rtt"
+    target: Long = ""
     ok: bool = False
-    latency_ms: float | None = _r(0, 1e7)
-    error: str | None = _s(LEN_LONG)
+    latency_ms: Millis | None = None
+    error: Long | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AgentStats:
+class AgentStats(Struct, frozen=True):
     """The agent's own figures, so its cost and delivery are visible."""
 
-    version: str = _s(LEN_VERSION, "")
-    backend: str = _s(LEN_WORD, "")  # "nvml" or "simulated"
-    uptime_s: float = _r(0, 1e12, 0.0)
-    cpu_s: float = _r(0, 1e12, 0.0)  # process CPU time (user + system) since start
-    rss_bytes: int = _r(0, U64, 0)
-    tick_s: float = _r(0, 1e6, 0.0)  # how long the last sampling tick took
-    buffered_frames: int = _r(0, U64, 0)  # waiting for NATS
-    dropped_frames: int = _r(0, U64, 0)  # lost to buffer overflow since start
-    published_frames: int = _r(0, U64, 0)
-    publish_errors: int = _r(0, U64, 0)
-    nvml_errors: int = _r(0, U64, 0)
+    version: Version = ""
+    backend: Word = ""  # "nvml" or "simulated"
+    uptime_s: Seconds = 0.0
+    cpu_s: Seconds = 0.0  # process CPU time (user + system) since start
+    rss_bytes: Count = 0
+    tick_s: Float1e6 = 0.0  # how long the last sampling tick took
+    buffered_frames: Count = 0  # waiting for NATS
+    dropped_frames: Count = 0  # lost to buffer overflow since start
+    published_frames: Count = 0
+    publish_errors: Count = 0
+    nvml_errors: Count = 0
 
 
-@dataclass(frozen=True, slots=True)
-class PublishOutage:
+class PublishOutage(Struct, frozen=True):
     """The agent could not publish (NATS unreachable) from ``since`` to ``until``: carried by
     the first sample built after it could publish again, so the collector can explain the gap."""
 
-    since: float = _r(0, 1e11, 0.0)  # wall time the connection was lost (or the agent started)
-    until: float = _r(0, 1e11, 0.0)  # wall time it could publish again
-    buffered_frames: int = _r(0, U64, 0)  # frames kept in the buffer meanwhile, replayed since
-    dropped_frames: int = _r(0, U64, 0)  # frames lost to buffer overflow meanwhile (exact)
+    since: UnixTime = 0.0  # wall time the connection was lost (or the agent started)
+    until: UnixTime = 0.0  # wall time it could publish again
+    buffered_frames: Count = 0  # frames kept in the buffer meanwhile, replayed since
+    dropped_frames: Count = 0  # frames lost to buffer overflow meanwhile (exact)
 
 
-@dataclass(frozen=True, slots=True)
-class MigInstance:
+class MigInstance(Struct, frozen=True):
     """One MIG device of a GPU: its profile and ids."""
 
-    gpu_instance_id: int = _r(0, 1 << 32, 0)
-    compute_instance_id: int = _r(0, 1 << 32, 0)
-    profile: str | None = _s(LEN_VERSION)  # e.g. "1g.10gb" (from the MIG device's name)
-    uuid: str | None = _s(LEN_UUID)  # MIG-...
-    mem_total_bytes: int | None = _r(0, I53)
+    gpu_instance_id: U32 = 0
+    compute_instance_id: U32 = 0
+    profile: Version | None = None  # e.g. "1g.10gb" (from the MIG device's name)
+    uuid: Uuid | None = None  # MIG-...
+    mem_total_bytes: Bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class GpuInfo:
+class GpuInfo(Struct, frozen=True):
     """Static facts about one GPU."""
 
-    index: int = _r(0, 1023, 0)
-    uuid: str = _s(LEN_UUID, "")
-    name: str | None = _s(LEN_NAME)
-    serial: str | None = _s(LEN_VERSION)
-    pci_bus_id: str | None = _s(LEN_VERSION)
-    minor_number: int | None = _r(0, 1 << 20)
-    architecture: str | None = _s(LEN_VERSION)
-    mem_total_bytes: int | None = _r(0, I53)
-    vbios: str | None = _s(LEN_VERSION)
+    index: Index = 0
+    uuid: Uuid = ""
+    name: Name | None = None
+    serial: Version | None = None
+    pci_bus_id: Version | None = None
+    minor_number: U20 | None = None
+    architecture: Version | None = None
+    mem_total_bytes: Bytes | None = None
+    vbios: Version | None = None
     mig_mode: bool | None = None
     persistence_mode: bool | None = None
-    power_limit_default_w: float | None = _r(0, 100_000)
-    pcie_link_gen_max: int | None = _r(0, 16)
-    pcie_link_width_max: int | None = _r(0, 64)
-    nvlink_links_total: int | None = _r(0, 64)
-    unsupported: tuple[str, ...] = _s(LEN_NAME, ())  # sample fields NVML reports as not supported on this GPU
-    fabric_cluster_uuid: str | None = _s(LEN_UUID)  # NVSwitch fabric (NVML GPU fabric info), when registered
-    mig_instances: tuple[MigInstance, ...] = ()  # MIG devices (mig_mode on)
+    power_limit_default_w: Watts | None = None
+    pcie_link_gen_max: PcieGen | None = None
+    pcie_link_width_max: Lanes | None = None
+    nvlink_links_total: Lanes | None = None
+    unsupported: Annotated[
+        tuple[Name, ...], _LIST
+    ] = ()  # sample fields NVML reports as not supported on this GPU
+    fabric_cluster_uuid: Uuid | None = None  # NVSwitch fabric (NVML GPU fabric info), when registered
+    mig_instances: Annotated[tuple[MigInstance, ...], _LIST] = ()  # MIG devices (mig_mode on)
+    # Static facts of the GPU that samples of schema v2 leave out (added in v2; see STATIC_GPU_FIELDS)
+    temp_slowdown_c: Celsius | None = None
+    temp_shutdown_c: Celsius | None = None
+    temp_max_operating_c: Celsius | None = None
+    temp_mem_max_c: Celsius | None = None
+    power_limit_w: Watts | None = None  # the enforced power limit
+    clock_sm_app_mhz: MHz | None = None
+    ecc_enabled: bool | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class HostFacts:
-    hostname: str = _s(LEN_NAME, "")
-    os: str | None = _s(LEN_NAME)
-    kernel: str | None = _s(LEN_NAME)
-    cpu_model: str | None = _s(LEN_NAME)
-    cpu_count: int | None = _r(0, 1 << 20)
-    mem_total_bytes: int | None = _r(0, U64)
-    boot_time: float | None = _r(0, 1e12)
-    kernel_boot_id: str | None = _s(LEN_VERSION)
-    agent_version: str | None = _s(LEN_VERSION)
-    python_version: str | None = _s(LEN_VERSION)
+class HostFacts(Struct, frozen=True):
+    hostname: Name = ""
+    os: Name | None = None
+    kernel: Name | None = None
+    cpu_model: Name | None = None
+    cpu_count: U20 | None = None
+    mem_total_bytes: Count | None = None
+    boot_time: Seconds | None = None
+    kernel_boot_id: Version | None = None
+    agent_version: Version | None = None
+    python_version: Version | None = None
 
 
 # ----------------------------------------------------------------------------- frames
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Header:
-    host: str = _s(LEN_TOKEN, MISSING)
-    provider: str = _s(LEN_TOKEN, MISSING)
-    boot_id: str = _s(LEN_BOOT_ID, MISSING)
-    seq: int = _r(0, U64, 0)
-    ts: float = _r(0, 1e11, 0.0)
+class _Header(Struct, frozen=True, kw_only=True):
+    host: Token
+    provider: Token
+    boot_id: BootId
+    seq: Count = 0
+    ts: UnixTime = 0.0
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SampleFrame(_Header):
+class SampleFrame(_Header, frozen=True, kw_only=True, tag_field="kind", tag="sample"):
     """Periodic sample: every GPU of the host, system metrics, check results, agent figures."""
 
     KIND: ClassVar[str] = "sample"
-    kind: Literal["sample"] = "sample"
-    interval_s: float = _r(0, 86_400, 0.0)
-    gpus: tuple[GpuSample, ...] = ()
+    kind: ClassVar[str] = "sample"
+    interval_s: Interval = 0.0
+    gpus: Annotated[tuple[GpuSample, ...], _LIST] = ()
     system: SystemSample | None = None
-    checks: tuple[CheckResult, ...] = ()
+    checks: Annotated[tuple[CheckResult, ...], _LIST] = ()
     agent: AgentStats | None = None
     outage: PublishOutage | None = None  # the first sample after the agent could not publish
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EventFrame(_Header):
+class EventFrame(_Header, frozen=True, kw_only=True, tag_field="kind", tag="event"):
     """An immediate event (see :data:`EVENT_TYPES`)."""
 
     KIND: ClassVar[str] = "event"
-    kind: Literal["event"] = "event"
-    type: str = _s(LEN_WORD, "xid")
-    source: str = _s(LEN_WORD, "agent")  # "nvml", "kmsg", "simulated" or "agent"
-    gpu_index: int | None = _r(0, 1023)
-    gpu_uuid: str | None = _s(LEN_UUID)
-    xid: int | None = _r(0, 1 << 20)
-    count: int | None = _r(0, U64)  # running count for (GPU, type/xid) in this boot
-    value: int | None = _r(0, U64)
-    message: str | None = _s(MAX_STR)
+    kind: ClassVar[str] = "event"
+    type: Word = "xid"
+    source: Word = "agent"  # "nvml", "kmsg", "simulated" or "agent"
+    gpu_index: Index | None = None
+    gpu_uuid: Uuid | None = None
+    xid: U20 | None = None
+    count: Count | None = None  # running count for (GPU, type/xid) in this boot
+    value: Count | None = None
+    message: Text | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InventoryFrame(_Header):
-    """What the host has: sent at start and whenever it changes."""
+class InventoryFrame(_Header, frozen=True, kw_only=True, tag_field="kind", tag="inventory"):
+    """What the host has: sent at start, whenever it changes, and every few minutes (the agent's
+    ``inventory_interval``): the static facts of each GPU the samples of v2 leave out."""
 
     KIND: ClassVar[str] = "inventory"
-    kind: Literal["inventory"] = "inventory"
-    backend: str = _s(LEN_WORD, "")
-    driver_version: str | None = _s(LEN_VERSION)
-    cuda_version: str | None = _s(LEN_VERSION)
-    nvml_version: str | None = _s(LEN_VERSION)
-    gpus: tuple[GpuInfo, ...] = ()
+    kind: ClassVar[str] = "inventory"
+    backend: Word = ""
+    driver_version: Version | None = None
+    cuda_version: Version | None = None
+    nvml_version: Version | None = None
+    gpus: Annotated[tuple[GpuInfo, ...], _LIST] = ()
     host_facts: HostFacts | None = None
-    nvml_error: str | None = _s(MAX_STR)  # NVML cannot initialise: the agent runs without GPUs; NVML's text
+    nvml_error: Text | None = None  # NVML cannot initialise: the agent runs without GPUs; NVML's text
 
 
 Frame = SampleFrame | EventFrame | InventoryFrame
 _FRAME_TYPES: Final[dict[str, type[Any]]] = {c.KIND: c for c in (SampleFrame, EventFrame, InventoryFrame)}
 F = TypeVar("F", SampleFrame, EventFrame, InventoryFrame)
+S = TypeVar("S")
 
-# ----------------------------------------------------------------------------- validation
+_RECORDS: Final = (
+    GpuProcess, MigSample, GpuSample, DiskUsage, NicCounters, IbPort, KernelLogCount, ModuleState,
+    ServiceState, ClockSync, SystemSample, CheckResult, AgentStats, PublishOutage, MigInstance,
+    GpuInfo, HostFacts, SampleFrame, EventFrame, InventoryFrame,
+)  # fmt: skip
 
-_Check = Callable[[Any, str, str], Any]
-_SPECS: dict[type[Any], tuple[tuple[str, _Check, bool], ...]] = {}
+# The facts of a GPU that do not change from sample to sample: a v2 sample leaves them out and
+# the inventory frame carries them (GpuInfo has a field of each name); the collector joins them.
+STATIC_GPU_FIELDS: Final = (
+    "uuid", "mem_total_bytes", "temp_slowdown_c", "temp_shutdown_c", "temp_max_operating_c",
+    "temp_mem_max_c", "power_limit_w", "pcie_link_gen_max", "pcie_link_width_max",
+    "nvlink_links_total", "clock_sm_app_mhz", "ecc_enabled", "persistence_mode",
+)  # fmt: skip
 
-
-def _fail(reason: str, path: str, message: str) -> typing.NoReturn:
-    raise FrameDecodeError(reason, message, path)
-
-
-def _num_check(kind: type, lo: float, hi: float, optional: bool) -> _Check:
-    def check_int(value: Any, path: str, name: str) -> Any:
-        if value is None and optional:
-            return None
-        if type(value) is not int:
-            _fail(
-                "bad_type",
-                _p(path, name),
-                f"expected integer{' or null' if optional else ''}, got {_tn(value)}",
-            )
-        if not lo <= value <= hi:
-            _fail("out_of_range", _p(path, name), f"{value} outside [{lo}, {hi}]")
-        return value
-
-    def check_float(value: Any, path: str, name: str) -> Any:
-        if value is None and optional:
-            return None
-        t = type(value)
-        if t is int:
-            value = float(value)
-        elif t is not float:
-            _fail(
-                "bad_type",
-                _p(path, name),
-                f"expected number{' or null' if optional else ''}, got {_tn(value)}",
-            )
-        if not lo <= value <= hi:  # also false for NaN
-            shown = "NaN" if math.isnan(value) else value
-            _fail("out_of_range", _p(path, name), f"{shown} outside [{lo}, {hi}]")
-        return value
-
-    return check_int if kind is int else check_float
+# ----------------------------------------------------------------------------- schema introspection
 
 
-def _scalar_check(kind: type, optional: bool, max_len: int = MAX_STR) -> _Check:
-    tname = {str: "string", bool: "boolean"}[kind]
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of a record, as the schema declares it: ``metadata`` holds ``range`` (lo, hi)
+    for numbers (of the items, for arrays of numbers) and ``max_len`` for strings."""
 
-    def check(value: Any, path: str, name: str) -> Any:
-        if value is None and optional:
-            return None
-        if type(value) is not kind:
-            _fail(
-                "bad_type",
-                _p(path, name),
-                f"expected {tname}{' or null' if optional else ''}, got {_tn(value)}",
-            )
-        if kind is str and len(typing.cast(str, value)) > max_len:
-            _fail("too_long", _p(path, name), f"string longer than {max_len} characters")
-        return value
-
-    return check
+    name: str
+    type: Any
+    default: Any  # dataclasses.MISSING for a required field
+    metadata: Mapping[str, Any]
 
 
-def _record_check(cls: type[Any], optional: bool) -> _Check:
-    def check(value: Any, path: str, name: str) -> Any:
-        if value is None and optional:
-            return None
-        return _build(cls, value, _p(path, name))
-
-    return check
-
-
-def _tuple_check(item: _Check) -> _Check:
-    def check(value: Any, path: str, name: str) -> Any:
-        if type(value) is not list and type(value) is not tuple:
-            _fail("bad_type", _p(path, name), f"expected array, got {_tn(value)}")
-        if len(value) > MAX_LIST:
-            _fail("out_of_range", _p(path, name), f"array longer than {MAX_LIST}")
-        here = _p(path, name)
-        return tuple([item(v, here, f"[{i}]") for i, v in enumerate(value)])
-
-    return check
+def _constraints(tp: Any) -> dict[str, Any]:
+    """``range``/``max_len`` of a msgspec type (looking through Optional and array items)."""
+    out: dict[str, Any] = {}
+    for t in _walk(tp):
+        if isinstance(t, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+            if t.ge is not None:  # an int without an upper bound: MessagePack's largest, U64
+                out["range"] = (t.ge, t.le if t.le is not None else U64)
+        elif isinstance(t, msgspec.inspect.StrType) and t.max_length is not None:
+            out["max_len"] = t.max_length
+    return out
 
 
-def _literal_check(allowed: tuple[Any, ...]) -> _Check:
-    def check(value: Any, path: str, name: str) -> Any:
-        if value not in allowed:
-            _fail("bad_type", _p(path, name), f"expected one of {list(allowed)}, got {value!r}")
-        return value
-
-    return check
-
-
-def _check_for(hint: Any, meta: Any) -> _Check:
-    optional = False
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        optional = len(args) < len(get_args(hint))
-        hint = args[0]
-        origin = get_origin(hint)
-    if origin is Literal:
-        return _literal_check(get_args(hint))
-    if origin is tuple:
-        return _tuple_check(_check_for(get_args(hint)[0], meta))
-    if hint in (int, float):
-        lo, hi = meta.get("range", (-U64, U64))
-        return _num_check(hint, lo, hi, optional)
-    if hint is str:
-        return _scalar_check(hint, optional, meta.get("max_len", MAX_STR))
-    if hint is bool:
-        return _scalar_check(hint, optional)
-    if isinstance(hint, type) and hint in _RECORDS:
-        return _record_check(hint, optional)
-    raise TypeError(f"no wire check for {hint!r}")  # a programming error, at import
+def _walk(t: Any) -> Iterable[Any]:
+    if isinstance(t, msgspec.inspect.UnionType):
+        for x in t.types:
+            yield from _walk(x)
+    elif isinstance(t, msgspec.inspect.VarTupleType | msgspec.inspect.ListType):
+        yield from _walk(t.item_type)
+    else:
+        yield t
 
 
-def _spec(cls: type[Any]) -> tuple[tuple[str, _Check, bool], ...]:
-    spec = _SPECS.get(cls)
+_FIELDS: dict[type[Any], tuple[FieldSpec, ...]] = {}
+
+
+def fields(cls: type[Any] | Struct) -> tuple[FieldSpec, ...]:
+    """The fields of a record type (or of a record's type), in declaration order."""
+    if not isinstance(cls, type):
+        cls = type(cls)
+    spec = _FIELDS.get(cls)
     if spec is None:
-        hints = typing.get_type_hints(cls)
+        info = msgspec.inspect.type_info(cls)
+        hints = {f.name: f.type for f in msgspec.structs.fields(cls)}
         spec = tuple(
-            (f.name, _check_for(hints[f.name], f.metadata), f.default is MISSING)
-            for f in fields(cls)
-            if f.name != "v"
+            FieldSpec(
+                f.name,
+                hints[f.name],
+                MISSING
+                if f.required
+                else (f.default if f.default is not msgspec.NODEFAULT else f.default_factory()),
+                _constraints(f.type),
+            )
+            for f in info.fields  # type: ignore[attr-defined]
         )
-        _SPECS[cls] = spec
+        _FIELDS[cls] = spec
     return spec
 
 
-def _build(cls: type[Any], value: Any, path: str) -> Any:
-    if type(value) is not dict:
-        _fail("bad_type", path, f"expected map, got {_tn(value)}")
-    kwargs = {}
-    for name, check, required in _SPECS[cls]:
-        raw = value.get(name, MISSING)
-        if raw is MISSING:
-            if required:
-                _fail("missing_field", _p(path, name), "required field missing")
+def replace(obj: S, /, **changes: Any) -> S:
+    """A copy of the record ``obj`` with ``changes`` (msgspec.structs.replace; a dataclass
+    instance is handed to dataclasses.replace, so one helper serves both)."""
+    if not isinstance(obj, Struct):
+        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    return msgspec.structs.replace(obj, **changes)
+
+
+def to_wire(obj: Any) -> Any:
+    """The plain-data form of a record (dicts, lists, scalars) as a version 1 frame spells it:
+    a frame's ``kind`` is a key like any other, arrays are lists."""
+    return _PLAIN.decode(_ENCODER.encode(obj))
+
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_PLAIN: Final = msgspec.msgpack.Decoder()
+
+# ----------------------------------------------------------------------------- errors
+
+_AT: Final = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<key>key` in `)?\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _error(e: BaseException, prefix: str = "") -> FrameDecodeError:
+    """A msgspec validation error as a :class:`FrameDecodeError` with its reason and field path."""
+    m = _AT.match(str(e))
+    msg = m.group("msg") if m else str(e)
+    path = (m.group("path") or "") if m else ""
+    path = path[1:] if path.startswith(".") else path
+    if prefix:
+        path = f"{prefix}{path}" if path.startswith("[") or not path else f"{prefix}.{path}"
+    if m is not None and m.group("key"):  # a map key of the wrong type
+        return FrameDecodeError("malformed", f"map key: {msg}", path or None)
+    if msg.startswith("Object missing required field `"):
+        name = msg.split("`")[1]
+        full = f"{path}.{name}" if path else name
+        if full == "kind":
+            return FrameDecodeError("unknown_kind", "missing frame kind", "kind")
+        return FrameDecodeError("missing_field", "required field missing", full)
+    if path == "kind":
+        return FrameDecodeError("unknown_kind", f"unknown frame kind: {msg}", "kind")
+    if "of length <=" in msg:
+        return FrameDecodeError(
+            "too_long" if msg.startswith("Expected `str`") else "out_of_range", msg, path or None
+        )
+    if re.search(r"` [<>]=? ", msg) or "out of range" in msg:
+        return FrameDecodeError("out_of_range", msg, path or None)
+    if not path and msg.startswith("Expected `object`"):
+        return FrameDecodeError("not_a_map", f"frame must be a map: {msg}")
+    return FrameDecodeError("bad_type", msg, path or None)
+
+
+def _check_event(frame: Frame) -> Frame:
+    if type(frame) is EventFrame:
+        if frame.type not in EVENT_TYPES:
+            raise FrameDecodeError("bad_type", f"unknown event type {frame.type!r}", "type")
+        if frame.source not in EVENT_SOURCES:
+            raise FrameDecodeError("bad_type", f"unknown event source {frame.source!r}", "source")
+    return frame
+
+
+# ----------------------------------------------------------------------------- version 2 tables
+# A table is a map: field name -> column. A column is an array of one value per row, or, when
+# every row has the same value, that value alone (wrapped as {"=": value} when it is itself an
+# array or a map). A column whose every value is the field's default is left out, except that a
+# counter (a ``Count | None`` field: cumulative error counters, mostly zero) left out is 0 for
+# every row (one that is nil for every row is sent as a constant nil). The first field of the
+# record is always an array, so the number of rows is always known.
+
+_CONST: Final = "="
+
+
+def _nested(cls: type[Any]) -> dict[str, type[Any]]:
+    """The fields of ``cls`` that are arrays of records, with the record type."""
+    out = {}
+    for f in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+        arrays = [f.type] if not isinstance(f.type, msgspec.inspect.UnionType) else f.type.types
+        for t in arrays:
+            item = t.item_type if isinstance(t, msgspec.inspect.VarTupleType) else None
+            if isinstance(item, msgspec.inspect.StructType):
+                out[f.name] = item.cls
+    return out
+
+
+def _counters(cls: type[Any]) -> tuple[str, ...]:
+    """The ``Count | None`` fields of ``cls``: 0 when a v2 table leaves their column out."""
+    out = []
+    for f in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+        t = f.type
+        if isinstance(t, msgspec.inspect.UnionType) and len(t.types) == 2:
+            num = [x for x in t.types if not isinstance(x, msgspec.inspect.NoneType)]
+            if num and isinstance(num[0], msgspec.inspect.IntType) and num[0].ge == 0 and num[0].le is None:
+                out.append(f.name)
+    return tuple(out)
+
+
+_NESTED: Final = {cls: _nested(cls) for cls in _RECORDS}
+
+
+def _rows(table: Any, cls: type[Any], path: str) -> list[dict[str, Any]]:
+    """The rows (plain maps) of a version 2 table of ``cls`` records (or of an array of maps,
+    the version 1 form, which version 2 also accepts)."""
+    if type(table) is list:
+        return table
+    if type(table) is not dict:
+        raise FrameDecodeError("bad_type", f"expected a table (map of columns), got {_tn(table)}", path)
+    n = 0
+    for col in table.values():
+        if type(col) is list and len(col) > n:
+            n = len(col)
+    if n > MAX_LIST:
+        raise FrameDecodeError("out_of_range", f"table longer than {MAX_LIST}", path)
+    names: list[str] = []
+    cols: list[Any] = []
+    for name, col in table.items():
+        if type(col) is list:
+            if len(col) != n:
+                why = f"column of {len(col)} values in a table of {n} rows"
+                raise FrameDecodeError("bad_type", why, f"{path}.{name}")
+        elif type(col) is dict:
+            if len(col) != 1 or _CONST not in col:
+                raise FrameDecodeError("bad_type", "expected an array or a constant", f"{path}.{name}")
+            col = repeat(col[_CONST], n)
+        else:
+            col = repeat(col, n)
+        names.append(name)
+        cols.append(col)
+    for name in _COUNTERS[cls]:
+        if name not in table:
+            names.append(name)
+            cols.append(repeat(0, n))
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*cols, strict=True)] if cols else []
+    for name, item in _NESTED[cls].items():
+        if name in table:
+            for i, row in enumerate(rows):
+                value = row[name]
+                if type(value) is dict:
+                    row[name] = _rows(value, item, f"{path}[{i}].{name}")
+    return rows
+
+
+def _column_value(value: Any) -> Any:
+    t = type(value)
+    if t is float:
+        if value.is_integer() and -I53 <= value <= I53:
+            return int(value)  # 1 to 5 bytes instead of 9; read back as the same float
+        return value
+    if t is tuple:
+        if value and isinstance(value[0], Struct):
+            return _table(type(value[0]), value)
+        return list(value)
+    if isinstance(value, Struct):
+        return value  # a record in a map (system.clock): the encoder writes it as a map
+    return value
+
+
+_COUNTERS: Final = {cls: _counters(cls) for cls in _RECORDS}
+# per record: (field name, the value a table leaves out: the default, or 0 for a counter)
+_TABLE_FIELDS: Final = {
+    c: tuple((f.name, 0 if f.name in _COUNTERS[c] else f.default) for f in fields(c)) for c in _RECORDS
+}
+
+
+def _table(cls: type[Any], records: Sequence[Any], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    first = True
+    for name, default in _TABLE_FIELDS[cls]:
+        if name in skip:
             continue
-        kwargs[name] = check(raw, path, name)
-    return cls(**kwargs)
+        values = [getattr(r, name) for r in records]
+        if not first and all(v is default or (v == default and type(v) is type(default)) for v in values):
+            continue
+        col = [_column_value(v) for v in values]
+        if not first and len(col) > 1 and all(v == col[0] and type(v) is type(col[0]) for v in col):
+            c = col[0]
+            table[name] = {_CONST: c} if type(c) in (list, dict) else c
+        else:
+            table[name] = col
+        first = False
+    return table
 
 
-def _p(path: str, name: str) -> str:
-    if not path:
-        return name
-    return f"{path}{name}" if name.startswith("[") else f"{path}.{name}"
+_STATIC: Final = frozenset(STATIC_GPU_FIELDS)
+_NO_STATIC: Final[frozenset[str]] = frozenset()
+_SAMPLE_FIELDS: Final = ("host", "provider", "boot_id", "seq", "ts", "interval_s")
 
 
-def _tn(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
+def _sample_v2(frame: SampleFrame, static: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "v": 2, "kind": "sample", "host": frame.host, "provider": frame.provider, "boot_id": frame.boot_id,
+        "seq": frame.seq, "ts": frame.ts, "interval_s": _column_value(frame.interval_s),
+    }  # fmt: skip
+    gpus = frame.gpus
+    skip = {"processes"} | (_NO_STATIC if static else _STATIC)
+    out["gpus"] = _table(GpuSample, gpus, frozenset(skip))
+    procs = [(g.index, p) for g in gpus for p in g.processes]
+    if procs:
+        table = _table(GpuProcess, [p for _, p in procs])
+        out["processes"] = {"gpu": [i for i, _ in procs], **table}
+    if frame.system is not None:
+        system = {}
+        for name, _ in _TABLE_FIELDS[SystemSample]:
+            value = getattr(frame.system, name)
+            if value is None or value == ():
+                continue
+            system[name] = _column_value(value)
+        out["system"] = system
+    if frame.checks:
+        out["checks"] = _table(CheckResult, frame.checks)
+    if frame.agent is not None:
+        out["agent"] = frame.agent
+    if frame.outage is not None:
+        out["outage"] = frame.outage
+    return out
 
 
-_RECORDS: Final = (
-    GpuProcess,
-    MigSample,
-    GpuSample,
-    DiskUsage,
-    NicCounters,
-    IbPort,
-    KernelLogCount,
-    ModuleState,
-    ServiceState,
-    ClockSync,
-    SystemSample,
-    CheckResult,
-    AgentStats,
-    PublishOutage,
-    MigInstance,
-    GpuInfo,
-    HostFacts,
-    SampleFrame,
-    EventFrame,
-    InventoryFrame,
-)
-for _cls in _RECORDS:
-    _spec(_cls)
+class _SampleV2(_Header, frozen=True, kw_only=True, tag_field="kind", tag="sample"):
+    """A version 2 sample as it is on the wire: tables still to be turned into rows."""
 
-# ----------------------------------------------------------------------------- fast path
-# Generated, per class, from the same type hints and ranges: straight-line code that accepts
-# exactly what the checks above accept (or less). Anything it does not accept is handed to
-# the reference ``_build`` above, which accepts it or raises the precise FrameDecodeError, so
-# errors and results are the same, only valid frames decode about twice as fast.
+    interval_s: Interval = 0.0
+    gpus: dict[str, Any] | list[Any] = {}
+    processes: dict[str, Any] | list[Any] = {}
+    system: dict[str, Any] | None = None
+    checks: dict[str, Any] | list[Any] = {}
+    agent: AgentStats | None = None
+    outage: PublishOutage | None = None
 
 
-class _Slow(Exception):
-    """The fast path declines; the reference builder decides."""
+class _SampleBody(Struct):
+    """The parts of a version 2 sample rebuilt from tables, validated as the schema says."""
+
+    gpus: Annotated[tuple[GpuSample, ...], _LIST] = ()
+    system: SystemSample | None = None
+    checks: Annotated[tuple[CheckResult, ...], _LIST] = ()
 
 
-_FAST: dict[type[Any], Callable[[Any], Any]] = {}
-
-
-def _gen_value(hint: Any, meta: Any, var: str, ns: dict[str, Any], depth: int) -> list[str]:
-    """Lines that validate (and convert) local ``var`` in place, raising _Slow when unsure."""
-    optional = False
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        optional = len(args) < len(get_args(hint))
-        hint = args[0]
-        origin = get_origin(hint)
-    body: list[str]
-    if origin is Literal:
-        key = f"_lit{len(ns)}"
-        ns[key] = get_args(hint)
-        return [f"if {var} not in {key}: raise _Slow"]  # literals are never optional here
-    if origin is tuple:
-        item = f"_i{depth}"
-        inner = _gen_value(get_args(hint)[0], meta, item, ns, depth + 1)
-        body = [
-            f"if type({var}) is not list and type({var}) is not tuple: raise _Slow",
-            f"if len({var}) > MAX_LIST: raise _Slow",
-            f"_l{depth} = []",
-            f"for {item} in {var}:",
-            *("    " + line for line in inner),
-            f"    _l{depth}.append({item})",
-            f"{var} = tuple(_l{depth})",
-        ]
-    elif hint is int:
-        lo, hi = meta.get("range", (-U64, U64))
-        body = [f"if type({var}) is not int or not {lo!r} <= {var} <= {hi!r}: raise _Slow"]
-    elif hint is float:
-        lo, hi = meta.get("range", (-U64, U64))
-        body = [
-            f"if type({var}) is int: {var} = float({var})",
-            f"elif type({var}) is not float: raise _Slow",
-            f"if not {lo!r} <= {var} <= {hi!r}: raise _Slow",
-        ]
-    elif hint is str:
-        body = [f"if type({var}) is not str or len({var}) > {meta.get('max_len', MAX_STR)!r}: raise _Slow"]
-    elif hint is bool:
-        body = [f"if type({var}) is not bool: raise _Slow"]
-    elif isinstance(hint, type) and hint in _RECORDS:
-        key = f"_fast_{hint.__name__}"
-        body = [f"{var} = {key}({var})"]
-    else:
-        raise TypeError(f"no wire check for {hint!r}")  # a programming error, at import
-    if optional:
-        return [f"if {var} is not None:", *("    " + line for line in body)]
+def _body(w: _SampleV2) -> dict[str, Any]:
+    """The plain rows of a version 2 sample's tables (``gpus`` with their processes)."""
+    gpus = _rows(w.gpus, GpuSample, "gpus") if w.gpus else []
+    if w.processes:
+        by_index: dict[Any, list[dict[str, Any]]] = {}
+        for p in _rows(w.processes, GpuProcess, "processes"):
+            gpu = p.pop("gpu", None) if type(p) is dict else None
+            if type(gpu) is not int:
+                raise FrameDecodeError(
+                    "bad_type", f"expected the GPU's index, got {_tn(gpu)}", "processes.gpu"
+                )
+            by_index.setdefault(gpu, []).append(p)
+        for g in gpus:
+            index = g.get("index", 0) if type(g) is dict else None
+            mine = by_index.pop(index, None) if type(index) is int else None
+            if mine is not None:
+                g["processes"] = mine
+        if by_index:
+            raise FrameDecodeError(
+                "out_of_range", "processes of a GPU the frame does not carry", "processes.gpu"
+            )
+    body: dict[str, Any] = {"gpus": gpus}
+    if w.system is not None:
+        system = dict(w.system)
+        for name, item in _NESTED[SystemSample].items():
+            value = system.get(name)
+            if type(value) is dict or type(value) is list:
+                system[name] = _rows(value, item, f"system.{name}")
+        body["system"] = system
+    if w.checks:
+        body["checks"] = _rows(w.checks, CheckResult, "checks")
     return body
 
 
-def _gen_fast(cls: type[Any], ns: dict[str, Any]) -> str:
-    hints = typing.get_type_hints(cls)
-    lines = [
-        f"def _fast_{cls.__name__}(value):",
-        "    if type(value) is not dict: raise _Slow",
-        "    g = value.get",
-    ]
-    args = []
-    for n, f in enumerate(fields(cls)):
-        if f.name == "v":
-            continue
-        var = f"v{n}"
-        if f.default is MISSING:
-            lines += [f"    {var} = g({f.name!r}, _MISSING)", f"    if {var} is _MISSING: raise _Slow"]
-        else:
-            key = f"_d{len(ns)}"
-            ns[key] = f.default
-            lines.append(f"    {var} = g({f.name!r}, {key})")
-            if f.default is None or type(f.default) is tuple:  # the default itself is valid as is
-                lines.append(f"    if {var} is not {key}:")
-                lines += ["        " + line for line in _gen_value(hints[f.name], f.metadata, var, ns, 0)]
-                args.append((f.name, var))
-                continue
-        lines += ["    " + line for line in _gen_value(hints[f.name], f.metadata, var, ns, 0)]
-        args.append((f.name, var))
-    call = ", ".join(f"{name}={var}" for name, var in args)
-    lines.append(f"    return _cls_{cls.__name__}({call})")
-    ns[f"_cls_{cls.__name__}"] = cls
-    return "\n".join(lines)
-
-
-def _compile_fast() -> None:
-    ns: dict[str, Any] = {"_Slow": _Slow, "_MISSING": MISSING, "MAX_LIST": MAX_LIST, "MAX_STR": MAX_STR}
-    for cls in _RECORDS:
-        source = _gen_fast(cls, ns)
-        exec(compile(source, f"<frames fast path: {cls.__name__}>", "exec"), ns)  # noqa: S102 (from type hints)
-    for cls in _RECORDS:
-        _FAST[cls] = ns[f"_fast_{cls.__name__}"]
-
-
-_compile_fast()
-
-
-def _build_fast(cls: type[Any], value: Any) -> Any:
+def _assemble(w: _SampleV2, body: Mapping[str, Any]) -> SampleFrame:
     try:
-        return _FAST[cls](value)
-    except (_Slow, TypeError, ValueError, OverflowError):
-        return _build(cls, value, "")
-
-
-# ----------------------------------------------------------------------------- typed path
-# When msgspec is installed, a sample frame (the bulk of the traffic) is decoded by msgspec
-# straight into the dataclasses, then its ranges and lengths are checked by generated code;
-# anything either step refuses goes through the reference path below, which gives the exact
-# FrameDecodeError. The one difference: the content of fields this build does not know is
-# skipped unread (msgpack's reference path also refuses non-string map keys and bad UTF-8 in
-# them; both ignore such fields otherwise).
-
-try:
-    import msgspec
-except ImportError:  # optional: without it every frame takes the reference path
-    msgspec = None  # type: ignore[assignment]
-
-
-def _gen_post(cls: type[Any], ns: dict[str, Any]) -> str:
-    """Source of ``_post_<cls>(o) -> bool``: ranges, string and array lengths of a decoded record."""
-    hints = typing.get_type_hints(cls)
-    lines = [f"def _post_{cls.__name__}(o):"]
-    for f in fields(cls):
-        hint, optional = hints[f.name], False
-        if get_origin(hint) in (Union, types.UnionType):
-            args = [a for a in get_args(hint) if a is not type(None)]
-            optional, hint = len(args) < len(get_args(hint)), args[0]
-        body: list[str] = []
-        if hint in (int, float) and f.name != "v":  # v: checked by the caller
-            lo, hi = f.metadata.get("range", (-U64, U64))  # the same default as _check_for
-            body = [f"if not {lo!r} <= x <= {hi!r}: return False"]
-        elif hint is str:
-            body = [f"if len(x) > {f.metadata.get('max_len', MAX_STR)!r}: return False"]
-        elif isinstance(hint, type) and hint in _RECORDS:
-            body = [f"if not _post_{hint.__name__}(x): return False"]
-        elif get_origin(hint) is tuple:
-            item = get_args(hint)[0]
-            body = ["if len(x) > MAX_LIST: return False"]
-            if item is str:
-                limit = f.metadata.get("max_len", MAX_STR)
-                body.append(f"for y in x:\n            if len(y) > {limit!r}: return False")
-            elif item in (int, float):
-                lo, hi = f.metadata.get("range", (-U64, U64))
-                body.append(f"for y in x:\n            if not {lo!r} <= y <= {hi!r}: return False")
-            elif isinstance(item, type) and item in _RECORDS:
-                body.append(f"for y in x:\n            if not _post_{item.__name__}(y): return False")
-        if not body:
-            continue
-        lines.append(f"    x = o.{f.name}")
-        if optional:
-            lines.append("    if x is not None:")
-            lines += ["        " + b for b in body]
-        else:
-            lines += ["    " + b for b in body]
-    lines.append("    return True")
-    return "\n".join(lines)
-
-
-def _wire_variant(cls: type[Any]) -> type[Any]:
-    """``cls`` with ``v`` and ``kind`` required, so that msgspec refuses a frame without them."""
-    hints = typing.get_type_hints(cls)
-    specs: list[Any] = []
-    for f in fields(cls):
-        if f.name in ("v", "kind") or f.default is MISSING:
-            specs.append((f.name, hints[f.name]))
-        else:
-            specs.append((f.name, hints[f.name], field(default=f.default)))
-    return make_dataclass(f"_Wire{cls.__name__}", specs, kw_only=True, slots=True)
-
-
-def _compile_typed() -> tuple[Any, Callable[[Any], bool], tuple[str, ...]] | None:
-    if msgspec is None:
-        return None
-    ns: dict[str, Any] = {"MAX_LIST": MAX_LIST, "MAX_STR": MAX_STR}
-    for cls in _RECORDS:
-        exec(compile(_gen_post(cls, ns), f"<frames post-check: {cls.__name__}>", "exec"), ns)  # noqa: S102
-    names = tuple(f.name for f in fields(SampleFrame) if f.name not in ("v", "kind"))
-    return msgspec.msgpack.Decoder(_wire_variant(SampleFrame)), ns["_post_SampleFrame"], names
-
-
-_TYPED: Final = _compile_typed()
-
-
-def _decode_typed(data: bytes) -> SampleFrame | None:
-    """The sample frame in ``data`` if msgspec and the post-checks accept it, else ``None``."""
-    if _TYPED is None:
-        return None
-    decoder, post, names = _TYPED
-    try:
-        w = decoder.decode(data)
-        if w.v != SCHEMA_VERSION or not post(w):
-            return None
-        return SampleFrame(**{name: getattr(w, name) for name in names})
-    except Exception:  # noqa: BLE001 (MsgspecError, RecursionError, ...: the reference path decides)
-        return None
+        b = msgspec.convert(body, _SampleBody)
+    except msgspec.ValidationError as e:
+        raise _error(e) from None
+    return SampleFrame(
+        host=w.host, provider=w.provider, boot_id=w.boot_id, seq=w.seq, ts=w.ts, v=w.v,
+        interval_s=w.interval_s, gpus=b.gpus, system=b.system, checks=b.checks, agent=w.agent,
+        outage=w.outage,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- nesting bound
-# Decoders recurse into nested maps and arrays: ~1,000 nested one-element arrays (a 1 KB frame)
-# exhaust Python's recursion limit inside msgspec, and deep objects make every later walk
-# recursive. :func:`nesting_depth` reads only the MessagePack headers (no object is built), so the
-# depth is known before anything decodes it. msgspec's typed path below builds only the
-# schema's fields (depth 5 at most) and skips unknown content; it declines on any error, so a
-# deep frame always reaches the reference path, which checks the depth first.
+# The typed decoders build only the schema's fields (nested 5 deep at most) and skip the content
+# of fields they do not know without building it. A frame they refuse is read again to name
+# the error, and that reading starts with :func:`nesting_depth`, which reads only the
+# MessagePack headers (no object is built): ~1,000 nested one-element arrays (a 1 KB frame)
+# would exhaust Python's recursion limit in any decoder, and deep objects make every later walk
+# recursive. A frame nested deeper than MAX_DEPTH is therefore always ``too_deep``.
 
 
 def _header_table() -> tuple[tuple[int, int, int], ...]:
@@ -908,62 +909,68 @@ def nesting_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
 
 # ----------------------------------------------------------------------------- encode/decode
 
-_FIELD_NAMES: Final = {cls: tuple(f.name for f in fields(cls)) for cls in _RECORDS}
+
+class _Version(Struct):
+    v: Any = None
 
 
-def to_wire(obj: Any) -> Any:
-    """The plain-data form of a record (dicts, lists, scalars), as it goes on the wire."""
-    spec = _WIRE_SPEC.get(type(obj))
-    if spec is None:
-        if isinstance(obj, tuple | list):
-            return [to_wire(v) for v in obj]
-        return obj
-    names, get, nested = spec
-    out = dict(zip(names, get(obj), strict=True))
-    for name in nested:  # only fields typed as a record or a tuple can hold nested data
-        v = out[name]
-        if type(v) is tuple or type(v) in _FIELD_NAMES:
-            out[name] = to_wire(v)
-    return out
+_VERSION: Final = msgspec.msgpack.Decoder(_Version)
+_DECODE_V1: Final = msgspec.msgpack.Decoder(SampleFrame | EventFrame | InventoryFrame)
+_DECODE_V2: Final = msgspec.msgpack.Decoder(_SampleV2 | EventFrame | InventoryFrame)
+_DECLINE: Final = (
+    msgspec.MsgspecError,
+    ValueError,
+    TypeError,
+    OverflowError,
+    RecursionError,
+    UnicodeDecodeError,
+)
 
 
-def _nested_fields(cls: type[Any]) -> tuple[str, ...]:
-    hints = typing.get_type_hints(cls)
-    out = []
-    for name in _FIELD_NAMES[cls]:
-        hint = hints[name]
-        args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-        if any(get_origin(a) is tuple or a in _RECORDS for a in args):
-            out.append(name)
-    return tuple(out)
-
-
-# per record: field names, one attrgetter for all of them, the fields that may nest
-_WIRE_SPEC: Final = {
-    cls: (_FIELD_NAMES[cls], operator.attrgetter(*_FIELD_NAMES[cls]), _nested_fields(cls)) for cls in _RECORDS
-}
-
-
-def encode(frame: Frame) -> bytes:
-    """MessagePack bytes of ``frame``. Raises :class:`FrameEncodeError` for unencodable values."""
+def encode(frame: Frame, *, static: bool = True) -> bytes:
+    """MessagePack bytes of ``frame`` in schema version 2. A sample's records go as tables; with
+    ``static=False`` (what the agent sends) its GPUs' static facts are left to the inventory.
+    Raises :class:`FrameEncodeError` for unencodable values."""
     try:
-        data: bytes = msgpack.packb(to_wire(frame), use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
+        if type(frame) is SampleFrame:
+            return _ENCODER.encode(_sample_v2(frame, static))
+        return _ENCODER.encode(replace(frame, v=SCHEMA_VERSION) if frame.v != SCHEMA_VERSION else frame)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
         raise FrameEncodeError(f"cannot encode {type(frame).__name__}: {e}") from e
-    return data
+
+
+def encode_v1(frame: Frame) -> bytes:
+    """The frame in schema version 1 (every record a map, every field in every sample): what an
+    agent of the previous release sends. Kept for tests and benchmarks of the old layout."""
+    try:
+        return _ENCODER.encode(replace(frame, v=1))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
+        raise FrameEncodeError(f"cannot encode {type(frame).__name__}: {e}") from e
 
 
 def decode(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
-    """Decode and validate one frame of any kind.
+    """Decode and validate one frame of any kind, schema version 1 or 2.
 
     Raises :class:`FrameDecodeError` (``reason`` says why, ``field`` where).
     """
     if len(data) > max_bytes:
         raise FrameDecodeError("oversized", f"frame of {len(data)} bytes exceeds {max_bytes}")
-    typed = _decode_typed(data)
-    if typed is not None:
-        return typed
-    return from_wire(_unpack(data))
+    try:
+        v = _VERSION.decode(data).v
+        if v == SCHEMA_VERSION and type(v) is int:
+            w = _DECODE_V2.decode(data)
+            frame: Frame = _assemble(w, _body(w)) if type(w) is _SampleV2 else w
+        elif v == 1 and type(v) is int:
+            frame = _DECODE_V1.decode(data)
+        else:
+            raise _Decline
+    except (FrameDecodeError, _Decline, *_DECLINE):
+        return from_wire(_unpack(data))  # read again, to name what is wrong (the depth first)
+    return _check_event(frame)
+
+
+class _Decline(Exception):
+    """The typed decoder refuses: the plain reading names the error."""
 
 
 def _unpack(data: bytes) -> Any:
@@ -979,6 +986,35 @@ def _unpack(data: bytes) -> Any:
         raise FrameDecodeError("malformed", f"not decodable: {type(e).__name__}: {e}") from e
 
 
+def _version(raw: Any) -> int:
+    if type(raw) is not dict:
+        raise FrameDecodeError("not_a_map", f"frame must be a map, got {_tn(raw)}")
+    v = raw.get("v")
+    if type(v) is not int:
+        raise FrameDecodeError("version", f"missing or non-integer schema version: {v!r}", "v")
+    if v not in SUPPORTED_VERSIONS:
+        raise FrameDecodeError(
+            "version", f"unsupported schema major version {v}; this build reads {SUPPORTED_VERSIONS}", "v"
+        )
+    kind = raw.get("kind")
+    if type(kind) is not str or kind not in _FRAME_TYPES:
+        raise FrameDecodeError("unknown_kind", f"unknown frame kind {kind!r}", "kind")
+    return v
+
+
+def from_wire(raw: Any) -> Frame:
+    """Validate plain data (a frame of schema version 1 or 2, as unpacked) into a frame."""
+    v = _version(raw)
+    try:
+        if v == SCHEMA_VERSION and raw["kind"] == "sample":
+            w = msgspec.convert(raw, _SampleV2)
+            return _assemble(w, _body(w))
+        frame: Frame = msgspec.convert(raw, Frame)
+    except msgspec.ValidationError as e:
+        raise _error(e) from None
+    return _check_event(frame)
+
+
 def decode_partial(
     data: bytes, max_bytes: int = MAX_FRAME_BYTES
 ) -> tuple[Frame, tuple[FrameDecodeError, ...]]:
@@ -992,45 +1028,35 @@ def decode_partial(
             raise
         first = e
     raw = _unpack(data)  # it unpacked before: the error is in a field
-    gpus = raw.get("gpus") if type(raw) is dict and raw.get("kind") == "sample" else None
+    v = _version(raw)
+    if raw["kind"] != "sample":
+        raise first
+    w = None
+    if v == SCHEMA_VERSION:
+        try:
+            w = msgspec.convert(raw, _SampleV2)
+        except msgspec.ValidationError as e:
+            raise _error(e) from None
+        body = _body(w)
+    else:
+        body = raw
+    gpus = body.get("gpus")
     if type(gpus) is not list:
         raise first
     good: list[Any] = []
     dropped: list[FrameDecodeError] = []
     for i, g in enumerate(gpus):
         try:
-            _build(GpuSample, g, f"gpus[{i}]")
-        except FrameDecodeError as ge:
-            dropped.append(ge)
+            msgspec.convert(g, GpuSample)
+        except msgspec.ValidationError as ge:
+            dropped.append(_error(ge, f"gpus[{i}]"))
         else:
             good.append(g)
     if not dropped:
         raise first
+    if w is not None:
+        return _assemble(w, {**body, "gpus": good}), tuple(dropped)
     return from_wire({**raw, "gpus": good}), tuple(dropped)
-
-
-def from_wire(raw: Any) -> Frame:
-    """Validate plain data (as produced by :func:`to_wire`) into a frame."""
-    if type(raw) is not dict:
-        raise FrameDecodeError("not_a_map", f"frame must be a map, got {_tn(raw)}")
-    v = raw.get("v")
-    if type(v) is not int:
-        raise FrameDecodeError("version", f"missing or non-integer schema version: {v!r}", "v")
-    if v != SCHEMA_VERSION:
-        raise FrameDecodeError(
-            "version", f"unsupported schema major version {v}; this build reads {SCHEMA_VERSION}", "v"
-        )
-    kind = raw.get("kind")
-    cls = _FRAME_TYPES.get(kind) if type(kind) is str else None
-    if cls is None:
-        raise FrameDecodeError("unknown_kind", f"unknown frame kind {kind!r}", "kind")
-    frame: Frame = _build_fast(cls, raw)
-    if type(frame) is EventFrame:
-        if frame.type not in EVENT_TYPES:
-            raise FrameDecodeError("bad_type", f"unknown event type {frame.type!r}", "type")
-        if frame.source not in EVENT_SOURCES:
-            raise FrameDecodeError("bad_type", f"unknown event source {frame.source!r}", "source")
-    return frame
 
 
 def decode_as(data: bytes, cls: type[F], max_bytes: int = MAX_FRAME_BYTES) -> F:
@@ -1039,3 +1065,34 @@ def decode_as(data: bytes, cls: type[F], max_bytes: int = MAX_FRAME_BYTES) -> F:
     if type(frame) is not cls:
         raise FrameDecodeError("unknown_kind", f"expected a {cls.KIND} frame, got {frame.kind}", "kind")
     return frame
+
+
+def _tn(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# ----------------------------------------------------------------------------- static facts
+
+
+def static_facts(gpu: GpuSample) -> tuple[Any, ...]:
+    """The static facts of a GPU as a sample reads them (:data:`STATIC_GPU_FIELDS` order)."""
+    return tuple(getattr(gpu, name) for name in STATIC_GPU_FIELDS)
+
+
+def with_static(info: GpuInfo, gpu: GpuSample) -> GpuInfo:
+    """``info`` carrying the static facts ``gpu`` reads (the agent's inventory of v2)."""
+    return replace(info, **{name: getattr(gpu, name) for name in STATIC_GPU_FIELDS})
+
+
+def join_static(gpu: GpuSample, info: GpuInfo) -> GpuSample:
+    """``gpu`` (from a v2 sample, without its static facts) completed from its inventory entry:
+    each static field the sample leaves unset (``None``, or an empty ``uuid``) takes the
+    inventory's value."""
+    changes = {}
+    for name in STATIC_GPU_FIELDS:
+        have = getattr(gpu, name)
+        if have is None or have == "":
+            value = getattr(info, name)
+            if value is not None:
+                changes[name] = value
+    return replace(gpu, **changes) if changes else gpu

@@ -401,7 +401,7 @@ async def test_escalation_continues_after_a_restart_without_repeating_level_0(
 async def test_a_flapping_alert_is_notified_once_as_flapping_then_held(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
-    from dataclasses import replace
+    from shared.frames import replace
 
     nats_url = private_nats.url
     body = '[alerts.for_rules]\n"gpu.temperature" = "0s"\n' + webhook_toml("{url}")

@@ -6,7 +6,6 @@ when it resolves, and nothing else is notified."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,7 +16,16 @@ from agent.system import SimulatedSystem
 from collector.alerts import AlertEngine, AlertState, Notification, alert_config_from
 from collector.health import HealthEngine, HealthState
 from collector.health.config import GpuThresholds, HealthConfig, NodeThresholds
-from shared.frames import DiskUsage, EventFrame, GpuInfo, GpuSample, InventoryFrame, SampleFrame, SystemSample
+from shared.frames import (
+    DiskUsage,
+    EventFrame,
+    GpuInfo,
+    GpuSample,
+    InventoryFrame,
+    SampleFrame,
+    SystemSample,
+    replace,
+)
 from tests.support.fault_table import EXPECTED, NODE_EXPECTED
 
 T0 = 1_700_000_000.0

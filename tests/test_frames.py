@@ -18,6 +18,7 @@ from shared.frames import (
     decode,
     decode_as,
     encode,
+    encode_v1,
     from_wire,
     to_wire,
 )
@@ -32,7 +33,8 @@ def test_round_trip(frame: frames.Frame) -> None:
 
 
 def test_wire_form_is_plain_msgpack_map_with_string_keys() -> None:
-    raw = msgpack.unpackb(encode(fx.sample()), raw=False)
+    """Version 1: every record a map (what agents of the previous release send)."""
+    raw = msgpack.unpackb(encode_v1(fx.sample()), raw=False)
     assert raw["v"] == 1
     assert raw["kind"] == "sample"
     assert raw["gpus"][0]["temp_c"] == 64.0
@@ -40,9 +42,49 @@ def test_wire_form_is_plain_msgpack_map_with_string_keys() -> None:
     assert raw["gpus"][0]["processes"][0]["container"] == "job_1234"
 
 
+def test_v2_wire_form_is_tables_of_columns() -> None:
+    """Version 2: a sample's records as tables (names once, a column per field), constant
+    columns as one value, all-default columns left out, static GPU facts left to the inventory."""
+    f = fx.sample(gpus=3)
+    f = frames.replace(f, gpus=(frames.replace(f.gpus[0], temp_c=70.5), *f.gpus[1:]))
+    raw = msgpack.unpackb(encode(f, static=False), raw=False)
+    assert raw["v"] == 2
+    assert raw["kind"] == "sample"
+    gpus = raw["gpus"]
+    assert gpus["index"] == [0, 1, 2]  # the first column is always an array: the row count
+    assert gpus["temp_c"] == [70.5, 64, 64]  # integral floats travel as integers
+    assert gpus["util_gpu_pct"] == 87  # the same for every GPU: one value
+    assert "fan_pct" not in gpus  # nil (the default) for every GPU: left out
+    assert "ecc_dbe_volatile" not in gpus  # a counter left out is 0 for every GPU
+    assert gpus["retired_pages_sbe"] is None  # so a counter nil for every GPU is sent as nil
+    assert not set(frames.STATIC_GPU_FIELDS) & set(gpus)
+    assert raw["processes"]["gpu"] == [0, 1, 2]
+    assert raw["processes"]["container"] == "job_1234"
+    assert raw["system"]["disks"]["mount"] == ["/"]
+    back = decode(encode(f, static=False))
+    assert isinstance(back, SampleFrame)
+    assert back.gpus[0].temp_c == 70.5
+    assert back.gpus[1].temp_c == 64.0
+    assert back.gpus[0].uuid == ""  # static facts: joined from the inventory by the collector
+    assert back.gpus[0].temp_slowdown_c is None
+    assert back.gpus[2].processes == f.gpus[2].processes
+    assert decode(encode(f)) == f  # with static=True (the default) a sample is whole
+
+
 def _raw_sample(**over: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = to_wire(fx.sample(gpus=2))
+    raw: dict[str, Any] = to_wire(frames.replace(fx.sample(gpus=2), v=1))
     raw.update(over)
+    return raw
+
+
+def _v2_gpu_over(**over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = msgpack.unpackb(encode(fx.sample(gpus=2)))
+    for name, value in over.items():
+        default = {f.name: f.default for f in frames.fields(frames.GpuSample)}[name]
+        col = raw["gpus"].get(name, [default, default])
+        col = list(col) if type(col) is list else [col, col]
+        col[1] = value
+        raw["gpus"][name] = col
     return raw
 
 
@@ -55,7 +97,7 @@ def _gpu_over(**over: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("raw", "reason", "field"),
     [
-        (_raw_sample(v=2), "version", "v"),
+        (_raw_sample(v=3), "version", "v"),
         (_raw_sample(v="1"), "version", "v"),
         (_raw_sample(kind="metrics"), "unknown_kind", "kind"),
         (_raw_sample(host=7), "bad_type", "host"),
@@ -76,6 +118,14 @@ def _gpu_over(**over: Any) -> dict[str, Any]:
         (_raw_sample(boot_id="b" * 4000), "too_long", "boot_id"),
         (_raw_sample(system={"cpu_pct": 250.0}), "out_of_range", "system.cpu_pct"),
         (_raw_sample(system=[1, 2]), "bad_type", "system"),
+        # the same checks in a v2 frame, whose GPU values are columns
+        (_v2_gpu_over(temp_c=math.nan), "out_of_range", "gpus[1].temp_c"),
+        (_v2_gpu_over(temp_c="hot"), "bad_type", "gpus[1].temp_c"),
+        (_v2_gpu_over(uuid="u" * 129), "too_long", "gpus[1].uuid"),
+        (_v2_gpu_over(lost="yes"), "bad_type", "gpus[1].lost"),
+        ({**_v2_gpu_over(), "gpus": 5}, "bad_type", "gpus"),
+        ({**_v2_gpu_over(), "gpus": {"index": [0, 1], "temp_c": [1]}}, "bad_type", "gpus.temp_c"),
+        ({**_v2_gpu_over(), "seq": -1}, "out_of_range", "seq"),
     ],
 )
 def test_decode_rejects_naming_the_field(raw: dict[str, Any], reason: str, field: str) -> None:

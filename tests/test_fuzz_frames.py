@@ -33,7 +33,7 @@ from collector.ingest import Limits, check
 from collector.store.rows import storage_problem
 from collector.store.writer import Accepted, Rejection
 from gpuwarden.servers import NatsServer
-from shared.frames import AgentStats, CheckResult, Frame, decode, encode, to_wire
+from shared.frames import AgentStats, CheckResult, Frame, decode, encode, replace, to_wire
 from shared.subjects import parse_subject, subject_for
 from tests.support import frame_fixtures as fx
 from tests.support.ingest import _count, config
@@ -108,7 +108,7 @@ def real_frames(now: float, gpus: int = 3) -> list[Frame]:
     ):
         frames.append(build_event(seqr, ev, 1))
     fixtures: list[Frame] = [fx.sample(gpus=2), fx.event(), fx.inventory(gpus=2)]
-    frames += [dataclasses.replace(f, ts=now) for f in fixtures]  # type: ignore[call-overload]
+    frames += [replace(f, ts=now) for f in fixtures]  # type: ignore[call-overload]
     return frames
 
 

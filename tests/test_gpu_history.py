@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from collector.health.codec import state_from_dict, state_to_dict
 from collector.health.config import GpuThresholds
 from collector.health.history import BoardHistory, FatalXid, FleetHistory, decide
 from gpuwarden.servers import NatsServer
-from shared.frames import EventFrame, GpuInfo, HostFacts, InventoryFrame
+from shared.frames import EventFrame, GpuInfo, HostFacts, InventoryFrame, replace
 
 T0 = 1_700_000_000.0
 HOUR, DAY = 3600.0, 86400.0

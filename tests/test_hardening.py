@@ -5,7 +5,6 @@ PostgreSQL, and against the collector as a process."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import os
 import signal
@@ -26,7 +25,16 @@ from collector.ingest import Ingest, Limits, check, consumer_name
 from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, free_port
 from shared.errors import FrameDecodeError
-from shared.frames import MAX_DEPTH, decode, decode_partial, encode, nesting_depth, to_wire
+from shared.frames import (
+    MAX_DEPTH,
+    decode,
+    decode_partial,
+    encode,
+    encode_v1,
+    nesting_depth,
+    replace,
+    to_wire,
+)
 from shared.subjects import STREAM, sample_subject
 from tests.support.ingest import _count, config, publish, running
 from tests.support.records import sample
@@ -69,7 +77,8 @@ def test_nesting_is_bounded_before_decoding() -> None:
     assert type(r) is Rejection
     assert (r.reason, r.stream_seq) == ("too_deep", 7)
     # real frames of every kind are well inside the bound; a frame nested within it decodes
-    assert nesting_depth(encode(sample("h-1", 1, 1.7e9))) == 5
+    assert nesting_depth(encode_v1(sample("h-1", 1, 1.7e9))) == 5
+    assert nesting_depth(encode(sample("h-1", 1, 1.7e9))) <= 5  # v2: tables
     assert decode(hostile(depth=MAX_DEPTH - 2)).host == "h-1"
 
 
@@ -442,7 +451,6 @@ def test_an_event_is_judged_once_when_the_agent_restarts_during_a_backlog() -> N
     """The fast event path judges events as they are published; the ingest hands the same
     events over after storing them, late when it drains a backlog. The agent restarting in
     between (a new boot id) must not make either path judge an event twice."""
-    import dataclasses
 
     from collector.health import HealthEngine, HealthState
     from collector.health.codec import health_snapshot, state_from_dict
@@ -453,8 +461,7 @@ def test_an_event_is_judged_once_when_the_agent_restarts_during_a_backlog() -> N
     now = time.time()
     run_a = [sample("r-1", 1, now - 9, gpus=4), event("r-1", 2, now - 8), event("r-1", 3, now - 7)]
     run_b = [
-        dataclasses.replace(f, boot_id="boot-2")
-        for f in (sample("r-1", 1, now - 3, gpus=4), event("r-1", 2, now - 2))
+        replace(f, boot_id="boot-2") for f in (sample("r-1", 1, now - 3, gpus=4), event("r-1", 2, now - 2))
     ]
     xids: list[Any] = []
 
@@ -490,7 +497,7 @@ async def test_frames_dated_ahead_never_push_the_stored_host_into_the_future(
     now = time.time()
 
     def inv(seq: int, ts: float, driver: str) -> Accepted:
-        return Accepted(dataclasses.replace(inventory("fut-1", seq, ts, gpus=2), driver_version=driver))
+        return Accepted(replace(inventory("fut-1", seq, ts, gpus=2), driver_version=driver))
 
     try:
         await writer.write([inv(1, now - 60, "570.1")])
@@ -519,7 +526,7 @@ def test_every_string_field_has_a_documented_length_limit() -> None:
     doc = (ROOT / "docs" / "protocol.md").read_text()
     for cls in frames._RECORDS:
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+        for f in frames.fields(cls):
             if f.name == "kind" or "str" not in str(hints[f.name]):
                 continue
             limit = f.metadata.get("max_len")

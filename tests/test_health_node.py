@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from shared.frames import (
     SampleFrame,
     ServiceState,
     SystemSample,
+    replace,
 )
 from shared.sxid import parse_catalog
 from tests.support.sysfs_ib import write_tree

@@ -156,7 +156,7 @@ def _fuzz_message(kind: int, data: st.DataObject) -> tuple[str, bytes]:
         other = data.draw(st.sampled_from([("prov-a", "fz-2"), ("prov-x", "fz-1")]))
         return sample_subject(*other), encode(base)
     if kind == 6:  # wrong schema version or kind
-        wire["v"] = data.draw(st.sampled_from([0, 2, "1", None]))
+        wire["v"] = data.draw(st.sampled_from([0, 3, "1", None]))
         return subject, msgpack.packb(wire)
     # oversized (collector limit set to 8 KiB in the test)
     wire["gpus"][0]["uuid"] = "x" * 4000
@@ -319,7 +319,7 @@ async def _stored(ingest: Ingest, n: int) -> bool:
     return ingest.stats.frames_stored + ingest.stats.duplicates >= n
 
 
-# ----------------------------------------------------------------------------- fast decoder
+# ----------------------------------------------------------------------------- typed decoder
 
 ODD_VALUES: list[Any] = [
     None,
@@ -381,48 +381,34 @@ def _mutated(base: Any, path: tuple[Any, ...], odd: Any) -> Any:
     return raw
 
 
-def test_fast_decoder_agrees_with_the_reference() -> None:
-    """The generated fast path of shared.frames accepts and builds exactly what the checks do."""
-    from shared import frames as fr
-
-    bases = [to_wire(sample("h", 3, 1.7e9)), to_wire(event("h", 4, 1.7e9)), to_wire(inventory("h", 5, 1.7e9))]
-    cases = 0
-    for base in bases:
-        cls = fr._FRAME_TYPES[base["kind"]]
-        for path, _ in list(_mutations(base)):
-            for odd in [*ODD_VALUES, "__missing__"]:
-                raw = _mutated(base, path, odd)
-                ref = _outcome(lambda raw=raw, cls=cls: fr._build(cls, raw, ""))
-                fast = _outcome(lambda raw=raw, cls=cls: fr._build_fast(cls, raw))
-                assert fast == ref, (path, odd)
-                cases += 1
-    assert cases > 2000
-
-
 def _reference_decode(data: bytes) -> Any:
-    """shared.frames.decode as it reads without the typed (msgspec) path."""
+    """What shared.frames.decode says when its typed decoder declines: the frame unpacked by
+    msgpack (nesting bounded first), then converted by msgspec into the same schema."""
     from shared import frames as fr
     from shared.errors import FrameDecodeError
 
     if len(data) > fr.MAX_FRAME_BYTES:
         raise FrameDecodeError("oversized", "too big")
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        raw = fr._unpack(data)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise FrameDecodeError("malformed", f"not valid MessagePack: {e}") from e
     return fr.from_wire(raw)
 
 
 def test_typed_decoder_agrees_with_the_reference() -> None:
-    """decode() (msgspec typed path when installed) gives what the reference path gives."""
+    """decode() (the msgspec decoders of v1 and v2) gives what the plain reading gives: the same
+    frame, or the same reason, field and message."""
     from shared import frames as fr
 
     corpus = [data for _, data in fuzzed_messages(300)]
-    base = to_wire(sample("h", 3, 1.7e9))
-    corpus.append(msgpack.packb(base))
-    for path, _ in list(_mutations(base)):
-        for odd in [*ODD_VALUES, "__missing__"]:
-            corpus.append(msgpack.packb(_mutated(base, path, odd)))
+    v1 = to_wire(fr.replace(sample("h", 3, 1.7e9), v=1))
+    v2 = msgpack.unpackb(fr.encode(sample("h", 3, 1.7e9), static=False))
+    for base in (v1, v2):
+        corpus.append(msgpack.packb(base))
+        for path, _ in list(_mutations(base)):
+            for odd in [*ODD_VALUES, "__missing__"]:
+                corpus.append(msgpack.packb(_mutated(base, path, odd)))
     accepted = 0
     for data in corpus:
         ref = _outcome(lambda data=data: _reference_decode(data))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import fields
 
 import pytest
 
@@ -23,7 +22,7 @@ from agent.gpu.simmodel import (
 )
 from agent.gpu.simulated import SimulatedBackend
 from shared.errors import ConfigError
-from shared.frames import GpuSample, InventoryFrame, SampleFrame, decode, encode
+from shared.frames import GpuSample, InventoryFrame, SampleFrame, decode, encode, fields
 
 
 class FakeClock:

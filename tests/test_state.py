@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from collector.state import RECENT_EVENTS, FleetState
@@ -78,16 +76,16 @@ def test_the_agents_outage_report_is_kept_and_shown_on_the_host() -> None:
     """A sample carrying the agent's publish-outage report: the state keeps the newest report
     (a later sample without one does not clear it) and the host API shows it."""
     from collector.api.views import host_detail
-    from shared.frames import PublishOutage
+    from shared.frames import PublishOutage, replace
 
     s = FleetState()
     report = PublishOutage(since=1000.0, until=1030.5, buffered_frames=30, dropped_frames=1)
-    s.apply([dataclasses.replace(sample("a", 40, 1031.0), outage=report), sample("a", 41, 1032.0)])
+    s.apply([replace(sample("a", 40, 1031.0), outage=report), sample("a", 41, 1032.0)])
     host = s.host("a")
     assert host is not None
     assert host.outage == report
     older = PublishOutage(since=900.0, until=910.0, buffered_frames=1, dropped_frames=0)
-    s.apply([dataclasses.replace(sample("a", 5, 911.0), outage=older)])  # redelivered, older
+    s.apply([replace(sample("a", 5, 911.0), outage=older)])  # redelivered, older
     assert host.outage == report
     view = host_detail("a", None, host, {})
     assert view["publish_outage"] == {

@@ -3,7 +3,6 @@ queries, state rebuild. Also home of the frame builders the other collector test
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -23,6 +22,7 @@ from shared.frames import (
     GpuSample,
     PublishOutage,
     SampleFrame,
+    replace,
 )
 from tests.support.records import event, inventory, make_config, sample
 
@@ -210,9 +210,7 @@ async def test_unstorable_frames_are_rejected_not_retried(conn: asyncpg.Connecti
     now = time.time()
     good = sample("u1", 1, now, gpus=1)
     bad = sample("u1", 2, now, gpus=1)
-    bad = dataclasses.replace(
-        bad, gpus=(GpuSample(index=0, uuid="GPU-u1-0", ecc_sbe_volatile=(1 << 64) - 1),)
-    )
+    bad = replace(bad, gpus=(GpuSample(index=0, uuid="GPU-u1-0", ecc_sbe_volatile=(1 << 64) - 1),))
     nul = EventFrame(host="u1", provider="prov-a", boot_id="boot-1", seq=3, ts=now, message="a\x00b")
     result = await writer.write([Accepted(good), Accepted(bad, "subj", 77, 10, b"head"), Accepted(nul)])
     assert [f.seq for f in result.new] == [1]
@@ -297,7 +295,7 @@ async def test_state_rebuilds_from_postgres(conn: asyncpg.Connection, writer: Wr
         sample("s3", 12, now - 2, provider="prov-1", system=False),
     ]
     outage = PublishOutage(since=now - 60, until=now - 27, buffered_frames=33, dropped_frames=2)
-    frames[14] = dataclasses.replace(frames[14], outage=outage)  # s2's newest sample carries a report
+    frames[14] = replace(frames[14], outage=outage)  # s2's newest sample carries a report
     await writer.write([Accepted(f) for f in frames])
     state = await load_state(conn)
     assert state.hosts["s2"].outage == outage  # stored with its sample and read back

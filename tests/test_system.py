@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from agent.system import (
     os_pretty_name,
     parse_file_nr,
 )
-from shared.frames import InventoryFrame, SampleFrame, SystemSample, decode, encode
+from shared.frames import InventoryFrame, SampleFrame, SystemSample, decode, encode, replace
 
 
 def _round_trip(system: SystemSample) -> None:
@@ -232,7 +231,7 @@ def test_simulated_is_deterministic_and_valid() -> None:
     assert fa.kernel_boot_id != fc.kernel_boot_id
     fb = b.host_facts()
     assert fa.boot_time == pytest.approx(fb.boot_time, abs=2)  # wall clock at construction
-    assert dataclasses.replace(fa, boot_time=None) == dataclasses.replace(fb, boot_time=None)
+    assert replace(fa, boot_time=None) == replace(fb, boot_time=None)
     assert fa.boot_time is not None
     assert fa.boot_time == pytest.approx(time.time() - (ra[0].uptime_s or 0), abs=5)
 

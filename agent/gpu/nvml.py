@@ -15,7 +15,6 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import replace
 from functools import partial
 from types import ModuleType
 from typing import Any, Final
@@ -25,7 +24,7 @@ from agent.gpu.base import GpuEvent, Inventory
 from agent.gpu.nvml_query import GpuLost, NvmlGpu, NvmlQuery, handle_key, text
 from agent.processes import build_processes, merge_nvml, mig_ids
 from shared.errors import NvmlUnavailableError
-from shared.frames import GpuInfo, GpuSample, MigInstance, MigSample
+from shared.frames import GpuInfo, GpuSample, MigInstance, MigSample, replace
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ field id answers ``NOT_SUPPORTED`` (or ``INVALID_ARGUMENT``) for that entry only
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from shared.frames import GpuSample
+from shared.frames import GpuSample, fields
 
 
 class Query(Protocol):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any, Final
 
 from agent.faults import Fault, FaultSchedule
@@ -54,7 +53,7 @@ from agent.gpu.simmodel import (
     overrides,
 )
 from shared.errors import NvmlUnavailableError
-from shared.frames import GpuSample
+from shared.frames import GpuSample, fields
 
 SIM_NVML_ERROR: Final = "Driver Not Loaded"  # what a simulated nvml_init_fail reports (NVML's text)
 # The detail of a simulated XID 74, in the driver's words (a link error class: check and reseat).

@@ -8,7 +8,6 @@ readings are ``null`` (never a sentinel).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -18,7 +17,7 @@ from collector.health import drivers
 from collector.health.model import STATUSES, UNKNOWN
 from collector.health.rollup import FleetHealth, GpuHealth, HostHealth, Problem, ProviderHealth
 from collector.state import FleetHost, FleetState
-from shared.frames import GpuInfo, GpuSample, SampleFrame
+from shared.frames import GpuInfo, GpuSample, SampleFrame, to_wire
 
 GPU_READINGS: Final = (
     "util_gpu_pct",
@@ -196,10 +195,10 @@ def _system_view(sample: SampleFrame | None) -> dict[str, Any] | None:
     if sample is None or sample.system is None:
         return None
     s = sample.system
-    d = dataclasses.asdict(s)
+    d = to_wire(s)
     return {k: v for k, v in d.items() if not isinstance(v, list | tuple)} | {
-        "disks": [dataclasses.asdict(x) for x in s.disks],
-        "nics": [dataclasses.asdict(x) for x in s.nics],
+        "disks": d["disks"],
+        "nics": d["nics"],
     }
 
 

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from collector.health.history import BoardHistory, FatalXid, FleetHistory
 from collector.health.model import HEALTHY, CheckStatus, GpuState, HealthState, HostState, XidRecord
 from shared.frames import (
@@ -29,6 +31,8 @@ from shared.frames import (
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):
+        return {name: _plain(getattr(value, name)) for name in value.__struct_fields__}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, TypeAlias
 
 import asyncpg
 
 from collector.store.rows import GPU_FIELDS, ROLLUP_METRICS, SYSTEM_FIELDS, detail_to_wire, utc
+from shared import SCHEMA_VERSION
 from shared.errors import FrameDecodeError, GpuwardenError
-from shared.frames import EventFrame, GpuSample, InventoryFrame, SampleFrame, SystemSample, from_wire
+from shared.frames import EventFrame, GpuSample, InventoryFrame, SampleFrame, SystemSample, fields, from_wire
 
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 GPU_METRICS: Final = frozenset(
@@ -322,7 +323,7 @@ def _sample_frame(r: asyncpg.Record, gpu_rows: list[asyncpg.Record]) -> SampleFr
         d["processes"] = detail["procs"].get(g["gpu_index"], [])
         gpus.append(d)
     raw: dict[str, Any] = {
-        "v": 1,
+        "v": SCHEMA_VERSION,
         "kind": "sample",
         "host": r["name"],
         "provider": r["provider"],

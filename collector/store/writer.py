@@ -376,7 +376,7 @@ class Writer:
                 if f.ts > self._newest.get(key[0], 0.0):
                     self._newest[key[0]] = f.ts
             for g in f.gpus:
-                if self._gpus.get((key[0], g.index)) != g.uuid:
+                if g.uuid and self._gpus.get((key[0], g.index)) != g.uuid:  # "": no inventory yet
                     new_gpus[(key[0], g.index)] = g.uuid
         if gpu_rows:
             await conn.copy_records_to_table("gpu_samples", records=gpu_rows, columns=GPU_COLUMNS)

@@ -39,7 +39,7 @@ import copy
 import json
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from collector.alerts import AckIncident, AddSilence, AlertEngine, AlertState, S
 from collector.alerts.model import Ack, Command, Notification
 from collector.health import HealthEngine, HealthState, health_config_from
 from collector.health.codec import health_snapshot, state_from_dict
-from shared.frames import CheckResult, Frame
+from shared.frames import CheckResult, Frame, replace
 
 HERE = Path(__file__).parent.parent / "scenarios"
 T0 = 1_700_000_000.0
