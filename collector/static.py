@@ -18,15 +18,21 @@ from the newest stored inventory of each host (:meth:`StaticFacts.seed`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter
+from typing import Any, Final
 
-from shared.frames import Frame, GpuInfo, InventoryFrame, SampleFrame, join_static, replace
+from shared.frames import STATIC_GPU_FIELDS, Frame, GpuInfo, InventoryFrame, SampleFrame, join_static, replace
+
+_static: Final = attrgetter(*STATIC_GPU_FIELDS)
+_LEFT_OUT: Final = ("", *(None,) * (len(STATIC_GPU_FIELDS) - 1))  # what a v2 sample's GPU reads
 
 
 class StaticFacts:
     """Per host (provider, host): the GPUs of its newest inventory frame, by index."""
 
     def __init__(self) -> None:
-        self._hosts: dict[tuple[str, str], tuple[float, dict[int, GpuInfo]]] = {}
+        # (provider, host) -> (ts of the inventory, index -> (its GpuInfo, its static values set))
+        self._hosts: dict[tuple[str, str], tuple[float, dict[int, tuple[GpuInfo, dict[str, Any]]]]] = {}
         self.unjoined = 0  # samples of GPUs without static facts that no inventory could complete
 
     def __len__(self) -> int:
@@ -41,7 +47,7 @@ class StaticFacts:
         key = (inv.provider, inv.host)
         have = self._hosts.get(key)
         if have is None or inv.ts >= have[0]:
-            self._hosts[key] = (inv.ts, {g.index: g for g in inv.gpus})
+            self._hosts[key] = (inv.ts, {g.index: (g, _facts(g)) for g in inv.gpus})
 
     def join(self, frame: Frame) -> Frame:
         """``frame``, a sample's GPUs completed with their static facts; an inventory is
@@ -59,12 +65,18 @@ class StaticFacts:
             if g.uuid:
                 gpus.append(g)
                 continue
-            info = infos.get(g.index)
-            if info is None:
+            entry = infos.get(g.index)
+            if entry is None:
                 missing = True
                 gpus.append(g)
+            elif _static(g) == _LEFT_OUT:  # the usual case: all left to the inventory
+                gpus.append(replace(g, **entry[1]))
             else:
-                gpus.append(join_static(g, info))
+                gpus.append(join_static(g, entry[0]))
         if missing:
             self.unjoined += 1
         return replace(frame, gpus=tuple(gpus))
+
+
+def _facts(info: GpuInfo) -> dict[str, Any]:
+    return {name: value for name in STATIC_GPU_FIELDS if (value := getattr(info, name)) is not None}
