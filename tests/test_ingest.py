@@ -27,7 +27,7 @@ from gpuwarden.servers import NatsServer, PostgresServer
 from shared.frames import Frame, encode, to_wire
 from shared.subjects import sample_subject
 from tests.support.ingest import _count, config, publish, running, stored_keys
-from tests.support.records import event, inventory, sample
+from tests.support.records import event, sample
 from tests.support.wait import until
 
 # ----------------------------------------------------------------------------- helpers

@@ -26,8 +26,8 @@ from shared.frames import (
     static_facts,
 )
 from shared.subjects import subject_for
+from tests.support.ingest import config, running
 from tests.support.wait import until
-from tests.test_ingest import config, running
 
 WIDE = Limits(max_bytes=1 << 20, oldest_ts=0.0, newest_ts=1e11)
 
