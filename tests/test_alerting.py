@@ -426,6 +426,27 @@ async def test_a_flapping_alert_is_notified_once_as_flapping_then_held(
     assert 1 <= kinds.count("firing") < 10
 
 
+async def test_a_fault_that_fires_and_clears_within_one_batch_is_paged_then_resolved(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    from dataclasses import replace
+
+    body = '[alerts.for_rules]\n"gpu.temperature" = "0s"\n' + webhook_toml("{url}")
+    async with Receiver() as rx:
+        cfg = write_config(tmp_path, pg_dsn, private_nats.url, body.format(url=rx.url))
+        async with collector(cfg) as svc:
+            t = time.time()
+            frames = [sample("sb-01", seq, t + seq * 0.01, gpus=1) for seq in (1, 2, 3)]
+            frames[1] = replace(frames[1], gpus=(replace(frames[1].gpus[0], temp_c=95.0),))
+            await send(private_nats.url, frames)  # one batch (linger): hot, then cool again
+            await until(lambda: svc.alerting.stats["observations"] >= 3)
+            await settled(svc)
+            (a,) = [a for a in svc.alerting.list_alerts() if a.rule == "gpu.temperature"]
+            assert a.state == "resolved"
+            await until(lambda: len([x for x in rx.alerts() if x[1] == "gpu.temperature"]) >= 2)
+    assert [k for _, name, k in rx.alerts() if name == "gpu.temperature"] == ["firing", "resolved"]
+
+
 async def test_an_event_is_judged_on_arrival_and_not_again_after_it_is_stored(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:

@@ -514,3 +514,37 @@ def test_network_rules_have_their_own_for() -> None:
     assert make({"network_for": "2m"}).config.for_of("net.target") == 120.0
     with pytest.raises(ConfigError, match="alerts.network_for"):
         make({"network_for": "soon"})
+
+
+# ----------------------------------------------------------------------------- batches
+
+FLAPS = ["critical", "healthy"] * 20
+
+
+@pytest.mark.parametrize(
+    ("alerts", "check", "statuses", "told"),
+    [
+        ({}, "gpu.xid", ["critical", "healthy"], ["firing", "resolved"]),  # fired and cleared in one batch
+        ({"group_wait": "2s"}, "gpu.temperature", ["critical", "healthy"], ["firing", "resolved"]),
+        ({}, "gpu.recovery_action", ["critical", "critical", "healthy", "critical"], None),
+        ({}, "gpu.recovery_action", FLAPS, None),  # paged firing, then flapping, then held
+    ],
+)
+def test_a_batch_is_told_as_its_observations_one_call_each(
+    alerts: dict[str, Any], check: str, statuses: list[str], told: list[str] | None
+) -> None:
+    obs = [ob(check, s, T0, imm=True) for s in statuses] + [ob("gpu.ecc", "critical", T0, gpu=1, imm=True)]
+    one_by_one, batch = Run(make(alerts)), Run(make(alerts))
+    for o in obs:
+        one_by_one(T0, o)
+    batch(T0, *obs)
+    said = [(n.kind, n.rule, n.channels) for n in one_by_one.notes]
+    assert [(n.kind, n.rule, n.channels) for n in batch.notes] == said
+    assert batch.kinds() == one_by_one.kinds()
+    kinds = [k for k, rule, _ in said if rule == check]
+    assert kinds[0] == "firing"  # the first firing is a page, whatever follows in the batch
+    if told is not None:
+        assert kinds == told
+    if statuses == FLAPS:
+        assert kinds.count("flapping") == 1
+        assert kinds[-1] == "flapping"

@@ -99,23 +99,43 @@ class AlertEngine:
         due = bool(commands) or now >= state.next_due
         if due:  # silences first, so that this call's notifications see them
             boundary = self.corr.sync_silences(state, ctx)
+        alerts, seen = state.alerts, set[str]()
         for o in observations:
+            key = o.key
+            if key in seen:  # a later frame's (one observation per alert and frame): if the
+                a = alerts.get(key)  # earlier one fired or changed it, that is told first
+                if a is not None and (a.fingerprint in ctx.fired or any(x is a for x, _, _ in ctx.later)):
+                    self._tell(state, ctx, provider_hosts)
+                    seen.clear()
+            seen.add(key)
             self._observe(state, o, ctx)
         if not due and now >= state.next_due:  # an observation made something due now (uninhibited)
             due = True
             boundary = self.corr.sync_silences(state, ctx)
         if due:
             self._advance(state, ctx, boundary)
+        self._tell(state, ctx, provider_hosts)
+        if ctx.due < state.next_due:
+            state.next_due = ctx.due
+        return Outcome(state, ctx.transitions, ctx.notifications)
+
+    def _tell(self, state: AlertState, ctx: Ctx, provider_hosts: Mapping[str, int] | None) -> None:
+        """Correlate and notify what fired so far in this call, then the updates held for the
+        end. Called at the end of ``evaluate`` and before a second observation of an alert that
+        fired (or changed) earlier in the same call (a later frame's: a frame gives one
+        observation per alert), so that a batch of frames is told as the same frames one call
+        each would be: a fault that fires and clears within one
+        batch is notified ``firing`` then ``resolved``, one that fires and then flaps is paged
+        ``firing`` before its ``flapping`` notice."""
         if ctx.fired:
             for a in self.corr.correlate(state, ctx, provider_hosts):
                 self._notify_first(state, a, ctx)
             self.corr.flush_updates(state, ctx)
-        if ctx.due < state.next_due:
-            state.next_due = ctx.due
-        for a, kind, channels in ctx.later:  # told last, if nothing silenced or inhibited it since
+            ctx.fired = {}
+        later, ctx.later = ctx.later, []
+        for a, kind, channels in later:  # told last, if nothing silenced or inhibited it since
             if quiet_ok(a) and (kind == N_FLAPPING or notifiable(a)):
                 self._send(ctx, a, kind, channels)
-        return Outcome(state, ctx.transitions, ctx.notifications)
 
     # ------------------------------------------------------------------ observations
 
