@@ -238,8 +238,7 @@ async def test_event_class_criticals_are_paged_before_their_step_is_written(tmp_
     """An XID is handed to its channel as soon as it is judged, not after the write of its
     step, nor after the write of the step before it (an ingest batch's, still committing);
     a threshold alert's page still waits for its write. Each is recorded once, as sent."""
-    from dataclasses import replace
-
+    from shared.frames import replace
     from tests.support.records import sample
     from tests.support.wait import until
 
