@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from itertools import repeat
+from operator import attrgetter
 from typing import Annotated, Any, ClassVar, Final, TypeVar
 
 import msgpack
@@ -845,6 +846,9 @@ def _body(w: _SampleV2) -> dict[str, Any]:
 # columns of different lengths) declines to the plain path above, which names the error.
 
 
+_CONSTS: Final[set[type[Any]]] = set()  # the {"=": value} wrappers of the typed tables
+
+
 def _column_type(cls: type[Any], name: str, hint: Any) -> Any:
     info = msgspec.inspect.type_info(hint)
     kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
@@ -855,6 +859,7 @@ def _column_type(cls: type[Any], name: str, hint: Any) -> Any:
     const = msgspec.defstruct(
         f"_Const_{cls.__name__}_{name}", [("value", hint)], rename={"value": _CONST}, frozen=True
     )
+    _CONSTS.add(const)
     return Annotated[list[hint], _LIST] | const
 
 
@@ -866,54 +871,42 @@ def _columns(cls: type[Any], extra: Sequence[tuple[Any, ...]] = ()) -> type[Stru
     return msgspec.defstruct(f"_Columns_{cls.__name__}", specs, frozen=True)
 
 
-_COLUMNS: Final = {
-    cls: _columns(cls)
-    for cls in (
-        GpuSample,
-        DiskUsage,
-        NicCounters,
-        IbPort,
-        KernelLogCount,
-        ModuleState,
-        ServiceState,
-        CheckResult,
-    )
-}
+_TABLES: Final = (
+    GpuSample, DiskUsage, NicCounters, IbPort, KernelLogCount, ModuleState, ServiceState, CheckResult,
+)  # fmt: skip
+_COLUMNS: Final = {cls: _columns(cls) for cls in _TABLES}
 _PROCESS_COLUMNS: Final = _columns(GpuProcess, [("gpu", Annotated[list[Index], _LIST] | Index)])
 
 
-def _records(t: Any, names: Sequence[str]) -> list[tuple[Any, ...]]:
-    """The rows of a typed table ``t`` (columns ``names``, in the record's field order)."""
-    values = [getattr(t, name) for name in names]
-    n = 0
-    for v in values:
-        if type(v) is list and len(v) > n:
-            n = len(v)
-    cols: list[Any] = []
-    for v in values:
-        if type(v) is list:
-            if len(v) != n:
-                raise _Decline
-            cols.append(v)
-        elif isinstance(v, Struct):
-            cols.append(repeat(v.value, n))  # type: ignore[attr-defined]  # {"=": value}
-        else:
-            cols.append(repeat(v, n))
-    return list(zip(*cols, strict=False)) if n else []
+def _records(values: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The rows of a typed table, from its columns in the record's field order."""
+    lengths = {len(v) for v in values if type(v) is list}
+    if len(lengths) != 1:
+        if lengths:
+            raise _Decline  # columns of different lengths: the plain path names the error
+        return []
+    n = lengths.pop()
+    consts = _CONSTS
+    cols = [
+        v if type(v) is list else repeat(v.value if type(v) in consts else v, n)  # {"=": value}
+        for v in values
+    ]
+    return list(zip(*cols, strict=True))
 
 
 _NAMES: Final[dict[type[Any], tuple[str, ...]]] = {
     cls: tuple(name for name, _ in _TABLE_FIELDS[cls]) for cls in _RECORDS
 }
+_COLUMN_VALUES: Final[dict[type[Any], Any]] = {cls: attrgetter(*_NAMES[cls]) for cls in _TABLES}
 
 
 def _table_of(cls: type[S], t: Any) -> tuple[S, ...]:
     if type(t) is list or type(t) is tuple:  # the v1 form (or the default), records already
         return tuple(t)
     for name in _NESTED[cls]:
-        if getattr(t, name) != ():
+        if getattr(t, name):
             raise _Decline  # a nested table inside a row: the plain path
-    return tuple([cls(*row) for row in _records(t, _NAMES[cls])])
+    return tuple([cls(*row) for row in _records(_COLUMN_VALUES[cls](t))])
 
 
 def _system_hint(name: str, hint: Any) -> Any:
@@ -942,7 +935,7 @@ class _SampleV2Typed(_Header, frozen=True, kw_only=True, tag_field="kind", tag="
     outage: PublishOutage | None = None
 
 
-_PROCESS_NAMES: Final = ("gpu", *_NAMES[GpuProcess])
+_PROCESS_VALUES: Final = attrgetter("gpu", *_NAMES[GpuProcess])
 _SYSTEM_NAMES: Final = _NAMES[SystemSample]
 
 
@@ -950,7 +943,7 @@ def _sample_typed(w: _SampleV2Typed) -> SampleFrame:
     gpus = _table_of(GpuSample, w.gpus)
     if w.processes is not None:
         by_index: dict[int, list[GpuProcess]] = {}
-        for row in _records(w.processes, _PROCESS_NAMES):
+        for row in _records(_PROCESS_VALUES(w.processes)):
             by_index.setdefault(row[0], []).append(GpuProcess(*row[1:]))
         if by_index:
             gpus = tuple(
