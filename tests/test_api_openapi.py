@@ -119,6 +119,40 @@ async def test_responses_validate_against_the_document(service: CollectorService
         assert metrics.headers["Content-Type"].startswith("text/plain")
 
 
+async def test_every_parameter_with_a_nul_or_too_long_is_a_400_naming_it(service: CollectorService) -> None:
+    from urllib.parse import quote
+
+    from collector.api.errors import MAX_PARAM
+
+    doc = document()
+    tried: list[str] = []
+    async with serving(service) as c:
+        for path, ops in doc["paths"].items():
+            for method, spec in ops.items():
+                headers = AUTH if method in ("post", "delete") else {}
+                params = spec.get("parameters", [])
+                for p in params:
+                    for bad_value in ("a\x00b", "h" * (MAX_PARAM + 1)):
+                        url, query = path, {}
+                        for other in params:  # the other path parameters: a plain value
+                            if other["in"] == "path":
+                                v = bad_value if other is p else "x"
+                                url = url.replace("{" + other["name"] + "}", quote(v, safe=""))
+                        if p["in"] == "query":
+                            query[p["name"]] = bad_value
+                        body_in = {} if method == "post" else None
+                        r = await c.request(method, url, params=query, headers=headers, json=body_in)
+                        body = await r.json()
+                        assert r.status == 400, (method, path, p["name"], r.status, body)
+                        assert body["error"] == "bad_request"
+                        assert body["parameter"] == p["name"], body
+                        assert "400" in spec["responses"], (method, path)
+                        tried.append(f"{method} {path} {p['name']}")
+    assert "get /api/v1/actions host" in tried
+    assert "get /api/v1/hosts/{host} host" in tried
+    assert len(tried) > 40
+
+
 async def test_schemathesis_finds_no_server_error(service: CollectorService) -> None:
     doc = document()
     for path in ("/api/v1/stream", "/", "/metrics"):

@@ -28,6 +28,7 @@ from collector.api.errors import (
     bad,
     body_str,
     body_time,
+    checked_params,
     json_body,
     json_errors,
     not_found,
@@ -52,7 +53,7 @@ STALL_AFTER: Final = 60.0  # consumer stalled: messages pending and no batch com
 
 def make_app(deps: ApiDeps) -> web.Application:
     """The application over ``deps``."""
-    app = web.Application(middlewares=[json_errors, auth.guard], client_max_size=1 << 20)
+    app = web.Application(middlewares=[json_errors, auth.guard, checked_params], client_max_size=1 << 20)
     app[DEPS] = deps
     app[auth.POLICY] = auth.Policy.of(deps.config.api, deps.config.api_tokens)
     app[READY] = {"batches": -1, "changed": time.monotonic()}

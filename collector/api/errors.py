@@ -62,6 +62,23 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         raise ApiError(e.status_code, reason.lower().replace(" ", "_"), reason) from e
 
 
+MAX_PARAM: Final = 1000  # characters in a query or path parameter (host names are at most 253)
+
+
+@web.middleware
+async def checked_params(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every query and path parameter of every route, before its handler: a NUL character
+    (PostgreSQL's text cannot hold one) or more than ``MAX_PARAM`` characters is a 400 naming
+    the parameter, so no handler hands such a string to SQL."""
+    for where, params in (("query", request.query), ("path", request.match_info)):
+        for name, v in params.items():
+            if "\x00" in v:
+                raise bad(name, f"{where} parameter {name} must not contain a NUL character")
+            if len(v) > MAX_PARAM:
+                raise bad(name, f"{where} parameter {name} must be at most {MAX_PARAM} characters")
+    return await handler(request)
+
+
 def query_str(q: Mapping[str, str], name: str, choices: tuple[str, ...] | None = None) -> str | None:
     v = q.get(name)
     if v is None or v == "":
@@ -148,6 +165,8 @@ def body_str(body: Mapping[str, Any], name: str, default: str | None = None, max
         raise bad(name, f"{name} must be a string")
     if len(v) > max_len:
         raise bad(name, f"{name} must be at most {max_len} characters")
+    if "\x00" in v:
+        raise bad(name, f"{name} must not contain a NUL character")
     return v
 
 

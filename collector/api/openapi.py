@@ -328,6 +328,8 @@ def op(
     public: bool = False,
 ) -> Schema:
     out: Schema = {"summary": summary, "parameters": params or [], "responses": {status: ok}}
+    if params and 400 not in errors:  # a NUL or an over-long parameter (errors.checked_params)
+        errors = (400, *errors)
     for code in errors:
         out["responses"][str(code)] = ERR
     if write:  # a token is required; 403 also for another web origin or when writes are disabled
