@@ -423,7 +423,9 @@ async def test_a_flapping_alert_is_notified_once_as_flapping_then_held(
     kinds = [k for _, name, k in rx.alerts() if name == "gpu.temperature"]
     assert kinds.count("flapping") == 1
     assert kinds[-1] == "flapping"  # held: nothing after it
-    assert 1 <= kinds.count("firing") < 10
+    # the 40 samples may come in one batch (the ingest lingers for more, [collector] linger) and be
+    # judged in one step: then the flapping notification is the first; never one per flip
+    assert kinds.count("firing") < 10
 
 
 async def test_a_fault_that_fires_and_clears_within_one_batch_is_paged_then_resolved(
