@@ -110,7 +110,7 @@ async def lead_from(js: JetStreamContext, server: str, tries: int = 40) -> None:
             for name, leader in consumers.items():
                 if leader is not None and leader != server:
                     await nc.request(f"$JS.API.CONSUMER.LEADER.STEPDOWN.{STREAM}.{name}", b"", timeout=5)
-        await until(lambda: _elected(js), timeout=30)
+        await until(lambda: _elected(js), timeout=60)
     raise AssertionError(f"{server} did not become the leader in {tries} step-downs")
 
 
@@ -156,7 +156,7 @@ async def test_killing_the_stream_leader_under_load_loses_and_doubles_no_frame(
                 new_leader, _ = await leaders(js)
                 assert new_leader not in (None, victim)
                 # storing resumes through the remaining nodes, to which the client reconnected
-                await until(lambda b=before: svc.ingest.stats.frames_stored > b + 600, timeout=90)
+                await until(lambda b=before: svc.ingest.stats.frames_stored > b + 600, timeout=180)
                 assert client.stats["reconnects"] > reconnects
                 for c in (nc, fleet.publisher.nc):
                     assert c.is_connected
@@ -166,13 +166,13 @@ async def test_killing_the_stream_leader_under_load_loses_and_doubles_no_frame(
         finally:
             fleet.stop()
             await run
-            await fleet.close(flush_timeout=60)
+            await fleet.close(flush_timeout=120)
         s = fleet.publisher.stats
         assert s.dropped == 0  # every frame was acknowledged
         assert fleet.publisher.buffered == 0
         published = published_keys(fleet)
         assert s.published >= len(published)  # (a frame re-published after a lost ack counts twice)
-        await until(lambda: _stored_all(pg_dsn, len(published)), timeout=60)
+        await until(lambda: _stored_all(pg_dsn, len(published)), timeout=180)
         stream_msgs = (await js.stream_info(STREAM)).state.messages
     stored = await stored_keys(pg_dsn)
     assert set(stored) == published  # nothing lost
