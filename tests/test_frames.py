@@ -220,3 +220,28 @@ def test_decode_never_raises_anything_but_frame_decode_error(raw: dict[str, Any]
 def test_random_bytes_never_crash(data: bytes) -> None:
     with contextlib.suppress(FrameDecodeError):
         decode(data)
+
+
+def _deep(depth: int) -> Any:
+    v: Any = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def test_v2_nesting_is_bounded() -> None:
+    """A v2 frame builds only what the schema's types allow: a deep value in a known column is
+    refused as too_deep (the refused frame's headers are scanned before anything is built);
+    deep content under a key the schema does not know is skipped unread, never built."""
+    raw: dict[str, Any] = msgpack.unpackb(encode(fx.sample(gpus=2), static=False))
+    raw["gpus"]["temp_c"] = [_deep(frames.MAX_DEPTH + 3), 64]
+    with pytest.raises(FrameDecodeError) as err:
+        decode(msgpack.packb(raw))
+    assert err.value.reason == "too_deep"
+    raw = msgpack.unpackb(encode(fx.sample(gpus=2), static=False))
+    raw["zz_newer_field"] = _deep(frames.MAX_DEPTH + 3)
+    assert isinstance(decode(msgpack.packb(raw)), SampleFrame)
+    raw["zz_newer_field"] = _deep(1000)  # deep enough to exhaust the decoder: refused by name
+    with pytest.raises(FrameDecodeError) as err:
+        decode(msgpack.packb(raw))
+    assert err.value.reason == "too_deep"
