@@ -11,6 +11,8 @@ import nats
 from agent.gpu.simulated import SimulatedBackend
 from agent.sampler import InventorySchedule, Sequencer, build_inventory, build_sample
 from agent.system import SimulatedSystem
+from collector.health import HealthEngine
+from collector.health.model import HealthState
 from collector.ingest import Limits, check
 from collector.static import StaticFacts
 from collector.store.writer import Accepted
@@ -83,6 +85,11 @@ def test_a_sample_before_any_inventory_is_kept_with_what_it_carries() -> None:
     g = joined.gpus[0]
     assert (g.uuid, g.temp_slowdown_c) == ("", None)
     assert g.temp_c == sample.gpus[0].temp_c  # judged with what it carries
+    # the health engine judges it (no threshold: the GPU is judged as one that reports none)
+    hot = replace(joined, gpus=(replace(joined.gpus[0], temp_c=99.0), *joined.gpus[1:]))
+    state, obs = HealthEngine().observe(HealthState(), hot, hot.ts)
+    assert state.hosts[seqr.host].gpus[0].last is not None
+    assert any(o.check == "gpu.temperature" and o.status != "ok" for o in obs)
     # a v1 sample carries its static facts: nothing to join, nothing missing
     v1 = decode(encode_v1(sample))
     assert static.join(v1) is v1
