@@ -52,6 +52,9 @@ from collector.alerts.model import (
     Outcome,
 )
 from collector.config import CollectorConfig
+from collector.group.fence import FencedError
+from collector.group.scope import Scope
+from collector.group.store import Reload
 from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
 from collector.health.history import BoardHistory, FleetHistory
@@ -170,6 +173,8 @@ class Alerting:
         on_judged: Callable[[Sequence[Frame]], None] = _nothing,
         on_forgotten: Callable[[str], None] = _nothing,
         remediation: Remediation | None = None,
+        scope: Scope | None = None,
+        on_fenced: Callable[[list[int]], None] = _nothing,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -193,6 +198,8 @@ class Alerting:
         self.on_judged = on_judged  # told the frames of each judged batch (the live rollup)
         self.on_forgotten = on_forgotten  # told each host forgotten
         self.remediation = remediation
+        self.scope = scope  # a collector group member: it judges and writes its buckets only
+        self.on_fenced = on_fenced  # told the buckets a write found owned by another member
         self.clock = clock  # the time decisions are dated with
         self.monotonic = monotonic  # the time intervals (snapshots, re-pushes, write retries) are kept with
         self.health = HealthState()
@@ -268,6 +275,34 @@ class Alerting:
         self._task = asyncio.create_task(self._timer(), name="alerting")
         self._running = True
 
+    async def regroup(self, reload: Reload) -> None:
+        """Group mode, the buckets held changed: write what the engine holds (only for buckets
+        still held: the fencing check refuses the rest), then hold exactly the state of the
+        buckets held now, as saved in PostgreSQL (``reload``), and deliver what the gained
+        buckets' previous owner committed but did not send. Alert state, health context and
+        escalation timers of a bucket thus move with it (docs/operations.md)."""
+        if not self.store.available:
+            return
+        async with self._lock:
+            try:
+                await self._flush()
+            except db.ERRORS + (FencedError,) as e:
+                log.warning("alert state of buckets lost not written (their new owner has it): %s", e)
+            self._unsaved = Changes()
+            try:
+                await self.save_health()
+            except db.ERRORS as e:
+                log.warning("health snapshot not saved before regrouping: %s", e)
+            saved, health, rows = await reload()
+            history = self.health.history
+            self.health = HealthState()
+            self._host_status = {}
+            self.restore(saved, health, self.clock())
+            self.health.history = history
+        if rows:
+            log.info("delivering %d notifications another member left pending", len(rows))
+            self.deliverer.submit(rows)
+
     def restore(self, saved: dict[str, Any], health: dict[str, Any] | None, now: float) -> None:
         """Resume from the persisted state. Hosts that were not stale get a fresh
         ``stale_after`` (their frames come again), so a restart raises no false unreachable."""
@@ -334,6 +369,8 @@ class Alerting:
     # ------------------------------------------------------------------ evaluation
 
     def mine(self, host: str) -> bool:
+        if self.scope is not None:
+            return self.scope.mine(host)
         if self.partitions == 1:
             return True
         try:
@@ -353,6 +390,8 @@ class Alerting:
         ``JUDGE_CHUNK`` frames per step, so an event on the fast path is judged in between
         rather than after the whole batch (each step's observations are evaluated before
         the next frames are observed: the order of judging is the order of observing)."""
+        if self.scope is not None:  # a bucket lost meanwhile: no longer judged here
+            frames = [f for f in frames if self.scope.mine(f.host)]
         if self.forgotten:
             await self._unforget(frames)
         observe, h = self.health_engine.observe, self.health
@@ -487,7 +526,10 @@ class Alerting:
             self.counts["observations"] += len(obs)
             self._collect(out, obs)
             if self._urgent:
-                self._send_early(set(self._urgent))
+                # not in a collector group: a page sent before the commit by a member that dies
+                # would be judged again by the taker and sent under another delivery id
+                if self.scope is None:
+                    self._send_early(set(self._urgent))
                 self._urgent.clear()
             self.seconds["alerts"] += time.perf_counter() - t
         async with self._write_lock:
@@ -509,6 +551,10 @@ class Alerting:
         self._persist_tried = self.monotonic()
         try:
             await asyncio.wait_for(self._flush_all(), self.settings.persist_timeout)
+        except FencedError as e:  # another member holds these buckets now: stop using them
+            log.warning("%s: their changes are not written here", e)
+            self.on_fenced(e.buckets)
+            return
         except db.ERRORS + (TimeoutError,) as e:  # kept in memory, written by a later step
             self.persist_errors += 1
             if self._persist_down_since is None:

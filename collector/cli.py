@@ -44,8 +44,15 @@ def run(
     nats: Annotated[str | None, typer.Option("--nats", help="NATS URL(s), comma separated")] = None,
     dsn: DsnOpt = None,
     listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT of the HTTP API")] = None,
-    partitions: Annotated[int | None, typer.Option("--partitions", help="number of collectors")] = None,
-    partition: Annotated[int | None, typer.Option("--partition", help="this collector's index")] = None,
+    group: Annotated[
+        bool | None, typer.Option("--group/--no-group", help="join the collector group (docs/operations.md)")
+    ] = None,
+    partitions: Annotated[
+        int | None, typer.Option("--partitions", help="static override: number of collectors (no group)")
+    ] = None,
+    partition: Annotated[
+        int | None, typer.Option("--partition", help="static override: this one's index")
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the collector until SIGTERM or Ctrl-C."""
@@ -56,6 +63,7 @@ def run(
         "nats.servers": [s.strip() for s in nats.split(",")] if nats else None,
         "postgres.dsn": dsn,
         "collector.listen": listen,
+        "collector.group": group,
         "collector.partitions": partitions,
         "collector.partition": partition,
     }

@@ -43,6 +43,12 @@ class CollectorSection:
     host_rate: float = num(20.0, 0, 1e6)  # frames/s one host may send (0: no limit); excess refused
     host_burst: int = num(25_000, 1, 10_000_000)  # at once: holds an agent's replay after an outage
     shutdown_timeout: float = dur("20s")
+    # a collector group (docs/operations.md): members share the hosts by leases in NATS
+    group: bool = False
+    buckets: int = num(64, 1, 1024)  # host buckets leased to members (fixed for a group)
+    lease: float = dur("8s")  # a dead member's buckets are taken over after about this long
+    group_kv: str = "gpuwarden-group"  # the JetStream key-value bucket of members and leases
+    member: str = ""  # this member's name in the group (default: host name and process id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +169,12 @@ def load_collector_config(
     s = load_sections(COLLECTOR_SCHEMA, path, env, flags, extra_sections=raw_names)
     c: CollectorSection = s["collector"]
     pg: PostgresSection = s["postgres"]
+    if c.group and c.partitions > 1:
+        raise ConfigError(
+            "collector.group", "a group shares the hosts by leases: leave partitions at 1 (static override)"
+        )
+    if c.group and c.lease < 2.0:
+        raise ConfigError("collector.lease", f"must be at least 2s, got {c.lease}s")
     if c.partition >= c.partitions:
         raise ConfigError(
             "collector.partition", f"must be below partitions ({c.partitions}), got {c.partition}"

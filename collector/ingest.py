@@ -36,6 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from collector import stream
 from collector.config import CollectorConfig
+from collector.group.consumers import BucketConsumers, bucket_of_subject
 from collector.ratelimit import RATE_LIMITED, HostRateLimit
 from collector.static import StaticFacts
 from collector.store import db
@@ -44,7 +45,7 @@ from collector.store.writer import Accepted, Rejection, Writer, WriteResult
 from shared.errors import FrameDecodeError, SubjectError
 from shared.frames import Frame, decode_partial, replace
 from shared.ratelog import RateLimitedLog
-from shared.subjects import STREAM, parse_subject, sanitize_token
+from shared.subjects import STREAM, parse_subject, sanitize_token, strip_bucket
 
 log = logging.getLogger(__name__)
 HEAD_BYTES: Final = 64
@@ -62,7 +63,7 @@ def subject_partition(subject: str, partitions: int) -> int:
     """The partition that handles a message: its host's, or a hash of the whole subject."""
     if partitions == 1:
         return 0
-    parts = subject.split(".")
+    parts = strip_bucket(subject).split(".")
     token = parts[4] if len(parts) == 5 else subject
     return owner(token, partitions)
 
@@ -99,7 +100,7 @@ def _check(subject: str, data: bytes, limits: Limits, stream_seq: int | None) ->
         return Rejection(subject, reason, fld, len(data), bytes(data[:HEAD_BYTES]), stream_seq, message)
 
     try:
-        parsed = parse_subject(subject)
+        parsed = parse_subject(strip_bucket(subject))
     except SubjectError as e:
         return reject("bad_subject", None, str(e))
     for name, token in (("host", parsed.host), ("provider", parsed.provider)):
@@ -151,6 +152,9 @@ class Batch:
     accepted: list[Accepted] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     poison: set[int] = field(default_factory=set)  # ids of the messages to terminate, not ack
+    mine: list[Msg] = field(default_factory=list)  # group mode: the messages of buckets held
+    redo: set[int] = field(default_factory=set)  # group mode: ids of messages judged again
+    redo_frames: set[int] = field(default_factory=set)  # ... and of their frames
 
 
 @dataclass(slots=True)
@@ -205,6 +209,26 @@ class Ingest:
         self.gaps = stream.StreamGaps()
         self._rollups_retry_at = 0.0  # after a failed rollup write, the next try waits (PostgreSQL down)
         self.static = StaticFacts()  # GPUs' static facts from inventories, joined into v2 samples
+        # a collector group member (docs/operations.md): pulls from the buckets it holds only
+        self.source: BucketConsumers | None = None
+        self.owns: Callable[[int], bool] | None = None
+
+    async def setup_group(self, nc: NatsClient, buckets: int, owns: Callable[[int], bool]) -> None:
+        """Group mode: reconcile the stream, store frames by bucket; consumers are started and
+        stopped per bucket (:class:`collector.group.consumers.BucketConsumers`) as leases move.
+        Messages are acknowledged after the hooks ran (judged and persisted): a member killed
+        in between leaves them to the next owner, which judges them again."""
+        js = nc.jetstream()
+        self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
+        await stream.partition(js, buckets)
+        self.source = BucketConsumers(js, self.cfg)
+        self.owns = owns
+
+    async def _fetch(self, n: int, wait: float) -> list[Msg]:
+        if self.source is not None:
+            return await self.source.fetch(n, wait)
+        assert self._sub is not None
+        return await self._sub.fetch(n, timeout=wait)
 
     async def setup(self, nc: NatsClient) -> None:
         """Create or reconcile the stream (:func:`collector.stream.reconcile`), create/bind the
@@ -243,13 +267,13 @@ class Ingest:
         Pipelined: while batch N is being written, batch N+1 is fetched and checked, so at
         most two batches are in memory; N+1 is written only after N is committed and acked.
         """
-        assert self._sub is not None, "setup() first"
+        assert self._sub is not None or self.source is not None, "setup() first"
         c = self.cfg.collector
         writing: asyncio.Task[WriteResult | None] | None = None
         try:
             while not self._stop.is_set():
                 try:
-                    msgs = await self._sub.fetch(c.batch, timeout=c.fetch_timeout)
+                    msgs = await self._fetch(c.batch, c.fetch_timeout)
                 except (TimeoutError, nats.errors.TimeoutError):  # idle: write every rollup marked
                     if writing is not None:
                         await writing
@@ -279,14 +303,13 @@ class Ingest:
 
     async def _linger(self, msgs: list[Msg]) -> list[Msg]:
         """A batch that is not full waits ``linger`` for more, then takes what came (one fetch)."""
-        assert self._sub is not None
         c = self.cfg.collector
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), c.linger)
         if self._stop.is_set():
             return msgs
         try:  # returns at once with what is there; waits briefly only when nothing came
-            more = await self._sub.fetch(c.batch - len(msgs), timeout=LINGER_FETCH_TIMEOUT)
+            more = await self._fetch(c.batch - len(msgs), LINGER_FETCH_TIMEOUT)
         except (TimeoutError, nats.errors.TimeoutError):
             return msgs
         except nats.errors.Error as e:
@@ -310,6 +333,8 @@ class Ingest:
     async def close(self) -> None:
         """Stop the pull subscription (so that draining NATS does not wait on it)."""
         sub, self._sub = self._sub, None
+        if self.source is not None:
+            await self.source.close()
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -337,10 +362,19 @@ class Ingest:
         limits = self.limits(now)
         batch = Batch(msgs)
         limited = 0
+        group = self.source
         for i, m in enumerate(msgs):
             if i % 64 == 63:
                 await asyncio.sleep(0)
-            if lost := self.gaps.see(_stream_seq(m)):
+            if group is not None:  # filtered consumers: stream sequence jumps are other buckets
+                bucket = bucket_of_subject(m.subject)
+                if bucket is None or self.owns is None or not self.owns(bucket):
+                    self.stats.skipped_other_partition += 1  # left unacknowledged for its owner
+                    continue
+                if group.judged_again(bucket, _stream_seq(m)):
+                    batch.redo.add(id(m))
+                batch.mine.append(m)
+            elif lost := self.gaps.see(_stream_seq(m)):
                 self.stats.stream_lost += lost
                 self._rl.warning(
                     "stream-lost",
@@ -373,6 +407,8 @@ class Ingest:
                     item = replace(item, frame=joined)
                 if self.rate_limit.allow(item.frame.host, _stream_time(m, now)):
                     batch.accepted.append(item)
+                    if id(m) in batch.redo:
+                        batch.redo_frames.add(id(item.frame))
                     if item.dropped_gpus:
                         self._dropped_gpus(item)
                 else:  # counted and acknowledged, not stored: a flood must not write rows either
@@ -396,28 +432,45 @@ class Ingest:
             self.stats.writing_since = None
         if result is None:
             return None
+        if self.source is not None:  # group: judged (and persisted) first, then acknowledged
+            await self._after_write(batch, result)
+            await self._ack(batch.mine, batch)
+            return result
+        await self._ack(batch.msgs, batch)
+        await self._after_write(batch, result)
+        return result
+
+    async def _ack(self, msgs: Sequence[Msg], batch: Batch) -> None:
         try:
-            for m in batch.msgs:
+            for m in msgs:
                 if id(m) in batch.poison:
                     await m.term()  # never delivered again; recorded in rejected_frames
                 else:
                     await m.ack()
         except nats.errors.Error as e:  # unacknowledged messages come again; storing is idempotent
             self._rl.warning("ack", "acknowledging a committed batch failed: %s", e)
+
+    async def _after_write(self, batch: Batch, result: WriteResult) -> None:
         for r in result.rejected:  # checks' rejections, then those PostgreSQL column types refused
             self.stats.rejected[r.reason] += 1
             self._rl.warning(
                 f"reject:{r.reason}", "rejected frame on %s: %s: %s", r.subject, r.reason, r.message
             )
         self._account(batch.msgs, result)
-        if result.new and self.on_batch is not None:
+        new = result.new
+        if batch.redo_frames:  # copies the previous owner may have stored without judging them
+            fresh = {id(f) for f in new}
+            redo = batch.redo_frames - fresh
+            again = [a.frame for a in batch.accepted if id(a.frame) in redo]
+            if again:
+                new = new + again
+        if new and self.on_batch is not None:
             try:
-                await self.on_batch(result.new)
+                await self.on_batch(new)
             except Exception as e:  # noqa: BLE001 (stored and acked: a hook's bug must not stop ingest)
                 self.stats.hook_errors += 1
                 self._rl.warning("hook", "a hook failed on a committed batch: %r", e, exc_info=True)
         await self.flush_rollups()
-        return result
 
     def _dropped_gpus(self, item: Accepted) -> None:
         for reason, fld in item.dropped_gpus:

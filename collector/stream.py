@@ -22,12 +22,12 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig, StreamInfo
+from nats.js.api import StorageType, StreamConfig, StreamInfo, SubjectTransform
 
 from shared.config import NatsConfig
 from shared.errors import ServiceUnavailableError
 from shared.natsconf import Drift, fit_max_bytes, is_name_in_use, stream_drift, stream_settings
-from shared.subjects import STREAM
+from shared.subjects import PREFIX, STREAM
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,28 @@ async def _apply_one(
     max_bytes: int,
 ) -> StreamInfo:
     return await js.update_stream(patched(base, [change], max_bytes))
+
+
+def bucket_transform(buckets: int) -> SubjectTransform:
+    """The stream's subject transform of a collector group: each frame is stored under its
+    subject plus the bucket of its host token (``{{partition(n,3)}}``, nats-server >= 2.10),
+    so that each member's consumers read only their buckets (docs/operations.md)."""
+    return SubjectTransform(
+        src=f"{PREFIX}.*.*.*",
+        dest=f"{PREFIX}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}.{{{{partition({buckets},3)}}}}",
+    )
+
+
+async def partition(js: JetStreamContext, buckets: int) -> bool:
+    """Give the stream the group's subject transform (in place); True when it was changed."""
+    info = await js.stream_info(STREAM)
+    want = bucket_transform(buckets)
+    have = info.config.subject_transform
+    if have is not None and have.src == want.src and have.dest == want.dest:
+        return False
+    await js.update_stream(dataclasses.replace(info.config, subject_transform=want))
+    log.info("stream %s: frames stored by host bucket (%d buckets) from now on", STREAM, buckets)
+    return True
 
 
 class StreamGaps:

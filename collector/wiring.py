@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from nats.aio.client import Client as NatsClient
@@ -30,6 +31,9 @@ from collector.api.app import ApiServer
 from collector.api.deps import ApiDeps
 from collector.config import CollectorConfig
 from collector.fastpath import FastEvents
+from collector.group.member import GroupMember, member_name
+from collector.group.scope import Scope
+from collector.group.store import GroupAlertStore, ScopeGate
 from collector.health import HealthEngine, health_config_from
 from collector.health.live import LiveRollup
 from collector.ingest import Ingest
@@ -39,7 +43,7 @@ from collector.metrics import FleetCollector
 from collector.notify import build_channels
 from collector.notify.config import notify_config_from, with_channels
 from collector.notify.nats import NatsChannel
-from collector.notify.outbox import Deliverer
+from collector.notify.outbox import Deliverer, Spool
 from collector.notify.repush import AlertmanagerRepush
 from collector.notify.stream import Broadcaster
 from collector.ratelimit import HostRateLimit
@@ -115,6 +119,7 @@ class Parts:
     api_deps: ApiDeps
     api: ApiServer | None
     lifecycle: list[Part] = field(default_factory=list)  # in start order
+    group: GroupMember | None = None  # a collector group member's part (docs/operations.md)
 
     async def on_batch(self, frames: Sequence[Frame]) -> None:
         """Each committed batch of new frames: into the fleet state, then judged."""
@@ -140,7 +145,14 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     # the engines, their store, the channels and the deliverer
     health_engine = HealthEngine(health_cfg)
     alert_engine = AlertEngine(with_channels(alert_config_from(raw), notify_cfg))
-    store = PgAlertStore(lambda: postgres.pool, c.partition)
+    # a collector group member judges, writes and sends for the buckets it holds only
+    member: GroupMember | None = None
+    scope = Scope(c.buckets, lambda b: member is not None and member.owns(b), lambda: _tokens(member))
+    store: PgAlertStore = (
+        GroupAlertStore(lambda: postgres.pool, scope)
+        if c.group
+        else PgAlertStore(lambda: postgres.pool, c.partition)
+    )
     nats_channel = NatsChannel(lambda: nats.nc)
     channels = build_channels(notify_cfg, nats_channel)
     deliverer = Deliverer(store, channels.all)
@@ -174,6 +186,8 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         on_judged=live.mark,
         on_forgotten=live.forget,
         remediation=remediation,
+        scope=scope if c.group else None,
+        on_fenced=lambda buckets: member.fenced(buckets) if member is not None else None,
     )
     repush = AlertmanagerRepush(
         channels.alertmanagers,
@@ -181,6 +195,19 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         config.alerting.alertmanager_resend,
         notify_cfg.external_url,
     )
+    if c.group:
+        name = member_name(config)
+        assert isinstance(store, GroupAlertStore)
+        member = GroupMember(
+            config, name, lambda: nats.nc, lambda: postgres.pool, store, runner, lambda: ingest.source
+        )
+        store.incidents = lambda: runner.alerts_state.incidents
+        store.health = lambda: (runner.health, runner.health_engine.healthy_for)
+        deliverer.gate = ScopeGate(scope, lambda: postgres.pool, name)
+        nats.name = f"gpuwarden-collector-{name}"
+        runner.self_labels = {"collector": name}
+        spool = config.alerting.spool
+        runner.spool = Spool(Path(spool) / f"notify-spool-{name}.jsonl" if spool else None)
     fast_events = FastEvents(
         nats,
         ingest.limits,
@@ -208,29 +235,43 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
 
     parts = Parts(
         config, state, postgres, nats, writer, ingest, expected, broadcaster, live, runner, repush,
-        fast_events, remediation, api_deps, server,
+        fast_events, remediation, api_deps, server, group=member,
     )  # fmt: skip
     ingest.on_batch = parts.on_batch
+    group_setup = (lambda nc: ingest.setup_group(nc, c.buckets, scope.owns)) if c.group else None
     parts.lifecycle = [
         postgres,  # pool, migrations, partitions; the fleet state rebuilt
         Step("writer", on_stop=writer.close),
         nats,
-        Step("ingest", on_start=lambda: _start_ingest(ingest, state, nats), on_stop=ingest.close),
+        Step(
+            "ingest", on_start=lambda: _start_ingest(ingest, state, nats, group_setup), on_stop=ingest.close
+        ),
         InventoryRefresh(expected),
         runner,  # restores the alert and health state, starts delivering and its timer
         repush,  # stops before the runner closes the channels
         fast_events,  # after the runner: judged frames need its restored state
         remediation,  # after the runner: it plans over restored alerts
     ]
+    if member is not None:  # takes buckets (restored by the runner, then consumed); stops first
+        parts.lifecycle.append(member)
     if server is not None:
         parts.lifecycle.append(server)  # last: requests see a started collector
     return parts
 
 
-async def _start_ingest(ingest: Ingest, state: FleetState, nats: Nats) -> None:
+async def _start_ingest(
+    ingest: Ingest, state: FleetState, nats: Nats, group: Callable[[NatsClient], Awaitable[None]] | None
+) -> None:
     # the GPUs' static facts that v2 samples leave out, from each host's newest stored inventory
     ingest.static.seed(h.inventory for h in state if h.inventory is not None)
-    await ingest.setup(_required(nats))
+    if group is not None:  # a collector group member: the buckets' consumers follow its leases
+        await group(_required(nats))
+    else:
+        await ingest.setup(_required(nats))
+
+
+def _tokens(member: GroupMember | None) -> dict[int, int]:
+    return member.tokens() if member is not None else {}
 
 
 def _required(nats: Nats) -> NatsClient:

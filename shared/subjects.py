@@ -85,6 +85,16 @@ def parse_subject(subject: str) -> ParsedSubject:
     return ParsedSubject(kind=parts[2], provider=parts[3], host=parts[4])
 
 
+def strip_bucket(subject: str) -> str:
+    """A frame's subject as published, from the subject the stream stored it under: a
+    collector group's stream appends the host's bucket (``gpuwarden.v1.<kind>.<provider>.
+    <host>.<bucket>``, docs/operations.md); core-NATS subscribers never see that form."""
+    head, dot, last = subject.rpartition(".")
+    if dot and last.isdigit() and head.count(".") == 4:
+        return head
+    return subject
+
+
 def inbox_prefix(host: str) -> str:
     """The agent's inbox prefix ``_INBOX_<host token>``: its request replies (JetStream acks and
     API answers) arrive under it, the only inboxes the NATS role lets that agent subscribe to

@@ -116,6 +116,16 @@ class Spool:
                 self.path.unlink()
 
 
+class Gate(Protocol):
+    """Who may send a row (a collector group member, for its buckets only): ``claim`` once
+    before the first attempt (fenced, in PostgreSQL), ``holds`` before every attempt (the
+    member's lease, on its own clock). A row refused is left pending for its owner."""
+
+    async def claim(self, row: OutboxRow) -> bool: ...
+
+    def holds(self, row: OutboxRow) -> bool: ...
+
+
 class Deliverer:
     """One queue and one worker per channel (so a channel's notifications keep their order);
     retries with exponential backoff (tenacity), then the dead-letter table."""
@@ -130,6 +140,8 @@ class Deliverer:
         self._queues: dict[str, asyncio.Queue[OutboxRow]] = {n: asyncio.Queue() for n in self.channels}
         self._tasks: list[asyncio.Task[None]] = []
         self.dead_letters = 0
+        self.gate: Gate | None = None  # a collector group member's (docs/operations.md)
+        self.refused = 0  # rows not sent: their bucket is another member's now
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(n), name=f"notify-{n}") for n in self.channels]
@@ -177,6 +189,10 @@ class Deliverer:
     async def _deliver(self, ch: Channel, row: OutboxRow) -> None:
         st = self.stats[ch.name]
         attempts = 0
+        gate = self.gate  # an early row (id 0, PostgreSQL down) is not claimed, only held
+        if gate is not None and row.id != 0 and not await gate.claim(row):
+            self.refused += 1
+            return
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(DeliveryError),
@@ -185,6 +201,10 @@ class Deliverer:
                 reraise=True,
             ):
                 with attempt:
+                    if gate is not None and not gate.holds(row):
+                        self.refused += 1
+                        log.info("notification %s not sent: its bucket is another member's now", row.key)
+                        return
                     attempts += 1
                     try:
                         await ch.deliver(row.payload, row.key)

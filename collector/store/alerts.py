@@ -165,13 +165,17 @@ async def save(
     return rows
 
 
-async def load(conn: asyncpg.Connection, partition: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The saved alert state (``AlertState.to_dict`` shape) and health snapshot of a partition."""
+async def load(
+    conn: asyncpg.Connection, partition: int | Sequence[int]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The saved alert state (``AlertState.to_dict`` shape) and health snapshot of a partition,
+    or of several merged (a collector group member's buckets, docs/operations.md)."""
+    parts = [partition] if isinstance(partition, int) else list(partition)
     alerts = [json.loads(r["data"]) for r in await conn.fetch(
-        "SELECT data FROM alerts WHERE partition = $1", partition)]  # fmt: skip
+        "SELECT data FROM alerts WHERE partition = ANY($1::int[])", parts)]  # fmt: skip
     incidents = [json.loads(r["data"]) for r in await conn.fetch(
-        "SELECT data FROM incidents WHERE partition = $1 AND (closed_at IS NULL"
-        " OR closed_at > now() - interval '1 day')", partition)]  # fmt: skip
+        "SELECT data FROM incidents WHERE partition = ANY($1::int[]) AND (closed_at IS NULL"
+        " OR closed_at > now() - interval '1 day')", parts)]  # fmt: skip
     silences = [
         {
             "id": r["id"],
@@ -187,18 +191,46 @@ async def load(conn: asyncpg.Connection, partition: int) -> tuple[dict[str, Any]
             " WHERE expired_at IS NULL AND ends_at > now()"
         )
     ]
-    raw = await conn.fetchval("SELECT data FROM alert_engine_state WHERE partition = $1", partition)
-    engine = json.loads(raw) if raw is not None else {}
-    health = await conn.fetchval("SELECT data FROM health_state WHERE partition = $1", partition)
+    engine: dict[str, Any] = {}
+    for raw in await conn.fetch(
+        "SELECT data FROM alert_engine_state WHERE partition = ANY($1::int[]) ORDER BY partition", parts
+    ):
+        engine = _merge_engine(engine, json.loads(raw["data"]))
+    health: dict[str, Any] | None = None
+    for raw in await conn.fetch(
+        "SELECT data FROM health_state WHERE partition = ANY($1::int[]) ORDER BY partition", parts
+    ):
+        d = json.loads(raw["data"])
+        hosts = {**(health or {}).get("hosts", {}), **d.get("hosts", {})}
+        health = {**(health or {}), **d, "hosts": hosts}
     state = {**engine, "alerts": alerts, "incidents": incidents, "silences": silences}
-    return state, (json.loads(health) if health is not None else None)
+    return state, health
 
 
-async def pending(conn: asyncpg.Connection, partition: int) -> list[OutboxRow]:
+def _merge_engine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two partitions' engine state as one (hosts per provider and incident slots united)."""
+    if not a:
+        return b
+    hosts = {p: list(h) for p, h in a.get("hosts", {}).items()}
+    for p, h in b.get("hosts", {}).items():
+        known = hosts.setdefault(p, [])
+        known.extend(x for x in h if x not in known)
+    silences = list(a.get("active_silences", []))
+    silences += [s for s in b.get("active_silences", []) if s not in silences]
+    return {
+        **a,
+        "hosts": hosts,
+        "open_incidents": {**a.get("open_incidents", {}), **b.get("open_incidents", {})},
+        "active_silences": silences,
+    }
+
+
+async def pending(conn: asyncpg.Connection, partition: int | Sequence[int]) -> list[OutboxRow]:
+    parts = [partition] if isinstance(partition, int) else list(partition)
     rows = await conn.fetch(
         "SELECT id, channel, delivery_key, payload FROM notification_outbox"
-        " WHERE partition = $1 AND status = 'pending' ORDER BY id",
-        partition,
+        " WHERE partition = ANY($1::int[]) AND status = 'pending' ORDER BY id",
+        parts,
     )
     return [OutboxRow(r["id"], r["channel"], r["delivery_key"], json.loads(r["payload"])) for r in rows]
 

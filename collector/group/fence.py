@@ -1,0 +1,60 @@
+"""Fencing tokens in PostgreSQL: what makes a lost lease harmless to the outbox.
+
+``take`` raises a bucket's token to the lease revision of its new owner (never lowers it);
+``check`` (inside the caller's transaction) refuses the transaction when a bucket's token is
+no longer the caller's; ``claim`` marks one pending notification as being sent by the owner
+whose token still holds. A member paused past its lease thus cannot write alerts or outbox
+rows, nor claim a row for sending, once the new owner raised the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import asyncpg
+
+from shared.errors import GpuwardenError
+
+
+class FencedError(GpuwardenError):
+    """A bucket's fencing token moved on: this member no longer owns it."""
+
+    def __init__(self, buckets: list[int]) -> None:
+        super().__init__(f"buckets {buckets} are owned by another member now (fenced)")
+        self.buckets = buckets
+
+
+async def take(conn: asyncpg.Connection, bucket: int, token: int, member: str) -> bool:
+    """Raise ``bucket``'s token to ``token``; False when a larger token is already there."""
+    row = await conn.fetchval(
+        "INSERT INTO group_fences (bucket, token, member) VALUES ($1, $2, $3)"
+        " ON CONFLICT (bucket) DO UPDATE SET token = EXCLUDED.token, member = EXCLUDED.member,"
+        " taken_at = now() WHERE group_fences.token < EXCLUDED.token RETURNING token",
+        bucket, token, member,
+    )  # fmt: skip
+    return row is not None
+
+
+async def check(conn: asyncpg.Connection, tokens: Mapping[int, int]) -> None:
+    """In a transaction: raise :class:`FencedError` unless every bucket of ``tokens`` still has
+    the given token (locked FOR SHARE until the transaction ends)."""
+    if not tokens:
+        return
+    rows = await conn.fetch(
+        "SELECT bucket, token FROM group_fences WHERE bucket = ANY($1::int[]) FOR SHARE", list(tokens)
+    )
+    have = {r["bucket"]: r["token"] for r in rows}
+    bad = sorted(b for b, t in tokens.items() if have.get(b) != t)
+    if bad:
+        raise FencedError(bad)
+
+
+async def claim(conn: asyncpg.Connection, row_id: int, bucket: int, token: int, member: str) -> bool:
+    """Claim a pending outbox row for sending: True only while ``token`` is ``bucket``'s token."""
+    got = await conn.fetchval(
+        "UPDATE notification_outbox SET claimed_by = $4, claim_token = $3 WHERE id = $1"
+        " AND status = 'pending' AND EXISTS (SELECT 1 FROM group_fences g WHERE g.bucket = $2"
+        " AND g.token = $3) RETURNING id",
+        row_id, bucket, token, member,
+    )  # fmt: skip
+    return got is not None

@@ -1,0 +1,114 @@
+"""The collector-group part (:mod:`collector.wiring` puts it in the lifecycle after the runner):
+joins the group, and as leases move raises fencing tokens, regroups the engine runner and
+starts or stops the buckets' consumers. See docs/operations.md, "Collector group"."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import asyncpg
+from nats.aio.client import Client as NatsClient
+
+from collector.config import CollectorConfig
+from collector.group import fence
+from collector.group.consumers import BucketConsumers
+from collector.group.lease import Membership
+from collector.group.store import GroupAlertStore, Reload
+from collector.store import db
+from shared.tasks import cancel_all
+
+log = logging.getLogger(__name__)
+
+
+class _Runner(Protocol):
+    async def regroup(self, reload: Reload) -> None: ...
+
+
+def member_name(config: CollectorConfig) -> str:
+    return config.collector.member or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class GroupMember:
+    def __init__(
+        self,
+        config: CollectorConfig,
+        name: str,
+        nc: Callable[[], NatsClient | None],
+        pool: Callable[[], asyncpg.Pool | None],
+        store: GroupAlertStore,
+        runner: _Runner,
+        source: Callable[[], BucketConsumers | None],
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.nc = nc
+        self.pool = pool
+        self.store = store
+        self.runner = runner
+        self.source = source
+        self.membership: Membership | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def owns(self, bucket: int) -> bool:
+        return self.membership is not None and self.membership.owns(bucket)
+
+    def tokens(self) -> dict[int, int]:
+        return self.membership.tokens() if self.membership is not None else {}
+
+    def fenced(self, buckets: list[int]) -> None:
+        if self.membership is not None:
+            self.membership.drop(buckets)
+
+    async def start(self) -> None:
+        nc = self.nc()
+        assert nc is not None, "NATS starts before the group"
+        c = self.config.collector
+        self.membership = Membership(
+            nc, self.name, buckets=c.buckets, lease=c.lease, kv_bucket=c.group_kv,
+            replicas=self.config.nats.stream_replicas, info={"listen": c.listen},
+            on_gain=self._gain, on_loss=self._loss,
+        )  # fmt: skip
+        await self.membership.start()
+        self._task = asyncio.create_task(self.membership.run(), name="group")
+        log.info("collector group member %s holds buckets %s", self.name, sorted(self.membership.owned()))
+
+    async def stop(self) -> None:
+        """Hand the buckets back (state written first): the others take them at once."""
+        if self.membership is not None:
+            try:
+                await self.membership.stop(release=True)
+            except db.ERRORS as e:
+                log.warning("group leases not released (they expire): %s", e)
+        if self._task is not None:
+            await cancel_all([self._task])
+            self._task = None
+
+    async def _gain(self, gained: Mapping[int, int]) -> None:
+        """Buckets taken: raise their fencing tokens, restore their state, then consume them."""
+        pool = self.pool()
+        assert pool is not None
+        assert self.membership is not None
+        async with pool.acquire() as conn:
+            for b, token in gained.items():
+                if not await fence.take(conn, b, token, self.name):
+                    log.error(
+                        "bucket %d: PostgreSQL holds a newer fencing token than lease revision %d (was "
+                        "the group's KV bucket recreated? docs/operations.md)", b, token,
+                    )  # fmt: skip
+        self.membership.activate(gained)
+        await self.runner.regroup(lambda: self.store.reload(gained))
+        source = self.source()
+        if source is not None:
+            await asyncio.gather(*(source.start(b) for b in sorted(gained)))
+
+    async def _loss(self, lost: frozenset[int]) -> None:
+        """Buckets released or lost: stop consuming them, then drop their state (written first)."""
+        source = self.source()
+        if source is not None:
+            await asyncio.gather(*(source.stop(b) for b in sorted(lost)))
+        await self.runner.regroup(lambda: self.store.reload(()))

@@ -1,0 +1,175 @@
+"""Collector group: bucket arithmetic, KV leases (real nats-server), fencing tokens (real
+PostgreSQL). The group of collector processes is tested in tests/test_group_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import asyncpg
+import nats
+import pytest
+from nats.js.api import StorageType, StreamConfig
+
+from collector.group import fence
+from collector.group.assign import assign, bucket_of, moved
+from collector.group.lease import Membership
+from collector.stream import bucket_transform
+from gpuwarden.servers import NatsServer
+from tests.support.wait import until
+
+
+def test_assign_every_bucket_once_balanced() -> None:
+    for n in range(1, 9):
+        table = assign([f"m{i}" for i in range(n)], 64)
+        owned = sorted(b for bs in table.values() for b in bs)
+        assert owned == list(range(64))
+        sizes = [len(bs) for bs in table.values()]
+        assert max(sizes) - min(sizes) <= 1
+    assert assign([], 64) == {}
+
+
+def test_assign_is_deterministic_and_moves_few() -> None:
+    three = assign(["a", "b", "c"], 64)
+    assert assign(["c", "a", "b", "a"], 64) == three
+    four = assign(["a", "b", "c", "d"], 64)
+    # the newcomer takes its share (16); a rebalance should not reshuffle everything
+    assert 16 <= moved(three, four) <= 40
+    two = assign(["a", "b"], 64)
+    assert moved(three, two) <= 40
+
+
+async def test_bucket_of_is_the_streams_partition(private_nats: NatsServer) -> None:
+    nc = await nats.connect(private_nats.url)
+    js = nc.jetstream()
+    # the production transform, on the production prefix, in a stream of its own subjects
+    tr = bucket_transform(64)
+    await js.add_stream(
+        StreamConfig(name="GROUPT", subjects=["gpuwarden.v1.sample.>"], storage=StorageType.MEMORY,
+                     subject_transform=tr)
+    )  # fmt: skip
+    hosts = [f"node-{i:04d}" for i in range(300)] + ["a", "gpu_node_7", "Z" * 128]
+    for h in hosts:
+        await js.publish(f"gpuwarden.v1.sample.prov.{h}", b"x")
+    info = await js.stream_info("GROUPT", subjects_filter=">")
+    stored = info.state.subjects or {}
+    assert len(stored) == len(hosts)
+    for subject in stored:
+        head, _, b = subject.rpartition(".")
+        assert bucket_of(head.rsplit(".", 1)[1], 64) == int(b), subject
+    await js.delete_stream("GROUPT")
+    await nc.close()
+
+
+class Member:
+    """A Membership with its round loop, recording what it gained and lost."""
+
+    def __init__(
+        self, nc: nats.NATS, name: str, lease: float, kv: str, **hooks: Callable[..., Awaitable[None]]
+    ) -> None:
+        self.gains: list[Mapping[int, int]] = []
+        self.losses: list[frozenset[int]] = []
+
+        async def gain(g: Mapping[int, int]) -> None:
+            self.gains.append(dict(g))
+            if "gain" in hooks:
+                await hooks["gain"](g)
+
+        async def loss(lost: frozenset[int]) -> None:
+            self.losses.append(lost)
+
+        self.m = Membership(nc, name, buckets=16, lease=lease, kv_bucket=kv, on_gain=gain, on_loss=loss)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.m.start()
+        self.task = asyncio.create_task(self.m.run())
+
+    async def pause(self) -> None:
+        """Stop its rounds without releasing anything (a killed or stopped process)."""
+        assert self.task is not None
+        self.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self.task
+
+
+@pytest.fixture
+async def group_nc(nats_url: str):  # type: ignore[no-untyped-def]
+    ncs: list[nats.NATS] = []
+
+    async def connect() -> nats.NATS:
+        nc = await nats.connect(nats_url)
+        ncs.append(nc)
+        return nc
+
+    yield connect
+    for nc in ncs:
+        await nc.close()
+
+
+async def test_leases_split_exclusively_and_a_dead_members_buckets_are_taken(group_nc, request) -> None:  # type: ignore[no-untyped-def]
+    kv = f"grp-{abs(hash(request.node.name)) % 10**8}"
+    a = Member(await group_nc(), "a", 2.0, kv)
+    await a.start()
+    assert a.m.owned() == frozenset(range(16))  # alone: takes every bucket in its first round
+    b = Member(await group_nc(), "b", 2.0, kv)
+    await b.start()
+    both = assign(["a", "b"], 16)
+
+    def split_done() -> bool:
+        owned_a, owned_b = a.m.owned(), b.m.owned()
+        assert not owned_a & owned_b, f"a bucket owned twice: {sorted(owned_a & owned_b)}"
+        return owned_a == both["a"] and owned_b == both["b"]
+
+    await until(split_done, what="a and b to split the buckets")
+    assert a.losses
+    assert set().union(*a.losses) >= set(both["b"])
+    await a.pause()  # a dies holding its buckets
+
+    def taken_over() -> bool:
+        assert not a.m.owned() & b.m.owned(), "the dead member still counts itself owner"
+        return b.m.owned() == frozenset(range(16))
+
+    await until(taken_over, what="b to take a's buckets over")
+    await b.m.stop(release=True)
+
+
+async def test_a_paused_holder_stops_owning_before_the_taker_owns(group_nc, request) -> None:  # type: ignore[no-untyped-def]
+    kv = f"grp-{abs(hash(request.node.name)) % 10**8}"
+    a = Member(await group_nc(), "a", 2.0, kv)
+    await a.start()
+    await a.pause()  # holds 16 buckets, renews nothing (SIGSTOP)
+    seen: list[tuple[int, bool]] = []
+
+    async def on_gain(g: Mapping[int, int]) -> None:
+        seen.extend((bucket, a.m.owns(bucket)) for bucket in g)  # at the very moment b takes it
+
+    b = Member(await group_nc(), "b", 2.0, kv, gain=on_gain)
+    await b.start()
+    await until(lambda: b.m.owned() == frozenset(range(16)), what="b to take every bucket")
+    assert len(seen) == 16
+    assert not [bucket for bucket, a_owns in seen if a_owns], "a still counted itself owner"
+    # a resumes: its first round finds its leases gone and reports them lost
+    await a.m.round()
+    assert a.m.owned() == frozenset()
+    assert a.losses
+    assert set().union(*a.losses) == set(range(16))
+    await b.m.stop(release=True)
+
+
+async def test_fencing_tokens(conn: asyncpg.Connection) -> None:
+    assert await fence.take(conn, 3, 10, "a")
+    async with conn.transaction():
+        await fence.check(conn, {3: 10})
+    assert await fence.take(conn, 3, 12, "b")
+    assert not await fence.take(conn, 3, 11, "a")  # never lowered
+    with pytest.raises(fence.FencedError):
+        async with conn.transaction():
+            await fence.check(conn, {3: 10})
+    rid = await conn.fetchval(
+        "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
+        " VALUES (10003, 'hook', 'k1', '{}'::jsonb) RETURNING id"
+    )
+    assert not await fence.claim(conn, rid, 3, 10, "a")
+    assert await fence.claim(conn, rid, 3, 12, "b")
+    assert await conn.fetchval("SELECT claimed_by FROM notification_outbox WHERE id = $1", rid) == "b"

@@ -1,0 +1,388 @@
+"""A collector group end to end: real nats-server, PostgreSQL, a simulated fleet, a webhook
+receiver, and group members (in this process, or as ``gpuwarden collector run`` processes that
+are killed and stopped). See docs/operations.md ("Collector group")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import nats
+import nats.js.errors
+import pytest
+
+from agent.fleet import Fleet, host_name
+from collector.group.assign import bucket_of
+from gpuwarden.servers import NatsServer, free_port
+from shared.config import NatsConfig
+from tests.support.wait import until
+from tests.test_alerting import Receiver, collector, webhook_toml, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP = """
+[collector]
+group = true
+lease = "{lease}"
+"""
+ALERTS = """
+[alerts]
+provider_incident_min_hosts = 100000
+[health]
+stale_after = "30s"
+"""
+
+
+def xid_keys(rx: Receiver) -> dict[str, set[str]]:
+    """host -> the delivery ids of the firing gpu.xid notifications received (a receiver drops
+    a second copy of one delivery id: docs/operations.md says when one can come)."""
+    out: dict[str, set[str]] = {}
+    for headers, raw, _ in rx.received:
+        for a in json.loads(raw)["alerts"]:
+            if a["labels"]["alertname"] == "gpu.xid" and a["status"] == "firing":
+                out.setdefault(a["labels"]["host"], set()).add(headers.get("X-Gpuwarden-Delivery", ""))
+    return out
+
+
+def xids(rx: Receiver) -> Counter[str]:
+    """host -> firing gpu.xid notifications received, one per delivery id."""
+    return Counter({h: len(keys) for h, keys in xid_keys(rx).items()})
+
+
+def deliveries(rx: Receiver) -> Counter[str]:
+    return Counter(h.get("X-Gpuwarden-Delivery", "") for h, _, _ in rx.received)
+
+
+async def test_a_group_of_one_holds_every_bucket_and_alerts_once(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    faults = [f"{host_name(i)}/gpu0:xid=79@2s" for i in (1, 5, 9)]
+    async with Receiver() as rx:
+        toml = GROUP.format(lease="4s").replace("[collector]\n", "")
+        cfg = write_config(tmp_path, pg_dsn, url, ALERTS + webhook_toml(rx.url), alerting="")
+        path = tmp_path / "collector.toml"
+        path.write_text(path.read_text().replace("[collector]\n", "[collector]\n" + toml, 1))
+        from collector.config import load_collector_config
+
+        cfg = load_collector_config(path, env={}, flags={"postgres.dsn": pg_dsn, "nats.servers": [url]})
+        async with collector(cfg) as svc:
+            group = svc.parts.group
+            assert group is not None
+            assert group.membership is not None
+            assert group.membership.owned() == frozenset(range(64))
+            fleet = Fleet(NatsConfig(servers=(url,)), hosts=12, gpus=1, interval=1.0, faults=faults)
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=30))
+            try:
+                await until(lambda: len(xids(rx)) == 3, timeout=40)
+                await asyncio.wait_for(svc.alerting.deliverer.idle(), 30)  # type: ignore[union-attr]
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+        assert xids(rx) == Counter({host_name(i): 1 for i in (1, 5, 9)}), xid_keys(rx)
+        assert max(deliveries(rx).values()) == 1
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        parts = {r["partition"] for r in await conn.fetch("SELECT DISTINCT partition FROM alerts")}
+        assert parts
+        assert all(p >= 10_000 for p in parts)
+    finally:
+        await conn.close()
+
+
+class Members:
+    """``gpuwarden collector run --group`` processes sharing one configuration file."""
+
+    def __init__(self, tmp: Path, config: Path, nats_url: str) -> None:
+        self.tmp = tmp
+        self.config = config
+        self.nats_url = nats_url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, name: str) -> None:
+        port = free_port()
+        env = dict(os.environ, GPUWARDEN_COLLECTOR_MEMBER=name, PYTHONPATH=str(ROOT))
+        with (self.tmp / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "gpuwarden", "collector", "run", "--config", str(self.config),
+                 "--listen", f"127.0.0.1:{port}"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.ports[name] = port
+
+    def signal(self, name: str, sig: int) -> None:
+        os.killpg(self.procs[name].pid, sig)
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGCONT)
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+
+async def owners(url: str, kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
+    """bucket -> the member holding its lease now (from the group's KV bucket)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            kv = await js.key_value(kv_bucket)
+            keys = await kv.keys()
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+            return {}
+        out = {}
+        for k in keys:
+            if k.startswith("b."):
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    e = await kv.get(k)
+                    if e.value:
+                        out[int(k[2:])] = json.loads(e.value)["member"]
+        return out
+    finally:
+        await nc.close()
+
+
+def group_config(tmp: Path, pg_dsn: str, url: str, hook: str, lease: str = "4s") -> Path:
+    path = tmp / "group.toml"
+    path.write_text(
+        f"""
+[collector]
+group = true
+lease = "{lease}"
+batch = 200
+fetch_timeout = "100ms"
+[nats]
+servers = ["{url}"]
+[postgres]
+dsn = "{pg_dsn}"
+[alerting]
+tick = "200ms"
+health_snapshot = "1s"
+{ALERTS}
+{webhook_toml(hook)}
+"""
+    )
+    return path
+
+
+async def split_in(url: str, members: set[str]) -> dict[int, str]:
+    """Wait until the 64 buckets are held by exactly ``members``; the table."""
+    table: dict[int, str] = {}
+
+    async def done() -> bool:
+        nonlocal table
+        table = await owners(url)
+        return len(table) == 64 and set(table.values()) == members
+
+    try:
+        await until(done, timeout=60)
+    except AssertionError:
+        raise AssertionError(f"buckets not held by {sorted(members)}: {Counter(table.values())}") from None
+    return table
+
+
+async def pending_rows(pg_dsn: str) -> int:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM notification_outbox WHERE status = 'pending'"))
+    finally:
+        await conn.close()
+
+
+async def stored_samples(pg_dsn: str) -> tuple[int, int]:
+    """(sample rows, distinct sample frames) in PostgreSQL."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT (host_id, boot_id, seq)) AS d FROM host_samples"
+        )
+        return int(row["n"]), int(row["d"])
+    finally:
+        await conn.close()
+
+
+def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
+    """Fleet host indexes (of ``n``) whose bucket ``member`` holds in ``table``."""
+    return [i for i in range(n) if table[bucket_of(host_name(i), 64)] == member]
+
+
+HOSTS = 200
+
+
+@pytest.mark.timeout(400)
+async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    async with Receiver() as rx:
+        cfg = group_config(tmp_path, pg_dsn, url, rx.url)
+        group = Members(tmp_path, cfg, url)
+        try:
+            for name in ("m0", "m1", "m2"):
+                group.start(name)
+            table = await split_in(url, {"m0", "m1", "m2"})
+            victim = hosts_of(table, "m0", HOSTS)
+            others = [i for i in range(HOSTS) if i not in victim]
+            # faults on the victim's hosts before, around and after its death; some on the others'
+            faulted = victim[:12] + others[:6]
+            times = {i: 4 + 2 * k for k, i in enumerate(victim[:12])} | {
+                i: 5 + 3 * k for k, i in enumerate(others[:6])
+            }
+            faults = [f"{host_name(i)}/gpu0:xid=79@{t}s" for i, t in times.items()]
+            fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=60))
+            try:
+                # SIGKILL once the first fault on its hosts was notified: the rest arrive while it
+                # is dead and while its buckets are taken over
+                await until(lambda: host_name(victim[0]) in xids(rx), timeout=60)
+                group.signal("m0", signal.SIGKILL)
+                killed = time.monotonic()
+                await split_in(url, {"m1", "m2"})
+                takeover = time.monotonic() - killed
+                await until(lambda: set(xids(rx)) >= {host_name(i) for i in faulted}, timeout=120)
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+            published = fleet.stats.samples
+
+            async def all_stored() -> bool:
+                return (await stored_samples(pg_dsn))[1] >= published
+
+            await until(all_stored, timeout=60)
+            await until(_none_pending(pg_dsn), timeout=60)
+            got = xids(rx)
+            if got != Counter({host_name(i): 1 for i in faulted}):
+                conn = await asyncpg.connect(pg_dsn)
+                for r in await conn.fetch(
+                    "SELECT partition, fingerprint, kind, state, extract(epoch from at) AS at, incident"
+                    " FROM alert_transitions WHERE labels->>'host' = $1 ORDER BY at",
+                    host_name(victim[0]),
+                ):
+                    print("TRANSITION", dict(r))
+                for r in await conn.fetch(
+                    "SELECT partition, delivery_key, status, claimed_by FROM notification_outbox"
+                    " WHERE payload->'labels'->>'host' = $1",
+                    host_name(victim[0]),
+                ):
+                    print("OUTBOX", dict(r))
+                for r in await conn.fetch(
+                    "SELECT partition, fingerprint, state, updated_at FROM alerts WHERE labels->>'host' = $1",
+                    host_name(victim[0]),
+                ):
+                    print("ALERT", dict(r))
+                for r in await conn.fetch("SELECT partition, data FROM health_state ORDER BY partition"):
+                    d = json.loads(r["data"])
+                    if host_name(victim[0]) in d.get("hosts", {}):
+                        print("HEALTH", r["partition"], d["hosts"][host_name(victim[0])].get("recent_events"))
+                await conn.close()
+            assert got == Counter({host_name(i): 1 for i in faulted}), xid_keys(rx)
+            copies = sum(n - 1 for n in deliveries(rx).values())  # the same delivery id again
+            rows, distinct = await stored_samples(pg_dsn)
+            assert rows == distinct == published  # every frame stored, once
+            print(f"takeover after SIGKILL: {takeover:.1f} s (lease 4 s); copies of a delivery: {copies}")
+
+            # the whole group restarts: nothing is notified again
+            before = len(rx.received)
+            group.stop_all()
+            group.procs.clear()
+            for name in ("n0", "n1", "n2"):
+                group.start(name)
+            await split_in(url, {"n0", "n1", "n2"})
+            fleet2 = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0)
+            await fleet2.start()
+            run2 = asyncio.create_task(fleet2.run(duration=8))
+            await run2
+            await fleet2.close()
+
+            async def stored_again() -> bool:
+                return (await stored_samples(pg_dsn))[1] >= published + fleet2.stats.samples
+
+            await until(stored_again, timeout=60)
+            await until(_none_pending(pg_dsn), timeout=60)
+            news = [json.loads(b) for _, b, _ in rx.received[before:]]
+            assert [
+                a["labels"]["alertname"] for b in news for a in b["alerts"] if a["status"] == "firing"
+            ] == []
+        finally:
+            group.stop_all()
+
+
+def _none_pending(pg_dsn: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await pending_rows(pg_dsn) == 0
+
+    return check
+
+
+async def claimers(pg_dsn: str) -> Counter[str]:
+    """Member -> webhook outbox rows it claimed for sending."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch("SELECT claimed_by FROM notification_outbox WHERE channel = 'hook'")
+        return Counter(str(r["claimed_by"]) for r in rows)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(400)
+async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lost(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    async with Receiver() as rx:
+        cfg = group_config(tmp_path, pg_dsn, url, rx.url)
+        group = Members(tmp_path, cfg, url)
+        try:
+            for name in ("m0", "m1", "m2"):
+                group.start(name)
+            table = await split_in(url, {"m0", "m1", "m2"})
+            victim = hosts_of(table, "m0", HOSTS)[:10]
+            # the faults come once m0's buckets were taken over (lease 4 s), while it is stopped
+            faults = [f"{host_name(i)}/gpu0:xid=79@{20 + k}s" for k, i in enumerate(victim)]
+            fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=45))
+            try:
+                await until(lambda: fleet.stats.samples >= HOSTS, timeout=30)  # m0 is consuming
+                group.signal("m0", signal.SIGSTOP)
+                await split_in(url, {"m1", "m2"})
+                await until(lambda: set(xids(rx)) >= {host_name(i) for i in victim}, timeout=90)
+                await until(_none_pending(pg_dsn), timeout=60)
+                group.signal("m0", signal.SIGCONT)
+                await until(lambda: "lost buckets" in group.log("m0"), timeout=30)
+                await split_in(url, {"m0", "m1", "m2"})  # it rejoins and takes its share again
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+            await until(_none_pending(pg_dsn), timeout=60)
+            assert xids(rx) == Counter({host_name(i): 1 for i in victim}), xid_keys(rx)
+            assert max(deliveries(rx).values()) == 1  # m0 sent nothing again
+            claimed = await claimers(pg_dsn)
+            assert claimed["m0"] == 0, claimed  # m0 claimed nothing (rows sent early are not claimed)
+        finally:
+            group.stop_all()
