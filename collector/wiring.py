@@ -49,7 +49,7 @@ from collector.notify.stream import Broadcaster
 from collector.ratelimit import HostRateLimit
 from collector.remediation.config import remediation_config_from
 from collector.remediation.service import Remediator
-from collector.state import FleetState
+from collector.state import FleetState, load_state
 from collector.store.alerts import PgAlertStore
 from collector.store.writer import Writer
 from shared.frames import Frame
@@ -198,9 +198,23 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     if c.group:
         name = member_name(config)
         assert isinstance(store, GroupAlertStore)
+
+        async def gained_hosts(buckets: frozenset[int]) -> None:
+            """The GPUs' static facts of the hosts gained (v2 samples leave them out), from
+            their newest stored inventories: their frames were another member's until now."""
+            pool = postgres.pool
+            if pool is None:
+                return
+            async with pool.acquire() as conn:
+                stored = await load_state(conn, max_skew=state.max_skew)
+            ingest.static.seed(
+                h.inventory for h in stored if h.inventory is not None and scope.bucket(h.host) in buckets
+            )
+
         member = GroupMember(
-            config, name, lambda: nats.nc, lambda: postgres.pool, store, runner, lambda: ingest.source
-        )
+            config, name, lambda: nats.nc, lambda: postgres.pool, store, runner, lambda: ingest.source,
+            gained_hosts,
+        )  # fmt: skip
         store.incidents = lambda: runner.alerts_state.incidents
         store.health = lambda: (runner.health, runner.health_engine.healthy_for)
         deliverer.gate = ScopeGate(scope, lambda: postgres.pool, name)

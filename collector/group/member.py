@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import asyncpg
@@ -43,6 +43,7 @@ class GroupMember:
         store: GroupAlertStore,
         runner: _Runner,
         source: Callable[[], BucketConsumers | None],
+        on_gained: Callable[[frozenset[int]], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.name = name
@@ -51,6 +52,7 @@ class GroupMember:
         self.store = store
         self.runner = runner
         self.source = source
+        self.on_gained = on_gained  # e.g. the GPUs' static facts of the gained hosts, from PostgreSQL
         self.membership: Membership | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -101,6 +103,8 @@ class GroupMember:
                         "the group's KV bucket recreated? docs/operations.md)", b, token,
                     )  # fmt: skip
         self.membership.activate(gained)
+        if self.on_gained is not None:
+            await self.on_gained(frozenset(gained))
         await self.runner.regroup(lambda: self.store.reload(gained))
         source = self.source()
         if source is not None:
