@@ -183,6 +183,8 @@ def check_key(check: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
     """A check's key in its subject's ``checks``: the id, then the values of its extra labels."""
     if not extra:  # most checks (called for every check of every sample: kept cheap)
         return check
+    if len(extra) == 1:  # one subject label (mount, NIC, port...): the same key, without a generator
+        return check + ":" + extra[0][1]
     return ":".join((check, *(v for _, v in extra)))
 
 

@@ -124,7 +124,15 @@ def _delta(new: int | None, old: int | None) -> int:
 
 
 def _ib_errors(p: IbPort) -> int:
-    return sum(getattr(p, f) or 0 for f in _IB_ERRORS)
+    # the counters of _IB_ERRORS, spelled out: this runs for every port of every sample
+    return (
+        (p.symbol_error or 0)
+        + (p.link_error_recovery or 0)
+        + (p.port_rcv_errors or 0)
+        + (p.port_rcv_remote_physical_errors or 0)
+        + (p.local_link_integrity_errors or 0)
+        + (p.excessive_buffer_overrun_errors or 0)
+    )
 
 
 def _log_key(k: KernelLogCount) -> str:
