@@ -431,7 +431,7 @@ async def test_a_flapping_alert_is_notified_once_as_flapping_then_held(
 async def test_a_fault_that_fires_and_clears_within_one_batch_is_paged_then_resolved(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
-    from dataclasses import replace
+    from shared.frames import replace
 
     body = '[alerts.for_rules]\n"gpu.temperature" = "0s"\n' + webhook_toml("{url}")
     async with Receiver() as rx:
