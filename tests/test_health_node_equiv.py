@@ -1,7 +1,7 @@
 """The health engine's per-sample shortcuts give the verdicts of the plain code: the spelled-out
 InfiniBand error sum and the one-label check key agree with their generic forms (hypothesis),
-and a simulated host running every node fault gives the same observations, one by one, with
-the shortcuts and with the generic forms patched in."""
+and a simulated host running every node fault gives the same observations, one by one, and the
+same check dates, with the shortcuts (the InfiniBand quiet fast path included) and without."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from agent.faults import FaultSchedule
 from agent.gpu.simulated import SimulatedBackend
 from agent.sampler import Sequencer, build_inventory, build_sample
 from agent.system import SimulatedSystem
-from collector.health import HealthEngine, HealthState, Observation, model, node
+from collector.health import HealthEngine, HealthState, Observation, codec, model, node
 from collector.health.config import HealthConfig, NodeThresholds
 from shared.frames import IbPort
 
@@ -65,7 +65,7 @@ FAULTS = [
 ]
 
 
-def judge() -> list[Observation]:
+def judge() -> tuple[list[Observation], HealthState]:
     """Every observation of one simulated 8-GPU host sampled every second for 150 s."""
     clock = [0.0]
     schedule = FaultSchedule.parse([f"n1:{f}" if not f.startswith("gpu") else f"n1/{f}" for f in FAULTS])
@@ -85,17 +85,24 @@ def judge() -> list[Observation]:
         out += obs
         state, obs = engine.tick(state, T0 + t)
         out += obs
-    return out
+    return out, state
 
 
 def test_node_fault_schedule_gives_the_same_verdicts_as_the_generic_code(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fast = judge()
+    fast, state = judge()
+    # healthy again at the end: the InfiniBand fast path is armed (so it ran on the quiet stretches)
+    assert state.hosts["n1"].ib_quiet is not None
+    assert "ib_quiet" not in codec.state_to_dict(state)["hosts"]["n1"]  # a memo, not saved
+    monkeypatch.setattr(node.NodeChecks, "fast", False)
     monkeypatch.setattr(node, "_ib_errors", generic_ib_errors)
     monkeypatch.setattr(model, "check_key", generic_check_key)
-    plain = judge()
+    plain, plain_state = judge()
+    assert plain_state.hosts["n1"].ib_quiet is None
     assert fast == plain
+    # the checks end alike, dates included (the fast path dates what the full path would)
+    assert state.hosts["n1"].checks == plain_state.hosts["n1"].checks
     problems: dict[str, Any] = {}
     for o in fast:
         if o.status != "healthy":

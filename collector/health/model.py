@@ -18,7 +18,7 @@ from typing import Final
 
 from collector.health.actions import action_for
 from collector.health.history import FleetHistory
-from shared.frames import GpuSample, SystemSample
+from shared.frames import GpuSample, IbPort, SystemSample
 
 CRITICAL: Final = "critical"
 WARNING: Final = "warning"
@@ -131,6 +131,10 @@ class GpuState:
     checks: dict[str, CheckStatus] = field(default_factory=dict)
 
 
+# (expected IB ports, expected rate, the ports judged, [(check key, status), ...])
+IbMemo = tuple[int | None, float | None, tuple[IbPort, ...], list[tuple[str, "CheckStatus"]]]
+
+
 @dataclass(slots=True)
 class HostState:
     """What the engine remembers about one host."""
@@ -159,6 +163,10 @@ class HostState:
     gpu_model: str | None = None  # from the inventory frame (expected InfiniBand ports and rate)
     ib_flaps: dict[str, float] = field(default_factory=dict)  # IB port -> when its last flap was seen
     log_hits: dict[str, list[list[float]]] = field(default_factory=dict)  # class -> [[ts, lines], ...]
+    # The InfiniBand fast path's memo (collector.health.node): the expected port count and rate,
+    # the ports of the last sample and its healthy, quiet IB checks (key, status). Derived, not
+    # state: not saved (codec), not compared; without it the next sample takes the full path.
+    ib_quiet: IbMemo | None = field(default=None, compare=False, repr=False, metadata={"derived": True})
 
 
 @dataclass(slots=True)
