@@ -128,7 +128,9 @@ class Gate(Protocol):
 
 class Deliverer:
     """One queue and one worker per channel (so a channel's notifications keep their order);
-    retries with exponential backoff (tenacity), then the dead-letter table."""
+    retries with exponential backoff (tenacity), then the dead-letter table. A delivered row
+    is marked ``sent`` in the background: the next notification of the channel does not wait
+    for that write (:meth:`idle` waits for both)."""
 
     def __init__(
         self, store: OutboxStore, channels: Iterable[Channel], early: EarlyCallback | None = None
@@ -139,6 +141,7 @@ class Deliverer:
         self.stats = {c.name: ChannelStats(c.kind) for c in self.channels.values()}
         self._queues: dict[str, asyncio.Queue[OutboxRow]] = {n: asyncio.Queue() for n in self.channels}
         self._tasks: list[asyncio.Task[None]] = []
+        self._recording: set[asyncio.Task[None]] = set()  # "sent" marks being written
         self.dead_letters = 0
         self.gate: Gate | None = None  # a collector group member's (docs/operations.md)
         self.refused = 0  # rows not sent: their bucket is another member's now
@@ -160,8 +163,12 @@ class Deliverer:
     async def idle(self) -> None:
         for q in self._queues.values():
             await q.join()
+        while self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
 
     async def close(self) -> None:
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
         await cancel_all(self._tasks)
         self._tasks = []
         for c in self.channels.values():
@@ -227,4 +234,12 @@ class Deliverer:
             if self.early is not None:
                 self.early(row, Outcome("sent", attempts, None, time.time()))
             return
-        await self.store.mark_sent(row.id, attempts)
+        task = asyncio.create_task(self._mark_sent(ch.name, row.id, attempts))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _mark_sent(self, name: str, row_id: int, attempts: int) -> None:
+        try:
+            await self.store.mark_sent(row_id, attempts)
+        except db.ERRORS as e:  # left pending: delivered again after a restart (at least once)
+            log.warning("notification %d on %s: could not record the outcome: %s", row_id, name, e)
