@@ -10,6 +10,7 @@ from the rendered files, as the users the units would use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -17,16 +18,18 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
+from nats.js import JetStreamContext
 
 from gpuwarden.servers import PostgresServer, free_port, wait_port
 from shared.subjects import STREAM
+from tests.support.wait import reached, until
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE = ROOT / "ansible"
@@ -250,16 +253,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def progress(
-    port: int, password: str, until: tuple[int, int] | None, deadline: float
-) -> tuple[int, int]:
-    """(frames of our host in the stream, highest stream sequence a collector consumer acked).
-
-    Without ``until`` the second figure is the stream's last sequence (the baseline).
-
-    The JetStream store outlives a test run, so the caller compares with a baseline: with
-    ``until`` it polls until both figures reach it (or ``deadline`` passes).
-    """
+@contextlib.asynccontextmanager
+async def collector_js(port: int, password: str) -> AsyncIterator[JetStreamContext]:
+    """JetStream on the installed NATS server, as the collector's user."""
     nc = await nats.connect(
         servers=[f"tls://127.0.0.1:{port}"],
         user="collector",
@@ -268,21 +264,29 @@ async def progress(
         allow_reconnect=False,
         max_reconnect_attempts=0,
     )
-    js = nc.jetstream(timeout=5)
-    stored = acked = last = 0
     try:
-        while True:
-            info = await js.stream_info(STREAM, subjects_filter=f"gpuwarden.v1.*.{PROVIDER}.localhost")
-            stored = sum((info.state.subjects or {}).values())
-            last = int(info.state.last_seq)
-            consumers = await js.consumers_info(STREAM)
-            acked = max((c.ack_floor.stream_seq for c in consumers if c.ack_floor), default=0)
-            if until is None or (stored >= until[0] and acked >= until[1]) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
+        yield nc.jetstream(timeout=5)
     finally:
         await nc.close()
-    return stored, (last if until is None else acked)
+
+
+async def has_stream(js: JetStreamContext) -> bool:
+    try:
+        await js.stream_info(STREAM)
+    except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):  # (JetStream starting)
+        return False
+    return True
+
+
+async def progress(js: JetStreamContext) -> tuple[int, int, int]:
+    """(frames of our host in the stream, the stream's last sequence, highest stream sequence
+    a collector consumer acked). The JetStream store outlives a test run, so the caller
+    compares with a baseline."""
+    info = await js.stream_info(STREAM, subjects_filter=f"gpuwarden.v1.*.{PROVIDER}.localhost")
+    stored = sum((info.state.subjects or {}).values())
+    consumers = await js.consumers_info(STREAM)
+    acked = max((c.ack_floor.stream_seq for c in consumers if c.ack_floor), default=0)
+    return stored, int(info.state.last_seq), acked
 
 
 @pytest.mark.slow
@@ -306,15 +310,35 @@ async def test_installed_agent_and_collector_exchange_frames(applied: Applied, t
                 logs["collector"],
             )
         )
-        await asyncio.sleep(3)  # the collector creates the stream the agents may only look up
         password = (await asyncio.to_thread(Path("/etc/gpuwarden/collector-nats.pass").read_text)).strip()
-        base_stored, base_last = await progress(applied.nats_port, password, None, 0)
-        procs.append(
-            spawn([gw, "agent", "run", "--config", "/etc/gpuwarden/agent.toml"], "gpuwarden", logs["agent"])
-        )
-        want = (base_stored + 3, base_last + 3)  # frames newer than any before
-        stored, acked = await progress(applied.nats_port, password, want, time.monotonic() + 60)
-        await asyncio.sleep(1)  # one more tick, so that SIGTERM meets a running agent
+        async with collector_js(applied.nats_port, password) as js:
+
+            async def stream_created() -> bool:  # the collector creates it; agents may only look it up
+                assert procs[1].poll() is None, logs["collector"].read_text()[-3000:]
+                return await has_stream(js)
+
+            await until(stream_created, timeout=60, what="the collector's stream")
+            base_stored, base_last, _ = await progress(js)
+            procs.append(
+                spawn(
+                    [gw, "agent", "run", "--config", "/etc/gpuwarden/agent.toml"], "gpuwarden", logs["agent"]
+                )
+            )
+            want = (base_stored + 3, base_last + 3)  # frames newer than any before
+            stored = acked = 0
+
+            async def exchanged() -> bool:
+                nonlocal stored, acked
+                stored, _, acked = await progress(js)
+                return stored >= want[0] and acked >= want[1]
+
+            await reached(exchanged, 60)
+            seen = stored
+
+            async def one_more() -> bool:  # one more tick, so that SIGTERM meets a running agent
+                return (await progress(js))[0] > seen
+
+            await reached(one_more, 30)
         for p in procs[1:]:
             assert p.poll() is None, {k: v.read_text()[-3000:] for k, v in logs.items()}
         assert stored >= want[0], {k: v.read_text()[-3000:] for k, v in logs.items()}
