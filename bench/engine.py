@@ -180,6 +180,49 @@ def alert_storm(hosts: int, rounds: int = 5) -> float:
     return n / cpu
 
 
+def simulated_frames(hosts: int, rounds: int) -> list[list[SampleFrame]]:
+    """``rounds`` lists of one sample frame per host from the fleet simulator (``gpuwarden
+    fleet``'s hosts: 8 GPUs, 8 InfiniBand ports, NICs, disks, modules, services, clock), 1 s apart."""
+    from agent.gpu.simulated import SimulatedBackend
+    from agent.sampler import Sequencer, build_sample
+    from agent.system import SimulatedSystem
+
+    clock = [0.0]
+    sims = []
+    for h in range(hosts):
+        name = f"sim-{h:05d}"
+        backend = SimulatedBackend(GPUS, host=name, seed=h, clock=lambda: clock[0], wall=lambda: 1.7e9)
+        system = SimulatedSystem(host=name, seed=h, clock=lambda: clock[0])
+        backend.open()
+        system.open()
+        sims.append((Sequencer(host=name, provider=f"dc{h % 4}"), backend, system))
+    out = []
+    for r in range(rounds):
+        clock[0] = r * INTERVAL
+        ts = 1_700_000_000.0 + r * INTERVAL
+        out.append(
+            [
+                build_sample(q, interval_s=INTERVAL, gpus=b.sample(), system=s.sample(), ts=ts)
+                for q, b, s in sims
+            ]
+        )
+    return out
+
+
+def frame_cost(rounds: list[list[SampleFrame]], warm: int = 3) -> float:
+    """CPU microseconds per sample frame in ``HealthEngine.observe`` after ``warm`` rounds."""
+    health, state = HealthEngine(), HealthState()
+    cpu, n = 0.0, 0
+    for r, frames in enumerate(rounds):
+        t0 = time.process_time()
+        for f in frames:
+            state, _ = health.observe(state, f, f.ts)
+        if r >= warm:
+            cpu += time.process_time() - t0
+            n += len(frames)
+    return cpu / n * 1e6
+
+
 def run() -> list[tuple[str, str, str]]:
     rounds = fleet_frames(HOSTS, ROUNDS + 2)
     measure(rounds[:3])  # warm the interpreter
@@ -197,6 +240,11 @@ def run() -> list[tuple[str, str, str]]:
         ("engine: cold start, first 2 rounds, GPU observations/s", f"{2 * HOSTS * GPUS / cold:,.0f}", ""),
         ("engine: observations sent to the alert engine per GPU observation", f"{emitted / n:.3f}", ""),
         ("alerts: problem observations/s, every GPU alerting, 1 core", f"{alert_storm(HOSTS):,.0f}", ""),
+        (
+            "engine: CPU-us per simulated 8-GPU host sample (node part: IB, NICs, disks...), health only",
+            f"{frame_cost(simulated_frames(min(HOSTS, 200), 12)):.1f}",
+            "",
+        ),
     ]
 
 
