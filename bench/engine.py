@@ -20,6 +20,7 @@ import time
 from collector.alerts import AlertEngine, AlertState, alert_config_from
 from collector.health import HealthEngine, HealthState, Observation
 from shared.frames import GpuSample, SampleFrame, SystemSample
+from tests.support.frame_fixtures import quiet_gpu
 
 HOSTS = int(os.environ.get("BENCH_ENGINE_HOSTS", "1000"))
 ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "10"))  # timed, after 2 cold rounds
@@ -42,7 +43,7 @@ RAW = {
 
 def _gpu(rng: random.Random, host: int, i: int, r: int, faulty: bool) -> GpuSample:
     hot = faulty and (host + i) % 3 == 0
-    return GpuSample(
+    return quiet_gpu(
         index=i,
         uuid=f"GPU-{host:05d}-{i}",
         util_gpu_pct=rng.uniform(50, 100),
@@ -64,7 +65,6 @@ def _gpu(rng: random.Random, host: int, i: int, r: int, faulty: bool) -> GpuSamp
         throttle_power_ns=r * 1000,
         ecc_enabled=True,
         ecc_sbe_volatile=r * (30 if faulty else 0),
-        ecc_dbe_volatile=0,
         ecc_sbe_aggregate=r,
         ecc_dbe_aggregate=0,
         retired_pages_sbe=0,
@@ -72,18 +72,7 @@ def _gpu(rng: random.Random, host: int, i: int, r: int, faulty: bool) -> GpuSamp
         retired_pages_pending=False,
         remapped_rows_correctable=0,
         remapped_rows_uncorrectable=0,
-        remap_pending=False,
-        remap_failure=False,
         pcie_replay_count=r * (40 if faulty else 0),
-        pcie_link_gen=5,
-        pcie_link_width=16,
-        nvlink_links_total=18,
-        nvlink_links_up=18,
-        nvlink_crc_errors=0,
-        nvlink_replay_errors=0,
-        nvlink_recovery_errors=0,
-        recovery_action=0,
-        persistence_mode=True,
     )
 
 

@@ -27,6 +27,7 @@ from shared.frames import (
     replace,
 )
 from tests.support.fault_table import EXPECTED, NODE_EXPECTED
+from tests.support.frame_fixtures import quiet_gpu
 
 T0 = 1_700_000_000.0
 START, CLEAR, END, STEP = 60, 300, 900, 5
@@ -34,7 +35,7 @@ GIB = 1 << 30
 
 
 def base_gpu(i: int, t: int) -> GpuSample:
-    return GpuSample(
+    return quiet_gpu(
         index=i,
         uuid=f"GPU-{i}",
         temp_c=55.0,
@@ -45,23 +46,9 @@ def base_gpu(i: int, t: int) -> GpuSample:
         mem_used_bytes=20 * GIB,
         mem_total_bytes=80 * GIB,
         clock_event_reasons=0x1,
-        ecc_dbe_volatile=0,
-        ecc_sbe_volatile=0,
         retired_pages_sbe=0,
         retired_pages_dbe=0,
         retired_pages_pending=False,
-        remap_pending=False,
-        remap_failure=False,
-        pcie_replay_count=0,
-        pcie_link_gen=5,
-        pcie_link_width=16,
-        nvlink_links_total=18,
-        nvlink_links_up=18,
-        nvlink_crc_errors=0,
-        nvlink_replay_errors=0,
-        nvlink_recovery_errors=0,
-        recovery_action=0,
-        persistence_mode=True,
         util_gpu_pct=80.0,
         pcie_link_gen_max=5,
         pcie_link_width_max=16,

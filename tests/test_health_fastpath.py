@@ -12,9 +12,11 @@ from collector.health import HealthEngine, HealthState
 from collector.health.gpu import GpuChecks
 from collector.health.model import HEALTHY
 from shared.frames import GpuSample, SampleFrame
+from tests.support.frame_fixtures import QUIET_GPU
 
 T0 = 1_700_000_000.0
 BASE: dict[str, Any] = dict(
+    QUIET_GPU,
     index=0,
     uuid="GPU-0",
     temp_c=60.0,
@@ -26,24 +28,11 @@ BASE: dict[str, Any] = dict(
     mem_total_bytes=100,
     clock_event_reasons=0x1,
     throttle_thermal_ns=0,
-    ecc_dbe_volatile=0,
-    ecc_sbe_volatile=0,
     retired_pages_sbe=0,
     retired_pages_dbe=0,
     retired_pages_pending=False,
     remapped_rows_uncorrectable=0,
-    remap_pending=False,
-    remap_failure=False,
-    pcie_replay_count=0,
     pcie_link_gen=4,
-    pcie_link_width=16,
-    nvlink_links_total=18,
-    nvlink_links_up=18,
-    nvlink_crc_errors=0,
-    nvlink_replay_errors=0,
-    nvlink_recovery_errors=0,
-    recovery_action=0,
-    persistence_mode=True,
     util_gpu_pct=80.0,
     pcie_link_gen_max=4,
     pcie_link_width_max=16,

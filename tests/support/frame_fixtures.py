@@ -19,9 +19,33 @@ from shared.frames import (
 
 TS = 1_790_000_000.0
 
+# What every healthy GPU fixture (tests and bench) shares: no error counter moving, every link up.
+QUIET_GPU: dict[str, object] = dict(
+    ecc_sbe_volatile=0,
+    ecc_dbe_volatile=0,
+    remap_pending=False,
+    remap_failure=False,
+    pcie_replay_count=0,
+    pcie_link_gen=5,
+    pcie_link_width=16,
+    nvlink_links_total=18,
+    nvlink_links_up=18,
+    nvlink_crc_errors=0,
+    nvlink_replay_errors=0,
+    nvlink_recovery_errors=0,
+    recovery_action=0,
+    persistence_mode=True,
+)
+
+
+def quiet_gpu(**fields: object) -> GpuSample:
+    """A ``GpuSample`` of ``QUIET_GPU`` with ``fields`` on top."""
+    return GpuSample(**{**QUIET_GPU, **fields})  # type: ignore[arg-type]
+
 
 def gpu(index: int, **over: object) -> GpuSample:
     base: dict[str, object] = dict(
+        QUIET_GPU,
         index=index,
         uuid=f"GPU-{index:08x}-0000-0000-0000-000000000000",
         util_gpu_pct=87.0,
@@ -44,8 +68,6 @@ def gpu(index: int, **over: object) -> GpuSample:
         throttle_thermal_ns=0,
         throttle_power_ns=1_500_000,
         ecc_enabled=True,
-        ecc_sbe_volatile=0,
-        ecc_dbe_volatile=0,
         ecc_sbe_aggregate=3,
         ecc_dbe_aggregate=0,
         retired_pages_sbe=None,  # Hopper remaps rows instead of retiring pages
@@ -53,20 +75,8 @@ def gpu(index: int, **over: object) -> GpuSample:
         retired_pages_pending=None,
         remapped_rows_correctable=0,
         remapped_rows_uncorrectable=0,
-        remap_pending=False,
-        remap_failure=False,
-        pcie_replay_count=0,
-        pcie_link_gen=5,
-        pcie_link_width=16,
         pcie_link_gen_max=5,
         pcie_link_width_max=16,
-        nvlink_links_total=18,
-        nvlink_links_up=18,
-        nvlink_crc_errors=0,
-        nvlink_replay_errors=0,
-        nvlink_recovery_errors=0,
-        recovery_action=0,
-        persistence_mode=True,
         processes=(GpuProcess(pid=4242, name="python", used_mem_bytes=60_000_000_000, container="job_1234"),),
     )
     base.update(over)
