@@ -24,7 +24,7 @@ import nats
 import pytest
 
 from gpuwarden.servers import free_port, wait_port
-from tests.support.roles import BIN, COLLECTOR_PASSWORD, ROOT, ansible_env
+from tests.support.roles import BIN, COLLECTOR_PASSWORD, run_playbook
 from tests.support.wait import until
 
 NODES = 3
@@ -80,22 +80,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         )
     )
     extra.chmod(0o600)
-    run = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            str(out / "inventory.json"),
-            "-e",
-            f"@{extra}",
-            str(ROOT / "tests" / "deploy" / "render_nats_cluster.yml"),
-        ],
-        cwd=ROOT / "ansible",
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run_playbook(str(out / "inventory.json"), f"@{extra}", "render_nats_cluster.yml")
     procs = []
     try:
         for i in range(NODES):

@@ -36,7 +36,8 @@ from shared.config import AgentConfig, AgentSection, NatsConfig, NetworkChecksCo
 from shared.frames import decode, encode
 from shared.natsconf import stream_settings
 from shared.subjects import STREAM, inbox_prefix, sanitize_token
-from tests.support.roles import BIN, COLLECTOR_PASSWORD, ROOT, ansible_env
+from tests.support.roles import BIN, COLLECTOR_PASSWORD, ROOT, run_playbook
+from tests.support.tls import self_signed_ca
 from tests.support.wait import reached, until
 
 AGENT_SECRET = "agent-secret-for-tests-0123456789"
@@ -78,22 +79,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendered]:
         )
     )
     extra.chmod(0o600)
-    run = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            str(ROOT / "tests" / "deploy" / "nats_inventory.yml"),
-            "-e",
-            f"@{extra}",
-            str(ROOT / "tests" / "deploy" / "render_nats.yml"),
-        ],
-        cwd=ROOT / "ansible",
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run_playbook(str(ROOT / "tests" / "deploy" / "nats_inventory.yml"), f"@{extra}", "render_nats.yml")
     conf = out / "nats.conf"
     assert conf.stat().st_mode & 0o777 == 0o640
     assert AGENT_SECRET not in conf.read_text()  # only derived passwords land there
@@ -219,30 +205,7 @@ async def test_plaintext_connection_refused(rendered: Rendered) -> None:
 
 @pytest.fixture
 def other_ca(tmp_path: Path) -> Path:
-    other = tmp_path / "other-ca.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(tmp_path / "other.key"),
-            "-out",
-            str(other),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return other
+    return self_signed_ca(tmp_path / "other.key", tmp_path / "other-ca.pem", "other")
 
 
 async def test_tls_refuses_a_server_not_signed_by_the_trusted_ca(rendered: Rendered, other_ca: Path) -> None:
@@ -502,22 +465,7 @@ def test_roles_make_host_tokens_as_the_code_does(tmp_path: Path) -> None:
     }
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"all": {"children": {"gpu_nodes": {"hosts": hosts}}}}))
-    run = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            str(inventory),
-            "-e",
-            json.dumps({"out_dir": str(tmp_path)}),
-            str(ROOT / "tests" / "deploy" / "host_tokens.yml"),
-        ],
-        cwd=ROOT / "ansible",
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run_playbook(str(inventory), json.dumps({"out_dir": str(tmp_path)}), "host_tokens.yml")
     nats_agents = {a["user"]: a for a in json.loads((tmp_path / "nats_agents.json").read_text())}
     agent_default = {
         d["inventory"]: d["host"] for d in (json.loads(p.read_text()) for p in tmp_path.glob("agent-*.json"))

@@ -25,6 +25,7 @@ from shared.frames import (
     replace,
 )
 from tests.support.records import event, inventory, make_config, sample
+from tests.support.tls import self_signed_ca
 
 # ----------------------------------------------------------------------------- frame builders
 
@@ -344,31 +345,8 @@ def test_tls_options_build_the_right_ssl_argument(tmp_path: object) -> None:
 def test_a_configured_ca_without_sslmode_verifies_the_server_name(tmp_path: Path) -> None:
     """``sslrootcert`` alone means ``verify-full`` (chain and host name), not ``verify-ca``."""
     import ssl
-    import subprocess
 
-    ca = tmp_path / "ca.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(tmp_path / "ca.key"),
-            "-out",
-            str(ca),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    ca = self_signed_ca(tmp_path / "ca.key", tmp_path / "ca.pem", "test-ca")
 
     def ctx_of(**flags: object) -> ssl.SSLContext:
         got = db.connect_kwargs(make_config("postgresql://db/x", **flags).postgres).get("ssl")

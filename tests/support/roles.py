@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,3 +20,17 @@ def ansible_env() -> dict[str, str]:
     env["ANSIBLE_LOCALHOST_WARNING"] = "0"
     env["ANSIBLE_INVENTORY_UNPARSED_WARNING"] = "0"
     return env
+
+
+def run_playbook(inventory: str, extra: str, playbook: str) -> None:
+    """``ansible-playbook -i inventory -e extra tests/deploy/<playbook>`` from ``ansible/``, as on a
+    server; a failed run fails the test with the playbook's output."""
+    run = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", inventory, "-e", extra, str(ROOT / "tests/deploy" / playbook)],
+        cwd=ROOT / "ansible",
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
