@@ -12,7 +12,6 @@ the group rebalanced before the next kill.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench._util import ROOT, pct
+from tests.support.group import owners
 
 HOSTS = int(os.environ.get("BENCH_GROUP_HOSTS", "100"))
 KILLS = int(os.environ.get("BENCH_GROUP_KILLS", "10"))
@@ -29,36 +29,11 @@ LEASE = os.environ.get("BENCH_GROUP_LEASE", "8s")
 Row = tuple[str, str, str]
 
 
-async def _owners(url: str) -> dict[int, str]:
-    import nats
-    import nats.js.errors
-
-    nc = await nats.connect(url)
-    try:
-        try:
-            kv = await nc.jetstream().key_value("gpuwarden-group")
-            keys = await kv.keys()
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
-            return {}
-        out = {}
-        for k in keys:
-            if k.startswith("b."):
-                try:
-                    e = await kv.get(k)
-                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    continue
-                if e.value:
-                    out[int(k[2:])] = json.loads(e.value)["member"]
-        return out
-    finally:
-        await nc.close()
-
-
 async def _held_by(url: str, members: set[str], within: float = 120.0) -> float:
     """Seconds until the 64 buckets are held by exactly ``members``."""
     t0 = time.monotonic()
     while True:
-        table = await _owners(url)
+        table = await owners(url)
         if len(table) == 64 and set(table.values()) == members:
             return time.monotonic() - t0
         if time.monotonic() - t0 > within:

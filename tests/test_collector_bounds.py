@@ -10,31 +10,28 @@ from pathlib import Path
 
 import asyncpg
 
-from collector.config import CollectorConfig, load_collector_config
+from collector.config import CollectorConfig
 from gpuwarden.servers import NatsServer
 from shared.frames import GpuSample, SampleFrame
-from tests.support.collector import collector, jetstream
+from tests.support.collector import collector, jetstream, load_toml
 from tests.support.ingest import publish
 from tests.support.records import sample
 from tests.support.wait import until
 
 
 def config(tmp: Path, dsn: str, nats_url: str, body: str) -> CollectorConfig:
-    path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 500
-fetch_timeout = "100ms"
-durable = "b{abs(hash(str(tmp))) % 10**8}"
+    return load_toml(
+        tmp,
+        dsn,
+        nats_url,
+        f"""durable = "b{abs(hash(str(tmp))) % 10**8}"
 host_rate = 1
 host_burst = 20
 [alerting]
 tick = "100ms"
 {body}
-"""
+""",
     )
-    return load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]})
 
 
 async def test_a_flooding_host_is_refused_beyond_its_rate_and_another_host_loses_nothing(

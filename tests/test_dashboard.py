@@ -22,12 +22,11 @@ from aiohttp.test_utils import TestServer
 
 from agent.fleet import Fleet
 from collector.api import make_app
-from collector.config import load_collector_config
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from tests.support.browser import browser_page, xid_event
-from tests.support.collector import collector, send
+from tests.support.collector import collector, load_toml, send
 from tests.support.wait import until
 
 TOKEN = "dash-" + uuid.uuid4().hex
@@ -37,22 +36,19 @@ DOWN, DOWN2 = "host-0007", "host-0008"  # providers 1 and 2: no provider-wide in
 
 @contextlib.asynccontextmanager
 async def collector_with_fleet(tmp: Path, dsn: str, url: str) -> AsyncIterator[CollectorService]:
-    path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 500
-fetch_timeout = "100ms"
-durable = "dash{uuid.uuid4().hex[:8]}"
+    cfg = load_toml(
+        tmp,
+        dsn,
+        url,
+        f"""durable = "dash{uuid.uuid4().hex[:8]}"
 [api]
 tokens = ["{TOKEN}"]
 [alerting]
 tick = "200ms"
 [alerts]
 for = "1s"
-"""
+""",
     )
-    cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [url]})
     async with collector(cfg) as svc:
         fleet = Fleet(
             NatsConfig(servers=(url,)),

@@ -13,18 +13,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
-import nats
-import nats.js.errors
 import pytest
 
 from agent.fleet import Fleet, host_name
 from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsServer, free_port
 from shared.config import NatsConfig
+from tests.support.group import owners
 from tests.support.wait import until
 from tests.test_alerting import Receiver, collector, webhook_toml, write_config
 
@@ -142,28 +141,6 @@ class Members:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
 
-async def owners(url: str, kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
-    """bucket -> the member holding its lease now (from the group's KV bucket)."""
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        try:
-            kv = await js.key_value(kv_bucket)
-            keys = await kv.keys()
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
-            return {}
-        out = {}
-        for k in keys:
-            if k.startswith("b."):
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    e = await kv.get(k)
-                    if e.value:
-                        out[int(k[2:])] = json.loads(e.value)["member"]
-        return out
-    finally:
-        await nc.close()
-
-
 def group_config(tmp: Path, pg_dsn: str, url: str, hook: str, lease: str = "4s") -> Path:
     path = tmp / "group.toml"
     path.write_text(
@@ -228,6 +205,21 @@ def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
     return [i for i in range(n) if table[bucket_of(host_name(i), 64)] == member]
 
 
+@contextlib.asynccontextmanager
+async def three_members(
+    tmp: Path, pg_dsn: str, url: str, hook: str
+) -> AsyncIterator[tuple[Members, dict[int, str]]]:
+    """Members m0, m1 and m2 started, each holding its share of the buckets (yielded with the
+    table); every member is stopped on the way out."""
+    group = Members(tmp, group_config(tmp, pg_dsn, url, hook), url)
+    try:
+        for name in ("m0", "m1", "m2"):
+            group.start(name)
+        yield group, await split_in(url, {"m0", "m1", "m2"})
+    finally:
+        group.stop_all()
+
+
 HOSTS = 200
 
 
@@ -236,99 +228,89 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
     url = private_nats.url
-    async with Receiver() as rx:
-        cfg = group_config(tmp_path, pg_dsn, url, rx.url)
-        group = Members(tmp_path, cfg, url)
+    async with Receiver() as rx, three_members(tmp_path, pg_dsn, url, rx.url) as (group, table):
+        victim = hosts_of(table, "m0", HOSTS)
+        others = [i for i in range(HOSTS) if i not in victim]
+        # faults on the victim's hosts before, around and after its death; some on the others'
+        faulted = victim[:12] + others[:6]
+        times = {i: 4 + 2 * k for k, i in enumerate(victim[:12])} | {
+            i: 5 + 3 * k for k, i in enumerate(others[:6])
+        }
+        faults = [f"{host_name(i)}/gpu0:xid=79@{t}s" for i, t in times.items()]
+        fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
+        await fleet.start()
+        run = asyncio.create_task(fleet.run(duration=60))
         try:
-            for name in ("m0", "m1", "m2"):
-                group.start(name)
-            table = await split_in(url, {"m0", "m1", "m2"})
-            victim = hosts_of(table, "m0", HOSTS)
-            others = [i for i in range(HOSTS) if i not in victim]
-            # faults on the victim's hosts before, around and after its death; some on the others'
-            faulted = victim[:12] + others[:6]
-            times = {i: 4 + 2 * k for k, i in enumerate(victim[:12])} | {
-                i: 5 + 3 * k for k, i in enumerate(others[:6])
-            }
-            faults = [f"{host_name(i)}/gpu0:xid=79@{t}s" for i, t in times.items()]
-            fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
-            await fleet.start()
-            run = asyncio.create_task(fleet.run(duration=60))
-            try:
-                # SIGKILL once the first fault on its hosts was notified: the rest arrive while it
-                # is dead and while its buckets are taken over
-                await until(lambda: host_name(victim[0]) in xids(rx), timeout=60)
-                group.signal("m0", signal.SIGKILL)
-                killed = time.monotonic()
-                await split_in(url, {"m1", "m2"})
-                takeover = time.monotonic() - killed
-                await until(lambda: set(xids(rx)) >= {host_name(i) for i in faulted}, timeout=120)
-            finally:
-                fleet.stop()
-                await run
-                await fleet.close()
-            published = fleet.stats.samples
-
-            async def all_stored() -> bool:
-                return (await stored_samples(pg_dsn))[1] >= published
-
-            await until(all_stored, timeout=60)
-            await until(_none_pending(pg_dsn), timeout=60)
-            got = xids(rx)
-            if got != Counter({host_name(i): 1 for i in faulted}):
-                conn = await asyncpg.connect(pg_dsn)
-                for r in await conn.fetch(
-                    "SELECT partition, fingerprint, kind, state, extract(epoch from at) AS at, incident"
-                    " FROM alert_transitions WHERE labels->>'host' = $1 ORDER BY at",
-                    host_name(victim[0]),
-                ):
-                    print("TRANSITION", dict(r))
-                for r in await conn.fetch(
-                    "SELECT partition, delivery_key, status, claimed_by FROM notification_outbox"
-                    " WHERE payload->'labels'->>'host' = $1",
-                    host_name(victim[0]),
-                ):
-                    print("OUTBOX", dict(r))
-                for r in await conn.fetch(
-                    "SELECT partition, fingerprint, state, updated_at FROM alerts WHERE labels->>'host' = $1",
-                    host_name(victim[0]),
-                ):
-                    print("ALERT", dict(r))
-                for r in await conn.fetch("SELECT partition, data FROM health_state ORDER BY partition"):
-                    d = json.loads(r["data"])
-                    if host_name(victim[0]) in d.get("hosts", {}):
-                        print("HEALTH", r["partition"], d["hosts"][host_name(victim[0])].get("recent_events"))
-                await conn.close()
-            assert got == Counter({host_name(i): 1 for i in faulted}), xid_keys(rx)
-            copies = sum(n - 1 for n in deliveries(rx).values())  # the same delivery id again
-            rows, distinct = await stored_samples(pg_dsn)
-            assert rows == distinct == published  # every frame stored, once
-            print(f"takeover after SIGKILL: {takeover:.1f} s (lease 4 s); copies of a delivery: {copies}")
-
-            # the whole group restarts: nothing is notified again
-            before = len(rx.received)
-            group.stop_all()
-            group.procs.clear()
-            for name in ("n0", "n1", "n2"):
-                group.start(name)
-            await split_in(url, {"n0", "n1", "n2"})
-            fleet2 = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0)
-            await fleet2.start()
-            run2 = asyncio.create_task(fleet2.run(duration=8))
-            await run2
-            await fleet2.close()
-
-            async def stored_again() -> bool:
-                return (await stored_samples(pg_dsn))[1] >= published + fleet2.stats.samples
-
-            await until(stored_again, timeout=60)
-            await until(_none_pending(pg_dsn), timeout=60)
-            news = [json.loads(b) for _, b, _ in rx.received[before:]]
-            assert [
-                a["labels"]["alertname"] for b in news for a in b["alerts"] if a["status"] == "firing"
-            ] == []
+            # SIGKILL once the first fault on its hosts was notified: the rest arrive while it
+            # is dead and while its buckets are taken over
+            await until(lambda: host_name(victim[0]) in xids(rx), timeout=60)
+            group.signal("m0", signal.SIGKILL)
+            killed = time.monotonic()
+            await split_in(url, {"m1", "m2"})
+            takeover = time.monotonic() - killed
+            await until(lambda: set(xids(rx)) >= {host_name(i) for i in faulted}, timeout=120)
         finally:
-            group.stop_all()
+            fleet.stop()
+            await run
+            await fleet.close()
+        published = fleet.stats.samples
+
+        async def all_stored() -> bool:
+            return (await stored_samples(pg_dsn))[1] >= published
+
+        await until(all_stored, timeout=60)
+        await until(_none_pending(pg_dsn), timeout=60)
+        got = xids(rx)
+        if got != Counter({host_name(i): 1 for i in faulted}):
+            conn = await asyncpg.connect(pg_dsn)
+            for r in await conn.fetch(
+                "SELECT partition, fingerprint, kind, state, extract(epoch from at) AS at, incident"
+                " FROM alert_transitions WHERE labels->>'host' = $1 ORDER BY at",
+                host_name(victim[0]),
+            ):
+                print("TRANSITION", dict(r))
+            for r in await conn.fetch(
+                "SELECT partition, delivery_key, status, claimed_by FROM notification_outbox"
+                " WHERE payload->'labels'->>'host' = $1",
+                host_name(victim[0]),
+            ):
+                print("OUTBOX", dict(r))
+            for r in await conn.fetch(
+                "SELECT partition, fingerprint, state, updated_at FROM alerts WHERE labels->>'host' = $1",
+                host_name(victim[0]),
+            ):
+                print("ALERT", dict(r))
+            for r in await conn.fetch("SELECT partition, data FROM health_state ORDER BY partition"):
+                d = json.loads(r["data"])
+                if host_name(victim[0]) in d.get("hosts", {}):
+                    print("HEALTH", r["partition"], d["hosts"][host_name(victim[0])].get("recent_events"))
+            await conn.close()
+        assert got == Counter({host_name(i): 1 for i in faulted}), xid_keys(rx)
+        copies = sum(n - 1 for n in deliveries(rx).values())  # the same delivery id again
+        rows, distinct = await stored_samples(pg_dsn)
+        assert rows == distinct == published  # every frame stored, once
+        print(f"takeover after SIGKILL: {takeover:.1f} s (lease 4 s); copies of a delivery: {copies}")
+
+        # the whole group restarts: nothing is notified again
+        before = len(rx.received)
+        group.stop_all()
+        group.procs.clear()
+        for name in ("n0", "n1", "n2"):
+            group.start(name)
+        await split_in(url, {"n0", "n1", "n2"})
+        fleet2 = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0)
+        await fleet2.start()
+        run2 = asyncio.create_task(fleet2.run(duration=8))
+        await run2
+        await fleet2.close()
+
+        async def stored_again() -> bool:
+            return (await stored_samples(pg_dsn))[1] >= published + fleet2.stats.samples
+
+        await until(stored_again, timeout=60)
+        await until(_none_pending(pg_dsn), timeout=60)
+        news = [json.loads(b) for _, b, _ in rx.received[before:]]
+        assert [a["labels"]["alertname"] for b in news for a in b["alerts"] if a["status"] == "firing"] == []
 
 
 def _none_pending(pg_dsn: str) -> Callable[[], Awaitable[bool]]:
@@ -353,36 +335,28 @@ async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lo
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
     url = private_nats.url
-    async with Receiver() as rx:
-        cfg = group_config(tmp_path, pg_dsn, url, rx.url)
-        group = Members(tmp_path, cfg, url)
+    async with Receiver() as rx, three_members(tmp_path, pg_dsn, url, rx.url) as (group, table):
+        victim = hosts_of(table, "m0", HOSTS)[:10]
+        # the faults come once m0's buckets were taken over (lease 4 s), while it is stopped
+        faults = [f"{host_name(i)}/gpu0:xid=79@{20 + k}s" for k, i in enumerate(victim)]
+        fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
+        await fleet.start()
+        run = asyncio.create_task(fleet.run(duration=45))
         try:
-            for name in ("m0", "m1", "m2"):
-                group.start(name)
-            table = await split_in(url, {"m0", "m1", "m2"})
-            victim = hosts_of(table, "m0", HOSTS)[:10]
-            # the faults come once m0's buckets were taken over (lease 4 s), while it is stopped
-            faults = [f"{host_name(i)}/gpu0:xid=79@{20 + k}s" for k, i in enumerate(victim)]
-            fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
-            await fleet.start()
-            run = asyncio.create_task(fleet.run(duration=45))
-            try:
-                await until(lambda: fleet.stats.samples >= HOSTS, timeout=30)  # m0 is consuming
-                group.signal("m0", signal.SIGSTOP)
-                await split_in(url, {"m1", "m2"})
-                await until(lambda: set(xids(rx)) >= {host_name(i) for i in victim}, timeout=90)
-                await until(_none_pending(pg_dsn), timeout=60)
-                group.signal("m0", signal.SIGCONT)
-                await until(lambda: "lost buckets" in group.log("m0"), timeout=30)
-                await split_in(url, {"m0", "m1", "m2"})  # it rejoins and takes its share again
-            finally:
-                fleet.stop()
-                await run
-                await fleet.close()
+            await until(lambda: fleet.stats.samples >= HOSTS, timeout=30)  # m0 is consuming
+            group.signal("m0", signal.SIGSTOP)
+            await split_in(url, {"m1", "m2"})
+            await until(lambda: set(xids(rx)) >= {host_name(i) for i in victim}, timeout=90)
             await until(_none_pending(pg_dsn), timeout=60)
-            assert xids(rx) == Counter({host_name(i): 1 for i in victim}), xid_keys(rx)
-            assert max(deliveries(rx).values()) == 1  # m0 sent nothing again
-            claimed = await claimers(pg_dsn)
-            assert claimed["m0"] == 0, claimed  # m0 claimed nothing (rows sent early are not claimed)
+            group.signal("m0", signal.SIGCONT)
+            await until(lambda: "lost buckets" in group.log("m0"), timeout=30)
+            await split_in(url, {"m0", "m1", "m2"})  # it rejoins and takes its share again
         finally:
-            group.stop_all()
+            fleet.stop()
+            await run
+            await fleet.close()
+        await until(_none_pending(pg_dsn), timeout=60)
+        assert xids(rx) == Counter({host_name(i): 1 for i in victim}), xid_keys(rx)
+        assert max(deliveries(rx).values()) == 1  # m0 sent nothing again
+        claimed = await claimers(pg_dsn)
+        assert claimed["m0"] == 0, claimed  # m0 claimed nothing (rows sent early are not claimed)

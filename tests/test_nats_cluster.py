@@ -21,13 +21,13 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from agent.fleet import Fleet
-from collector.config import CollectorConfig, load_collector_config
+from collector.config import CollectorConfig
 from collector.stream import reconcile
 from gpuwarden.servers import NatsCluster
 from shared.config import NatsConfig
 from shared.subjects import STREAM
 from tests.support.cluster import published_keys, stored_keys
-from tests.support.collector import collector
+from tests.support.collector import collector, load_toml
 from tests.support.wait import until
 
 STREAM_BYTES = 256 << 20  # three nodes share this machine's disk: no automatic sizing
@@ -50,13 +50,11 @@ def cluster_nats(urls: list[str], **extra: object) -> NatsConfig:
 def collector_config(tmp: Path, dsn: str, urls: list[str], body: str = "") -> CollectorConfig:
     """The collector's configuration for a cluster: ``[nats] servers`` lists every node."""
     servers = ", ".join(f'"{u}"' for u in urls)
-    path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 500
-fetch_timeout = "100ms"
-ack_wait = "3s"
+    return load_toml(
+        tmp,
+        dsn,
+        None,
+        f"""ack_wait = "3s"
 [nats]
 servers = [{servers}]
 stream_replicas = 3
@@ -66,9 +64,8 @@ reconnect_wait = "200ms"
 tick = "200ms"
 health_snapshot = "1s"
 {body}
-"""
+""",
     )
-    return load_collector_config(path, env={}, flags={"postgres.dsn": dsn})
 
 
 async def stored_count(dsn: str) -> int:

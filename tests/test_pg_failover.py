@@ -28,25 +28,23 @@ import pytest
 from agent.fleet import Fleet
 from agent.gpu.base import GpuEvent
 from agent.sampler import build_event
-from collector.config import CollectorConfig, load_collector_config
+from collector.config import CollectorConfig
 from collector.store import db
 from gpuwarden.servers import NatsServer, PostgresServer, multi_host_dsn
 from shared.config import NatsConfig
 from shared.frames import encode
 from shared.subjects import STREAM
 from tests.support.cluster import Key, published_keys, stored_keys
-from tests.support.collector import Receiver, collector, webhook_toml
+from tests.support.collector import Receiver, collector, load_toml, webhook_toml
 from tests.support.wait import until
 
 
 def failover_config(tmp: Path, dsn: str, nats_url: str, hook_url: str) -> CollectorConfig:
-    path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 500
-fetch_timeout = "100ms"
-ack_wait = "3s"
+    return load_toml(
+        tmp,
+        dsn,
+        nats_url,
+        f"""ack_wait = "3s"
 [postgres]
 connect_timeout = "2s"
 [alerting]
@@ -55,9 +53,8 @@ health_snapshot = "1s"
 [health]
 stale_after = "30s"
 {webhook_toml(hook_url)}
-"""
+""",
     )
-    return load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]})
 
 
 def xid(fleet: Fleet, host: int, code: int = 79) -> str:

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from collector.config import load_collector_config
 from collector.service import CollectorService
-from tests.support.collector import collector, send
+from tests.support.collector import collector, load_toml, send
 from tests.support.records import event, inventory, sample
 from tests.support.wait import until
 
@@ -25,22 +24,20 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @contextlib.asynccontextmanager
 async def running(tmp: Path, dsn: str, nats_url: str) -> AsyncIterator[CollectorService]:
     """A started collector with the fleet of HOSTS reported (one XID 79 on XID_HOST, GPU 2)."""
-    path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 200
-fetch_timeout = "100ms"
-durable = "api{uuid.uuid4().hex[:8]}"
+    cfg = load_toml(
+        tmp,
+        dsn,
+        nats_url,
+        f"""durable = "api{uuid.uuid4().hex[:8]}"
 [api]
 tokens = ["{TOKEN}"]
 [alerting]
 tick = "200ms"
 [alerts]
 for = "1s"
-"""
+""",
+        batch=200,
     )
-    cfg = load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]})
     async with collector(cfg) as svc:
         now = time.time()
         frames: list[Any] = []

@@ -61,22 +61,34 @@ class Receiver(LocalHttp):
         return [("/hook", self.handle), ("/api/v2/alerts", self.handle)]  # also as an Alertmanager endpoint
 
 
-def write_config(tmp: Path, dsn: str, nats_url: str, body: str, alerting: str = "") -> CollectorConfig:
+def load_toml(
+    tmp: Path, dsn: str, nats_url: str | None, collector_rest: str, batch: int = 500
+) -> CollectorConfig:
+    """``tmp/collector.toml``: a ``[collector]`` section with ``batch`` and a 100 ms fetch
+    timeout, continued by ``collector_rest`` (more keys, then other sections); loaded with the
+    test's database and, given one, NATS server."""
     path = tmp / "collector.toml"
-    path.write_text(
-        f"""
-[collector]
-batch = 200
-fetch_timeout = "100ms"
-durable = "c{abs(hash(str(tmp))) % 10**8}"
+    path.write_text(f'[collector]\nbatch = {batch}\nfetch_timeout = "100ms"\n{collector_rest}')
+    flags: dict[str, object] = {"postgres.dsn": dsn}
+    if nats_url is not None:
+        flags["nats.servers"] = [nats_url]
+    return load_collector_config(path, env={}, flags=flags)
+
+
+def write_config(tmp: Path, dsn: str, nats_url: str, body: str, alerting: str = "") -> CollectorConfig:
+    return load_toml(
+        tmp,
+        dsn,
+        nats_url,
+        f"""durable = "c{abs(hash(str(tmp))) % 10**8}"
 [alerting]
 tick = "200ms"
 health_snapshot = "1s"
 {alerting}
 {body}
-"""
+""",
+        batch=200,
     )
-    return load_collector_config(path, env={}, flags={"postgres.dsn": dsn, "nats.servers": [nats_url]})
 
 
 def webhook_toml(url: str, **extra: object) -> str:
