@@ -25,8 +25,9 @@ from collector.api import make_app
 from collector.service import CollectorService
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
+from tests.support.api import api_config
 from tests.support.browser import browser_page, xid_event
-from tests.support.collector import collector, load_toml, send
+from tests.support.collector import collector, send
 from tests.support.wait import until
 
 TOKEN = "dash-" + uuid.uuid4().hex
@@ -36,19 +37,7 @@ DOWN, DOWN2 = "host-0007", "host-0008"  # providers 1 and 2: no provider-wide in
 
 @contextlib.asynccontextmanager
 async def collector_with_fleet(tmp: Path, dsn: str, url: str) -> AsyncIterator[CollectorService]:
-    cfg = load_toml(
-        tmp,
-        dsn,
-        url,
-        f"""durable = "dash{uuid.uuid4().hex[:8]}"
-[api]
-tokens = ["{TOKEN}"]
-[alerting]
-tick = "200ms"
-[alerts]
-for = "1s"
-""",
-    )
+    cfg = api_config(tmp, dsn, url, f"dash{uuid.uuid4().hex[:8]}", TOKEN, batch=500)
     async with collector(cfg) as svc:
         fleet = Fleet(
             NatsConfig(servers=(url,)),

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from collector.config import CollectorConfig
 from collector.service import CollectorService
 from tests.support.collector import collector, load_toml, send
 from tests.support.records import event, inventory, sample
@@ -21,23 +22,29 @@ XID_HOST = "a-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@contextlib.asynccontextmanager
-async def running(tmp: Path, dsn: str, nats_url: str) -> AsyncIterator[CollectorService]:
-    """A started collector with the fleet of HOSTS reported (one XID 79 on XID_HOST, GPU 2)."""
-    cfg = load_toml(
+def api_config(tmp: Path, dsn: str, nats_url: str, durable: str, token: str, batch: int) -> CollectorConfig:
+    """A collector with its API on (``token`` allowed to write), a 200 ms tick and alerts
+    that fire after 1 s."""
+    return load_toml(
         tmp,
         dsn,
         nats_url,
-        f"""durable = "api{uuid.uuid4().hex[:8]}"
+        f"""durable = "{durable}"
 [api]
-tokens = ["{TOKEN}"]
+tokens = ["{token}"]
 [alerting]
 tick = "200ms"
 [alerts]
 for = "1s"
 """,
-        batch=200,
+        batch=batch,
     )
+
+
+@contextlib.asynccontextmanager
+async def running(tmp: Path, dsn: str, nats_url: str) -> AsyncIterator[CollectorService]:
+    """A started collector with the fleet of HOSTS reported (one XID 79 on XID_HOST, GPU 2)."""
+    cfg = api_config(tmp, dsn, nats_url, f"api{uuid.uuid4().hex[:8]}", TOKEN, batch=200)
     async with collector(cfg) as svc:
         now = time.time()
         frames: list[Any] = []
