@@ -594,8 +594,19 @@ def _error(e: BaseException, prefix: str = "") -> FrameDecodeError:
     return FrameDecodeError("bad_type", msg, path or None)
 
 
-def _check_event(frame: Frame) -> Frame:
-    if type(frame) is EventFrame:
+def _check_frame(frame: Frame) -> Frame:
+    """What the schema's types cannot say: an event's type and source are known ones; a sample
+    carries each GPU once (a v2 sample's ``processes`` name their GPU by index)."""
+    if type(frame) is SampleFrame:
+        gpus = frame.gpus
+        if len(gpus) > 1 and len({g.index for g in gpus}) != len(gpus):
+            seen: set[int] = set()
+            for i, g in enumerate(gpus):
+                if g.index in seen:
+                    why = f"GPU index {g.index} repeated"
+                    raise FrameDecodeError("out_of_range", why, f"gpus[{i}].index")
+                seen.add(g.index)
+    elif type(frame) is EventFrame:
         if frame.type not in EVENT_TYPES:
             raise FrameDecodeError("bad_type", f"unknown event type {frame.type!r}", "type")
         if frame.source not in EVENT_SOURCES:
@@ -1121,7 +1132,7 @@ def decode(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
             raise _Decline
     except (FrameDecodeError, _Decline, *_DECLINE):
         return from_wire(_unpack(data))  # read again, to name what is wrong (the depth first)
-    return _check_event(frame)
+    return _check_frame(frame)
 
 
 class _Decline(Exception):
@@ -1163,11 +1174,11 @@ def from_wire(raw: Any) -> Frame:
     try:
         if v == SCHEMA_VERSION and raw["kind"] == "sample":
             w = msgspec.convert(raw, _SampleV2)
-            return _assemble(w, _body(w))
+            return _check_frame(_assemble(w, _body(w)))
         frame: Frame = msgspec.convert(raw, Frame)
     except msgspec.ValidationError as e:
         raise _error(e) from None
-    return _check_event(frame)
+    return _check_frame(frame)
 
 
 def decode_partial(

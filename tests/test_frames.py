@@ -94,6 +94,17 @@ def _gpu_over(**over: Any) -> dict[str, Any]:
     return raw
 
 
+def test_a_gpu_index_carried_twice_is_refused() -> None:
+    """v2 names a process's GPU by its index: two GPUs of one index would get each other's
+    processes on the way back (the fuzz test found the frame this way, an index deleted)."""
+    twice = frames.replace(fx.sample(gpus=2), gpus=(fx.gpu(0), fx.gpu(0, temp_c=50.0)))
+    for data in (encode(twice), encode_v1(twice), encode(twice, static=False)):
+        with pytest.raises(FrameDecodeError) as err:
+            decode(data)
+        assert (err.value.reason, err.value.field) == ("out_of_range", "gpus[1].index")
+    assert decode(encode(fx.sample(gpus=2))) == fx.sample(gpus=2)
+
+
 @pytest.mark.parametrize(
     ("raw", "reason", "field"),
     [
@@ -113,6 +124,7 @@ def _gpu_over(**over: Any) -> dict[str, Any]:
         (_gpu_over(pcie_link_gen=17), "out_of_range", "gpus[1].pcie_link_gen"),
         (_gpu_over(ecc_dbe_volatile=-(1 << 63)), "out_of_range", "gpus[1].ecc_dbe_volatile"),
         (_gpu_over(lost="yes"), "bad_type", "gpus[1].lost"),
+        (_gpu_over(index=0), "out_of_range", "gpus[1].index"),  # one entry per GPU
         (_gpu_over(processes=[{"pid": "x"}]), "bad_type", "gpus[1].processes[0].pid"),
         (_gpu_over(uuid="u" * 129), "too_long", "gpus[1].uuid"),
         (_raw_sample(boot_id="b" * 4000), "too_long", "boot_id"),
