@@ -1220,8 +1220,8 @@ def decode_partial(
             good.append(g)
     if not dropped:
         raise first
-    if w is not None:
-        return _assemble(w, {**body, "gpus": good}), tuple(dropped)
+    if w is not None:  # what is kept is checked as a whole frame is (e.g. each GPU index once)
+        return _check_frame(_assemble(w, {**body, "gpus": good})), tuple(dropped)
     return from_wire({**raw, "gpus": good}), tuple(dropped)
 
 

@@ -105,6 +105,26 @@ def test_a_gpu_index_carried_twice_is_refused() -> None:
     assert decode(encode(fx.sample(gpus=2))) == fx.sample(gpus=2)
 
 
+def test_a_gpu_index_carried_twice_is_refused_also_when_another_gpu_is_dropped() -> None:
+    """decode_partial drops a GPU entry that fails validation and keeps the rest: what it keeps
+    is checked as a whole frame is, so two GPUs of one index are refused there too (the fuzz
+    test's mutations found the frame with a bad third GPU beside a repeated index)."""
+    v1 = _raw_sample()
+    v1["gpus"] = [v1["gpus"][0], {**v1["gpus"][1], "index": 0}, {**v1["gpus"][1], "temp_c": "hot"}]
+    v2: dict[str, Any] = msgpack.unpackb(encode(fx.sample(gpus=2)))
+    cols = v2["gpus"]  # a column of three GPUs: a list grows by its last value, a folded one holds
+    v2["gpus"] = {k: ([*c, c[-1]] if type(c) is list else c) for k, c in cols.items()}
+    v2["gpus"].update(index=[0, 0, 1], temp_c=[60, 61, "hot"])
+    for raw in (v1, v2):
+        with pytest.raises(FrameDecodeError) as err:
+            frames.decode_partial(msgpack.packb(raw))
+        assert (err.value.reason, err.value.field) == ("out_of_range", "gpus[1].index")
+    v1["gpus"][1]["index"] = 1  # the same frame without the repeat: the bad GPU alone is dropped
+    kept, dropped = frames.decode_partial(msgpack.packb(v1))
+    assert [g.index for g in kept.gpus] == [0, 1]
+    assert [e.field for e in dropped] == ["gpus[2].temp_c"]
+
+
 @pytest.mark.parametrize(
     ("raw", "reason", "field"),
     [
