@@ -310,8 +310,18 @@ async def test_collector_polls_an_agent_which_may_answer(rendered: Rendered, col
 
     await nc.subscribe("gpuwarden.v1.poll.gpu-c_example_net", cb=answer)
     await nc.flush()
-    reply = await collector.request("gpuwarden.v1.poll.gpu-c_example_net", b"", timeout=3)
-    assert reply.data == b"fresh sample"
+    replies: list[bytes] = []
+
+    async def answered() -> bool:  # the agent's interest reaches the collector's side once known
+        try:
+            reply = await collector.request("gpuwarden.v1.poll.gpu-c_example_net", b"", timeout=3)
+        except nats.errors.NoRespondersError:
+            return False
+        replies.append(reply.data)
+        return True
+
+    await until(answered, 10, "a responder to the poll")
+    assert replies == [b"fresh sample"]
     ack = await nc.jetstream(timeout=5).publish("gpuwarden.v1.sample.prov2.gpu-c_example_net", b"x")
     assert ack.seq > 0
     await nc.close()
