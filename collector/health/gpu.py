@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Final
 
 from collector.health import gpu_signals
+from collector.health.advice import ADVICE
 from collector.health.config import GpuThresholds
-from collector.health.model import CRITICAL, HEALTHY, INFO, WARNING, Emitter, GpuState
+from collector.health.model import CRITICAL, HEALTHY, INFO, WARNING, Emitter, GpuState, GpuVerdicts, Verdicts
 from shared import xid74
 from shared.frames import GpuSample
 from shared.xid import XidInfo
@@ -55,10 +56,6 @@ XID_ACTION_ADVICE: Final[dict[str, str]] = {
     "contact_support": "collect nvidia-bug-report.sh and contact support",
     "follow_linked": "follow the action of the XID it refers to (recovery action)",
 }
-RMA_ADVICE: Final = (
-    "repeated fatal XIDs on this GPU: take it out of service for hardware inspection / RMA "
-    "(run field diagnostics, collect nvidia-bug-report.sh)"
-)
 
 
 def pcie_expected_per_min(gen: int | None, width: int | None, factor: float = 1.0) -> float | None:
@@ -100,7 +97,7 @@ class GpuChecks:
         if gs.quiet and self.quiet_sample(gs, g, ts):
             return
         had_prev = gs.last is not None  # rate checks exist only from the second sample on
-        self._full(em, gs, base, g, ts)
+        self._full(GpuVerdicts(em, gs, base, g, ts))
         hf = em.healthy_for
         gs.quiet = had_prev and all(cs.status == HEALTHY and cs.quiet >= hf for cs in gs.checks.values())
 
@@ -212,70 +209,46 @@ class GpuChecks:
         gs.last, gs.last_ts, gs.stale = g, ts, False
         return True
 
-    def _full(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
+    def _full(self, v: GpuVerdicts) -> None:
+        em, gs, g = v.em, v.gs, v.g
         c = gs.checks
         if g.lost:
             if em.superseded(c, "gpu.lost"):
                 return  # read before the GPU came back (gpu_recovered): older news
             if not gs.lost:
                 gs.lost = True
-            em.emit(
-                c,
-                "gpu.lost",
-                base,
-                CRITICAL,
-                ts,
-                value=1.0,
-                summary=f"GPU {gs.index} fell off the bus: drain the node and reboot it",
-                advice="The GPU no longer answers (GPU_IS_LOST, XID 79). Its last values are stale. "
-                "Drain the node and reboot; if it recurs, RMA the GPU.",
-                immediate=True,
-            )
+            summary = f"GPU {gs.index} fell off the bus: drain the node and reboot it"
+            v.bad("gpu.lost", CRITICAL, 1.0, summary, immediate=True)
             return
         if (gs.lost or "gpu.lost" not in c or c["gpu.lost"].quiet < em.healthy_for) and not em.superseded(
             c, "gpu.lost"
         ):  # (read before a gpu_lost event: the GPU stays lost)
             gs.lost = False
-            em.emit(c, "gpu.lost", base, HEALTHY, ts, value=0.0)
-        prev, dt = gs.last, (ts - gs.last_ts) if gs.last_ts is not None else 0.0
-        if prev is not None and dt <= 0:
-            prev = None  # duplicate or out of order: no rates from it
-        self._temperature(em, gs, base, g, ts)
-        self._ecc(em, gs, base, g, prev, dt, ts)
-        self._memory_health(em, gs, base, g, ts)
-        self._clocks(em, gs, base, g, prev, ts)
-        self._pcie(em, gs, base, g, prev, dt, ts)
-        self._nvlink(em, gs, base, g, prev, dt, ts)
-        self._power_memory(em, gs, base, g, ts)
-        self.signals.sample(em, gs, base, g, prev, ts)
+            v.ok("gpu.lost", 0.0)
+        self._temperature(v)
+        self._ecc(v)
+        self._memory_health(v)
+        self._clocks(v)
+        self._pcie(v)
+        self._nvlink(v)
+        self._power_memory(v)
+        self.signals.sample(v)
         if g.recovery_action is not None:
-            self.recovery(em, gs, base, g.recovery_action, ts)
+            self.recovery(em, gs, v.base, g.recovery_action, v.at)
         if g.persistence_mode is not None and self.cfg.persistence_check:
             if g.persistence_mode:
-                em.emit(c, "gpu.persistence", base, HEALTHY, ts, value=1.0)
+                v.ok("gpu.persistence", 1.0)
             else:
-                em.emit(
-                    c,
-                    "gpu.persistence",
-                    base,
-                    INFO,
-                    ts,
-                    value=0.0,
-                    summary=f"persistence mode is off on GPU {gs.index}: enable it (nvidia-smi -pm 1)",
-                    advice="Without persistence mode the driver tears down and re-initialises the GPU "
-                    "between clients, which adds latency and hides state; enable it or run "
-                    "nvidia-persistenced.",
-                )
-        gs.last, gs.last_ts, gs.stale = g, ts, False
+                summary = f"persistence mode is off on GPU {gs.index}: enable it (nvidia-smi -pm 1)"
+                v.bad("gpu.persistence", INFO, 0.0, summary)
+        gs.last, gs.last_ts, gs.stale = g, v.at, False
 
-    def _temperature(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
-    ) -> None:
-        t = g.temp_c
+    def _temperature(self, v: GpuVerdicts) -> None:
+        t = v.g.temp_c
         if t is None:
             return
         cfg = self.cfg
-        slow, shut = g.temp_slowdown_c, g.temp_shutdown_c
+        slow, shut = v.g.temp_slowdown_c, v.g.temp_shutdown_c
         if (
             t >= cfg.temp_critical_c
             or (slow is not None and t >= slow)
@@ -285,169 +258,80 @@ class GpuChecks:
         elif t >= cfg.temp_warning_c or (slow is not None and t >= slow - cfg.temp_slowdown_margin_c):
             status = WARNING
         else:
-            em.emit(gs.checks, "gpu.temperature", base, HEALTHY, ts, value=t)
+            v.ok("gpu.temperature", t)
             return
         limits = f"warning {cfg.temp_warning_c:g} C, critical {cfg.temp_critical_c:g} C"
         if slow is not None:
             limits += f", NVML slowdown {slow:g} C"
         if shut is not None:
             limits += f", shutdown {shut:g} C"
-        em.emit(
-            gs.checks,
-            "gpu.temperature",
-            base,
-            status,
-            ts,
-            value=t,
-            summary=f"GPU {gs.index} at {t:g} C ({limits}): check cooling, fans and airflow",
-            advice="The GPU is near or past its thermal limits: it will slow down, then shut down. "
-            "Check the fans, inlet temperature and airflow; drain the node if it persists.",
-        )
+        summary = f"GPU {v.gs.index} at {t:g} C ({limits}): check cooling, fans and airflow"
+        v.bad("gpu.temperature", status, t, summary)
 
-    def _ecc(
-        self,
-        em: Emitter,
-        gs: GpuState,
-        base: Mapping[str, str],
-        g: GpuSample,
-        prev: GpuSample | None,
-        dt: float,
-        ts: float,
-    ) -> None:
-        c = gs.checks
+    def _ecc(self, v: GpuVerdicts) -> None:
+        g, prev = v.g, v.prev
         dbe = g.ecc_dbe_volatile
         if dbe is not None:
             if dbe > 0:
-                self.dbe(em, gs, base, ts, float(dbe))
+                self.dbe(v.em, v.gs, v.base, v.at, float(dbe))
             else:
-                em.emit(c, "gpu.ecc_dbe", base, HEALTHY, ts, value=0.0)
+                v.ok("gpu.ecc_dbe", 0.0)
         if prev is None:
             return
         d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
         if d is None:
             return
-        rate = d * 60.0 / dt
-        if rate > self.cfg.ecc_sbe_rate_per_min:
-            em.emit(
-                c,
-                "gpu.ecc_sbe_rate",
-                base,
-                WARNING,
-                ts,
-                value=rate,
-                summary=f"GPU {gs.index}: {rate:.1f} single-bit ECC errors/min "
-                f"(above {self.cfg.ecc_sbe_rate_per_min:g}): watch for retirements, plan a reset",
-                advice="Corrected errors are absorbed, but a high rate often precedes page retirement, "
-                "row remapping or double-bit errors. Track the trend; schedule a GPU reset.",
+        rate = d * 60.0 / v.dt
+        limit = self.cfg.ecc_sbe_rate_per_min
+        if rate > limit:
+            summary = (
+                f"GPU {v.gs.index}: {rate:.1f} single-bit ECC errors/min "
+                f"(above {limit:g}): watch for retirements, plan a reset"
             )
+            v.bad("gpu.ecc_sbe_rate", WARNING, rate, summary)
         else:
-            em.emit(c, "gpu.ecc_sbe_rate", base, HEALTHY, ts, value=rate)
+            v.ok("gpu.ecc_sbe_rate", rate)
 
     def dbe(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float, value: float) -> None:
-        em.emit(
-            gs.checks,
-            "gpu.ecc_dbe",
-            base,
-            CRITICAL,
-            ts,
-            value=value,
-            summary=f"GPU {gs.index}: uncorrectable (double-bit) ECC errors: drain and reset the GPU",
-            advice="Volatile double-bit ECC errors > 0 (DCGM fails this). Data on the GPU may be "
-            "corrupt: stop its jobs, reset the GPU; RMA if it recurs.",
-            immediate=True,
-        )
+        summary = f"GPU {gs.index}: uncorrectable (double-bit) ECC errors: drain and reset the GPU"
+        Verdicts(em, gs.checks, base, ts).bad("gpu.ecc_dbe", CRITICAL, value, summary, immediate=True)
 
-    def _memory_health(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
-    ) -> None:
-        cfg, c = self.cfg, gs.checks
+    def _memory_health(self, v: GpuVerdicts) -> None:
+        cfg, g, index = self.cfg, v.g, v.gs.index
         sbe, dbe, pending = g.retired_pages_sbe, g.retired_pages_dbe, g.retired_pages_pending
         if sbe is not None or dbe is not None or pending is not None:
             total = (sbe or 0) + (dbe or 0)
             if total >= cfg.retired_pages_critical:
-                em.emit(
-                    c,
-                    "gpu.retired_pages",
-                    base,
-                    CRITICAL,
-                    ts,
-                    value=float(total),
-                    summary=f"GPU {gs.index}: {total} retired pages (limit {cfg.retired_pages_critical}): "
-                    "RMA it",
-                    advice="The retired-page table is full or nearly so (DCGM fails at 63): the GPU can no "
-                    "longer retire bad memory. Take it out of service and RMA it.",
-                )
+                summary = f"GPU {index}: {total} retired pages (limit {cfg.retired_pages_critical}): RMA it"
+                v.bad("gpu.retired_pages", CRITICAL, float(total), summary)
             elif pending:
-                em.emit(
-                    c,
-                    "gpu.retired_pages",
-                    base,
-                    WARNING,
-                    ts,
-                    value=float(total),
-                    summary=f"GPU {gs.index}: page retirement pending: reset the GPU to retire the pages",
-                    advice="Pages are marked for retirement; they are retired at the next GPU reset or "
-                    "reboot. Drain the GPU and reset it.",
+                summary = f"GPU {index}: page retirement pending: reset the GPU to retire the pages"
+                v.bad(
+                    "gpu.retired_pages", WARNING, float(total), summary, ADVICE["gpu.retired_pages/pending"]
                 )
             else:
-                em.emit(c, "gpu.retired_pages", base, HEALTHY, ts, value=float(total))
+                v.ok("gpu.retired_pages", float(total))
         fail, rpend, unc = g.remap_failure, g.remap_pending, g.remapped_rows_uncorrectable
         if fail is None and rpend is None and unc is None:
             return
         if fail:
-            self.remap_failure(em, gs, base, ts)
+            self.remap_failure(v.em, v.gs, v.base, v.at)
         elif rpend:
-            em.emit(
-                c,
-                "gpu.row_remap",
-                base,
-                WARNING,
-                ts,
-                value=float(unc or 0),
-                summary=f"GPU {gs.index}: row remap pending: reset the GPU",
-                advice="A memory row is waiting to be remapped; the remap takes effect at the next GPU "
-                "reset. Drain the GPU and reset it.",
-            )
+            summary = f"GPU {index}: row remap pending: reset the GPU"
+            v.bad("gpu.row_remap", WARNING, float(unc or 0), summary, ADVICE["gpu.row_remap/pending"])
         elif unc is not None and unc >= cfg.remapped_rows_unc_warning:
-            em.emit(
-                c,
-                "gpu.row_remap",
-                base,
-                WARNING,
-                ts,
-                value=float(unc),
-                summary=f"GPU {gs.index}: {unc} uncorrectable remapped rows: plan an RMA",
-                advice="Many rows have been remapped for uncorrectable errors (DCGM warns at 512). "
-                "Spare rows are running out; plan a replacement.",
-            )
+            summary = f"GPU {index}: {unc} uncorrectable remapped rows: plan an RMA"
+            v.bad("gpu.row_remap", WARNING, float(unc), summary, ADVICE["gpu.row_remap/uncorrectable"])
         else:
-            em.emit(c, "gpu.row_remap", base, HEALTHY, ts, value=float(unc or 0))
+            v.ok("gpu.row_remap", float(unc or 0))
 
     def remap_failure(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
-        em.emit(
-            gs.checks,
-            "gpu.row_remap",
-            base,
-            CRITICAL,
-            ts,
-            value=1.0,
-            summary=f"GPU {gs.index}: row remapping failed: take the GPU out of service and RMA it",
-            advice="The GPU could not remap a failing memory row (DCGM fails this). Its memory can no "
-            "longer be repaired in the field.",
-            immediate=True,
-        )
+        summary = f"GPU {gs.index}: row remapping failed: take the GPU out of service and RMA it"
+        Verdicts(em, gs.checks, base, ts).bad("gpu.row_remap", CRITICAL, 1.0, summary, immediate=True)
 
-    def _clocks(
-        self,
-        em: Emitter,
-        gs: GpuState,
-        base: Mapping[str, str],
-        g: GpuSample,
-        prev: GpuSample | None,
-        ts: float,
-    ) -> None:
-        cfg = self.cfg
-        if em.superseded(gs.checks, "gpu.clock_events"):
+    def _clocks(self, v: GpuVerdicts) -> None:
+        cfg, gs, g, prev = self.cfg, v.gs, v.g, v.prev
+        if v.em.superseded(gs.checks, "gpu.clock_events"):
             return  # read before a throttle event already judged: older news
         reasons = g.clock_event_reasons
         if reasons is None:
@@ -456,7 +340,7 @@ class GpuChecks:
             reasons = gs.event_reasons
         active = reasons & cfg.clock_event_mask
         if active:
-            self.clock_events(em, gs, base, active, ts)
+            self.clock_events(v.em, gs, v.base, active, v.at)
             return
         gs.throttle_since = None
         thermal = _delta(g.throttle_thermal_ns, prev.throttle_thermal_ns if prev is not None else None)
@@ -465,19 +349,10 @@ class GpuChecks:
         until, last = gs.throttle_until, gs.last_ts
         reported = until is not None and last is not None and until >= last
         if cfg.thermal_violation_warns and thermal and not reported:
-            em.emit(
-                gs.checks,
-                "gpu.clock_events",
-                base,
-                WARNING,
-                ts,
-                value=thermal / 1e9,
-                summary=f"GPU {gs.index} was thermally throttled for {thermal / 1e9:.1f} s: check cooling",
-                advice="The thermal violation time grew since the last sample (DCGM warns on any "
-                "thermal violation in the last minute). Check fans and airflow.",
-            )
+            summary = f"GPU {gs.index} was thermally throttled for {thermal / 1e9:.1f} s: check cooling"
+            v.bad("gpu.clock_events", WARNING, thermal / 1e9, summary, ADVICE["gpu.clock_events/thermal"])
             return
-        em.emit(gs.checks, "gpu.clock_events", base, HEALTHY, ts, value=0.0)
+        v.ok("gpu.clock_events", 0.0)
 
     def clock_events(
         self, em: Emitter, gs: GpuState, base: Mapping[str, str], active: int, ts: float
@@ -491,28 +366,11 @@ class GpuChecks:
         status = CRITICAL if sustained else WARNING
         names = reason_names(active)
         what = f"for {held:.0f} s" if sustained else "now"
-        em.emit(
-            gs.checks,
-            "gpu.clock_events",
-            base,
-            status,
-            ts,
-            value=float(active),
-            summary=f"GPU {gs.index} throttled by {names} {what}: check power delivery and cooling",
-            advice="Hardware slowdown, HW thermal slowdown or the power brake cut the clocks. "
-            "Check the PSUs, power cabling and cooling; if it is sustained, drain the node.",
-        )
+        summary = f"GPU {gs.index} throttled by {names} {what}: check power delivery and cooling"
+        Verdicts(em, gs.checks, base, ts).bad("gpu.clock_events", status, float(active), summary)
 
-    def _pcie(
-        self,
-        em: Emitter,
-        gs: GpuState,
-        base: Mapping[str, str],
-        g: GpuSample,
-        prev: GpuSample | None,
-        dt: float,
-        ts: float,
-    ) -> None:
+    def _pcie(self, v: GpuVerdicts) -> None:
+        g, prev = v.g, v.prev
         if prev is None:
             return
         d = _delta(g.pcie_replay_count, prev.pcie_replay_count)
@@ -521,34 +379,18 @@ class GpuChecks:
         expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, self.cfg.pcie_replay_factor)
         if expected is None:
             return
-        rate = d * 60.0 / dt
+        rate = d * 60.0 / v.dt
         if rate > expected:
-            em.emit(
-                gs.checks,
-                "gpu.pcie_replay",
-                base,
-                WARNING,
-                ts,
-                value=rate,
-                summary=f"GPU {gs.index}: {rate:.1f} PCIe replays/min, above the {expected:g}/min expected "
-                f"for Gen{g.pcie_link_gen} x{g.pcie_link_width}: reseat the GPU or check the riser",
-                advice="The PCIe link retransmits more than its bit-error rate allows (DCGM warns above "
-                "ceil(1e-12 x lane rate x 60 s x lanes)). Reseat the card, check risers and "
-                "cables, update the firmware.",
+            summary = (
+                f"GPU {v.gs.index}: {rate:.1f} PCIe replays/min, above the {expected:g}/min expected "
+                f"for Gen{g.pcie_link_gen} x{g.pcie_link_width}: reseat the GPU or check the riser"
             )
+            v.bad("gpu.pcie_replay", WARNING, rate, summary)
         else:
-            em.emit(gs.checks, "gpu.pcie_replay", base, HEALTHY, ts, value=rate)
+            v.ok("gpu.pcie_replay", rate)
 
-    def _nvlink(
-        self,
-        em: Emitter,
-        gs: GpuState,
-        base: Mapping[str, str],
-        g: GpuSample,
-        prev: GpuSample | None,
-        dt: float,
-        ts: float,
-    ) -> None:
+    def _nvlink(self, v: GpuVerdicts) -> None:
+        g, prev = v.g, v.prev
         total, up = g.nvlink_links_total, g.nvlink_links_up
         if not total:
             return
@@ -571,98 +413,52 @@ class GpuChecks:
                 for link, d in deltas.items():
                     if d:
                         per_link.setdefault(link, []).append(f"{name} +{d}")
-        where = "; ".join(f"link {k}: {', '.join(v)}" for k, v in sorted(per_link.items()))
-        crc_rate = crc / dt if crc is not None else 0.0
-        c = gs.checks
+        where = "; ".join(f"link {k}: {', '.join(said)}" for k, said in sorted(per_link.items()))
+        crc_rate = crc / v.dt if crc is not None else 0.0
+        index = v.gs.index
         if down > 0 or crc_rate >= self.cfg.nvlink_crc_critical_per_s:
             which = f" (link {', '.join(map(str, g.nvlink_down_links))})" if g.nvlink_down_links else ""
             what = f"{down} of {total} links down{which}" if down > 0 else f"{crc_rate:.0f} CRC errors/s"
             if down <= 0 and where:
                 what += f" ({where})"
-            em.emit(
-                c,
-                "gpu.nvlink",
-                base,
-                CRITICAL,
-                ts,
-                value=float(down) if down else crc_rate,
-                summary=f"GPU {gs.index}: NVLink {what}: drain the node, reset the GPUs, check the NVLink "
-                "bridge",
-                advice="A link down or CRC errors at 100/s or more (DCGM fails both) break or slow "
-                "multi-GPU jobs. Drain, reset the GPUs; if it recurs, service the baseboard.",
-            )
+            summary = f"GPU {index}: NVLink {what}: drain the node, reset the GPUs, check the NVLink bridge"
+            v.bad("gpu.nvlink", CRITICAL, float(down) if down else crc_rate, summary)
         elif crc or rep or rec:
-            em.emit(
-                c,
-                "gpu.nvlink",
-                base,
-                WARNING,
-                ts,
-                value=float((crc or 0) + (rep or 0) + (rec or 0)),
-                summary=f"GPU {gs.index}: NVLink errors increased (CRC {crc or 0}, replay {rep or 0}, "
-                f"recovery {rec or 0}{'; ' + where if where else ''}): watch the trend",
-                advice="NVLink error counters grew (DCGM warns on any increase). Occasional errors are "
-                "retried; a growing rate points at a failing link (the per-link counters name it).",
+            summary = (
+                f"GPU {index}: NVLink errors increased (CRC {crc or 0}, replay {rep or 0}, "
+                f"recovery {rec or 0}{'; ' + where if where else ''}): watch the trend"
             )
+            value = float((crc or 0) + (rep or 0) + (rec or 0))
+            v.bad("gpu.nvlink", WARNING, value, summary, ADVICE["gpu.nvlink/errors"])
         else:
-            em.emit(c, "gpu.nvlink", base, HEALTHY, ts, value=0.0)
+            v.ok("gpu.nvlink", 0.0)
 
-    def _power_memory(
-        self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float
-    ) -> None:
-        cfg, c = self.cfg, gs.checks
+    def _power_memory(self, v: GpuVerdicts) -> None:
+        cfg, g, index = self.cfg, v.g, v.gs.index
         p, lim = g.power_w, g.power_limit_w
         if p is not None and lim:
             if p > lim * (1.0 + cfg.power_over_limit_pct / 100.0):
-                em.emit(
-                    c,
-                    "gpu.power",
-                    base,
-                    WARNING,
-                    ts,
-                    value=p,
-                    summary=f"GPU {gs.index} draws {p:.0f} W, over its {lim:.0f} W limit: check the power "
-                    "cap",
-                    advice="Power above the enforced limit means the limit is not holding (firmware or "
-                    "sensor fault) or the limit changed. Check nvidia-smi -q -d POWER.",
-                )
+                summary = f"GPU {index} draws {p:.0f} W, over its {lim:.0f} W limit: check the power cap"
+                v.bad("gpu.power", WARNING, p, summary)
             else:
-                em.emit(c, "gpu.power", base, HEALTHY, ts, value=p)
+                v.ok("gpu.power", p)
         used, total = g.mem_used_bytes, g.mem_total_bytes
         if used is not None and total:
             pct = used * 100.0 / total
             if pct >= cfg.memory_full_pct:
-                em.emit(
-                    c,
-                    "gpu.memory_full",
-                    base,
-                    WARNING,
-                    ts,
-                    value=pct,
-                    summary=f"GPU {gs.index} memory {pct:.0f}% full: expect out-of-memory errors in jobs",
-                    advice="GPU memory is nearly exhausted; new allocations will fail. Look at the "
-                    "processes on the GPU; a leaked or orphaned process may hold the memory.",
-                )
+                summary = f"GPU {index} memory {pct:.0f}% full: expect out-of-memory errors in jobs"
+                v.bad("gpu.memory_full", WARNING, pct, summary)
             else:
-                em.emit(c, "gpu.memory_full", base, HEALTHY, ts, value=pct)
+                v.ok("gpu.memory_full", pct)
 
     def recovery(self, em: Emitter, gs: GpuState, base: Mapping[str, str], code: int, ts: float) -> None:
+        v = Verdicts(em, gs.checks, base, ts)
         name, status = RECOVERY_ACTIONS.get(code, (f"ACTION_{code}", WARNING))
         if status == HEALTHY:
-            em.emit(gs.checks, "gpu.recovery_action", base, HEALTHY, ts, value=0.0)
+            v.ok("gpu.recovery_action", 0.0)
             return
-        em.emit(
-            gs.checks,
-            "gpu.recovery_action",
-            base,
-            status,
-            ts,
-            value=float(code),
-            summary=f"GPU {gs.index}: the driver requests {name}: drain the node and perform it",
-            advice="The NVIDIA driver reported the recovery action it needs (NVML recovery action, "
-            "XID 154). Until it is done the GPU may misbehave.",
-            immediate=True,
-        )
+        summary = f"GPU {gs.index}: the driver requests {name}: drain the node and perform it"
+        v.bad("gpu.recovery_action", status, float(code), summary, immediate=True)
 
     def xid(
         self,
@@ -681,18 +477,14 @@ class GpuChecks:
             detail = f"; {nvl.describe()}"  # the link and the catalogue's NVLink workflow
             if nvl.benign:
                 status = WARNING
-        em.emit(
-            gs.checks,
-            "gpu.xid",
-            base,
-            status,
-            ts,
-            value=float(rec.count),
-            summary=f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}{detail}",
-            advice=f"XID {info.code} {info.mnemonic}, seen {rec.count} time(s); "
-            f"{'fatal' if info.fatal else 'non-fatal'}; action: {action}{detail}.",
-            immediate=True,
-            extra=(("xid", str(info.code)),),
+        summary = f"GPU {gs.index} XID {info.code} ({info.mnemonic}): {info.summary}{detail}"
+        advice = (
+            f"XID {info.code} {info.mnemonic}, seen {rec.count} time(s); "
+            f"{'fatal' if info.fatal else 'non-fatal'}; action: {action}{detail}."
+        )
+        extra = (("xid", str(info.code)),)
+        Verdicts(em, gs.checks, base, ts).bad(
+            "gpu.xid", status, float(rec.count), summary, advice, immediate=True, extra=extra
         )
 
     def expire(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
@@ -733,35 +525,18 @@ class GpuChecks:
     def rma(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float) -> None:
         """``gpu.rma``: ``rma_fatal_xids`` fatal XIDs on this GPU within ``rma_window``, or the
         board's fault history across boots (:mod:`collector.health.history`) asks for it."""
+        v = Verdicts(em, gs.checks, base, ts)
         n = len(gs.fatal_xids)
         if gs.rma_until and ts >= gs.rma_until:
             gs.rma_until, gs.rma_summary, gs.rma_evidence = 0.0, "", ""
         if gs.rma_until:
-            em.emit(
-                gs.checks,
-                "gpu.rma",
-                base,
-                CRITICAL,
-                ts,
-                value=float(max(n, 1)),
-                summary=gs.rma_summary,
-                advice=f"{RMA_ADVICE}. Evidence: {gs.rma_evidence}.",
-                immediate=True,
-            )
+            advice = f"{ADVICE['gpu.rma']}. Evidence: {gs.rma_evidence}."
+            v.bad("gpu.rma", CRITICAL, float(max(n, 1)), gs.rma_summary, advice, immediate=True)
         elif n >= self.cfg.rma_fatal_xids:
             hours = self.cfg.rma_window / 3600
-            em.emit(
-                gs.checks,
-                "gpu.rma",
-                base,
-                CRITICAL,
-                ts,
-                value=float(n),
-                summary=f"GPU {gs.index}: {n} fatal XIDs within {hours:g} h: hardware inspection / RMA",
-                advice=RMA_ADVICE,
-                immediate=True,
-            )
+            summary = f"GPU {gs.index}: {n} fatal XIDs within {hours:g} h: hardware inspection / RMA"
+            v.bad("gpu.rma", CRITICAL, float(n), summary, immediate=True)
         else:
             cs = gs.checks.get("gpu.rma")
             if cs is not None and (cs.status != HEALTHY or cs.quiet < em.healthy_for):
-                em.emit(gs.checks, "gpu.rma", base, HEALTHY, ts, value=float(n))
+                v.ok("gpu.rma", float(n))

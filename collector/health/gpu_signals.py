@@ -9,11 +9,10 @@ evaluated; each function emits at most one observation for its check. The fast p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Final
 
 from collector.health.config import GpuThresholds
-from collector.health.model import CRITICAL, HEALTHY, WARNING, Emitter, GpuState
+from collector.health.model import CRITICAL, WARNING, GpuVerdicts
 from shared.frames import GpuSample
 
 GPU_IDLE: Final = 0x1  # the one clock-event reason that is no reason
@@ -89,47 +88,27 @@ class SignalChecks:
     def __init__(self, cfg: GpuThresholds) -> None:
         self.cfg = cfg
 
-    def sample(
-        self,
-        em: Emitter,
-        gs: GpuState,
-        base: Mapping[str, str],
-        g: GpuSample,
-        prev: GpuSample | None,
-        ts: float,
-    ) -> None:
-        self._pcie_link(em, gs, base, g, ts)
-        self._hbm(em, gs, base, g, ts)
-        self._memory_trend(em, gs, base, g, prev, ts)
-        self._sm_clock(em, gs, base, g, ts)
-        self._fan(em, gs, base, g, ts)
-        self._fabric(em, gs, base, g, ts)
+    def sample(self, v: GpuVerdicts) -> None:
+        self._pcie_link(v)
+        self._hbm(v)
+        self._memory_trend(v)
+        self._sm_clock(v)
+        self._fan(v)
+        self._fabric(v)
 
-    def _pcie_link(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
-        problem = pcie_link_problem(self.cfg, g)
+    def _pcie_link(self, v: GpuVerdicts) -> None:
+        problem = pcie_link_problem(self.cfg, v.g)
         if problem is None:
             return
-        width = float(g.pcie_link_width or 0)
+        width = float(v.g.pcie_link_width or 0)
         if not problem:
-            em.emit(gs.checks, "gpu.pcie_link", base, HEALTHY, ts, value=width)
+            v.ok("gpu.pcie_link", width)
             return
-        em.emit(
-            gs.checks,
-            "gpu.pcie_link",
-            base,
-            WARNING,
-            ts,
-            value=width,
-            summary=f"GPU {gs.index} PCIe link degraded ({problem}): reseat the GPU, check the riser and "
-            "slot",
-            advice="The link trained below its maximum (a narrower width at any time, or a lower "
-            "generation while the GPU is busy; idle GPUs lower their generation to save power, "
-            "which is not judged). Host-GPU bandwidth is cut. Reseat the card, check risers, "
-            "retimers and cables, update the firmware.",
-        )
+        summary = f"GPU {v.gs.index} PCIe link degraded ({problem}): reseat the GPU, check the riser and slot"
+        v.bad("gpu.pcie_link", WARNING, width, summary)
 
-    def _hbm(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
-        mt, lim = g.mem_temp_c, g.temp_mem_max_c
+    def _hbm(self, v: GpuVerdicts) -> None:
+        mt, lim = v.g.mem_temp_c, v.g.temp_mem_max_c
         if mt is None or lim is None:
             return
         if mt >= lim:
@@ -137,31 +116,13 @@ class SignalChecks:
         elif mt >= lim - self.cfg.hbm_temp_margin_c:
             status = WARNING
         else:
-            em.emit(gs.checks, "gpu.hbm_temp", base, HEALTHY, ts, value=mt)
+            v.ok("gpu.hbm_temp", mt)
             return
-        em.emit(
-            gs.checks,
-            "gpu.hbm_temp",
-            base,
-            status,
-            ts,
-            value=mt,
-            summary=f"GPU {gs.index} HBM at {mt:g} C (NVML memory limit {lim:g} C): check cooling and "
-            "airflow",
-            advice="The memory (HBM) temperature is near or past the limit NVML reports for it "
-            "(NVML_TEMPERATURE_THRESHOLD_MEM_MAX): the GPU slows its memory down, then errors "
-            "follow. Check the cold plate or heatsink, fans and inlet temperature.",
-        )
+        summary = f"GPU {v.gs.index} HBM at {mt:g} C (NVML memory limit {lim:g} C): check cooling and airflow"
+        v.bad("gpu.hbm_temp", status, mt, summary)
 
-    def _memory_trend(
-        self,
-        em: Emitter,
-        gs: GpuState,
-        base: Mapping[str, str],
-        g: GpuSample,
-        prev: GpuSample | None,
-        ts: float,
-    ) -> None:
+    def _memory_trend(self, v: GpuVerdicts) -> None:
+        gs, g, prev, ts = v.gs, v.g, v.prev, v.at
         retired = _retired(g)
         if g.ecc_dbe_aggregate is None and retired is None:
             return
@@ -180,137 +141,65 @@ class SignalChecks:
         since = gs.memory_trend_at
         if since is None or ts - since >= self.cfg.memory_trend_window:
             gs.memory_trend_at, gs.memory_trend = None, ""
-            em.emit(gs.checks, "gpu.memory_trend", base, HEALTHY, ts, value=0.0)
+            v.ok("gpu.memory_trend", 0.0)
             return
         hours = self.cfg.memory_trend_window / 3600
-        em.emit(
-            gs.checks,
-            "gpu.memory_trend",
-            base,
-            WARNING,
-            ts,
-            value=float(g.ecc_dbe_aggregate or 0),
-            summary=f"GPU {gs.index} memory is wearing ({gs.memory_trend}): "
-            "plan a reset and an RMA if it keeps growing",
-            advice=f"A lifetime (aggregate) memory-error counter grew within the last {hours:g} h. "
-            "Volatile counters clear at a GPU reset; these do not, so they show a trend across "
-            "resets. Run field diagnostics; RMA the GPU if the count keeps rising.",
+        summary = (
+            f"GPU {gs.index} memory is wearing ({gs.memory_trend}): plan a reset and an RMA if it keeps "
         )
+        summary += "growing"
+        advice = (
+            f"A lifetime (aggregate) memory-error counter grew within the last {hours:g} h. "
+            "Volatile counters clear at a GPU reset; these do not, so they show a trend across "
+            "resets. Run field diagnostics; RMA the GPU if the count keeps rising."
+        )
+        v.bad("gpu.memory_trend", WARNING, float(g.ecc_dbe_aggregate or 0), summary, advice)
 
-    def _sm_clock(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
-        low = sm_clock_low(self.cfg, g)
+    def _sm_clock(self, v: GpuVerdicts) -> None:
+        low = sm_clock_low(self.cfg, v.g)
         if low is None:
             return
-        clk = float(g.clock_sm_mhz or 0)
+        clk = float(v.g.clock_sm_mhz or 0)
         if not low:
-            em.emit(gs.checks, "gpu.sm_clock", base, HEALTHY, ts, value=clk)
+            v.ok("gpu.sm_clock", clk)
             return
-        em.emit(
-            gs.checks,
-            "gpu.sm_clock",
-            base,
-            WARNING,
-            ts,
-            value=clk,
-            summary=f"GPU {gs.index} SM clock {clk:.0f} MHz under load, below "
+        summary = (
+            f"GPU {v.gs.index} SM clock {clk:.0f} MHz under load, below "
             f"{self.cfg.sm_clock_low_pct:g}% of "
-            f"its {g.clock_sm_app_mhz} MHz application clock with no throttle reason: "
-            "check clock locks and firmware",
-            advice="The GPU is busy, NVML reports no clock-event (throttle) reason, yet the SM clock is "
-            "far below the application clock: a forgotten clock lock (nvidia-smi -q -d CLOCK), "
-            "a firmware problem or a failing board. Reset the clocks (nvidia-smi -rgc -rac); "
-            "run diagnostics if it persists.",
+            f"its {v.g.clock_sm_app_mhz} MHz application clock with no throttle reason: "
+            "check clock locks and firmware"
         )
+        v.bad("gpu.sm_clock", WARNING, clk, summary)
 
-    def _fan(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
-        fan, temp = g.fan_pct, g.temp_c
+    def _fan(self, v: GpuVerdicts) -> None:
+        fan, temp = v.g.fan_pct, v.g.temp_c
         if fan is None or temp is None:  # boards without fans (SXM) report none: not evaluated
             return
         if fan == 0 and temp >= self.cfg.fan_stall_temp_c:
-            em.emit(
-                gs.checks,
-                "gpu.fan",
-                base,
-                WARNING,
-                ts,
-                value=fan,
-                summary=f"GPU {gs.index} fan at 0% at {temp:g} C: the fan has failed or stalled, replace it",
-                advice="The GPU is hot but its fan does not turn. Check the fan and its connector; "
-                "replace the fan or the board before the GPU throttles or shuts down.",
-            )
+            summary = f"GPU {v.gs.index} fan at 0% at {temp:g} C: the fan has failed or stalled, replace it"
+            v.bad("gpu.fan", WARNING, fan, summary)
         else:
-            em.emit(gs.checks, "gpu.fan", base, HEALTHY, ts, value=fan)
+            v.ok("gpu.fan", fan)
 
-    def _fabric(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
+    def _fabric(self, v: GpuVerdicts) -> None:
+        g = v.g
         state = g.fabric_state
         if not self.cfg.fabric_check or state is None or state == FABRIC_NOT_SUPPORTED:
             return
-        c = gs.checks
-        advice = (
-            "On NVSwitch systems the fabric manager (nvidia-fabricmanager) registers every GPU "
-            "with the NVLink fabric; until it has, CUDA jobs fail to start (error 802, system "
-            "not yet initialised) or lose NVLink bandwidth. Check systemctl status "
-            "nvidia-fabricmanager and its log; restart it, then reset the GPUs."
-        )
+        status, value, what = WARNING, float(state), ""
         if state == FABRIC_NOT_STARTED:
-            em.emit(
-                c,
-                "gpu.fabric",
-                base,
-                CRITICAL,
-                ts,
-                value=float(state),
-                summary=f"GPU {gs.index} NVSwitch fabric registration not started: start "
-                "nvidia-fabricmanager",
-                advice=advice,
-            )
+            status, what = CRITICAL, "registration not started: start nvidia-fabricmanager"
         elif state == FABRIC_IN_PROGRESS:
-            em.emit(
-                c,
-                "gpu.fabric",
-                base,
-                WARNING,
-                ts,
-                value=float(state),
-                summary=f"GPU {gs.index} NVSwitch fabric registration in progress: "
-                "check nvidia-fabricmanager if it lasts",
-                advice=advice,
-            )
+            what = "registration in progress: check nvidia-fabricmanager if it lasts"
         elif state != FABRIC_COMPLETED:
-            em.emit(
-                c,
-                "gpu.fabric",
-                base,
-                WARNING,
-                ts,
-                value=float(state),
-                summary=f"GPU {gs.index} NVSwitch fabric in unknown state {state}: check "
-                "nvidia-fabricmanager",
-                advice=advice,
-            )
+            what = f"in unknown state {state}: check nvidia-fabricmanager"
         elif g.fabric_status:
-            em.emit(
-                c,
-                "gpu.fabric",
-                base,
-                CRITICAL,
-                ts,
-                value=float(g.fabric_status),
-                summary=f"GPU {gs.index} NVSwitch fabric registration failed (NVML status "
-                f"{g.fabric_status}): check nvidia-fabricmanager",
-                advice=advice,
-            )
+            status, value = CRITICAL, float(g.fabric_status)
+            what = f"registration failed (NVML status {g.fabric_status}): check nvidia-fabricmanager"
         elif problems := fabric_problems(g.fabric_health_mask):
-            em.emit(
-                c,
-                "gpu.fabric",
-                base,
-                WARNING,
-                ts,
-                value=float(g.fabric_health_mask or 0),
-                summary=f"GPU {gs.index} NVSwitch fabric {' and '.join(problems)}: "
-                "check nvidia-fabricmanager and the NVLinks",
-                advice=advice,
-            )
+            value = float(g.fabric_health_mask or 0)
+            what = f"{' and '.join(problems)}: check nvidia-fabricmanager and the NVLinks"
+        if what:
+            v.bad("gpu.fabric", status, value, f"GPU {v.gs.index} NVSwitch fabric {what}")
         else:
-            em.emit(c, "gpu.fabric", base, HEALTHY, ts, value=float(state))
+            v.ok("gpu.fabric", value)

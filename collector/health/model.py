@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from collector.health.actions import action_for
+from collector.health.advice import ADVICE
 from collector.health.history import FleetHistory
 from shared.frames import GpuSample, IbPort, SystemSample
 
@@ -187,7 +188,10 @@ class HealthState:
         return counts
 
 
-def check_key(check: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+Extra = tuple[tuple[str, str], ...]  # the labels of a check with one subject per value (mount, nic...)
+
+
+def check_key(check: str, extra: Extra = ()) -> str:
     """A check's key in its subject's ``checks``: the id, then the values of its extra labels."""
     if not extra:  # most checks (called for every check of every sample: kept cheap)
         return check
@@ -241,7 +245,7 @@ class Emitter:
         summary: str = "",
         advice: str = "",
         immediate: bool = False,
-        extra: tuple[tuple[str, str], ...] = (),
+        extra: Extra = (),
     ) -> None:
         """Record ``check``'s verdict ``status`` at ``at`` in ``checks`` (the subject's table).
 
@@ -281,3 +285,76 @@ class Emitter:
             cs.at = at
         cs.value, cs.summary, cs.advice = value, summary, advice
         self.out.append(Observation(check, status, cs.labels, cs.key, at, value, summary, advice, immediate))
+
+
+class Verdicts:
+    """The verdicts of one subject's checks at one time: the emitter, the subject's check table,
+    the labels that name it and the time, given once for all the checks that judge it.
+
+    A problem's advice is the check's entry in :data:`collector.health.advice.ADVICE` unless
+    the verdict gives its own.
+    """
+
+    __slots__ = ("at", "base", "checks", "em")
+
+    def __init__(
+        self, em: Emitter, checks: dict[str, CheckStatus], base: Mapping[str, str], at: float
+    ) -> None:
+        self.em, self.checks, self.base, self.at = em, checks, base, at
+
+    def ok(self, check: str, value: float | None, extra: Extra = ()) -> None:
+        """``check`` is healthy (judged ``value``)."""
+        self.em.emit(self.checks, check, self.base, HEALTHY, self.at, value=value, extra=extra)
+
+    def bad(
+        self,
+        check: str,
+        status: str,
+        value: float | None,
+        summary: str,
+        advice: str | None = None,
+        *,
+        immediate: bool = False,
+        extra: Extra = (),
+    ) -> None:
+        """``check`` found a problem of ``status``; ``summary`` says what to do."""
+        self.em.emit(
+            self.checks,
+            check,
+            self.base,
+            status,
+            self.at,
+            value=value,
+            summary=summary,
+            advice=ADVICE[check] if advice is None else advice,
+            immediate=immediate,
+            extra=extra,
+        )
+
+
+class GpuVerdicts(Verdicts):
+    """The verdicts on one GPU sample: also the GPU's state, the sample, the previous sample
+    (``None``: no rates from it) and the seconds between the two."""
+
+    __slots__ = ("dt", "g", "gs", "prev")
+
+    def __init__(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, at: float) -> None:
+        super().__init__(em, gs.checks, base, at)
+        self.gs, self.g = gs, g
+        self.dt = (at - gs.last_ts) if gs.last_ts is not None else 0.0
+        prev = gs.last
+        self.prev = None if prev is not None and self.dt <= 0 else prev  # duplicate or out of order
+
+
+class HostVerdicts(Verdicts):
+    """The verdicts on one system sample: also the host's state, the sample, the host's
+    previous sample (``None``: no rates from it) and the seconds between the two."""
+
+    __slots__ = ("dt", "hs", "prev", "s")
+
+    def __init__(
+        self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, at: float
+    ) -> None:
+        super().__init__(em, hs.checks, base, at)
+        self.hs, self.s, self.prev = hs, s, hs.system
+        self.dt = at - hs.system_ts if hs.system_ts is not None else 0.0

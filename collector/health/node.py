@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from collector.health.advice import ADVICE
 from collector.health.config import NodeThresholds, expected_ib
-from collector.health.model import CRITICAL, HEALTHY, WARNING, Emitter, HostState
+from collector.health.model import CRITICAL, HEALTHY, WARNING, Extra, HostState, HostVerdicts
 from shared.frames import IbPort, KernelLogCount, SystemSample
 from shared.sxid import SxidInfo, catalog, is_fatal, lookup
 
@@ -80,31 +81,6 @@ KMSG_CLASSES: dict[str, tuple[str, str, str]] = {
     ),
 }  # fmt: skip
 
-_ADVICE = {
-    "host.ib_port": "An InfiniBand port is down or links below its expected rate: its rail is lost or "
-    "slowed, collective operations stall or slow down; check the cable, transceiver and switch port "
-    "(ibstat, mlxlink), reseat or replace the cable.",
-    "host.ib_ports": "Fewer InfiniBand ports than this host class has: an HCA is missing (driver not "
-    "loaded, firmware, PCIe): check lspci, mst status and dmesg.",
-    "host.ib_errors": "The InfiniBand port counts link errors (symbol, receive, recovery, integrity): a "
-    "marginal cable or transceiver; check with mlxlink, clean or replace the cable.",
-    "host.ib_flap": "The InfiniBand link went down and came back (link_downed increased): jobs using it "
-    "may have failed; check the cable, transceiver and switch port for flapping.",
-    "host.sxid": "An NVSwitch reported an SXid error (see the SXid tables of NVIDIA's Fabric Manager "
-    "User Guide).",
-    "host.module": "An expected kernel module is not loaded: GPUs, UVM or GPUDirect RDMA do not work; "
-    "load it (modprobe) or reinstall the driver matching the kernel.",
-    "host.service": "An expected systemd service is not running: restart it (systemctl restart) and read "
-    "its journal (journalctl -u); nvidia-fabricmanager down leaves NVSwitch GPUs unusable.",
-    "host.clock": "The clock is off or not synchronised: logs, tokens and distributed jobs disagree on "
-    "time; check chrony/ntpd/timesyncd and its servers (chronyc tracking).",
-    "host.fs_readonly": "A file system is mounted read-only: jobs cannot write checkpoints or logs; find "
-    "why (dmesg: errors forced a remount), fsck and remount it read-write.",
-    "host.inodes": "The file system is running out of inodes: file creation fails although space is "
-    "left; remove small files (caches, logs) or grow it.",
-    "host.dstate": "Processes are stuck in uninterruptible sleep (D state), usually on a hung NFS or "
-    "Lustre mount, a failing disk or a stuck driver call; find what they wait on (/proc/<pid>/stack).",
-}
 
 _IB_ERRORS = (
     "symbol_error",
@@ -148,23 +124,15 @@ class NodeChecks:
         self.cfg = cfg
         self.sxids = dict(sxids) if sxids is not None else catalog()
 
-    def evaluate(
-        self,
-        em: Emitter,
-        hs: HostState,
-        base: Mapping[str, str],
-        s: SystemSample,
-        prev: SystemSample | None,
-        dt: float,
-        ts: float,
-    ) -> None:
-        """Judge the node part of ``s``; ``prev`` is the host's previous sample, ``dt`` seconds before."""
+    def evaluate(self, v: HostVerdicts) -> None:
+        """Judge the node part of ``v.s`` (``v.prev``: the host's previous sample, ``v.dt`` s before)."""
+        s = v.s
         if s.ib_ports:
-            self._ib(em, hs, base, s, prev if dt > 0 else None, dt, ts)
-        self._log(em, hs, base, s, prev, ts)
-        self._modules_services(em, hs, base, s, ts)
-        self._clock(em, hs, base, s, ts)
-        self._mounts(em, hs, base, s, ts)
+            self._ib(v, v.prev if v.dt > 0 else None)
+        self._log(v)
+        self._modules_services(v)
+        self._clock(v)
+        self._mounts(v)
         if s.dstate_procs is not None and self.cfg.dstate_warning:
             n = s.dstate_procs
             status = (
@@ -175,146 +143,81 @@ class NodeChecks:
                 else HEALTHY
             )
             if status == HEALTHY:
-                em.emit(hs.checks, "host.dstate", base, HEALTHY, ts, value=float(n))
+                v.ok("host.dstate", float(n))
             else:
                 names = ", ".join(s.dstate_names) or "?"
-                em.emit(
-                    hs.checks,
-                    "host.dstate",
-                    base,
-                    status,
-                    ts,
-                    value=float(n),
-                    summary=f"{hs.host}: {n} processes stuck in D state ({names}): find the hung mount or "
-                    "device",
-                    advice=_ADVICE["host.dstate"],
+                summary = (
+                    f"{v.hs.host}: {n} processes stuck in D state ({names}): find the hung mount or device"
                 )
+                v.bad("host.dstate", status, float(n), summary)
 
     # ------------------------------------------------------------------ InfiniBand
 
-    def _ib(
-        self,
-        em: Emitter,
-        hs: HostState,
-        base: Mapping[str, str],
-        s: SystemSample,
-        prev: SystemSample | None,
-        dt: float,
-        ts: float,
-    ) -> None:
-        cfg = self.cfg
+    def _ib(self, v: HostVerdicts, prev: SystemSample | None) -> None:
+        cfg, hs, s, host = self.cfg, v.hs, v.s, v.hs.host
         want_ports, want_rate = expected_ib(cfg, hs.gpu_model)
-        if self._ib_quiet(em, hs, s, prev, want_ports, want_rate, ts):
+        if self._ib_quiet(v, prev, want_ports, want_rate):
             return
         before = {(p.device, p.port): p for p in prev.ib_ports} if prev is not None else {}
         ib = [p for p in s.ib_ports if p.link_layer == "InfiniBand"]
         if want_ports:
             if len(ib) < want_ports:
-                em.emit(
-                    hs.checks,
-                    "host.ib_ports",
-                    base,
-                    WARNING,
-                    ts,
-                    value=float(len(ib)),
-                    summary=f"{hs.host}: {len(ib)} InfiniBand ports, this host class has {want_ports}: find "
-                    "the missing HCA (lspci, mst status)",
-                    advice=_ADVICE["host.ib_ports"],
+                summary = (
+                    f"{host}: {len(ib)} InfiniBand ports, this host class has {want_ports}: find "
+                    "the missing HCA (lspci, mst status)"
                 )
+                v.bad("host.ib_ports", WARNING, float(len(ib)), summary)
             else:
-                em.emit(hs.checks, "host.ib_ports", base, HEALTHY, ts, value=float(len(ib)))
+                v.ok("host.ib_ports", float(len(ib)))
         for p in s.ib_ports:
             name = f"{p.device}/{p.port}"
             extra = (("port", name),)
             down = p.state not in (None, "ACTIVE") or p.phys_state not in (None, "LinkUp")
             if down:
-                em.emit(
-                    hs.checks,
-                    "host.ib_port",
-                    base,
-                    cfg.ib_down_status,
-                    ts,
-                    value=0.0,
-                    summary=f"{hs.host}: InfiniBand port {name} is {p.state} ({p.phys_state}): check the "
-                    "cable, transceiver and switch port",
-                    advice=_ADVICE["host.ib_port"],
-                    extra=extra,
+                summary = (
+                    f"{host}: InfiniBand port {name} is {p.state} ({p.phys_state}): check the "
+                    "cable, transceiver and switch port"
                 )
+                v.bad("host.ib_port", cfg.ib_down_status, 0.0, summary, extra=extra)
             elif (
                 p.link_layer == "InfiniBand"
                 and want_rate
                 and p.rate_gbps is not None
                 and p.rate_gbps < want_rate
             ):
-                em.emit(
-                    hs.checks,
-                    "host.ib_port",
-                    base,
-                    WARNING,
-                    ts,
-                    value=p.rate_gbps,
-                    summary=f"{hs.host}: InfiniBand port {name} links at {p.rate_gbps:g} Gb/s, expected "
-                    f"{want_rate:g}: reseat or replace the cable",
-                    advice=_ADVICE["host.ib_port"],
-                    extra=extra,
+                summary = (
+                    f"{host}: InfiniBand port {name} links at {p.rate_gbps:g} Gb/s, expected "
+                    f"{want_rate:g}: reseat or replace the cable"
                 )
+                v.bad("host.ib_port", WARNING, p.rate_gbps, summary, extra=extra)
             else:
-                em.emit(
-                    hs.checks,
-                    "host.ib_port",
-                    base,
-                    HEALTHY,
-                    ts,
-                    value=p.rate_gbps,
-                    extra=extra,
-                )
+                v.ok("host.ib_port", p.rate_gbps, extra)
             old = before.get((p.device, p.port))
             if old is not None:
-                rate = _delta(_ib_errors(p), _ib_errors(old)) * 60.0 / dt
+                rate = _delta(_ib_errors(p), _ib_errors(old)) * 60.0 / v.dt
                 if rate > cfg.ib_errors_per_min:
-                    em.emit(
-                        hs.checks,
-                        "host.ib_errors",
-                        base,
-                        WARNING,
-                        ts,
-                        value=rate,
-                        summary=f"{hs.host}: InfiniBand port {name} counts {rate:.0f} link errors/min: "
-                        "check or replace the cable",
-                        advice=_ADVICE["host.ib_errors"],
-                        extra=extra,
+                    summary = (
+                        f"{host}: InfiniBand port {name} counts {rate:.0f} link errors/min: "
+                        "check or replace the cable"
                     )
+                    v.bad("host.ib_errors", WARNING, rate, summary, extra=extra)
                 else:
-                    em.emit(
-                        hs.checks,
-                        "host.ib_errors",
-                        base,
-                        HEALTHY,
-                        ts,
-                        value=rate,
-                        extra=extra,
-                    )
+                    v.ok("host.ib_errors", rate, extra)
                 if not down and _delta(p.link_downed, old.link_downed) > 0:
-                    hs.ib_flaps[name] = ts
-            self._flap(em, hs, base, name, extra, ts)
-        self._ib_memo(em, hs, s, prev, want_ports, want_rate, len(before))
+                    hs.ib_flaps[name] = v.at
+            self._flap(v, name, extra)
+        self._ib_memo(v, prev, want_ports, want_rate, len(before))
 
     def _ib_quiet(
-        self,
-        em: Emitter,
-        hs: HostState,
-        s: SystemSample,
-        prev: SystemSample | None,
-        want_ports: int | None,
-        want_rate: float | None,
-        ts: float,
+        self, v: HostVerdicts, prev: SystemSample | None, want_ports: int | None, want_rate: float | None
     ) -> bool:
-        """The InfiniBand fast path: ``True`` (each check dated ``ts``) when the full path would
+        """The InfiniBand fast path: ``True`` (each check dated ``v.at``) when the full path would
         emit nothing. It holds when the last sample's IB checks all ended healthy and quiet
         (:meth:`_ib_memo`) and this sample's ports equal that sample's, field by field, under
         the same expected count and rate: every counter's delta is 0 (rate 0, no new
         ``link_downed``), every state and rate is the one judged healthy, no flap is pending;
         so the full path would only set ``cs.at`` of the same checks (a test compares both)."""
+        hs, em, s = v.hs, v.em, v.s
         q = hs.ib_quiet
         hs.ib_quiet = None
         if (
@@ -335,15 +238,13 @@ class NodeChecks:
             if checks.get(local) is not cs or cs.status != HEALTHY or cs.quiet < hf:
                 return False
         for _, cs in q[3]:
-            cs.at = ts
+            cs.at = v.at
         hs.ib_quiet = (want_ports, want_rate, s.ib_ports, q[3])
         return True
 
     def _ib_memo(
         self,
-        em: Emitter,
-        hs: HostState,
-        s: SystemSample,
+        v: HostVerdicts,
         prev: SystemSample | None,
         want_ports: int | None,
         want_rate: float | None,
@@ -351,6 +252,7 @@ class NodeChecks:
     ) -> None:
         """After a full evaluation: remember the IB checks if every one ended healthy and quiet
         (the next sample may then take :meth:`_ib_quiet`)."""
+        hs, s = v.hs, v.s
         if (
             not self.fast
             or prev is None
@@ -360,7 +262,7 @@ class NodeChecks:
             or len({(p.device, p.port) for p in s.ib_ports}) != len(s.ib_ports)
         ):
             return
-        checks, hf = hs.checks, em.healthy_for
+        checks, hf = hs.checks, v.em.healthy_for
         keys = ["host.ib_ports"] if want_ports else []
         for p in s.ib_ports:
             name = f"{p.device}/{p.port}"
@@ -373,52 +275,23 @@ class NodeChecks:
             memo.append((local, cs))
         hs.ib_quiet = (want_ports, want_rate, s.ib_ports, memo)
 
-    def _flap(
-        self,
-        em: Emitter,
-        hs: HostState,
-        base: Mapping[str, str],
-        name: str,
-        extra: tuple[tuple[str, str], ...],
-        ts: float,
-    ) -> None:
+    def _flap(self, v: HostVerdicts, name: str, extra: Extra) -> None:
+        hs, ts = v.hs, v.at
         at = hs.ib_flaps.get(name)
         if at is not None and ts - at < self.cfg.ib_flap_window:
-            em.emit(
-                hs.checks,
-                "host.ib_flap",
-                base,
-                WARNING,
-                ts,
-                value=ts - at,
-                summary=f"{hs.host}: InfiniBand port {name} went down and came back {ts - at:.0f} s ago: "
-                "check the cable and switch port for flapping",
-                advice=_ADVICE["host.ib_flap"],
-                extra=extra,
+            summary = (
+                f"{hs.host}: InfiniBand port {name} went down and came back {ts - at:.0f} s ago: "
+                "check the cable and switch port for flapping"
             )
+            v.bad("host.ib_flap", WARNING, ts - at, summary, extra=extra)
             return
         hs.ib_flaps.pop(name, None)
-        em.emit(
-            hs.checks,
-            "host.ib_flap",
-            base,
-            HEALTHY,
-            ts,
-            value=None,
-            extra=extra,
-        )
+        v.ok("host.ib_flap", None, extra)
 
     # ------------------------------------------------------------------ kernel log and SXids
 
-    def _log(
-        self,
-        em: Emitter,
-        hs: HostState,
-        base: Mapping[str, str],
-        s: SystemSample,
-        prev: SystemSample | None,
-        ts: float,
-    ) -> None:
+    def _log(self, v: HostVerdicts) -> None:
+        hs, s, prev, ts = v.hs, v.s, v.prev, v.at
         if not s.kernel_log and not hs.log_hits:
             return
         cfg = self.cfg
@@ -436,21 +309,21 @@ class NodeChecks:
                         hits[1][1] += hits[0][1]
                         del hits[0]
             if k.name == "sxid":
-                self._sxid(em, hs, base, k, ts)
+                self._sxid(v, k)
             elif k.name in KMSG_CLASSES:
-                self._kmsg(em, hs, base, k, ts)
+                self._kmsg(v, k)
         # A class that is failing but no longer in the sample (the agent restarted: its counts
         # start again from nothing) is still judged, so it clears when its lines age out.
         for local, cs in list(hs.checks.items()):
             if cs.status == HEALTHY:
                 continue
             if local.startswith("host.kmsg:") and f"kmsg:{local[10:]}" not in judged:
-                self._kmsg(em, hs, base, KernelLogCount(local[10:], None, 0, None, None), ts)
+                self._kmsg(v, KernelLogCount(local[10:], None, 0, None, None))
             elif (
                 local.startswith("host.sxid:") and f"sxid:{local[10:]}" not in judged and local[10:].isdigit()
             ):
                 said = cs.status == CRITICAL  # as it was judged while its line was in the samples
-                self._sxid(em, hs, base, KernelLogCount("sxid", int(local[10:]), 0, said, None), ts)
+                self._sxid(v, KernelLogCount("sxid", int(local[10:]), 0, said, None))
         window = max(cfg.kmsg_window, cfg.sxid_window)
         for key in [k for k, hits in hs.log_hits.items() if not hits or ts - hits[-1][0] >= window]:
             del hs.log_hits[key]
@@ -463,104 +336,64 @@ class NodeChecks:
             del hits[0]
         return sum(h[1] for h in hits)
 
-    def _kmsg(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], k: KernelLogCount, ts: float
-    ) -> None:
+    def _kmsg(self, v: HostVerdicts, k: KernelLogCount) -> None:
         threshold = int(getattr(self.cfg, f"kmsg_{k.name}", 0))
         if not threshold:
             return
         status, what, advice = KMSG_CLASSES[k.name]
-        n = self._recent(hs, f"kmsg:{k.name}", self.cfg.kmsg_window, ts)
+        n = self._recent(v.hs, f"kmsg:{k.name}", self.cfg.kmsg_window, v.at)
         extra = (("class", k.name),)
         if n >= threshold:
             last = f": {k.last_message}" if k.last_message else ""
-            em.emit(
-                hs.checks,
-                "host.kmsg",
-                base,
-                status,
-                ts,
-                value=n,
-                summary=f"{hs.host}: {n:.0f} lines of {what} within {self.cfg.kmsg_window:g} s{last}"[:400],
-                advice=advice,
-                extra=extra,
-            )
+            summary = f"{v.hs.host}: {n:.0f} lines of {what} within {self.cfg.kmsg_window:g} s{last}"[:400]
+            v.bad("host.kmsg", status, n, summary, advice, extra=extra)
         else:
-            em.emit(hs.checks, "host.kmsg", base, HEALTHY, ts, value=n, extra=extra)
+            v.ok("host.kmsg", n, extra)
 
-    def _sxid(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], k: KernelLogCount, ts: float
-    ) -> None:
+    def _sxid(self, v: HostVerdicts, k: KernelLogCount) -> None:
         code = k.code or 0
-        n = self._recent(hs, f"sxid:{code}", self.cfg.sxid_window, ts)
+        n = self._recent(v.hs, f"sxid:{code}", self.cfg.sxid_window, v.at)
         extra = (("sxid", str(code)),)
         if n <= 0:
-            em.emit(hs.checks, "host.sxid", base, HEALTHY, ts, value=0.0, extra=extra)
+            v.ok("host.sxid", 0.0, extra)
             return
         info = lookup(code, self.sxids)
         fatal = is_fatal(code, k.fatal, self.sxids)
         kind = "fatal" if fatal else "non-fatal"
-        em.emit(
-            hs.checks,
-            "host.sxid",
-            base,
-            CRITICAL if fatal else WARNING,
-            ts,
-            value=n,
-            summary=f"{hs.host}: NVSwitch SXid {code} ({info.name}, {kind}) x{n:.0f}: {info.summary}",
-            advice=_ADVICE["host.sxid"] + " " + info.summary + ".",
-            extra=extra,
-        )
+        summary = f"{v.hs.host}: NVSwitch SXid {code} ({info.name}, {kind}) x{n:.0f}: {info.summary}"
+        advice = ADVICE["host.sxid"] + " " + info.summary + "."
+        v.bad("host.sxid", CRITICAL if fatal else WARNING, n, summary, advice, extra=extra)
 
     # ------------------------------------------------------------------ modules and services
 
-    def _modules_services(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, ts: float
-    ) -> None:
-        cfg = self.cfg
-        for m in s.modules:
+    def _modules_services(self, v: HostVerdicts) -> None:
+        cfg, host = self.cfg, v.hs.host
+        for m in v.s.modules:
             extra = (("module", m.name),)
             if m.loaded:
-                em.emit(hs.checks, "host.module", base, HEALTHY, ts, value=1.0, extra=extra)
+                v.ok("host.module", 1.0, extra)
             else:
-                em.emit(
-                    hs.checks,
-                    "host.module",
-                    base,
-                    cfg.module_missing_status,
-                    ts,
-                    value=0.0,
-                    summary=f"{hs.host}: kernel module {m.name} is not loaded: modprobe it or reinstall the "
-                    "driver",
-                    advice=_ADVICE["host.module"],
-                    extra=extra,
-                )
-        for sv in s.services:
+                summary = f"{host}: kernel module {m.name} is not loaded: modprobe it or reinstall the driver"
+                v.bad("host.module", cfg.module_missing_status, 0.0, summary, extra=extra)
+        for sv in v.s.services:
             if sv.load_state in (None, "not-found", "masked"):
                 continue  # not installed, or masked on purpose by the operator: not a failure
             extra = (("service", sv.name),)
             down = sv.active_state in _DOWN_STATES or sv.sub_state == "auto-restart"
             if not down:
-                em.emit(hs.checks, "host.service", base, HEALTHY, ts, value=1.0, extra=extra)
+                v.ok("host.service", 1.0, extra)
                 continue
             status = CRITICAL if sv.name in cfg.critical_services else cfg.service_down_status
-            em.emit(
-                hs.checks,
-                "host.service",
-                base,
-                status,
-                ts,
-                value=0.0,
-                summary=f"{hs.host}: service {sv.name} is {sv.active_state} ({sv.sub_state}): restart it "
-                f"and read journalctl -u {sv.name}",
-                advice=_ADVICE["host.service"],
-                extra=extra,
+            summary = (
+                f"{host}: service {sv.name} is {sv.active_state} ({sv.sub_state}): restart it "
+                f"and read journalctl -u {sv.name}"
             )
+            v.bad("host.service", status, 0.0, summary, extra=extra)
 
     # ------------------------------------------------------------------ clock and mounts
 
-    def _clock(self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, ts: float) -> None:
-        c, cfg = s.clock, self.cfg
+    def _clock(self, v: HostVerdicts) -> None:
+        c, cfg = v.s.clock, self.cfg
         if c is None:
             return
         skew = abs(c.offset_s) if c.offset_s is not None else None
@@ -572,55 +405,30 @@ class NodeChecks:
         elif c.synced is False and cfg.clock_unsynced_warns:
             status, what = WARNING, "clock not synchronised"
         if status == HEALTHY:
-            em.emit(hs.checks, "host.clock", base, HEALTHY, ts, value=skew)
+            v.ok("host.clock", skew)
         else:
-            em.emit(
-                hs.checks,
+            v.bad(
                 "host.clock",
-                base,
                 status,
-                ts,
-                value=skew,
-                summary=f"{hs.host}: {what}: check chrony/ntpd/timesyncd (chronyc tracking)",
-                advice=_ADVICE["host.clock"],
+                skew,
+                f"{v.hs.host}: {what}: check chrony/ntpd/timesyncd (chronyc tracking)",
             )
 
-    def _mounts(
-        self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, ts: float
-    ) -> None:
-        cfg = self.cfg
-        for d in s.disks:
+    def _mounts(self, v: HostVerdicts) -> None:
+        cfg, host = self.cfg, v.hs.host
+        for d in v.s.disks:
             extra = (("mount", d.mount),)
             if d.readonly is not None and d.mount not in cfg.readonly_ignore:
                 if d.readonly:
-                    em.emit(
-                        hs.checks,
-                        "host.fs_readonly",
-                        base,
-                        CRITICAL,
-                        ts,
-                        value=1.0,
-                        summary=f"{hs.host}: {d.mount} is mounted read-only: fsck and remount it read-write",
-                        advice=_ADVICE["host.fs_readonly"],
-                        extra=extra,
-                    )
+                    summary = f"{host}: {d.mount} is mounted read-only: fsck and remount it read-write"
+                    v.bad("host.fs_readonly", CRITICAL, 1.0, summary, extra=extra)
                 else:
-                    em.emit(hs.checks, "host.fs_readonly", base, HEALTHY, ts, value=0.0, extra=extra)
+                    v.ok("host.fs_readonly", 0.0, extra)
             if d.inodes_total and d.inodes_used is not None:
                 pct = d.inodes_used * 100.0 / d.inodes_total
                 if pct >= cfg.inodes_warning_pct:
                     status = CRITICAL if pct >= cfg.inodes_critical_pct else WARNING
-                    em.emit(
-                        hs.checks,
-                        "host.inodes",
-                        base,
-                        status,
-                        ts,
-                        value=pct,
-                        summary=f"{hs.host}: {d.mount} {pct:.0f}% of inodes used: remove small files or "
-                        "grow it",
-                        advice=_ADVICE["host.inodes"],
-                        extra=extra,
-                    )
+                    summary = f"{host}: {d.mount} {pct:.0f}% of inodes used: remove small files or grow it"
+                    v.bad("host.inodes", status, pct, summary, extra=extra)
                 else:
-                    em.emit(hs.checks, "host.inodes", base, HEALTHY, ts, value=pct, extra=extra)
+                    v.ok("host.inodes", pct, extra)
