@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 from collector.alerts import (
     Ack,
@@ -45,6 +45,7 @@ from collector.alerts.model import (
     N_FIRING,
     N_PROVIDER,
     N_UPDATE,
+    AlertQuery,
     Command,
     ForgetHost,
     Incident,
@@ -66,7 +67,7 @@ from collector.notify import Channels
 from collector.notify.base import delivery_key, payload_of
 from collector.notify.config import NotifyConfig
 from collector.notify.nats import NatsChannel
-from collector.notify.outbox import Deliverer, OutboxRow, Spool
+from collector.notify.outbox import Deliverer, Early, Landed, OutboxRow, Spool
 from collector.notify.outbox import Outcome as DeliveryOutcome
 from collector.notify.stream import Broadcaster
 from collector.remediation.engine import AlertView
@@ -99,14 +100,9 @@ class AlertStore(Protocol):
 
     async def restore(self) -> Restored: ...
 
-    async def save(
-        self,
-        ch: Changes,
-        early: Mapping[str, DeliveryOutcome | None],
-        landed: Sequence[tuple[OutboxRow, DeliveryOutcome]] = (),
-    ) -> list[OutboxRow]: ...
+    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]: ...
 
-    async def record_early(self, done: Sequence[tuple[OutboxRow, DeliveryOutcome]]) -> None: ...
+    async def record_early(self, done: Landed) -> None: ...
 
     async def save_health(self, state: HealthState, healthy_for: int) -> None: ...
 
@@ -767,15 +763,10 @@ class Alerting:
         hs = self.health.hosts.get(host)
         return host_health(hs) if hs is not None else None
 
-    def list_alerts(
-        self,
-        *,
-        state: str | None = None,
-        provider: str | None = None,
-        host: str | None = None,
-        severity: str | None = None,
-    ) -> list[Alert]:
+    def list_alerts(self, **query: Unpack[AlertQuery]) -> list[Alert]:
         """Newest first; ``state`` one of :data:`collector.alerts.model.ALERT_STATES`."""
+        state, provider = query.get("state"), query.get("provider")
+        host, severity = query.get("host"), query.get("severity")
         if state is not None and state not in ALERT_STATES:
             raise ConfigError("state", f"expected one of {', '.join(ALERT_STATES)}, got {state!r}")
         out = []

@@ -21,7 +21,7 @@ from collector.health.history import BoardHistory
 from collector.notify import Channels
 from collector.notify.config import notify_config_from, with_channels
 from collector.notify.nats import NatsChannel
-from collector.notify.outbox import Deliverer, OutboxRow, Outcome
+from collector.notify.outbox import Deliverer, Early, Landed, OutboxRow
 from collector.notify.stream import Broadcaster
 from collector.state import FleetState
 from collector.store.alerts import Changes, Restored
@@ -53,12 +53,7 @@ class MemoryStore:
         pending = [row for row, status in self.outbox.values() if status == "pending"]
         return Restored({"alerts": list(self.alerts.values())}, self.health, pending, set(self.forgotten))
 
-    async def save(
-        self,
-        ch: Changes,
-        early: Mapping[str, Outcome | None],
-        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
-    ) -> list[OutboxRow]:
+    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
         self._check()
         from collector.alerts.model import plain
 
@@ -78,7 +73,7 @@ class MemoryStore:
         await self.record_early(landed)
         return rows
 
-    async def record_early(self, done: Sequence[tuple[OutboxRow, Outcome]]) -> None:
+    async def record_early(self, done: Landed) -> None:
         self._check()
         for row, o in done:
             self.outbox[row.key] = (row, o.status)
@@ -223,12 +218,7 @@ class GatedStore(MemoryStore):
         self.gate = asyncio.Event()
         self.writes = 0  # writes begun
 
-    async def save(
-        self,
-        ch: Changes,
-        early: Mapping[str, Outcome | None],
-        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
-    ) -> list[OutboxRow]:
+    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
         self.writes += 1
         await self.gate.wait()
         return await super().save(ch, early, landed)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypedDict
 
 from collector.alerts.config import Silence
 from collector.health.actions import action_for
@@ -29,6 +29,16 @@ RESOLVED: Final = "resolved"
 SEVERITIES: Final = ("critical", "warning", "info")
 # What ``GET /api/v1/alerts?state=`` selects: the lifecycle states and three flags.
 ALERT_STATES: Final = (PENDING, FIRING, RESOLVED, "acknowledged", "silenced", "inhibited")
+
+
+class AlertQuery(TypedDict, total=False):
+    """Which alerts to list (``GET /api/v1/alerts``): each filter given narrows the list."""
+
+    state: str | None  # one of ALERT_STATES
+    provider: str | None
+    host: str | None
+    severity: str | None
+
 
 # Notification kinds.
 N_FIRING: Final = "firing"

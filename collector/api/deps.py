@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, Unpack
 
 import asyncpg
 from aiohttp import web
 
 from collector.alerts.config import Silence
-from collector.alerts.model import Alert
+from collector.alerts.model import Alert, AlertQuery
 from collector.config import CollectorConfig
 from collector.health.live import LiveRollup
 from collector.health.model import HealthState
@@ -30,14 +30,7 @@ class Alerts(Protocol):
 
     def host_health(self, host: str) -> HostHealth | None: ...
 
-    def list_alerts(
-        self,
-        *,
-        state: str | None = None,
-        provider: str | None = None,
-        host: str | None = None,
-        severity: str | None = None,
-    ) -> list[Alert]: ...
+    def list_alerts(self, **query: Unpack[AlertQuery]) -> list[Alert]: ...
 
     def get_alert(self, fingerprint: str) -> Alert | None: ...
 

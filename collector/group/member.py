@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import asyncpg
@@ -33,28 +34,23 @@ def member_name(config: CollectorConfig) -> str:
     return config.collector.member or f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass(eq=False)
 class GroupMember:
-    def __init__(
-        self,
-        config: CollectorConfig,
-        name: str,
-        nc: Callable[[], NatsClient | None],
-        pool: Callable[[], asyncpg.Pool | None],
-        store: GroupAlertStore,
-        runner: _Runner,
-        source: Callable[[], BucketConsumers | None],
-        on_gained: Callable[[frozenset[int]], Awaitable[None]] | None = None,
-    ) -> None:
-        self.config = config
-        self.name = name
-        self.nc = nc
-        self.pool = pool
-        self.store = store
-        self.runner = runner
-        self.source = source
-        self.on_gained = on_gained  # e.g. the GPUs' static facts of the gained hosts, from PostgreSQL
-        self.membership: Membership | None = None
-        self._task: asyncio.Task[None] | None = None
+    """One member of the collector group: its config and name, its connections (read when
+    used: they open in the lifecycle), the group's alert store, the engine runner it regroups
+    and the buckets' consumers (``None`` until the ingest runs)."""
+
+    config: CollectorConfig
+    name: str
+    nc: Callable[[], NatsClient | None]
+    pool: Callable[[], asyncpg.Pool | None]
+    store: GroupAlertStore
+    runner: _Runner
+    source: Callable[[], BucketConsumers | None]
+    # told the buckets gained (e.g. to load the GPUs' static facts of their hosts from PostgreSQL)
+    on_gained: Callable[[frozenset[int]], Awaitable[None]] | None = None
+    membership: Membership | None = field(default=None, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def owns(self, bucket: int) -> bool:
         return self.membership is not None and self.membership.owns(bucket)

@@ -10,7 +10,7 @@ pending. :class:`ScopeGate` lets the deliverer claim and send only the rows of b
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -21,7 +21,7 @@ from collector.group.assign import GROUP_PARTITION_BASE
 from collector.group.scope import LOCAL, Scope, part_of
 from collector.health.codec import health_snapshot
 from collector.health.model import HealthState
-from collector.notify.outbox import OutboxRow, Outcome
+from collector.notify.outbox import Early, Landed, OutboxRow
 from collector.store import alerts as pg
 from collector.store.history import load_history
 
@@ -63,12 +63,7 @@ class GroupAlertStore(pg.PgAlertStore):
             rows = await pg.pending(conn, [part_of(b) for b in gained]) if gained else []
         return alerts, health, rows
 
-    async def save(
-        self,
-        ch: pg.Changes,
-        early: Mapping[str, Outcome | None],
-        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
-    ) -> list[OutboxRow]:
+    async def save(self, ch: pg.Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
         tokens = self.scope.tokens()
         parts = self.scope.split(ch, self.incidents(), tokens)
         rows: list[OutboxRow] = []

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +57,10 @@ class Outcome:
 
 
 EarlyCallback = Callable[[OutboxRow, Outcome], None]
+# The deliveries of a step handed to their channel before its write: delivery key -> how it
+# ended (``None``: still in flight); and those that ended after their step was written.
+Early = Mapping[str, Outcome | None]
+Landed = Sequence[tuple[OutboxRow, Outcome]]
 
 
 class OutboxStore(Protocol):

@@ -23,13 +23,11 @@ from collector.alerts.model import Alert, Incident, Transition, plain
 from collector.health.codec import health_snapshot
 from collector.health.history import BoardHistory
 from collector.health.model import HealthState
-from collector.notify.outbox import OutboxRow, Outcome
+from collector.notify.outbox import Early, Landed, OutboxRow, Outcome
 from collector.store.history import load_history, save_history
 
 
-async def record_early(
-    conn: asyncpg.Connection, partition: int, done: Sequence[tuple[OutboxRow, Outcome]]
-) -> None:
+async def record_early(conn: asyncpg.Connection, partition: int, done: Landed) -> None:
     """Write early deliveries' outcomes (from the spool after a restart, or that landed after
     their step was written): inserted as they ended, or the pending row updated."""
     async with conn.transaction():
@@ -88,7 +86,7 @@ async def save(
     conn: asyncpg.Connection,
     partition: int,
     ch: Changes,
-    early: Mapping[str, Outcome | None] | None = None,
+    early: Early | None = None,
 ) -> list[OutboxRow]:
     """Write ``ch`` in one transaction; return the new outbox rows (to deliver). Deliveries
     whose key is in ``early`` were handed to their channel already: written with their outcome
@@ -309,12 +307,7 @@ class PgAlertStore:
             boards = await load_history(conn)
         return Restored(alerts, health, rows, forgotten, boards)
 
-    async def save(
-        self,
-        ch: Changes,
-        early: Mapping[str, Outcome | None],
-        landed: Sequence[tuple[OutboxRow, Outcome]] = (),
-    ) -> list[OutboxRow]:
+    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
         """:func:`save`, then the outcomes of early deliveries that ended after their step was
         written (:func:`record_early`); on one connection."""
         async with self._acquire() as conn:
@@ -323,7 +316,7 @@ class PgAlertStore:
                 await record_early(conn, self.partition, landed)
         return rows
 
-    async def record_early(self, done: Sequence[tuple[OutboxRow, Outcome]]) -> None:
+    async def record_early(self, done: Landed) -> None:
         async with self._acquire() as conn:
             await record_early(conn, self.partition, done)
 
