@@ -191,3 +191,20 @@ def tree_cpu(root: int) -> float:
             total += int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
         todo.extend(children.get(pid, ()))
     return total / _TICK
+
+
+async def stored_sizes(conn: Any) -> dict[str, int]:
+    """GPU-sample rows stored and bytes on disk (tables with their indexes): ``gpu`` is the
+    ``gpu_samples`` partitions and ``gpu_facts`` (what samples share), ``host`` the
+    ``host_samples`` partitions, ``rollup`` ``gpu_rollup_1m``."""
+    size = (
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_inherits i JOIN pg_class c"
+        " ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1"
+    )
+    return {
+        "rows": int(await conn.fetchval("SELECT count(*) FROM gpu_samples")),
+        "gpu": int(await conn.fetchval(size, "gpu_samples"))
+        + int(await conn.fetchval("SELECT pg_total_relation_size('gpu_facts')")),
+        "host": int(await conn.fetchval(size, "host_samples")),
+        "rollup": int(await conn.fetchval("SELECT pg_total_relation_size('gpu_rollup_1m')")),
+    }

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from bench._util import tree_cpu
+from bench._util import stored_sizes, tree_cpu
 
 GPUS = 8
 HOSTS = int(os.environ.get("BENCH_DRAIN_HOSTS", "250"))
@@ -142,15 +142,8 @@ async def _sizes(cfg: Any) -> tuple[int, int, int]:
 
     conn = await db.connect(cfg.postgres)
     try:
-        rows = await conn.fetchval("SELECT count(*) FROM gpu_samples")
-        size = (
-            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_inherits i JOIN pg_class c"
-            " ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1"
-        )
-        gpu = await conn.fetchval(size, "gpu_samples")
-        host = await conn.fetchval(size, "host_samples")
-        rollup = await conn.fetchval("SELECT pg_total_relation_size('gpu_rollup_1m')")
-        return int(rows), int(gpu), int(host) + int(rollup)
+        sizes = await stored_sizes(conn)
+        return sizes["rows"], sizes["gpu"], sizes["host"] + sizes["rollup"]
     finally:
         await conn.close()
 
@@ -224,7 +217,7 @@ def run() -> list[tuple[str, str, str]]:
         ),
         (
             "bytes stored per GPU-sample (drain)",
-            f"{r['gpu_bytes'] / r['rows']:.0f} (gpu_samples + indexes); "
+            f"{r['gpu_bytes'] / r['rows']:.0f} (gpu_samples, gpu_facts + indexes); "
             f"{(r['gpu_bytes'] + r['other_bytes']) / r['rows']:.0f} with host rows and rollups",
             "",
         ),

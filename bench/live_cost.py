@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench._util import gpuwarden_cmd, spawn, stop, tree_cpu
+from bench._util import gpuwarden_cmd, spawn, stop, stored_sizes, tree_cpu
 
 HOSTS = int(os.environ.get("BENCH_LIVE_HOSTS", "300"))
 WINDOW = float(os.environ.get("BENCH_LIVE_SECONDS", "60"))  # a whole minute: its rollups included
@@ -57,16 +57,7 @@ async def _sizes(dsn: str) -> dict[str, int]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        size = (
-            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_inherits i JOIN pg_class c"
-            " ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1"
-        )
-        return {
-            "rows": int(await conn.fetchval("SELECT count(*) FROM gpu_samples")),
-            "gpu": int(await conn.fetchval(size, "gpu_samples")),
-            "host": int(await conn.fetchval(size, "host_samples")),
-            "rollup": int(await conn.fetchval("SELECT pg_total_relation_size('gpu_rollup_1m')")),
-        }
+        return await stored_sizes(conn)
     finally:
         await conn.close()
 
@@ -238,7 +229,7 @@ def run() -> list[Row]:
             "",
         ),
         (
-            "live bytes stored per GPU-sample (gpu_samples + indexes; with host rows and rollups)",
+            "live bytes stored per GPU-sample (gpu_samples, gpu_facts + indexes; with host rows and rollups)",
             f"{r['gpu'] / rows:.0f}; {(r['gpu'] + r['host'] + r['rollup']) / rows:.0f}",
             "<= 200",
         ),

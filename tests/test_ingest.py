@@ -466,7 +466,7 @@ async def test_simulated_fleet_lands_once_with_its_values(
     assert [(r["xid"], r["gpu_index"]) for r in xid] == [(79, 3)]
     rows = await conn.fetch(
         "SELECT h.name, s.ts, s.gpu_index, s.temp_c, s.power_w, s.mem_used_bytes, s.ecc_sbe_volatile"
-        " FROM gpu_samples s JOIN hosts h ON h.id = s.host_id"
+        " FROM gpu_readings s JOIN hosts h ON h.id = s.host_id"
     )
     stored = sorted((r[0], round(r[1].timestamp(), 6), *tuple(r)[2:]) for r in rows)
     expected = sorted(

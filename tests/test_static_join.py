@@ -145,10 +145,10 @@ async def test_a_collector_stores_v1_and_v2_frames_alike(
         await nc.close()
         assert ingest.stats.rejected == {}
         assert ingest.static.unjoined == 0
-    names = ["gpu_index", "temp_c", "power_w", *(f for f in STATIC_GPU_FIELDS if f != "uuid")]
+    names = ["gpu_index", "temp_c", "power_w", *STATIC_GPU_FIELDS]
     for host, samples in sent.items():
         rows = await conn.fetch(
-            f"SELECT {', '.join('g.' + n for n in names)} FROM gpu_samples g"  # noqa: S608
+            f"SELECT {', '.join('g.' + n for n in names)} FROM gpu_readings g"  # noqa: S608
             " JOIN hosts h ON h.id = g.host_id WHERE h.name = $1 ORDER BY g.ts, g.gpu_index",
             host,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 
 from collector.state import load_state
 from collector.store import db, migrate, partitions, queries
-from collector.store.rows import GPU_FIELDS
+from collector.store.rows import GPU_FIELDS, utc
 from collector.store.writer import Accepted, Rejection, Writer
 from shared.frames import (
     EventFrame,
@@ -37,7 +38,7 @@ def expected_gpu_row(f: SampleFrame, g: GpuSample) -> tuple[object, ...]:
 async def stored_gpu_rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
     cols = ", ".join(f"s.{n}" for n in GPU_FIELDS)
     rows = await conn.fetch(
-        f"SELECT h.name, s.ts, s.gpu_index, {cols} FROM gpu_samples s JOIN hosts h ON h.id = s.host_id"
+        f"SELECT h.name, s.ts, s.gpu_index, {cols} FROM gpu_readings s JOIN hosts h ON h.id = s.host_id"
     )
     return [(r[0], round(r[1].timestamp(), 6), *tuple(r)[2:]) for r in rows]
 
@@ -71,20 +72,22 @@ async def test_migrations_twice_are_a_no_op(pg_dsn: str) -> None:
         await c.close()
 
 
-async def test_narrow_gpu_samples_migration_keeps_the_stored_rows(pg_dsn: str) -> None:
-    """Migration 0008 rewrites gpu_samples in the narrow layout: rows stored before it (two daily
-    partitions) read back the same, and a row takes fewer bytes."""
+@pytest.mark.parametrize("version", [8, 10])
+async def test_gpu_samples_migrations_keep_the_stored_rows(pg_dsn: str, version: int) -> None:
+    """Migration 0008 (narrow types) and 0010 (facts in gpu_facts) rewrite gpu_samples: rows
+    stored before them (two daily partitions) read back the same through gpu_readings, a row
+    takes fewer bytes, and the writer stores into the new layout."""
     c = await asyncpg.connect(pg_dsn)
     w = Writer(make_config(pg_dsn).postgres)
     try:
-        await migrate.migrate(c)  # creates schema_migrations; then back to the layout before 0008
+        await migrate.migrate(c)  # creates schema_migrations; then back to the layout before `version`
         await c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         await c.execute(
             "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
         for m in migrate.migrations():
-            if m.version < 8:
+            if m.version < version:
                 await c.execute(m.sql)
                 await c.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
@@ -92,21 +95,35 @@ async def test_narrow_gpu_samples_migration_keeps_the_stored_rows(pg_dsn: str) -
         now = time.time()
         midnight = now // 86400 * 86400  # frames on both sides of it: two daily partitions
         frames = [sample("m1", s, midnight - 5 + s) for s in range(10)]
-        await w.write([Accepted(f) for f in frames])
-        await w.close()
+        await partitions.ensure_partitions(c, {partitions.day_of(f.ts) for f in frames})
+        hid = await c.fetchval(
+            "WITH p AS (INSERT INTO providers (name) VALUES ('prov-a') RETURNING id)"
+            " INSERT INTO hosts (name, provider_id, first_seen, last_seen) SELECT 'm1', id, now(), now()"
+            " FROM p RETURNING id"
+        )
+        await c.copy_records_to_table(  # rows as the writer of that layout stored them
+            "gpu_samples",
+            records=[
+                (utc(f.ts), hid, g.index, *map(g.__getattribute__, GPU_FIELDS))
+                for f in frames
+                for g in f.gpus
+            ],
+            columns=("ts", "host_id", "gpu_index", *GPU_FIELDS),
+        )
         cols = ", ".join(
             f"{name}::float8" if "temp" in name or "pct" in name else name for name in GPU_FIELDS
         )
-        query = f"SELECT ts, host_id, gpu_index, {cols} FROM gpu_samples ORDER BY ts, gpu_index"  # noqa: S608
-        before = [tuple(r) for r in await c.fetch(query)]
+        query = f"SELECT ts, host_id, gpu_index, {cols} FROM {{}} ORDER BY ts, gpu_index"  # noqa: S608
+        before = [tuple(r) for r in await c.fetch(query.format("gpu_samples"))]
         width = await c.fetchval("SELECT avg(pg_column_size(g.*)) FROM gpu_samples g")
-        assert await migrate.migrate(c) == [m.version for m in migrate.migrations() if m.version >= 8]
-        assert [tuple(r) for r in await c.fetch(query)] == before
+        assert await migrate.migrate(c) == [m.version for m in migrate.migrations() if m.version >= version]
+        assert [tuple(r) for r in await c.fetch(query.format("gpu_readings"))] == before
         assert len(before) == 10 * len(frames[0].gpus)
         assert await c.fetchval("SELECT avg(pg_column_size(g.*)) FROM gpu_samples g") <= width - 30
         days = await partitions.existing_days(c)
         assert len(days["gpu_samples"]) == 2
         assert await c.fetchval("SELECT to_regclass('gpu_samples_v1')") is None
+        assert await c.fetchval("SELECT to_regclass('gpu_samples_v2')") is None
         # the writer stores into the new layout
         await w.write([Accepted(sample("m1", 99, now))])
         assert await c.fetchval("SELECT count(*) FROM gpu_samples") == len(before) + len(frames[0].gpus)
@@ -131,7 +148,7 @@ async def test_frames_land_once_with_their_values(conn: asyncpg.Connection, writ
     assert sorted(await stored_gpu_rows(conn)) == expected
     assert await conn.fetchval("SELECT count(*) FROM host_samples") == 60
     # unavailable is NULL, never NaN or -1
-    assert await conn.fetchval("SELECT count(*) FROM gpu_samples WHERE pcie_replay_count IS NOT NULL") == 0
+    assert await conn.fetchval("SELECT count(*) FROM gpu_readings WHERE pcie_replay_count IS NOT NULL") == 0
     detail = json.loads(await conn.fetchval("SELECT detail FROM host_samples LIMIT 1"))
     assert detail["procs"] == [
         [0, [[100, "python", 2**30, "job-7", None, None]]]
@@ -241,6 +258,7 @@ async def test_retention_drops_old_partitions(conn: asyncpg.Connection, writer: 
     days = await partitions.existing_days(conn)
     assert all(min(d) >= today - timedelta(days=14) for d in days.values())
     assert await conn.fetchval("SELECT count(*) FROM gpu_samples") == 1  # today's sample stays
+    assert [r[0] for r in await conn.fetch("SELECT day FROM gpu_facts")] == [today]  # the old day's went
     # rollups of the old day are kept (180 days), and trimmed past that
     assert await conn.fetchval("SELECT count(*) FROM gpu_rollup_1m") == 2
     await partitions.apply_retention(conn, now + 200 * 86400, 14, 180)
@@ -285,6 +303,53 @@ async def test_history_queries(conn: asyncpg.Connection, writer: Writer) -> None
         await queries.history(conn, "q1", "temp_c; DROP TABLE hosts", start, until)
     with pytest.raises(queries.UnknownHostError):
         await queries.history(conn, "nope", "temp_c", start, until)
+
+
+async def test_gpu_facts_read_back_exactly_in_any_order(conn: asyncpg.Connection, pg_dsn: str) -> None:
+    """What rarely changes is stored once per distinct set of values (gpu_facts) and each sample
+    names its set: the history of a fact reads every sample's own value, whatever the order and
+    batches frames arrive in, redelivered or after a restart (a fresh writer)."""
+    start = math.floor(time.time() / 3600) * 3600 - 7200  # 150 s inside one hour: one day
+
+    def frame(s: int) -> SampleFrame:
+        f = sample("fx", s, start + s * 5, gpus=2)
+        limit = 600.0 if 10 <= s < 20 else 700.0  # changes, then changes back
+        gpus = tuple(
+            replace(g, power_limit_w=limit, ecc_sbe_volatile=s // 15 % 2, nvlink_crc_errors=7) for g in f.gpus
+        )
+        return replace(f, gpus=gpus)
+
+    frames = [frame(s) for s in range(30)]
+    shuffled = frames[:]
+    random.Random(3).shuffle(shuffled)
+    w1 = Writer(make_config(pg_dsn).postgres)
+    try:
+        for i in range(0, 30, 7):
+            await w1.write([Accepted(f) for f in shuffled[i : i + 7]])
+        assert (await w1.write([Accepted(f) for f in frames])).duplicates == 30
+    finally:
+        await w1.close()
+    w2 = Writer(make_config(pg_dsn).postgres)  # knows no facts ids: finds the stored ones
+    try:
+        late = [frame(s) for s in (30, 31)]
+        await w2.write([Accepted(f) for f in late])
+    finally:
+        await w2.close()
+    frames += late
+    # (700, 0), (600, 0), (600, 1), (700, 1) per GPU; the late frames (700, 0) add nothing
+    assert await conn.fetchval("SELECT count(*) FROM gpu_facts") == 4 * 2
+    for metric in ("power_limit_w", "ecc_sbe_volatile", "nvlink_crc_errors", "temp_c"):
+        page = await queries.history(conn, "fx", metric, start, start + 200)
+        assert [(p.ts, p.gpu, p.value) for p in page.points] == [
+            (f.ts, g.index, getattr(g, metric)) for f in frames for g in f.gpus
+        ]
+        page = await queries.history(conn, "fx", metric, start, start + 200, step=50, gpu=1)
+        for p in page.points:
+            vals = [getattr(f.gpus[1], metric) for f in frames if p.ts <= f.ts < p.ts + 50]
+            assert (p.count, p.min, p.max) == (len(vals), min(vals), max(vals))
+    state = await load_state(conn)
+    assert state.hosts["fx"].sample is not None
+    assert state.hosts["fx"].sample.gpus == late[-1].gpus  # rebuilt at start with its facts
 
 
 async def test_state_rebuilds_from_postgres(conn: asyncpg.Connection, writer: Writer) -> None:

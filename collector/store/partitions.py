@@ -93,11 +93,12 @@ async def apply_retention(
 ) -> list[str]:
     """Drop sample partitions older than ``retention_days`` full days; trim rollups and logs.
 
-    Rollups, events and inventory reports are kept ``rollup_retention_days``; rejected frames
-    ``retention_days``. Returns the partitions dropped.
+    The GPU facts of the dropped days go with them. Rollups, events and inventory reports are
+    kept ``rollup_retention_days``; rejected frames ``retention_days``. Returns the partitions dropped.
     """
-    today = day_of(now)
-    dropped = await drop_before(conn, today - timedelta(days=retention_days))
+    cutoff = day_of(now) - timedelta(days=retention_days)
+    dropped = await drop_before(conn, cutoff)
+    await conn.execute("DELETE FROM gpu_facts WHERE day < $1", cutoff)  # facts of the dropped days
     long_cut = datetime.fromtimestamp(now, UTC) - timedelta(days=rollup_retention_days)
     short_cut = datetime.fromtimestamp(now, UTC) - timedelta(days=retention_days)
     await conn.execute("DELETE FROM gpu_rollup_1m WHERE minute < $1", long_cut)

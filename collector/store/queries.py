@@ -84,7 +84,7 @@ async def history(
     has rollups, else aggregated from the raw samples. Raises :class:`QueryError`.
     """
     if metric in GPU_METRICS:
-        table, is_gpu = "gpu_samples", True
+        table, is_gpu = "gpu_readings", True  # gpu_samples with its facts (docs/storage.md)
     elif metric in HOST_METRICS:
         table, is_gpu = "host_samples", False
         if gpu is not None:
@@ -293,8 +293,9 @@ async def latest_samples(
     if not rows:
         return []
     gpu_rows = await conn.fetch(
-        "SELECT g.*, u.uuid FROM gpu_samples g JOIN unnest($1::int[], $2::timestamptz[]) AS k(h, t)"
-        " ON g.host_id = k.h AND g.ts = k.t LEFT JOIN LATERAL (SELECT uuid FROM gpus"
+        "SELECT g.*, u.uuid AS known_uuid FROM gpu_readings g"
+        " JOIN unnest($1::int[], $2::timestamptz[]) AS k(h, t) ON g.host_id = k.h AND g.ts = k.t"
+        " LEFT JOIN LATERAL (SELECT uuid FROM gpus"
         " WHERE gpus.host_id = g.host_id AND gpus.idx = g.gpu_index"
         " ORDER BY present DESC, last_seen DESC LIMIT 1) u ON true"
         " WHERE g.ts >= $3 ORDER BY g.host_id, g.gpu_index",
@@ -319,7 +320,7 @@ def _sample_frame(r: asyncpg.Record, gpu_rows: list[asyncpg.Record]) -> SampleFr
     for g in gpu_rows:
         d: dict[str, Any] = {name: g[name] for name in GPU_FIELDS}
         d["index"] = g["gpu_index"]
-        d["uuid"] = g["uuid"] or ""
+        d["uuid"] = g["uuid"] or g["known_uuid"] or ""  # facts migrated from before 0010 have none
         d["processes"] = detail["procs"].get(g["gpu_index"], [])
         gpus.append(d)
     raw: dict[str, Any] = {

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from shared.frames import (
+    STATIC_GPU_FIELDS,
     AgentStats,
     CheckResult,
     DiskUsage,
@@ -35,7 +36,20 @@ I64_MAX: Final = (1 << 63) - 1
 GPU_FIELDS: Final = tuple(
     f.name for f in fields(GpuSample) if f.name not in ("index", "uuid") and not isinstance(f.default, tuple)
 )
-GPU_COLUMNS: Final = ("ts", "host_id", "gpu_index", *GPU_FIELDS)
+# What rarely changes (docs/storage.md, "Size"): the static facts of the GPU and its error and
+# fabric counters go in ``gpu_facts``, one row per distinct set of values of a GPU and day, which
+# each ``gpu_samples`` row names by id (migration 0010); the view ``gpu_readings`` joins them back.
+FACT_FIELDS: Final = (
+    *STATIC_GPU_FIELDS, "mem_reserved_bytes", "ecc_sbe_volatile", "ecc_dbe_volatile", "ecc_sbe_aggregate",
+    "ecc_dbe_aggregate", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending",
+    "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure",
+    "pcie_replay_count", "nvlink_links_up", "nvlink_crc_errors", "nvlink_replay_errors",
+    "nvlink_recovery_errors", "recovery_action", "fabric_state", "fabric_status", "fabric_clique_id",
+    "fabric_health_mask",
+)  # fmt: skip
+FACT_COLUMNS: Final = ("day", "host_id", "gpu_index", "key", *FACT_FIELDS)
+SAMPLE_FIELDS: Final = tuple(name for name in GPU_FIELDS if name not in FACT_FIELDS)
+GPU_COLUMNS: Final = ("ts", "host_id", "facts_id", "gpu_index", *SAMPLE_FIELDS)
 # The node part of the system sample (docs/health.md, "Node checks") goes in ``detail["node"]``
 # in wire form (only what the frame carries), not in columns.
 NODE_FIELDS: Final = (
@@ -77,7 +91,8 @@ _nic = operator.attrgetter(*NIC_FIELDS)
 _check = operator.attrgetter(*CHECK_FIELDS)
 _agent = operator.attrgetter(*AGENT_FIELDS)
 _proc = operator.attrgetter(*PROC_FIELDS)
-_gpu_row_values = operator.attrgetter("index", *GPU_FIELDS)
+_gpu_row_values = operator.attrgetter("index", *SAMPLE_FIELDS)
+fact_values: Final = operator.attrgetter(*FACT_FIELDS)
 _system_values = operator.attrgetter(*SYSTEM_FIELDS)
 _NO_SYSTEM: Final = (None,) * len(SYSTEM_FIELDS)
 
@@ -100,10 +115,9 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime) -> list[tuple[Any, ...]]:
-    """Rows of ``gpu_samples``, in GPU_COLUMNS order."""
-    head = (ts, host_id)
-    return [head + _gpu_row_values(g) for g in frame.gpus]
+def gpu_rows(frame: SampleFrame, host_id: int, ts: datetime, facts: list[int]) -> list[tuple[Any, ...]]:
+    """Rows of ``gpu_samples``, in GPU_COLUMNS order (``facts``: the ``gpu_facts`` id of each GPU)."""
+    return [(ts, host_id, fid, *_gpu_row_values(g)) for g, fid in zip(frame.gpus, facts, strict=True)]
 
 
 def host_row(frame: SampleFrame, host_id: int, ts: datetime, n: int) -> tuple[Any, ...]:

@@ -1,11 +1,13 @@
 """The batch writer: one transaction per batch, COPY into staging, idempotent inserts.
 
 Per batch: host and provider ids are resolved (own committed transaction, cached), daily
-partitions are made to exist, then in one transaction: host rows are COPYed to a staging table
-and inserted with ``ON CONFLICT DO NOTHING RETURNING`` (the key is host, boot id, sequence);
-only the GPU rows of frames that were new are COPYed and inserted, and the one-minute rollups
-are updated from exactly those rows. Events and inventory reports are deduplicated on the same
-key. Rejected frames go in the same transaction. The caller acknowledges after commit.
+partitions are made to exist, the ``gpu_facts`` id of each GPU's rarely changing values is
+found (cached; new sets upserted in their own committed transaction), then in one
+transaction: host rows are COPYed to a staging table and inserted with ``ON CONFLICT DO
+NOTHING RETURNING`` (the key is host, boot id, sequence); only the GPU rows of frames that were
+new are COPYed, and their (host, minute) marked for the one-minute rollups. Events and
+inventory reports are deduplicated on the same key. Rejected frames go in the same transaction.
+The caller acknowledges after commit.
 
 Connection failures propagate (the caller retries with backoff); data a PostgreSQL column
 refuses is isolated frame by frame and rejected as ``unstorable``, never retried forever.
@@ -26,6 +28,7 @@ import asyncpg
 from collector.config import PostgresSection
 from collector.store import db, partitions
 from collector.store.rows import (
+    FACT_COLUMNS,
     GPU_COLUMNS,
     HOST_COLUMNS,
     HOST_STAGE_COLUMNS,
@@ -33,6 +36,7 @@ from collector.store.rows import (
     FrameKey,
     dumps,
     event_row,
+    fact_values,
     host_row,
     storage_problem,
     utc,
@@ -105,8 +109,20 @@ UNMARK_SQL: Final = (
 ROLLUP_SLACK: Final = 5.0  # a host's minute is rolled up once it sent a sample this long after it
 ROLLUP_MAX_WAIT: Final = 90.0  # ... or, if it fell silent, this long after it was marked
 SAMPLES_SQL: Final = _samples_sql()
+_FACTS_SQL: Final = (
+    f"WITH ins AS (INSERT INTO gpu_facts ({', '.join(FACT_COLUMNS)})"  # noqa: S608 (constant names)
+    f" SELECT {', '.join(FACT_COLUMNS)} FROM stage_facts ON CONFLICT DO NOTHING"
+    " RETURNING id, day, host_id, gpu_index, key)"
+    " SELECT s.n, coalesce(i.id, f.id) FROM stage_facts s"
+    " LEFT JOIN ins i USING (day, host_id, gpu_index, key)"
+    " LEFT JOIN gpu_facts f USING (day, host_id, gpu_index, key)"
+)
+_STAGE_FACTS: Final = ("n", *FACT_COLUMNS)
+FactsKey = tuple[date, int, int, tuple[Any, ...]]  # (day, host_id, GPU index, fact values)
 _STAGING: Final = (
     "CREATE TEMP TABLE IF NOT EXISTS stage_host (n integer, LIKE host_samples) ON COMMIT DELETE ROWS",
+    f"CREATE TEMP TABLE IF NOT EXISTS stage_facts ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
+    f" SELECT 0 AS n, {', '.join(FACT_COLUMNS)} FROM gpu_facts WITH NO DATA",
     f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
     f" SELECT {', '.join(EVENT_COLUMNS)} FROM events WITH NO DATA",
 )
@@ -160,6 +176,8 @@ class Writer:
         self._providers: dict[str, int] = {}
         self._days: set[date] = set()
         self._gpus: dict[tuple[int, int], str] = {}  # (host_id, index) -> uuid stored
+        # (host_id, index) -> (day, values, id): the gpu_facts row of the GPU's newest facts
+        self._facts: dict[tuple[int, int], tuple[date, tuple[Any, ...], int]] = {}
         self._seen_written: dict[int, float] = {}  # host_id -> monotonic time of last update
         # (host_id, minute start) -> monotonic time marked: minutes whose rollups are to be written
         self._pending: dict[tuple[int, float], float] = {}
@@ -189,6 +207,7 @@ class Writer:
         self._hosts.clear()
         self._providers.clear()
         self._gpus.clear()
+        self._facts.clear()
         self._days.clear()
 
     async def reset(self) -> None:
@@ -276,13 +295,14 @@ class Writer:
         result = WriteResult()
         new_gpus: dict[tuple[int, int], str] = {}
         marks: list[tuple[int, float]] = []
+        samples = [f for f in frames if type(f) is SampleFrame]
+        facts = await self._resolve_facts(conn, samples) if samples else []
         async with conn.transaction():
-            samples = [f for f in frames if type(f) is SampleFrame]
             events = [f for f in frames if type(f) is EventFrame]
             inventories = [f for f in frames if type(f) is InventoryFrame]
             new_keys: set[FrameKey] = set()
             if samples:
-                new_keys |= await self._write_samples(conn, samples, result, new_gpus, marks)
+                new_keys |= await self._write_samples(conn, samples, facts, result, new_gpus, marks)
             if events:
                 new_keys |= await self._write_events(conn, events)
             for inv in inventories:
@@ -339,18 +359,64 @@ class Writer:
             self._providers[f.provider] = pid
             self._hosts[host] = (hid, f.provider)
 
+    async def _resolve_facts(self, conn: asyncpg.Connection, samples: list[SampleFrame]) -> list[list[int]]:
+        """The ``gpu_facts`` id of each GPU of each sample (in order): from memory when the GPU's
+        facts are those it had last, else looked up or inserted (ON CONFLICT DO NOTHING) in a
+        transaction of their own, committed before the batch's (an id in memory always names a
+        committed row; a batch that fails leaves at most unreferenced facts rows)."""
+        known = self._facts
+        out: list[list[int]] = []
+        missing: dict[FactsKey, list[tuple[list[int], int]]] = {}
+        for f in samples:
+            hid = self._hosts[f.host][0]
+            day = partitions.day_of(f.ts)
+            ids: list[int] = []
+            for g in f.gpus:
+                values = fact_values(g)
+                have = known.get((hid, g.index))
+                if have is not None and have[0] == day and have[1] == values:
+                    ids.append(have[2])
+                else:
+                    missing.setdefault((day, hid, g.index, values), []).append((ids, len(ids)))
+                    ids.append(0)
+            out.append(ids)
+        if missing:
+            found = await self._store_facts(conn, list(missing))
+            for (day, hid, index, values), places in missing.items():
+                fid = found[(day, hid, index, values)]
+                for ids, i in places:
+                    ids[i] = fid
+                known[(hid, index)] = (day, values, fid)
+        return out
+
+    async def _store_facts(self, conn: asyncpg.Connection, keys: list[FactsKey]) -> dict[FactsKey, int]:
+        rows = {n: (n, day, h, i, dumps(values), *values) for n, (day, h, i, values) in enumerate(keys)}
+        found: dict[FactsKey, int] = {}
+        for _ in range(3):  # a row another collector inserted after this statement began: seen next time
+            async with conn.transaction():
+                stage = list(rows.values())
+                await conn.copy_records_to_table("stage_facts", records=stage, columns=_STAGE_FACTS)
+                for n, fid in await conn.fetch(_FACTS_SQL):
+                    if fid is not None:
+                        found[keys[n]] = fid
+                        del rows[n]
+            if not rows:
+                return found
+        raise RuntimeError(f"{len(rows)} gpu_facts rows neither inserted nor found")
+
     async def _write_samples(
         self,
         conn: asyncpg.Connection,
         samples: list[SampleFrame],
+        facts: list[list[int]],
         result: WriteResult,
         new_gpus: dict[tuple[int, int], str],
         marks: list[tuple[int, float]],
     ) -> set[FrameKey]:
         host_rows: list[tuple[Any, ...]] = []
-        numbered: list[tuple[FrameKey, SampleFrame, datetime]] = []
+        numbered: list[tuple[FrameKey, SampleFrame, datetime, list[int]]] = []
         keys: set[FrameKey] = set()
-        for f in samples:
+        for f, ids in zip(samples, facts, strict=True):
             hid = self._hosts[f.host][0]
             key = (hid, f.boot_id, f.seq)
             if key in keys:
@@ -358,16 +424,16 @@ class Writer:
             keys.add(key)
             ts = utc(f.ts)
             host_rows.append(host_row(f, hid, ts, len(numbered)))
-            numbered.append((key, f, ts))
+            numbered.append((key, f, ts, ids))
         await conn.copy_records_to_table("stage_host", records=host_rows, columns=HOST_STAGE_COLUMNS)
         fresh = await conn.fetch(SAMPLES_SQL)
         new_keys: set[FrameKey] = set()
         fresh_marks: set[tuple[int, float]] = set()
         gpu_rows: list[tuple[Any, ...]] = []
         for r in fresh:
-            key, f, ts = numbered[r[0]]
+            key, f, ts, ids = numbered[r[0]]
             new_keys.add(key)
-            gpu_rows += make_gpu_rows(f, key[0], ts)  # only the new frames' rows are built and sent
+            gpu_rows += make_gpu_rows(f, key[0], ts, ids)  # only the new frames' rows are built and sent
             result.gpu_rows += len(f.gpus)
             if f.gpus:
                 mark = (key[0], f.ts - f.ts % 60)
@@ -384,7 +450,7 @@ class Writer:
             marks.extend(fresh_marks)
             await conn.execute(MARK_SQL, [m[0] for m in fresh_marks], [utc(m[1]) for m in fresh_marks])
         if new_gpus:
-            await self._upsert_gpus_seen(conn, new_gpus, {k: f for k, f, _ in numbered}, new_keys)
+            await self._upsert_gpus_seen(conn, new_gpus, {k: f for k, f, _, _ in numbered}, new_keys)
         return new_keys
 
     def rollups_due(self, everything: bool = False) -> list[tuple[int, float]]:
