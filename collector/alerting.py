@@ -60,7 +60,7 @@ from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
 from collector.health.history import BoardHistory, FleetHistory
 from collector.health.model import Observation
-from collector.health.rollup import FleetHealth, HostHealth, host_health, rollup
+from collector.health.rollup import HostHealth, host_health
 from collector.ingest import IngestStats, owner
 from collector.inventory import ExpectedHost as ListedHost
 from collector.notify import Channels
@@ -208,7 +208,6 @@ class Alerting:
         self._incident_sig: dict[str, tuple[Any, ...]] = {}
         self._engine_sig: tuple[Any, ...] = ()
         self._host_status: dict[str, str] = {}
-        self._rollup: tuple[int, FleetHealth] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._running = False
@@ -750,14 +749,6 @@ class Alerting:
             await self.store.save_health(self.health, self.health_engine.healthy_for)
 
     # ------------------------------------------------------------------ reads and commands (the API)
-
-    def rollup(self, now: float | None = None) -> FleetHealth:
-        """Provider/host/GPU health, counts by status and usable capacity (cached per second;
-        the API reads the incremental :class:`collector.health.live.LiveRollup`)."""
-        sec = int(self.clock() if now is None else now)
-        if self._rollup is None or self._rollup[0] != sec:
-            self._rollup = (sec, rollup(self.health, self.health_engine.config.provider))
-        return self._rollup[1]
 
     def host_health(self, host: str) -> HostHealth | None:
         hs = self.health.hosts.get(host)

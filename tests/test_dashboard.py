@@ -67,7 +67,7 @@ async def test_page_shows_the_fleet_live_alerts_and_acknowledges(
         TestServer(make_app(svc.parts.api_deps)) as server,
         browser_page(tmp_path, console) as page,
     ):
-        await until(lambda: len(svc.alerting.rollup().hosts) == 12, timeout=30)
+        await until(lambda: len(svc.parts.live.current().hosts) == 12, timeout=30)
         await page.goto(str(server.make_url("/")))
         await page.wait_for_selector("body[data-ready='1']", timeout=20_000)
         assert await page.locator("#providers .card").count() == 3

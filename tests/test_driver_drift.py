@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collector.api.views import provider_view
 from collector.health import HealthEngine, HealthState
-from collector.health.codec import state_from_dict, state_to_dict
+from collector.health.codec import state_from_dict
 from collector.health.drivers import majority
 from collector.state import FleetState
 from shared.frames import InventoryFrame
+from tests.support.health_dump import state_to_dict
 
 NEW, OLD = "570.133.20", "550.127.08"
 

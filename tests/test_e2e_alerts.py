@@ -138,7 +138,8 @@ async def test_healthy_fleet_for_a_minute_notifies_nothing(
                 stored = svc.ingest.stats
                 await until(lambda: stored.frames_stored >= 16 * 60, timeout=240)
                 await settled(svc)
-                rollup = svc.alerting.rollup()
+                await svc.parts.live.refresh()
+                rollup = svc.parts.live.current()
                 stats = svc.alerting.stats
             finally:
                 fleet.stop()

@@ -67,7 +67,7 @@ async def test_a_real_agent_port_down_and_sxid_alert_and_resolve(
             task = asyncio.create_task(svc.serve(signals=False))
             try:
                 assert await svc.publisher.wait_connected(10)
-                await until(lambda: host in col.alerting.rollup().hosts, 20)  # judged healthy first
+                await until(lambda: host in col.parts.live.current().hosts, 20)  # judged healthy first
                 (port / "state").write_text("1: DOWN\n")
                 (port / "phys_state").write_text("3: Disabled\n")
                 with kmsg.open("a") as f:

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from collector.health import HealthEngine, HealthState, Observation, health_config_from
-from collector.health.codec import state_from_dict, state_to_dict
+from collector.health.codec import state_from_dict
 from collector.health.config import GpuThresholds
 from collector.health.history import BoardHistory, FatalXid, FleetHistory, decide
 from gpuwarden.servers import NatsServer
 from shared.frames import EventFrame, GpuInfo, HostFacts, InventoryFrame, replace
+from tests.support.health_dump import state_to_dict
 
 T0 = 1_700_000_000.0
 HOUR, DAY = 3600.0, 86400.0

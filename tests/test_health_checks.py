@@ -606,7 +606,8 @@ def test_a_failed_nats_round_trip_alone_is_judged_only_when_sustained() -> None:
 
 
 def test_the_nats_failure_streak_survives_a_state_round_trip() -> None:
-    from collector.health.codec import state_from_dict, state_to_dict
+    from collector.health.codec import state_from_dict
+    from tests.support.health_dump import state_to_dict
 
     engine, state = HealthEngine(), HealthState()
     assert nats_status(engine, state, T0, NATS_FAILED) is None

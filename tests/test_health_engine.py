@@ -282,8 +282,9 @@ def test_health_config_errors_name_the_key(raw: dict[str, Any], key: str) -> Non
 def test_state_round_trips_through_json(engine: HealthEngine) -> None:
     import json
 
-    from collector.health.codec import state_from_dict, state_to_dict
+    from collector.health.codec import state_from_dict
     from shared.frames import DiskUsage, GpuProcess, NicCounters, SystemSample
+    from tests.support.health_dump import state_to_dict
 
     def busy(ts: float, errors: int) -> SampleFrame:
         gpus = (

@@ -12,7 +12,7 @@ import pytest
 
 from agent.ib import IbReader
 from collector.health import HealthEngine, HealthState
-from collector.health.codec import state_from_dict, state_to_dict
+from collector.health.codec import state_from_dict
 from collector.health.config import HealthConfig, NodeThresholds, expected_ib, health_config_from
 from collector.health.model import Observation
 from shared.errors import ConfigError
@@ -29,6 +29,7 @@ from shared.frames import (
     replace,
 )
 from shared.sxid import parse_catalog
+from tests.support.health_dump import state_to_dict
 from tests.support.sysfs_ib import write_tree
 
 T0 = 1_700_000_000.0

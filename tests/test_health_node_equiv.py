@@ -94,7 +94,7 @@ def test_node_fault_schedule_gives_the_same_verdicts_as_the_generic_code(
     fast, state = judge()
     # healthy again at the end: the InfiniBand fast path is armed (so it ran on the quiet stretches)
     assert state.hosts["n1"].ib_quiet is not None
-    assert "ib_quiet" not in codec.state_to_dict(state)["hosts"]["n1"]  # a memo, not saved
+    assert "ib_quiet" not in codec.health_snapshot(state, 0)["hosts"]["n1"]  # a memo, not saved
     monkeypatch.setattr(node.NodeChecks, "fast", False)
     monkeypatch.setattr(node, "_ib_errors", generic_ib_errors)
     monkeypatch.setattr(model, "check_key", generic_check_key)

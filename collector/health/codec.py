@@ -7,11 +7,8 @@ ever sees plain dataclasses.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
-
-import msgspec
 
 from collector.health.history import BoardHistory, FatalXid, FleetHistory
 from collector.health.model import HEALTHY, CheckStatus, GpuState, HealthState, HostState, XidRecord
@@ -28,28 +25,6 @@ from shared.frames import (
     ServiceState,
     SystemSample,
 )
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, msgspec.Struct):
-        return {name: _plain(getattr(value, name)) for name in value.__struct_fields__}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: _plain(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if not f.metadata.get("derived")  # a memo, rebuilt from the next sample
-        }
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def state_to_dict(state: HealthState) -> dict[str, Any]:
-    """``state`` as dicts, lists and scalars (keys are strings, so it survives JSON)."""
-    out: dict[str, Any] = _plain(state)
-    return out
 
 
 def _gpu_sample(d: Mapping[str, Any] | None) -> GpuSample | None:
@@ -104,7 +79,8 @@ def _gpu(d: Mapping[str, Any]) -> GpuState:
 
 
 def state_from_dict(d: Mapping[str, Any]) -> HealthState:
-    """Rebuild a :class:`HealthState` saved with :func:`state_to_dict`."""
+    """Rebuild a :class:`HealthState` saved with :func:`health_snapshot` (a field it leaves
+    out takes its default)."""
     hosts = {}
     for name, h in d.get("hosts", {}).items():
         hosts[name] = HostState(
@@ -155,10 +131,10 @@ def _xid(x: XidRecord) -> dict[str, Any]:
 
 
 def health_snapshot(state: HealthState, healthy_for: int) -> dict[str, Any]:
-    """The health state in :func:`state_to_dict` form, lean (what the collector persists):
-    no last readings (rates start again one sample after a restart) and no healthy, quiet
-    checks. At 500 hosts x 8
-    GPUs the full codec form is ~30 MB and 1.5 s of CPU; this is a few hundred kB."""
+    """The health state as plain data, lean (what the collector persists): the fields of its
+    dataclasses by name, but no last readings (rates start again one sample after a restart)
+    and no healthy, quiet checks. At 500 hosts x 8 GPUs the whole state as data is ~30 MB
+    and 1.5 s of CPU; this is a few hundred kB."""
     hosts = {}
     for name, hs in state.hosts.items():
         gpus = {}

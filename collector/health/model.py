@@ -7,7 +7,7 @@ to do and a longer advice. The alert engine turns observations into alerts.
 
 The state is owned by the caller and updated in place by the engine; it holds only data
 (previous counters for rates, XID history, the last status of each check) and round-trips
-through :func:`collector.health.codec.state_to_dict` / ``state_from_dict``.
+through :func:`collector.health.codec.health_snapshot` / ``state_from_dict``.
 """
 
 from __future__ import annotations

@@ -55,5 +55,5 @@ async def running(tmp: Path, dsn: str, nats_url: str) -> AsyncIterator[Collector
         frames.append(event(XID_HOST, 4, now))
         await send(nats_url, frames)
         await until(lambda: len(svc.state) == 5 and svc.alerting.list_alerts(host=XID_HOST) != [])
-        await until(lambda: len(svc.alerting.rollup().hosts) == 5)
+        await until(lambda: len(svc.parts.live.current().hosts) == 5)
         yield svc
