@@ -128,6 +128,18 @@ class AlertViews(Protocol):
     def incident_view(self, inc: Incident, by_fp: Mapping[str, Alert]) -> dict[str, Any]: ...
 
 
+class Remote(Protocol):
+    """A collector group member's link to the others (:class:`collector.group.commands.GroupCommands`)."""
+
+    async def notify(self) -> None: ...
+
+    async def expire_silence(self, sid: str) -> bool: ...
+
+    async def ack(self, fingerprint: str, by: str, until: float | None, comment: str) -> dict[str, Any]: ...
+
+    async def ack_incident(self, iid: str, by: str, until: float | None, comment: str) -> dict[str, Any]: ...
+
+
 class Remediation(Protocol):
     """What the runner asks of remediation (:class:`collector.remediation.service.Remediator`)."""
 
@@ -195,6 +207,9 @@ class Alerting:
         self.on_forgotten = on_forgotten  # told each host forgotten
         self.remediation = remediation
         self.scope = scope  # a collector group member: it judges and writes its buckets only
+        # a collector group member: silences told to the others, acknowledgements of alerts
+        # another member owns (collector.group.commands)
+        self.remote: Remote | None = None
         self.on_fenced = on_fenced  # told the buckets a write found owned by another member
         self.clock = clock  # the time decisions are dated with
         self.monotonic = monotonic  # the time intervals (snapshots, re-pushes, write retries) are kept with
@@ -816,6 +831,8 @@ class Alerting:
     ) -> dict[str, Any]:
         """Acknowledge an open incident and its members; ``KeyError`` if unknown or closed."""
         inc = self.alerts_state.incidents.get(iid)
+        if (inc is None or inc.closed_at is not None) and self.remote is not None:
+            return await self.remote.ack_incident(iid, by, until, comment)  # another member's
         if inc is None or inc.closed_at is not None:
             raise KeyError(iid)
         await self._step([], self.clock(), [AckIncident(iid, by, until, comment)])
@@ -827,6 +844,8 @@ class Alerting:
         """Acknowledge (stops escalation) the alert and the alerts it inhibits (folded under
         it: one Acknowledge for the group); raises ``KeyError`` for an unknown fingerprint."""
         if fingerprint not in self.alerts_state.by_fp:
+            if self.remote is not None:  # a collector group: another member owns its host
+                return await self.remote.ack(fingerprint, by, until, comment)
             raise KeyError(fingerprint)
         folded = self.inhibited_by_root().get(fingerprint, [])
         cmds = [Ack(x, by, until, comment) for x in (fingerprint, *(f.fingerprint for f in folded))]
@@ -847,14 +866,34 @@ class Alerting:
         s = Silence(f"api-{uuid.uuid4().hex[:12]}", parsed, starts, ends_at, author, comment)
         await self.store.save_silence(s)
         await self._step([], self.clock(), [AddSilence(s)])
+        if self.remote is not None:
+            await self.remote.notify()  # every member of the group applies it now
         return s
 
     async def expire_silence(self, silence_id: str) -> bool:
         if silence_id not in self.alerts_state.silences:
-            return False
+            return self.remote is not None and await self.remote.expire_silence(silence_id)
         await self.store.expire_silence(silence_id)
         await self._step([], self.clock(), [ExpireSilence(silence_id)])
+        if self.remote is not None:
+            await self.remote.notify()
         return True
+
+    async def apply(self, commands: Sequence[Command]) -> bool:
+        """A collector group's commands (silences, acknowledgements received by another member,
+        :mod:`collector.group.commands`): applied in one step; True when the step is written."""
+        await self._step([], self.clock(), commands)
+        return self._unsaved.empty() and not self.pg_down()
+
+    def answer(self, kind: str, target: str) -> dict[str, Any] | None:
+        """What the API answers for an acknowledgement applied here for another member."""
+        if kind == "ack":
+            a = self.alerts_state.by_fp.get(target)
+            return (
+                self.views.folded_view(a, self.inhibited_by_root().get(target, [])) if a is not None else None
+            )
+        inc = self.alerts_state.incidents.get(target)
+        return self.views.incident_view(inc, self.alerts_state.by_fp) if inc is not None else None
 
     def self_report(self) -> dict[str, Any]:
         """The collector's own health for ``/readyz``: problems, backlog, heartbeat."""

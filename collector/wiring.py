@@ -31,6 +31,7 @@ from collector.api.app import ApiServer
 from collector.api.deps import ApiDeps
 from collector.config import CollectorConfig
 from collector.fastpath import FastEvents
+from collector.group.commands import GroupCommands
 from collector.group.member import GroupMember, member_name
 from collector.group.scope import Scope
 from collector.group.store import GroupAlertStore, ScopeGate
@@ -147,6 +148,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     alert_engine = AlertEngine(with_channels(alert_config_from(raw), notify_cfg))
     # a collector group member judges, writes and sends for the buckets it holds only
     member: GroupMember | None = None
+    commands: GroupCommands | None = None
     scope = Scope(c.buckets, lambda b: member is not None and member.owns(b), lambda: _tokens(member))
     store: PgAlertStore = (
         GroupAlertStore(lambda: postgres.pool, scope)
@@ -215,6 +217,12 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
             config, name, lambda: nats.nc, lambda: postgres.pool, store, runner, lambda: ingest.source,
             gained_hosts,
         )  # fmt: skip
+        commands = GroupCommands(
+            c.group_kv, name, lambda: nats.nc, lambda: postgres.pool, scope, runner, interval=c.lease,
+            alert_view=views.alert_view,
+        )  # fmt: skip
+        runner.remote = commands  # silences and acknowledgements group-wide, at once
+        member.on_regrouped = commands.kick
         store.incidents = lambda: runner.alerts_state.incidents
         store.health = lambda: (runner.health, runner.health_engine.healthy_for)
         deliverer.gate = ScopeGate(scope, lambda: postgres.pool, name)
@@ -268,6 +276,8 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     ]
     if member is not None:  # takes buckets (restored by the runner, then consumed); stops first
         parts.lifecycle.append(member)
+    if commands is not None:
+        parts.lifecycle.append(commands)
     if server is not None:
         parts.lifecycle.append(server)  # last: requests see a started collector
     return parts

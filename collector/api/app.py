@@ -379,11 +379,8 @@ async def _ack_request(request: web.Request) -> tuple[str, str, float | None, st
 
 async def ack_alert(request: web.Request) -> web.Response:
     fp, by, until, comment = await _ack_request(request)
-    al = _deps(request).alerts
-    if al.get_alert(fp) is None:
-        raise not_found("alert", fp)
     try:
-        view = await al.ack(fp, by, until, comment)
+        view = await _deps(request).alerts.ack(fp, by, until, comment)
     except KeyError:
         raise not_found("alert", fp) from None
     log.info("alert %s acknowledged by %s", fp, by)

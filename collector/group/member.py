@@ -49,6 +49,7 @@ class GroupMember:
     source: Callable[[], BucketConsumers | None]
     # told the buckets gained (e.g. to load the GPUs' static facts of their hosts from PostgreSQL)
     on_gained: Callable[[frozenset[int]], Awaitable[None]] | None = None
+    on_regrouped: Callable[[], None] | None = None  # e.g. sweep the gained buckets' commands
     membership: Membership | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
@@ -105,6 +106,8 @@ class GroupMember:
         source = self.source()
         if source is not None:
             await asyncio.gather(*(source.start(b) for b in sorted(gained)))
+        if self.on_regrouped is not None:
+            self.on_regrouped()
 
     async def _loss(self, lost: frozenset[int]) -> None:
         """Buckets released or lost: stop consuming them, then drop their state (written first)."""

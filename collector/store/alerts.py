@@ -174,21 +174,7 @@ async def load(
     incidents = [json.loads(r["data"]) for r in await conn.fetch(
         "SELECT data FROM incidents WHERE partition = ANY($1::int[]) AND (closed_at IS NULL"
         " OR closed_at > now() - interval '1 day')", parts)]  # fmt: skip
-    silences = [
-        {
-            "id": r["id"],
-            "matchers": json.loads(r["matchers"]),
-            "starts_at": r["s"],
-            "ends_at": r["e"],
-            "author": r["author"],
-            "comment": r["comment"],
-        }
-        for r in await conn.fetch(
-            "SELECT id, matchers, extract(epoch FROM starts_at)::float8 AS s,"
-            " extract(epoch FROM ends_at)::float8 AS e, author, comment FROM silences"
-            " WHERE expired_at IS NULL AND ends_at > now()"
-        )
-    ]
+    silences = await active_silences(conn)
     engine: dict[str, Any] = {}
     for raw in await conn.fetch(
         "SELECT data FROM alert_engine_state WHERE partition = ANY($1::int[]) ORDER BY partition", parts
@@ -203,6 +189,25 @@ async def load(
         health = {**(health or {}), **d, "hosts": hosts}
     state = {**engine, "alerts": alerts, "incidents": incidents, "silences": silences}
     return state, health
+
+
+async def active_silences(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    """The silences added through the API that have not ended (``Silence.to_dict`` shape)."""
+    return [
+        {
+            "id": r["id"],
+            "matchers": json.loads(r["matchers"]),
+            "starts_at": r["s"],
+            "ends_at": r["e"],
+            "author": r["author"],
+            "comment": r["comment"],
+        }
+        for r in await conn.fetch(
+            "SELECT id, matchers, extract(epoch FROM starts_at)::float8 AS s,"
+            " extract(epoch FROM ends_at)::float8 AS e, author, comment FROM silences"
+            " WHERE expired_at IS NULL AND ends_at > now()"
+        )
+    ]
 
 
 def _merge_engine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,328 @@
+"""Silences, acknowledgements and maintenance windows group-wide, at once.
+
+PostgreSQL is the source of truth: a silence (a maintenance window is a silence with a start)
+is in the ``silences`` table, an acknowledgement received by a member that does not own the
+alert's host is a row of ``group_commands``. A member that writes one publishes a notice on
+the group's control subject (core NATS, outside the ``gpuwarden.v1`` telemetry subjects);
+every member then *sweeps*: it adds the silences PostgreSQL has and it lacks, drops those
+PostgreSQL says expired, and applies the pending commands of the buckets it holds (the owner
+of an alert is the only member that holds it) before marking them done. A notice missed
+(NATS away, a member starting) costs a round: members also sweep every ``interval`` and
+after each NATS reconnection, and a member that takes a bucket sweeps at once, so an
+acknowledgement left by a dead owner is applied by its taker. See docs/operations.md.
+
+An acknowledgement on a member that does not own the alert is a request on the control
+subject: the owner answers once it has applied it (the alert's view), so the API answers as
+on the owner; with no owner at the moment (a takeover) the command waits in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import asyncpg
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from collector.alerts.config import Silence
+from collector.alerts.model import (
+    Ack,
+    AckIncident,
+    AddSilence,
+    Alert,
+    AlertState,
+    Command,
+    ExpireSilence,
+    plain,
+)
+from collector.group.scope import Scope
+from collector.store import alerts as pg
+from collector.store import db
+from shared.tasks import cancel_all
+
+log = logging.getLogger(__name__)
+
+_NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+GIVE_UP = 600.0  # s: a command whose alert its bucket's owner does not hold is dropped after it
+
+
+def control_subject(kv_bucket: str) -> str:
+    """The group's control subject (one per group: its KV bucket names it)."""
+    return f"gpuwarden.control.{kv_bucket}"
+
+
+class Runner(Protocol):
+    alerts_state: AlertState
+
+    async def apply(self, commands: Sequence[Command]) -> bool: ...  # True: written
+
+    def answer(self, kind: str, target: str) -> dict[str, Any] | None: ...  # the view, if held
+
+
+class GroupCommands:
+    """A member's part (after the group member in the lifecycle): the subscription to the
+    control subject, the periodic sweep, and the API's writes for what another member owns."""
+
+    def __init__(
+        self,
+        kv_bucket: str,
+        member: str,
+        nc: Callable[[], NatsClient | None],
+        pool: Callable[[], asyncpg.Pool | None],
+        scope: Scope,
+        runner: Runner,
+        *,
+        interval: float,
+        alert_view: Callable[[Alert], dict[str, Any]] = plain,
+        answer_within: float = 5.0,
+    ) -> None:
+        self.subject = control_subject(kv_bucket)
+        self.member = member
+        self.nc = nc
+        self.pool = pool
+        self.scope = scope
+        self.runner = runner
+        self.interval = interval
+        self.alert_view = alert_view  # the API's view of an alert (a stored one, no owner answering)
+        self.answer_within = answer_within
+        self.sweeps = 0
+        self.applied = 0  # commands applied by this member
+        self._lock = asyncio.Lock()  # one sweep at a time
+        self._sub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    async def start(self) -> None:
+        nc = self.nc()
+        assert nc is not None, "NATS starts before the group's commands"
+        self._sub = await nc.subscribe(self.subject, cb=self._on_notice)
+        self._task = asyncio.create_task(self._loop(), name="group-commands")
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._task is not None:
+            await cancel_all([self._task])
+            self._task = None
+
+    def kick(self) -> None:
+        """Sweep soon (e.g. buckets were gained: their pending commands are this member's now)."""
+        self._kick.set()
+
+    async def _loop(self) -> None:
+        """Sweep every ``interval``, when kicked, and after a NATS reconnection (a notice may
+        have been missed while disconnected)."""
+        reconnects = self._reconnects()
+        waited = 0.0
+        while True:
+            step = min(1.0, self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), step)
+            waited += step
+            now = self._reconnects()
+            if not self._kick.is_set() and now == reconnects and waited < self.interval:
+                continue
+            self._kick.clear()
+            reconnects, waited = now, 0.0
+            try:
+                await self.sweep()
+            except db.ERRORS as e:
+                log.warning("group commands not read (retried): %s", e)
+
+    def _reconnects(self) -> int:
+        nc = self.nc()
+        return int(nc.stats.get("reconnects", 0)) if nc is not None else 0
+
+    # ------------------------------------------------------------------ applying
+
+    async def sweep(self) -> None:
+        """Apply what PostgreSQL has and this member lacks (see the module)."""
+        pool = self.pool()
+        if pool is None:
+            return
+        async with self._lock:
+            state = self.runner.alerts_state
+            async with pool.acquire() as conn:
+                active = await pg.active_silences(conn)
+                held = [sid for sid in state.silences if sid.startswith("api-")]
+                ended = await conn.fetch(
+                    "SELECT id FROM silences WHERE id = ANY($1::text[])"
+                    " AND (expired_at IS NOT NULL OR ends_at <= now())",
+                    held,
+                )
+                pending = await conn.fetch(
+                    "SELECT id, kind, target, bucket, by_name, until_at, comment,"
+                    " extract(epoch FROM created_at)::float8 AS at FROM group_commands"
+                    " WHERE done_at IS NULL ORDER BY id"
+                )
+            cmds: list[Command] = [
+                AddSilence(Silence.from_dict(d)) for d in active if d["id"] not in state.silences
+            ]
+            cmds += [ExpireSilence(r["id"]) for r in ended]
+            mine = [r for r in pending if self.scope.owns(r["bucket"])]
+            cmds += [_command(r) for r in mine if not _applied(state, r)]
+            self.sweeps += 1
+            if not cmds and not mine:
+                return
+            written = await self.runner.apply(cmds) if cmds else True
+            # done: applied to the alert (incident) held; not found (not restored yet, or gone)
+            # it is tried again at the next sweeps, for ``GIVE_UP`` seconds
+            now, holding = time.time(), self.runner.alerts_state
+            done = [
+                r["id"] for r in mine
+                if self.scope.owns(r["bucket"]) and (_holds(holding, r) or now - r["at"] > GIVE_UP)
+            ]  # fmt: skip
+            if written and done:
+                async with pool.acquire() as conn:
+                    await conn.execute(
+                        "UPDATE group_commands SET done_at = now(), done_by = $2"
+                        " WHERE id = ANY($1::bigint[]) AND done_at IS NULL",
+                        done,
+                        self.member,
+                    )
+                self.applied += len(done)
+            if cmds:
+                log.info(
+                    "group commands applied: %d silences added, %d ended, %d acknowledgements",
+                    sum(isinstance(c, AddSilence) for c in cmds), len(ended), len(mine),
+                )  # fmt: skip
+
+    async def _on_notice(self, msg: Msg) -> None:
+        try:
+            await self.sweep()
+        except db.ERRORS as e:
+            log.warning("group commands not read (retried): %s", e)
+            return
+        if not msg.reply:
+            return
+        try:
+            ask = json.loads(msg.data)
+            bucket = int(ask["bucket"])
+            view = (
+                self.runner.answer(str(ask["kind"]), str(ask["target"])) if self.scope.owns(bucket) else None
+            )
+        except (ValueError, KeyError, TypeError):
+            return
+        if view is not None:  # only the owner answers
+            with contextlib.suppress(*_NATS_ERRORS):
+                await msg.respond(json.dumps(view).encode())
+
+    # ------------------------------------------------------------------ the API's writes
+
+    async def notify(self) -> None:
+        """Tell the other members to sweep now (a silence was added or expired here)."""
+        nc = self.nc()
+        if nc is None:
+            return  # they sweep within ``interval``
+        try:
+            await nc.publish(self.subject, b"{}")
+        except _NATS_ERRORS as e:
+            log.warning("group notice not sent (the others sweep within %.0f s): %s", self.interval, e)
+
+    async def expire_silence(self, sid: str) -> bool:
+        """A silence this member does not hold yet: expired in PostgreSQL, then told."""
+        async with self._acquire() as conn:
+            got = await conn.fetchval(
+                "UPDATE silences SET expired_at = now() WHERE id = $1 AND expired_at IS NULL"
+                " AND ends_at > now() RETURNING id",
+                sid,
+            )
+        if got is None:
+            return False
+        await self.notify()
+        return True
+
+    async def ack(self, fingerprint: str, by: str, until: float | None, comment: str) -> dict[str, Any]:
+        """Acknowledge an alert another member owns; ``KeyError`` if PostgreSQL has no such
+        alert not resolved. The owner's view of it, or (no owner answered within
+        ``answer_within``) the stored alert with ``ack_pending: true``."""
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT labels, data FROM alerts WHERE fingerprint = $1 AND state <> 'resolved'", fingerprint
+            )
+        if row is None:
+            raise KeyError(fingerprint)
+        bucket = self.scope.of_labels(json.loads(row["labels"]))
+        if bucket is None:  # a member's own self-check alert: only that member holds it
+            raise KeyError(fingerprint)
+        return await self._ask("ack", fingerprint, bucket, by, until, comment, json.loads(row["data"]))
+
+    async def ack_incident(self, iid: str, by: str, until: float | None, comment: str) -> dict[str, Any]:
+        """:meth:`ack` for an open incident another member holds."""
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT host, data FROM incidents WHERE id = $1 AND closed_at IS NULL", iid
+            )
+        if row is None:
+            raise KeyError(iid)
+        data = json.loads(row["data"])
+        bucket = self.scope.of_payload({"labels": {"host": row["host"]}, "hosts": data.get("hosts") or ()})
+        if bucket is None:
+            raise KeyError(iid)
+        return await self._ask("ack_incident", iid, bucket, by, until, comment, data)
+
+    async def _ask(
+        self,
+        kind: str,
+        target: str,
+        bucket: int,
+        by: str,
+        until: float | None,
+        comment: str,
+        stored: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        async with self._acquire() as conn:
+            cid = await conn.fetchval(
+                "INSERT INTO group_commands (kind, target, bucket, by_name, until_at, comment)"
+                " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                kind, target, bucket, by, until, comment,
+            )  # fmt: skip
+        ask = json.dumps({"id": cid, "kind": kind, "target": target, "bucket": bucket}).encode()
+        nc = self.nc()
+        if nc is not None:
+            try:
+                reply = await nc.request(self.subject, ask, timeout=self.answer_within)
+                answered: dict[str, Any] = json.loads(reply.data)
+                return answered
+            except _NATS_ERRORS + (ValueError,) as e:
+                log.warning("%s of %s stored, not applied yet (no owner answered: %s)", kind, target, e)
+        view = (
+            self.alert_view(Alert(**{**stored, "labels": dict(stored["labels"])}))
+            if kind == "ack"
+            else stored
+        )
+        return {**view, "ack_pending": True}
+
+    def _acquire(self) -> Any:
+        pool = self.pool()
+        if pool is None:
+            raise asyncpg.InterfaceError("PostgreSQL is not connected")
+        return pool.acquire()
+
+
+def _command(r: asyncpg.Record) -> Command:
+    if r["kind"] == "ack_incident":
+        return AckIncident(r["target"], r["by_name"], r["until_at"], r["comment"])
+    return Ack(r["target"], r["by_name"], r["until_at"], r["comment"])
+
+
+def _holds(state: AlertState, r: asyncpg.Record) -> bool:
+    return (r["target"] in state.by_fp) if r["kind"] == "ack" else (r["target"] in state.incidents)
+
+
+def _applied(state: AlertState, r: asyncpg.Record) -> bool:
+    """Applied already (by this member, or by an owner that died before marking it done): an
+    alert acknowledged by the same name since the command was written."""
+    if r["kind"] != "ack":
+        return False
+    a = state.by_fp.get(r["target"])
+    return a is not None and a.ack_by == r["by_name"] and (a.ack_at or 0.0) >= r["at"] - 1.0
