@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
@@ -31,17 +32,8 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from collector.alerts import model as m
 from collector.alerts.config import Silence
-from collector.alerts.model import (
-    Ack,
-    AckIncident,
-    AddSilence,
-    Alert,
-    AlertState,
-    Command,
-    ExpireSilence,
-    plain,
-)
 from collector.group.scope import Scope
 from collector.store import alerts as pg
 from collector.store import db
@@ -59,45 +51,39 @@ def control_subject(kv_bucket: str) -> str:
 
 
 class Runner(Protocol):
-    alerts_state: AlertState
+    alerts_state: m.AlertState
 
-    async def apply(self, commands: Sequence[Command]) -> bool: ...  # True: written
+    async def apply(self, commands: Sequence[m.Command]) -> bool: ...  # True: written
 
     def answer(self, kind: str, target: str) -> dict[str, Any] | None: ...  # the view, if held
 
 
+@dataclass(eq=False)
 class GroupCommands:
     """A member's part (after the group member in the lifecycle): the subscription to the
-    control subject, the periodic sweep, and the API's writes for what another member owns."""
+    control subject, the periodic sweep, and the API's writes for what another member owns.
+    ``kv_bucket`` names the group (its control subject); ``alert_view`` is the API's view of
+    an alert (the stored one is answered when no owner answers)."""
 
-    def __init__(
-        self,
-        kv_bucket: str,
-        member: str,
-        nc: Callable[[], NatsClient | None],
-        pool: Callable[[], asyncpg.Pool | None],
-        scope: Scope,
-        runner: Runner,
-        *,
-        interval: float,
-        alert_view: Callable[[Alert], dict[str, Any]] = plain,
-        answer_within: float = 5.0,
-    ) -> None:
-        self.subject = control_subject(kv_bucket)
-        self.member = member
-        self.nc = nc
-        self.pool = pool
-        self.scope = scope
-        self.runner = runner
-        self.interval = interval
-        self.alert_view = alert_view  # the API's view of an alert (a stored one, no owner answering)
-        self.answer_within = answer_within
-        self.sweeps = 0
-        self.applied = 0  # commands applied by this member
-        self._lock = asyncio.Lock()  # one sweep at a time
-        self._sub: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._kick = asyncio.Event()
+    kv_bucket: str
+    member: str
+    nc: Callable[[], NatsClient | None]
+    pool: Callable[[], asyncpg.Pool | None]
+    scope: Scope
+    runner: Runner
+    interval: float  # s between sweeps without a notice
+    alert_view: Callable[[m.Alert], dict[str, Any]] = m.plain
+    answer_within: float = 5.0
+    sweeps: int = 0
+    applied: int = 0  # commands applied by this member
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one sweep at a time
+    _sub: Any = None
+    _task: asyncio.Task[None] | None = None
+    _kick: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def subject(self) -> str:
+        return control_subject(self.kv_bucket)
 
     async def start(self) -> None:
         nc = self.nc()
@@ -164,10 +150,10 @@ class GroupCommands:
                     " extract(epoch FROM created_at)::float8 AS at FROM group_commands"
                     " WHERE done_at IS NULL ORDER BY id"
                 )
-            cmds: list[Command] = [
-                AddSilence(Silence.from_dict(d)) for d in active if d["id"] not in state.silences
+            cmds: list[m.Command] = [
+                m.AddSilence(Silence.from_dict(d)) for d in active if d["id"] not in state.silences
             ]
-            cmds += [ExpireSilence(r["id"]) for r in ended]
+            cmds += [m.ExpireSilence(r["id"]) for r in ended]
             mine = [r for r in pending if self.scope.owns(r["bucket"])]
             cmds += [_command(r) for r in mine if not _applied(state, r)]
             self.sweeps += 1
@@ -193,7 +179,7 @@ class GroupCommands:
             if cmds:
                 log.info(
                     "group commands applied: %d silences added, %d ended, %d acknowledgements",
-                    sum(isinstance(c, AddSilence) for c in cmds), len(ended), len(mine),
+                    sum(isinstance(c, m.AddSilence) for c in cmds), len(ended), len(mine),
                 )  # fmt: skip
 
     async def _on_notice(self, msg: Msg) -> None:
@@ -296,7 +282,7 @@ class GroupCommands:
             except _NATS_ERRORS + (ValueError,) as e:
                 log.warning("%s of %s stored, not applied yet (no owner answered: %s)", kind, target, e)
         view = (
-            self.alert_view(Alert(**{**stored, "labels": dict(stored["labels"])}))
+            self.alert_view(m.Alert(**{**stored, "labels": dict(stored["labels"])}))
             if kind == "ack"
             else stored
         )
@@ -309,17 +295,17 @@ class GroupCommands:
         return pool.acquire()
 
 
-def _command(r: asyncpg.Record) -> Command:
+def _command(r: asyncpg.Record) -> m.Command:
     if r["kind"] == "ack_incident":
-        return AckIncident(r["target"], r["by_name"], r["until_at"], r["comment"])
-    return Ack(r["target"], r["by_name"], r["until_at"], r["comment"])
+        return m.AckIncident(r["target"], r["by_name"], r["until_at"], r["comment"])
+    return m.Ack(r["target"], r["by_name"], r["until_at"], r["comment"])
 
 
-def _holds(state: AlertState, r: asyncpg.Record) -> bool:
+def _holds(state: m.AlertState, r: asyncpg.Record) -> bool:
     return (r["target"] in state.by_fp) if r["kind"] == "ack" else (r["target"] in state.incidents)
 
 
-def _applied(state: AlertState, r: asyncpg.Record) -> bool:
+def _applied(state: m.AlertState, r: asyncpg.Record) -> bool:
     """Applied already (by this member, or by an owner that died before marking it done): an
     alert acknowledged by the same name since the command was written."""
     if r["kind"] != "ack":
