@@ -217,10 +217,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
             config, name, lambda: nats.nc, lambda: postgres.pool, store, runner, lambda: ingest.source,
             gained_hosts,
         )  # fmt: skip
-        commands = GroupCommands(
-            c.group_kv, name, lambda: nats.nc, lambda: postgres.pool, scope, runner, interval=c.lease,
-            alert_view=views.alert_view,
-        )  # fmt: skip
+        commands = GroupCommands(member, scope, runner, alert_view=views.alert_view)
         runner.remote = commands  # silences and acknowledgements group-wide, at once
         member.on_regrouped = commands.kick
         store.incidents = lambda: runner.alerts_state.incidents

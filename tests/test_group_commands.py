@@ -20,7 +20,7 @@ from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from tests.support.collector import Receiver
 from tests.support.wait import until
-from tests.test_group_e2e import Members, group_config, hosts_of, split_in
+from tests.test_group_e2e import hosts_of, three_members
 
 TOKEN = "group-write-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -63,79 +63,70 @@ async def test_silence_ack_and_maintenance_written_on_one_member_apply_where_the
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
     url = private_nats.url
-    async with Receiver() as rx:
-        config = group_config(tmp_path, pg_dsn, url, rx.url)
-        config.write_text(config.read_text() + EXTRA)
-        group = Members(tmp_path, config, url)
-        try:
-            for name in ("m0", "m1", "m2"):
-                group.start(name)
-            table = await split_in(url, {"m0", "m1", "m2"})
-            # every write goes to m0; the hosts are m1's and m2's
-            silenced, acked, control = hosts_of(table, "m1", HOSTS)[:3]
-            maintained, control2 = hosts_of(table, "m2", HOSTS)[:2]
-            api = f"http://127.0.0.1:{group.ports['m0']}/api/v1"
-            now = time.time()
-            async with aiohttp.ClientSession(headers=AUTH) as http:
-                r = await http.post(
-                    f"{api}/silences",
-                    json={"matchers": [f"host={host_name(silenced)}"], "duration": 600, "comment": "test"},
-                )
-                assert r.status == 201, await r.text()
-                r = await http.post(
-                    f"{api}/silences",
-                    json={
-                        "matchers": [f"host={host_name(maintained)}"],
-                        "starts_at": now,
-                        "ends_at": now + 600,
-                        "comment": "maintenance window",
-                    },
-                )
-                assert r.status == 201, await r.text()
+    async with Receiver() as rx, three_members(tmp_path, pg_dsn, url, rx.url, EXTRA) as (group, table):
+        # every write goes to m0; the hosts are m1's and m2's
+        silenced, acked, control = hosts_of(table, "m1", HOSTS)[:3]
+        maintained, control2 = hosts_of(table, "m2", HOSTS)[:2]
+        api = f"http://127.0.0.1:{group.ports['m0']}/api/v1"
+        now = time.time()
+        async with aiohttp.ClientSession(headers=AUTH) as http:
+            r = await http.post(
+                f"{api}/silences",
+                json={"matchers": [f"host={host_name(silenced)}"], "duration": 600, "comment": "test"},
+            )
+            assert r.status == 201, await r.text()
+            r = await http.post(
+                f"{api}/silences",
+                json={
+                    "matchers": [f"host={host_name(maintained)}"],
+                    "starts_at": now,
+                    "ends_at": now + 600,
+                    "comment": "maintenance window",
+                },
+            )
+            assert r.status == 201, await r.text()
 
-                async def listed_everywhere() -> bool:
-                    for name in ("m1", "m2"):
-                        async with http.get(f"http://127.0.0.1:{group.ports[name]}/api/v1/silences") as got:
-                            if (await got.json())["total"] < 2:
-                                return False
-                    return True
+            async def listed_everywhere() -> bool:
+                for name in ("m1", "m2"):
+                    async with http.get(f"http://127.0.0.1:{group.ports[name]}/api/v1/silences") as got:
+                        if (await got.json())["total"] < 2:
+                            return False
+                return True
 
-                await until(listed_everywhere, timeout=30)
+            await until(listed_everywhere, timeout=30)
 
-                faults = [
-                    f"{host_name(i)}/gpu0:xid=79@{t}s"
-                    for i, t in ((silenced, 2), (maintained, 2), (acked, 2), (control, 3), (control2, 3))
-                ]
-                fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
-                await fleet.start()
-                run = asyncio.create_task(fleet.run(duration=60))
-                try:
-                    # acknowledged on m0 once paged: m1, its owner, does not escalate it
-                    await until(lambda: kinds(rx, host_name(acked))["firing"] == 1, timeout=60)
-                    alert = await xid_alert(pg_dsn, host_name(acked))
-                    assert alert is not None
-                    r = await http.post(f"{api}/alerts/{alert['fingerprint']}/ack", json={"comment": "on it"})
-                    assert r.status == 200, await r.text()
-                    view = await r.json()
-                    assert view["ack"]["by"] == "ops", view  # m1's answer, once applied
-                    # the unacknowledged controls escalate (8 s after their page, a fault 1 s later)
-                    await until(lambda: kinds(rx, host_name(control))["escalated"] == 1, timeout=60)
-                    await until(lambda: kinds(rx, host_name(control2))["escalated"] == 1, timeout=60)
+            faults = [
+                f"{host_name(i)}/gpu0:xid=79@{t}s"
+                for i, t in ((silenced, 2), (maintained, 2), (acked, 2), (control, 3), (control2, 3))
+            ]
+            fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=60))
+            try:
+                # acknowledged on m0 once paged: m1, its owner, does not escalate it
+                await until(lambda: kinds(rx, host_name(acked))["firing"] == 1, timeout=60)
+                alert = await xid_alert(pg_dsn, host_name(acked))
+                assert alert is not None
+                r = await http.post(f"{api}/alerts/{alert['fingerprint']}/ack", json={"comment": "on it"})
+                assert r.status == 200, await r.text()
+                view = await r.json()
+                assert view["ack"]["by"] == "ops", view  # m1's answer, once applied
+                # the unacknowledged controls escalate (8 s after their page, a fault 1 s later)
+                await until(lambda: kinds(rx, host_name(control))["escalated"] == 1, timeout=60)
+                await until(lambda: kinds(rx, host_name(control2))["escalated"] == 1, timeout=60)
 
-                    async def silenced_stored() -> bool:
-                        got = [await xid_alert(pg_dsn, host_name(h)) for h in (silenced, maintained)]
-                        return all(a is not None and a["silenced_by"] for a in got)
+                async def silenced_stored() -> bool:
+                    got = [await xid_alert(pg_dsn, host_name(h)) for h in (silenced, maintained)]
+                    return all(a is not None and a["silenced_by"] for a in got)
 
-                    await until(silenced_stored, timeout=30)
-                finally:
-                    fleet.stop()
-                    await run
-                    await fleet.close()
-            assert kinds(rx, host_name(acked)) == Counter({"firing": 1}), kinds(rx, host_name(acked))
-            assert not kinds(rx, host_name(silenced)), kinds(rx, host_name(silenced))
-            assert not kinds(rx, host_name(maintained)), kinds(rx, host_name(maintained))
-            stored = await xid_alert(pg_dsn, host_name(acked))
-            assert stored is not None
-            assert stored["ack_by"] == "ops"
-        finally:
-            group.stop_all()
+                await until(silenced_stored, timeout=30)
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+        assert kinds(rx, host_name(acked)) == Counter({"firing": 1}), kinds(rx, host_name(acked))
+        assert not kinds(rx, host_name(silenced)), kinds(rx, host_name(silenced))
+        assert not kinds(rx, host_name(maintained)), kinds(rx, host_name(maintained))
+        stored = await xid_alert(pg_dsn, host_name(acked))
+        assert stored is not None
+        assert stored["ack_by"] == "ops"

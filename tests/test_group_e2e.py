@@ -207,11 +207,13 @@ def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def three_members(
-    tmp: Path, pg_dsn: str, url: str, hook: str
+    tmp: Path, pg_dsn: str, url: str, hook: str, extra: str = ""
 ) -> AsyncIterator[tuple[Members, dict[int, str]]]:
-    """Members m0, m1 and m2 started, each holding its share of the buckets (yielded with the
-    table); every member is stopped on the way out."""
-    group = Members(tmp, group_config(tmp, pg_dsn, url, hook), url)
+    """Members m0, m1 and m2 started (``extra``: more configuration), each holding its share of
+    the buckets (yielded with the table); every member is stopped on the way out."""
+    config = group_config(tmp, pg_dsn, url, hook)
+    config.write_text(config.read_text() + extra)
+    group = Members(tmp, config, url)
     try:
         for name in ("m0", "m1", "m2"):
             group.start(name)

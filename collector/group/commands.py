@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 
 from collector.alerts import model as m
 from collector.alerts.config import Silence
+from collector.config import CollectorConfig
 from collector.group.scope import Scope
 from collector.store import alerts as pg
 from collector.store import db
@@ -50,6 +51,17 @@ def control_subject(kv_bucket: str) -> str:
     return f"gpuwarden.control.{kv_bucket}"
 
 
+class Member(Protocol):
+    """:class:`collector.group.member.GroupMember`, as read here."""
+
+    config: CollectorConfig
+    name: str
+
+    def nc(self) -> NatsClient | None: ...
+
+    def pool(self) -> asyncpg.Pool | None: ...
+
+
 class Runner(Protocol):
     alerts_state: m.AlertState
 
@@ -62,16 +74,12 @@ class Runner(Protocol):
 class GroupCommands:
     """A member's part (after the group member in the lifecycle): the subscription to the
     control subject, the periodic sweep, and the API's writes for what another member owns.
-    ``kv_bucket`` names the group (its control subject); ``alert_view`` is the API's view of
-    an alert (the stored one is answered when no owner answers)."""
+    ``alert_view`` is the API's view of an alert (the stored one is answered when no owner
+    answers). Sweeps without a notice come every ``[collector] lease``."""
 
-    kv_bucket: str
-    member: str
-    nc: Callable[[], NatsClient | None]
-    pool: Callable[[], asyncpg.Pool | None]
+    group: Member  # this member (its name, NATS and PostgreSQL, the group's settings)
     scope: Scope
     runner: Runner
-    interval: float  # s between sweeps without a notice
     alert_view: Callable[[m.Alert], dict[str, Any]] = m.plain
     answer_within: float = 5.0
     sweeps: int = 0
@@ -83,7 +91,21 @@ class GroupCommands:
 
     @property
     def subject(self) -> str:
-        return control_subject(self.kv_bucket)
+        return control_subject(self.group.config.collector.group_kv)
+
+    @property
+    def interval(self) -> float:
+        return self.group.config.collector.lease
+
+    @property
+    def member(self) -> str:
+        return self.group.name
+
+    def nc(self) -> NatsClient | None:
+        return self.group.nc()
+
+    def pool(self) -> asyncpg.Pool | None:
+        return self.group.pool()
 
     async def start(self) -> None:
         nc = self.nc()
