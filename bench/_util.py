@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,10 +22,12 @@ def gpuwarden_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gpuwarden", *args]
 
 
-def spawn(*args: str, stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+def spawn(
+    *args: str, stdout: int | None = subprocess.DEVNULL, stderr: int | IO[bytes] | None = subprocess.PIPE
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(
-        gpuwarden_cmd(*args), cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True
+        gpuwarden_cmd(*args), cwd=ROOT, env=env, stdout=stdout, stderr=stderr, start_new_session=True
     )
 
 

@@ -24,9 +24,12 @@ notification, its updates (and escalations), and any of its hosts told on their 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 from bench._util import Receiver, pct, spawn, start_collector, stop, stop_collector
@@ -45,6 +48,7 @@ OUTAGE_S = 25.0
 XID_GOAL = 0.25
 LATE = 60.0  # a run waits this much longer for faults not yet told (a fleet slow to start)
 Row = tuple[str, str, str]
+RULE = {"xid": "gpu.xid", "temp": "gpu.temperature"}  # the alert each kind of fault raises
 
 
 def faults(outage: bool) -> tuple[list[str], dict[str, str]]:
@@ -74,6 +78,7 @@ async def _measure(hosts: int, outage: bool) -> dict[str, Any]:
         NatsServer() as ns,
         PostgresServer() as pg,
         tempfile.TemporaryDirectory() as tmp,
+        tempfile.TemporaryFile() as fleet_log,
         Receiver(ns.url, kind) as rx,
     ):
         toml = f"""
@@ -88,15 +93,17 @@ name = "bench"
 url = "{rx.url}"
 """
         svc, run = await start_collector(tmp, toml, pg.dsn(), ns.url)
-        # the run lasts until the last threshold fault is told (or, with the outage, past it)
+        # the run lasts until the last threshold fault is told (or, with the outage, past it); the
+        # fleet keeps publishing LATE longer, for faults not told yet (a collector behind, a fleet
+        # slow to start): a fleet that stopped would leave every host silent, then "unreachable"
         duration = OUTAGE_AT + 25 if outage else WARMUP + K * STAGGER + FOR_S + GROUP_WAIT + 5
         args = ["fleet", "--hosts", str(hosts), "--gpus", "8", "--providers", "4", "--interval", "1s"]
-        args += ["--nats", ns.url, "--duration", f"{duration}s", "--log-level", "warning"]
+        args += ["--nats", ns.url, "--duration", f"{duration + LATE}s", "--log-level", "warning"]
         for s in specs:
             args += ["--fault", s]
-        proc = spawn(*args)
+        proc = spawn(*args, stdout=subprocess.PIPE, stderr=fleet_log)  # (a pipe nobody reads fills up)
         t0, cpu0 = time.time(), time.process_time()
-        try:  # the whole run, then (a fleet slow to start on a loaded machine) until all are told
+        try:
             while time.time() - t0 < duration or (
                 time.time() - t0 < duration + LATE and proc.poll() is None and len(firing(rx, kind)) < 2 * K
             ):
@@ -105,11 +112,11 @@ url = "{rx.url}"
         finally:
             fleet_rc = proc.poll()
             stop(proc)
-            fired = {
-                a.labels.get("host", ""): a.fired_at or 0.0
-                for a in svc.alerting.list_alerts()
-                if a.rule in ("gpu.xid", "gpu.temperature")
-            }
+            fleet = fleet_summary(proc)
+            alerts = svc.alerting.list_alerts()
+            fired = {a.labels["host"]: a.fired_at or 0.0 for a in alerts if a.rule == RULE["xid"]}
+            held = {(a.labels.get("host", ""), a.rule): a for a in alerts}
+            crit = Counter(a.rule for a in alerts if a.severity == "critical" and a.fired_at)
             st = svc.ingest.stats
             figures = {
                 "frames_in": st.frames_in,
@@ -117,50 +124,84 @@ url = "{rx.url}"
                 "cpu": time.process_time() - cpu0,
                 "load": (load, os.getloadavg()[0]),
                 "fleet_rc": fleet_rc,
+                "fleet": fleet,
+                "critical": dict(crit),
             }
             figures["alerting_s"] = sum(svc.alerting.stats["seconds"].values())
             await stop_collector(svc, run)
     seen = rx.taps  # host -> agent time of the fault
-    got = firing(rx, kind)  # host -> webhook arrival of its fault's alert
-    told: list[dict[str, Any]] = []  # every notification about provider-0 after the outage began
+    told = firing(rx, kind)  # host -> (webhook arrival, own or incident) of its fault's alert
+    got = {h: t for h, (t, _) in told.items()}
+    # every notification about provider-0 after the outage began, and those of its incidents before
+    notes: list[tuple[bool, dict[str, Any]]] = []  # (before the outage, the alert)
     outage_t = t0 + OUTAGE_AT - 1.0
     for t, body in rx.hooks:
         for a in body["alerts"]:
             host = a["labels"].get("host", "")
-            if outage and a["labels"].get("provider") == "provider-0" and t >= outage_t and host not in kind:
-                told.append(a)  # (a latency fault told late is not the outage's)
+            mine = outage and a["labels"].get("provider") == "provider-0" and host not in kind
+            if mine and (t >= outage_t or a["fingerprint"].startswith("incident-")):
+                notes.append((t < outage_t, a))  # (a latency fault told late is not the outage's)
     lat = {k: [got[h] - seen[h] for h in got if h in seen and kind[h] == k] for k in ("xid", "temp")}
     # the XID path in two parts: agent -> judged and judged -> webhook (outbox commit, POST)
     xids = [h for h in got if h in seen and kind[h] == "xid" and h in fired]
     parts = {"judged": [fired[h] - seen[h] for h in xids], "delivered": [got[h] - fired[h] for h in xids]}
+    untold = []  # why a fault was not told: what the receiver saw, what the collector held
+    for h in sorted(set(kind) - set(got)):
+        a = held.get((h, RULE[kind[h]]))
+        where = "no alert" if a is None else a.state + (", inhibited" if a.inhibited_by else "")
+        untold.append(f"{h} {kind[h]} ({'seen' if h in seen else 'not seen'} on NATS; {where})")
     return {
         **figures,
         "lat": lat,
         "parts": parts,
         "missed": 2 * K - len(got),
-        "outage": per_incident(told) if outage else None,
+        "by_incident": sum(1 for _, how in told.values() if how == "incident"),
+        "untold": untold,
+        "outage": per_incident(notes) if outage else None,
     }
 
 
-def firing(rx: Receiver, kind: dict[str, str]) -> dict[str, float]:
-    """Host -> arrival of the first webhook telling its fault's alert firing."""
-    got: dict[str, float] = {}
+def firing(rx: Receiver, kind: dict[str, str]) -> dict[str, tuple[float, str]]:
+    """Host -> (arrival, how) of the first webhook telling its fault's alert firing: on its own
+    (``own``), or as a member of a provider incident (``incident``: its first notification or an
+    update naming the host among its hosts and the rule among its rules, docs/alerts.md)."""
+    got: dict[str, tuple[float, str]] = {}
     for t, body in rx.hooks:
         for a in body["alerts"]:
+            if a["status"] != "firing":
+                continue
+            ann = a["annotations"]
+            if a["fingerprint"].startswith("incident-"):
+                rules = set(ann.get("rules", "").split(","))
+                for host in ann.get("hosts", "").split(","):
+                    if RULE.get(kind.get(host, "")) in rules and host not in got:
+                        got[host] = (t, "incident")
+                continue
             host = a["labels"].get("host", "")
-            want = {"xid": "gpu.xid", "temp": "gpu.temperature"}.get(kind.get(host, ""))
-            if a["status"] == "firing" and a["labels"]["alertname"] == want and host not in got:
-                got[host] = t
+            if a["labels"]["alertname"] == RULE.get(kind.get(host, "")) and host not in got:
+                got[host] = (t, "own")
     return got
 
 
-def per_incident(notes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Notifications about provider-0 during the outage: per provider incident, and on their own."""
+def fleet_summary(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """The figures ``gpuwarden fleet`` printed when it stopped (samples, skipped ticks, ...)."""
+    try:
+        out = proc.stdout.read() if proc.stdout is not None else b""
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+    except (ValueError, IndexError, OSError):
+        return {}
+
+
+def per_incident(notes: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
+    """Notifications about provider-0 during the outage: per provider incident, and on their own.
+    An incident told before the outage (the outage's hosts then join it as updates) is counted
+    with the notifications it had before, marked ``before the outage``."""
     incidents: dict[str, list[str]] = {}
     own = []
-    for a in notes:
+    for before, a in notes:
+        kind = a["annotations"]["kind"] + (" before the outage" if before else "")
         if a["fingerprint"].startswith("incident-"):
-            incidents.setdefault(a["annotations"].get("incident", ""), []).append(a["annotations"]["kind"])
+            incidents.setdefault(a["annotations"].get("incident", ""), []).append(kind)
         elif a["status"] == "firing":
             own.append(a["labels"]["alertname"])
     return {"incidents": incidents, "own": own}
@@ -193,6 +234,20 @@ def run() -> list[Row]:
                 f"XID p99 < {XID_GOAL:g} s",
             )
         )
+        fl = r["fleet"]
+        rows.append(
+            (
+                f"run {i}/{RUNS}: frames/s in; fleet samples/s, ticks skipped, CPU; faults told (by an"
+                " incident); critical alerts fired",
+                f"{r['frames_in'] / max(r['elapsed'], 1e-9):.0f}; {fl.get('samples_per_s', '?')},"
+                f" {fl.get('skipped_ticks', '?')}, {fl.get('cpu_s', '?')} s of {fl.get('elapsed_s', '?')} s;"
+                f" {2 * K - r['missed']} of {2 * K} ({r['by_incident']}); "
+                + (", ".join(f"{n} {rule}" for rule, n in sorted(r["critical"].items())) or "none"),
+                "every fault told; no tick skipped; host.unreachable only for the outage's hosts",
+            )
+        )
+        if r["untold"]:
+            rows.append((f"run {i}/{RUNS}: faults not told", "; ".join(r["untold"]), ""))
     worst = max(results, key=lambda r: pct(r["lat"]["xid"], 99) if r["lat"]["xid"] else float("inf"))
     worst_p99 = pct(worst["lat"]["xid"], 99)
     met = all(r["lat"]["xid"] and pct(r["lat"]["xid"], 99) < XID_GOAL for r in results)

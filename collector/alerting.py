@@ -78,6 +78,7 @@ from collector.selfcheck import (
     SelfCheckConfig,
     SelfState,
     SelfStatus,
+    behind,
     judge,
     observations,
 )
@@ -480,15 +481,20 @@ class Alerting:
 
     async def tick(self, now: float) -> None:
         was = self.self_status.impaired_since
+        lag = 0.0
         if self._running:  # (an engine driven without being started: no self-check)
-            self.self_status = judge(self.self_state, self.readings(now), self.selfcheck)
+            readings = self.readings(now)
+            self.self_status = judge(self.self_state, readings, self.selfcheck)
+            lag = behind(readings)
         status = self.self_status
         if was is not None and status.impaired_since is None:
             self.health_engine.resume(self.health, now)  # staleness resumes from fresh arrivals
             log.info("collector pipeline recovered (impaired since %.0f): host staleness resumes", was)
         elif was is None and status.impaired_since is not None:
             log.warning("collector pipeline impaired: host staleness suspended")
-        _, obs = self.health_engine.tick(self.health, now, self.expected(), status.impaired_since)
+        # hosts are judged as of the oldest frame not judged yet: their frames waiting in a lagging
+        # ingest are not silence (a 1 s host is stale after 3 s; the ingest may lag more)
+        _, obs = self.health_engine.tick(self.health, now - lag, self.expected(), status.impaired_since)
         for o in observations(status, self.self_labels, now) if self._running else ():
             told = (o.status, o.summary)
             if self._self_told.get(o.check, ("", "")) != told:  # changes only (and once at start)
@@ -509,6 +515,7 @@ class Alerting:
             nats_connected=self.nats_connected(),
             postgres_down_since=st.db_down_since,
             writing_since=st.writing_since,
+            unjudged_since=st.unjudged_since,
             last_commit_lag_s=st.last_commit_lag_s,
             consumer_pending=st.consumer_pending,
             notify_backlog=d.backlog(),

@@ -180,6 +180,7 @@ class IngestStats:
     db_up: bool = True
     db_down_since: float | None = None  # wall time of the first failed write of this outage
     writing_since: float | None = None  # stream time of the oldest frame of the batch being written
+    unjudged_since: float | None = None  # ... of the batch being written or judged (None: all judged)
     last_commit_at: float = 0.0  # wall time of the last committed batch
     last_newest_lag_s: float = 0.0  # the last batch's newest message: stream time to commit (caught up?)
 
@@ -426,19 +427,23 @@ class Ingest:
         """Write a prepared batch, then acknowledge its messages and run the hooks."""
         if batch.msgs:
             self.stats.writing_since = _stream_time(batch.msgs[0], time.time())
+            self.stats.unjudged_since = self.stats.writing_since
         try:
-            result = await self._write(batch.accepted, batch.rejected)
-        finally:
-            self.stats.writing_since = None
-        if result is None:
-            return None
-        if self.source is not None:  # group: judged (and persisted) first, then acknowledged
+            try:
+                result = await self._write(batch.accepted, batch.rejected)
+            finally:
+                self.stats.writing_since = None
+            if result is None:
+                return None
+            if self.source is not None:  # group: judged (and persisted) first, then acknowledged
+                await self._after_write(batch, result)
+                await self._ack(batch.mine, batch)
+                return result
+            await self._ack(batch.msgs, batch)
             await self._after_write(batch, result)
-            await self._ack(batch.mine, batch)
             return result
-        await self._ack(batch.msgs, batch)
-        await self._after_write(batch, result)
-        return result
+        finally:
+            self.stats.unjudged_since = None
 
     async def _ack(self, msgs: Sequence[Msg], batch: Batch) -> None:
         try:

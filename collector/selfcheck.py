@@ -59,6 +59,7 @@ class Readings:
     nats_connected: bool = True
     postgres_down_since: float | None = None  # the first failed write of an outage still going on
     writing_since: float | None = None  # stream time of the oldest frame of the batch in hand
+    unjudged_since: float | None = None  # ... of the batch being written or judged (None: all judged)
     last_commit_lag_s: float = 0.0
     consumer_pending: int = 0  # frames JetStream holds for this collector
     notify_backlog: int = 0
@@ -115,6 +116,22 @@ class SelfStatus:
 
 def clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def behind(r: Readings) -> float:
+    """How far the health engine's view of the stream trails ``r.now``: ``now`` minus the
+    stream time of the oldest frame it has not judged yet (the batch being written or judged,
+    else the first of those JetStream still holds), 0 when it has judged every frame it knows of.
+
+    Hosts are judged stale at ``now - behind`` (``Alerting.tick``): a host whose frames wait
+    behind a lagging ingest is not silent, and a 1 s host's 3 s ``stale_after`` is shorter than
+    a loaded collector's lag well before ``[selfcheck] ingest_lag`` calls it impaired.
+    """
+    if r.unjudged_since is not None:
+        return max(0.0, r.now - r.unjudged_since)
+    if r.consumer_pending > 0 and r.last_commit_at > 0:  # the newest frame judged, more waiting
+        return max(0.0, r.now - (r.last_commit_at - r.last_newest_lag_s))
+    return 0.0
 
 
 def judge(state: SelfState, r: Readings, cfg: SelfCheckConfig) -> SelfStatus:

@@ -157,7 +157,9 @@ url = "https://hooks.example/gpu"
 """
 
 
-def runner(tmp_path: Any, store: MemoryStore, clock: Clock) -> tuple[Alerting, Recorder, Broadcaster]:
+def runner(
+    tmp_path: Any, store: MemoryStore, clock: Clock, **extra: Any
+) -> tuple[Alerting, Recorder, Broadcaster]:
     path = tmp_path / "collector.toml"
     path.write_text(CONFIG)
     cfg: CollectorConfig = load_collector_config(path, env={})
@@ -179,6 +181,7 @@ def runner(tmp_path: Any, store: MemoryStore, clock: Clock) -> tuple[Alerting, R
         nats_connected=lambda: True,  # the collector's own pipeline is fine (not impaired)
         clock=clock,
         monotonic=clock,
+        **extra,
     )
     return al, channel, broadcaster
 
@@ -331,6 +334,38 @@ async def test_time_driven_steps_run_at_the_given_now(tmp_path: Any) -> None:
         clock.now = T0 + stale_after + 60
         await al.tick(clock.now)
         assert {a.rule for a in al.list_alerts(state="firing")} >= {"host.unreachable"}
+    finally:
+        await al.stop()
+
+
+async def test_hosts_whose_frames_wait_in_a_lagging_ingest_are_not_stale(tmp_path: Any) -> None:
+    """A 1 s host is stale after 3 s without a judged frame; an ingest lagging by more (frames
+    waiting in the batch being written or judged, or in JetStream) is not the hosts' silence,
+    well before ``[selfcheck] ingest_lag`` calls the pipeline impaired. Judged as of the oldest
+    frame not judged yet, a host whose frames wait is not stale; once the ingest has caught up
+    and nothing came from it, it is. (At 1,000 hosts on a loaded machine the lag made every
+    host "unreachable": provider incidents, their GPU faults inhibited and never paged.)"""
+    from collector.ingest import IngestStats
+    from tests.support.records import sample
+
+    stats = IngestStats()
+    store, clock = MemoryStore(), Clock(T0)
+    al, _, _ = runner(tmp_path, store, clock, ingest_stats=lambda: stats)
+    await al.start()
+    try:
+        await al.on_frames([sample("r-06", 1, T0)])
+        limit = al.health_engine.stale_limit(al.health.hosts["r-06"])
+        clock.now = T0 + limit + 5
+        stats.unjudged_since = T0 + 1  # its next frame is in the batch being written: lag limit + 4 s
+        await al.tick(clock.now)
+        assert al.list_alerts() == []
+        stats.unjudged_since = None  # judged up to T0 + 1; JetStream holds more
+        stats.consumer_pending, stats.last_commit_at, stats.last_newest_lag_s = 500, clock.now, limit + 4
+        await al.tick(clock.now)
+        assert al.list_alerts() == []
+        stats.consumer_pending = 0  # caught up, and nothing more came from r-06
+        await al.tick(clock.now)
+        assert "host.unreachable" in {a.rule for a in al.list_alerts(state="firing")}
     finally:
         await al.stop()
 

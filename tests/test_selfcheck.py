@@ -6,10 +6,31 @@ from __future__ import annotations
 from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.config import HealthConfig, HealthSection
 from collector.health.model import HEALTHY
-from collector.selfcheck import NOTIFY, PIPELINE, Readings, SelfCheckConfig, SelfState, judge, observations
+from collector.selfcheck import (
+    NOTIFY,
+    PIPELINE,
+    Readings,
+    SelfCheckConfig,
+    SelfState,
+    behind,
+    judge,
+    observations,
+)
 from tests.support.health_frames import sample
 
 CFG = SelfCheckConfig(grace=5.0, ingest_lag=30.0, notify_backlog=100, channel_window=300.0)
+
+
+def test_behind_is_the_age_of_the_oldest_frame_not_judged_yet() -> None:
+    assert behind(Readings(now=100.0)) == 0.0  # nothing fetched waits: caught up
+    # a batch being written or judged: its oldest frame's stream time
+    assert behind(Readings(now=100.0, writing_since=96.0, unjudged_since=96.0, consumer_pending=9)) == 4.0
+    # between batches, JetStream holding more: the newest frame judged (committed at 99, 3 s old)
+    assert (
+        behind(Readings(now=100.0, consumer_pending=500, last_commit_at=99.0, last_newest_lag_s=3.0)) == 4.0
+    )
+    # nothing waits: the last batch's lag does not count (a silent host is silent)
+    assert behind(Readings(now=100.0, consumer_pending=0, last_commit_at=99.0, last_newest_lag_s=3.0)) == 0.0
 
 
 def test_postgres_down_is_impaired_at_once_and_one_problem_after_grace() -> None:
