@@ -29,7 +29,7 @@ async def main(args: argparse.Namespace, out: IO[str]) -> None:
     import nats
     from aiohttp import web
 
-    from gpuwarden.servers import free_port
+    from bench._util import webhook
     from shared.frames import EventFrame, SampleFrame, decode
     from shared.subjects import PREFIX
 
@@ -62,12 +62,7 @@ async def main(args: argparse.Namespace, out: IO[str]) -> None:
     nc = await nats.connect(args.nats)
     for host, k in kind.items():
         await nc.subscribe(f"{PREFIX}.{'event' if k == 'xid' else 'sample'}.*.{host}", cb=tap)
-    port = free_port()
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await webhook(hook)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print(f"PORT {port}", flush=True)

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +62,24 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(Exception):
         proc.wait(20)
+
+
+@contextlib.contextmanager
+def simulated_agent(
+    nats_url: str, host: str, interval: float, warmup: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    """An agent with 8 simulated GPUs publishing as ``host`` every ``interval`` s, given ``warmup``
+    s to start; SIGTERM and a wait at the end (its ``returncode`` is then the exit code)."""
+    args = ("agent", "run", "--simulate", "8", "--interval", str(interval), "--nats", nats_url)
+    proc = spawn(*args, "--host", host, "--log-level", "warning")
+    try:
+        time.sleep(warmup)
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 async def webhook(handler: Callable[[Any], Awaitable[Any]]) -> tuple[Any, int]:

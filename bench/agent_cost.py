@@ -7,12 +7,11 @@ checks that every tick's sample reached the stream.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import psutil
 
-from bench._util import spawn, stream_count
+from bench._util import simulated_agent, stream_count
 from gpuwarden.servers import NatsServer
 
 MEASURE_S = float(os.environ.get("BENCH_AGENT_SECONDS", "60"))
@@ -22,27 +21,8 @@ INTERVAL_S = 1.0
 
 def run() -> list[tuple[str, str, str]]:
     with NatsServer() as server:
-        proc = spawn(
-            "agent",
-            "run",
-            "--simulate",
-            "8",
-            "--interval",
-            str(INTERVAL_S),
-            "--nats",
-            server.url,
-            "--host",
-            "bench-agent",
-            "--log-level",
-            "warning",
-        )
-        try:
+        with simulated_agent(server.url, "bench-agent", INTERVAL_S, WARMUP_S) as proc:
             p = psutil.Process(proc.pid)
-            time.sleep(WARMUP_S)
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"agent exited early: {proc.stderr.read().decode() if proc.stderr else ''}"
-                )
             c0 = p.cpu_times()
             t0 = time.monotonic()
             n0 = stream_count(server.url, "gpuwarden.v1.sample.*.bench-agent")
@@ -53,9 +33,7 @@ def run() -> list[tuple[str, str, str]]:
             c1 = p.cpu_times()
             elapsed = time.monotonic() - t0
             n1 = stream_count(server.url, "gpuwarden.v1.sample.*.bench-agent")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(30)
+        code = proc.returncode
     cpu = (c1.user + c1.system) - (c0.user + c0.system)
     ticks = elapsed / INTERVAL_S
     per_tick_ms = cpu / ticks * 1000

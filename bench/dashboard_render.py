@@ -20,37 +20,27 @@ from aiohttp.test_utils import TestServer
 
 from bench.api_latency import build
 from collector.api import make_app
-from tests.support.browser import CHROMIUM_FLAGS
+from tests.support.browser import chromium_page
 
 HOSTS = int(os.environ.get("BENCH_DASH_HOSTS", "10000"))
 GOAL_S = 3.0
 
 
 async def measure(hosts: int) -> tuple[float, float, int]:
-    from playwright.async_api import async_playwright
-
     svc = build(hosts)
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     profile = tempfile.mkdtemp(prefix="gpuwarden-bench-chromium-")
     try:
-        async with TestServer(make_app(svc.parts.api_deps)) as server, async_playwright() as p:
-            ctx = await p.chromium.launch_persistent_context(
-                profile,
-                executable_path=chromium,
-                headless=True,
-                args=CHROMIUM_FLAGS,
-                viewport={"width": 1400, "height": 1000},
-            )
-            try:
-                page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-                t = time.perf_counter()
-                await page.goto(str(server.make_url("/")))
-                await page.wait_for_selector("body[data-ready='1']", timeout=120_000)
-                wall = time.perf_counter() - t
-                inner = await page.evaluate("window.gw.firstRenderMs") / 1000
-                shown = int(await page.evaluate("window.gw.hosts"))
-            finally:
-                await ctx.close()
+        async with (
+            TestServer(make_app(svc.parts.api_deps)) as server,
+            chromium_page(profile, chromium) as page,
+        ):
+            t = time.perf_counter()
+            await page.goto(str(server.make_url("/")))
+            await page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+            wall = time.perf_counter() - t
+            inner = await page.evaluate("window.gw.firstRenderMs") / 1000
+            shown = int(await page.evaluate("window.gw.hosts"))
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     return wall, inner, shown

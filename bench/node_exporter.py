@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.request
 
-from bench._util import spawn
+from bench._util import simulated_agent
 from gpuwarden.servers import NatsServer
 
 MEASURE_S = float(os.environ.get("BENCH_NODE_EXPORTER_SECONDS", "30"))
@@ -88,33 +88,13 @@ def node_exporter_per_scrape(binary: str) -> tuple[float, int, int]:
 
 def agent_per_tick() -> tuple[float, float]:
     """(CPU seconds per tick, ticks) of the agent with 8 simulated GPUs at a 1 s interval."""
-    with NatsServer() as server:
-        proc = spawn(
-            "agent",
-            "run",
-            "--simulate",
-            "8",
-            "--interval",
-            str(INTERVAL_S),
-            "--nats",
-            server.url,
-            "--host",
-            "bench-node-exporter",
-            "--log-level",
-            "warning",
-        )
-        try:
-            time.sleep(WARMUP_S)
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"agent exited early: {proc.stderr.read().decode() if proc.stderr else ''}"
-                )
-            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-            time.sleep(MEASURE_S)
-            used, elapsed = cpu_seconds(proc.pid) - c0, time.monotonic() - t0
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    with (
+        NatsServer() as server,
+        simulated_agent(server.url, "bench-node-exporter", INTERVAL_S, WARMUP_S) as proc,
+    ):
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(MEASURE_S)
+        used, elapsed = cpu_seconds(proc.pid) - c0, time.monotonic() - t0
     ticks = elapsed / INTERVAL_S
     return used / ticks, ticks
 

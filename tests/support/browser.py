@@ -44,20 +44,26 @@ def xid_event(host: FleetHost) -> EventFrame:
 
 
 @contextlib.asynccontextmanager
-async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
-    chromium = system_tool("chromium")
+async def chromium_page(profile: str, chromium: str) -> AsyncIterator[Any]:
+    """A page of the headless Chromium ``chromium`` (its profile kept in ``profile``), closed at the end."""
     async with async_playwright() as p:
         ctx = await p.chromium.launch_persistent_context(
-            str(tmp / "profile"),
+            profile,
             executable_path=chromium,
             headless=True,
             args=CHROMIUM_FLAGS,
             viewport={"width": 1400, "height": 1000},
         )
         try:
-            page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-            page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: console.append(str(e)))
-            yield page
+            yield ctx.pages[0] if ctx.pages else await ctx.new_page()
         finally:
             await ctx.close()
+
+
+@contextlib.asynccontextmanager
+async def browser_page(tmp: Path, console: list[str]) -> AsyncIterator[Any]:
+    """A page of the system's Chromium that adds its console errors to ``console``."""
+    async with chromium_page(str(tmp / "profile"), system_tool("chromium")) as page:
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: console.append(str(e)))
+        yield page
