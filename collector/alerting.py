@@ -54,6 +54,7 @@ from collector.alerts.model import (
 )
 from collector.config import CollectorConfig
 from collector.group.fence import FencedError
+from collector.group.fleet import FleetView
 from collector.group.scope import Scope
 from collector.group.store import Reload
 from collector.health import ExpectedHost, HealthEngine, HealthState
@@ -206,6 +207,7 @@ class Alerting:
         self.nats_connected = nats_connected
         self.on_judged = on_judged  # told the frames of each judged batch (the live rollup)
         self.on_forgotten = on_forgotten  # told each host forgotten
+        self.fleet_view: FleetView | None = None  # a group member's view of the others' buckets (reads)
         self.remediation = remediation
         self.scope = scope  # a collector group member: it judges and writes its buckets only
         # a collector group member: silences told to the others, acknowledgements of alerts
@@ -773,6 +775,8 @@ class Alerting:
     # ------------------------------------------------------------------ reads and commands (the API)
 
     def host_health(self, host: str) -> HostHealth | None:
+        if self.fleet_view is not None and (hh := self.fleet_view.host(host)) is not None:
+            return hh
         hs = self.health.hosts.get(host)
         return host_health(hs) if hs is not None else None
 
@@ -783,7 +787,7 @@ class Alerting:
         if state is not None and state not in ALERT_STATES:
             raise ConfigError("state", f"expected one of {', '.join(ALERT_STATES)}, got {state!r}")
         out = []
-        for a in self.alerts_state.alerts.values():
+        for a in self._all_alerts():
             if provider is not None and a.labels.get("provider") != provider:
                 continue
             if host is not None and a.labels.get("host") != host:
@@ -804,30 +808,49 @@ class Alerting:
             if a.state != "resolved"
         ]
 
+    def _all_alerts(self) -> Iterable[Alert]:
+        """This collector's alerts, and in a group those of the other members' buckets."""
+        yield from self.alerts_state.alerts.values()
+        if self.fleet_view is not None:
+            yield from self.fleet_view.alerts()
+
+    def _by_fp(self) -> Mapping[str, Alert]:
+        if self.fleet_view is None:
+            return self.alerts_state.by_fp
+        return {**{a.fingerprint: a for a in self.fleet_view.alerts()}, **self.alerts_state.by_fp}
+
     def get_alert(self, fingerprint: str) -> Alert | None:
-        return self.alerts_state.by_fp.get(fingerprint)
+        a = self.alerts_state.by_fp.get(fingerprint)
+        if a is None and self.fleet_view is not None:
+            a = self.fleet_view.alert(fingerprint)
+        return a
 
     def inhibited_by_root(self) -> dict[str, list[Alert]]:
         """Root fingerprint -> the pending or firing alerts it inhibits."""
         out: dict[str, list[Alert]] = {}
-        for a in self.alerts_state.alerts.values():
+        for a in self._all_alerts():
             if a.inhibited_by is not None and a.state != "resolved":
                 out.setdefault(a.inhibited_by, []).append(a)
         return out
 
     def incidents(self, *, open_only: bool = False) -> list[Incident]:
         """Newest first."""
-        incs = [i for i in self.alerts_state.incidents.values() if not open_only or i.closed_at is None]
+        every = list(self.alerts_state.incidents.values())
+        if self.fleet_view is not None:
+            every += self.fleet_view.incidents()
+        incs = [i for i in every if not open_only or i.closed_at is None]
         incs.sort(key=lambda i: i.opened_at, reverse=True)
         return incs
 
     def list_incidents(self, *, open_only: bool = False) -> list[dict[str, Any]]:
-        by_fp = self.alerts_state.by_fp
+        by_fp = self._by_fp()
         return [self.views.incident_view(i, by_fp) for i in self.incidents(open_only=open_only)]
 
     def get_incident(self, iid: str) -> dict[str, Any] | None:
         inc = self.alerts_state.incidents.get(iid)
-        return self.views.incident_view(inc, self.alerts_state.by_fp) if inc is not None else None
+        if inc is None and self.fleet_view is not None:
+            inc = self.fleet_view.incident(iid)
+        return self.views.incident_view(inc, self._by_fp()) if inc is not None else None
 
     def silences(self) -> tuple[list[Silence], list[Silence]]:
         """The configured silences and those added through the API."""

@@ -49,6 +49,7 @@ class CollectorSection:
     lease: float = dur("8s")  # a dead member's buckets are taken over after about this long
     group_kv: str = "gpuwarden-group"  # the JetStream key-value bucket of members and leases
     member: str = ""  # this member's name in the group (default: host name and process id)
+    group_refresh: float = dur("10s")  # every member's whole summary, for the others' fleet view
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +176,8 @@ def load_collector_config(
         )
     if c.group and c.lease < 2.0:
         raise ConfigError("collector.lease", f"must be at least 2s, got {c.lease}s")
+    if c.group and c.group_refresh < 1.0:
+        raise ConfigError("collector.group_refresh", f"must be at least 1s, got {c.group_refresh}s")
     if c.partition >= c.partitions:
         raise ConfigError(
             "collector.partition", f"must be below partitions ({c.partitions}), got {c.partition}"

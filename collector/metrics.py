@@ -600,7 +600,9 @@ class FleetCollector(Collector):
         st.rejected = Counter(st.rejected)
         st.gpu_entries_rejected = Counter(st.gpu_entries_rejected)
         fleet = self.live.current()
-        fleet = FleetHealth(fleet.providers, dict(fleet.hosts))  # the rollup goes on changing its own
+        # the rollup goes on changing its own; per-host series are of the hosts judged here (a
+        # collector group member's provider totals cover the fleet, its host series its buckets)
+        fleet = FleetHealth(fleet.providers, {n: hh for n, hh in fleet.hosts.items() if not hh.via})
         drops = [
             (hs.provider, hs.host, hs.sample.agent.dropped_frames)
             for hs in state.hosts.values()

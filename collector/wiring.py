@@ -32,8 +32,10 @@ from collector.api.deps import ApiDeps
 from collector.config import CollectorConfig
 from collector.fastpath import FastEvents
 from collector.group.commands import GroupCommands
+from collector.group.fleet import FleetView
 from collector.group.member import GroupMember, member_name
 from collector.group.scope import Scope
+from collector.group.share import FleetShare
 from collector.group.store import GroupAlertStore, ScopeGate
 from collector.health import HealthEngine, health_config_from
 from collector.health.live import LiveRollup
@@ -121,6 +123,7 @@ class Parts:
     api: ApiServer | None
     lifecycle: list[Part] = field(default_factory=list)  # in start order
     group: GroupMember | None = None  # a collector group member's part (docs/operations.md)
+    share: FleetShare | None = None  # a group member's fleet view of the others' buckets
 
     async def on_batch(self, frames: Sequence[Frame]) -> None:
         """Each committed batch of new frames: into the fleet state, then judged."""
@@ -149,6 +152,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     # a collector group member judges, writes and sends for the buckets it holds only
     member: GroupMember | None = None
     commands: GroupCommands | None = None
+    share: FleetShare | None = None
     scope = Scope(c.buckets, lambda b: member is not None and member.owns(b), lambda: _tokens(member))
     store: PgAlertStore = (
         GroupAlertStore(lambda: postgres.pool, scope)
@@ -227,6 +231,13 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         runner.self_labels = {"collector": name}
         spool = config.alerting.spool
         runner.spool = Spool(Path(spool) / f"notify-spool-{name}.jsonl" if spool else None)
+        # the others' buckets, from their summaries: the API, the rollup and the live stream read it
+        view = FleetView(3 * c.group_refresh, scope.owns, scope.bucket)
+        share = FleetShare(
+            name, c.group_kv, c.group_refresh, lambda: nats.nc, member, scope, view, live,
+            lambda: runner.alerts_state, state, broadcaster,
+        )  # fmt: skip
+        live.remote = runner.fleet_view = view
     fast_events = FastEvents(
         nats,
         ingest.limits,
@@ -254,7 +265,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
 
     parts = Parts(
         config, state, postgres, nats, writer, ingest, expected, broadcaster, live, runner, repush,
-        fast_events, remediation, api_deps, server, group=member,
+        fast_events, remediation, api_deps, server, group=member, share=share,
     )  # fmt: skip
     ingest.on_batch = parts.on_batch
     group_setup = (lambda nc: ingest.setup_group(nc, c.buckets, scope.owns)) if c.group else None
@@ -275,6 +286,8 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         parts.lifecycle.append(member)
     if commands is not None:
         parts.lifecycle.append(commands)
+    if share is not None:  # publishes the buckets held, keeps the view of the others'
+        parts.lifecycle.append(share)
     if server is not None:
         parts.lifecycle.append(server)  # last: requests see a started collector
     return parts

@@ -15,8 +15,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
+import nats
+import nats.aio.msg
 import pytest
 
 from agent.fleet import Fleet, host_name
@@ -362,3 +366,117 @@ async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lo
         assert max(deliveries(rx).values()) == 1  # m0 sent nothing again
         claimed = await claimers(pg_dsn)
         assert claimed["m0"] == 0, claimed  # m0 claimed nothing (rows sent early are not claimed)
+
+
+def fleet_view_config(tmp: Path, pg_dsn: str, url: str, hook: str, alerts: str = "") -> Path:
+    """The group's configuration with a 2 s fleet-view refresh (and ``alerts`` replacing the
+    [alerts] defaults of :data:`ALERTS`)."""
+    path = group_config(tmp, pg_dsn, url, hook)
+    text = path.read_text().replace("[collector]\n", '[collector]\ngroup_refresh = "2s"\n', 1)
+    if alerts:
+        text = text.replace(ALERTS, alerts)
+    path.write_text(text)
+    return path
+
+
+async def fleet_seen_by(http: aiohttp.ClientSession, port: int) -> tuple[Any, ...]:
+    """What one member's API says of the fleet: host names, provider totals, /metrics totals."""
+    base = f"http://127.0.0.1:{port}"
+    async with http.get(f"{base}/api/v1/hosts?limit=10000") as r:
+        hosts = await r.json()
+    async with http.get(f"{base}/api/v1/providers") as r:
+        providers = await r.json()
+    async with http.get(f"{base}/metrics") as r:
+        text = await r.text()
+    metric_hosts = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gpuwarden_provider_hosts{")
+    )
+    return (
+        hosts["total"],
+        sorted(h["name"] for h in hosts["items"]),
+        [
+            (p["name"], p["hosts"], p["gpus"], p["hosts_by_status"], p["gpus_by_status"])
+            for p in providers["items"]
+        ],
+        metric_hosts,
+    )
+
+
+@pytest.mark.timeout(400)
+async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    n = HOSTS
+    counted = [0, 0]  # bytes and messages of the members' summaries (docs/operations.md quotes them)
+
+    async def count(msg: nats.aio.msg.Msg) -> None:
+        counted[0] += len(msg.data)
+        counted[1] += 1
+
+    tap = await nats.connect(url)
+    await tap.subscribe("gpuwarden.group.>", cb=count)
+    async with Receiver() as rx:
+        group = Members(tmp_path, fleet_view_config(tmp_path, pg_dsn, url, rx.url), url)
+        try:
+            for name in ("m0", "m1", "m2"):
+                group.start(name)
+            table = await split_in(url, {"m0", "m1", "m2"})
+            target = host_name(hosts_of(table, "m1", n)[0])  # judged by m1 only
+            faults = [f"{target}/gpu0:xid=79@25s"]
+            fleet = Fleet(
+                NatsConfig(servers=(url,)), hosts=n, gpus=2, providers=2, interval=1.0, faults=faults
+            )
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=120))
+            since, counted[:] = time.monotonic(), [0, 0]
+            ports = [group.ports[m] for m in ("m0", "m1", "m2")]
+            seen: list[tuple[Any, ...]] = []
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.ws_connect(f"ws://127.0.0.1:{ports[0]}/api/v1/stream?type=alert") as ws,
+                ):
+
+                    async def the_same_fleet() -> bool:
+                        nonlocal seen
+                        seen = [await fleet_seen_by(http, p) for p in ports]
+                        return seen[0][0] == n and seen[0][3] == n and seen[1:] == seen[:1] * 2
+
+                    try:
+                        await until(the_same_fleet, timeout=90)
+                    except AssertionError:
+                        raise AssertionError(f"members differ: {seen}") from None
+                    took = time.monotonic() - since
+                    print(f"summaries while {n} hosts x 2 GPUs start, 3 members: {counted[0] / took:.0f} B/s")
+                    since, counted[:] = time.monotonic(), [0, 0]
+                    names, providers = seen[0][1], seen[0][2]
+                    assert names == sorted(host_name(i) for i in range(n))
+                    assert [p[1] for p in providers] == [n // 2, n // 2]  # two providers, whole
+
+                    async def firing_on_m0() -> dict[str, Any]:
+                        while True:
+                            msg = await ws.receive_json()
+                            if msg.get("host") == target and msg.get("kind") == "firing":
+                                return dict(msg)
+
+                    event = await asyncio.wait_for(firing_on_m0(), 90)
+                    assert event["alert"]["rule"] == "gpu.xid"
+                    async with http.get(f"http://127.0.0.1:{ports[2]}/api/v1/alerts?host={target}") as r:
+                        listed = (await r.json())["items"]
+                    assert [a["rule"] for a in listed if a["state"] == "firing"] == ["gpu.xid"]
+                    took = time.monotonic() - since
+                    rate, msgs = counted[0] / took, counted[1] / took
+                    print(
+                        f"then, to the XID's event: {rate:.0f} B/s, {msgs:.1f} messages/s over {took:.0f} s"
+                    )
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+        finally:
+            group.stop_all()
+            await tap.close()
+        assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))

@@ -111,13 +111,17 @@ def host_names(fleet: FleetHealth, state: FleetState, provider: str | None) -> l
 def host_summary(name: str, hh: HostHealth | None, hs: FleetHost | None) -> dict[str, Any]:
     """One row of the host list (kept small: the page draws 10,000 of them)."""
     provider = hh.provider if hh is not None else hs.provider if hs is not None else ""
+    # another member's summary (a collector group) may know of a newer frame than this fleet state
+    seen = max(hs.last_seen if hs is not None else 0.0, (hh.last_seen or 0.0) if hh is not None else 0.0)
     return {
         "name": name,
         "provider": provider,
         "status": hh.status if hh is not None else UNKNOWN,
         "stale": hh.stale if hh is not None else True,
-        "last_seen": hs.last_seen if hs is not None and hs.last_seen else None,
-        "gpus": len(hh.gpus) if hh is not None else (hs.gpu_count if hs is not None else 0),
+        "last_seen": seen or None,
+        "gpus": sum(hh.gpus_by_status.values())
+        if hh is not None
+        else (hs.gpu_count if hs is not None else 0),
         "gpus_by_status": dict(hh.gpus_by_status) if hh is not None else empty_counts(),
         "gpus_usable": hh.gpus_usable if hh is not None else 0,
     }

@@ -51,6 +51,7 @@ class GroupMember:
     on_gained: Callable[[frozenset[int]], Awaitable[None]] | None = None
     on_regrouped: Callable[[], None] | None = None  # e.g. sweep the gained buckets' commands
     membership: Membership | None = field(default=None, init=False)
+    settled: set[int] = field(default_factory=set, init=False)  # buckets restored here (the fleet view's)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def owns(self, bucket: int) -> bool:
@@ -103,6 +104,7 @@ class GroupMember:
         if self.on_gained is not None:
             await self.on_gained(frozenset(gained))
         await self.runner.regroup(lambda: self.store.reload(gained))
+        self.settled |= set(gained)
         source = self.source()
         if source is not None:
             await asyncio.gather(*(source.start(b) for b in sorted(gained)))
@@ -111,6 +113,7 @@ class GroupMember:
 
     async def _loss(self, lost: frozenset[int]) -> None:
         """Buckets released or lost: stop consuming them, then drop their state (written first)."""
+        self.settled -= lost
         source = self.source()
         if source is not None:
             await asyncio.gather(*(source.stop(b) for b in sorted(lost)))

@@ -14,9 +14,9 @@ on read; large ones by :meth:`LiveRollup.refresh` in chunks, yielding to the eve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from collector.health.config import ProviderThresholds
 from collector.health.model import CRITICAL, STATUSES, UNKNOWN, HealthState
@@ -42,6 +42,14 @@ class _Totals:
         self.usable += sign * h.gpus_usable
 
 
+class Remote(Protocol):
+    """Hosts judged elsewhere (a collector group's fleet view, :mod:`collector.group.fleet`)."""
+
+    def names(self) -> set[str]: ...
+
+    def host(self, name: str) -> HostHealth | None: ...
+
+
 class LiveRollup:
     """Host and provider health of the health state ``health()``, kept current at the cost
     of the changes; ``provider`` decides a provider's status from its hosts."""
@@ -58,10 +66,19 @@ class LiveRollup:
         self._full = True
         self._fleet: FleetHealth | None = None
         self._sorted: dict[str | None, list[str]] = {}
+        self.remote: Remote | None = None  # its hosts count too (their health is its word)
 
     def mark(self, frames: Sequence[Frame]) -> None:
         """Hosts whose health the engine just changed (fast event path and ingest alike)."""
         self._dirty.update(f.host for f in frames)
+
+    def touch(self, hosts: Iterable[str]) -> None:
+        """Hosts whose remote health changed."""
+        self._dirty.update(hosts)
+
+    def invalidate(self) -> None:
+        """Recompute every host (the hosts judged here changed: a collector group's buckets moved)."""
+        self._full = True
 
     def forget(self, host: str) -> None:
         """A host left the fleet (``forget-host``)."""
@@ -77,7 +94,7 @@ class LiveRollup:
                 dirty.add(name)
         dirty.update(self._xid_hosts)  # XID windows expire with time (XIDs arrive in frames)
         if len(engine_hosts) < len(self.hosts):
-            dirty.update(h for h in self.hosts if h not in engine_hosts)
+            dirty.update(h for h, hh in self.hosts.items() if not hh.via and h not in engine_hosts)
 
     def _apply(self, names: list[str]) -> None:
         engine_hosts = self.health().hosts
@@ -87,17 +104,21 @@ class LiveRollup:
                 self._totals[old.provider].add(old, -1)
                 self._members[old.provider].discard(name)
             hs = engine_hosts.get(name)
+            new = self.remote.host(name) if self.remote is not None else None
             if hs is None:
                 self._flags.pop(name, None)
                 self._xid_hosts.discard(name)
-                continue
-            new = host_health(hs)
-            if any(gs.xids or gs.fatal_xids for gs in hs.gpus.values()):
-                self._xid_hosts.add(name)
+                if new is None:
+                    continue
             else:
-                self._xid_hosts.discard(name)
+                self._flags[name] = (hs.stale, hs.last_frame_at is None, hs.provider)
+                if new is None:
+                    new = host_health(hs)
+                    if any(gs.xids or gs.fatal_xids for gs in hs.gpus.values()):
+                        self._xid_hosts.add(name)
+                    else:
+                        self._xid_hosts.discard(name)
             self.hosts[name] = new
-            self._flags[name] = (hs.stale, hs.last_frame_at is None, hs.provider)
             self._totals.setdefault(new.provider, _Totals()).add(new, 1)
             self._members.setdefault(new.provider, set()).add(name)
             if old is None or old.provider != new.provider:
@@ -110,6 +131,8 @@ class LiveRollup:
             self._full = False
             self._dirty.update(self.health().hosts)
             self._dirty.update(self.hosts)
+            if self.remote is not None:
+                self._dirty.update(self.remote.names())
         if n is None or n >= len(self._dirty):
             names, self._dirty = list(self._dirty), set()
             return names

@@ -59,6 +59,10 @@ class HostHealth:
     gpus_by_status: dict[str, int]
     gpus_usable: int
     problems: tuple[Problem, ...]  # host-level checks (system, network, unreachable, missing GPUs)
+    # a collector group's fleet view (collector/group/fleet.py): another member's summary of
+    # the host (no GPU detail), when it reported last, and which member judged it
+    last_seen: float | None = None
+    via: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ API's WebSocket clients."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 
@@ -29,10 +30,15 @@ class Broadcaster:
         self._subs: set[Subscription] = set()
         self.published = 0
         self.dropped_subscribers = 0
+        # a collector group member relays its own events to the others (collector/group/share.py)
+        self.tap: Callable[[dict[str, Any]], None] | None = None
 
-    def publish(self, event: dict[str, Any]) -> None:
-        """Never blocks, never raises. ``event["type"]``: ``alert``, ``health`` or ``incident``."""
+    def publish(self, event: dict[str, Any], *, relayed: bool = False) -> None:
+        """Never blocks, never raises. ``event["type"]``: ``alert``, ``health`` or ``incident``;
+        ``relayed``: another group member's event (not relayed again)."""
         self.published += 1
+        if self.tap is not None and not relayed:
+            self.tap(event)
         for sub in list(self._subs):
             try:
                 sub.queue.put_nowait(event)

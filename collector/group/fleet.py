@@ -1,0 +1,366 @@
+"""The fleet view of a collector group member: the other members' hosts, alerts and incidents,
+from the summaries they publish on NATS (docs/protocol.md, "Collector group summaries").
+
+A member judges only the hosts of the buckets it holds, yet its API, page, ``/metrics``
+provider totals and live stream cover the whole fleet: every member publishes, on
+``gpuwarden.group.<group_kv>.fleet.<member>``, what changed in its buckets (host health
+summaries, alerts, incidents, live events) about once a second, and every ``refresh`` the
+whole content of its buckets, so a member that starts learns the fleet within one refresh.
+Each bucket's content carries the sender's lease token on it (the KV revision: it only grows),
+so a new owner's word replaces the old one's and a late message from a member that lost the
+bucket is ignored.
+
+This module is pure (messages and time in, the view out): :class:`FleetView` keeps what was
+received, :class:`Outbox` computes what to send; :mod:`collector.group.share` moves them over
+NATS. A bucket nobody has refreshed for ``stale_after`` (its owner died and no one took it
+yet) keeps its hosts, marked stale with an unknown status: never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from collector.alerts.model import Alert, Incident, plain
+from collector.health.model import STATUSES, UNKNOWN
+from collector.health.rollup import HostHealth
+
+SUBJECT: Final = "gpuwarden.group.{kv}.fleet.{member}"
+MAX_ITEMS: Final = 500  # hosts, alerts, incidents or events in one message (bounds its size)
+
+
+class HostRow(msgspec.Struct, array_like=True, frozen=True):
+    """A host's health in a few dozen bytes: counts of its GPUs by status (in the order of
+    :data:`collector.health.model.STATUSES`)."""
+
+    host: str
+    provider: str
+    bucket: int
+    status: str
+    stale: bool
+    gpus: tuple[int, ...]
+    usable: int
+    last_seen: float | None  # sent with every whole summary; alone it is not a change
+
+    def same(self, other: HostRow | None) -> bool:
+        """The same health (``last_seen`` aside: every frame moves it)."""
+        return other is not None and (self.status, self.stale, self.gpus, self.usable, self.provider) == (
+            other.status,
+            other.stale,
+            other.gpus,
+            other.usable,
+            other.provider,
+        )
+
+
+class Summary(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One message: ``held`` bucket -> lease token of the buckets it speaks for; ``full``
+    the buckets whose whole content it carries (what is not in it is gone)."""
+
+    member: str
+    at: float
+    held: dict[int, int] = {}
+    full: list[int] = []
+    hosts: list[HostRow] = []
+    hosts_gone: list[str] = []
+    alerts: list[dict[str, Any]] = []  # collector.alerts.model.plain(Alert)
+    alerts_gone: list[str] = []  # fingerprints
+    incidents: list[dict[str, Any]] = []  # plain(Incident)
+    incidents_gone: list[str] = []
+    events: list[dict[str, Any]] = []  # live-stream events (docs/api.md), relayed as they are
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=str)
+_decoder = msgspec.msgpack.Decoder(Summary)
+
+
+def encode(s: Summary) -> bytes:
+    return _encoder.encode(s)
+
+
+def decode(data: bytes) -> Summary:
+    return _decoder.decode(data)
+
+
+def row_of(hh: HostHealth, bucket: int, last_seen: float | None) -> HostRow:
+    counts = tuple(hh.gpus_by_status.get(s, 0) for s in STATUSES)
+    return HostRow(hh.host, hh.provider, bucket, hh.status, hh.stale, counts, hh.gpus_usable, last_seen)
+
+
+def health_of(row: HostRow, via: str, stale: bool) -> HostHealth:
+    """The host as the API and the rollup see it; ``stale``: its owner is not known now."""
+    by = dict(zip(STATUSES, row.gpus, strict=True))
+    if stale:
+        n = sum(row.gpus)
+        by = {**dict.fromkeys(STATUSES, 0), UNKNOWN: n}
+        return HostHealth(row.host, row.provider, UNKNOWN, True, (), by, 0, (), row.last_seen, via)
+    return HostHealth(
+        row.host, row.provider, row.status, row.stale, (), by, row.usable, (), row.last_seen, via
+    )
+
+
+def alert_of(d: Mapping[str, Any]) -> Alert:
+    return Alert(**{**d, "labels": dict(d["labels"])})
+
+
+def incident_of(d: Mapping[str, Any]) -> Incident:
+    return Incident(**d)
+
+
+@dataclass(slots=True)
+class _Claim:
+    token: int
+    member: str
+    at: float  # when its content was last heard of (receiver's clock)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    hosts: dict[str, HostRow] = field(default_factory=dict)
+    alerts: dict[str, Alert] = field(default_factory=dict)
+    incidents: dict[str, Incident] = field(default_factory=dict)
+
+
+class FleetView:
+    """What the other members said about their buckets. ``local(bucket)``: held here (read
+    from the engines, not from here); ``bucket_of(host)`` as :class:`collector.group.scope.Scope`."""
+
+    def __init__(
+        self, stale_after: float, local: Callable[[int], bool], bucket_of: Callable[[str], int | None]
+    ) -> None:
+        self.stale_after = stale_after
+        self.local = local
+        self.bucket_of = bucket_of
+        self.claims: dict[int, _Claim] = {}
+        self.buckets: dict[int, _Bucket] = {}
+        self.received = 0
+        self.refused = 0  # bucket contents from a member whose token was older than the view's
+        self._stale: set[int] = set()
+
+    # ------------------------------------------------------------------ in
+
+    def apply(self, s: Summary, now: float) -> set[str]:
+        """Take a message in; the hosts whose row changed."""
+        self.received += 1
+        ok: set[int] = set()
+        for b, token in s.held.items():
+            c = self.claims.get(b)
+            if c is None or token >= c.token:
+                self.claims[b] = _Claim(token, s.member, now)
+                ok.add(b)
+                self._stale.discard(b)
+            else:
+                self.refused += 1
+        changed: set[str] = set()
+        for b in ok.intersection(s.full):
+            old = self.buckets.pop(b, None)
+            if old is not None:
+                changed.update(old.hosts)
+        for r in s.hosts:
+            if r.bucket in ok:
+                self._at(r.bucket).hosts[r.host] = r
+                changed.add(r.host)
+        for name in s.hosts_gone:
+            hb = self.bucket_of(name)
+            if (
+                hb in ok
+                and (got := self.buckets.get(hb)) is not None
+                and got.hosts.pop(name, None) is not None
+            ):
+                changed.add(name)
+        for d in s.alerts:
+            ab = self.bucket_of(d.get("labels", {}).get("host") or "")
+            if ab is not None and ab in ok:
+                a = alert_of(d)
+                self._at(ab).alerts[a.fingerprint] = a
+        for d in s.incidents:
+            ib = self._incident_bucket(d.get("host"), d.get("hosts") or ())
+            if ib is not None and ib in ok:
+                inc = incident_of(d)
+                self._at(ib).incidents[inc.id] = inc
+        for b in ok:
+            got = self.buckets.get(b)
+            if got is not None:
+                for fp in s.alerts_gone:
+                    got.alerts.pop(fp, None)
+                for iid in s.incidents_gone:
+                    got.incidents.pop(iid, None)
+        return changed
+
+    def _incident_bucket(self, host: str | None, hosts: Iterable[str]) -> int | None:
+        if host:
+            return self.bucket_of(host)
+        for h in hosts:
+            return self.bucket_of(h)
+        return None
+
+    def _at(self, b: int) -> _Bucket:
+        got = self.buckets.get(b)
+        if got is None:
+            got = self.buckets[b] = _Bucket()
+        return got
+
+    def expire(self, now: float) -> set[str]:
+        """Buckets nobody refreshed for ``stale_after`` become stale: their hosts (changed)."""
+        out: set[str] = set()
+        for b, c in self.claims.items():
+            if b not in self._stale and now - c.at > self.stale_after:
+                self._stale.add(b)
+                if (got := self.buckets.get(b)) is not None:
+                    out.update(got.hosts)
+        return out
+
+    # ------------------------------------------------------------------ out
+
+    def _remote(self) -> Iterator[tuple[int, _Bucket]]:
+        for b, got in self.buckets.items():
+            if not self.local(b):
+                yield b, got
+
+    def names(self) -> set[str]:
+        return {h for _, got in self._remote() for h in got.hosts}
+
+    def host(self, name: str) -> HostHealth | None:
+        b = self.bucket_of(name)
+        if b is None or self.local(b):
+            return None
+        got = self.buckets.get(b)
+        row = got.hosts.get(name) if got is not None else None
+        if row is None:
+            return None
+        c = self.claims.get(b)
+        return health_of(row, c.member if c is not None else "", b in self._stale)
+
+    def alerts(self) -> Iterator[Alert]:
+        for _, got in self._remote():
+            yield from got.alerts.values()
+
+    def alert(self, fingerprint: str) -> Alert | None:
+        for _, got in self._remote():
+            if (a := got.alerts.get(fingerprint)) is not None:
+                return a
+        return None
+
+    def incidents(self) -> Iterator[Incident]:
+        for _, got in self._remote():
+            yield from got.incidents.values()
+
+    def incident(self, iid: str) -> Incident | None:
+        for _, got in self._remote():
+            if (inc := got.incidents.get(iid)) is not None:
+                return inc
+        return None
+
+    def stale_buckets(self) -> list[int]:
+        return sorted(b for b in self._stale if not self.local(b))
+
+
+@dataclass(slots=True)
+class _Sent:
+    hosts: dict[str, HostRow] = field(default_factory=dict)
+    alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Outbox:
+    """What a member sends: changes since its last message, and every ``refresh`` (and for a
+    bucket newly held) the whole content of its buckets."""
+
+    def __init__(self, member: str) -> None:
+        self.member = member
+        self.sent: dict[int, _Sent] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def messages(
+        self,
+        now: float,
+        held: Mapping[int, int],
+        hosts: Mapping[int, Mapping[str, HostRow]],
+        alerts: Mapping[int, Mapping[str, Alert]],
+        incidents: Mapping[int, Mapping[str, Incident]],
+        full: bool,
+    ) -> list[Summary]:
+        """``hosts``, ``alerts``, ``incidents``: the content of each held bucket now."""
+        out: list[Summary] = []
+        for b in [b for b in self.sent if b not in held]:
+            del self.sent[b]  # lost: its new owner speaks for it
+        fresh = [b for b in held if b not in self.sent]
+        whole = sorted(held) if full else sorted(fresh)
+        delta = Summary(member=self.member, at=now)
+        for b in sorted(held):
+            now_hosts = hosts.get(b, {})
+            now_alerts = {fp: plain(a) for fp, a in alerts.get(b, {}).items()}
+            now_incs = {iid: plain(i) for iid, i in incidents.get(b, {}).items()}
+            before = self.sent.get(b)
+            if b in whole or before is None:
+                self.sent[b] = _Sent(dict(now_hosts), now_alerts, now_incs)
+                continue
+            n = _sizes(delta)
+            delta.hosts += [r for h, r in now_hosts.items() if not r.same(before.hosts.get(h))]
+            delta.hosts_gone += [h for h in before.hosts if h not in now_hosts]
+            delta.alerts += [d for fp, d in now_alerts.items() if _changed(d, before.alerts.get(fp))]
+            delta.alerts_gone += [fp for fp in before.alerts if fp not in now_alerts]
+            delta.incidents += [d for iid, d in now_incs.items() if before.incidents.get(iid) != d]
+            delta.incidents_gone += [iid for iid in before.incidents if iid not in now_incs]
+            if n != _sizes(delta):
+                delta.held[b] = held[b]
+            # what the others have now: a row's last_seen as last sent, until it changes
+            rows = {
+                h: r if not r.same(before.hosts.get(h)) else before.hosts[h] for h, r in now_hosts.items()
+            }
+            kept = {
+                fp: d if _changed(d, before.alerts.get(fp)) else before.alerts[fp]
+                for fp, d in now_alerts.items()
+            }
+            self.sent[b] = _Sent(rows, kept, now_incs)
+        out += _chunks(delta, self.events)
+        self.events = []
+        batch = Summary(member=self.member, at=now)
+        for b in whole:
+            s = self.sent[b]
+            batch.held[b] = held[b]
+            batch.full.append(b)
+            batch.hosts += s.hosts.values()
+            batch.alerts += s.alerts.values()
+            batch.incidents += s.incidents.values()
+            if max(len(batch.hosts), len(batch.alerts), len(batch.incidents)) >= MAX_ITEMS:
+                out.append(batch)
+                batch = Summary(member=self.member, at=now)
+        if batch.full:
+            out.append(batch)
+        return out
+
+
+_MOVING: Final = ("last_seen", "value")  # an active alert's, at every observation: not a change
+
+
+def _changed(d: Mapping[str, Any], before: Mapping[str, Any] | None) -> bool:
+    if before is None:
+        return True
+    return any(v != before.get(k) for k, v in d.items() if k not in _MOVING)
+
+
+_LISTS: Final = ("hosts", "hosts_gone", "alerts", "alerts_gone", "incidents", "incidents_gone")
+
+
+def _sizes(s: Summary) -> tuple[int, ...]:
+    return tuple(len(getattr(s, k)) for k in _LISTS)
+
+
+def _chunks(delta: Summary, events: list[dict[str, Any]]) -> list[Summary]:
+    """The changes (and events), at most :data:`MAX_ITEMS` of each kind per message; the
+    held tokens go with every chunk."""
+    delta.events = events
+    longest = max(len(getattr(delta, k)) for k in (*_LISTS, "events"))
+    if longest == 0:
+        return []
+    out = []
+    for i in range(0, longest, MAX_ITEMS):
+        part = Summary(member=delta.member, at=delta.at, held=delta.held)
+        for k in (*_LISTS, "events"):
+            setattr(part, k, getattr(delta, k)[i : i + MAX_ITEMS])
+        out.append(part)
+    return out

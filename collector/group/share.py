@@ -1,0 +1,171 @@
+"""The part that shares a group member's buckets with the others and keeps its fleet view
+(:mod:`collector.group.fleet`): once a second it publishes what changed in the buckets it holds
+(and every ``[collector] group_refresh`` their whole content) on
+``gpuwarden.group.<group_kv>.fleet.<member>``, and it takes the others' messages into the view
+that the API, the live rollup and the live stream read. See docs/operations.md, "Collector
+group", and docs/protocol.md, "Collector group summaries"."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from collector.alerts.model import Alert, Incident
+from collector.group.fleet import SUBJECT, FleetView, HostRow, Outbox, decode, encode, row_of
+from collector.group.scope import Scope
+from collector.health.live import LiveRollup
+from collector.notify.stream import Broadcaster
+from collector.state import FleetState
+from shared.ratelog import RateLimitedLog
+from shared.subjects import sanitize_token
+from shared.tasks import cancel_all
+
+log = logging.getLogger(__name__)
+INTERVAL: Final = 1.0  # seconds between two messages of changes
+MAX_EVENTS: Final = 10_000  # live events kept for the next message (more are dropped, counted)
+
+
+class _Holder(Protocol):
+    settled: set[int]
+
+    def tokens(self) -> dict[int, int]: ...
+
+
+class _Alerts(Protocol):
+    @property
+    def alerts(self) -> Mapping[str, Alert]: ...
+
+    @property
+    def incidents(self) -> Mapping[str, Incident]: ...
+
+
+def subject(kv: str, member: str) -> str:
+    return SUBJECT.format(kv=sanitize_token(kv), member=member)
+
+
+class FleetShare:
+    def __init__(
+        self,
+        name: str,
+        kv: str,
+        refresh: float,
+        nc: Callable[[], NatsClient | None],
+        holder: _Holder,
+        scope: Scope,
+        view: FleetView,
+        live: LiveRollup,
+        alerts: Callable[[], _Alerts],
+        fleet: FleetState,
+        broadcaster: Broadcaster,
+    ) -> None:
+        self.name, self.kv, self.refresh = name, kv, refresh
+        self.nc, self.holder, self.scope, self.view = nc, holder, scope, view
+        self.live, self.alerts, self.fleet, self.broadcaster = live, alerts, fleet, broadcaster
+        self.outbox = Outbox(name)
+        self.sent_bytes = 0
+        self.sent_messages = 0
+        self.received_bytes = 0
+        self.undecodable = 0
+        self.events_dropped = 0
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._held: frozenset[int] = frozenset()
+        self._ratelog = RateLimitedLog(log, 60.0)
+
+    async def start(self) -> None:
+        nc = self.nc()
+        assert nc is not None, "NATS starts before the group's fleet view"
+        self._sub = await nc.subscribe(subject(self.kv, "*"), cb=self._on_message)
+        self.broadcaster.tap = self._keep
+        self._task = asyncio.create_task(self._run(), name="group-fleet")
+
+    async def stop(self) -> None:
+        self.broadcaster.tap = None
+        if self._task is not None:
+            await cancel_all([self._task])
+            self._task = None
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def _keep(self, event: dict[str, Any]) -> None:
+        if len(self.outbox.events) >= MAX_EVENTS:
+            self.events_dropped += 1
+            return
+        self.outbox.events.append(event)
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            s = decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as e:
+            self.undecodable += 1
+            self._ratelog.warning(
+                "undecodable", "group fleet view: undecodable message on %s: %s", msg.subject, e
+            )
+            return
+        if s.member == self.name:
+            return  # its own (applied when sent)
+        self.received_bytes += len(msg.data)
+        self.live.touch(self.view.apply(s, time.time()))
+        for event in s.events:
+            self.broadcaster.publish(event, relayed=True)
+
+    async def _run(self) -> None:
+        last_full = -self.refresh
+        while True:
+            await asyncio.sleep(INTERVAL)
+            mono = time.monotonic()
+            full = mono - last_full >= self.refresh
+            if full:
+                last_full = mono
+            try:
+                await self.publish(full)
+            except (nats.errors.Error, OSError) as e:
+                self._ratelog.warning("publish", "group fleet view: not published: %s", e)
+
+    async def publish(self, full: bool) -> None:
+        """One round: the changes (or everything) of the buckets held and settled."""
+        now = time.time()
+        tokens = self.holder.tokens()
+        held = {b: t for b, t in tokens.items() if b in self.holder.settled}
+        if frozenset(held) != self._held:
+            self._held = frozenset(held)
+            self.live.invalidate()  # hosts move between judged here and read from the others
+        self.live.touch(self.view.expire(now))
+        hosts: dict[int, dict[str, HostRow]] = {}
+        for name, hh in self.live.current().hosts.items():
+            b = self.scope.bucket(name)
+            if hh.via or b not in held:
+                continue
+            fh = self.fleet.host(name)
+            hosts.setdefault(b, {})[name] = row_of(
+                hh, b, fh.last_seen if fh is not None and fh.last_seen else None
+            )
+        state = self.alerts()
+        alerts: dict[int, dict[str, Alert]] = {}
+        for a in state.alerts.values():
+            if (b := self.scope.of_labels(a.labels)) in held:
+                alerts.setdefault(b, {})[a.fingerprint] = a
+        incidents: dict[int, dict[str, Incident]] = {}
+        for inc in state.incidents.values():
+            if (b := self.scope.of_incident(inc)) in held:
+                incidents.setdefault(b, {})[inc.id] = inc
+        nc = self.nc()
+        for s in self.outbox.messages(now, held, hosts, alerts, incidents, full):
+            self.view.apply(s, now)  # its own word, kept for when it loses the bucket
+            data = encode(s)
+            if nc is not None and nc.is_connected:
+                await nc.publish(subject(self.kv, self.name), data)
+                self.sent_bytes += len(data)
+                self.sent_messages += 1
