@@ -235,24 +235,16 @@ class FleetView:
         return health_of(row, c.member if c is not None else "", b in self._stale)
 
     def alerts(self) -> Iterator[Alert]:
-        for _, got in self._remote():
-            yield from got.alerts.values()
+        return (a for _, got in self._remote() for a in got.alerts.values())
 
     def alert(self, fingerprint: str) -> Alert | None:
-        for _, got in self._remote():
-            if (a := got.alerts.get(fingerprint)) is not None:
-                return a
-        return None
+        return next((a for _, got in self._remote() if (a := got.alerts.get(fingerprint))), None)
 
     def incidents(self) -> Iterator[Incident]:
-        for _, got in self._remote():
-            yield from got.incidents.values()
+        return (i for _, got in self._remote() for i in got.incidents.values())
 
     def incident(self, iid: str) -> Incident | None:
-        for _, got in self._remote():
-            if (inc := got.incidents.get(iid)) is not None:
-                return inc
-        return None
+        return next((i for _, got in self._remote() if (i := got.incidents.get(iid))), None)
 
     def stale_buckets(self) -> list[int]:
         return sorted(b for b in self._stale if not self.local(b))
