@@ -32,6 +32,11 @@ def migrations() -> list[Migration]:
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
+    twice = [
+        f"{m.version:04d}_{m.name}" for i, m in enumerate(found) if i and found[i - 1].version == m.version
+    ]
+    if twice:  # the second of a version would never be applied (schema_migrations has the first)
+        raise RuntimeError(f"migrations share a version number with another: {', '.join(twice)}")
     return found
 
 
