@@ -424,3 +424,15 @@ def test_a_configured_ca_without_sslmode_verifies_the_server_name(tmp_path: Path
     ca_only = ctx_of(**{"postgres.sslrootcert": str(ca), "postgres.sslmode": "verify-ca"})
     assert ca_only.verify_mode == ssl.CERT_REQUIRED
     assert not ca_only.check_hostname  # asked for explicitly
+
+
+def test_two_migrations_numbered_alike_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two changes that each add migration N (landed in parallel): one would never run, and
+    every migrate would fail on its version; refused by name instead."""
+    assert len({m.version for m in migrate.migrations()}) == len(migrate.migrations())
+    (tmp_path / "migrations").mkdir()
+    for name in ("0001_a.sql", "0002_b.sql", "0002_c.sql"):
+        (tmp_path / "migrations" / name).write_text("SELECT 1;")
+    monkeypatch.setattr(migrate.resources, "files", lambda _pkg: tmp_path)
+    with pytest.raises(RuntimeError, match="share a version number with another: 0002_"):
+        migrate.migrations()
