@@ -27,7 +27,7 @@ from shared.frames import (
     replace,
 )
 from tests.support.fault_table import EXPECTED, NODE_EXPECTED
-from tests.support.frame_fixtures import quiet_gpu
+from tests.support.frame_fixtures import judged_gpu
 
 T0 = 1_700_000_000.0
 START, CLEAR, END, STEP = 60, 300, 900, 5
@@ -35,29 +35,7 @@ GIB = 1 << 30
 
 
 def base_gpu(i: int, t: int) -> GpuSample:
-    return quiet_gpu(
-        index=i,
-        uuid=f"GPU-{i}",
-        temp_c=55.0,
-        temp_slowdown_c=90.0,
-        temp_shutdown_c=95.0,
-        power_w=400.0,
-        power_limit_w=700.0,
-        mem_used_bytes=20 * GIB,
-        mem_total_bytes=80 * GIB,
-        clock_event_reasons=0x1,
-        retired_pages_sbe=0,
-        retired_pages_dbe=0,
-        retired_pages_pending=False,
-        util_gpu_pct=80.0,
-        pcie_link_gen_max=5,
-        pcie_link_width_max=16,
-        mem_temp_c=70.0,
-        temp_mem_max_c=95.0,
-        fabric_state=3,
-        fabric_status=0,
-        fabric_health_mask=0,
-    )
+    return judged_gpu(i, f"GPU-{i}")
 
 
 def base_system() -> SystemSample:

@@ -11,42 +11,13 @@ from hypothesis import strategies as st
 from collector.health import HealthEngine, HealthState
 from collector.health.gpu import GpuChecks
 from collector.health.model import HEALTHY
-from shared.frames import GpuSample, SampleFrame
-from tests.support.frame_fixtures import QUIET_GPU
+from shared.frames import GpuSample, SampleFrame, replace
+from tests.support.frame_fixtures import judged_gpu
 
 T0 = 1_700_000_000.0
-BASE: dict[str, Any] = dict(
-    QUIET_GPU,
-    index=0,
-    uuid="GPU-0",
-    temp_c=60.0,
-    temp_slowdown_c=100.0,
-    temp_shutdown_c=110.0,
-    power_w=300.0,
-    power_limit_w=700.0,
-    mem_used_bytes=10,
-    mem_total_bytes=100,
-    clock_event_reasons=0x1,
-    throttle_thermal_ns=0,
-    retired_pages_sbe=0,
-    retired_pages_dbe=0,
-    retired_pages_pending=False,
-    remapped_rows_uncorrectable=0,
-    pcie_link_gen=4,
-    util_gpu_pct=80.0,
-    pcie_link_gen_max=4,
-    pcie_link_width_max=16,
-    mem_temp_c=70.0,
-    temp_mem_max_c=95.0,
-    ecc_dbe_aggregate=0,
-    clock_sm_mhz=1900,
-    clock_sm_app_mhz=1980,
-    fan_pct=40.0,
-    fabric_state=3,
-    fabric_status=0,
-    fabric_health_mask=0,
-    nvlink_crc_by_link=(0, 0),
-    nvlink_replay_by_link=(0, 0),
+# the temperature limits above the temperatures tried; the memory in units of 1 % (95: the threshold)
+BASE = judged_gpu(
+    0, "GPU-0", temp_slowdown_c=100.0, temp_shutdown_c=110.0, mem_used_bytes=10, mem_total_bytes=100
 )
 
 
@@ -108,9 +79,7 @@ class FullOnly(GpuChecks):
 
 
 def frame(ts: float, **kw: Any) -> SampleFrame:
-    return SampleFrame(
-        host="n", provider="p", boot_id="b", seq=int(ts), ts=ts, gpus=(GpuSample(**{**BASE, **kw}),)
-    )
+    return SampleFrame(host="n", provider="p", boot_id="b", seq=int(ts), ts=ts, gpus=(replace(BASE, **kw),))
 
 
 # each node signal alone at its threshold, so the two paths are compared on every one of them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collector.health.gpu_signals import FABRIC_COMPLETED, GPU_IDLE
 from shared.frames import (
     AgentStats,
     CheckResult,
@@ -81,6 +82,27 @@ def gpu(index: int, **over: object) -> GpuSample:
     )
     base.update(over)
     return GpuSample(**base)  # type: ignore[arg-type]
+
+
+# What the GPU checks read that gpu() does not report (a limit, the fan, the NVSwitch fabric,
+# per-link NVLink counters): with it every GPU check judges the GPU, healthy.
+JUDGED: dict[str, object] = {
+    "clock_event_reasons": GPU_IDLE,
+    "temp_mem_max_c": 95.0,
+    "clock_sm_app_mhz": 1980,
+    "fan_pct": 40.0,
+    "fabric_state": FABRIC_COMPLETED,
+    "fabric_status": 0,
+    "fabric_health_mask": 0,
+    "nvlink_crc_by_link": (0, 0),
+    "nvlink_replay_by_link": (0, 0),
+}
+
+
+def judged_gpu(index: int, uuid: str, **fields: object) -> GpuSample:
+    """GPU ``index`` (``uuid``) of :func:`gpu` with :data:`JUDGED` and ``fields`` on top: the pure
+    engines' tests start from it and change what their case is about."""
+    return gpu(index, **{**JUDGED, "uuid": uuid, **fields})
 
 
 def sample(
