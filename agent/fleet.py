@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -116,8 +117,8 @@ class Fleet:
         for h in self.hosts:
             self.open_backend(h)
             h.system.open()
-            if not self.down(h):
-                self.send_inventory(h)
+            if not self.down(h):  # with the GPUs' static facts, read from one sample (as the agent)
+                self.send_inventory(h, h.backend.sample() if h.nvml_error is None else [])
         self.stats.started = time.monotonic()
         self.stats.cpu_started = time.process_time()
 
@@ -276,6 +277,9 @@ async def run_fleet(
     with stop_on_signals(fleet.stop, signals):
         try:
             await fleet.start()
+            # the hosts' models live as long as this process: the garbage collector need not scan
+            # them at every collection (a fleet in a process of its own: gpuwarden fleet)
+            gc.freeze()
             log.info("fleet: %d hosts x %d GPUs, %d providers, every %gs", hosts, gpus, providers, interval)
             await fleet.run(duration)
         finally:

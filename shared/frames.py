@@ -762,6 +762,7 @@ def _table(cls: type[Any], records: Sequence[Any], skip: frozenset[str] = frozen
 
 
 _STATIC: Final = frozenset(STATIC_GPU_FIELDS)
+_static_facts: Final = attrgetter(*STATIC_GPU_FIELDS)  # (a tuple: there are several; in C)
 _NO_STATIC: Final[frozenset[str]] = frozenset()
 _SAMPLE_FIELDS: Final = ("host", "provider", "boot_id", "seq", "ts", "interval_s")
 
@@ -1242,7 +1243,7 @@ def _tn(value: Any) -> str:
 
 def static_facts(gpu: GpuSample) -> tuple[Any, ...]:
     """The static facts of a GPU as a sample reads them (:data:`STATIC_GPU_FIELDS` order)."""
-    return tuple(getattr(gpu, name) for name in STATIC_GPU_FIELDS)
+    return _static_facts(gpu)
 
 
 def with_static(info: GpuInfo, gpu: GpuSample) -> GpuInfo:
