@@ -5,6 +5,7 @@ same check dates, with the shortcuts (the InfiniBand quiet fast path included) a
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from agent.faults import FaultSchedule
 from agent.gpu.simulated import SimulatedBackend
-from agent.sampler import Sequencer, build_inventory, build_sample
+from agent.sampler import Sequencer, build_event, build_inventory, build_sample
 from agent.system import SimulatedSystem
 from collector.health import HealthEngine, HealthState, Observation, codec, model, node
 from collector.health.config import HealthConfig, NodeThresholds
@@ -31,6 +32,11 @@ def generic_check_key(check: str, extra: tuple[tuple[str, str], ...] = ()) -> st
     return ":".join((check, *(v for _, v in extra))) if extra else check
 
 
+def plain_ok(self: model.Verdicts, check: str, value: float | None, extra: model.Extra = ()) -> None:
+    """Every healthy verdict through the emitter (no shortcut for a quiet healthy check)."""
+    self.em.emit(self.checks, check, self.base, model.HEALTHY, self.at, value=value, extra=extra)
+
+
 @given(st.lists(COUNT, min_size=len(node._IB_ERRORS), max_size=len(node._IB_ERRORS)))
 def test_ib_error_sum_is_the_sum_of_every_error_counter(values: list[int | None]) -> None:
     p = IbPort(device="mlx5_0", **dict(zip(node._IB_ERRORS, values, strict=True)))
@@ -43,6 +49,34 @@ def test_ib_error_sum_is_the_sum_of_every_error_counter(values: list[int | None]
 )
 def test_check_key_matches_the_generic_join(check: str, extra: tuple[tuple[str, str], ...]) -> None:
     assert model.check_key(check, extra) == generic_check_key(check, extra)
+
+
+RUNS, SEQS = ("", "b1"), (-1, 1, 2)
+FRAMES = (None, *itertools.product(RUNS, SEQS))  # em.event / em.sample: none, or (run, seq)
+CHECKS = (None, *itertools.product(model.STATUSES, (0, 1, 2), RUNS, SEQS))  # the check before
+
+
+def test_a_healthy_verdict_is_what_the_emitter_makes_of_it() -> None:
+    """Verdicts.ok's shortcut for a quiet healthy check against Emitter.emit, over every case
+    (check absent or of any status, quiet count and concluding event; judging an event, a
+    sample, or neither): the same check table after it (status, dates, quiet count, value,
+    event) and the same observations."""
+    for check, event, sample, healthy_for, extra in itertools.product(
+        CHECKS, FRAMES, FRAMES, (1, 2), ((), (("nic", "eth0"),))
+    ):
+        results = []
+        for ok in (model.Verdicts.ok, plain_ok):
+            checks = {}
+            if check is not None:
+                status, quiet, run, seq = check
+                checks[model.check_key("host.nic", extra)] = model.CheckStatus(
+                    "host.nic", "k", {}, status, 1.0, 2.0, quiet, 5.0, "s", "a", run, seq
+                )
+            em = model.Emitter(healthy_for)
+            em.event, em.sample = event, sample
+            ok(model.Verdicts(em, checks, {"host": "h"}, 3.0), "host.nic", 0.5, extra)
+            results.append((checks, em.out))
+        assert results[0] == results[1], (check, event, sample, healthy_for, extra)
 
 
 # every node fault kind, staggered and overlapping, each ending so its check clears again
@@ -62,6 +96,11 @@ FAULTS = [
     "cpu=99@90s+10s",
     "gpu1:temp=95@30s+20s",
     "gpu3:pcie_replay=5000@55s+15s",
+    # GPU faults with events, which the lagging samples meet (Emitter.superseded)
+    "gpu2:ecc_dbe@95s+10s",
+    "gpu5:throttle=hw_slowdown@100s+10s",
+    "gpu6:xid=79@110s+5s",
+    "gpu4:lost@120s+10s",
 ]
 
 
@@ -73,16 +112,22 @@ def judge() -> tuple[list[Observation], HealthState]:
     system = SimulatedSystem(host="n1", seed=3, faults=schedule, clock=lambda: clock[0])
     backend.open()
     system.open()
-    seqr = Sequencer(host="n1", provider="p")
+    seqr = Sequencer(host="n1", provider="p", boot_id="b00700000000000a")  # the same in both runs
     window = NodeThresholds(ib_flap_window=20.0, kmsg_window=20.0, sxid_window=20.0)
     engine, state = HealthEngine(HealthConfig(node=window)), HealthState()
     inventory = build_inventory(seqr, backend.inventory(), system.host_facts(), T0)
     state, out = engine.observe(state, inventory, T0)
+    lagging = None
     for t in range(150):
         clock[0] = float(t)
         frame = build_sample(seqr, interval_s=1.0, gpus=backend.sample(), system=system.sample(), ts=T0 + t)
-        state, obs = engine.observe(state, frame, T0 + t)
-        out += obs
+        for ev in backend.poll_events():  # the fast event path: judged before the sample taken before it
+            state, obs = engine.observe(state, build_event(seqr, ev, 1), T0 + t)
+            out += obs
+        if lagging is not None:  # the ingest: each sample judged a second late
+            state, obs = engine.observe(state, lagging, T0 + t)
+            out += obs
+        lagging = frame
         state, obs = engine.tick(state, T0 + t)
         out += obs
     return out, state
@@ -98,15 +143,21 @@ def test_node_fault_schedule_gives_the_same_verdicts_as_the_generic_code(
     monkeypatch.setattr(node.NodeChecks, "fast", False)
     monkeypatch.setattr(node, "_ib_errors", generic_ib_errors)
     monkeypatch.setattr(model, "check_key", generic_check_key)
+    monkeypatch.setattr(model.Verdicts, "ok", plain_ok)
     plain, plain_state = judge()
     assert plain_state.hosts["n1"].ib_quiet is None
     assert fast == plain
     # the checks end alike, dates included (the fast path dates what the full path would)
     assert state.hosts["n1"].checks == plain_state.hosts["n1"].checks
+    for index, gs in state.hosts["n1"].gpus.items():
+        assert gs.checks == plain_state.hosts["n1"].gpus[index].checks, index
     problems: dict[str, Any] = {}
     for o in fast:
         if o.status != "healthy":
             problems.setdefault(o.check, o.status)
     # the schedule really trips the node checks (or the comparison would prove little)
-    for check in ("host.ib_errors", "host.ib_flap", "host.ib_port", "host.sxid", "host.kmsg", "host.module"):
+    for check in (
+        "host.ib_errors", "host.ib_flap", "host.ib_port", "host.sxid", "host.kmsg", "host.module",
+        "gpu.ecc_dbe", "gpu.clock_events", "gpu.xid",
+    ):  # fmt: skip
         assert check in problems, (check, sorted(problems))
