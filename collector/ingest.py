@@ -32,7 +32,14 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from collector import stream
 from collector.config import CollectorConfig
@@ -220,8 +227,18 @@ class Ingest:
         Messages are acknowledged after the hooks ran (judged and persisted): a member killed
         in between leaves them to the next owner, which judges them again."""
         js = nc.jetstream()
-        self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
-        await stream.partition(js, buckets)
+        # members starting together update the stream at once; on a loaded cluster such an
+        # update can outlast the API timeout: both steps are idempotent, so they are retried
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((nats.errors.TimeoutError, TimeoutError)),
+            wait=wait_exponential_jitter(multiplier=0.5, max=5.0),
+            stop=stop_after_delay(120),
+            before_sleep=lambda rs: log.warning("stream setup timed out, retrying: %s", rs.outcome),
+            reraise=True,
+        ):
+            with attempt:
+                self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
+                await stream.partition(js, buckets)
         self.source = BucketConsumers(js, self.cfg)
         self.owns = owns
 

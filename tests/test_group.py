@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
 import asyncpg
 import nats
+import nats.errors
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
+from collector import stream
 from collector.group import fence
 from collector.group.assign import assign, bucket_of, moved
 from collector.group.lease import Membership
+from collector.ingest import Ingest
 from collector.stream import bucket_transform
 from gpuwarden.servers import NatsServer
+from shared.subjects import STREAM
+from tests.support.collector import load_toml
 from tests.support.wait import until
 
 
@@ -173,3 +180,32 @@ async def test_fencing_tokens(conn: asyncpg.Connection) -> None:
     assert not await fence.claim(conn, rid, 3, 10, "a")
     assert await fence.claim(conn, rid, 3, 12, "b")
     assert await conn.fetchval("SELECT claimed_by FROM notification_outbox WHERE id = $1", rid) == "b"
+
+
+async def test_stream_setup_is_retried_when_the_cluster_answers_late(
+    tmp_path: Path, private_nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members starting together update the stream at once; on a loaded cluster such an update
+    outlasts the API timeout (seen with three members on a three-node cluster): the member retries
+    instead of failing its start."""
+    cfg = load_toml(tmp_path, "postgresql://127.0.0.1:1/none", private_nats.url, "")
+    real = stream.partition
+    calls = 0
+
+    async def late_once(js: JetStreamContext, buckets: int) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise nats.errors.TimeoutError
+        return await real(js, buckets)
+
+    monkeypatch.setattr(stream, "partition", late_once)
+    nc = await nats.connect(private_nats.url)
+    try:
+        ingest = Ingest(cfg, writer=None)  # type: ignore[arg-type]  # (setup writes nothing)
+        await ingest.setup_group(nc, 64, lambda b: True)
+        assert calls == 2
+        info = await nc.jetstream().stream_info(STREAM)
+        assert info.config.subject_transform == bucket_transform(64)
+    finally:
+        await nc.close()

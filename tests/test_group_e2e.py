@@ -1,6 +1,7 @@
-"""A collector group end to end: real nats-server, PostgreSQL, a simulated fleet, a webhook
-receiver, and group members (in this process, or as ``gpuwarden collector run`` processes that
-are killed and stopped). See docs/operations.md ("Collector group")."""
+"""A collector group end to end: real nats-server (one, or a three-node cluster with stream
+replicas 3), PostgreSQL, a simulated fleet, a webhook receiver, and group members (in this
+process, or as ``gpuwarden collector run`` processes that are killed and stopped). See
+docs/operations.md ("Collector group")."""
 
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import pytest
 
 from agent.fleet import Fleet, host_name
 from collector.group.assign import bucket_of
-from gpuwarden.servers import NatsServer, free_port
+from gpuwarden.servers import NatsCluster, NatsServer, free_port
 from shared.config import NatsConfig
+from tests.support.cluster import published_keys, stored_keys
 from tests.support.group import owners
 from tests.support.wait import until
 from tests.test_alerting import Receiver, collector, webhook_toml, write_config
+from tests.test_nats_cluster import STREAM_BYTES, cluster_nats
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = """
@@ -41,7 +44,7 @@ ALERTS = """
 [alerts]
 provider_incident_min_hosts = 100000
 [health]
-stale_after = "30s"
+stale_after = "60s"  # a group restart under load leaves the hosts silent ~30 s
 """
 
 
@@ -107,7 +110,7 @@ async def test_a_group_of_one_holds_every_bucket_and_alerts_once(
 class Members:
     """``gpuwarden collector run --group`` processes sharing one configuration file."""
 
-    def __init__(self, tmp: Path, config: Path, nats_url: str) -> None:
+    def __init__(self, tmp: Path, config: Path, nats_url: str | list[str]) -> None:
         self.tmp = tmp
         self.config = config
         self.nats_url = nats_url
@@ -145,7 +148,15 @@ class Members:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
 
-def group_config(tmp: Path, pg_dsn: str, url: str, hook: str, lease: str = "4s") -> Path:
+def group_config(tmp: Path, pg_dsn: str, url: str | list[str], hook: str, lease: str = "4s") -> Path:
+    """The members' configuration; on a cluster (``url``: every node's), three replicas."""
+    urls = [url] if isinstance(url, str) else url
+    servers = ", ".join(f'"{u}"' for u in urls)
+    cluster = (
+        f'stream_replicas = 3\nstream_max_bytes = {STREAM_BYTES}\nreconnect_wait = "200ms"\n'
+        if len(urls) > 1
+        else ""
+    )
     path = tmp / "group.toml"
     path.write_text(
         f"""
@@ -155,8 +166,8 @@ lease = "{lease}"
 batch = 200
 fetch_timeout = "100ms"
 [nats]
-servers = ["{url}"]
-[postgres]
+servers = [{servers}]
+{cluster}[postgres]
 dsn = "{pg_dsn}"
 [alerting]
 tick = "200ms"
@@ -168,7 +179,7 @@ health_snapshot = "1s"
     return path
 
 
-async def split_in(url: str, members: set[str]) -> dict[int, str]:
+async def split_in(url: str | list[str], members: set[str]) -> dict[int, str]:
     """Wait until the 64 buckets are held by exactly ``members``; the table."""
     table: dict[int, str] = {}
 
@@ -192,18 +203,6 @@ async def pending_rows(pg_dsn: str) -> int:
         await conn.close()
 
 
-async def stored_samples(pg_dsn: str) -> tuple[int, int]:
-    """(sample rows, distinct sample frames) in PostgreSQL."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        row = await conn.fetchrow(
-            "SELECT count(*) AS n, count(DISTINCT (host_id, boot_id, seq)) AS d FROM host_samples"
-        )
-        return int(row["n"]), int(row["d"])
-    finally:
-        await conn.close()
-
-
 def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
     """Fleet host indexes (of ``n``) whose bucket ``member`` holds in ``table``."""
     return [i for i in range(n) if table[bucket_of(host_name(i), 64)] == member]
@@ -211,7 +210,7 @@ def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def three_members(
-    tmp: Path, pg_dsn: str, url: str, hook: str, extra: str = ""
+    tmp: Path, pg_dsn: str, url: str | list[str], hook: str, extra: str = ""
 ) -> AsyncIterator[tuple[Members, dict[int, str]]]:
     """Members m0, m1 and m2 started (``extra``: more configuration), each holding its share of
     the buckets (yielded with the table); every member is stopped on the way out."""
@@ -229,12 +228,47 @@ async def three_members(
 HOSTS = 200
 
 
-@pytest.mark.timeout(400)
+async def _dump(pg_dsn: str, host: str) -> None:
+    """Print what PostgreSQL holds of ``host``'s alerts (a failed test's diagnosis)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for r in await conn.fetch(
+            "SELECT partition, fingerprint, kind, state, extract(epoch from at) AS at, incident"
+            " FROM alert_transitions WHERE labels->>'host' = $1 ORDER BY at",
+            host,
+        ):
+            print("TRANSITION", dict(r))
+        for r in await conn.fetch(
+            "SELECT partition, delivery_key, status, claimed_by FROM notification_outbox"
+            " WHERE payload->'labels'->>'host' = $1",
+            host,
+        ):
+            print("OUTBOX", dict(r))
+        for r in await conn.fetch(
+            "SELECT partition, fingerprint, state, updated_at FROM alerts WHERE labels->>'host' = $1", host
+        ):
+            print("ALERT", dict(r))
+        for r in await conn.fetch("SELECT partition, data FROM health_state ORDER BY partition"):
+            d = json.loads(r["data"])
+            if host in d.get("hosts", {}):
+                print("HEALTH", r["partition"], d["hosts"][host].get("recent_events"))
+    finally:
+        await conn.close()
+
+
+async def _stored_all(pg_dsn: str, n: int) -> bool:
+    return sum((await stored_keys(pg_dsn)).values()) >= n
+
+
+@pytest.mark.timeout(500)
 async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
-    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+    tmp_path: Path, pg_dsn: str, nats_cluster: NatsCluster
 ) -> None:
-    url = private_nats.url
-    async with Receiver() as rx, three_members(tmp_path, pg_dsn, url, rx.url) as (group, table):
+    """On a three-node NATS cluster, stream replicas 3: one member is SIGKILLed while faults
+    arrive on its hosts. Every fault is paged once (by delivery id), every frame stored once;
+    then the whole group restarts: nothing is paged again."""
+    urls = nats_cluster.urls
+    async with Receiver() as rx, three_members(tmp_path, pg_dsn, urls, rx.url) as (group, table):
         victim = hosts_of(table, "m0", HOSTS)
         others = [i for i in range(HOSTS) if i not in victim]
         # faults on the victim's hosts before, around and after its death; some on the others'
@@ -243,7 +277,7 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
             i: 5 + 3 * k for k, i in enumerate(others[:6])
         }
         faults = [f"{host_name(i)}/gpu0:xid=79@{t}s" for i, t in times.items()]
-        fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
+        fleet = Fleet(cluster_nats(urls), hosts=HOSTS, gpus=1, interval=1.0, faults=faults)
         await fleet.start()
         run = asyncio.create_task(fleet.run(duration=60))
         try:
@@ -252,49 +286,32 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
             await until(lambda: host_name(victim[0]) in xids(rx), timeout=60)
             group.signal("m0", signal.SIGKILL)
             killed = time.monotonic()
-            await split_in(url, {"m1", "m2"})
+            await split_in(urls, {"m1", "m2"})
             takeover = time.monotonic() - killed
             await until(lambda: set(xids(rx)) >= {host_name(i) for i in faulted}, timeout=120)
         finally:
             fleet.stop()
             await run
-            await fleet.close()
-        published = fleet.stats.samples
-
-        async def all_stored() -> bool:
-            return (await stored_samples(pg_dsn))[1] >= published
-
-        await until(all_stored, timeout=60)
+            await fleet.close(flush_timeout=120)
+        silent = time.monotonic()  # the hosts' last frames
+        published = published_keys(fleet)
+        try:
+            await until(lambda: _stored_all(pg_dsn, len(published)), timeout=120)
+        except AssertionError:
+            missing = sorted(published - set(await stored_keys(pg_dsn)))
+            print("MISSING", len(missing), Counter(h for h, _, _ in missing).most_common(10), missing[:10])
+            print("OWNERS", Counter((await owners(urls)).values()))
+            raise
         await until(_none_pending(pg_dsn), timeout=60)
         got = xids(rx)
         if got != Counter({host_name(i): 1 for i in faulted}):
-            conn = await asyncpg.connect(pg_dsn)
-            for r in await conn.fetch(
-                "SELECT partition, fingerprint, kind, state, extract(epoch from at) AS at, incident"
-                " FROM alert_transitions WHERE labels->>'host' = $1 ORDER BY at",
-                host_name(victim[0]),
-            ):
-                print("TRANSITION", dict(r))
-            for r in await conn.fetch(
-                "SELECT partition, delivery_key, status, claimed_by FROM notification_outbox"
-                " WHERE payload->'labels'->>'host' = $1",
-                host_name(victim[0]),
-            ):
-                print("OUTBOX", dict(r))
-            for r in await conn.fetch(
-                "SELECT partition, fingerprint, state, updated_at FROM alerts WHERE labels->>'host' = $1",
-                host_name(victim[0]),
-            ):
-                print("ALERT", dict(r))
-            for r in await conn.fetch("SELECT partition, data FROM health_state ORDER BY partition"):
-                d = json.loads(r["data"])
-                if host_name(victim[0]) in d.get("hosts", {}):
-                    print("HEALTH", r["partition"], d["hosts"][host_name(victim[0])].get("recent_events"))
-            await conn.close()
+            await _dump(pg_dsn, host_name(victim[0]))
         assert got == Counter({host_name(i): 1 for i in faulted}), xid_keys(rx)
         copies = sum(n - 1 for n in deliveries(rx).values())  # the same delivery id again
-        rows, distinct = await stored_samples(pg_dsn)
-        assert rows == distinct == published  # every frame stored, once
+        stored = await stored_keys(pg_dsn)
+        assert set(stored) == published  # every frame stored
+        assert set(stored.values()) == {1}  # once
+        assert fleet.publisher.stats.dropped == 0
         print(f"takeover after SIGKILL: {takeover:.1f} s (lease 4 s); copies of a delivery: {copies}")
 
         # the whole group restarts: nothing is notified again
@@ -303,17 +320,15 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
         group.procs.clear()
         for name in ("n0", "n1", "n2"):
             group.start(name)
-        await split_in(url, {"n0", "n1", "n2"})
-        fleet2 = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0)
+        await split_in(urls, {"n0", "n1", "n2"})
+        print(f"hosts silent for {time.monotonic() - silent:.0f} s")
+        fleet2 = Fleet(cluster_nats(urls), hosts=HOSTS, gpus=1, interval=1.0)
         await fleet2.start()
         run2 = asyncio.create_task(fleet2.run(duration=8))
         await run2
-        await fleet2.close()
-
-        async def stored_again() -> bool:
-            return (await stored_samples(pg_dsn))[1] >= published + fleet2.stats.samples
-
-        await until(stored_again, timeout=60)
+        await fleet2.close(flush_timeout=60)
+        both = len(published) + len(published_keys(fleet2))
+        await until(lambda: _stored_all(pg_dsn, both), timeout=60)
         await until(_none_pending(pg_dsn), timeout=60)
         news = [json.loads(b) for _, b, _ in rx.received[before:]]
         assert [a["labels"]["alertname"] for b in news for a in b["alerts"] if a["status"] == "firing"] == []

@@ -9,7 +9,7 @@ import nats
 import nats.js.errors
 
 
-async def owners(url: str, kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
+async def owners(url: str | list[str], kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
     """bucket -> the member holding its lease now (from the group's KV bucket)."""
     nc = await nats.connect(url)
     try:
