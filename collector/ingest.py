@@ -175,6 +175,7 @@ class IngestStats:
     skipped_other_partition: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     gpu_entries_rejected: Counter[str] = field(default_factory=Counter)  # GPU entries dropped, by reason
+    samples_unjoined: int = 0  # v2 samples accepted before any inventory of their host (StaticFacts.unjoined)
     hook_errors: int = 0  # a hook (state, health) raised on a committed batch
     batches: int = 0
     last_batch_size: int = 0
@@ -423,6 +424,7 @@ class Ingest:
             if type(item) is Accepted:
                 if (joined := self.static.join(item.frame)) is not item.frame:
                     item = replace(item, frame=joined)
+                    self.stats.samples_unjoined = self.static.unjoined
                 if self.rate_limit.allow(item.frame.host, _stream_time(m, now)):
                     batch.accepted.append(item)
                     if id(m) in batch.redo:

@@ -866,6 +866,11 @@ class FleetCollector(Collector):
             dropped.add_metric([reason], float(n))
         yield dropped
         yield CounterMetricFamily(
+            c + "samples_unjoined",
+            "Samples accepted without their GPUs' static facts (no inventory of the host yet).",
+            value=float(st.samples_unjoined),
+        )
+        yield CounterMetricFamily(
             c + "hook_errors", "Batches a hook (state, health) failed on.", value=float(st.hook_errors)
         )
         yield CounterMetricFamily(c + "batches", "Batches committed.", value=float(st.batches))

@@ -12,8 +12,12 @@ from agent.gpu.simulated import SimulatedBackend
 from agent.sampler import InventorySchedule, Sequencer, build_inventory, build_sample
 from agent.system import SimulatedSystem
 from collector.health import HealthEngine
+from collector.health.config import ProviderThresholds
+from collector.health.live import LiveRollup
 from collector.health.model import HealthState
 from collector.ingest import Limits, check
+from collector.metrics import FleetCollector
+from collector.state import FleetState
 from collector.static import StaticFacts
 from collector.store.writer import Accepted
 from gpuwarden.servers import NatsServer
@@ -159,3 +163,36 @@ async def test_a_collector_stores_v1_and_v2_frames_alike(
     )
     assert [u["uuid"] for u in uuids] == [g.uuid for g in sent["new-2"][0].gpus]
     assert await conn.fetchval("SELECT count(*) FROM gpus WHERE uuid = ''") == 0
+
+
+async def test_samples_before_their_hosts_inventory_are_counted_and_exported(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    """A compact sample that arrives before any inventory of its host is stored without its
+    static facts and counted (``gpuwarden_collector_samples_unjoined_total``); once the
+    inventory has passed, the host's samples are joined and no longer counted."""
+    seqr, backend, system, schedule = _host("st-9", seed=9)
+    now = time.time()
+    gpus = backend.sample()
+    full = schedule.due(backend.inventory(), gpus)
+    assert full is not None
+    early = build_sample(seqr, interval_s=1.0, gpus=gpus, system=system.sample(), ts=now)
+    inv = build_inventory(seqr, full, system.host_facts(), ts=now + 1)
+    late = build_sample(seqr, interval_s=1.0, gpus=backend.sample(), system=system.sample(), ts=now + 2)
+    async with running(config(pg_dsn, private_nats.url)) as ingest:
+        nc = await nats.connect(private_nats.url)
+        js = nc.jetstream()
+        await js.publish(subject_for("sample", seqr.provider, seqr.host), encode(early, static=False))
+        await js.publish(subject_for("inventory", seqr.provider, seqr.host), encode(inv))
+        await js.publish(subject_for("sample", seqr.provider, seqr.host), encode(late, static=False))
+        await until(lambda: ingest.stats.frames_stored >= 3, timeout=60)
+        await nc.close()
+        assert ingest.stats.samples_unjoined == 1
+        exported = FleetCollector(
+            FleetState(),
+            LiveRollup(HealthState, ProviderThresholds()),
+            HealthState,
+            lambda: ingest.stats,
+            dict,
+        ).render()
+    assert b"gpuwarden_collector_samples_unjoined_total 1.0" in exported
