@@ -40,6 +40,7 @@ from collector.alerts import (
     Silence,
     parse_matcher,
 )
+from collector.alerts.correlate import Fleet
 from collector.alerts.model import (
     ALERT_STATES,
     N_FIRING,
@@ -208,6 +209,7 @@ class Alerting:
         self.on_judged = on_judged  # told the frames of each judged batch (the live rollup)
         self.on_forgotten = on_forgotten  # told each host forgotten
         self.fleet_view: FleetView | None = None  # a group member's view of the others' buckets (reads)
+        self.provider_totals: Callable[[], Mapping[str, int]] | None = None  # a group: the fleet's hosts
         self.remediation = remediation
         self.scope = scope  # a collector group member: it judges and writes its buckets only
         # a collector group member: silences told to the others, acknowledgements of alerts
@@ -538,9 +540,12 @@ class Alerting:
         them: a page never waits for PostgreSQL's commit."""
         async with self._lock:
             t = time.perf_counter()
-            out = self.engine.evaluate(
-                self.alerts_state, obs, now, commands, self.health.provider_hosts() if obs else None
-            )
+            fleet = self._fleet()
+            if fleet is not None and self.provider_totals is not None:
+                totals: Mapping[str, int] | None = self.provider_totals()  # every member's hosts
+            else:
+                totals = self.health.provider_hosts() if obs else None
+            out = self.engine.evaluate(self.alerts_state, obs, now, commands, totals, fleet)
             self.counts["evaluations"] += 1
             self.counts["observations"] += len(obs)
             self._collect(out, obs)
@@ -555,6 +560,12 @@ class Alerting:
             t1 = time.perf_counter()
             await self._persist(now)
             self.seconds["persist"] += time.perf_counter() - t1
+
+    def _fleet(self) -> Fleet | None:
+        """A group member's: the providers it judges provider-wide, the others' alerts."""
+        if self.scope is None or self.fleet_view is None:
+            return None
+        return Fleet(self.scope.judges, {a.fingerprint: a for a in self.fleet_view.alerts()})
 
     def pg_down(self) -> bool:
         """PostgreSQL is known unreachable (an alerting write or the ingest failed, not since ok)."""

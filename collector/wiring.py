@@ -238,6 +238,8 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
             lambda: runner.alerts_state, state, broadcaster,
         )  # fmt: skip
         live.remote = runner.fleet_view = view
+        # provider-wide incidents are judged over the whole provider (by its bucket's holder)
+        runner.provider_totals = lambda: {p: ph.hosts for p, ph in live.current().providers.items()}
     fast_events = FastEvents(
         nats,
         ingest.limits,

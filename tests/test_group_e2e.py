@@ -495,3 +495,79 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
             group.stop_all()
             await tap.close()
         assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
+
+
+def provider_pages(rx: Receiver) -> dict[str, set[str]]:
+    """kind of provider-incident notification -> the delivery ids received (incident ids apart)."""
+    out: dict[str, set[str]] = {}
+    for headers, raw, _ in rx.received:
+        for a in json.loads(raw)["alerts"]:
+            if a["labels"]["alertname"] == "provider.incident":
+                kind = a["annotations"]["kind"]
+                out.setdefault(kind, set()).add(headers.get("X-Gpuwarden-Delivery", ""))
+                out.setdefault("incidents", set()).add(a["annotations"]["incident"])
+    return out
+
+
+@pytest.mark.timeout(400)
+async def test_a_provider_outage_across_members_is_one_incident_paged_once(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    n = 60  # two providers of 30 hosts (provider-0: the even host numbers)
+    alerts = '[alerts]\nprovider_incident_min_hosts = 3\ngroup_wait = "3s"\n[health]\nstale_after = "30s"\n'
+    async with Receiver() as rx:
+        group = Members(tmp_path, fleet_view_config(tmp_path, pg_dsn, url, rx.url, alerts), url)
+        try:
+            for name in ("m0", "m1", "m2"):
+                group.start(name)
+            table = await split_in(url, {"m0", "m1", "m2"})
+            judge = table[bucket_of("provider-0", 64)]
+            # 3 failing hosts of provider-0 on each member: 9 of 30, more than 20 %; no member
+            # has more than 3 of them (10 %): only the whole provider makes an incident
+            down = [
+                i for m in ("m0", "m1", "m2") for i in [j for j in hosts_of(table, m, n) if j % 2 == 0][:3]
+            ]
+            assert len(down) == 9
+            faults = [f"{host_name(i)}/gpu0:xid=79@20s" for i in down]
+            fleet = Fleet(
+                NatsConfig(servers=(url,)), hosts=n, gpus=1, providers=2, interval=1.0, faults=faults
+            )
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=90))
+            try:
+                await until(lambda: "provider_incident" in provider_pages(rx), timeout=120)
+                # every member lists the one incident (the judge's, through the others' views)
+                async with aiohttp.ClientSession() as http:
+
+                    async def one_everywhere() -> bool:
+                        seen = []
+                        for m in ("m0", "m1", "m2"):
+                            async with http.get(
+                                f"http://127.0.0.1:{group.ports[m]}/api/v1/incidents?open=true"
+                            ) as r:
+                                items = (await r.json())["items"]
+                            seen.append(sorted(i["id"] for i in items if i["host"] is None))
+                        return len(seen[0]) == 1 and seen == seen[:1] * 3
+
+                    await until(one_everywhere, timeout=30)
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+            await until(_none_pending(pg_dsn), timeout=60)
+        finally:
+            group.stop_all()
+        pages = provider_pages(rx)
+        assert len(pages["incidents"]) == 1, pages  # one provider incident, not one per member
+        assert len(pages["provider_incident"]) == 1, pages  # paged once
+        first = next(
+            json.loads(raw)["alerts"][0]
+            for _, raw, _ in rx.received
+            if json.loads(raw)["alerts"][0]["annotations"].get("kind") == "provider_incident"
+        )
+        named = set(first["annotations"]["hosts"].split(","))
+        owners_named = {table[bucket_of(h, 64)] for h in named}
+        assert len(named) >= 7, first  # more than 20 % of 30: hosts of more than one member
+        assert len(owners_named) >= 2, (first, judge)
+        assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))

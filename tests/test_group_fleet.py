@@ -7,10 +7,12 @@ from collections.abc import Mapping
 
 import msgspec
 
-from collector.alerts.model import Alert, Incident
+from collector.alerts import AlertEngine, alert_config_from
+from collector.alerts.correlate import Fleet
+from collector.alerts.model import Alert, AlertState, Incident, Notification
 from collector.group.assign import bucket_of
 from collector.group.fleet import MAX_ITEMS, FleetView, HostRow, Outbox, Summary, decode, encode
-from collector.health.model import STATUSES, UNKNOWN
+from collector.health.model import STATUSES, UNKNOWN, Observation, labels_key
 
 BUCKETS = 64
 
@@ -214,3 +216,88 @@ def test_a_frame_that_only_moves_last_seen_sends_nothing() -> None:
     a.ack_by = "ops"
     msgs = out.messages(2.0, held_of(HOSTS), hosts, {b: {a.fingerprint: a}}, {}, False)
     assert [d["ack_by"] for s in msgs for d in s.alerts] == ["ops"]
+
+
+# ----------------------------------------------------------------------------- provider-wide incidents
+
+T0 = 1_700_000_000.0
+ESCALATION = {
+    "policy": [
+        {
+            "name": "critical",
+            "match": {"severity": "critical"},
+            "levels": [{"after": "0s", "notify": ["oncall"]}],
+        }
+    ]
+}
+
+
+def engine() -> AlertEngine:
+    raw = {"alerts": {"provider_incident_min_hosts": 3}, "escalation": ESCALATION}
+    return AlertEngine(alert_config_from(raw, env={}))
+
+
+def down(host: str, at: float, status: str = "critical") -> Observation:
+    labels = {"provider": "p", "host": host}
+    key = labels_key("host.unreachable", labels)
+    return Observation("host.unreachable", status, labels, key, at, 1.0, f"unreachable: {status}", "", True)
+
+
+class Member:
+    """One member's engine, judging provider ``p`` or not, reading the other's alerts."""
+
+    def __init__(self, judges: bool) -> None:
+        self.engine, self.state, self.judges = engine(), AlertState(), judges
+        self.notes: list[Notification] = []
+
+    def __call__(self, now: float, other: Member, *obs: Observation) -> None:
+        fleet = Fleet(lambda p: self.judges, dict(other.state.by_fp))
+        self.state, _, notes = self.engine.evaluate(self.state, list(obs), now, (), {"p": 10}, fleet)
+        self.notes += notes
+
+    def kinds(self) -> list[tuple[str, tuple[str, ...]]]:
+        return [(n.kind, n.hosts if n.fingerprint is None else (n.labels["host"],)) for n in self.notes]
+
+
+def test_one_member_judges_a_provider_over_every_members_hosts() -> None:
+    a, b = Member(judges=True), Member(judges=False)
+    # 3 of the provider's 10 hosts fail: one judged by a, two by b; none alone has enough
+    b(T0, a, down("h5", T0), down("h6", T0))
+    a(T0 + 0.5, b, down("h0", T0 + 0.5))
+    for t in range(1, 120, 5):
+        b(T0 + t, a)
+        a(T0 + t, b)
+    assert b.kinds() == [("firing", ("h5",)), ("firing", ("h6",))]  # told by their owner
+    assert [i for i in b.state.incidents.values() if i.host is None] == []  # b judges no provider
+    assert a.kinds()[0] == ("provider_incident", ("h0", "h5", "h6"))  # one incident, the whole provider
+    assert [k for k, _ in a.kinds()] == ["provider_incident"]
+    (inc,) = [i for i in a.state.incidents.values() if i.host is None]
+    assert inc.hosts == ["h0", "h5", "h6"]
+    assert inc.total_hosts == 10
+    # every host recovers: the judge closes it once the others' alerts resolved too
+    t0 = T0 + 200
+    b(t0, a, down("h5", t0, "healthy"), down("h6", t0, "healthy"))
+    a(t0, b, down("h0", t0, "healthy"))
+    for t in range(0, 900, 30):
+        b(t0 + t, a)
+        a(t0 + t, b)
+    assert inc.closed_at is not None
+    assert [k for k, _ in a.kinds()] == ["provider_incident", "resolved"]
+
+
+def test_the_judge_opens_it_from_the_others_alerts_alone() -> None:
+    a, b = Member(judges=True), Member(judges=False)
+    b(T0, a, down("h5", T0), down("h6", T0), down("h7", T0))
+    assert [i for i in b.state.incidents.values() if i.host is None] == []
+    for t in range(1, 120, 5):
+        a(T0 + t, b)  # no frame of its own: the others' alerts are enough
+    assert a.kinds() == [("provider_incident", ("h5", "h6", "h7"))]
+
+
+def test_a_member_that_does_not_judge_opens_nothing_even_with_enough_hosts() -> None:
+    a, b = Member(judges=True), Member(judges=False)
+    b(T0, a, *(down(f"h{i}", T0) for i in range(5, 10)))
+    for t in range(1, 120, 5):
+        b(T0 + t, a)
+    assert [k for k, _ in b.kinds()] == ["firing"] * 5
+    assert [i for i in b.state.incidents.values() if i.host is None] == []

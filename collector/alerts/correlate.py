@@ -8,7 +8,8 @@ told yet, it is notified then.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from collector.alerts.config import FOREVER, AlertConfig, Policy, Silence, matches_all
 from collector.alerts.model import (
@@ -32,13 +33,26 @@ from collector.health.model import CRITICAL, RANK
 PROVIDER_RULE = "provider.incident"
 
 
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """A collector group member's engine: which providers' provider-wide incidents it judges
+    (one member per provider: the one holding the provider's bucket), and the alerts the other
+    members judged (their hosts), which count toward those incidents as its own do."""
+
+    judges: Callable[[str], bool]
+    alerts: Mapping[str, Alert] = field(default_factory=dict)  # fingerprint -> alert judged elsewhere
+
+
 class Ctx:
     """What one ``evaluate`` call collects."""
 
-    __slots__ = ("accepting", "due", "fired", "later", "member_notes", "notifications", "now", "transitions")
+    __slots__ = (
+        "accepting", "due", "fired", "fleet", "later", "member_notes", "notifications", "now", "transitions",
+    )  # fmt: skip
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, fleet: Fleet | None = None) -> None:
         self.now = now
+        self.fleet = fleet
         self.transitions: list[Transition] = []
         self.notifications: list[Notification] = []
         self.fired: dict[str, Alert] = {}  # became firing or notifiable: correlate, then notify
@@ -254,6 +268,28 @@ class Correlator:
 
     # ------------------------------------------------------------------ provider-wide incidents
 
+    @staticmethod
+    def _member(state: AlertState, ctx: Ctx, fp: str) -> Alert | None:
+        """An incident member: this engine's alert, or (a group) another member's."""
+        a = state.by_fp.get(fp)
+        if a is None and ctx.fleet is not None:
+            a = ctx.fleet.alerts.get(fp)
+        return a
+
+    def sweep(self, state: AlertState, ctx: Ctx, provider_hosts: Mapping[str, int] | None) -> None:
+        """A group member: open the provider-wide incidents it judges that the other members'
+        alerts call for (its own fired alerts are correlated as they fire)."""
+        if ctx.fleet is None:
+            return
+        providers = {
+            p
+            for a in ctx.fleet.alerts.values()
+            if a.state == FIRING and a.severity == CRITICAL and not a.silenced_by
+            and f"provider:{(p := a.labels.get('provider', ''))}" not in state.open_incidents
+        }  # fmt: skip
+        for p in sorted(providers):
+            self._provider_incident(state, p, ctx, provider_hosts)
+
     def provider_incident_of(self, state: AlertState, a: Alert) -> Incident | None:
         iid = state.open_incidents.get(f"provider:{a.labels.get('provider', '')}")
         return state.incidents.get(iid) if iid else None
@@ -265,7 +301,7 @@ class Correlator:
         if got is None:
             hosts = set()
             for fp in inc.alerts:
-                m = state.by_fp.get(fp)
+                m = self._member(state, ctx, fp)
                 if m is not None and m.state == FIRING and m.severity == CRITICAL and not m.silenced_by:
                     hosts.add(m.labels.get("host", ""))
             got = ctx.accepting[inc.id] = len(hosts) >= self.config.alerts.provider_incident_min_hosts
@@ -363,7 +399,9 @@ class Correlator:
             self._cover(inc, a, pol, ctx)
         if inc.last_sent_at is None:  # the first notification: every failing host, grouped
             inc.notified = True
-            members = [m for m in map(state.by_fp.get, inc.alerts) if m is not None and notifiable(m)]
+            members = [
+                m for fp in inc.alerts if (m := self._member(state, ctx, fp)) is not None and notifiable(m)
+            ]
             members += [a for a in new if a not in members]  # (one that resolved meanwhile is told too)
             summary = (
                 f"provider {inc.provider}: {len(inc.hosts)} of {inc.total_hosts} hosts failing within "
@@ -449,23 +487,26 @@ class Correlator:
     def _provider_incident(
         self, state: AlertState, p: str, ctx: Ctx, provider_hosts: Mapping[str, int] | None
     ) -> None:
-        if f"provider:{p}" in state.open_incidents:
-            return
+        if f"provider:{p}" in state.open_incidents or (ctx.fleet is not None and not ctx.fleet.judges(p)):
+            return  # (a group: another member judges this provider)
         cfg, now = self.config.alerts, ctx.now
         total = provider_hosts.get(p, 0) if provider_hosts is not None else len(state.hosts.get(p, {}))
         cut = now - cfg.correlation_window
         failing: dict[str, list[str]] = {}
-        for h in state.hosts.get(p, {}):
-            for key in state.by_host.get((p, h), {}):
-                a = state.alerts[key]
-                if (
-                    a.state == FIRING
-                    and a.severity == CRITICAL
-                    and not a.silenced_by
-                    and a.fired_at is not None
-                    and a.fired_at >= cut
-                ):
-                    failing.setdefault(h, []).append(a.fingerprint)
+        candidates = [
+            state.alerts[key] for h in state.hosts.get(p, {}) for key in state.by_host.get((p, h), {})
+        ]
+        if ctx.fleet is not None:  # the provider's hosts judged by the other members of a group
+            candidates += [a for a in ctx.fleet.alerts.values() if a.labels.get("provider", "") == p]
+        for a in candidates:
+            if (
+                a.state == FIRING
+                and a.severity == CRITICAL
+                and not a.silenced_by
+                and a.fired_at is not None
+                and a.fired_at >= cut
+            ):
+                failing.setdefault(a.labels.get("host", ""), []).append(a.fingerprint)
         n = len(failing)
         if total <= 0 or n < cfg.provider_incident_min_hosts or n <= cfg.provider_incident_share * total:
             return
@@ -480,10 +521,10 @@ class Correlator:
             return  # recorded only: its alerts are notified on their own
         inc.policy = pol.name
         inc.total_hosts = total
-        for a in (state.by_fp[fp] for fp in inc.alerts):
-            if notifiable(a) and a.level < 0:  # told by the incident's first notification
-                a.notified = "incident"
-                inc.pending.append(a.fingerprint)
+        for m in map(state.by_fp.get, inc.alerts):  # its own (a group: the others' tell theirs)
+            if m is not None and notifiable(m) and m.level < 0:  # told by the first notification
+                m.notified = "incident"
+                inc.pending.append(m.fingerprint)
         # The first notification waits group_wait from the onset, so that what fails together
         # is told together; an event-class critical joining meanwhile sends it at once.
         inc.update_due = now + cfg.group_wait
@@ -494,7 +535,10 @@ class Correlator:
         now, window, nxt = ctx.now, self.config.alerts.correlation_window, FOREVER
         for slot, iid in list(state.open_incidents.items()):
             inc = state.incidents[iid]
-            if any(a is not None and a.state == FIRING for a in map(state.by_fp.get, inc.alerts)):
+            if any(
+                a is not None and a.state == FIRING
+                for a in (self._member(state, ctx, fp) for fp in inc.alerts)
+            ):
                 continue
             if now < inc.last_activity + window:
                 nxt = min(nxt, inc.last_activity + window)

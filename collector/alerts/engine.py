@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from collector.alerts.config import FOREVER, AlertConfig, Policy
-from collector.alerts.correlate import Correlator, Ctx
+from collector.alerts.correlate import Correlator, Ctx, Fleet
 from collector.alerts.model import (
     FIRING,
     N_ESCALATED,
@@ -87,13 +87,15 @@ class AlertEngine:
         now: float,
         commands: Sequence[Command] = (),
         provider_hosts: Mapping[str, int] | None = None,
+        fleet: Fleet | None = None,
     ) -> Outcome:
         """Apply ``commands``, then ``observations``, then whatever time ``now`` makes due.
 
         ``provider_hosts`` (provider -> host count, e.g. ``HealthState.provider_hosts()``)
         sizes provider-wide incidents; without it the hosts seen in observations count.
+        ``fleet``: a collector group member's (the providers it judges, the others' alerts).
         """
-        ctx = Ctx(now)
+        ctx = Ctx(now, fleet)
         for cmd in commands:
             self._command(state, cmd, ctx)
         due = bool(commands) or now >= state.next_due
@@ -115,6 +117,7 @@ class AlertEngine:
         if due:
             self._advance(state, ctx, boundary)
         self._tell(state, ctx, provider_hosts)
+        self.corr.sweep(state, ctx, provider_hosts)
         if ctx.due < state.next_due:
             state.next_due = ctx.due
         return Outcome(state, ctx.transitions, ctx.notifications)

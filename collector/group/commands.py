@@ -273,7 +273,8 @@ class GroupCommands:
         if row is None:
             raise KeyError(iid)
         data = json.loads(row["data"])
-        bucket = self.scope.of_payload({"labels": {"host": row["host"]}, "hosts": data.get("hosts") or ()})
+        # a host's incident goes with its host, a provider-wide one with its provider (its judge)
+        bucket = self.scope.of_payload({"labels": {"host": row["host"], "provider": data.get("provider")}})
         if bucket is None:
             raise KeyError(iid)
         return await self._ask("ack_incident", iid, bucket, by, until, comment, data)

@@ -18,7 +18,7 @@ yet) keeps its hosts, marked stale with an unknown status: never dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -177,7 +177,7 @@ class FleetView:
                 a = alert_of(d)
                 self._at(ab).alerts[a.fingerprint] = a
         for d in s.incidents:
-            ib = self._incident_bucket(d.get("host"), d.get("hosts") or ())
+            ib = self.bucket_of(d.get("host") or d.get("provider") or "")  # a provider's: its bucket
             if ib is not None and ib in ok:
                 inc = incident_of(d)
                 self._at(ib).incidents[inc.id] = inc
@@ -189,13 +189,6 @@ class FleetView:
                 for iid in s.incidents_gone:
                     got.incidents.pop(iid, None)
         return changed
-
-    def _incident_bucket(self, host: str | None, hosts: Iterable[str]) -> int | None:
-        if host:
-            return self.bucket_of(host)
-        for h in hosts:
-            return self.bucket_of(h)
-        return None
 
     def _at(self, b: int) -> _Bucket:
         got = self.buckets.get(b)

@@ -8,10 +8,11 @@ changes by bucket and drops what belongs to a bucket this member no longer holds
 write for it); :class:`collector.group.store.GroupAlertStore` writes the rest in one
 transaction behind the fencing check.
 
-Where a thing goes: an alert, a transition or a delivery by its ``host`` label, else by the
-first of its ``hosts`` (a provider-wide incident's first failing host: a member forms such an
-incident from hosts it owns); what has neither (the collector's own self-check alerts) is the
-member's own (``LOCAL``: written unfenced, not restored by another member).
+Where a thing goes: an alert, a transition or a delivery by its ``host`` label; a provider-wide
+incident and its notifications by its provider (the member holding the provider's bucket
+judges it, over the whole provider: :class:`collector.alerts.correlate.Fleet`); what has
+neither (the collector's own self-check alerts) is the member's own (``LOCAL``: written
+unfenced, not restored by another member).
 """
 
 from __future__ import annotations
@@ -60,22 +61,28 @@ class Scope:
         b = self.bucket(host)
         return b is not None and self.owns(b)
 
-    def _of(self, host: str | None, hosts: Iterable[str] = ()) -> int | None:
+    def _of(self, host: str | None, provider: str | None = None) -> int | None:
         """The bucket of a thing (None: the member's own)."""
         if host:
             return self.bucket(host)
-        for h in hosts:
-            return self.bucket(h)
+        if provider is not None:  # a provider-wide incident: with its provider's judge
+            return self.bucket(provider)
         return None
 
-    def of_labels(self, labels: Mapping[str, Any], hosts: Iterable[str] = ()) -> int | None:
-        return self._of(labels.get("host"), hosts)
+    def of_labels(self, labels: Mapping[str, Any]) -> int | None:
+        return self._of(labels.get("host"))
 
     def of_incident(self, inc: Incident) -> int | None:
-        return self._of(inc.host, inc.hosts)
+        return self._of(inc.host, inc.provider if inc.host is None else None)
 
     def of_payload(self, p: Mapping[str, Any]) -> int | None:
-        return self._of((p.get("labels") or {}).get("host"), p.get("hosts") or ())
+        labels = p.get("labels") or {}
+        return self._of(labels.get("host"), labels.get("provider"))
+
+    def judges(self, provider: str) -> bool:
+        """This member judges the provider's provider-wide incident (it holds its bucket)."""
+        b = self.bucket(provider)
+        return b is not None and self.owns(b)
 
     def split(
         self, ch: Changes, state_incidents: Mapping[str, Incident], held: Iterable[int]
