@@ -156,6 +156,10 @@ class Remediation(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+def _nothing_judged(_: Sequence[Frame], __: Collection[str]) -> None:
+    return None
+
+
 def _nothing(_: Any) -> None:
     return None
 
@@ -181,7 +185,7 @@ class Alerting:
         expected_hosts: Callable[[], Iterable[ListedHost]] = tuple,
         ingest_stats: Callable[[], IngestStats] = IngestStats,
         nats_connected: Callable[[], bool] = lambda: False,
-        on_judged: Callable[[Sequence[Frame]], None] = _nothing,
+        on_judged: Callable[[Sequence[Frame], Collection[str]], None] = _nothing_judged,
         on_forgotten: Callable[[str], None] = _nothing,
         remediation: Remediation | None = None,
         scope: Scope | None = None,
@@ -206,7 +210,8 @@ class Alerting:
         self.expected_hosts = expected_hosts
         self.ingest_stats = ingest_stats
         self.nats_connected = nats_connected
-        self.on_judged = on_judged  # told the frames of each judged batch (the live rollup)
+        # told the frames of each judged batch and the hosts it observed (the live rollup)
+        self.on_judged = on_judged
         self.on_forgotten = on_forgotten  # told each host forgotten
         self.fleet_view: FleetView | None = None  # a group member's view of the others' buckets (reads)
         self.provider_totals: Callable[[], Mapping[str, int]] | None = None  # a group: the fleet's hosts
@@ -422,7 +427,7 @@ class Alerting:
                 if o:
                     obs += o
             self.seconds["health"] += time.perf_counter() - t
-            self.on_judged(part)
+            self.on_judged(part, {o.labels.get("host", "") for o in obs})
             await self._step(obs, now)
 
     async def judge_early(self, frame: Frame) -> None:

@@ -271,7 +271,7 @@ async def test_an_event_is_judged_between_the_chunks_of_a_large_ingest_batch(tmp
     store, clock = MemoryStore(), Clock(T0)
     al, channel, _ = runner(tmp_path, store, clock)
     begun = asyncio.Event()
-    al.on_judged = lambda frames: begun.set()  # (told after each chunk judged)
+    al.on_judged = lambda frames, observed: begun.set()  # (told after each chunk judged)
     hosts_at_page: list[int] = []  # hosts judged when the XID's page was handed over
     submit = al.deliverer.submit
 

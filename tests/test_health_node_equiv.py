@@ -17,8 +17,10 @@ from agent.gpu.simulated import SimulatedBackend
 from agent.sampler import Sequencer, build_event, build_inventory, build_sample
 from agent.system import SimulatedSystem
 from collector.health import HealthEngine, HealthState, Observation, codec, model, node
-from collector.health.config import HealthConfig, NodeThresholds
-from shared.frames import IbPort
+from collector.health.config import HealthConfig, NodeThresholds, ProviderThresholds
+from collector.health.live import LiveRollup
+from collector.health.rollup import rollup
+from shared.frames import Frame, IbPort, replace
 
 T0 = 1_700_000_000.0
 COUNT = st.none() | st.integers(min_value=0, max_value=2**40)
@@ -161,3 +163,47 @@ def test_node_fault_schedule_gives_the_same_verdicts_as_the_generic_code(
         "gpu.ecc_dbe", "gpu.clock_events", "gpu.xid",
     ):  # fmt: skip
         assert check in problems, (check, sorted(problems))
+
+
+def test_the_live_rollup_marks_what_a_judged_sample_changed() -> None:
+    """LiveRollup.mark with the observed hosts (a sample marks its host only when observed or
+    when its GPUs' identity, staleness or loss changed) keeps the rollup equal to a full one
+    after every frame, over the fault schedule, a GPU left out of samples for a while and a
+    second, healthy host without an inventory (its GPU goes stale and back unobserved)."""
+    clock = [0.0]
+    schedule = FaultSchedule.parse([f"n1:{f}" if not f.startswith("gpu") else f"n1/{f}" for f in FAULTS])
+    sims = []
+    for name, faults in (("n1", schedule), ("n2", None)):
+        backend = SimulatedBackend(
+            8, host=name, seed=3, faults=faults, clock=lambda: clock[0], wall=lambda: T0
+        )
+        system = SimulatedSystem(host=name, seed=3, faults=faults, clock=lambda: clock[0])
+        backend.open()
+        system.open()
+        sims.append((Sequencer(host=name, provider="p"), backend, system))
+    engine, state = HealthEngine(HealthConfig()), HealthState()
+    live = LiveRollup(lambda: state, ProviderThresholds())
+    marked = 0
+    for t in range(150):
+        clock[0] = float(t)
+        for seqr, backend, system in sims:
+            frames: list[Frame] = []
+            if t == 0 and seqr.host == "n1":  # n2 sends none: no GPU count to miss GPU 7 against
+                frames.append(build_inventory(seqr, backend.inventory(), system.host_facts(), T0))
+            frames += [build_event(seqr, ev, 1) for ev in backend.poll_events()]
+            sample = build_sample(
+                seqr, interval_s=1.0, gpus=backend.sample(), system=system.sample(), ts=T0 + t
+            )
+            if 30 <= t < 40:  # GPU 7 missing from the samples (stale, unobserved on n2), then back
+                sample = replace(sample, gpus=sample.gpus[:7])
+            frames.append(sample)
+            for f in frames:
+                state, obs = engine.observe(state, f, T0 + t)
+                before = len(live._dirty)
+                live.mark([f], {o.labels.get("host", "") for o in obs})
+                marked += len(live._dirty) - before
+                assert live.current() == rollup(state, ProviderThresholds()), (t, f.kind)
+        state, obs = engine.tick(state, T0 + t)
+        live.mark([], {o.labels.get("host", "") for o in obs})
+        live.scan()
+    assert marked < 150, marked  # of 300 samples: most quiet ones mark nothing

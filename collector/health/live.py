@@ -3,9 +3,11 @@ so that requests never pay for a whole-fleet recomputation (about 0.4 s at 10,00
 GPUs).
 
 A host's health changes only when the health engine judges one of its frames or when the
-timer marks it stale (or an XID window expires): :class:`LiveRollup` marks the hosts of each
-judged batch dirty (:meth:`LiveRollup.mark`, called by the engine runner), scans cheap per-host flags
-once a second for what the timer changed, and recomputes only the dirty hosts with the pure
+timer marks it stale (or an XID window expires): :class:`LiveRollup` marks dirty the hosts of
+each judged batch that its judging observed, and those whose GPUs a sample changed silently
+(:meth:`LiveRollup.mark`, called by the engine runner: a quiet healthy sample, most of a
+healthy fleet's, marks nothing; recomputing a host costs about 25-50 us), scans cheap
+per-host flags once a second for what the timer changed, and recomputes only the dirty hosts with the pure
 :func:`collector.health.rollup.host_health`, keeping per-provider counts up to date by
 subtracting a host's old contribution and adding its new one. Small backlogs are applied
 on read; large ones by :meth:`LiveRollup.refresh` in chunks, yielding to the event loop.
@@ -14,14 +16,14 @@ on read; large ones by :meth:`LiveRollup.refresh` in chunks, yielding to the eve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from collector.health.config import ProviderThresholds
-from collector.health.model import CRITICAL, STATUSES, UNKNOWN, HealthState
+from collector.health.model import CRITICAL, STATUSES, UNKNOWN, HealthState, HostState
 from collector.health.rollup import FleetHealth, HostHealth, ProviderHealth, host_health, provider_status
-from shared.frames import Frame
+from shared.frames import Frame, SampleFrame
 
 SYNC_LIMIT: Final = 500  # dirty hosts recomputed inside a request; more go to the refresher
 CHUNK: Final = 250  # hosts recomputed between yields to the event loop
@@ -61,6 +63,7 @@ class LiveRollup:
         self._totals: dict[str, _Totals] = {}
         self._members: dict[str, set[str]] = {}
         self._flags: dict[str, tuple[bool, bool, str]] = {}
+        self._gpus: dict[str, list[tuple[int, str, bool, bool]]] = {}  # as of the host's last recompute
         self._dirty: set[str] = set()
         self._xid_hosts: set[str] = set()
         self._full = True
@@ -68,9 +71,28 @@ class LiveRollup:
         self._sorted: dict[str | None, list[str]] = {}
         self.remote: Remote | None = None  # its hosts count too (their health is its word)
 
-    def mark(self, frames: Sequence[Frame]) -> None:
-        """Hosts whose health the engine just changed (fast event path and ingest alike)."""
-        self._dirty.update(f.host for f in frames)
+    def mark(self, frames: Sequence[Frame], observed: Collection[str] | None = None) -> None:
+        """Hosts whose health the engine may just have changed (fast event path and ingest
+        alike): with ``observed`` (the hosts the judging of ``frames`` emitted observations
+        for), a sample frame marks its host only when it was observed, is not in the rollup
+        yet, or its GPUs' identity, staleness or loss changed (what a sample changes without an
+        observation); every other check change comes with one (an emitted verdict, or a retired
+        check's final one). Without ``observed``, every host of ``frames``."""
+        dirty = self._dirty
+        if observed is None:
+            dirty.update(f.host for f in frames)
+            return
+        engine_hosts, have, gpus = self.health().hosts, self.hosts, self._gpus
+        for f in frames:
+            name = f.host
+            if name in dirty:
+                continue
+            if name in observed or type(f) is not SampleFrame or name not in have:
+                dirty.add(name)
+                continue
+            hs = engine_hosts.get(name)
+            if hs is None or gpus.get(name) != _gpu_states(hs):
+                dirty.add(name)
 
     def touch(self, hosts: Iterable[str]) -> None:
         """Hosts whose remote health changed."""
@@ -107,11 +129,13 @@ class LiveRollup:
             new = self.remote.host(name) if self.remote is not None else None
             if hs is None:
                 self._flags.pop(name, None)
+                self._gpus.pop(name, None)
                 self._xid_hosts.discard(name)
                 if new is None:
                     continue
             else:
                 self._flags[name] = (hs.stale, hs.last_frame_at is None, hs.provider)
+                self._gpus[name] = _gpu_states(hs)
                 if new is None:
                     new = host_health(hs)
                     if any(gs.xids or gs.fatal_xids for gs in hs.gpus.values()):
@@ -187,3 +211,8 @@ class LiveRollup:
         self.scan()  # what the health timer changed while this refresh yielded
         if len(self._dirty) <= SYNC_LIMIT:
             self._apply(self._take())
+
+
+def _gpu_states(hs: HostState) -> list[tuple[int, str, bool, bool]]:
+    """What of a host's GPUs its health shows and a sample changes without an observation."""
+    return [(gs.index, gs.uuid, gs.stale, gs.lost) for gs in hs.gpus.values()]
