@@ -26,6 +26,7 @@ from shared.frames import (
     SampleFrame,
     SystemSample,
 )
+from tests.support.frame_fixtures import xid_frame
 
 T0 = 1_700_000_000.0
 ESCALATION = {"policy": [{"name": "all", "levels": [{"after": "0s", "notify": ["oncall"]}]}]}
@@ -56,17 +57,7 @@ def xid(
     host: str = "h1",
     provider: str = "p",
 ) -> EventFrame:
-    return EventFrame(
-        host=host,
-        provider=provider,
-        boot_id="b1",
-        seq=seq,
-        ts=ts,
-        type="xid",
-        gpu_index=gpu,
-        gpu_uuid=uuid,
-        xid=code,
-    )
+    return xid_frame(host, seq, ts, provider, "b1", gpu_index=gpu, gpu_uuid=uuid, xid=code)
 
 
 class Both:

@@ -27,7 +27,7 @@ from collector.alerts.config import AlertsSection
 from collector.health import HealthEngine, HealthState, Observation
 from collector.health.model import labels_key
 from shared.errors import ConfigError
-from shared.frames import GpuSample, SampleFrame
+from tests.support.health_frames import sample
 
 T0 = 1_700_000_000.0
 POLICIES = {
@@ -239,24 +239,12 @@ def test_maintenance_window_from_config() -> None:
 # ----------------------------------------------------------------------------- inhibition, incidents
 
 
-def sample(host: str, ts: float, gpus: int = 8, temp: float = 50.0, provider: str = "p") -> SampleFrame:
-    return SampleFrame(
-        host=host,
-        provider=provider,
-        boot_id="b",
-        seq=int(ts),
-        ts=ts,
-        interval_s=5.0,
-        gpus=tuple(GpuSample(index=i, uuid=f"GPU-{host}-{i}", temp_c=temp) for i in range(gpus)),
-    )
-
-
 def fleet(
     run: Run, health: HealthEngine, hs: HealthState, hosts: list[str], down: set[str], t: float
 ) -> HealthState:
     for h in hosts:
         if h not in down:
-            hs, o = health.observe(hs, sample(h, t, provider=h.split("-")[0]), t)
+            hs, o = health.observe(hs, sample(t, h, gpus=8, provider=h.split("-")[0]), t)
             run(t, *o)
     hs, o = health.tick(hs, t)
     run(t, *o)

@@ -27,7 +27,7 @@ from shared.frames import (
     replace,
 )
 from tests.support.fault_table import EXPECTED, NODE_EXPECTED
-from tests.support.frame_fixtures import judged_gpu
+from tests.support.frame_fixtures import judged_gpu, xid_frame
 
 T0 = 1_700_000_000.0
 START, CLEAR, END, STEP = 60, 300, 900, 5
@@ -112,19 +112,8 @@ def simulate(fault: str, n_gpus: int = 4) -> list[Notification]:
             )
             frames.append(InventoryFrame(host="n1", provider="p", boot_id="b", seq=0, ts=now, gpus=gpus_info))
         if fault.startswith("xid=") and t == START:
-            frames.append(
-                EventFrame(
-                    host="n1",
-                    provider="p",
-                    boot_id="b",
-                    seq=t,
-                    ts=now,
-                    type="xid",
-                    gpu_index=2,
-                    xid=int(fault[4:]),
-                    message=XID74_DETAIL if fault == "xid=74" else None,
-                )
-            )
+            detail = XID74_DETAIL if fault == "xid=74" else None
+            frames.append(xid_frame("n1", t, now, "p", "b", xid=int(fault[4:]), message=detail))
         if not (fault == "host_down" and on):
             counting = "=120" in fault or fault == "nvlink_err"  # counters keep their value after
             faulty = fault in GPU_FAULTS and (on or counting)

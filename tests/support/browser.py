@@ -12,6 +12,7 @@ from playwright.async_api import async_playwright
 
 from collector.state import FleetHost
 from shared.frames import EventFrame
+from tests.support.frame_fixtures import xid_frame
 from tests.support.system_tools import system_tool
 
 CHROMIUM_FLAGS = [
@@ -28,17 +29,14 @@ CHROMIUM_FLAGS = [
 def xid_event(host: FleetHost) -> EventFrame:
     """XID 79 on GPU 2 of ``host`` (fatal: critical at once), as its agent would publish it."""
     gpu = next(g for g in host.gpus if g.index == 2)
-    return EventFrame(
-        host=host.host,
-        provider=host.provider,
-        boot_id=host.boot_id or "b",
-        seq=10**9,
-        ts=time.time(),
-        type="xid",
+    return xid_frame(
+        host.host,
+        10**9,
+        time.time(),
+        host.provider,
+        host.boot_id or "b",
         source="kmsg",
-        gpu_index=2,
         gpu_uuid=gpu.uuid,
-        xid=79,
         message="GPU has fallen off the bus",
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from collector.health.gpu_signals import FABRIC_COMPLETED, GPU_IDLE
 from shared.frames import (
     AgentStats,
@@ -141,16 +143,28 @@ def sample(
     )
 
 
-def event(seq: int = 2, xid: int = 79) -> EventFrame:
+def xid_frame(host: str, seq: int, ts: float, provider: str, boot_id: str, **fields: Any) -> EventFrame:
+    """An XID event frame of ``host``'s agent run ``boot_id``: XID 79 on GPU 2 unless ``fields``
+    (``xid``, ``gpu_index``, ``gpu_uuid``, ``message``...) say otherwise."""
     return EventFrame(
-        host="gpu-node-17",
-        provider="acme-east",
-        boot_id="3f2a9c1d00000000",
+        host=host,
+        provider=provider,
+        boot_id=boot_id,
         seq=seq,
-        ts=TS + seq,
+        ts=ts,
         type="xid",
+        **{"gpu_index": 2, "xid": 79, **fields},
+    )
+
+
+def event(seq: int = 2, xid: int = 79) -> EventFrame:
+    return xid_frame(
+        "gpu-node-17",
+        seq,
+        TS + seq,
+        "acme-east",
+        "3f2a9c1d00000000",
         source="nvml",
-        gpu_index=2,
         gpu_uuid="GPU-00000002-0000-0000-0000-000000000000",
         xid=xid,
         count=1,

@@ -21,6 +21,7 @@ from shared.frames import (
     ServiceState,
     SystemSample,
 )
+from tests.support.frame_fixtures import xid_frame
 
 
 def gpu_sample(host: str, i: int, seq: int) -> GpuSample:
@@ -111,15 +112,13 @@ def sample(
 
 
 def event(host: str, seq: int, ts: float, *, provider: str = "prov-a", xid: int = 79) -> EventFrame:
-    return EventFrame(
-        host=host,
-        provider=provider,
-        boot_id="boot-1",
-        seq=seq,
-        ts=ts,
-        type="xid",
+    return xid_frame(
+        host,
+        seq,
+        ts,
+        provider,
+        "boot-1",
         source="simulated",
-        gpu_index=2,
         gpu_uuid=f"GPU-{host}-2",
         xid=xid,
         count=seq,
