@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench._util import ROOT, pct
@@ -29,19 +30,24 @@ LEASE = os.environ.get("BENCH_GROUP_LEASE", "8s")
 Row = tuple[str, str, str]
 
 
-async def _held_by(url: str, members: set[str], within: float = 120.0) -> float:
-    """Seconds until the 64 buckets are held by exactly ``members``."""
+async def held_by(url: str, members: set[str], within: float = 120.0, balanced: bool = False) -> float:
+    """Seconds until the 64 buckets are held by exactly ``members`` (``balanced``: each holding
+    its share, at least 64 // len(members): a rebalance finished, not just begun)."""
+    from collections import Counter
+
     t0 = time.monotonic()
     while True:
         table = await owners(url)
-        if len(table) == 64 and set(table.values()) == members:
+        shares = Counter(table.values())
+        full = len(table) == 64 and set(shares) == members
+        if full and (not balanced or min(shares.values()) >= 64 // len(members)):
             return time.monotonic() - t0
         if time.monotonic() - t0 > within:
-            raise TimeoutError(f"buckets not held by {sorted(members)} after {within:.0f} s")
+            raise TimeoutError(f"buckets not held by {sorted(members)} after {within:.0f} s: {shares}")
         await asyncio.sleep(0.1)
 
 
-def _start(tmp: Path, config: Path, name: str) -> subprocess.Popen[bytes]:
+def start_member(tmp: Path, config: Path, name: str) -> subprocess.Popen[bytes]:
     from gpuwarden.servers import free_port
 
     env = dict(os.environ, GPUWARDEN_COLLECTOR_MEMBER=name, PYTHONPATH=str(ROOT))
@@ -53,21 +59,40 @@ def _start(tmp: Path, config: Path, name: str) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
+def group_config(tmp: Path, pg_dsn: str, url: str, extra: str = "", lease: str = LEASE) -> Path:
+    """The members' shared configuration (``extra``: more TOML, e.g. a webhook)."""
+    config = tmp / "group.toml"
+    config.write_text(
+        f'[collector]\ngroup = true\nlease = "{lease}"\n[nats]\nservers = ["{url}"]\n'
+        f'[postgres]\ndsn = "{pg_dsn}"\n[alerts]\nprovider_incident_min_hosts = 100000\n{extra}'
+    )
+    return config
+
+
+def stop_members(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every member still running, then wait (SIGKILL after 30 s)."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 async def _bench(tmp: Path, pg_dsn: str, url: str) -> list[float]:
     from agent.fleet import Fleet
     from shared.config import NatsConfig
 
-    config = tmp / "group.toml"
-    config.write_text(
-        f'[collector]\ngroup = true\nlease = "{LEASE}"\n[nats]\nservers = ["{url}"]\n'
-        f'[postgres]\ndsn = "{pg_dsn}"\n[alerts]\nprovider_incident_min_hosts = 100000\n'
-    )
+    config = group_config(tmp, pg_dsn, url)
     names = ["g0", "g1", "g2"]
-    procs = {n: _start(tmp, config, n) for n in names}
+    procs = {n: start_member(tmp, config, n) for n in names}
     fleet = Fleet(NatsConfig(servers=(url,)), hosts=HOSTS, gpus=1, interval=1.0)
     takeovers: list[float] = []
     try:
-        await _held_by(url, set(names))
+        await held_by(url, set(names))
         await fleet.start()
         run = asyncio.create_task(fleet.run(duration=24 * 3600))
         try:
@@ -75,23 +100,16 @@ async def _bench(tmp: Path, pg_dsn: str, url: str) -> list[float]:
                 victim = names[k % 3]
                 os.killpg(procs[victim].pid, signal.SIGKILL)
                 procs[victim].wait()
-                takeovers.append(await _held_by(url, set(names) - {victim}))
+                takeovers.append(await held_by(url, set(names) - {victim}))
                 print(f"bench: kill {k + 1}/{KILLS}: takeover {takeovers[-1]:.1f} s", file=sys.stderr)
-                procs[victim] = _start(tmp, config, victim)
-                await _held_by(url, set(names))  # rebalanced: the next kill hits a full share
+                procs[victim] = start_member(tmp, config, victim)
+                await held_by(url, set(names), balanced=True)  # rebalanced: the next kill hits a full share
         finally:
             fleet.stop()
             await run
             await fleet.close()
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_members(procs.values())
     return takeovers
 
 

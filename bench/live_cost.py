@@ -43,7 +43,7 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-async def _count(dsn: str) -> int:
+async def gpu_samples(dsn: str) -> int:
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
@@ -169,7 +169,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
 
                 asyncio.run(reset())
             a0 = alert_transitions(port)
-            n0 = asyncio.run(_count(pg.dsn()))
+            n0 = asyncio.run(gpu_samples(pg.dsn()))
             t0 = time.monotonic()
             c0, p0, s0 = tree_cpu(collector.pid), tree_cpu(pg.proc.pid), tree_cpu(ns.proc.pid)
             load0 = loadavg()
@@ -177,7 +177,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
             c1, p1, s1 = tree_cpu(collector.pid), tree_cpu(pg.proc.pid), tree_cpu(ns.proc.pid)
             elapsed = time.monotonic() - t0
             load1 = loadavg()
-            n1 = asyncio.run(_count(pg.dsn()))
+            n1 = asyncio.run(gpu_samples(pg.dsn()))
             a1 = alert_transitions(port)
         finally:
             stop(fleet)

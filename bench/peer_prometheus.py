@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import ROOT, spawn, stop, tree_cpu
-from bench.live_cost import GPUS, WARMUP, _count, loadavg, per_sample, start_collector
+from bench.live_cost import GPUS, WARMUP, gpu_samples, loadavg, per_sample, start_collector
 
 HOSTS = int(os.environ.get("BENCH_PEER_HOSTS", "300"))
 WINDOW = float(os.environ.get("BENCH_PEER_SECONDS", "60"))
@@ -127,7 +127,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW) -> dict[str, Any]:
             args += ["--interval", "1s", "--nats", ns.url, "--duration", f"{WARMUP + window + 10:.0f}s"]
             fleet = spawn(*args, "--log-level", "warning")
             time.sleep(WARMUP)
-            n0 = asyncio.run(_count(pg.dsn()))
+            n0 = asyncio.run(gpu_samples(pg.dsn()))
             s0 = _get(f"http://127.0.0.1:{eport}/stats")["scrapes"]
             cpu0 = [tree_cpu(p.pid) for p in (prom, exporter, collector, pg.proc)]
             load0, t0 = loadavg(), time.monotonic()
@@ -135,7 +135,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW) -> dict[str, Any]:
             cpu1 = [tree_cpu(p.pid) for p in (prom, exporter, collector, pg.proc)]
             elapsed, load1 = time.monotonic() - t0, loadavg()
             s1 = _get(f"http://127.0.0.1:{eport}/stats")["scrapes"]
-            n1 = asyncio.run(_count(pg.dsn()))
+            n1 = asyncio.run(gpu_samples(pg.dsn()))
             failed = _get(f"http://127.0.0.1:{pport}/api/v1/query?query=count(up%3D%3D0)%20or%20vector(0)")[
                 "data"
             ]["result"][0]["value"][1]

@@ -1,0 +1,145 @@
+"""Collector group scale-out: CPU per stored GPU-sample with 1, 2 and 3 members, bytes read per member.
+
+One nats-server (its monitoring port on) and a PostgreSQL configured as an operator runs it
+(``fsync`` and ``synchronous_commit`` on, as :mod:`bench.live_cost`), a simulated fleet
+(``gpuwarden fleet``: ``BENCH_SCALE_HOSTS`` hosts x 8 GPUs at 1 s, default 100) publishing
+throughout. Members join one at a time (``[collector] group = true``: g0, then g1, then g2).
+Once the 64 buckets are split over them and ``BENCH_SCALE_WARMUP`` seconds passed (default 10),
+for ``BENCH_SCALE_SECONDS`` (default 30) are measured:
+
+* the CPU time (user + system, from ``/proc``) of every member process and of PostgreSQL's whole
+  tree, per GPU-sample stored in that window: flat when members share the work instead of
+  repeating it;
+* the bytes nats-server sent to each member's connection (``/connz`` ``out_bytes``: the
+  frames delivered, lease and API traffic, protocol headers included) against the bytes by which
+  the ``GPUWARDEN`` stream grew: the group's sum over the stream's is its read amplification
+  (goal <= 1.2; with one member the same ratio is the protocol's own overhead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench._util import spawn, stop, tree_cpu
+from bench.group_takeover import group_config, held_by, start_member, stop_members
+from bench.live_cost import GPUS, gpu_samples, loadavg, per_sample
+
+HOSTS = int(os.environ.get("BENCH_SCALE_HOSTS", "100"))
+WINDOW = float(os.environ.get("BENCH_SCALE_SECONDS", "30"))
+WARMUP = float(os.environ.get("BENCH_SCALE_WARMUP", "10"))
+Row = tuple[str, str, str]
+
+
+def collector_bytes(monitor: int) -> dict[int, int]:
+    """Client port -> bytes nats-server sent to each collector connection (``/connz``)."""
+    url = f"http://127.0.0.1:{monitor}/connz?limit=1024"
+    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (our own local server)
+        conns = json.loads(r.read())["connections"]
+    return {c["port"]: c["out_bytes"] for c in conns if c.get("name", "").startswith("gpuwarden-collector")}
+
+
+def stream_bytes(url: str) -> int:
+    async def get() -> int:
+        import nats
+
+        nc = await nats.connect(url)
+        try:
+            return int((await nc.jetstream().stream_info("GPUWARDEN")).state.bytes)
+        finally:
+            await nc.close()
+
+    return asyncio.run(get())
+
+
+def measure(tmp: Path, pg: Any, ns: Any, monitor: int) -> list[dict[str, Any]]:
+    """One figure per group size (1, 2, 3 members), measured as members join."""
+    dsn = pg.dsn()
+    config = group_config(tmp, dsn, ns.url, "[notify.log]\nenabled = false\n")
+    procs: dict[str, Any] = {}
+    args = ["fleet", "--hosts", str(HOSTS), "--gpus", str(GPUS), "--providers", "4", "--interval", "1s"]
+    args += ["--nats", ns.url, "--duration", f"{3 * (WARMUP + WINDOW + 120):.0f}s", "--log-level", "warning"]
+    fleet = None
+    out = []
+    try:
+        for name in ("g0", "g1", "g2"):
+            procs[name] = start_member(tmp, config, name)
+            asyncio.run(held_by(ns.url, set(procs), balanced=True))
+            if fleet is None:
+                fleet = spawn(*args)
+            time.sleep(WARMUP)
+            pids = [p.pid for p in procs.values()]
+            n0, b0, s0 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(ns.url)
+            c0, p0, load0 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
+            t0 = time.monotonic()
+            time.sleep(WINDOW)
+            c1, p1, load1 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
+            elapsed = time.monotonic() - t0
+            n1, b1, s1 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(ns.url)
+            read = sorted((b1[k] - b0.get(k, 0) for k in b1), reverse=True)
+            out.append(
+                {
+                    "members": len(procs),
+                    "samples": n1 - n0,
+                    "elapsed": elapsed,
+                    "collectors": c1 - c0,
+                    "postgres": p1 - p0,
+                    "read": read,
+                    "stream": s1 - s0,
+                    "load": f"{load0} -> {load1}",
+                }
+            )
+            print(f"bench: group_scale {out[-1]}", file=sys.stderr)
+    finally:
+        if fleet is not None:
+            stop(fleet)
+        stop_members(procs.values())
+    return out
+
+
+def run() -> list[Row]:
+    from gpuwarden.servers import NatsServer, PostgresServer, free_port
+
+    monitor = free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-scale-") as d,
+        NatsServer(config=f'http: "127.0.0.1:{monitor}"\n') as ns,
+        PostgresServer(durable=True) as pg,
+    ):
+        figures = measure(Path(d), pg, ns, monitor)
+    rows: list[Row] = []
+    for r in figures:
+        n, k = r["samples"], r["members"]
+        col, pgc = per_sample(r["collectors"], n), per_sample(r["postgres"], n)
+        expected = HOSTS * GPUS * r["elapsed"]
+        rows.append(
+            (
+                f"group of {k}: CPU-us per GPU-sample, members + PostgreSQL (durable), {HOSTS}x{GPUS} GPUs",
+                f"{col + pgc:.0f} = members {col:.0f} + PostgreSQL {pgc:.0f}; {n:,} stored"
+                f" ({n / expected:.0%} of the fleet's) in {r['elapsed']:.0f} s; load {r['load']}",
+                "flat with 1, 2, 3 members",
+            )
+        )
+        stream = max(r["stream"], 1)
+        per_member = " / ".join(f"{b / stream:.2f}" for b in r["read"])
+        rows.append(
+            (
+                f"group of {k}: bytes read per member / the stream's bytes (nats-server /connz)",
+                f"{sum(r['read']) / stream:.2f}x in all ({per_member});"
+                f" the stream grew {r['stream'] / 1e6:.1f} MB",
+                "<= 1.2x in all" if k == 3 else "",
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(" | ".join(row))
