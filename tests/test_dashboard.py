@@ -10,7 +10,6 @@ Set ``GPUWARDEN_SCREENSHOT=path.png`` to keep a screenshot of the overview."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import uuid
@@ -28,6 +27,7 @@ from shared.config import NatsConfig
 from tests.support.api import api_config
 from tests.support.browser import browser_page, xid_event
 from tests.support.collector import collector, send
+from tests.support.tasks import started
 from tests.support.wait import until
 
 TOKEN = "dash-" + uuid.uuid4().hex
@@ -47,14 +47,8 @@ async def collector_with_fleet(tmp: Path, dsn: str, url: str) -> AsyncIterator[C
             interval=1.0,
             faults=[f"{DOWN}:host_down@6s", f"{DOWN2}:host_down@6s"],
         )
-        await fleet.start()
-        run = asyncio.create_task(fleet.run())
-        try:
+        async with started(fleet.start, fleet.run, fleet.stop, fleet.close):
             yield svc
-        finally:
-            fleet.stop()
-            await run
-            await fleet.close()
 
 
 @pytest.mark.timeout(150)

@@ -16,6 +16,7 @@ from collector.health.config import GpuThresholds
 from collector.health.history import BoardHistory, FatalXid, FleetHistory, decide
 from gpuwarden.servers import NatsServer
 from shared.frames import EventFrame, GpuInfo, HostFacts, InventoryFrame, replace
+from tests.support.frame_fixtures import xid_frame
 from tests.support.health_dump import state_to_dict
 
 T0 = 1_700_000_000.0
@@ -195,18 +196,7 @@ def inventory(boot: str, kernel: str | None, seq: int, ts: float, serial: str = 
 
 
 def xid(boot: str, seq: int, ts: float, code: int = 79) -> EventFrame:
-    return EventFrame(
-        host="node-1",
-        provider="acme",
-        boot_id=boot,
-        seq=seq,
-        ts=ts,
-        type="xid",
-        source="nvml",
-        gpu_index=1,
-        gpu_uuid="GPU-b",
-        xid=code,
-    )
+    return xid_frame("node-1", seq, ts, "acme", boot, source="nvml", gpu_index=1, gpu_uuid="GPU-b", xid=code)
 
 
 def rma(obs: list[Observation]) -> list[Observation]:

@@ -19,6 +19,7 @@ from collector.service import CollectorService
 from shared.frames import Frame
 from tests.support.ingest import publish
 from tests.support.local_http import Handler, LocalHttp
+from tests.support.tasks import started
 from tests.support.wait import until
 
 SECRET = "s3cret-hmac-key"
@@ -100,14 +101,8 @@ def webhook_toml(url: str, **extra: object) -> str:
 @contextlib.asynccontextmanager
 async def collector(cfg: CollectorConfig) -> AsyncIterator[CollectorService]:
     svc = CollectorService(cfg)
-    await svc.startup()
-    task = asyncio.create_task(svc.run())
-    try:
+    async with started(svc.startup, svc.run, svc.request_stop, svc.shutdown):
         yield svc
-    finally:
-        svc.request_stop()
-        await asyncio.wait_for(task, 30)
-        await svc.shutdown()
 
 
 async def settled(svc: CollectorService, steps: int = 3) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ from collector.store.writer import Writer
 from shared.frames import Frame, encode
 from shared.subjects import subject_for
 from tests.support.records import make_config
+from tests.support.tasks import in_task
 
 
 def config(dsn: str, nats_url: str, **flags: Any) -> CollectorConfig:
@@ -37,12 +37,10 @@ async def running(cfg: CollectorConfig) -> AsyncIterator[Ingest]:
     writer = Writer(cfg.postgres)
     ingest = Ingest(cfg, writer)
     await ingest.setup(nc)
-    task = asyncio.create_task(ingest.run())
     try:
-        yield ingest
+        async with in_task(ingest.run(), ingest.stop):
+            yield ingest
     finally:
-        ingest.stop()
-        await asyncio.wait_for(task, 30)
         await nc.drain()
         await writer.close()
 
