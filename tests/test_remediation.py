@@ -98,6 +98,11 @@ def xid_alert(host: str, episode: int = 1, state: str = "firing", **labels: str)
     return AlertView(f"fp-{host}", episode, "gpu.xid", lab, "critical", "drain_and_reboot", state)
 
 
+def firing(fp: str, rule: str, labels: dict[str, str], severity: str, action: str) -> AlertView:
+    """A firing alert (its first episode)."""
+    return AlertView(fp, 1, rule, labels, severity, action, "firing")
+
+
 HOSTS: Mapping[str, int] = {"p": 10}
 
 
@@ -138,14 +143,8 @@ def test_decided_once_per_alert_episode_and_one_open_action_per_host() -> None:
     again = plan(st, c, [xid_alert("h1")], 101.0, HOSTS)
     assert again.events == []
     assert again.run == []
-    other = AlertView(
-        "fp-other",
-        1,
-        "gpu.xid",
-        {"provider": "p", "host": "h1", "xid": "48"},
-        "critical",
-        "drain_and_reset_gpu",
-        "firing",
+    other = firing(
+        "fp-other", "gpu.xid", {"provider": "p", "host": "h1", "xid": "48"}, "critical", "drain_and_reset_gpu"
     )
     assert plan(st, c, [xid_alert("h1"), other], 102.0, HOSTS).run == []
     assert len(st.actions) == 1
@@ -365,23 +364,11 @@ def test_a_lasting_warning_elsewhere_does_not_hold_the_node_but_a_critical_does(
     c, st = cfg(), RemediationState()
     (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
     engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
-    disk = AlertView(
-        "fp-disk",
-        1,
-        "host.disk",
-        {"provider": "p", "host": "h1", "mount": "/"},
-        "warning",
-        "check_host",
-        "firing",
+    disk = firing(
+        "fp-disk", "host.disk", {"provider": "p", "host": "h1", "mount": "/"}, "warning", "check_host"
     )
-    lost = AlertView(
-        "fp-lost",
-        1,
-        "gpu.lost",
-        {"provider": "p", "host": "h1", "gpu": "3"},
-        "critical",
-        "drain_and_reboot",
-        "firing",
+    lost = firing(
+        "fp-lost", "gpu.lost", {"provider": "p", "host": "h1", "gpu": "3"}, "critical", "drain_and_reboot"
     )
     assert plan(st, c, [lost, disk], 102.0, HOSTS).run == []
     assert st.actions[aid].state == "holding"
