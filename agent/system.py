@@ -468,6 +468,17 @@ class SimulatedSystem:
     def elapsed(self) -> float:
         return self._clock() - self._t0
 
+    def _disk(self, mount: str, total: int, used: int, readonly: bool, inodes_used: int) -> DiskUsage:
+        return DiskUsage(
+            mount,
+            total,
+            used,
+            total - used,
+            readonly=readonly,
+            inodes_total=self._inodes_total,
+            inodes_used=inodes_used,
+        )
+
     def sample(self) -> SystemSample:
         t = self.elapsed()
         cpu = self._cpu_base + self._cpu_amp * math.sin(self._cpu_w * t + self._phase)
@@ -482,24 +493,8 @@ class SimulatedSystem:
         raid_used = min(self._raid_used0 + int(t * 2e6), self._raid_total)
         raid_ro = any(f.active(t) for f in self._node_faults if f.kind == "fs_readonly")
         disks = (
-            DiskUsage(
-                "/",
-                self._root_total,
-                root_used,
-                self._root_total - root_used,
-                readonly=False,
-                inodes_total=self._inodes_total,
-                inodes_used=self._inodes_used,
-            ),
-            DiskUsage(
-                "/raid",
-                self._raid_total,
-                raid_used,
-                self._raid_total - raid_used,
-                readonly=raid_ro,
-                inodes_total=self._inodes_total,
-                inodes_used=self._inodes_used // 2,
-            ),
+            self._disk("/", self._root_total, root_used, False, self._inodes_used),
+            self._disk("/raid", self._raid_total, raid_used, raid_ro, self._inodes_used // 2),
         )
         nics = tuple(
             NicCounters(

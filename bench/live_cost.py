@@ -43,6 +43,16 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+async def execute(dsn: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 async def gpu_samples(dsn: str) -> int:
     import asyncpg
 
@@ -144,30 +154,14 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
         prof = os.environ.get("BENCH_PROFILE_OUT", str(Path(tmp) / "collector.prof")) if profile else None
         collector, port = start_collector(tmp, pg.dsn(), ns.url, prof)
         if profile:
-
-            async def ext() -> None:
-                import asyncpg
-
-                conn = await asyncpg.connect(pg.dsn())
-                await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                await conn.close()
-
-            asyncio.run(ext())
+            asyncio.run(execute(pg.dsn(), "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
         args = ["fleet", "--hosts", str(hosts), "--gpus", str(GPUS), "--providers", "4", "--interval", "1s"]
         args += ["--nats", ns.url, "--duration", f"{WARMUP + window + 10:.0f}s", "--log-level", "warning"]
         fleet = spawn(*args)
         try:
             time.sleep(WARMUP)
             if profile:
-
-                async def reset() -> None:
-                    import asyncpg
-
-                    conn = await asyncpg.connect(pg.dsn())
-                    await conn.execute("SELECT pg_stat_statements_reset()")
-                    await conn.close()
-
-                asyncio.run(reset())
+                asyncio.run(execute(pg.dsn(), "SELECT pg_stat_statements_reset()"))
             a0 = alert_transitions(port)
             n0 = asyncio.run(gpu_samples(pg.dsn()))
             t0 = time.monotonic()
