@@ -152,6 +152,29 @@ class Receiver:
         self._dir.cleanup()
 
 
+def told(hooks: list[tuple[float, Any]], want: dict[str, str]) -> dict[str, tuple[float, str]]:
+    """Host -> (arrival, how) of the first webhook (``hooks``: (arrival, POSTed JSON)) telling
+    the alert of rule ``want[host]`` firing: on its own (``own``), or as a member of a provider
+    incident (``incident``: its first notification or an update naming the host among its hosts
+    and the rule among its rules, docs/alerts.md)."""
+    got: dict[str, tuple[float, str]] = {}
+    for t, body in hooks:
+        for a in body["alerts"]:
+            if a["status"] != "firing":
+                continue
+            ann = a["annotations"]
+            if a["fingerprint"].startswith("incident-"):
+                rules = set(ann.get("rules", "").split(","))
+                for host in ann.get("hosts", "").split(","):
+                    if want.get(host) in rules and host not in got:
+                        got[host] = (t, "incident")
+                continue
+            host = a["labels"].get("host", "")
+            if a["labels"]["alertname"] == want.get(host) and host not in got:
+                got[host] = (t, "own")
+    return got
+
+
 async def start_collector(tmp: str, toml: str, pg_dsn: str, nats_url: str) -> tuple[Any, asyncio.Task[None]]:
     """A collector in this process configured by ``toml`` (written to ``tmp``): the service, its run task."""
     from collector.config import load_collector_config

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from bench._util import Receiver, pct, spawn, start_collector, stop, stop_collector
+from bench._util import Receiver, pct, spawn, start_collector, stop, stop_collector, told
 
 HOSTS = int(os.environ.get("BENCH_ALERT_HOSTS", "1000"))
 K = int(os.environ.get("BENCH_ALERT_FAULTS", "20"))  # faulty hosts per kind
@@ -162,25 +162,8 @@ url = "{rx.url}"
 
 
 def firing(rx: Receiver, kind: dict[str, str]) -> dict[str, tuple[float, str]]:
-    """Host -> (arrival, how) of the first webhook telling its fault's alert firing: on its own
-    (``own``), or as a member of a provider incident (``incident``: its first notification or an
-    update naming the host among its hosts and the rule among its rules, docs/alerts.md)."""
-    got: dict[str, tuple[float, str]] = {}
-    for t, body in rx.hooks:
-        for a in body["alerts"]:
-            if a["status"] != "firing":
-                continue
-            ann = a["annotations"]
-            if a["fingerprint"].startswith("incident-"):
-                rules = set(ann.get("rules", "").split(","))
-                for host in ann.get("hosts", "").split(","):
-                    if RULE.get(kind.get(host, "")) in rules and host not in got:
-                        got[host] = (t, "incident")
-                continue
-            host = a["labels"].get("host", "")
-            if a["labels"]["alertname"] == RULE.get(kind.get(host, "")) and host not in got:
-                got[host] = (t, "own")
-    return got
+    """Host -> (arrival, own or incident) of the first webhook telling its fault's alert firing."""
+    return told(rx.hooks, {h: RULE[k] for h, k in kind.items()})
 
 
 def fleet_summary(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
