@@ -232,7 +232,8 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         spool = config.alerting.spool
         runner.spool = Spool(Path(spool) / f"notify-spool-{name}.jsonl" if spool else None)
         # the others' buckets, from their summaries: the API, the rollup and the live stream read it
-        view = FleetView(3 * c.group_refresh, scope.owns, scope.bucket)
+        # (a bucket is read from the engines once its state is restored here: ``settled``)
+        view = FleetView(3 * c.group_refresh, lambda b: b in member.settled and scope.owns(b), scope.bucket)
         share = FleetShare(
             name, c.group_kv, c.group_refresh, lambda: nats.nc, member, scope, view, live,
             lambda: runner.alerts_state, state, broadcaster,

@@ -571,3 +571,57 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
         assert len(named) >= 7, first  # more than 20 % of 30: hosts of more than one member
         assert len(owners_named) >= 2, (first, judge)
         assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
+
+
+@pytest.mark.timeout(400)
+async def test_a_dead_members_hosts_stay_in_the_others_view_through_the_takeover(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    url = private_nats.url
+    n = 60
+    async with Receiver() as rx:
+        group = Members(tmp_path, fleet_view_config(tmp_path, pg_dsn, url, rx.url), url)
+        try:
+            for name in ("m0", "m1", "m2"):
+                group.start(name)
+            await split_in(url, {"m0", "m1", "m2"})
+            fleet = Fleet(NatsConfig(servers=(url,)), hosts=n, gpus=1, providers=2, interval=1.0)
+            await fleet.start()
+            run = asyncio.create_task(fleet.run(duration=150))
+            survivors = [group.ports["m1"], group.ports["m2"]]
+            seen: list[tuple[Any, ...]] = []
+            totals: set[int] = set()  # every host count a survivor answered after the kill
+            try:
+                async with aiohttp.ClientSession() as http:
+
+                    async def all_healthy(ports: list[int]) -> bool:
+                        nonlocal seen
+                        seen = [await fleet_seen_by(http, p) for p in ports]
+                        healthy = sum(p[3].get("healthy", 0) for p in seen[0][2])
+                        return healthy == n and all(s == seen[0] for s in seen)
+
+                    await until(lambda: all_healthy([group.ports[m] for m in ("m0", "m1", "m2")]), timeout=90)
+                    group.signal("m0", signal.SIGKILL)
+
+                    async def taken_over() -> bool:
+                        for p in survivors:
+                            async with http.get(f"http://127.0.0.1:{p}/api/v1/hosts?limit=10000") as r:
+                                totals.add((await r.json())["total"])
+                        return (
+                            set((await owners(url)).values()) == {"m1", "m2"} and len(await owners(url)) == 64
+                        )
+
+                    await until(taken_over, timeout=90)
+                    # the taker speaks for the dead member's hosts again: all healthy, the same on both
+                    try:
+                        await until(lambda: all_healthy(survivors), timeout=60)
+                    except AssertionError:
+                        raise AssertionError(f"survivors differ: {seen}") from None
+            finally:
+                fleet.stop()
+                await run
+                await fleet.close()
+        finally:
+            group.stop_all()
+        assert totals == {n}, totals  # no survivor ever dropped the dead member's hosts
+        assert "Traceback" not in "".join(group.log(m) for m in ("m1", "m2"))

@@ -216,9 +216,11 @@ class FleetView:
     def names(self) -> set[str]:
         return {h for _, got in self._remote() for h in got.hosts}
 
-    def host(self, name: str) -> HostHealth | None:
+    def host(self, name: str, held_here: bool = False) -> HostHealth | None:
+        """Another member's host; ``held_here``: also of a bucket held here (the previous
+        owner's last word, for a host the engines here have not judged since the takeover)."""
         b = self.bucket_of(name)
-        if b is None or self.local(b):
+        if b is None or (self.local(b) and not held_here):
             return None
         got = self.buckets.get(b)
         row = got.hosts.get(name) if got is not None else None

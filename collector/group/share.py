@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from collector.alerts.model import Alert, Incident
-from collector.group.fleet import SUBJECT, FleetView, HostRow, Outbox, decode, encode, row_of
+from collector.group.fleet import SUBJECT, FleetView, HostRow, Outbox, decode, encode, health_of, row_of
 from collector.group.scope import Scope
 from collector.health.live import LiveRollup
 from collector.notify.stream import Broadcaster
@@ -146,12 +146,13 @@ class FleetShare:
         hosts: dict[int, dict[str, HostRow]] = {}
         for name, hh in self.live.current().hosts.items():
             b = self.scope.bucket(name)
-            if hh.via or b not in held:
+            if b is None or b not in held:
                 continue
             fh = self.fleet.host(name)
-            hosts.setdefault(b, {})[name] = row_of(
-                hh, b, fh.last_seen if fh is not None and fh.last_seen else None
-            )
+            seen = fh.last_seen if fh is not None and fh.last_seen else hh.last_seen
+            if hh.via:  # taken over, not judged here yet: the previous owner's word, now stale
+                hh = health_of(row_of(hh, b, seen), hh.via, True)
+            hosts.setdefault(b, {})[name] = row_of(hh, b, seen)
         state = self.alerts()
         alerts: dict[int, dict[str, Alert]] = {}
         for a in state.alerts.values():

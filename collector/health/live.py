@@ -49,7 +49,7 @@ class Remote(Protocol):
 
     def names(self) -> set[str]: ...
 
-    def host(self, name: str) -> HostHealth | None: ...
+    def host(self, name: str, held_here: bool = False) -> HostHealth | None: ...
 
 
 class LiveRollup:
@@ -126,7 +126,7 @@ class LiveRollup:
                 self._totals[old.provider].add(old, -1)
                 self._members[old.provider].discard(name)
             hs = engine_hosts.get(name)
-            new = self.remote.host(name) if self.remote is not None else None
+            new = self.remote.host(name, hs is None) if self.remote is not None else None
             if hs is None:
                 self._flags.pop(name, None)
                 self._gpus.pop(name, None)
