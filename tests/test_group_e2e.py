@@ -383,6 +383,13 @@ async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lo
         assert claimed["m0"] == 0, claimed  # m0 claimed nothing (rows sent early are not claimed)
 
 
+async def stopped(fleet: Fleet, run: asyncio.Task[None]) -> None:
+    """Stop a simulated fleet that ``run`` runs, and close it."""
+    fleet.stop()
+    await run
+    await fleet.close()
+
+
 def fleet_view_config(tmp: Path, pg_dsn: str, url: str, hook: str, alerts: str = "") -> Path:
     """The group's configuration with a 2 s fleet-view refresh (and ``alerts`` replacing the
     [alerts] defaults of :data:`ALERTS`)."""
@@ -488,9 +495,7 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
                         f"then, to the XID's event: {rate:.0f} B/s, {msgs:.1f} messages/s over {took:.0f} s"
                     )
             finally:
-                fleet.stop()
-                await run
-                await fleet.close()
+                await stopped(fleet, run)
         finally:
             group.stop_all()
             await tap.close()
@@ -552,9 +557,7 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
 
                     await until(one_everywhere, timeout=30)
             finally:
-                fleet.stop()
-                await run
-                await fleet.close()
+                await stopped(fleet, run)
             await until(_none_pending(pg_dsn), timeout=60)
         finally:
             group.stop_all()
@@ -618,9 +621,7 @@ async def test_a_dead_members_hosts_stay_in_the_others_view_through_the_takeover
                     except AssertionError:
                         raise AssertionError(f"survivors differ: {seen}") from None
             finally:
-                fleet.stop()
-                await run
-                await fleet.close()
+                await stopped(fleet, run)
         finally:
             group.stop_all()
         assert totals == {n}, totals  # no survivor ever dropped the dead member's hosts
