@@ -263,6 +263,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         ingest_stats=runner.ingest_stats,
         nats_connected=runner.nats_connected,
         pool=store.pool,
+        collectors=(share,) if share is not None else (),
     )
     server = ApiServer(api_deps) if api else None
 

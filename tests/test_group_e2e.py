@@ -489,6 +489,16 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
                     async with http.get(f"http://127.0.0.1:{ports[2]}/api/v1/alerts?host={target}") as r:
                         listed = (await r.json())["items"]
                     assert [a["rule"] for a in listed if a["state"] == "firing"] == ["gpu.xid"]
+                    async with http.get(f"http://127.0.0.1:{ports[0]}/metrics") as r:
+                        families = {
+                            line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+                            for line in (await r.text()).splitlines()
+                            if line.startswith("gpuwarden_group_fleet_")
+                        }
+                    assert families["gpuwarden_group_fleet_received_bytes_total"] > 0
+                    assert families["gpuwarden_group_fleet_sent_messages_total"] > 0
+                    assert families["gpuwarden_group_fleet_stale_buckets"] == 0
+                    assert 0 < families["gpuwarden_group_fleet_hosts"] < n  # the others' hosts
                     took = time.monotonic() - since
                     rate, msgs = counted[0] / took, counted[1] / took
                     print(

@@ -60,6 +60,8 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[reads.READS] = reads.ReadPool(deps.config)
     app[API_REGISTRY] = CollectorRegistry()
     app[API_REGISTRY].register(reads.ReadPoolCollector(app))
+    for c in deps.collectors:
+        app[API_REGISTRY].register(c)
     app.cleanup_ctx.append(run_refresher)
     app.cleanup_ctx.append(run_metrics_ahead)
     app.cleanup_ctx.append(reads.lifetime)

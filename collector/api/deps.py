@@ -9,6 +9,7 @@ from typing import Any, Final, Protocol, Unpack
 
 import asyncpg
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from collector.alerts.config import Silence
 from collector.alerts.model import Alert, AlertQuery
@@ -73,6 +74,7 @@ class ApiDeps:
     ingest_stats: Callable[[], IngestStats]
     nats_connected: Callable[[], bool]
     pool: Callable[[], asyncpg.Pool | None]  # the service's pool (remediation's audit reads)
+    collectors: tuple[Collector, ...] = ()  # more /metrics families (a group member's fleet view)
 
 
 DEPS: Final = web.AppKey("deps", ApiDeps)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -19,6 +19,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from collector.alerts.model import Alert, Incident
 from collector.group.fleet import SUBJECT, FleetView, HostRow, Outbox, decode, encode, health_of, row_of
@@ -98,6 +99,33 @@ class FleetShare:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
             self._sub = None
+
+    def collect(self) -> Iterator[Metric]:
+        """``/metrics``: what the fleet view costs and how current it is (docs/api.md)."""
+        g = "gpuwarden_group_fleet_"
+        v = self.view
+        for name, doc, value in (
+            ("sent_bytes", "Bytes of summaries this member published.", self.sent_bytes),
+            ("sent_messages", "Summaries this member published.", self.sent_messages),
+            ("received_bytes", "Bytes of the other members' summaries taken in.", self.received_bytes),
+            ("received_messages", "Summaries taken in (the other members' and its own).", v.received),
+            (
+                "refused",
+                "Bucket contents dropped: sent with an older lease token than the view's.",
+                v.refused,
+            ),
+            ("undecodable", "Messages on the summary subjects that did not decode.", self.undecodable),
+            ("events_dropped", "Live events not relayed: more than 10,000 waiting.", self.events_dropped),
+        ):
+            yield CounterMetricFamily(g + name, doc, value=float(value))
+        yield GaugeMetricFamily(
+            g + "hosts", "Hosts of other members' buckets in the view.", value=len(v.names())
+        )
+        yield GaugeMetricFamily(
+            g + "stale_buckets",
+            "Buckets held elsewhere that nobody has spoken for in 3 x group_refresh (their hosts: unknown).",
+            value=len(v.stale_buckets()),
+        )
 
     def _keep(self, event: dict[str, Any]) -> None:
         if len(self.outbox.events) >= MAX_EVENTS:
