@@ -520,3 +520,43 @@ async def test_real_agent_publishes_under_the_roles_permissions(
         agent_svc.stop()
         await task
         await sub.unsubscribe()
+
+
+async def test_collector_user_may_run_a_group_member(rendered: Rendered) -> None:
+    """Under the role's permissions a collector can be a group member: create the group's KV
+    bucket, take and renew and release every bucket's lease, and tell the other members on
+    ``gpuwarden.control.>`` and ``gpuwarden.group.>``; an agent may do none of it."""
+    from collector.group.lease import Membership
+
+    errors = Errors()
+    nc = await connect(rendered, "collector", COLLECTOR_PASSWORD, errors)
+    member = Membership(nc, "m0", buckets=8, lease=4.0)
+    try:
+        await member.start()
+        assert member.owned() == frozenset(range(8))
+        assert await member.renew()
+        got: list[bytes] = []
+
+        async def heard(msg: nats.aio.msg.Msg) -> None:
+            got.append(msg.data)
+
+        for subject in ("gpuwarden.control.gpuwarden-group", "gpuwarden.group.summary.x"):
+            sub = await nc.subscribe(subject, cb=heard)
+            await nc.flush()
+            await nc.publish(subject, b"notice")
+            await until(lambda: len(got) == 1, 5, f"the notice on {subject}")
+            got.clear()
+            await sub.unsubscribe()
+        await member.stop(release=True)
+        assert errors.violations() == []
+    finally:
+        await nc.close()
+    agent_errors = Errors()
+    a = await agent(rendered, "gpu-c_example_net", agent_errors)
+    try:
+        await a.publish("gpuwarden.control.gpuwarden-group", b"forged")
+        await a.publish("$KV.gpuwarden-group.b.0", b"forged")
+        await a.flush()
+        await until(lambda: len(agent_errors.violations()) >= 2, 5, "the agent refused")
+    finally:
+        await a.close()
