@@ -209,3 +209,42 @@ async def test_stream_setup_is_retried_when_the_cluster_answers_late(
         assert info.config.subject_transform == bucket_transform(64)
     finally:
         await nc.close()
+
+
+async def test_a_bucket_whose_consumer_cannot_be_bound_yet_is_bound_later_and_consumed(
+    tmp_path: Path, private_nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JetStream call of a bucket's start times out (as while a cluster elects a new leader
+    after a node's loss): the bucket's task binds it later and pulls; before, the bucket stayed
+    held by its lease and was never consumed."""
+    cfg = load_toml(tmp_path, "postgresql://127.0.0.1:1/none", private_nats.url, "")
+    nc = await nats.connect(private_nats.url)
+    try:
+        ingest = Ingest(cfg, writer=None)  # type: ignore[arg-type]  # (setup writes nothing)
+        await ingest.setup_group(nc, 64, lambda b: True)
+        source = ingest.source
+        assert source is not None
+        real = source.js.consumer_info
+        calls = 0
+
+        async def late_once(*args: object, **kw: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise nats.errors.TimeoutError
+            return await real(*args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(source.js, "consumer_info", late_once)
+        await source.start(5)  # returns: the task retries
+        subject = f"gpuwarden.v1.sample.p.{host_name_in_bucket(5)}"
+        await nc.jetstream().publish(subject, b"x")
+        msgs = await source.fetch(1, wait=30)
+        assert [m.subject for m in msgs] == [f"{subject}.5"]
+        assert calls >= 2
+        await source.close()
+    finally:
+        await nc.close()
+
+
+def host_name_in_bucket(bucket: int) -> str:
+    return next(h for h in (f"host-{i:04d}" for i in range(10_000)) if bucket_of(h, 64) == bucket)

@@ -56,6 +56,7 @@ class BucketConsumers:
         self.subs: dict[int, JetStreamContext.PullSubscription] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.redo: dict[int, int] = {}  # bucket -> stream seq up to which copies are judged again
+        self._resume: dict[int, int] = {}  # bucket -> stream seq a cut-short recreation resumes at
         self.recreated = 0
 
     def config(self, bucket: int, start_seq: int = 0) -> ConsumerConfig:
@@ -74,18 +75,31 @@ class BucketConsumers:
         )
 
     async def start(self, bucket: int) -> None:
-        """Bind (creating, or recreating at its floor) the bucket's consumer and pull from it."""
+        """Bind (creating, or recreating at its floor) the bucket's consumer and pull from it.
+        When a JetStream call fails (e.g. it times out while the cluster elects a new leader
+        after a node's loss), the bucket's task retries until it binds: a held bucket is never
+        left unconsumed."""
         if bucket in self.tasks:
             return
+        sub: JetStreamContext.PullSubscription | None = None
+        try:
+            sub = await self._bind(bucket)
+        except (nats.errors.Error, TimeoutError) as e:
+            log.warning("bucket %d: consumer not bound yet (retrying): %s", bucket, e)
+        self.tasks[bucket] = asyncio.create_task(self._pull(bucket, sub), name=f"pull-b{bucket}")
+
+    async def _bind(self, bucket: int) -> JetStreamContext.PullSubscription:
         name = consumer_name(self.cfg.collector.durable, bucket)
         try:
             info = await self.js.consumer_info(STREAM, name)
         except nats.js.errors.NotFoundError:
-            await self.js.add_consumer(STREAM, self.config(bucket))
+            # (a recreation cut short after the delete resumes at the floor it read)
+            await self.js.add_consumer(STREAM, self.config(bucket, self._resume.get(bucket, 0)))
         else:
             if info.num_ack_pending:
                 floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
                 delivered = info.delivered.stream_seq if info.delivered is not None else 0
+                self._resume[bucket] = (floor or 0) + 1
                 await self.js.delete_consumer(STREAM, name)
                 await self.js.add_consumer(STREAM, self.config(bucket, (floor or 0) + 1))
                 self.redo[bucket] = delivered or 0
@@ -95,13 +109,15 @@ class BucketConsumers:
                     bucket, floor, info.num_ack_pending,
                 )  # fmt: skip
         sub = await self.js.pull_subscribe_bind(durable=name, stream=STREAM)
+        self._resume.pop(bucket, None)
         self.subs[bucket] = sub
-        self.tasks[bucket] = asyncio.create_task(self._pull(bucket, sub), name=f"pull-b{bucket}")
+        return sub
 
     async def stop(self, bucket: int) -> None:
         task = self.tasks.pop(bucket, None)
         sub = self.subs.pop(bucket, None)
         self.redo.pop(bucket, None)
+        self._resume.pop(bucket, None)
         if task is not None:  # bounded: a pull stuck in the client must not hold a rebalance
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=2.0)
@@ -121,8 +137,15 @@ class BucketConsumers:
             return False
         return stream_seq <= self.redo.get(bucket, 0)
 
-    async def _pull(self, bucket: int, sub: JetStreamContext.PullSubscription) -> None:
+    async def _pull(self, bucket: int, sub: JetStreamContext.PullSubscription | None) -> None:
         c = self.cfg.collector
+        while sub is None:
+            await asyncio.sleep(1.0)
+            try:
+                sub = await self._bind(bucket)
+            except (nats.errors.Error, TimeoutError) as e:
+                log.debug("bucket %d: consumer not bound yet: %s", bucket, e)
+        log.debug("bucket %d: consumer bound", bucket)
         while True:
             try:
                 msgs = await sub.fetch(c.batch, timeout=c.fetch_timeout)
