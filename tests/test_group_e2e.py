@@ -506,7 +506,9 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
                     assert families["gpuwarden_group_fleet_received_bytes_total"] > 0
                     assert families["gpuwarden_group_fleet_sent_messages_total"] > 0
                     assert "gpuwarden_group_fleet_stale_buckets" in families  # (0 unless a member stalls 6 s)
-                    assert 0 < families["gpuwarden_group_fleet_hosts"] < n  # the others' hosts
+                    assert (
+                        0 < families["gpuwarden_group_fleet_hosts"] <= n
+                    )  # the others' (all: leases lost under load)
                     took = time.monotonic() - since
                     rate, msgs = counted[0] / took, counted[1] / took
                     print(
