@@ -17,7 +17,7 @@ from collector.health.model import Observation, labels_key
 from collector.notify.nats import transition_message
 from collector.remediation import engine
 from collector.remediation.config import remediation_config_from, render
-from collector.remediation.engine import AlertView, RemediationState, action_id, plan
+from collector.remediation.engine import AlertView, RemediationState, StepResult, action_id, plan
 from collector.remediation.executors import parse_node
 from shared import xid
 from shared.errors import ConfigError
@@ -114,15 +114,15 @@ def test_auto_starts_at_once_holds_until_resolved_then_validates_and_resumes() -
     a = st.actions[aid]
     assert (a.state, a.node, a.by) == ("running", "h1", "auto")
     assert engine.current_step(c, a) == 0
-    p = engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
+    p = engine.step_done(st, c, aid, StepResult(True, drained=True), 101.0, step="slurm_drain")
     assert a.state == "holding"
     assert plan(st, c, [xid_alert("h1")], 102.0, HOSTS).run == []  # still firing: holds
     p = plan(st, c, [], 103.0, HOSTS)  # resolved
     assert p.run == [aid]
     assert (a.phase, engine.current_step(c, a)) == ("resolved", 1)
-    engine.step_done(st, c, aid, True, 104.0, step="exec", exit_code=0)
+    engine.step_done(st, c, aid, StepResult(True, exit_code=0), 104.0, step="exec")
     assert engine.current_step(c, a) == 2
-    p = engine.step_done(st, c, aid, True, 105.0, step="slurm_resume", undone=True)
+    p = engine.step_done(st, c, aid, StepResult(True, undone=True), 105.0, step="slurm_resume")
     assert a.state == "done"
     assert "undone" in [e.event for e in p.events]
 
@@ -130,9 +130,9 @@ def test_auto_starts_at_once_holds_until_resolved_then_validates_and_resumes() -
 def test_a_failing_validation_leaves_the_action_failed() -> None:
     c, st = cfg(), RemediationState()
     (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
-    engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
+    engine.step_done(st, c, aid, StepResult(True, drained=True), 101.0, step="slurm_drain")
     plan(st, c, [], 102.0, HOSTS)
-    p = engine.step_done(st, c, aid, False, 103.0, step="exec", exit_code=3, output="diag failed")
+    p = engine.step_done(st, c, aid, StepResult(False, exit_code=3, output="diag failed"), 103.0, step="exec")
     assert st.actions[aid].state == "failed"
     assert [e.event for e in p.events] == ["step_failed", "failed"]
 
@@ -184,10 +184,10 @@ def test_exclusions_and_cooldown_block() -> None:
     plan(st, c, [xid_alert("login-1"), xid_alert("h3", rack="r9")], 100.0, HOSTS)
     assert {a.host: a.state for a in st.actions.values()} == {"login-1": "blocked", "h3": "blocked"}
     (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
-    engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
+    engine.step_done(st, c, aid, StepResult(True, drained=True), 101.0, step="slurm_drain")
     plan(st, c, [], 102.0, HOSTS)
-    engine.step_done(st, c, aid, True, 103.0, step="exec", exit_code=0)
-    engine.step_done(st, c, aid, True, 104.0, step="slurm_resume", undone=True)
+    engine.step_done(st, c, aid, StepResult(True, exit_code=0), 103.0, step="exec")
+    engine.step_done(st, c, aid, StepResult(True, undone=True), 104.0, step="slurm_resume")
     p = plan(st, c, [xid_alert("h1", episode=2)], 200.0, HOSTS)  # within the hour
     assert p.run == []
     assert st.actions[action_id("fatal", "fp-h1", 2)].reason.startswith("cooldown")
@@ -200,7 +200,7 @@ def test_at_most_max_running_then_the_queue_moves() -> None:
     assert len(p.run) == 2  # max_running
     queued = [a for a in st.actions.values() if a.state == "queued"]
     assert len(queued) == 1
-    engine.step_done(st, c, p.run[0], True, 101.0, step="slurm_drain", drained=True)  # -> holding
+    engine.step_done(st, c, p.run[0], StepResult(True, drained=True), 101.0, step="slurm_drain")  # -> holding
     assert plan(st, c, [xid_alert(f"h{i}") for i in range(3)], 102.0, {"p": 100}).run == [queued[0].id]
 
 
@@ -212,7 +212,7 @@ def test_the_breaker_trips_at_the_share_blocks_the_rest_and_resets() -> None:
         p = plan(st, c, firing, 100.0 + t, {"p": 4})
         started += p.run
         for aid in p.run:
-            engine.step_done(st, c, aid, True, 100.5 + t, step="slurm_drain", drained=True)
+            engine.step_done(st, c, aid, StepResult(True, drained=True), 100.5 + t, step="slurm_drain")
     assert len(started) == 2
     b = st.breakers["p"]
     assert b.tripped_at is not None
@@ -363,7 +363,7 @@ secret = "s3cret"
 def test_a_lasting_warning_elsewhere_does_not_hold_the_node_but_a_critical_does() -> None:
     c, st = cfg(), RemediationState()
     (aid,) = plan(st, c, [xid_alert("h1")], 100.0, HOSTS).run
-    engine.step_done(st, c, aid, True, 101.0, step="slurm_drain", drained=True)
+    engine.step_done(st, c, aid, StepResult(True, drained=True), 101.0, step="slurm_drain")
     disk = firing(
         "fp-disk", "host.disk", {"provider": "p", "host": "h1", "mount": "/"}, "warning", "check_host"
     )

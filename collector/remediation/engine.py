@@ -134,6 +134,18 @@ class Event:
     provider: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What running one step gave (an executor's answer), recorded by :func:`step_done`."""
+
+    ok: bool
+    exit_code: int | None = None
+    output: str = ""
+    drained: bool | None = None  # slurm_drain: gpuwarden drained it (False: an operator had)
+    undone: bool = False  # slurm_resume: the node was resumed
+    why: str = ""
+
+
 @dataclass(slots=True)
 class Plan:
     events: list[Event] = field(default_factory=list)
@@ -363,31 +375,26 @@ def step_done(
     state: RemediationState,
     cfg: RemediationConfig,
     aid: str,
-    ok: bool,
+    res: StepResult,
     now: float,
     *,
     step: str,
-    exit_code: int | None = None,
-    output: str = "",
-    drained: bool | None = None,
-    undone: bool = False,
-    why: str = "",
 ) -> Plan:
-    """Record the outcome of the action's next step; returns the events (and, when the phase
-    is over, the action's new state)."""
+    """Record the outcome ``res`` of the action's next step (``step`` describes it); returns the
+    events (and, when the phase is over, the action's new state)."""
     out = Plan()
     act = state.actions[aid]
     out.changed.add(aid)
     act.updated_at = now
-    if drained is not None:
-        act.drained = drained
-    ev = "step_ok" if ok else "step_failed"
-    out.events.append(Event(aid, ev, now, step=step, exit_code=exit_code, output=output, why=why))
-    if undone:
+    if res.drained is not None:
+        act.drained = res.drained
+    ev = "step_ok" if res.ok else "step_failed"
+    out.events.append(Event(aid, ev, now, step=step, exit_code=res.exit_code, output=res.output, why=res.why))
+    if res.undone:
         out.events.append(Event(aid, "undone", now, step=step, why=f"node {act.node} resumed"))
-    if not ok:
-        act.state, act.reason = FAILED, f"{step} failed" + (f": {why}" if why else "")
-        out.events.append(Event(aid, "failed", now, why=act.reason, exit_code=exit_code))
+    if not res.ok:
+        act.state, act.reason = FAILED, f"{step} failed" + (f": {res.why}" if res.why else "")
+        out.events.append(Event(aid, "failed", now, why=act.reason, exit_code=res.exit_code))
         return out
     cur = current_step(cfg, act)
     advance(state, cfg, aid, now, out, after=cur)

@@ -11,28 +11,17 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
 
 from collector.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from collector.remediation.config import RemediationConfig, Step, render
-from collector.remediation.engine import Action, drain_reason
+from collector.remediation.engine import Action, StepResult, drain_reason
 from shared.redact import redact
 
 OUTPUT_TAIL: Final = 4096
 OURS: Final = "gpuwarden:"  # the prefix of every drain reason gpuwarden writes
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    ok: bool
-    exit_code: int | None = None
-    output: str = ""
-    drained: bool | None = None  # slurm_drain: gpuwarden drained it (False: an operator had)
-    undone: bool = False  # slurm_resume: the node was resumed
-    why: str = ""
 
 
 async def run_argv(

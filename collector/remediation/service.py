@@ -157,19 +157,7 @@ class Remediator:
                 if not res.ok:
                     self.counts["failed_steps"] += 1
                 async with self._lock:
-                    p = engine.step_done(
-                        self.state,
-                        self.cfg,
-                        aid,
-                        res.ok,
-                        time.time(),
-                        step=step.describe(),
-                        exit_code=res.exit_code,
-                        output=res.output,
-                        drained=res.drained,
-                        undone=res.undone,
-                        why=res.why,
-                    )
+                    p = engine.step_done(self.state, self.cfg, aid, res, time.time(), step=step.describe())
                     self._merge(p)
                     await self._flush_retrying()
         finally:
