@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import gpuwarden_cmd, spawn, stop, stored_sizes, tree_cpu
+from tests.support.db import fetchval
 
 HOSTS = int(os.environ.get("BENCH_LIVE_HOSTS", "300"))
 WINDOW = float(os.environ.get("BENCH_LIVE_SECONDS", "60"))  # a whole minute: its rollups included
@@ -54,13 +55,7 @@ async def execute(dsn: str, statement: str) -> None:
 
 
 async def gpu_samples(dsn: str) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM gpu_samples"))
-    finally:
-        await conn.close()
+    return int(await fetchval(dsn, "SELECT count(*) FROM gpu_samples"))
 
 
 async def _sizes(dsn: str) -> dict[str, int]:

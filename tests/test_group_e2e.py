@@ -30,6 +30,7 @@ from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsCluster, NatsServer, free_port
 from shared.config import NatsConfig
 from tests.support.cluster import published_keys, stored_keys
+from tests.support.db import fetchval
 from tests.support.group import owners
 from tests.support.wait import until
 from tests.test_alerting import Receiver, collector, webhook_toml, write_config
@@ -200,11 +201,7 @@ async def split_in(url: str | list[str], members: set[str]) -> dict[int, str]:
 
 
 async def pending_rows(pg_dsn: str) -> int:
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM notification_outbox WHERE status = 'pending'"))
-    finally:
-        await conn.close()
+    return int(await fetchval(pg_dsn, "SELECT count(*) FROM notification_outbox WHERE status = 'pending'"))
 
 
 def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""A fresh PostgreSQL database per test or module."""
+"""A fresh PostgreSQL database per test or module; one value read on a connection of its own."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
 
 from gpuwarden.servers import PostgresServer
 
@@ -20,3 +23,12 @@ def fresh_database(pg_server: PostgresServer) -> Iterator[str]:
     subprocess.run(
         [psql, pg_server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False
     )
+
+
+async def fetchval(dsn: str, query: str, *args: object) -> Any:
+    """The first value of ``query`` on a connection opened for it and closed after."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
