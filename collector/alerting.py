@@ -233,6 +233,7 @@ class Alerting:
         self._incident_sig: dict[str, tuple[Any, ...]] = {}
         self._engine_sig: tuple[Any, ...] = ()
         self._host_status: dict[str, str] = {}
+        self._last_back = 0.0  # the last judged batch's newest frame: its age when judged (_batch_age)
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._running = False
@@ -421,14 +422,31 @@ class Alerting:
                 await asyncio.sleep(0)  # the loop's turn (the fast event path, the API)
             now = self.clock()
             t = time.perf_counter()
+            back = self._last_back = self._batch_age(now)
+            before = {f.host: hs.last_frame_at for f in part if (hs := h.hosts.get(f.host))} if back else {}
             obs: list[Observation] = []
             for f in part:
                 _, o = observe(h, f, now)
                 if o:
                     obs += o
+            if back:  # a host was last heard when its frame reached the stream, not when judged
+                for f in part:
+                    hs = h.hosts.get(f.host)
+                    if hs is not None and hs.last_frame_at == now:
+                        hs.last_frame_at = max(before.get(f.host) or 0.0, now - back)
             self.seconds["health"] += time.perf_counter() - t
             self.on_judged(part, {o.labels.get("host", "") for o in obs})
             await self._step(obs, now)
+
+    def _batch_age(self, now: float) -> float:
+        """How long ago the newest frame of the ingest batch being judged reached the stream
+        (0 when the ingest says nothing: a runner driven without one). Staleness compares a host's
+        last frame with the stream time judged so far (:func:`collector.selfcheck.behind`), both
+        in stream time: a host silent for 8 s is stale even behind a 10 s lag."""
+        st = self.ingest_stats()
+        if st.unjudged_since is None or st.last_commit_at <= 0:
+            return 0.0
+        return max(0.0, now - (st.last_commit_at - st.last_newest_lag_s))
 
     async def judge_early(self, frame: Frame) -> None:
         """The fast event path's input (:mod:`collector.fastpath`): an event frame of this
@@ -494,15 +512,17 @@ class Alerting:
         if self._running:  # (an engine driven without being started: no self-check)
             readings = self.readings(now)
             self.self_status = judge(self.self_state, readings, self.selfcheck)
-            lag = behind(readings)
+            lag = max(behind(readings), self._last_back)
         status = self.self_status
         if was is not None and status.impaired_since is None:
             self.health_engine.resume(self.health, now)  # staleness resumes from fresh arrivals
             log.info("collector pipeline recovered (impaired since %.0f): host staleness resumes", was)
         elif was is None and status.impaired_since is not None:
             log.warning("collector pipeline impaired: host staleness suspended")
-        # hosts are judged as of the oldest frame not judged yet: their frames waiting in a lagging
-        # ingest are not silence (a 1 s host is stale after 3 s; the ingest may lag more)
+        # hosts are judged as of the oldest frame not judged yet, or as of the pipeline's delay when
+        # caught up (a host's last frame is dated by when it reached the stream, _batch_age): frames
+        # waiting in a lagging ingest are not silence (a 1 s host is stale after 3 s; the ingest may
+        # lag more), and a silence shorter than the lag is still one
         _, obs = self.health_engine.tick(self.health, now - lag, self.expected(), status.impaired_since)
         for o in observations(status, self.self_labels, now) if self._running else ():
             told = (o.status, o.summary)

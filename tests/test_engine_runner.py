@@ -370,6 +370,34 @@ async def test_hosts_whose_frames_wait_in_a_lagging_ingest_are_not_stale(tmp_pat
         await al.stop()
 
 
+async def test_a_host_silent_behind_a_lagging_ingest_is_still_stale(tmp_path: Any) -> None:
+    """Behind a 10 s lag a host is judged by when its frames reached the stream, not by when they
+    were judged: r-07, whose frames keep coming, is not stale; r-08, whose last frame was
+    published at T0 + 12 (judged at T0 + 22), is stale once the stream is judged up to T0 + 18
+    (6 s of silence), though that is shorter than the lag (judged by when its frames were judged,
+    the lag hid the silence: an 8 s host_down went unreported)."""
+    from collector.ingest import IngestStats
+    from tests.support.records import sample
+
+    stats = IngestStats()
+    store, clock = MemoryStore(), Clock(T0)
+    al, _, _ = runner(tmp_path, store, clock, ingest_stats=lambda: stats)
+    await al.start()
+    try:
+        for i in range(19):  # every second, each frame judged 10 s after it was published
+            clock.now = T0 + 10 + i
+            stats.unjudged_since = stats.last_commit_at = clock.now  # its batch: being judged
+            stats.last_newest_lag_s, stats.consumer_pending = 10.0, 900
+            frames = [sample("r-07", 1 + i, T0 + i)] + ([sample("r-08", 1 + i, T0 + i)] if i <= 12 else [])
+            await al.on_frames(frames)
+            stats.unjudged_since = None
+            await al.tick(clock.now)
+        firing = {a.labels["host"] for a in al.list_alerts(state="firing") if a.rule == "host.unreachable"}
+        assert firing == {"r-08"}
+    finally:
+        await al.stop()
+
+
 @pytest.mark.parametrize("state", ["nonsense"])
 def test_an_unknown_state_filter_is_refused(tmp_path: Any, state: str) -> None:
     from shared.errors import ConfigError
