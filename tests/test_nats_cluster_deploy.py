@@ -112,6 +112,24 @@ def test_each_node_routes_to_every_node_over_verified_tls(cluster: Cluster) -> N
         assert f'server_name: "n{i}"' in conf
 
 
+def openssl(*args: str) -> str:
+    return subprocess.run(["openssl", *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_each_node_has_a_certificate_of_its_own_signed_by_the_ca(cluster: Cluster) -> None:
+    """One key and certificate per node, naming it: a node's stolen key is only that node's."""
+    keys = set()
+    for i in range(NODES):
+        pem = cluster.dir / f"n{i}" / "server.pem"
+        assert "OK" in openssl("verify", "-CAfile", str(cluster.dir / "pki" / "ca.pem"), str(pem))
+        assert f"CN=n{i}" in openssl("x509", "-noout", "-subject", "-in", str(pem)).replace(" ", "")
+        names = openssl("x509", "-noout", "-ext", "subjectAltName", "-in", str(pem))
+        assert f"DNS:n{i}" in names
+        assert "IP Address:127.0.0.1" in names
+        keys.add((cluster.dir / f"n{i}" / "server.key").read_text())
+    assert len(keys) == NODES
+
+
 async def test_the_nodes_form_one_jetstream_cluster_for_a_three_replica_stream(cluster: Cluster) -> None:
     await until(lambda: all(healthy(p) for p in cluster.monitors), timeout=60)
     nc = await nats.connect(
