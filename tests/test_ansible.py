@@ -63,6 +63,32 @@ def test_syntax_check() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("group", [True, False])
+def test_collector_role_deploys_group_members_behind_one_configuration(tmp_path: Path, group: bool) -> None:
+    """``gpuwarden_collector_group``: every central host gets the same configuration, a group
+    member's (``[collector] group``, no partition); without it, one static partition each."""
+    from collector.config import load_collector_config  # noqa: PLC0415 (collector only here)
+    from tests.support.roles import run_playbook  # noqa: PLC0415
+
+    hosts = {
+        f"c{i}": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+        for i in range(3)
+    }
+    (tmp_path / "inventory.json").write_text(json.dumps({"all": {"children": {"central": {"hosts": hosts}}}}))
+    extra = tmp_path / "vars.json"
+    servers = [f"tls://n{i}:4222" for i in range(3)]
+    settings = {"gpuwarden_collector_group": group, "gpuwarden_collector_partitions": 1 if group else 3}
+    extra.write_text(json.dumps({"out_dir": str(tmp_path), "gpuwarden_nats_servers": servers, **settings}))
+    run_playbook(str(tmp_path / "inventory.json"), f"@{extra}", "render_collector.yml")
+    rendered = [(tmp_path / f"c{i}.toml").read_text() for i in range(3)]
+    configs = [load_collector_config(tmp_path / f"c{i}.toml", env={}).collector for i in range(3)]
+    if group:
+        assert rendered[0] == rendered[1] == rendered[2]
+        assert all(c.group and c.partitions == 1 for c in configs)
+    else:
+        assert [(c.group, c.partitions, c.partition) for c in configs] == [(False, 3, i) for i in range(3)]
+
+
 def test_roles_have_the_standard_layout() -> None:
     for role in ("gpuwarden_agent", "gpuwarden_collector", "nats", "postgresql"):
         for part in (
