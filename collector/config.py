@@ -244,5 +244,5 @@ def api_tokens(api: ApiSection, env: Mapping[str, str] | None = None) -> tuple[A
 
 def _check_listen(listen: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError("collector.listen", f"expected HOST:PORT, got {listen!r}")

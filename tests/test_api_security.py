@@ -240,11 +240,13 @@ async def samples_locked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def api_sessions_waiting(conn: asyncpg.Connection, n: int = 2) -> bool:
+    """At least ``n`` of the API's sessions wait on a lock (another API read of gpu_samples may
+    wait beside the admitted history queries: it failed once in a full run waiting for exactly 2)."""
     waiting: int = await conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gpuwarden-api'"
         " AND wait_event_type = 'Lock' AND datname = current_database()"
     )
-    return waiting == n
+    return waiting >= n
 
 
 async def test_heavy_history_requests_never_delay_alert_persistence(

@@ -266,7 +266,7 @@ async def test_an_event_is_judged_between_the_chunks_of_a_large_ingest_batch(tmp
     """An event on the fast path that arrives while a batch of 3 chunks' worth of samples is
     being judged is judged (and paged) after the chunk in progress, not after the batch."""
     from collector.alerting import JUDGE_CHUNK
-    from tests.test_store import sample
+    from tests.support.records import sample
 
     store, clock = MemoryStore(), Clock(T0)
     al, channel, _ = runner(tmp_path, store, clock)

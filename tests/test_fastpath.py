@@ -12,8 +12,8 @@ from collector.ingest import Limits
 from collector.ratelimit import HostRateLimit
 from shared.frames import Frame, encode
 from shared.subjects import event_subject
+from tests.support.records import event
 from tests.support.wait import until
-from tests.test_store import event
 
 
 @dataclass

@@ -19,8 +19,8 @@ from agent.fleet import Fleet, host_name
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from tests.support.collector import Receiver
+from tests.support.group import hosts_of, three_members
 from tests.support.wait import until
-from tests.test_group_e2e import hosts_of, three_members
 
 TOKEN = "group-write-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -6,15 +6,11 @@ docs/operations.md ("Collector group")."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +23,19 @@ import pytest
 
 from agent.fleet import Fleet, host_name
 from collector.group.assign import bucket_of
-from gpuwarden.servers import NatsCluster, NatsServer, free_port
+from gpuwarden.servers import NatsCluster, NatsServer
 from shared.config import NatsConfig
-from tests.support.cluster import published_keys, stored_keys
+from tests.support.cluster import cluster_nats, published_keys, stored_keys
+from tests.support.collector import Receiver, collector, webhook_toml, write_config
 from tests.support.db import fetchval
-from tests.support.group import owners
+from tests.support.group import ALERTS, Members, group_config, hosts_of, owners, split_in, three_members
 from tests.support.wait import until
-from tests.test_alerting import Receiver, collector, webhook_toml, write_config
-from tests.test_nats_cluster import STREAM_BYTES, cluster_nats
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = """
 [collector]
 group = true
 lease = "{lease}"
-"""
-ALERTS = """
-[alerts]
-provider_incident_min_hosts = 100000
-[health]
-stale_after = "60s"  # a group restart under load leaves the hosts silent ~30 s
 """
 
 
@@ -109,121 +98,8 @@ async def test_a_group_of_one_holds_every_bucket_and_alerts_once(
         await conn.close()
 
 
-class Members:
-    """``gpuwarden collector run --group`` processes sharing one configuration file."""
-
-    def __init__(self, tmp: Path, config: Path, nats_url: str | list[str]) -> None:
-        self.tmp = tmp
-        self.config = config
-        self.nats_url = nats_url
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports: dict[str, int] = {}
-
-    def start(self, name: str) -> None:
-        port = free_port()
-        env = dict(os.environ, GPUWARDEN_COLLECTOR_MEMBER=name, PYTHONPATH=str(ROOT))
-        with (self.tmp / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "gpuwarden", "collector", "run", "--config", str(self.config),
-                 "--listen", f"127.0.0.1:{port}"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self.ports[name] = port
-
-    def signal(self, name: str, sig: int) -> None:
-        os.killpg(self.procs[name].pid, sig)
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGCONT)
-                    os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-
-def group_config(tmp: Path, pg_dsn: str, url: str | list[str], hook: str, lease: str = "4s") -> Path:
-    """The members' configuration; on a cluster (``url``: every node's), three replicas."""
-    urls = [url] if isinstance(url, str) else url
-    servers = ", ".join(f'"{u}"' for u in urls)
-    cluster = (
-        f'stream_replicas = 3\nstream_max_bytes = {STREAM_BYTES}\nreconnect_wait = "200ms"\n'
-        if len(urls) > 1
-        else ""
-    )
-    path = tmp / "group.toml"
-    path.write_text(
-        f"""
-[collector]
-group = true
-lease = "{lease}"
-batch = 200
-fetch_timeout = "100ms"
-[nats]
-servers = [{servers}]
-{cluster}[postgres]
-dsn = "{pg_dsn}"
-[alerting]
-tick = "200ms"
-health_snapshot = "1s"
-{ALERTS}
-{webhook_toml(hook)}
-"""
-    )
-    return path
-
-
-async def split_in(url: str | list[str], members: set[str]) -> dict[int, str]:
-    """Wait until the 64 buckets are held by exactly ``members``; the table."""
-    table: dict[int, str] = {}
-
-    async def done() -> bool:
-        nonlocal table
-        try:
-            table = await owners(url)
-        except nats.errors.TimeoutError:  # a loaded cluster answering late: asked again
-            return False
-        return len(table) == 64 and set(table.values()) == members
-
-    try:
-        await until(done, timeout=60)
-    except AssertionError:
-        raise AssertionError(f"buckets not held by {sorted(members)}: {Counter(table.values())}") from None
-    return table
-
-
 async def pending_rows(pg_dsn: str) -> int:
     return int(await fetchval(pg_dsn, "SELECT count(*) FROM notification_outbox WHERE status = 'pending'"))
-
-
-def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
-    """Fleet host indexes (of ``n``) whose bucket ``member`` holds in ``table``."""
-    return [i for i in range(n) if table[bucket_of(host_name(i), 64)] == member]
-
-
-@contextlib.asynccontextmanager
-async def three_members(
-    tmp: Path, pg_dsn: str, url: str | list[str], hook: str, extra: str = ""
-) -> AsyncIterator[tuple[Members, dict[int, str]]]:
-    """Members m0, m1 and m2 started (``extra``: more configuration), each holding its share of
-    the buckets (yielded with the table); every member is stopped on the way out."""
-    config = group_config(tmp, pg_dsn, url, hook)
-    config.write_text(config.read_text() + extra)
-    group = Members(tmp, config, url)
-    try:
-        for name in ("m0", "m1", "m2"):
-            group.start(name)
-        yield group, await split_in(url, {"m0", "m1", "m2"})
-    finally:
-        group.stop_all()
 
 
 HOSTS = 200
@@ -447,6 +323,7 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
             for name in ("m0", "m1", "m2"):
                 group.start(name)
             table = await split_in(url, {"m0", "m1", "m2"})
+            await group.listening()
             target = host_name(hosts_of(table, "m1", n)[0])  # judged by m1 only
             faults = [f"{target}/gpu0:xid=79@25s"]
             fleet = Fleet(
@@ -544,6 +421,7 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
             for name in ("m0", "m1", "m2"):
                 group.start(name)
             table = await split_in(url, {"m0", "m1", "m2"})
+            await group.listening()
             judge = table[bucket_of("provider-0", 64)]
             # 3 failing hosts of provider-0 on each member: 9 of 30, more than 20 %; no member
             # has more than 3 of them (10 %): only the whole provider makes an incident
@@ -605,6 +483,7 @@ async def test_a_dead_members_hosts_stay_in_the_others_view_through_the_takeover
             for name in ("m0", "m1", "m2"):
                 group.start(name)
             await split_in(url, {"m0", "m1", "m2"})
+            await group.listening()
             fleet = Fleet(NatsConfig(servers=(url,)), hosts=n, gpus=1, providers=2, interval=1.0)
             await fleet.start()
             run = asyncio.create_task(fleet.run(duration=150))

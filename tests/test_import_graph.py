@@ -106,6 +106,26 @@ def test_the_graph_sees_a_cycle_when_there_is_one() -> None:
     assert ["collector.alerting", "collector.service", "collector.wiring"] in cycles(g)
 
 
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in ``tests/support`` (or conftest), never in a test module: a test
+    module imported by another runs its import-time work twice and ties the two together."""
+    offenders = []
+    for path in sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}"
+                for n in names
+                if n.split(".")[0] == "tests" and n.split(".")[1:2] and n.split(".")[1].startswith("test_")
+            ]
+    assert offenders == []
+
+
 def test_no_part_is_handed_the_service() -> None:
     """Only the CLI imports collector.service (the parts get narrow dependencies)."""
     g = graph()

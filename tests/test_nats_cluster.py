@@ -24,27 +24,10 @@ from agent.fleet import Fleet
 from collector.config import CollectorConfig
 from collector.stream import reconcile
 from gpuwarden.servers import NatsCluster
-from shared.config import NatsConfig
 from shared.subjects import STREAM
-from tests.support.cluster import published_keys, stored_keys
+from tests.support.cluster import STREAM_BYTES, cluster_nats, published_keys, stored_keys
 from tests.support.collector import collector, load_toml
 from tests.support.wait import until
-
-STREAM_BYTES = 256 << 20  # three nodes share this machine's disk: no automatic sizing
-
-
-def cluster_nats(urls: list[str], **extra: object) -> NatsConfig:
-    """``[nats]`` of the agents: every node, three replicas, quick reconnects, a large buffer."""
-    opts: dict[str, object] = {
-        "servers": tuple(urls),
-        "stream_replicas": 3,
-        "stream_max_bytes": STREAM_BYTES,
-        "reconnect_wait": 0.2,
-        "reconnect_wait_max": 1.0,
-        "buffer_frames": 200_000,
-        "publish_timeout": 2.0,
-    }
-    return NatsConfig(**(opts | extra))  # type: ignore[arg-type]
 
 
 def collector_config(tmp: Path, dsn: str, urls: list[str], body: str = "") -> CollectorConfig:

@@ -7,6 +7,7 @@ from collections import Counter
 import asyncpg
 
 from agent.fleet import Fleet
+from shared.config import NatsConfig
 
 Key = tuple[str, str, int]  # host, boot id, sequence
 
@@ -30,3 +31,20 @@ async def stored_keys(dsn: str) -> Counter[Key]:
     finally:
         await c.close()
     return Counter((r["name"], r["boot_id"], r["seq"]) for r in rows)
+
+
+STREAM_BYTES = 256 << 20  # three nodes share this machine's disk: no automatic sizing
+
+
+def cluster_nats(urls: list[str], **extra: object) -> NatsConfig:
+    """``[nats]`` of the agents: every node, three replicas, quick reconnects, a large buffer."""
+    opts: dict[str, object] = {
+        "servers": tuple(urls),
+        "stream_replicas": 3,
+        "stream_max_bytes": STREAM_BYTES,
+        "reconnect_wait": 0.2,
+        "reconnect_wait_max": 1.0,
+        "buffer_frames": 200_000,
+        "publish_timeout": 2.0,
+    }
+    return NatsConfig(**(opts | extra))  # type: ignore[arg-type]

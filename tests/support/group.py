@@ -1,12 +1,31 @@
-"""The collector group as its NATS key-value bucket shows it, for the group's tests and bench."""
+"""The collector group as its NATS key-value bucket shows it, and real ``gpuwarden collector run``
+members started as processes, for the group's tests and bench."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
+import nats.errors
 import nats.js.errors
+
+from agent.fleet import host_name
+from collector.group.assign import bucket_of
+from tests.support.cluster import STREAM_BYTES
+from tests.support.collector import webhook_toml
+from tests.support.wait import until
+
+ROOT = Path(__file__).resolve().parents[2]
+API_PORT = re.compile(rb"API and dashboard on port (\d+)")
 
 
 async def owners(url: str | list[str], kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
@@ -29,3 +48,146 @@ async def owners(url: str | list[str], kv_bucket: str = "gpuwarden-group") -> di
         return out
     finally:
         await nc.close()
+
+
+ALERTS = """
+[alerts]
+provider_incident_min_hosts = 100000
+[health]
+stale_after = "60s"  # a group restart under load leaves the hosts silent ~30 s
+"""
+
+
+class Members:
+    """``gpuwarden collector run --group`` processes sharing one configuration file."""
+
+    def __init__(self, tmp: Path, config: Path, nats_url: str | list[str]) -> None:
+        self.tmp = tmp
+        self.config = config
+        self.nats_url = nats_url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}  # the API port of each member, once listening
+        self.log_from: dict[str, int] = {}
+
+    def start(self, name: str) -> None:
+        """Start member ``name``; its API binds a port of its own choosing (port 0: a port picked
+        here could be taken by another test before the child binds it), which it logs."""
+        env = dict(os.environ, GPUWARDEN_COLLECTOR_MEMBER=name, PYTHONPATH=str(ROOT))
+        path = self.tmp / f"{name}.log"
+        self.log_from[name] = path.stat().st_size if path.exists() else 0  # a restart appends
+        self.ports.pop(name, None)
+        with path.open("ab") as log:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "gpuwarden", "collector", "run", "--config", str(self.config),
+                 "--listen", "127.0.0.1:0"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    async def listening(self) -> None:
+        """Wait until every running member's API is up, and note its port (``ports``)."""
+
+        def up() -> bool:
+            for name, p in self.procs.items():
+                if name in self.ports or p.poll() is not None:
+                    continue
+                with (self.tmp / f"{name}.log").open("rb") as f:
+                    f.seek(self.log_from[name])
+                    found = API_PORT.findall(f.read())
+                if found:
+                    self.ports[name] = int(found[-1])
+            return all(name in self.ports for name, p in self.procs.items() if p.poll() is None)
+
+        await until(up, timeout=60, what="every member's API listening")
+
+    def signal(self, name: str, sig: int) -> None:
+        os.killpg(self.procs[name].pid, sig)
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGCONT)
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+
+def group_config(tmp: Path, pg_dsn: str, url: str | list[str], hook: str, lease: str = "4s") -> Path:
+    """The members' configuration; on a cluster (``url``: every node's), three replicas."""
+    urls = [url] if isinstance(url, str) else url
+    servers = ", ".join(f'"{u}"' for u in urls)
+    cluster = (
+        f'stream_replicas = 3\nstream_max_bytes = {STREAM_BYTES}\nreconnect_wait = "200ms"\n'
+        if len(urls) > 1
+        else ""
+    )
+    path = tmp / "group.toml"
+    path.write_text(
+        f"""
+[collector]
+group = true
+lease = "{lease}"
+batch = 200
+fetch_timeout = "100ms"
+[nats]
+servers = [{servers}]
+{cluster}[postgres]
+dsn = "{pg_dsn}"
+[alerting]
+tick = "200ms"
+health_snapshot = "1s"
+{ALERTS}
+{webhook_toml(hook)}
+"""
+    )
+    return path
+
+
+async def split_in(url: str | list[str], members: set[str]) -> dict[int, str]:
+    """Wait until the 64 buckets are held by exactly ``members``; the table."""
+    table: dict[int, str] = {}
+
+    async def done() -> bool:
+        nonlocal table
+        try:
+            table = await owners(url)
+        except nats.errors.TimeoutError:  # a loaded cluster answering late: asked again
+            return False
+        return len(table) == 64 and set(table.values()) == members
+
+    try:
+        await until(done, timeout=60)
+    except AssertionError:
+        raise AssertionError(f"buckets not held by {sorted(members)}: {Counter(table.values())}") from None
+    return table
+
+
+def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
+    """Fleet host indexes (of ``n``) whose bucket ``member`` holds in ``table``."""
+    return [i for i in range(n) if table[bucket_of(host_name(i), 64)] == member]
+
+
+@contextlib.asynccontextmanager
+async def three_members(
+    tmp: Path, pg_dsn: str, url: str | list[str], hook: str, extra: str = ""
+) -> AsyncIterator[tuple[Members, dict[int, str]]]:
+    """Members m0, m1 and m2 started (``extra``: more configuration), each holding its share of
+    the buckets (yielded with the table); every member is stopped on the way out."""
+    config = group_config(tmp, pg_dsn, url, hook)
+    config.write_text(config.read_text() + extra)
+    group = Members(tmp, config, url)
+    try:
+        for name in ("m0", "m1", "m2"):
+            group.start(name)
+        table = await split_in(url, {"m0", "m1", "m2"})
+        await group.listening()
+        yield group, table
+    finally:
+        group.stop_all()
