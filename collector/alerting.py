@@ -446,6 +446,11 @@ class Alerting:
         st = self.ingest_stats()
         if st.unjudged_since is None or st.last_commit_at <= 0:
             return 0.0
+        if self.self_status.impaired_since is not None or self.pg_down():
+            # no commit while PostgreSQL is down: last_commit_at stands still, and dating frames
+            # by it would date every host back to the outage's start (host.unreachable blamed on
+            # the fleet); an impaired pipeline suspends staleness as before
+            return 0.0
         return max(0.0, now - (st.last_commit_at - st.last_newest_lag_s))
 
     async def judge_early(self, frame: Frame) -> None:
