@@ -350,13 +350,17 @@ class Ingest:
             self._rl.warning("rollups", "writing one-minute rollups failed, retried later: %r", e)
 
     async def close(self) -> None:
-        """Stop the pull subscription (so that draining NATS does not wait on it)."""
+        """Stop the pull subscription (so that draining NATS does not wait on it), handing back
+        what the server delivered after the last fetch returned (:func:`nak_unread`)."""
         sub, self._sub = self._sub, None
         if self.source is not None:
             await self.source.close()
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+            n = await nak_unread(sub)
+            if n:
+                log.info("shutdown: %d delivered but unread messages handed back (nak)", n)
 
     def limits(self, now: float | None = None) -> Limits:
         now = time.time() if now is None else now
@@ -603,3 +607,28 @@ def _delivered(m: Msg) -> int:
     except (ValueError, AttributeError):
         return 1
     return int(n) if n else 1
+
+
+async def nak_unread(sub: JetStreamContext.PullSubscription) -> int:
+    """Negatively acknowledge the messages left in ``sub``'s queue; how many.
+
+    A fetch that times out in the client leaves its pull request open in the server until it
+    expires: what the server sends meanwhile waits in the subscription's queue for the next
+    fetch (``pending_msgs``). At shutdown there is no next fetch; unacknowledged, those
+    messages would come again only after ``ack_wait``. A nak hands them back at once (to the
+    next collector, or this one restarted). nats-py has no public call that takes them out of
+    the queue without asking the server for more: its core subscription's ``next_msg`` does.
+    """
+    inner = getattr(sub, "_sub", None)  # nats-py: the core subscription the pull reads from
+    n = 0
+    while inner is not None and sub.pending_msgs > 0:
+        try:
+            msg = await inner.next_msg(timeout=0.05)
+        except (TimeoutError, nats.errors.Error):
+            break
+        if JetStreamContext.is_status_msg(msg) or not msg.reply:
+            continue  # a pull request's status (timeout, no messages): nothing to hand back
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak()
+            n += 1
+    return n

@@ -81,7 +81,19 @@ def test_collector_role_deploys_group_members_behind_one_configuration(tmp_path:
     extra.write_text(json.dumps({"out_dir": str(tmp_path), "gpuwarden_nats_servers": servers, **settings}))
     run_playbook(str(tmp_path / "inventory.json"), f"@{extra}", "render_collector.yml")
     rendered = [(tmp_path / f"c{i}.toml").read_text() for i in range(3)]
-    configs = [load_collector_config(tmp_path / f"c{i}.toml", env={}).collector for i in range(3)]
+    # the secrets the role installs in /etc/gpuwarden, made here (the test must not lean on an
+    # earlier apply to this machine having left them there)
+    secrets = tmp_path / "etc"
+    secrets.mkdir()
+    (secrets / "collector-nats.pass").write_text("nats-secret\n")
+    (secrets / "collector-postgres.dsn").write_text("postgresql://gpuwarden@db.example/gpuwarden\n")
+    for i in range(8):
+        (secrets / f"api-token-{i}").write_text(f"token-{i}-0123456789abcdef\n")
+    configs = []
+    for i, text in enumerate(rendered):
+        local = tmp_path / f"c{i}.local.toml"
+        local.write_text(text.replace("file:/etc/gpuwarden/", f"file:{secrets}/"))
+        configs.append(load_collector_config(local, env={}).collector)
     if group:
         assert rendered[0] == rendered[1] == rendered[2]
         assert all(c.group and c.partitions == 1 for c in configs)

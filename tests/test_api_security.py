@@ -241,7 +241,13 @@ async def samples_locked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 async def api_sessions_waiting(conn: asyncpg.Connection, n: int = 2) -> bool:
     """At least ``n`` of the API's sessions wait on a lock (another API read of gpu_samples may
-    wait beside the admitted history queries: it failed once in a full run waiting for exactly 2)."""
+    wait beside the admitted history queries: it failed once in a full run waiting for exactly 2).
+
+    ``conn`` holds the lock inside a transaction, where PostgreSQL reads pg_stat_activity once
+    and keeps that snapshot to the transaction's end: cleared first, or a first look taken
+    before the API's sessions reached the lock (slow to connect on a busy machine) is all
+    every later look sees."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
     waiting: int = await conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gpuwarden-api'"
         " AND wait_event_type = 'Lock' AND datname = current_database()"

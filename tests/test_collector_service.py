@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -140,9 +141,23 @@ async def test_sigterm_finishes_the_batch_and_exits_cleanly(
         assert proc.wait(30) == 0, LOG.read_text()
         info = await js.consumer_info("GPUWARDEN", consumer_name(cfg))
         stored = await count(conn)
-        # everything stored was acknowledged; what was not stored is still pending
-        assert info.num_ack_pending == 0
-        assert stored + info.num_pending == len(frames)
+        # everything stored was acknowledged, nothing else was (the stream holds only these
+        # frames, from sequence 1); what was not stored is pending: never delivered, or
+        # delivered after the last fetch and handed back (nak) at shutdown
+        assert info.ack_floor.stream_seq == stored
+        assert stored + info.num_ack_pending + info.num_pending == len(frames)
+        # handed back means at once: the rest comes to the next reader now, not after the
+        # 60 s ack_wait of a message that was merely left unacknowledged
+        sub = await js.pull_subscribe_bind(durable=consumer_name(cfg), stream="GPUWARDEN")
+        rest: list[object] = []
+
+        async def all_rest() -> bool:
+            with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+                rest.extend(await sub.fetch(len(frames), timeout=1.0))
+            return len(rest) >= len(frames) - stored
+
+        await until(all_rest, timeout=20)
+        assert len(rest) == len(frames) - stored
     finally:
         if proc.poll() is None:
             proc.kill()
