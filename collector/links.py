@@ -46,17 +46,24 @@ async def _nats_error(e: Exception) -> None:
 class Postgres:
     """The service's pool. Start: connect (retrying briefly), migrate, create the partitions
     ahead, apply retention, rebuild ``state`` from the stored frames; then maintain the
-    partitions every ``[postgres] maintenance_interval``."""
+    partitions every ``[postgres] maintenance_interval``. ``idle_in_transaction`` (seconds): the
+    server ends a session whose transaction stays open that long between statements (a group
+    member's: docs/operations.md, "Fencing")."""
 
-    def __init__(self, cfg: PostgresSection, state: FleetState) -> None:
+    def __init__(
+        self, cfg: PostgresSection, state: FleetState, idle_in_transaction: float | None = None
+    ) -> None:
         self.cfg = cfg
         self.state = state
+        self.idle_in_transaction = idle_in_transaction
         self.pool: asyncpg.Pool | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.pool = pool = await _with_retry(lambda: db.create_pool(self.cfg), "PostgreSQL")
+        self.pool = pool = await _with_retry(
+            lambda: db.create_pool(self.cfg, idle_in_transaction=self.idle_in_transaction), "PostgreSQL"
+        )
         async with pool.acquire() as conn:
             applied = await migrate.migrate(conn)
             if applied:

@@ -140,7 +140,9 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
 
     # connections and the data path
     state = FleetState(health_cfg.health.max_clock_skew)
-    postgres = Postgres(config.postgres, state)
+    # a group member's transactions hold its buckets' fencing rows FOR SHARE: one left open by a
+    # stopped process is ended after 3 leases (the takers' raises do not wait for it meanwhile)
+    postgres = Postgres(config.postgres, state, idle_in_transaction=3 * c.lease if c.group else None)
     nats = Nats(config)
     writer = Writer(config.postgres, max_skew=state.max_skew)
     ingest = Ingest(config, writer)

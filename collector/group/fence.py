@@ -5,6 +5,11 @@
 no longer the caller's; ``claim`` marks one pending notification as being sent by the owner
 whose token still holds. A member paused past its lease thus cannot write alerts or outbox
 rows, nor claim a row for sending, once the new owner raised the token.
+
+A member paused *inside* such a transaction keeps its ``FOR SHARE`` locks until it resumes or
+PostgreSQL ends its session (``idle_in_transaction_session_timeout``, set on a member's pool):
+the taker raises with a ``lock_timeout`` (``take(..., wait=)``) and takes that bucket at a later
+round instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -24,15 +29,26 @@ class FencedError(GpuwardenError):
         self.buckets = buckets
 
 
-async def take(conn: asyncpg.Connection, bucket: int, token: int, member: str) -> bool:
-    """Raise ``bucket``'s token to ``token``; False when a larger token is already there."""
-    row = await conn.fetchval(
-        "INSERT INTO group_fences (bucket, token, member) VALUES ($1, $2, $3)"
-        " ON CONFLICT (bucket) DO UPDATE SET token = EXCLUDED.token, member = EXCLUDED.member,"
-        " taken_at = now() WHERE group_fences.token < EXCLUDED.token RETURNING token",
-        bucket, token, member,
-    )  # fmt: skip
-    return row is not None
+# the bucket's row stayed locked past ``take``'s ``wait`` (SQLSTATE 55P03, lock_not_available)
+LockTimeout = asyncpg.LockNotAvailableError
+_TAKE = (
+    "INSERT INTO group_fences (bucket, token, member) VALUES ($1, $2, $3)"
+    " ON CONFLICT (bucket) DO UPDATE SET token = EXCLUDED.token, member = EXCLUDED.member,"
+    " taken_at = now() WHERE group_fences.token < EXCLUDED.token RETURNING token"
+)
+
+
+async def take(
+    conn: asyncpg.Connection, bucket: int, token: int, member: str, *, wait: float | None = None
+) -> bool:
+    """Raise ``bucket``'s token to ``token``; False when a larger token is already there. With
+    ``wait`` (seconds): in a transaction whose ``lock_timeout`` is ``wait``, raising
+    :data:`LockTimeout` when the row stays locked longer (a write in flight holds it)."""
+    if wait is None:
+        return await conn.fetchval(_TAKE, bucket, token, member) is not None
+    async with conn.transaction():
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{max(1, round(wait * 1000))}ms")
+        return await conn.fetchval(_TAKE, bucket, token, member) is not None
 
 
 async def check(conn: asyncpg.Connection, tokens: Mapping[int, int]) -> None:

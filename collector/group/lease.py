@@ -30,7 +30,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,8 @@ from nats.js.kv import KeyValue
 from collector.group.assign import assign
 
 log = logging.getLogger(__name__)
-Gain = Callable[[Mapping[int, int]], Awaitable[None]]  # bucket -> fencing token
+# bucket -> fencing token; returns the buckets not taken after all (handed back, tried next round)
+Gain = Callable[[Mapping[int, int]], Awaitable[Collection[int] | None]]
 Loss = Callable[[frozenset[int]], Awaitable[None]]
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 
@@ -66,9 +67,11 @@ class Lease:
 
 class Membership:
     """This member's view and leases. ``on_gain`` is awaited with the buckets just taken (the
-    caller restores their state and starts consuming them), ``on_loss`` with the buckets
-    released or lost (the caller stops judging, sending and consuming them); a bucket is
-    released on the server only after ``on_loss`` returned."""
+    caller raises their fencing tokens, restores their state and starts consuming them; the
+    buckets it returns, whose token it could not raise, are released and tried again at the
+    next round), ``on_loss`` with the buckets released or lost (the caller stops judging,
+    sending and consuming them); a bucket is released on the server only after ``on_loss``
+    returned."""
 
     def __init__(
         self,
@@ -322,9 +325,14 @@ class Membership:
                     continue
                 self.held[b] = Lease(b, rev, rev, t1 + self.lease - self.margin)
                 gained[b] = rev
+            if gained and self.on_gain is not None:
+                untaken = set(await self.on_gain(gained) or ())
+                for b in sorted(untaken & set(gained)):  # handed back: tried again next round
+                    del gained[b]
+                    if (gone := self.held.pop(b, None)) is not None:
+                        with contextlib.suppress(*_NATS_ERRORS):
+                            await kv.delete(f"b.{b}", last=gone.revision)
             if gained:
                 self.gained += len(gained)
                 log.info("group: took buckets %s (%d members)", sorted(gained), len(self.members))
-                if self.on_gain is not None:
-                    await self.on_gain(gained)
                 self.activate(gained)

@@ -21,6 +21,7 @@ from collector.group.consumers import BucketConsumers
 from collector.group.lease import Membership
 from collector.group.store import GroupAlertStore, Reload
 from collector.store import db
+from shared.ratelog import RateLimitedLog
 from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class GroupMember:
     on_regrouped: Callable[[], None] | None = None  # e.g. sweep the gained buckets' commands
     membership: Membership | None = field(default=None, init=False)
     settled: set[int] = field(default_factory=set, init=False)  # buckets restored here (the fleet view's)
+    fence_timeouts: int = field(default=0, init=False)  # buckets not taken: fencing row locked too long
+    _ratelog: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log, 60.0), init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def owns(self, bucket: int) -> bool:
@@ -88,18 +91,14 @@ class GroupMember:
             await cancel_all([self._task])
             self._task = None
 
-    async def _gain(self, gained: Mapping[int, int]) -> None:
-        """Buckets taken: raise their fencing tokens, restore their state, then consume them."""
-        pool = self.pool()
-        assert pool is not None
+    async def _gain(self, gained: Mapping[int, int]) -> list[int]:
+        """Buckets taken: raise their fencing tokens, restore their state, then consume them.
+        Returns the buckets whose token could not be raised (not taken: tried next round)."""
         assert self.membership is not None
-        async with pool.acquire() as conn:
-            for b, token in gained.items():
-                if not await fence.take(conn, b, token, self.name):
-                    log.error(
-                        "bucket %d: PostgreSQL holds a newer fencing token than lease revision %d (was "
-                        "the group's KV bucket recreated? docs/operations.md)", b, token,
-                    )  # fmt: skip
+        untaken = await self._raise(gained)
+        gained = {b: t for b, t in gained.items() if b not in untaken}
+        if not gained:
+            return untaken
         self.membership.activate(gained)
         if self.on_gained is not None:
             await self.on_gained(frozenset(gained))
@@ -110,6 +109,50 @@ class GroupMember:
             await asyncio.gather(*(source.start(b) for b in sorted(gained)))
         if self.on_regrouped is not None:
             self.on_regrouped()
+        return untaken
+
+    async def _raise(self, gained: Mapping[int, int]) -> list[int]:
+        """Raise the fencing tokens of ``gained``, waiting at most ``lease / 8`` in all for rows a
+        write in flight holds (a member paused inside its transaction keeps them locked until it
+        resumes or PostgreSQL ends its session): the buckets not raised by then are returned."""
+        pool = self.pool()
+        assert pool is not None
+        assert self.membership is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.membership.lease / 8
+        untaken: list[int] = []
+        raised: set[int] = set()
+        try:
+            async with pool.acquire() as conn:
+                for b, token in gained.items():
+                    wait = max(deadline - loop.time(), 0.01)  # past the budget: only a free row
+                    try:
+                        if not await fence.take(conn, b, token, self.name, wait=wait):
+                            log.error(
+                                "bucket %d: PostgreSQL holds a newer fencing token than lease revision %d "
+                                "(was the group's KV bucket recreated? docs/operations.md)", b, token,
+                            )  # fmt: skip
+                        raised.add(b)
+                    except fence.LockTimeout:
+                        untaken.append(b)
+        except db.ERRORS as e:  # PostgreSQL unreachable: nothing more is raised this round
+            untaken = [b for b in gained if b not in raised]
+            self._ratelog.warning(
+                "fence-error",
+                "buckets %s not taken this round: fencing tokens not raised: %s",
+                sorted(untaken),
+                e,
+            )
+            return untaken
+        if untaken:
+            self.fence_timeouts += len(untaken)
+            self._ratelog.warning(
+                "fence-wait",
+                "buckets %s not taken this round: their fencing rows stayed locked past %.2fs (a write in "
+                "flight; a member paused inside a transaction?); tried again next round",
+                untaken, self.membership.lease / 8,
+            )  # fmt: skip
+        return untaken
 
     async def _loss(self, lost: frozenset[int]) -> None:
         """Buckets released or lost: stop consuming them, then drop their state (written first)."""

@@ -38,6 +38,7 @@ MAX_EVENTS: Final = 10_000  # live events kept for the next message (more are dr
 
 class _Holder(Protocol):
     settled: set[int]
+    fence_timeouts: int
 
     def tokens(self) -> dict[int, int]: ...
 
@@ -101,7 +102,8 @@ class FleetShare:
             self._sub = None
 
     def collect(self) -> Iterator[Metric]:
-        """``/metrics``: what the fleet view costs and how current it is (docs/api.md)."""
+        """``/metrics``: what the fleet view costs and how current it is, and the buckets the
+        lease rounds could not take for a locked fencing row (docs/api.md)."""
         g = "gpuwarden_group_fleet_"
         v = self.view
         for name, doc, value in (
@@ -118,6 +120,12 @@ class FleetShare:
             ("events_dropped", "Live events not relayed: more than 10,000 waiting.", self.events_dropped),
         ):
             yield CounterMetricFamily(g + name, doc, value=float(value))
+        yield CounterMetricFamily(
+            "gpuwarden_group_fence_timeouts",
+            "Buckets not taken at a lease round: their fencing row stayed locked past the raise's"
+            " lock_timeout (lease / 8); taken at a later round.",
+            value=float(self.holder.fence_timeouts),
+        )
         yield GaugeMetricFamily(
             g + "hosts", "Hosts of other members' buckets in the view.", value=len(v.names())
         )

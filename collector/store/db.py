@@ -58,13 +58,18 @@ def connect_kwargs(
     dsn: str | None = None,
     *,
     statement_timeout: float | None = None,
+    idle_in_transaction: float | None = None,
     application_name: str = "gpuwarden-collector",
 ) -> dict[str, Any]:
     """Keyword arguments for ``asyncpg.connect``/``create_pool`` from ``[postgres]``;
-    ``statement_timeout`` (seconds) makes the server cancel any longer statement."""
+    ``statement_timeout`` (seconds) makes the server cancel any longer statement,
+    ``idle_in_transaction`` (seconds) end the session of a transaction left open that long
+    between statements (a process stopped inside it keeps its locks otherwise)."""
     settings = {"timezone": "UTC", "application_name": application_name}
     if statement_timeout is not None:
         settings["statement_timeout"] = str(max(1, round(statement_timeout * 1000)))  # milliseconds
+    if idle_in_transaction is not None:
+        settings["idle_in_transaction_session_timeout"] = str(max(1, round(idle_in_transaction * 1000)))
     kwargs: dict[str, Any] = {
         "dsn": dsn if dsn is not None else cfg.dsn.reveal(),
         "timeout": cfg.connect_timeout,
@@ -113,11 +118,16 @@ async def create_pool(
     min_size: int | None = None,
     max_size: int | None = None,
     statement_timeout: float | None = None,
+    idle_in_transaction: float | None = None,
     application_name: str = "gpuwarden-collector",
 ) -> asyncpg.Pool:
     """A pool of ``[postgres] pool_min..pool_max`` connections (or ``min_size..max_size``)."""
+    kwargs = connect_kwargs(
+        cfg, dsn, statement_timeout=statement_timeout, idle_in_transaction=idle_in_transaction,
+        application_name=application_name,
+    )  # fmt: skip
     pool = await asyncpg.create_pool(
-        **connect_kwargs(cfg, dsn, statement_timeout=statement_timeout, application_name=application_name),
+        **kwargs,
         min_size=cfg.pool_min if min_size is None else min_size,
         max_size=cfg.pool_max if max_size is None else max_size,
     )
