@@ -22,7 +22,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -160,6 +160,7 @@ class Batch:
     rejected: list[Rejection] = field(default_factory=list)
     poison: set[int] = field(default_factory=set)  # ids of the messages to terminate, not ack
     mine: list[Msg] = field(default_factory=list)  # group mode: the messages of buckets held
+    held: dict[int, int] = field(default_factory=dict)  # ... bucket -> its fencing token, when checked
     redo: set[int] = field(default_factory=set)  # group mode: ids of messages judged again
     redo_frames: set[int] = field(default_factory=set)  # ... and of their frames
 
@@ -220,13 +221,18 @@ class Ingest:
         self.static = StaticFacts()  # GPUs' static facts from inventories, joined into v2 samples
         # a collector group member (docs/operations.md): pulls from the buckets it holds only
         self.source: BucketConsumers | None = None
-        self.owns: Callable[[int], bool] | None = None
+        self.tokens: Callable[[], Mapping[int, int]] | None = None  # buckets held -> fencing token
 
-    async def setup_group(self, nc: NatsClient, buckets: int, owns: Callable[[int], bool]) -> None:
+    async def setup_group(
+        self, nc: NatsClient, buckets: int, tokens: Callable[[], Mapping[int, int]]
+    ) -> None:
         """Group mode: reconcile the stream, store frames by bucket; consumers are started and
         stopped per bucket (:class:`collector.group.consumers.BucketConsumers`) as leases move.
-        Messages are acknowledged after the hooks ran (judged and persisted): a member killed
-        in between leaves them to the next owner, which judges them again."""
+        Messages are acknowledged after the hooks ran (judged and persisted), and only those of
+        buckets held all along (the same lease, ``tokens``: bucket -> fencing token of the buckets
+        held now): a member killed in between, or that lost the bucket meanwhile (its frames were
+        then not judged, nor their changes written), leaves them to the next holder, which judges
+        them again."""
         js = nc.jetstream()
         # members starting together update the stream at once; on a loaded cluster such an
         # update can outlast the API timeout: both steps are idempotent, so they are retried
@@ -241,7 +247,7 @@ class Ingest:
                 self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
                 await stream.partition(js, buckets)
         self.source = BucketConsumers(js, self.cfg)
-        self.owns = owns
+        self.tokens = tokens
 
     async def _fetch(self, n: int, wait: float) -> list[Msg]:
         if self.source is not None:
@@ -386,14 +392,16 @@ class Ingest:
         batch = Batch(msgs)
         limited = 0
         group = self.source
+        held = self.tokens() if group is not None and self.tokens is not None else {}
         for i, m in enumerate(msgs):
             if i % 64 == 63:
                 await asyncio.sleep(0)
             if group is not None:  # filtered consumers: stream sequence jumps are other buckets
                 bucket = bucket_of_subject(m.subject)
-                if bucket is None or self.owns is None or not self.owns(bucket):
+                if bucket is None or bucket not in held:
                     self.stats.skipped_other_partition += 1  # left unacknowledged for its owner
                     continue
+                batch.held[bucket] = held[bucket]
                 if group.judged_again(bucket, _stream_seq(m)):
                     batch.redo.add(id(m))
                 batch.mine.append(m)
@@ -460,13 +468,34 @@ class Ingest:
                 return None
             if self.source is not None:  # group: judged (and persisted) first, then acknowledged
                 await self._after_write(batch, result)
-                await self._ack(batch.mine, batch)
+                await self._ack(self._still_held(batch), batch)
                 return result
             await self._ack(batch.msgs, batch)
             await self._after_write(batch, result)
             return result
         finally:
             self.stats.unjudged_since = None
+
+    def _still_held(self, batch: Batch) -> list[Msg]:
+        """Group mode: the messages of the batch whose bucket is still held under the lease it
+        was held under when the batch was checked. A bucket lost meanwhile (even if taken back
+        since) had its frames skipped by the judging or its changes dropped: acknowledged, they
+        would be judged by nobody; unacknowledged, the next holder's consumer is recreated at its
+        floor and judges them again (:class:`collector.group.consumers.BucketConsumers`)."""
+        now = self.tokens() if self.tokens is not None else {}
+        keep = [
+            m
+            for m in batch.mine
+            if (b := bucket_of_subject(m.subject)) is not None and now.get(b) == batch.held.get(b)
+        ]
+        if len(keep) < len(batch.mine):
+            lost = sorted({b for b, t in batch.held.items() if now.get(b) != t})
+            log.info(
+                "%d messages of buckets %s lost while their batch was written or judged: left "
+                "unacknowledged for the next holder",
+                len(batch.mine) - len(keep), lost,
+            )  # fmt: skip
+        return keep
 
     async def _ack(self, msgs: Sequence[Msg], batch: Batch) -> None:
         try:

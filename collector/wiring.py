@@ -274,7 +274,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         fast_events, remediation, api_deps, server, group=member, share=share,
     )  # fmt: skip
     ingest.on_batch = parts.on_batch
-    group_setup = (lambda nc: ingest.setup_group(nc, c.buckets, scope.owns)) if c.group else None
+    group_setup = (lambda nc: ingest.setup_group(nc, c.buckets, scope.tokens)) if c.group else None
     parts.lifecycle = [
         postgres,  # pool, migrations, partitions; the fleet state rebuilt
         Step("writer", on_stop=writer.close),

@@ -4,8 +4,10 @@ PostgreSQL). The group of collector processes is tested in tests/test_group_e2e.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import nats
@@ -17,12 +19,16 @@ from nats.js.api import StorageType, StreamConfig
 from collector import stream
 from collector.group import fence
 from collector.group.assign import assign, bucket_of, moved
-from collector.group.lease import Membership
+from collector.group.lease import Membership, clock
 from collector.ingest import Ingest
+from collector.store.writer import Writer, WriteResult
 from collector.stream import bucket_transform
 from gpuwarden.servers import NatsServer
-from shared.subjects import STREAM
+from shared.frames import Frame, encode
+from shared.subjects import STREAM, event_subject
 from tests.support.collector import load_toml
+from tests.support.ingest import config as ingest_config
+from tests.support.records import event
 from tests.support.wait import until
 
 
@@ -164,6 +170,40 @@ async def test_a_paused_holder_stops_owning_before_the_taker_owns(group_nc, requ
     await b.m.stop(release=True)
 
 
+async def test_a_renewal_answered_after_the_lease_lapsed_does_not_take_it_up_again(group_nc, request) -> None:  # type: ignore[no-untyped-def]
+    """A renewal request answered late (a NATS cluster electing leaders): meanwhile the lease
+    lapsed on the holder's clock, so the member skipped the bucket's frames and changes. It
+    does not go on holding it as if nothing happened (what it skipped would be judged by
+    nobody): the bucket is lost, handed to ``on_loss``, released and taken anew under a newer
+    fencing token (its consumer then redelivers what was left unacknowledged)."""
+    kv = f"grp-{abs(hash(request.node.name)) % 10**8}"
+    a = Member(await group_nc(), "a", 8.0, kv)
+    await a.m.start()  # (no round loop: the test drives renewals and rounds)
+    before = a.m.tokens()
+    assert set(before) == set(range(16))
+    a.m.held[3].valid_until = clock() + 0.2  # its earlier renewals failed: about to lapse here
+    assert a.m.kv is not None
+    real = a.m.kv.update
+
+    async def late(key: str, value: bytes, last: int | None = None) -> int:
+        rev = await real(key, value, last=last)
+        if key == "b.3":
+            lease = a.m.held[3]
+            await until(lambda: clock() >= lease.valid_until, what="bucket 3's lease to lapse here")
+        return rev
+
+    a.m.kv.update = late  # type: ignore[method-assign]
+    await a.m.renew()
+    assert not a.m.owns(3), "a lease that lapsed was taken up again by a late renewal"
+    assert a.m.owned() == frozenset(range(16)) - {3}
+    a.m.kv.update = real  # type: ignore[method-assign]
+    await a.m.round()
+    assert a.losses == [frozenset({3})]
+    assert a.m.owns(3)
+    assert a.m.tokens()[3] > before[3]
+    await a.m.stop(release=True)
+
+
 async def test_fencing_tokens(conn: asyncpg.Connection) -> None:
     assert await fence.take(conn, 3, 10, "a")
     async with conn.transaction():
@@ -203,7 +243,7 @@ async def test_stream_setup_is_retried_when_the_cluster_answers_late(
     nc = await nats.connect(private_nats.url)
     try:
         ingest = Ingest(cfg, writer=None)  # type: ignore[arg-type]  # (setup writes nothing)
-        await ingest.setup_group(nc, 64, lambda b: True)
+        await ingest.setup_group(nc, 64, lambda: dict.fromkeys(range(64), 1))
         assert calls == 2
         info = await nc.jetstream().stream_info(STREAM)
         assert info.config.subject_transform == bucket_transform(64)
@@ -221,7 +261,7 @@ async def test_a_bucket_whose_consumer_cannot_be_bound_yet_is_bound_later_and_co
     nc = await nats.connect(private_nats.url)
     try:
         ingest = Ingest(cfg, writer=None)  # type: ignore[arg-type]  # (setup writes nothing)
-        await ingest.setup_group(nc, 64, lambda b: True)
+        await ingest.setup_group(nc, 64, lambda: dict.fromkeys(range(64), 1))
         source = ingest.source
         assert source is not None
         real = source.js.consumer_info
@@ -248,3 +288,71 @@ async def test_a_bucket_whose_consumer_cannot_be_bound_yet_is_bound_later_and_co
 
 def host_name_in_bucket(bucket: int) -> str:
     return next(h for h in (f"host-{i:04d}" for i in range(10_000)) if bucket_of(h, 64) == bucket)
+
+
+@pytest.mark.parametrize("taker", ["another member", "the same member"])
+async def test_a_frame_whose_bucket_is_lost_before_it_is_judged_is_judged_by_the_next_holder(
+    conn: asyncpg.Connection, pg_dsn: str, private_nats: NatsServer, taker: str
+) -> None:
+    """A member's lease on a bucket lapses while its batch is being written (its renewals fail
+    while a NATS cluster elects new leaders): the frame is stored, then not judged there (a
+    bucket no longer held is not judged, as in ``Alerting.on_frames``). The next holder of the
+    bucket, another member or the same one taking it back, judges it. Before, the member
+    acknowledged the batch all the same: the next holder's consumer had nothing in flight, so
+    it was not recreated and the frame was never judged (one XID of 20 never paged, killing
+    the stream leader's node under a group of three)."""
+    cfg = ingest_config(pg_dsn, private_nats.url)
+    host = host_name_in_bucket(5)
+    ncs = [await nats.connect(private_nats.url) for _ in range(2)]
+    held: dict[str, dict[int, int]] = {"a": {5: 10}, "b": {}}  # member -> bucket -> fencing token
+    judged: dict[str, list[tuple[str, int]]] = {"a": [], "b": []}
+    members: dict[str, Ingest] = {}
+    for name, nc in zip(("a", "b"), ncs, strict=True):
+        ingest = members[name] = Ingest(cfg, Writer(cfg.postgres))
+
+        def judge(name: str) -> Callable[[Sequence[Frame]], Awaitable[None]]:
+            async def on_batch(frames: Sequence[Frame]) -> None:  # judges the buckets it holds only
+                judged[name] += [(f.host, f.seq) for f in frames if bucket_of(f.host, 64) in held[name]]
+
+            return on_batch
+
+        ingest.on_batch = judge(name)
+        await ingest.setup_group(nc, 64, lambda name=name: dict(held[name]))  # type: ignore[misc]
+    a, b = members["a"], members["b"]
+    real_write = a.writer.write
+
+    async def write_then_lapse(*args: Any, **kw: Any) -> WriteResult:
+        result = await real_write(*args, **kw)
+        held["a"].clear()  # the lease lapsed on a's clock meanwhile
+        a.writer.write = real_write  # type: ignore[method-assign]  # (once)
+        return result
+
+    a.writer.write = write_then_lapse  # type: ignore[method-assign]
+    try:
+        assert a.source is not None
+        assert b.source is not None
+        await a.source.start(5)
+        await ncs[0].jetstream().publish(event_subject("prov-a", host), encode(event(host, 1, time.time())))
+        msgs = await a.source.fetch(10, wait=30)
+        assert len(msgs) == 1
+        await a.process(msgs)
+        assert await conn.fetchval("SELECT count(*) FROM events") == 1  # stored ...
+        assert judged["a"] == []  # ... not judged by the member that lost the bucket
+        await a.source.stop(5)  # its loss handled (collector.group.member.GroupMember._loss)
+        taker = b if taker == "another member" else a
+        name = "b" if taker is b else "a"
+        held[name][5] = 11  # taken (back): a newer fencing token
+        assert taker.source is not None
+        await taker.source.start(5)
+        again = await taker.source.fetch(10, wait=10)
+        assert [m.subject for m in again] == [m.subject for m in msgs], "the frame is not delivered again"
+        await taker.process(again)
+        assert judged[name] == [(host, 1)]
+        assert await conn.fetchval("SELECT count(*) FROM events") == 1  # stored once
+        assert taker.source.recreated == 1
+    finally:
+        for ingest in members.values():
+            await ingest.close()
+            await ingest.writer.close()
+        for nc in ncs:
+            await nc.close()

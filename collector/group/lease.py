@@ -20,7 +20,9 @@ renewing request was *sent* (the server stamps the entry later, so it ages out l
 member that stops (SIGSTOP, a stalled loop, a suspended VM) stops counting itself owner
 (:meth:`Membership.owns`) before the entry ages out on the server, the only moment another
 member can take it. The clock is ``CLOCK_BOOTTIME``: it runs while the process is stopped
-and while the machine is suspended.
+and while the machine is suspended. A lease that lapsed here stays lapsed: a renewal answered
+after the lapse (a slow request) counts it lost, and it is released and taken anew (the member
+skipped its bucket meanwhile: going on under the same lease would leave that to nobody).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Membership:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._lost: set[int] = set()  # found lost by a renewal, for the next round
+        self._late: dict[int, int] = {}  # ... renewed after they had lapsed here: bucket -> revision
         self.registered = False  # the member key was written by the last renewal
 
     # ------------------------------------------------------------------ what others read
@@ -258,6 +261,14 @@ class Membership:
                 return
             try:
                 lease.revision = await kv.update(f"b.{lease.bucket}", value, last=lease.revision)
+                if clock() >= lease.valid_until:
+                    # answered after the lease had lapsed here (a slow request, e.g. while a NATS
+                    # cluster elects leaders): this member stopped judging, writing and sending for
+                    # the bucket meanwhile; to go on silently would leave what it skipped to nobody.
+                    # Lost, then released (after on_loss) to be taken anew, as a new holder
+                    self._lost.add(lease.bucket)
+                    self._late[lease.bucket] = lease.revision
+                    return
                 lease.valid_until = t0 + self.lease - self.margin
             except nats.js.errors.KeyWrongLastSequenceError:
                 self._lost.add(lease.bucket)  # aged out and taken (or deleted): not ours any more
@@ -292,6 +303,10 @@ class Membership:
                 log.warning("group: lost buckets %s (lease expired or taken over)", sorted(lost))
                 if self.on_loss is not None:
                     await self.on_loss(lost)
+                for b in lost:
+                    if (rev := self._late.pop(b, None)) is not None:
+                        with contextlib.suppress(*_NATS_ERRORS):
+                            await kv.delete(f"b.{b}", last=rev)
             try:
                 members = await asyncio.wait_for(self._members(), self.interval * 2)
             except _NATS_ERRORS as e:
