@@ -98,7 +98,10 @@ async def test_auto_drains_on_fatal_xid_resumes_after_validation_and_never_undoe
     extra = "[remediation.breaker]\nmax_share = 0.5\n"
     cfg = write_config(tmp_path, pg_dsn, private_nats.url, BASE + remediation_toml(slurm, rules, extra))
     faults = [f"{ours}/gpu1:xid=79@1s", f"{theirs}/gpu0:xid=79@1s", f"{host_name(3)}/gpu0:xid=13@1s"]
-    async with collector(cfg) as svc, fleet_running(private_nats.url, faults, 120):
+    async with (
+        collector(cfg) as svc,
+        fleet_running(private_nats.url, faults, 120, known=svc.alerting.health.provider_hosts),
+    ):
         await until(lambda: ours in slurm.reasons() and drained(slurm, ours), timeout=30)
         reason = slurm.reasons()[ours]
         acts = {a["host"]: a for a in await actions(svc)}
@@ -213,7 +216,10 @@ async def test_provider_outage_trips_the_circuit_breaker_drains_no_more_and_page
         )
         faults = [f"{h}/gpu0:xid=79@1s" for h in failing]
         tokens = (ApiToken("oncall", Secret(TOKEN), True),)
-        async with collector(cfg) as svc, fleet_running(private_nats.url, faults, 30):
+        async with (
+            collector(cfg) as svc,
+            fleet_running(private_nats.url, faults, 30, known=svc.alerting.health.provider_hosts),
+        ):
             rem = svc.alerting.remediation
 
             async def decided() -> bool:
