@@ -77,7 +77,7 @@ def test_collector_role_deploys_group_members_behind_one_configuration(tmp_path:
     (tmp_path / "inventory.json").write_text(json.dumps({"all": {"children": {"central": {"hosts": hosts}}}}))
     extra = tmp_path / "vars.json"
     servers = [f"tls://n{i}:4222" for i in range(3)]
-    settings = {"gpuwarden_collector_group": group, "gpuwarden_collector_partitions": 1 if group else 3}
+    settings = {"gpuwarden_collector_group": group}  # static: as many partitions as central hosts, by default
     extra.write_text(json.dumps({"out_dir": str(tmp_path), "gpuwarden_nats_servers": servers, **settings}))
     run_playbook(str(tmp_path / "inventory.json"), f"@{extra}", "render_collector.yml")
     rendered = [(tmp_path / f"c{i}.toml").read_text() for i in range(3)]
