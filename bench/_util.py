@@ -48,6 +48,24 @@ def stream_count(url: str, subject: str) -> int:
     return asyncio.run(count())
 
 
+def make_stream(url: str) -> None:
+    """Create the GPUWARDEN stream as a collector would (agents only look it up)."""
+
+    async def make() -> None:
+        import nats
+
+        from collector.stream import reconcile
+        from shared.config import NatsConfig
+
+        nc = await nats.connect(url)
+        try:
+            await reconcile(nc.jetstream(), NatsConfig(servers=(url,)))
+        finally:
+            await nc.close()
+
+    asyncio.run(make())
+
+
 def pct(xs: list[float], q: float) -> float:
     """The ``q``-th percentile of ``xs`` (nearest rank); NaN when there are none."""
     xs = sorted(xs)

@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from bench._util import simulated_agent, stream_count
+from bench._util import make_stream, simulated_agent, stream_count
 from gpuwarden.servers import NatsServer
 
 MEASURE_S = float(os.environ.get("BENCH_AGENT_SECONDS", "60"))
@@ -21,6 +21,7 @@ INTERVAL_S = 1.0
 
 def run() -> list[tuple[str, str, str]]:
     with NatsServer() as server:
+        make_stream(server.url)  # a collector makes it; without one the agent's samples are not stored
         with simulated_agent(server.url, "bench-agent", INTERVAL_S, WARMUP_S) as proc:
             p = psutil.Process(proc.pid)
             c0 = p.cpu_times()
