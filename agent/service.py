@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import threading
 import time
@@ -35,7 +34,7 @@ from agent.node import NodeSource
 from agent.publisher import Publisher
 from agent.sampler import Deadlines, InventorySchedule, Sequencer, build_event, build_inventory, build_sample
 from agent.sdnotify import SdNotifier
-from agent.system import SystemSource
+from agent.system import SystemSource, agent_version
 from shared.config import AgentConfig
 from shared.errors import GpuwardenError, NvmlUnavailableError
 from shared.frames import (
@@ -67,13 +66,6 @@ def _wants_detail(e: GpuEvent) -> bool:
 FLUSH_ON_EXIT_S = 5.0
 NVML_RETRY_FIRST_S = 5.0  # NVML cannot initialise: first retry after this, then doubling ...
 NVML_RETRY_MAX_S = 300.0  # ... up to this
-
-
-def agent_version() -> str:
-    try:
-        return importlib.metadata.version("gpuwarden")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class AgentService:
@@ -115,7 +107,7 @@ class AgentService:
         self._inventory: Inventory | None = None
         self._host_facts: HostFacts | None = None
         self._proc = psutil.Process()
-        self._version = agent_version()
+        self._version = agent_version() or "0+unknown"
         self._t0 = time.monotonic()
         self._outages_told = 0  # publisher outage reports already attached to a sample
         self._last_tick_s = 0.0
