@@ -24,6 +24,7 @@ from collector.alerts import (
     parse_matcher,
 )
 from collector.alerts.config import AlertsSection
+from collector.alerts.model import ForgetHost
 from collector.health import HealthEngine, HealthState, Observation
 from collector.health.model import labels_key
 from shared.errors import ConfigError
@@ -268,6 +269,26 @@ def test_host_down_with_8_gpus_gives_one_notification() -> None:
     for t in range(400, 700, 5):  # the host comes back: one resolution
         hs = fleet(run, health, hs, hosts, set(), T0 + t)
     assert [m.kind for m in run.notes] == ["firing", "resolved"]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forgetting_a_down_host_tells_one_resolution_whatever_the_alerts_order(reverse: bool) -> None:
+    """None of its inhibited alerts (never told firing) is told resolved on its own, whichever
+    alert of the host was created first and is retired first."""
+    run, health, hs = Run(make()), HealthEngine(), HealthState()
+    hosts = [f"p-{i}" for i in range(10)]
+    for t in range(0, 60, 5):
+        hs = fleet(run, health, hs, hosts, set(), T0 + t)
+    for t in range(60, 400, 5):
+        hs = fleet(run, health, hs, hosts, {"p-3"}, T0 + t)
+    assert [n.rule for n in run.notes] == ["host.unreachable"]
+    keys = run.state.by_host[("p", "p-3")]
+    if reverse:  # the alerts of the host in the other order of creation
+        run.state.by_host[("p", "p-3")] = dict(reversed(list(keys.items())))
+    run(T0 + 400, commands=(ForgetHost("p-3"),))
+    told = [(n.kind, n.rule, n.reason) for n in run.notes[1:]]
+    assert told == [("resolved", "host.unreachable", "forgotten")]
+    assert all(a.state == "resolved" for a in run.state.alerts.values() if a.labels["host"] == "p-3")
 
 
 def test_gpu_lost_inhibits_that_gpus_other_alerts() -> None:
