@@ -6,26 +6,23 @@ stream publishes come out."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import pytest
 
 from collector.alerting import Alerting
-from collector.alerts import AlertEngine, Silence, alert_config_from
+from collector.alerts import Silence
 from collector.api import views
 from collector.config import CollectorConfig, load_collector_config
-from collector.health import HealthEngine, HealthState, health_config_from
+from collector.health import HealthState
 from collector.health.codec import health_snapshot
 from collector.health.history import BoardHistory
-from collector.notify import Channels
-from collector.notify.config import notify_config_from, with_channels
-from collector.notify.nats import NatsChannel
-from collector.notify.outbox import Deliverer, Early, Landed, OutboxRow
+from collector.notify.outbox import Early, Landed, OutboxRow
 from collector.notify.stream import Broadcaster
-from collector.state import FleetState
 from collector.store.alerts import Changes, Restored
 from tests.support.records import event
+from tests.support.runner import CONFIG, Recorder, build_runner
 
 T0 = 1_800_000_000.0
 
@@ -116,26 +113,6 @@ class MemoryStore:
         return sorted(status for _, status in self.outbox.values())
 
 
-class Recorder:
-    """A channel that keeps what it is handed."""
-
-    name = kind = "hook"
-    retries = 0
-    backoff = max_backoff = 0.01
-
-    def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
-
-    def wants(self, payload: Mapping[str, Any]) -> bool:
-        return True
-
-    async def deliver(self, payload: Mapping[str, Any], key: str) -> None:
-        self.payloads.append(dict(payload))
-
-    async def close(self) -> None:
-        return None
-
-
 class Clock:
     def __init__(self, now: float) -> None:
         self.now = now
@@ -144,46 +121,13 @@ class Clock:
         return self.now
 
 
-CONFIG = """
-[alerts]
-for = "0s"
-[notify.log]
-enabled = false
-[notify.nats]
-enabled = false
-[[notify.webhook]]
-name = "hook"
-url = "https://hooks.example/gpu"
-"""
-
-
 def runner(
     tmp_path: Any, store: MemoryStore, clock: Clock, **extra: Any
 ) -> tuple[Alerting, Recorder, Broadcaster]:
     path = tmp_path / "collector.toml"
     path.write_text(CONFIG)
     cfg: CollectorConfig = load_collector_config(path, env={})
-    notify = notify_config_from(cfg.raw)
-    channel = Recorder()
-    broadcaster = Broadcaster()
-    al = Alerting(
-        cfg,
-        health_engine=HealthEngine(health_config_from(cfg.raw)),
-        alert_engine=AlertEngine(with_channels(alert_config_from(cfg.raw), notify)),
-        notify=notify,
-        store=store,
-        deliverer=Deliverer(store, [channel]),
-        channels=Channels([channel], []),
-        nats=NatsChannel(lambda: None),
-        broadcaster=broadcaster,
-        views=views,
-        fleet=FleetState(),
-        nats_connected=lambda: True,  # the collector's own pipeline is fine (not impaired)
-        clock=clock,
-        monotonic=clock,
-        **extra,
-    )
-    return al, channel, broadcaster
+    return build_runner(cfg, store, clock=clock, monotonic=clock, **extra)
 
 
 async def test_an_xid_fires_is_written_then_delivered_and_published(tmp_path: Any) -> None:

@@ -27,6 +27,7 @@ from gpuwarden.servers import NatsServer
 from shared.frames import Frame, encode
 from shared.subjects import STREAM, event_subject
 from tests.support.collector import load_toml
+from tests.support.group import host_name_in_bucket
 from tests.support.ingest import config as ingest_config
 from tests.support.records import event
 from tests.support.wait import until
@@ -284,10 +285,6 @@ async def test_a_bucket_whose_consumer_cannot_be_bound_yet_is_bound_later_and_co
         await source.close()
     finally:
         await nc.close()
-
-
-def host_name_in_bucket(bucket: int) -> str:
-    return next(h for h in (f"host-{i:04d}" for i in range(10_000)) if bucket_of(h, 64) == bucket)
 
 
 @pytest.mark.parametrize("taker", ["another member", "the same member"])

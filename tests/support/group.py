@@ -28,6 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 API_PORT = re.compile(rb"API and dashboard on port (\d+)")
 
 
+def host_name_in_bucket(bucket: int) -> str:
+    """A host name whose bucket (of 64) is ``bucket``."""
+    return next(h for h in (f"host-{i:04d}" for i in range(10_000)) if bucket_of(h, 64) == bucket)
+
+
 async def owners(url: str | list[str], kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
     """bucket -> the member holding its lease now (from the group's KV bucket)."""
     nc = await nats.connect(url)
