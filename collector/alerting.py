@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -103,7 +104,9 @@ class AlertStore(Protocol):
 
     async def restore(self) -> Restored: ...
 
-    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]: ...
+    async def save(
+        self, ch: Changes, early: Early, landed: Landed = (), *, health: bool = False
+    ) -> list[OutboxRow]: ...  # health: the snapshot written with ch (a collector group's)
 
     async def record_early(self, done: Landed) -> None: ...
 
@@ -301,19 +304,20 @@ class Alerting:
         still held: the fencing check refuses the rest), then hold exactly the state of the
         buckets held now, as saved in PostgreSQL (``reload``), and deliver what the gained
         buckets' previous owner committed but did not send. Alert state, health context and
-        escalation timers of a bucket thus move with it (docs/operations.md)."""
+        escalation timers of a bucket thus move with it (docs/operations.md). The health
+        snapshots of the buckets still held are written in the same transaction as the alert
+        changes (:meth:`_flush`); a bucket just gained is not written before it is read back."""
         if not self.store.available:
             return
-        async with self._lock:
+        async with self._lock, self._write_lock:
             try:
-                await self._flush()
+                await self._flush(health=True)
             except db.ERRORS + (FencedError,) as e:
-                log.warning("alert state of buckets lost not written (their new owner has it): %s", e)
+                log.warning(
+                    "alert state and health snapshot of buckets lost not written (their new owner has "
+                    "them): %s", e,
+                )  # fmt: skip
             self._unsaved = Changes()
-            try:
-                await self.save_health()
-            except db.ERRORS as e:
-                log.warning("health snapshot not saved before regrouping: %s", e)
             saved, health, rows = await reload()
             history = self.health.history
             self.health = HealthState()
@@ -410,33 +414,41 @@ class Alerting:
         """Ingest hook: judge a committed batch now, persist, notify. A large batch is judged
         ``JUDGE_CHUNK`` frames per step, so an event on the fast path is judged in between
         rather than after the whole batch (each step's observations are evaluated before
-        the next frames are observed: the order of judging is the order of observing)."""
+        the next frames are observed: the order of judging is the order of observing). The
+        frames are observed under the step lock, with the evaluation of what they concluded
+        (:meth:`_step`)."""
         if self.scope is not None:  # a bucket lost meanwhile: no longer judged here
             frames = [f for f in frames if self.scope.mine(f.host)]
         if self.forgotten:
             await self._unforget(frames)
-        observe, h = self.health_engine.observe, self.health
         for i in range(0, len(frames), JUDGE_CHUNK):
             part = frames[i : i + JUDGE_CHUNK] if len(frames) > JUDGE_CHUNK else frames
             if i:
                 await asyncio.sleep(0)  # the loop's turn (the fast event path, the API)
             now = self.clock()
-            t = time.perf_counter()
-            back = self._last_back = self._batch_age(now)
-            before = {f.host: hs.last_frame_at for f in part if (hs := h.hosts.get(f.host))} if back else {}
-            obs: list[Observation] = []
+            await self._step([], now, observe=functools.partial(self._observe, part, now))
+
+    def _observe(self, part: Sequence[Frame], now: float) -> list[Observation]:
+        """The health engine's observations of ``part`` (the health state changes)."""
+        if self.scope is not None:  # (a bucket lost while the step waited for the lock)
+            part = [f for f in part if self.scope.mine(f.host)]
+        observe, h = self.health_engine.observe, self.health
+        t = time.perf_counter()
+        back = self._last_back = self._batch_age(now)
+        before = {f.host: hs.last_frame_at for f in part if (hs := h.hosts.get(f.host))} if back else {}
+        obs: list[Observation] = []
+        for f in part:
+            _, o = observe(h, f, now)
+            if o:
+                obs += o
+        if back:  # a host was last heard when its frame reached the stream, not when judged
             for f in part:
-                _, o = observe(h, f, now)
-                if o:
-                    obs += o
-            if back:  # a host was last heard when its frame reached the stream, not when judged
-                for f in part:
-                    hs = h.hosts.get(f.host)
-                    if hs is not None and hs.last_frame_at == now:
-                        hs.last_frame_at = max(before.get(f.host) or 0.0, now - back)
-            self.seconds["health"] += time.perf_counter() - t
-            self.on_judged(part, {o.labels.get("host", "") for o in obs})
-            await self._step(obs, now)
+                hs = h.hosts.get(f.host)
+                if hs is not None and hs.last_frame_at == now:
+                    hs.last_frame_at = max(before.get(f.host) or 0.0, now - back)
+        self.seconds["health"] += time.perf_counter() - t
+        self.on_judged(part, {o.labels.get("host", "") for o in obs})
+        return obs
 
     def _batch_age(self, now: float) -> float:
         """How long ago the newest frame of the ingest batch being judged reached the stream
@@ -519,24 +531,30 @@ class Alerting:
             self.self_status = judge(self.self_state, readings, self.selfcheck)
             lag = max(behind(readings), self._last_back)
         status = self.self_status
-        if was is not None and status.impaired_since is None:
-            self.health_engine.resume(self.health, now)  # staleness resumes from fresh arrivals
+        resumed = was is not None and status.impaired_since is None
+        if resumed:
             log.info("collector pipeline recovered (impaired since %.0f): host staleness resumes", was)
         elif was is None and status.impaired_since is not None:
             log.warning("collector pipeline impaired: host staleness suspended")
-        # hosts are judged as of the oldest frame not judged yet, or as of the pipeline's delay when
-        # caught up (a host's last frame is dated by when it reached the stream, _batch_age): frames
-        # waiting in a lagging ingest are not silence (a 1 s host is stale after 3 s; the ingest may
-        # lag more), and a silence shorter than the lag is still one
-        _, obs = self.health_engine.tick(self.health, now - lag, self.expected(), status.impaired_since)
-        for o in observations(status, self.self_labels, now) if self._running else ():
-            told = (o.status, o.summary)
-            if self._self_told.get(o.check, ("", "")) != told:  # changes only (and once at start)
-                self._self_told[o.check] = told
-                obs.append(o)
-        if self.remediation is not None and self.remediation.enabled:
-            obs += self.remediation.observations(now)  # remediation.breaker
-        await self._step(obs, now)
+
+        def observe() -> list[Observation]:  # under the step lock (_step)
+            if resumed:
+                self.health_engine.resume(self.health, now)  # staleness resumes from fresh arrivals
+            # hosts are judged as of the oldest frame not judged yet, or as of the pipeline's delay
+            # when caught up (a host's last frame is dated by when it reached the stream, _batch_age):
+            # frames waiting in a lagging ingest are not silence (a 1 s host is stale after 3 s; the
+            # ingest may lag more), and a silence shorter than the lag is still one
+            _, obs = self.health_engine.tick(self.health, now - lag, self.expected(), status.impaired_since)
+            for o in observations(status, self.self_labels, now) if self._running else ():
+                told = (o.status, o.summary)
+                if self._self_told.get(o.check, ("", "")) != told:  # changes only (and once at start)
+                    self._self_told[o.check] = told
+                    obs.append(o)
+            if self.remediation is not None and self.remediation.enabled:
+                obs += self.remediation.observations(now)  # remediation.breaker
+            return obs
+
+        await self._step([], now, observe=observe)
 
     def _failing_channels(self) -> set[str]:
         return {c for p in self.self_status.problems if p.check == NOTIFY for c in p.channels}
@@ -560,15 +578,29 @@ class Alerting:
             last_newest_lag_s=st.last_newest_lag_s,
         )
 
-    async def _step(self, obs: list[Observation], now: float, commands: Sequence[Command] = ()) -> None:
+    async def _step(
+        self,
+        obs: list[Observation],
+        now: float,
+        commands: Sequence[Command] = (),
+        observe: Callable[[], list[Observation]] | None = None,
+    ) -> None:
         """Judge (under the step lock), then write (under the write lock): a step waits for
         the judging of the step before it, never for its write (an XID judged on the fast
         path while an ingest batch's changes are being written is paged at once). The first
         notices of event-class criticals are handed to their channels as soon as they are
         judged, under the delivery key of their outbox row, and written with their step
         (``sent``, ``failed`` or ``pending`` until the delivery ends), as fail-open sends
-        them: a page never waits for PostgreSQL's commit."""
+        them: a page never waits for PostgreSQL's commit.
+
+        ``observe`` changes the health state and gives its observations: called under the step
+        lock, so that the health state and the alert changes collected (:attr:`_unsaved`) always
+        go together, without an await between them. A write (:meth:`_flush`) takes both at one
+        point: a health snapshot written with its alert changes records as judged only frames
+        whose alert changes are in that write or an earlier one (docs/operations.md)."""
         async with self._lock:
+            if observe is not None:
+                obs = observe()
             t = time.perf_counter()
             fleet = self._fleet()
             if fleet is not None and self.provider_totals is not None:
@@ -724,15 +756,22 @@ class Alerting:
             tuple(st.active_silences),
         )
 
-    async def _flush(self) -> None:
+    async def _flush(self, health: bool = False) -> None:
+        """Write the changes collected (under the write lock). ``ch`` and, in a collector group,
+        the health snapshot written with it are taken at one point, with no step judged halfway
+        (:meth:`_step`): the store takes the snapshot before its first await. With ``health``
+        (a group's snapshot) the health snapshots of every bucket held are written with them."""
         ch = self._unsaved
-        if (ch.empty() and not self._early_landed) or not self.store.available:
+        if (ch.empty() and not self._early_landed and not health) or not self.store.available:
             return
         self._unsaved = Changes()  # steps judged while this is written collect their own
         early = dict(self._early)
         landed, self._early_landed = self._early_landed, []
         try:
-            rows = await self.store.save(ch, early, landed)
+            if health:
+                rows = await self.store.save(ch, early, landed, health=True)
+            else:
+                rows = await self.store.save(ch, early, landed)
         except BaseException:
             self._early_landed[:0] = landed
             ch.merge(self._unsaved)  # kept, with what was judged meanwhile after it
@@ -810,8 +849,21 @@ class Alerting:
                 )  # fmt: skip
 
     async def save_health(self) -> None:
-        if self.store.available:
+        """Write the health snapshot. In a collector group, with the alert changes not written
+        yet, in one transaction behind the fencing check (:meth:`_flush`): a snapshot never
+        records a frame as judged while the alert changes it caused are not written (a taker
+        restoring it would not judge the frame's copy again: an XID never paged)."""
+        if not self.store.available:
+            return
+        if self.scope is None:
             await self.store.save_health(self.health, self.health_engine.healthy_for)
+            return
+        async with self._write_lock:  # (bounded as a step's write: steps wait for this lock)
+            try:
+                await asyncio.wait_for(self._flush(health=True), self.settings.persist_timeout)
+            except FencedError as e:  # another member holds these buckets now: stop using them
+                log.warning("%s: their changes and health are not written here", e)
+                self.on_fenced(e.buckets)
 
     # ------------------------------------------------------------------ reads and commands (the API)
 

@@ -197,6 +197,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         scope=scope if c.group else None,
         on_fenced=lambda buckets: member.fenced(buckets) if member is not None else None,
     )
+    store.health = lambda: (runner.health, runner.health_engine.healthy_for)
     repush = AlertmanagerRepush(
         channels.alertmanagers,
         lambda: runner.alerts_state.alerts.values(),
@@ -227,7 +228,6 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         runner.remote = commands  # silences and acknowledgements group-wide, at once
         member.on_regrouped = commands.kick
         store.incidents = lambda: runner.alerts_state.incidents
-        store.health = lambda: (runner.health, runner.health_engine.healthy_for)
         deliverer.gate = ScopeGate(scope, lambda: postgres.pool, name)
         nats.name = f"gpuwarden-collector-{name}"
         runner.self_labels = {"collector": name}

@@ -145,8 +145,9 @@ class Scope:
                 out[b]["open_incidents"][slot] = iid
         return out
 
-    def split_health(self, snapshot: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-        held = set(self.tokens())
+    def split_health(self, snapshot: Mapping[str, Any], buckets: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Partition -> the snapshot of the hosts of ``buckets`` (one each, empty when none)."""
+        held = set(buckets)
         out: dict[int, dict[str, Any]] = {part_of(b): {"hosts": {}} for b in held}
         for name, h in snapshot.get("hosts", {}).items():
             b = self.bucket(name)

@@ -37,20 +37,21 @@ class GroupAlertStore(pg.PgAlertStore):
         super().__init__(pool, LOCAL)  # what is no bucket's (early rows, self-check) is LOCAL
         self.scope = scope
         self.incidents: Callable[[], Mapping[str, Incident]] = dict
-        # the runner's health state and healthy_for: a step that changes alerts writes the health
-        # context of its buckets with it, so that a taker that judges the same frames again
-        # (a dead owner's unacknowledged batch) knows the events already judged
-        self.health: Callable[[], tuple[HealthState, int]] | None = None
-
-    def parts(self) -> list[int]:
-        return [part_of(b) for b in sorted(self.scope.tokens())]
+        # bucket -> the fencing token its state was read back under (restore, reload): the runner
+        # holds that bucket's health context only from then on, so its snapshot is written only
+        # while the token is the same (a bucket just gained, not reloaded yet, is not overwritten
+        # with the runner's empty view of it: the taker would restore nothing)
+        self.loaded: dict[int, int] = {}
 
     async def restore(self) -> pg.Restored:
+        tokens = self.scope.tokens()
+        parts = [part_of(b) for b in sorted(tokens)]
         async with self._acquire() as conn:
-            alerts, health = await pg.load(conn, self.parts())
-            rows = await pg.pending(conn, self.parts())
+            alerts, health = await pg.load(conn, parts)
+            rows = await pg.pending(conn, parts)
             forgotten = await pg.forgotten_hosts(conn)
             boards = await load_history(conn)
+        self.loaded = dict(tokens)
         return pg.Restored(alerts, health, rows, forgotten, boards)
 
     async def reload(
@@ -58,39 +59,68 @@ class GroupAlertStore(pg.PgAlertStore):
     ) -> tuple[dict[str, Any], dict[str, Any] | None, list[OutboxRow]]:
         """The state of the buckets held now, and the gained buckets' pending notifications."""
         gained = sorted(gained)
+        tokens = self.scope.tokens()
         async with self._acquire() as conn:
-            alerts, health = await pg.load(conn, self.parts())
+            alerts, health = await pg.load(conn, [part_of(b) for b in sorted(tokens)])
             rows = await pg.pending(conn, [part_of(b) for b in gained]) if gained else []
+        self.loaded = dict(tokens)
         return alerts, health, rows
 
-    async def save(self, ch: pg.Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
+    def _restored(self, tokens: Mapping[int, int]) -> set[int]:
+        """The buckets held (``tokens``) whose health context the runner holds: read back here
+        under the token they are held under now."""
+        return {b for b, t in tokens.items() if self.loaded.get(b) == t}
+
+    async def save(
+        self, ch: pg.Changes, early: Early, landed: Landed = (), *, health: bool = False
+    ) -> list[OutboxRow]:
+        """One step's changes (and the early deliveries' outcomes) in one transaction behind the
+        fencing check, with the health snapshots of the buckets whose alerts changed (a
+        transition or a notification), or with ``health`` of every bucket held. The snapshots
+        are taken here before the first await, i.e. at the point where the runner took ``ch``
+        (:meth:`collector.alerting.Alerting._flush`): a snapshot records as judged only frames
+        whose alert changes are in ``ch`` or written before it (docs/operations.md). Only the
+        buckets read back under the token they are held under get one (:attr:`loaded`)."""
         tokens = self.scope.tokens()
         parts = self.scope.split(ch, self.incidents(), tokens)
+        buckets = {p - GROUP_PARTITION_BASE for p in parts if p != LOCAL}
+        restored = self._restored(tokens)
+        if not health:
+            restored &= {
+                p - GROUP_PARTITION_BASE
+                for p, sub in parts.items()
+                if p != LOCAL and (sub.transitions or sub.deliveries)
+            }
+        snapshots = self._snapshots(*self.health(), restored) if self.health is not None and restored else {}
         rows: list[OutboxRow] = []
         async with self._acquire() as conn, conn.transaction():
-            buckets = [p - GROUP_PARTITION_BASE for p in parts if p != LOCAL]
-            await fence.check(conn, {b: tokens[b] for b in buckets})
+            await fence.check(conn, {b: tokens[b] for b in buckets | restored})
             for part, sub in parts.items():
                 rows += await pg.save(conn, part, sub, early)
-            touched = {p for p, sub in parts.items() if p != LOCAL and (sub.transitions or sub.deliveries)}
-            if touched and self.health is not None:
-                state, healthy_for = self.health()
-                hosts = {
-                    h: hs for h, hs in state.hosts.items() if part_of(self.scope.bucket(h) or 0) in touched
-                }
-                split = self.scope.split_health(health_snapshot(HealthState(hosts=hosts), healthy_for))
-                for part in touched:
-                    await pg.save_health(conn, part, split.get(part, {"hosts": {}}))
+            for part, data in snapshots.items():
+                await pg.save_health(conn, part, data)
             if landed:
                 await pg.record_early(conn, LOCAL, landed)
         return rows
 
+    def _snapshots(
+        self, state: HealthState, healthy_for: int, buckets: set[int]
+    ) -> dict[int, dict[str, Any]]:
+        """Partition -> the health snapshot of the hosts of ``buckets`` in ``state``."""
+        bucket = self.scope.bucket
+        hosts = {h: hs for h, hs in state.hosts.items() if bucket(h) in buckets}
+        return self.scope.split_health(health_snapshot(HealthState(hosts=hosts), healthy_for), buckets)
+
     async def save_health(self, state: HealthState, healthy_for: int) -> None:
-        data = health_snapshot(state, healthy_for)
-        split = self.scope.split_health(data)
-        async with self._acquire() as conn:
-            for part, d in split.items():
-                await pg.save_health(conn, part, d)
+        """``state``'s snapshot of the buckets held and read back, behind the fencing check (the
+        runner of a group writes its snapshots with its alert changes instead: :meth:`save`)."""
+        tokens = self.scope.tokens()
+        restored = self._restored(tokens)
+        snapshots = self._snapshots(state, healthy_for, restored)
+        async with self._acquire() as conn, conn.transaction():
+            await fence.check(conn, {b: tokens[b] for b in restored})
+            for part, data in snapshots.items():
+                await pg.save_health(conn, part, data)
 
 
 class ScopeGate:

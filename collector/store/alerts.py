@@ -294,6 +294,11 @@ class PgAlertStore:
     def __init__(self, pool: Callable[[], asyncpg.Pool | None], partition: int) -> None:
         self.pool = pool
         self.partition = partition
+        # the runner's health state and healthy_for (collector.wiring): what ``save(health=True)``
+        # writes with the alert changes; in a collector group, a step that changes alerts writes
+        # the health context of its buckets with it, so that a taker that judges the same frames
+        # again (a dead owner's unacknowledged batch) knows the events already judged
+        self.health: Callable[[], tuple[HealthState, int]] | None = None
 
     @property
     def available(self) -> bool:
@@ -312,13 +317,19 @@ class PgAlertStore:
             boards = await load_history(conn)
         return Restored(alerts, health, rows, forgotten, boards)
 
-    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
+    async def save(
+        self, ch: Changes, early: Early, landed: Landed = (), *, health: bool = False
+    ) -> list[OutboxRow]:
         """:func:`save`, then the outcomes of early deliveries that ended after their step was
-        written (:func:`record_early`); on one connection."""
-        async with self._acquire() as conn:
+        written (:func:`record_early`); on one connection. With ``health``, the health snapshot
+        of the state as it is when called (:attr:`health`) in the same transaction."""
+        snap = health_snapshot(*self.health()) if health and self.health is not None else None
+        async with self._acquire() as conn, conn.transaction():
             rows = await save(conn, self.partition, ch, early)
             if landed:
                 await record_early(conn, self.partition, landed)
+            if snap is not None:
+                await save_health(conn, self.partition, snap)
         return rows
 
     async def record_early(self, done: Landed) -> None:
