@@ -112,7 +112,9 @@ class AlertStore(Protocol):
 
     async def save_health(self, state: HealthState, healthy_for: int) -> None: ...
 
-    async def save_history(self, changed: Sequence[BoardHistory], gone: Sequence[str]) -> None: ...
+    async def save_history(
+        self, changed: Sequence[BoardHistory], gone: Sequence[tuple[str, float]], cutoff: float = 0.0
+    ) -> list[BoardHistory]: ...  # merged by event identity: the boards as written
 
     async def save_silence(self, s: Silence) -> None: ...
 
@@ -819,19 +821,24 @@ class Alerting:
 
     async def _save_history(self) -> None:
         """Write the GPU fault history the health engine changed (rare: inventories of tracked
-        boards, fatal XIDs, expiry); on failure the changes are kept for the next step."""
+        boards, fatal XIDs, expiry), merged with what other writers stored (a collector group's
+        members each hold the fleet's history), and take their fatal XIDs of those boards in;
+        on failure the changes are kept for the next step."""
         hist = self.health.history
         if (not hist.dirty and not hist.deleted) or not self.store.available:
             return
         changed, gone = hist.take_changes()
         try:
-            await self.store.save_history(changed, gone)
+            written = await self.store.save_history(
+                changed, gone, self.clock() - self.health_engine.config.gpu.rma_history
+            )
         except BaseException:
             for b in changed:
                 hist.dirty.setdefault(b.board, None)
-            for name in gone:
-                hist.deleted.setdefault(name, None)
+            for name, known in gone:
+                hist.deleted.setdefault(name, known)
             raise
+        hist.absorb(written)  # what another writer (a group member) recorded counts here too
 
     def _publish_health(self, obs: Iterable[Observation]) -> None:
         hosts = {o.labels.get("host", "") for o in obs}

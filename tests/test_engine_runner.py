@@ -79,8 +79,11 @@ class MemoryStore:
         self._check()
         self.health = health_snapshot(state, healthy_for)
 
-    async def save_history(self, changed: Sequence[BoardHistory], gone: Sequence[str]) -> None:
+    async def save_history(
+        self, changed: Sequence[BoardHistory], gone: Sequence[tuple[str, float]], cutoff: float = 0.0
+    ) -> list[BoardHistory]:
         self._check()
+        return list(changed)
 
     async def save_silence(self, s: Silence) -> None:
         self._check()

@@ -149,7 +149,7 @@ def test_a_board_is_named_by_its_serial_follows_it_and_takes_its_serial_when_lea
     assert list(h.boards) == ["S2"]
     changed, gone = h.take_changes()
     assert [b.board for b in changed] == ["S2"]
-    assert gone == ["GPU-2"]
+    assert gone == [("GPU-2", T0)]  # (with the newest fatal XID it held)
     # the board moved to another host (same serial): its history came with it
     h.inventory("n9", "p", "b1", "k9", [(5, "GPU-2", "S2")], T0 + DAY)
     h.inventory("n9", "p", "b2", "k10", [(5, "GPU-2", "S2")], T0 + 2 * DAY)
@@ -171,7 +171,7 @@ def test_a_redelivered_event_is_not_counted_twice_and_old_boards_are_forgotten()
     assert "GPU-2" in h.boards
     h.expire(T0 + CFG.rma_history + 1, CFG)
     assert h.boards == {}
-    assert h.take_changes() == ([], ["GPU-2"])
+    assert h.take_changes() == ([], [("GPU-2", T0)])
 
 
 def test_boards_round_trip() -> None:
@@ -315,7 +315,7 @@ async def test_the_store_round_trips_boards_and_deletes_forgotten_ones(conn: Any
     await save_history(conn, [a, b], [])
     assert sorted((await load_history(conn)), key=lambda x: x.board) == [b, a]
     a.fatal.append(FatalXid(79, T0 + 2 * DAY, "k3", 3))
-    await save_history(conn, [a], ["GPU-x"])
+    await save_history(conn, [a], [("GPU-x", T0)])
     assert await load_history(conn) == [a]
 
 

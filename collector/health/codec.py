@@ -112,7 +112,8 @@ def _history(d: Mapping[str, Any] | None) -> FleetHistory:
     )
     h.slots = {k: (str(v[0]), str(v[1])) for k, v in d.get("slots", {}).items()}
     h.host_boots = {k: {str(a): str(b) for a, b in v.items()} for k, v in d.get("host_boots", {}).items()}
-    h.dirty, h.deleted = dict.fromkeys(d.get("dirty", {})), dict.fromkeys(d.get("deleted", {}))
+    h.dirty = dict.fromkeys(d.get("dirty", {}))
+    h.deleted = {str(k): float(v or 0.0) for k, v in d.get("deleted", {}).items()}
     return h
 
 

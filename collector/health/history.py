@@ -186,7 +186,9 @@ class FleetHistory:
     """Every tracked board, and what maps frames to boards and boots.
 
     ``dirty`` and ``deleted`` name the boards changed or forgotten since the caller last took
-    them (:meth:`take_changes`), for persistence.
+    them (:meth:`take_changes`), for persistence; ``deleted`` with the time of the newest fatal
+    XID the board held when it was forgotten (its stored row is deleted only if it holds none
+    newer: :func:`merge`).
     """
 
     boards: dict[str, BoardHistory] = field(default_factory=dict)
@@ -194,7 +196,7 @@ class FleetHistory:
     slots: dict[str, tuple[str, str]] = field(default_factory=dict)  # "host/index" -> (uuid, serial)
     host_boots: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> agent boot id -> boot
     dirty: dict[str, None] = field(default_factory=dict)
-    deleted: dict[str, None] = field(default_factory=dict)
+    deleted: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, boards: Iterable[BoardHistory]) -> FleetHistory:
@@ -205,12 +207,21 @@ class FleetHistory:
                 h.by_uuid[b.uuid] = b.board
         return h
 
-    def take_changes(self) -> tuple[list[BoardHistory], list[str]]:
-        """The boards changed and the board names forgotten since the last call."""
+    def take_changes(self) -> tuple[list[BoardHistory], list[tuple[str, float]]]:
+        """The boards changed, and the boards forgotten (with the time of the newest fatal XID
+        each held then), since the last call."""
         changed = [self.boards[b] for b in self.dirty if b in self.boards]
-        gone = [b for b in self.deleted if b not in self.boards]
+        gone = [(b, at) for b, at in self.deleted.items() if b not in self.boards]
         self.dirty, self.deleted = {}, {}
         return changed, gone
+
+    def absorb(self, written: Iterable[BoardHistory]) -> None:
+        """Take in the boards as stored (:func:`merge`d with another writer's fatal XIDs and
+        boots): the tracked ones gain what they lacked; nothing is marked changed."""
+        for w in written:
+            b = self.boards.get(w.board)
+            if b is not None:
+                self.boards[w.board] = merge(w, b)
 
     def boot_of(self, host: str, agent_boot: str) -> str:
         """The boot of a frame of ``host`` sent by the agent run ``agent_boot``: the kernel's
@@ -233,7 +244,7 @@ class FleetHistory:
         if b is not None and self.by_uuid.get(b.uuid) == board:
             del self.by_uuid[b.uuid]
         self.dirty.pop(board, None)
-        self.deleted[board] = None
+        self.deleted[board] = b.fatal[-1].at if b is not None and b.fatal else 0.0
 
     def inventory(
         self,
@@ -290,7 +301,7 @@ class FleetHistory:
         b = self.boards.get(old)
         if b is None:
             return None
-        self._forget(old)
+        self._forget(old)  # (its fatal XIDs go with it: its stored row goes)
         b.board = new
         self.boards[new] = b
         return b
@@ -357,6 +368,44 @@ class FleetHistory:
             if b.fatal[0].at < cutoff:
                 b.fatal[:] = [e for e in b.fatal if e.at >= cutoff]
                 self._mark(b, now)
+
+
+def merge(stored: BoardHistory, mine: BoardHistory, cutoff: float = 0.0) -> BoardHistory:
+    """``mine``, a writer's view of a board, merged into ``stored``, the board as saved (maybe by
+    another writer: a collector group's members each hold the fleet's history): the union of
+    their fatal XIDs by event identity (code and time: an event judged by both, or judged again
+    after a redelivery, is one) and of their boots (the earlier first sight of each), so neither
+    writer's update is lost and none is counted twice. ``mine`` wins the board's names, place
+    and an event's boot (it may have learnt the kernel boot of an agent boot id). Stored fatal
+    XIDs before ``cutoff`` (aged out of ``rma_history`` for the writer) are dropped."""
+    out = BoardHistory.from_dict(mine.to_dict())
+    firsts = dict(out.boots)
+    for boot, at in stored.boots:
+        firsts[boot] = min(at, firsts.get(boot, at))
+    boots = sorted(firsts.items(), key=lambda x: x[1])
+    out.dropped = max(stored.dropped, mine.dropped)
+    if len(boots) > MAX_BOOTS:
+        out.dropped += len(boots) - MAX_BOOTS
+        del boots[: len(boots) - MAX_BOOTS]
+    out.boots = boots
+    known = {(e.code, e.at) for e in out.fatal}
+    out.fatal += [
+        FatalXid(e.code, e.at, e.boot, e.boot_no)
+        for e in stored.fatal
+        if (e.code, e.at) not in known and e.at >= cutoff
+    ]
+    out.fatal.sort(key=lambda e: e.at)
+    if len(out.fatal) > MAX_FATAL:
+        del out.fatal[: len(out.fatal) - MAX_FATAL]
+    out._renumber()
+    out.updated_at = max(stored.updated_at, mine.updated_at)
+    return out
+
+
+def still_needed(stored: BoardHistory, known: float) -> bool:
+    """Whether a board's stored row holds a fatal XID newer than ``known``, the newest one a
+    writer that forgot the board had seen (another writer recorded it since): the row stays."""
+    return any(e.at > known for e in stored.fatal)
 
 
 def decide(b: BoardHistory, now: float, cfg: GpuThresholds) -> RmaDecision | None:

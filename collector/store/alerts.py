@@ -341,9 +341,11 @@ class PgAlertStore:
         async with self._acquire() as conn:
             await save_health(conn, self.partition, data)
 
-    async def save_history(self, changed: Sequence[BoardHistory], gone: Sequence[str]) -> None:
+    async def save_history(
+        self, changed: Sequence[BoardHistory], gone: Sequence[tuple[str, float]], cutoff: float = 0.0
+    ) -> list[BoardHistory]:
         async with self._acquire() as conn:
-            await save_history(conn, changed, gone)
+            return await save_history(conn, changed, gone, cutoff)
 
     async def save_silence(self, s: Silence) -> None:
         async with self._acquire() as conn:

@@ -1,0 +1,159 @@
+"""A fatal XID judged twice (redelivered, judged by two collector group members, or judged again
+by a collector restarted with the history restored from PostgreSQL) counts once in the board's
+fault history, and two writers of one board's history neither lose nor double a fatal XID
+(docs/alerts.md, "Hardware escalation (gpu.rma)").
+
+``rma_fatal_xids = 2`` throughout: one XID counted twice would raise a false ``gpu.rma``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from collector.health import HealthEngine, HealthState, Observation, health_config_from
+from collector.health.codec import health_snapshot, state_from_dict
+from collector.health.history import BoardHistory, FatalXid, FleetHistory, merge
+from shared.frames import EventFrame, GpuInfo, HostFacts, InventoryFrame
+from tests.support.frame_fixtures import xid_frame
+
+T0 = 1_700_000_000.0
+DAY = 86400.0
+BOARD = "SN-9"
+
+
+def make_engine() -> HealthEngine:
+    return HealthEngine(health_config_from({"health": {"gpu": {"rma_fatal_xids": 2}}}, env={}))
+
+
+def inv(ts: float) -> InventoryFrame:
+    return InventoryFrame(
+        host="h1",
+        provider="p",
+        boot_id="agent-1",
+        seq=1,
+        ts=ts,
+        backend="nvml",
+        gpus=(GpuInfo(index=0, uuid="GPU-9", serial=BOARD),),
+        host_facts=HostFacts(hostname="h1", kernel_boot_id="kb-1"),
+    )
+
+
+def fatal(seq: int, ts: float) -> EventFrame:
+    return xid_frame("h1", seq, ts, "p", "agent-1", gpu_index=0, gpu_uuid="GPU-9", xid=79)
+
+
+def raised(obs: list[Observation]) -> list[Observation]:
+    return [o for o in obs if o.check == "gpu.rma" and o.status != "healthy"]
+
+
+def copy(state: HealthState, eng: HealthEngine) -> HealthState:
+    """``state`` as a restarted or taking collector reads it back: the lean health snapshot,
+    and the fault history as stored (``gpu_history``)."""
+    back = state_from_dict(json.loads(json.dumps(health_snapshot(state, eng.healthy_for))))
+    back.history = FleetHistory.of(
+        BoardHistory.from_dict(json.loads(json.dumps(b.to_dict()))) for b in state.history.boards.values()
+    )
+    return back
+
+
+def test_a_redelivered_fatal_xid_counts_once_and_raises_no_rma() -> None:
+    eng = make_engine()
+    state, _ = eng.observe(HealthState(), inv(T0), T0)
+    state, obs = eng.observe(state, fatal(2, T0 + 1), T0 + 1)
+    assert not raised(obs)
+    state, obs = eng.observe(state, fatal(2, T0 + 1), T0 + 5)  # the same copy again
+    assert not raised(obs)
+    assert [e.at for e in state.history.boards[BOARD].fatal] == [T0 + 1]
+    # a second, distinct fatal XID is what raises it
+    state, obs = eng.observe(state, fatal(3, T0 + 2), T0 + 6)
+    assert [o.status for o in raised(obs)] == ["critical"]
+
+
+def test_judged_again_after_a_restart_whose_snapshot_predates_it_counts_once() -> None:
+    """The history was written with the XID, the health snapshot before it (they are written
+    apart): the restarted collector judges the unacknowledged copy again."""
+    eng = make_engine()
+    state, _ = eng.observe(HealthState(), inv(T0), T0)
+    before = copy(state, eng)
+    state, _ = eng.observe(state, fatal(2, T0 + 1), T0 + 1)
+    restarted = before
+    restarted.history = copy(state, eng).history  # gpu_history has the XID
+    restarted, obs = eng.observe(restarted, fatal(2, T0 + 1), T0 + 60)
+    assert not raised(obs)
+    assert [e.at for e in restarted.history.boards[BOARD].fatal] == [T0 + 1]
+    assert restarted.hosts["h1"].gpus[0].fatal_xids == [T0 + 60]
+
+
+def test_two_members_judging_one_copy_merge_to_one_fatal_xid() -> None:
+    """A bucket changing hands: the old holder judged the batch, the taker (its history read
+    back from PostgreSQL: no inventory of the host yet, so the board is named by its UUID)
+    judges the redelivered copy. Once the host's inventory names the board, the two members'
+    boards merge by event identity: one XID, and the next distinct one raises gpu.rma once."""
+    eng = make_engine()
+    old, _ = eng.observe(HealthState(), inv(T0), T0)
+    taker = copy(old, eng)
+    old, obs_old = eng.observe(old, fatal(2, T0 + 1), T0 + 1)
+    taker, obs_taker = eng.observe(taker, fatal(2, T0 + 1), T0 + 30)
+    assert not raised(obs_old + obs_taker)
+    assert list(taker.history.boards) == ["GPU-9"]
+    taker, _ = eng.observe(taker, inv(T0 + 40), T0 + 40)
+    changed, gone = taker.history.take_changes()
+    assert ([b.board for b in changed], gone) == ([BOARD], [("GPU-9", T0 + 1)])
+    a, b = old.history.boards[BOARD], taker.history.boards[BOARD]
+    for m in (merge(a, b), merge(b, a)):
+        assert [(e.code, e.at, e.boot) for e in m.fatal] == [(79, T0 + 1, "kb-1")]
+    taker.history.absorb([merge(a, b)])
+    assert len(taker.history.boards[BOARD].fatal) == 1
+    taker, obs = eng.observe(taker, fatal(3, T0 + 2), T0 + 41)
+    assert [o.status for o in raised(obs)] == ["critical"]
+
+
+def board(*events: tuple[float, str], boots: tuple[tuple[str, float], ...] = ()) -> BoardHistory:
+    b = BoardHistory(BOARD, BOARD, "GPU-9", "p", "h1", 0)
+    b.boots = list(boots)
+    b.fatal = [FatalXid(79, at, boot, 0) for at, boot in events]
+    b._renumber()
+    b.updated_at = max((at for at, _ in events), default=0.0)
+    return b
+
+
+def test_merge_is_a_union_by_event_identity_with_boots_in_order() -> None:
+    a = board((T0, "k1"), (T0 + DAY, "k2"), boots=(("k1", T0 - 5), ("k2", T0 + DAY - 5)))
+    b = board((T0 + DAY, "k2"), (T0 + 2 * DAY, "k3"), boots=(("k2", T0 + DAY - 9), ("k3", T0 + 2 * DAY - 5)))
+    m = merge(a, b)
+    assert [(e.at, e.boot, e.boot_no) for e in m.fatal] == [
+        (T0, "k1", 1),
+        (T0 + DAY, "k2", 2),
+        (T0 + 2 * DAY, "k3", 3),
+    ]
+    assert m.boots == [("k1", T0 - 5), ("k2", T0 + DAY - 9), ("k3", T0 + 2 * DAY - 5)]
+    assert merge(m, b) == m
+    # stored XIDs aged out for the writer are dropped
+    assert [e.at for e in merge(a, b, cutoff=T0 + 1).fatal] == [T0 + DAY, T0 + 2 * DAY]
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+async def test_two_writers_of_one_board_neither_lose_nor_double_a_fatal_xid(conn: Any) -> None:
+    """Member A writes XID e0; member B, holding the board as it was before (it loaded the
+    history earlier), writes its own XID e1 and the copy of e0 it judged again: the row keeps
+    e0 and e1, each once. A then forgets the board (its XIDs aged out on its view): the row,
+    holding B's newer XID, stays."""
+    from collector.store.history import load_history, save_history
+
+    kb = (("kb-1", T0),)
+    a = board((T0 + 1, "kb-1"), boots=kb)
+    await save_history(conn, [a], [])
+    b = board((T0 + 50, "kb-1"), boots=kb)  # B's view: it never saw e0
+    written = await save_history(conn, [b], [])
+    assert [e.at for e in written[0].fatal] == [T0 + 1, T0 + 50]
+    b2 = board((T0 + 1, "kb-1"), (T0 + 50, "kb-1"), boots=kb)  # e0 judged again by B
+    await save_history(conn, [b2], [])
+    (row,) = await load_history(conn)
+    assert [(e.code, e.at) for e in row.fatal] == [(79, T0 + 1), (79, T0 + 50)]
+    await save_history(conn, [], [(BOARD, T0 + 1)])  # A forgets it knowing only e0
+    assert [e.at for e in (await load_history(conn))[0].fatal] == [T0 + 1, T0 + 50]
+    await save_history(conn, [], [(BOARD, T0 + 50)])  # forgotten by one that knew them all
+    assert await load_history(conn) == []
