@@ -157,3 +157,46 @@ async def test_two_writers_of_one_board_neither_lose_nor_double_a_fatal_xid(conn
     assert [e.at for e in (await load_history(conn))[0].fatal] == [T0 + 1, T0 + 50]
     await save_history(conn, [], [(BOARD, T0 + 50)])  # forgotten by one that knew them all
     assert await load_history(conn) == []
+
+
+async def test_a_writer_waiting_on_anothers_open_write_merges_it_in(conn: Any, pg_dsn: str) -> None:
+    """Two writers at once, for a new board and then for a stored one: the second waits for
+    the first's open transaction (on the row, or on its insert) and merges what it committed."""
+    import asyncio
+
+    import asyncpg
+
+    from collector.store.history import load_history, save_history
+    from tests.support.wait import until
+
+    async def waiting() -> bool:  # the second writer blocks on a lock the first holds
+        n = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return bool(n)
+
+    kb = (("kb-1", T0),)
+    first = await asyncpg.connect(pg_dsn)
+    try:
+        for e0, e1 in ((T0 + 1, T0 + 2), (T0 + 3, T0 + 4)):  # a new board, then the stored one
+            tx = first.transaction()
+            await tx.start()
+            await first.execute(
+                "INSERT INTO gpu_history (board, fatal) VALUES ($1, $2::jsonb)"
+                " ON CONFLICT (board) DO UPDATE SET fatal = gpu_history.fatal || EXCLUDED.fatal",
+                BOARD,
+                json.dumps([[79, e0, "kb-1", 1]]),
+            )
+            conn2 = await asyncpg.connect(pg_dsn)
+            second = asyncio.create_task(save_history(conn2, [board((e1, "kb-1"), boots=kb)], []))
+            try:
+                await until(waiting, what="the second writer waiting on the first")
+                await tx.commit()
+                await second
+            finally:
+                await conn2.close()
+        (row,) = await load_history(conn)
+        assert [e.at for e in row.fatal] == [T0 + 1, T0 + 2, T0 + 3, T0 + 4]
+    finally:
+        await first.close()
