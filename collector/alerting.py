@@ -112,6 +112,8 @@ class AlertStore(Protocol):
 
     async def save_health(self, state: HealthState, healthy_for: int) -> None: ...
 
+    async def load_history(self) -> list[BoardHistory]: ...
+
     async def save_history(
         self, changed: Sequence[BoardHistory], gone: Sequence[tuple[str, float]], cutoff: float = 0.0
     ) -> list[BoardHistory]: ...  # merged by event identity: the boards as written
@@ -306,7 +308,8 @@ class Alerting:
         still held: the fencing check refuses the rest), then hold exactly the state of the
         buckets held now, as saved in PostgreSQL (``reload``), and deliver what the gained
         buckets' previous owner committed but did not send. Alert state, health context and
-        escalation timers of a bucket thus move with it (docs/operations.md). The health
+        escalation timers of a bucket thus move with it (docs/operations.md), and the GPU fault
+        history the other members wrote is taken in. The health
         snapshots of the buckets still held are written in the same transaction as the alert
         changes (:meth:`_flush`); a bucket just gained is not written before it is read back."""
         if not self.store.available:
@@ -322,6 +325,9 @@ class Alerting:
             self._unsaved = Changes()
             saved, health, rows = await reload()
             history = self.health.history
+            # the fault history as the other members wrote it (a gained bucket's boards: the
+            # fatal XIDs and boots its previous owner recorded count for the next decision)
+            history.absorb(await self.store.load_history())
             self.health = HealthState()
             self._host_status = {}
             self.restore(saved, health, self.clock())

@@ -79,6 +79,10 @@ class MemoryStore:
         self._check()
         self.health = health_snapshot(state, healthy_for)
 
+    async def load_history(self) -> list[BoardHistory]:
+        self._check()
+        return []
+
     async def save_history(
         self, changed: Sequence[BoardHistory], gone: Sequence[tuple[str, float]], cutoff: float = 0.0
     ) -> list[BoardHistory]:

@@ -9,6 +9,7 @@ fault history, and two writers of one board's history neither lose nor double a 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from collector.health import HealthEngine, HealthState, Observation, health_config_from
@@ -200,3 +201,78 @@ async def test_a_writer_waiting_on_anothers_open_write_merges_it_in(conn: Any, p
         assert [e.at for e in row.fatal] == [T0 + 1, T0 + 2, T0 + 3, T0 + 4]
     finally:
         await first.close()
+
+
+# ----------------------------------------------------------------------------- collector group
+
+
+async def test_a_bucket_taker_decides_with_the_history_its_previous_owner_wrote(
+    conn: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Members a and b start with the same (empty) fault history. a holds the bucket and judges
+    XID 79 in two boots of the host; b takes the bucket and judges it in a third boot: a
+    recurrence after two reboots, raised by b (it took in the history a wrote when it took
+    the bucket; before, b decided from its own view and raised nothing). The count rule is
+    out of the way (``rma_fatal_xids`` 100): the history decides."""
+    import time
+
+    import asyncpg
+
+    from collector.group import fence
+    from collector.group.scope import Scope
+    from collector.group.store import GroupAlertStore
+    from tests.support.collector import load_toml
+    from tests.support.group import host_name_in_bucket
+    from tests.support.runner import CONFIG, build_runner
+
+    cfg = load_toml(tmp_path, pg_dsn, None, CONFIG + "[health.gpu]\nrma_fatal_xids = 100\n")
+    host, bucket = host_name_in_bucket(5), 5
+    pools = [await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) for _ in range(2)]
+    try:
+        runners, held = [], []
+        for pool in pools:
+            mine: dict[int, int] = {}
+            scope = Scope(64, lambda b, m=mine: b in m, lambda m=mine: dict(m))  # type: ignore[misc]
+            store = GroupAlertStore(lambda p=pool: p, scope)  # type: ignore[misc]
+            runner = build_runner(cfg, store, scope=scope, on_fenced=lambda _: None)[0]
+            store.incidents = lambda r=runner: r.alerts_state.incidents  # type: ignore[misc]
+            store.health = lambda r=runner: (r.health, r.health_engine.healthy_for)  # type: ignore[misc]
+            runners.append((runner, store))
+            held.append(mine)
+
+        async def take(i: int, token: int) -> None:
+            await fence.take(conn, bucket, token, f"m{i}")
+            held[i][bucket] = token
+            runner, store = runners[i]
+            await runner.regroup(lambda: store.reload([bucket]))
+
+        def boot(n: int, t: float) -> list[Any]:
+            agent = f"agent-{n}"
+            return [
+                InventoryFrame(
+                    host=host, provider="p", boot_id=agent, seq=1, ts=t, backend="nvml",
+                    gpus=(GpuInfo(index=0, uuid="GPU-9", serial=BOARD),),
+                    host_facts=HostFacts(hostname=host, kernel_boot_id=f"kb-{n}"),
+                ),
+                xid_frame(host, 2, t + 1, "p", agent, gpu_index=0, gpu_uuid="GPU-9", xid=79),
+            ]  # fmt: skip
+
+        def rma_states(i: int) -> list[str]:
+            return [a.state for a in runners[i][0].alerts_state.alerts.values() if a.rule == "gpu.rma"]
+
+        t = time.time()
+        await take(0, 10)
+        await runners[0][0].on_frames(boot(0, t) + boot(1, t + 10))
+        assert rma_states(0) == []
+        await take(1, 11)
+        await runners[1][0].on_frames(boot(2, t + 20))
+        assert rma_states(1) == ["firing"]
+        (a,) = [a for a in runners[1][0].alerts_state.alerts.values() if a.rule == "gpu.rma"]
+        assert a.summary == (
+            f"GPU 0 (board {BOARD}): fatal XID 79 recurred after 2 reboots: hardware inspection / RMA"
+        )
+        n = await conn.fetchval("SELECT jsonb_array_length(fatal) FROM gpu_history WHERE board = $1", BOARD)
+        assert n == 3
+    finally:
+        for pool in pools:
+            await pool.close()

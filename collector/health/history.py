@@ -215,13 +215,18 @@ class FleetHistory:
         self.dirty, self.deleted = {}, {}
         return changed, gone
 
-    def absorb(self, written: Iterable[BoardHistory]) -> None:
-        """Take in the boards as stored (:func:`merge`d with another writer's fatal XIDs and
-        boots): the tracked ones gain what they lacked; nothing is marked changed."""
-        for w in written:
+    def absorb(self, stored: Iterable[BoardHistory]) -> None:
+        """Take in boards as stored (where another writer, a collector group's member, may have
+        recorded fatal XIDs and boots this one has not seen): a tracked board gains what it
+        lacked (:func:`merge`), an untracked one is tracked, one forgotten here and not written
+        yet stays forgotten; nothing is marked changed."""
+        for w in stored:
+            if w.board in self.deleted:
+                continue
             b = self.boards.get(w.board)
-            if b is not None:
-                self.boards[w.board] = merge(w, b)
+            self.boards[w.board] = merge(w, b) if b is not None else w
+            if b is None and w.uuid:
+                self.by_uuid.setdefault(w.uuid, w.board)
 
     def boot_of(self, host: str, agent_boot: str) -> str:
         """The boot of a frame of ``host`` sent by the agent run ``agent_boot``: the kernel's

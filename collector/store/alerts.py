@@ -341,6 +341,10 @@ class PgAlertStore:
         async with self._acquire() as conn:
             await save_health(conn, self.partition, data)
 
+    async def load_history(self) -> list[BoardHistory]:
+        async with self._acquire() as conn:
+            return await load_history(conn)
+
     async def save_history(
         self, changed: Sequence[BoardHistory], gone: Sequence[tuple[str, float]], cutoff: float = 0.0
     ) -> list[BoardHistory]:
