@@ -9,7 +9,7 @@ apart, as a real receiver would::
 
 prints ``PORT <n>`` once it listens on ``127.0.0.1:<n>`` (``POST /hook``) and appends JSON
 lines to ``FILE`` until SIGTERM: ``{"hook": <arrival time>, "body": <the POSTed JSON>}`` for
-each webhook, and ``{"tap": <host>, "ts": <frame ts>}`` for the first frame that shows the
+each webhook, and ``{"tap": <host>, "ts": <frame ts>, "at": <arrival>}`` for the first frame that shows the
 watched host's fault (``xid``: an XID 79 event frame; ``temp``: a sample with GPU 2 at 95 °C
 or more). :func:`bench._util.Receiver` starts it and reads the file back.
 """
@@ -57,7 +57,7 @@ async def main(args: argparse.Namespace, out: IO[str]) -> None:
             and any(g.index == 2 and (g.temp_c or 0) >= 95 for g in f.gpus)
         ):
             seen.add(host)
-            write({"tap": host, "ts": f.ts})
+            write({"tap": host, "ts": f.ts, "at": time.time()})
 
     nc = await nats.connect(args.nats)
     for host, k in kind.items():

@@ -130,6 +130,7 @@ class Receiver:
         self.nats_url, self.watch = nats_url, watch
         self.hooks: list[tuple[float, Any]] = []
         self.taps: dict[str, float] = {}
+        self.tapped: dict[str, float] = {}  # host -> when the tap received that frame
 
     def __enter__(self) -> Receiver:
         self._dir = tempfile.TemporaryDirectory()
@@ -163,6 +164,7 @@ class Receiver:
                 self.hooks.append((d["hook"], d["body"]))
             else:
                 self.taps.setdefault(d["tap"], d["ts"])
+                self.tapped.setdefault(d["tap"], d.get("at", d["ts"]))
 
     def __exit__(self, *exc: object) -> None:
         stop(self.proc)
