@@ -15,10 +15,11 @@ refuses is isolated frame by frame and rejected as ``unstorable``, never retried
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Final
@@ -46,6 +47,11 @@ from shared.frames import EventFrame, Frame, InventoryFrame, SampleFrame, to_wir
 
 log = logging.getLogger(__name__)
 LAST_SEEN_EVERY: Final = 30.0  # seconds between hosts/gpus.last_seen updates per host
+# a batch's rows are built and encoded for COPY in slices, between turns of the event loop: a
+# batch of 1,000 frames is ~30 ms of CPU per table, which the fast event path (an XID) and the
+# API would otherwise wait for (each slice ~1-2 ms)
+FRAMES_PER_TURN: Final = 64
+ROWS_PER_TURN: Final = 512
 
 EVENT_COLUMNS: Final = (
     "ts",
@@ -367,7 +373,9 @@ class Writer:
         known = self._facts
         out: list[list[int]] = []
         missing: dict[FactsKey, list[tuple[list[int], int]]] = {}
-        for f in samples:
+        for n, f in enumerate(samples):
+            if n % FRAMES_PER_TURN == FRAMES_PER_TURN - 1:
+                await asyncio.sleep(0)
             hid = self._hosts[f.host][0]
             day = partitions.day_of(f.ts)
             ids: list[int] = []
@@ -416,7 +424,9 @@ class Writer:
         host_rows: list[tuple[Any, ...]] = []
         numbered: list[tuple[FrameKey, SampleFrame, datetime, list[int]]] = []
         keys: set[FrameKey] = set()
-        for f, ids in zip(samples, facts, strict=True):
+        for n, (f, ids) in enumerate(zip(samples, facts, strict=True)):
+            if n % FRAMES_PER_TURN == FRAMES_PER_TURN - 1:
+                await asyncio.sleep(0)
             hid = self._hosts[f.host][0]
             key = (hid, f.boot_id, f.seq)
             if key in keys:
@@ -425,12 +435,14 @@ class Writer:
             ts = utc(f.ts)
             host_rows.append(host_row(f, hid, ts, len(numbered)))
             numbered.append((key, f, ts, ids))
-        await conn.copy_records_to_table("stage_host", records=host_rows, columns=HOST_STAGE_COLUMNS)
+        await conn.copy_records_to_table("stage_host", records=_paced(host_rows), columns=HOST_STAGE_COLUMNS)
         fresh = await conn.fetch(SAMPLES_SQL)
         new_keys: set[FrameKey] = set()
         fresh_marks: set[tuple[int, float]] = set()
         gpu_rows: list[tuple[Any, ...]] = []
-        for r in fresh:
+        for n, r in enumerate(fresh):
+            if n % FRAMES_PER_TURN == FRAMES_PER_TURN - 1:
+                await asyncio.sleep(0)
             key, f, ts, ids = numbered[r[0]]
             new_keys.add(key)
             gpu_rows += make_gpu_rows(f, key[0], ts, ids)  # only the new frames' rows are built and sent
@@ -445,7 +457,7 @@ class Writer:
                 if g.uuid and self._gpus.get((key[0], g.index)) != g.uuid:  # "": no inventory yet
                     new_gpus[(key[0], g.index)] = g.uuid
         if gpu_rows:
-            await conn.copy_records_to_table("gpu_samples", records=gpu_rows, columns=GPU_COLUMNS)
+            await conn.copy_records_to_table("gpu_samples", records=_paced(gpu_rows), columns=GPU_COLUMNS)
         if fresh_marks:
             marks.extend(fresh_marks)
             await conn.execute(MARK_SQL, [m[0] for m in fresh_marks], [utc(m[1]) for m in fresh_marks])
@@ -655,3 +667,13 @@ def _text(value: str | None, limit: int = 1024) -> str | None:
 
 def _reject(a: Accepted, reason: str, field_: str | None, message: str) -> Rejection:
     return Rejection(a.subject, reason, field_, a.size, a.head, a.stream_seq, message)
+
+
+async def _paced(rows: Sequence[tuple[Any, ...]]) -> AsyncIterator[tuple[Any, ...]]:
+    """``rows`` for a COPY, with a turn of the event loop every ``ROWS_PER_TURN`` of them
+    (asyncpg encodes a list in one go)."""
+    for i in range(0, len(rows), ROWS_PER_TURN):
+        if i:
+            await asyncio.sleep(0)
+        for row in rows[i : i + ROWS_PER_TURN]:
+            yield row
