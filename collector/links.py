@@ -110,9 +110,9 @@ class Nats:
     """The service's NATS client: connected at start (an unreachable server is a clear error
     within seconds, not the client's endless retries), drained at stop."""
 
-    def __init__(self, config: CollectorConfig) -> None:
+    def __init__(self, config: CollectorConfig, role: str = "") -> None:
         self.cfg = config.nats
-        self.name = f"gpuwarden-collector-{config.collector.partition}"
+        self.name = f"gpuwarden-collector-{config.collector.partition}" + (f"-{role}" if role else "")
         self.nc: NatsClient | None = None
 
     @property

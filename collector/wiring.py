@@ -250,6 +250,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         runner.judge_early,
         HostRateLimit(c.host_rate, c.host_burst),  # the fast path's own buckets and clock
         enabled=config.alerting.fast_events,
+        own=Nats(config, "events"),  # not queued behind the ingest's fetches (collector.fastpath)
     )
 
     # the HTTP API
