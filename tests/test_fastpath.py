@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from collector.fastpath import FastEvents
 from collector.ingest import Limits
@@ -56,6 +57,18 @@ async def test_an_event_is_not_held_up_by_the_judging_of_the_one_before() -> Non
     await asyncio.wait_for(fe.stop(), 5)  # (waits for the events being judged)
 
 
+def linked(shared: Any, own: Any) -> tuple[FastEvents, list[str]]:
+    """A path on NATS links ``shared`` (the ingest's) and ``own``; the hosts it judged."""
+    judged: list[str] = []
+
+    async def judge(frame: Frame) -> None:
+        judged.append(frame.host)
+
+    now = time.time()
+    limits = Limits(1 << 20, now - 86400, now + 86400)
+    return FastEvents(shared, lambda: limits, lambda host: True, judge, HostRateLimit(0, 1), own=own), judged
+
+
 async def test_events_come_over_a_connection_of_the_paths_own(nats_url: str) -> None:
     """The path subscribes on a NATS connection of its own (``...-events``), not the ingest's,
     where an event would queue behind the samples JetStream sends for a fetch; it is closed
@@ -66,16 +79,7 @@ async def test_events_come_over_a_connection_of_the_paths_own(nats_url: str) -> 
     cfg = make_config("postgresql://unused", **{"nats.servers": [nats_url]})
     shared, own = Nats(cfg), Nats(cfg, "events")
     await shared.start()
-    judged: list[str] = []
-
-    async def judge(frame: Frame) -> None:
-        judged.append(frame.host)
-
-    now = time.time()
-    fe = FastEvents(
-        shared, lambda: Limits(1 << 20, now - 86400, now + 86400), lambda host: True, judge,
-        HostRateLimit(0, 1), own=own,
-    )  # fmt: skip
+    fe, judged = linked(shared, own)
     try:
         await fe.start()
         assert own.nc is not None
@@ -112,16 +116,7 @@ async def test_without_a_connection_of_its_own_the_path_shares_the_ingests(nats_
 
     shared, own = Nats(make_config("postgresql://unused", **{"nats.servers": [nats_url]})), Unreachable()
     await shared.start()
-    judged: list[str] = []
-
-    async def judge(frame: Frame) -> None:
-        judged.append(frame.host)
-
-    now = time.time()
-    fe = FastEvents(
-        shared, lambda: Limits(1 << 20, now - 86400, now + 86400), lambda host: True, judge,
-        HostRateLimit(0, 1), own=own,  # type: ignore[arg-type]
-    )  # fmt: skip
+    fe, judged = linked(shared, own)
     try:
         await fe.start()
         assert shared.nc is not None
