@@ -147,6 +147,7 @@ url = "{rx.url}"
     xids = [h for h in got if h in seen and kind[h] == "xid" and h in fired]
     parts = {
         "on_nats": [rx.tapped[h] - seen[h] for h in xids if h in rx.tapped],  # agent -> a subscriber
+        "collector": [got[h] - rx.tapped[h] for h in xids if h in rx.tapped],  # that subscriber -> webhook
         "judged": [fired[h] - seen[h] for h in xids],
         "delivered": [got[h] - fired[h] for h in xids],
     }
@@ -225,8 +226,9 @@ def run() -> list[Row]:
         rows.append(
             (
                 f"run {i}/{RUNS}: fault -> webhook, XID 79 p50 / p99 / max (n={len(xid)});"
-                f" temp=95 p50 / p99 (n={len(temp)})",
-                f"{_triple(xid)}; {pct(temp, 50):.3f} / {pct(temp, 99):.3f} s",
+                f" temp=95 p50 / p99 (n={len(temp)}); XID on NATS -> webhook (the collector's part) p99",
+                f"{_triple(xid)}; {pct(temp, 50):.3f} / {pct(temp, 99):.3f} s;"
+                f" {pct(r['parts']['collector'], 99):.3f} s",
                 f"XID p99 < {XID_GOAL:g} s",
             )
         )
@@ -248,7 +250,10 @@ def run() -> list[Row]:
     worst_p99 = pct(worst["lat"]["xid"], 99)
     met = all(r["lat"]["xid"] and pct(r["lat"]["xid"], 99) < XID_GOAL for r in results)
     temps = [pct(r["lat"]["temp"], 99) for r in results]
-    pooled = {k: [x for r in results for x in r["parts"][k]] for k in ("on_nats", "judged", "delivered")}
+    pooled = {
+        k: [x for r in results for x in r["parts"][k]]
+        for k in ("on_nats", "collector", "judged", "delivered")
+    }
     rows += [
         (
             f"fault -> webhook, XID 79 (event): p99 of the worst of {RUNS} runs"
@@ -265,6 +270,12 @@ def run() -> list[Row]:
             "XID: agent -> received by a subscriber of its own process (fleet publishing, NATS)"
             " p50 / p99, all runs",
             f"{pct(pooled['on_nats'], 50):.3f} / {pct(pooled['on_nats'], 99):.3f} s",
+            "",
+        ),
+        (
+            "XID: received by that subscriber -> webhook received (what the collector adds) p50 / p99,"
+            " all runs",
+            f"{pct(pooled['collector'], 50):.3f} / {pct(pooled['collector'], 99):.3f} s",
             "",
         ),
         (
