@@ -75,6 +75,10 @@ class FastEvents:
             nc = self.nats.nc
         if nc is not None:
             self._sub = await nc.subscribe(f"{PREFIX}.event.>", cb=self.on_msg)
+            # the server has the subscription when start returns: an event published on another
+            # connection right after is not missed by this path (it still comes through ingest)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.flush(timeout=5)
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
