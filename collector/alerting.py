@@ -788,10 +788,7 @@ class Alerting:
         early = dict(self._early)
         landed, self._early_landed = self._early_landed, []
         try:
-            if health:
-                rows = await self.store.save(ch, early, landed, health=True)
-            else:
-                rows = await self.store.save(ch, early, landed)
+            rows = await self.store.save(ch, early, landed, health=health)
         except BaseException:
             self._early_landed[:0] = landed
             ch.merge(self._unsaved)  # kept, with what was judged meanwhile after it

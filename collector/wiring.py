@@ -243,6 +243,8 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         live.remote = runner.fleet_view = view
         # provider-wide incidents are judged over the whole provider (by its bucket's holder)
         runner.provider_totals = lambda: {p: ph.hosts for p, ph in live.current().providers.items()}
+    events_nats = Nats(config, "events")  # not queued behind the ingest's fetches (collector.fastpath)
+    events_nats.name = f"{nats.name}-events"  # (a group member's name, as the ingest's connection)
     fast_events = FastEvents(
         nats,
         ingest.limits,
@@ -250,7 +252,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         runner.judge_early,
         HostRateLimit(c.host_rate, c.host_burst),  # the fast path's own buckets and clock
         enabled=config.alerting.fast_events,
-        own=Nats(config, "events"),  # not queued behind the ingest's fetches (collector.fastpath)
+        own=events_nats,
     )
 
     # the HTTP API

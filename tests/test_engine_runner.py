@@ -50,7 +50,9 @@ class MemoryStore:
         pending = [row for row, status in self.outbox.values() if status == "pending"]
         return Restored({"alerts": list(self.alerts.values())}, self.health, pending, set(self.forgotten))
 
-    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
+    async def save(
+        self, ch: Changes, early: Early, landed: Landed = (), *, health: bool = False
+    ) -> list[OutboxRow]:
         self._check()
         from collector.alerts.model import plain
 
@@ -172,10 +174,12 @@ class GatedStore(MemoryStore):
         self.gate = asyncio.Event()
         self.writes = 0  # writes begun
 
-    async def save(self, ch: Changes, early: Early, landed: Landed = ()) -> list[OutboxRow]:
+    async def save(
+        self, ch: Changes, early: Early, landed: Landed = (), *, health: bool = False
+    ) -> list[OutboxRow]:
         self.writes += 1
         await self.gate.wait()
-        return await super().save(ch, early, landed)
+        return await super().save(ch, early, landed, health=health)
 
 
 async def test_event_class_criticals_are_paged_before_their_step_is_written(tmp_path: Any) -> None:
