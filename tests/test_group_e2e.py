@@ -10,7 +10,6 @@ import json
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,21 @@ from agent.fleet import Fleet, host_name
 from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsCluster, NatsServer
 from shared.config import NatsConfig
-from tests.support.cluster import cluster_nats, published_keys, stored_keys
+from tests.support.cluster import cluster_nats, published_keys, stored_at_least, stored_keys
 from tests.support.collector import Receiver, collector, webhook_toml, write_config
-from tests.support.db import fetchval
-from tests.support.group import ALERTS, Members, group_config, hosts_of, owners, split_in, three_members
+from tests.support.group import (
+    ALERTS,
+    Members,
+    deliveries,
+    group_config,
+    hosts_of,
+    none_pending,
+    owners,
+    split_in,
+    three_members,
+    xid_keys,
+    xids,
+)
 from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,26 +47,6 @@ GROUP = """
 group = true
 lease = "{lease}"
 """
-
-
-def xid_keys(rx: Receiver) -> dict[str, set[str]]:
-    """host -> the delivery ids of the firing gpu.xid notifications received (a receiver drops
-    a second copy of one delivery id: docs/operations.md says when one can come)."""
-    out: dict[str, set[str]] = {}
-    for headers, raw, _ in rx.received:
-        for a in json.loads(raw)["alerts"]:
-            if a["labels"]["alertname"] == "gpu.xid" and a["status"] == "firing":
-                out.setdefault(a["labels"]["host"], set()).add(headers.get("X-Gpuwarden-Delivery", ""))
-    return out
-
-
-def xids(rx: Receiver) -> Counter[str]:
-    """host -> firing gpu.xid notifications received, one per delivery id."""
-    return Counter({h: len(keys) for h, keys in xid_keys(rx).items()})
-
-
-def deliveries(rx: Receiver) -> Counter[str]:
-    return Counter(h.get("X-Gpuwarden-Delivery", "") for h, _, _ in rx.received)
 
 
 async def test_a_group_of_one_holds_every_bucket_and_alerts_once(
@@ -98,10 +88,6 @@ async def test_a_group_of_one_holds_every_bucket_and_alerts_once(
         await conn.close()
 
 
-async def pending_rows(pg_dsn: str) -> int:
-    return int(await fetchval(pg_dsn, "SELECT count(*) FROM notification_outbox WHERE status = 'pending'"))
-
-
 HOSTS = 200
 
 
@@ -131,10 +117,6 @@ async def _dump(pg_dsn: str, host: str) -> None:
                 print("HEALTH", r["partition"], d["hosts"][host].get("recent_events"))
     finally:
         await conn.close()
-
-
-async def _stored_all(pg_dsn: str, n: int) -> bool:
-    return sum((await stored_keys(pg_dsn)).values()) >= n
 
 
 @pytest.mark.timeout(500)
@@ -173,13 +155,13 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
         silent = time.monotonic()  # the hosts' last frames
         published = published_keys(fleet)
         try:
-            await until(lambda: _stored_all(pg_dsn, len(published)), timeout=120)
+            await until(lambda: stored_at_least(pg_dsn, len(published)), timeout=120)
         except AssertionError:
             missing = sorted(published - set(await stored_keys(pg_dsn)))
             print("MISSING", len(missing), Counter(h for h, _, _ in missing).most_common(10), missing[:10])
             print("OWNERS", Counter((await owners(urls)).values()))
             raise
-        await until(_none_pending(pg_dsn), timeout=60)
+        await until(none_pending(pg_dsn), timeout=60)
         got = xids(rx)
         if got != Counter({host_name(i): 1 for i in faulted}):
             await _dump(pg_dsn, host_name(victim[0]))
@@ -205,17 +187,10 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
         await run2
         await fleet2.close(flush_timeout=60)
         both = len(published) + len(published_keys(fleet2))
-        await until(lambda: _stored_all(pg_dsn, both), timeout=60)
-        await until(_none_pending(pg_dsn), timeout=60)
+        await until(lambda: stored_at_least(pg_dsn, both), timeout=60)
+        await until(none_pending(pg_dsn), timeout=60)
         news = [json.loads(b) for _, b, _ in rx.received[before:]]
         assert [a["labels"]["alertname"] for b in news for a in b["alerts"] if a["status"] == "firing"] == []
-
-
-def _none_pending(pg_dsn: str) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return await pending_rows(pg_dsn) == 0
-
-    return check
 
 
 async def claimers(pg_dsn: str) -> Counter[str]:
@@ -245,7 +220,7 @@ async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lo
             group.signal("m0", signal.SIGSTOP)
             await split_in(url, {"m1", "m2"})
             await until(lambda: set(xids(rx)) >= {host_name(i) for i in victim}, timeout=90)
-            await until(_none_pending(pg_dsn), timeout=60)
+            await until(none_pending(pg_dsn), timeout=60)
             group.signal("m0", signal.SIGCONT)
             await until(lambda: "lost buckets" in group.log("m0"), timeout=30)
             await split_in(url, {"m0", "m1", "m2"})  # it rejoins and takes its share again
@@ -253,7 +228,7 @@ async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lo
             fleet.stop()
             await run
             await fleet.close()
-        await until(_none_pending(pg_dsn), timeout=60)
+        await until(none_pending(pg_dsn), timeout=60)
         assert xids(rx) == Counter({host_name(i): 1 for i in victim}), xid_keys(rx)
         assert max(deliveries(rx).values()) == 1  # m0 sent nothing again
         claimed = await claimers(pg_dsn)
@@ -464,7 +439,7 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
                     await until(one_everywhere, timeout=30)
             finally:
                 await stopped(fleet, run)
-            await until(_none_pending(pg_dsn), timeout=60)
+            await until(none_pending(pg_dsn), timeout=60)
         finally:
             group.stop_all()
         pages = provider_pages(rx)

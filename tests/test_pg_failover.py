@@ -18,7 +18,6 @@ XID after the promotion is notified once.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import asyncpg
@@ -26,15 +25,12 @@ import nats
 import pytest
 
 from agent.fleet import Fleet
-from agent.gpu.base import GpuEvent
-from agent.sampler import build_event
 from collector.config import CollectorConfig
 from collector.store import db
 from gpuwarden.servers import NatsServer, PostgresServer, multi_host_dsn
 from shared.config import NatsConfig
-from shared.frames import encode
 from shared.subjects import STREAM
-from tests.support.cluster import Key, published_keys, stored_keys
+from tests.support.cluster import Key, publish_xid, published_keys, stored_keys
 from tests.support.collector import Receiver, collector, load_toml, webhook_toml
 from tests.support.wait import until
 
@@ -55,15 +51,6 @@ stale_after = "30s"
 {webhook_toml(hook_url)}
 """,
     )
-
-
-def xid(fleet: Fleet, host: int, code: int = 79) -> str:
-    """A fatal XID on a host's GPU 0, published as its agent does (urgent)."""
-    h = fleet.hosts[host]
-    uuid = h.backend.inventory().gpus[0].uuid
-    frame = build_event(h.seqr, GpuEvent("xid", time.time(), "simulated", 0, uuid, xid=code), 1)
-    fleet.publisher.publish(h.seqr.subjects[1], encode(frame), urgent=True)
-    return h.seqr.host
 
 
 def xid_pages(rx: Receiver, host: str) -> list[str]:
@@ -131,7 +118,7 @@ async def test_promoting_the_standby_under_load(
                     assert await conn.fetchval("SELECT inet_server_port()") == standby.port
                     assert not await conn.fetchval("SELECT pg_is_in_recovery()")
                 # and alerting resumed: a fault after the promotion is notified, once
-                host = xid(fleet, 7)
+                host = publish_xid(fleet, 7)
                 await until(lambda: "firing" in xid_pages(rx, host), timeout=60)
             finally:
                 fleet.stop()

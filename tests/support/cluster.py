@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import asyncpg
 
 from agent.fleet import Fleet
+from agent.gpu.base import GpuEvent
+from agent.sampler import build_event
 from shared.config import NatsConfig
+from shared.frames import encode
 
 Key = tuple[str, str, int]  # host, boot id, sequence
 
@@ -33,6 +37,11 @@ async def stored_keys(dsn: str) -> Counter[Key]:
     return Counter((r["name"], r["boot_id"], r["seq"]) for r in rows)
 
 
+async def stored_at_least(dsn: str, n: int) -> bool:
+    """At least ``n`` frames stored (counting copies, which the checks after it look for)."""
+    return sum((await stored_keys(dsn)).values()) >= n
+
+
 STREAM_BYTES = 256 << 20  # three nodes share this machine's disk: no automatic sizing
 
 
@@ -48,3 +57,12 @@ def cluster_nats(urls: list[str], **extra: object) -> NatsConfig:
         "publish_timeout": 2.0,
     }
     return NatsConfig(**(opts | extra))  # type: ignore[arg-type]
+
+
+def publish_xid(fleet: Fleet, host: int, code: int = 79) -> str:
+    """A fatal XID on a host's GPU 0, published as its agent does (urgent)."""
+    h = fleet.hosts[host]
+    uuid = h.backend.inventory().gpus[0].uuid
+    frame = build_event(h.seqr, GpuEvent("xid", time.time(), "simulated", 0, uuid, xid=code), 1)
+    fleet.publisher.publish(h.seqr.subjects[1], encode(frame), urgent=True)
+    return h.seqr.host

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -21,7 +21,8 @@ import nats.js.errors
 from agent.fleet import host_name
 from collector.group.assign import bucket_of
 from tests.support.cluster import STREAM_BYTES
-from tests.support.collector import webhook_toml
+from tests.support.collector import Receiver, webhook_toml
+from tests.support.db import fetchval
 from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,3 +197,34 @@ async def three_members(
         yield group, table
     finally:
         group.stop_all()
+
+
+def xid_keys(rx: Receiver) -> dict[str, set[str]]:
+    """host -> the delivery ids of the firing gpu.xid notifications received (a receiver drops
+    a second copy of one delivery id: docs/operations.md says when one can come)."""
+    out: dict[str, set[str]] = {}
+    for headers, raw, _ in rx.received:
+        for a in json.loads(raw)["alerts"]:
+            if a["labels"]["alertname"] == "gpu.xid" and a["status"] == "firing":
+                out.setdefault(a["labels"]["host"], set()).add(headers.get("X-Gpuwarden-Delivery", ""))
+    return out
+
+
+def xids(rx: Receiver) -> Counter[str]:
+    """host -> firing gpu.xid notifications received, one per delivery id."""
+    return Counter({h: len(keys) for h, keys in xid_keys(rx).items()})
+
+
+def deliveries(rx: Receiver) -> Counter[str]:
+    return Counter(h.get("X-Gpuwarden-Delivery", "") for h, _, _ in rx.received)
+
+
+async def pending_rows(pg_dsn: str) -> int:
+    return int(await fetchval(pg_dsn, "SELECT count(*) FROM notification_outbox WHERE status = 'pending'"))
+
+
+def none_pending(pg_dsn: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await pending_rows(pg_dsn) == 0
+
+    return check
