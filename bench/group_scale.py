@@ -14,11 +14,17 @@ for ``BENCH_SCALE_SECONDS`` (default 30) are measured:
   frames delivered, lease and API traffic, protocol headers included) against the bytes by which
   the ``GPUWARDEN`` stream grew: the group's sum over the stream's is its read amplification
   (goal <= 1.2; with one member the same ratio is the protocol's own overhead).
+
+First, on servers of its own (a fresh stream, so that no consumer replays the other's frames),
+the same fleet and window with one collector configured ``group = false``: the "group=false"
+row, against which a group of one's overhead reads. ``BENCH_SCALE_SIZES`` (default
+``0,1,2,3``) selects the rows: 0 is ``group = false``, 1-3 the group sizes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +41,7 @@ from bench.live_cost import GPUS, gpu_samples, loadavg, per_sample
 HOSTS = int(os.environ.get("BENCH_SCALE_HOSTS", "100"))
 WINDOW = float(os.environ.get("BENCH_SCALE_SECONDS", "30"))
 WARMUP = float(os.environ.get("BENCH_SCALE_WARMUP", "10"))
+SIZES = sorted({int(k) for k in os.environ.get("BENCH_SCALE_SIZES", "0,1,2,3").split(",") if k.strip()})
 Row = tuple[str, str, str]
 
 
@@ -59,44 +66,52 @@ def stream_bytes(url: str) -> int:
     return asyncio.run(get())
 
 
+def window(dsn: str, pg: Any, monitor: int, url: str, pids: list[int], members: int) -> dict[str, Any]:
+    """The figures of one row: ``WARMUP`` s, then ``WINDOW`` s measured."""
+    time.sleep(WARMUP)
+    n0, b0, s0 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(url)
+    c0, p0, load0 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
+    t0 = time.monotonic()
+    time.sleep(WINDOW)
+    c1, p1, load1 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
+    elapsed = time.monotonic() - t0
+    n1, b1, s1 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(url)
+    read = sorted((b1[k] - b0.get(k, 0) for k in b1), reverse=True)
+    row = {
+        "members": members,
+        "samples": n1 - n0,
+        "elapsed": elapsed,
+        "collectors": c1 - c0,
+        "postgres": p1 - p0,
+        "read": read,
+        "stream": s1 - s0,
+        "load": f"{load0} -> {load1}",
+    }
+    print(f"bench: group_scale {row}", file=sys.stderr)
+    return row
+
+
+def fleet_args(url: str) -> list[str]:
+    args = ["fleet", "--hosts", str(HOSTS), "--gpus", str(GPUS), "--providers", "4", "--interval", "1s"]
+    duration = f"{3 * (WARMUP + WINDOW + 120):.0f}s"
+    return args + ["--nats", url, "--duration", duration, "--log-level", "warning"]
+
+
 def measure(tmp: Path, pg: Any, ns: Any, monitor: int) -> list[dict[str, Any]]:
-    """One figure per group size (1, 2, 3 members), measured as members join."""
+    """One figure per group size in ``SIZES`` (1, 2, 3 members), measured as members join."""
     dsn = pg.dsn()
     config = group_config(tmp, dsn, ns.url, "[notify.log]\nenabled = false\n")
     procs: dict[str, Any] = {}
-    args = ["fleet", "--hosts", str(HOSTS), "--gpus", str(GPUS), "--providers", "4", "--interval", "1s"]
-    args += ["--nats", ns.url, "--duration", f"{3 * (WARMUP + WINDOW + 120):.0f}s", "--log-level", "warning"]
     fleet = None
     out = []
     try:
-        for name in ("g0", "g1", "g2"):
+        for name in ("g0", "g1", "g2")[: max(SIZES)]:
             procs[name] = start_member(tmp, config, name)
             asyncio.run(held_by(ns.url, set(procs), balanced=True))
             if fleet is None:
-                fleet = spawn(*args)
-            time.sleep(WARMUP)
-            pids = [p.pid for p in procs.values()]
-            n0, b0, s0 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(ns.url)
-            c0, p0, load0 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
-            t0 = time.monotonic()
-            time.sleep(WINDOW)
-            c1, p1, load1 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
-            elapsed = time.monotonic() - t0
-            n1, b1, s1 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(ns.url)
-            read = sorted((b1[k] - b0.get(k, 0) for k in b1), reverse=True)
-            out.append(
-                {
-                    "members": len(procs),
-                    "samples": n1 - n0,
-                    "elapsed": elapsed,
-                    "collectors": c1 - c0,
-                    "postgres": p1 - p0,
-                    "read": read,
-                    "stream": s1 - s0,
-                    "load": f"{load0} -> {load1}",
-                }
-            )
-            print(f"bench: group_scale {out[-1]}", file=sys.stderr)
+                fleet = spawn(*fleet_args(ns.url))
+            if len(procs) in SIZES:
+                out.append(window(dsn, pg, monitor, ns.url, [p.pid for p in procs.values()], len(procs)))
     finally:
         if fleet is not None:
             stop(fleet)
@@ -104,34 +119,74 @@ def measure(tmp: Path, pg: Any, ns: Any, monitor: int) -> list[dict[str, Any]]:
     return out
 
 
+async def consuming(url: str, within: float = 120.0) -> None:
+    """Until the stream has a consumer (a collector started consuming)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        t0 = time.monotonic()
+        while True:
+            with contextlib.suppress(nats.errors.Error):
+                if await nc.jetstream().consumers_info("GPUWARDEN"):
+                    return
+            if time.monotonic() - t0 > within:
+                raise TimeoutError(f"no collector consuming after {within:.0f} s")
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+def measure_single(tmp: Path, pg: Any, ns: Any, monitor: int) -> dict[str, Any]:
+    """The same fleet and window with one collector configured ``group = false``."""
+    config = group_config(tmp, pg.dsn(), ns.url, "[notify.log]\nenabled = false\n")
+    config.write_text(config.read_text().replace("group = true", "group = false"))
+    proc = start_member(tmp, config, "single")
+    fleet = None
+    try:
+        asyncio.run(consuming(ns.url))
+        fleet = spawn(*fleet_args(ns.url))
+        return window(pg.dsn(), pg, monitor, ns.url, [proc.pid], 0)
+    finally:
+        if fleet is not None:
+            stop(fleet)
+        stop_members([proc])
+
+
 def run() -> list[Row]:
     from gpuwarden.servers import NatsServer, PostgresServer, free_port
 
-    monitor = free_port()
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-scale-") as d,
-        NatsServer(config=f'http: "127.0.0.1:{monitor}"\n') as ns,
-        PostgresServer(durable=True) as pg,
-    ):
-        figures = measure(Path(d), pg, ns, monitor)
+    figures = []
+    for single in [True] * (0 in SIZES) + [False] * bool(set(SIZES) - {0}):
+        monitor = free_port()
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-scale-") as d,
+            NatsServer(config=f'http: "127.0.0.1:{monitor}"\n') as ns,
+            PostgresServer(durable=True) as pg,
+        ):
+            if single:
+                figures.append(measure_single(Path(d), pg, ns, monitor))
+            else:
+                figures += measure(Path(d), pg, ns, monitor)
     rows: list[Row] = []
     for r in figures:
         n, k = r["samples"], r["members"]
         col, pgc = per_sample(r["collectors"], n), per_sample(r["postgres"], n)
         expected = HOSTS * GPUS * r["elapsed"]
+        what = f"group of {k}" if k else "group=false"
         rows.append(
             (
-                f"group of {k}: CPU-us per GPU-sample, members + PostgreSQL (durable), {HOSTS}x{GPUS} GPUs",
-                f"{col + pgc:.0f} = members {col:.0f} + PostgreSQL {pgc:.0f}; {n:,} stored"
+                f"{what}: CPU-us per GPU-sample, members + PostgreSQL (durable), {HOSTS}x{GPUS} GPUs",
+                f"{col + pgc:.0f} = collectors {col:.0f} + PostgreSQL {pgc:.0f}; {n:,} stored"
                 f" ({n / expected:.0%} of the fleet's) in {r['elapsed']:.0f} s; load {r['load']}",
-                "flat with 1, 2, 3 members",
+                "flat with 1, 2, 3 members; a group of one within 5% of group=false",
             )
         )
         stream = max(r["stream"], 1)
         per_member = " / ".join(f"{b / stream:.2f}" for b in r["read"])
         rows.append(
             (
-                f"group of {k}: bytes read per member / the stream's bytes (nats-server /connz)",
+                f"{what}: bytes read per member / the stream's bytes (nats-server /connz)",
                 f"{sum(r['read']) / stream:.2f}x in all ({per_member});"
                 f" the stream grew {r['stream'] / 1e6:.1f} MB",
                 "<= 1.2x in all" if k == 3 else "",

@@ -247,7 +247,7 @@ class Ingest:
             with attempt:
                 self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
                 await stream.partition(js, buckets)
-        self.source = BucketConsumers(js, self.cfg)
+        self.source = BucketConsumers(nc, self.cfg)
         self.tokens = tokens
 
     async def _fetch(self, n: int, wait: float) -> list[Msg]:
