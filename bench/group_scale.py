@@ -13,12 +13,16 @@ for ``BENCH_SCALE_SECONDS`` (default 30) are measured:
 * the bytes nats-server sent to each member's connection (``/connz`` ``out_bytes``: the
   frames delivered, lease and API traffic, protocol headers included) against the bytes by which
   the ``GPUWARDEN`` stream grew: the group's sum over the stream's is its read amplification
-  (goal <= 1.2; with one member the same ratio is the protocol's own overhead).
+  (goal <= 1.2; with one member the same ratio is the protocol's own overhead);
+* the transactions PostgreSQL committed per second (``pg_stat_database``): each member commits
+  its own batches, of its share of the frames.
 
 First, on servers of its own (a fresh stream, so that no consumer replays the other's frames),
 the same fleet and window with one collector configured ``group = false``: the "group=false"
 row, against which a group of one's overhead reads. ``BENCH_SCALE_SIZES`` (default
-``0,1,2,3``) selects the rows: 0 is ``group = false``, 1-3 the group sizes.
+``0,1,2,3``) selects the rows: 0 is ``group = false``, 1-3 the group sizes;
+``BENCH_SCALE_COLLECTOR`` adds ``[collector]`` keys to every collector's configuration (e.g.
+``linger = "300ms"``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from bench.live_cost import GPUS, gpu_samples, loadavg, per_sample
 HOSTS = int(os.environ.get("BENCH_SCALE_HOSTS", "100"))
 WINDOW = float(os.environ.get("BENCH_SCALE_SECONDS", "30"))
 WARMUP = float(os.environ.get("BENCH_SCALE_WARMUP", "10"))
+COLLECTOR = os.environ.get("BENCH_SCALE_COLLECTOR", "")  # more [collector] keys, TOML
 SIZES = sorted({int(k) for k in os.environ.get("BENCH_SCALE_SIZES", "0,1,2,3").split(",") if k.strip()})
 Row = tuple[str, str, str]
 
@@ -66,16 +71,26 @@ def stream_bytes(url: str) -> int:
     return asyncio.run(get())
 
 
+async def commits(dsn: str) -> int:
+    """Transactions PostgreSQL committed in the bench's database so far."""
+    from tests.support.db import fetchval
+
+    sql = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    return int(await fetchval(dsn, sql))
+
+
 def window(dsn: str, pg: Any, monitor: int, url: str, pids: list[int], members: int) -> dict[str, Any]:
     """The figures of one row: ``WARMUP`` s, then ``WINDOW`` s measured."""
     time.sleep(WARMUP)
     n0, b0, s0 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(url)
+    x0 = asyncio.run(commits(dsn))
     c0, p0, load0 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
     t0 = time.monotonic()
     time.sleep(WINDOW)
     c1, p1, load1 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
     elapsed = time.monotonic() - t0
     n1, b1, s1 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(url)
+    x1 = asyncio.run(commits(dsn))
     read = sorted((b1[k] - b0.get(k, 0) for k in b1), reverse=True)
     row = {
         "members": members,
@@ -85,10 +100,18 @@ def window(dsn: str, pg: Any, monitor: int, url: str, pids: list[int], members: 
         "postgres": p1 - p0,
         "read": read,
         "stream": s1 - s0,
+        "commits": x1 - x0,
         "load": f"{load0} -> {load1}",
     }
     print(f"bench: group_scale {row}", file=sys.stderr)
     return row
+
+
+def collectors_config(tmp: Path, dsn: str, url: str, group: bool) -> Path:
+    config = group_config(tmp, dsn, url, "[notify.log]\nenabled = false\n")
+    keys = f"group = {'true' if group else 'false'}\n{COLLECTOR}\n"
+    config.write_text(config.read_text().replace("group = true\n", keys, 1))
+    return config
 
 
 def fleet_args(url: str) -> list[str]:
@@ -100,7 +123,7 @@ def fleet_args(url: str) -> list[str]:
 def measure(tmp: Path, pg: Any, ns: Any, monitor: int) -> list[dict[str, Any]]:
     """One figure per group size in ``SIZES`` (1, 2, 3 members), measured as members join."""
     dsn = pg.dsn()
-    config = group_config(tmp, dsn, ns.url, "[notify.log]\nenabled = false\n")
+    config = collectors_config(tmp, dsn, ns.url, group=True)
     procs: dict[str, Any] = {}
     fleet = None
     out = []
@@ -139,8 +162,7 @@ async def consuming(url: str, within: float = 120.0) -> None:
 
 def measure_single(tmp: Path, pg: Any, ns: Any, monitor: int) -> dict[str, Any]:
     """The same fleet and window with one collector configured ``group = false``."""
-    config = group_config(tmp, pg.dsn(), ns.url, "[notify.log]\nenabled = false\n")
-    config.write_text(config.read_text().replace("group = true", "group = false"))
+    config = collectors_config(tmp, pg.dsn(), ns.url, group=False)
     proc = start_member(tmp, config, "single")
     fleet = None
     try:
@@ -178,7 +200,8 @@ def run() -> list[Row]:
             (
                 f"{what}: CPU-us per GPU-sample, members + PostgreSQL (durable), {HOSTS}x{GPUS} GPUs",
                 f"{col + pgc:.0f} = collectors {col:.0f} + PostgreSQL {pgc:.0f}; {n:,} stored"
-                f" ({n / expected:.0%} of the fleet's) in {r['elapsed']:.0f} s; load {r['load']}",
+                f" ({n / expected:.0%} of the fleet's) in {r['elapsed']:.0f} s;"
+                f" PostgreSQL {r['commits'] / r['elapsed']:.0f} commits/s; load {r['load']}",
                 "flat with 1, 2, 3 members; a group of one within 5% of group=false",
             )
         )
