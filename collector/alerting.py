@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -56,7 +57,7 @@ from collector.alerts.model import (
 )
 from collector.config import CollectorConfig
 from collector.group.fence import FencedError
-from collector.group.fleet import FleetView
+from collector.group.fleet import HANDOFF, FleetView
 from collector.group.scope import Scope
 from collector.group.store import Reload
 from collector.health import ExpectedHost, HealthEngine, HealthState
@@ -222,6 +223,9 @@ class Alerting:
         self.on_forgotten = on_forgotten  # told each host forgotten
         self.fleet_view: FleetView | None = None  # a group member's view of the others' buckets (reads)
         self.provider_totals: Callable[[], Mapping[str, int]] | None = None  # a group: the fleet's hosts
+        # a group: the providers whose provider-wide incident it judges (their bucket held and
+        # its state restored here: not judged with the state of a bucket not read back yet)
+        self.judges: Callable[[str], bool] | None = None
         self.remediation = remediation
         self.scope = scope  # a collector group member: it judges and writes its buckets only
         # a collector group member: silences told to the others, acknowledgements of alerts
@@ -238,6 +242,8 @@ class Alerting:
         self._urgent: list[str] = []  # delivery keys of the step being collected to send at once
         self._saved_fps: set[str] = set()
         self._incident_sig: dict[str, tuple[Any, ...]] = {}
+        # provider incident -> (covered, covered_at) as committed: what the fleet view publishes
+        self._committed: dict[str, tuple[dict[str, str], dict[str, float]]] = {}
         self._engine_sig: tuple[Any, ...] = ()
         self._host_status: dict[str, str] = {}
         self._last_back = 0.0  # the last judged batch's newest frame: its age when judged (_batch_age)
@@ -343,6 +349,7 @@ class Alerting:
         self.alerts_state = self.engine.restore(saved)
         self._saved_fps = set(self.alerts_state.by_fp)
         self._incident_sig = {i.id: _sig(i) for i in self.alerts_state.incidents.values()}
+        self._committed = self._told_now()  # (restored: committed)
         self._engine_sig = self._engine_signature()
         if health is not None:
             self.health = state_from_dict(health)
@@ -632,10 +639,31 @@ class Alerting:
             self.seconds["persist"] += time.perf_counter() - t1
 
     def _fleet(self) -> Fleet | None:
-        """A group member's: the providers it judges provider-wide, the others' alerts."""
+        """A group member's: the providers it judges provider-wide, the others' alerts and
+        their open provider-wide incidents."""
         if self.scope is None or self.fleet_view is None:
             return None
-        return Fleet(self.scope.judges, {a.fingerprint: a for a in self.fleet_view.alerts()})
+        incidents = {
+            i.provider: i for i in self.fleet_view.incidents() if i.host is None and i.closed_at is None
+        }
+        alerts = {a.fingerprint: a for a in self.fleet_view.alerts()}
+        return Fleet(self.judges or self.scope.judges, alerts, incidents, HANDOFF)
+
+    def _told_now(self) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
+        return {
+            i.id: (dict(i.covered), dict(i.covered_at))
+            for i in self.alerts_state.incidents.values()
+            if i.host is None
+        }
+
+    def committed_incident(self, inc: Incident) -> Incident:
+        """``inc`` as the fleet view publishes it: a provider incident says it told (covered)
+        only what its committed notifications told (a member holding an alert for it marks it
+        told on that word: a notification not committed could be lost with this member)."""
+        if inc.host is not None:
+            return inc
+        covered, at = self._committed.get(inc.id, ({}, {}))
+        return dataclasses.replace(inc, covered=dict(covered), covered_at=dict(at))
 
     def pg_down(self) -> bool:
         """PostgreSQL is known unreachable (an alerting write or the ingest failed, not since ok)."""
@@ -785,6 +813,7 @@ class Alerting:
         if (ch.empty() and not self._early_landed and not health) or not self.store.available:
             return
         self._unsaved = Changes()  # steps judged while this is written collect their own
+        told = self._told_now() if self.scope is not None else {}  # (taken with ch: no await between)
         early = dict(self._early)
         landed, self._early_landed = self._early_landed, []
         try:
@@ -794,6 +823,10 @@ class Alerting:
             ch.merge(self._unsaved)  # kept, with what was judged meanwhile after it
             self._unsaved = ch
             raise
+        self._committed.update(told)
+        if len(self._committed) > len(self.alerts_state.incidents):
+            for iid in [i for i in self._committed if i not in self.alerts_state.incidents]:
+                del self._committed[iid]
         self._early_open -= sum(1 for o in early.values() if o is not None) + len(landed)
         for key, outcome in early.items():
             now_known = self._early.pop(key, None)

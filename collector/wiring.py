@@ -238,11 +238,12 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         view = FleetView(3 * c.group_refresh, lambda b: b in member.settled and scope.owns(b), scope.bucket)
         share = FleetShare(
             name, c.group_kv, c.group_refresh, lambda: nats.nc, member, scope, view, live,
-            lambda: runner.alerts_state, state, broadcaster,
+            lambda: runner.alerts_state, state, broadcaster, runner.committed_incident,
         )  # fmt: skip
         live.remote = runner.fleet_view = view
         # provider-wide incidents are judged over the whole provider (by its bucket's holder)
         runner.provider_totals = lambda: {p: ph.hosts for p, ph in live.current().providers.items()}
+        runner.judges = lambda p: scope.judges(p) and scope.bucket(p) in member.settled
     events_nats = Nats(config, "events")  # not queued behind the ingest's fetches (collector.fastpath)
     events_nats.name = f"{nats.name}-events"  # (a group member's name, as the ingest's connection)
     fast_events = FastEvents(

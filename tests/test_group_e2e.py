@@ -242,10 +242,12 @@ async def stopped(fleet: Fleet, run: asyncio.Task[None]) -> None:
     await fleet.close()
 
 
-def fleet_view_config(tmp: Path, pg_dsn: str, url: str, hook: str, alerts: str = "") -> Path:
+def fleet_view_config(
+    tmp: Path, pg_dsn: str, url: str, hook: str, alerts: str = "", lease: str = "4s"
+) -> Path:
     """The group's configuration with a 2 s fleet-view refresh (and ``alerts`` replacing the
     [alerts] defaults of :data:`ALERTS`)."""
-    path = group_config(tmp, pg_dsn, url, hook)
+    path = group_config(tmp, pg_dsn, url, hook, lease)
     text = path.read_text().replace("[collector]\n", '[collector]\ngroup_refresh = "2s"\n', 1)
     if alerts:
         text = text.replace(ALERTS, alerts)
@@ -371,6 +373,15 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
         assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
 
 
+async def started_three(group: Members, url: str) -> dict[int, str]:
+    """Start members m0, m1 and m2; the bucket table once they share the buckets and listen."""
+    for name in ("m0", "m1", "m2"):
+        group.start(name)
+    table = await split_in(url, {"m0", "m1", "m2"})
+    await group.listening()
+    return table
+
+
 def provider_pages(rx: Receiver) -> dict[str, set[str]]:
     """kind of provider-incident notification -> the delivery ids received (incident ids apart)."""
     out: dict[str, set[str]] = {}
@@ -403,10 +414,7 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
     async with Receiver() as rx:
         group = Members(tmp_path, fleet_view_config(tmp_path, pg_dsn, url, rx.url, alerts), url)
         try:
-            for name in ("m0", "m1", "m2"):
-                group.start(name)
-            table = await split_in(url, {"m0", "m1", "m2"})
-            await group.listening()
+            table = await started_three(group, url)
             judge = table[bucket_of("provider-0", 64)]
             # 9 failing hosts of provider-0 (of 30: more than 20 %), taken from the members in
             # turn, at most 5 on one member (under 20 %): only the whole provider makes an
@@ -455,6 +463,116 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
         assert len(named) >= 7, first  # more than 20 % of 30: hosts of more than one member
         assert len(owners_named) >= 2, (first, judge)
         assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
+
+
+def told(rx: Receiver) -> list[tuple[str, str, set[str]]]:
+    """(kind, rule, hosts) of every webhook notification received, once per delivery id: an
+    alert's own names its host; a provider incident's, the hosts it is about."""
+    out, seen = [], set()
+    for headers, raw, _ in rx.received:
+        key = headers.get("X-Gpuwarden-Delivery", "")
+        if key in seen:
+            continue
+        seen.add(key)
+        for a in json.loads(raw)["alerts"]:
+            ann, labels = a["annotations"], a["labels"]
+            hosts = set(filter(None, ann.get("hosts", "").split(","))) or {labels.get("host", "")}
+            out.append((ann["kind"], labels["alertname"], hosts))
+    return out
+
+
+@pytest.mark.timeout(500)
+async def test_a_provider_outage_across_members_pages_one_incident_and_its_updates(
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+) -> None:
+    """Three members; a provider's hosts fill up their disks (critical, not event-class) in two
+    waves spread over the members: one ``provider_incident`` and its updates page them, none of
+    them has a ``firing`` page of its own (their owners hold them for the judge's incident,
+    docs/alerts.md "In a collector group"). Then the judge is SIGKILLed and a third wave hits
+    another member's host of the provider while the judge's buckets wait for their lease to
+    lapse (40 s): its owner holds it for the dead judge's incident, and pages it itself when the
+    hold ends (``group_interval`` + 5 s), before any taker could."""
+    url = private_nats.url
+    n = 60  # two providers of 30 hosts (provider-0: the even host numbers)
+    alerts = (
+        '[alerts]\nprovider_incident_min_hosts = 3\ngroup_wait = "8s"\ngroup_interval = "5s"\nfor = "2s"\n'
+        '[health]\nstale_after = "60s"\n'
+    )
+    async with Receiver() as rx:
+        config = fleet_view_config(tmp_path, pg_dsn, url, rx.url, alerts, lease="40s")
+        group = Members(tmp_path, config, url)
+        try:
+            table = await started_three(group, url)
+            judge = table[bucket_of("provider-0", 64)]
+            others = sorted({"m0", "m1", "m2"} - {judge})
+            mine = {m: [j for j in hosts_of(table, m, n) if j % 2 == 0] for m in ("m0", "m1", "m2")}
+            # wave 1 (20 s): 9 of the provider's 30 hosts, at most 5 on one member (none alone
+            # has more than 20 %); wave 2 (45 s): 2 more on each member that does not judge;
+            # wave 3 (62 s): one more of one of them, the judge dead by then
+            wave1 = spread([mine[m] for m in ("m0", "m1", "m2")], 9, 5)
+            wave2 = [j for m in others for j in [j for j in mine[m] if j not in wave1][:2]]
+            wave3 = [j for j in mine[others[0]] if j not in wave1 + wave2][:1]
+            assert (len(wave1), len(wave2), len(wave3)) == (9, 4, 1), table
+            faults = [
+                f"{host_name(i)}:disk_full@{at}s"
+                for w, at in ((wave1, 20), (wave2, 45), (wave3, 62))
+                for i in w
+            ]
+            names = {
+                w: {host_name(i) for i in hosts} for w, hosts in (("1", wave1), ("2", wave2), ("3", wave3))
+            }
+            fleet = Fleet(
+                NatsConfig(servers=(url,)), hosts=n, gpus=1, providers=2, interval=1.0, faults=faults
+            )
+            await fleet.start()
+            started = time.monotonic()
+            run = asyncio.create_task(fleet.run(duration=160))
+            try:
+
+                def updated(hosts: set[str]) -> bool:
+                    return hosts <= {h for k, _, hs in told(rx) if k == "incident_update" for h in hs}
+
+                await until(lambda: updated(names["2"]), timeout=120, what="wave 2 told by updates")
+                async with aiohttp.ClientSession() as http:
+
+                    async def marked_told() -> bool:  # by their owners, on the judge's word
+                        for i in wave2:
+                            owner = table[bucket_of(host_name(i), 64)]
+                            base = f"http://127.0.0.1:{group.ports[owner]}"
+                            async with http.get(f"{base}/api/v1/alerts?host={host_name(i)}") as r:
+                                items = (await r.json())["items"]
+                            if not any(
+                                a["rule"] == "host.disk" and a["escalation"]["level"] == 0 for a in items
+                            ):
+                                return False
+                        return True
+
+                    await until(marked_told, timeout=30, what="wave 2 marked told by its owners")
+                killed_at = time.monotonic() - started
+                group.signal(judge, signal.SIGKILL)
+                assert killed_at < 60, f"the judge outlived wave 3's start ({killed_at:.0f} s): too slow"
+
+                def wave3_told() -> bool:  # by its owner, the judge being dead and its buckets not taken
+                    return any(
+                        names["3"] <= hs and (k, r) == ("firing", "host.disk") for k, r, hs in told(rx)
+                    )
+
+                await until(wave3_told, timeout=120, what="wave 3 told with the judge dead")
+                # told while the dead judge's leases still stood: no taker had continued its incident
+                assert judge in set((await owners(url)).values())
+            finally:
+                await stopped(fleet, run)
+        finally:
+            group.stop_all()
+        pages = told(rx)
+        assert len(provider_pages(rx)["incidents"]) == 1, pages  # one provider incident
+        assert [k for k, _, _ in pages].count("provider_incident") == 1, pages  # paged once
+        own = {h for k, r, hs in pages if k == "firing" and r == "host.disk" for h in hs}
+        assert not own & (names["1"] | names["2"]), (sorted(own), pages)  # no page of their own
+        first = next(hs for k, _, hs in pages if k == "provider_incident")
+        assert len(first) >= 7, first  # more than 20 % of 30: hosts of more than one member
+        assert len({table[bucket_of(h, 64)] for h in first}) >= 2, (first, judge)
+        assert "Traceback" not in "".join(group.log(m) for m in others)
 
 
 @pytest.mark.timeout(400)

@@ -41,6 +41,12 @@ class Fleet:
 
     judges: Callable[[str], bool]
     alerts: Mapping[str, Alert] = field(default_factory=dict)  # fingerprint -> alert judged elsewhere
+    # provider -> its open provider-wide incident, judged by another member (as last published:
+    # ``covered`` and ``covered_at`` as that member committed them)
+    incidents: Mapping[str, Incident] = field(default_factory=dict)
+    # how long past ``group_interval`` an alert's own first notice is held for another member's
+    # incident to say it told it (the fleet view's delays: both ways, and the judge's commit)
+    handoff: float = 5.0
 
 
 class Ctx:
@@ -121,6 +127,7 @@ class Correlator:
                 if a.fingerprint in inc.pending:
                     inc.pending.remove(a.fingerprint)
                 inc.covered.pop(a.fingerprint, None)
+                inc.covered_at.pop(a.fingerprint, None)
         host = (a.labels.get("provider", ""), a.labels.get("host", ""))
         keys = state.by_host.get(host)
         if keys is not None:
@@ -245,7 +252,9 @@ class Correlator:
     ) -> Iterator[Alert]:
         """Group what fired into incidents and open provider-wide incidents; yield, in order, the
         fired alerts that no incident tells, for the engine to notify on their own. Then send
-        the incident updates that are due with :meth:`flush_updates`."""
+        the incident updates that are due with :meth:`flush_updates`. In a collector group an
+        alert that another member's open, still failing provider incident would take is held
+        instead (:meth:`_hold`), until that incident says it told it or the hold ends."""
         now = ctx.now
         fired = [a for a in ctx.fired.values() if a.state == FIRING]
         for a in fired:
@@ -260,11 +269,131 @@ class Correlator:
         for a in fired:
             if not notifiable(a):
                 continue
+            if a.held_by is not None and self._settle(state, a, ctx):
+                continue  # told by another member's incident, or still held for it
             if self._join(state, a, ctx):
                 continue
             if a.level >= 0:
                 continue
+            if self._hold(state, a, ctx):
+                continue
             yield a
+
+    # ------------------------------------------------------------------ a group: another member's incident
+
+    @staticmethod
+    def _tag(a: Alert) -> str:
+        return f"{a.episode}/{a.severity}"
+
+    @staticmethod
+    def _held_for(a: Alert, ctx: Ctx) -> Incident | None:
+        """The incident ``a`` is held for, as the fleet view shows it (None: not there)."""
+        inc = ctx.fleet.incidents.get(a.labels.get("provider", "")) if ctx.fleet is not None else None
+        return inc if inc is not None and inc.id == a.held_by else None
+
+    def _hold(self, state: AlertState, a: Alert, ctx: Ctx) -> bool:
+        """A group member, ``a`` not told yet: if another member's provider incident is open,
+        notified (it has a policy) and still failing, and would take ``a`` (critical, or on one
+        of its hosts), hold ``a``'s own first notice for it: that member folds ``a`` into the
+        incident's next notification (it sees the hold in the fleet view). Once per episode:
+        a hold that ended untold is not taken again."""
+        if ctx.fleet is None or a.held_until is not None:
+            return False
+        inc = ctx.fleet.incidents.get(a.labels.get("provider", ""))
+        if inc is None or inc.closed_at is not None or inc.policy is None:
+            return False
+        if (a.labels.get("host", "") not in inc.hosts and a.severity != CRITICAL) or not self._accepting(
+            state, inc, ctx
+        ):
+            return False
+        a.held_by = inc.id
+        a.held_until = ctx.now + self.config.alerts.group_interval + ctx.fleet.handoff
+        state.next_due = min(state.next_due, a.held_until)
+        ctx.transition(a, "held")
+        return True
+
+    def _settle(self, state: AlertState, a: Alert, ctx: Ctx) -> bool:
+        """``a`` is held: told if its incident says so (True), still held before ``held_until``
+        (True), else released to be told on its own (False). An incident this member judges
+        now (it took the provider's bucket) takes it as one of its own (False: ``_join``)."""
+        local = state.incidents.get(a.held_by or "")
+        inc = local if local is not None else self._held_for(a, ctx)
+        if inc is not None and inc.covered.get(a.fingerprint) == self._tag(a):
+            self._told_by(state, inc, a, ctx)
+            return True
+        if local is None and a.held_until is not None and ctx.now < a.held_until:
+            state.next_due = min(state.next_due, a.held_until)
+            return True
+        a.held_by = None  # (held_until stays: not held again this episode)
+        return False
+
+    def told_by_held(self, state: AlertState, a: Alert, ctx: Ctx) -> bool:
+        """``a`` (held) resolves: True if its incident told it (marked told), else its hold ends."""
+        inc = state.incidents.get(a.held_by or "") or self._held_for(a, ctx)
+        if inc is not None and inc.covered.get(a.fingerprint) == self._tag(a):
+            self._told_by(state, inc, a, ctx)
+            return True
+        a.held_by = None
+        return False
+
+    def _told_by(self, state: AlertState, inc: Incident, a: Alert, ctx: Ctx) -> None:
+        """Another member's incident told ``a``: it escalates here, by its owner, through the
+        incident's policy if it is critical (else its own), counting from when it was told."""
+        at = inc.covered_at.get(a.fingerprint, ctx.now)
+        pol = self.policies.get(inc.policy or "")
+        own = pol if a.severity == CRITICAL else self.config.route(a.match_labels())
+        chosen = own or pol
+        a.held_by = a.held_until = None
+        a.notified = "incident"
+        a.level, a.notify_base, a.last_notified_at = 0, at, at
+        a.policy = chosen.name if chosen is not None else None
+        if chosen is not None and a.ack_by is None:
+            if len(chosen.levels) > 1:
+                state.next_due = min(state.next_due, at + chosen.levels[1].after)
+            if chosen.repeat > 0:
+                state.next_due = min(state.next_due, at + chosen.repeat)
+        ctx.transition(a, "incident_told")
+
+    def fold(self, state: AlertState, ctx: Ctx) -> None:
+        """The judge of a provider: the other members' alerts held for its open incidents join
+        them, told by the next notification (as its own members are, :meth:`_join`). Called
+        before the evaluation's time-driven steps, so that a first notification due now tells
+        the alerts held for it."""
+        if ctx.fleet is None:
+            return
+        mine: dict[str, Incident] = {}
+        for slot, iid in state.open_incidents.items():
+            opened = state.incidents[iid]
+            if slot.startswith("provider:") and opened.policy is not None:
+                mine[opened.provider] = opened
+        if not mine:
+            return
+        for m in ctx.fleet.alerts.values():
+            if m.held_by is None:
+                continue
+            inc = mine.get(m.labels.get("provider", ""))
+            fp = m.fingerprint
+            if (
+                inc is None
+                or m.held_by != inc.id
+                or m.level >= 0
+                or not notifiable(m)
+                or fp in inc.pending
+                or inc.covered.get(fp) == self._tag(m)
+            ):
+                continue
+            if fp not in inc.alerts:
+                inc.alerts.append(fp)
+            inc.pending.append(fp)
+            self._schedule(state, inc, m, ctx)
+
+    @staticmethod
+    def _remote_new(inc: Incident, fp: str, ctx: Ctx) -> Alert | None:
+        """A pending member held for ``inc`` by another member, still to be told by it."""
+        m = ctx.fleet.alerts.get(fp) if ctx.fleet is not None else None
+        if m is None or m.held_by != inc.id or m.level >= 0 or m.fired_at is None:
+            return None
+        return m if quiet_ok(m) and not m.flapping else None
 
     # ------------------------------------------------------------------ provider-wide incidents
 
@@ -326,9 +455,17 @@ class Correlator:
             if (h not in inc.hosts and a.severity != CRITICAL) or not self._accepting(state, inc, ctx):
                 return False
         a.notified = "incident"
+        a.held_by = None  # (held for this incident before this member took its bucket)
         if fp not in inc.alerts:
             inc.alerts.append(fp)
         inc.pending.append(fp)
+        self._schedule(state, inc, a, ctx)
+        return True
+
+    def _schedule(self, state: AlertState, inc: Incident, a: Alert, ctx: Ctx) -> None:
+        """When ``a``, joining ``inc``, is told: at once (event class), with the first
+        notification, else with the next batched update."""
+        fp = a.fingerprint
         now, gi = ctx.now, self.config.alerts.group_interval
         if self.event_class(a):
             due = now
@@ -341,7 +478,6 @@ class Correlator:
             due = max(now, base)
         inc.update_due = due if inc.update_due is None else min(inc.update_due, due)
         state.next_due = min(state.next_due, inc.update_due)
-        return True
 
     def event_class(self, a: Alert) -> bool:
         """A critical event (fatal XID, GPU lost, double-bit ECC, row-remap failure): told at once."""
@@ -351,7 +487,8 @@ class Correlator:
         """``a`` is told by a notification of ``inc``: it escalates from now, through the
         incident's policy if it is critical, else through its own (if any)."""
         now = ctx.now
-        inc.covered[a.fingerprint] = f"{a.episode}/{a.severity}"
+        inc.covered[a.fingerprint] = self._tag(a)
+        inc.covered_at[a.fingerprint] = now
         a.notified = "incident"
         if a.level < 0 or (a.severity == CRITICAL and a.policy != pol.name):  # (raised: rerouted)
             own = pol if a.severity == CRITICAL else self.config.route(a.match_labels())
@@ -388,15 +525,21 @@ class Correlator:
             # told even if it resolved meanwhile (it did fire); not if silenced or inhibited since
             if a is not None and a.notified == "incident" and quiet_ok(a) and not a.flapping:
                 new.append(a)
+            elif a is None and (m := self._remote_new(inc, fp, ctx)) is not None:
+                new.append(m)  # another member's, held for this incident
         if pol is None or not (new or inc.last_sent_at is None):
             return
         new_hosts = sorted({h for a in new if (h := a.labels.get("host", "")) not in inc.hosts})
         inc.hosts += new_hosts
-        told_rules = {state.by_fp[fp].rule for fp in inc.covered if fp in state.by_fp}
+        told_rules = {m.rule for fp in inc.covered if (m := self._member(state, ctx, fp)) is not None}
         raised = [a for a in new if a.fingerprint in inc.covered]
         new_rules = sorted({a.rule for a in new} - told_rules)
         for a in new:
-            self._cover(inc, a, pol, ctx)
+            if state.by_fp.get(a.fingerprint) is a:
+                self._cover(inc, a, pol, ctx)
+            else:  # another member's: it marks it told when it sees this (its escalation is its own)
+                inc.covered[a.fingerprint] = self._tag(a)
+                inc.covered_at[a.fingerprint] = ctx.now
         if inc.last_sent_at is None:  # the first notification: every failing host, grouped
             inc.notified = True
             members = [

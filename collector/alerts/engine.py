@@ -98,6 +98,7 @@ class AlertEngine:
         ctx = Ctx(now, fleet)
         for cmd in commands:
             self._command(state, cmd, ctx)
+        self.corr.fold(state, ctx)  # a group: the others' alerts held for its incidents join them
         due = bool(commands) or now >= state.next_due
         if due:  # silences first, so that this call's notifications see them
             boundary = self.corr.sync_silences(state, ctx)
@@ -276,6 +277,7 @@ class AlertEngine:
         )
         a.told = []
         a.reason = ""
+        a.held_by = a.held_until = None
         _clear_ack(a)
         ctx.transition(a, "pending")
         self.corr.inhibit_check(state, a, ctx)
@@ -298,6 +300,13 @@ class AlertEngine:
         a.state, a.resolved_at = RESOLVED, now
         ctx.transition(a, "resolved")
         if was == FIRING:
+            if a.held_by is not None and not self.corr.told_by_held(state, a, ctx):
+                # held for another member's incident, which has not said it told it: told here,
+                # then resolved (its hold ends: that incident takes no resolved alert)
+                pol = self.config.route(a.match_labels())
+                if pol is not None and quiet_ok(a) and not a.flapping:
+                    a.level, a.notified, a.policy = 0, N_FIRING, pol.name
+                    self._send(ctx, a, N_FIRING, pol.levels[0].notify)
             pol = self.corr.policies.get(a.policy or "")
             if (
                 a.level < 0
@@ -324,7 +333,9 @@ class AlertEngine:
     def _severity(self, state: AlertState, a: Alert, old: str, ctx: Ctx) -> None:
         ctx.transition(a, "severity")
         self.corr.silence_check(state, a, ctx)
-        if a.notified == "incident":  # told by its provider incident: the next update says it
+        if a.notified == "incident" and self.corr.provider_incident_of(state, a) is not None:
+            # told by its provider incident: the next update says it (one another member judges:
+            # told here, as one told on its own, below)
             if RANK[a.severity] > RANK[old] and notifiable(a):
                 ctx.fired[a.fingerprint] = a
             return

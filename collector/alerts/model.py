@@ -93,6 +93,11 @@ class Alert:
     told: list[str] = field(default_factory=list)  # channels notified this episode
     incident: str | None = None
     reason: str = ""  # why the last episode resolved when not by a healthy reading (REASONS)
+    # A collector group: its own first notice is held for another member's provider incident
+    # (``held_by``), which tells it in its next update; told on its own at ``held_until`` if the
+    # incident did not say it told it by then (docs/alerts.md, "In a collector group").
+    held_by: str | None = None
+    held_until: float | None = None
 
     @property
     def action(self) -> str:
@@ -121,6 +126,7 @@ class Incident:
     told: list[str] = field(default_factory=list)
     # Provider-wide incidents tell their members: by the first notification, then by updates.
     covered: dict[str, str] = field(default_factory=dict)  # fingerprint -> "episode/severity" told
+    covered_at: dict[str, float] = field(default_factory=dict)  # fingerprint -> when it was told
     pending: list[str] = field(default_factory=list)  # joined, waiting for the next update
     update_due: float | None = None  # when the pending members are told
     last_sent_at: float | None = None  # the first notification or the last update
@@ -135,7 +141,9 @@ class Incident:
 class Transition:
     """A change of an alert: ``kind`` is a lifecycle state (pending, firing, resolved) or a
     flag change (acknowledged, unacknowledged, silenced, unsilenced, inhibited, uninhibited,
-    flapping, flapping_stopped, severity, rerouted)."""
+    flapping, flapping_stopped, severity, rerouted) or, in a collector group, ``held`` (its first
+    notice held for another member's provider incident) and ``incident_told`` (that incident
+    told it)."""
 
     fingerprint: str
     rule: str

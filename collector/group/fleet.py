@@ -30,6 +30,11 @@ from collector.health.rollup import HostHealth
 
 SUBJECT: Final = "gpuwarden.group.{kv}.fleet.{member}"
 MAX_ITEMS: Final = 500  # hosts, alerts, incidents or events in one message (bounds its size)
+# How long past ``group_interval`` a member holds an alert's own first notice for another
+# member's provider incident (collector.alerts.correlate.Fleet.handoff): the judge sees the hold
+# about a second after it (one message a second), its update is committed, and the holder sees
+# that about a second later; the rest is slack for a loaded machine.
+HANDOFF: Final = 5.0
 
 
 class HostRow(msgspec.Struct, array_like=True, frozen=True):

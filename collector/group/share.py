@@ -69,10 +69,12 @@ class FleetShare:
         alerts: Callable[[], _Alerts],
         fleet: FleetState,
         broadcaster: Broadcaster,
+        committed: Callable[[Incident], Incident] = lambda inc: inc,
     ) -> None:
         self.name, self.kv, self.refresh = name, kv, refresh
         self.nc, self.holder, self.scope, self.view = nc, holder, scope, view
         self.live, self.alerts, self.fleet, self.broadcaster = live, alerts, fleet, broadcaster
+        self.committed = committed  # an incident as committed (what it says it told)
         self.outbox = Outbox(name)
         self.sent_bytes = 0
         self.sent_messages = 0
@@ -197,7 +199,7 @@ class FleetShare:
         incidents: dict[int, dict[str, Incident]] = {}
         for inc in state.incidents.values():
             if (b := self.scope.of_incident(inc)) in held:
-                incidents.setdefault(b, {})[inc.id] = inc
+                incidents.setdefault(b, {})[inc.id] = self.committed(inc)
         nc = self.nc()
         for s in self.outbox.messages(now, held, hosts, alerts, incidents, full):
             self.view.apply(s, now)  # its own word, kept for when it loses the bucket
