@@ -45,7 +45,11 @@ def run(
     dsn: DsnOpt = None,
     listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT of the HTTP API")] = None,
     group: Annotated[
-        bool | None, typer.Option("--group/--no-group", help="join the collector group (docs/operations.md)")
+        bool | None,
+        typer.Option(
+            "--group/--no-group",
+            help="join the collector group (the default unless --partitions > 1); --no-group: run alone",
+        ),
     ] = None,
     partitions: Annotated[
         int | None, typer.Option("--partitions", help="static override: number of collectors (no group)")

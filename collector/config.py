@@ -19,6 +19,16 @@ from shared.config import NatsConfig, Secret, dur, load_sections, num, resolve_s
 from shared.errors import ConfigError
 
 DEFAULT_DSN: Final = "postgresql://gpuwarden@127.0.0.1/gpuwarden"
+DEFAULT_DURABLE: Final = "gpuwarden-collector"
+
+
+def group_kv_of(durable: str) -> str:
+    """The group's KV bucket when ``[collector] group_kv`` is unset: one per ``durable``."""
+    return f"{durable}-group"
+
+
+DEFAULT_GROUP_KV: Final = group_kv_of(DEFAULT_DURABLE)
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a JetStream consumer's and a KV bucket's name, a subject token
 SSLMODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 RAW_SECTIONS: Final = frozenset(
     {"health", "alerts", "notify", "escalation", "silence", "maintenance", "remediation"}
@@ -32,7 +42,7 @@ class CollectorSection:
     listen: str = "0.0.0.0:8080"
     partitions: int = num(1, 1, 4096)
     partition: int = num(0, 0, 4095)
-    durable: str = "gpuwarden-collector"  # consumer name prefix; the partition is appended
+    durable: str = DEFAULT_DURABLE  # consumer name prefix; the bucket (or partition) is appended
     batch: int = num(1000, 1, 10_000)  # messages fetched (and committed) at once
     fetch_timeout: float = dur("1s")
     linger: float = dur("100ms")  # a batch that is not full waits this long for more (0: not at all)
@@ -43,13 +53,22 @@ class CollectorSection:
     host_rate: float = num(20.0, 0, 1e6)  # frames/s one host may send (0: no limit); excess refused
     host_burst: int = num(25_000, 1, 10_000_000)  # at once: holds an agent's replay after an outage
     shutdown_timeout: float = dur("20s")
-    # a collector group (docs/operations.md): members share the hosts by leases in NATS
-    group: bool = False
+    # a collector group (docs/operations.md): members share the hosts by leases in NATS.
+    # Unset: a group unless the static partitions are asked for (partitions > 1).
+    group: bool | None = None
     buckets: int = num(64, 1, 1024)  # host buckets leased to members (fixed for a group)
     lease: float = dur("8s")  # a dead member's buckets are taken over after about this long
-    group_kv: str = "gpuwarden-group"  # the JetStream key-value bucket of members and leases
+    group_kv: str = ""  # the JetStream key-value bucket of members and leases (unset: <durable>-group)
     member: str = ""  # this member's name in the group (default: host name and process id)
     group_refresh: float = dur("10s")  # every member's whole summary, for the others' fleet view
+
+    def __post_init__(self) -> None:
+        # the defaults that depend on other keys: a group unless partitions > 1; one group per
+        # durable (collectors with distinct consumers on one stream never join each other's group)
+        if self.group is None:
+            object.__setattr__(self, "group", self.partitions == 1)
+        if not self.group_kv:
+            object.__setattr__(self, "group_kv", group_kv_of(self.durable))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +193,10 @@ def load_collector_config(
         raise ConfigError(
             "collector.group", "a group shares the hosts by leases: leave partitions at 1 (static override)"
         )
+    if not _NAME.match(c.durable):
+        raise ConfigError("collector.durable", f"expected letters, digits, '-' and '_', got {c.durable!r}")
+    if c.group and not _NAME.match(c.group_kv):
+        raise ConfigError("collector.group_kv", f"expected letters, digits, '-' and '_', got {c.group_kv!r}")
     if c.group and c.lease < 2.0:
         raise ConfigError("collector.lease", f"must be at least 2s, got {c.lease}s")
     if c.group and c.group_refresh < 1.0:

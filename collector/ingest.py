@@ -43,6 +43,7 @@ from tenacity import (
 
 from collector import stream
 from collector.config import CollectorConfig
+from collector.group import rebucket
 from collector.group.consumers import BucketConsumers, bucket_of_subject
 from collector.ratelimit import RATE_LIMITED, HostRateLimit
 from collector.static import StaticFacts
@@ -53,6 +54,7 @@ from shared.errors import FrameDecodeError, SubjectError
 from shared.frames import Frame, decode_partial, replace
 from shared.ratelog import RateLimitedLog
 from shared.subjects import STREAM, parse_subject, sanitize_token, strip_bucket
+from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 HEAD_BYTES: Final = 64
@@ -223,6 +225,7 @@ class Ingest:
         # a collector group member (docs/operations.md): pulls from the buckets it holds only
         self.source: BucketConsumers | None = None
         self.tokens: Callable[[], Mapping[int, int]] | None = None  # buckets held -> fencing token
+        self.unbucketed: asyncio.Task[int] | None = None  # collector.group.rebucket
 
     async def setup_group(
         self, nc: NatsClient, buckets: int, tokens: Callable[[], Mapping[int, int]]
@@ -249,6 +252,10 @@ class Ingest:
                 await stream.partition(js, buckets)
         self.source = BucketConsumers(nc, self.cfg)
         self.tokens = tokens
+        # frames stored before the transform (none once moved): published again under their bucket
+        self.unbucketed = asyncio.create_task(
+            rebucket.drain(js, self.cfg.collector.durable, self.cfg.collector.batch), name="rebucket"
+        )
 
     async def _fetch(self, n: int, wait: float) -> list[Msg]:
         if self.source is not None:
@@ -300,19 +307,20 @@ class Ingest:
             while not self._stop.is_set():
                 try:
                     msgs = await self._fetch(c.batch, c.fetch_timeout)
-                except (TimeoutError, nats.errors.TimeoutError):  # idle: write every rollup marked
-                    if writing is not None:
-                        await writing
-                        writing = None
-                    await self.flush_rollups(everything=True)
-                    continue
+                except (TimeoutError, nats.errors.TimeoutError):
+                    msgs = []
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                     break
                 except nats.errors.Error as e:
                     self._rl.warning("fetch", "fetch failed: %s", e)
                     await asyncio.sleep(0.5)
                     continue
-                if not msgs:
+                if not msgs:  # idle (a group's buckets return nothing, one consumer times out):
+                    # write every rollup marked
+                    if writing is not None:
+                        await writing
+                        writing = None
+                    await self.flush_rollups(everything=True)
                     continue
                 if len(msgs) < c.batch and c.linger > 0:
                     msgs = await self._linger(msgs)
@@ -360,6 +368,9 @@ class Ingest:
         """Stop the pull subscription (so that draining NATS does not wait on it), handing back
         what the server delivered after the last fetch returned (:func:`nak_unread`)."""
         sub, self._sub = self._sub, None
+        if self.unbucketed is not None:
+            await cancel_all([self.unbucketed])
+            self.unbucketed = None
         if self.source is not None:
             await self.source.close()
         if sub is not None:

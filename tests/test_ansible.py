@@ -63,10 +63,12 @@ def test_syntax_check() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("group", [True, False])
-def test_collector_role_deploys_group_members_behind_one_configuration(tmp_path: Path, group: bool) -> None:
-    """``gpuwarden_collector_group``: every central host gets the same configuration, a group
-    member's (``[collector] group``, no partition); without it, one static partition each."""
+@pytest.mark.parametrize("group", [None, True, False], ids=["default", "group", "static"])
+def test_collector_role_deploys_group_members_behind_one_configuration(
+    tmp_path: Path, group: bool | None
+) -> None:
+    """``gpuwarden_collector_group`` (true when unset): every central host gets the same
+    configuration, a group member's (no partition); false: one static partition each."""
     from collector.config import load_collector_config  # noqa: PLC0415 (collector only here)
     from tests.support.roles import run_playbook  # noqa: PLC0415
 
@@ -77,7 +79,8 @@ def test_collector_role_deploys_group_members_behind_one_configuration(tmp_path:
     (tmp_path / "inventory.json").write_text(json.dumps({"all": {"children": {"central": {"hosts": hosts}}}}))
     extra = tmp_path / "vars.json"
     servers = [f"tls://n{i}:4222" for i in range(3)]
-    settings = {"gpuwarden_collector_group": group}  # static: as many partitions as central hosts, by default
+    # static: as many partitions as central hosts, by default
+    settings = {} if group is None else {"gpuwarden_collector_group": group}
     extra.write_text(json.dumps({"out_dir": str(tmp_path), "gpuwarden_nats_servers": servers, **settings}))
     run_playbook(str(tmp_path / "inventory.json"), f"@{extra}", "render_collector.yml")
     rendered = [(tmp_path / f"c{i}.toml").read_text() for i in range(3)]
@@ -94,7 +97,7 @@ def test_collector_role_deploys_group_members_behind_one_configuration(tmp_path:
         local = tmp_path / f"c{i}.local.toml"
         local.write_text(text.replace("file:/etc/gpuwarden/", f"file:{secrets}/"))
         configs.append(load_collector_config(local, env={}).collector)
-    if group:
+    if group is not False:
         assert rendered[0] == rendered[1] == rendered[2]
         assert all(c.group and c.partitions == 1 for c in configs)
     else:

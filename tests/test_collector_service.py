@@ -18,6 +18,7 @@ import nats
 import pytest
 
 from collector.config import load_collector_config
+from collector.group.consumers import consumer_name as bucket_consumer
 from collector.ingest import consumer_name
 from collector.service import CollectorService
 from collector.store import migrate
@@ -37,9 +38,10 @@ def collector_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "collector.cli", *args]
 
 
-def spawn(*args: str) -> subprocess.Popen[bytes]:
-    # a short ack wait: what a killed collector had fetched is redelivered after it
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUWARDEN_COLLECTOR_ACK_WAIT": "2s"}
+def spawn(*args: str, ack_wait: str | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if ack_wait is not None:
+        env["GPUWARDEN_COLLECTOR_ACK_WAIT"] = ack_wait
     with LOG.open("ab") as log:
         return subprocess.Popen(collector_cmd(*args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -54,13 +56,27 @@ async def count(conn: asyncpg.Connection) -> int:
     return n
 
 
-def run_args(nats_url: str, dsn: str) -> list[str]:
-    return ["run", "--nats", nats_url, "--dsn", dsn, "--log-level", "WARNING"]
+def run_args(nats_url: str, dsn: str, group: bool = True) -> list[str]:
+    return [
+        "run",
+        "--nats",
+        nats_url,
+        "--dsn",
+        dsn,
+        "--log-level",
+        "WARNING",
+        *([] if group else ["--no-group"]),
+    ]
 
 
+# alone: the single consumer's messages in the killed collector's hands come back after
+# ack_wait (shortened here); group (the default): the restarted member takes the buckets once
+# the dead one's leases aged out and recreates their consumers at their floor (no ack_wait)
+@pytest.mark.parametrize(("mode", "ack_wait"), [("group", None), ("alone", "2s")], ids=["group", "alone"])
 async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
-    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+    mode: str, ack_wait: str | None, pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
 ) -> None:
+    args = run_args(private_nats.url, pg_dsn, group=mode == "group")
     nc = await nats.connect(private_nats.url)
     js = nc.jetstream()
     await reconcile(js, config(pg_dsn, private_nats.url).nats)  # as the collector makes it
@@ -78,7 +94,7 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
             await asyncio.sleep(0.01)
 
     publisher = asyncio.create_task(agents())
-    proc = spawn(*run_args(private_nats.url, pg_dsn))
+    proc = spawn(*args, ack_wait=ack_wait)
     try:
         await until(lambda: _more_than(conn, 200), timeout=60)
         proc.send_signal(signal.SIGKILL)
@@ -91,7 +107,7 @@ async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
             return len(published) >= down_at + 16 * 10
 
         await until(published_meanwhile)
-        proc = spawn(*run_args(private_nats.url, pg_dsn))
+        proc = spawn(*args, ack_wait=ack_wait)
         await until(lambda: _more_than(conn, killed_at + 200), timeout=60)
         stop.set()
         await publisher
@@ -124,30 +140,43 @@ async def _at_least(conn: asyncpg.Connection, n: int) -> bool:
     return await count(conn) >= n
 
 
+@pytest.mark.parametrize("mode", ["group", "alone"])
 async def test_sigterm_finishes_the_batch_and_exits_cleanly(
-    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+    mode: str, pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
 ) -> None:
-    proc = spawn(*run_args(private_nats.url, pg_dsn))
+    """What was stored was acknowledged and nothing else; the rest is read by the next
+    collector at once, not after the 60 s ``ack_wait`` of a message merely left unacknowledged:
+    alone, the collector hands back (nak) what it was delivered and did not store; in a group,
+    the member releases its leases and the next holder recreates the consumers at their floor."""
+    cfg = config(pg_dsn, private_nats.url)
+    group = mode == "group"
+    names = [bucket_consumer(cfg.collector.durable, b) for b in range(64)] if group else [consumer_name(cfg)]
+    proc = spawn(*run_args(private_nats.url, pg_dsn, group=group))
     nc = await nats.connect(private_nats.url)
     try:
         js = nc.jetstream()
-        cfg = config(pg_dsn, private_nats.url)
-        await until(lambda: _consumer_exists(js, consumer_name(cfg)), timeout=60)
+        for name in names:
+            await until(lambda n=name: _consumer_exists(js, n), timeout=60)
         now = time.time()
         frames: list[Frame] = [sample(f"t-{h}", s, now - 50 + s) for h in range(5) for s in range(40)]
         await publish(js, frames)
         await until(lambda: _at_least(conn, 1), timeout=30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, LOG.read_text()
-        info = await js.consumer_info("GPUWARDEN", consumer_name(cfg))
+        infos = [await js.consumer_info("GPUWARDEN", name) for name in names]
         stored = await count(conn)
         # everything stored was acknowledged, nothing else was (the stream holds only these
-        # frames, from sequence 1); what was not stored is pending: never delivered, or
-        # delivered after the last fetch and handed back (nak) at shutdown
-        assert info.ack_floor.stream_seq == stored
-        assert stored + info.num_ack_pending + info.num_pending == len(frames)
-        # handed back means at once: the rest comes to the next reader now, not after the
-        # 60 s ack_wait of a message that was merely left unacknowledged
+        # frames, each delivered once at most); what was not stored is pending: never
+        # delivered, or delivered and not acknowledged (handed back, or left to the next holder)
+        assert sum(i.ack_floor.consumer_seq for i in infos) == stored
+        assert stored + sum(i.num_ack_pending + i.num_pending for i in infos) == len(frames)
+        if group:
+            proc = spawn(*run_args(private_nats.url, pg_dsn))  # the next member
+            await until(lambda: _at_least(conn, len(frames)), timeout=20)
+            keys = await stored_keys(conn)
+            assert set(keys) == {(f.host, f.seq) for f in frames}
+            assert set(keys.values()) == {1}  # nothing twice
+            return
         sub = await js.pull_subscribe_bind(durable=consumer_name(cfg), stream="GPUWARDEN")
         rest: list[object] = []
 
@@ -160,8 +189,8 @@ async def test_sigterm_finishes_the_batch_and_exits_cleanly(
         assert len(rest) == len(frames) - stored
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+            proc.terminate()
+            proc.wait(30)
         await nc.close()
 
 
@@ -218,6 +247,31 @@ def test_config_file_env_and_flags(tmp_path: Path) -> None:
         load_collector_config(path, {})
     path.write_text("[collector]\nlisten = 'nowhere'\n")
     with pytest.raises(ConfigError, match="listen"):
+        load_collector_config(path, {})
+
+
+def test_the_group_is_the_default_and_one_per_durable(tmp_path: Path) -> None:
+    """Collectors with the same configuration form a group; the static partitions turn it off;
+    each ``durable`` is a group of its own (its own KV bucket), so that deployments sharing one
+    NATS do not join each other's group by accident."""
+    path = tmp_path / "collector.toml"
+    path.write_text("[collector]\n")
+    c = load_collector_config(path, {}).collector
+    assert (c.group, c.durable, c.group_kv) == (True, "gpuwarden-collector", "gpuwarden-collector-group")
+    c = load_collector_config(path, {}, {"collector.partitions": 2, "collector.partition": 1}).collector
+    assert (c.group, c.partitions) == (False, 2)
+    assert load_collector_config(path, {}, {"collector.group": False}).collector.group is False
+    with pytest.raises(ConfigError, match="collector.group"):  # asked for both
+        load_collector_config(path, {}, {"collector.group": True, "collector.partitions": 2})
+    path.write_text('[collector]\ndurable = "site-b"\n')
+    assert load_collector_config(path, {}).collector.group_kv == "site-b-group"
+    path.write_text('[collector]\ndurable = "site-b"\ngroup_kv = "shared"\n')
+    assert load_collector_config(path, {}).collector.group_kv == "shared"
+    path.write_text('[collector]\ndurable = "site.b"\n')  # not a consumer's (nor a KV bucket's) name
+    with pytest.raises(ConfigError, match="collector.durable"):
+        load_collector_config(path, {})
+    path.write_text('[collector]\ngroup_kv = "a.b"\n')
+    with pytest.raises(ConfigError, match="collector.group_kv"):
         load_collector_config(path, {})
 
 

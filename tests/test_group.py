@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from collector import stream
-from collector.group import fence
+from collector.group import fence, rebucket
 from collector.group.assign import assign, bucket_of, moved
 from collector.group.lease import Membership, clock
 from collector.ingest import Ingest
@@ -26,10 +26,11 @@ from collector.stream import bucket_transform
 from gpuwarden.servers import NatsServer
 from shared.frames import Frame, encode
 from shared.subjects import STREAM, event_subject
-from tests.support.collector import load_toml
+from tests.support.collector import collector, load_toml, write_config
 from tests.support.group import host_name_in_bucket
 from tests.support.ingest import config as ingest_config
-from tests.support.records import event
+from tests.support.ingest import publish, stored_keys
+from tests.support.records import event, sample
 from tests.support.wait import until
 
 
@@ -353,3 +354,43 @@ async def test_a_frame_whose_bucket_is_lost_before_it_is_judged_is_judged_by_the
             await ingest.writer.close()
         for nc in ncs:
             await nc.close()
+
+
+async def test_frames_stored_before_the_transform_are_moved_under_their_buckets(
+    tmp_path: Path, pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    """Agents published before any group member started (or a collector ran alone before):
+    the stream holds frames without a bucket token, which no bucket consumer reads. The group
+    moves them under their buckets once, and every one is stored once."""
+    cfg = write_config(tmp_path, pg_dsn, private_nats.url, "")
+    assert cfg.collector.group  # the default
+    nc = await nats.connect(private_nats.url)
+    js = nc.jetstream()
+    await stream.reconcile(js, cfg.nats)  # as an agent or a lone collector leaves it
+    now = time.time()
+    before = [sample(f"u-{h}", s, now - 60 + s) for h in range(8) for s in range(1, 11)]
+    await publish(js, before)
+    after = [sample(f"u-{h}", s, now - 60 + s) for h in range(8) for s in range(11, 16)]
+    name = rebucket.consumer_name(cfg.collector.durable)
+    try:
+        async with collector(cfg):
+            await until(lambda: _stored(conn, len(before)), 30, "the frames stored before the transform")
+            await publish(js, after)  # stored under their bucket: read by the bucket consumers
+            await until(lambda: _stored(conn, len(before) + len(after)), 30, "the frames after it")
+        moved = await js.consumer_info(STREAM, name)
+        assert (moved.delivered.stream_seq, moved.num_pending, moved.num_ack_pending) == (len(before), 0, 0)
+        async with collector(cfg) as svc:  # a restart moves nothing again
+            task = svc.ingest.unbucketed
+            assert task is not None
+            await until(task.done, 30, "the restarted member's look")
+            assert task.result() == 0
+        assert (await js.consumer_info(STREAM, name)).delivered.consumer_seq == len(before)
+    finally:
+        await nc.close()
+    keys = await stored_keys(conn)
+    assert set(keys) == {(f.host, f.seq) for f in before + after}
+    assert set(keys.values()) == {1}  # nothing twice
+
+
+async def _stored(conn: asyncpg.Connection, n: int) -> bool:
+    return len(await stored_keys(conn)) >= n

@@ -540,7 +540,7 @@ async def test_collector_user_may_run_a_group_member(rendered: Rendered) -> None
         async def heard(msg: nats.aio.msg.Msg) -> None:
             got.append(msg.data)
 
-        for subject in ("gpuwarden.control.gpuwarden-group", "gpuwarden.group.summary.x"):
+        for subject in ("gpuwarden.control.gpuwarden-collector-group", "gpuwarden.group.summary.x"):
             sub = await nc.subscribe(subject, cb=heard)
             await nc.flush()
             await nc.publish(subject, b"notice")
@@ -554,8 +554,8 @@ async def test_collector_user_may_run_a_group_member(rendered: Rendered) -> None
     agent_errors = Errors()
     a = await agent(rendered, "gpu-c_example_net", agent_errors)
     try:
-        await a.publish("gpuwarden.control.gpuwarden-group", b"forged")
-        await a.publish("$KV.gpuwarden-group.b.0", b"forged")
+        await a.publish("gpuwarden.control.gpuwarden-collector-group", b"forged")
+        await a.publish("$KV.gpuwarden-collector-group.b.0", b"forged")
         await a.flush()
         await until(lambda: len(agent_errors.violations()) >= 2, 5, "the agent refused")
     finally:

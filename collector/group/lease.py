@@ -1,6 +1,6 @@
 """Membership and bucket leases of a collector group, in a JetStream key-value bucket.
 
-Keys of the KV bucket ``[collector] group_kv`` (default ``gpuwarden-group``), whose entries age
+Keys of the KV bucket ``[collector] group_kv`` (default ``<durable>-group``), whose entries age
 out after ``[collector] lease`` (the bucket's ``max_age``, kept by nats-server):
 
 * ``m.<member>``: a live member (its API address); put again every round;
@@ -41,6 +41,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
+from collector.config import DEFAULT_GROUP_KV
 from collector.group.assign import assign
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Membership:
         *,
         buckets: int,
         lease: float,
-        kv_bucket: str = "gpuwarden-group",
+        kv_bucket: str = DEFAULT_GROUP_KV,
         replicas: int = 1,
         info: Mapping[str, Any] | None = None,
         on_gain: Gain | None = None,

@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 
 from agent.fleet import host_name
+from collector.config import DEFAULT_GROUP_KV
 from collector.group.assign import bucket_of
 from tests.support.cluster import STREAM_BYTES
 from tests.support.collector import Receiver, webhook_toml
@@ -34,7 +35,7 @@ def host_name_in_bucket(bucket: int) -> str:
     return next(h for h in (f"host-{i:04d}" for i in range(10_000)) if bucket_of(h, 64) == bucket)
 
 
-async def owners(url: str | list[str], kv_bucket: str = "gpuwarden-group") -> dict[int, str]:
+async def owners(url: str | list[str], kv_bucket: str = DEFAULT_GROUP_KV) -> dict[int, str]:
     """bucket -> the member holding its lease now (from the group's KV bucket)."""
     nc = await nats.connect(url)
     try:
