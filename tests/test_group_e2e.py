@@ -24,7 +24,7 @@ from agent.fleet import Fleet, host_name
 from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsCluster, NatsServer
 from shared.config import NatsConfig
-from tests.support.cluster import cluster_nats, published_keys, stored_at_least, stored_keys
+from tests.support.cluster import cluster_nats, publish_xid, published_keys, stored_at_least, stored_keys
 from tests.support.collector import Receiver, collector, webhook_toml, write_config
 from tests.support.group import (
     ALERTS,
@@ -488,10 +488,12 @@ async def test_a_provider_outage_across_members_pages_one_incident_and_its_updat
     """Three members; a provider's hosts fill up their disks (critical, not event-class) in two
     waves spread over the members: one ``provider_incident`` and its updates page them, none of
     them has a ``firing`` page of its own (their owners hold them for the judge's incident,
-    docs/alerts.md "In a collector group"). Then the judge is SIGKILLed and a third wave hits
-    another member's host of the provider while the judge's buckets wait for their lease to
-    lapse (40 s): its owner holds it for the dead judge's incident, and pages it itself when the
-    hold ends (``group_interval`` + 5 s), before any taker could."""
+    docs/alerts.md "In a collector group"). Then the judge is SIGKILLed and, right after, an XID
+    hits another member's host of the provider while the judge's buckets wait for their lease
+    to lapse (40 s): its owner holds it for the dead judge's incident, and pages it itself when
+    the hold ends (``group_interval`` + 5 s), before any taker could. (The XID is published
+    after the kill, not scheduled: a wave at a fixed time could come before the kill on a
+    loaded machine.)"""
     url = private_nats.url
     n = 60  # two providers of 30 hosts (provider-0: the even host numbers)
     alerts = (
@@ -508,16 +510,12 @@ async def test_a_provider_outage_across_members_pages_one_incident_and_its_updat
             mine = {m: [j for j in hosts_of(table, m, n) if j % 2 == 0] for m in ("m0", "m1", "m2")}
             # wave 1 (20 s): 9 of the provider's 30 hosts, at most 5 on one member (none alone
             # has more than 20 %); wave 2 (38 s): 2 more on each member that does not judge;
-            # wave 3 (66 s): one more of one of them, the judge dead by then
+            # wave 3 (once the judge is dead): an XID on one more of one of them
             wave1 = spread([mine[m] for m in ("m0", "m1", "m2")], 9, 5)
             wave2 = [j for m in others for j in [j for j in mine[m] if j not in wave1][:2]]
             wave3 = [j for j in mine[others[0]] if j not in wave1 + wave2][:1]
             assert (len(wave1), len(wave2), len(wave3)) == (9, 4, 1), table
-            faults = [
-                f"{host_name(i)}:disk_full@{at}s"
-                for w, at in ((wave1, 20), (wave2, 38), (wave3, 66))
-                for i in w
-            ]
+            faults = [f"{host_name(i)}:disk_full@{at}s" for w, at in ((wave1, 20), (wave2, 38)) for i in w]
             names = {
                 w: {host_name(i) for i in hosts} for w, hosts in (("1", wave1), ("2", wave2), ("3", wave3))
             }
@@ -525,7 +523,6 @@ async def test_a_provider_outage_across_members_pages_one_incident_and_its_updat
                 NatsConfig(servers=(url,)), hosts=n, gpus=1, providers=2, interval=1.0, faults=faults
             )
             await fleet.start()
-            started = time.monotonic()
             run = asyncio.create_task(fleet.run(duration=160))
             try:
 
@@ -548,14 +545,11 @@ async def test_a_provider_outage_across_members_pages_one_incident_and_its_updat
                         return True
 
                     await until(marked_told, timeout=30, what="wave 2 marked told by its owners")
-                killed_at = time.monotonic() - started
                 group.signal(judge, signal.SIGKILL)
-                assert killed_at < 64, f"the judge outlived wave 3's start ({killed_at:.0f} s): too slow"
+                publish_xid(fleet, wave3[0])
 
                 def wave3_told() -> bool:  # by its owner, the judge being dead and its buckets not taken
-                    return any(
-                        names["3"] <= hs and (k, r) == ("firing", "host.disk") for k, r, hs in told(rx)
-                    )
+                    return any(names["3"] <= hs and (k, r) == ("firing", "gpu.xid") for k, r, hs in told(rx))
 
                 await until(wave3_told, timeout=120, what="wave 3 told with the judge dead")
                 # told while the dead judge's leases still stood: no taker had continued its incident
