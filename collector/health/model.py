@@ -134,6 +134,9 @@ class GpuState:
 
 # (expected IB ports, expected rate, the ports judged, [(check key, status), ...])
 IbMemo = tuple[int | None, float | None, tuple[IbPort, ...], list[tuple[str, "CheckStatus"]]]
+# (the system sample judged last, the host's GPU model then, [(check key, status), ...]: every
+# check its judging dated, all healthy and quiet)
+SystemMemo = tuple[SystemSample, str | None, list[tuple[str, "CheckStatus"]]]
 
 
 @dataclass(slots=True)
@@ -168,6 +171,10 @@ class HostState:
     # the ports of the last sample and its healthy, quiet IB checks (key, status). Derived, not
     # state: not saved (codec), not compared; without it the next sample takes the full path.
     ib_quiet: IbMemo | None = field(default=None, compare=False, repr=False, metadata={"derived": True})
+    # The system sample's quiet fast path's memo (collector.health.host): derived like ib_quiet.
+    system_quiet: SystemMemo | None = field(
+        default=None, compare=False, repr=False, metadata={"derived": True}
+    )
 
 
 @dataclass(slots=True)
@@ -360,9 +367,14 @@ class GpuVerdicts(Verdicts):
 
 class HostVerdicts(Verdicts):
     """The verdicts on one system sample: also the host's state, the sample, the host's
-    previous sample (``None``: no rates from it) and the seconds between the two."""
+    previous sample (``None``: no rates from it) and the seconds between the two.
 
-    __slots__ = ("dt", "hs", "prev", "s")
+    ``judged`` (when not ``None``) lists the key of every healthy verdict, for the system
+    sample's quiet fast path (:mod:`collector.health.host`); a problem, or a verdict that the
+    next sample of the same shape would not repeat (a counter without a previous reading, a
+    kernel-log class judged from its failing check), sets it to ``None``: no fast path then."""
+
+    __slots__ = ("dt", "hs", "judged", "prev", "s")
 
     def __init__(
         self, em: Emitter, hs: HostState, base: Mapping[str, str], s: SystemSample, at: float
@@ -370,3 +382,24 @@ class HostVerdicts(Verdicts):
         super().__init__(em, hs.checks, base, at)
         self.hs, self.s, self.prev = hs, s, hs.system
         self.dt = at - hs.system_ts if hs.system_ts is not None else 0.0
+        self.judged: list[str] | None = None
+
+    def ok(self, check: str, value: float | None, extra: Extra = ()) -> None:
+        Verdicts.ok(self, check, value, extra)
+        j = self.judged
+        if j is not None:
+            j.append(check_key(check, extra))
+
+    def bad(
+        self,
+        check: str,
+        status: str,
+        value: float | None,
+        summary: str,
+        advice: str | None = None,
+        *,
+        immediate: bool = False,
+        extra: Extra = (),
+    ) -> None:
+        self.judged = None
+        Verdicts.bad(self, check, status, value, summary, advice, immediate=immediate, extra=extra)

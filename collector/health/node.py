@@ -151,12 +151,62 @@ class NodeChecks:
                 )
                 v.bad("host.dstate", status, float(n), summary)
 
+    def quiet(self, hs: HostState, s: SystemSample, prev: SystemSample) -> bool:
+        """The node part of the system sample's quiet fast path (:meth:`HostChecks.system`):
+        ``True`` when judging ``s`` after ``prev`` (a sample of the same shape, whose checks all
+        ended healthy and quiet) would judge the same checks, all healthy again. The InfiniBand
+        ports, kernel-log counts, modules and services must equal ``prev``'s (so every delta is
+        0 and every state is the one judged healthy), with no flap pending and no kernel-log
+        hit still counted; the clock, mounts and D-state processes are held to the thresholds
+        of the checks below. Any doubt returns ``False`` and the full checks run."""
+        cfg = self.cfg
+        if s.ib_ports != prev.ib_ports or (s.ib_ports and (hs.ib_flaps or cfg.ib_errors_per_min < 0.0)):
+            return False
+        if hs.log_hits or s.kernel_log != prev.kernel_log:
+            return False
+        if s.modules != prev.modules or s.services != prev.services:
+            return False
+        c = s.clock
+        if (c is None) != (prev.clock is None):
+            return False
+        if c is not None:
+            skew = abs(c.offset_s) if c.offset_s is not None else None
+            if skew is not None and (
+                skew >= cfg.clock_offset_critical_s or skew >= cfg.clock_offset_warning_s
+            ):
+                return False
+            if c.synced is False and cfg.clock_unsynced_warns:
+                return False
+        disks, before = s.disks, prev.disks
+        if len(disks) != len(before):
+            return False
+        for d, p in zip(disks, before, strict=True):
+            if d.mount != p.mount or (d.readonly is None) != (p.readonly is None):
+                return False
+            if d.readonly and d.mount not in cfg.readonly_ignore:
+                return False
+            has = bool(d.inodes_total and d.inodes_used is not None)
+            if has != bool(p.inodes_total and p.inodes_used is not None):
+                return False
+            if has and d.inodes_used * 100.0 / d.inodes_total >= cfg.inodes_warning_pct:  # type: ignore[operator]
+                return False
+        n = s.dstate_procs
+        if (n is not None) != (prev.dstate_procs is not None):
+            return False
+        return not (
+            n is not None
+            and cfg.dstate_warning
+            and ((cfg.dstate_critical and n >= cfg.dstate_critical) or n >= cfg.dstate_warning)
+        )
+
     # ------------------------------------------------------------------ InfiniBand
 
     def _ib(self, v: HostVerdicts, prev: SystemSample | None) -> None:
         cfg, hs, s, host = self.cfg, v.hs, v.s, v.hs.host
         want_ports, want_rate = expected_ib(cfg, hs.gpu_model)
         if self._ib_quiet(v, prev, want_ports, want_rate):
+            if v.judged is not None and hs.ib_quiet is not None:
+                v.judged += (local for local, _ in hs.ib_quiet[3])
             return
         before = {(p.device, p.port): p for p in prev.ib_ports} if prev is not None else {}
         ib = [p for p in s.ib_ports if p.link_layer == "InfiniBand"]
@@ -193,7 +243,9 @@ class NodeChecks:
             else:
                 v.ok("host.ib_port", p.rate_gbps, extra)
             old = before.get((p.device, p.port))
-            if old is not None:
+            if old is None:
+                v.judged = None  # no error rate now, one next time: not the same checks
+            else:
                 rate = _delta(_ib_errors(p), _ib_errors(old)) * 60.0 / v.dt
                 if rate > cfg.ib_errors_per_min:
                     summary = (
@@ -299,6 +351,8 @@ class NodeChecks:
         judged: set[str] = set()
         for k in s.kernel_log:
             key = _log_key(k)
+            if key in judged:
+                v.judged = None  # a class named twice: its deltas are not all 0 next time
             judged.add(key)
             if before is not None:
                 n = _delta(k.count, before.get(key, 0))
@@ -318,10 +372,12 @@ class NodeChecks:
             if cs.status == HEALTHY:
                 continue
             if local.startswith("host.kmsg:") and f"kmsg:{local[10:]}" not in judged:
+                v.judged = None  # judged now, not once healthy: not the same checks next time
                 self._kmsg(v, KernelLogCount(local[10:], None, 0, None, None))
             elif (
                 local.startswith("host.sxid:") and f"sxid:{local[10:]}" not in judged and local[10:].isdigit()
             ):
+                v.judged = None
                 said = cs.status == CRITICAL  # as it was judged while its line was in the samples
                 self._sxid(v, KernelLogCount("sxid", int(local[10:]), 0, said, None))
         window = max(cfg.kmsg_window, cfg.sxid_window)
