@@ -192,16 +192,20 @@ class HealthEngine:
         if frame.interval_s:
             hs.interval_s = frame.interval_s
         ts = frame.ts or now
-        gpu_checks = self.gpu
+        gpu_checks, gpus, quiet = self.gpu, hs.gpus, self.gpu.quiet_sample
         order = (frame.boot_id, frame.seq)  # its readings are older than this run's later events
         for g in frame.gpus:
-            gs = self._gpu(em, hs, g.index, g.uuid, now)
+            gs = gpus.get(g.index)  # (the GPU known in that slot: _gpu does nothing more)
+            if gs is None or (g.uuid and gs.uuid != g.uuid):
+                gs = self._gpu(em, hs, g.index, g.uuid, now)
             if gs.xids or gs.fatal_xids or gs.rma_until:
                 em.sample = None
                 n = len(em.out)
                 gpu_checks.expire(em, gs, gs.labels, now)
                 if len(em.out) != n:
                     gs.quiet = False
+            elif gs.quiet and quiet(gs, g, ts):  # what GpuChecks.sample does first, without the call
+                continue
             em.sample = order
             gpu_checks.sample(em, gs, gs.labels, g, ts)
         em.sample = None

@@ -124,9 +124,12 @@ class GpuChecks:
                 return False
         if g.ecc_dbe_volatile:
             return False
-        d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
-        if d and d * 60.0 / dt > cfg.ecc_sbe_rate_per_min:
-            return False
+        # a counter equal to the last sample's has delta 0 (or None): no call for it
+        new, old = g.ecc_sbe_volatile, prev.ecc_sbe_volatile
+        if new != old:
+            d = _delta(new, old)
+            if d and d * 60.0 / dt > cfg.ecc_sbe_rate_per_min:
+                return False
         if g.retired_pages_pending or g.remap_failure or g.remap_pending:
             return False
         if (g.retired_pages_sbe or 0) + (g.retired_pages_dbe or 0) >= cfg.retired_pages_critical:
@@ -139,13 +142,16 @@ class GpuChecks:
             reasons = gs.event_reasons
         if reasons & cfg.clock_event_mask:
             return False
-        if cfg.thermal_violation_warns and _delta(g.throttle_thermal_ns, prev.throttle_thermal_ns):
+        new, old = g.throttle_thermal_ns, prev.throttle_thermal_ns
+        if new != old and cfg.thermal_violation_warns and _delta(new, old):
             return False
-        d = _delta(g.pcie_replay_count, prev.pcie_replay_count)
-        if d:
-            expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, cfg.pcie_replay_factor)
-            if expected is not None and d * 60.0 / dt > expected:
-                return False
+        new, old = g.pcie_replay_count, prev.pcie_replay_count
+        if new != old:
+            d = _delta(new, old)
+            if d:
+                expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, cfg.pcie_replay_factor)
+                if expected is not None and d * 60.0 / dt > expected:
+                    return False
         total = g.nvlink_links_total
         if total:
             up = g.nvlink_links_up
@@ -197,14 +203,30 @@ class GpuChecks:
         new, old = g.ecc_dbe_aggregate, prev.ecc_dbe_aggregate
         if new is not None and old is not None and new > old:
             return False
-        if (g.retired_pages_sbe or g.retired_pages_dbe) and gpu_signals.retired_grew(g, prev):
+        sbe, dbe = g.retired_pages_sbe, g.retired_pages_dbe
+        if (
+            (sbe or dbe)
+            and (sbe != prev.retired_pages_sbe or dbe != prev.retired_pages_dbe)  # (grew only if so)
+            and gpu_signals.retired_grew(g, prev)
+        ):
             return False
-        if g.clock_sm_app_mhz and gpu_signals.sm_clock_low(cfg, g):
+        app, clk = g.clock_sm_app_mhz, g.clock_sm_mhz
+        if (
+            app
+            and clk is not None
+            and clk < app * cfg.sm_clock_low_pct / 100.0  # (low only if so)
+            and gpu_signals.sm_clock_low(cfg, g)
+        ):
             return False
         if g.fan_pct == 0 and t is not None and t >= cfg.fan_stall_temp_c:
             return False
         state = g.fabric_state
-        if state and cfg.fabric_check and not gpu_signals.fabric_ok(g):
+        if (
+            state
+            and cfg.fabric_check
+            and (state != gpu_signals.FABRIC_COMPLETED or g.fabric_status or g.fabric_health_mask)
+            and not gpu_signals.fabric_ok(g)  # (ok if completed, status 0 and no mask bit at all)
+        ):
             return False
         gs.last, gs.last_ts, gs.stale = g, ts, False
         return True

@@ -182,12 +182,19 @@ class HostChecks:
             return False
         cfg = self.cfg
         down_warns, max_errors, max_drops = cfg.nic_down_warns, cfg.nic_errors_per_min, cfg.nic_drops_per_min
+        if nics and (max_errors < 0 or max_drops < 0):  # (a rate of 0 would warn)
+            return False
         for n, o in zip(nics, olds, strict=True):
             if n.name != o.name or (n.up is False and down_warns):
                 return False
-            if _delta(n.rx_errors + n.tx_errors, o.rx_errors + o.tx_errors) * 60.0 / dt > max_errors:
+            # counters equal to the last sample's: a rate of 0, within the limits checked above
+            if (n.rx_errors != o.rx_errors or n.tx_errors != o.tx_errors) and _delta(
+                n.rx_errors + n.tx_errors, o.rx_errors + o.tx_errors
+            ) * 60.0 / dt > max_errors:
                 return False
-            if _delta(n.rx_drops + n.tx_drops, o.rx_drops + o.tx_drops) * 60.0 / dt > max_drops:
+            if (n.rx_drops != o.rx_drops or n.tx_drops != o.tx_drops) and _delta(
+                n.rx_drops + n.tx_drops, o.rx_drops + o.tx_drops
+            ) * 60.0 / dt > max_drops:
                 return False
         if not self.node.quiet(hs, s, prev):
             return False
