@@ -16,37 +16,25 @@ from hypothesis import strategies as st
 
 from collector.health import HealthEngine, HealthState, Observation, host
 from collector.health.config import HealthConfig, HealthSection, NodeThresholds
-from shared.frames import (
-    ClockSync,
-    DiskUsage,
-    GpuInfo,
-    IbPort,
-    InventoryFrame,
-    KernelLogCount,
-    ModuleState,
-    NicCounters,
-    SampleFrame,
-    ServiceState,
-    SystemSample,
-    replace,
-)
+from shared import frames as fr
+from shared.frames import replace
 from tests.support.health_dump import state_to_dict
 from tests.test_health_node_equiv import judge
 
 T0 = 1_700_000_000.0
-PORT = IbPort(
+PORT = fr.IbPort(
     device="mlx5_0", port=1, state="ACTIVE", phys_state="LinkUp", rate_gbps=400.0, link_layer="InfiniBand",
     symbol_error=0, link_downed=0,
 )  # fmt: skip
-BASE = SystemSample(
+BASE = fr.SystemSample(
     cpu_pct=10.0, cpu_count=8, load_5=1.0, mem_total_bytes=100, mem_available_bytes=50,
     swap_total_bytes=100, swap_used_bytes=10, fds_open=10, fds_max=100,
-    disks=(DiskUsage("/", 100, 10, 90, False, 100, 10), DiskUsage("/data", 100, 10, 90, None, 0, None)),
-    nics=(NicCounters("eth0", True), NicCounters("eth1", None)),
+    disks=(fr.DiskUsage("/", 100, 10, 90, False, 100, 10), fr.DiskUsage("/data", 100, 10, 90, None, 0, None)),
+    nics=(fr.NicCounters("eth0", True), fr.NicCounters("eth1", None)),
     ib_ports=(PORT, replace(PORT, port=2)),
-    modules=(ModuleState("nvidia", True),),
-    services=(ServiceState("nvidia-fabricmanager", "loaded", "active", "running"),),
-    clock=ClockSync(True, 0.001), dstate_procs=0,
+    modules=(fr.ModuleState("nvidia", True),),
+    services=(fr.ServiceState("nvidia-fabricmanager", "loaded", "active", "running"),),
+    clock=fr.ClockSync(True, 0.001), dstate_procs=0,
 )  # fmt: skip
 
 
@@ -56,7 +44,7 @@ def opt(s: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 PCT = st.one_of(st.integers(0, 100), st.sampled_from([49, 50, 51, 84, 85, 89, 90, 94, 95, 96, 97]))
 DISK = st.builds(
-    DiskUsage,
+    fr.DiskUsage,
     st.sampled_from(["/", "/data"]),
     st.sampled_from([0, 100]),
     PCT,
@@ -66,7 +54,7 @@ DISK = st.builds(
     opt(PCT),
 )
 NIC = st.builds(
-    NicCounters,
+    fr.NicCounters,
     st.sampled_from(["eth0", "eth1"]),
     opt(st.booleans()),
     st.just(None),
@@ -90,11 +78,11 @@ PORT_VARIANTS = (
 PORTS = st.sampled_from(PORT_VARIANTS)
 LOG_VARIANTS = (
     (),
-    (KernelLogCount("oom_kill", None, 1),),
-    (KernelLogCount("oom_kill", None, 2),),
-    (KernelLogCount("aer_corrected", None, 3),),
-    (KernelLogCount("sxid", 12028, 1, False),),
-    (KernelLogCount("oom_kill", None, 1), KernelLogCount("oom_kill", None, 0)),  # named twice
+    (fr.KernelLogCount("oom_kill", None, 1),),
+    (fr.KernelLogCount("oom_kill", None, 2),),
+    (fr.KernelLogCount("aer_corrected", None, 3),),
+    (fr.KernelLogCount("sxid", 12028, 1, False),),
+    (fr.KernelLogCount("oom_kill", None, 1), fr.KernelLogCount("oom_kill", None, 0)),  # named twice
 )
 LOG = st.sampled_from(LOG_VARIANTS)
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
@@ -110,12 +98,12 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "nics": st.lists(NIC, max_size=3).map(tuple),
     "ib_ports": PORTS,
     "kernel_log": LOG,
-    "modules": st.sampled_from([(), BASE.modules, (ModuleState("nvidia", False),)]),
+    "modules": st.sampled_from([(), BASE.modules, (fr.ModuleState("nvidia", False),)]),
     "services": st.sampled_from(
-        [(), BASE.services, (ServiceState("nvidia-fabricmanager", "loaded", "failed", "failed"),)]
+        [(), BASE.services, (fr.ServiceState("nvidia-fabricmanager", "loaded", "failed", "failed"),)]
     ),
     "clock": opt(
-        st.builds(ClockSync, opt(st.booleans()), opt(st.sampled_from([0.0, -0.09, 0.1, -0.5, 1.0, 3.0])))
+        st.builds(fr.ClockSync, opt(st.booleans()), opt(st.sampled_from([0.0, -0.09, 0.1, -0.5, 1.0, 3.0])))
     ),
     "dstate_procs": opt(st.sampled_from([0, 1, 10, 40])),
     # one field of one mount or interface (the same shape: the fast path still applies)
@@ -164,8 +152,8 @@ def run(
         ts += dt
         seq += 1
         if model is not None:
-            inv = InventoryFrame(
-                host="h", provider="p", boot_id="b", seq=seq, ts=ts, gpus=(GpuInfo(0, "G", model),)
+            inv = fr.InventoryFrame(
+                host="h", provider="p", boot_id="b", seq=seq, ts=ts, gpus=(fr.GpuInfo(0, "G", model),)
             )
             state, obs = engine.observe(state, inv, ts)
             out.append(obs)
@@ -181,7 +169,7 @@ def run(
                     s = replace(s, **{key + "s": tuple(items)})
             else:
                 s = replace(s, **{key: value})
-        frame = SampleFrame(host="h", provider="p", boot_id="b", seq=seq, ts=ts, interval_s=1.0, system=s)
+        frame = fr.SampleFrame(host="h", provider="p", boot_id="b", seq=seq, ts=ts, interval_s=1.0, system=s)
         state, obs = engine.observe(state, frame, ts)
         out.append((obs, state_to_dict(state)))  # every field but the memos, dates included
     return out
@@ -231,18 +219,18 @@ CASES: list[dict[str, Any]] = [
     *(_nic(1, tx_drops=x) for x in (16, 17)),
     *(_nic(i, up=x) for i in (0, 1) for x in (False, None, True)),
     {"nics": BASE.nics[::-1]},
-    {"nics": (*BASE.nics, NicCounters("eth2", True))},
+    {"nics": (*BASE.nics, fr.NicCounters("eth2", True))},
     {"nics": (BASE.nics[0], replace(BASE.nics[1], name="eth0"))},
     {"nics": ()},
     *({"ib_ports": p} for p in PORT_VARIANTS),
     *({"kernel_log": k} for k in LOG_VARIANTS),
     {"modules": ()},
-    {"modules": (ModuleState("nvidia", False),)},
+    {"modules": (fr.ModuleState("nvidia", False),)},
     {"services": ()},
-    {"services": (ServiceState("nvidia-fabricmanager", "loaded", "failed", "failed"),)},
-    {"services": (ServiceState("nvidia-fabricmanager", "masked", "inactive", "dead"),)},
-    *({"clock": ClockSync(True, x)} for x in (0.099, 0.1, -0.1, 1.0, None)),
-    *({"clock": ClockSync(x, 0.0)} for x in (False, None)),
+    {"services": (fr.ServiceState("nvidia-fabricmanager", "loaded", "failed", "failed"),)},
+    {"services": (fr.ServiceState("nvidia-fabricmanager", "masked", "inactive", "dead"),)},
+    *({"clock": fr.ClockSync(True, x)} for x in (0.099, 0.1, -0.1, 1.0, None)),
+    *({"clock": fr.ClockSync(x, 0.0)} for x in (False, None)),
     {"clock": None},
     *({"dstate_procs": x} for x in (1, 10, None)),
 ]
@@ -272,10 +260,9 @@ def test_each_change_to_a_quiet_host_gives_the_full_checks_verdicts(dt: float, h
             assert run(steps, True, config) == run(steps, False, config), (change, model)
 
 
-def test_quiet_samples_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A quiet host's samples take it (each dating its checks), then a problem ends it, and it
-    comes back once the checks are quiet again (the comparison above is not vacuous)."""
-    taken = []
+def count_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each call of the fast path answered, from now on."""
+    taken: list[bool] = []
     quiet = host.HostChecks._quiet
 
     def counted(self: host.HostChecks, *args: Any) -> bool:
@@ -284,6 +271,13 @@ def test_quiet_samples_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> No
         return r
 
     monkeypatch.setattr(host.HostChecks, "_quiet", counted)
+    return taken
+
+
+def test_quiet_samples_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet host's samples take it (each dating its checks), then a problem ends it, and it
+    comes back once the checks are quiet again (the comparison above is not vacuous)."""
+    taken = count_fast_path(monkeypatch)
     hot = {"cpu_pct": 99.0}
     steps = (
         [(1.0, {}, None)] * 6 + [(1.0, hot, None)] + [(1.0, {"cpu_pct": 10.0}, None)] + [(1.0, {}, None)] * 6
@@ -304,15 +298,7 @@ def test_node_fault_schedule_gives_the_same_verdicts_without_the_fast_path(
     """The simulated 8-GPU host's node faults (InfiniBand, SXids, kernel log, modules, services,
     clock, mounts, D state, CPU, disk) with the fast path (it ran on the quiet stretches) and
     without it."""
-    taken = []
-    quiet = host.HostChecks._quiet
-
-    def counted(self: host.HostChecks, *args: Any) -> bool:
-        r = quiet(self, *args)
-        taken.append(r)
-        return r
-
-    monkeypatch.setattr(host.HostChecks, "_quiet", counted)
+    taken = count_fast_path(monkeypatch)
     fast, state = judge()
     assert taken.count(True) > 30, taken.count(True)
     monkeypatch.setattr(host.HostChecks, "fast", False)

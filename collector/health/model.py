@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from collector.health.actions import action_for
 from collector.health.advice import ADVICE
@@ -390,16 +390,6 @@ class HostVerdicts(Verdicts):
         if j is not None:
             j.append(check_key(check, extra))
 
-    def bad(
-        self,
-        check: str,
-        status: str,
-        value: float | None,
-        summary: str,
-        advice: str | None = None,
-        *,
-        immediate: bool = False,
-        extra: Extra = (),
-    ) -> None:
+    def bad(self, *args: Any, **kwargs: Any) -> None:  # (Verdicts.bad's arguments)
         self.judged = None
-        Verdicts.bad(self, check, status, value, summary, advice, immediate=immediate, extra=extra)
+        Verdicts.bad(self, *args, **kwargs)
