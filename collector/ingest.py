@@ -226,6 +226,7 @@ class Ingest:
         self.source: BucketConsumers | None = None
         self.tokens: Callable[[], Mapping[int, int]] | None = None  # buckets held -> fencing token
         self.unbucketed: asyncio.Task[int] | None = None  # collector.group.rebucket
+        self.buckets = 1  # the group's buckets (group mode)
 
     async def setup_group(
         self, nc: NatsClient, buckets: int, tokens: Callable[[], Mapping[int, int]]
@@ -256,6 +257,7 @@ class Ingest:
         self.unbucketed = asyncio.create_task(
             rebucket.drain(js, self.cfg.collector.durable, self.cfg.collector.batch), name="rebucket"
         )
+        self.buckets = buckets
 
     async def _fetch(self, n: int, wait: float) -> list[Msg]:
         if self.source is not None:
@@ -335,11 +337,23 @@ class Ingest:
                 await self.flush_rollups(everything=True)
             await self.close()
 
+    def linger(self) -> float:
+        """How long a batch that is not full waits for more: ``linger``; in a group, ``linger``
+        times the group's buckets over the buckets this member holds (about the number of
+        members), at most ``max(linger, fetch_timeout)``: each member reads its share of the
+        frames, so its batches fill about as one collector's do and the group commits about as
+        many transactions a second as one collector, not as many per member."""
+        c = self.cfg.collector
+        if self.source is None or self.tokens is None:
+            return c.linger
+        held = len(self.tokens())
+        return min(c.linger * self.buckets / max(held, 1), max(c.linger, c.fetch_timeout))
+
     async def _linger(self, msgs: list[Msg]) -> list[Msg]:
-        """A batch that is not full waits ``linger`` for more, then takes what came (one fetch)."""
+        """A batch that is not full waits :meth:`linger` for more, then takes what came (one fetch)."""
         c = self.cfg.collector
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), c.linger)
+            await asyncio.wait_for(self._stop.wait(), self.linger())
         if self._stop.is_set():
             return msgs
         try:  # returns at once with what is there; waits briefly only when nothing came

@@ -171,3 +171,25 @@ async def test_pulls_are_asked_again_after_nats_restarts(
         assert time.monotonic() - t0 < HEARTBEAT
     finally:
         await source.close()
+
+
+async def test_a_member_lingers_for_its_share_of_the_buckets(tmp_path: Path, conns: Conns) -> None:
+    """A member holding a third of the buckets reads about a third of the frames: it lingers
+    about three times ``linger`` for a batch, so that the group commits about as often as one
+    collector (each member committing as often as one collector multiplied the transactions by
+    the members: 25 commits/s with three against 9 with one, bench/group_scale.py); never more
+    than ``fetch_timeout``, and a group of one lingers as one collector."""
+    member, _ = conns
+    cfg = load_toml(tmp_path, "postgresql://127.0.0.1:1/none", None, 'linger = "10ms"')  # fetch_timeout 100ms
+    held: dict[int, int] = dict.fromkeys(range(64), 1)
+    ingest = Ingest(cfg, writer=None)  # type: ignore[arg-type]  # (setup writes nothing)
+    assert ingest.linger() == pytest.approx(0.01)  # not a group member
+    await ingest.setup_group(member, 64, lambda: held)
+    try:
+        assert ingest.linger() == pytest.approx(0.01)
+        held = dict.fromkeys(range(21), 1)
+        assert ingest.linger() == pytest.approx(0.01 * 64 / 21)
+        held = {3: 1}
+        assert ingest.linger() == pytest.approx(cfg.collector.fetch_timeout)
+    finally:
+        await ingest.close()
