@@ -15,7 +15,7 @@ for ``BENCH_SCALE_SECONDS`` (default 30) are measured:
   the ``GPUWARDEN`` stream grew: the group's sum over the stream's is its read amplification
   (goal <= 1.2; with one member the same ratio is the protocol's own overhead);
 * the transactions PostgreSQL committed per second (``pg_stat_database``): each member commits
-  its own batches, of its share of the frames.
+  its own batches, of its share of the frames; and nats-server's CPU, in % of a core.
 
 First, on servers of its own (a fresh stream, so that no consumer replays the other's frames),
 the same fleet and window with one collector configured ``group = false``: the "group=false"
@@ -79,17 +79,19 @@ async def commits(dsn: str) -> int:
     return int(await fetchval(dsn, sql))
 
 
-def window(dsn: str, pg: Any, monitor: int, url: str, pids: list[int], members: int) -> dict[str, Any]:
+def window(dsn: str, pg: Any, ns: Any, monitor: int, pids: list[int], members: int) -> dict[str, Any]:
     """The figures of one row: ``WARMUP`` s, then ``WINDOW`` s measured."""
     time.sleep(WARMUP)
-    n0, b0, s0 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(url)
+    n0, b0, s0 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(ns.url)
     x0 = asyncio.run(commits(dsn))
     c0, p0, load0 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
+    q0 = tree_cpu(ns.proc.pid)
     t0 = time.monotonic()
     time.sleep(WINDOW)
     c1, p1, load1 = sum(tree_cpu(p) for p in pids), tree_cpu(pg.proc.pid), loadavg()
+    q1 = tree_cpu(ns.proc.pid)
     elapsed = time.monotonic() - t0
-    n1, b1, s1 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(url)
+    n1, b1, s1 = asyncio.run(gpu_samples(dsn)), collector_bytes(monitor), stream_bytes(ns.url)
     x1 = asyncio.run(commits(dsn))
     read = sorted((b1[k] - b0.get(k, 0) for k in b1), reverse=True)
     row = {
@@ -98,6 +100,7 @@ def window(dsn: str, pg: Any, monitor: int, url: str, pids: list[int], members: 
         "elapsed": elapsed,
         "collectors": c1 - c0,
         "postgres": p1 - p0,
+        "nats": q1 - q0,
         "read": read,
         "stream": s1 - s0,
         "commits": x1 - x0,
@@ -134,7 +137,7 @@ def measure(tmp: Path, pg: Any, ns: Any, monitor: int) -> list[dict[str, Any]]:
             if fleet is None:
                 fleet = spawn(*fleet_args(ns.url))
             if len(procs) in SIZES:
-                out.append(window(dsn, pg, monitor, ns.url, [p.pid for p in procs.values()], len(procs)))
+                out.append(window(dsn, pg, ns, monitor, [p.pid for p in procs.values()], len(procs)))
     finally:
         if fleet is not None:
             stop(fleet)
@@ -168,7 +171,7 @@ def measure_single(tmp: Path, pg: Any, ns: Any, monitor: int) -> dict[str, Any]:
     try:
         asyncio.run(consuming(ns.url))
         fleet = spawn(*fleet_args(ns.url))
-        return window(pg.dsn(), pg, monitor, ns.url, [proc.pid], 0)
+        return window(pg.dsn(), pg, ns, monitor, [proc.pid], 0)
     finally:
         if fleet is not None:
             stop(fleet)
@@ -201,7 +204,8 @@ def run() -> list[Row]:
                 f"{what}: CPU-us per GPU-sample, members + PostgreSQL (durable), {HOSTS}x{GPUS} GPUs",
                 f"{col + pgc:.0f} = collectors {col:.0f} + PostgreSQL {pgc:.0f}; {n:,} stored"
                 f" ({n / expected:.0%} of the fleet's) in {r['elapsed']:.0f} s;"
-                f" PostgreSQL {r['commits'] / r['elapsed']:.0f} commits/s; load {r['load']}",
+                f" PostgreSQL {r['commits'] / r['elapsed']:.0f} commits/s;"
+                f" nats-server {r['nats'] / r['elapsed']:.1%} of a core; load {r['load']}",
                 "flat with 1, 2, 3 members; a group of one within 5% of group=false",
             )
         )
