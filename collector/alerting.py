@@ -150,6 +150,15 @@ class Remote(Protocol):
 
     async def ack_incident(self, iid: str, by: str, until: float | None, comment: str) -> dict[str, Any]: ...
 
+    async def ack_members(
+        self,
+        iid: str,
+        members: Mapping[str, Mapping[str, str] | None],
+        by: str,
+        until: float | None,
+        comment: str,
+    ) -> int: ...
+
 
 class Remediation(Protocol):
     """What the runner asks of remediation (:class:`collector.remediation.service.Remediator`)."""
@@ -1014,7 +1023,27 @@ class Alerting:
         if inc is None or inc.closed_at is not None:
             raise KeyError(iid)
         await self._step([], self.clock(), [AckIncident(iid, by, until, comment)])
+        await self._ack_members(AckIncident(iid, by, until, comment))
         return self.views.incident_view(inc, self.alerts_state.by_fp)
+
+    async def _ack_members(self, cmd: AckIncident) -> None:
+        """A collector group: the incident acknowledged here (its holder) asks the owners of its
+        members on the other members' hosts (the alerts it folded, known from the fleet view) to
+        acknowledge them as its members, as one collector acknowledges every member at once."""
+        inc = self.alerts_state.incidents.get(cmd.incident)
+        if self.remote is None or self.fleet_view is None or inc is None or inc.closed_at is not None:
+            return
+        members: dict[str, Mapping[str, str] | None] = {}
+        for fp in inc.alerts:
+            if fp in self.alerts_state.by_fp:
+                continue  # its own: acknowledged by the command
+            a = self.fleet_view.alert(fp)
+            if a is None:
+                members[fp] = None  # (not in the view now: its labels are read from PostgreSQL)
+            elif a.state != "resolved" and a.ack_by is None:
+                members[fp] = a.labels
+        if members:
+            await self.remote.ack_members(inc.id, members, cmd.by, cmd.until, cmd.comment)
 
     async def ack(
         self, fingerprint: str, by: str, until: float | None = None, comment: str = ""
@@ -1061,6 +1090,9 @@ class Alerting:
         """A collector group's commands (silences, acknowledgements received by another member,
         :mod:`collector.group.commands`): applied in one step; True when the step is written."""
         await self._step([], self.clock(), commands)
+        for cmd in commands:  # an incident's: its members on the others' hosts (before it is done)
+            if isinstance(cmd, AckIncident):
+                await self._ack_members(cmd)
         return self._unsaved.empty() and not self.pg_down()
 
     def answer(self, kind: str, target: str) -> dict[str, Any] | None:

@@ -184,6 +184,24 @@ def test_ack_without_expiry_and_unack() -> None:
     assert [n.kind for n in notes] == ["escalated"]
 
 
+def test_an_ack_as_an_incidents_member_names_it_and_leaves_one_acknowledged_as_it_is() -> None:
+    """A collector group: the judge of an incident asks the owner of a member on its host to
+    acknowledge it as the incident's (``Ack(..., incident=)``), as ``AckIncident`` does on one
+    collector: only if not acknowledged yet."""
+    run = Run(make())
+    lost, other = ob("gpu.lost", "critical", imm=True), ob("gpu.lost", "critical", imm=True, gpu=1)
+    run(T0, lost, other)
+    run(T0 + 1, commands=(Ack(fp_of(other), "alice", comment="mine"),))
+    cmds = tuple(Ack(fp_of(o), "ops", None, "provider down", incident="inc-1") for o in (lost, other))
+    run(T0 + 2, commands=cmds)
+    a, b = run.state.by_fp[fp_of(lost)], run.state.by_fp[fp_of(other)]
+    assert (a.ack_by, a.ack_incident, a.ack_comment) == ("ops", "inc-1", "provider down")
+    assert (b.ack_by, b.ack_incident, b.ack_comment) == ("alice", None, "mine")  # as it was
+    assert run(T0 + 7200) == []  # neither escalates
+    run(T0 + 7201, commands=(Ack(fp_of(lost), "bob"),))  # acknowledged on its own: no incident
+    assert (a.ack_by, a.ack_incident) == ("bob", None)
+
+
 def test_severity_increase_reroutes() -> None:
     run = Run(make())
     run(T0, ob("gpu.temperature", "warning"))

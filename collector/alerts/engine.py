@@ -488,10 +488,10 @@ class AlertEngine:
         if a is None:
             return
         if isinstance(cmd, Ack):
-            if a.state == RESOLVED:
-                return
+            if a.state == RESOLVED or (cmd.incident is not None and a.ack_by is not None):
+                return  # (an incident's acknowledgement leaves one acknowledged already as it is)
             a.ack_by, a.ack_at, a.ack_until, a.ack_comment = cmd.by, ctx.now, cmd.until, cmd.comment
-            a.ack_incident = None
+            a.ack_incident = cmd.incident
             ctx.transition(a, "acknowledged")
         elif isinstance(cmd, Unack) and a.ack_by is not None:
             _clear_ack(a)

@@ -191,12 +191,17 @@ class Notification:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Acknowledge a pending or firing alert (optionally until ``until``): stops escalation."""
+    """Acknowledge a pending or firing alert (optionally until ``until``): stops escalation.
+
+    ``incident``: acknowledged as a member of that incident, which another member of a collector
+    group holds (its judge acknowledged it, :class:`AckIncident`, and asks the alert's owner):
+    applied only if not acknowledged yet, and ``Alert.ack_incident`` names the incident."""
 
     fingerprint: str
     by: str
     until: float | None = None
     comment: str = ""
+    incident: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,12 @@ acknowledgement left by a dead owner is applied by its taker. See docs/operation
 An acknowledgement on a member that does not own the alert is a request on the control
 subject: the owner answers once it has applied it (the alert's view), so the API answers as
 on the owner; with no owner at the moment (a takeover) the command waits in PostgreSQL.
+
+An incident's acknowledgement is applied by the incident's holder (a provider-wide one: its
+judge), which then asks the owners of its members on other members' hosts to acknowledge
+them as its members (:meth:`GroupCommands.ack_members`: an ``ack`` row naming the incident per
+alert), before its own command is marked done (a judge that dies in between leaves the
+command to its taker, which applies it again).
 """
 
 from __future__ import annotations
@@ -168,7 +174,7 @@ class GroupCommands:
                     held,
                 )
                 pending = await conn.fetch(
-                    "SELECT id, kind, target, bucket, by_name, until_at, comment,"
+                    "SELECT id, kind, target, bucket, by_name, until_at, comment, incident,"
                     " extract(epoch FROM created_at)::float8 AS at FROM group_commands"
                     " WHERE done_at IS NULL ORDER BY id"
                 )
@@ -279,6 +285,42 @@ class GroupCommands:
             raise KeyError(iid)
         return await self._ask("ack_incident", iid, bucket, by, until, comment, data)
 
+    async def ack_members(
+        self,
+        iid: str,
+        members: Mapping[str, Mapping[str, str] | None],
+        by: str,
+        until: float | None,
+        comment: str,
+    ) -> int:
+        """This member's incident ``iid`` was acknowledged: its ``members`` (fingerprint -> labels,
+        ``None`` when this member's view of the others lacks the alert: read from PostgreSQL)
+        that other members own are acknowledged by their owners as its members, each by an
+        ``ack`` command naming the incident (the owner leaves one acknowledged already as it is,
+        and one resolved). Durable before it returns; the owners are told at once (no answer is
+        waited for). The number of commands written."""
+        labels = {fp: dict(lb) for fp, lb in members.items() if lb is not None}
+        unknown = [fp for fp, lb in members.items() if lb is None]
+        async with self._acquire() as conn:
+            if unknown:
+                rows = await conn.fetch(
+                    "SELECT fingerprint, labels FROM alerts WHERE fingerprint = ANY($1::text[])"
+                    " AND state <> 'resolved'",
+                    unknown,
+                )
+                labels.update((r["fingerprint"], json.loads(r["labels"])) for r in rows)
+            cmds = [(fp, b) for fp, lb in labels.items() if (b := self.scope.of_labels(lb)) is not None]
+            if cmds:
+                await conn.executemany(
+                    "INSERT INTO group_commands (kind, target, bucket, by_name, until_at, comment, incident)"
+                    " VALUES ('ack', $1, $2, $3, $4, $5, $6)",
+                    [(fp, b, by, until, comment, iid) for fp, b in cmds],
+                )
+        if cmds:
+            await self.notify()
+            log.info("incident %s acknowledged: %d members on other members' hosts asked", iid, len(cmds))
+        return len(cmds)
+
     async def _ask(
         self,
         kind: str,
@@ -321,7 +363,7 @@ class GroupCommands:
 def _command(r: asyncpg.Record) -> m.Command:
     if r["kind"] == "ack_incident":
         return m.AckIncident(r["target"], r["by_name"], r["until_at"], r["comment"])
-    return m.Ack(r["target"], r["by_name"], r["until_at"], r["comment"])
+    return m.Ack(r["target"], r["by_name"], r["until_at"], r["comment"], r["incident"])
 
 
 def _holds(state: m.AlertState, r: asyncpg.Record) -> bool:
@@ -330,8 +372,11 @@ def _holds(state: m.AlertState, r: asyncpg.Record) -> bool:
 
 def _applied(state: m.AlertState, r: asyncpg.Record) -> bool:
     """Applied already (by this member, or by an owner that died before marking it done): an
-    alert acknowledged by the same name since the command was written."""
+    alert acknowledged by the same name since the command was written; for an incident's
+    member, acknowledged at all (it is acknowledged as the incident's only if it was not)."""
     if r["kind"] != "ack":
         return False
     a = state.by_fp.get(r["target"])
+    if a is not None and r["incident"] is not None:
+        return a.ack_by is not None
     return a is not None and a.ack_by == r["by_name"] and (a.ack_at or 0.0) >= r["at"] - 1.0
