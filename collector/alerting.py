@@ -139,6 +139,9 @@ class AlertViews(Protocol):
     def incident_view(self, inc: Incident, by_fp: Mapping[str, Alert]) -> dict[str, Any]: ...
 
 
+Asked = Mapping[str, Mapping[str, str] | None]  # an incident's members: fingerprint -> labels, if known
+
+
 class Remote(Protocol):
     """A collector group member's link to the others (:class:`collector.group.commands.GroupCommands`)."""
 
@@ -151,12 +154,7 @@ class Remote(Protocol):
     async def ack_incident(self, iid: str, by: str, until: float | None, comment: str) -> dict[str, Any]: ...
 
     async def ack_members(
-        self,
-        iid: str,
-        members: Mapping[str, Mapping[str, str] | None],
-        by: str,
-        until: float | None,
-        comment: str,
+        self, iid: str, members: Asked, by: str, until: float | None, comment: str
     ) -> int: ...
 
 

@@ -6,7 +6,6 @@ members, a real nats-server and PostgreSQL, a simulated fleet and a webhook rece
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,15 @@ from agent.fleet import Fleet, host_name
 from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
-from tests.support.collector import Receiver
-from tests.support.group import ALERTS, Members, group_config, hosts_of, split_in
+from tests.support.collector import Receiver, told
+from tests.support.group import hosts_of, three_members, write_access
 from tests.support.wait import until
 
 TOKEN = "group-ack-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 N = 60  # two providers of 30 hosts (provider-0: the even host numbers)
 WAVE1_AT, WAVE2_AT = 20, 80  # s after the fleet starts
-# A short escalation: a member told at t escalates at t + 20 s unless acknowledged.
-SETTINGS = f"""
+SETTINGS = """
 [alerts]
 provider_incident_min_hosts = 3
 group_wait = "4s"
@@ -35,35 +33,13 @@ group_interval = "5s"
 for = "2s"
 [health]
 stale_after = "60s"
-[api]
-named_tokens = ["ops={TOKEN}"]
-
-[[escalation.policy]]
-name = "all"
-match_re = {{ severity = ".*" }}
-levels = [{{ after = "0s", notify = ["hook"] }}, {{ after = "20s", notify = ["hook"] }}]
 """
-
-
-def notices(rx: Receiver) -> list[tuple[str, set[str]]]:
-    """(kind, hosts) of every webhook notification, once per delivery id: an alert's own names
-    its host; a provider incident's (first, update, escalation), the hosts it is about."""
-    out, seen = [], set()
-    for headers, raw, _ in rx.received:
-        key = headers.get("X-Gpuwarden-Delivery", "")
-        if key in seen:
-            continue
-        seen.add(key)
-        for a in json.loads(raw)["alerts"]:
-            ann = a["annotations"]
-            hosts = set(filter(None, ann.get("hosts", "").split(","))) or {a["labels"].get("host", "")}
-            out.append((ann["kind"], hosts))
-    return out
+API = write_access(TOKEN, "20s")  # a member told at t escalates at t + 20 s unless acknowledged
 
 
 def escalated(rx: Receiver) -> set[str]:
     """The hosts an escalation or repeat notice was about."""
-    return {h for kind, hosts in notices(rx) if kind in ("escalated", "repeat") for h in hosts}
+    return {h for kind, _, hosts in told(rx) if kind in ("escalated", "repeat") for h in hosts}
 
 
 async def disk_alert(http: aiohttp.ClientSession, port: int, host: str) -> dict[str, Any] | None:
@@ -84,83 +60,76 @@ async def test_an_incident_acknowledged_on_one_member_is_acknowledged_on_every_m
     not acknowledged, and its escalation (20 s after its update) shows that the first wave's
     would have come by then."""
     url = private_nats.url
-    async with Receiver() as rx:
-        config = group_config(tmp_path, pg_dsn, url, rx.url)
-        config.write_text(config.read_text().replace(ALERTS, SETTINGS))
-        group = Members(tmp_path, config, url)
+    async with (
+        Receiver() as rx,
+        three_members(tmp_path, pg_dsn, url, rx.url, API, SETTINGS) as (group, table),
+    ):
+        judge = table[bucket_of("provider-0", 64)]
+        asker = sorted({"m0", "m1", "m2"} - {judge})[0]  # the API call goes to a non-judge
+        mine = {m: [j for j in hosts_of(table, m, N) if j % 2 == 0] for m in ("m0", "m1", "m2")}
+        # wave 1: 3 of the provider's hosts on each member (9 of 30: over 20 %, none alone);
+        # wave 2: one more on each member, after the acknowledgement
+        wave1 = [j for m in ("m0", "m1", "m2") for j in mine[m][:3]]
+        wave2 = [mine[m][3] for m in ("m0", "m1", "m2") if len(mine[m]) > 3]
+        assert (len(wave1), len(wave2)) == (9, 3), table
+        names1, names2 = {host_name(i) for i in wave1}, {host_name(i) for i in wave2}
+        owner = {host_name(i): table[bucket_of(host_name(i), 64)] for i in wave1 + wave2}
+        faults = [f"{host_name(i)}:disk_full@{WAVE1_AT}s" for i in wave1]
+        faults += [f"{host_name(i)}:disk_full@{WAVE2_AT}s" for i in wave2]
+        nats_config = NatsConfig(servers=(url,))
+        fleet = Fleet(nats_config, hosts=N, gpus=1, providers=2, interval=1.0, faults=faults)
+        await fleet.start()
+        started = time.monotonic()
+        run = asyncio.create_task(fleet.run(duration=170))
         try:
-            for name in ("m0", "m1", "m2"):
-                group.start(name)
-            table = await split_in(url, {"m0", "m1", "m2"})
-            await group.listening()
-            judge = table[bucket_of("provider-0", 64)]
-            asker = sorted({"m0", "m1", "m2"} - {judge})[0]  # the API call goes to a non-judge
-            mine = {m: [j for j in hosts_of(table, m, N) if j % 2 == 0] for m in ("m0", "m1", "m2")}
-            # wave 1: 3 of the provider's hosts on each member (9 of 30: over 20 %, none alone);
-            # wave 2: one more on each member, after the acknowledgement
-            wave1 = [j for m in ("m0", "m1", "m2") for j in mine[m][:3]]
-            wave2 = [mine[m][3] for m in ("m0", "m1", "m2") if len(mine[m]) > 3]
-            assert (len(wave1), len(wave2)) == (9, 3), table
-            names1, names2 = {host_name(i) for i in wave1}, {host_name(i) for i in wave2}
-            owner = {host_name(i): table[bucket_of(host_name(i), 64)] for i in wave1 + wave2}
-            faults = [f"{host_name(i)}:disk_full@{WAVE1_AT}s" for i in wave1]
-            faults += [f"{host_name(i)}:disk_full@{WAVE2_AT}s" for i in wave2]
-            nats_config = NatsConfig(servers=(url,))
-            fleet = Fleet(nats_config, hosts=N, gpus=1, providers=2, interval=1.0, faults=faults)
-            await fleet.start()
-            started = time.monotonic()
-            run = asyncio.create_task(fleet.run(duration=170))
-            try:
-                await until(
-                    lambda: any(k == "provider_incident" for k, _ in notices(rx)),
-                    timeout=120,
-                    what="the provider incident paged",
-                )
-                async with aiohttp.ClientSession(headers=AUTH) as http:
-                    api = f"http://127.0.0.1:{group.ports[asker]}/api/v1"
-                    iid = ""
+            await until(
+                lambda: any(k == "provider_incident" for k, _, _ in told(rx)),
+                timeout=120,
+                what="the provider incident paged",
+            )
+            async with aiohttp.ClientSession(headers=AUTH) as http:
+                api = f"http://127.0.0.1:{group.ports[asker]}/api/v1"
+                iid = ""
 
-                    async def seen_by_asker() -> bool:  # the judge's incident, in the asker's view
-                        nonlocal iid
-                        async with http.get(f"{api}/incidents?open=true") as r:
-                            items = [i for i in (await r.json())["items"] if i["host"] is None]
-                        iid = items[0]["id"] if len(items) == 1 else ""
-                        return bool(iid)
+                async def seen_by_asker() -> bool:  # the judge's incident, in the asker's view
+                    nonlocal iid
+                    async with http.get(f"{api}/incidents?open=true") as r:
+                        items = [i for i in (await r.json())["items"] if i["host"] is None]
+                    iid = items[0]["id"] if len(items) == 1 else ""
+                    return bool(iid)
 
-                    await until(seen_by_asker, timeout=30, what="the incident in the asker's view")
-                    r = await http.post(f"{api}/incidents/{iid}/ack", json={"comment": "provider down"})
-                    assert r.status == 200, await r.text()
+                await until(seen_by_asker, timeout=30, what="the incident in the asker's view")
+                r = await http.post(f"{api}/incidents/{iid}/ack", json={"comment": "provider down"})
+                assert r.status == 200, await r.text()
 
-                    async def all_acknowledged() -> bool:  # by their owners, as the incident's
-                        for h in names1:
-                            a = await disk_alert(http, group.ports[owner[h]], h)
-                            if a is None or a["ack"] is None or a["ack"]["incident"] != iid:
-                                return False
-                        return True
-
-                    await until(all_acknowledged, timeout=40, what="wave 1 acknowledged on every member")
-                    acked_at = time.monotonic() - started
-                    assert acked_at < WAVE2_AT, f"acknowledged {acked_at:.0f} s in, after wave 2 began"
-                    assert not escalated(rx) & names1, notices(rx)
-                    # the control: wave 2 joins later, is not acknowledged and escalates
-                    await until(lambda: names2 <= escalated(rx), timeout=150, what="wave 2 escalated")
-                    for h in names2:
-                        a = await disk_alert(http, group.ports[owner[h]], h)
-                        assert a is not None, h
-                        assert a["ack"] is None, a  # joined after the acknowledgement
+                async def all_acknowledged() -> bool:  # by their owners, as the incident's
                     for h in names1:
                         a = await disk_alert(http, group.ports[owner[h]], h)
-                        assert a is not None, h
-                        assert a["ack"]["by"] == "ops", a
-            finally:
-                fleet.stop()
-                await run
-                await fleet.close()
+                        if a is None or a["ack"] is None or a["ack"]["incident"] != iid:
+                            return False
+                    return True
+
+                await until(all_acknowledged, timeout=40, what="wave 1 acknowledged on every member")
+                acked_at = time.monotonic() - started
+                assert acked_at < WAVE2_AT, f"acknowledged {acked_at:.0f} s in, after wave 2 began"
+                assert not escalated(rx) & names1, told(rx)
+                # the control: wave 2 joins later, is not acknowledged and escalates
+                await until(lambda: names2 <= escalated(rx), timeout=150, what="wave 2 escalated")
+                for h in names2:
+                    a = await disk_alert(http, group.ports[owner[h]], h)
+                    assert a is not None, h
+                    assert a["ack"] is None, a  # joined after the acknowledgement
+                for h in names1:
+                    a = await disk_alert(http, group.ports[owner[h]], h)
+                    assert a is not None, h
+                    assert a["ack"]["by"] == "ops", a
         finally:
-            group.stop_all()
-        pages = notices(rx)
-        assert [k for k, _ in pages].count("provider_incident") == 1, pages  # one incident, paged once
-        first = next(hs for k, hs in pages if k == "provider_incident")
-        assert len({owner[h] for h in first & names1}) >= 2, (first, table)  # hosts of several members
-        assert not escalated(rx) & names1, pages  # no escalation after the acknowledgement
-        assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
+            fleet.stop()
+            await run
+            await fleet.close()
+    pages = told(rx)
+    assert [k for k, _, _ in pages].count("provider_incident") == 1, pages  # one incident, paged once
+    first = next(hs for k, _, hs in pages if k == "provider_incident")
+    assert len({owner[h] for h in first & names1}) >= 2, (first, table)  # hosts of several members
+    assert not escalated(rx) & names1, pages  # no escalation after the acknowledgement
+    assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))

@@ -19,21 +19,13 @@ from agent.fleet import Fleet, host_name
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from tests.support.collector import Receiver
-from tests.support.group import hosts_of, three_members
+from tests.support.group import hosts_of, three_members, write_access
 from tests.support.wait import until
 
 TOKEN = "group-write-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HOSTS = 60
-EXTRA = f"""
-[api]
-named_tokens = ["ops={TOKEN}"]
-
-[[escalation.policy]]
-name = "all"
-match_re = {{ severity = ".*" }}
-levels = [{{ after = "0s", notify = ["hook"] }}, {{ after = "8s", notify = ["hook"] }}]
-"""
+EXTRA = write_access(TOKEN, "8s")
 
 
 def kinds(rx: Receiver, host: str) -> Counter[str]:

@@ -25,7 +25,7 @@ from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsCluster, NatsServer
 from shared.config import NatsConfig
 from tests.support.cluster import cluster_nats, publish_xid, published_keys, stored_at_least, stored_keys
-from tests.support.collector import Receiver, collector, webhook_toml, write_config
+from tests.support.collector import Receiver, collector, told, webhook_toml, write_config
 from tests.support.group import (
     ALERTS,
     Members,
@@ -463,22 +463,6 @@ async def test_a_provider_outage_across_members_is_one_incident_paged_once(
         assert len(named) >= 7, first  # more than 20 % of 30: hosts of more than one member
         assert len(owners_named) >= 2, (first, judge)
         assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
-
-
-def told(rx: Receiver) -> list[tuple[str, str, set[str]]]:
-    """(kind, rule, hosts) of every webhook notification received, once per delivery id: an
-    alert's own names its host; a provider incident's, the hosts it is about."""
-    out, seen = [], set()
-    for headers, raw, _ in rx.received:
-        key = headers.get("X-Gpuwarden-Delivery", "")
-        if key in seen:
-            continue
-        seen.add(key)
-        for a in json.loads(raw)["alerts"]:
-            ann, labels = a["annotations"], a["labels"]
-            hosts = set(filter(None, ann.get("hosts", "").split(","))) or {labels.get("host", "")}
-            out.append((ann["kind"], labels["alertname"], hosts))
-    return out
 
 
 @pytest.mark.timeout(500)

@@ -49,6 +49,7 @@ from shared.tasks import cancel_all
 log = logging.getLogger(__name__)
 
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+Asked = Mapping[str, Mapping[str, str] | None]  # an incident's members: fingerprint -> labels, if known
 GIVE_UP = 600.0  # s: a command whose alert its bucket's owner does not hold is dropped after it
 
 
@@ -285,14 +286,7 @@ class GroupCommands:
             raise KeyError(iid)
         return await self._ask("ack_incident", iid, bucket, by, until, comment, data)
 
-    async def ack_members(
-        self,
-        iid: str,
-        members: Mapping[str, Mapping[str, str] | None],
-        by: str,
-        until: float | None,
-        comment: str,
-    ) -> int:
+    async def ack_members(self, iid: str, members: Asked, by: str, until: float | None, comment: str) -> int:
         """This member's incident ``iid`` was acknowledged: its ``members`` (fingerprint -> labels,
         ``None`` when this member's view of the others lacks the alert: read from PostgreSQL)
         that other members own are acknowledged by their owners as its members, each by an

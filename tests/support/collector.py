@@ -128,3 +128,19 @@ async def jetstream(url: str) -> AsyncIterator[Any]:
 async def send(url: str, frames: list[Frame]) -> None:
     async with jetstream(url) as js:
         await publish(js, frames)
+
+
+def told(rx: Receiver) -> list[tuple[str, str, set[str]]]:
+    """(kind, rule, hosts) of every webhook notification received, once per delivery id: an
+    alert's own names its host; a provider incident's, the hosts it is about."""
+    out, seen = [], set()
+    for headers, raw, _ in rx.received:
+        key = headers.get("X-Gpuwarden-Delivery", "")
+        if key in seen:
+            continue
+        seen.add(key)
+        for a in json.loads(raw)["alerts"]:
+            ann, labels = a["annotations"], a["labels"]
+            hosts = set(filter(None, ann.get("hosts", "").split(","))) or {labels.get("host", "")}
+            out.append((ann["kind"], labels["alertname"], hosts))
+    return out

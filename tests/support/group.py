@@ -181,14 +181,29 @@ def hosts_of(table: dict[int, str], member: str, n: int) -> list[int]:
     return [i for i in range(n) if table[bucket_of(host_name(i), 64)] == member]
 
 
+def write_access(token: str, escalate_after: str) -> str:
+    """Configuration for members that take API writes (the token of ``ops``) and escalate every
+    alert: told on ``hook`` at once, escalated ``escalate_after`` later unless acknowledged."""
+    return f"""
+[api]
+named_tokens = ["ops={token}"]
+
+[[escalation.policy]]
+name = "all"
+match_re = {{ severity = ".*" }}
+levels = [{{ after = "0s", notify = ["hook"] }}, {{ after = "{escalate_after}", notify = ["hook"] }}]
+"""
+
+
 @contextlib.asynccontextmanager
 async def three_members(
-    tmp: Path, pg_dsn: str, url: str | list[str], hook: str, extra: str = ""
+    tmp: Path, pg_dsn: str, url: str | list[str], hook: str, extra: str = "", alerts: str = ALERTS
 ) -> AsyncIterator[tuple[Members, dict[int, str]]]:
-    """Members m0, m1 and m2 started (``extra``: more configuration), each holding its share of
-    the buckets (yielded with the table); every member is stopped on the way out."""
+    """Members m0, m1 and m2 started (``extra``: more configuration; ``alerts``: the [alerts]
+    and [health] tables instead of :data:`ALERTS`), each holding its share of the buckets
+    (yielded with the table); every member is stopped on the way out."""
     config = group_config(tmp, pg_dsn, url, hook)
-    config.write_text(config.read_text() + extra)
+    config.write_text(config.read_text().replace(ALERTS, alerts) + extra)
     group = Members(tmp, config, url)
     try:
         for name in ("m0", "m1", "m2"):
