@@ -50,11 +50,13 @@ async def disk_alert(http: aiohttp.ClientSession, port: int, host: str) -> dict[
 
 
 @pytest.mark.timeout(500)
+@pytest.mark.parametrize("on", ["another", "judge"])
 async def test_an_incident_acknowledged_on_one_member_is_acknowledged_on_every_member(
-    tmp_path: Path, pg_dsn: str, private_nats: NatsServer
+    tmp_path: Path, pg_dsn: str, private_nats: NatsServer, on: str
 ) -> None:
     """A provider's hosts on all three members fill their disks (critical): one provider
-    incident tells them all. It is acknowledged through a member that does not judge it; then
+    incident tells them all. It is acknowledged through a member that does not judge it (or,
+    ``judge``, through the judge's own API); then
     every member's alerts of it show acknowledged with the incident, and none escalates (20 s
     after being told, without the acknowledgement). A second wave joining the incident later is
     not acknowledged, and its escalation (20 s after its update) shows that the first wave's
@@ -65,7 +67,9 @@ async def test_an_incident_acknowledged_on_one_member_is_acknowledged_on_every_m
         three_members(tmp_path, pg_dsn, url, rx.url, API, SETTINGS) as (group, table),
     ):
         judge = table[bucket_of("provider-0", 64)]
-        asker = sorted({"m0", "m1", "m2"} - {judge})[0]  # the API call goes to a non-judge
+        # the API call goes to a member that does not judge the incident (it asks the judge
+        # through group_commands), or to the judge itself
+        asker = sorted({"m0", "m1", "m2"} - {judge})[0] if on == "another" else judge
         mine = {m: [j for j in hosts_of(table, m, N) if j % 2 == 0] for m in ("m0", "m1", "m2")}
         # wave 1: 3 of the provider's hosts on each member (9 of 30: over 20 %, none alone);
         # wave 2: one more on each member, after the acknowledgement
