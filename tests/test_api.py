@@ -303,6 +303,8 @@ async def test_the_incremental_rollup_matches_a_full_one(service: CollectorServi
     assert live.names("prov-a") == HOSTS["prov-a"]
 
 
+# a collector of their own beside the module's: its own database too (a second group writing
+# into the module's database would take the buckets' fencing tokens from the module's collector)
 def _config(tmp: Path, dsn: str, nats_url: str, listen: str) -> Any:
     (tmp / "c.toml").write_text(f'[collector]\nlisten = "{listen}"\ndurable = "srv{uuid.uuid4().hex[:8]}"\n')
     return load_collector_config(
@@ -311,10 +313,10 @@ def _config(tmp: Path, dsn: str, nats_url: str, listen: str) -> Any:
 
 
 async def test_the_service_serves_the_api_on_its_listen_address(
-    tmp_path: Path, module_dsn: str, module_nats: NatsServer
+    tmp_path: Path, pg_dsn: str, module_nats: NatsServer
 ) -> None:
     port = free_port()
-    svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"), api=True)
+    svc = CollectorService(_config(tmp_path, pg_dsn, module_nats.url, f"127.0.0.1:{port}"), api=True)
     api = svc.api
     assert api is not None
     await svc.startup()
@@ -331,13 +333,13 @@ async def test_the_service_serves_the_api_on_its_listen_address(
 
 
 async def test_a_busy_listen_port_is_a_clear_configuration_error(
-    tmp_path: Path, module_dsn: str, module_nats: NatsServer
+    tmp_path: Path, pg_dsn: str, module_nats: NatsServer
 ) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        svc = CollectorService(_config(tmp_path, module_dsn, module_nats.url, f"127.0.0.1:{port}"), api=True)
+        svc = CollectorService(_config(tmp_path, pg_dsn, module_nats.url, f"127.0.0.1:{port}"), api=True)
         try:
             with pytest.raises(ConfigError) as e:
                 await svc.startup()

@@ -245,3 +245,28 @@ def test_redact_hides_userinfo_of_every_url() -> None:
 
     assert redact("x https://a:b@h/p and nats://t0k@n:4222 y") == "x https://***@h/p and nats://***@n:4222 y"
     assert redact("https://h/p?x=a@b") == "https://h/p?x=a@b"
+
+
+def test_a_spool_is_taken_over_only_when_its_writer_is_gone(tmp_path: Path) -> None:
+    """A group member's spool is named after it, with its process id: the next run reads the
+    spools no live process holds (a previous run's, a dead member's, a lone collector's), not
+    those of members alive on the same host."""
+    from collector.notify.outbox import OutboxRow, Outcome, Spool  # noqa: PLC0415
+
+    def put(spool: Spool, key: str) -> None:
+        spool.append(OutboxRow(0, "hook", key, {}), Outcome("sent", 1, None, 1.0))
+
+    def keys(spool: Spool) -> list[str]:
+        return [row.key for row, _ in spool.read()]
+
+    put(Spool(tmp_path / "notify-spool-0.jsonl"), "lone")  # its writer is gone
+    live = Spool(tmp_path / "notify-spool-m1.jsonl")
+    put(live, "m1")
+    assert keys(live) == ["m1", "lone"]  # m1 holds its own spool from now on, and the one it took
+    starting = Spool(tmp_path / "notify-spool-m2.jsonl")
+    put(starting, "m2")
+    assert keys(starting) == ["m2"]  # m1 is alive: neither its spool nor the one it took
+    live.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notify-spool-m1.jsonl.lock", "notify-spool-m2.jsonl", "notify-spool-m2.jsonl.lock"
+    ]  # fmt: skip

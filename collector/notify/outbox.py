@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -74,11 +75,19 @@ class OutboxStore(Protocol):
 class Spool:
     """A local, append-only record of early deliveries and their outcomes (JSON lines), so that
     what was sent while PostgreSQL was down is written there once it is back, even after a
-    restart. Only touched while PostgreSQL is down; emptied once everything is recorded."""
+    restart. Only touched while PostgreSQL is down; emptied once everything is recorded.
+
+    A collector's spool is named after it (a group member's name has its process id, so a
+    restart has another name): :meth:`read` also takes the spools of the directory that no live
+    process holds (each holds a lock on ``<spool>.lock`` from its first read on), those of a
+    previous run of this collector or of a member that died, and :meth:`clear` removes them
+    once recorded."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.errors = 0
+        self._held: int | None = None  # the lock on this spool (while the process lives)
+        self._adopted: dict[Path, int] = {}  # spools of the dead read here -> their locks
 
     def append(self, row: OutboxRow, outcome: Outcome) -> None:
         if self.path is None:
@@ -98,10 +107,33 @@ class Spool:
             log.warning("notification spool %s not written (kept in memory only): %s", self.path, e)
 
     def read(self) -> list[tuple[OutboxRow, Outcome]]:
-        if self.path is None or not self.path.exists():
+        """This spool's entries and those of the spools nobody holds (see the class doc)."""
+        if self.path is None:
+            return []
+        out = self._entries(self.path)
+        try:
+            if self._held is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._held = _lock(self.path)
+            if self._held is None:
+                log.warning("notification spool %s is held by another process", self.path)
+                return out
+            for other in sorted(self.path.parent.glob("notify-spool-*.jsonl")):
+                if other == self.path or other in self._adopted:
+                    continue
+                fd = _lock(other)
+                if fd is not None:  # its writer is gone: recorded here
+                    self._adopted[other] = fd
+                    out += self._entries(other)
+        except OSError as e:
+            log.warning("notification spools in %s not all read: %s", self.path.parent, e)
+        return out
+
+    def _entries(self, path: Path) -> list[tuple[OutboxRow, Outcome]]:
+        if not path.exists():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 d = json.loads(line)
                 out.append(
@@ -111,13 +143,30 @@ class Spool:
                     )
                 )
             except (ValueError, KeyError, TypeError):
-                log.warning("notification spool %s: an unreadable line skipped", self.path)
+                log.warning("notification spool %s: an unreadable line skipped", path)
         return out
 
     def clear(self) -> None:
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        for other, fd in self._adopted.items():
+            for gone in (other, Path(f"{other}.lock")):
+                with contextlib.suppress(FileNotFoundError):
+                    gone.unlink()
+            os.close(fd)
+        self._adopted.clear()
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive lock on ``<path>.lock`` (its descriptor), or None when a live process has it."""
+    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Gate(Protocol):
