@@ -56,7 +56,7 @@ async def count(conn: asyncpg.Connection) -> int:
     return n
 
 
-def run_args(nats_url: str, dsn: str, group: bool = True) -> list[str]:
+def run_args(nats_url: str, dsn: str, group: bool) -> list[str]:
     return [
         "run",
         "--nats",
@@ -65,12 +65,12 @@ def run_args(nats_url: str, dsn: str, group: bool = True) -> list[str]:
         dsn,
         "--log-level",
         "WARNING",
-        *([] if group else ["--no-group"]),
+        "--group" if group else "--no-group",
     ]
 
 
 # alone: the single consumer's messages in the killed collector's hands come back after
-# ack_wait (shortened here); group (the default): the restarted member takes the buckets once
+# ack_wait (shortened here); group (--group): the restarted member takes the buckets once
 # the dead one's leases aged out and recreates their consumers at their floor (no ack_wait)
 @pytest.mark.parametrize(("mode", "ack_wait"), [("group", None), ("alone", "2s")], ids=["group", "alone"])
 async def test_sigkill_mid_stream_then_restart_stores_the_published_set(
@@ -171,7 +171,7 @@ async def test_sigterm_finishes_the_batch_and_exits_cleanly(
         assert sum(i.ack_floor.consumer_seq for i in infos) == stored
         assert stored + sum(i.num_ack_pending + i.num_pending for i in infos) == len(frames)
         if group:
-            proc = spawn(*run_args(private_nats.url, pg_dsn))  # the next member
+            proc = spawn(*run_args(private_nats.url, pg_dsn, group=True))  # the next member
             await until(lambda: _at_least(conn, len(frames)), timeout=20)
             keys = await stored_keys(conn)
             assert set(keys) == {(f.host, f.seq) for f in frames}
@@ -250,17 +250,17 @@ def test_config_file_env_and_flags(tmp_path: Path) -> None:
         load_collector_config(path, {})
 
 
-def test_the_group_is_the_default_and_one_per_durable(tmp_path: Path) -> None:
-    """Collectors with the same configuration form a group; the static partitions turn it off;
+def test_the_group_is_asked_for_and_one_per_durable(tmp_path: Path) -> None:
+    """A collector runs alone unless ``group`` is set; the static partitions refuse a group;
     each ``durable`` is a group of its own (its own KV bucket), so that deployments sharing one
     NATS do not join each other's group by accident."""
     path = tmp_path / "collector.toml"
     path.write_text("[collector]\n")
     c = load_collector_config(path, {}).collector
-    assert (c.group, c.durable, c.group_kv) == (True, "gpuwarden-collector", "gpuwarden-collector-group")
+    assert (c.group, c.durable, c.group_kv) == (False, "gpuwarden-collector", "gpuwarden-collector-group")
     c = load_collector_config(path, {}, {"collector.partitions": 2, "collector.partition": 1}).collector
     assert (c.group, c.partitions) == (False, 2)
-    assert load_collector_config(path, {}, {"collector.group": False}).collector.group is False
+    assert load_collector_config(path, {}, {"collector.group": True}).collector.group is True
     with pytest.raises(ConfigError, match="collector.group"):  # asked for both
         load_collector_config(path, {}, {"collector.group": True, "collector.partitions": 2})
     path.write_text('[collector]\ndurable = "site-b"\n')
@@ -270,7 +270,7 @@ def test_the_group_is_the_default_and_one_per_durable(tmp_path: Path) -> None:
     path.write_text('[collector]\ndurable = "site.b"\n')  # not a consumer's (nor a KV bucket's) name
     with pytest.raises(ConfigError, match="collector.durable"):
         load_collector_config(path, {})
-    path.write_text('[collector]\ngroup_kv = "a.b"\n')
+    path.write_text('[collector]\ngroup = true\ngroup_kv = "a.b"\n')
     with pytest.raises(ConfigError, match="collector.group_kv"):
         load_collector_config(path, {})
 

@@ -9,16 +9,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from collector.health import HealthEngine, HealthState
-from collector.health.gpu import GpuChecks
 from collector.health.model import HEALTHY
-from shared.frames import GpuSample, SampleFrame, replace
-from tests.support.frame_fixtures import judged_gpu
-
-T0 = 1_700_000_000.0
-# the temperature limits above the temperatures tried; the memory in units of 1 % (95: the threshold)
-BASE = judged_gpu(
-    0, "GPU-0", temp_slowdown_c=100.0, temp_shutdown_c=110.0, mem_used_bytes=10, mem_total_bytes=100
-)
+from tests.support.gpu_fastpath import T0, FullOnly, frame
 
 
 def opt(s: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -71,15 +63,6 @@ CHANGES = st.fixed_dictionaries(
         "nvlink_replay_by_link": st.sampled_from([(), (0, 0), (1, 0)]),
     },
 )
-
-
-class FullOnly(GpuChecks):
-    def quiet_sample(self, gs: Any, g: GpuSample, ts: float) -> bool:
-        return False
-
-
-def frame(ts: float, **kw: Any) -> SampleFrame:
-    return SampleFrame(host="n", provider="p", boot_id="b", seq=int(ts), ts=ts, gpus=(replace(BASE, **kw),))
 
 
 # each node signal alone at its threshold, so the two paths are compared on every one of them

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from collector.health import HealthEngine, HealthState
-from tests.test_health_fastpath import T0, FullOnly, frame
+from tests.support.gpu_fastpath import T0, FullOnly, frame
 
 # (the quiet GPU's readings, then the next sample's)
 CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [

@@ -19,7 +19,7 @@ from collector.health.config import HealthConfig, HealthSection, NodeThresholds
 from shared import frames as fr
 from shared.frames import replace
 from tests.support.health_dump import state_to_dict
-from tests.test_health_node_equiv import judge
+from tests.support.node_run import judge
 
 T0 = 1_700_000_000.0
 PORT = fr.IbPort(
@@ -175,7 +175,7 @@ def run(
     return out
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(STEP, min_size=5, max_size=40))
 def test_random_system_samples_give_the_full_checks_verdicts(
     steps: list[tuple[float, dict[str, Any], str | None]],
