@@ -18,7 +18,12 @@ from tests.support.wait import until
 
 
 def _config(tmp: Path, dsn: str, nats_url: str, kv: str, group: bool = True) -> CollectorConfig:
-    body = f'group = true\nbuckets = 16\nlease = "2s"\ngroup_kv = "{kv}"\nmember = "taker"\n' if group else ""
+    # group=False: a collector alone (the group is the default), whose sessions keep no timeout
+    body = (
+        f'group = true\nbuckets = 16\nlease = "2s"\ngroup_kv = "{kv}"\nmember = "taker"\n'
+        if group
+        else "group = false\n"
+    )
     return load_toml(tmp, dsn, nats_url, body)
 
 
