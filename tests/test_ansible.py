@@ -325,7 +325,8 @@ async def progress(js: JetStreamContext) -> tuple[int, int, int]:
     """(frames of our host in the stream, the stream's last sequence, highest stream sequence
     a collector consumer acked). The JetStream store outlives a test run, so the caller
     compares with a baseline."""
-    info = await js.stream_info(STREAM, subjects_filter=f"gpuwarden.v1.*.{PROVIDER}.localhost")
+    # (a group member's stream stores frames under their bucket: ``...localhost.<bucket>``)
+    info = await js.stream_info(STREAM, subjects_filter=f"gpuwarden.v1.*.{PROVIDER}.>")
     stored = sum((info.state.subjects or {}).values())
     consumers = await js.consumers_info(STREAM)
     acked = max((c.ack_floor.stream_seq for c in consumers if c.ack_floor), default=0)

@@ -4,6 +4,7 @@ PostgreSQL). The group of collector processes is tested in tests/test_group_e2e.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -363,7 +364,7 @@ async def test_frames_stored_before_the_transform_are_moved_under_their_buckets(
     the stream holds frames without a bucket token, which no bucket consumer reads. The group
     moves them under their buckets once, and every one is stored once."""
     cfg = write_config(tmp_path, pg_dsn, private_nats.url, "")
-    assert cfg.collector.group  # the default
+    cfg = dataclasses.replace(cfg, collector=dataclasses.replace(cfg.collector, group=True))
     nc = await nats.connect(private_nats.url)
     js = nc.jetstream()
     await stream.reconcile(js, cfg.nats)  # as an agent or a lone collector leaves it
