@@ -42,6 +42,8 @@ async def drain(js: JetStreamContext, durable: str, batch: int, wait: float = 1.
     while True:
         try:
             moved += await _drain(js, durable, batch, wait)
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+            return moved  # the collector is stopping: nothing to retry on this connection
         except (nats.errors.Error, TimeoutError) as e:
             log.warning("group: moving unbucketed frames failed (retrying): %s", e)
             await asyncio.sleep(1.0)
