@@ -54,11 +54,12 @@ from collector.alerts.model import (
     Incident,
     Notification,
     Outcome,
+    plain,
 )
 from collector.config import CollectorConfig
 from collector.group.fence import FencedError
 from collector.group.fleet import HANDOFF, FleetView
-from collector.group.scope import Scope
+from collector.group.scope import LOCAL, Scope
 from collector.group.store import Reload
 from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
@@ -324,9 +325,15 @@ class Alerting:
         escalation timers of a bucket thus move with it (docs/operations.md), and the GPU fault
         history the other members wrote is taken in. The health
         snapshots of the buckets still held are written in the same transaction as the alert
-        changes (:meth:`_flush`); a bucket just gained is not written before it is read back."""
+        changes (:meth:`_flush`); a bucket just gained is not written before it is read back.
+
+        What is no bucket's (the member's own alerts, the self-check's, and their incidents) is
+        kept as it is: no other member holds or restores it, and ``reload`` reads only the
+        buckets held. Dropped with the buckets, a firing self-alert
+        was forgotten and its resolution never told (a group of one through a NATS outage)."""
         if not self.store.available:
             return
+        assert self.scope is not None, "regroup: a collector group member's"
         async with self._lock, self._write_lock:
             try:
                 await self._flush(health=True)
@@ -335,8 +342,15 @@ class Alerting:
                     "alert state and health snapshot of buckets lost not written (their new owner has "
                     "them): %s", e,
                 )  # fmt: skip
-            self._unsaved = Changes()
+            self._unsaved = self._own_unsaved()
+            own = self._own_state()
             saved, health, rows = await reload()
+            saved = {
+                **saved,
+                "alerts": [*saved.get("alerts", ()), *own["alerts"]],
+                "incidents": [*saved.get("incidents", ()), *own["incidents"]],
+                "open_incidents": {**saved.get("open_incidents", {}), **own["open_incidents"]},
+            }
             history = self.health.history
             # the fault history as the other members wrote it (a gained bucket's boards: the
             # fatal XIDs and boots its previous owner recorded count for the next decision)
@@ -348,6 +362,26 @@ class Alerting:
         if rows:
             log.info("delivering %d notifications another member left pending", len(rows))
             self.deliverer.submit(rows)
+
+    def _own_unsaved(self) -> Changes:
+        """Of the changes not written, the member's own (written with the next step; the rest
+        is the buckets' lost, whose new owner has their state). Deletions are not kept: they
+        go by fingerprint in every partition, a lost bucket's included."""
+        assert self.scope is not None
+        own = self.scope.split(self._unsaved, self.alerts_state.incidents, ()).get(LOCAL, Changes())
+        own.deleted = set()
+        return own
+
+    def _own_state(self) -> dict[str, Any]:
+        """The alerts and incidents of no bucket (``AlertState.to_dict``'s keys), as held now."""
+        assert self.scope is not None
+        scope, st = self.scope, self.alerts_state
+        incidents = {i.id: i for i in st.incidents.values() if scope.of_incident(i) is None}
+        return {
+            "alerts": [plain(a) for a in st.alerts.values() if scope.of_labels(a.labels) is None],
+            "incidents": [plain(i) for i in incidents.values()],
+            "open_incidents": {slot: i for slot, i in st.open_incidents.items() if i in incidents},
+        }
 
     def restore(self, saved: dict[str, Any], health: dict[str, Any] | None, now: float) -> None:
         """Resume from the persisted state. Hosts that were not stale get a fresh

@@ -69,7 +69,6 @@ def build_runner(cfg: CollectorConfig, store: Any, **extra: Any) -> tuple[Alerti
         broadcaster=broadcaster,
         views=views,
         fleet=FleetState(),
-        nats_connected=lambda: True,  # the collector's own pipeline is fine (not impaired)
-        **extra,
+        **{"nats_connected": lambda: True, **extra},  # (unless told) the collector's own pipeline is fine
     )
     return runner, channel, broadcaster
