@@ -128,6 +128,8 @@ class AlertStore(Protocol):
 
     async def clear_forgotten(self, hosts: Collection[str]) -> None: ...
 
+    async def forgotten_hosts(self) -> set[str]: ...  # forgotten and not reported since
+
 
 class AlertViews(Protocol):
     """The JSON of alerts and incidents on the live stream and in command replies
@@ -157,6 +159,8 @@ class Remote(Protocol):
     async def ack_members(
         self, iid: str, members: Asked, by: str, until: float | None, comment: str
     ) -> int: ...
+
+    async def forget(self, host: str) -> dict[str, Any]: ...
 
 
 class Remediation(Protocol):
@@ -301,9 +305,7 @@ class Alerting:
         if saved.boards:
             log.info("GPU fault history restored: %d boards", len(saved.boards))
         self.forgotten = set(saved.forgotten)
-        for name in self.forgotten:  # the fleet state is rebuilt from every host ever stored
-            self.fleet.forget(name)
-            self.health_engine.forget(self.health, name)
+        self._drop_forgotten()  # the fleet state is rebuilt from every host ever stored
         spooled = self.spool.read()  # sent while PostgreSQL was down, before a restart
         if spooled:
             await self.store.record_early(spooled)
@@ -359,6 +361,10 @@ class Alerting:
             self._host_status = {}
             self.restore(saved, health, self.clock())
             self.health.history = history
+            # hosts another member forgot since this one started (a tombstone missed, or the
+            # forgetting owner gone before it told): not resurrected from the state read back
+            self.forgotten = await self.store.forgotten_hosts()
+            self._drop_forgotten()
         if rows:
             log.info("delivering %d notifications another member left pending", len(rows))
             self.deliverer.submit(rows)
@@ -382,6 +388,24 @@ class Alerting:
             "incidents": [plain(i) for i in incidents.values()],
             "open_incidents": {slot: i for slot, i in st.open_incidents.items() if i in incidents},
         }
+
+    def _drop_forgotten(self) -> None:
+        for name in self.forgotten:
+            self.fleet.forget(name)
+            self.health_engine.forget(self.health, name)
+            if self.fleet_view is not None:
+                self.fleet_view.forget(name)
+            self.on_forgotten(name)
+
+    def forgotten_elsewhere(self, host: str) -> None:
+        """A collector group: the owner of ``host``'s bucket says it was forgotten (its
+        summary's tombstone, :mod:`collector.group.fleet`): it leaves this member's fleet state
+        (rebuilt at start from every stored host) and is not expected here if its bucket moves."""
+        if self.mine(host):
+            return  # judged here: this member's own word (a late tombstone of its previous owner)
+        self.forgotten.add(host)
+        if self.fleet.forget(host):
+            self.on_forgotten(host)
 
     def restore(self, saved: dict[str, Any], health: dict[str, Any] | None, now: float) -> None:
         """Resume from the persisted state. Hosts that were not stale get a fresh
@@ -545,18 +569,27 @@ class Alerting:
         self.forgotten -= back
         log.info("forgotten hosts report again, as new hosts: %s", ", ".join(sorted(back)))
 
-    async def forget_host(self, host: str) -> dict[str, Any]:
+    async def forget_host(self, host: str, *, forward: bool = True) -> dict[str, Any]:
         """Forget ``host`` (``forget-host``, ``DELETE /api/v1/hosts/{host}``): it leaves the fleet
         and health state and the hosts the alert engine counts, its alerts resolve with reason
         ``forgotten``; its history stays in PostgreSQL. Raises ``KeyError`` for a host this
-        collector does not know, :class:`ConfigError` for one of another partition."""
+        collector does not know, :class:`ConfigError` for one of another partition. In a
+        collector group, a host of another member's bucket is forgotten by that member (a
+        ``forget`` group command; not with ``forward`` false: the command being applied)."""
         st = self.alerts_state
         alerts = [k for (_, h), keys in st.by_host.items() if h == host for k in keys]
         known = host in self.health.hosts or self.fleet.host(host) is not None or bool(alerts)
+        if not self.mine(host):
+            if forward and self.remote is not None:
+                seen = self.fleet_view is not None and self.fleet_view.host(host, True) is not None
+                if not (known or seen):
+                    raise KeyError(host)
+                return await self.remote.forget(host)  # its owner forgets it
+            if not known:
+                raise KeyError(host)
+            raise ConfigError("host", f"{host} belongs to another collector partition: ask that one")
         if not known:
             raise KeyError(host)
-        if not self.mine(host):
-            raise ConfigError("host", f"{host} belongs to another collector partition: ask that one")
         await self.store.mark_forgotten(host)
         self.forgotten.add(host)
         firing = sum(1 for k in alerts if st.alerts[k].state != "resolved")
@@ -564,6 +597,8 @@ class Alerting:
         provider = hs.provider if hs is not None else fs.provider if fs is not None else None
         self.health_engine.forget(self.health, host)
         self.fleet.forget(host)
+        if self.fleet_view is not None:  # a group: its own last summary row, read when not judged
+            self.fleet_view.forget(host)
         previous = self._host_status.pop(host, None)
         self.on_forgotten(host)
         await self._step([], self.clock(), [ForgetHost(host)])

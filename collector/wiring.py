@@ -239,7 +239,9 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         share = FleetShare(
             name, c.group_kv, c.group_refresh, lambda: nats.nc, member, scope, view, live,
             lambda: runner.alerts_state, state, broadcaster, runner.committed_incident,
+            lambda: runner.forgotten,
         )  # fmt: skip
+        view.on_forgotten = runner.forgotten_elsewhere  # the owner's tombstones
         live.remote = runner.fleet_view = view
         # provider-wide incidents are judged over the whole provider (by its bucket's holder)
         runner.provider_totals = lambda: {p: ph.hosts for p, ph in live.current().providers.items()}

@@ -107,6 +107,10 @@ class MemoryStore:
         self._check()
         self.forgotten -= set(hosts)
 
+    async def forgotten_hosts(self) -> set[str]:
+        self._check()
+        return set(self.forgotten)
+
     async def mark_sent(self, row_id: int, attempts: int) -> None:
         self._mark(row_id, "sent")
 

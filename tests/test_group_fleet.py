@@ -122,6 +122,30 @@ def test_a_newer_owner_replaces_the_old_and_a_late_message_of_the_old_is_ignored
     assert hh.via == "m2"
 
 
+def test_a_forgotten_host_is_a_tombstone_after_the_forget_and_in_every_whole_summary() -> None:
+    out, v = Outbox("m1"), view()
+    told: list[str] = []
+    v.on_forgotten = told.append
+    for s in send(out, HOSTS):
+        v.apply(decode(encode(s)), 0.0)
+    gone, rest = HOSTS[4], [h for h in HOSTS if h != HOSTS[4]]
+    tomb = {bucket(gone): frozenset({gone})}
+    msgs = out.messages(1.0, held_of(HOSTS), content(rest), {}, {}, False, tomb)
+    assert [h for s in msgs for h in s.forgotten] == [gone]
+    for s in msgs:
+        v.apply(decode(encode(s)), 1.0)
+    assert told == [gone]
+    assert gone not in v.names()
+    assert out.messages(2.0, held_of(HOSTS), content(rest), {}, {}, False, tomb) == []  # told once
+    whole = out.messages(3.0, held_of(HOSTS), content(rest), {}, {}, True, tomb)
+    assert [h for s in whole for h in s.forgotten] == [gone]  # a member that missed it hears again
+    # an older owner's tombstone is not taken (nor its content)
+    late = Summary(member="m0", at=4.0, held={bucket(HOSTS[5]): 1}, forgotten=[HOSTS[5]])
+    v.apply(late, 4.0)
+    assert told == [gone]
+    assert HOSTS[5] in v.names()
+
+
 def test_a_dead_members_hosts_stay_marked_stale_and_unknown() -> None:
     v = view()
     for s in send(Outbox("m1"), HOSTS):

@@ -395,7 +395,18 @@ PATHS: Final[dict[str, Schema]] = {
         ),
         "delete": op(
             "Forget a decommissioned host: its alerts resolve (reason forgotten), its history stays",
-            reply(obj({"host": STR, "forgotten": BOOL, "alerts_resolved": INT, "in_inventory": BOOL})),
+            reply(
+                obj(
+                    {
+                        "host": STR,
+                        "forgotten": BOOL,
+                        "alerts_resolved": INT,
+                        "in_inventory": BOOL,
+                        "forget_pending": BOOL,
+                    },
+                    ["host", "forgotten"],  # a group with no owner answering: forget_pending instead
+                )
+            ),
             [param("host", "path")],
             errors=(404, 409),
             write=True,

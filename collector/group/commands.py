@@ -44,6 +44,7 @@ from collector.config import CollectorConfig
 from collector.group.scope import Scope
 from collector.store import alerts as pg
 from collector.store import db
+from shared.errors import ConfigError
 from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class Runner(Protocol):
 
     async def apply(self, commands: Sequence[m.Command]) -> bool: ...  # True: written
 
+    async def forget_host(self, host: str, *, forward: bool = True) -> dict[str, Any]: ...
+
     def answer(self, kind: str, target: str) -> dict[str, Any] | None: ...  # the view, if held
 
 
@@ -95,6 +98,7 @@ class GroupCommands:
     _sub: Any = None
     _task: asyncio.Task[None] | None = None
     _kick: asyncio.Event = field(default_factory=asyncio.Event)
+    _forgot: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> the forget's answer
 
     @property
     def subject(self) -> str:
@@ -184,10 +188,13 @@ class GroupCommands:
             ]
             cmds += [m.ExpireSilence(r["id"]) for r in ended]
             mine = [r for r in pending if self.scope.owns(r["bucket"])]
+            forgets = [r for r in mine if r["kind"] == "forget"]
+            mine = [r for r in mine if r["kind"] != "forget"]
             cmds += [_command(r) for r in mine if not _applied(state, r)]
             self.sweeps += 1
-            if not cmds and not mine:
+            if not cmds and not mine and not forgets:
                 return
+            forgot = [r["id"] for r in forgets if await self._forget(r["target"])]
             written = await self.runner.apply(cmds) if cmds else True
             # done: applied to the alert (incident) held; not found (not restored yet, or gone)
             # it is tried again at the next sweeps, for ``GIVE_UP`` seconds
@@ -196,7 +203,9 @@ class GroupCommands:
                 r["id"] for r in mine
                 if self.scope.owns(r["bucket"]) and (_holds(holding, r) or now - r["at"] > GIVE_UP)
             ]  # fmt: skip
-            if written and done:
+            done = done if written else []
+            done += forgot
+            if done:
                 async with pool.acquire() as conn:
                     await conn.execute(
                         "UPDATE group_commands SET done_at = now(), done_by = $2"
@@ -222,9 +231,13 @@ class GroupCommands:
         try:
             ask = json.loads(msg.data)
             bucket = int(ask["bucket"])
-            view = (
-                self.runner.answer(str(ask["kind"]), str(ask["target"])) if self.scope.owns(bucket) else None
-            )
+            kind, target = str(ask["kind"]), str(ask["target"])
+            if not self.scope.owns(bucket):
+                view = None
+            elif kind == "forget":
+                view = self._forgot.get(target)
+            else:
+                view = self.runner.answer(kind, target)
         except (ValueError, KeyError, TypeError):
             return
         if view is not None:  # only the owner answers
@@ -315,6 +328,35 @@ class GroupCommands:
             log.info("incident %s acknowledged: %d members on other members' hosts asked", iid, len(cmds))
         return len(cmds)
 
+    async def forget(self, host: str) -> dict[str, Any]:
+        """Forget a host of another member's bucket: a ``forget`` command its owner applies
+        (``DELETE /api/v1/hosts/{host}`` on any member). The owner's answer; ``KeyError`` when
+        the owner does not know the host; with no owner answering within ``answer_within``
+        (a takeover), the command waits in PostgreSQL: ``forget_pending: true``."""
+        bucket = self.scope.bucket(host)
+        if bucket is None:
+            raise KeyError(host)
+        got = await self._ask("forget", host, bucket, "", None, "", {})
+        if got.get("error") == "not_found":
+            raise KeyError(host)
+        if got.pop("ack_pending", False):
+            return {"host": host, "forgotten": True, "forget_pending": True}
+        return got
+
+    async def _forget(self, host: str) -> bool:
+        """Apply a ``forget`` command of a bucket held: done (the host forgotten, or unknown
+        here), or not (its bucket moved meanwhile: left for its new owner)."""
+        try:
+            self._forgot[host] = await self.runner.forget_host(host, forward=False)
+        except KeyError:
+            self._forgot[host] = {"error": "not_found", "host": host}
+        except ConfigError:
+            return False
+        if len(self._forgot) > 1000:  # answers are asked for within seconds
+            self._forgot.pop(next(iter(self._forgot)))
+        log.info("host %s forgotten at another member's request", host)
+        return True
+
     async def _ask(
         self,
         kind: str,
@@ -343,7 +385,7 @@ class GroupCommands:
         view = (
             self.alert_view(m.Alert(**{**stored, "labels": dict(stored["labels"])}))
             if kind == "ack"
-            else stored
+            else dict(stored)
         )
         return {**view, "ack_pending": True}
 

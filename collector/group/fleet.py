@@ -76,6 +76,9 @@ class Summary(msgspec.Struct, kw_only=True, omit_defaults=True):
     incidents: list[dict[str, Any]] = []  # plain(Incident)
     incidents_gone: list[str] = []
     events: list[dict[str, Any]] = []  # live-stream events (docs/api.md), relayed as they are
+    # hosts forgotten (DELETE /api/v1/hosts/{host}) that have not reported since: tombstones, in
+    # the message of changes after the forget and in every whole summary of their bucket
+    forgotten: list[str] = []
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=str)
@@ -144,6 +147,8 @@ class FleetView:
         self.received = 0
         self.refused = 0  # bucket contents from a member whose token was older than the view's
         self._stale: set[int] = set()
+        # told each tombstone taken in (a forgotten host: it leaves the member's fleet state too)
+        self.on_forgotten: Callable[[str], None] = lambda _name: None
 
     # ------------------------------------------------------------------ in
 
@@ -169,13 +174,13 @@ class FleetView:
                 self._at(r.bucket).hosts[r.host] = r
                 changed.add(r.host)
         for name in s.hosts_gone:
-            hb = self.bucket_of(name)
-            if (
-                hb in ok
-                and (got := self.buckets.get(hb)) is not None
-                and got.hosts.pop(name, None) is not None
-            ):
+            if self.bucket_of(name) in ok and self.forget(name):
                 changed.add(name)
+        for name in s.forgotten:
+            if self.bucket_of(name) in ok:
+                self.forget(name)
+                changed.add(name)
+                self.on_forgotten(name)
         for d in s.alerts:
             ab = self.bucket_of(d.get("labels", {}).get("host") or "")
             if ab is not None and ab in ok:
@@ -194,6 +199,11 @@ class FleetView:
                 for iid in s.incidents_gone:
                     got.incidents.pop(iid, None)
         return changed
+
+    def forget(self, name: str) -> bool:
+        """Drop host ``name``'s row (gone from its bucket, or forgotten); False if none."""
+        got = self.buckets.get(self.bucket_of(name))  # type: ignore[arg-type]
+        return got is not None and got.hosts.pop(name, None) is not None
 
     def _at(self, b: int) -> _Bucket:
         got = self.buckets.get(b)
@@ -255,6 +265,7 @@ class _Sent:
     hosts: dict[str, HostRow] = field(default_factory=dict)
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
     incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    forgotten: frozenset[str] = frozenset()
 
 
 class Outbox:
@@ -274,8 +285,11 @@ class Outbox:
         alerts: Mapping[int, Mapping[str, Alert]],
         incidents: Mapping[int, Mapping[str, Incident]],
         full: bool,
+        forgotten: Mapping[int, frozenset[str]] | None = None,
     ) -> list[Summary]:
-        """``hosts``, ``alerts``, ``incidents``: the content of each held bucket now."""
+        """``hosts``, ``alerts``, ``incidents``: the content of each held bucket now;
+        ``forgotten``: each held bucket's hosts forgotten that have not reported since."""
+        forgotten = forgotten or {}
         out: list[Summary] = []
         for b in [b for b in self.sent if b not in held]:
             del self.sent[b]  # lost: its new owner speaks for it
@@ -286,9 +300,10 @@ class Outbox:
             now_hosts = hosts.get(b, {})
             now_alerts = {fp: plain(a) for fp, a in alerts.get(b, {}).items()}
             now_incs = {iid: plain(i) for iid, i in incidents.get(b, {}).items()}
+            now_gone = forgotten.get(b, frozenset())
             before = self.sent.get(b)
             if b in whole or before is None:
-                self.sent[b] = _Sent(dict(now_hosts), now_alerts, now_incs)
+                self.sent[b] = _Sent(dict(now_hosts), now_alerts, now_incs, now_gone)
                 continue
             n = _sizes(delta)
             delta.hosts += [r for h, r in now_hosts.items() if not r.same(before.hosts.get(h))]
@@ -297,6 +312,7 @@ class Outbox:
             delta.alerts_gone += [fp for fp in before.alerts if fp not in now_alerts]
             delta.incidents += [d for iid, d in now_incs.items() if before.incidents.get(iid) != d]
             delta.incidents_gone += [iid for iid in before.incidents if iid not in now_incs]
+            delta.forgotten += sorted(now_gone - before.forgotten)
             if n != _sizes(delta):
                 delta.held[b] = held[b]
             # what the others have now: a row's last_seen as last sent, until it changes
@@ -307,7 +323,7 @@ class Outbox:
                 fp: d if _changed(d, before.alerts.get(fp)) else before.alerts[fp]
                 for fp, d in now_alerts.items()
             }
-            self.sent[b] = _Sent(rows, kept, now_incs)
+            self.sent[b] = _Sent(rows, kept, now_incs, now_gone)
         out += _chunks(delta, self.events)
         self.events = []
         batch = Summary(member=self.member, at=now)
@@ -318,7 +334,8 @@ class Outbox:
             batch.hosts += s.hosts.values()
             batch.alerts += s.alerts.values()
             batch.incidents += s.incidents.values()
-            if max(len(batch.hosts), len(batch.alerts), len(batch.incidents)) >= MAX_ITEMS:
+            batch.forgotten += sorted(s.forgotten)
+            if max(len(getattr(batch, k)) for k in _WHOLE) >= MAX_ITEMS:
                 out.append(batch)
                 batch = Summary(member=self.member, at=now)
         if batch.full:
@@ -326,6 +343,7 @@ class Outbox:
         return out
 
 
+_WHOLE: Final = ("hosts", "alerts", "incidents", "forgotten")  # the lists of a whole summary
 _MOVING: Final = ("last_seen", "value")  # an active alert's, at every observation: not a change
 
 
@@ -335,7 +353,7 @@ def _changed(d: Mapping[str, Any], before: Mapping[str, Any] | None) -> bool:
     return any(v != before.get(k) for k, v in d.items() if k not in _MOVING)
 
 
-_LISTS: Final = ("hosts", "hosts_gone", "alerts", "alerts_gone", "incidents", "incidents_gone")
+_LISTS: Final = ("hosts", "hosts_gone", "alerts", "alerts_gone", "incidents", "incidents_gone", "forgotten")
 
 
 def _sizes(s: Summary) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -70,11 +70,13 @@ class FleetShare:
         fleet: FleetState,
         broadcaster: Broadcaster,
         committed: Callable[[Incident], Incident] = lambda inc: inc,
+        forgotten: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self.name, self.kv, self.refresh = name, kv, refresh
         self.nc, self.holder, self.scope, self.view = nc, holder, scope, view
         self.live, self.alerts, self.fleet, self.broadcaster = live, alerts, fleet, broadcaster
         self.committed = committed  # an incident as committed (what it says it told)
+        self.forgotten = forgotten  # hosts forgotten that have not reported since (tombstones)
         self.outbox = Outbox(name)
         self.sent_bytes = 0
         self.sent_messages = 0
@@ -200,8 +202,13 @@ class FleetShare:
         for inc in state.incidents.values():
             if (b := self.scope.of_incident(inc)) in held:
                 incidents.setdefault(b, {})[inc.id] = self.committed(inc)
+        gone: dict[int, set[str]] = {}
+        for name in self.forgotten():
+            if (b := self.scope.bucket(name)) in held:
+                gone.setdefault(b, set()).add(name)
+        forgotten = {b: frozenset(names) for b, names in gone.items()}
         nc = self.nc()
-        for s in self.outbox.messages(now, held, hosts, alerts, incidents, full):
+        for s in self.outbox.messages(now, held, hosts, alerts, incidents, full, forgotten):
             self.view.apply(s, now)  # its own word, kept for when it loses the bucket
             data = encode(s)
             if nc is not None and nc.is_connected:

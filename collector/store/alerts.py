@@ -367,6 +367,10 @@ class PgAlertStore:
         async with self._acquire() as conn:
             await clear_forgotten(conn, hosts)
 
+    async def forgotten_hosts(self) -> set[str]:
+        async with self._acquire() as conn:
+            return await forgotten_hosts(conn)
+
     async def mark_sent(self, row_id: int, attempts: int) -> None:
         async with self._acquire() as conn:
             await conn.execute(
