@@ -4,7 +4,8 @@ Real frames of every kind (built by the simulated agent backend and tests/frame_
 mutated by hypothesis: keys, values, types, containers, nesting, sizes, truncation, stray
 bytes, subjects. At least 10,000 cases go through ``collector.ingest.check`` (it never
 raises; each frame is accepted intact or rejected by a named reason) and at least 1,000
-through a running collector (real NATS and PostgreSQL): it never exits, every message is
+through a running collector (real NATS and PostgreSQL), a group of one and a collector alone
+(a group reads only the five-token subjects): it never exits, every message it reads is
 stored or rejected by a named reason, and its memory stays flat.
 """
 
@@ -372,8 +373,18 @@ def _heap() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
+def _read_by_a_group(subject: str) -> bool:
+    """A collector group reads the subjects agents publish on (``gpuwarden.v1.<kind>.<provider>.
+    <host>``, stored under the host's bucket); a message on a subject of another shape is
+    stored as published and read by no bucket's consumer (docs/ingest.md, "Partitions")."""
+    return subject.count(".") == 4
+
+
+# group: the default (a group of one), on the subjects it reads; alone: every subject, those of
+# other shapes included (one collector on the whole stream rejects them as bad_subject)
+@pytest.mark.parametrize("group", [True, False], ids=["group", "alone"])
 async def test_mutated_real_frames_through_a_running_collector(
-    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer, group: bool
 ) -> None:
     import time
 
@@ -384,11 +395,18 @@ async def test_mutated_real_frames_through_a_running_collector(
     boots = {f.boot_id for f in frames}
     all_cases = cases(frames, WARMUP_CASES + COLLECTOR_CASES)
     messages = []
+    warmup = 0
     for i, c in enumerate(all_cases):
         for boot in boots:
             c = _unique(c, i, boot)
-        messages.append((_publishable(c.subject), _bytes(c)))
-    cfg = config(pg_dsn, private_nats.url)
+        subject = _publishable(c.subject)
+        if group and not _read_by_a_group(subject):
+            continue
+        messages.append((subject, _bytes(c)))
+        warmup += i < WARMUP_CASES
+    assert len(messages) >= (WARMUP_CASES + COLLECTOR_CASES) * 9 // 10  # (the other shapes: few)
+    cfg = config(pg_dsn, private_nats.url, **{"collector.group": group})
+    assert cfg.collector.group is group
     svc = CollectorService(cfg)
     task = asyncio.create_task(svc.serve())
     await asyncio.wait_for(svc.started.wait(), 60)
@@ -406,11 +424,11 @@ async def test_mutated_real_frames_through_a_running_collector(
 
     tracemalloc.start()
     try:
-        for subject, data in messages[:WARMUP_CASES]:
+        for subject, data in messages[:warmup]:
             await js.publish(subject, data)
-        await until(done(WARMUP_CASES), timeout=120)
+        await until(done(warmup), timeout=120)
         heap0, rss0 = _heap(), proc.memory_info().rss
-        for subject, data in messages[WARMUP_CASES:]:
+        for subject, data in messages[warmup:]:
             await js.publish(subject, data)
         await until(done(len(messages)), timeout=300)
         heap1, rss1 = _heap(), proc.memory_info().rss
