@@ -21,6 +21,9 @@ import msgpack
 import nats
 import pytest
 
+from collector.config import DEFAULT_DURABLE
+from collector.group.assign import bucket_of
+from collector.group.consumers import consumer_name as bucket_consumer
 from collector.ingest import Ingest, Limits, check, consumer_name
 from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, free_port
@@ -169,11 +172,12 @@ async def _reasons(conn: asyncpg.Connection) -> Counter[str]:
 async def test_hostile_frames_against_the_running_collector(
     pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
 ) -> None:
-    """The collector process stays up, records each hostile frame by reason and ingests on."""
+    """The collector process stays up, records each hostile frame by reason and ingests on. It
+    runs as a group member (a group of one), reading rc-1's bucket through its consumer."""
     port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpuwarden-hardening-{os.getpid()}.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUWARDEN_COLLECTOR_ACK_WAIT": "2s"}
-    args = ["run", "--nats", private_nats.url, "--dsn", pg_dsn, "--listen", f"127.0.0.1:{port}"]
+    args = ["run", "--nats", private_nats.url, "--dsn", pg_dsn, "--listen", f"127.0.0.1:{port}", "--group"]
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -222,7 +226,7 @@ async def test_hostile_frames_against_the_running_collector(
         assert 'gpuwarden_collector_frames_rejected_total{reason="too_long"} 1.0' in text
         assert 'gpuwarden_collector_gpu_entries_rejected_total{reason="out_of_range"} 1.0' in text
         assert "gpuwarden_collector_frames_stored_total 14.0" in text
-        info = await js.consumer_info(STREAM, "gpuwarden-collector-0of1")
+        info = await js.consumer_info(STREAM, RC1_CONSUMER)
         assert info.num_ack_pending == 0  # every message acknowledged: nothing comes back
     finally:
         if proc.returncode is None:
@@ -236,9 +240,13 @@ async def test_hostile_frames_against_the_running_collector(
     assert proc.returncode == 0, log.read_text()
 
 
+# the consumer of rc-1's bucket (created once the member holds it, after the stream's transform)
+RC1_CONSUMER = bucket_consumer(DEFAULT_DURABLE, bucket_of("rc-1", 64))
+
+
 async def _consumer_exists(js: Any) -> bool:
     try:
-        await js.consumer_info(STREAM, "gpuwarden-collector-0of1")
+        await js.consumer_info(STREAM, RC1_CONSUMER)
     except nats.js.errors.NotFoundError:
         return False
     return True
