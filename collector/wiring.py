@@ -157,7 +157,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     share: FleetShare | None = None
     scope = Scope(c.buckets, lambda b: member is not None and member.owns(b), lambda: _tokens(member))
     store: PgAlertStore = (
-        GroupAlertStore(lambda: postgres.pool, scope)
+        GroupAlertStore(lambda: postgres.pool, scope, c.group_kv)
         if c.group
         else PgAlertStore(lambda: postgres.pool, c.partition)
     )
@@ -228,7 +228,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
         runner.remote = commands  # silences and acknowledgements group-wide, at once
         member.on_regrouped = commands.kick
         store.incidents = lambda: runner.alerts_state.incidents
-        deliverer.gate = ScopeGate(scope, lambda: postgres.pool, name)
+        deliverer.gate = ScopeGate(scope, lambda: postgres.pool, name, c.group_kv)
         nats.name = f"gpuwarden-collector-{name}"
         runner.self_labels = {"collector": name}
         spool = config.alerting.spool

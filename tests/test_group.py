@@ -208,21 +208,51 @@ async def test_a_renewal_answered_after_the_lease_lapsed_does_not_take_it_up_aga
 
 
 async def test_fencing_tokens(conn: asyncpg.Connection) -> None:
-    assert await fence.take(conn, 3, 10, "a")
+    assert await fence.take(conn, 3, 10, "a", group="g1")
     async with conn.transaction():
-        await fence.check(conn, {3: 10})
-    assert await fence.take(conn, 3, 12, "b")
-    assert not await fence.take(conn, 3, 11, "a")  # never lowered
+        await fence.check(conn, {3: 10}, group="g1")
+    assert await fence.take(conn, 3, 12, "b", group="g1")
+    assert not await fence.take(conn, 3, 11, "a", group="g1")  # never lowered
     with pytest.raises(fence.FencedError):
         async with conn.transaction():
-            await fence.check(conn, {3: 10})
+            await fence.check(conn, {3: 10}, group="g1")
     rid = await conn.fetchval(
         "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
         " VALUES (10003, 'hook', 'k1', '{}'::jsonb) RETURNING id"
     )
-    assert not await fence.claim(conn, rid, 3, 10, "a")
-    assert await fence.claim(conn, rid, 3, 12, "b")
+    assert not await fence.claim(conn, rid, 3, 10, "a", group="g1")
+    assert await fence.claim(conn, rid, 3, 12, "b", group="g1")
     assert await conn.fetchval("SELECT claimed_by FROM notification_outbox WHERE id = $1", rid) == "b"
+
+
+async def test_two_groups_in_one_database_keep_their_own_fencing_tokens(conn: asyncpg.Connection) -> None:
+    """Another group (another KV bucket) on the same bucket number neither lowers, raises nor
+    fences this one's token, and neither group claims the other's notifications."""
+    assert await fence.take(conn, 3, 50, "a", group="g1")
+    assert await fence.take(conn, 3, 7, "x", group="g2")  # a smaller revision of its own KV bucket
+    async with conn.transaction():
+        await fence.check(conn, {3: 50}, group="g1")
+        await fence.check(conn, {3: 7}, group="g2")
+    with pytest.raises(fence.FencedError):
+        async with conn.transaction():
+            await fence.check(conn, {3: 7}, group="g1")
+    rows = []
+    for key, group in (("k-g1", "g1"), ("k-g2", "g2")):
+        rid = await conn.fetchval(
+            "INSERT INTO notification_outbox (partition, channel, delivery_key, payload)"
+            " VALUES (10003, 'hook', $1, '{}'::jsonb) RETURNING id",
+            key,
+        )
+        await fence.own(conn, [rid], group)
+        rows.append(rid)
+    assert not await fence.claim(conn, rows[1], 3, 50, "a", group="g1")  # g2's row
+    assert not await fence.claim(conn, rows[0], 3, 7, "x", group="g2")  # g1's row
+    assert await fence.claim(conn, rows[0], 3, 50, "a", group="g1")
+    assert await fence.claim(conn, rows[1], 3, 7, "x", group="g2")
+    got = await conn.fetch(
+        "SELECT group_kv, member, token FROM group_fences WHERE bucket = 3 ORDER BY group_kv"
+    )
+    assert [tuple(r) for r in got] == [("g1", "a", 50), ("g2", "x", 7)]
 
 
 async def test_stream_setup_is_retried_when_the_cluster_answers_late(

@@ -46,7 +46,7 @@ class Member:
         self.held: dict[int, int] = {}
         self.pool, self.nc = pool, nc
         scope = Scope(64, lambda b: b in self.held, lambda: dict(self.held))
-        self.store = store = GroupAlertStore(lambda: pool, scope)
+        self.store = store = GroupAlertStore(lambda: pool, scope, "g")
         self.runner = runner = build_runner(cfg, store, scope=scope, on_fenced=self.fenced)[0]
         store.incidents = lambda: runner.alerts_state.incidents
         store.health = lambda: (runner.health, runner.health_engine.healthy_for)
@@ -58,7 +58,9 @@ class Member:
 
     async def take(self, conn: asyncpg.Connection, bucket: int, token: int) -> None:
         """As collector.group.member.GroupMember._gain: raise, restore, then consume."""
-        await fence.take(conn, bucket, token, "m")  # (raised already when the test raised it first)
+        await fence.take(
+            conn, bucket, token, "m", group="g"
+        )  # (raised already when the test raised it first)
         self.held[bucket] = token
         await self.runner.regroup(lambda: self.store.reload([bucket]))
         assert self.ingest.source is not None
@@ -85,12 +87,12 @@ class GatedChecks:
         self.calls = 0
         real = fence.check
 
-        async def check(conn: asyncpg.Connection, tokens: Mapping[int, int]) -> None:
+        async def check(conn: asyncpg.Connection, tokens: Mapping[int, int], *, group: str) -> None:
             i = self.calls
             self.calls += 1
             if i < len(self.gates):
                 await self.gates[i].wait()
-            await real(conn, tokens)
+            await real(conn, tokens, group=group)
 
         monkeypatch.setattr("collector.group.store.fence.check", check)
 
@@ -151,7 +153,7 @@ async def test_an_xid_judged_but_not_written_when_the_bucket_is_lost_is_paged_by
             await until(lambda: checks.calls == 1, what="the XID's write begun")
             assert a.xid_alerts(79) == ["firing"]  # judged, not written
             saving = asyncio.create_task(a.runner.save_health())  # the timer's snapshot
-            assert await fence.take(conn, BUCKET, 11, "b")  # taken: a's write is refused
+            assert await fence.take(conn, BUCKET, 11, "b", group="g")  # taken: a's write is refused
             checks.gates[0].set()
             await asyncio.gather(fast, saving)
         else:
@@ -164,7 +166,7 @@ async def test_an_xid_judged_but_not_written_when_the_bucket_is_lost_is_paged_by
             await until(lambda: a.xid_alerts(79) == ["firing"], what="the XID judged")
             checks.gates[0].set()  # the batch's step commits, with the bucket's health snapshot
             await until(lambda: checks.calls == 2, what="the XID's write begun")
-            assert await fence.take(conn, BUCKET, 11, "b")  # taken: a's write is refused
+            assert await fence.take(conn, BUCKET, 11, "b", group="g")  # taken: a's write is refused
             checks.gates[1].set()
             await asyncio.gather(batch, fast)
         assert BUCKET not in a.held  # fenced

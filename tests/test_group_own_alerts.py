@@ -38,13 +38,13 @@ async def test_a_self_alert_kept_through_losing_every_bucket_is_resolved_when_th
     held: dict[int, int] = {}
     scope = Scope(64, lambda b: b in held, lambda: dict(held))
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4)
-    store = GroupAlertStore(lambda: pool, scope)
+    store = GroupAlertStore(lambda: pool, scope, "g")
     connected = True
     runner, channel, _ = build_runner(cfg, store, scope=scope, nats_connected=lambda: connected)
     store.incidents = lambda: runner.alerts_state.incidents
     store.health = lambda: (runner.health, runner.health_engine.healthy_for)
     try:
-        assert await fence.take(conn, BUCKET, 1, "m")
+        assert await fence.take(conn, BUCKET, 1, "m", group="g")
         held[BUCKET] = 1
         await runner.start()
         connected = False  # the member's NATS connection is down
@@ -56,7 +56,7 @@ async def test_a_self_alert_kept_through_losing_every_bucket_is_resolved_when_th
         assert len(pipeline) == 1, "the member's own alert was dropped with the buckets"
 
         connected = True  # NATS is back; its buckets are taken again
-        assert await fence.take(conn, BUCKET, 2, "m")
+        assert await fence.take(conn, BUCKET, 2, "m", group="g")
         held[BUCKET] = 2
         await runner.regroup(lambda: store.reload([BUCKET]))
         await until(

@@ -233,7 +233,7 @@ async def test_a_bucket_taker_decides_with_the_history_its_previous_owner_wrote(
         for pool in pools:
             mine: dict[int, int] = {}
             scope = Scope(64, lambda b, m=mine: b in m, lambda m=mine: dict(m))  # type: ignore[misc]
-            store = GroupAlertStore(lambda p=pool: p, scope)  # type: ignore[misc]
+            store = GroupAlertStore(lambda p=pool: p, scope, "g")  # type: ignore[misc]
             runner = build_runner(cfg, store, scope=scope, on_fenced=lambda _: None)[0]
             store.incidents = lambda r=runner: r.alerts_state.incidents  # type: ignore[misc]
             store.health = lambda r=runner: (r.health, r.health_engine.healthy_for)  # type: ignore[misc]
@@ -241,7 +241,7 @@ async def test_a_bucket_taker_decides_with_the_history_its_previous_owner_wrote(
             held.append(mine)
 
         async def take(i: int, token: int) -> None:
-            await fence.take(conn, bucket, token, f"m{i}")
+            await fence.take(conn, bucket, token, f"m{i}", group="g")
             held[i][bucket] = token
             runner, store = runners[i]
             await runner.regroup(lambda: store.reload([bucket]))

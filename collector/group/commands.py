@@ -101,8 +101,13 @@ class GroupCommands:
     _forgot: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> the forget's answer
 
     @property
+    def group_kv(self) -> str:
+        """The group's identity: its commands in ``group_commands`` are its own (migration 0013)."""
+        return self.group.config.collector.group_kv
+
+    @property
     def subject(self) -> str:
-        return control_subject(self.group.config.collector.group_kv)
+        return control_subject(self.group_kv)
 
     @property
     def interval(self) -> float:
@@ -181,7 +186,8 @@ class GroupCommands:
                 pending = await conn.fetch(
                     "SELECT id, kind, target, bucket, by_name, until_at, comment, incident,"
                     " extract(epoch FROM created_at)::float8 AS at FROM group_commands"
-                    " WHERE done_at IS NULL ORDER BY id"
+                    " WHERE done_at IS NULL AND group_kv IN ($1, '') ORDER BY id",  # '': from before 0013
+                    self.group_kv,
                 )
             cmds: list[m.Command] = [
                 m.AddSilence(Silence.from_dict(d)) for d in active if d["id"] not in state.silences
@@ -319,9 +325,10 @@ class GroupCommands:
             cmds = [(fp, b) for fp, lb in labels.items() if (b := self.scope.of_labels(lb)) is not None]
             if cmds:
                 await conn.executemany(
-                    "INSERT INTO group_commands (kind, target, bucket, by_name, until_at, comment, incident)"
-                    " VALUES ('ack', $1, $2, $3, $4, $5, $6)",
-                    [(fp, b, by, until, comment, iid) for fp, b in cmds],
+                    "INSERT INTO group_commands"
+                    " (kind, target, bucket, by_name, until_at, comment, incident, group_kv)"
+                    " VALUES ('ack', $1, $2, $3, $4, $5, $6, $7)",
+                    [(fp, b, by, until, comment, iid, self.group_kv) for fp, b in cmds],
                 )
         if cmds:
             await self.notify()
@@ -369,9 +376,9 @@ class GroupCommands:
     ) -> dict[str, Any]:
         async with self._acquire() as conn:
             cid = await conn.fetchval(
-                "INSERT INTO group_commands (kind, target, bucket, by_name, until_at, comment)"
-                " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-                kind, target, bucket, by, until, comment,
+                "INSERT INTO group_commands (kind, target, bucket, by_name, until_at, comment, group_kv)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                kind, target, bucket, by, until, comment, self.group_kv,
             )  # fmt: skip
         ask = json.dumps({"id": cid, "kind": kind, "target": target, "bucket": bucket}).encode()
         nc = self.nc()

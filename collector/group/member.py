@@ -57,6 +57,11 @@ class GroupMember:
     _ratelog: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log, 60.0), init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
+    @property
+    def group_kv(self) -> str:
+        """The group's identity (its KV bucket): what its rows in PostgreSQL are scoped by."""
+        return self.config.collector.group_kv
+
     def owns(self, bucket: int) -> bool:
         return self.membership is not None and self.membership.owns(bucket)
 
@@ -127,7 +132,7 @@ class GroupMember:
                 for b, token in gained.items():
                     wait = max(deadline - loop.time(), 0.01)  # past the budget: only a free row
                     try:
-                        if not await fence.take(conn, b, token, self.name, wait=wait):
+                        if not await fence.take(conn, b, token, self.name, group=self.group_kv, wait=wait):
                             log.error(
                                 "bucket %d: PostgreSQL holds a newer fencing token than lease revision %d "
                                 "(was the group's KV bucket recreated? docs/operations.md)", b, token,

@@ -31,11 +31,12 @@ Reload = Callable[[], Awaitable[tuple[dict[str, Any], dict[str, Any] | None, lis
 
 class GroupAlertStore(pg.PgAlertStore):
     """``incidents()`` gives the runner's incidents (a provider-wide incident's bucket is its
-    first host's)."""
+    first host's); ``group``: the group's KV bucket (its fencing rows and outbox rows)."""
 
-    def __init__(self, pool: Callable[[], asyncpg.Pool | None], scope: Scope) -> None:
+    def __init__(self, pool: Callable[[], asyncpg.Pool | None], scope: Scope, group: str) -> None:
         super().__init__(pool, LOCAL)  # what is no bucket's (early rows, self-check) is LOCAL
         self.scope = scope
+        self.group = group
         self.incidents: Callable[[], Mapping[str, Incident]] = dict
         # bucket -> the fencing token its state was read back under (restore, reload): the runner
         # holds that bucket's health context only from then on, so its snapshot is written only
@@ -94,9 +95,10 @@ class GroupAlertStore(pg.PgAlertStore):
         snapshots = self._snapshots(*self.health(), restored) if self.health is not None and restored else {}
         rows: list[OutboxRow] = []
         async with self._acquire() as conn, conn.transaction():
-            await fence.check(conn, {b: tokens[b] for b in buckets | restored})
+            await fence.check(conn, {b: tokens[b] for b in buckets | restored}, group=self.group)
             for part, sub in parts.items():
                 rows += await pg.save(conn, part, sub, early)
+            await fence.own(conn, [r.id for r in rows], self.group)
             for part, data in snapshots.items():
                 await pg.save_health(conn, part, data)
             if landed:
@@ -118,7 +120,7 @@ class GroupAlertStore(pg.PgAlertStore):
         restored = self._restored(tokens)
         snapshots = self._snapshots(state, healthy_for, restored)
         async with self._acquire() as conn, conn.transaction():
-            await fence.check(conn, {b: tokens[b] for b in restored})
+            await fence.check(conn, {b: tokens[b] for b in restored}, group=self.group)
             for part, data in snapshots.items():
                 await pg.save_health(conn, part, data)
 
@@ -128,10 +130,13 @@ class ScopeGate:
     is claimed only with the bucket's current fencing token, and sent only while the lease
     holds on this member's clock; a host-less row (``LOCAL``) is this member's own."""
 
-    def __init__(self, scope: Scope, pool: Callable[[], asyncpg.Pool | None], member: str) -> None:
+    def __init__(
+        self, scope: Scope, pool: Callable[[], asyncpg.Pool | None], member: str, group: str
+    ) -> None:
         self.scope = scope
         self.pool = pool
         self.member = member
+        self.group = group
 
     async def claim(self, row: OutboxRow) -> bool:
         b = self.scope.of_payload(row.payload)
@@ -142,7 +147,7 @@ class ScopeGate:
         if token is None or pool is None:
             return False
         async with pool.acquire() as conn:
-            return await fence.claim(conn, row.id, b, token, self.member)
+            return await fence.claim(conn, row.id, b, token, self.member, group=self.group)
 
     def holds(self, row: OutboxRow) -> bool:
         b = self.scope.of_payload(row.payload)
