@@ -92,6 +92,7 @@ class Fleet:
         self.interval = interval
         self.event_poll_s = event_poll_s
         self.stats = FleetStats()
+        self.clock_started = 0.0  # set by start()
         self.publisher = Publisher(nats, name=f"gpuwarden-fleet {hosts}x{gpus}", workers=workers)
         self.hosts: list[SimHost] = []
         for i in range(hosts):
@@ -114,6 +115,9 @@ class Fleet:
 
     async def start(self) -> None:
         await self.publisher.start(wait=True)
+        # Unix time just before the first host's fault clock starts (each host's faults count
+        # from its own open, a little later on a busy machine): a test's scenario clock
+        self.clock_started = time.time()
         for h in self.hosts:
             self.open_backend(h)
             h.system.open()

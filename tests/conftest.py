@@ -18,18 +18,56 @@ if TYPE_CHECKING:
     import asyncpg
 
 
+# Modules whose tests share no module-scoped fixture and take up to a minute or two each: their
+# tests are spread over the workers one by one.
+PER_TEST = (
+    "tests/test_e2e_scenarios.py",
+    "tests/test_group_e2e.py",
+    "tests/test_group_ack_incident.py",
+    "tests/test_group_engines.py",
+)
+# What takes longest in a full run (``--durations``; 2026-11-29, a loaded 2-core machine: the
+# Ansible module's applies 600 s, the fuzz check 175 s, a group ack case 120 s, a group
+# end-to-end test 30-90 s, a scenario 20-70 s), longest first: started first, so that the run
+# does not end with one worker on a long module while the others wait. The rest follows in
+# xdist's order.
+LONGEST_FIRST = (
+    "tests/test_ansible.py",
+    "tests/test_fuzz_frames.py",
+    "tests/test_group_ack_incident.py",
+    "tests/test_group_e2e.py",
+    "tests/test_e2e_scenarios.py",
+    "tests/test_e2e_alerts.py",
+    "tests/test_group_engines.py",
+)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under pytest-xdist (``make test`` runs ``-n N``) a module's tests stay on one worker,
-    where its module-scoped servers, collectors and playbook applies are made once; only the
-    end-to-end scenarios, each with servers of its own and a timeline of up to a minute or
-    more, are spread over the workers one by one."""
+    where its module-scoped servers, collectors and playbook applies are made once; the tests
+    of ``PER_TEST`` modules are spread over the workers one by one, and ``LONGEST_FIRST``
+    goes first."""
     from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415 (only under xdist)
 
+    def rank(scope: str) -> int:
+        path = scope.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
     class ModuleScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        ordered = False
+
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return nodeid if path.endswith("test_e2e_scenarios.py") else path
+            return nodeid if path in PER_TEST else path
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if not self.ordered:  # the queue is complete before the first unit is assigned
+                self.ordered = True
+                units = sorted(self.workqueue.items(), key=lambda unit: rank(unit[0]))  # stable
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
 
     return ModuleScheduling(config, log)
 

@@ -152,7 +152,7 @@ async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> list[Told
         )
         try:
             await fleet.start()
-            t0 = time.time()  # the fault clocks started with fleet.start()
+            t0 = fleet.clock_started  # no later than any host's fault clock started
             run = asyncio.create_task(fleet.run())
             try:
                 for action in sc.actions:
