@@ -59,7 +59,7 @@ from collector.alerts.model import (
 from collector.config import CollectorConfig
 from collector.group.fence import FencedError
 from collector.group.fleet import HANDOFF, FleetView
-from collector.group.scope import LOCAL, Scope
+from collector.group.scope import Scope
 from collector.group.store import Reload
 from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
@@ -374,7 +374,9 @@ class Alerting:
         is the buckets' lost, whose new owner has their state). Deletions are not kept: they
         go by fingerprint in every partition, a lost bucket's included."""
         assert self.scope is not None
-        own = self.scope.split(self._unsaved, self.alerts_state.incidents, ()).get(LOCAL, Changes())
+        own = self.scope.split(self._unsaved, self.alerts_state.incidents, ()).get(
+            self.scope.local, Changes()
+        )
         own.deleted = set()
         return own
 

@@ -15,6 +15,7 @@ import pytest
 from agent.fleet import Fleet, host_name
 from collector.config import CollectorConfig
 from collector.group import fence
+from collector.group.scope import GROUP_STRIDE
 from collector.store import db
 from collector.wiring import build
 from gpuwarden.servers import NatsServer
@@ -176,8 +177,21 @@ async def test_two_groups_in_one_database_each_page_their_faults_and_neither_fen
     conn = await asyncpg.connect(pg_dsn)
     try:
         rows = await conn.fetch("SELECT group_kv, count(*) AS n FROM group_fences GROUP BY group_kv")
+        bases = {
+            r["group_kv"]: r["base"] for r in await conn.fetch("SELECT group_kv, base FROM collector_groups")
+        }
+        # each group's health snapshots in partitions of its own (base + bucket), 64 each
+        snapshots = {
+            kv: await conn.fetchval(
+                "SELECT count(*) FROM health_state WHERE partition BETWEEN $1 AND $1 + 63", base
+            )
+            for kv, base in bases.items()
+        }
     finally:
         await conn.close()
-    assert {r["group_kv"]: r["n"] for r in rows} == {c.collector.group_kv: 64 for c in cfgs}
+    kvs = [c.collector.group_kv for c in cfgs]
+    assert {r["group_kv"]: r["n"] for r in rows} == dict.fromkeys(kvs, 64)
+    assert sorted(bases.values()) == [10_000, 10_000 + GROUP_STRIDE], bases
+    assert snapshots == dict.fromkeys(kvs, 64)
     fenced = [r.getMessage() for r in caplog.records if "fenc" in r.getMessage().lower()]
     assert not fenced, fenced

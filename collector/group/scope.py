@@ -1,7 +1,8 @@
 """What a group member may judge, write and send: the buckets it holds, applied to alert state.
 
 The alert engine of a member holds the alerts of the hosts in its buckets. Its changes are
-written per bucket (PostgreSQL's ``partition`` column is ``GROUP_PARTITION_BASE + bucket``),
+written per bucket (PostgreSQL's ``partition`` column is the group's ``base + bucket``: the
+first group registered in a database has ``GROUP_PARTITION_BASE``, :func:`partition_base`),
 so that the member that takes a bucket over loads exactly that bucket's alerts, incidents,
 engine state, health snapshot and pending notifications. :meth:`Scope.split` cuts one step's
 changes by bucket and drops what belongs to a bucket this member no longer holds (it must not
@@ -18,7 +19,9 @@ unfenced, not restored by another member).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Final
+
+import asyncpg
 
 from collector.alerts.model import Incident
 from collector.group.assign import GROUP_PARTITION_BASE, bucket_of
@@ -26,11 +29,29 @@ from collector.store.alerts import Changes
 from shared.errors import SubjectError
 from shared.subjects import sanitize_token
 
-LOCAL = GROUP_PARTITION_BASE - 1  # the partition of a member's own (host-less) alerts
+LOCAL = GROUP_PARTITION_BASE - 1  # the partition of a member's own (host-less) alerts (the first group's)
+# partitions between two groups' bases: up to 1024 buckets ([collector] buckets) and LOCAL (base - 1)
+GROUP_STRIDE: Final = 2048
 
 
-def part_of(bucket: int) -> int:
-    return GROUP_PARTITION_BASE + bucket
+def part_of(bucket: int, base: int = GROUP_PARTITION_BASE) -> int:
+    return base + bucket
+
+
+async def partition_base(conn: asyncpg.Connection, group_kv: str) -> int:
+    """The group's first partition in this database (``collector_groups``, migration 0014),
+    registered at its first member's start: the first group gets ``GROUP_PARTITION_BASE`` (the
+    partitions every group used before), each next one ``GROUP_STRIDE`` above the last."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE collector_groups IN SHARE ROW EXCLUSIVE MODE")
+        got = await conn.fetchval("SELECT base FROM collector_groups WHERE group_kv = $1", group_kv)
+        if got is None:
+            got = await conn.fetchval(
+                "INSERT INTO collector_groups (group_kv, base)"
+                " SELECT $1, coalesce(max(base) + $2, $3) FROM collector_groups RETURNING base",
+                group_kv, GROUP_STRIDE, GROUP_PARTITION_BASE,
+            )  # fmt: skip
+    return int(got)
 
 
 class Scope:
@@ -43,6 +64,7 @@ class Scope:
         self.owns = owns
         self.tokens = tokens
         self.dropped = 0  # changes not written: their bucket was lost meanwhile
+        self.base = GROUP_PARTITION_BASE  # the group's partitions (partition_base, set at restore)
         self._cache: dict[str, int | None] = {}
 
     def bucket(self, host: str) -> int | None:
@@ -84,6 +106,15 @@ class Scope:
         b = self.bucket(provider)
         return b is not None and self.owns(b)
 
+    def part(self, bucket: int) -> int:
+        """The partition of ``bucket`` (the group's)."""
+        return self.base + bucket
+
+    @property
+    def local(self) -> int:
+        """The partition of what is no bucket's (the members' own alerts)."""
+        return self.base - 1
+
     def split(
         self, ch: Changes, state_incidents: Mapping[str, Incident], held: Iterable[int]
     ) -> dict[int, Changes]:
@@ -95,7 +126,7 @@ class Scope:
             if b is not None and b not in held:
                 self.dropped += 1
                 return None
-            part = LOCAL if b is None else part_of(b)
+            part = self.local if b is None else self.part(b)
             got = out.get(part)
             if got is None:
                 got = out[part] = Changes()
@@ -148,9 +179,9 @@ class Scope:
     def split_health(self, snapshot: Mapping[str, Any], buckets: Iterable[int]) -> dict[int, dict[str, Any]]:
         """Partition -> the snapshot of the hosts of ``buckets`` (one each, empty when none)."""
         held = set(buckets)
-        out: dict[int, dict[str, Any]] = {part_of(b): {"hosts": {}} for b in held}
+        out: dict[int, dict[str, Any]] = {self.part(b): {"hosts": {}} for b in held}
         for name, h in snapshot.get("hosts", {}).items():
             b = self.bucket(name)
             if b in held:
-                out[part_of(b)]["hosts"][name] = h
+                out[self.part(b)]["hosts"][name] = h
         return out

@@ -17,8 +17,7 @@ import asyncpg
 
 from collector.alerts.model import Incident
 from collector.group import fence
-from collector.group.assign import GROUP_PARTITION_BASE
-from collector.group.scope import LOCAL, Scope, part_of
+from collector.group.scope import LOCAL, Scope, partition_base
 from collector.health.codec import health_snapshot
 from collector.health.model import HealthState
 from collector.notify.outbox import Early, Landed, OutboxRow
@@ -45,8 +44,11 @@ class GroupAlertStore(pg.PgAlertStore):
         self.loaded: dict[int, int] = {}
 
     async def restore(self) -> pg.Restored:
+        async with self._acquire() as conn:  # the group's partitions, before anything is read
+            self.scope.base = await partition_base(conn, self.group)
+        self.partition = self.scope.local
         tokens = self.scope.tokens()
-        parts = [part_of(b) for b in sorted(tokens)]
+        parts = [self.scope.part(b) for b in sorted(tokens)]
         async with self._acquire() as conn:
             alerts, health = await pg.load(conn, parts)
             rows = await pg.pending(conn, parts)
@@ -62,8 +64,8 @@ class GroupAlertStore(pg.PgAlertStore):
         gained = sorted(gained)
         tokens = self.scope.tokens()
         async with self._acquire() as conn:
-            alerts, health = await pg.load(conn, [part_of(b) for b in sorted(tokens)])
-            rows = await pg.pending(conn, [part_of(b) for b in gained]) if gained else []
+            alerts, health = await pg.load(conn, [self.scope.part(b) for b in sorted(tokens)])
+            rows = await pg.pending(conn, [self.scope.part(b) for b in gained]) if gained else []
         self.loaded = dict(tokens)
         return alerts, health, rows
 
@@ -84,13 +86,12 @@ class GroupAlertStore(pg.PgAlertStore):
         buckets read back under the token they are held under get one (:attr:`loaded`)."""
         tokens = self.scope.tokens()
         parts = self.scope.split(ch, self.incidents(), tokens)
-        buckets = {p - GROUP_PARTITION_BASE for p in parts if p != LOCAL}
+        local, base = self.scope.local, self.scope.base
+        buckets = {p - base for p in parts if p != local}
         restored = self._restored(tokens)
         if not health:
             restored &= {
-                p - GROUP_PARTITION_BASE
-                for p, sub in parts.items()
-                if p != LOCAL and (sub.transitions or sub.deliveries)
+                p - base for p, sub in parts.items() if p != local and (sub.transitions or sub.deliveries)
             }
         snapshots = self._snapshots(*self.health(), restored) if self.health is not None and restored else {}
         rows: list[OutboxRow] = []
@@ -102,7 +103,7 @@ class GroupAlertStore(pg.PgAlertStore):
             for part, data in snapshots.items():
                 await pg.save_health(conn, part, data)
             if landed:
-                await pg.record_early(conn, LOCAL, landed)
+                await pg.record_early(conn, local, landed)
         return rows
 
     def _snapshots(
