@@ -63,6 +63,8 @@ def run_args(nats_url: str, dsn: str, group: bool) -> list[str]:
         nats_url,
         "--dsn",
         dsn,
+        "--listen",  # a port of its own (the default 8080 may be another collector's on this machine)
+        "127.0.0.1:0",
         "--log-level",
         "WARNING",
         "--group" if group else "--no-group",
