@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
+from collector.group import fence
 from collector.group.assign import bucket_of
+from collector.group.scope import Scope
+from collector.group.store import GroupAlertStore
 from gpuwarden.servers import NatsServer
-from tests.support.collector import Receiver, send
-from tests.support.group import split_in, three_members
+from tests.support.collector import Receiver, load_toml, send
+from tests.support.group import host_name_in_bucket, split_in, three_members
 from tests.support.records import sample
+from tests.support.runner import CONFIG as RUNNER_CONFIG
+from tests.support.runner import build_runner
 from tests.support.wait import until
 
 TOKEN = "group-forget-token"
@@ -138,3 +144,51 @@ async def test_a_host_forgotten_on_any_member_leaves_every_members_view_and_a_ta
         await send(url, [sample(gone_b, seq, time.time(), gpus=2)])
         await until_everywhere({gone_b, moved, keep}, survivors)
         assert "Traceback" not in "".join(group.log(m) for m in ("m0", "m1", "m2"))
+
+
+async def test_a_taker_reads_the_hosts_forgotten_elsewhere_from_postgresql_when_it_takes_buckets(
+    conn: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A member that missed the owner's tombstone (or whose owner died before it told) reads
+    the forgotten hosts again when it takes buckets: the health snapshot it restores, written
+    before the forget, does not bring the host back. One member's runner and store over real
+    PostgreSQL, its leases a dict (as in tests/test_group_own_alerts.py)."""
+    cfg = load_toml(tmp_path, pg_dsn, None, 'durable = "fgt"\n[alerting]\ntick = "100ms"\n' + RUNNER_CONFIG)
+    bucket = 9
+    host = host_name_in_bucket(bucket)
+    held: dict[int, int] = {}
+    scope = Scope(64, lambda b: b in held, lambda: dict(held))
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4)
+    store = GroupAlertStore(lambda: pool, scope, "g")
+    runner = build_runner(cfg, store, scope=scope)[0]
+    store.incidents = lambda: runner.alerts_state.incidents
+    store.health = lambda: (runner.health, runner.health_engine.healthy_for)
+    try:
+        await runner.start()
+        assert await fence.take(conn, bucket, 1, "m", group="g")
+        held[bucket] = 1
+        await runner.regroup(lambda: store.reload([bucket]))  # as GroupMember._gain
+        await runner.on_frames([sample(host, 1, time.time(), gpus=1)])
+        assert host in runner.health.hosts
+        await runner.save_health()  # the bucket's snapshot has the host
+        # another member held the bucket meanwhile and forgot the host; no tombstone came here
+        provider = await conn.fetchval("INSERT INTO providers (name) VALUES ('prov-a') RETURNING id")
+        await conn.execute(
+            "INSERT INTO hosts (name, provider_id, first_seen, last_seen, forgotten_at)"
+            " VALUES ($1, $2, now(), now(), now())",
+            host,
+            provider,
+        )
+        assert await fence.take(conn, bucket, 2, "m", group="g")
+        held[bucket] = 2
+        await runner.regroup(lambda: store.reload([bucket]))
+        assert host not in runner.health.hosts, "resurrected from the health snapshot"
+        assert host in runner.forgotten
+        # a frame brings it back, as a new host
+        await runner.on_frames([sample(host, 2, time.time(), gpus=1)])
+        assert host in runner.health.hosts
+        assert host not in runner.forgotten
+        assert await conn.fetchval("SELECT forgotten_at FROM hosts WHERE name = $1", host) is None
+    finally:
+        await runner.stop()
+        await pool.close()
