@@ -75,8 +75,6 @@ def run_args(nats_url: str, dsn: str, group: bool) -> list[str]:
         "--log-level",
         "WARNING",
         "--group" if group else "--no-group",
-        "--listen",  # not the default 0.0.0.0:8080: another collector (a test beside this one) may hold it
-        "127.0.0.1:0",
     ]
 
 
