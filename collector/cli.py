@@ -48,7 +48,7 @@ def run(
         bool | None,
         typer.Option(
             "--group/--no-group",
-            help="join the collector group (docs/operations.md); --no-group: run alone (the default)",
+            help="join the collector group (the default unless --partitions > 1); --no-group: run alone",
         ),
     ] = None,
     partitions: Annotated[

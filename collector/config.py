@@ -53,8 +53,9 @@ class CollectorSection:
     host_rate: float = num(20.0, 0, 1e6)  # frames/s one host may send (0: no limit); excess refused
     host_burst: int = num(25_000, 1, 10_000_000)  # at once: holds an agent's replay after an outage
     shutdown_timeout: float = dur("20s")
-    # a collector group (docs/operations.md): members share the hosts by leases in NATS
-    group: bool = False
+    # a collector group (docs/operations.md): members share the hosts by leases in NATS.
+    # Unset: a group unless the static partitions are asked for (partitions > 1).
+    group: bool | None = None
     buckets: int = num(64, 1, 1024)  # host buckets leased to members (fixed for a group)
     lease: float = dur("8s")  # a dead member's buckets are taken over after about this long
     group_kv: str = ""  # the JetStream key-value bucket of members and leases (unset: <durable>-group)
@@ -62,8 +63,10 @@ class CollectorSection:
     group_refresh: float = dur("10s")  # every member's whole summary, for the others' fleet view
 
     def __post_init__(self) -> None:
-        # one group per durable (collectors with distinct consumers on one stream never join
-        # each other's group)
+        # the defaults that depend on other keys: a group unless partitions > 1; one group per
+        # durable (collectors with distinct consumers on one stream never join each other's group)
+        if self.group is None:
+            object.__setattr__(self, "group", self.partitions == 1)
         if not self.group_kv:
             object.__setattr__(self, "group_kv", group_kv_of(self.durable))
 

@@ -292,17 +292,21 @@ def test_config_file_env_and_flags(tmp_path: Path) -> None:
         load_collector_config(path, {})
 
 
-def test_the_group_is_asked_for_and_one_per_durable(tmp_path: Path) -> None:
-    """A collector runs alone unless ``group`` is set; the static partitions refuse a group;
-    each ``durable`` is a group of its own (its own KV bucket), so that deployments sharing one
-    NATS do not join each other's group by accident."""
+def test_the_group_is_the_default_and_one_per_durable(tmp_path: Path) -> None:
+    """Collectors with the same configuration form a group (issue 13); the static partitions
+    turn it off, and refuse it asked for; ``group = false`` runs one alone; each ``durable`` is
+    a group of its own (its own KV bucket), so that deployments sharing one NATS do not join
+    each other's group by accident."""
     path = tmp_path / "collector.toml"
     path.write_text("[collector]\n")
     c = load_collector_config(path, {}).collector
-    assert (c.group, c.durable, c.group_kv) == (False, "gpuwarden-collector", "gpuwarden-collector-group")
+    assert (c.group, c.durable, c.group_kv) == (True, "gpuwarden-collector", "gpuwarden-collector-group")
     c = load_collector_config(path, {}, {"collector.partitions": 2, "collector.partition": 1}).collector
     assert (c.group, c.partitions) == (False, 2)
-    assert load_collector_config(path, {}, {"collector.group": True}).collector.group is True
+    assert load_collector_config(path, {}, {"collector.group": False}).collector.group is False
+    path.write_text("[collector]\ngroup = false\n")
+    assert load_collector_config(path, {}).collector.group is False
+    path.write_text("[collector]\n")
     with pytest.raises(ConfigError, match="collector.group"):  # asked for both
         load_collector_config(path, {}, {"collector.group": True, "collector.partitions": 2})
     path.write_text('[collector]\ndurable = "site-b"\n')
