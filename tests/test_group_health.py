@@ -220,3 +220,47 @@ async def test_a_partitions_store_writes_the_snapshot_taken_with_the_changes(
         await pool.close()
     data = json.loads(await conn.fetchval("SELECT data FROM health_state WHERE partition = 3"))
     assert data["hosts"]["r-01"]["recent_events"] == [7]
+
+
+async def test_a_released_bucket_is_not_read_back_nor_judged_by_the_member_that_released_it(
+    conn: asyncpg.Connection, pg_dsn: str, private_nats: NatsServer, tmp_path: Path
+) -> None:
+    """A rebalance releases a bucket while its lease is still held (``Membership.round`` calls
+    ``on_loss`` first, so that the bucket's state is written under its lease): the member writes
+    it, but must not read it back. Before, ``GroupMember._loss`` reloaded the state of every
+    bucket still held, the released one too: the runner kept judging its hosts, fed by nobody,
+    and raised host.unreachable, gpu.stale and an incident for healthy hosts another member
+    judged (never written nor published, but on this member's API, and judged every tick:
+    bench/group_scale.py's members that had released buckets carried them)."""
+    from collector.group.member import GroupMember
+
+    cfg = load_toml(tmp_path, pg_dsn, private_nats.url, CONFIG)
+    kept, released = host_name_in_bucket(BUCKET), host_name_in_bucket(BUCKET + 1)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4)
+    nc = await nats.connect(private_nats.url)
+    m = Member(cfg, pool, nc)
+    member = GroupMember(cfg, "m", lambda: nc, lambda: pool, m.store, m.runner, source=lambda: None)
+    try:
+        for b in (BUCKET, BUCKET + 1):
+            assert await fence.take(conn, b, 10, "m", group="g")
+            m.held[b] = 10
+        await m.runner.regroup(lambda: m.store.reload([BUCKET, BUCKET + 1]))
+        t0 = time.time()
+        await m.runner.on_frames([sample(kept, 1, t0, gpus=2), sample(released, 1, t0, gpus=2)])
+        assert {kept, released} <= set(m.runner.health.hosts)
+
+        await member._loss(frozenset({BUCKET + 1}))  # released: still held while it is written
+        del m.held[BUCKET + 1]
+        saved = await conn.fetchval("SELECT data FROM health_state WHERE partition = $1", part_of(BUCKET + 1))
+        assert released in json.loads(saved)["hosts"], "the released bucket's state was not written"
+        assert kept in m.runner.health.hosts
+        assert released not in m.runner.health.hosts, "the released bucket's hosts were read back"
+
+        await m.runner.on_frames([sample(kept, 2, t0 + 30, gpus=2)])
+        await m.runner.tick(t0 + 30)  # past stale_after for a host no frame came for
+        hosts = {a.labels.get("host") for a in m.runner.alerts_state.alerts.values()}
+        assert released not in hosts, "the member judged the hosts of a bucket it released"
+    finally:
+        await m.close()
+        await nc.close()
+        await pool.close()

@@ -160,9 +160,12 @@ class GroupMember:
         return untaken
 
     async def _loss(self, lost: frozenset[int]) -> None:
-        """Buckets released or lost: stop consuming them, then drop their state (written first)."""
+        """Buckets released or lost: stop consuming them, then drop their state (written first).
+        A bucket released (a rebalance) is still held while this runs: its state is written
+        under its lease, and not read back (``dropped``): the runner would otherwise go on
+        judging its hosts, unfed (host.unreachable, gpu.stale), and never write or publish it."""
         self.settled -= lost
         source = self.source()
         if source is not None:
             await asyncio.gather(*(source.stop(b) for b in sorted(lost)))
-        await self.runner.regroup(lambda: self.store.reload(()))
+        await self.runner.regroup(lambda: self.store.reload((), dropped=lost))

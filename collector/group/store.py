@@ -58,11 +58,14 @@ class GroupAlertStore(pg.PgAlertStore):
         return pg.Restored(alerts, health, rows, forgotten, boards)
 
     async def reload(
-        self, gained: Iterable[int]
+        self, gained: Iterable[int], dropped: Iterable[int] = ()
     ) -> tuple[dict[str, Any], dict[str, Any] | None, list[OutboxRow]]:
-        """The state of the buckets held now, and the gained buckets' pending notifications."""
+        """The state of the buckets held now, less ``dropped`` (buckets being released: their
+        leases are still held while their state is written, not to be read back), and the
+        gained buckets' pending notifications."""
         gained = sorted(gained)
-        tokens = self.scope.tokens()
+        dropped = set(dropped)
+        tokens = {b: t for b, t in self.scope.tokens().items() if b not in dropped}
         async with self._acquire() as conn:
             alerts, health = await pg.load(conn, [self.scope.part(b) for b in sorted(tokens)])
             rows = await pg.pending(conn, [self.scope.part(b) for b in gained]) if gained else []
