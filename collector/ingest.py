@@ -44,6 +44,7 @@ from tenacity import (
 from collector import stream
 from collector.config import CollectorConfig
 from collector.group import rebucket
+from collector.group.assign import bucket_of
 from collector.group.consumers import BucketConsumers, bucket_of_subject
 from collector.ratelimit import RATE_LIMITED, HostRateLimit
 from collector.static import StaticFacts
@@ -83,6 +84,7 @@ class Limits:
     max_bytes: int
     oldest_ts: float  # frames older than this would land in a dropped partition
     newest_ts: float  # frames newer than this are from a broken clock
+    buckets: int = 0  # a group's buckets: a subject's bucket token must be its host's (0: unchecked)
 
 
 def check(subject: str, data: bytes, limits: Limits, stream_seq: int | None = None) -> Accepted | Rejection:
@@ -109,8 +111,9 @@ def _check(subject: str, data: bytes, limits: Limits, stream_seq: int | None) ->
     def reject(reason: str, fld: str | None, message: str) -> Rejection:
         return Rejection(subject, reason, fld, len(data), bytes(data[:HEAD_BYTES]), stream_seq, message)
 
+    bare = strip_bucket(subject)
     try:
-        parsed = parse_subject(strip_bucket(subject))
+        parsed = parse_subject(bare)
     except SubjectError as e:
         return reject("bad_subject", None, str(e))
     for name, token in (("host", parsed.host), ("provider", parsed.provider)):
@@ -120,6 +123,15 @@ def _check(subject: str, data: bytes, limits: Limits, stream_seq: int | None) ->
             canonical = False
         if not canonical:
             return reject("bad_subject", name, f"subject {name} token {token[:80]!r} is not canonical")
+    if limits.buckets and len(bare) != len(subject):  # a group's stored subject: <host>.<bucket>
+        token, want = subject[len(bare) + 1 :], bucket_of(parsed.host, limits.buckets)
+        if token != str(want):  # published under another bucket: its holder is not the host's owner
+            host = parsed.host[:80]
+            return reject(
+                "bad_subject",
+                "bucket",
+                f"bucket token {token[:20]} is not host {host!r}'s: {want} of {limits.buckets}",
+            )
     try:
         frame, dropped = decode_partial(data, limits.max_bytes)
     except FrameDecodeError as e:
@@ -401,6 +413,7 @@ class Ingest:
             max_bytes=self.cfg.collector.max_frame_bytes,
             oldest_ts=now - pg.retention_days * 86400.0,
             newest_ts=now + pg.partitions_ahead * 86400.0,
+            buckets=self.buckets if self.source is not None else 0,
         )
 
     async def process(self, msgs: Sequence[Msg]) -> WriteResult | None:

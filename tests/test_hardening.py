@@ -226,8 +226,9 @@ async def test_hostile_frames_against_the_running_collector(
         assert 'gpuwarden_collector_frames_rejected_total{reason="too_long"} 1.0' in text
         assert 'gpuwarden_collector_gpu_entries_rejected_total{reason="out_of_range"} 1.0' in text
         assert "gpuwarden_collector_frames_stored_total 14.0" in text
-        info = await js.consumer_info(STREAM, RC1_CONSUMER)
-        assert info.num_ack_pending == 0  # every message acknowledged: nothing comes back
+        # every message acknowledged: nothing comes back (a member acknowledges after judging,
+        # which may end after the counts above are out)
+        await until(lambda: _all_acked(js, RC1_CONSUMER), timeout=60)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -250,6 +251,79 @@ async def _consumer_exists(js: Any) -> bool:
     except nats.js.errors.NotFoundError:
         return False
     return True
+
+
+# ----------------------------------------------------------------------------- a bucket token not the host's
+
+
+def test_a_bucket_token_that_is_not_the_hosts_bucket_is_rejected() -> None:
+    grouped = Limits(max_bytes=1 << 20, oldest_ts=0.0, newest_ts=2e9, buckets=64)
+    data = encode(sample("h-1", 1, 1.7e9))
+    mine = bucket_of("h-1", 64)
+    subject = f"{sample_subject('prov-a', 'h-1')}.{mine}"
+    assert type(check(subject, data, grouped)) is Accepted
+    for token in ((mine + 1) % 64, f"0{mine}"):  # another bucket; the same number spelled otherwise
+        r = check(f"{sample_subject('prov-a', 'h-1')}.{token}", data, grouped, 5)
+        assert type(r) is Rejection
+        assert (r.reason, r.field, r.stream_seq) == ("bad_subject", "bucket", 5)
+        assert f": {mine} of 64" in r.message
+    # a collector alone (no buckets) reads any stored form of a frame's subject
+    assert type(check(f"{sample_subject('prov-a', 'h-1')}.{(mine + 1) % 64}", data, LIMITS)) is Accepted
+
+
+async def test_a_frame_published_under_another_hosts_bucket_is_rejected_by_that_buckets_holder(
+    pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
+) -> None:
+    """A six-token subject published directly (not stored under its bucket by the stream's
+    transform) reaches the holder of the bucket it names; when that is not its host's bucket the
+    holder rejects it (counted, logged, recorded) instead of storing and judging another
+    member's host, and acknowledges it."""
+    from collector.service import CollectorService
+
+    cfg = config(pg_dsn, private_nats.url)  # a group of one (the default)
+    svc = CollectorService(cfg)
+    task = asyncio.create_task(svc.serve())
+    await asyncio.wait_for(svc.started.wait(), 60)
+    nc = await nats.connect(private_nats.url)
+    now = time.time()
+    right = bucket_of("mb-1", 64)
+    wrong = (right + 1) % 64
+    try:
+        js = nc.jetstream()
+        assert svc.ingest.source is not None  # a group member
+        # newer and of a higher sequence than the host's own frame: judged, it would be current
+        await js.publish(
+            f"{sample_subject('prov-a', 'mb-1')}.{wrong}", encode(sample("mb-1", 9, now - 1, gpus=1))
+        )
+        await publish(js, [sample("mb-1", 2, now - 5, gpus=1)])  # stored under bucket `right`
+        await until(lambda: _count(conn, "rejected_frames", 1), timeout=60)
+        await until(lambda: _count(conn, "host_samples", 1), timeout=60)
+        row = await conn.fetchrow("SELECT reason, field, subject FROM rejected_frames")
+        assert (row["reason"], row["field"], row["subject"]) == (
+            "bad_subject",
+            "bucket",
+            f"{sample_subject('prov-a', 'mb-1')}.{wrong}",
+        )
+        assert svc.ingest.stats.rejected == Counter({"bad_subject": 1})
+        seqs = await conn.fetch("SELECT s.seq FROM host_samples s JOIN hosts h ON h.id = s.host_id")
+        assert [r["seq"] for r in seqs] == [2]
+        await until(lambda: _current_seq(svc, "mb-1", 2), timeout=60)
+        assert svc.state.host("mb-1").sample.seq == 2  # type: ignore[union-attr]  # seq 9 never judged
+        await until(lambda: _all_acked(js, bucket_consumer(DEFAULT_DURABLE, wrong)), timeout=60)
+    finally:
+        svc.request_stop()
+        await asyncio.wait_for(task, 30)
+        await nc.close()
+
+
+async def _current_seq(svc: Any, host: str, seq: int) -> bool:
+    h = svc.state.host(host)
+    return h is not None and h.sample is not None and h.sample.seq == seq
+
+
+async def _all_acked(js: Any, consumer: str) -> bool:
+    info = await js.consumer_info(STREAM, consumer)
+    return bool(info.num_ack_pending == 0 and info.num_pending == 0)
 
 
 # ----------------------------------------------------------------------------- poison and failures
