@@ -3,9 +3,12 @@
 One nats-server (its monitoring port on) and a PostgreSQL configured as an operator runs it
 (``fsync`` and ``synchronous_commit`` on, as :mod:`bench.live_cost`), a simulated fleet
 (``gpuwarden fleet``: ``BENCH_SCALE_HOSTS`` hosts x 8 GPUs at 1 s, default 100) publishing
-throughout. Members join one at a time (``[collector] group = true``: g0, then g1, then g2).
-Once the 64 buckets are split over them and ``BENCH_SCALE_WARMUP`` seconds passed (default 10),
-for ``BENCH_SCALE_SECONDS`` (default 30) are measured:
+throughout. Each row is measured on servers and a fleet of its own, started afresh: its
+members start (``[collector] group = true``), the 64 buckets are split over them, the fleet
+starts, and after ``BENCH_SCALE_WARMUP`` seconds (default 10) ``BENCH_SCALE_SECONDS`` (default
+30) are measured. Every size thus meets a fleet and a database of the same age (measured as
+members joined one run, a later row met a bigger database, whose writes cost more: that alone
+made 3 members look 10-20 % dearer). Measured:
 
 * the CPU time (user + system, from ``/proc``) of every member process and of PostgreSQL's whole
   tree, per GPU-sample stored in that window: flat when members share the work instead of
@@ -17,12 +20,12 @@ for ``BENCH_SCALE_SECONDS`` (default 30) are measured:
 * the transactions PostgreSQL committed per second (``pg_stat_database``): each member commits
   its own batches, of its share of the frames; and nats-server's CPU, in % of a core.
 
-First, on servers of its own (a fresh stream, so that no consumer replays the other's frames),
-the same fleet and window with one collector configured ``group = false``: the "group=false"
-row, against which a group of one's overhead reads. ``BENCH_SCALE_SIZES`` (default
-``0,1,2,3``) selects the rows: 0 is ``group = false``, 1-3 the group sizes;
-``BENCH_SCALE_COLLECTOR`` adds ``[collector]`` keys to every collector's configuration (e.g.
-``linger = "300ms"``).
+``BENCH_SCALE_SIZES`` (default ``0,1,2,3``) selects the rows: 0 is one collector configured
+``group = false``, against which a group of one's overhead reads; 1-3 the group sizes.
+``BENCH_SCALE_ROUNDS`` (default 1) repeats them, every other round in the reverse order (0 1 2 3
+3 2 1 0 ...), so that the machine's load drifting during the run weighs on every size alike;
+each run is printed and the table gives each size's median. ``BENCH_SCALE_COLLECTOR`` adds
+``[collector]`` keys to every collector's configuration (e.g. ``linger = "300ms"``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ WINDOW = float(os.environ.get("BENCH_SCALE_SECONDS", "30"))
 WARMUP = float(os.environ.get("BENCH_SCALE_WARMUP", "10"))
 COLLECTOR = os.environ.get("BENCH_SCALE_COLLECTOR", "")  # more [collector] keys, TOML
 SIZES = sorted({int(k) for k in os.environ.get("BENCH_SCALE_SIZES", "0,1,2,3").split(",") if k.strip()})
+ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "1"))
 Row = tuple[str, str, str]
 
 
@@ -119,30 +123,27 @@ def collectors_config(tmp: Path, dsn: str, url: str, group: bool) -> Path:
 
 def fleet_args(url: str) -> list[str]:
     args = ["fleet", "--hosts", str(HOSTS), "--gpus", str(GPUS), "--providers", "4", "--interval", "1s"]
-    duration = f"{3 * (WARMUP + WINDOW + 120):.0f}s"
+    duration = f"{WARMUP + WINDOW + 120:.0f}s"
     return args + ["--nats", url, "--duration", duration, "--log-level", "warning"]
 
 
-def measure(tmp: Path, pg: Any, ns: Any, monitor: int) -> list[dict[str, Any]]:
-    """One figure per group size in ``SIZES`` (1, 2, 3 members), measured as members join."""
+def measure(tmp: Path, pg: Any, ns: Any, monitor: int, size: int) -> dict[str, Any]:
+    """The figure of a group of ``size`` members: they start and split the buckets, then the
+    fleet starts."""
     dsn = pg.dsn()
     config = collectors_config(tmp, dsn, ns.url, group=True)
     procs: dict[str, Any] = {}
     fleet = None
-    out = []
     try:
-        for name in ("g0", "g1", "g2")[: max(SIZES)]:
+        for name in ("g0", "g1", "g2")[:size]:
             procs[name] = start_member(tmp, config, name)
-            asyncio.run(held_by(ns.url, set(procs), balanced=True))
-            if fleet is None:
-                fleet = spawn(*fleet_args(ns.url))
-            if len(procs) in SIZES:
-                out.append(window(dsn, pg, ns, monitor, [p.pid for p in procs.values()], len(procs)))
+        asyncio.run(held_by(ns.url, set(procs), balanced=True))
+        fleet = spawn(*fleet_args(ns.url))
+        return window(dsn, pg, ns, monitor, [p.pid for p in procs.values()], size)
     finally:
         if fleet is not None:
             stop(fleet)
         stop_members(procs.values())
-    return out
 
 
 async def consuming(url: str, within: float = 120.0) -> None:
@@ -181,24 +182,31 @@ def measure_single(tmp: Path, pg: Any, ns: Any, monitor: int) -> dict[str, Any]:
 def run() -> list[Row]:
     from gpuwarden.servers import NatsServer, PostgresServer, free_port
 
+    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in SIZES}
+    for i in range(ROUNDS):
+        for size in SIZES if i % 2 == 0 else SIZES[::-1]:
+            monitor = free_port()
+            with (
+                tempfile.TemporaryDirectory(prefix="bench-scale-") as d,
+                NatsServer(config=f'http: "127.0.0.1:{monitor}"\n') as ns,
+                PostgresServer(durable=True) as pg,
+            ):
+                if size == 0:
+                    runs[size].append(measure_single(Path(d), pg, ns, monitor))
+                else:
+                    runs[size].append(measure(Path(d), pg, ns, monitor, size))
     figures = []
-    for single in [True] * (0 in SIZES) + [False] * bool(set(SIZES) - {0}):
-        monitor = free_port()
-        with (
-            tempfile.TemporaryDirectory(prefix="bench-scale-") as d,
-            NatsServer(config=f'http: "127.0.0.1:{monitor}"\n') as ns,
-            PostgresServer(durable=True) as pg,
-        ):
-            if single:
-                figures.append(measure_single(Path(d), pg, ns, monitor))
-            else:
-                figures += measure(Path(d), pg, ns, monitor)
+    for got in runs.values():  # each size's median run, by CPU per GPU-sample
+        got.sort(key=lambda r: (r["collectors"] + r["postgres"]) / max(r["samples"], 1))
+        figures.append(got[len(got) // 2])
     rows: list[Row] = []
     for r in figures:
         n, k = r["samples"], r["members"]
         col, pgc = per_sample(r["collectors"], n), per_sample(r["postgres"], n)
         expected = HOSTS * GPUS * r["elapsed"]
         what = f"group of {k}" if k else "group=false"
+        if ROUNDS > 1:
+            what += f" (median of {ROUNDS})"
         rows.append(
             (
                 f"{what}: CPU-us per GPU-sample, members + PostgreSQL (durable), {HOSTS}x{GPUS} GPUs",
