@@ -43,7 +43,7 @@ from tenacity import (
 
 from collector import stream
 from collector.config import CollectorConfig
-from collector.group import rebucket
+from collector.group import rebucket, stray
 from collector.group.assign import bucket_of
 from collector.group.consumers import BucketConsumers, bucket_of_subject
 from collector.ratelimit import RATE_LIMITED, HostRateLimit
@@ -175,6 +175,7 @@ class Batch:
     rejected: list[Rejection] = field(default_factory=list)
     poison: set[int] = field(default_factory=set)  # ids of the messages to terminate, not ack
     mine: list[Msg] = field(default_factory=list)  # group mode: the messages of buckets held
+    stray: list[Msg] = field(default_factory=list)  # ... and those of no bucket (rejected, acked)
     held: dict[int, int] = field(default_factory=dict)  # ... bucket -> its fencing token, when checked
     redo: set[int] = field(default_factory=set)  # group mode: ids of messages judged again
     redo_frames: set[int] = field(default_factory=set)  # ... and of their frames
@@ -238,6 +239,7 @@ class Ingest:
         self.source: BucketConsumers | None = None
         self.tokens: Callable[[], Mapping[int, int]] | None = None  # buckets held -> fencing token
         self.unbucketed: asyncio.Task[int] | None = None  # collector.group.rebucket
+        self.strays: asyncio.Task[None] | None = None  # collector.group.stray
         self.buckets = 1  # the group's buckets (group mode)
 
     async def setup_group(
@@ -268,6 +270,11 @@ class Ingest:
         # frames stored before the transform (none once moved): published again under their bucket
         self.unbucketed = asyncio.create_task(
             rebucket.drain(js, self.cfg.collector.durable, self.cfg.collector.batch), name="rebucket"
+        )
+        c = self.cfg.collector
+        self.strays = asyncio.create_task(
+            stray.pull(js, stray.config(c.durable, c.batch, c.ack_wait, c.max_deliver), self.source.hand),
+            name="stray",
         )
         self.buckets = buckets
 
@@ -394,9 +401,8 @@ class Ingest:
         """Stop the pull subscription (so that draining NATS does not wait on it), handing back
         what the server delivered after the last fetch returned (:func:`nak_unread`)."""
         sub, self._sub = self._sub, None
-        if self.unbucketed is not None:
-            await cancel_all([self.unbucketed])
-            self.unbucketed = None
+        await cancel_all(t for t in (self.unbucketed, self.strays) if t is not None)
+        self.unbucketed = self.strays = None
         if self.source is not None:
             await self.source.close()
         if sub is not None:
@@ -437,7 +443,9 @@ class Ingest:
         for i, m in enumerate(msgs):
             if i % CHECK_CHUNK == CHECK_CHUNK - 1:
                 await asyncio.sleep(0)
-            if group is not None:  # filtered consumers: stream sequence jumps are other buckets
+            if group is not None and stray.is_stray(m.subject):
+                batch.stray.append(m)  # of no frame's shape: rejected below, acknowledged
+            elif group is not None:  # filtered consumers: stream sequence jumps are other buckets
                 bucket = bucket_of_subject(m.subject)
                 if bucket is None or bucket not in held:
                     self.stats.skipped_other_partition += 1  # left unacknowledged for its owner
@@ -509,7 +517,7 @@ class Ingest:
                 return None
             if self.source is not None:  # group: judged (and persisted) first, then acknowledged
                 await self._after_write(batch, result)
-                await self._ack(self._still_held(batch), batch)
+                await self._ack(self._still_held(batch) + batch.stray, batch)
                 return result
             await self._ack(batch.msgs, batch)
             await self._after_write(batch, result)

@@ -31,12 +31,13 @@ from agent.gpu.base import GpuEvent
 from agent.gpu.simulated import SimulatedBackend
 from agent.sampler import Sequencer, build_event, build_inventory, build_sample
 from agent.system import SimulatedSystem
+from collector.group.stray import consumer_name as stray_consumer
 from collector.ingest import Limits, check
 from collector.store.rows import storage_problem
 from collector.store.writer import Accepted, Rejection
 from gpuwarden.servers import NatsServer
 from shared.frames import AgentStats, CheckResult, Frame, decode, encode, replace, to_wire
-from shared.subjects import parse_subject, subject_for
+from shared.subjects import STREAM, parse_subject, subject_for
 from tests.support import frame_fixtures as fx
 from tests.support.ingest import _count, config
 from tests.support.wait import until
@@ -368,6 +369,15 @@ def _publishable(subject: str) -> str:
 STREAM_PREFIXES = ("gpuwarden.v1.sample.", "gpuwarden.v1.event.", "gpuwarden.v1.inventory.")
 
 
+async def _stray_acked(url: str, name: str) -> bool:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().consumer_info(STREAM, name)
+    finally:
+        await nc.close()
+    return bool(info.num_ack_pending == 0 and info.num_pending == 0)
+
+
 def _heap() -> int:
     gc.collect()
     return tracemalloc.get_traced_memory()[0]
@@ -375,13 +385,18 @@ def _heap() -> int:
 
 def _read_by_a_group(subject: str) -> bool:
     """A collector group reads the subjects agents publish on (``gpuwarden.v1.<kind>.<provider>.
-    <host>``, stored under the host's bucket); a message on a subject of another shape is
-    stored as published and read by no bucket's consumer (docs/ingest.md, "Partitions")."""
-    return subject.count(".") == 4
+    <host>``, stored under the host's bucket), those published under a bucket (six tokens, the
+    last a bucket number: rejected unless it is the host's) and, through its stray consumer,
+    those of four tokens or seven and more; a message of six tokens whose last is no bucket is
+    stored as published and read by no consumer (docs/ingest.md, "Partitions")."""
+    return subject.count(".") != 5 or subject.rpartition(".")[2] in BUCKET_TOKENS
 
 
-# group: the default (a group of one), on the subjects it reads; alone: every subject, those of
-# other shapes included (one collector on the whole stream rejects them as bad_subject)
+BUCKET_TOKENS = frozenset(str(b) for b in range(64))
+
+
+# group: the default (a group of one), on the subjects it reads (all but six tokens ending in no
+# bucket); alone: every subject (one collector on the whole stream rejects them as bad_subject)
 @pytest.mark.parametrize("group", [True, False], ids=["group", "alone"])
 async def test_mutated_real_frames_through_a_running_collector(
     pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer, group: bool
@@ -396,6 +411,7 @@ async def test_mutated_real_frames_through_a_running_collector(
     all_cases = cases(frames, WARMUP_CASES + COLLECTOR_CASES)
     messages = []
     warmup = 0
+    strays = 0  # read by a group's stray consumer
     for i, c in enumerate(all_cases):
         for boot in boots:
             c = _unique(c, i, boot)
@@ -404,7 +420,9 @@ async def test_mutated_real_frames_through_a_running_collector(
             continue
         messages.append((subject, _bytes(c)))
         warmup += i < WARMUP_CASES
+        strays += subject.count(".") != 5 and subject.count(".") != 4
     assert len(messages) >= (WARMUP_CASES + COLLECTOR_CASES) * 9 // 10  # (the other shapes: few)
+    assert strays > 0  # the case covers subjects of four tokens (or seven and more)
     cfg = config(pg_dsn, private_nats.url, **{"collector.group": group})
     assert cfg.collector.group is group
     svc = CollectorService(cfg)
@@ -449,6 +467,8 @@ async def test_mutated_real_frames_through_a_running_collector(
         rows = await conn.fetch("SELECT reason, count(*) AS n FROM rejected_frames GROUP BY reason")
         kept = Counter({k: v for k, v in st_.rejected.items() if k != "rate_limited"})  # counted only
         assert Counter({r["reason"]: r["n"] for r in rows}) == kept
+        if group:  # what the stray consumer delivered is acknowledged: it does not come back
+            await until(lambda: _stray_acked(private_nats.url, stray_consumer(cfg.collector.durable)))
         assert svc.alerting.counts["fast_event_errors"] == 0
         assert heap1 - heap0 < MAX_HEAP_GROWTH, (heap0, heap1)
         assert rss1 - rss0 < MAX_RSS_GROWTH, (rss0, rss1)

@@ -24,6 +24,7 @@ import pytest
 from collector.config import DEFAULT_DURABLE
 from collector.group.assign import bucket_of
 from collector.group.consumers import consumer_name as bucket_consumer
+from collector.group.stray import consumer_name as stray_consumer
 from collector.ingest import Ingest, Limits, check, consumer_name
 from collector.store.writer import Accepted, Rejection, Writer
 from gpuwarden.servers import NatsServer, free_port
@@ -271,13 +272,14 @@ def test_a_bucket_token_that_is_not_the_hosts_bucket_is_rejected() -> None:
     assert type(check(f"{sample_subject('prov-a', 'h-1')}.{(mine + 1) % 64}", data, LIMITS)) is Accepted
 
 
-async def test_a_frame_published_under_another_hosts_bucket_is_rejected_by_that_buckets_holder(
+async def test_a_group_member_rejects_frames_of_another_bucket_and_subjects_of_no_bucket(
     pg_dsn: str, conn: asyncpg.Connection, private_nats: NatsServer
 ) -> None:
     """A six-token subject published directly (not stored under its bucket by the stream's
     transform) reaches the holder of the bucket it names; when that is not its host's bucket the
     holder rejects it (counted, logged, recorded) instead of storing and judging another
-    member's host, and acknowledges it."""
+    member's host, and acknowledges it. Subjects of four or seven tokens (no bucket consumer's)
+    are read through the group's stray consumer and rejected the same way."""
     from collector.service import CollectorService
 
     cfg = config(pg_dsn, private_nats.url)  # a group of one (the default)
@@ -310,6 +312,19 @@ async def test_a_frame_published_under_another_hosts_bucket_is_rejected_by_that_
         await until(lambda: _current_seq(svc, "mb-1", 2), timeout=60)
         assert svc.state.host("mb-1").sample.seq == 2  # type: ignore[union-attr]  # seq 9 never judged
         await until(lambda: _all_acked(js, bucket_consumer(DEFAULT_DURABLE, wrong)), timeout=60)
+        # subjects of no bucket, four tokens or seven: read by the stray consumer, rejected too
+        data = encode(sample("mb-1", 10, now - 1, gpus=1))
+        strays = ["gpuwarden.v1.sample.prov-a", f"{sample_subject('prov-a', 'mb-1')}.{right}.x"]
+        for subject in strays:
+            await js.publish(subject, data)
+        await until(lambda: _count(conn, "rejected_frames", 3), timeout=60)
+        rows = await conn.fetch("SELECT reason, subject FROM rejected_frames WHERE field IS NULL")
+        assert sorted((r["reason"], r["subject"]) for r in rows) == [
+            ("bad_subject", s) for s in sorted(strays)
+        ]
+        assert svc.ingest.stats.rejected == Counter({"bad_subject": 3})
+        await until(lambda: _all_acked(js, stray_consumer(DEFAULT_DURABLE)), timeout=60)
+        assert [r["seq"] for r in await conn.fetch("SELECT seq FROM host_samples")] == [2]
     finally:
         svc.request_stop()
         await asyncio.wait_for(task, 30)

@@ -67,6 +67,7 @@ def bucket_of_subject(subject: str) -> int | None:
 EXPIRES = 30.0  # s a pull request waits at the server for its messages
 HEARTBEAT = 5.0  # s between the server's idle heartbeats to a waiting request
 WATCH = 1.0  # s between checks: binding, missed heartbeats, reconnections
+STRAY = -1  # the buffer's key of the stray consumer's messages (no bucket)
 STATUS, DESCRIPTION, PENDING = "Status", "Description", "Nats-Pending-Messages"
 
 
@@ -270,6 +271,12 @@ class BucketConsumers:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
             self._watch = None
+
+    def hand(self, msgs: list[Msg]) -> None:
+        """Messages of the stray consumer (:mod:`collector.group.stray`), fetched with the rest."""
+        if msgs:
+            self.buffer.extend((STRAY, m) for m in msgs)
+            self._ready.set()
 
     def judged_again(self, bucket: int | None, stream_seq: int | None) -> bool:
         """A copy of this message is judged again (see the module doc)."""
