@@ -3,7 +3,11 @@ end: simulated agents (``agent.fleet.Fleet`` with the scenario's ``--fault`` spe
 over a real nats-server (JetStream) to a real collector (PostgreSQL, its alerting and
 outbox), whose webhook channels (``oncall``, ``manager``, ``chat``) post to a real local
 aiohttp receiver. What the receiver got on each channel, by the time it arrived, must be the
-scenario's expected notifications, and nothing else (the same check as the pure run)."""
+scenario's expected notifications, and nothing else (the same check as the pure run), each
+no earlier than its window and at most ``LATE`` seconds past it: the pure run
+(``tests/test_scenarios.py``) holds the engines to the exact windows on a virtual clock; here
+a real process on a loaded 2-core machine may judge and post a fraction of a second later
+(a provider incident due by 11 s arrived at 11.2 s in a full run at load average 15-23)."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from tests.support.local_http import Handler, LocalHttp
 from tests.support.scenario import CHANNELS, Scenario, Told, catalogue, mismatches, told_of_webhook
 
 E2E = [sc for sc in catalogue() if sc.e2e]
+LATE = 2.0  # s past a window's end that a real collector's notification may arrive
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -177,5 +182,5 @@ async def test_scenario_end_to_end(
     sc: Scenario, tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
     told = await asyncio.wait_for(run_e2e(sc, tmp_path, pg_dsn, private_nats.url), sc.duration + 90)
-    problems = mismatches(sc, told)
+    problems = mismatches(sc, told, late=LATE)
     assert not problems, f"{sc.title}\n" + "\n".join(problems)

@@ -113,11 +113,11 @@ class Expect:
     new_hosts: frozenset[str] | None = None
     reason: str | None = None  # a resolution's reason (replaced, moved, forgotten, evicted)
 
-    def matches(self, t: Told) -> bool:
+    def matches(self, t: Told, late: float = 0.0) -> bool:
         return (
             t.channel == self.channel
             and t.kind == self.kind
-            and self.at[0] <= t.at <= self.at[1]
+            and self.at[0] <= t.at <= self.at[1] + late
             and (self.hosts is None or t.hosts == self.hosts)
             and (self.rules is None or t.rules == self.rules)
             and (self.level is None or t.level == self.level)
@@ -257,12 +257,13 @@ def catalogue() -> list[Scenario]:
 # ----------------------------------------------------------------------------- comparing
 
 
-def mismatches(sc: Scenario, told: Sequence[Told]) -> list[str]:
-    """What differs: expected notifications not seen, and notifications not expected."""
+def mismatches(sc: Scenario, told: Sequence[Told], late: float = 0.0) -> list[str]:
+    """What differs: expected notifications not seen, and notifications not expected. ``late``:
+    how far past its window's end a notification still counts (never before its start)."""
     left = sorted(told, key=lambda t: t.at)
     problems = []
     for e in sorted(sc.expect, key=lambda e: e.at):
-        hit = next((t for t in left if e.matches(t)), None)
+        hit = next((t for t in left if e.matches(t, late)), None)
         if hit is None:
             problems.append(f"missing: {e}")
         else:
