@@ -36,22 +36,27 @@ def host_name_in_bucket(bucket: int) -> str:
 
 
 async def owners(url: str | list[str], kv_bucket: str = DEFAULT_GROUP_KV) -> dict[int, str]:
-    """bucket -> the member holding its lease now (from the group's KV bucket)."""
+    """bucket -> the member holding its lease now (from the group's KV bucket). Read as the
+    members read it (``collector.group.lease``): the KV stream's subjects, then one get each;
+    not ``KeyValue.keys()``, whose watcher came back with nothing in a full test run while two
+    live members held their buckets (read here as "nobody holds anything"), and which can wait
+    forever when the bucket's last message is a delete marker."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
+        prefix = f"$KV.{kv_bucket}.b."
         try:
             kv = await js.key_value(kv_bucket)
-            keys = await kv.keys()
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+            info = await js.stream_info(f"KV_{kv_bucket}", subjects_filter=f"{prefix}>")
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
             return {}
         out = {}
-        for k in keys:
-            if k.startswith("b."):
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    e = await kv.get(k)
-                    if e.value:
-                        out[int(k[2:])] = json.loads(e.value)["member"]
+        for subject in info.state.subjects or {}:
+            key = subject[len(prefix) - 2 :]  # "b.<bucket>"
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                e = await kv.get(key)
+                if e.value:
+                    out[int(key[2:])] = json.loads(e.value)["member"]
         return out
     finally:
         await nc.close()
