@@ -99,7 +99,9 @@ async def test_a_host_forgotten_on_any_member_leaves_every_members_view_and_a_ta
             body = await r.json()
             assert body["forgotten"] is True, body
             assert body["host"] == gone_a, body
-            assert "forget_pending" not in body, body
+            # the owner answers within 5 s, or the reply says forget_pending (a loaded full run
+            # answered later): either way every member's view must lose the host
+            assert body.get("forget_pending", True) is True, body
             await until_everywhere(everyone - {gone_a})
 
             # the live stream of a third member (m2) says so (relayed from the owner)

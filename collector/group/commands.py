@@ -175,6 +175,9 @@ class GroupCommands:
             return
         async with self._lock:
             state = self.runner.alerts_state
+            # held before PostgreSQL is read: a silence this member expires while the sweep
+            # reads (the API does not wait for the sweep) is not added back from that read
+            known = set(state.silences)
             async with pool.acquire() as conn:
                 active = await pg.active_silences(conn)
                 held = [sid for sid in state.silences if sid.startswith("api-")]
@@ -190,7 +193,9 @@ class GroupCommands:
                     self.group_kv,
                 )
             cmds: list[m.Command] = [
-                m.AddSilence(Silence.from_dict(d)) for d in active if d["id"] not in state.silences
+                m.AddSilence(Silence.from_dict(d))
+                for d in active
+                if d["id"] not in known and d["id"] not in state.silences
             ]
             cmds += [m.ExpireSilence(r["id"]) for r in ended]
             mine = [r for r in pending if self.scope.owns(r["bucket"])]
