@@ -18,7 +18,7 @@ from collector.group.assign import bucket_of
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from tests.support.collector import Receiver, told
-from tests.support.group import hosts_of, three_members, write_access
+from tests.support.group import hosts_of, spread, three_members, write_access
 from tests.support.wait import until
 
 TOKEN = "group-ack-token"
@@ -71,10 +71,14 @@ async def test_an_incident_acknowledged_on_one_member_is_acknowledged_on_every_m
         # through group_commands), or to the judge itself
         asker = sorted({"m0", "m1", "m2"} - {judge})[0] if on == "another" else judge
         mine = {m: [j for j in hosts_of(table, m, N) if j % 2 == 0] for m in ("m0", "m1", "m2")}
-        # wave 1: 3 of the provider's hosts on each member (9 of 30: over 20 %, none alone);
-        # wave 2: one more on each member, after the acknowledgement
-        wave1 = [j for m in ("m0", "m1", "m2") for j in mine[m][:3]]
-        wave2 = [mine[m][3] for m in ("m0", "m1", "m2") if len(mine[m]) > 3]
+        # wave 2 (after the acknowledgement): 3 more of the provider's hosts, one per member
+        # where it has one to spare; wave 1: 9 of the provider's 30 hosts (over 20 %) taken from
+        # the members in turn, at most 5 on one (none alone over 20 %). (The leases' random split
+        # left a member 3 of the provider's hosts in a full run: 3 each in wave 1 left it none.)
+        wave2 = spread([mine[m][-1:] for m in ("m0", "m1", "m2") if len(mine[m]) > 3], 3, 1)
+        rest = [[j for j in mine[m] if j not in wave2] for m in ("m0", "m1", "m2")]
+        wave2 += spread(rest, 3 - len(wave2), 30)
+        wave1 = spread([[j for j in mine[m] if j not in wave2] for m in ("m0", "m1", "m2")], 9, 5)
         assert (len(wave1), len(wave2)) == (9, 3), table
         names1, names2 = {host_name(i) for i in wave1}, {host_name(i) for i in wave2}
         owner = {host_name(i): table[bucket_of(host_name(i), 64)] for i in wave1 + wave2}

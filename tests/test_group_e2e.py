@@ -35,6 +35,7 @@ from tests.support.group import (
     none_pending,
     owners,
     split_in,
+    spread,
     three_members,
     xid_keys,
     xids,
@@ -391,16 +392,6 @@ def provider_pages(rx: Receiver) -> dict[str, set[str]]:
                 kind = a["annotations"]["kind"]
                 out.setdefault(kind, set()).add(headers.get("X-Gpuwarden-Delivery", ""))
                 out.setdefault("incidents", set()).add(a["annotations"]["incident"])
-    return out
-
-
-def spread(per_member: list[list[int]], total: int, cap: int) -> list[int]:
-    """``total`` items taken from the lists in turn, at most ``cap`` from one."""
-    out: list[int] = []
-    for k in range(cap):
-        for items in per_member:
-            if k < len(items) and len(out) < total:
-                out.append(items[k])
     return out
 
 

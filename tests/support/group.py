@@ -249,3 +249,13 @@ def none_pending(pg_dsn: str) -> Callable[[], Awaitable[bool]]:
         return await pending_rows(pg_dsn) == 0
 
     return check
+
+
+def spread(per_member: list[list[int]], total: int, cap: int) -> list[int]:
+    """``total`` items taken from the lists in turn, at most ``cap`` from one."""
+    out: list[int] = []
+    for k in range(cap):
+        for items in per_member:
+            if k < len(items) and len(out) < total:
+                out.append(items[k])
+    return out
