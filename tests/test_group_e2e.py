@@ -146,7 +146,7 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
             await until(lambda: host_name(victim[0]) in xids(rx), timeout=60)
             group.signal("m0", signal.SIGKILL)
             killed = time.monotonic()
-            await split_in(urls, {"m1", "m2"})
+            await split_in(urls, {"m1", "m2"}, group)
             takeover = time.monotonic() - killed
             await until(lambda: set(xids(rx)) >= {host_name(i) for i in faulted}, timeout=120)
         finally:
@@ -180,7 +180,7 @@ async def test_sigkill_a_member_while_faults_arrive_then_restart_the_group(
         group.procs.clear()
         for name in ("n0", "n1", "n2"):
             group.start(name)
-        await split_in(urls, {"n0", "n1", "n2"})
+        await split_in(urls, {"n0", "n1", "n2"}, group)
         print(f"hosts silent for {time.monotonic() - silent:.0f} s")
         fleet2 = Fleet(cluster_nats(urls), hosts=HOSTS, gpus=1, interval=1.0)
         await fleet2.start()
@@ -219,12 +219,12 @@ async def test_a_member_stopped_past_its_lease_sends_nothing_for_the_hosts_it_lo
         try:
             await until(lambda: fleet.stats.samples >= HOSTS, timeout=30)  # m0 is consuming
             group.signal("m0", signal.SIGSTOP)
-            await split_in(url, {"m1", "m2"})
+            await split_in(url, {"m1", "m2"}, group)
             await until(lambda: set(xids(rx)) >= {host_name(i) for i in victim}, timeout=90)
             await until(none_pending(pg_dsn), timeout=60)
             group.signal("m0", signal.SIGCONT)
             await until(lambda: "lost buckets" in group.log("m0"), timeout=30)
-            await split_in(url, {"m0", "m1", "m2"})  # it rejoins and takes its share again
+            await split_in(url, {"m0", "m1", "m2"}, group)  # it rejoins and takes its share again
         finally:
             fleet.stop()
             await run
@@ -300,7 +300,7 @@ async def test_every_member_shows_the_whole_fleet_and_streams_the_others_alerts(
         try:
             for name in ("m0", "m1", "m2"):
                 group.start(name)
-            table = await split_in(url, {"m0", "m1", "m2"})
+            table = await split_in(url, {"m0", "m1", "m2"}, group)
             await group.listening()
             target = host_name(hosts_of(table, "m1", n)[0])  # judged by m1 only
             faults = [f"{target}/gpu0:xid=79@25s"]
@@ -378,7 +378,7 @@ async def started_three(group: Members, url: str) -> dict[int, str]:
     """Start members m0, m1 and m2; the bucket table once they share the buckets and listen."""
     for name in ("m0", "m1", "m2"):
         group.start(name)
-    table = await split_in(url, {"m0", "m1", "m2"})
+    table = await split_in(url, {"m0", "m1", "m2"}, group)
     await group.listening()
     return table
 
@@ -557,7 +557,7 @@ async def test_a_dead_members_hosts_stay_in_the_others_view_through_the_takeover
         try:
             for name in ("m0", "m1", "m2"):
                 group.start(name)
-            await split_in(url, {"m0", "m1", "m2"})
+            await split_in(url, {"m0", "m1", "m2"}, group)
             await group.listening()
             fleet = Fleet(NatsConfig(servers=(url,)), hosts=n, gpus=1, providers=2, interval=1.0)
             await fleet.start()

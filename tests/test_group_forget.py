@@ -122,7 +122,7 @@ async def test_a_host_forgotten_on_any_member_leaves_every_members_view_and_a_ta
         # m1 dies: its buckets' takers restore them from PostgreSQL and must not resurrect gone_b
         # (the inventory lists it; m1's health snapshot and the summaries no longer have it)
         group.signal("m1", signal.SIGKILL)
-        await split_in(url, {"m0", "m2"})
+        await split_in(url, {"m0", "m2"}, group)
         seq, t2 = seq + 1, time.time()
         await send(url, [sample(h, seq, t2, gpus=2) for h in (moved, keep)])
         survivors = ("m0", "m2")

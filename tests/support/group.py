@@ -162,8 +162,11 @@ health_snapshot = "1s"
     return path
 
 
-async def split_in(url: str | list[str], members: set[str]) -> dict[int, str]:
-    """Wait until the 64 buckets are held by exactly ``members``; the table."""
+async def split_in(
+    url: str | list[str], members: set[str], group: Members | None = None, within: float = 60
+) -> dict[int, str]:
+    """Wait until the 64 buckets are held by exactly ``members``; the table. On failure with
+    ``group``: which members still run, and the tail of each one's log."""
     table: dict[int, str] = {}
 
     async def done() -> bool:
@@ -175,8 +178,12 @@ async def split_in(url: str | list[str], members: set[str]) -> dict[int, str]:
         return len(table) == 64 and set(table.values()) == members
 
     try:
-        await until(done, timeout=60)
+        await until(done, timeout=within)
     except AssertionError:
+        if group is not None:
+            for name, p in group.procs.items():
+                print(f"--- member {name}: exit code {p.poll()}; its log's end:")
+                print(group.log(name)[-6000:])
         raise AssertionError(f"buckets not held by {sorted(members)}: {Counter(table.values())}") from None
     return table
 
@@ -213,7 +220,7 @@ async def three_members(
     try:
         for name in ("m0", "m1", "m2"):
             group.start(name)
-        table = await split_in(url, {"m0", "m1", "m2"})
+        table = await split_in(url, {"m0", "m1", "m2"}, group)
         await group.listening()
         yield group, table
     finally:
