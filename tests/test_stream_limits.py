@@ -3,14 +3,17 @@ the collector's start against a real nats-server, and what the stream discards c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import asyncpg
 import nats
+import nats.js.errors
 import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
+from collector.ingest import _retried
 from collector.stream import StreamGaps, reconcile, wanted
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
@@ -180,3 +183,44 @@ async def test_default_size_shrinks_to_what_a_small_server_holds(caplog: pytest.
     assert got == report.max_bytes
     assert 64 << 20 <= got <= 1 << 30
     assert "cannot hold max_bytes" in caplog.text
+
+
+async def test_stream_setup_is_retried_while_the_stream_is_not_found_yet(
+    private_nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector's stream set-up step that NATS answers "stream not found" (a stream another
+    collector is creating, on a cluster) is tried again until it succeeds; another refusal is
+    not retried."""
+    nc = await nats.connect(private_nats.url)
+    js = nc.jetstream(timeout=5)
+    tries = 0
+
+    async def step() -> None:
+        nonlocal tries
+        tries += 1
+        await js.stream_info(STREAM)
+
+    async def another_collector() -> None:
+        await until(lambda: tries >= 1, timeout=60, what="a first attempt")
+        await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS)))
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="collector.ingest"):
+            creating = asyncio.create_task(another_collector())
+            await _retried(step)
+            await creating
+        assert tries >= 2
+        assert "stream setup failed, retrying: NotFoundError" in caplog.text
+
+        refusals = 0
+
+        async def refused() -> None:
+            nonlocal refusals
+            refusals += 1
+            await js.add_stream(StreamConfig(name=STREAM, subjects=["other.>"]))  # name in use
+
+        with pytest.raises(nats.js.errors.BadRequestError):
+            await _retried(refused)
+        assert refusals == 1
+    finally:
+        await nc.close()
