@@ -36,8 +36,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    retry_if_exception_type,
-    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -181,25 +179,6 @@ class Batch:
     redo_frames: set[int] = field(default_factory=set)  # ... and of their frames
 
 
-async def _retried(step: Callable[[], Awaitable[None]]) -> None:
-    """Run an idempotent stream set-up ``step``, retried for two minutes while NATS answers late
-    or not yet. Collectors starting together update the stream at once; on a loaded cluster
-    such an update can outlast the API timeout, and a stream another collector has just created
-    can answer "stream not found" for a moment (in a full test run a group member exited on
-    that 404 between creating the stream and giving it the group's transform)."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((nats.errors.TimeoutError, TimeoutError, nats.js.errors.NotFoundError)),
-        wait=wait_exponential_jitter(multiplier=0.5, max=5.0),
-        stop=stop_after_delay(120),
-        before_sleep=lambda rs: log.warning(
-            "stream setup failed, retrying: %r", rs.outcome.exception() if rs.outcome else None
-        ),
-        reraise=True,
-    ):
-        with attempt:
-            await step()
-
-
 @dataclass(slots=True)
 class IngestStats:
     """The ingest's own figures (read by the metrics collector at scrape time)."""
@@ -277,7 +256,7 @@ class Ingest:
             self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
             await stream.partition(js, buckets)
 
-        await _retried(settle)
+        await stream.settle(settle)
         self.source = BucketConsumers(nc, self.cfg)
         self.tokens = tokens
         # frames stored before the transform (none once moved): published again under their bucket
@@ -305,7 +284,7 @@ class Ingest:
         async def reconcile() -> None:
             self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
 
-        await _retried(reconcile)
+        await stream.settle(reconcile)
         c = self.cfg.collector
         name = consumer_name(self.cfg)
         config = ConsumerConfig(

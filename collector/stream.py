@@ -1,6 +1,7 @@
 """The ``GPUWARDEN`` stream as the collector sees it: settings reconciled at start, losses counted.
 
-:func:`reconcile` runs at start (before the consumer is bound): it creates the stream when it
+:func:`reconcile` runs at start, before the consumer is bound (through :func:`settle`, which
+retries a set-up step NATS answers late or "not found" yet): it creates the stream when it
 is missing and allowed, else compares its settings with ``[nats]`` (:func:`shared.natsconf.
 stream_drift`), updates what NATS can update in place and logs, for each setting it cannot
 (storage, retention) or was refused, a warning with the exact command an operator runs.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig, StreamInfo, SubjectTransform
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from shared.config import NatsConfig
 from shared.errors import ServiceUnavailableError
@@ -48,6 +50,25 @@ class StreamReport:
     updated: list[Drift] = field(default_factory=list)
     left: list[Drift] = field(default_factory=list)  # differences NATS cannot or would not apply
     max_bytes: int = -1  # the stream's size limit after reconciling
+
+
+async def settle(step: Callable[[], Awaitable[None]]) -> None:
+    """Run an idempotent stream set-up ``step``, retried for two minutes while NATS answers late
+    or not yet. Collectors starting together update the stream at once; on a loaded cluster
+    such an update can outlast the API timeout, and a stream another collector has just created
+    can answer "stream not found" for a moment (in a full test run a group member exited on
+    that 404 between creating the stream and giving it the group's transform)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((nats.errors.TimeoutError, TimeoutError, nats.js.errors.NotFoundError)),
+        wait=wait_exponential_jitter(multiplier=0.5, max=5.0),
+        stop=stop_after_delay(120),
+        before_sleep=lambda rs: log.warning(
+            "stream setup failed, retrying: %r", rs.outcome.exception() if rs.outcome else None
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            await step()
 
 
 async def reconcile(js: JetStreamContext, cfg: NatsConfig) -> StreamReport:

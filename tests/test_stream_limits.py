@@ -13,8 +13,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
-from collector.ingest import _retried
-from collector.stream import StreamGaps, reconcile, wanted
+from collector.stream import StreamGaps, reconcile, settle, wanted
 from gpuwarden.servers import NatsServer
 from shared.config import NatsConfig
 from shared.frames import Frame
@@ -205,9 +204,9 @@ async def test_stream_setup_is_retried_while_the_stream_is_not_found_yet(
         await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS)))
 
     try:
-        with caplog.at_level(logging.WARNING, logger="collector.ingest"):
+        with caplog.at_level(logging.WARNING, logger="collector.stream"):
             creating = asyncio.create_task(another_collector())
-            await _retried(step)
+            await settle(step)
             await creating
         assert tries >= 2
         assert "stream setup failed, retrying: NotFoundError" in caplog.text
@@ -220,7 +219,7 @@ async def test_stream_setup_is_retried_while_the_stream_is_not_found_yet(
             await js.add_stream(StreamConfig(name=STREAM, subjects=["other.>"]))  # name in use
 
         with pytest.raises(nats.js.errors.BadRequestError):
-            await _retried(refused)
+            await settle(refused)
         assert refusals == 1
     finally:
         await nc.close()

@@ -43,6 +43,7 @@ from nats.js.kv import KeyValue
 
 from collector.config import DEFAULT_GROUP_KV
 from collector.group.assign import assign
+from collector.stream import settle
 
 log = logging.getLogger(__name__)
 # bucket -> fencing token; returns the buckets not taken after all (handed back, tried next round)
@@ -145,13 +146,18 @@ class Membership:
     async def start(self) -> None:
         """Open (or create) the KV bucket and run a first round (takes what is free)."""
         js = self.nc.jetstream()
-        try:
-            self.kv = await js.key_value(self.kv_bucket)
-        except nats.js.errors.BucketNotFoundError:
-            self.kv = await js.create_key_value(
-                bucket=self.kv_bucket, ttl=self.lease, history=1, replicas=self.replicas,
-                description="gpuwarden collector group: members and bucket leases",
-            )  # fmt: skip
+
+        async def open_kv() -> None:  # members starting together create it at once: retried
+            try:
+                self.kv = await js.key_value(self.kv_bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self.kv = await js.create_key_value(
+                    bucket=self.kv_bucket, ttl=self.lease, history=1, replicas=self.replicas,
+                    description="gpuwarden collector group: members and bucket leases",
+                )  # fmt: skip
+
+        await settle(open_kv)
+        assert self.kv is not None
         status = await self.kv.status()
         if status.ttl is not None and abs(status.ttl - self.lease) > 0.01:
             log.warning(
