@@ -280,11 +280,6 @@ class Ingest:
         """Create or reconcile the stream (:func:`collector.stream.reconcile`), create/bind the
         durable consumer, and start counting the stream's losses from where it stands."""
         js = nc.jetstream()
-
-        async def reconcile() -> None:
-            self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
-
-        await stream.settle(reconcile)
         c = self.cfg.collector
         name = consumer_name(self.cfg)
         config = ConsumerConfig(
@@ -297,13 +292,18 @@ class Ingest:
             max_waiting=16,
             description=f"gpuwarden collector partition {c.partition} of {c.partitions}",
         )
-        try:
-            await js.add_consumer(STREAM, config)
-        except nats.js.errors.BadRequestError as e:
-            log.warning("consumer %s exists with other settings, using it as is: %s", name, e)
+
+        async def prepare() -> tuple[int, int]:  # idempotent: retried by stream.settle
+            self.stats.stream_max_bytes = (await stream.reconcile(js, self.cfg.nats)).max_bytes
+            try:
+                await js.add_consumer(STREAM, config)
+            except nats.js.errors.BadRequestError as e:
+                log.warning("consumer %s exists with other settings, using it as is: %s", name, e)
+            delivered = (await js.consumer_info(STREAM, name)).delivered.stream_seq or 0
+            return delivered, (await js.stream_info(STREAM)).state.first_seq or 1
+
+        delivered, first = await stream.settle(prepare)
         self._sub = await js.pull_subscribe_bind(durable=name, stream=STREAM)
-        delivered = (await js.consumer_info(STREAM, name)).delivered.stream_seq or 0
-        first = (await js.stream_info(STREAM)).state.first_seq or 1
         self.gaps = stream.StreamGaps(delivered or first - 1)  # a new consumer starts at the first
 
     def stop(self) -> None:

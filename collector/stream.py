@@ -18,7 +18,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -32,6 +32,7 @@ from shared.natsconf import Drift, fit_max_bytes, is_name_in_use, stream_drift, 
 from shared.subjects import PREFIX, STREAM
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def stream_config(cfg: NatsConfig) -> StreamConfig:
@@ -52,7 +53,7 @@ class StreamReport:
     max_bytes: int = -1  # the stream's size limit after reconciling
 
 
-async def settle(step: Callable[[], Awaitable[None]]) -> None:
+async def settle(step: Callable[[], Awaitable[T]]) -> T:
     """Run an idempotent stream set-up ``step``, retried for two minutes while NATS answers late
     or not yet. Collectors starting together update the stream at once; on a loaded cluster
     such an update can outlast the API timeout, and a stream another collector has just created
@@ -68,7 +69,8 @@ async def settle(step: Callable[[], Awaitable[None]]) -> None:
         reraise=True,
     ):
         with attempt:
-            await step()
+            return await step()
+    raise AssertionError("unreachable: the last attempt's error is raised")
 
 
 async def reconcile(js: JetStreamContext, cfg: NatsConfig) -> StreamReport:

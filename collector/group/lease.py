@@ -147,7 +147,9 @@ class Membership:
         """Open (or create) the KV bucket and run a first round (takes what is free)."""
         js = self.nc.jetstream()
 
-        async def open_kv() -> None:  # members starting together create it at once: retried
+        # members starting together create it at once; on a cluster, a KV just created can
+        # answer "stream not found" for a moment (a member exited on it in a test run): retried
+        async def open_kv() -> KeyValue.BucketStatus:
             try:
                 self.kv = await js.key_value(self.kv_bucket)
             except nats.js.errors.BucketNotFoundError:
@@ -155,10 +157,9 @@ class Membership:
                     bucket=self.kv_bucket, ttl=self.lease, history=1, replicas=self.replicas,
                     description="gpuwarden collector group: members and bucket leases",
                 )  # fmt: skip
+            return await self.kv.status()
 
-        await settle(open_kv)
-        assert self.kv is not None
-        status = await self.kv.status()
+        status = await settle(open_kv)
         if status.ttl is not None and abs(status.ttl - self.lease) > 0.01:
             log.warning(
                 "group KV %s ages entries out after %.1fs, [collector] lease is %.1fs: the bucket's "
