@@ -30,10 +30,19 @@ LIVE_HOSTS = int(os.environ.get("BENCH_LIVE_HOSTS", "500"))  # steady phase: hos
 LIVE_TICKS = 5
 
 
-def fleet_frames(hosts: int, ticks: int, start: float, prefix: str = "host") -> list[tuple[str, bytes]]:
-    """Encoded sample frames of a simulated fleet, one per host per second."""
+def fleet_frames(
+    hosts: int,
+    ticks: int,
+    start: float,
+    prefix: str = "host",
+    static: bool = True,
+    inventories: list[Any] | None = None,
+) -> list[tuple[str, bytes]]:
+    """Encoded sample frames of a simulated fleet, one per host per second (``static=False``:
+    as the agent sends them, static facts left to the inventory, each host's appended to
+    ``inventories``)."""
     from agent.gpu.simulated import SimulatedBackend
-    from agent.sampler import Sequencer, build_sample
+    from agent.sampler import Sequencer, build_inventory, build_sample
     from agent.system import SimulatedSystem
     from shared.frames import encode
 
@@ -44,13 +53,15 @@ def fleet_frames(hosts: int, ticks: int, start: float, prefix: str = "host") -> 
         backend.open()
         system = SimulatedSystem(host=name, seed=h)
         seqr = Sequencer(host=name, provider=f"provider-{h % 4}")
+        if inventories is not None:
+            inventories.append(build_inventory(seqr, backend.inventory(), ts=start))
         gpus = backend.sample()
         sysv = system.sample()
         for t in range(ticks):
             frame = build_sample(seqr, interval_s=1.0, gpus=gpus, system=sysv, ts=start + t)
             if t % 10 == 9:  # fresh readings now and then; the rest reuse them (same shape)
                 gpus = backend.sample()
-            out.append((seqr.subjects[0], encode(frame)))
+            out.append((seqr.subjects[0], encode(frame, static=static)))
         backend.close()
     return out
 

@@ -18,21 +18,43 @@ from the newest stored inventory of each host (:meth:`StaticFacts.seed`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Final
 
-from shared.frames import STATIC_GPU_FIELDS, Frame, GpuInfo, InventoryFrame, SampleFrame, join_static, replace
+from msgspec.structs import astuple
+
+from shared.frames import (
+    STATIC_GPU_FIELDS,
+    Frame,
+    GpuInfo,
+    GpuSample,
+    InventoryFrame,
+    SampleFrame,
+    fields,
+    join_static,
+    replace,
+)
 
 _static: Final = attrgetter(*STATIC_GPU_FIELDS)
 _LEFT_OUT: Final = ("", *(None,) * (len(STATIC_GPU_FIELDS) - 1))  # what a v2 sample's GPU reads
+# A GpuSample's fields, in order, from (its own fields + its static facts): the joined GPU is
+# made in C (GpuSample(*_JOINED(astuple(gpu) + static))), not by a replace() of 13 keywords.
+_SAMPLE_FIELDS: Final = tuple(f.name for f in fields(GpuSample))
+_JOINED: Final = itemgetter(
+    *(
+        len(_SAMPLE_FIELDS) + STATIC_GPU_FIELDS.index(name) if name in STATIC_GPU_FIELDS else i
+        for i, name in enumerate(_SAMPLE_FIELDS)
+    )
+)
 
 
 class StaticFacts:
     """Per host (provider, host): the GPUs of its newest inventory frame, by index."""
 
     def __init__(self) -> None:
-        # (provider, host) -> (ts of the inventory, index -> (its GpuInfo, its static values set))
-        self._hosts: dict[tuple[str, str], tuple[float, dict[int, tuple[GpuInfo, dict[str, Any]]]]] = {}
+        # (provider, host) -> (ts of the inventory, index -> (its GpuInfo, its static values as a
+        # v2 sample's GPU that leaves them all out reads once joined))
+        self._hosts: dict[tuple[str, str], tuple[float, dict[int, tuple[GpuInfo, tuple[Any, ...]]]]] = {}
         self.unjoined = 0  # samples of GPUs without static facts that no inventory could complete
 
     def __len__(self) -> int:
@@ -70,7 +92,7 @@ class StaticFacts:
                 missing = True
                 gpus.append(g)
             elif _static(g) == _LEFT_OUT:  # the usual case: all left to the inventory
-                gpus.append(replace(g, **entry[1]))
+                gpus.append(GpuSample(*_JOINED(astuple(g) + entry[1])))
             else:
                 gpus.append(join_static(g, entry[0]))
         if missing:
@@ -78,5 +100,9 @@ class StaticFacts:
         return replace(frame, gpus=tuple(gpus))
 
 
-def _facts(info: GpuInfo) -> dict[str, Any]:
-    return {name: value for name in STATIC_GPU_FIELDS if (value := getattr(info, name)) is not None}
+def _facts(info: GpuInfo) -> tuple[Any, ...]:
+    """The static values a GPU that left them all out has once joined: the inventory's, or
+    what it left out where the inventory has none."""
+    return tuple(
+        left if value is None else value for value, left in zip(_static(info), _LEFT_OUT, strict=True)
+    )

@@ -27,7 +27,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass
-from itertools import repeat
+from itertools import repeat, starmap
 from operator import attrgetter
 from typing import Annotated, Any, ClassVar, Final, TypeVar
 
@@ -890,20 +890,30 @@ _COLUMNS: Final = {cls: _columns(cls) for cls in _TABLES}
 _PROCESS_COLUMNS: Final = _columns(GpuProcess, [("gpu", Annotated[list[Index], _LIST] | Index)])
 
 
-def _records(values: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """The rows of a typed table, from its columns in the record's field order."""
-    lengths = {len(v) for v in values if type(v) is list}
-    if len(lengths) != 1:
-        if lengths:
-            raise _Decline  # columns of different lengths: the plain path names the error
+def _columns_of(values: Sequence[Any]) -> list[Any]:
+    """The columns of a typed table as iterables of one value per row (a constant repeated), in
+    the record's field order; ``[]`` for a table without rows. Columns of different lengths
+    decline (the plain path names the error)."""
+    n = -1
+    for v in values:  # the first field is an array (the encoder's rule): one step, as a rule
+        if type(v) is list:
+            n = len(v)
+            break
+    if n < 0:
         return []
-    n = lengths.pop()
     consts = _CONSTS
-    cols = [
-        v if type(v) is list else repeat(v.value if type(v) in consts else v, n)  # {"=": value}
+    return [  # a constant as a list ([v] * n costs less than itertools.repeat)
+        v if type(v) is list else [v] * n if type(v) not in consts else [v.value] * n  # {"=": value}
         for v in values
     ]
-    return list(zip(*cols, strict=True))
+
+
+def _records(values: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The rows of a typed table, from its columns in the record's field order."""
+    try:
+        return list(zip(*_columns_of(values), strict=True))
+    except ValueError:
+        raise _Decline from None  # columns of different lengths
 
 
 _NAMES: Final[dict[type[Any], tuple[str, ...]]] = {
@@ -918,7 +928,10 @@ def _table_of(cls: type[S], t: Any) -> tuple[S, ...]:
     for name in _NESTED[cls]:
         if getattr(t, name):
             raise _Decline  # a nested table inside a row: the plain path
-    return tuple([cls(*row) for row in _records(_COLUMN_VALUES[cls](t))])
+    try:  # one record per row, made in C (zip's row tuples go straight to the constructor)
+        return tuple(starmap(cls, zip(*_columns_of(_COLUMN_VALUES[cls](t)), strict=True)))
+    except ValueError:
+        raise _Decline from None  # columns of different lengths
 
 
 def _system_hint(name: str, hint: Any) -> Any:
@@ -948,7 +961,10 @@ class _SampleV2Typed(_Header, frozen=True, kw_only=True, tag_field="kind", tag="
 
 
 _PROCESS_VALUES: Final = attrgetter("gpu", *_NAMES[GpuProcess])
-_SYSTEM_NAMES: Final = _NAMES[SystemSample]
+# the places of SystemSample's arrays of records (tables in v2) among its fields
+_SYSTEM_TABLES: Final = tuple(
+    (i, item) for i, name in enumerate(_NAMES[SystemSample]) if (item := _NESTED[SystemSample].get(name))
+)
 
 
 def _sample_typed(w: _SampleV2Typed) -> SampleFrame:
@@ -965,11 +981,9 @@ def _sample_typed(w: _SampleV2Typed) -> SampleFrame:
                 raise _Decline
     system = None
     if w.system is not None:
-        values = []
-        for name in _SYSTEM_NAMES:
-            v = getattr(w.system, name)
-            item = _NESTED[SystemSample].get(name)
-            values.append(_table_of(item, v) if item is not None else v)
+        values = list(msgspec.structs.astuple(w.system))  # SystemSample's fields, in its order
+        for i, item in _SYSTEM_TABLES:
+            values[i] = _table_of(item, values[i])
         system = SystemSample(*values)
     return SampleFrame(
         host=w.host, provider=w.provider, boot_id=w.boot_id, seq=w.seq, ts=w.ts, v=w.v,
