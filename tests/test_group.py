@@ -20,7 +20,7 @@ from nats.js.api import StorageType, StreamConfig
 from collector import stream
 from collector.group import fence, rebucket
 from collector.group.assign import assign, bucket_of, moved
-from collector.group.lease import Membership, clock
+from collector.group.lease import Answer, Lease, Membership, clock
 from collector.ingest import Ingest
 from collector.store.writer import Writer, WriteResult
 from collector.stream import bucket_transform
@@ -185,21 +185,19 @@ async def test_a_renewal_answered_after_the_lease_lapsed_does_not_take_it_up_aga
     before = a.m.tokens()
     assert set(before) == set(range(16))
     a.m.held[3].valid_until = clock() + 0.2  # its earlier renewals failed: about to lapse here
-    assert a.m.kv is not None
-    real = a.m.kv.update
+    real = a.m._updates  # the leases' KV updates, all at once
 
-    async def late(key: str, value: bytes, last: int | None = None) -> int:
-        rev = await real(key, value, last=last)
-        if key == "b.3":
-            lease = a.m.held[3]
-            await until(lambda: clock() >= lease.valid_until, what="bucket 3's lease to lapse here")
-        return rev
+    async def late(leases: list[Lease], value: bytes) -> dict[int, Answer]:
+        answers = await real(leases, value)  # (renewed on the server) answered after the lapse here
+        lease = a.m.held[3]
+        await until(lambda: clock() >= lease.valid_until, what="bucket 3's lease to lapse here")
+        return answers
 
-    a.m.kv.update = late  # type: ignore[method-assign]
+    a.m._updates = late  # type: ignore[method-assign]
     await a.m.renew()
     assert not a.m.owns(3), "a lease that lapsed was taken up again by a late renewal"
     assert a.m.owned() == frozenset(range(16)) - {3}
-    a.m.kv.update = real  # type: ignore[method-assign]
+    a.m._updates = real  # type: ignore[method-assign]
     await a.m.round()
     assert a.losses == [frozenset({3})]
     assert a.m.owns(3)

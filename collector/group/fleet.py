@@ -305,16 +305,26 @@ class Outbox:
             if b in whole or before is None:
                 self.sent[b] = _Sent(dict(now_hosts), now_alerts, now_incs, now_gone)
                 continue
-            n = _sizes(delta)
-            delta.hosts += [r for h, r in now_hosts.items() if not r.same(before.hosts.get(h))]
-            delta.hosts_gone += [h for h in before.hosts if h not in now_hosts]
-            delta.alerts += [d for fp, d in now_alerts.items() if _changed(d, before.alerts.get(fp))]
-            delta.alerts_gone += [fp for fp in before.alerts if fp not in now_alerts]
-            delta.incidents += [d for iid, d in now_incs.items() if before.incidents.get(iid) != d]
-            delta.incidents_gone += [iid for iid in before.incidents if iid not in now_incs]
-            delta.forgotten += sorted(now_gone - before.forgotten)
-            if n != _sizes(delta):
-                delta.held[b] = held[b]
+            hosts_new = [r for h, r in now_hosts.items() if not r.same(before.hosts.get(h))]
+            hosts_gone = [h for h in before.hosts if h not in now_hosts]
+            alerts_new = [d for fp, d in now_alerts.items() if _changed(d, before.alerts.get(fp))]
+            alerts_gone = [fp for fp in before.alerts if fp not in now_alerts]
+            incs_new = [d for iid, d in now_incs.items() if before.incidents.get(iid) != d]
+            incs_gone = [iid for iid in before.incidents if iid not in now_incs]
+            gone_new = sorted(now_gone - before.forgotten)
+            if not any((hosts_new, hosts_gone, alerts_new, alerts_gone, incs_new, incs_gone, gone_new)):
+                # nothing to say (most buckets, most seconds): what was sent stands as it is
+                # (``forgotten`` can only have shrunk: a host back is no tombstone any more)
+                before.forgotten = now_gone
+                continue
+            delta.held[b] = held[b]
+            delta.hosts += hosts_new
+            delta.hosts_gone += hosts_gone
+            delta.alerts += alerts_new
+            delta.alerts_gone += alerts_gone
+            delta.incidents += incs_new
+            delta.incidents_gone += incs_gone
+            delta.forgotten += gone_new
             # what the others have now: a row's last_seen as last sent, until it changes
             rows = {
                 h: r if not r.same(before.hosts.get(h)) else before.hosts[h] for h, r in now_hosts.items()
@@ -354,10 +364,6 @@ def _changed(d: Mapping[str, Any], before: Mapping[str, Any] | None) -> bool:
 
 
 _LISTS: Final = ("hosts", "hosts_gone", "alerts", "alerts_gone", "incidents", "incidents_gone", "forgotten")
-
-
-def _sizes(s: Summary) -> tuple[int, ...]:
-    return tuple(len(getattr(s, k)) for k in _LISTS)
 
 
 def _chunks(delta: Summary, events: list[dict[str, Any]]) -> list[Summary]:

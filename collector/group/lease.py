@@ -39,6 +39,8 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from collector.config import DEFAULT_GROUP_KV
@@ -50,6 +52,31 @@ log = logging.getLogger(__name__)
 Gain = Callable[[Mapping[int, int]], Awaitable[Collection[int] | None]]
 Loss = Callable[[frozenset[int]], Awaitable[None]]
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
+
+
+Answer = int | BaseException  # a lease's update: its new revision, or the error
+LAST_SEQ = "Nats-Expected-Last-Subject-Sequence"  # a KV update: only over this revision
+UPDATE_TIMEOUT = 5.0  # s the leases' updates wait for their answers (nats-py's JetStream default)
+_WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes (nats-py's KV update)
+
+
+def _answer(msg: Msg) -> Answer:
+    """A KV update's answer: the new revision, or the error ``KeyValue.update`` would raise."""
+    if msg.headers and (status := msg.headers.get("Status")):
+        if status == "503":
+            return nats.js.errors.NoStreamResponseError()
+        return nats.js.errors.APIError(code=int(status), description=msg.headers.get("Description"))
+    try:
+        resp = json.loads(msg.data)
+        if "error" not in resp:
+            return int(resp["seq"])
+        err = resp["error"]
+        code, description = err.get("err_code"), err.get("description")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return nats.js.errors.APIError(description=f"undecodable answer: {e}")
+    if code in _WRONG_LAST:
+        return nats.js.errors.KeyWrongLastSequenceError(description=description)
+    return nats.js.errors.APIError(code=err.get("code"), err_code=code, description=description)
 
 
 def clock() -> float:
@@ -112,6 +139,10 @@ class Membership:
         self._lost: set[int] = set()  # found lost by a renewal, for the next round
         self._late: dict[int, int] = {}  # ... renewed after they had lapsed here: bucket -> revision
         self.registered = False  # the member key was written by the last renewal
+        self._replies: Subscription | None = None  # the answers to the leases' updates
+        self._inbox = ""
+        self._calls = 0
+        self._waiting: dict[int, tuple[dict[int, Answer], int, asyncio.Event]] = {}
 
     # ------------------------------------------------------------------ what others read
 
@@ -214,6 +245,10 @@ class Membership:
         """Stop the rounds; with ``release``, hand every bucket back (``on_loss`` first) and
         remove the member key, so that the others take over at their next round."""
         self._stop.set()
+        if self._replies is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self._replies.unsubscribe()
+            self._replies = None
         if not release or self.kv is None:
             return
         async with self._lock:
@@ -263,12 +298,23 @@ class Membership:
             registered = False
             log.warning("group: member key not renewed: %s", e)
 
-        async def one(lease: Lease) -> None:
+        leases = []
+        for lease in list(self.held.values()):
             if clock() >= lease.valid_until:
                 self._lost.add(lease.bucket)
-                return
-            try:
-                lease.revision = await kv.update(f"b.{lease.bucket}", value, last=lease.revision)
+            else:
+                leases.append(lease)
+        answers = await self._updates(leases, value) if leases else {}
+        for lease in leases:
+            answer = answers[lease.bucket]
+            if isinstance(answer, nats.js.errors.KeyWrongLastSequenceError):
+                self._lost.add(lease.bucket)  # aged out and taken (or deleted): not ours any more
+            elif isinstance(answer, BaseException):
+                log.warning(
+                    "group: lease on bucket %d not renewed (held until it expires): %s", lease.bucket, answer
+                )
+            else:
+                lease.revision = answer
                 if clock() >= lease.valid_until:
                     # answered after the lease had lapsed here (a slow request, e.g. while a NATS
                     # cluster elects leaders): this member stopped judging, writing and sending for
@@ -276,20 +322,66 @@ class Membership:
                     # Lost, then released (after on_loss) to be taken anew, as a new holder
                     self._lost.add(lease.bucket)
                     self._late[lease.bucket] = lease.revision
-                    return
-                lease.valid_until = t0 + self.lease - self.margin
-            except nats.js.errors.KeyWrongLastSequenceError:
-                self._lost.add(lease.bucket)  # aged out and taken (or deleted): not ours any more
-            except _NATS_ERRORS as e:
-                log.warning(
-                    "group: lease on bucket %d not renewed (held until it expires): %s", lease.bucket, e
-                )
-
-        await asyncio.gather(*(one(lease) for lease in list(self.held.values())))
+                else:
+                    lease.valid_until = t0 + self.lease - self.margin
         for b in self._lost:
             self.held.pop(b, None)
         self.registered = registered
         return registered
+
+    async def _updates(self, leases: list[Lease], value: bytes) -> dict[int, Answer]:
+        """``KeyValue.update(b.<bucket>, value, last=revision)`` of every lease at once: bucket ->
+        its new revision or the error. Each update is a JetStream
+        publish whose answer comes to one wildcard subscription of this member's, instead of a
+        request each (nats-py's ``update`` is a request, a future and a timer per key: measured
+        122-155 CPU-us per key against 40 this way; 64 keys every ``lease / 4``)."""
+        nc = self.nc
+        if self._replies is None:
+            inbox = nc.new_inbox()
+            try:
+                self._replies = await nc.subscribe(f"{inbox}.>", cb=self._on_reply)
+            except _NATS_ERRORS as e:
+                return {lease.bucket: e for lease in leases}
+            self._inbox = inbox
+        self._calls += 1
+        call = self._calls
+        out: dict[int, Answer] = {}
+        done = asyncio.Event()
+        self._waiting[call] = (out, len(leases), done)
+        try:
+            for lease in leases:
+                try:
+                    await nc.publish(
+                        f"$KV.{self.kv_bucket}.b.{lease.bucket}",
+                        value,
+                        reply=f"{self._inbox}.{call}.{lease.bucket}",
+                        headers={LAST_SEQ: str(lease.revision)},
+                    )
+                except _NATS_ERRORS as e:
+                    out[lease.bucket] = e
+            if len(out) < len(leases):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), UPDATE_TIMEOUT)
+        finally:
+            del self._waiting[call]
+        for lease in leases:
+            out.setdefault(lease.bucket, TimeoutError("no answer to the lease's update"))
+        return out
+
+    async def _on_reply(self, msg: Msg) -> None:
+        """One answer of :meth:`_updates` (``<inbox>.<call>.<bucket>``)."""
+        call, _, bucket = msg.subject[len(self._inbox) + 1 :].partition(".")
+        try:
+            waiting = self._waiting.get(int(call))
+            b = int(bucket)
+        except ValueError:
+            return
+        if waiting is None:
+            return  # answered after its call gave up: counted as not renewed
+        out, n, done = waiting
+        out[b] = _answer(msg)
+        if len(out) >= n:
+            done.set()
 
     async def round(self, renew: bool = True) -> None:
         """Renew (unless the renewal task does it), hand lost leases to ``on_loss``, list the

@@ -87,6 +87,7 @@ class FleetShare:
         self._task: asyncio.Task[None] | None = None
         self._held: frozenset[int] = frozenset()
         self._ratelog = RateLimitedLog(log, 60.0)
+        self._own = subject(kv, name)
 
     async def start(self) -> None:
         nc = self.nc()
@@ -146,6 +147,8 @@ class FleetShare:
         self.outbox.events.append(event)
 
     async def _on_message(self, msg: Msg) -> None:
+        if msg.subject == self._own:
+            return  # its own (applied when sent): not decoded
         try:
             s = decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as e:
@@ -212,6 +215,6 @@ class FleetShare:
             self.view.apply(s, now)  # its own word, kept for when it loses the bucket
             data = encode(s)
             if nc is not None and nc.is_connected:
-                await nc.publish(subject(self.kv, self.name), data)
+                await nc.publish(self._own, data)
                 self.sent_bytes += len(data)
                 self.sent_messages += 1

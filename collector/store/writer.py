@@ -125,11 +125,15 @@ _FACTS_SQL: Final = (
 )
 _STAGE_FACTS: Final = ("n", *FACT_COLUMNS)
 FactsKey = tuple[date, int, int, tuple[Any, ...]]  # (day, host_id, GPU index, fact values)
+# Only the table every batch uses is emptied by its commits: PostgreSQL truncates every ``ON
+# COMMIT DELETE ROWS`` table of the session at each commit that touched a temporary table (about
+# 0.4 ms of the backend's CPU per table, measured). The two used now and then keep their rows
+# and are emptied (TRUNCATE) by the transaction that used them.
 _STAGING: Final = (
     "CREATE TEMP TABLE IF NOT EXISTS stage_host (n integer, LIKE host_samples) ON COMMIT DELETE ROWS",
-    f"CREATE TEMP TABLE IF NOT EXISTS stage_facts ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
+    f"CREATE TEMP TABLE IF NOT EXISTS stage_facts ON COMMIT PRESERVE ROWS AS"  # noqa: S608 (constant)
     f" SELECT 0 AS n, {', '.join(FACT_COLUMNS)} FROM gpu_facts WITH NO DATA",
-    f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT DELETE ROWS AS"  # noqa: S608 (constant)
+    f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT PRESERVE ROWS AS"  # noqa: S608 (constant)
     f" SELECT {', '.join(EVENT_COLUMNS)} FROM events WITH NO DATA",
 )
 
@@ -408,6 +412,7 @@ class Writer:
                     if fid is not None:
                         found[keys[n]] = fid
                         del rows[n]
+                await conn.execute("TRUNCATE stage_facts")
             if not rows:
                 return found
         raise RuntimeError(f"{len(rows)} gpu_facts rows neither inserted nor found")
@@ -530,6 +535,7 @@ class Writer:
             f"INSERT INTO events ({cols}) SELECT DISTINCT ON (host_id, boot_id, seq) {cols}"  # noqa: S608
             " FROM stage_event ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq"
         )
+        await conn.execute("TRUNCATE stage_event")
         return {(r[0], r[1], r[2]) for r in inserted}
 
     async def _write_inventory(self, conn: asyncpg.Connection, f: InventoryFrame) -> bool:
