@@ -22,7 +22,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -567,12 +567,8 @@ class Ingest:
         return keep
 
     async def _ack(self, msgs: Sequence[Msg], batch: Batch) -> None:
-        try:
-            for m in msgs:
-                if id(m) in batch.poison:
-                    await m.term()  # never delivered again; recorded in rejected_frames
-                else:
-                    await m.ack()
+        try:  # poison: +TERM, never delivered again (recorded in rejected_frames)
+            await send_acks(msgs, batch.poison)
         except nats.errors.Error as e:  # unacknowledged messages come again; storing is idempotent
             self._rl.warning("ack", "acknowledging a committed batch failed: %s", e)
 
@@ -702,6 +698,39 @@ def _stream_time(m: Msg, default: float) -> float:
     """When the JetStream server stored ``m`` (``default`` when unknown): the rate limit's clock."""
     ts = ack_meta(m)[2]
     return default if ts is None else ts
+
+
+async def send_acks(msgs: Sequence[Msg], term: Collection[int] = ()) -> None:
+    """Acknowledge ``msgs`` (``+TERM`` those whose ``id`` is in ``term``) in one write.
+
+    An ack is a publish to the message's reply subject; nats-py's ``Msg.ack`` is four coroutines
+    deep and validates the subject each time (~5.5 CPU-µs per message on this machine, against
+    ~0.3 for this): here the batch's PUB commands are joined and handed to the client's write
+    buffer at once, then flushed once, as ``publish`` would have. A nats-py without that buffer
+    gets its own ``ack``/``term`` one by one. Raises what ``publish`` raises on a closed or
+    draining connection (the caller leaves the batch unacknowledged: it comes again)."""
+    if not msgs:
+        return
+    nc: Any = msgs[0]._client
+    send = getattr(nc, "_send_command", None)
+    flush = getattr(nc, "_flush_pending", None)
+    if send is None or flush is None:
+        for m in msgs:
+            await (m.term() if id(m) in term else m.ack())
+        return
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    ack = "  4\r\n+ACK\r\n"
+    lines = []
+    for m in msgs:
+        if not m.reply:  # not a JetStream delivery: nothing to acknowledge (Msg.ack would raise)
+            continue
+        lines.append(f"PUB {m.reply}  5\r\n+TERM\r\n" if id(m) in term else f"PUB {m.reply}{ack}")
+    if lines:
+        await send("".join(lines).encode())
+        await flush()
 
 
 def task_free_fetch(sub: JetStreamContext.PullSubscription) -> None:

@@ -922,14 +922,27 @@ _NAMES: Final[dict[type[Any], tuple[str, ...]]] = {
 _COLUMN_VALUES: Final[dict[type[Any], Any]] = {cls: attrgetter(*_NAMES[cls]) for cls in _TABLES}
 
 
-def _table_of(cls: type[S], t: Any) -> tuple[S, ...]:
+def _table_of(cls: type[S], t: Any, processes: dict[int, list[GpuProcess]] | None = None) -> tuple[S, ...]:
+    """The records of a typed table (``processes``: a GpuSample table's, from the sample's own
+    ``processes`` table, by GPU index; each taken out when given to its GPU)."""
     if type(t) is list or type(t) is tuple:  # the v1 form (or the default), records already
+        if processes:
+            return tuple(
+                replace(g, processes=tuple(processes.pop(g.index))) if g.index in processes else g for g in t
+            )
         return tuple(t)
     for name in _NESTED[cls]:
         if getattr(t, name):
             raise _Decline  # a nested table inside a row: the plain path
+    values = _COLUMN_VALUES[cls](t)
+    if processes:  # in their column: each GPU is made once, with its processes
+        index = values[0]
+        if type(index) is not list:
+            raise _Decline
+        values = list(values)
+        values[_PROCESSES_AT] = [tuple(processes.pop(i)) if i in processes else () for i in index]
     try:  # one record per row, made in C (zip's row tuples go straight to the constructor)
-        return tuple(starmap(cls, zip(*_columns_of(_COLUMN_VALUES[cls](t)), strict=True)))
+        return tuple(starmap(cls, zip(*_columns_of(values), strict=True)))
     except ValueError:
         raise _Decline from None  # columns of different lengths
 
@@ -961,6 +974,7 @@ class _SampleV2Typed(_Header, frozen=True, kw_only=True, tag_field="kind", tag="
 
 
 _PROCESS_VALUES: Final = attrgetter("gpu", *_NAMES[GpuProcess])
+_PROCESSES_AT: Final = _NAMES[GpuSample].index("processes")
 # the places of SystemSample's arrays of records (tables in v2) among its fields
 _SYSTEM_TABLES: Final = tuple(
     (i, item) for i, name in enumerate(_NAMES[SystemSample]) if (item := _NESTED[SystemSample].get(name))
@@ -968,17 +982,13 @@ _SYSTEM_TABLES: Final = tuple(
 
 
 def _sample_typed(w: _SampleV2Typed) -> SampleFrame:
-    gpus = _table_of(GpuSample, w.gpus)
+    by_index: dict[int, list[GpuProcess]] = {}
     if w.processes is not None:
-        by_index: dict[int, list[GpuProcess]] = {}
         for row in _records(_PROCESS_VALUES(w.processes)):
             by_index.setdefault(row[0], []).append(GpuProcess(*row[1:]))
-        if by_index:
-            gpus = tuple(
-                replace(g, processes=tuple(by_index.pop(g.index))) if g.index in by_index else g for g in gpus
-            )
-            if by_index:
-                raise _Decline
+    gpus = _table_of(GpuSample, w.gpus, by_index)
+    if by_index:
+        raise _Decline  # processes of a GPU the frame does not carry
     system = None
     if w.system is not None:
         values = list(msgspec.structs.astuple(w.system))  # SystemSample's fields, in its order

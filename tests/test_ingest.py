@@ -18,8 +18,10 @@ import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nats.aio.msg import Msg
 
-from collector.ingest import Ingest, Limits, check, owner
+import collector.ingest as ingest_mod
+from collector.ingest import Ingest, Limits, ack_meta, check, owner, subject_verdict
 from collector.store import migrate
 from collector.store.rows import storage_problem
 from collector.store.writer import Accepted, Rejection, Writer
@@ -67,6 +69,47 @@ def test_check_accepts_a_good_frame_and_names_each_problem() -> None:
     assert (r.reason, r.field) == ("out_of_range", "seq")  # type: ignore[union-attr]
     wire = to_wire(f) | {"host": "gpu-1\x00"}
     assert check(subject, msgpack.packb(wire), LIMITS).reason == "spoofed"  # type: ignore[union-attr]
+
+
+def test_subject_verdicts_are_remembered_within_a_bound() -> None:
+    ingest_mod._verdicts.clear()
+    good = sample_subject("acme", "gpu-1")
+    first = subject_verdict(good, 0)
+    assert subject_verdict(good, 0) is first  # remembered
+    assert subject_verdict("gpuwarden.v1.sample.acme.gpu 1", 0) == (
+        "bad_subject",
+        "host",
+        "subject host token 'gpu 1' is not canonical",
+    )
+    for i in range(ingest_mod.SUBJECT_VERDICTS):  # made-up subjects never hold more than the bound
+        subject_verdict(f"gpuwarden.v1.sample.acme.h{i}", 0)
+    assert len(ingest_mod._verdicts) <= ingest_mod.SUBJECT_VERDICTS
+    again = subject_verdict(good, 0)  # forgotten, judged again: the same verdict
+    assert again == first
+    assert again is not first
+    f = sample("gpu-1", 5, 1.7e9, provider="acme")
+    assert type(check(good, encode(f), LIMITS)) is Accepted
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.GPUWARDEN.gpuwarden-collector-0of1.3.1234.77.1700000000123456789.42",  # v1
+        "$JS.ACK.hub.ACCHASH.GPUWARDEN.gpuwarden-collector-b7.1.99.5.1700000000500000000.0.r4nd",  # v2
+        "$JS.ACK._.ACCHASH.GPUWARDEN.c.2.99.5.1700000000500000000.0",  # v2, 11 tokens
+    ],
+)
+def test_ack_meta_reads_what_nats_py_reads(reply: str) -> None:
+    m = Msg(_client=None, subject="s", reply=reply, data=b"")  # type: ignore[arg-type]
+    seq, delivered, ts = ack_meta(m)
+    md = m.metadata  # nats-py's own parse of the same subject
+    assert (seq, delivered) == (md.sequence.stream, md.num_delivered)
+    assert ts == pytest.approx(md.timestamp.timestamp(), abs=1e-6)
+
+
+@pytest.mark.parametrize("reply", ["", "_INBOX.abc", "$JS.ACK.S.c.x.1.1.1.1", "$JS.ACK.a.b.c.d.e.f.g.h.i"])
+def test_ack_meta_of_other_subjects_is_unknown(reply: str) -> None:
+    assert ack_meta(Msg(_client=None, subject="s", reply=reply, data=b"")) == (None, 1, None)  # type: ignore[arg-type]
 
 
 def test_partition_owner_is_crc32_of_the_host_token() -> None:
