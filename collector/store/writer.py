@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Final
@@ -69,17 +69,21 @@ EVENT_COLUMNS: Final = (
 )
 
 
-def _samples_sql() -> str:
-    """One statement for a batch of staged host rows: insert those that are new (the idempotence
-    key is host, boot id, sequence) and return their numbers; the GPU rows of exactly those
-    frames are then COPYed straight into ``gpu_samples``. Rollups are not touched here
-    (:meth:`Writer.flush_rollups`)."""
+def _samples_sql(types: Mapping[str, str]) -> str:
+    """One statement for a batch's host rows, sent as one array per column (``types``: each
+    column's SQL type): insert those that are new (the idempotence key is host, boot id,
+    sequence) and return their numbers; the GPU rows of exactly those frames are then COPYed
+    straight into ``gpu_samples``. Rollups are not touched here (:meth:`Writer.flush_rollups`).
+    No staging table: a commit that touched a temporary table truncates the session's ``ON
+    COMMIT DELETE ROWS`` tables, which cost PostgreSQL more CPU than the rows (docs/storage.md)."""
     hcols = ", ".join(HOST_COLUMNS)
-    # identifiers come from constants (column lists of shared.frames fields), never from input
+    arrays = ", ".join(f"${i}::{types[c]}[]" for i, c in enumerate(HOST_STAGE_COLUMNS, 1))
+    # identifiers and types come from constants and the catalog, never from input
     return (
-        f"WITH new AS (INSERT INTO host_samples ({hcols}) SELECT {hcols} FROM stage_host"  # noqa: S608
+        f"WITH s AS (SELECT * FROM unnest({arrays}) AS s({', '.join(HOST_STAGE_COLUMNS)})),"  # noqa: S608
+        f" new AS (INSERT INTO host_samples ({hcols}) SELECT {hcols} FROM s"
         " ON CONFLICT DO NOTHING RETURNING host_id, boot_id, seq)"
-        " SELECT s.n FROM stage_host s JOIN new USING (host_id, boot_id, seq)"
+        " SELECT s.n FROM s JOIN new USING (host_id, boot_id, seq)"
     )
 
 
@@ -114,7 +118,6 @@ UNMARK_SQL: Final = (
 )
 ROLLUP_SLACK: Final = 5.0  # a host's minute is rolled up once it sent a sample this long after it
 ROLLUP_MAX_WAIT: Final = 90.0  # ... or, if it fell silent, this long after it was marked
-SAMPLES_SQL: Final = _samples_sql()
 _FACTS_SQL: Final = (
     f"WITH ins AS (INSERT INTO gpu_facts ({', '.join(FACT_COLUMNS)})"  # noqa: S608 (constant names)
     f" SELECT {', '.join(FACT_COLUMNS)} FROM stage_facts ON CONFLICT DO NOTHING"
@@ -125,12 +128,11 @@ _FACTS_SQL: Final = (
 )
 _STAGE_FACTS: Final = ("n", *FACT_COLUMNS)
 FactsKey = tuple[date, int, int, tuple[Any, ...]]  # (day, host_id, GPU index, fact values)
-# Only the table every batch uses is emptied by its commits: PostgreSQL truncates every ``ON
-# COMMIT DELETE ROWS`` table of the session at each commit that touched a temporary table (about
-# 0.4 ms of the backend's CPU per table, measured). The two used now and then keep their rows
-# and are emptied (TRUNCATE) by the transaction that used them.
+# Staging tables of what is written now and then (a batch's host rows go as arrays instead): they
+# keep their rows and are emptied (TRUNCATE) by the transaction that used them. ON COMMIT DELETE
+# ROWS would have PostgreSQL truncate them at every commit that touched a temporary table (about
+# 0.4 ms of the backend's CPU per table and commit, measured).
 _STAGING: Final = (
-    "CREATE TEMP TABLE IF NOT EXISTS stage_host (n integer, LIKE host_samples) ON COMMIT DELETE ROWS",
     f"CREATE TEMP TABLE IF NOT EXISTS stage_facts ON COMMIT PRESERVE ROWS AS"  # noqa: S608 (constant)
     f" SELECT 0 AS n, {', '.join(FACT_COLUMNS)} FROM gpu_facts WITH NO DATA",
     f"CREATE TEMP TABLE IF NOT EXISTS stage_event ON COMMIT PRESERVE ROWS AS"  # noqa: S608 (constant)
@@ -192,6 +194,7 @@ class Writer:
         # (host_id, minute start) -> monotonic time marked: minutes whose rollups are to be written
         self._pending: dict[tuple[int, float], float] = {}
         self._newest: dict[int, float] = {}  # host_id -> newest sample time stored
+        self._samples_sql = ""  # per connection: its column types are read from the catalog
 
     async def connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -200,6 +203,11 @@ class Writer:
             await conn.execute("SET synchronous_commit = on")
             for sql in _STAGING:
                 await conn.execute(sql)
+            types = await conn.fetch(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = 'host_samples'::regclass AND attnum > 0 AND NOT attisdropped"
+            )
+            self._samples_sql = _samples_sql({"n": "integer", **{r[0]: r[1] for r in types}})
             now = time.monotonic()  # marks left by a crash, or by a batch whose commit we did not see
             marks = await conn.fetch("SELECT host_id, minute FROM gpu_rollup_pending")
             self._pending = {(r[0], r[1].timestamp()): now for r in marks}
@@ -440,8 +448,7 @@ class Writer:
             ts = utc(f.ts)
             host_rows.append(host_row(f, hid, ts, len(numbered)))
             numbered.append((key, f, ts, ids))
-        await conn.copy_records_to_table("stage_host", records=_paced(host_rows), columns=HOST_STAGE_COLUMNS)
-        fresh = await conn.fetch(SAMPLES_SQL)
+        fresh = await conn.fetch(self._samples_sql, *(list(c) for c in zip(*host_rows, strict=True)))
         new_keys: set[FrameKey] = set()
         fresh_marks: set[tuple[int, float]] = set()
         gpu_rows: list[tuple[Any, ...]] = []
