@@ -728,9 +728,15 @@ async def send_acks(msgs: Sequence[Msg], term: Collection[int] = ()) -> None:
         if not m.reply:  # not a JetStream delivery: nothing to acknowledge (Msg.ack would raise)
             continue
         lines.append(f"PUB {m.reply}  5\r\n+TERM\r\n" if id(m) in term else f"PUB {m.reply}{ack}")
-    if lines:
-        await send("".join(lines).encode())
-        await flush()
+    if not lines:
+        return
+    data = "".join(lines).encode()
+    if not nc.is_connected:  # reconnecting: buffered within the client's limit, as publish does
+        limit = getattr(nc, "_max_pending_size", 0)
+        if limit <= 0 or len(data) + getattr(nc, "_pending_data_size", 0) > limit:
+            raise nats.errors.OutboundBufferLimitError
+    await send(data)
+    await flush()
 
 
 def task_free_fetch(sub: JetStreamContext.PullSubscription) -> None:
