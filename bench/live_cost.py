@@ -86,13 +86,20 @@ async def _statements(dsn: str, top: int = 15) -> None:
         print(f"{r['total_exec_time']:10.0f} {r['calls']:8d} {r['rows']:9d}  {r['q']}", file=sys.stderr)
 
 
-def alert_transitions(port: int) -> float:
-    """The collector's ``gpuwarden_alert_transitions_total`` (read outside the measured window)."""
+COUNTERS = ("gpuwarden_alert_transitions_total", "gpuwarden_collector_batches_total")
+
+
+def counters(port: int) -> tuple[float, float]:
+    """The collector's alert transitions and batches committed (read outside the measured
+    window): each batch is a transaction, and what a batch costs beside its frames is most of
+    the CPU a second that does not grow with the fleet (docs/ingest.md)."""
+    got = dict.fromkeys(COUNTERS, float("nan"))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:  # noqa: S310
         for line in r.read().decode().splitlines():
-            if line.startswith("gpuwarden_alert_transitions_total "):
-                return float(line.split()[1])
-    return float("nan")
+            name, _, value = line.partition(" ")
+            if name in got:
+                got[name] = float(value)
+    return got[COUNTERS[0]], got[COUNTERS[1]]
 
 
 def _ready(port: int, proc: Any, timeout: float = 60.0) -> None:
@@ -158,7 +165,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
             time.sleep(WARMUP)
             if profile:
                 asyncio.run(execute(pg.dsn(), "SELECT pg_stat_statements_reset()"))
-            a0 = alert_transitions(port)
+            a0, b0 = counters(port)
             n0 = asyncio.run(gpu_samples(pg.dsn()))
             t0 = time.monotonic()
             c0, p0, s0 = tree_cpu(collector.pid), tree_cpu(pg.proc.pid), tree_cpu(ns.proc.pid)
@@ -168,7 +175,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
             elapsed = time.monotonic() - t0
             load1 = loadavg()
             n1 = asyncio.run(gpu_samples(pg.dsn()))
-            a1 = alert_transitions(port)
+            a1, b1 = counters(port)
         finally:
             stop(fleet)
             stop(collector)
@@ -188,6 +195,7 @@ def measure(hosts: int = HOSTS, window: float = WINDOW, profile: bool = False) -
         "nats": s1 - s0,
         "load": f"{load0} -> {load1}",
         "transitions": a1 - a0,
+        "batches": b1 - b0,
         **sizes,
     }
 
@@ -206,6 +214,7 @@ def run() -> list[Row]:
         (
             f"live: {r['hosts']} hosts x {GPUS} GPUs at 1 s, {r['elapsed']:.0f} s window (load avg)",
             f"{n:,} GPU-samples stored ({n / expected:.0%} of the fleet's); load {r['load']};"
+            f" {r['batches'] / r['elapsed']:.1f} batches (transactions) a second;"
             f" {r['transitions']:.0f} alert transitions (a healthy fleet: 0 unless the machine lags)",
             "",
         ),
