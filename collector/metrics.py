@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
+from isal import isal_zlib
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -94,7 +95,9 @@ class _Families:
 # combined from the chunks' own (zlib's crc32_combine, below).
 
 CHUNK: Final = 256  # hosts per written (and, for gzip, compressed and cached) piece of a family
-GZIP_LEVEL: Final = 1  # the body is very repetitive: level 1 gets most of level 6's ratio, 3x faster
+# ISA-L's deflate (isal_zlib: zlib's interface; raw deflate streams any inflater reads), level 1
+# of its 0-3: on the exposition about 4x as fast as zlib's level 1, and a tenth smaller
+GZIP_LEVEL: Final = 1
 SELECTION_TTL: Final = 600.0  # seconds a selection's compressed chunks are kept after its last scrape
 AHEAD_LEAD: Final = 1.0  # seconds before a selection's expected scrape its changed hosts are rendered
 AHEAD_MIN_INTERVAL: Final = 2.0  # scraped more often than this: not rendered ahead (the scrape does it)
@@ -157,9 +160,9 @@ class Deflated:
 
     @classmethod
     def of(cls, plain: bytes) -> Deflated:
-        c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
-        data = c.compress(plain) + c.flush(zlib.Z_SYNC_FLUSH)
-        return cls(data, zlib.crc32(plain), len(plain), crc32_shift(len(plain)))
+        c = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, -15)
+        data = c.compress(plain) + c.flush(isal_zlib.Z_SYNC_FLUSH)
+        return cls(data, isal_zlib.crc32(plain), len(plain), crc32_shift(len(plain)))
 
 
 _EMPTY: Final = Deflated(b"", 0, 0, 1 << 31)
@@ -174,7 +177,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time, OS unknown
-DEFLATE_END: Final = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15).flush()  # an empty final block
+DEFLATE_END: Final = zlib.compressobj(1, zlib.DEFLATED, -15).flush()  # an empty final block
 
 
 def gzip_pieces(pieces: Iterable[Deflated]) -> Iterator[bytes]:
@@ -543,7 +546,7 @@ class Exposition:
                     chunks.append((vers, _EMPTY))
                 if chunks[n][1] is _EMPTY or chunks[n][0] != vers:
                     stale.append((chunks, n, vers, [e.frags[k] for e in part]))
-        # compressed in worker threads (zlib lets go of the GIL): each joins its own chunk, so
+        # compressed in worker threads (isal_zlib lets go of the GIL): each joins its own chunk, so
         # only the chunks being compressed exist in plain at a time
         for (chunks, n, vers, _), d in zip(
             stale, _pool().map(Deflated.join, [s[3] for s in stale]), strict=True

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import prometheus_client
 import pytest
 from aiohttp import web
@@ -466,6 +467,62 @@ async def test_values_are_written_exactly_whatever_their_form() -> None:
         assert float(got[("gpuwarden_gpu_memory_used_bytes", labels)]) == float(g.mem_used_bytes or 0)
     line = 'gpuwarden_gpu_memory_used_bytes{provider="p\\\\%",host="h\\"%1",gpu="0",uuid="GPU-odd-0"} '
     assert f"{line}{2**64 - 1}\n" in text  # an integer is written as it is, every digit
+
+
+def test_blocks_rendered_again_are_what_a_fresh_cache_writes() -> None:
+    """Hosts whose blocks are rendered again from a new sample (only the families whose values
+    changed), with values of every form and GPUs that go or get lost, write byte for byte what
+    a fresh cache writes (every block rendered from nothing), and a block whose values did not
+    change is kept as it was."""
+    replace = msgspec.structs.replace
+
+    def gpus(host: str, seq: int) -> tuple[GpuSample, ...]:
+        return tuple(replace(gpu_sample(host, i, seq), ecc_sbe_volatile=3) for i in range(8))
+
+    def odd(gs: tuple[GpuSample, ...], **change: Any) -> tuple[GpuSample, ...]:
+        return tuple(replace(g, **change) if g.index == 2 else g for g in gs)
+
+    names = [f"h-{n}" for n in range(300)] + ['h"%1']  # more than a batch, and a label with a %
+    expo = Exposition()
+    expo.update(snapshot_of({n: ("p", gpus(n, 1)) for n in names}))
+    first = b"".join(plain_pieces(expo.pieces(Select())))
+    total = [n for n, _, _ in HOST_FAMILIES].index("gpuwarden_gpu_memory_total_bytes")
+    kept = expo.hosts["h-0"].frags[total]
+    second = {n: ("p", gpus(n, 2)) for n in names}
+    for name, change in {
+        "h-3": {"power_w": None},
+        "h-4": {"temp_c": float("nan")},
+        "h-5": {"mem_used_bytes": 65.0},  # a float where an integer is written
+        "h-6": {"lost": True},
+        "h-9": {"ecc_sbe_volatile": 4},
+        "h-11": {"mem_used_bytes": 2**64 + 5},  # over 64 bits: not msgspec's
+        "h-12": {"util_gpu_pct": float("inf")},
+    }.items():
+        second[name] = ("p", odd(second[name][1], **change))
+    second["h-7"] = ("p", second["h-7"][1][:4])  # GPUs gone
+    second["h-8"] = ("q", second["h-8"][1])  # another provider
+    for snap in (second, {n: ("p", gpus(n, 3)) for n in names}):  # odd, then plain again
+        expo.update(snapshot_of(snap))
+        got = b"".join(plain_pieces(expo.pieces(Select())))
+        fresh = Exposition()
+        fresh.update(snapshot_of(snap))
+        assert got == b"".join(plain_pieces(fresh.pieces(Select())))
+        assert got != first
+        assert expo.hosts["h-0"].frags[total] is kept  # the same values: the block is not replaced
+    assert 'gpuwarden_gpu_temperature_celsius{provider="p",host="h-4",gpu="2",uuid="GPU-h-4-2"} NaN' in (
+        second_text := b"".join(plain_pieces(fresh_of(second).pieces(Select()))).decode()
+    )
+    assert (
+        'gpuwarden_gpu_memory_used_bytes{provider="p",host="h-11",gpu="2",uuid="GPU-h-11-2"} '
+        + str(2**64 + 5)
+        in second_text
+    )
+
+
+def fresh_of(hosts: dict[str, tuple[str, tuple[GpuSample, ...]]]) -> Exposition:
+    expo = Exposition()
+    expo.update(snapshot_of(hosts))
+    return expo
 
 
 def test_the_kept_selections_are_bounded() -> None:
