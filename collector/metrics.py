@@ -92,7 +92,7 @@ class _Families:
 # so the whole body is never built at once. For gzip, each chunk of CHUNK hosts of one family
 # is compressed once and kept until one of its hosts' blocks changes: the chunks are raw deflate
 # streams ended by a sync flush, so they concatenate into one gzip member whose CRC-32 is
-# combined from the chunks' own (zlib's crc32_combine, below).
+# combined from the chunks' own (isal_zlib.crc32_combine, zlib's, in C).
 
 CHUNK: Final = 256  # hosts per written (and, for gzip, compressed and cached) piece of a family
 # ISA-L's deflate (isal_zlib: zlib's interface; raw deflate streams any inflater reads), level 1
@@ -102,47 +102,6 @@ SELECTION_TTL: Final = 600.0  # seconds a selection's compressed chunks are kept
 AHEAD_LEAD: Final = 1.0  # seconds before a selection's expected scrape its changed hosts are rendered
 AHEAD_MIN_INTERVAL: Final = 2.0  # scraped more often than this: not rendered ahead (the scrape does it)
 MAX_SELECTIONS: Final = 64  # selections whose chunks are kept (/metrics is open: the least recent go)
-_POLY: Final = 0xEDB88320  # CRC-32 (gzip's), reflected
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a times b modulo the CRC-32 polynomial (zlib's multmodp); ``a`` is not zero."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-def _x2n_table() -> tuple[int, ...]:
-    p = 1 << 30  # x^1
-    out = [p]
-    for _ in range(31):
-        p = _multmodp(p, p)
-        out.append(p)
-    return tuple(out)
-
-
-_X2N: Final = _x2n_table()
-
-
-def crc32_shift(n: int) -> int:
-    """x^(8n) modulo the CRC-32 polynomial: what :func:`crc32_combine` multiplies by for n bytes."""
-    p, k = 1 << 31, 3
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return p
-
-
-def crc32_combine(crc1: int, crc2: int, shift2: int) -> int:
-    """CRC-32 of A+B from those of A and B, ``shift2`` being ``crc32_shift(len(B))``."""
-    return _multmodp(shift2, crc1) ^ crc2
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +111,6 @@ class Deflated:
     data: bytes
     crc: int  # CRC-32 of the plain text
     size: int  # bytes of plain text
-    shift: int  # crc32_shift(size)
 
     @classmethod
     def join(cls, parts: list[bytes]) -> Deflated:
@@ -162,10 +120,10 @@ class Deflated:
     def of(cls, plain: bytes) -> Deflated:
         c = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, -15)
         data = c.compress(plain) + c.flush(isal_zlib.Z_SYNC_FLUSH)
-        return cls(data, isal_zlib.crc32(plain), len(plain), crc32_shift(len(plain)))
+        return cls(data, isal_zlib.crc32(plain), len(plain))
 
 
-_EMPTY: Final = Deflated(b"", 0, 0, 1 << 31)
+_EMPTY: Final = Deflated(b"", 0, 0)
 _POOL: list[ThreadPoolExecutor] = []
 
 
@@ -185,7 +143,7 @@ def gzip_pieces(pieces: Iterable[Deflated]) -> Iterator[bytes]:
     crc, size = 0, 0
     yield GZIP_HEADER
     for p in pieces:
-        crc = crc32_combine(crc, p.crc, p.shift)
+        crc = isal_zlib.crc32_combine(crc, p.crc, p.size)
         size += p.size
         yield p.data
     yield DEFLATE_END + struct.pack("<II", crc, size & 0xFFFFFFFF)

@@ -9,7 +9,6 @@ import contextlib
 import gzip
 import json
 import math
-import random
 import subprocess
 import time
 import urllib.parse
@@ -37,8 +36,6 @@ from collector.metrics import (
     FleetCollector,
     Select,
     Snapshot,
-    crc32_combine,
-    crc32_shift,
     gzip_pieces,
     plain_pieces,
     shard_of,
@@ -314,14 +311,6 @@ def test_the_gzip_stream_decodes_to_the_plain_text(service: CollectorService) ->
         assert d.decompress(z) == plain
         assert d.eof
         assert d.unused_data == b""
-
-
-def test_crc32_combine_agrees_with_zlib() -> None:
-    rng = random.Random(3)
-    for _ in range(50):
-        a = rng.randbytes(rng.randrange(0, 3000))
-        b = rng.randbytes(rng.randrange(0, 70000))
-        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), crc32_shift(len(b))) == zlib.crc32(a + b)
 
 
 def test_shards_partition_the_hosts_and_carry_the_totals_once(service: CollectorService) -> None:
