@@ -31,7 +31,13 @@ from tests.support.local_http import Handler, LocalHttp
 from tests.support.scenario import CHANNELS, Scenario, Told, catalogue, mismatches, told_of_webhook
 
 E2E = [sc for sc in catalogue() if sc.e2e]
-LATE = 2.0  # s past a window's end that a real collector's notification may arrive
+# s past a window's end that a real collector's notification may arrive (never before its
+# start). The windows are exact on the pure run's virtual clock (tests/test_scenarios.py); here
+# they are a real process's on a shared 2-core machine: in full test runs a provider incident's
+# first notice came 2-6.5 s past its window (ack_incident_stops_escalation: 13.1, 17.1 and 17.5 s
+# for 7-11 s, never alone, even beside four busy loops). What is told, to whom, at which level,
+# and that nothing else is told, stays exact; how soon is measured by bench/alert_latency.py.
+LATE = 8.0
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
