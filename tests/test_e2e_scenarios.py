@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -36,7 +37,8 @@ E2E = [sc for sc in catalogue() if sc.e2e]
 # they are a real process's on a shared 2-core machine: in full test runs a provider incident's
 # first notice came 2-6.5 s past its window (ack_incident_stops_escalation: 13.1, 17.1 and 17.5 s
 # for 7-11 s, never alone, even beside four busy loops). What is told, to whom, at which level,
-# and that nothing else is told, stays exact; how soon is measured by bench/alert_latency.py.
+# and that nothing else is told, stays exact; how soon is measured by bench/alert_latency.py. A
+# failure prints the collector's alert transitions and outbox times (judged late or sent late).
 LATE = 8.0
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -144,7 +146,7 @@ async def act(c: Collector, action: Mapping[str, Any]) -> None:
         raise AssertionError(f"action {dict(action)} has no end-to-end form: keep the scenario pure")
 
 
-async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> list[Told]:
+async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> tuple[list[Told], float]:
     async with Hooks() as hooks:
         hooks_toml = "".join(
             f'[[notify.webhook]]\nname = "{ch}"\nurl = "{hooks.url}/{ch}"\nbackoff = "50ms"\n'
@@ -178,7 +180,31 @@ async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> list[Told
         finally:
             if c.svc is not None:
                 await c.stop()
-    return told
+    return told, t0
+
+
+async def timeline(dsn: str, t0: float) -> str:
+    """What the collector recorded, in s since the scenario's start: its alert transitions and
+    its outbox (queued, sent), to tell a late notice's cause (judged late, or delivered late)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM at)::float8 AS at, kind, rule, labels->>'host' AS host, incident"
+            " FROM alert_transitions ORDER BY at, id"
+        )
+        sent = await conn.fetch(
+            "SELECT channel, payload->>'kind' AS kind, extract(epoch FROM created_at)::float8 AS queued,"
+            " extract(epoch FROM sent_at)::float8 AS sent FROM notification_outbox ORDER BY id"
+        )
+    finally:
+        await conn.close()
+    out = [
+        f"  {r['at'] - t0:7.2f} {r['kind']:<14} {r['rule']} {r['host']} {r['incident'] or ''}" for r in rows
+    ]
+    for r in sent:
+        done = "-" if r["sent"] is None else f"{r['sent'] - t0:.2f}"
+        out.append(f"  outbox {r['channel']} {r['kind']}: queued {r['queued'] - t0:.2f} sent {done}")
+    return "\n".join(out)
 
 
 @pytest.mark.parametrize(
@@ -187,6 +213,6 @@ async def run_e2e(sc: Scenario, tmp: Path, dsn: str, nats_url: str) -> list[Told
 async def test_scenario_end_to_end(
     sc: Scenario, tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:
-    told = await asyncio.wait_for(run_e2e(sc, tmp_path, pg_dsn, private_nats.url), sc.duration + 90)
+    told, t0 = await asyncio.wait_for(run_e2e(sc, tmp_path, pg_dsn, private_nats.url), sc.duration + 90)
     problems = mismatches(sc, told, late=LATE)
-    assert not problems, f"{sc.title}\n" + "\n".join(problems)
+    assert not problems, f"{sc.title}\n" + "\n".join(problems) + "\n" + await timeline(pg_dsn, t0)

@@ -193,14 +193,22 @@ async def test_stream_setup_is_retried_while_the_stream_is_not_found_yet(
     nc = await nats.connect(private_nats.url)
     js = nc.jetstream(timeout=5)
     tries = 0
+    not_found = 0
 
     async def step() -> None:
-        nonlocal tries
+        nonlocal tries, not_found
         tries += 1
-        await js.stream_info(STREAM)
+        try:
+            await js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            not_found += 1
+            raise
 
     async def another_collector() -> None:
-        await until(lambda: tries >= 1, timeout=60, what="a first attempt")
+        # The stream appears only once an attempt has been answered "not found": NATS may
+        # handle a request sent before another out of order, so waiting for a first attempt
+        # to be sent is not enough.
+        await until(lambda: not_found >= 1, timeout=60, what="a first attempt refused")
         await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS)))
 
     try:
@@ -209,6 +217,7 @@ async def test_stream_setup_is_retried_while_the_stream_is_not_found_yet(
             await settle(step)
             await creating
         assert tries >= 2
+        assert not_found >= 1
         assert "stream setup failed, retrying: NotFoundError" in caplog.text
 
         refusals = 0
