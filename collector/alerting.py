@@ -471,7 +471,7 @@ class Alerting:
                     await self.save_health()
             except db.ERRORS as e:
                 self.persist_errors += 1
-                log.warning("alert state not persisted, will retry: %s", e)
+                log.warning("alert state not persisted, will retry: %s", str(e) or repr(e))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -778,7 +778,7 @@ class Alerting:
             if self._persist_down_since is None:
                 self._persist_down_since = now
                 log.warning(
-                    "alert state not persisted, will retry; delivering from memory: %s", e or "timeout"
+                    "alert state not persisted, will retry; delivering from memory: %s", str(e) or repr(e)
                 )
             self._send_early()
             return

@@ -211,6 +211,9 @@ class IngestStats:
     frames_stored: int = 0
     gpu_samples_stored: int = 0
     duplicates: int = 0
+    # deliveries of a message NATS delivered before (not acknowledged within ack_wait, a nak, or
+    # a bucket's previous holder gone with it): checked and judged again, stored once
+    redelivered: int = 0
     skipped_other_partition: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     gpu_entries_rejected: Counter[str] = field(default_factory=Counter)  # GPU entries dropped, by reason
@@ -465,6 +468,8 @@ class Ingest:
             if i % CHECK_CHUNK == CHECK_CHUNK - 1:
                 await asyncio.sleep(0)
             seq, delivered, stored_at = ack_meta(m)
+            if delivered > 1:
+                self.stats.redelivered += 1
             if group is not None and stray.is_stray(m.subject):
                 batch.stray.append(m)  # of no frame's shape: rejected below, acknowledged
             elif group is not None:  # filtered consumers: stream sequence jumps are other buckets

@@ -816,6 +816,12 @@ class FleetCollector(Collector):
         yield CounterMetricFamily(
             c + "frames_duplicate", "Frames already stored.", value=float(st.duplicates)
         )
+        yield CounterMetricFamily(
+            c + "frames_redelivered",
+            "Messages NATS delivered again (not acknowledged within ack_wait, or their bucket's "
+            "previous holder gone): checked again, stored once.",
+            value=float(st.redelivered),
+        )
         rejected = CounterMetricFamily(c + "frames_rejected", "Frames refused, by reason.", labels=["reason"])
         for reason, n in sorted(st.rejected.items()):
             rejected.add_metric([reason], float(n))

@@ -458,15 +458,24 @@ async def test_mutated_real_frames_through_a_running_collector(
         assert svc.alerting._task is not None
         assert not svc.alerting._task.done()
         total = st_.frames_stored + st_.duplicates + sum(st_.rejected.values())
-        assert total == len(messages), (st_.frames_stored, st_.duplicates, st_.rejected)
+        # each message once, and again per redelivery (a batch not acknowledged within ack_wait
+        # on an overloaded machine: 1,454 for 1,240 in a full run beside two busy loops)
+        figures = (st_.frames_stored, st_.duplicates, st_.rejected, st_.redelivered)
+        assert len(messages) <= total <= len(messages) + st_.redelivered, figures
         assert set(st_.rejected) <= REASONS, st_.rejected
         assert st_.hook_errors == 0
         assert st_.frames_stored > len(messages) // 20
         stored_rejects = sum(n for k, n in st_.rejected.items() if k != "rate_limited")
-        await until(lambda: _count(conn, "rejected_frames", stored_rejects))
+        # one row per message (by stream sequence): a redelivered rejection is counted again
+        await until(lambda: _count(conn, "rejected_frames", stored_rejects - st_.redelivered))
         rows = await conn.fetch("SELECT reason, count(*) AS n FROM rejected_frames GROUP BY reason")
         kept = Counter({k: v for k, v in st_.rejected.items() if k != "rate_limited"})  # counted only
-        assert Counter({r["reason"]: r["n"] for r in rows}) == kept
+        got = Counter({r["reason"]: r["n"] for r in rows})
+        if st_.redelivered == 0:
+            assert got == kept
+        else:
+            assert not got - kept, (got, kept)
+            assert (kept - got).total() <= st_.redelivered, (got, kept, st_.redelivered)
         if group:  # what the stray consumer delivered is acknowledged: it does not come back
             await until(lambda: _stray_acked(private_nats.url, stray_consumer(cfg.collector.durable)))
         assert svc.alerting.counts["fast_event_errors"] == 0

@@ -369,6 +369,7 @@ async def test_a_message_delivered_max_deliver_times_is_terminated_as_poison(
         await until(lambda: _count(conn, "host_samples", 5))
         await until(lambda: _count(conn, "rejected_frames", 1))
         assert ingest.stats.rejected == Counter({"poison": 1})
+        assert ingest.stats.redelivered == 1  # its third delivery
     row = await conn.fetchrow("SELECT reason, subject, stream_seq FROM rejected_frames")
     assert (row["reason"], row["subject"], row["stream_seq"]) == (
         "poison",
