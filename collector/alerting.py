@@ -64,7 +64,7 @@ from collector.group.store import Reload
 from collector.health import ExpectedHost, HealthEngine, HealthState
 from collector.health.codec import state_from_dict
 from collector.health.history import BoardHistory, FleetHistory
-from collector.health.model import Observation
+from collector.health.model import Observation, seen_at
 from collector.health.rollup import HostHealth, host_health
 from collector.ingest import IngestStats, owner
 from collector.inventory import ExpectedHost as ListedHost
@@ -521,8 +521,8 @@ class Alerting:
         obs: list[Observation] = []
         for f in part:
             _, o = observe(h, f, now)
-            if o:
-                obs += o
+            if o:  # dated by the frame too: `for` holds in the host's time through a backlog
+                obs += seen_at(o, f.ts)
         if back:  # a host was last heard when its frame reached the stream, not when judged
             for f in part:
                 hs = h.hosts.get(f.host)

@@ -23,6 +23,7 @@ from agent.sampler import Sequencer, build_event, build_sample
 from collector.alerts import AlertEngine, AlertState, alert_config_from
 from collector.health import HealthEngine, HealthState
 from collector.health.config import GpuThresholds, HealthConfig, HealthSection
+from collector.health.model import seen_at
 from shared.frames import Frame
 
 T0 = 1_700_000_000.0
@@ -30,6 +31,7 @@ INTERVAL, OFFSET, POLL = 1.0, 0.3, 0.1  # samples at k + 0.3 s, events polled ev
 START, LENGTH, RUN = 4.0, 8.0, 22.0
 FAST = 0.02  # the fast event path: an event is judged this long after it happened
 FOR = 2.0
+BURST = 17.0
 # fault -> the alert it raises on GPU 2 (every fault kind whose events are judged on the fast path
 # while its samples judge the same check)
 FAULTS = {
@@ -52,6 +54,10 @@ LAGS: dict[str, Any] = {
     "2.5s": lambda k: 2.5,
     "jitter": lambda k: (0.2, 1.4, 0.6, 2.1, 0.9)[k % 5],
     "jitter-slow": lambda k: (0.8, 2.6, 1.2, 3.0)[k % 4],
+    # a backlog: every sample up to 17 s (the whole fault) judged in one burst at 17 s, 10 ms
+    # apart (after an outage of the collector's own, or replayed by a group member taking over
+    # the host's bucket): the fault held its `for` in the host's time, not in the burst's
+    "backlog": lambda k: max(0.05, BURST - (k * INTERVAL + OFFSET) + 0.01 * k),
 }
 
 
@@ -98,6 +104,7 @@ def run(fault: str, lag: Any) -> list[tuple[str, str]]:
             at, _, frame = heapq.heappop(judged)
             now = T0 + at
             hs, obs = health.observe(hs, frame, now)
+            obs = seen_at(obs, frame.ts)  # as the collector dates them (Alerting._observe)
         else:  # the collector's timer (`for`, expiry), every 0.1 s
             now = T0 + tick
             hs, obs = health.tick(hs, now)
@@ -107,8 +114,22 @@ def run(fault: str, lag: Any) -> list[tuple[str, str]]:
     return notes
 
 
-@pytest.mark.parametrize("lag", list(LAGS))
-@pytest.mark.parametrize("fault", list(FAULTS))
+# A known gap (docs/alerts.md, "Known gap"): the software-thermal throttle is warned about from
+# the samples' accrued violation time only; its end event, judged at once on the fast path,
+# makes the backlog's older samples "older news" (collector/health/gpu.py, _clocks), so a
+# throttle whose samples all wait behind its end event is not told. Strict: fixed, it fails.
+GAPS = {("throttle=sw_thermal", "backlog")}
+GAP = pytest.mark.xfail(strict=True, reason="its samples are superseded by its end event, judged first")
+
+
+@pytest.mark.parametrize(
+    ("fault", "lag"),
+    [
+        pytest.param(f, lag, id=f"{f}-{lag}", marks=[GAP] if (f, lag) in GAPS else [])
+        for f in FAULTS
+        for lag in LAGS
+    ],
+)
 def test_a_fault_is_notified_once_whatever_the_ingest_lag(fault: str, lag: str) -> None:
     rule = FAULTS[fault]
     notes = [n for n in run(fault, LAGS[lag]) if n[0] == rule]

@@ -118,6 +118,7 @@ class Correlator:
 
     def forget(self, state: AlertState, key: str) -> None:
         a = state.alerts.pop(key)
+        state.pending_seen.pop(a.fingerprint, None)
         state.by_fp.pop(a.fingerprint, None)
         for iid in (a.incident, state.open_incidents.get(f"provider:{a.labels.get('provider', '')}")):
             inc = state.incidents.get(iid) if iid else None

@@ -110,6 +110,15 @@ class AlertEngine:
                 if a is not None and (a.fingerprint in ctx.fired or any(x is a for x, _, _ in ctx.later)):
                     self._tell(state, ctx, provider_hosts)
                     seen.clear()
+            if o.seen is not None and o.status == HEALTHY and not o.reason:
+                a = alerts.get(key)
+                held = a is not None and a.state == PENDING and not a.flapping
+                if held and a is not None and self._held_for(state, a, o.seen):
+                    # its condition held `for` in the host's time, judged in less (a backlog, a
+                    # takeover's replay): it fires, late, and is told before it resolves
+                    self._fire(state, a, ctx)
+                    self._tell(state, ctx, provider_hosts)
+                    seen.clear()
             seen.add(key)
             self._observe(state, o, ctx)
         if not due and now >= state.next_due:  # an observation made something due now (uninhibited)
@@ -190,9 +199,13 @@ class AlertEngine:
         if active:
             st = a.state
             if st == RESOLVED:
+                if o.seen is not None:
+                    state.pending_seen[a.fingerprint] = o.seen
                 self._start(state, a, ctx)
             elif st == PENDING:
-                if now - a.started_at >= self.for_of(a):
+                if now - a.started_at >= self.for_of(a) or (
+                    o.seen is not None and self._held_for(state, a, o.seen)
+                ):
                     self._fire(state, a, ctx)
             elif old_severity != a.severity:
                 self._severity(state, a, old_severity, ctx)
@@ -287,7 +300,14 @@ class AlertEngine:
         elif now + wait < state.next_due:
             state.next_due = now + wait
 
+    def _held_for(self, state: AlertState, a: Alert, seen: float) -> bool:
+        """``a`` (pending) has held its ``for`` by the host's time when it is observed at ``seen``
+        (frames judged in a burst: ``now`` moved less than the host's clock did)."""
+        since, wait = state.pending_seen.get(a.fingerprint), self.for_of(a)
+        return since is not None and wait > 0 and seen - since >= wait
+
     def _fire(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        state.pending_seen.pop(a.fingerprint, None)
         a.state, a.fired_at = FIRING, ctx.now
         ctx.transition(a, "firing")
         if a.rule in self.corr.sources:
@@ -295,6 +315,7 @@ class AlertEngine:
         ctx.fired[a.fingerprint] = a
 
     def _resolve(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
+        state.pending_seen.pop(a.fingerprint, None)
         now = ctx.now
         was = a.state
         a.state, a.resolved_at = RESOLVED, now

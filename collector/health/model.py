@@ -12,6 +12,7 @@ through :func:`collector.health.codec.health_snapshot` / ``state_from_dict``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -70,11 +71,21 @@ class Observation:
     advice: str = ""  # longer advice
     immediate: bool = False  # an event: an alert fires at once instead of waiting its `for`
     reason: str = ""  # set on a final healthy observation: the subject is gone (REASONS)
+    # the host's time of the frame it concluded from (None: not from a frame, e.g. staleness):
+    # a backlog judged in a burst keeps the time a condition held (AlertEngine, ``for``)
+    seen: float | None = None
 
     @property
     def action(self) -> str:
         """What to do about it (``collector.health.actions``; ``none`` when healthy)."""
         return action_for(self.check, self.labels, self.value, self.status == HEALTHY)
+
+
+def seen_at(observations: list[Observation], ts: float) -> list[Observation]:
+    """``observations`` of one frame, dated with its time (``ts``, the host's clock) as well as
+    with when they were judged: the alert engine counts ``for`` in either (a backlog judged in a
+    burst keeps the time its conditions held)."""
+    return [dataclasses.replace(o, seen=ts) for o in observations]
 
 
 @dataclass(slots=True)
