@@ -4,6 +4,7 @@ flapping, persistence, config. Pure engines; the health engine feeds it where th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -98,6 +99,39 @@ def fp_of(o: Observation) -> str:
 
 
 # ----------------------------------------------------------------------------- lifecycle
+
+
+def test_for_holds_in_the_hosts_time_through_a_backlog_judged_in_a_burst() -> None:
+    """Frames judged within 0.3 s of each other, 40 s apart on the host (``seen``): a condition
+    the host's frames show held for its ``for`` (30 s) fires and is told before it resolves; one
+    whose last frame still showing it came less than ``for`` after its first is not told, even
+    when the frame that clears it comes later than that."""
+    run = Run(make())
+    fp = fp_of(ob("gpu.temperature", "warning"))
+    warn, ok = ob("gpu.temperature", "warning"), ob("gpu.temperature", "healthy")
+    host = T0 - 100  # the frames' times on the host
+    run(T0, dataclasses.replace(warn, seen=host))
+    run(T0 + 0.1, dataclasses.replace(warn, seen=host + 10))
+    assert run.kinds(fp) == ["pending"]
+    run(T0 + 0.2, dataclasses.replace(warn, seen=host + 31))  # held 31 s on the host: fires
+    notes = run(T0 + 0.3, dataclasses.replace(ok, seen=host + 40))
+    assert run.kinds(fp) == ["pending", "firing", "resolved"]
+    assert [n.kind for n in run.notes] == ["firing", "resolved"]
+    assert [n.kind for n in notes] == ["resolved"]
+
+    run = Run(make())
+    run(T0, dataclasses.replace(warn, seen=host))
+    run(T0 + 0.1, dataclasses.replace(warn, seen=host + 20))  # last seen holding after 20 s
+    run(T0 + 0.2, dataclasses.replace(ok, seen=host + 40))  # cleared: it held 20 to 40 s
+    assert run.kinds(fp) == ["pending", "resolved"]
+    assert run.notes == []
+
+    run = Run(make())  # its last frame still showing it 30 s after the first: fired, then resolved
+    run(T0, dataclasses.replace(warn, seen=host))
+    run(T0 + 0.1, dataclasses.replace(warn, seen=host + 30))
+    run(T0 + 0.2, dataclasses.replace(ok, seen=host + 31))
+    assert run.kinds(fp) == ["pending", "firing", "resolved"]
+    assert [n.kind for n in run.notes] == ["firing", "resolved"]
 
 
 def test_threshold_rule_pending_then_firing_then_resolved() -> None:

@@ -113,7 +113,7 @@ class AlertEngine:
             if o.seen is not None and o.status == HEALTHY and not o.reason:
                 a = alerts.get(key)
                 held = a is not None and a.state == PENDING and not a.flapping
-                if held and a is not None and self._held_for(state, a, o.seen):
+                if held and a is not None and self._held_for(state, a):
                     # its condition held `for` in the host's time, judged in less (a backlog, a
                     # takeover's replay): it fires, late, and is told before it resolves
                     self._fire(state, a, ctx)
@@ -200,12 +200,12 @@ class AlertEngine:
             st = a.state
             if st == RESOLVED:
                 if o.seen is not None:
-                    state.pending_seen[a.fingerprint] = o.seen
+                    state.pending_seen[a.fingerprint] = (o.seen, o.seen)
                 self._start(state, a, ctx)
             elif st == PENDING:
-                if now - a.started_at >= self.for_of(a) or (
-                    o.seen is not None and self._held_for(state, a, o.seen)
-                ):
+                if o.seen is not None and (span := state.pending_seen.get(a.fingerprint)) is not None:
+                    state.pending_seen[a.fingerprint] = (span[0], max(span[1], o.seen))
+                if now - a.started_at >= self.for_of(a) or self._held_for(state, a):
                     self._fire(state, a, ctx)
             elif old_severity != a.severity:
                 self._severity(state, a, old_severity, ctx)
@@ -300,11 +300,13 @@ class AlertEngine:
         elif now + wait < state.next_due:
             state.next_due = now + wait
 
-    def _held_for(self, state: AlertState, a: Alert, seen: float) -> bool:
-        """``a`` (pending) has held its ``for`` by the host's time when it is observed at ``seen``
-        (frames judged in a burst: ``now`` moved less than the host's clock did)."""
-        since, wait = state.pending_seen.get(a.fingerprint), self.for_of(a)
-        return since is not None and wait > 0 and seen - since >= wait
+    def _held_for(self, state: AlertState, a: Alert) -> bool:
+        """``a`` (pending) has held its ``for`` by the host's time: from the frame it went pending
+        on to the last frame that still showed it (frames judged in a burst: ``now`` moved less
+        than the host's clock did). A frame that clears it does not count: the condition held
+        until the one before, as far as anyone knows."""
+        span, wait = state.pending_seen.get(a.fingerprint), self.for_of(a)
+        return span is not None and wait > 0 and span[1] - span[0] >= wait
 
     def _fire(self, state: AlertState, a: Alert, ctx: Ctx) -> None:
         state.pending_seen.pop(a.fingerprint, None)
