@@ -110,15 +110,13 @@ class AlertEngine:
                 if a is not None and (a.fingerprint in ctx.fired or any(x is a for x, _, _ in ctx.later)):
                     self._tell(state, ctx, provider_hosts)
                     seen.clear()
-            if o.seen is not None and o.status == HEALTHY and not o.reason:
-                a = alerts.get(key)
-                held = a is not None and a.state == PENDING and not a.flapping
-                if held and a is not None and self._held_for(state, a):
-                    # its condition held `for` in the host's time, judged in less (a backlog, a
-                    # takeover's replay): it fires, late, and is told before it resolves
-                    self._fire(state, a, ctx)
-                    self._tell(state, ctx, provider_hosts)
-                    seen.clear()
+            a = alerts.get(key) if o.seen is not None and o.status == HEALTHY and not o.reason else None
+            if a is not None and a.state == PENDING and not a.flapping and self._held_for(state, a):
+                # its condition held `for` in the host's time, judged in less (a backlog, a
+                # takeover's replay): it fires, late, and is told before it resolves
+                self._fire(state, a, ctx)
+                self._tell(state, ctx, provider_hosts)
+                seen.clear()
             seen.add(key)
             self._observe(state, o, ctx)
         if not due and now >= state.next_due:  # an observation made something due now (uninhibited)

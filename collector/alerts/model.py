@@ -270,13 +270,13 @@ class AlertState:
     hosts: dict[str, dict[str, None]] = field(default_factory=dict)  # provider -> hosts seen
     active_silences: list[str] = field(default_factory=list)  # ids active at the last evaluation
     next_due: float = 0.0  # the earliest time something time-driven happens
-    # Derived indexes (rebuilt by reindex(), not persisted).
-    by_fp: dict[str, Alert] = field(default_factory=dict)
     # pending alert (fingerprint) -> the host's times (its frames') it went pending at and was
     # last seen still holding, when observed from frames: ``for`` also holds in the host's time
     # (a backlog judged in a burst). Not persisted: a pending alert restored counts from its
     # ``started_at``, before the gap.
     pending_seen: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Derived indexes (rebuilt by reindex(), not persisted).
+    by_fp: dict[str, Alert] = field(default_factory=dict)
     by_host: dict[tuple[str, str], dict[str, None]] = field(default_factory=dict)
     roots: dict[tuple[str, tuple[str, ...]], dict[str, None]] = field(default_factory=dict)
 
