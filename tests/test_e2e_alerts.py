@@ -33,6 +33,8 @@ provider_incident_min_hosts = 1000  # 16 hosts of one provider fail at once on p
 stale_after = "6s"  # 3 s: a busy machine starved the in-process fleet past it (11 hosts unreachable)
 [health.gpu]
 xid_window = "6s"
+rate_window = "2s"  # the 12 s rate faults clear 2 s after their end (per-sample rates flickered when
+                    # a starved fleet sampled 0.3 s apart: ecc_sbe paged twice)
 clock_event_sustained = "1h"
 [health.node]
 ib_flap_window = "6s"

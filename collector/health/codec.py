@@ -7,11 +7,11 @@ ever sees plain dataclasses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from collector.health.history import BoardHistory, FatalXid, FleetHistory
-from collector.health.model import HEALTHY, CheckStatus, GpuState, HealthState, HostState, XidRecord
+from collector.health.model import HEALTHY, CheckStatus, GpuState, HealthState, HostState, RateMark, XidRecord
 from shared.frames import (
     ClockSync,
     DiskUsage,
@@ -74,8 +74,14 @@ def _gpu(d: Mapping[str, Any]) -> GpuState:
             "xids": {int(k): XidRecord(**x) for k, x in d.get("xids", {}).items()},
             "fatal_xids": list(d.get("fatal_xids", [])),
             "checks": _checks(d.get("checks", {})),
+            "rate_marks": [_mark(m) for m in d.get("rate_marks", [])],
         }
     )
+
+
+def _mark(m: Sequence[Any]) -> RateMark:
+    ts, sbe, replay, crc, rep, rec, crc_l, rep_l, rec_l = m
+    return (float(ts), sbe, replay, crc, rep, rec, tuple(crc_l), tuple(rep_l), tuple(rec_l))
 
 
 def state_from_dict(d: Mapping[str, Any]) -> HealthState:
@@ -133,7 +139,8 @@ def _xid(x: XidRecord) -> dict[str, Any]:
 
 def health_snapshot(state: HealthState, healthy_for: int) -> dict[str, Any]:
     """The health state as plain data, lean (what the collector persists): the fields of its
-    dataclasses by name, but no last readings (rates start again one sample after a restart)
+    dataclasses by name, but no last readings (rates start again after a restart: a rate
+    over its limit from the second sample, a healthy one once seen for the rate window)
     and no healthy, quiet checks. At 500 hosts x 8 GPUs the whole state as data is ~30 MB
     and 1.5 s of CPU; this is a few hundred kB."""
     hosts = {}

@@ -47,6 +47,7 @@ class GpuThresholds:
     rma_reboots: int = num(2, 1, 1000)  # the same fatal XID again after this many reboots -> RMA
     rma_history: float = dur("30d")  # fault history kept per physical GPU (serial, else UUID)
     ecc_sbe_rate_per_min: float = num(10.0, 0, 1e9)  # single-bit ECC errors per minute: warning above
+    rate_window: float = dur("30s")  # counter rates (ECC, PCIe replay, NVLink) over at least this span
     retired_pages_critical: int = num(63, 1, 1_000_000)  # DCGM: retired pages >= 63 fails
     remapped_rows_unc_warning: int = num(512, 1, 1_000_000)  # DCGM: uncorrectable remapped rows
     clock_event_mask: int = num(0x8 | 0x40 | 0x80, 0, (1 << 64) - 1)  # HW slowdown, HW thermal, brake

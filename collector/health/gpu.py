@@ -1,7 +1,11 @@
-"""Per-GPU checks: one GPU sample (and the previous one, for rates) to observations.
+"""Per-GPU checks: one GPU sample (and the recent ones, for rates) to observations.
 
 A value the GPU cannot report (``None``) is not evaluated: the check emits nothing and keeps
-its last conclusion. Counter rates come from the deltas between consecutive samples; a
+its last conclusion. Counter rates (single-bit ECC, PCIe replays, NVLink errors) come from the
+delta since the newest sample at least ``rate_window`` older (:func:`rate_base`): counters are
+integers, and a short span between two samples (an agent starved, a frame late) would read a
+steady fault as no errors at all and resolve it, then fire it again. Until a GPU has been seen
+for the window, a rate over its limit is judged, one under it is not called healthy yet. A
 counter that went backwards was reset (GPU reset, driver reload), and its new value is the
 delta since the reset.
 """
@@ -15,7 +19,17 @@ from typing import Final
 from collector.health import gpu_signals
 from collector.health.advice import ADVICE
 from collector.health.config import GpuThresholds
-from collector.health.model import CRITICAL, HEALTHY, INFO, WARNING, Emitter, GpuState, GpuVerdicts, Verdicts
+from collector.health.model import (
+    CRITICAL,
+    HEALTHY,
+    INFO,
+    WARNING,
+    Emitter,
+    GpuState,
+    GpuVerdicts,
+    RateMark,
+    Verdicts,
+)
 from shared import xid74
 from shared.frames import GpuSample
 from shared.xid import XidInfo
@@ -78,6 +92,57 @@ def _delta(new: int | None, old: int | None) -> int | None:
     return new - old if new >= old else new  # went backwards: reset, count since the reset
 
 
+def rate_mark(g: GpuSample, ts: float) -> RateMark:
+    """The rate counters of one sample (per-link ones only where the driver has no total)."""
+    crc, rep, rec = g.nvlink_crc_errors, g.nvlink_replay_errors, g.nvlink_recovery_errors
+    return (
+        ts,
+        g.ecc_sbe_volatile,
+        g.pcie_replay_count,
+        crc,
+        rep,
+        rec,
+        g.nvlink_crc_by_link if crc is None else (),
+        g.nvlink_replay_by_link if rep is None else (),
+        g.nvlink_recovery_by_link if rec is None else (),
+    )
+
+
+def rate_base(gs: GpuState, ts: float, window: float) -> tuple[RateMark | None, bool]:
+    """The sample the rates at ``ts`` are counted from, and whether it spans the whole window:
+    the newest at least ``window`` before ``ts`` (older ones are dropped), else the oldest kept
+    (the GPU was seen for less than the window); ``None`` when none is kept."""
+    marks = gs.rate_marks
+    cut = ts - window
+    while len(marks) > 1 and marks[1][0] <= cut:
+        del marks[0]
+    if not marks:
+        return None, False
+    m = marks[0]
+    return m, m[0] <= cut
+
+
+def keep_mark(gs: GpuState, g: GpuSample, ts: float, step: float) -> None:
+    """Remember this sample's rate counters if the last kept is ``step`` older (a quarter of
+    the window: a rate base is then at most a quarter of it, plus an interval, older than the
+    window; fewer samples kept and copied)."""
+    marks = gs.rate_marks
+    if not marks or ts - marks[-1][0] >= step:
+        marks.append(rate_mark(g, ts))
+
+
+def _error_counters(g: GpuSample) -> bool:
+    """Whether the GPU counts NVLink errors at all (totals or per link)."""
+    return not (
+        g.nvlink_crc_errors is None
+        and g.nvlink_replay_errors is None
+        and g.nvlink_recovery_errors is None
+        and not g.nvlink_crc_by_link
+        and not g.nvlink_replay_by_link
+        and not g.nvlink_recovery_by_link
+    )
+
+
 def _link_deltas(new: tuple[int, ...], old: tuple[int, ...]) -> dict[int, int]:
     """Per-link counter deltas (link -> delta); empty when either side lacks per-link counters."""
     if not new or len(new) != len(old):
@@ -91,6 +156,7 @@ class GpuChecks:
     def __init__(self, cfg: GpuThresholds) -> None:
         self.cfg = cfg
         self.signals = gpu_signals.SignalChecks(cfg)
+        self.rate_step = cfg.rate_window / 4
 
     def sample(self, em: Emitter, gs: GpuState, base: Mapping[str, str], g: GpuSample, ts: float) -> None:
         """Evaluate one sample of one GPU; ``gs`` holds the previous one."""
@@ -111,7 +177,17 @@ class GpuChecks:
         prev, last_ts = gs.last, gs.last_ts
         if prev is None or last_ts is None or g.lost or ts <= last_ts:
             return False
-        cfg, dt = self.cfg, ts - last_ts
+        cfg = self.cfg
+        marks = gs.rate_marks  # (rate_base and keep_mark, inline: this runs per GPU per sample)
+        if not marks:
+            return False
+        cut = ts - cfg.rate_window
+        while len(marks) > 1 and marks[1][0] <= cut:
+            del marks[0]
+        m = marks[0]
+        if not gs.rated and m[0] <= cut:
+            return False  # the first whole window: the full checks say the rates healthy once
+        span = ts - m[0]
         t = g.temp_c
         if t is not None:
             if t >= cfg.temp_warning_c:
@@ -124,11 +200,11 @@ class GpuChecks:
                 return False
         if g.ecc_dbe_volatile:
             return False
-        # a counter equal to the last sample's has delta 0 (or None): no call for it
-        new, old = g.ecc_sbe_volatile, prev.ecc_sbe_volatile
+        # a counter equal to the rate base's has delta 0 (or None): no call for it
+        new, old = g.ecc_sbe_volatile, m[1]
         if new != old:
             d = _delta(new, old)
-            if d and d * 60.0 / dt > cfg.ecc_sbe_rate_per_min:
+            if d and d * 60.0 / span > cfg.ecc_sbe_rate_per_min:
                 return False
         if g.retired_pages_pending or g.remap_failure or g.remap_pending:
             return False
@@ -145,34 +221,31 @@ class GpuChecks:
         new, old = g.throttle_thermal_ns, prev.throttle_thermal_ns
         if new != old and cfg.thermal_violation_warns and _delta(new, old):
             return False
-        new, old = g.pcie_replay_count, prev.pcie_replay_count
+        new, old = g.pcie_replay_count, m[2]
         if new != old:
             d = _delta(new, old)
             if d:
                 expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, cfg.pcie_replay_factor)
-                if expected is not None and d * 60.0 / dt > expected:
+                if expected is not None and d * 60.0 / span > expected:
                     return False
         total = g.nvlink_links_total
         if total:
             up = g.nvlink_links_up
             if (up is not None and up < total) or (
-                _delta(g.nvlink_crc_errors, prev.nvlink_crc_errors)
-                or _delta(g.nvlink_replay_errors, prev.nvlink_replay_errors)
-                or _delta(g.nvlink_recovery_errors, prev.nvlink_recovery_errors)
+                _delta(g.nvlink_crc_errors, m[3])
+                or _delta(g.nvlink_replay_errors, m[4])
+                or _delta(g.nvlink_recovery_errors, m[5])
             ):
                 return False
             if (
-                (
-                    g.nvlink_crc_errors is None
-                    and any(_link_deltas(g.nvlink_crc_by_link, prev.nvlink_crc_by_link).values())
-                )
+                (g.nvlink_crc_errors is None and any(_link_deltas(g.nvlink_crc_by_link, m[6]).values()))
                 or (
                     g.nvlink_replay_errors is None
-                    and any(_link_deltas(g.nvlink_replay_by_link, prev.nvlink_replay_by_link).values())
+                    and any(_link_deltas(g.nvlink_replay_by_link, m[7]).values())
                 )
                 or (
                     g.nvlink_recovery_errors is None
-                    and any(_link_deltas(g.nvlink_recovery_by_link, prev.nvlink_recovery_by_link).values())
+                    and any(_link_deltas(g.nvlink_recovery_by_link, m[8]).values())
                 )
             ):
                 return False
@@ -228,6 +301,8 @@ class GpuChecks:
             and not gpu_signals.fabric_ok(g)  # (ok if completed, status 0 and no mask bit at all)
         ):
             return False
+        if ts - marks[-1][0] >= self.rate_step:
+            marks.append(rate_mark(g, ts))
         gs.last, gs.last_ts, gs.stale = g, ts, False
         return True
 
@@ -247,12 +322,15 @@ class GpuChecks:
         ):  # (read before a gpu_lost event: the GPU stays lost)
             gs.lost = False
             v.ok("gpu.lost", 0.0)
+        m, full = rate_base(gs, v.at, self.cfg.rate_window) if v.prev is not None else (None, False)
+        if full:
+            gs.rated = True
         self._temperature(v)
-        self._ecc(v)
+        self._ecc(v, m, full)
         self._memory_health(v)
         self._clocks(v)
-        self._pcie(v)
-        self._nvlink(v)
+        self._pcie(v, m, full)
+        self._nvlink(v, m, full)
         self._power_memory(v)
         self.signals.sample(v)
         if g.recovery_action is not None:
@@ -263,6 +341,9 @@ class GpuChecks:
             else:
                 summary = f"persistence mode is off on GPU {gs.index}: enable it (nvidia-smi -pm 1)"
                 v.bad("gpu.persistence", INFO, 0.0, summary)
+        if v.prev is None:  # the first sample, or a duplicate or out of order: rates start again
+            gs.rate_marks.clear()
+        keep_mark(gs, g, v.at, self.rate_step)
         gs.last, gs.last_ts, gs.stale = g, v.at, False
 
     def _temperature(self, v: GpuVerdicts) -> None:
@@ -290,20 +371,20 @@ class GpuChecks:
         summary = f"GPU {v.gs.index} at {t:g} C ({limits}): check cooling, fans and airflow"
         v.bad("gpu.temperature", status, t, summary)
 
-    def _ecc(self, v: GpuVerdicts) -> None:
-        g, prev = v.g, v.prev
+    def _ecc(self, v: GpuVerdicts, m: RateMark | None, full: bool) -> None:
+        g = v.g
         dbe = g.ecc_dbe_volatile
         if dbe is not None:
             if dbe > 0:
                 self.dbe(v.em, v.gs, v.base, v.at, float(dbe))
             else:
                 v.ok("gpu.ecc_dbe", 0.0)
-        if prev is None:
+        if m is None:
             return
-        d = _delta(g.ecc_sbe_volatile, prev.ecc_sbe_volatile)
+        d = _delta(g.ecc_sbe_volatile, m[1])
         if d is None:
             return
-        rate = d * 60.0 / v.dt
+        rate = d * 60.0 / (v.at - m[0])
         limit = self.cfg.ecc_sbe_rate_per_min
         if rate > limit:
             summary = (
@@ -311,7 +392,7 @@ class GpuChecks:
                 f"(above {limit:g}): watch for retirements, plan a reset"
             )
             v.bad("gpu.ecc_sbe_rate", WARNING, rate, summary)
-        else:
+        elif full:
             v.ok("gpu.ecc_sbe_rate", rate)
 
     def dbe(self, em: Emitter, gs: GpuState, base: Mapping[str, str], ts: float, value: float) -> None:
@@ -391,27 +472,27 @@ class GpuChecks:
         summary = f"GPU {gs.index} throttled by {names} {what}: check power delivery and cooling"
         Verdicts(em, gs.checks, base, ts).bad("gpu.clock_events", status, float(active), summary)
 
-    def _pcie(self, v: GpuVerdicts) -> None:
-        g, prev = v.g, v.prev
-        if prev is None:
+    def _pcie(self, v: GpuVerdicts, m: RateMark | None, full: bool) -> None:
+        g = v.g
+        if m is None:
             return
-        d = _delta(g.pcie_replay_count, prev.pcie_replay_count)
+        d = _delta(g.pcie_replay_count, m[2])
         if d is None:
             return
         expected = pcie_expected_per_min(g.pcie_link_gen, g.pcie_link_width, self.cfg.pcie_replay_factor)
         if expected is None:
             return
-        rate = d * 60.0 / v.dt
+        rate = d * 60.0 / (v.at - m[0])
         if rate > expected:
             summary = (
                 f"GPU {v.gs.index}: {rate:.1f} PCIe replays/min, above the {expected:g}/min expected "
                 f"for Gen{g.pcie_link_gen} x{g.pcie_link_width}: reseat the GPU or check the riser"
             )
             v.bad("gpu.pcie_replay", WARNING, rate, summary)
-        else:
+        elif full:
             v.ok("gpu.pcie_replay", rate)
 
-    def _nvlink(self, v: GpuVerdicts) -> None:
+    def _nvlink(self, v: GpuVerdicts, m: RateMark | None, full: bool) -> None:
         g, prev = v.g, v.prev
         total, up = g.nvlink_links_total, g.nvlink_links_up
         if not total:
@@ -419,24 +500,24 @@ class GpuChecks:
         down = total - up if up is not None else 0
         crc = rep = rec = None
         per_link: dict[int, list[str]] = {}
+        if m is not None:  # the counts over the rate window; the links named from the last sample
+            crc = _delta(g.nvlink_crc_errors, m[3])
+            rep = _delta(g.nvlink_replay_errors, m[4])
+            rec = _delta(g.nvlink_recovery_errors, m[5])
+            # a driver with per-link counters only: their sum
+            crc = sum(_link_deltas(g.nvlink_crc_by_link, m[6]).values()) if crc is None and m[6] else crc
+            rep = sum(_link_deltas(g.nvlink_replay_by_link, m[7]).values()) if rep is None and m[7] else rep
+            rec = sum(_link_deltas(g.nvlink_recovery_by_link, m[8]).values()) if rec is None and m[8] else rec
         if prev is not None:
-            crc = _delta(g.nvlink_crc_errors, prev.nvlink_crc_errors)
-            rep = _delta(g.nvlink_replay_errors, prev.nvlink_replay_errors)
-            rec = _delta(g.nvlink_recovery_errors, prev.nvlink_recovery_errors)
             crc_l = _link_deltas(g.nvlink_crc_by_link, prev.nvlink_crc_by_link)
             rep_l = _link_deltas(g.nvlink_replay_by_link, prev.nvlink_replay_by_link)
             rec_l = _link_deltas(g.nvlink_recovery_by_link, prev.nvlink_recovery_by_link)
-            crc = (
-                sum(crc_l.values()) if crc is None and crc_l else crc
-            )  # a driver with per-link counters only
-            rep = sum(rep_l.values()) if rep is None and rep_l else rep
-            rec = sum(rec_l.values()) if rec is None and rec_l else rec
             for name, deltas in (("CRC", crc_l), ("replay", rep_l), ("recovery", rec_l)):
                 for link, d in deltas.items():
                     if d:
                         per_link.setdefault(link, []).append(f"{name} +{d}")
         where = "; ".join(f"link {k}: {', '.join(said)}" for k, said in sorted(per_link.items()))
-        crc_rate = crc / v.dt if crc is not None else 0.0
+        crc_rate = crc / (v.at - m[0]) if crc is not None and m is not None else 0.0
         index = v.gs.index
         if down > 0 or crc_rate >= self.cfg.nvlink_crc_critical_per_s:
             which = f" (link {', '.join(map(str, g.nvlink_down_links))})" if g.nvlink_down_links else ""
@@ -452,7 +533,7 @@ class GpuChecks:
             )
             value = float((crc or 0) + (rep or 0) + (rec or 0))
             v.bad("gpu.nvlink", WARNING, value, summary, ADVICE["gpu.nvlink/errors"])
-        else:
+        elif full or not _error_counters(g):  # (no error over the whole window, or none counted)
             v.ok("gpu.nvlink", 0.0)
 
     def _power_memory(self, v: GpuVerdicts) -> None:

@@ -118,6 +118,21 @@ class XidRecord:
     last_at: float = 0.0
 
 
+# (sample time, single-bit ECC volatile, PCIe replays, NVLink CRC, replay and recovery totals,
+# then the per-link CRC, replay and recovery counters where the driver has no total, else ())
+RateMark = tuple[
+    float,
+    int | None,
+    int | None,
+    int | None,
+    int | None,
+    int | None,
+    tuple[int, ...],
+    tuple[int, ...],
+    tuple[int, ...],
+]
+
+
 @dataclass(slots=True)
 class GpuState:
     """What the engine remembers about one GPU."""
@@ -127,6 +142,10 @@ class GpuState:
     labels: dict[str, str] = field(default_factory=dict)  # provider, host, gpu, uuid
     last_ts: float | None = None  # sample time of ``last``
     last: GpuSample | None = None  # the last readings; stale when ``lost`` or the host is stale
+    # the rate counters of the recent samples, oldest first: the first is the newest at least
+    # ``rate_window`` before the last (:func:`collector.health.gpu.rate_base`); not persisted
+    rate_marks: list[RateMark] = field(default_factory=list)
+    rated: bool = False  # the rates were judged over a whole window (the fast path waits for it)
     lost: bool = False
     stale: bool = False
     quiet: bool = False  # every check healthy and quiet: the next sample may take the fast path
