@@ -14,6 +14,7 @@ import asyncpg
 import nats
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
@@ -64,9 +65,17 @@ async def test_bucket_of_is_the_streams_partition(private_nats: NatsServer) -> N
         StreamConfig(name="GROUPT", subjects=["gpuwarden.v1.sample.>"], storage=StorageType.MEMORY,
                      subject_transform=tr)
     )  # fmt: skip
+    tapped: list[str] = []  # a core-NATS tap: the transform rewrites what is stored, not what is seen
+
+    async def tap(msg: Msg) -> None:
+        tapped.append(msg.subject)
+
+    await nc.subscribe("gpuwarden.v1.>", cb=tap)
     hosts = [f"node-{i:04d}" for i in range(300)] + ["a", "gpu_node_7", "Z" * 128]
     for h in hosts:
         await js.publish(f"gpuwarden.v1.sample.prov.{h}", b"x")
+    await until(lambda: len(tapped) >= len(hosts), what="every frame tapped")
+    assert sorted(tapped) == sorted(f"gpuwarden.v1.sample.prov.{h}" for h in hosts)
     info = await js.stream_info("GROUPT", subjects_filter=">")
     stored = info.state.subjects or {}
     assert len(stored) == len(hosts)
