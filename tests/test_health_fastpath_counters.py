@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from collector.health import HealthEngine, HealthState
-from tests.support.gpu_fastpath import T0, FullOnly, frame
+from tests.support.gpu_fastpath import dated_checks, judge
 
 # (the quiet GPU's readings, then the next sample's)
 CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
@@ -43,20 +42,9 @@ def test_counters_and_signals_of_a_quiet_gpu_give_the_full_checks_verdicts(
 ) -> None:
     results = []
     for full in (False, True):
-        engine, state = HealthEngine(), HealthState()
-        if full:
-            engine.gpu = FullOnly(engine.config.gpu)
-        out = []
-        for i in range(3):  # healthy history: the GPU's checks become quiet
-            state, obs = engine.observe(state, frame(T0 + i, **before), T0 + i)
-            out.append(obs)
+        # healthy history (the GPU's checks become quiet), the change, the same readings once more
+        out, gs, quiet = judge([before] * 3 + [{**before, **after}] * 2, full)
         if not full:
-            assert state.hosts["n"].gpus[0].quiet, before
-        for i in (3, 4):  # the change, and the same readings once more
-            state, obs = engine.observe(state, frame(T0 + i, **{**before, **after}), T0 + i)
-            out.append(obs)
-        gs = state.hosts["n"].gpus[0]
-        # the GPU fast path leaves its quiet checks undated (only the full path dates them)
-        checks = {k: (c.status, c.since, c.quiet, c.summary) for k, c in gs.checks.items()}
-        results.append((out, checks, gs.last, gs.last_ts, gs.memory_trend_at, gs.throttle_since))
+            assert quiet[2], before
+        results.append((out, dated_checks(gs), gs.last, gs.last_ts, gs.memory_trend_at, gs.throttle_since))
     assert results[0] == results[1]

@@ -14,7 +14,7 @@ from collector.alerts import AlertEngine, AlertState, Notification, alert_config
 from collector.health import HealthEngine, HealthState, Observation
 from collector.health.config import GpuThresholds, HealthConfig
 from shared.frames import replace
-from tests.support.gpu_fastpath import T0, FullOnly, frame
+from tests.support.gpu_fastpath import T0, dated_checks, frame, judge
 
 START, END = 10.0, 40.0  # the fault: 2 single-bit errors/s (120/min, limit 10/min) in between
 # an agent starved of CPU: samples bunched, then late (offsets in each 5 s; 0.2 s gaps in them)
@@ -129,15 +129,7 @@ def test_the_fast_path_keeps_a_burst_the_window_still_holds(
 ) -> None:
     results = []
     for full in (False, True):
-        engine, state = HealthEngine(), HealthState()
-        if full:
-            engine.gpu = FullOnly(engine.config.gpu)
-        out = []
-        for t in range(100):  # quiet for 40 s, the burst at 40 s, its counters kept from then on
-            readings = before if t < 40 else {**before, **burst}
-            state, obs = engine.observe(state, frame(T0 + t, **readings), T0 + t)
-            out.append(obs)
-        gs = state.hosts["n"].gpus[0]
-        checks = {k: (c.status, c.since, c.quiet, c.summary) for k, c in gs.checks.items()}
-        results.append((out, checks, gs.rate_marks))
+        # quiet for 40 s, the burst at 40 s, its counters kept from then on
+        out, gs, _ = judge([before] * 40 + [{**before, **burst}] * 60, full)
+        results.append((out, dated_checks(gs), gs.rate_marks))
     assert results[0] == results[1]
