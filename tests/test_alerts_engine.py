@@ -27,7 +27,7 @@ from collector.alerts import (
 from collector.alerts.config import AlertsSection
 from collector.alerts.model import ForgetHost
 from collector.health import HealthEngine, HealthState, Observation
-from collector.health.model import labels_key
+from collector.health.model import labels_key, seen_at
 from shared.errors import ConfigError
 from tests.support.health_frames import sample
 
@@ -609,3 +609,9 @@ def test_a_batch_is_told_as_its_observations_one_call_each(
     if statuses == FLAPS:
         assert kinds.count("flapping") == 1
         assert kinds[-1] == "flapping"
+
+
+def test_seen_at_dates_observations_and_keeps_every_other_field() -> None:
+    o = Observation("gpu.xid", "critical", {"host": "h"}, "k", 1.0, 79.0, "s", "a", True, "evicted", None)
+    assert seen_at([o], 5.0) == [dataclasses.replace(o, seen=5.0)]
+    assert [f.name for f in dataclasses.fields(Observation)][-1] == "seen"

@@ -12,7 +12,6 @@ through :func:`collector.health.codec.health_snapshot` / ``state_from_dict``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -85,7 +84,12 @@ def seen_at(observations: list[Observation], ts: float) -> list[Observation]:
     """``observations`` of one frame, dated with its time (``ts``, the host's clock) as well as
     with when they were judged: the alert engine counts ``for`` in either (a backlog judged in a
     burst keeps the time its conditions held)."""
-    return [dataclasses.replace(o, seen=ts) for o in observations]
+    return [  # (the constructor, not dataclasses.replace: 1.3 against 2.8 us an observation)
+        Observation(
+            o.check, o.status, o.labels, o.key, o.at, o.value, o.summary, o.advice, o.immediate, o.reason, ts
+        )
+        for o in observations
+    ]
 
 
 @dataclass(slots=True)
