@@ -211,16 +211,19 @@ class Fleet:
         g = 0  # global tick number: host g % n, period g // n, due at t0 + g * slot
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= end:
-                break
+            last = now >= end
+            if last:  # woken late past the end (a starved loop): the ticks due before it are made
+                now = end
             oldest = math.ceil((now - self.interval - t0) / slot)
             if g < oldest:
                 self.stats.skipped_ticks += oldest - g
                 g = oldest
-            batch_end = time.monotonic() + 0.05  # yield to the senders at least every 50 ms
-            while t0 + g * slot <= now and time.monotonic() < batch_end:
+            batch_end = math.inf if last else time.monotonic() + 0.05  # yield to the senders every 50 ms
+            while t0 + g * slot < end and t0 + g * slot <= now and time.monotonic() < batch_end:
                 self.tick(self.hosts[g % n])
                 g += 1
+            if last:
+                break
             if now >= next_poll:
                 self.poll_events()
                 next_poll = now + self.event_poll_s
