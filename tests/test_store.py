@@ -132,6 +132,113 @@ async def test_gpu_samples_migrations_keep_the_stored_rows(pg_dsn: str, version:
         await c.close()
 
 
+def simulated_samples(host: str, ts: float, n: int) -> list[SampleFrame]:
+    """Sample frames as the agent's simulated backend makes them (a detail of ~5 KB: disks, NICs,
+    InfiniBand ports, modules, services, checks), one a second from ``ts``."""
+    from agent.gpu.simulated import SimulatedBackend
+    from agent.sampler import Sequencer, build_sample
+    from agent.system import SimulatedSystem
+
+    backend = SimulatedBackend(8, host=host, seed=1)
+    backend.open()
+    try:
+        system = SimulatedSystem(host=host, seed=1)
+        seqr = Sequencer(host=host, provider="prov-a")
+        return [
+            build_sample(seqr, interval_s=1.0, gpus=backend.sample(), system=system.sample(), ts=ts + i)
+            for i in range(n)
+        ]
+    finally:
+        backend.close()
+
+
+async def lz4_supported(c: asyncpg.Connection) -> bool:
+    try:
+        async with c.transaction():
+            await c.execute("CREATE TEMP TABLE lz4_probe (x text COMPRESSION lz4)")
+            await c.execute("DROP TABLE lz4_probe")
+        return True
+    except asyncpg.FeatureNotSupportedError:
+        return False
+
+
+async def test_host_detail_migration_keeps_the_stored_samples(pg_dsn: str) -> None:
+    """Migration 0015 turns host_samples.detail from jsonb into json (lz4 where the server has
+    it): samples stored before it (two daily partitions) read back the same, the partitions
+    made before and after it take the new compression, and the writer stores into the new type."""
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate.migrate(c)
+        await c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        await c.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in migrate.migrations():
+            if m.version < 15:
+                await c.execute(m.sql)
+                await c.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
+                )
+        midnight = time.time() // 86400 * 86400
+        frames = simulated_samples("d1", midnight - 3, 6)  # both sides of midnight
+        await partitions.ensure_partitions(c, {partitions.day_of(f.ts) for f in frames})
+        w = Writer(make_config(pg_dsn).postgres)  # the writer as it ran before 0015 (jsonb)
+        try:
+            assert len((await w.write([Accepted(f) for f in frames[:3]])).new) == 3
+            assert len((await w.write([Accepted(f) for f in frames[3:]])).new) == 3
+        finally:
+            await w.close()
+        assert await c.fetchval("SELECT min(length(detail::text)) FROM host_samples") > 2500  # toasted
+
+        async def read() -> list[SampleFrame]:
+            return sorted(await queries.latest_samples(c, midnight - 60), key=lambda f: f.ts)
+
+        before = await read()
+        assert [f.seq for f in before] == [frames[-1].seq]  # the newest of the host
+        detail_before = [
+            json.loads(r[0]) for r in await c.fetch("SELECT detail FROM host_samples ORDER BY ts")
+        ]
+        assert await migrate.migrate(c) == [m.version for m in migrate.migrations() if m.version >= 15]
+        assert await read() == before
+        assert [
+            json.loads(r[0]) for r in await c.fetch("SELECT detail FROM host_samples ORDER BY ts")
+        ] == detail_before
+        assert before[0].system is not None
+        assert before[0].system.ib_ports  # the node part came back
+        assert (
+            await c.fetchval(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = 'host_samples'::regclass AND attname = 'detail'"
+            )
+            == "json"
+        )
+        method = "l" if await lz4_supported(c) else ""
+        later = simulated_samples("d1", midnight + 86400 + 5, 2)  # a partition made after 0015
+        await partitions.ensure_partitions(c, {partitions.day_of(f.ts) for f in later})
+        compression = await c.fetch(
+            "SELECT a.attrelid::regclass::text AS rel, a.attcompression::text AS m FROM pg_attribute a"
+            " JOIN pg_inherits i ON i.inhrelid = a.attrelid"
+            " WHERE i.inhparent = 'host_samples'::regclass AND a.attname = 'detail'"
+        )
+        assert len(compression) == 3
+        assert {r["m"] for r in compression} == {method}
+        w = Writer(make_config(pg_dsn).postgres)
+        try:
+            assert len((await w.write([Accepted(f) for f in later])).new) == 2
+        finally:
+            await w.close()
+        assert [f.seq for f in await read()] == [later[-1].seq]
+        if method:
+            new = await c.fetch(
+                "SELECT DISTINCT pg_column_compression(detail) AS m FROM host_samples WHERE ts > $1",
+                utc(midnight + 86400),
+            )
+            assert [r["m"] for r in new] == ["lz4"]
+    finally:
+        await c.close()
+
+
 async def test_frames_land_once_with_their_values(conn: asyncpg.Connection, writer: Writer) -> None:
     now = time.time()
     frames = [sample(f"h{h}", s, now - 100 + s) for h in range(3) for s in range(20)]
