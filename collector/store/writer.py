@@ -353,29 +353,41 @@ class Writer:
         return (self._hosts[f.host][0], f.boot_id, f.seq)
 
     async def _resolve_hosts(self, conn: asyncpg.Connection, frames: Sequence[Frame]) -> None:
+        """The ``hosts`` id of every host of ``frames`` not in memory (or whose provider changed):
+        upserted, with their new providers, in one transaction of two statements whatever their
+        number (a collector restarted with a backlog, or a new fleet, meets hundreds at once: one
+        transaction each made one commit, one WAL flush, each). Names go in sorted order, so two
+        collectors upserting the same hosts lock their rows in the same order."""
         missing = {
             f.host: f for f in frames if f.host not in self._hosts or self._hosts[f.host][1] != f.provider
         }
-        for host, f in missing.items():
-            async with conn.transaction():
-                pid = self._providers.get(f.provider)
-                if pid is None:
-                    pid = await conn.fetchval(
-                        "INSERT INTO providers (name) VALUES ($1)"
-                        " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-                        f.provider,
-                    )
-                hid = await conn.fetchval(
-                    "INSERT INTO hosts (name, provider_id, first_seen, last_seen, boot_id)"
-                    " VALUES ($1, $2, $3, $3, $4) ON CONFLICT (name) DO UPDATE"
-                    " SET provider_id = EXCLUDED.provider_id RETURNING id",
-                    host,
-                    pid,
-                    utc(min(f.ts, time.time() + self.max_skew)),
-                    f.boot_id,
+        if not missing:
+            return
+        names = sorted(missing)
+        providers = dict(self._providers)
+        async with conn.transaction():
+            new_providers = sorted({missing[h].provider for h in names} - providers.keys())
+            if new_providers:
+                found = await conn.fetch(
+                    "INSERT INTO providers (name) SELECT * FROM unnest($1::text[])"
+                    " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id, name",
+                    new_providers,
                 )
-            self._providers[f.provider] = pid
-            self._hosts[host] = (hid, f.provider)
+                providers.update({name: pid for pid, name in found})
+            newest = time.time() + self.max_skew
+            rows = await conn.fetch(
+                "INSERT INTO hosts (name, provider_id, first_seen, last_seen, boot_id)"
+                " SELECT n, p, t, t, b FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::text[])"
+                " AS v(n, p, t, b)"
+                " ON CONFLICT (name) DO UPDATE SET provider_id = EXCLUDED.provider_id RETURNING id, name",
+                names,
+                [providers[missing[h].provider] for h in names],
+                [utc(min(missing[h].ts, newest)) for h in names],
+                [missing[h].boot_id for h in names],
+            )
+        self._providers = providers
+        for hid, name in rows:
+            self._hosts[name] = (hid, missing[name].provider)
 
     async def _resolve_facts(self, conn: asyncpg.Connection, samples: list[SampleFrame]) -> list[list[int]]:
         """The ``gpu_facts`` id of each GPU of each sample (in order): from memory when the GPU's
