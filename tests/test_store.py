@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 
 from collector.state import load_state
@@ -25,6 +26,7 @@ from shared.frames import (
     PublishOutage,
     SampleFrame,
     replace,
+    to_wire,
 )
 from tests.support.records import event, inventory, make_config, sample
 from tests.support.tls import self_signed_ca
@@ -238,6 +240,32 @@ async def test_host_detail_migration_keeps_the_stored_samples(pg_dsn: str) -> No
             assert [r["m"] for r in new] == ["lz4"]
     finally:
         await c.close()
+
+
+async def test_infiniband_ports_are_stored_as_arrays_and_read_back_in_both_forms(
+    conn: asyncpg.Connection, writer: Writer
+) -> None:
+    """detail.node.ib_ports is stored as arrays in IbPort's field order (a simulated host's 8
+    ports: ~3.4 KB as maps, ~1 KB as arrays); a sample reads back with the ports it was sent
+    with, and so does a row written before, with the ports as maps."""
+    (frame,) = simulated_samples("ib1", time.time() - 30, 1)
+    assert frame.system is not None
+    assert len(frame.system.ib_ports) == 8
+    assert len((await writer.write([Accepted(frame)])).new) == 1
+    stored = json.loads(await conn.fetchval("SELECT detail FROM host_samples"))
+    assert stored["node"]["ib_ports"][0] == list(msgspec.structs.astuple(frame.system.ib_ports[0]))
+    assert len(json.dumps(stored, separators=(",", ":"))) < 2500
+
+    async def ports() -> object:
+        (back,) = await queries.latest_samples(conn, frame.ts - 60)
+        assert back.system is not None
+        assert back.system.kernel_log == frame.system.kernel_log  # the rest of the node part
+        return back.system.ib_ports
+
+    assert await ports() == frame.system.ib_ports
+    stored["node"]["ib_ports"] = [to_wire(p) for p in frame.system.ib_ports]  # as written before
+    await conn.execute("UPDATE host_samples SET detail = $1", json.dumps(stored))
+    assert await ports() == frame.system.ib_ports
 
 
 async def test_new_hosts_of_a_batch_are_resolved_in_one_transaction(
