@@ -207,6 +207,7 @@ def build(config: CollectorConfig, *, api: bool = False) -> Parts:
     if c.group:
         name = member_name(config)
         assert isinstance(store, GroupAlertStore)
+        store.member = name  # its outbox rows are claimed as it writes them
 
         async def gained_hosts(buckets: frozenset[int]) -> None:
             """The GPUs' static facts of the hosts gained (v2 samples leave them out), from

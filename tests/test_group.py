@@ -22,7 +22,10 @@ from collector import stream
 from collector.group import fence, rebucket
 from collector.group.assign import assign, bucket_of, moved
 from collector.group.lease import Answer, Lease, Membership, clock
+from collector.group.scope import Scope
+from collector.group.store import GroupAlertStore, ScopeGate
 from collector.ingest import Ingest
+from collector.store.alerts import Changes
 from collector.store.writer import Writer, WriteResult
 from collector.stream import bucket_transform
 from gpuwarden.servers import NatsServer
@@ -230,6 +233,43 @@ async def test_fencing_tokens(conn: asyncpg.Connection) -> None:
     assert not await fence.claim(conn, rid, 3, 10, "a", group="g1")
     assert await fence.claim(conn, rid, 3, 12, "b", group="g1")
     assert await conn.fetchval("SELECT claimed_by FROM notification_outbox WHERE id = $1", rid) == "b"
+
+
+async def test_a_steps_outbox_rows_are_claimed_as_written_and_sent_without_another_round_trip(
+    conn: asyncpg.Connection, pg_dsn: str
+) -> None:
+    """A member's step writes its outbox rows behind the fencing check, claimed by it under the
+    bucket's token: the gate lets them go without asking PostgreSQL again (no pool here) while
+    the bucket is held under that token; under a new token (lost and taken back meanwhile) the
+    claim goes to PostgreSQL as for a row reloaded from another member."""
+    held: dict[int, int] = {}
+    scope = Scope(64, lambda b: b in held, lambda: dict(held))
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    store = GroupAlertStore(lambda: pool, scope, "g")
+    store.member = "m1"
+    try:
+        await store.restore()
+        host = "gpu-node-1"
+        b = scope.bucket(host)
+        assert b is not None
+        assert await fence.take(conn, b, 5, "m1", group="g")
+        held[b] = 5
+        payload = {"labels": {"host": host, "provider": "p"}, "status": "firing"}
+        (row,) = await store.save(Changes(deliveries=[("hook", "k1", payload)]), {})
+        assert row.fenced == (b, 5)
+        stored = await conn.fetchrow(
+            "SELECT group_kv, claimed_by, claim_token FROM notification_outbox WHERE id = $1", row.id
+        )
+        assert tuple(stored) == ("g", "m1", 5)
+        no_db = ScopeGate(scope, lambda: None, "m1", "g")
+        assert await no_db.claim(row)
+        held[b] = 6
+        assert not await no_db.claim(row)  # to PostgreSQL now: no pool, refused
+        assert not await ScopeGate(scope, lambda: pool, "m1", "g").claim(row)  # token 6 not taken yet
+        assert await fence.take(conn, b, 6, "m1", group="g")
+        assert await ScopeGate(scope, lambda: pool, "m1", "g").claim(row)
+    finally:
+        await pool.close()
 
 
 async def test_two_groups_in_one_database_keep_their_own_fencing_tokens(conn: asyncpg.Connection) -> None:

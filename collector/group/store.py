@@ -37,6 +37,7 @@ class GroupAlertStore(pg.PgAlertStore):
         self.scope = scope
         self.group = group
         self.incidents: Callable[[], Mapping[str, Incident]] = dict
+        self.member = ""  # this member's name: its steps' outbox rows are claimed as written (save)
         # bucket -> the fencing token its state was read back under (restore, reload): the runner
         # holds that bucket's health context only from then on, so its snapshot is written only
         # while the token is the same (a bucket just gained, not reloaded yet, is not overwritten
@@ -100,11 +101,18 @@ class GroupAlertStore(pg.PgAlertStore):
         rows: list[OutboxRow] = []
         async with self._acquire() as conn, conn.transaction():
             await fence.check(conn, {b: tokens[b] for b in buckets | restored}, group=self.group)
-            for part, sub in parts.items():
-                rows += await pg.save(conn, part, sub, early)
-            await fence.own(conn, [r.id for r in rows], self.group)
-            for part, data in snapshots.items():
-                await pg.save_health(conn, part, data)
+            for part, sub in parts.items():  # the outbox rows written as the group's
+                if part == local:
+                    rows += await pg.save(conn, part, sub, early, self.group)
+                    continue
+                # claimed here, behind the fencing check above: ScopeGate.claim needs no round
+                # trip for them while the bucket is held under the same token
+                b = part - base
+                written = await pg.save(conn, part, sub, early, self.group, (self.member or None, tokens[b]))
+                for r in written:
+                    r.fenced = (b, tokens[b])
+                rows += written
+            await pg.save_health_many(conn, snapshots)
             if landed:
                 await pg.record_early(conn, local, landed)
         return rows
@@ -125,8 +133,7 @@ class GroupAlertStore(pg.PgAlertStore):
         snapshots = self._snapshots(state, healthy_for, restored)
         async with self._acquire() as conn, conn.transaction():
             await fence.check(conn, {b: tokens[b] for b in restored}, group=self.group)
-            for part, data in snapshots.items():
-                await pg.save_health(conn, part, data)
+            await pg.save_health_many(conn, snapshots)
 
 
 class ScopeGate:
@@ -147,6 +154,8 @@ class ScopeGate:
         if b is None:
             return True
         token = self.scope.tokens().get(b)
+        if token is not None and row.fenced == (b, token):
+            return True  # written and claimed by this member's step, under the lease it holds now
         pool = self.pool()
         if token is None or pool is None:
             return False

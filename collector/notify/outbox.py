@@ -45,6 +45,9 @@ class OutboxRow:
     channel: str
     key: str
     payload: dict[str, Any]
+    # (bucket, fencing token) of a collector group member's row written, and claimed, in its
+    # step's transaction behind the fencing check (collector.group.store.GroupStore.save)
+    fenced: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
