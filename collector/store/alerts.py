@@ -100,8 +100,8 @@ async def save(
     Deliveries whose key is in ``early`` were handed to their channel already: written with their
     outcome (``None``: still in flight, written pending) and not returned. Each statement is a
     round trip, which on a busy event loop waits for a turn of the loop: the alert changes are one
-    statement per kind and the outbox rows one statement, whatever their number (an event-class
-    critical is delivered only once its step is written)."""
+    statement per kind and the outbox rows one statement, whatever their number (a notification
+    is delivered once its step is written, except an event-class critical's first notice)."""
     rows: list[OutboxRow] = []
     early = early or {}
     async with contextlib.nullcontext() if conn.is_in_transaction() else conn.transaction():
@@ -163,7 +163,7 @@ async def save(
             await record_early(conn, partition, landed)
         new = [d for d in ch.deliveries if d[1] not in early]
         if new:
-            # in the steps's order (ids follow it); a key already there, or twice here, is
+            # in the step's order (ids follow it); a key already there, or twice here, is
             # inserted once and returned once
             ids = {
                 r["delivery_key"]: r["id"]
