@@ -319,6 +319,44 @@ async def test_the_store_round_trips_boards_and_deletes_forgotten_ones(conn: Any
     assert await load_history(conn) == [a]
 
 
+async def test_a_board_deleted_by_another_writer_meanwhile_is_written_again(conn: Any, pg_dsn: str) -> None:
+    """Another writer deletes a board's row (its host forgotten) after this writer's insert of
+    the board found it there and before it locked it: the board is written again with this
+    writer's news, not lost (before: a KeyError that failed the whole alert step, seen on the
+    fast event path under fuzzed frames)."""
+    import asyncpg
+
+    from collector.store.history import load_history, save_history
+
+    a = board((79, T0, 1))
+    await save_history(conn, [a], [])
+    other = await asyncpg.connect(pg_dsn)
+
+    class DeletedBeforeTheLock:
+        """``conn``, with the other writer's delete committed just before the first locking read."""
+
+        def __init__(self) -> None:
+            self.done = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(conn, name)
+
+        async def fetch(self, query: str, *args: Any) -> Any:
+            if not self.done and "FOR UPDATE" in query:
+                self.done = True
+                await other.execute("DELETE FROM gpu_history WHERE board = $1", a.board)
+            return await conn.fetch(query, *args)
+
+    try:
+        news = replace(a, fatal=[*a.fatal, FatalXid(79, T0 + DAY, "k2", 2)])
+        written = await save_history(DeletedBeforeTheLock(), [news], [])  # type: ignore[arg-type]
+    finally:
+        await other.close()
+    assert [b.board for b in written] == [a.board]
+    (back,) = await load_history(conn)
+    assert [(x.code, x.at) for x in back.fatal] == [(79, T0), (79, T0 + DAY)]
+
+
 async def test_a_restarted_collector_continues_the_history_and_raises_gpu_rma(
     tmp_path: Path, pg_dsn: str, private_nats: NatsServer
 ) -> None:

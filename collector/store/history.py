@@ -16,6 +16,12 @@ _SELECT = (
 )
 
 
+_CREATE = (
+    "INSERT INTO gpu_history (board, updated_at) SELECT b, to_timestamp(0)"
+    " FROM unnest($1::text[]) AS b ON CONFLICT (board) DO NOTHING"
+)
+
+
 def _board(r: asyncpg.Record) -> BoardHistory:
     return BoardHistory.from_dict(
         {**dict(r), "boots": json.loads(r["boots"]), "fatal": json.loads(r["fatal"])}
@@ -48,16 +54,20 @@ async def save_history(
     names = sorted({b.board for b in changed} | {name for name, _ in gone})
     async with conn.transaction():
         # a row for each new board first (a second writer of it waits here for the first's commit)
-        await conn.execute(
-            "INSERT INTO gpu_history (board, updated_at) SELECT b, to_timestamp(0)"
-            " FROM unnest($1::text[]) AS b ON CONFLICT (board) DO NOTHING",
-            sorted({b.board for b in changed}),
-        )
+        await conn.execute(_CREATE, sorted({b.board for b in changed}))
         rows = await conn.fetch(
             _SELECT + " WHERE board = ANY($1::text[]) ORDER BY board FOR UPDATE",
             names,
         )
         stored = {b.board: b for b in map(_board, rows)}
+        lost = sorted({b.board for b in changed} - stored.keys())
+        if lost:  # deleted by another writer (its host forgotten) between the two statements: this
+            # writer has news of them, so they are made again (this transaction's own rows now)
+            await conn.execute(_CREATE, lost)
+            again = await conn.fetch(
+                _SELECT + " WHERE board = ANY($1::text[]) ORDER BY board FOR UPDATE", lost
+            )
+            stored.update((b.board, b) for b in map(_board, again))
         written = [merge(stored[b.board], b, cutoff) for b in changed]
         if written:
             await conn.executemany(
